@@ -1,0 +1,159 @@
+"""The schedule compiler: (policy, number of layers) -> an immutable schedule of steps. Pure; imports no torch.
+
+A schedule is what the executor runs: a tuple of steps, each one layer or a group of layers that read the same
+input, with the KV-cache slot of every attention it runs. Slots are numbered in execution order, so the slots of a
+group are consecutive (the executor uses them as one slice). A skipped layer has no slot; a layer run twice has two.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from server.policy import RANGE_KINDS, Combine, Group, Policy, PolicyError, parse_policy
+
+
+@dataclass(frozen=True)
+class Step:
+    layers: tuple[int, ...]
+    slots: tuple[int, ...]  # one KV slot per layer, consecutive
+    combine: Combine = "mean"
+
+    @property
+    def parallel(self) -> bool:
+        return len(self.layers) > 1
+
+
+@dataclass(frozen=True)
+class Schedule:
+    steps: tuple[Step, ...]
+    num_layers: int  # of the model
+    policy: str  # canonical policy string (metrics label)
+
+    @property
+    def num_slots(self) -> int:
+        return sum(len(s.layers) for s in self.steps)
+
+    @property
+    def key(self) -> str:
+        """Canonical string of what runs; equal keys mean identical computation (the batching key)."""
+        return str(Policy("schedule", steps=tuple(Group(s.layers, s.combine) for s in self.steps)))
+
+    @property
+    def layer_runs(self) -> int:
+        """Decoder-layer evaluations per token (the cost of the schedule in layer units)."""
+        return self.num_slots
+
+
+def default_span(num_layers: int) -> tuple[int, int]:
+    """The middle range a range-taking policy uses when given none: all but the first and last ceil(L/8) layers
+    (30 layers -> 4-25), the 'painters' the paper finds interchangeable."""
+    edge = max(1, -(-num_layers // 8))
+    if num_layers - 2 * edge < 2:
+        edge = max(0, (num_layers - 2) // 2)
+    return edge, num_layers - 1 - edge
+
+
+def centred_span(num_layers: int, count: int) -> tuple[int, int]:
+    """The `count` layers centred in the stack (30 layers, 10 -> 10-19)."""
+    start = (num_layers - count) // 2
+    return start, start + count - 1
+
+
+def resolve(policy: Policy, num_layers: int) -> Policy:
+    """Fill in defaults against the model and check every index: the canonical form of the policy."""
+    if num_layers < 1:
+        raise PolicyError("the model has no layers")
+    top = num_layers - 1
+
+    def check_span(span: tuple[int, int]) -> tuple[int, int]:
+        if span[1] > top:
+            raise PolicyError(
+                f"layer range {span[0]}-{span[1]} is outside this model's layers 0-{top} ({num_layers} layers)"
+            )
+        return span
+
+    k = policy.kind
+    if k == "full":
+        return policy
+    if k == "skip":
+        if policy.count is not None:
+            if policy.count >= num_layers:
+                raise PolicyError(f"cannot skip {policy.count} of {num_layers} layers; skip at most {num_layers - 1}")
+            if policy.count == 0:
+                return Policy("full")
+            return Policy("skip", span=centred_span(num_layers, policy.count))
+        if policy.layers is not None:
+            bad = [i for i in policy.layers if i > top]
+            if bad:
+                raise PolicyError(f"layers {bad} are outside this model's layers 0-{top}")
+            if len(policy.layers) >= num_layers:
+                raise PolicyError("cannot skip every layer")
+            lo, hi = policy.layers[0], policy.layers[-1]
+            if list(policy.layers) == list(range(lo, hi + 1)):
+                return Policy("skip", span=(lo, hi))
+            return Policy("skip", layers=policy.layers)
+        assert policy.span is not None
+        span = check_span(policy.span)
+        if span[1] - span[0] + 1 >= num_layers:
+            raise PolicyError("cannot skip every layer")
+        return Policy("skip", span=span)
+    if k == "schedule":
+        assert policy.steps is not None
+        for g in policy.steps:
+            bad = [i for i in g.layers if not 0 <= i <= top]
+            if bad:
+                raise PolicyError(f"schedule names layers {bad}, outside this model's layers 0-{top}")
+        # A one-layer group is the same computation under every combine rule.
+        steps = tuple(Group(g.layers) if len(g.layers) == 1 else g for g in policy.steps)
+        return Policy("schedule", steps=steps)
+    assert k in RANGE_KINDS
+    span = check_span(policy.span if policy.span is not None else default_span(num_layers))
+    return Policy(k, span=span, times=policy.times, seed=policy.seed)
+
+
+def compile_schedule(policy: Policy | str, num_layers: int) -> Schedule:
+    """Turn a policy into the steps that run. Pure: the same inputs always give the same schedule."""
+    if isinstance(policy, str):
+        policy = parse_policy(policy)
+    p = resolve(policy, num_layers)
+    groups = _groups(p, num_layers)
+    steps: list[Step] = []
+    slot = 0
+    for layers, combine in groups:
+        steps.append(Step(layers, tuple(range(slot, slot + len(layers))), combine))
+        slot += len(layers)
+    return Schedule(tuple(steps), num_layers, str(p))
+
+
+def _groups(p: Policy, n: int) -> list[tuple[tuple[int, ...], Combine]]:
+    single = lambda i: ((i,), "mean")  # noqa: E731
+    if p.kind == "full":
+        return [single(i) for i in range(n)]
+    if p.kind == "skip":
+        dropped = set(p.layers) if p.layers is not None else set(range(p.span[0], p.span[1] + 1))  # type: ignore[index]
+        return [single(i) for i in range(n) if i not in dropped]
+    if p.kind == "schedule":
+        return [(g.layers, g.combine) for g in p.steps]  # type: ignore[union-attr]
+    a, b = p.span  # type: ignore[misc]
+    middle = list(range(a, b + 1))
+    if p.kind == "pairs":
+        mid = [((i, i + 1), "pairs") if i + 1 <= b else single(i) for i in range(a, b + 1, 2)]
+    elif p.kind == "parallel":
+        mid = [(tuple(middle), "mean")]
+    elif p.kind == "loop":
+        mid = [(tuple(middle), "mean")] * p.times
+    elif p.kind == "reverse":
+        mid = [single(i) for i in reversed(middle)]
+    elif p.kind == "shuffle":
+        order = middle[:]
+        random.Random(p.seed).shuffle(order)
+        mid = [single(i) for i in order]
+    elif p.kind == "repeat":
+        centre = (a + b) // 2
+        mid = [single(centre) for _ in middle]
+    else:  # pragma: no cover - resolve() rejects unknown kinds
+        raise AssertionError(p.kind)
+    # A one-layer group (range of one layer) is a plain step.
+    mid = [(ls, "mean") if len(ls) == 1 else (ls, c) for ls, c in mid]
+    return [single(i) for i in range(a)] + mid + [single(i) for i in range(b + 1, n)]
