@@ -228,20 +228,19 @@ class Transformer:
         qkv = torch.matmul(xn.reshape(G, B * T, a.dim), w.wqkv)  # [G, BT, q + 2kv]
         if w.bqkv is not None:
             qkv = qkv + w.bqkv[:, None, :]
-        q, k, v = qkv.view(G, B, T, -1).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
-        q = q.reshape(G, B, T, a.n_heads, a.head_dim)
-        k = k.reshape(G, B, T, a.n_kv_heads, a.head_dim)
-        v = v.reshape(G, B, T, a.n_kv_heads, a.head_dim)
+        qkv = qkv.view(G, B, T, a.n_heads + 2 * a.n_kv_heads, a.head_dim)
+        qk, v = qkv[..., : a.n_heads + a.n_kv_heads, :], qkv[..., a.n_heads + a.n_kv_heads :, :]
         if w.q_norm is not None:
-            q = _rms_norm_heads(q, w.q_norm, a.norm_eps)
-            k = _rms_norm_heads(k, w.k_norm, a.norm_eps)
+            qk = torch.cat(
+                [_rms_norm_heads(qk[..., : a.n_heads, :], w.q_norm, a.norm_eps),
+                 _rms_norm_heads(qk[..., a.n_heads :, :], w.k_norm, a.norm_eps)], dim=-2,
+            )
+        # q and k are adjacent in the fused projection: rotate both at once. cos, sin: [1, B, T, 1, hd]
         cos, sin = ctx.cos[None, :, :, None, :], ctx.sin[None, :, :, None, :]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        keys, values = cache.update(slots, ctx.rows, ctx.start, ctx.positions, k, v, kv_len=ctx.kv_len)  # [G, B, kv, S, hd]
-        o = F.scaled_dot_product_attention(
-            q.transpose(2, 3), keys, values, attn_mask=ctx.mask, enable_gqa=a.n_heads != a.n_kv_heads
-        )  # [G, B, H, T, hd]
+        qk = qk * cos + _rotate_half(qk) * sin
+        q, k = qk[..., : a.n_heads, :], qk[..., a.n_heads :, :]
+        keys, values = cache.update(slots, ctx.rows, ctx.start, ctx.positions, k, v, kv_len=ctx.kv_len)
+        o = _attend(q.transpose(2, 3), keys, values, ctx.mask, gqa=a.n_heads != a.n_kv_heads)  # [G, B, H, T, hd]
         o = torch.matmul(o.transpose(2, 3).reshape(G, B * T, a.q_size), w.wo)
         if w.bo is not None:
             o = o + w.bo[:, None, :]
@@ -322,6 +321,19 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         return y if y.dim() == 4 else y[None]
     y = F.rms_norm(x, (x.shape[-1],), None, eps)
     return y * weight[:, None, None, :]
+
+
+def _attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, *, gqa: bool) -> Tensor:
+    """q [G, B, H, T, hd], keys/values [G, B, kv, S, hd] -> [G, B, H, T, hd]. SDPA takes 4-D inputs far faster than
+    5-D ones, so G and B are merged (a copy of the keys only for a parallel group)."""
+    G, B = q.shape[:2]
+    if mask is not None and G > 1:
+        mask = mask.expand(G, *mask.shape).reshape(G * B, *mask.shape[1:])
+    o = F.scaled_dot_product_attention(
+        q.reshape(G * B, *q.shape[2:]), keys.reshape(G * B, *keys.shape[2:]), values.reshape(G * B, *values.shape[2:]),
+        attn_mask=mask, enable_gqa=gqa,
+    )
+    return o.view(G, B, *o.shape[1:])
 
 
 def _rms_norm_heads(x: Tensor, weight: Tensor, eps: float) -> Tensor:

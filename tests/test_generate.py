@@ -1,0 +1,187 @@
+"""Generation on a tiny model: greedy parity with transformers, batching, sampling, stops, echo, timings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.generate import Engine
+from server.sampling import SamplingError, SamplingParams
+from tests.conftest import CharTokenizer, tiny_llama
+
+POLICIES = ["full", "skip:2", "pairs:1-4", "parallel:1-4", "loop:1-4x2", "reverse:1-4", "shuffle:1-4:3", "repeat:1-4",
+            "schedule:0,1+3/sum,2,2,4-5"]
+
+
+def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
+    ids = list(ids)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(hf(torch.tensor([ids])).logits[0, -1].argmax())
+            out.append(nxt)
+            ids.append(nxt)
+    return out
+
+
+def test_full_greedy_matches_transformers(tiny_engine):
+    hf = tiny_llama()
+    prompt = [5, 9, 17, 33, 4, 8]
+    result = tiny_engine.generate([prompt], policy="full", params=SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert result.token_ids == hf_greedy(hf, prompt, 12)
+    assert result.finish_reason == "length" and result.policy == "full"
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_batch_of_different_lengths_equals_each_alone(tiny_engine, policy):
+    prompts = [[5, 9, 17], [40, 41, 42, 43, 44, 45, 46, 47], [7], [99, 98, 97, 96, 95]]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    together = tiny_engine.generate(prompts, policy=policy, params=params)
+    for prompt, got in zip(prompts, together):
+        alone = tiny_engine.generate([prompt], policy=policy, params=params)[0]
+        assert got.token_ids == alone.token_ids
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(alone.logprobs), rtol=1e-4, atol=1e-4)
+
+
+def test_rows_stay_correct_when_sequences_finish_early(tiny_engine):
+    """Different max_tokens make sequences leave mid-batch (rows are compacted); the rest are unaffected."""
+    schedule = tiny_engine.compile("pairs:1-4")
+    prompts = [[5, 9, 17], [40, 41, 42, 43], [7, 8], [99, 98, 97, 96, 95]]
+    lengths = [2, 9, 4, 7]
+    batch = tiny_engine.new_batch(schedule, max_batch=4, max_len=32)
+    seqs = [tiny_engine.new_sequence(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p, n in zip(prompts, lengths)]
+    batch.add(seqs)
+    while batch.filter() is not None and batch.sequences:
+        batch.step()
+    for prompt, n, seq in zip(prompts, lengths, seqs):
+        alone = tiny_engine.generate([prompt], policy="pairs:1-4", params=SamplingParams(max_tokens=n, ignore_eos=True))
+        assert seq.output_ids == alone[0].token_ids
+
+
+def test_sequences_join_a_running_batch(tiny_engine):
+    schedule = tiny_engine.compile("skip:2")
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    batch = tiny_engine.new_batch(schedule, max_batch=3, max_len=32)
+    a = tiny_engine.new_sequence([5, 6, 7, 8], params)
+    batch.add([a])
+    batch.step()
+    batch.step()
+    b = tiny_engine.new_sequence([20, 21], params)
+    batch.add([b])
+    while batch.filter() is not None and batch.sequences:
+        batch.step()
+    for seq, prompt in ((a, [5, 6, 7, 8]), (b, [20, 21])):
+        assert seq.output_ids == tiny_engine.generate([prompt], policy="skip:2", params=params)[0].token_ids
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_engine):
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    one = tiny_engine.generate([[5, 6, 7]], policy="full", params=params)[0].token_ids
+    again = tiny_engine.generate([[5, 6, 7]], policy="full", params=params)[0].token_ids
+    batched = tiny_engine.generate([[9, 9], [5, 6, 7]], policy="full", params=params)[1].token_ids
+    other = tiny_engine.generate([[5, 6, 7]], policy="full", params=SamplingParams(
+        max_tokens=10, temperature=1.0, seed=99, ignore_eos=True))[0].token_ids
+    assert one == again == batched
+    assert one != other
+
+
+def test_top_k_one_is_greedy(tiny_engine):
+    greedy = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    top1 = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(
+        max_tokens=8, temperature=0.8, top_k=1, seed=3, ignore_eos=True))[0]
+    assert top1.token_ids == greedy.token_ids
+
+
+def test_stop_token_and_min_tokens(tiny_engine):
+    free = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, ignore_eos=True))[0].token_ids
+    stop_at = free[3]
+    first = free.index(stop_at)
+    stopped = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, stop_token_ids=(stop_at,)))[0]
+    assert stopped.token_ids == free[: first + 1] and stopped.finish_reason == "stop"
+    held = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(
+        max_tokens=10, stop_token_ids=(stop_at,), min_tokens=first + 1))[0]
+    assert len(held.token_ids) > first + 1
+
+
+def test_stop_string_truncates_text(tiny_engine):
+    free = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    assert len(free.text) >= 6
+    stop = free.text[3:5]
+    got = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, ignore_eos=True, stop=(stop,)))[0]
+    assert got.finish_reason == "stop"
+    assert got.text == free.text[: free.text.find(stop)]
+    assert stop not in got.text
+
+
+def test_echo_scores_prompt_like_transformers(tiny_engine):
+    hf = tiny_llama()
+    prompt = [5, 9, 17, 33, 4, 8, 60]
+    result = tiny_engine.generate([prompt], policy="full", params=SamplingParams(max_tokens=0, echo=True, logprobs=3))[0]
+    assert result.token_ids == [] and result.finish_reason == "length"
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0], -1)
+    expected = [ref[t - 1, prompt[t]].item() for t in range(1, len(prompt))]
+    assert result.prompt_logprobs[0] is None
+    torch.testing.assert_close(torch.tensor(result.prompt_logprobs[1:]), torch.tensor(expected), rtol=1e-4, atol=1e-4)
+    assert len(result.prompt_top_logprobs) == len(prompt) and len(result.prompt_top_logprobs[1]) == 3
+
+
+def test_echo_mixed_with_plain_requests_in_one_batch(tiny_engine):
+    params_echo = SamplingParams(max_tokens=3, echo=True, ignore_eos=True)
+    alone = tiny_engine.generate([[5, 9, 17, 33]], params=params_echo)[0]
+    schedule = tiny_engine.compile("full")
+    batch = tiny_engine.new_batch(schedule, max_batch=2, max_len=16)
+    a = tiny_engine.new_sequence([5, 9, 17, 33], params_echo)
+    b = tiny_engine.new_sequence([7, 7], SamplingParams(max_tokens=3, ignore_eos=True))
+    batch.add([a, b])
+    while batch.filter() is not None and batch.sequences:
+        batch.step()
+    assert a.output_ids == alone.token_ids
+    torch.testing.assert_close(torch.tensor(a.prompt_logprobs[1:]), torch.tensor(alone.prompt_logprobs[1:]))
+    assert b.prompt_logprobs is None
+
+
+def test_logprobs_and_top_alternatives(tiny_engine):
+    r = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=5, logprobs=4, ignore_eos=True))[0]
+    assert len(r.logprobs) == len(r.top_logprobs) == 5
+    for token, lp, top in zip(r.token_ids, r.logprobs, r.top_logprobs):
+        assert len(top) == 4
+        assert max(top, key=top.get) == token  # greedy picks the most likely
+        assert top[token] == pytest.approx(lp)
+        assert all(v <= 0 for v in top.values())
+
+
+def test_timings_are_filled(tiny_engine):
+    r = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    t = r.timings
+    assert t.prefill_s > 0 and t.decode_s > 0 and t.ttft_s >= t.prefill_s
+    assert len(t.per_token_s) == 5 and t.tpot_s == pytest.approx(t.decode_s / 5)
+
+
+def test_text_prompt_uses_tokenizer(tiny_engine):
+    r = tiny_engine.generate("hello", params=SamplingParams(max_tokens=2, ignore_eos=True))[0]
+    assert r.prompt_token_ids == CharTokenizer().encode("hello")
+
+
+@pytest.mark.parametrize("bad", [dict(max_tokens=-1), dict(temperature=-0.5), dict(top_p=0), dict(top_p=1.5),
+                                 dict(top_k=-2), dict(logprobs=50), dict(stop=("",))])
+def test_bad_sampling_params_raise_clear_errors(bad):
+    with pytest.raises(SamplingError, match="must"):
+        SamplingParams(**bad)
+
+
+def test_bad_policy_raises_before_running(tiny_engine):
+    from server.policy import PolicyError
+
+    with pytest.raises(PolicyError, match="0-5"):
+        tiny_engine.generate([[5]], policy="skip:3-9")
+
+
+def test_streams_mode_equals_batched():
+    batched = Engine(tiny_llama(), CharTokenizer(), group_mode="batched")
+    streams = Engine(tiny_llama(), CharTokenizer(), group_mode="streams")
+    for policy in ("pairs:1-4", "parallel:1-4", "loop:1-4x3"):
+        params = SamplingParams(max_tokens=6, ignore_eos=True)
+        a = batched.generate([[5, 6, 7], [8, 9]], policy=policy, params=params)
+        b = streams.generate([[5, 6, 7], [8, 9]], policy=policy, params=params)
+        assert [r.token_ids for r in a] == [r.token_ids for r in b]
