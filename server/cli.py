@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -110,6 +111,34 @@ def bench(
         print(json.dumps(result.to_json()))
     else:
         console.print(render(result))
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="alias, HF directory, .gguf or hub id")] = None,
+    host: Annotated[Optional[str], typer.Option(help="bind address (default 127.0.0.1)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="port (default 8000)")] = None,
+    policy_presets: Annotated[Optional[Path], typer.Option(help="YAML/JSON file of name: policy presets")] = None,
+    default_policy: Annotated[Optional[str], typer.Option(help="policy for requests that name none")] = None,
+    device: DeviceOpt = None,  # type: ignore[assignment]
+    max_num_seqs: Annotated[Optional[int], typer.Option(help="sequences decoded at once")] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="require 'Authorization: Bearer KEY'")] = None,
+    log_level: str = "info",
+) -> None:
+    """Start the HTTP server (OpenAI-compatible and native endpoints, /metrics) with uvicorn."""
+    import uvicorn
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    overrides = dict(model=model, host=host, port=port, policy_presets=policy_presets, default_policy=default_policy,
+                     device=device, max_num_seqs=max_num_seqs, api_key=api_key)
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        app_ = create_app(settings)
+    except (OSError, ValueError) as e:
+        raise _fail(str(e)) from None
+    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=log_level)
 
 
 def main() -> None:

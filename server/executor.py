@@ -24,14 +24,19 @@ class Executor:
         max_batch: int,
         max_len: int,
         group_mode: GroupMode = "batched",
+        initial_batch: int | None = None,
+        initial_len: int | None = None,
     ) -> None:
+        """max_batch, max_len: the most the cache may hold; it is allocated at initial_batch x initial_len (default:
+        the maximum) and grows on `reserve`."""
         a = model.args
         assert schedule.num_layers == a.n_layers, "schedule compiled for another model"
         self.model, self.schedule, self.group_mode = model, schedule, group_mode
+        self.limit_batch, self.limit_len = max_batch, max_len
         self.cache = KVCache(
             num_slots=max(1, schedule.num_slots),
-            max_batch=max_batch,
-            max_len=max_len,
+            max_batch=min(max_batch, initial_batch or max_batch),
+            max_len=min(max_len, initial_len or max_len),
             n_kv_heads=a.n_kv_heads,
             head_dim=a.head_dim,
             dtype=model.dtype,
@@ -40,11 +45,20 @@ class Executor:
 
     @property
     def max_batch(self) -> int:
-        return self.cache.max_batch
+        return self.limit_batch
 
     @property
     def max_len(self) -> int:
-        return self.cache.max_len
+        return self.limit_len
+
+    def reserve(self, *, rows: int, length: int) -> None:
+        """Make room for `rows` sequences of up to `length` tokens (within the limits), growing by doubling."""
+        assert rows <= self.limit_batch and length <= self.limit_len, (rows, length)
+        c = self.cache
+        if rows > c.max_batch or length > c.max_len:
+            grow_rows = rows if rows <= c.max_batch else min(self.limit_batch, max(rows, 2 * c.max_batch))
+            grow_len = length if length <= c.max_len else min(self.limit_len, max(length, 2 * c.max_len))
+            c.grow(max_batch=grow_rows, max_len=grow_len)
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, *, rows: slice, start: list[int], logits_at: Tensor | None = None) -> Tensor:

@@ -107,10 +107,11 @@ class Batch:
 
     def __init__(
         self, model: Transformer, schedule: Schedule, tokenizer: Any, *, max_batch: int, max_len: int,
-        group_mode: GroupMode = "batched",
+        group_mode: GroupMode = "batched", initial_batch: int | None = None, initial_len: int | None = None,
     ) -> None:
         self.model, self.schedule, self.tokenizer = model, schedule, tokenizer
-        self.executor = Executor(model, schedule, max_batch=max_batch, max_len=max_len, group_mode=group_mode)
+        self.executor = Executor(model, schedule, max_batch=max_batch, max_len=max_len, group_mode=group_mode,
+                                 initial_batch=initial_batch, initial_len=initial_len)
         self.sequences: list[Sequence] = []
 
     @property
@@ -122,8 +123,8 @@ class Batch:
         if not new:
             return
         assert len(new) <= self.free_rows
-        for s in new:
-            assert len(s.prompt_ids) + s.params.max_tokens <= self.executor.max_len or s.params.max_tokens == 0
+        need = max(len(s.prompt_ids) + s.params.max_tokens for s in new)
+        self.executor.reserve(rows=len(self.sequences) + len(new), length=min(need, self.executor.max_len))
         t0 = time.perf_counter()
         first = len(self.sequences)
         width = max(len(s.prompt_ids) for s in new)
@@ -269,16 +270,22 @@ class Engine:
             return list(self.tokenizer.encode(prompt, add_special_tokens=False)) or [self._fallback_bos()]
         return list(prompt)
 
-    def new_sequence(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
+    def new_sequence(self, prompt: str | list[int], params: SamplingParams, *, arrival: float | None = None) -> Sequence:
         stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
-        return Sequence(
+        seq = Sequence(
             prompt_ids=self.encode(prompt), params=params, generator=make_generator(params.seed, self.model.device),
             stop_ids=stop,
         )
+        if arrival is not None:
+            seq.arrival = arrival
+        return seq
 
-    def new_batch(self, schedule: Schedule, *, max_batch: int, max_len: int) -> Batch:
+    def new_batch(
+        self, schedule: Schedule, *, max_batch: int, max_len: int, initial_batch: int | None = None,
+        initial_len: int | None = None,
+    ) -> Batch:
         return Batch(self.model, schedule, self.tokenizer, max_batch=max_batch, max_len=max_len,
-                     group_mode=self.group_mode)
+                     group_mode=self.group_mode, initial_batch=initial_batch, initial_len=initial_len)
 
     def generate(
         self, prompts: list[str | list[int]] | str, *, policy: Policy | str | dict | None = None,

@@ -1,7 +1,8 @@
 """The KV cache: preallocated, one slot per attention a schedule runs, one row per sequence in the batch.
 
 Layout [slot, row, kv_head, position, head_dim]. Rows are kept dense (0..B-1): a finished sequence's row is
-refilled by moving the last row into it, so a decode step always works on the prefix `rows = 0..B-1`.
+refilled by moving the last row into it, so a decode step always works on the prefix `rows = 0..B-1`. The cache
+starts at the size asked for and `grow`s (doubling, copying what it holds) when a batch needs more rows or positions.
 """
 
 from __future__ import annotations
@@ -55,6 +56,19 @@ class KVCache:
             ck[:, b, :, positions] = k.permute(1, 2, 0, 3, 4)
             cv[:, b, :, positions] = v.permute(1, 2, 0, 3, 4)
         return ck[:, :, :, :kv_len], cv[:, :, :, :kv_len]
+
+    def grow(self, *, max_batch: int, max_len: int) -> None:
+        """Reallocate to at least max_batch rows and max_len positions, keeping the contents."""
+        if max_batch <= self.max_batch and max_len <= self.max_len:
+            return
+        S, B, H, L, D = self.k.shape
+        rows, length = max(B, max_batch), max(L, max_len)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(S, rows, H, length, D)
+            new[:, :B, :, :L] = old
+            setattr(self, name, new)
+        self.max_batch, self.max_len = rows, length
 
     def move_row(self, src: int, dst: int) -> None:
         """Copy row src over row dst (all slots): keeps rows dense when a sequence leaves."""

@@ -1,0 +1,1 @@
+"""The HTTP layer: validates, enqueues and streams; never touches tensors."""

@@ -1,0 +1,61 @@
+"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.policy import PolicyError
+from server.sampling import SamplingError
+
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+         429: "rate_limit_error", 500: "internal_server_error", 503: "service_unavailable"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": TYPES.get(status, "error"), "param": param, "code": code or status}}
+
+
+def _response(request: Request, status: int, message: str, *, param: str | None = None, code: str | None = None,
+              headers: dict[str, str] | None = None) -> JSONResponse:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.observe_error(status)
+    return JSONResponse(error_body(status, message, param=param, code=code), status_code=status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return _response(request, e.status, e.message, param=e.param, code=e.code, headers=e.headers)
+
+    @app.exception_handler(PolicyError)
+    async def policy_error(request: Request, e: PolicyError) -> JSONResponse:
+        return _response(request, 400, str(e), param="policy", code="invalid_policy")
+
+    @app.exception_handler(SamplingError)
+    async def sampling_error(request: Request, e: SamplingError) -> JSONResponse:
+        return _response(request, 400, str(e), code="invalid_sampling_parameters")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        parts = []
+        param = None
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            param = param or loc or None
+            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        return _response(request, 400, "invalid request: " + "; ".join(parts), param=param, code="invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return _response(request, e.status_code, str(e.detail), headers=getattr(e, "headers", None))

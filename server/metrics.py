@@ -1,0 +1,125 @@
+"""Prometheus metrics, in the style of vLLM. The only module that imports prometheus_client.
+
+The engine loop hands plain stats dataclasses (`RequestStats`, `StepStats`, `QueueStats`) to `Metrics`; latency
+histograms and token counters are labelled by `policy` (canonical string) and `model`. At most `max_policies`
+distinct policy labels exist; later ones are folded into `other`, so label cardinality stays bounded.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# From ~1 ms (GPU decode) to minutes (long CPU generations).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+                   1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+TOKEN_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06,
+                         0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+OTHER = "other"
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    policy: str
+    finished_reason: str  # stop | length | abort
+    prompt_tokens: int
+    generation_tokens: int
+    queue_s: float
+    prefill_s: float
+    decode_s: float
+    ttft_s: float
+    e2e_s: float
+    per_token_s: tuple[float, ...]  # inter-token latencies after the first token
+
+
+@dataclass(frozen=True)
+class StepStats:
+    schedule: str  # canonical policy of the group that ran
+    batch_size: int
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    running: int
+    waiting: int
+    kv_usage: float  # 0..1
+
+
+class Metrics:
+    def __init__(self, *, model: str, max_policies: int = 32, registry: CollectorRegistry | None = None) -> None:
+        self.model, self.max_policies = model, max_policies
+        self.registry = registry or CollectorRegistry()
+        self._policies: set[str] = set()
+        self._lock = threading.Lock()
+        labels = ["model", "policy"]
+        r = self.registry
+
+        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"painters:{name}", doc, labels, buckets=buckets, registry=r)
+
+        self.ttft = hist("time_to_first_token_seconds", "Time from arrival to first token", LATENCY_BUCKETS)
+        self.tpot = hist("time_per_output_token_seconds", "Time between output tokens", TOKEN_LATENCY_BUCKETS)
+        self.e2e = hist("e2e_request_latency_seconds", "End-to-end request latency", LATENCY_BUCKETS)
+        self.queue = hist("request_queue_time_seconds", "Time waiting before the first step", LATENCY_BUCKETS)
+        self.prefill = hist("request_prefill_time_seconds", "Prefill time", LATENCY_BUCKETS)
+        self.decode = hist("request_decode_time_seconds", "Decode time", LATENCY_BUCKETS)
+        self.prompt_tokens = Counter("painters:prompt_tokens", "Prompt tokens processed", labels, registry=r)
+        self.generation_tokens = Counter("painters:generation_tokens", "Tokens generated", labels, registry=r)
+        self.success = Counter("painters:request_success", "Finished requests", [*labels, "finished_reason"],
+                               registry=r)
+        self.running = Gauge("painters:num_requests_running", "Sequences being decoded", ["model"], registry=r)
+        self.waiting = Gauge("painters:num_requests_waiting", "Requests waiting", ["model"], registry=r)
+        self.kv_usage = Gauge("painters:kv_slots_usage_perc", "KV-cache slot usage (0-1)", ["model"], registry=r)
+        self.batch_size = Histogram("painters:batch_size", "Sequences per engine step", labels, buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.step_duration = hist("step_duration_seconds", "Engine step duration", TOKEN_LATENCY_BUCKETS)
+        self.errors = Counter("painters:request_errors", "Requests rejected with an error status",
+                              ["model", "status"], registry=r)
+
+    def policy_label(self, policy: str) -> str:
+        with self._lock:
+            if policy in self._policies:
+                return policy
+            if len(self._policies) < self.max_policies:
+                self._policies.add(policy)
+                return policy
+            return OTHER
+
+    def observe_request(self, s: RequestStats) -> None:
+        labels = dict(model=self.model, policy=self.policy_label(s.policy))
+        self.queue.labels(**labels).observe(s.queue_s)
+        self.prompt_tokens.labels(**labels).inc(s.prompt_tokens)
+        self.success.labels(**labels, finished_reason=s.finished_reason).inc()
+        if s.finished_reason == "abort":
+            return
+        self.generation_tokens.labels(**labels).inc(s.generation_tokens)
+        self.e2e.labels(**labels).observe(s.e2e_s)
+        self.prefill.labels(**labels).observe(s.prefill_s)
+        self.decode.labels(**labels).observe(s.decode_s)
+        if s.generation_tokens:
+            self.ttft.labels(**labels).observe(s.ttft_s)
+        tpot = self.tpot.labels(**labels)
+        for dt in s.per_token_s:
+            tpot.observe(dt)
+
+    def observe_step(self, s: StepStats) -> None:
+        labels = dict(model=self.model, policy=self.policy_label(s.schedule))
+        self.batch_size.labels(**labels).observe(s.batch_size)
+        self.step_duration.labels(**labels).observe(s.duration_s)
+
+    def observe_queue(self, s: QueueStats) -> None:
+        self.running.labels(model=self.model).set(s.running)
+        self.waiting.labels(model=self.model).set(s.waiting)
+        self.kv_usage.labels(model=self.model).set(s.kv_usage)
+
+    def observe_error(self, status: int) -> None:
+        self.errors.labels(model=self.model, status=str(status)).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type, for GET /metrics."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
