@@ -43,6 +43,12 @@ SYNTAX: dict[str, str] = {
 }
 
 
+# Bounds that keep a hostile policy from costing time or memory before it meets the model's real layer range.
+MAX_LAYER_INDEX = 4095
+MAX_LOOP = 64
+MAX_STEPS = 4096
+
+
 class PolicyError(ValueError):
     """A policy that is malformed or does not fit the model; the message says what is allowed."""
 
@@ -61,8 +67,11 @@ class Group:
     def __post_init__(self) -> None:
         if not self.layers:
             raise PolicyError("a schedule step needs at least one layer")
+        _check_indices(self.layers)
         if self.combine not in COMBINES:
             raise PolicyError(f"unknown combine rule {self.combine!r}; allowed: {', '.join(COMBINES)}")
+        if len(self.layers) == 1 and self.combine != "mean":
+            object.__setattr__(self, "combine", "mean")  # one layer: every rule is the same computation
 
 
 @dataclass(frozen=True)
@@ -88,12 +97,31 @@ class Policy:
             a, b = self.span
             if a < 0 or b < a:
                 raise PolicyError(f"bad layer range {a}-{b}: need 0 <= A <= B")
+            _check_indices(self.span)
         if self.count is not None and self.count < 0:
             raise PolicyError(f"skip count must be >= 0, got {self.count}")
+        if self.count is not None and self.count > MAX_LAYER_INDEX:
+            raise PolicyError(f"skip count must be <= {MAX_LAYER_INDEX}, got {self.count}")
+        if self.layers is not None:
+            if not self.layers:
+                raise PolicyError("a skip set needs at least one layer")
+            _check_indices(self.layers)
         if self.times < 1:
             raise PolicyError(f"loop repeat count must be >= 1, got {self.times}")
+        if self.times > MAX_LOOP:
+            raise PolicyError(f"loop repeat count must be <= {MAX_LOOP}, got {self.times}")
+        if self.seed < 0:
+            raise PolicyError(f"shuffle seed must be >= 0, got {self.seed}")
         if self.kind == "schedule" and not self.steps:
             raise PolicyError("an explicit schedule needs at least one step")
+        if self.steps is not None and len(self.steps) > MAX_STEPS:
+            raise PolicyError(f"an explicit schedule has at most {MAX_STEPS} steps, got {len(self.steps)}")
+        if self.kind == "skip" and sum(x is not None for x in (self.count, self.span, self.layers)) != 1:
+            raise PolicyError(f"skip needs exactly one of a count, a range or a set; syntax: {SYNTAX['skip']}")
+        if self.kind == "skip" and self.layers is not None and _is_run(self.layers):
+            # A set that is one unbroken run is that range: one canonical value for one computation.
+            object.__setattr__(self, "span", (self.layers[0], self.layers[-1]))
+            object.__setattr__(self, "layers", None)
 
     # -- string form -------------------------------------------------------------------------------------------
 
@@ -138,6 +166,16 @@ class Policy:
                 for g in self.steps
             ]
         return out
+
+
+def _check_indices(indices: tuple[int, ...]) -> None:
+    bad = [i for i in indices if not 0 <= i <= MAX_LAYER_INDEX]
+    if bad:
+        raise PolicyError(f"layer index {bad[0]} is out of range: layers are numbered from 0 (0-based)")
+
+
+def _is_run(layers: tuple[int, ...]) -> bool:
+    return list(layers) == list(range(layers[0], layers[0] + len(layers)))
 
 
 def _format_span(span: tuple[int, int] | None) -> str:
@@ -231,7 +269,10 @@ def _parse_kind(kind: str, rest: str, s: str) -> Policy:
     if kind == "schedule":
         if not rest:
             raise bad()
-        return Policy("schedule", steps=tuple(g for part in rest.split(",") for g in _parse_step(part, s)))
+        parts = rest.split(",")
+        if len(parts) > MAX_STEPS:
+            raise PolicyError(f"an explicit schedule has at most {MAX_STEPS} steps")
+        return Policy("schedule", steps=tuple(g for part in parts for g in _parse_step(part, s)))
     if kind == "loop":
         span_text, x, times = rest.rpartition("x")
         if not x or not _INT.match(times):
@@ -254,9 +295,11 @@ def _expand_set(text: str) -> set[int]:
     out: set[int] = set()
     for p in text.split(","):
         if _INT.match(p):
+            _check_indices((int(p),))
             out.add(int(p))
         else:
             a, b = _parse_span(p, text)
+            _check_indices((a, b))
             if b < a:
                 raise PolicyError(f"bad layer range {p!r}: need A <= B")
             out.update(range(a, b + 1))
@@ -268,6 +311,7 @@ def _parse_step(part: str, s: str) -> list[Group]:
         return [Group((int(part),))]
     if _SPAN.match(part):
         a, b = _parse_span(part, s)
+        _check_indices((a, b))
         if b < a:
             raise PolicyError(f"bad run {part!r} in {s!r}: need A <= B")
         return [Group((i,)) for i in range(a, b + 1)]
@@ -281,16 +325,32 @@ def _parse_step(part: str, s: str) -> list[Group]:
     return [Group(tuple(int(x) for x in layers), combine)]  # type: ignore[arg-type]
 
 
+_RANGE_FIELDS = {"kind", "start", "end"}
+_JSON_FIELDS: dict[str, set[str]] = {
+    "full": {"kind"},
+    "skip": {"kind", "start", "end", "count", "layers"},
+    "pairs": _RANGE_FIELDS,
+    "parallel": _RANGE_FIELDS,
+    "loop": _RANGE_FIELDS | {"times"},
+    "reverse": _RANGE_FIELDS,
+    "shuffle": _RANGE_FIELDS | {"seed"},
+    "repeat": _RANGE_FIELDS,
+    "schedule": {"kind", "steps"},
+}
+
+
 def policy_from_json(obj: dict[str, Any]) -> Policy:
     """Parse the JSON object form, e.g. {"kind": "skip", "count": 10} or
     {"kind": "schedule", "steps": [0, 1, {"layers": [2, 3], "combine": "sum"}]}."""
     if not isinstance(obj, dict) or "kind" not in obj:
         raise PolicyError(f"a policy object needs a 'kind' (one of {', '.join(KINDS)})")
     kind = obj["kind"]
-    known = {"kind", "start", "end", "count", "layers", "times", "seed", "steps"}
+    if kind not in KINDS:
+        raise PolicyError(f"unknown policy kind {kind!r}; allowed forms: {allowed_forms()}")
+    known = _JSON_FIELDS[kind]
     extra = set(obj) - known
     if extra:
-        raise PolicyError(f"unknown policy field(s) {sorted(extra)}; allowed: {sorted(known)}")
+        raise PolicyError(f"unknown policy field(s) {sorted(extra)} for a {kind!r} policy; allowed: {sorted(known)}")
 
     def integer(name: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -325,10 +385,10 @@ def policy_from_json(obj: dict[str, Any]) -> Policy:
 
 def _json_step(x: Any, integer: Any) -> Group:
     if isinstance(x, int) and not isinstance(x, bool):
-        return Group((x,))
+        return Group((integer("steps", x),))
     if isinstance(x, list):
         return Group(tuple(integer("steps", i) for i in x))
-    if isinstance(x, dict) and "layers" in x:
+    if isinstance(x, dict) and isinstance(x.get("layers"), list) and set(x) <= {"layers", "combine"}:
         return Group(tuple(integer("steps", i) for i in x["layers"]), x.get("combine", "mean"))
     raise PolicyError(f"bad schedule step {x!r}: a layer index, a list of indices, or {{layers, combine}}")
 
