@@ -139,6 +139,7 @@ class EngineLoop:
                 self._fail_group(plan.key, admitted, f"engine error: {type(e).__name__}: {e}")
 
     def _step(self, key: str, admitted: list[_Tracked], aborts: set[str]) -> None:
+        self._apply_aborts(aborts, current=key)
         t0 = time.perf_counter()
         batch = self._batches.get(key)
         if batch is None:
@@ -146,12 +147,7 @@ class EngineLoop:
             batch = self.engine.new_batch(schedule, max_batch=self.max_num_seqs, max_len=self.max_model_len,
                                           initial_batch=min(4, self.max_num_seqs), initial_len=256)
             self._batches[key] = batch
-        for seq in batch.sequences:
-            tracked = self._by_seq.get(seq.id)
-            if tracked is not None and tracked.request.id in aborts:
-                seq.abort()
-        running = [s for s in batch.sequences if not s.finished]
-        if running:
+        if any(not s.finished for s in batch.sequences):
             batch.step()
         new = []
         for t in admitted:
@@ -167,6 +163,33 @@ class EngineLoop:
             tracked = self._by_seq.get(seq.id)
             if tracked is not None:
                 self._emit(tracked)
+        queue = self._reap(key, batch)
+        if self.metrics:
+            self.metrics.observe_step(StepStats(batch.schedule.policy, size, duration))
+            self.metrics.observe_queue(queue)
+
+    def _apply_aborts(self, aborts: set[str], *, current: str) -> None:
+        """Mark aborted sequences in every batch; batches other than `current` release them now."""
+        touched = set()
+        for request_id in aborts:
+            tracked = self._tracked.get(request_id)
+            if tracked is None:
+                continue
+            if tracked.sequence is None:  # admitted in this very step: abort it on the next one
+                with self._lock:
+                    self._aborts.add(request_id)
+                continue
+            tracked.sequence.abort()
+            touched.add(tracked.request.schedule.key)
+        for key in touched - {current}:
+            batch = self._batches.get(key)
+            if batch is not None:
+                queue = self._reap(key, batch)
+                if self.metrics:
+                    self.metrics.observe_queue(queue)
+
+    def _reap(self, key: str, batch: Batch) -> QueueStats:
+        """Remove finished sequences from `batch` (freeing their rows) and from the scheduler."""
         done = batch.filter()
         with self._lock:
             finished_ids = []
@@ -179,11 +202,8 @@ class EngineLoop:
                 self._record(tracked, aborted=seq.finish_reason == "abort")
             self.scheduler.finish(finished_ids)
             if not batch.sequences:
-                del self._batches[key]
-            queue = self._queue_stats()
-        if self.metrics:
-            self.metrics.observe_step(StepStats(batch.schedule.policy, size, duration))
-            self.metrics.observe_queue(queue)
+                self._batches.pop(key, None)
+            return self._queue_stats()
 
     def _emit(self, t: _Tracked) -> None:
         seq = t.sequence
@@ -218,9 +238,10 @@ class EngineLoop:
         if not self.metrics:
             return
         seq = t.sequence
-        if seq is None:  # aborted while waiting
+        if seq is None:  # aborted (or failed) before it ran
             waited = time.perf_counter() - t.request.arrival
-            self.metrics.observe_request(RequestStats(t.request.schedule.policy, "abort", len(t.request.prompt_ids),
+            reason = "abort" if aborted else "error"
+            self.metrics.observe_request(RequestStats(t.request.schedule.policy, reason, len(t.request.prompt_ids),
                                                       0, waited, 0, 0, 0, waited, ()))
             return
         tm = seq.timings
@@ -247,6 +268,8 @@ class EngineLoop:
                 self._tracked.pop(t.request.id, None)
                 if t.sequence is not None:
                     self._by_seq.pop(t.sequence.id, None)
+                    t.sequence.finish_reason = "error"
+                self._record(t, aborted=False)
                 try:
                     t.sink(Output(t.request.id, [], [], [], "", finished=True, error=message))
                 except Exception:

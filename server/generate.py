@@ -73,6 +73,7 @@ class Sequence:
     finish_reason: str | None = None
     timings: Timings = field(default_factory=Timings)
     scheduled: float | None = None  # when it entered a batch
+    stop_from: int = 0  # stop strings match only text from here on (text after min_tokens)
 
     @property
     def length(self) -> int:
@@ -211,12 +212,17 @@ class Batch:
     def _check_stop(self, s: Sequence, token: int) -> None:
         n = len(s.output_ids)
         eos = token in s.stop_ids and n > s.params.min_tokens
+        previous = len(s.text)
         s.text = self.tokenizer.decode(s.output_ids, skip_special_tokens=True)
+        if n == s.params.min_tokens:
+            s.stop_from = len(s.text)
         if eos:
             s.finish_reason = "stop"
             return
         if s.params.stop and n > s.params.min_tokens:
-            hits = [i for i in (s.text.find(stop) for stop in s.params.stop) if i >= 0]
+            longest = max(len(stop) for stop in s.params.stop)
+            start = max(s.stop_from, previous - longest + 1)  # a new match ends in the new text
+            hits = [i for i in (s.text.find(stop, start) for stop in s.params.stop) if i >= 0]
             if hits:
                 s.text = s.text[: min(hits)]
                 s.finish_reason = "stop"

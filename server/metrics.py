@@ -25,7 +25,7 @@ OTHER = "other"
 @dataclass(frozen=True)
 class RequestStats:
     policy: str
-    finished_reason: str  # stop | length | abort
+    finished_reason: str  # stop | length | abort | error
     prompt_tokens: int
     generation_tokens: int
     queue_s: float
@@ -95,7 +95,7 @@ class Metrics:
         self.queue.labels(**labels).observe(s.queue_s)
         self.prompt_tokens.labels(**labels).inc(s.prompt_tokens)
         self.success.labels(**labels, finished_reason=s.finished_reason).inc()
-        if s.finished_reason == "abort":
+        if s.finished_reason in ("abort", "error"):
             return
         self.generation_tokens.labels(**labels).inc(s.generation_tokens)
         self.e2e.labels(**labels).observe(s.e2e_s)

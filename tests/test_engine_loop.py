@@ -1,0 +1,391 @@
+"""The engine loop on the tiny model (CPU): continuous batching is exact, streams add up, aborts free slots, a full
+queue refuses, metrics are labelled by canonical policy, and a failing step only fails its own group."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from server.engine_loop import EngineLoop, EngineRequest, Output, QueueFullError
+from server.generate import Batch, Engine, GenerationResult
+from server.metrics import Metrics
+from server.sampling import SamplingParams
+
+TIMEOUT = 30.0  # seconds; a hang fails the test instead of blocking the run
+MODEL = "tiny"
+
+
+class Collector:
+    """A sink: records every Output (the engine thread calls it) and signals when the final one arrives.
+
+    on_output runs on the engine thread after each Output is recorded; it may block it (to hold the loop still)."""
+
+    def __init__(self, on_output: Callable[[Collector, Output], None] | None = None) -> None:
+        self.outputs: list[Output] = []
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._on_output = on_output
+
+    def __call__(self, out: Output) -> None:
+        with self._lock:
+            self.outputs.append(out)
+        if self._on_output is not None:
+            self._on_output(self, out)
+        if out.finished:
+            self.done.set()
+
+    def wait(self) -> Output:
+        assert self.done.wait(TIMEOUT), "request did not finish"
+        return self.outputs[-1]
+
+    @property
+    def token_ids(self) -> list[int]:
+        with self._lock:
+            return [t for o in self.outputs for t in o.token_ids]
+
+    @property
+    def text(self) -> str:
+        with self._lock:
+            return "".join(o.text for o in self.outputs)
+
+
+class Gate:
+    """Holds the engine thread inside a sink at the n-th output until the test releases it."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.reached = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, c: Collector, out: Output) -> None:
+        if len(c.outputs) == self.at:
+            self.reached.set()
+            assert self.release.wait(TIMEOUT)
+
+    def wait(self) -> None:
+        assert self.reached.wait(TIMEOUT), "the gated request never reached its gate"
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def make_loop(tiny_engine: Engine) -> Iterator[Callable[..., EngineLoop]]:
+    loops: list[EngineLoop] = []
+
+    def make(**options) -> EngineLoop:
+        kw = dict(max_num_seqs=4, max_model_len=64, queue_capacity=32, metrics=Metrics(model=MODEL))
+        kw.update(options)
+        loop = EngineLoop(tiny_engine, **kw)
+        loops.append(loop)
+        loop.start()
+        return loop
+
+    yield make
+    for loop in loops:
+        loop.stop()
+        assert not loop.alive, "the engine thread did not stop"
+
+
+@pytest.fixture
+def make_gate(make_loop) -> Iterator[Callable[[int], Gate]]:
+    """Gates that are released at teardown (before the loops stop), so a failed test never leaves one shut."""
+    gates: list[Gate] = []
+
+    def make(at: int) -> Gate:
+        gates.append(Gate(at))
+        return gates[-1]
+
+    yield make
+    for gate in gates:
+        gate.release.set()
+
+
+def request(engine: Engine, rid: str, prompt: list[int], policy: str, **params) -> EngineRequest:
+    params.setdefault("ignore_eos", True)
+    return EngineRequest(rid, prompt, SamplingParams(**params), engine.compile(policy))
+
+
+def alone(engine: Engine, r: EngineRequest) -> GenerationResult:
+    return engine.generate([r.prompt_ids], policy=r.schedule.policy, params=r.params)[0]
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, {"model": MODEL, **labels}) or 0.0
+
+
+def policy_labels(metrics: Metrics) -> set[str]:
+    return {s.labels["policy"] for m in metrics.registry.collect() for s in m.samples if "policy" in s.labels}
+
+
+# -- exactness and streaming --------------------------------------------------------------------------------------
+
+POLICIES = ["full", "skip:2", "pairs:1-4", "loop:1-4x2", "reverse:1-4"]
+
+
+def test_concurrent_requests_equal_each_run_alone(tiny_engine, make_loop):
+    """12 requests over 5 schedule groups, 3 slots: they queue, join running groups and leave at different steps."""
+    requests = [
+        request(tiny_engine, f"r{i}", [3 + (7 * i + j) % 120 for j in range(1 + i % 7)], POLICIES[i % 5],
+                max_tokens=3 + i % 6, ignore_eos=i % 2 == 0)
+        for i in range(12)
+    ]
+    expected = {r.id: alone(tiny_engine, r) for r in requests}
+    loop = make_loop(max_num_seqs=3)
+    sinks = {r.id: Collector() for r in requests}
+    for r in requests[:5]:
+        loop.submit(r, sinks[r.id])
+    sinks["r0"].wait()  # the rest arrive while the first groups are running
+    for r in requests[5:]:
+        loop.submit(r, sinks[r.id])
+    for r in requests:
+        final = sinks[r.id].wait()
+        want, got = expected[r.id], final.result
+        assert final.error is None and got is not None
+        assert got.token_ids == want.token_ids, (r.id, r.schedule.policy)
+        assert got.finish_reason == want.finish_reason and got.policy == want.policy
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), rtol=1e-4, atol=1e-4)
+    assert loop.steps > 12  # several groups really ran interleaved, not one request per step
+
+
+def test_streamed_outputs_add_up_to_the_final_result(tiny_engine, make_loop):
+    r = request(tiny_engine, "s", [5, 6, 7, 8], "skip:2", max_tokens=8, logprobs=2)
+    loop = make_loop()
+    sink = Collector()
+    loop.submit(r, sink)
+    final = sink.wait()
+    result = final.result
+    assert result is not None and final.error is None
+    assert [o.finished for o in sink.outputs] == [False] * (len(sink.outputs) - 1) + [True]
+    assert all(o.token_ids for o in sink.outputs[:-1])  # every step streams its token
+    assert sink.token_ids == result.token_ids == alone(tiny_engine, r).token_ids
+    assert len(result.token_ids) == 8 and result.finish_reason == "length"
+    assert sink.text == result.text
+    assert [p for o in sink.outputs for p in o.logprobs] == result.logprobs
+    assert [d for o in sink.outputs for d in o.top_logprobs] == result.top_logprobs
+    assert all(len(d) == 2 for d in result.top_logprobs)
+    assert result.policy == "skip:2-3"  # canonical
+    t = result.timings
+    assert t.ttft_s > 0 and t.prefill_s > 0 and t.decode_s > 0 and t.queue_s >= 0
+    assert len(t.per_token_s) == len(result.token_ids) - 1
+
+
+def test_a_stop_string_is_never_streamed(tiny_engine, make_loop):
+    prompt = [5, 6, 7]
+    text = tiny_engine.generate([prompt], policy="full", params=SamplingParams(max_tokens=10, ignore_eos=True))[0].text
+    stop = text[2:4]
+    assert stop not in text[:3], "pick another prompt: the stop string must first appear at index 2"
+    r = request(tiny_engine, "stop", prompt, "full", max_tokens=10, stop=(stop,))
+    loop = make_loop()
+    sink = Collector()
+    loop.submit(r, sink)
+    result = sink.wait().result
+    assert result is not None and result.finish_reason == "stop"
+    assert result.text == text[:2]
+    assert sink.text == result.text  # the held-back start of the stop string was never sent
+
+
+def test_a_stop_string_inside_min_tokens_does_not_unsay_streamed_text(tiny_engine, make_loop):
+    prompt = [5, 6, 7]
+    text = tiny_engine.generate([prompt], policy="full", params=SamplingParams(max_tokens=10, ignore_eos=True))[0].text
+    r = request(tiny_engine, "min", prompt, "full", max_tokens=10, stop=(text[:2],), min_tokens=4)
+    loop = make_loop()
+    sink = Collector()
+    loop.submit(r, sink)
+    result = sink.wait().result
+    assert result is not None
+    assert sink.text == result.text
+    assert len(result.text) >= 4  # min_tokens of text was generated and kept
+
+
+# -- abort ------------------------------------------------------------------------------------------------------
+
+
+def test_abort_running_request_stops_it_and_frees_its_slot(tiny_engine, make_loop, make_gate):
+    loop = make_loop(max_num_seqs=1)
+    gate = make_gate(3)
+    victim = Collector(gate)
+    loop.submit(request(tiny_engine, "victim", [5, 6, 7], "pairs:1-4", max_tokens=40), victim)
+    gate.wait()  # the engine thread is inside the victim's third output
+    loop.abort("victim")
+    gate.release.set()
+    # One slot: the next request of the same group can only run once the victim has left it.
+    follow = request(tiny_engine, "follow", [9, 10], "pairs:1-4", max_tokens=3)
+    after = Collector()
+    loop.submit(follow, after)
+    assert after.wait().result.token_ids == alone(tiny_engine, follow).token_ids
+    wait_until(lambda: loop.num_running == 0 and loop.num_waiting == 0, "every slot is free")
+    assert len(victim.outputs) == 3 and len(victim.token_ids) == 3  # nothing after the abort
+    assert not victim.done.is_set()
+    loop.stop()
+    assert sample(loop.metrics, "painters:request_success_total", policy="pairs:1-4", finished_reason="abort") == 1
+
+
+def test_abort_waiting_request_removes_it(tiny_engine, make_loop, make_gate):
+    loop = make_loop(max_num_seqs=1)
+    gate = make_gate(1)
+    busy = Collector(gate)
+    loop.submit(request(tiny_engine, "busy", [5, 6, 7], "full", max_tokens=4), busy)
+    gate.wait()
+    waiting = Collector()
+    loop.submit(request(tiny_engine, "waiting", [9, 10], "full", max_tokens=4), waiting)
+    assert loop.num_waiting == 1
+    loop.abort("waiting")
+    loop.abort("never-submitted")  # unknown ids are ignored
+    assert loop.num_waiting == 0
+    gate.release.set()
+    assert busy.wait().result.finish_reason == "length"
+    wait_until(lambda: loop.num_running == 0, "the busy request has left")
+    loop.stop()
+    assert waiting.outputs == []
+    assert sample(loop.metrics, "painters:request_success_total", policy="full", finished_reason="abort") == 1
+    assert sample(loop.metrics, "painters:request_success_total", policy="full", finished_reason="length") == 1
+
+
+def test_abort_reaches_a_request_in_another_group(tiny_engine, make_loop, make_gate):
+    loop = make_loop(max_num_seqs=2)
+    other = Collector()
+    gate = make_gate(2)
+    victim = Collector(gate)
+    # Both groups run, taking turns: full, skip, full, skip, ...
+    loop.submit(request(tiny_engine, "other", [5, 6, 7], "full", max_tokens=20), other)
+    loop.submit(request(tiny_engine, "victim", [5, 6, 7], "skip:2", max_tokens=20), victim)
+    gate.wait()  # inside the skip group's step; the full group runs next
+    loop.abort("victim")
+    gate.release.set()
+    other.wait()
+    wait_until(lambda: loop.num_running == 0, "both groups have left")
+    assert len(victim.token_ids) <= 3, f"{len(victim.token_ids)} tokens streamed; the abort came at the 2nd"
+
+
+# -- queue full -------------------------------------------------------------------------------------------------
+
+
+def test_full_queue_refuses_and_the_loop_keeps_serving(tiny_engine, make_loop, make_gate):
+    loop = make_loop(max_num_seqs=1, queue_capacity=2)
+    gate = make_gate(1)
+    first = Collector(gate)
+    loop.submit(request(tiny_engine, "first", [5, 6], "full", max_tokens=3), first)
+    gate.wait()  # running, and the loop is held: nothing leaves the queue
+    queued = {rid: Collector() for rid in ("q1", "q2")}
+    for rid, sink in queued.items():
+        loop.submit(request(tiny_engine, rid, [7, 8], "skip:2", max_tokens=3), sink)
+    refused = Collector()
+    with pytest.raises(QueueFullError, match="capacity 2"):
+        loop.submit(request(tiny_engine, "refused", [7, 8], "skip:2", max_tokens=3), refused)
+    gate.release.set()
+    for sink in [first, *queued.values()]:
+        assert sink.wait().result.finish_reason == "length"
+    later = request(tiny_engine, "later", [11, 12, 13], "reverse:1-4", max_tokens=4)
+    sink = Collector()
+    loop.submit(later, sink)
+    assert sink.wait().result.token_ids == alone(tiny_engine, later).token_ids
+    assert refused.outputs == []
+
+
+# -- metrics ----------------------------------------------------------------------------------------------------
+
+
+def test_metrics_are_labelled_by_canonical_policy_and_reason(tiny_engine, make_loop):
+    loop = make_loop()
+    first_token = alone(tiny_engine, request(tiny_engine, "x", [9, 10], "skip:2", max_tokens=1)).token_ids[0]
+    runs = [
+        request(tiny_engine, "a", [5, 6, 7], "skip:2", max_tokens=4),
+        request(tiny_engine, "b", [9, 10], "skip:2", max_tokens=5, stop_token_ids=(first_token,)),
+        request(tiny_engine, "c", [5, 6, 7, 8, 9], "full", max_tokens=3),
+    ]
+    results = {}
+    for r in runs:  # one at a time
+        sink = Collector()
+        loop.submit(r, sink)
+        results[r.id] = sink.wait().result
+    assert results["b"].finish_reason == "stop" and results["b"].token_ids == [first_token]
+    loop.stop()  # the engine thread has recorded everything
+    m = loop.metrics
+    assert sample(m, "painters:time_to_first_token_seconds_count", policy="skip:2-3") == 2
+    assert sample(m, "painters:time_to_first_token_seconds_count", policy="full") == 1
+    assert sample(m, "painters:time_to_first_token_seconds_sum", policy="skip:2-3") > 0
+    assert sample(m, "painters:e2e_request_latency_seconds_count", policy="full") == 1
+    assert sample(m, "painters:time_per_output_token_seconds_count", policy="skip:2-3") == 3  # 4 tokens, 3 gaps
+    assert sample(m, "painters:request_success_total", policy="skip:2-3", finished_reason="length") == 1
+    assert sample(m, "painters:request_success_total", policy="skip:2-3", finished_reason="stop") == 1
+    assert sample(m, "painters:request_success_total", policy="full", finished_reason="length") == 1
+    assert sample(m, "painters:generation_tokens_total", policy="skip:2-3") == 5
+    assert sample(m, "painters:prompt_tokens_total", policy="full") == 5
+    assert sample(m, "painters:batch_size_count", policy="full") == 3  # one step per token
+    assert m.registry.get_sample_value("painters:num_requests_running", {"model": MODEL}) == 0
+    assert policy_labels(m) == {"skip:2-3", "full"}  # never the policy as the user spelled it
+    body, content_type = m.render()
+    assert b'painters:time_to_first_token_seconds_bucket{le="0.001",model="tiny",policy="skip:2-3"}' in body
+    assert content_type.startswith("text/plain")
+
+
+def test_policy_labels_beyond_max_policies_fold_into_other(tiny_engine, make_loop):
+    loop = make_loop(metrics=Metrics(model=MODEL, max_policies=2))
+    for i, policy in enumerate(["full", "skip:2", "reverse:1-4", "loop:1-4x2", "full"]):
+        sink = Collector()
+        loop.submit(request(tiny_engine, f"p{i}", [5, 6], policy, max_tokens=2), sink)
+        sink.wait()
+    loop.stop()
+    m = loop.metrics
+    assert policy_labels(m) == {"full", "skip:2-3", "other"}
+    assert sample(m, "painters:request_success_total", policy="other", finished_reason="length") == 2
+    assert sample(m, "painters:request_success_total", policy="full", finished_reason="length") == 2
+
+
+# -- failures ---------------------------------------------------------------------------------------------------
+
+
+def test_a_failing_step_fails_only_its_group_and_the_loop_goes_on(tiny_engine, make_loop, monkeypatch):
+    healthy = request(tiny_engine, "healthy", [5, 6, 7], "full", max_tokens=8)
+    doomed = request(tiny_engine, "doomed", [9, 10], "skip:2", max_tokens=8)
+    later = request(tiny_engine, "later", [9, 10], "skip:2", max_tokens=4)
+    expected = {r.id: alone(tiny_engine, r).token_ids for r in (healthy, later)}
+
+    real_step = Batch.step
+    raised = []
+
+    def step_failing_once(batch: Batch) -> None:
+        if batch.schedule.policy == "skip:2-3" and not raised:
+            raised.append(True)
+            raise RuntimeError("boom")
+        real_step(batch)
+
+    monkeypatch.setattr(Batch, "step", step_failing_once)
+    loop = make_loop()
+    sinks = {"healthy": Collector(), "doomed": Collector()}
+    loop.submit(healthy, sinks["healthy"])
+    loop.submit(doomed, sinks["doomed"])
+    failed = sinks["doomed"].wait()
+    assert raised and failed.finished and failed.result is None
+    assert "boom" in failed.error and "RuntimeError" in failed.error
+    assert len(sinks["doomed"].token_ids) == 1  # its prefill token, then the failed step
+    final = sinks["healthy"].wait()
+    assert final.error is None and final.result.token_ids == expected["healthy"]
+    sink = Collector()
+    loop.submit(later, sink)  # the failed group's key is usable again
+    assert sink.wait().result.token_ids == expected["later"]
+    wait_until(lambda: loop.num_running == 0, "every slot is free")
+    assert loop.alive
+
+
+def test_a_raising_sink_does_not_stop_the_loop(tiny_engine, make_loop):
+    def explode(c: Collector, out: Output) -> None:
+        raise ConnectionError("client went away")
+
+    loop = make_loop()
+    loop.submit(request(tiny_engine, "gone", [5, 6], "full", max_tokens=3), Collector(explode))
+    r = request(tiny_engine, "next", [7, 8], "full", max_tokens=3)
+    sink = Collector()
+    loop.submit(r, sink)
+    assert sink.wait().result.token_ids == alone(tiny_engine, r).token_ids
+    wait_until(lambda: loop.num_running == 0, "both requests have left")
+    assert loop.alive
