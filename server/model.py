@@ -39,6 +39,7 @@ class ModelArgs:
     max_position: int
     qk_norm: bool
     sliding_window: int | None
+    sliding_layers: frozenset[int]  # layers that attend only to the last `sliding_window` keys
 
     @classmethod
     def from_hf_config(cls, cfg: Any) -> ModelArgs:
@@ -49,7 +50,18 @@ class ModelArgs:
             )
         n_heads = cfg.num_attention_heads
         window = getattr(cfg, "sliding_window", None)
-        if arch != "mistral" and not getattr(cfg, "use_sliding_window", False):
+        n_layers = cfg.num_hidden_layers
+        sliding: frozenset[int] = frozenset()
+        if arch == "mistral" and window:
+            sliding = frozenset(range(n_layers))
+        elif window and getattr(cfg, "use_sliding_window", False):
+            # Qwen windows only some layers: those its config marks (transformers' layer_types).
+            types = getattr(cfg, "layer_types", None)
+            if types:
+                sliding = frozenset(i for i, t in enumerate(types) if t == "sliding_attention")
+            else:
+                sliding = frozenset(range(getattr(cfg, "max_window_layers", 0), n_layers))
+        if not sliding:
             window = None
         return cls(
             arch=arch,
@@ -64,6 +76,7 @@ class ModelArgs:
             max_position=cfg.max_position_embeddings,
             qk_norm=arch == "qwen3",
             sliding_window=window,
+            sliding_layers=sliding,
         )
 
     @property
@@ -155,7 +168,21 @@ class StepContext:
     cos: Tensor  # [B, T, hd]
     sin: Tensor  # [B, T, hd]
     mask: Tensor | None  # [B, 1, T, S] True = attend; None when every query may see every key
+
+    def mask_for(self, layers: tuple[int, ...]) -> Tensor | None:
+        """[B, 1, T, S], or [G, B, 1, T, S] for a group that mixes windowed and full layers."""
+        if self.window_mask is None:
+            return self.mask
+        kinds = [i in self.sliding_layers for i in layers]
+        if all(kinds):
+            return self.window_mask
+        if not any(kinds):
+            return self.mask
+        full = self.mask if self.mask is not None else torch.ones_like(self.window_mask)
+        return torch.stack([self.window_mask if k else full for k in kinds])
     kv_len: int  # S: keys attended (the longest row's length after this call)
+    window_mask: Tensor | None = None  # the same for sliding-window layers, when the window cuts anything
+    sliding_layers: frozenset[int] = frozenset()
 
 
 class Transformer:
@@ -208,18 +235,20 @@ class Transformer:
         positions = start_t[:, None] + torch.arange(num_new, device=self.device)[None, :]  # [B, T]
         cos, sin = self._cos_sin[0][positions], self._cos_sin[1][positions]
         windowed = a.sliding_window is not None and kv_len > a.sliding_window
-        mask = None
+        mask = window_mask = None
         if num_new > 1 or len(set(start)) > 1 or windowed:
             keys = torch.arange(kv_len, device=self.device)
             allowed = keys[None, None, :] <= positions[:, :, None]  # [B, T, S]
-            if windowed:
-                allowed &= positions[:, :, None] - keys[None, None, :] < a.sliding_window
             mask = allowed[:, None]
-        return StepContext(rows, start, positions, cos, sin, mask, kv_len)
+            if windowed:
+                window_mask = (allowed & (positions[:, :, None] - keys[None, None, :] < a.sliding_window))[:, None]
+        return StepContext(rows, start, positions, cos, sin, mask, kv_len, window_mask, a.sliding_layers)
 
     # -- the layer math ------------------------------------------------------------------------------------------
 
-    def attention(self, x: Tensor, w: LayerStack, ctx: StepContext, cache: Any, slots: slice) -> Tensor:
+    def attention(
+        self, x: Tensor, w: LayerStack, ctx: StepContext, cache: Any, slots: slice, layers: tuple[int, ...]
+    ) -> Tensor:
         """Attention deltas of G layers that all read x: [B, T, d] or [G, B, T, d] -> [G, B, T, d]."""
         a = self.args
         G = w.wqkv.shape[0]
@@ -240,7 +269,8 @@ class Transformer:
         qk = qk * cos + _rotate_half(qk) * sin
         q, k = qk[..., : a.n_heads, :], qk[..., a.n_heads :, :]
         keys, values = cache.update(slots, ctx.rows, ctx.start, ctx.positions, k, v, kv_len=ctx.kv_len)
-        o = _attend(q.transpose(2, 3), keys, values, ctx.mask, gqa=a.n_heads != a.n_kv_heads)  # [G, B, H, T, hd]
+        mask = ctx.mask_for(layers)
+        o = _attend(q.transpose(2, 3), keys, values, mask, gqa=a.n_heads != a.n_kv_heads)  # [G, B, H, T, hd]
         o = torch.matmul(o.transpose(2, 3).reshape(G, B * T, a.q_size), w.wo)
         if w.bo is not None:
             o = o + w.bo[:, None, :]
@@ -267,7 +297,7 @@ class Transformer:
         if mode == "streams" and len(step.layers) > 1:
             return self._run_step_streams(h, step, ctx, cache)
         w = self.weights(step.layers)
-        attn = self.attention(h, w, ctx, cache, slots)  # [G, B, T, d]
+        attn = self.attention(h, w, ctx, cache, slots, step.layers)  # [G, B, T, d]
         if len(step.layers) == 1:
             h = h + attn[0]
             return h + self.mlp(h, w)[0]
@@ -279,13 +309,14 @@ class Transformer:
 
     def _run_step_streams(self, h: Tensor, step: Any, ctx: StepContext, cache: Any) -> Tensor:
         """The same group, one member per CUDA stream (in order on the CPU); members write disjoint cache slots."""
-        members = [(self.weights((layer,)), slice(s, s + 1)) for layer, s in zip(step.layers, step.slots)]
-        attn = self._on_streams(h, [lambda w=w, s=s: self.attention(h, w, ctx, cache, s)[0] for w, s in members])
+        members = [(self.weights((layer,)), slice(s, s + 1), layer) for layer, s in zip(step.layers, step.slots)]
+        attn = self._on_streams(h, [lambda w=w, s=s, i=i: self.attention(h, w, ctx, cache, s, (i,))[0]
+                                    for w, s, i in members])
         if step.combine == "pairs":
             h = h + sum(attn)
-            mlp = self._on_streams(h, [lambda w=w: self.mlp(h, w)[0] for w, _ in members])
+            mlp = self._on_streams(h, [lambda w=w: self.mlp(h, w)[0] for w, _, _ in members])
             return h + sum(mlp)
-        mlp = self._on_streams(h, [lambda w=w, a=a: self.mlp(h + a, w)[0] for (w, _), a in zip(members, attn)])
+        mlp = self._on_streams(h, [lambda w=w, a=a: self.mlp(h + a, w)[0] for (w, _, _), a in zip(members, attn)])
         deltas = [a + m for a, m in zip(attn, mlp)]
         total = sum(deltas)
         return h + (total / len(deltas) if step.combine == "mean" else total)
@@ -328,7 +359,9 @@ def _attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, *, gqa
     5-D ones, so G and B are merged (a copy of the keys only for a parallel group)."""
     G, B = q.shape[:2]
     if mask is not None and G > 1:
-        mask = mask.expand(G, *mask.shape).reshape(G * B, *mask.shape[1:])
+        if mask.dim() == 4:  # shared by the group
+            mask = mask.expand(G, *mask.shape)
+        mask = mask.reshape(G * B, *mask.shape[2:])
     o = F.scaled_dot_product_attention(
         q.reshape(G * B, *q.shape[2:]), keys.reshape(G * B, *keys.shape[2:]), values.reshape(G * B, *values.shape[2:]),
         attn_mask=mask, enable_gqa=gqa,

@@ -1,0 +1,292 @@
+"""The executor against transformers: `full` equals the HF forward, every policy equals an independent reference
+(tests/reference.py), and cached decoding, padded batches, moved rows and stream groups equal recomputation."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import Tensor
+from torch.testing import assert_close
+
+from server.executor import Executor
+from server.model import GroupMode, Transformer
+from server.schedule import Schedule, compile_schedule
+from tests.reference import ARCHS, NUM_LAYERS, VOCAB, reference_logits, tiny_model
+
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+# Spans are for the 8-layer models (default middle range 1-6).
+POLICIES = [
+    "full",
+    "skip:2",
+    "skip:2-4",
+    "skip:1,3,5-6",
+    "pairs",
+    "pairs:1-5",  # odd length: (1,2), (3,4), 5
+    "parallel",
+    "parallel:2-5",
+    "loop:x3",
+    "loop:2-4x2",
+    "reverse",
+    "reverse:3-6",
+    "shuffle",
+    "shuffle:1-6:7",
+    "repeat",
+    "repeat:2-5",
+    "schedule:0-2,3+4/mean,5+6/sum,7",
+    "schedule:0,1+4/sum,2,3,5-7",  # non-consecutive group
+    "schedule:0,1,1,2-7",  # a layer run twice
+    "schedule:0-1,2+3+4/pairs,5-7",  # a three-member pairs group
+    "schedule:0,5+2+2/sum,1,3-7",  # unsorted group naming a layer twice
+    "schedule:0-2,3+5/pairs,4,6+7/mean",
+]
+
+@functools.cache
+def transformer(name: str) -> Transformer:
+    return Transformer(tiny_model(name), dtype=torch.float32, device="cpu")
+
+
+def schedule(policy: str) -> Schedule:
+    return compile_schedule(policy, NUM_LAYERS)
+
+
+def executor(name: str, policy: str, *, max_batch: int = 1, max_len: int = 32, mode: GroupMode = "batched") -> Executor:
+    return Executor(transformer(name), schedule(policy), max_batch=max_batch, max_len=max_len, group_mode=mode)
+
+
+def tokens(B: int, T: int, seed: int = 0) -> Tensor:
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def whole(ex: Executor, ids: Tensor) -> Tensor:
+    """Logits [B, T, V] of one prefill of ids [B, T] into rows 0..B-1."""
+    B = ids.shape[0]
+    return ex.forward(ids, rows=slice(0, B), start=[0] * B)
+
+
+# -- full == transformers ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_full_matches_transformers(name: str) -> None:
+    model = tiny_model(name)
+    ids = tokens(2, 12, seed=1)
+    with torch.no_grad():
+        expected = model(ids).logits
+    got = whole(executor(name, "full", max_batch=2), ids)
+    assert got.shape == (2, 12, VOCAB)
+    assert_close(got, expected, **TOL)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_reference_full_matches_transformers(name: str) -> None:
+    """The reference itself is right: its `full` is transformers' forward (so its masks and rotary are HF's)."""
+    model = tiny_model(name)
+    ids = tokens(2, 12, seed=1)
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert_close(reference_logits(model, schedule("full"), ids), expected, **TOL)
+
+
+def test_tiny_models_exercise_their_features() -> None:
+    """Guards the fixtures: llama3 rope changes the frequencies, the window bites, biases and ties are present."""
+    rope3, rope = (tiny_model(n).model.rotary_emb.inv_freq for n in ("llama_rope3", "llama"))
+    assert not torch.allclose(rope3, rope)
+    ids = tokens(1, 12, seed=1)
+    with torch.no_grad():
+        assert not torch.allclose(tiny_model("mistral")(ids).logits, tiny_model("mistral_window")(ids).logits, **TOL)
+    bias = tiny_model("llama_bias").model.layers[0]
+    assert bias.self_attn.o_proj.bias.abs().sum() > 0 and bias.mlp.down_proj.bias.abs().sum() > 0
+    assert tiny_model("qwen2").model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
+    tied, untied = tiny_model("llama_tied"), tiny_model("llama")
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
+    q3 = transformer("qwen3").args
+    assert q3.qk_norm and q3.head_dim * q3.n_heads != q3.dim and q3.n_kv_heads < q3.n_heads
+
+
+# -- every policy == reference -------------------------------------------------------------------------------------
+
+
+@functools.cache
+def reference(name: str, policy: str, seed: int = 2, T: int = 12) -> Tensor:
+    return reference_logits(tiny_model(name), schedule(policy), tokens(1, T, seed))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", ["llama", "qwen3", "llama_bias", "mistral_window"])
+def test_policy_matches_reference(name: str, policy: str) -> None:
+    if policy != "full":  # the weights make every policy observable
+        assert not torch.allclose(reference(name, policy), reference(name, "full"), rtol=1e-2, atol=1e-2)
+    got = whole(executor(name, policy), tokens(1, 12, seed=2))
+    assert_close(got, reference(name, policy), **TOL)
+
+
+# -- cached decoding == recomputation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_incremental_decoding_matches_recompute(name: str, policy: str) -> None:
+    ids = tokens(1, 11, seed=3)
+    expected = whole(executor(name, policy), ids)  # [1, T, V]
+    ex = executor(name, policy)
+    prefix = 4
+    got = [ex.forward(ids[:, :prefix], rows=slice(0, 1), start=[0])]
+    for t in range(prefix, ids.shape[1]):
+        got.append(ex.forward(ids[:, t : t + 1], rows=slice(0, 1), start=[t]))
+    assert_close(torch.cat(got, dim=1), expected, **TOL)
+
+
+@pytest.mark.parametrize("policy", ["full", "pairs", "loop:x3", "schedule:0,1,1,2-7", "schedule:0,1+4/sum,2,3,5-7"])
+def test_chunked_prefill_and_equal_length_batch_decode(policy: str) -> None:
+    """Two equal-length rows (the B > 1 cache path with an unmasked decode), prefilled in chunks of 3 tokens."""
+    ids = tokens(2, 11, seed=4)
+    expected = whole(executor("llama", policy, max_batch=2), ids)
+    ex = executor("llama", policy, max_batch=2)
+    got, t = [], 0
+    for n in (3, 3, 1, 1, 3):
+        got.append(ex.forward(ids[:, t : t + n], rows=slice(0, 2), start=[t, t]))
+        t += n
+    assert_close(torch.cat(got, dim=1), expected, **TOL)
+
+
+@pytest.mark.parametrize("policy", ["full", "parallel", "shuffle:1-6:7"])
+def test_decoding_past_the_sliding_window(policy: str) -> None:
+    ids = tokens(1, 12, seed=5)  # window 5
+    expected = reference_logits(tiny_model("mistral_window"), schedule(policy), ids)
+    ex = executor("mistral_window", policy)
+    got = [ex.forward(ids[:, :2], rows=slice(0, 1), start=[0])]
+    got += [ex.forward(ids[:, t : t + 1], rows=slice(0, 1), start=[t]) for t in range(2, 12)]
+    assert_close(torch.cat(got, dim=1), expected, **TOL)
+
+
+def test_rotary_tables_past_their_initial_size() -> None:
+    """Positions past 1024 (where the rotary table grows) match transformers' llama3-scaled rotary embedding."""
+    ctx = transformer("llama_rope3").context(rows=slice(0, 2), start=[1030, 5], num_new=3)
+    assert ctx.positions.tolist() == [[1030, 1031, 1032], [5, 6, 7]]
+    cos, sin = tiny_model("llama_rope3").model.rotary_emb(torch.zeros(1), ctx.positions)  # [B, T, hd]
+    assert_close(ctx.cos, cos, **TOL)
+    assert_close(ctx.sin, sin, **TOL)
+
+
+def test_reused_row_ignores_the_previous_sequence() -> None:
+    """A row that held a longer sequence gives the fresh result for a shorter new one (stale keys unseen)."""
+    ex = executor("llama", "pairs")
+    whole(ex, tokens(1, 20, seed=6))
+    ids = tokens(1, 6, seed=7)
+    got = [whole(ex, ids[:, :4])]
+    got += [ex.forward(ids[:, t : t + 1], rows=slice(0, 1), start=[t]) for t in (4, 5)]
+    assert_close(torch.cat(got, dim=1), whole(executor("llama", "pairs"), ids), **TOL)
+
+
+# -- padded batches == each sequence alone --------------------------------------------------------------------------
+
+
+def greedy_alone(name: str, policy: str, prompt: Tensor, steps: int) -> tuple[list[int], Tensor]:
+    """Greedy tokens and the logits [steps + 1, V] that chose them (plus the last), one sequence in a fresh cache."""
+    ex = executor(name, policy)
+    n = prompt.numel()
+    logits = [ex.forward(prompt[None], rows=slice(0, 1), start=[0], logits_at=torch.tensor([n - 1]))[0]]
+    out: list[int] = []
+    for _ in range(steps):
+        out.append(int(logits[-1].argmax()))
+        logits.append(ex.forward(torch.tensor([[out[-1]]]), rows=slice(0, 1), start=[n])[0, 0])
+        n += 1
+    return out, torch.stack(logits)
+
+
+def padded(prompts: list[Tensor], seed: int) -> Tensor:
+    """Right-pad with random tokens (not a constant), so padding that leaked would show."""
+    ids = tokens(len(prompts), max(p.numel() for p in prompts), seed)
+    for b, p in enumerate(prompts):
+        ids[b, : p.numel()] = p
+    return ids
+
+
+def decode_batch(ex: Executor, logits: Tensor, lengths: list[int], steps: int) -> tuple[list[list[int]], list[Tensor]]:
+    """Greedy decoding of rows 0..B-1 from their last logits [B, V]; returns tokens per row and logits per step."""
+    B = len(lengths)
+    lengths = list(lengths)
+    out: list[list[int]] = [[] for _ in range(B)]
+    history = [logits]
+    for _ in range(steps):
+        nxt = history[-1].argmax(-1)  # [B]
+        for b in range(B):
+            out[b].append(int(nxt[b]))
+        history.append(ex.forward(nxt[:, None], rows=slice(0, B), start=lengths)[:, 0])
+        lengths = [n + 1 for n in lengths]
+    return out, history
+
+
+BATCH_POLICIES = ["full", "skip:2-4", "pairs:1-5", "loop:x3", "repeat", "schedule:0,1+4/sum,2,3,5-7"]
+
+
+@pytest.mark.parametrize("policy", BATCH_POLICIES)
+@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral_window"])
+def test_padded_batch_matches_each_sequence_alone(name: str, policy: str) -> None:
+    prompts = [tokens(1, n, seed=10 + n)[0] for n in (7, 2, 5, 9)]
+    lengths = [p.numel() for p in prompts]
+    steps = 4
+    ex = executor(name, policy, max_batch=4)
+    first = ex.forward(
+        padded(prompts, seed=8), rows=slice(0, 4), start=[0] * 4, logits_at=torch.tensor(lengths) - 1
+    )  # [B, V]
+    batch_tokens, history = decode_batch(ex, first, lengths, steps)
+    for b, prompt in enumerate(prompts):
+        alone_tokens, alone_logits = greedy_alone(name, policy, prompt, steps)
+        assert batch_tokens[b] == alone_tokens, f"row {b} (length {lengths[b]}) decoded differently"
+        assert_close(torch.stack([h[b] for h in history]), alone_logits, **TOL)
+
+
+@pytest.mark.parametrize("policy", ["full", "pairs", "schedule:0,1,1,2-7"])
+def test_moved_row_continues_its_sequence(policy: str) -> None:
+    """Row 0 finishes; the last row moves into it (move_row) and both remaining rows decode on as if alone."""
+    prompts = [tokens(1, n, seed=20 + n)[0] for n in (4, 6, 3)]
+    lengths = [p.numel() for p in prompts]
+    ex = executor("llama", policy, max_batch=3)
+    first = ex.forward(padded(prompts, seed=9), rows=slice(0, 3), start=[0] * 3, logits_at=torch.tensor(lengths) - 1)
+    ex.move_row(2, 0)
+    order = [2, 1]
+    got, history = decode_batch(ex, first[order], [lengths[i] for i in order], steps=3)
+    for row, seq in enumerate(order):
+        alone_tokens, alone_logits = greedy_alone("llama", policy, prompts[seq], steps=3)
+        assert got[row] == alone_tokens
+        assert_close(torch.stack([h[row] for h in history]), alone_logits, **TOL)
+
+
+def test_sequence_prefilled_into_a_later_row_joins_the_batch() -> None:
+    """Continuous batching: row 1 is prefilled alone (rows=slice(1, 2)) while row 0 is mid-decode; then they decode
+    together with different start positions."""
+    policy = "parallel:2-5"
+    a, b = tokens(1, 6, seed=30)[0], tokens(1, 3, seed=31)[0]
+    ex = executor("llama", policy, max_batch=2)
+    la = ex.forward(a[None, :5], rows=slice(0, 1), start=[0], logits_at=torch.tensor([4]))
+    la = ex.forward(a[None, 5:], rows=slice(0, 1), start=[5], logits_at=torch.tensor([0]))
+    lb = ex.forward(b[None], rows=slice(1, 2), start=[0], logits_at=torch.tensor([2]))
+    got, history = decode_batch(ex, torch.cat([la, lb]), [6, 3], steps=3)
+    for row, prompt in enumerate((a, b)):
+        alone_tokens, alone_logits = greedy_alone("llama", policy, prompt, steps=3)
+        assert got[row] == alone_tokens
+        assert_close(torch.stack([h[row] for h in history]), alone_logits, **TOL)
+
+
+# -- stream groups == batched groups -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "policy", ["pairs", "pairs:1-5", "parallel", "loop:x3", "schedule:0,1+4/sum,2,3,5-7", "schedule:0,5+2+2/sum,1,3-7"]
+)
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_streams_match_batched(name: str, policy: str) -> None:
+    ids = tokens(2, 9, seed=40)
+    results = {}
+    for mode in ("batched", "streams"):
+        ex = executor(name, policy, max_batch=2, mode=mode)
+        prefill = ex.forward(ids[:, :6], rows=slice(0, 2), start=[0, 0])
+        steps = [ex.forward(ids[:, t : t + 1], rows=slice(0, 2), start=[t, t]) for t in range(6, 9)]
+        results[mode] = torch.cat([prefill, *steps], dim=1)
+    assert_close(results["streams"], results["batched"], **TOL)
+    assert_close(results["streams"], reference_logits(tiny_model(name), schedule(policy), ids), **TOL)
