@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import httpx
 import typer
