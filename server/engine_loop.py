@@ -104,6 +104,8 @@ class EngineLoop:
             else:
                 del self._tracked[request_id]
                 self._record(tracked, aborted=True)
+                if self.metrics:
+                    self.metrics.observe_queue(self._queue_stats())
             self._wake.notify()
 
     @property

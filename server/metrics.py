@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # From ~1 ms (GPU decode) to minutes (long CPU generations).
@@ -20,6 +20,8 @@ TOKEN_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02
                          0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 OTHER = "other"
+
+disable_created_metrics()  # no *_created series: they double /metrics and nothing reads them
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class RequestStats:
 
 @dataclass(frozen=True)
 class StepStats:
-    schedule: str  # canonical policy of the group that ran
+    policy: str  # canonical policy of the group that ran
     batch_size: int
     duration_s: float
 
@@ -95,9 +97,9 @@ class Metrics:
         self.queue.labels(**labels).observe(s.queue_s)
         self.prompt_tokens.labels(**labels).inc(s.prompt_tokens)
         self.success.labels(**labels, finished_reason=s.finished_reason).inc()
+        self.generation_tokens.labels(**labels).inc(s.generation_tokens)  # aborted ones were generated too
         if s.finished_reason in ("abort", "error"):
             return
-        self.generation_tokens.labels(**labels).inc(s.generation_tokens)
         self.e2e.labels(**labels).observe(s.e2e_s)
         self.prefill.labels(**labels).observe(s.prefill_s)
         self.decode.labels(**labels).observe(s.decode_s)
@@ -108,7 +110,7 @@ class Metrics:
             tpot.observe(dt)
 
     def observe_step(self, s: StepStats) -> None:
-        labels = dict(model=self.model, policy=self.policy_label(s.schedule))
+        labels = dict(model=self.model, policy=self.policy_label(s.policy))
         self.batch_size.labels(**labels).observe(s.batch_size)
         self.step_duration.labels(**labels).observe(s.duration_s)
 
