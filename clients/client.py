@@ -58,7 +58,8 @@ def _sse_data(data: str) -> dict[str, Any] | None:
         return None
     obj = json.loads(data)
     if "error" in obj and "choices" not in obj:
-        raise PaintersError(obj["error"].get("code") or 500, obj["error"].get("message", str(obj)), obj)
+        code = obj["error"].get("code")
+        raise PaintersError(code if isinstance(code, int) else 500, obj["error"].get("message", str(obj)), obj)
     return obj
 
 
@@ -217,6 +218,9 @@ class AsyncPaintersClient:
 
     async def tokenize(self, prompt: str) -> list[int]:
         return (await self._post("/tokenize", {"prompt": prompt}))["tokens"]
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        return (await self._post("/detokenize", {"tokens": tokens}))["prompt"]
 
     async def ready(self) -> bool:
         try:

@@ -32,8 +32,6 @@ def load_engine(settings: Settings) -> Engine:
 
     from server.loader import load_model
 
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
     loaded = load_model(settings.model)
@@ -50,6 +48,10 @@ def served_name(settings: Settings) -> str:
 
 def _start(state: AppState, factory: EngineFactory, raw_presets: dict) -> None:
     try:
+        if state.settings.threads:
+            import torch
+
+            torch.set_num_threads(state.settings.threads)
         engine = factory(state.settings)
         presets = {}
         for name, policy in raw_presets.items():

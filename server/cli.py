@@ -10,6 +10,9 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+from clients.cli import register as register_client_commands
 
 from server.loader import DEFAULT_MODEL
 
@@ -28,7 +31,7 @@ def _device(device: str | None) -> str:
 
 
 def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {escape(message)}")
     return typer.Exit(2)
 
 
@@ -139,6 +142,9 @@ def serve(
     except (OSError, ValueError) as e:
         raise _fail(str(e)) from None
     uvicorn.run(app_, host=settings.host, port=settings.port, log_level=log_level)
+
+
+register_client_commands(app)  # loadtest, eval, tradeoff: HTTP clients of a running server
 
 
 def main() -> None:

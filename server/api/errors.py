@@ -56,6 +56,10 @@ def install(app: FastAPI) -> None:
             parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
         return _response(request, 400, "invalid request: " + "; ".join(parts), param=param, code="invalid_request")
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:  # a bug: still answer in JSON
+        return _response(request, 500, f"internal error: {type(e).__name__}: {e}", code="internal_error")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         return _response(request, e.status_code, str(e.detail), headers=getattr(e, "headers", None))

@@ -222,8 +222,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     try:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except (ValueError, TypeError) as e:
-        raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
+    except Exception as e:  # noqa: BLE001 - no template, bad roles, template errors: all the client's to fix
+        raise APIError(400, f"cannot apply this model's chat template ({type(e).__name__}: {e}); "
+                            "use /v1/completions with a plain prompt", param="messages") from None
     ids = engine.encode(text)
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = state.default_max_tokens(len(ids)) if limit is None else limit

@@ -1,0 +1,232 @@
+"""`painters loadtest`: the load generator and its statistics against a real uvicorn server on the tiny model, the
+pure pieces (percentiles, arrivals, prompt files, policy lists) on their own, and the command through CliRunner."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import itertools
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from clients.cli import register
+from clients.loadtest import (
+    BUILTIN_PROMPTS, Distribution, LoadtestError, LoadtestResult, PolicyResult, arrival_gaps, load_prompts, percentile,
+    run_loadtest, split_policies,
+)
+from tests.test_client import serve_tiny
+
+PROMPTS = ["hello world", "the quick brown fox", "abc", "painters at work", "one two three four"]
+PRESETS = {"fast": "skip:2", "wide": "parallel:1-4"}
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    presets = tmp_path_factory.mktemp("presets") / "presets.json"
+    presets.write_text(json.dumps(PRESETS))
+    with serve_tiny(policy_presets=presets) as u:
+        yield u
+
+
+def run(url: str, policies: list[str], **kwargs) -> dict[str, PolicyResult]:
+    kwargs = {"prompts": PROMPTS, "max_tokens": 8, "warmup": 0, **kwargs}
+    return asyncio.run(run_loadtest(url, policies, **kwargs))
+
+
+def max_in_flight(result: PolicyResult) -> int:
+    events = sorted([(r.start_s, 1) for r in result.requests] + [(r.start_s + r.e2e_s, -1) for r in result.requests])
+    return max(itertools.accumulate(delta for _, delta in events))
+
+
+# -- the pure pieces ----------------------------------------------------------------------------------------------
+
+
+def test_percentiles_interpolate_like_numpy() -> None:
+    values = [1.0, 2.0, 3.0, 4.0, 10.0]
+    assert percentile(values, 50) == 3.0
+    assert percentile(values, 90) == pytest.approx(7.6)
+    assert percentile(values, 100) == 10.0 and percentile([5.0], 99) == 5.0
+    d = Distribution.of([0.004, 0.001, 0.002, 0.003])
+    assert d.count == 4 and d.mean == pytest.approx(0.0025) and d.p50 == pytest.approx(0.0025)
+    assert d.to_json("ttft") == pytest.approx({"mean_ttft_ms": 2.5, "p50_ttft_ms": 2.5, "p90_ttft_ms": 3.7,
+                                               "p99_ttft_ms": 3.97})
+    assert Distribution.of([]).to_json("itl")["p99_itl_ms"] is None
+
+
+def test_poisson_arrivals() -> None:
+    gaps = list(itertools.islice(arrival_gaps(20.0, seed=3), 4000))
+    assert sum(gaps) / len(gaps) == pytest.approx(1 / 20, rel=0.1)  # exponential with mean 1/rate
+    assert min(gaps) >= 0 and len(set(gaps)) == len(gaps)
+    assert gaps[:5] == list(itertools.islice(arrival_gaps(20.0, seed=3), 5))  # seeded
+    assert set(itertools.islice(arrival_gaps(math.inf, seed=0), 10)) == {0.0}
+    assert set(itertools.islice(arrival_gaps(None, seed=0), 10)) == {0.0}
+
+
+def test_split_policies_keeps_commas_inside_a_policy() -> None:
+    assert split_policies(["full,skip:8"]) == ["full", "skip:8"]
+    assert split_policies(["skip:3,5,9-11,pairs", "schedule:0-9,10+11/pairs,12-29"]) == [
+        "skip:3,5,9-11", "pairs", "schedule:0-9,10+11/pairs,12-29"]
+    assert split_policies(['{"kind": "skip", "count": 2},full']) == ['{"kind": "skip", "count": 2}', "full"]
+
+
+def test_load_prompts(tmp_path: Path) -> None:
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a, b"}\n\n{"prompt": "c", "id": 2}\n')
+    assert load_prompts(jsonl) == ["a, b", "c"]
+    text = tmp_path / "p.txt"
+    text.write_text("first prompt\nsecond prompt\n")
+    assert load_prompts(text) == ["first prompt", "second prompt"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: .*\"prompt\""):
+        load_prompts(bad)
+    assert 15 <= len(BUILTIN_PROMPTS) <= 30 and len(set(BUILTIN_PROMPTS)) == len(BUILTIN_PROMPTS)
+
+
+# -- against the server -------------------------------------------------------------------------------------------
+
+
+def test_two_policies_at_fixed_concurrency(url: str) -> None:
+    results = run(url, ["full", "skip:2"], concurrency=2, requests=6, warmup=1)
+    assert list(results) == ["full", "skip:2-3"]  # keyed by the server's canonical name, in the order given
+    for name, r in results.items():
+        assert r.completed == 6 and r.failed == 0 and not r.errors
+        assert [q.output_tokens for q in r.requests] == [8] * 6  # ignore_eos: exactly max_tokens each
+        assert {q.policy for q in r.requests} == {name}
+        assert r.output_tokens == 48 and r.input_tokens == sum(q.prompt_tokens for q in r.requests)
+        assert sorted(q.prompt_tokens for q in r.requests[:5]) == sorted(len(p) for p in PROMPTS)  # each prompt once
+        # One gap per text chunk after the first: 7 a request, fewer where a token decodes to no text (bos/eos/pad).
+        assert r.itl.count == sum(len(q.itl_s) for q in r.requests) and all(len(q.itl_s) <= 7 for q in r.requests)
+        assert r.itl.count > 6 * 4 and r.ttft.count == r.tpot.count == r.e2e.count == 6
+        for d in (r.ttft, r.tpot, r.itl, r.e2e):
+            assert 0 < d.p50 <= d.p90 <= d.p99
+        assert r.ttft.p99 <= r.e2e.p99
+        assert max_in_flight(r) == 2
+        assert r.request_throughput == pytest.approx(6 / r.duration_s)
+        assert r.output_throughput == pytest.approx(48 / r.duration_s)
+    assert results["skip:2-3"].requested == "skip:2"
+    out = json.loads(json.dumps(LoadtestResult(results).to_json()))
+    assert set(out) == {"full", "skip:2-3"}
+    row = out["skip:2-3"]
+    assert row["completed"] == 6 and row["failed"] == 0 and row["errors"] == {}
+    assert all(isinstance(v, (int, float)) for k, v in row.items() if k not in ("policy", "requested", "errors"))
+    assert row["p99_e2e_ms"] == pytest.approx(results["skip:2-3"].e2e.p99 * 1e3)
+
+
+def test_poisson_request_rate(url: str) -> None:
+    rate = 40.0
+    r = run(url, ["pairs"], request_rate=rate, requests=5)["pairs:1-4"]
+    assert r.completed == 5 and r.failed == 0
+    # Each request leaves no earlier than the seeded Poisson schedule says.
+    due = list(itertools.accumulate(itertools.islice(arrival_gaps(rate, seed=0), 4)))
+    starts = [q.start_s for q in r.requests]
+    assert starts == sorted(starts)
+    assert all(s >= d - 1e-3 for s, d in zip(starts[1:], due))
+    at_once = run(url, ["pairs"], request_rate=math.inf, requests=4)["pairs:1-4"]
+    assert at_once.completed == 4 and max(q.start_s for q in at_once.requests) < 0.5 and max_in_flight(at_once) > 1
+
+
+def test_duration_stops_issuing(url: str) -> None:
+    r = run(url, ["full"], concurrency=2, duration=0.5, max_tokens=4)["full"]
+    assert r.completed >= 2 and r.failed == 0
+    assert all(q.start_s < 0.5 for q in r.requests)
+    assert r.duration_s >= max(q.start_s + q.e2e_s for q in r.requests) - 1e-6
+    first = run(url, ["full"], concurrency=2, duration=60, requests=3, max_tokens=4)["full"]
+    assert first.completed == 3 and first.duration_s < 60  # whichever limit comes first
+
+
+def test_bad_policy_fails_fast(url: str) -> None:
+    with pytest.raises(LoadtestError, match=r"policy 'bogus' was rejected by the server \(HTTP 400\).*allowed forms"):
+        run(url, ["full", "bogus"], concurrency=2, requests=50)
+    with pytest.raises(LoadtestError, match="max_model_len 128"):
+        run(url, ["full"], concurrency=1, requests=1, prompts=["x" * 100], max_tokens=64)
+    with pytest.raises(LoadtestError, match="cannot reach the server"):
+        run("http://127.0.0.1:9", ["full"], concurrency=1, requests=1, timeout=2)
+    with pytest.raises(ValueError, match="concurrency"):
+        run(url, ["full"], requests=1)
+
+
+def test_same_canonical_policy_runs_once(url: str) -> None:
+    results = run(url, ["skip:2", "fast", "skip:2-3"], concurrency=1, requests=1)
+    assert list(results) == ["skip:2-3"] and results["skip:2-3"].requested == "skip:2"
+
+
+def test_failed_requests_are_counted_not_fatal() -> None:
+    # One sequence at a time and one waiting: a burst of 8 gets 429s for most of them.
+    with serve_tiny(max_num_seqs=1, queue_capacity=1) as busy:
+        r = run(busy, ["full"], request_rate=math.inf, requests=8, max_tokens=16)["full"]
+    assert r.completed + r.failed == 8 and r.completed >= 1 and r.failed >= 1
+    assert all("HTTP 429" in message for message in r.errors) and sum(r.errors.values()) == r.failed
+    assert r.ttft.count == r.e2e.count == r.completed and r.output_tokens == 16 * r.completed
+
+
+# -- the command ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    app.callback()(lambda: None)  # a group, so `loadtest` stays a subcommand as in `painters`
+    register(app)
+    return app
+
+
+def test_cli_json_and_csv(cli: typer.Typer, url: str, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    table = tmp_path / "out.csv"
+    result = CliRunner().invoke(cli, [
+        "loadtest", "--url", url, "--policies", "full,skip:2", "--concurrency", "2", "--requests", "3",
+        "--max-tokens", "4", "--warmup", "1", "--prompts", str(prompts), "--json", "--csv", str(table)])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert set(out) == {"full", "skip:2-3"}
+    assert out["full"]["completed"] == 3 and out["full"]["total_output_tokens"] == 12
+    rows = list(csv.DictReader(table.open()))
+    assert [row["policy"] for row in rows] == ["full", "skip:2-3"]
+    assert float(rows[1]["p99_ttft_ms"]) == pytest.approx(out["skip:2-3"]["p99_ttft_ms"])
+
+
+def test_cli_table_and_all_presets(cli: typer.Typer, url: str, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    result = CliRunner().invoke(cli, ["loadtest", "--url", url, "--all-presets", "--concurrency", "2", "--requests",
+                                      "2", "--max-tokens", "4", "--warmup", "0", "--prompts", str(prompts), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert set(out) == {"full", "skip:2-3", "parallel:1-4"}
+    assert out["skip:2-3"]["requested"] == "fast" and out["parallel:1-4"]["requested"] == "wide"
+    table = CliRunner().invoke(cli, ["loadtest", "--url", url, "-p", "pairs", "--request-rate", "inf", "--requests",
+                                     "2", "--max-tokens", "4", "--warmup", "0", "--prompts", str(prompts)])
+    assert table.exit_code == 0, table.output
+    assert "all at once, 2 requests per policy, 4 tokens each" in table.stdout
+    assert "pairs:1-4" in table.stdout and "pairs " in table.stdout and "TTFT p99 (ms)" in table.stdout
+
+
+def test_cli_errors_exit_2(cli: typer.Typer, url: str, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    bad = CliRunner().invoke(cli, ["loadtest", "--url", url, "--policies", "full,bogus", "--requests", "2",
+                                   "--prompts", str(prompts)])
+    assert bad.exit_code == 2 and "'bogus' was rejected" in bad.stderr
+    # The built-in prompts are longer than the tiny server's 128-token context: caught before anything runs.
+    long = CliRunner().invoke(cli, ["loadtest", "--url", url, "--policies", "full", "--requests", "2"])
+    assert long.exit_code == 2 and "HTTP 413" in long.stderr and "rejected" not in long.stderr
+    none = CliRunner().invoke(cli, ["loadtest", "--url", url])
+    assert none.exit_code == 2 and "--policies" in none.stderr
+
+
+def test_clients_never_import_the_server() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, clients.cli, clients.loadtest, clients.client\n"
+            "bad = sorted(m for m in sys.modules if m == 'server' or m.startswith('server.'))\n"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
