@@ -21,8 +21,14 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
+CODES = {400: "bad_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
+         413: "context_length_exceeded", 429: "queue_full", 499: "client_closed_request", 500: "internal_error",
+         503: "model_not_ready"}
+
+
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": TYPES.get(status, "error"), "param": param, "code": code or status}}
+    code = code or CODES.get(status, f"http_{status}")  # OpenAI's schema: code is a string
+    return {"error": {"message": message, "type": TYPES.get(status, "error"), "param": param, "code": code}}
 
 
 def _response(request: Request, status: int, message: str, *, param: str | None = None, code: str | None = None,
@@ -48,9 +54,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        errs = e.errors()
+        if any(err.get("type") == "json_invalid" for err in errs):
+            detail = next(str(err.get("ctx", {}).get("error", "")) for err in errs if err.get("type") == "json_invalid")
+            return _response(request, 400, f"request body is not valid JSON ({detail})", code="invalid_json")
         parts = []
         param = None
-        for err in e.errors():
+        for err in errs:
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
             param = param or loc or None
             parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))

@@ -54,9 +54,13 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "send exactly one of 'prompt' (text) or 'messages' (chat)", param="prompt")
     if body.messages is not None:
-        text = engine.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.text()} for m in body.messages], tokenize=False,
-            add_generation_prompt=body.add_generation_prompt)
+        try:
+            text = engine.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.text()} for m in body.messages], tokenize=False,
+                add_generation_prompt=body.add_generation_prompt)
+        except Exception as e:  # noqa: BLE001 - no template, non-text parts: the client's to fix
+            raise APIError(400, f"cannot apply this model's chat template ({type(e).__name__}: {e})",
+                           param="messages") from None
         ids = list(engine.tokenizer.encode(text, add_special_tokens=False))
     else:
         ids = list(engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))

@@ -122,7 +122,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(
             _stream_completion(engine, schedule, streams, rid=rid, created=created, model=model,
-                               want_logprobs=want_logprobs, include_usage=include_usage),
+                               want_logprobs=want_logprobs, include_usage=include_usage,
+                               prompt_lens=[len(ids) for _, ids in prompts]),
             headers={"x-painters-policy": schedule.policy}, ping=15)
     results = await collect(streams, request)
     choices = []
@@ -184,8 +185,8 @@ def _sse(obj: dict[str, Any]) -> dict[str, str]:
 
 
 async def _stream_completion(engine: Engine, schedule: Schedule, streams: list[RequestStream], *, rid: str,
-                             created: int, model: str, want_logprobs: bool, include_usage: bool
-                             ) -> AsyncIterator[dict[str, str]]:
+                             created: int, model: str, want_logprobs: bool, include_usage: bool,
+                             prompt_lens: list[int]) -> AsyncIterator[dict[str, str]]:
     results: list[GenerationResult] = []
     offsets = [0] * len(streams)
     try:
@@ -208,7 +209,7 @@ async def _stream_completion(engine: Engine, schedule: Schedule, streams: list[R
     except APIError as e:
         yield _sse(error_body(e.status, e.message))
     if include_usage:
-        usage = _usage([len(s.request.prompt_ids) for s in streams], results)
+        usage = _usage(prompt_lens, results)  # each prompt once, however many choices (n) it has
         yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
                     "usage": usage})
     yield {"data": "[DONE]"}

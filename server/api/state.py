@@ -177,8 +177,8 @@ async def collect(streams: list[RequestStream], request: Request) -> list[Genera
             done, pending = await asyncio.wait(tasks, timeout=0.25, return_when=asyncio.ALL_COMPLETED)
             if not pending:
                 return [t.result() for t in tasks]
-            if await request.is_disconnected():
-                raise asyncio.CancelledError
+            if await request.is_disconnected():  # nobody to answer: free the work, answer the void quietly
+                raise APIError(499, "client closed the request")
     except BaseException:
         for s in streams:
             s.abort()

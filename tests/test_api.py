@@ -1,0 +1,802 @@
+"""The HTTP API on a tiny random model through FastAPI's TestClient (the lifespan runs): OpenAI and TGI shapes,
+streaming frames, policy selection, service endpoints and every error status in OpenAI's error shape."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.generate import Engine
+from server.settings import Settings
+from tests.conftest import CharTokenizer, tiny_llama
+from tests.serving import metric_value
+
+MODEL = "tiny"
+MAX_LEN = 128
+TIMING_HEADERS = ("x-queue-time", "x-prefill-time", "x-decode-time", "x-time-to-first-token", "x-time-per-token",
+                  "x-total-time")
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+SKIP2 = "skip:2-3"  # canonical form of skip:2 on 6 layers
+
+
+class ChatCharTokenizer(CharTokenizer):
+    """CharTokenizer with a toy chat template, so chat endpoints can run on the tiny model."""
+
+    chat_template = "<{role}>{content}"
+
+    def apply_chat_template(self, messages: list[dict[str, str]], *, tokenize: bool = False,
+                            add_generation_prompt: bool = True) -> str:
+        text = "".join(self.chat_template.format(**m) for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+
+class TemplatelessTokenizer(CharTokenizer):
+    """Like a Hugging Face tokenizer without a chat template: apply_chat_template raises ValueError."""
+
+    chat_template = None
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> str:
+        raise ValueError("Cannot use chat template functions because tokenizer.chat_template is not set")
+
+
+class GatedEngine(Engine):
+    """An engine whose loop stops when it admits a sequence until `gate` is set: requests pile up deterministically."""
+
+    def __init__(self, *args: Any, gate: threading.Event, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = gate
+
+    def new_sequence(self, *args: Any, **kwargs: Any):
+        assert self.gate.wait(timeout=60), "test gate never opened"
+        return super().new_sequence(*args, **kwargs)
+
+
+def gated(gate: threading.Event) -> Callable[[Settings], Engine]:
+    return lambda s: GatedEngine(tiny_llama(), CharTokenizer(), gate=gate)
+
+
+def tiny_engine(tokenizer: CharTokenizer | None = None) -> Callable[[Settings], Engine]:
+    return lambda s: Engine(tiny_llama(), tokenizer or CharTokenizer())
+
+
+def settings(**overrides: Any) -> Settings:
+    return Settings(**{"model": MODEL, "max_model_len": MAX_LEN, **overrides})
+
+
+def wait_ready(c: TestClient, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (r := c.get("/ready")).status_code != 200:
+        assert time.monotonic() < deadline, f"/ready still {r.status_code}: {r.text}"
+        time.sleep(0.02)
+
+
+@contextmanager
+def serving(s: Settings, factory: Callable[[Settings], Engine] | None = None, *, ready: bool = True
+            ) -> Iterator[TestClient]:
+    app = create_app(s, engine_factory=factory or tiny_engine())
+    # raise_server_exceptions=False: an unhandled error must reach the test as the 500 a client would see.
+    with TestClient(app, raise_server_exceptions=False) as c:
+        if ready:
+            wait_ready(c)
+        yield c
+
+
+@pytest.fixture(scope="module")
+def presets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("presets") / "presets.yaml"
+    path.write_text("fast: skip:2\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def client(presets: Path) -> Iterator[TestClient]:
+    with serving(settings(policy_presets=presets)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def chat_client() -> Iterator[TestClient]:
+    with serving(settings(), tiny_engine(ChatCharTokenizer())) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def templateless_client() -> Iterator[TestClient]:
+    with serving(settings(), tiny_engine(TemplatelessTokenizer())) as c:
+        yield c
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------------
+
+
+def complete(c: TestClient, path: str = "/v1/completions", **body: Any) -> httpx.Response:
+    r = c.post(path, json={"model": MODEL, "temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    return r
+
+
+def text_of(c: TestClient, prompt: Any, **body: Any) -> str:
+    return complete(c, prompt=prompt, **body).json()["choices"][0]["text"]
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def assert_error(r: httpx.Response, status: int, *, code: str | None = None, param: str | None = None,
+                 says: tuple[str, ...] = ()) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"], err
+    if status in ERROR_TYPES:
+        assert err["type"] == ERROR_TYPES[status], err
+    if code is not None:
+        assert err["code"] == code, err
+    if param is not None:
+        assert err["param"] == param, err
+    for fragment in says:
+        assert fragment in err["message"], (fragment, err["message"])
+    return err
+
+
+def assert_serves(c: TestClient, **headers: str) -> None:
+    """A normal request still succeeds."""
+    r = c.post("/v1/completions", json={"model": MODEL, "prompt": "ok", "max_tokens": 2, "temperature": 0},
+               headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+
+
+def sse_data(r: httpx.Response) -> list[str]:
+    """The `data:` payloads of an SSE response, in order; any other non-blank line fails the test."""
+    out = []
+    for line in r.text.splitlines():
+        if not line.strip() or line.startswith(":"):
+            continue
+        assert line.startswith("data: "), line
+        out.append(line[len("data: "):])
+    return out
+
+
+def sse_json(r: httpx.Response) -> list[dict[str, Any]]:
+    data = sse_data(r)
+    assert data[-1] == "[DONE]", data[-3:]
+    assert "[DONE]" not in data[:-1]
+    return [json.loads(d) for d in data[:-1]]
+
+
+def stream(c: TestClient, path: str, body: dict[str, Any]) -> httpx.Response:
+    r = c.post(path, json={"model": MODEL, "temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/event-stream")
+    return r
+
+
+def eos_prompt(c: TestClient) -> tuple[list[int], int]:
+    """A one-token prompt whose greedy continuation reaches EOS, and how many tokens that takes (EOS included)."""
+    prompts = [[k] for k in range(3, 128)]
+    choices = complete(c, prompt=prompts, max_tokens=8).json()["choices"]
+    hits = [prompts[ch["index"]] for ch in choices if ch["finish_reason"] == "stop"]
+    assert hits, "no one-token prompt reaches EOS within 8 tokens on the tiny model"
+    used = complete(c, prompt=hits[0], max_tokens=8).json()["usage"]["completion_tokens"]
+    return hits[0], used
+
+
+# -- /v1/completions ---------------------------------------------------------------------------------------------------
+
+
+def test_completion_shape_usage_and_painters_object(client):
+    r = complete(client, prompt="hello", max_tokens=5)
+    body = r.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-") and body["model"] == MODEL
+    assert isinstance(body["created"], int)
+    [choice] = body["choices"]
+    assert choice["index"] == 0 and choice["logprobs"] is None and choice["finish_reason"] == "length"
+    assert isinstance(choice["text"], str) and choice["text"]
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+    painters = body["painters"]
+    assert painters["policy"] == "full" and painters["schedule"] == "schedule:0-5"
+    t = painters["timings"]
+    assert set(t) == {"queue_s", "prefill_s", "decode_s", "time_to_first_token_s", "time_per_output_token_s", "e2e_s"}
+    assert all(v >= 0 for v in t.values())
+    assert t["e2e_s"] >= t["decode_s"] and t["time_to_first_token_s"] >= t["prefill_s"]
+
+
+def test_every_prompt_form_gives_the_same_greedy_text(client):
+    ids = CharTokenizer().encode("hello")
+    as_text = text_of(client, "hello", max_tokens=6)
+    assert text_of(client, ids, max_tokens=6) == as_text
+    both = complete(client, prompt=["hello", "abc"], max_tokens=6).json()
+    assert [ch["index"] for ch in both["choices"]] == [0, 1]
+    assert both["choices"][0]["text"] == as_text
+    assert both["choices"][1]["text"] == text_of(client, "abc", max_tokens=6)
+    as_ids = complete(client, prompt=[ids, CharTokenizer().encode("abc")], max_tokens=6).json()
+    assert [ch["text"] for ch in as_ids["choices"]] == [ch["text"] for ch in both["choices"]]
+    assert both["usage"] == {"prompt_tokens": 8, "completion_tokens": 12, "total_tokens": 20}
+
+
+def test_n_choices_are_prompt_major(client):
+    body = complete(client, prompt=["hello", "abc"], n=2, max_tokens=4).json()
+    assert [ch["index"] for ch in body["choices"]] == [0, 1, 2, 3]
+    texts = [ch["text"] for ch in body["choices"]]
+    assert texts[0] == texts[1] == text_of(client, "hello", max_tokens=4)  # greedy: both choices agree
+    assert texts[2] == texts[3] == text_of(client, "abc", max_tokens=4)
+    assert body["usage"] == {"prompt_tokens": 8, "completion_tokens": 16, "total_tokens": 24}
+
+
+def test_logprobs_top_n(client):
+    choice = complete(client, prompt="hello", max_tokens=6, logprobs=3).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 6
+    assert "".join(lp["tokens"]) == choice["text"]
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(6)]
+    for chosen, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
+        assert chosen <= 0
+        assert 1 <= len(top) <= 3  # distinct ids may decode to the same text and share a key
+        assert chosen == pytest.approx(max(top.values()), abs=1e-5)  # greedy picks the most likely token
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt(client):
+    body = complete(client, prompt="hello", max_tokens=0, echo=True, logprobs=1).json()
+    choice = body["choices"][0]
+    assert choice["text"] == "hello" and choice["finish_reason"] == "length"
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == 5
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(isinstance(v, float) and v <= 0 for v in lp["token_logprobs"][1:])
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 0, "total_tokens": 5}
+
+
+def test_echo_with_generation_prepends_the_prompt(client):
+    plain = complete(client, prompt="hello", max_tokens=3, logprobs=0).json()["choices"][0]
+    echoed = complete(client, prompt="hello", max_tokens=3, echo=True, logprobs=0).json()["choices"][0]
+    assert echoed["text"] == "hello" + plain["text"]
+    assert echoed["logprobs"]["token_logprobs"][5:] == pytest.approx(plain["logprobs"]["token_logprobs"])
+    assert echoed["logprobs"]["token_logprobs"][0] is None
+
+
+def test_stop_strings_cut_the_text(client):
+    full = text_of(client, "hello", max_tokens=12)
+    stop = full[4:6]
+    cut = complete(client, prompt="hello", max_tokens=12, stop=stop).json()["choices"][0]
+    assert cut["text"] == full[: full.find(stop)] and cut["finish_reason"] == "stop"
+    listed = complete(client, prompt="hello", max_tokens=12, stop=["\x00never", stop]).json()["choices"][0]
+    assert listed["text"] == cut["text"] and listed["finish_reason"] == "stop"
+
+
+def test_seeded_sampling_is_reproducible(client):
+    def sample(seed: int) -> str:
+        return text_of(client, "hello", max_tokens=12, temperature=1.0, seed=seed)
+
+    assert sample(7) == sample(7)
+    assert len({sample(7), sample(8), sample(9)}) > 1
+
+
+def test_eos_ignore_eos_and_min_tokens(client):
+    prompt, used = eos_prompt(client)
+    stopped = complete(client, prompt=prompt, max_tokens=used + 4).json()
+    assert stopped["choices"][0]["finish_reason"] == "stop" and stopped["usage"]["completion_tokens"] == used
+    ignored = complete(client, prompt=prompt, max_tokens=used + 4, ignore_eos=True).json()
+    assert ignored["choices"][0]["finish_reason"] == "length"
+    assert ignored["usage"]["completion_tokens"] == used + 4
+    held = complete(client, prompt=prompt, max_tokens=used + 4, min_tokens=used + 2).json()
+    assert held["usage"]["completion_tokens"] >= used + 2
+
+
+def test_finish_reason_length(client):
+    body = complete(client, prompt="hello", max_tokens=3, ignore_eos=True).json()
+    assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 3
+
+
+# -- streaming -------------------------------------------------------------------------------------------------------
+
+
+def test_stream_completion_frames(client):
+    expected = text_of(client, "hello", max_tokens=8)
+    r = stream(client, "/v1/completions", {"prompt": "hello", "max_tokens": 8, "stream": True,
+                                           "stream_options": {"include_usage": True}})
+    assert r.headers["x-painters-policy"] == "full"
+    chunks = sse_json(r)
+    *content, usage = chunks
+    for chunk in content:
+        assert chunk["object"] == "text_completion" and chunk["model"] == MODEL and chunk["id"] == chunks[0]["id"]
+        assert chunk["usage"] is None
+        [choice] = chunk["choices"]
+        assert set(choice) >= {"index", "text", "logprobs", "finish_reason"} and choice["index"] == 0
+    assert [c["choices"][0]["finish_reason"] for c in content[:-1]] == [None] * (len(content) - 1)
+    assert content[-1]["choices"][0]["finish_reason"] == "length"
+    assert content[-1]["painters"]["policy"] == "full"
+    assert "".join(c["choices"][0]["text"] for c in content) == expected
+    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
+
+
+def test_stream_without_usage_and_with_logprobs_and_n(client):
+    expected = text_of(client, "abc", max_tokens=5)
+    chunks = sse_json(stream(client, "/v1/completions", {"prompt": "abc", "max_tokens": 5, "n": 2, "logprobs": 2,
+                                                         "stream": True}))
+    assert all(c["choices"] and "usage" not in c for c in chunks)
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert "".join(ch["text"] for ch in mine) == expected
+        assert mine[-1]["finish_reason"] == "length"
+        tokens = [t for ch in mine for t in ch["logprobs"]["tokens"]]
+        assert "".join(tokens) == expected
+        offsets = [o for ch in mine for o in ch["logprobs"]["text_offset"]]
+        assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+
+
+def test_streamed_usage_equals_non_streamed_usage_with_n(client):
+    body = {"prompt": "hello", "max_tokens": 3, "n": 2}
+    plain = complete(client, **body).json()["usage"]
+    streamed = sse_json(stream(client, "/v1/completions", {**body, "stream": True,
+                                                           "stream_options": {"include_usage": True}}))[-1]["usage"]
+    assert streamed == plain
+
+
+def test_stream_honours_stop_strings(client):
+    full = text_of(client, "hello", max_tokens=12)
+    stop = full[4:6]
+    chunks = sse_json(stream(client, "/v1/completions", {"prompt": "hello", "max_tokens": 12, "stop": [stop],
+                                                         "stream": True}))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full[: full.find(stop)]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+# -- chat ------------------------------------------------------------------------------------------------------------
+
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+
+
+def test_chat_without_a_chat_template_is_a_clear_400(client):
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 2})
+    assert_error(r, 400, param="messages", says=("chat template", "/v1/completions"))
+    assert_serves(client)
+
+
+def test_chat_with_an_hf_tokenizer_lacking_a_template_is_a_clear_400(templateless_client):
+    r = templateless_client.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 2})
+    assert_error(r, 400, param="messages", says=("chat template",))
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    r = templateless_client.post("/v1/chat/completions", json={"model": MODEL, "messages": image})
+    assert_error(r, 400, param="messages", says=("text content",))
+    assert_serves(templateless_client)
+
+
+def test_tokenize_messages_without_a_chat_template_is_a_clear_400(templateless_client):
+    r = templateless_client.post("/tokenize", json={"messages": CHAT})
+    assert_error(r, 400, says=("chat template",))
+
+
+def test_tokenize_messages_with_an_image_part_is_a_clear_400(chat_client):
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    assert_error(chat_client.post("/tokenize", json={"messages": image}), 400, says=("text content",))
+
+
+def test_chat_completion_shape(chat_client):
+    r = complete(chat_client, "/v1/chat/completions", messages=CHAT, max_tokens=5, logprobs=True, top_logprobs=2)
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    [choice] = body["choices"]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] == "length"
+    content = choice["logprobs"]["content"]
+    assert len(content) == 5 and "".join(t["token"] for t in content) == choice["message"]["content"]
+    for t in content:
+        assert t["bytes"] == list(t["token"].encode()) and 1 <= len(t["top_logprobs"]) <= 2
+        assert t["logprob"] == pytest.approx(max(a["logprob"] for a in t["top_logprobs"]), abs=1e-5)
+    templated = ChatCharTokenizer().apply_chat_template(CHAT)
+    n = len(templated)
+    assert body["usage"] == {"prompt_tokens": n, "completion_tokens": 5, "total_tokens": n + 5}
+    # The chat prompt is exactly the templated text: the same greedy continuation as a plain completion of it.
+    assert choice["message"]["content"] == text_of(chat_client, templated, max_tokens=5)
+    assert r.headers["x-painters-policy"] == "full"
+
+
+def test_chat_max_completion_tokens_and_n(chat_client):
+    body = complete(chat_client, "/v1/chat/completions", messages=CHAT, max_completion_tokens=3, n=2).json()
+    assert [ch["index"] for ch in body["choices"]] == [0, 1]
+    assert body["usage"]["completion_tokens"] == 6
+
+
+def test_chat_stream_frames(chat_client):
+    expected = complete(chat_client, "/v1/chat/completions", messages=CHAT,
+                        max_tokens=6).json()["choices"][0]["message"]["content"]
+    chunks = sse_json(stream(chat_client, "/v1/chat/completions", {
+        "messages": CHAT, "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}}))
+    *content, usage = chunks
+    assert content[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    for chunk in content:
+        assert chunk["object"] == "chat.completion.chunk" and chunk["usage"] is None
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in content) == expected
+    assert content[-1]["choices"][0]["finish_reason"] == "length"
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 6
+
+
+def test_tokenize_messages_uses_the_template(chat_client):
+    body = chat_client.post("/tokenize", json={"messages": CHAT}).json()
+    assert body["tokens"] == CharTokenizer().encode(ChatCharTokenizer().apply_chat_template(CHAT))
+
+
+# -- native (TGI-shaped) -----------------------------------------------------------------------------------------------
+
+
+def test_generate_details(client):
+    expected = text_of(client, "hello", max_tokens=4)
+    r = client.post("/generate", json={"inputs": "hello", "parameters": {
+        "max_new_tokens": 4, "details": True, "decoder_input_details": True, "top_n_tokens": 2}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["generated_text"] == expected
+    details = body["details"]
+    assert details["finish_reason"] == "length" and details["generated_tokens"] == 4
+    assert [t["text"] for t in details["tokens"]] == list(expected)
+    for t in details["tokens"]:
+        assert set(t) == {"id", "text", "logprob", "special"} and 0 <= t["id"] < 128 and t["logprob"] <= 0
+    assert [t["id"] for t in details["prefill"]] == CharTokenizer().encode("hello")
+    assert details["prefill"][0]["logprob"] is None
+    assert len(details["top_tokens"]) == 4 and all(len(top) == 2 for top in details["top_tokens"])
+    assert [top[0]["id"] for top in details["top_tokens"]] == [t["id"] for t in details["tokens"]]
+    assert body["painters"]["policy"] == "full"
+    assert all(h in r.headers for h in TIMING_HEADERS)
+
+
+def test_generate_full_text_stop_sequence_and_eos(client):
+    full = client.post("/generate", json={"inputs": "hello", "parameters": {"max_new_tokens": 12}}).json()
+    text = full["generated_text"]
+    r = client.post("/generate", json={"inputs": "hello", "parameters": {
+        "max_new_tokens": 12, "stop": [text[4:6]], "return_full_text": True, "details": True}}).json()
+    assert r["generated_text"] == "hello" + text[: text.find(text[4:6])]
+    assert r["details"]["finish_reason"] == "stop_sequence"
+    prompt, used = eos_prompt(client)
+    eos = client.post("/generate", json={"inputs": chr(prompt[0] - 3),  # encodes to `prompt`
+                                         "parameters": {"max_new_tokens": used + 3, "details": True}}).json()
+    assert eos["details"]["finish_reason"] == "eos_token" and eos["details"]["tokens"][-1]["id"] == 2
+    assert eos["details"]["tokens"][-1]["special"] is True
+
+
+def test_generate_stream_events(client):
+    expected = text_of(client, "hello", max_tokens=5)
+    for path, extra in (("/generate_stream", {}), ("/generate", {"stream": True})):
+        r = client.post(path, json={"inputs": "hello", "parameters": {"max_new_tokens": 5}, **extra})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(d) for d in sse_data(r)]
+        assert [e["index"] for e in events] == list(range(5))
+        assert "".join(e["token"]["text"] for e in events) == expected
+        assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
+        assert events[-1]["generated_text"] == expected
+        assert events[-1]["details"] == {"finish_reason": "length", "generated_tokens": 5, "seed": None}
+        assert events[-1]["painters"]["policy"] == "full"
+
+
+# -- policy selection --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", [
+    {"policy": "skip:2"},
+    {"policy": {"kind": "skip", "count": 2}},
+    {"policy": "skip:2-3"},
+    {"model": "tiny@skip:2"},
+    {"model": "tiny@fast"},  # preset
+    {"model": "tiny@full", "policy": "fast"},  # the body field wins over the suffix
+])
+def test_policy_selection(client, how):
+    reference = complete(client, prompt="hello", max_tokens=6, policy="skip:2").json()["choices"][0]["text"]
+    r = complete(client, **{"prompt": "hello", "max_tokens": 6, **how})
+    body = r.json()
+    assert body["painters"]["policy"] == SKIP2 and body["painters"]["schedule"] == "schedule:0-1,4-5"
+    assert r.headers["x-painters-policy"] == SKIP2
+    assert body["choices"][0]["text"] == reference
+    assert body["model"] == how.get("model", MODEL)  # the name the client used is echoed back
+
+
+def test_default_policy_and_timing_headers(client):
+    r = complete(client, prompt="hello", max_tokens=4)
+    assert r.json()["painters"]["policy"] == "full" and r.headers["x-painters-policy"] == "full"
+    values = {h: float(r.headers[h]) for h in TIMING_HEADERS}
+    assert all(v >= 0 for v in values.values())
+    assert values["x-total-time"] >= values["x-decode-time"]
+    assert values["x-total-time"] >= values["x-prefill-time"]
+    assert r.headers["x-prompt-tokens"] == "5" and r.headers["x-generated-tokens"] == "4"
+
+
+def test_suffix_overrides_the_default_and_policies_change_the_output(client):
+    texts = {p: complete(client, prompt="hello world", max_tokens=10, model=f"tiny@{p}").json() for p in
+             ("full", "skip:2", "pairs", "loop:1-4x2")}
+    assert [t["painters"]["policy"] for t in texts.values()] == ["full", SKIP2, "pairs:1-4", "loop:1-4x2"]
+    assert len({t["choices"][0]["text"] for t in texts.values()}) > 1
+
+
+def test_native_policy_parameter(client):
+    r = client.post("/generate", json={"inputs": "hello", "parameters": {"max_new_tokens": 3, "policy": "pairs"}})
+    assert r.json()["painters"]["policy"] == "pairs:1-4" and r.headers["x-painters-policy"] == "pairs:1-4"
+    r = client.post("/generate", json={"inputs": "hello", "model": "tiny@fast", "parameters": {"max_new_tokens": 3}})
+    assert r.json()["painters"]["policy"] == SKIP2
+
+
+def test_concurrent_mixed_policies_equal_sequential(client):
+    jobs = [(p, prompt) for p in ("full", "skip:2", "pairs", "loop:1-4x2") for prompt in ("hello", "a longer prompt")]
+
+    def run(job: tuple[str, str]) -> str:
+        return text_of(client, job[1], max_tokens=8, policy=job[0], ignore_eos=True)
+
+    sequential = [run(j) for j in jobs]
+    before = batched_steps(client)
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        concurrent = list(pool.map(run, jobs))
+    assert concurrent == sequential
+    assert batched_steps(client) > before, "no engine step ran more than one sequence: nothing was batched"
+
+
+def batched_steps(c: TestClient) -> float:
+    """Engine steps so far that decoded more than one sequence (batch_size histogram: all minus the le=1 bucket)."""
+    text = c.get("/metrics").text
+    return (metric_value(text, "painters:batch_size_count", model=MODEL)
+            - metric_value(text, "painters:batch_size_bucket", model=MODEL, le="1.0"))
+
+
+# -- service and tokenizer endpoints -------------------------------------------------------------------------------
+
+
+def test_models_lists_base_model_and_presets(client):
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    by_id = {m["id"]: m for m in body["data"]}
+    assert set(by_id) == {MODEL, "tiny@fast"}
+    assert by_id[MODEL]["object"] == "model" and by_id[MODEL]["policy"] == "full"
+    assert by_id[MODEL]["max_model_len"] == MAX_LEN
+    assert by_id["tiny@fast"]["policy"] == SKIP2 and by_id["tiny@fast"]["root"] == MODEL
+
+
+def test_policies(client):
+    body = client.get("/policies").json()
+    assert body["num_layers"] == 6 and body["layer_range"] == "0-5" and body["default_policy"] == "full"
+    assert body["presets"] == {"fast": SKIP2}
+    assert {k["kind"] for k in body["kinds"]} >= {"full", "skip", "pairs", "parallel", "loop", "schedule"}
+
+
+def test_tokenize_detokenize_and_tokenizer_info(client):
+    r = client.post("/tokenize", json={"prompt": "abc"}).json()
+    assert r == {"tokens": CharTokenizer().encode("abc"), "count": 3, "max_model_len": MAX_LEN}
+    assert client.post("/tokenize", json={"prompt": "abc", "model": "tiny@skip:2"}).status_code == 200
+    assert client.post("/detokenize", json={"tokens": [3, 4, 5]}).json() == {"prompt": "abc"}
+    info = client.get("/tokenizer_info").json()
+    assert info["tokenizer_class"] == "CharTokenizer" and info["vocab_size"] == 128
+    assert info["eos_token_id"] == 2 and info["bos_token_id"] == 1 and info["model_max_length"] == MAX_LEN
+    assert info["chat_template"] is None
+
+
+def test_health_ready_openapi(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json() == {"status": "ready", "model": MODEL}
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/generate", "/generate_stream", "/tokenize",
+            "/detokenize", "/tokenizer_info", "/policies", "/health", "/ready", "/metrics"} <= set(paths)
+
+
+def test_metrics_count_requests_by_policy_and_errors(client):
+    def scrape() -> str:
+        r = client.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        return r.text
+
+    labels = {"model": MODEL, "policy": SKIP2, "finished_reason": "length"}
+    before = scrape()
+    complete(client, prompt="hello", max_tokens=3, policy="skip:2")
+    client.post("/v1/completions", json={"prompt": "x", "policy": "bogus"})
+    after = scrape()
+    assert metric_value(after, "painters:request_success_total", **labels) == \
+        metric_value(before, "painters:request_success_total", **labels) + 1
+    assert metric_value(after, "painters:generation_tokens_total", model=MODEL, policy=SKIP2) == \
+        metric_value(before, "painters:generation_tokens_total", model=MODEL, policy=SKIP2) + 3
+    assert metric_value(after, "painters:request_errors_total", status="400") == \
+        metric_value(before, "painters:request_errors_total", status="400") + 1
+    assert metric_value(after, "painters:time_to_first_token_seconds_count", policy=SKIP2) >= 1
+    assert "painters:num_requests_running" in after and "painters:kv_slots_usage_perc" in after
+
+
+# -- errors ----------------------------------------------------------------------------------------------------------
+
+ALLOWED = ("allowed forms", "0-5")
+ERRORS = [
+    # (id, path, body: dict or raw str, status, code, param, message fragments)
+    ("bad-policy", "/v1/completions", {"prompt": "x", "policy": "bogus"}, 400, "invalid_policy", "policy", ALLOWED),
+    ("policy-out-of-range", "/v1/completions", {"prompt": "x", "policy": "skip:2-9"}, 400, "invalid_policy",
+     "policy", ALLOWED),
+    ("too-many-skipped", "/v1/completions", {"prompt": "x", "policy": "skip:9"}, 400, "invalid_policy", "policy",
+     ALLOWED),
+    ("bad-policy-object", "/v1/completions", {"prompt": "x", "policy": {"kind": "nope"}}, 400, "invalid_policy",
+     "policy", ("full",)),
+    ("bad-policy-suffix", "/v1/completions", {"prompt": "x", "model": "tiny@bogus"}, 400, "invalid_policy", "policy",
+     ALLOWED),
+    ("empty-suffix", "/v1/completions", {"prompt": "x", "model": "tiny@"}, 400, None, "model", ALLOWED),
+    ("bad-native-policy", "/generate", {"inputs": "x", "parameters": {"policy": "skip:2-9"}}, 400, "invalid_policy",
+     "policy", ALLOWED),
+    ("bad-json", "/v1/completions", '{"prompt": "x",', 400, None, None, ()),
+    ("no-body", "/v1/completions", "", 400, None, None, ()),
+    ("max-tokens-type", "/v1/completions", {"prompt": "x", "max_tokens": "many"}, 400, None, "max_tokens", ()),
+    ("prompt-type", "/v1/completions", {"prompt": 5}, 400, None, None, ("prompt",)),
+    ("policy-type", "/v1/completions", {"prompt": "x", "policy": 5}, 400, None, None, ("policy",)),
+    ("n-zero", "/v1/completions", {"prompt": "x", "n": 0}, 400, None, "n", ()),
+    ("negative-temperature", "/v1/completions", {"prompt": "x", "temperature": -1}, 400, None, "temperature", ()),
+    ("temperature-type", "/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, None, "temperature", ()),
+    ("top-p-zero", "/v1/completions", {"prompt": "x", "top_p": 0}, 400, None, "top_p", ()),
+    ("logprobs-21", "/v1/completions", {"prompt": "x", "logprobs": 21}, 400, None, "logprobs", ()),
+    ("penalty", "/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, None, "presence_penalty",
+     ("not supported",)),
+    ("out-of-vocab", "/v1/completions", {"prompt": [5, 500]}, 400, None, "prompt", ("500", "0-127")),
+    ("negative-id", "/v1/completions", {"prompt": [[5], [-1]]}, 400, None, "prompt", ("-1",)),
+    ("empty-prompt-list", "/v1/completions", {"prompt": []}, 400, None, "prompt", ("empty",)),
+    ("empty-id-prompt", "/v1/completions", {"prompt": [[]]}, 400, None, "prompt", ("empty",)),
+    ("stream-echo", "/v1/completions", {"prompt": "x", "stream": True, "echo": True}, 400, None, "echo", ()),
+    ("unknown-model", "/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model_not_found", "model",
+     ("tiny",)),
+    ("unknown-model-suffix", "/v1/completions", {"prompt": "x", "model": "gpt-4@skip:2"}, 404, "model_not_found",
+     "model", ()),
+    ("unknown-model-native", "/generate", {"inputs": "x", "model": "nope"}, 404, "model_not_found", "model", ()),
+    ("unknown-model-tokenize", "/tokenize", {"prompt": "x", "model": "nope"}, 404, "model_not_found", "model", ()),
+    ("prompt-too-long", "/v1/completions", {"prompt": "x" * 200}, 413, "context_length_exceeded", "prompt",
+     ("200", "128")),
+    ("prompt-too-long-native", "/generate", {"inputs": "x" * 200}, 413, "context_length_exceeded", "prompt", ()),
+    ("prompt-plus-max-tokens", "/v1/completions", {"prompt": "x" * 100, "max_tokens": 50}, 400,
+     "context_length_exceeded", "max_tokens", ("128", "150")),
+    ("native-max-new-tokens", "/generate", {"inputs": "x" * 100, "parameters": {"max_new_tokens": 50}}, 400,
+     "context_length_exceeded", "max_tokens", ()),
+    ("empty-inputs", "/generate", {"inputs": ""}, 400, None, "inputs", ()),
+    ("chat-no-messages", "/v1/chat/completions", {"messages": []}, 400, None, "messages", ()),
+    ("chat-bad-role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, None, None,
+     ("role",)),
+    ("tokenize-neither", "/tokenize", {}, 400, None, "prompt", ("prompt",)),
+    ("detokenize-out-of-vocab", "/detokenize", {"tokens": [1, 999]}, 400, None, "tokens", ("999",)),
+]
+
+
+@pytest.mark.parametrize("path,body,status,code,param,says", [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+def test_errors_are_openai_shaped_and_harmless(client, path, body, status, code, param, says):
+    if isinstance(body, str):
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post(path, json=body)
+    assert_error(r, status, code=code, param=param, says=says)
+    assert_serves(client)
+
+
+def test_unknown_route_and_method_are_error_shaped(client):
+    assert_error(client.get("/v1/nothing"), 404)
+    r = client.get("/v1/completions")
+    assert r.status_code == 405 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_bad_json_names_no_parameter(client):
+    r = client.post("/v1/completions", content='{"prompt": "x",', headers={"content-type": "application/json"})
+    err = assert_error(r, 400)
+    assert err["param"] is None and "JSON" in err["message"]
+
+
+def test_error_code_is_a_string_or_null(client):
+    r = client.post("/v1/completions", json={"prompt": [500]})
+    code = assert_error(r, 400)["code"]
+    assert code is None or isinstance(code, str)
+
+
+# -- settings-driven statuses ----------------------------------------------------------------------------------------
+
+
+def test_api_key():
+    with serving(settings(api_key="k")) as c:
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+        r = c.post("/v1/completions", json=body)
+        assert_error(r, 401, code="invalid_api_key", says=("Authorization: Bearer",))
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert_error(c.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}), 401)
+        assert_error(c.post("/generate", json={"inputs": "hi"}, headers={"Authorization": "Bearer kk"}), 401)
+        assert_error(c.post("/tokenize", json={"prompt": "hi"}), 401)
+        assert_error(c.get("/v1/models"), 401)
+        assert_serves(c, Authorization="Bearer k")
+        assert c.post("/v1/completions", json=body, headers={"x-api-key": "k"}).status_code == 200
+        for open_path in ("/health", "/ready", "/metrics"):
+            assert c.get(open_path).status_code == 200, open_path
+
+
+def test_allowed_policies(presets):
+    with serving(settings(allowed_policies=["full", "fast"], policy_presets=presets)) as c:
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+        err = assert_error(c.post("/v1/completions", json={**body, "policy": "pairs"}), 400,
+                           code="policy_not_allowed", param="policy", says=("full", SKIP2))
+        assert "pairs:1-4" in err["message"]
+        assert_error(c.post("/v1/completions", json={**body, "model": "tiny@skip:1"}), 400, code="policy_not_allowed")
+        for ok in ({}, {"policy": "fast"}, {"policy": "skip:2"}, {"model": "tiny@skip:2-3"}, {"policy": "full"}):
+            assert c.post("/v1/completions", json={**body, **ok}).status_code == 200, ok
+        assert c.get("/policies").json()["allowed_policies"] == ["full", "fast"]
+
+
+def test_queue_full_is_429_with_retry_after():
+    gate = threading.Event()
+    with serving(settings(queue_capacity=1, max_num_seqs=1), gated(gate)) as c:
+        loop = c.app.state.painters.loop
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 4, "temperature": 0}
+        with ThreadPoolExecutor(8) as pool:
+            try:
+                running = pool.submit(c.post, "/v1/completions", json=body)  # admitted, then held at the gate
+                wait_for(lambda: loop.num_running == 1)
+                waiting = pool.submit(c.post, "/v1/completions", json=body)  # fills the one waiting slot
+                wait_for(lambda: loop.num_waiting == 1)
+                rejected = list(pool.map(lambda _: c.post("/v1/completions", json=body), range(6)))
+                for r in rejected:
+                    assert_error(r, 429, code="queue_full", says=("retry",))
+                    assert r.headers["retry-after"] == "1"
+                assert_error(c.post("/generate", json={"inputs": "hi"}), 429)
+            finally:
+                gate.set()  # before the pool waits for the held requests
+            assert running.result(timeout=60).status_code == 200
+            assert waiting.result(timeout=60).status_code == 200
+        assert_serves(c)
+        assert metric_value(c.get("/metrics").text, "painters:request_errors_total", status="429") == 7
+
+
+def test_a_multi_prompt_request_is_queued_whole_or_not_at_all():
+    gate = threading.Event()
+    with serving(settings(queue_capacity=1, max_num_seqs=1), gated(gate)) as c:
+        loop = c.app.state.painters.loop
+        try:
+            r = c.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b", "c"], "max_tokens": 4})
+            assert_error(r, 429, code="queue_full")
+            assert r.headers["retry-after"] == "1"
+            assert loop.num_waiting == 0  # the prompts queued before the rejection were taken back
+        finally:
+            gate.set()
+        wait_for(lambda: loop.num_running == 0 and loop.num_waiting == 0)
+        assert_serves(c)
+
+
+def test_503_while_loading_then_ready():
+    release = threading.Event()
+
+    def slow(s: Settings) -> Engine:
+        assert release.wait(timeout=60)
+        return Engine(tiny_llama(), CharTokenizer())
+
+    with serving(settings(), slow, ready=False) as c:
+        try:
+            r = c.get("/ready")
+            assert r.status_code == 503 and r.json() == {"status": "loading"} and r.headers["retry-after"] == "5"
+            assert c.get("/health").json() == {"status": "ok"}
+            for path, body in (("/v1/completions", {"model": MODEL, "prompt": "hi"}), ("/generate", {"inputs": "hi"}),
+                               ("/tokenize", {"prompt": "hi"})):
+                r = c.post(path, json=body)
+                assert_error(r, 503, says=("loading", "/ready"))
+                assert r.headers["retry-after"] == "5"
+            assert_error(c.get("/tokenizer_info"), 503)
+        finally:
+            release.set()
+        wait_ready(c)
+        assert_serves(c)
+
+
+def test_failed_load_is_reported_by_ready():
+    def broken(s: Settings) -> Engine:
+        raise RuntimeError("weights not found")
+
+    with serving(settings(), broken, ready=False) as c:
+        wait_for(lambda: c.app.state.painters.load_error is not None)
+        r = c.get("/ready")
+        assert r.status_code == 503 and r.json() == {"status": "failed: RuntimeError: weights not found"}
+        assert_error(c.post("/v1/completions", json={"prompt": "hi"}), 503, says=("weights not found",))
+        assert c.get("/health").status_code == 200

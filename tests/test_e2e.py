@@ -1,0 +1,197 @@
+"""End to end: a real uvicorn process serving the real SmolLM2-135M on a loopback port, driven over real HTTP by the
+official `openai` client and by httpx (concurrent mixed-policy exactness, client disconnects)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.serving import Process, metric_value, painters_server, wait_until
+
+pytestmark = pytest.mark.slow
+MODEL = "smollm2-135m"
+PROMPT = "The capital of France is Paris. The capital of Italy is"
+CANONICAL = {"full": "full", "skip:10": "skip:10-19", "pairs": "pairs:4-25"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+    with painters_server(Path(tmp_path_factory.mktemp("e2e"))) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def client(server: Process) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="any", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(server: Process) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def test_models_list(client):
+    assert MODEL in {m.id for m in client.models.list().data}
+
+
+def test_completion_with_policy_suffix(client):
+    raw = client.completions.with_raw_response.create(model=f"{MODEL}@skip:10", prompt=PROMPT, max_tokens=8,
+                                                      temperature=0)
+    assert raw.headers["x-painters-policy"] == "skip:10-19"
+    r = raw.parse()
+    assert r.model == f"{MODEL}@skip:10" and r.choices[0].finish_reason in ("length", "stop")
+    assert r.choices[0].text and r.usage.completion_tokens <= 8
+    assert r.model_extra["painters"]["policy"] == "skip:10-19"
+
+
+@pytest.mark.parametrize("policy,canonical", [("pairs", "pairs:4-25"), ({"kind": "skip", "count": 10}, "skip:10-19"),
+                                              ("full", "full")])
+def test_completion_with_policy_in_extra_body(client, policy, canonical):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
+                                  extra_body={"policy": policy})
+    assert r.model_extra["painters"]["policy"] == canonical
+    suffixed = client.completions.create(model=f"{MODEL}@{canonical}", prompt=PROMPT, max_tokens=6, temperature=0)
+    assert suffixed.choices[0].text == r.choices[0].text
+
+
+def test_full_policy_answers_rome(client):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
+    assert "Rome" in r.choices[0].text
+
+
+def test_streaming_completion(client):
+    plain = client.completions.create(model=f"{MODEL}@pairs", prompt=PROMPT, max_tokens=8, temperature=0)
+    chunks = list(client.completions.create(model=f"{MODEL}@pairs", prompt=PROMPT, max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    content = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].text for c in content) == plain.choices[0].text
+    assert content[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_chat_completion_with_the_real_template(client, http):
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and "Paris" in choice.message.content
+    counted = http.post("/tokenize", json={"messages": messages}).json()["count"]
+    assert r.usage.prompt_tokens == counted
+    assert "<|im_start|>assistant" in http.post("/detokenize", json={
+        "tokens": http.post("/tokenize", json={"messages": messages}).json()["tokens"]}).json()["prompt"]
+    streamed = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                                   stream=True))
+    assert streamed[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == choice.message.content
+    assert streamed[-1].choices[0].finish_reason == choice.finish_reason
+
+
+def test_openai_client_reads_our_errors(client):
+    with pytest.raises(openai.BadRequestError, match="0-29"):
+        client.completions.create(model=f"{MODEL}@skip:40", prompt="x", max_tokens=2)
+    with pytest.raises(openai.NotFoundError, match="not found"):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    assert client.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_concurrent_mixed_policies_equal_one_at_a_time(http):
+    prompts = [PROMPT, "Once upon a time", "def fibonacci(n):", "The three primary colours are"]
+    jobs = [(policy, prompt) for policy, prompt in zip(["full", "skip:10", "pairs", "full", "skip:10", "pairs",
+                                                        "pairs", "full"], prompts * 2)]
+
+    def run(job: tuple[str, str]) -> tuple[str, list[str]]:
+        policy, prompt = job
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+                                               "ignore_eos": True, "policy": policy, "logprobs": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["painters"]["policy"] == CANONICAL[policy]
+        return body["choices"][0]["text"], body["choices"][0]["logprobs"]["tokens"]
+
+    alone = [run(j) for j in jobs]
+    before = _batched_steps(_metrics(http))
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(run, jobs))
+    assert together == alone
+    assert _batched_steps(_metrics(http)) > before, "no engine step ran more than one sequence: nothing was batched"
+
+
+def _batched_steps(text: str) -> float:
+    """Engine steps so far that decoded more than one sequence (batch_size histogram: all minus the le=1 bucket)."""
+    return (metric_value(text, "painters:batch_size_count", model=MODEL)
+            - metric_value(text, "painters:batch_size_bucket", model=MODEL, le="1.0"))
+
+
+def _metrics(http: httpx.Client) -> str:
+    return http.get("/metrics").text
+
+
+def _abort_count(http: httpx.Client) -> float:
+    return metric_value(_metrics(http), "painters:request_success_total", model=MODEL, finished_reason="abort")
+
+
+def _wait_aborted(http: httpx.Client, before: float) -> None:
+    def aborted_and_idle() -> bool:
+        text = _metrics(http)
+        return (metric_value(text, "painters:num_requests_running", model=MODEL) == 0
+                and metric_value(text, "painters:request_success_total", model=MODEL, finished_reason="abort")
+                == before + 1)
+
+    wait_until(aborted_and_idle, timeout=60, what="the abandoned request is aborted", interval=0.2)
+
+
+def _abandon_plain_request(http: httpx.Client) -> None:
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/completions", json=body, timeout=httpx.Timeout(120, read=1.5))
+
+
+def _log_size(server: Process) -> int:
+    return server.log.stat().st_size
+
+
+def _log_since(server: Process, offset: int) -> str:
+    with open(server.log, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+def test_client_disconnect_aborts_the_stream(server, http):
+    before, log_at = _abort_count(http), _log_size(server)
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        events = []
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+            if len(events) == 2:
+                break
+    assert all(e["choices"][0]["finish_reason"] is None for e in events)
+    _wait_aborted(http, before)
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    assert "Traceback" not in _log_since(server, log_at)
+
+
+def test_client_that_gives_up_on_a_plain_request_aborts_it(http):
+    before = _abort_count(http)
+    _abandon_plain_request(http)
+    _wait_aborted(http, before)
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200
+
+
+def test_a_plain_request_given_up_is_not_logged_as_an_error(server, http):
+    before, log_at = _abort_count(http), _log_size(server)
+    _abandon_plain_request(http)
+    _wait_aborted(http, before)
+    logged = _log_since(server, log_at)
+    assert "Exception in ASGI application" not in logged and "Traceback" not in logged, logged[-2000:]
