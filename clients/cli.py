@@ -107,5 +107,9 @@ def _title(url: str, *, concurrency: int | None, request_rate: float | None, req
 
 def register(app: typer.Typer) -> None:
     """Add the client-side commands to the `painters` app."""
+    from clients.evaluate import eval_command
+    from clients.tradeoff import tradeoff_command
+
     app.command("loadtest")(loadtest)
-    # app.command("eval")(eval_) and app.command("tradeoff")(tradeoff) join here.
+    app.command("eval")(eval_command)
+    app.command("tradeoff")(tradeoff_command)

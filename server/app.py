@@ -57,7 +57,8 @@ def _start(state: AppState, factory: EngineFactory, raw_presets: dict) -> None:
         for name, policy in raw_presets.items():
             presets[name] = engine.compile(as_policy(policy)).policy  # invalid presets fail the start, loudly
         engine.compile(as_policy(state.settings.default_policy))
-        loop = EngineLoop(engine, max_num_seqs=state.settings.max_num_seqs, max_model_len=state.settings.max_model_len,
+        max_len = min(state.settings.max_model_len, engine.max_model_len)
+        loop = EngineLoop(engine, max_num_seqs=state.settings.max_num_seqs, max_model_len=max_len,
                           queue_capacity=state.settings.queue_capacity, metrics=state.metrics)
         loop.start()
         state.presets, state.engine, state.loop = presets, engine, loop

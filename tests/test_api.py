@@ -751,15 +751,15 @@ def test_queue_full_is_429_with_retry_after():
         assert metric_value(c.get("/metrics").text, "painters:request_errors_total", status="429") == 7
 
 
-def test_a_multi_prompt_request_is_queued_whole_or_not_at_all():
+def test_a_request_larger_than_the_queue_is_a_400_not_a_429():
+    """Retrying could never help, so it must not say 'retry later'."""
     gate = threading.Event()
-    with serving(settings(queue_capacity=1, max_num_seqs=1), gated(gate)) as c:
+    with serving(settings(queue_capacity=2, max_num_seqs=1), gated(gate)) as c:
         loop = c.app.state.painters.loop
         try:
             r = c.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b", "c"], "max_tokens": 4})
-            assert_error(r, 429, code="queue_full")
-            assert r.headers["retry-after"] == "1"
-            assert loop.num_waiting == 0  # the prompts queued before the rejection were taken back
+            assert_error(r, 400, code="too_many_sequences", says=("3 sequences", "at most 2"))
+            assert loop.num_waiting == 0
         finally:
             gate.set()
         wait_for(lambda: loop.num_running == 0 and loop.num_waiting == 0)

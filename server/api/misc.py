@@ -64,7 +64,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
         ids = list(engine.tokenizer.encode(text, add_special_tokens=False))
     else:
         ids = list(engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
-    return {"tokens": ids, "count": len(ids), "max_model_len": state.settings.max_model_len}
+    return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
 
 
 @tokenizer_router.post("/detokenize")
@@ -90,6 +90,6 @@ async def tokenizer_info(request: Request) -> dict[str, Any]:
         "bos_token": getattr(tok, "bos_token", None), "bos_token_id": getattr(tok, "bos_token_id", None),
         "pad_token": getattr(tok, "pad_token", None), "pad_token_id": getattr(tok, "pad_token_id", None),
         "chat_template": getattr(tok, "chat_template", None),
-        "model_max_length": state.settings.max_model_len,
+        "model_max_length": state.max_model_len,
         "vocab_size": engine.model.args.vocab_size,
     }

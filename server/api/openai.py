@@ -89,7 +89,7 @@ async def list_models(request: Request) -> dict[str, Any]:
     state = get_state(request)
     created = int(time.time())
     data = [{"id": state.model_name, "object": "model", "created": created, "owned_by": "painters",
-             "max_model_len": state.settings.max_model_len, "policy": state.settings.default_policy}]
+             "max_model_len": state.max_model_len, "policy": state.settings.default_policy}]
     data += [{"id": f"{state.model_name}@{name}", "object": "model", "created": created, "owned_by": "painters",
               "root": state.model_name, "parent": state.model_name, "policy": policy}
              for name, policy in state.presets.items()]

@@ -36,6 +36,13 @@ class AppState:
     load_error: str | None = None
 
     @property
+    def max_model_len(self) -> int:
+        """What the server enforces: the setting, capped by the model's own position limit."""
+        if self.engine is None:
+            return self.settings.max_model_len
+        return min(self.settings.max_model_len, self.engine.max_model_len)
+
+    @property
     def ready(self) -> bool:
         return self.loop is not None and self.loop.alive
 
@@ -104,7 +111,7 @@ class AppState:
     # -- prompts -----------------------------------------------------------------------------------------------
 
     def check_length(self, prompt_len: int, max_tokens: int) -> None:
-        limit = min(self.settings.max_model_len, self.engine.max_model_len if self.engine else 1 << 30)
+        limit = self.max_model_len
         if prompt_len > limit:
             raise APIError(413, f"prompt has {prompt_len} tokens but this server allows at most {limit} "
                                 f"(max_model_len); shorten the prompt", param="prompt", code="context_length_exceeded")
@@ -114,7 +121,7 @@ class AppState:
                            param="max_tokens", code="context_length_exceeded")
 
     def default_max_tokens(self, prompt_len: int) -> int:
-        return max(0, min(self.settings.max_model_len, self.engine.max_model_len) - prompt_len)  # type: ignore[union-attr]
+        return max(0, self.max_model_len - prompt_len)
 
 
 class RequestStream:
@@ -149,6 +156,10 @@ class RequestStream:
 def submit_all(state: AppState, requests: list[EngineRequest]) -> list[RequestStream]:
     """Queue every request or none: on a full queue the ones already queued are aborted and 429 is raised."""
     _, loop = state.require()
+    capacity = state.settings.queue_capacity
+    if len(requests) > capacity:
+        raise APIError(400, f"this request asks for {len(requests)} sequences (prompts x n) but the server queues at "
+                            f"most {capacity} at once; split it", param="prompt", code="too_many_sequences")
     streams = [RequestStream(loop, r) for r in requests]
     for i, s in enumerate(streams):
         try:
