@@ -91,15 +91,17 @@ def _time_decode(engine: Engine, prompt_ids: list[int], policy: str, new_tokens:
     return statistics.median(per_token)
 
 
-def _time_parts(engine: Engine, prompt_ids: list[int], repeats: int = 50) -> tuple[float, float]:
-    """Seconds for one decoder layer and for the LM head (final norm + matmul) at one decode token."""
+def _time_parts(engine: Engine, prompt_ids: list[int], new_tokens: int, repeats: int = 50) -> tuple[float, float]:
+    """Seconds for one decoder layer and for the LM head (final norm + matmul) at one decode token, with the
+    context as long as it is on average during the timed decode (prompt + half the new tokens)."""
     from server.executor import Executor
 
     model, device = engine.model, engine.model.device
     schedule = engine.compile("full")
-    ex = Executor(model, schedule, max_batch=1, max_len=len(prompt_ids) + 8)
-    ex.forward(torch.tensor([prompt_ids], device=device), rows=slice(0, 1), start=[0])
-    ctx = model.context(rows=slice(0, 1), start=[len(prompt_ids)], num_new=1)
+    context = prompt_ids + [prompt_ids[-1]] * (new_tokens // 2)
+    ex = Executor(model, schedule, max_batch=1, max_len=len(context) + 8)
+    ex.forward(torch.tensor([context], device=device), rows=slice(0, 1), start=[0])
+    ctx = model.context(rows=slice(0, 1), start=[len(context)], num_new=1)
     h = model.embed_tokens(torch.tensor([[5]], device=device))
     with torch.inference_mode():
         def layers() -> None:
@@ -166,7 +168,7 @@ def run_bench(
     hf_tok_s = _hf_generate_tok_s(hf_model, prompt_ids, new_tokens) if baseline else None
     if not baseline or dev.type == "cuda":
         del hf_model  # the engine holds its own stacked copy
-    layer_s, head_s = _time_parts(engine, prompt_ids)
+    layer_s, head_s = _time_parts(engine, prompt_ids, new_tokens)
     result = BenchResult(
         model=model, device=str(dev), dtype=str(engine.model.dtype).removeprefix("torch."), new_tokens=new_tokens,
         threads=torch.get_num_threads(), hf_generate_tok_s=hf_tok_s, layer_ms=layer_s * 1e3, head_ms=head_s * 1e3,
