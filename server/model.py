@@ -254,7 +254,7 @@ class Transformer:
         G = w.wqkv.shape[0]
         B, T = ctx.positions.shape
         xn = _rms_norm(x, w.attn_norm, a.norm_eps)  # [G, B, T, d]
-        qkv = torch.matmul(xn.reshape(G, B * T, a.dim), w.wqkv)  # [G, BT, q + 2kv]
+        qkv = torch.bmm(xn.reshape(G, B * T, a.dim), w.wqkv)  # [G, BT, q + 2kv]
         if w.bqkv is not None:
             qkv = qkv + w.bqkv[:, None, :]
         qkv = qkv.view(G, B, T, a.n_heads + 2 * a.n_kv_heads, a.head_dim)
@@ -271,7 +271,7 @@ class Transformer:
         keys, values = cache.update(slots, ctx.rows, ctx.start, ctx.positions, k, v, kv_len=ctx.kv_len)
         mask = ctx.mask_for(layers)
         o = _attend(q.transpose(2, 3), keys, values, mask, gqa=a.n_heads != a.n_kv_heads)  # [G, B, H, T, hd]
-        o = torch.matmul(o.transpose(2, 3).reshape(G, B * T, a.q_size), w.wo)
+        o = torch.bmm(o.transpose(2, 3).reshape(G, B * T, a.q_size), w.wo)
         if w.bo is not None:
             o = o + w.bo[:, None, :]
         return o.view(G, B, T, a.dim)
@@ -282,11 +282,11 @@ class Transformer:
         G = w.w_gate_up.shape[0]
         shape = x.shape[-3:]
         xn = _rms_norm(x, w.mlp_norm, a.norm_eps).reshape(G, -1, a.dim)
-        gate_up = torch.matmul(xn, w.w_gate_up)
+        gate_up = torch.bmm(xn, w.w_gate_up)
         if w.b_gate_up is not None:
             gate_up = gate_up + w.b_gate_up[:, None, :]
         gate, up = gate_up.chunk(2, dim=-1)
-        out = torch.matmul(F.silu(gate) * up, w.w_down)
+        out = torch.bmm(F.silu(gate) * up, w.w_down)
         if w.b_down is not None:
             out = out + w.b_down[:, None, :]
         return out.view(G, *shape)
