@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test test-fast bench bench-server bench-gpu clean
+.PHONY: setup serve test test-fast bench bench-server bench-lm-eval bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ bench: setup
 
 bench-server: setup
 	$(BIN)/python benchmarks/bench_server.py
+
+# lm-evaluation-harness's own local-completions model against our server (needs ../shared/data).
+bench-lm-eval: setup
+	$(BIN)/python -m pip install -q '.[harness]'
+	$(BIN)/python benchmarks/lm_eval_check.py --policy skip:4 --limit 100
 
 # For a GPU machine without package registries: system python with torch and transformers, no venv.
 bench-gpu:
