@@ -306,8 +306,10 @@ class Engine:
         max_len = max(len(s.prompt_ids) for s in seqs) + max(params.max_tokens, 1)
         batch = self.new_batch(schedule, max_batch=len(seqs), max_len=max_len)
         batch.add(seqs)
-        while batch.filter() is not None and batch.sequences:
+        batch.filter()
+        while batch.sequences:
             batch.step()
+            batch.filter()
         return [s.result(schedule.policy) for s in seqs]
 
     def _fallback_bos(self) -> int:
