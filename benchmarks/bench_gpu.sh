@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 timeout 180 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$out/gpu-tests.log"
 for shape in smollm2-135m llama-2-7b; do
-  timeout 200 $PY -m server.cli bench --device cuda --random-weights --model "$shape" --new-tokens 128 --repeats 3 \
+  timeout 200 $PY -m server.bench --device cuda --random-weights --model "$shape" --new-tokens 128 --repeats 3 \
     --json | tee "$out/bench-$shape.json"
 done
 $PY benchmarks/summarize_gpu.py "$out"/bench-*.json || true

@@ -222,3 +222,31 @@ def render(result: BenchResult) -> Any:
         f"P3 = {result.P3 and round(result.P3, 3)} (target >= 1.05)"
     )
     return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m server.bench`: the same benchmark without the CLI's imports (for bare GPU machines)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m", help="model, or a shape name with --random-weights")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--random-weights", action="store_true", help=f"random weights of a shape: {', '.join(SHAPES)}")
+    parser.add_argument("--no-baseline", action="store_true", help="skip transformers generate")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    result = run_bench(model=args.model, device=args.device, new_tokens=args.new_tokens, repeats=args.repeats,
+                       random_weights=args.random_weights, baseline=not args.no_baseline)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        from rich.console import Console
+
+        Console().print(render(result))
+
+
+if __name__ == "__main__":
+    main()
