@@ -34,6 +34,7 @@ class AppState:
     engine: Engine | None = None
     loop: EngineLoop | None = None
     load_error: str | None = None
+    _allowed: set[str] | None = field(default=None, repr=False)
 
     @property
     def max_model_len(self) -> int:
@@ -86,13 +87,20 @@ class AppState:
         except PolicyError as e:
             raise APIError(400, f"invalid policy {chosen!r}: {e}; {self.policy_help(str(e))}", param="policy",
                            code="invalid_policy") from None
-        allowed = self.settings.allowed_policies
-        if allowed is not None:
-            canonical = {engine.compile(as_policy(self.presets.get(p, p))).policy for p in allowed}
+        if self.settings.allowed_policies is not None:
+            canonical = self.allowed_canonical()
             if schedule.policy not in canonical:
                 raise APIError(400, f"policy {schedule.policy!r} is not allowed on this server; allowed: "
                                     f"{', '.join(sorted(canonical))}", param="policy", code="policy_not_allowed")
         return schedule
+
+    def allowed_canonical(self) -> set[str]:
+        """The allowed policies in canonical form, compiled once (not on every request)."""
+        if self._allowed is None:
+            engine, _ = self.require()
+            self._allowed = {engine.compile(as_policy(self.presets.get(p, p))).policy
+                             for p in self.settings.allowed_policies or ()}
+        return self._allowed
 
     def policies_info(self) -> dict[str, Any]:
         n = self.engine.num_layers if self.engine else None
