@@ -17,7 +17,7 @@ from server.generate import Batch, Engine, GenerationResult, Sequence
 from server.metrics import Metrics, QueueStats, RequestStats, StepStats
 from server.sampling import SamplingParams
 from server.scheduler import QueueFullError, Scheduler, SchedRequest
-from server.schedule import Schedule
+from server.compiler import Schedule
 
 log = logging.getLogger(__name__)
 

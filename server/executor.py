@@ -12,7 +12,7 @@ from torch import Tensor
 
 from server.kv_cache import KVCache
 from server.model import GroupMode, Transformer
-from server.schedule import Schedule
+from server.compiler import Schedule
 
 
 class Executor:

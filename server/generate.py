@@ -18,7 +18,7 @@ from server.executor import Executor
 from server.model import GroupMode, Transformer, default_dtype
 from server.policy import Policy, as_policy
 from server.sampling import SamplingParams, make_generator, sample
-from server.schedule import Schedule, compile_schedule
+from server.compiler import Schedule, compile_schedule
 
 _ids = itertools.count()
 

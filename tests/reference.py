@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
-from server.schedule import Schedule
+from server.compiler import Schedule
 
 VOCAB = 96
 NUM_LAYERS = 8

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 
 from server.executor import Executor
 from server.model import GroupMode, Transformer
-from server.schedule import Schedule, compile_schedule
+from server.compiler import Schedule, compile_schedule
 from tests.reference import ARCHS, NUM_LAYERS, VOCAB, reference_logits, tiny_model
 
 TOL = dict(rtol=1e-4, atol=1e-4)

@@ -9,7 +9,7 @@ from torch import Tensor
 from server.executor import Executor
 from server.kv_cache import KVCache
 from server.model import Transformer
-from server.schedule import compile_schedule
+from server.compiler import compile_schedule
 from tests.reference import NUM_LAYERS, VOCAB, tiny_model
 
 KV, HD, S, ROWS, LEN = 2, 4, 4, 3, 10

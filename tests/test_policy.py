@@ -87,7 +87,7 @@ def is_single_run_set(text: str) -> bool:
 
 
 def bounded(text: str) -> bool:
-    """No number long enough to make the parser materialise a huge run (a known problem, see test_schedule.py)."""
+    """No number long enough to make the parser materialise a huge run (a known problem, see test_compiler.py)."""
     return re.search(r"\d{5}", text) is None
 
 

@@ -16,7 +16,7 @@ from server.api.protocol import GenerateRequest
 from server.api.state import RequestStream, collect, engine_request, new_request_id, painters_info, submit_all, timing_headers
 from server.generate import Engine, GenerationResult
 from server.sampling import SamplingParams
-from server.schedule import Schedule
+from server.compiler import Schedule
 
 router = APIRouter(tags=["native"])
 

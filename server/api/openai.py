@@ -20,7 +20,7 @@ from server.api.state import (
 from server.engine_loop import Output
 from server.generate import Engine, GenerationResult
 from server.sampling import SamplingParams
-from server.schedule import Schedule
+from server.compiler import Schedule
 
 router = APIRouter(tags=["openai"])
 

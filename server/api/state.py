@@ -21,7 +21,7 @@ from server.generate import Engine, GenerationResult
 from server.metrics import Metrics
 from server.policy import KINDS, SYNTAX, PolicyError, allowed_forms, as_policy
 from server.sampling import SamplingParams
-from server.schedule import Schedule, default_span
+from server.compiler import Schedule, default_span
 from server.settings import Settings
 
 

@@ -1,8 +1,9 @@
 """The schedule compiler: (policy, number of layers) -> an immutable schedule of steps. Pure; imports no torch.
 
 A schedule is what the executor runs: a tuple of steps, each one layer or a group of layers that read the same
-input, with the KV-cache slot of every attention it runs. Slots are numbered in execution order, so the slots of a
-group are consecutive (the executor uses them as one slice). A skipped layer has no slot; a layer run twice has two.
+input, with the KV-cache slot of every attention it runs. A slot is (layer, occurrence): the k-th time the schedule
+runs that layer. Slot ids do not depend on the rest of the schedule, so `full` and `skip:10` name the same slot for
+layer 20 and `loop:x3` uses occurrences 0-2 of its layers. A skipped layer has no slot; a layer run twice has two.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from dataclasses import dataclass
 from server.policy import RANGE_KINDS, Combine, Group, Policy, PolicyError, parse_policy
 
 
+Slot = tuple[int, int]  # (layer, occurrence)
+
+
 @dataclass(frozen=True)
 class Step:
     layers: tuple[int, ...]
-    slots: tuple[int, ...]  # one KV slot per layer, consecutive
+    slots: tuple[Slot, ...]  # one KV slot per layer: (layer, how many times the schedule ran it before)
     combine: Combine = "mean"
 
     @property
@@ -33,6 +37,11 @@ class Schedule:
     @property
     def num_slots(self) -> int:
         return sum(len(s.layers) for s in self.steps)
+
+    @property
+    def slots(self) -> tuple[Slot, ...]:
+        """Every slot the schedule writes, in execution order (each once)."""
+        return tuple(slot for step in self.steps for slot in step.slots)
 
     @property
     def key(self) -> str:
@@ -119,10 +128,13 @@ def compile_schedule(policy: Policy | str, num_layers: int) -> Schedule:
     p = resolve(policy, num_layers)
     groups = _groups(p, num_layers)
     steps: list[Step] = []
-    slot = 0
+    runs: dict[int, int] = {}  # layer -> times run so far
     for layers, combine in groups:
-        steps.append(Step(layers, tuple(range(slot, slot + len(layers))), combine))
-        slot += len(layers)
+        slots = []
+        for layer in layers:
+            slots.append((layer, runs.get(layer, 0)))
+            runs[layer] = runs.get(layer, 0) + 1
+        steps.append(Step(layers, tuple(slots), combine))
     return Schedule(tuple(steps), num_layers, str(p))
 
 

@@ -1,4 +1,4 @@
-"""Tests for server.schedule: policy + number of layers -> steps and KV slots. Pure data, no model, no torch."""
+"""Tests for server.compiler: policy + number of layers -> steps and KV slots. Pure data, no model, no torch."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.policy import KINDS, Group, Policy, PolicyError, parse_policy, policy_from_json
-from server.schedule import Schedule, Step, centred_span, compile_schedule, default_span, resolve
+from server.compiler import Schedule, Step, centred_span, compile_schedule, default_span, resolve
 
 FAST = settings(max_examples=250, deadline=None)
 
