@@ -1,10 +1,16 @@
-"""Next-token choice: each row's own parameters and generator."""
+"""Next-token choice: each row's own parameters and generator, every accepted value, row isolation, validation."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from server.sampling import SamplingParams, make_generator, sample
+from server.sampling import (MAX_STOP_LENGTH, MAX_STOP_STRINGS, MIN_TEMPERATURE, SEED, TOP_K, SamplingError,
+                             SamplingParams, make_generator, sample, sample_isolated)
+
+CPU = torch.device("cpu")
 
 
 def draws(logits, params, seed, n=300):
@@ -37,3 +43,117 @@ def test_temperature_sampling_covers_the_distribution_and_seeds_repeat():
     g = make_generator(5, torch.device("cpu"))
     b = [int(sample(logits[None].clone(), [p], [g])[0]) for _ in range(20)]
     assert a == b
+
+
+# -- every accepted value samples ------------------------------------------------------------------------------------
+
+INF = float("inf")
+HUGE = torch.finfo(torch.float32).max
+LOGITS = torch.tensor([1.0, 3.0, -INF, 2.0, 0.5])  # argmax 1; token 2 can never be drawn
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0, top_p=5e-324),  # rounds to 0 in float32
+    SamplingParams(temperature=1.0, top_p=1e-9),
+    SamplingParams(temperature=1e-300),  # 1/t overflows float32
+    SamplingParams(temperature=1e-6),  # below MIN_TEMPERATURE: greedy
+    SamplingParams(temperature=1.0, top_k=1),
+], ids=["top_p=5e-324", "top_p=1e-9", "temperature=1e-300", "temperature=1e-6", "top_k=1"])
+def test_degenerate_parameters_choose_the_argmax(params):
+    assert draws(LOGITS, params, 0, n=50) == {1}
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_k=TOP_K.hi), SamplingParams(temperature=100.0),
+                                    SamplingParams(temperature=MIN_TEMPERATURE, top_p=0.5, top_k=3)])
+def test_huge_top_k_and_extreme_temperatures_draw_valid_tokens(params):
+    got = draws(LOGITS, params, 0, n=200)
+    assert got and got <= {0, 1, 3, 4}
+
+
+def test_huge_logits_at_the_lowest_sampled_temperature():
+    logits = torch.tensor([HUGE, -HUGE, 0.0, HUGE])  # divided by 1e-5 they would overflow to inf
+    assert draws(logits, SamplingParams(temperature=MIN_TEMPERATURE), 0, n=100) == {0, 3}
+
+
+def test_infinite_and_nan_logits():
+    logits = torch.tensor([INF, 0.0, INF, float("nan")])
+    assert draws(logits, SamplingParams(temperature=1.0), 0) == {0, 2}  # +inf logits share the draw
+    assert draws(torch.tensor([float("nan"), 1.0, 2.0]), SamplingParams(temperature=1.0), 0) == {1, 2}
+    assert sample(torch.tensor([[float("nan"), 1.0, 2.0]]), [SamplingParams()], [make_generator(0, CPU)]).item() == 2
+
+
+def test_temperature_one_follows_the_softmax():
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.1]))
+    g = make_generator(3, CPU)
+    counts = torch.bincount(torch.stack([sample(logits[None], [SamplingParams(temperature=1.0)], [g])[0]
+                                         for _ in range(3000)]), minlength=3)
+    assert torch.allclose(counts / 3000, torch.tensor([0.6, 0.3, 0.1]), atol=0.04), counts
+
+
+def finite_logit_rows(max_vocab: int = 64) -> st.SearchStrategy[list[float]]:
+    """Rows of float32 logits: huge magnitudes, subnormals, -inf entries; at least one finite entry."""
+    finite = st.one_of(st.sampled_from([HUGE, -HUGE]), st.floats(width=32, allow_nan=False, allow_infinity=False))
+    entry = st.one_of(finite, st.just(-INF))
+    return st.tuples(st.lists(entry, max_size=max_vocab - 1), finite, st.integers(0, max_vocab)).map(
+        lambda t: t[0][:t[2]] + [t[1]] + t[0][t[2]:])
+
+
+accepted_params = st.builds(
+    SamplingParams,
+    temperature=st.one_of(st.sampled_from([0.0, 5e-324, 1e-300, 1e-6, MIN_TEMPERATURE, 1.0, 100.0]),
+                          st.floats(0, 100)),
+    top_p=st.one_of(st.sampled_from([5e-324, 1e-9, 0.5, 1.0]), st.floats(0, 1, exclude_min=True)),
+    top_k=st.one_of(st.sampled_from([0, 1, 2, TOP_K.hi]), st.integers(0, TOP_K.hi)),
+    seed=st.integers(SEED.lo, SEED.hi),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.lists(finite_logit_rows(), min_size=1, max_size=4), data=st.data())
+def test_any_accepted_params_on_any_finite_row_draw_a_finite_logit(rows, data):
+    vocab = max(len(r) for r in rows)
+    logits = torch.tensor([r + [-INF] * (vocab - len(r)) for r in rows])
+    params = [data.draw(accepted_params) for _ in rows]
+    tokens, errors = sample_isolated(logits, params, [make_generator(p.seed, CPU) for p in params])
+    assert errors == {}
+    for b, (t, p) in enumerate(zip(tokens.tolist(), params)):
+        assert torch.isfinite(logits[b, t]), (b, t, logits[b])
+        if p.greedy:
+            assert t == int(logits[b].argmax())
+
+
+# -- isolation -------------------------------------------------------------------------------------------------------
+
+
+def test_a_failing_row_does_not_fail_the_others():
+    logits = torch.tensor([[0.0, 1.0, 2.0], [-INF, -INF, -INF], [1.0, 1.0, 1.0], [float("nan")] * 3])
+    params = [SamplingParams(temperature=1.0, seed=7)] * 4
+    gens = [make_generator(7, CPU), make_generator(7, CPU), object(), make_generator(7, CPU)]  # row 2: not a generator
+    tokens, errors = sample_isolated(logits, params, gens)  # type: ignore[arg-type]
+    assert sorted(errors) == [1, 2, 3]
+    assert "finite" in str(errors[1]) and "finite" in str(errors[3]) and isinstance(errors[2], TypeError)
+    assert tokens[0] == sample(logits[:1], params[:1], [make_generator(7, CPU)])[0]
+    with pytest.raises(ValueError, match="finite"):
+        sample(logits[:2], params[:2], [make_generator(7, CPU)] * 2)
+
+
+# -- validation ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad,says", [
+    (dict(temperature=float("nan")), "[0, 100]"), (dict(temperature=INF), "[0, 100]"), (dict(temperature=101), "[0, 100]"),
+    (dict(temperature=-1e-9), "[0, 100]"), (dict(top_p=0.0), "(0, 1]"), (dict(top_p=float("nan")), "(0, 1]"),
+    (dict(top_p=1.0000001), "(0, 1]"), (dict(top_k=TOP_K.hi + 1), "[0, 1000000]"), (dict(top_k=-1), "[0, 1000000]"),
+    (dict(top_k=2.5), "integer"), (dict(seed=-1), "[0, 9223372036854775807]"), (dict(seed=2**63), "9223372036854775807]"),
+    (dict(logprobs=21), "[0, 20]"), (dict(max_tokens=-1), ">= 0"), (dict(stop=("a",) * 17), "at most 16"),
+    (dict(stop=("a" * 257,)), "1-256"), (dict(stop=("",)), "1-256"),
+])
+def test_out_of_range_params_name_the_range(bad, says):
+    with pytest.raises(SamplingError) as e:
+        SamplingParams(**bad)
+    assert says in str(e.value) and next(iter(bad)) in str(e.value)
+
+
+def test_the_bounds_themselves_are_accepted():
+    SamplingParams(temperature=100.0, top_p=5e-324, top_k=TOP_K.hi, seed=2**63 - 1, logprobs=20,
+                   stop=("s" * MAX_STOP_LENGTH,) * MAX_STOP_STRINGS)
