@@ -696,6 +696,40 @@ def test_error_code_is_a_string_or_null(client):
     assert code is None or isinstance(code, str)
 
 
+def test_native_top_p_that_rounds_to_zero_keeps_the_most_likely_token(client):
+    body = {"inputs": "hello", "parameters": {"max_new_tokens": 4, "ignore_eos": True}}
+    greedy = client.post("/generate", json=body)
+    assert greedy.status_code == 200, greedy.text
+    body["parameters"] |= {"do_sample": True, "top_p": 5e-324, "seed": 3}  # float32 rounds it to 0
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["generated_text"] == greedy.json()["generated_text"]
+
+
+@pytest.mark.parametrize("path,body,param,says", [
+    ("/generate", '{"inputs": "x", "parameters": {"temperature": NaN}}', "parameters.temperature", "[0, 100]"),
+    ("/generate", '{"inputs": "x", "parameters": {"top_p": Infinity}}', "parameters.top_p", "(0, 1]"),
+    ("/generate", {"inputs": "x", "parameters": {"top_k": 10**7}}, "parameters.top_k", "[0, 1000000]"),
+    ("/generate", {"inputs": "x", "parameters": {"seed": 2**63}}, "parameters.seed", "[0, 9223372036854775807]"),
+    ("/generate", {"inputs": "x", "parameters": {"stop": ["s"] * 17}}, "parameters.stop", "at most 16"),
+    ("/v1/completions", {"prompt": "x", "temperature": 1e300}, "temperature", "[0, 100]"),
+    ("/v1/completions", {"prompt": "x", "top_p": 1.5}, "top_p", "(0, 1]"),
+    ("/v1/completions", {"prompt": "x", "top_k": -2}, "top_k", "[-1, 1000000]"),
+    ("/v1/completions", {"prompt": "x", "seed": -1}, "seed", "[0, 9223372036854775807]"),
+    ("/v1/completions", {"prompt": "x", "stop": "s" * 257}, "stop", "1-256"),
+    ("/v1/completions", {"prompt": "x", "n": 17}, "n", "[1, 16]"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 21}, "top_logprobs",
+     "[0, 20]"),
+])
+def test_out_of_range_sampling_values_are_400s_naming_the_range(client, path, body, param, says):
+    if isinstance(body, str):
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post(path, json=body)
+    assert_error(r, 400, param=param, says=(says,))
+    assert_serves(client)
+
+
 # -- settings-driven statuses ----------------------------------------------------------------------------------------
 
 

@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from server.sampling import LOGPROBS, SEED, TEMPERATURE, TOP_K, TOP_P, Interval, check_stop
 
 PolicyField = str | dict[str, Any] | None
 POLICY_DOC = "layer policy: string form (e.g. 'skip:10') or JSON object; overrides a model-name suffix"
+
+
+def _within(kind: type, interval: Interval) -> Any:
+    """`kind` limited to `interval`: the OpenAPI schema shows the bounds, and an error names the whole range. The check
+    also refuses NaN and inf (JSON bodies may carry them), so pydantic's `allow_inf_nan=False` is not needed, and would
+    answer first with a message that omits the range."""
+    return Annotated[kind, Field(json_schema_extra=interval.json_schema()),
+                     AfterValidator(lambda v, info: interval.check(info.field_name, v))]
+
+
+Temperature = _within(float, TEMPERATURE)
+TopP = _within(float, TOP_P)
+TopK = _within(int, TOP_K)
+OpenAITopK = _within(int, Interval(-1, TOP_K.hi, integer=True))  # -1 = off, as in vLLM
+Seed = _within(int, SEED)
+Logprobs = _within(int, LOGPROBS)
+N = _within(int, Interval(1, 16, integer=True))
+
+
+def _check_stop(v: str | list[str] | None) -> str | list[str] | None:
+    if v is not None:
+        check_stop([v] if isinstance(v, str) else v)
+    return v
 
 
 class StreamOptions(BaseModel):
@@ -19,12 +44,12 @@ class _Sampling(BaseModel):
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1, description="0 or -1: off (vLLM extension)")
-    seed: int | None = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: OpenAITopK = Field(0, description="0 or -1: off (vLLM extension)")
+    seed: Seed | None = None
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=16)
+    n: N = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -32,6 +57,8 @@ class _Sampling(BaseModel):
     policy: PolicyField = Field(None, description=POLICY_DOC)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+
+    _stop_limits = field_validator("stop")(_check_stop)
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -49,7 +76,7 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: Logprobs | None = None
     echo: bool = False
 
     @field_validator("prompt")
@@ -80,7 +107,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Logprobs | None = None
     max_completion_tokens: int | None = Field(None, ge=0)
 
 
@@ -111,18 +138,20 @@ class GenerateParameters(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     max_new_tokens: int | None = Field(20, ge=0)
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
     do_sample: bool = False
-    seed: int | None = None
+    seed: Seed | None = None
     stop: list[str] = Field(default_factory=list)
     details: bool = False
     decoder_input_details: bool = False
-    top_n_tokens: int | None = Field(None, ge=0, le=20)
+    top_n_tokens: Logprobs | None = None
     return_full_text: bool = False
     ignore_eos: bool = False
     policy: PolicyField = Field(None, description=POLICY_DOC)
+
+    _stop_limits = field_validator("stop")(_check_stop)
 
 
 class GenerateRequest(BaseModel):
