@@ -1,82 +1,211 @@
-"""The executor: runs one schedule over a batch of sequences and owns their KV cache.
+"""The executor: runs a step plan over a batch of rows that may each follow a different schedule; owns the KV cache.
 
-Each forward call appends T tokens to B dense cache rows (different lengths allowed) and returns logits; the
-model's layer math gets its cache slot from the schedule step it runs, so a skipped layer is never written and a
-layer run twice writes two slots.
+A forward call appends T tokens to every row (rows shorter than T are right-padded) and returns logits. The rows'
+schedules go to the planner, which returns an ordered list of layer applications; each application gathers its rows'
+input buffers, runs the layer once for all of them (one batched matmul, whatever their schedules), writes and reads
+each row's own KV slot, and adds its output into each row's destination buffer. Index tensors of a plan are built
+once per batch layout (which sequence has which schedule in which row) and reused while the layout holds, as it does
+over a run of decode steps.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from server.kv_cache import KVCache
-from server.model import GroupMode, Transformer
 from server.compiler import Schedule
+from server.kv_cache import PagedKVCache
+from server.model import GroupMode, Transformer
+from server.planner import Apply, Copy, Merge, StepPlan, plan_step
+
+
+@dataclass(frozen=True)
+class Row:
+    """One sequence in a forward call."""
+
+    seq: int  # the sequence's id (its KV blocks are kept under it)
+    schedule: Schedule
+    start: int  # tokens already cached
+    num_new: int  # real tokens appended by this call (the rest of T is padding)
+
+
+@dataclass
+class _Apply:
+    entry: Apply
+    rows: Tensor  # [m] batch rows the application covers (a row may appear twice: a group naming a layer twice)
+    src: Tensor  # [G, m] buffer read per (layer, row)
+    dst: Tensor  # [G, m] buffer written
+    scale: Tensor | None  # [G, m, 1, 1], None when all 1
+    kv_rows: Tensor | None  # [G*m] cache table rows (attention)
+    whole: bool  # one layer over every row, h -> h, scale 1: no gather or scatter needed
+
+
+@dataclass
+class _RowOp:
+    entry: Copy | Merge
+    rows: Tensor
 
 
 class Executor:
     def __init__(
-        self,
-        model: Transformer,
-        schedule: Schedule,
-        *,
-        max_batch: int,
-        max_len: int,
+        self, model: Transformer, *, num_blocks: int, block_size: int = 16, max_len: int,
         group_mode: GroupMode = "batched",
-        initial_batch: int | None = None,
-        initial_len: int | None = None,
     ) -> None:
-        """max_batch, max_len: the most the cache may hold; it is allocated at initial_batch x initial_len (default:
-        the maximum) and grows on `reserve`."""
         a = model.args
-        assert schedule.num_layers == a.n_layers, "schedule compiled for another model"
-        self.model, self.schedule, self.group_mode = model, schedule, group_mode
-        self.limit_batch, self.limit_len = max_batch, max_len
-        self.cache = KVCache(
-            num_slots=max(1, schedule.num_slots),
-            max_batch=min(max_batch, initial_batch or max_batch),
-            max_len=min(max_len, initial_len or max_len),
-            n_kv_heads=a.n_kv_heads,
-            head_dim=a.head_dim,
-            dtype=model.dtype,
-            device=model.device,
-        )
+        self.model, self.group_mode, self.max_len = model, group_mode, max_len
+        self.cache = PagedKVCache(num_blocks=num_blocks, block_size=block_size, max_len=max_len,
+                                  n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, dtype=model.dtype, device=model.device)
+        self._attn_cost, self._mlp_cost = model.unit_bytes()
+        self._compiled: dict[tuple, tuple[StepPlan, list[_Apply | _RowOp]]] = {}
+        self._streams: list[torch.cuda.Stream] = []
 
-    @property
-    def max_batch(self) -> int:
-        return self.limit_batch
+    def release(self, seq: int) -> None:
+        """A sequence left: its KV blocks return to the pool."""
+        self.cache.free(seq)
+        self._compiled.clear()
 
-    @property
-    def max_len(self) -> int:
-        return self.limit_len
-
-    def reserve(self, *, rows: int, length: int) -> None:
-        """Make room for `rows` sequences of up to `length` tokens (within the limits), growing by doubling."""
-        assert rows <= self.limit_batch and length <= self.limit_len, (rows, length)
-        c = self.cache
-        if rows > c.max_batch or length > c.max_len:
-            grow_rows = rows if rows <= c.max_batch else min(self.limit_batch, max(rows, 2 * c.max_batch))
-            grow_len = length if length <= c.max_len else min(self.limit_len, max(length, 2 * c.max_len))
-            c.grow(max_batch=grow_rows, max_len=grow_len)
+    def plan(self, rows: list[Row]) -> StepPlan:
+        distinct = tuple(dict.fromkeys(r.schedule for r in rows))
+        return plan_step(distinct, attn_cost=self._attn_cost, mlp_cost=self._mlp_cost)
 
     @torch.inference_mode()
-    def forward(self, tokens: Tensor, *, rows: slice, start: list[int], logits_at: Tensor | None = None) -> Tensor:
-        """tokens [B, T] appended after start[b] cached tokens in cache rows `rows`.
-
-        logits_at: [B] index in T whose logits to return ([B, V]); None returns all positions ([B, T, V]).
-        Rows shorter than T are right-padded: their padding writes cache positions past their length, which no
-        valid query attends to and the next real token overwrites.
-        """
+    def forward(self, tokens: Tensor, rows: list[Row], *, logits_at: Tensor | None = None) -> Tensor:
+        """tokens [B, T]; rows[b] describes batch row b. logits_at: [B] index in T whose logits to return ([B, V]);
+        None returns all positions ([B, T, V])."""
         B, T = tokens.shape
-        assert rows.stop - rows.start == B == len(start)
-        ctx = self.model.context(rows=rows, start=start, num_new=T)
-        h = self.model.embed_tokens(tokens)  # [B, T, d]
-        for step in self.schedule.steps:
-            h = self.model.run_step(h, step, ctx, self.cache, mode=self.group_mode)
-        if logits_at is not None:
-            h = h[torch.arange(B, device=h.device), logits_at]  # [B, d]
-        return self.model.logits(h)
+        assert len(rows) == B
+        model, cache, dev = self.model, self.cache, self.model.device
+        for r in rows:
+            assert r.start + r.num_new <= self.max_len, f"sequence of {r.start + r.num_new} exceeds {self.max_len}"
+            cache.reserve(r.seq, r.schedule.slots, r.start + r.num_new)
+        plan = self.plan(rows)
+        program = self._compile(plan, rows)
 
-    def move_row(self, src: int, dst: int) -> None:
-        self.cache.move_row(src, dst)
+        start = torch.tensor([r.start for r in rows], device=dev)
+        positions = start[:, None] + torch.arange(T, device=dev)[None, :]  # [B, T]
+        valid = torch.arange(T, device=dev)[None, :] < torch.tensor([r.num_new for r in rows], device=dev)[:, None]
+        kv_len = max(r.start + r.num_new for r in rows)
+        num_blocks = -(-kv_len // cache.block_size)
+        cos, sin = model.rope(positions)
+        mask, window_mask = model.masks(positions, num_blocks * cache.block_size)
+
+        buffers = tokens.new_zeros((plan.num_buffers, B, T, model.args.dim), dtype=model.dtype)
+        buffers[0] = model.embed_tokens(tokens)
+        for op in program:
+            if isinstance(op, _RowOp):
+                _row_op(buffers, op)
+                continue
+            layers = op.entry.layers
+            if op.entry.kind == "mlp":
+                self._run(buffers, op, lambda x, g0, g1, layers=layers: model.mlp(x, model.weights(layers[g0:g1])))
+                continue
+            pick = (lambda t: t) if op.whole else (lambda t, rows=op.rows: t[rows])
+            row_pos, row_valid, row_cos, row_sin = pick(positions), pick(valid), pick(cos), pick(sin)
+            row_masks = {False: pick(mask), True: pick(window_mask) if window_mask is not None else None}
+
+            def attend(x: Tensor, g0: int, g1: int, op: _Apply = op) -> Tensor:
+                G, m = x.shape[:2]
+                kv_rows = op.kv_rows.view(-1, m)[g0:g1].reshape(-1)
+                chosen = op.entry.layers[g0:g1]
+
+                def kv(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+                    cache.write(kv_rows, row_pos.repeat(G, 1), row_valid.repeat(G, 1),
+                                k.reshape(G * m, T, *k.shape[3:]), v.reshape(G * m, T, *v.shape[3:]))
+                    return cache.read(kv_rows, num_blocks)
+
+                masks = [row_masks[i in model.args.sliding_layers] for i in chosen]
+                mk = masks[0] if G == 1 else torch.cat(masks)
+                return model.attention(x, model.weights(chosen), row_cos, row_sin, mk, kv)
+
+            self._run(buffers, op, attend)
+        h = buffers[0]
+        if logits_at is not None:
+            h = h[torch.arange(B, device=dev), logits_at]  # [B, d]
+        return model.logits(h)
+
+    # -- internals -----------------------------------------------------------------------------------------------
+
+    def _run(self, buffers: Tensor, op: _Apply, unit: Callable[[Tensor, int, int], Tensor]) -> None:
+        """Gather the application's inputs, run it (fused, or one layer per CUDA stream), scatter-add its outputs.
+        unit(x, g0, g1) applies layers[g0:g1] to x [g1 - g0, m, T, d]."""
+        if op.whole:
+            buffers[0] += unit(buffers[0][None], 0, 1)[0]
+            return
+        x = buffers[op.src, op.rows[None, :]]  # [G, m, T, d]
+        G = x.shape[0]
+        if self.group_mode == "streams" and G > 1:
+            out = torch.cat(self._on_streams(x, [lambda g=g: unit(x[g : g + 1], g, g + 1) for g in range(G)]))
+        else:
+            out = unit(x, 0, G)
+        if op.scale is not None:
+            out = out * op.scale
+        G, m = op.src.shape
+        buffers.index_put_((op.dst.reshape(-1), op.rows.repeat(G)), out.reshape(G * m, *out.shape[2:]),
+                           accumulate=True)
+
+    def _on_streams(self, x: Tensor, jobs: list) -> list[Tensor]:
+        if x.device.type != "cuda":
+            return [job() for job in jobs]
+        while len(self._streams) < len(jobs):
+            self._streams.append(torch.cuda.Stream(device=x.device))
+        main = torch.cuda.current_stream(x.device)
+        outs: list[Tensor] = []
+        for job, stream in zip(jobs, self._streams):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                outs.append(job())
+        for out, stream in zip(outs, self._streams):
+            main.wait_stream(stream)
+            out.record_stream(main)
+        return outs
+
+    def _compile(self, plan: StepPlan, rows: list[Row]) -> list[_Apply | _RowOp]:
+        """The plan's index tensors for this batch layout (cached while the layout holds)."""
+        klass = {s: i for i, s in enumerate(plan.schedules)}
+        layout = (id(plan), tuple((r.seq, klass[r.schedule]) for r in rows))
+        got = self._compiled.get(layout)
+        if got is not None:
+            return got[1]
+        dev = self.model.device
+        members: list[list[int]] = [[] for _ in plan.schedules]
+        for b, r in enumerate(rows):
+            members[klass[r.schedule]].append(b)
+        index = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+        program: list[_Apply | _RowOp] = []
+        B = len(rows)
+        for e in plan.entries:
+            if not isinstance(e, Apply):
+                program.append(_RowOp(e, index(members[e.schedule])))
+                continue
+            batch_rows = [b for u in e.uses[0] for b in members[u.schedule]]
+            src = [[u.src for u in uses for _ in members[u.schedule]] for uses in e.uses]
+            dst = [[u.dst for u in uses for _ in members[u.schedule]] for uses in e.uses]
+            scale = [[u.scale for u in uses for _ in members[u.schedule]] for uses in e.uses]
+            kv_rows = None
+            if e.kind == "attn":
+                kv_rows = index([self.cache.table_row(rows[b].seq, u.slot) for uses in e.uses
+                                 for u in uses for b in members[u.schedule]])
+            whole = (len(e.layers) == 1 and batch_rows == list(range(B)) and set(src[0]) == {0}
+                     and set(dst[0]) == {0} and set(scale[0]) == {1.0})
+            all_one = all(s == 1.0 for layer in scale for s in layer)
+            program.append(_Apply(
+                e, index(batch_rows), index(src), index(dst),
+                None if all_one else torch.tensor(scale, dtype=self.model.dtype, device=dev)[:, :, None, None],
+                kv_rows, whole,
+            ))
+        if len(self._compiled) > 8:
+            self._compiled.clear()
+        self._compiled[layout] = (plan, program)  # holding the plan keeps its id from being reused
+        return program
+
+
+def _row_op(buffers: Tensor, op: _RowOp) -> None:
+    e, rows = op.entry, op.rows
+    if isinstance(e, Copy):
+        buffers[e.dst_lo : e.dst_hi, rows] = buffers[e.src, rows][None]
+    else:  # Merge: h = x + w * sum_i (t_i - x)
+        x = buffers[1, rows]
+        buffers[0, rows] = x + e.weight * (buffers[2 : 2 + e.members, rows] - x[None]).sum(0)

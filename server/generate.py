@@ -1,7 +1,8 @@
-"""Generation: sequences, a batch decoded together under one schedule, and the offline `Engine.generate`.
+"""Generation: sequences, one batch of sequences under any mix of schedules, and the offline `Engine.generate`.
 
-The ladder is `Batch.add` (prefill, first token) -> `Batch.step` (one token for every row) -> `Batch.filter`
-(finished sequences leave, rows stay dense). The server's engine loop drives the same three calls.
+The ladder is `Batch.add` (prefill, first token) -> `Batch.step` (one token for every row, whatever its schedule)
+-> `Batch.filter` (finished sequences leave and free their KV blocks). The server's engine loop drives the same calls.
+A row whose sampling or stop check fails ends alone with `finish_reason="error"`; its neighbours go on.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from server.executor import Executor
+from server.compiler import Schedule, compile_schedule
+from server.executor import Executor, Row
 from server.model import GroupMode, Transformer, default_dtype
 from server.policy import Policy, as_policy
 from server.sampling import SamplingParams, make_generator, sample
-from server.compiler import Schedule, compile_schedule
 
 _ids = itertools.count()
 
@@ -49,9 +50,10 @@ class GenerationResult:
     top_logprobs: list[dict[int, float]] | None
     prompt_logprobs: list[float | None] | None  # with echo: logprob of each prompt token (None for the first)
     prompt_top_logprobs: list[dict[int, float] | None] | None
-    finish_reason: str  # "stop" | "length" | "abort"
+    finish_reason: str  # "stop" | "length" | "abort" | "error"
     policy: str
     timings: Timings
+    error: str | None = None  # what failed, for finish_reason "error"
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Sequence:
     params: SamplingParams
     generator: torch.Generator
     stop_ids: frozenset[int]
+    schedule: Schedule
     arrival: float = field(default_factory=time.perf_counter)
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
@@ -74,6 +77,7 @@ class Sequence:
     timings: Timings = field(default_factory=Timings)
     scheduled: float | None = None  # when it entered a batch
     stop_from: int = 0  # stop strings match only text from here on (text after min_tokens)
+    error: str | None = None
 
     @property
     def length(self) -> int:
@@ -88,7 +92,11 @@ class Sequence:
         if not self.finished:
             self.finish_reason = "abort"
 
-    def result(self, policy: str) -> GenerationResult:
+    def fail(self, message: str) -> None:
+        if not self.finished:
+            self.finish_reason, self.error = "error", message
+
+    def result(self) -> GenerationResult:
         return GenerationResult(
             text=self.text,
             prompt_token_ids=self.prompt_ids,
@@ -98,36 +106,27 @@ class Sequence:
             prompt_logprobs=self.prompt_logprobs,
             prompt_top_logprobs=self.prompt_top_logprobs,
             finish_reason=self.finish_reason or "abort",
-            policy=policy,
+            policy=self.schedule.policy,
             timings=self.timings,
+            error=self.error,
         )
 
 
 class Batch:
-    """Sequences decoded together under one schedule. Row b of the executor's cache belongs to sequences[b]."""
+    """The running sequences, each under its own schedule, decoded together. The executor owns their KV cache."""
 
-    def __init__(
-        self, model: Transformer, schedule: Schedule, tokenizer: Any, *, max_batch: int, max_len: int,
-        group_mode: GroupMode = "batched", initial_batch: int | None = None, initial_len: int | None = None,
-    ) -> None:
-        self.model, self.schedule, self.tokenizer = model, schedule, tokenizer
-        self.executor = Executor(model, schedule, max_batch=max_batch, max_len=max_len, group_mode=group_mode,
-                                 initial_batch=initial_batch, initial_len=initial_len)
+    def __init__(self, model: Transformer, tokenizer: Any, *, max_len: int, num_blocks: int, block_size: int = 16,
+                 group_mode: GroupMode = "batched") -> None:
+        self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
+        self.executor = Executor(model, num_blocks=num_blocks, block_size=block_size, max_len=max_len,
+                                 group_mode=group_mode)
         self.sequences: list[Sequence] = []
 
-    @property
-    def free_rows(self) -> int:
-        return self.executor.max_batch - len(self.sequences)
-
     def add(self, new: list[Sequence]) -> None:
-        """Prefill `new` (right-padded together) into the next free rows and choose each one's first token."""
+        """Prefill `new` (right-padded together, their own forward call) and choose each one's first token."""
         if not new:
             return
-        assert len(new) <= self.free_rows
-        need = max(len(s.prompt_ids) + s.params.max_tokens for s in new)
-        self.executor.reserve(rows=len(self.sequences) + len(new), length=min(need, self.executor.max_len))
         t0 = time.perf_counter()
-        first = len(self.sequences)
         width = max(len(s.prompt_ids) for s in new)
         tokens = torch.zeros(len(new), width, dtype=torch.long)
         for b, s in enumerate(new):
@@ -136,9 +135,8 @@ class Batch:
         tokens = tokens.to(self.model.device)
         last = torch.tensor([len(s.prompt_ids) - 1 for s in new], device=self.model.device)
         echo = any(s.params.echo for s in new)
-        logits = self.executor.forward(
-            tokens, rows=slice(first, first + len(new)), start=[0] * len(new), logits_at=None if echo else last
-        )
+        rows = [Row(s.id, s.schedule, 0, len(s.prompt_ids)) for s in new]
+        logits = self.executor.forward(tokens, rows, logits_at=None if echo else last)
         if echo:
             for b, s in enumerate(new):
                 if s.params.echo:
@@ -148,47 +146,43 @@ class Batch:
         self._append(new, logits, t0, prefill=True)
 
     def step(self) -> None:
-        """Decode one token for every unfinished row (finished rows ride along until `filter`)."""
-        if not any(not s.finished for s in self.sequences):
+        """Decode one token for every unfinished row (finished rows leave at `filter`)."""
+        live = [s for s in self.sequences if not s.finished]
+        if not live:
             return
         t0 = time.perf_counter()
-        last = [s.output_ids[-1] if s.output_ids else s.prompt_ids[-1] for s in self.sequences]
-        tokens = torch.tensor(last, device=self.model.device)[:, None]
-        start = [s.length - 1 for s in self.sequences]
-        logits = self.executor.forward(
-            tokens, rows=slice(0, len(self.sequences)), start=start,
-            logits_at=torch.zeros(len(last), dtype=torch.long, device=self.model.device),
-        )
-        self._append(self.sequences, logits, t0, prefill=False)
+        tokens = torch.tensor([s.output_ids[-1] for s in live], device=self.model.device)[:, None]
+        rows = [Row(s.id, s.schedule, s.length - 1, 1) for s in live]
+        logits = self.executor.forward(tokens, rows, logits_at=torch.zeros(len(live), dtype=torch.long,
+                                                                         device=self.model.device))
+        self._append(live, logits, t0, prefill=False)
 
     def filter(self) -> list[Sequence]:
-        """Remove finished sequences, moving the last rows into the freed ones; returns the removed."""
-        done = []
-        b = 0
-        while b < len(self.sequences):
-            if self.sequences[b].finished:
-                done.append(self.sequences[b])
-                last = len(self.sequences) - 1
-                self.executor.move_row(last, b)
-                self.sequences[b] = self.sequences[last]
-                self.sequences.pop()
-            else:
-                b += 1
+        """Remove finished sequences and free their KV blocks; returns the removed."""
+        done = [s for s in self.sequences if s.finished]
+        if done:
+            self.sequences = [s for s in self.sequences if not s.finished]
+            for s in done:
+                self.executor.release(s.id)
         return done
 
+    def kv_usage(self) -> float:
+        """Share of the KV pool's blocks in use."""
+        cache = self.executor.cache
+        return cache.used_blocks / cache.num_blocks
+
     def _append(self, seqs: list[Sequence], logits: Tensor, t0: float, *, prefill: bool) -> None:
-        active = [b for b, s in enumerate(seqs) if not s.finished and s.params.max_tokens > 0]
         for s in seqs:
             if prefill and s.params.max_tokens == 0:
                 s.finish_reason = "length"
+        active = [b for b, s in enumerate(seqs) if not s.finished]
         if active:
             rows = logits[active]
             logprobs = torch.log_softmax(rows, dim=-1)
-            next_tokens = sample(rows, [seqs[b].params for b in active], [seqs[b].generator for b in active])
-            chosen = logprobs.gather(-1, next_tokens[:, None])[:, 0].tolist()
+            next_list, failed = _sample_rows(rows, [seqs[b] for b in active])
+            chosen = logprobs.gather(-1, torch.tensor(next_list, device=rows.device)[:, None])[:, 0].tolist()
             top_n = max(seqs[b].params.logprobs for b in active)
             top = torch.topk(logprobs, top_n) if top_n else None
-            next_list = next_tokens.tolist()
         now = time.perf_counter()
         elapsed = now - t0
         for s in seqs:
@@ -198,16 +192,22 @@ class Batch:
                 s.timings.ttft_s = now - s.arrival
         for i, b in enumerate(active):
             s = seqs[b]
-            if not prefill:
-                s.timings.decode_s += elapsed
-                s.timings.per_token_s.append(elapsed)
-            token = next_list[i]
-            s.output_ids.append(token)
-            s.logprobs.append(chosen[i])
-            if s.params.logprobs and top is not None:
-                n = s.params.logprobs
-                s.top_logprobs.append(dict(zip(top.indices[i, :n].tolist(), top.values[i, :n].tolist())))
-            self._check_stop(s, token)
+            if i in failed:
+                s.fail(failed[i])
+                continue
+            try:
+                if not prefill:
+                    s.timings.decode_s += elapsed
+                    s.timings.per_token_s.append(elapsed)
+                token = next_list[i]
+                s.output_ids.append(token)
+                s.logprobs.append(chosen[i])
+                if s.params.logprobs and top is not None:
+                    n = s.params.logprobs
+                    s.top_logprobs.append(dict(zip(top.indices[i, :n].tolist(), top.values[i, :n].tolist())))
+                self._check_stop(s, token)
+            except Exception as e:  # this row alone fails
+                s.fail(f"{type(e).__name__}: {e}")
 
     def _check_stop(self, s: Sequence, token: int) -> None:
         n = len(s.output_ids)
@@ -227,8 +227,23 @@ class Batch:
                 s.text = s.text[: min(hits)]
                 s.finish_reason = "stop"
                 return
-        if n >= s.params.max_tokens or s.length >= self.executor.max_len:
+        if n >= s.params.max_tokens or s.length >= self.max_len:
             s.finish_reason = "length"
+
+
+def _sample_rows(logits: Tensor, seqs: list[Sequence]) -> tuple[list[int], dict[int, str]]:
+    """Next token per row, each with its own parameters and generator (greedy rows share one argmax); a row whose
+    sampling raises is reported in the second value (row -> message) and does not affect the others."""
+    tokens: list[int] = logits.argmax(dim=-1).tolist()
+    failed: dict[int, str] = {}
+    for b, s in enumerate(seqs):
+        if s.params.greedy:
+            continue
+        try:
+            tokens[b] = int(sample(logits[b : b + 1], [s.params], [s.generator])[0])
+        except Exception as e:
+            failed[b] = f"sampling failed: {type(e).__name__}: {e}"
+    return tokens, failed
 
 
 def _score_prompt(s: Sequence, logits: Tensor) -> None:
@@ -246,19 +261,33 @@ def _score_prompt(s: Sequence, logits: Tensor) -> None:
 
 
 class Engine:
-    """A loaded frozen model with its tokenizer: compiles policies and generates under any of them."""
+    """A loaded frozen model with its tokenizer: compiles policies and generates under any mix of them."""
 
     def __init__(
-        self, hf_model: Any, tokenizer: Any, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-        group_mode: GroupMode = "batched", name: str = "model",
+        self, model: Transformer, tokenizer: Any, *, eos_ids: frozenset[int] = frozenset(), config: Any = None,
+        group_mode: GroupMode = "batched", name: str = "model", block_size: int = 16,
     ) -> None:
-        device = torch.device(device)
-        self.name = name
-        self.model = Transformer(hf_model, dtype=dtype or default_dtype(device), device=device)
-        self.tokenizer = tokenizer
-        self.group_mode: GroupMode = group_mode
-        self.config = hf_model.config
-        self.eos_ids = _eos_ids(hf_model, tokenizer)
+        self.model, self.tokenizer, self.config, self.name = model, tokenizer, config, name
+        self.eos_ids, self.group_mode, self.block_size = eos_ids, group_mode, block_size
+
+    @classmethod
+    def from_hf(
+        cls, hf_model: Any, tokenizer: Any, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> Engine:
+        """From an in-memory transformers model (tests, parity checks): its weights are copied into our stacks."""
+        model = Transformer.from_hf(hf_model, dtype=dtype or default_dtype(device), device=device)
+        return cls(model, tokenizer, eos_ids=_eos_ids(hf_model, tokenizer), config=hf_model.config, **kwargs)
+
+    @classmethod
+    def from_loaded(cls, loaded: Any, **kwargs: Any) -> Engine:
+        """From `server.loader.load_model`'s result (weights already on their device, in their dtype)."""
+        from server.model import ModelArgs
+
+        w = loaded.weights
+        model = Transformer(ModelArgs.from_hf_config(loaded.config), w, dtype=w.embed.dtype, device=w.embed.device)
+        return cls(model, loaded.tokenizer, eos_ids=loaded.eos_token_ids, config=loaded.config,
+                   name=kwargs.pop("name", loaded.name), **kwargs)
 
     @property
     def num_layers(self) -> int:
@@ -276,41 +305,47 @@ class Engine:
             return list(self.tokenizer.encode(prompt, add_special_tokens=False)) or [self._fallback_bos()]
         return list(prompt)
 
-    def new_sequence(self, prompt: str | list[int], params: SamplingParams, *, arrival: float | None = None) -> Sequence:
+    def kv_bytes_per_slot_token(self) -> int:
+        a = self.model.args
+        return 2 * a.n_kv_heads * a.head_dim * torch.empty((), dtype=self.model.dtype).element_size()
+
+    def new_sequence(self, prompt: str | list[int], params: SamplingParams, schedule: Schedule, *,
+                     arrival: float | None = None) -> Sequence:
         stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         seq = Sequence(
             prompt_ids=self.encode(prompt), params=params, generator=make_generator(params.seed, self.model.device),
-            stop_ids=stop,
+            stop_ids=stop, schedule=schedule,
         )
         if arrival is not None:
             seq.arrival = arrival
         return seq
 
-    def new_batch(
-        self, schedule: Schedule, *, max_batch: int, max_len: int, initial_batch: int | None = None,
-        initial_len: int | None = None,
-    ) -> Batch:
-        return Batch(self.model, schedule, self.tokenizer, max_batch=max_batch, max_len=max_len,
-                     group_mode=self.group_mode, initial_batch=initial_batch, initial_len=initial_len)
+    def new_batch(self, *, max_len: int, num_blocks: int) -> Batch:
+        return Batch(self.model, self.tokenizer, max_len=max_len, num_blocks=num_blocks, block_size=self.block_size,
+                     group_mode=self.group_mode)
 
     def generate(
-        self, prompts: list[str | list[int]] | str, *, policy: Policy | str | dict | None = None,
+        self, prompts: list[str | list[int]] | str, *,
+        policy: Policy | str | dict | None | list[Policy | str | dict | None] = None,
         params: SamplingParams | None = None,
     ) -> list[GenerationResult]:
-        """Generate for every prompt under one policy, all decoded together in one batch."""
+        """Generate for every prompt, all decoded together in one batch. `policy` is one policy for all prompts or
+        a list with one per prompt (any mix)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         params = params or SamplingParams()
-        schedule = self.compile(policy)
-        seqs = [self.new_sequence(p, params) for p in prompts]
+        policies = policy if isinstance(policy, list) else [policy] * len(prompts)
+        assert len(policies) == len(prompts), "one policy per prompt"
+        seqs = [self.new_sequence(p, params, self.compile(pol)) for p, pol in zip(prompts, policies)]
         max_len = max(len(s.prompt_ids) for s in seqs) + max(params.max_tokens, 1)
-        batch = self.new_batch(schedule, max_batch=len(seqs), max_len=max_len)
+        blocks = sum(-(-max_len // self.block_size) * s.schedule.num_slots for s in seqs)
+        batch = self.new_batch(max_len=max_len, num_blocks=blocks + 1)
         batch.add(seqs)
         batch.filter()
         while batch.sequences:
             batch.step()
             batch.filter()
-        return [s.result(schedule.policy) for s in seqs]
+        return [s.result() for s in seqs]
 
     def _fallback_bos(self) -> int:
         bos = getattr(self.tokenizer, "bos_token_id", None)

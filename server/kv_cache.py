@@ -1,8 +1,10 @@
-"""The KV cache: preallocated, one slot per attention a schedule runs, one row per sequence in the batch.
+"""The paged KV cache: one pool of fixed-size blocks shared by every sequence and every slot.
 
-Layout [slot, row, kv_head, position, head_dim]. Rows are kept dense (0..B-1): a finished sequence's row is
-refilled by moving the last row into it, so a decode step always works on the prefix `rows = 0..B-1`. The cache
-starts at the size asked for and `grow`s (doubling, copying what it holds) when a batch needs more rows or positions.
+A sequence holds blocks only for the slots its schedule runs (a `skip:10` row pays nothing for the skipped layers, a
+`loop:x3` row pays for three occurrences) and only as far as it has grown: its memory is slots x length, rounded up
+to the block size. Each (sequence, slot) pair owns one row of the block table, listing its blocks in order.
+Pool layout [block, position in block, kv head, head dim]; block 0 is scratch (padding writes land there) and is
+never handed out. Freed blocks go on a stack and are reused first, so resident memory follows peak use.
 """
 
 from __future__ import annotations
@@ -10,68 +12,97 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from server.compiler import Slot
 
-class KVCache:
+
+class CacheFullError(RuntimeError):
+    """More blocks asked for than the pool has free; admission control should have prevented it."""
+
+
+class PagedKVCache:
     def __init__(
-        self,
-        *,
-        num_slots: int,
-        max_batch: int,
-        max_len: int,
-        n_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
+        self, *, num_blocks: int, block_size: int, max_len: int, n_kv_heads: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device | str,
     ) -> None:
-        shape = (num_slots, max_batch, n_kv_heads, max_len, head_dim)
+        assert num_blocks >= 2, "the pool needs the scratch block and at least one more"
+        self.block_size = block_size
+        self.max_blocks = -(-max_len // block_size)  # per (sequence, slot)
+        shape = (num_blocks, block_size, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_batch, self.max_len = max_batch, max_len
+        self.tables = torch.zeros(num_blocks, self.max_blocks, dtype=torch.long, device=device)
+        self._free_blocks = list(range(num_blocks - 1, 0, -1))  # a stack: low blocks first
+        self._free_rows = list(range(num_blocks - 1, -1, -1))
+        self._rows: dict[int, dict[Slot, int]] = {}  # sequence -> slot -> table row
+        self._blocks: dict[int, int] = {}  # sequence -> blocks held per slot
+        self._held: dict[int, list[int]] = {}  # sequence -> every block it holds
 
     @property
-    def num_slots(self) -> int:
-        return self.k.shape[0]
+    def num_blocks(self) -> int:
+        """Blocks that can be handed out (the scratch block excluded)."""
+        return self.k.shape[0] - 1
 
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free_blocks)
 
-    def update(
-        self, slots: slice, rows: slice, start: list[int], positions: Tensor, k: Tensor, v: Tensor, *, kv_len: int
-    ) -> tuple[Tensor, Tensor]:
-        """Write new keys/values and return the first `kv_len` positions of these slots and rows.
+    def blocks_for(self, num_slots: int, length: int) -> int:
+        """Blocks a sequence of `length` tokens needs under a schedule of `num_slots` slots."""
+        return num_slots * -(-length // self.block_size)
 
-        start: tokens already cached per row; positions: [B, T]; k, v: [G, B, T, kv, hd];
-        returns keys, values [G, B, kv, S, hd].
-        """
-        assert kv_len <= self.max_len, f"sequence of {kv_len} tokens exceeds the cache's {self.max_len}"
-        B, T = positions.shape
-        ck, cv = self.k[slots, rows], self.v[slots, rows]  # views [G, B, kv, L, hd]
-        if B == 1:
-            p = start[0]
-            ck[:, 0, :, p : p + T] = k[:, 0].transpose(1, 2)
-            cv[:, 0, :, p : p + T] = v[:, 0].transpose(1, 2)
-        else:
-            b = torch.arange(B, device=positions.device)[:, None]
-            # Advanced indices (b, positions) split by a slice put their dims first: [B, T, G, kv, hd].
-            ck[:, b, :, positions] = k.permute(1, 2, 0, 3, 4)
-            cv[:, b, :, positions] = v.permute(1, 2, 0, 3, 4)
-        return ck[:, :, :, :kv_len], cv[:, :, :, :kv_len]
+    def bytes_per_block(self) -> int:
+        return 2 * self.k[0].numel() * self.k.element_size()
 
-    def grow(self, *, max_batch: int, max_len: int) -> None:
-        """Reallocate to at least max_batch rows and max_len positions, keeping the contents."""
-        if max_batch <= self.max_batch and max_len <= self.max_len:
+    def reserve(self, seq: int, slots: tuple[Slot, ...], length: int) -> None:
+        """Make every slot of `seq` hold at least `length` tokens' worth of blocks."""
+        need = -(-length // self.block_size)
+        have = self._blocks.get(seq, 0)
+        if need <= have:
             return
-        S, B, H, L, D = self.k.shape
-        rows, length = max(B, max_batch), max(L, max_len)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros(S, rows, H, length, D)
-            new[:, :B, :, :L] = old
-            setattr(self, name, new)
-        self.max_batch, self.max_len = rows, length
+        assert need <= self.max_blocks, f"{length} tokens exceed the cache's {self.max_blocks * self.block_size}"
+        rows = self._rows.get(seq)
+        if rows is None:
+            rows = self._rows[seq] = {}
+            self._held[seq] = []
+        new_rows = [s for s in slots if s not in rows]
+        if len(self._free_blocks) < len(slots) * (need - have) or len(self._free_rows) < len(new_rows):
+            raise CacheFullError(f"sequence {seq} needs {len(slots) * (need - have)} more KV blocks; "
+                                 f"{len(self._free_blocks)} free")
+        for s in new_rows:
+            rows[s] = self._free_rows.pop()
+        table_rows, blocks = [], []
+        for s in slots:
+            for _ in range(have, need):
+                block = self._free_blocks.pop()
+                table_rows.append(rows[s])
+                blocks.append(block)
+        self._held[seq].extend(blocks)
+        cols = [have + (i % (need - have)) for i in range(len(blocks))]
+        dev = self.tables.device
+        self.tables[torch.tensor(table_rows, device=dev), torch.tensor(cols, device=dev)] = torch.tensor(blocks, device=dev)
+        self._blocks[seq] = need
 
-    def move_row(self, src: int, dst: int) -> None:
-        """Copy row src over row dst (all slots): keeps rows dense when a sequence leaves."""
-        if src != dst:
-            self.k[:, dst] = self.k[:, src]
-            self.v[:, dst] = self.v[:, src]
+    def free(self, seq: int) -> None:
+        """Return every block and table row of `seq` to the pool."""
+        self._free_blocks.extend(reversed(self._held.pop(seq, [])))
+        self._free_rows.extend(self._rows.pop(seq, {}).values())
+        self._blocks.pop(seq, None)
+
+    def table_row(self, seq: int, slot: Slot) -> int:
+        return self._rows[seq][slot]
+
+    def write(self, rows: Tensor, positions: Tensor, valid: Tensor, k: Tensor, v: Tensor) -> None:
+        """rows [P] table rows; positions, valid [P, T]; k, v [P, T, kv, hd]. Padding (not valid) goes to scratch."""
+        blocks = self.tables[rows].gather(1, positions // self.block_size)  # [P, T]
+        blocks = torch.where(valid, blocks, 0)
+        offsets = positions % self.block_size
+        self.k[blocks, offsets] = k
+        self.v[blocks, offsets] = v
+
+    def read(self, rows: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
+        """rows [P] -> keys, values [P, kv, num_blocks x block, hd] (positions past a row's length are stale)."""
+        blocks = self.tables[rows, :num_blocks]  # [P, nb]
+        P = rows.shape[0]
+        keys = self.k[blocks].view(P, num_blocks * self.block_size, *self.k.shape[2:]).transpose(1, 2)
+        values = self.v[blocks].view(P, num_blocks * self.block_size, *self.v.shape[2:]).transpose(1, 2)
+        return keys, values

@@ -1,19 +1,24 @@
-"""Our compact decoder for the Llama family (llama, mistral, qwen2, qwen3), with weights taken from a transformers model.
+"""Our compact decoder for the Llama family (llama, mistral, qwen2, qwen3): model facts and the layer math.
 
 Weights are stacked per kind across layers and stored as [in, out] so that `x @ W` streams them at full memory
-bandwidth; a parallel group of consecutive layers is a slice of each stack (a view, no copy) and runs as one batched
-matmul per kind. The model holds no cache: every call gets the KV cache and the slots to use from the executor.
+bandwidth; adjacent layers applied together are a slice of each stack (a view, no copy) and run as one batched matmul
+per kind. A layer is two units, attention and MLP, each applied to a batch of rows that may come from different
+schedules (the planner decides which). The model holds no cache: attention gets a function from the executor that
+writes the new keys and values and returns the cached ones.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass, fields
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from server.weights import LayerStack, ModelWeights
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 GroupMode = Literal["batched", "streams"]
@@ -88,199 +93,103 @@ class ModelArgs:
         return self.n_kv_heads * self.head_dim
 
 
-@dataclass
-class LayerStack:
-    """Per-kind weights of a run of layers, stacked on dim 0 (matrices as [in, out]); biases and q/k norms optional."""
-
-    attn_norm: Tensor  # [L, d]
-    wqkv: Tensor  # [L, d, q + 2 kv]
-    wo: Tensor  # [L, q, d]
-    mlp_norm: Tensor  # [L, d]
-    w_gate_up: Tensor  # [L, d, 2 ff]
-    w_down: Tensor  # [L, ff, d]
-    bqkv: Tensor | None = None  # [L, q + 2 kv]
-    bo: Tensor | None = None  # [L, d]
-    b_gate_up: Tensor | None = None  # [L, 2 ff]
-    b_down: Tensor | None = None  # [L, d]
-    q_norm: Tensor | None = None  # [L, hd]
-    k_norm: Tensor | None = None  # [L, hd]
-
-    def select(self, layers: tuple[int, ...]) -> LayerStack:
-        lo, hi = layers[0], layers[-1]
-        if layers == tuple(range(lo, hi + 1)):
-            pick = lambda t: t[lo : hi + 1]  # noqa: E731  (a view)
-        else:
-            index = torch.tensor(layers, device=self.wqkv.device)
-            pick = lambda t: t.index_select(0, index)  # noqa: E731  (a copy; cached by the caller)
-        return LayerStack(**{f.name: None if (t := getattr(self, f.name)) is None else pick(t) for f in fields(self)})
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for f in fields(self) if (t := getattr(self, f.name)) is not None)
-
-
-def _stack_layers(hf_layers: Any, dtype: torch.dtype, device: torch.device) -> LayerStack:
-    def stack(get: Any) -> Tensor | None:
-        parts = [get(layer) for layer in hf_layers]
-        if parts[0] is None:
-            return None
-        return torch.stack([p.detach().to(dtype) for p in parts]).to(device).contiguous()
-
-    def bias(module: Any) -> Tensor | None:
-        return getattr(module, "bias", None)
-
-    def qkv_bias(layer: Any) -> Tensor | None:
-        a = layer.self_attn
-        if bias(a.q_proj) is None:
-            return None
-        return torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-
-    def norm_weight(layer: Any, name: str) -> Tensor | None:
-        module = getattr(layer.self_attn, name, None)
-        return None if module is None else module.weight
-
-    return LayerStack(
-        attn_norm=stack(lambda l: l.input_layernorm.weight),
-        wqkv=stack(
-            lambda l: torch.cat([l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight]).T
-        ),
-        wo=stack(lambda l: l.self_attn.o_proj.weight.T),
-        mlp_norm=stack(lambda l: l.post_attention_layernorm.weight),
-        w_gate_up=stack(lambda l: torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight]).T),
-        w_down=stack(lambda l: l.mlp.down_proj.weight.T),
-        bqkv=stack(qkv_bias),
-        bo=stack(lambda l: bias(l.self_attn.o_proj)),
-        b_gate_up=stack(
-            lambda l: None if bias(l.mlp.gate_proj) is None else torch.cat([l.mlp.gate_proj.bias, l.mlp.up_proj.bias])
-        ),
-        b_down=stack(lambda l: bias(l.mlp.down_proj)),
-        q_norm=stack(lambda l: norm_weight(l, "q_norm")),
-        k_norm=stack(lambda l: norm_weight(l, "k_norm")),
-    )  # type: ignore[arg-type]
-
-
-@dataclass
-class StepContext:
-    """What every layer of one forward call shares: rows, positions, rotary tables and the attention mask."""
-
-    rows: slice  # cache rows of this batch
-    start: list[int]  # tokens already cached per row
-    positions: Tensor  # [B, T] absolute positions of the new tokens
-    cos: Tensor  # [B, T, hd]
-    sin: Tensor  # [B, T, hd]
-    mask: Tensor | None  # [B, 1, T, S] True = attend; None when every query may see every key
-
-    def mask_for(self, layers: tuple[int, ...]) -> Tensor | None:
-        """[B, 1, T, S], or [G, B, 1, T, S] for a group that mixes windowed and full layers."""
-        if self.window_mask is None:
-            return self.mask
-        kinds = [i in self.sliding_layers for i in layers]
-        if all(kinds):
-            return self.window_mask
-        if not any(kinds):
-            return self.mask
-        full = self.mask if self.mask is not None else torch.ones_like(self.window_mask)
-        return torch.stack([self.window_mask if k else full for k in kinds])
-    kv_len: int  # S: keys attended (the longest row's length after this call)
-    window_mask: Tensor | None = None  # the same for sliding-window layers, when the window cuts anything
-    sliding_layers: frozenset[int] = frozenset()
+KVFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (new k, v [G, m, T, kv, hd]) -> keys, values [G*m, kv, S, hd]
 
 
 class Transformer:
-    """The frozen decoder: embeddings, stacked layers, final norm, LM head, rotary tables."""
+    """The frozen decoder: embeddings, stacked layers, final norm, LM head, rotary tables. It holds no cache: the
+    executor passes every attention a function that writes the new keys and values and returns the cached ones."""
 
-    def __init__(self, hf_model: Any, *, dtype: torch.dtype, device: torch.device | str) -> None:
-        device = torch.device(device)
-        self.args = ModelArgs.from_hf_config(hf_model.config)
-        self.dtype, self.device = dtype, device
-        inner = hf_model.model
-        with torch.no_grad():
-            self.layers = _stack_layers(inner.layers, dtype, device)
-            self.embed = inner.embed_tokens.weight.detach().to(device, dtype).contiguous()  # [V, d]
-            self.lm_head = hf_model.lm_head.weight.detach().to(device, dtype).T.contiguous()  # [d, V]
-            self.final_norm = inner.norm.weight.detach().to(device, dtype)
-            rotary = inner.rotary_emb
-            self.inv_freq = rotary.inv_freq.detach().float().to(device)
-            self.rope_scale = float(rotary.attention_scaling)
+    def __init__(self, args: ModelArgs, weights: ModelWeights, *, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.args, self.dtype, self.device = args, dtype, torch.device(device)
+        self.layers = weights.layers
+        self.embed, self.lm_head, self.final_norm = weights.embed, weights.lm_head, weights.final_norm  # [V, d], [d, V]
+        self.inv_freq, self.rope_scale = weights.inv_freq.float().to(self.device), float(weights.rope_scale)
         self._cos_sin = self._rope_table(1024)
-        self._selected: OrderedDict[tuple[int, ...], LayerStack] = OrderedDict()
-        self._streams: list[Any] = []
 
-    # -- helpers -------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf_model: Any, *, dtype: torch.dtype, device: torch.device | str) -> Transformer:
+        from server.weights import weights_from_hf_model
+
+        args = ModelArgs.from_hf_config(hf_model.config)
+        return cls(args, weights_from_hf_model(hf_model, dtype=dtype, device=device), dtype=dtype, device=device)
+
+    def weight_bytes(self) -> int:
+        return self.layers.nbytes() + self.lm_head.numel() * self.lm_head.element_size()
+
+    def unit_bytes(self) -> tuple[int, int]:
+        """Weight bytes of one layer's attention and of its MLP (what the planner trades off)."""
+        w = self.layers
+        attn = sum(t[0].numel() for t in (w.attn_norm, w.wqkv, w.wo) if t is not None)
+        mlp = sum(t[0].numel() for t in (w.mlp_norm, w.w_gate_up, w.w_down) if t is not None)
+        return attn, mlp
+
+    def weights(self, layers: tuple[int, ...]) -> LayerStack:
+        """Views of the stacked weights of adjacent `layers` (no copy)."""
+        lo, hi = layers[0], layers[-1]
+        assert layers == tuple(range(lo, hi + 1)), f"fused layers must be adjacent: {layers}"
+        return replace(self.layers, **{f.name: None if (t := getattr(self.layers, f.name)) is None else t[lo : hi + 1]
+                                       for f in fields(self.layers)})
+
+    # -- per-call tables -----------------------------------------------------------------------------------------
 
     def _rope_table(self, n: int) -> tuple[Tensor, Tensor]:
         freqs = torch.arange(n, device=self.device, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         return (emb.cos() * self.rope_scale).to(self.dtype), (emb.sin() * self.rope_scale).to(self.dtype)
 
-    def weights(self, layers: tuple[int, ...]) -> LayerStack:
-        """The stacked weights of `layers`: views for a consecutive run, else a cached gathered copy."""
-        got = self._selected.get(layers)
-        if got is None:
-            got = self.layers.select(layers)
-            self._selected[layers] = got
-            if len(self._selected) > 256:
-                self._selected.popitem(last=False)
-        return got
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions [B, T] -> cos, sin [B, T, hd]."""
+        top = int(positions.max()) + 1
+        if top > self._cos_sin[0].shape[0]:
+            self._cos_sin = self._rope_table(max(top, 2 * self._cos_sin[0].shape[0]))
+        return self._cos_sin[0][positions], self._cos_sin[1][positions]
 
-    def weight_bytes(self) -> int:
-        return self.layers.nbytes() + self.lm_head.numel() * self.lm_head.element_size()
-
-    def context(self, *, rows: slice, start: list[int], num_new: int) -> StepContext:
-        """Positions, rotary rows and mask for B rows that each append `num_new` tokens after `start[b]` tokens."""
-        a = self.args
-        kv_len = max(start) + num_new
-        if kv_len > self._cos_sin[0].shape[0]:
-            self._cos_sin = self._rope_table(max(kv_len, 2 * self._cos_sin[0].shape[0]))
-        start_t = torch.tensor(start, device=self.device)
-        positions = start_t[:, None] + torch.arange(num_new, device=self.device)[None, :]  # [B, T]
-        cos, sin = self._cos_sin[0][positions], self._cos_sin[1][positions]
-        windowed = a.sliding_window is not None and kv_len > a.sliding_window
-        mask = window_mask = None
-        if num_new > 1 or len(set(start)) > 1 or windowed:
-            keys = torch.arange(kv_len, device=self.device)
-            allowed = keys[None, None, :] <= positions[:, :, None]  # [B, T, S]
-            mask = allowed[:, None]
-            if windowed:
-                window_mask = (allowed & (positions[:, :, None] - keys[None, None, :] < a.sliding_window))[:, None]
-        return StepContext(rows, start, positions, cos, sin, mask, kv_len, window_mask, a.sliding_layers)
+    def masks(self, positions: Tensor, num_keys: int) -> tuple[Tensor, Tensor | None]:
+        """Causal mask [B, 1, T, S] (True = attend) and, when the model has windowed layers, their mask."""
+        keys = torch.arange(num_keys, device=self.device)
+        allowed = keys[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        window = self.args.sliding_window
+        windowed = None
+        if window is not None:
+            windowed = (allowed & (positions[:, :, None] - keys[None, None, :] < window))[:, None]
+        return allowed[:, None], windowed
 
     # -- the layer math ------------------------------------------------------------------------------------------
 
-    def attention(
-        self, x: Tensor, w: LayerStack, ctx: StepContext, cache: Any, slots: slice, layers: tuple[int, ...]
-    ) -> Tensor:
-        """Attention deltas of G layers that all read x: [B, T, d] or [G, B, T, d] -> [G, B, T, d]."""
+    def attention(self, x: Tensor, w: LayerStack, cos: Tensor, sin: Tensor, mask: Tensor, kv: KVFn) -> Tensor:
+        """Attention deltas of G layers, each over its own input: x [G, m, T, d] -> [G, m, T, d].
+        cos, sin [m, T, hd]; mask [G*m, 1, T, S]; kv writes the new keys/values and returns the cached ones."""
         a = self.args
-        G = w.wqkv.shape[0]
-        B, T = ctx.positions.shape
-        xn = _rms_norm(x, w.attn_norm, a.norm_eps)  # [G, B, T, d]
-        qkv = torch.bmm(xn.reshape(G, B * T, a.dim), w.wqkv)  # [G, BT, q + 2kv]
+        G, m, T, _ = x.shape
+        xn = _rms_norm(x, w.attn_norm, a.norm_eps)  # [G, m, T, d]
+        qkv = torch.bmm(xn.reshape(G, m * T, a.dim), w.wqkv)  # [G, mT, q + 2kv]
         if w.bqkv is not None:
             qkv = qkv + w.bqkv[:, None, :]
-        qkv = qkv.view(G, B, T, a.n_heads + 2 * a.n_kv_heads, a.head_dim)
+        qkv = qkv.view(G, m, T, a.n_heads + 2 * a.n_kv_heads, a.head_dim)
         qk, v = qkv[..., : a.n_heads + a.n_kv_heads, :], qkv[..., a.n_heads + a.n_kv_heads :, :]
         if w.q_norm is not None:
             qk = torch.cat(
                 [_rms_norm_heads(qk[..., : a.n_heads, :], w.q_norm, a.norm_eps),
                  _rms_norm_heads(qk[..., a.n_heads :, :], w.k_norm, a.norm_eps)], dim=-2,
             )
-        # q and k are adjacent in the fused projection: rotate both at once. cos, sin: [1, B, T, 1, hd]
-        cos, sin = ctx.cos[None, :, :, None, :], ctx.sin[None, :, :, None, :]
-        qk = qk * cos + _rotate_half(qk) * sin
+        # q and k are adjacent in the fused projection: rotate both at once. cos, sin: [1, m, T, 1, hd]
+        qk = qk * cos[None, :, :, None, :] + _rotate_half(qk) * sin[None, :, :, None, :]
         q, k = qk[..., : a.n_heads, :], qk[..., a.n_heads :, :]
-        keys, values = cache.update(slots, ctx.rows, ctx.start, ctx.positions, k, v, kv_len=ctx.kv_len)
-        mask = ctx.mask_for(layers)
-        o = _attend(q.transpose(2, 3), keys, values, mask, gqa=a.n_heads != a.n_kv_heads)  # [G, B, H, T, hd]
-        o = torch.bmm(o.transpose(2, 3).reshape(G, B * T, a.q_size), w.wo)
+        keys, values = kv(k, v)  # [G*m, kv, S, hd]
+        o = F.scaled_dot_product_attention(
+            q.reshape(G * m, T, a.n_heads, a.head_dim).transpose(1, 2), keys, values, attn_mask=mask,
+            enable_gqa=a.n_heads != a.n_kv_heads,
+        )  # [G*m, H, T, hd]
+        o = torch.bmm(o.transpose(1, 2).reshape(G, m * T, a.q_size), w.wo)
         if w.bo is not None:
             o = o + w.bo[:, None, :]
-        return o.view(G, B, T, a.dim)
+        return o.view(G, m, T, a.dim)
 
     def mlp(self, x: Tensor, w: LayerStack) -> Tensor:
-        """MLP deltas of G layers: x [B, T, d] (shared) or [G, B, T, d] (one input each) -> [G, B, T, d]."""
+        """MLP deltas of G layers, each over its own input: x [G, m, T, d] -> [G, m, T, d]."""
         a = self.args
         G = w.w_gate_up.shape[0]
-        shape = x.shape[-3:]
         xn = _rms_norm(x, w.mlp_norm, a.norm_eps).reshape(G, -1, a.dim)
         gate_up = torch.bmm(xn, w.w_gate_up)
         if w.b_gate_up is not None:
@@ -289,53 +198,7 @@ class Transformer:
         out = torch.bmm(F.silu(gate) * up, w.w_down)
         if w.b_down is not None:
             out = out + w.b_down[:, None, :]
-        return out.view(G, *shape)
-
-    def run_step(self, h: Tensor, step: Any, ctx: StepContext, cache: Any, *, mode: GroupMode = "batched") -> Tensor:
-        """One schedule step on h [B, T, d]: one layer, or a group combined by its rule."""
-        slots = slice(step.slots[0], step.slots[-1] + 1)
-        if mode == "streams" and len(step.layers) > 1:
-            return self._run_step_streams(h, step, ctx, cache)
-        w = self.weights(step.layers)
-        attn = self.attention(h, w, ctx, cache, slots, step.layers)  # [G, B, T, d]
-        if len(step.layers) == 1:
-            h = h + attn[0]
-            return h + self.mlp(h, w)[0]
-        if step.combine == "pairs":
-            h = h + attn.sum(0)
-            return h + self.mlp(h, w).sum(0)
-        delta = attn + self.mlp(h + attn, w)
-        return h + (delta.mean(0) if step.combine == "mean" else delta.sum(0))
-
-    def _run_step_streams(self, h: Tensor, step: Any, ctx: StepContext, cache: Any) -> Tensor:
-        """The same group, one member per CUDA stream (in order on the CPU); members write disjoint cache slots."""
-        members = [(self.weights((layer,)), slice(s, s + 1), layer) for layer, s in zip(step.layers, step.slots)]
-        attn = self._on_streams(h, [lambda w=w, s=s, i=i: self.attention(h, w, ctx, cache, s, (i,))[0]
-                                    for w, s, i in members])
-        if step.combine == "pairs":
-            h = h + sum(attn)
-            mlp = self._on_streams(h, [lambda w=w: self.mlp(h, w)[0] for w, _, _ in members])
-            return h + sum(mlp)
-        mlp = self._on_streams(h, [lambda w=w, a=a: self.mlp(h + a, w)[0] for (w, _, _), a in zip(members, attn)])
-        deltas = [a + m for a, m in zip(attn, mlp)]
-        total = sum(deltas)
-        return h + (total / len(deltas) if step.combine == "mean" else total)
-
-    def _on_streams(self, h: Tensor, jobs: list[Any]) -> list[Tensor]:
-        if h.device.type != "cuda":
-            return [job() for job in jobs]
-        while len(self._streams) < len(jobs):
-            self._streams.append(torch.cuda.Stream(device=h.device))
-        main = torch.cuda.current_stream(h.device)
-        outs: list[Tensor] = []
-        for job, stream in zip(jobs, self._streams):
-            stream.wait_stream(main)
-            with torch.cuda.stream(stream):
-                outs.append(job())
-        for out, stream in zip(outs, self._streams):
-            main.wait_stream(stream)
-            out.record_stream(main)
-        return outs
+        return out.view(x.shape)
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         return self.embed[tokens]
@@ -352,21 +215,6 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         return y if y.dim() == 4 else y[None]
     y = F.rms_norm(x, (x.shape[-1],), None, eps)
     return y * weight[:, None, None, :]
-
-
-def _attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, *, gqa: bool) -> Tensor:
-    """q [G, B, H, T, hd], keys/values [G, B, kv, S, hd] -> [G, B, H, T, hd]. SDPA takes 4-D inputs far faster than
-    5-D ones, so G and B are merged (a copy of the keys only for a parallel group)."""
-    G, B = q.shape[:2]
-    if mask is not None and G > 1:
-        if mask.dim() == 4:  # shared by the group
-            mask = mask.expand(G, *mask.shape)
-        mask = mask.reshape(G * B, *mask.shape[2:])
-    o = F.scaled_dot_product_attention(
-        q.reshape(G * B, *q.shape[2:]), keys.reshape(G * B, *keys.shape[2:]), values.reshape(G * B, *values.shape[2:]),
-        attn_mask=mask, enable_gqa=gqa,
-    )
-    return o.view(G, B, *o.shape[1:])
 
 
 def _rms_norm_heads(x: Tensor, weight: Tensor, eps: float) -> Tensor:

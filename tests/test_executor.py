@@ -1,5 +1,6 @@
 """The executor against transformers: `full` equals the HF forward, every policy equals an independent reference
-(tests/reference.py), and cached decoding, padded batches, moved rows and stream groups equal recomputation."""
+(tests/reference.py), and cached decoding, padded batches, rows leaving and joining, mixed-schedule batches and
+stream groups equal recomputation. Small KV blocks (4 tokens) make every test cross block boundaries."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.testing import assert_close
 
-from server.executor import Executor
+from server.executor import Executor, Row
 from server.model import GroupMode, Transformer
 from server.compiler import Schedule, compile_schedule
 from tests.reference import ARCHS, NUM_LAYERS, VOCAB, reference_logits, tiny_model
@@ -45,22 +46,41 @@ POLICIES = [
 
 @functools.cache
 def transformer(name: str) -> Transformer:
-    return Transformer(tiny_model(name), dtype=torch.float32, device="cpu")
+    return Transformer.from_hf(tiny_model(name), dtype=torch.float32, device="cpu")
 
 
 def schedule(policy: str) -> Schedule:
     return compile_schedule(policy, NUM_LAYERS)
 
 
-def executor(name: str, policy: str, *, max_batch: int = 1, max_len: int = 32, mode: GroupMode = "batched") -> Executor:
-    return Executor(transformer(name), schedule(policy), max_batch=max_batch, max_len=max_len, group_mode=mode)
+class Runner:
+    """Sequence b of the test runs under policies[b]; `forward` appends T tokens to the sequences named."""
+
+    def __init__(self, name: str, policies: list[str], *, max_len: int, mode: GroupMode) -> None:
+        self.schedules = [schedule(p) for p in policies]
+        blocks = sum(s.num_slots for s in self.schedules) * -(-max_len // 4)
+        self.ex = Executor(transformer(name), num_blocks=blocks + 1, block_size=4, max_len=max_len, group_mode=mode)
+
+    def forward(self, ids: Tensor, *, rows: slice | list[int], start: list[int], logits_at: Tensor | None = None,
+                num_new: list[int] | None = None) -> Tensor:
+        seqs = list(range(rows.start, rows.stop)) if isinstance(rows, slice) else rows
+        B, T = ids.shape
+        num_new = num_new or [T] * B
+        batch = [Row(q, self.schedules[q], start[b], num_new[b]) for b, q in enumerate(seqs)]
+        return self.ex.forward(ids, batch, logits_at=logits_at)
+
+
+def executor(name: str, policy: str | list[str], *, max_batch: int = 1, max_len: int = 32,
+             mode: GroupMode = "batched") -> Runner:
+    policies = policy if isinstance(policy, list) else [policy] * max_batch
+    return Runner(name, policies, max_len=max_len, mode=mode)
 
 
 def tokens(B: int, T: int, seed: int = 0) -> Tensor:
     return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-def whole(ex: Executor, ids: Tensor) -> Tensor:
+def whole(ex: Runner, ids: Tensor) -> Tensor:
     """Logits [B, T, V] of one prefill of ids [B, T] into rows 0..B-1."""
     B = ids.shape[0]
     return ex.forward(ids, rows=slice(0, B), start=[0] * B)
@@ -165,20 +185,21 @@ def test_decoding_past_the_sliding_window(policy: str) -> None:
 
 def test_rotary_tables_past_their_initial_size() -> None:
     """Positions past 1024 (where the rotary table grows) match transformers' llama3-scaled rotary embedding."""
-    ctx = transformer("llama_rope3").context(rows=slice(0, 2), start=[1030, 5], num_new=3)
-    assert ctx.positions.tolist() == [[1030, 1031, 1032], [5, 6, 7]]
-    cos, sin = tiny_model("llama_rope3").model.rotary_emb(torch.zeros(1), ctx.positions)  # [B, T, hd]
-    assert_close(ctx.cos, cos, **TOL)
-    assert_close(ctx.sin, sin, **TOL)
+    positions = torch.tensor([[1030, 1031, 1032], [5, 6, 7]])
+    ours = transformer("llama_rope3").rope(positions)
+    cos, sin = tiny_model("llama_rope3").model.rotary_emb(torch.zeros(1), positions)  # [B, T, hd]
+    assert_close(ours[0], cos, **TOL)
+    assert_close(ours[1], sin, **TOL)
 
 
-def test_reused_row_ignores_the_previous_sequence() -> None:
-    """A row that held a longer sequence gives the fresh result for a shorter new one (stale keys unseen)."""
-    ex = executor("llama", "pairs")
+def test_reused_blocks_ignore_the_previous_sequence() -> None:
+    """Blocks freed by a longer sequence give the fresh result for a shorter new one (stale keys unseen)."""
+    ex = executor("llama", "pairs", max_batch=2)
     whole(ex, tokens(1, 20, seed=6))
+    ex.ex.release(0)
     ids = tokens(1, 6, seed=7)
-    got = [whole(ex, ids[:, :4])]
-    got += [ex.forward(ids[:, t : t + 1], rows=slice(0, 1), start=[t]) for t in (4, 5)]
+    got = [ex.forward(ids[:, :4], rows=slice(1, 2), start=[0])]
+    got += [ex.forward(ids[:, t : t + 1], rows=slice(1, 2), start=[t]) for t in (4, 5)]
     assert_close(torch.cat(got, dim=1), whole(executor("llama", "pairs"), ids), **TOL)
 
 
@@ -206,8 +227,10 @@ def padded(prompts: list[Tensor], seed: int) -> Tensor:
     return ids
 
 
-def decode_batch(ex: Executor, logits: Tensor, lengths: list[int], steps: int) -> tuple[list[list[int]], list[Tensor]]:
-    """Greedy decoding of rows 0..B-1 from their last logits [B, V]; returns tokens per row and logits per step."""
+def decode_batch(ex: Runner, logits: Tensor, lengths: list[int], steps: int,
+                 seqs: list[int] | None = None) -> tuple[list[list[int]], list[Tensor]]:
+    """Greedy decoding of sequences `seqs` (default 0..B-1) from their last logits [B, V]; returns tokens per row and
+    logits per step."""
     B = len(lengths)
     lengths = list(lengths)
     out: list[list[int]] = [[] for _ in range(B)]
@@ -216,7 +239,7 @@ def decode_batch(ex: Executor, logits: Tensor, lengths: list[int], steps: int) -
         nxt = history[-1].argmax(-1)  # [B]
         for b in range(B):
             out[b].append(int(nxt[b]))
-        history.append(ex.forward(nxt[:, None], rows=slice(0, B), start=lengths)[:, 0])
+        history.append(ex.forward(nxt[:, None], rows=seqs or slice(0, B), start=lengths)[:, 0])
         lengths = [n + 1 for n in lengths]
     return out, history
 
@@ -232,7 +255,8 @@ def test_padded_batch_matches_each_sequence_alone(name: str, policy: str) -> Non
     steps = 4
     ex = executor(name, policy, max_batch=4)
     first = ex.forward(
-        padded(prompts, seed=8), rows=slice(0, 4), start=[0] * 4, logits_at=torch.tensor(lengths) - 1
+        padded(prompts, seed=8), rows=slice(0, 4), start=[0] * 4, logits_at=torch.tensor(lengths) - 1,
+        num_new=lengths,
     )  # [B, V]
     batch_tokens, history = decode_batch(ex, first, lengths, steps)
     for b, prompt in enumerate(prompts):
@@ -242,15 +266,15 @@ def test_padded_batch_matches_each_sequence_alone(name: str, policy: str) -> Non
 
 
 @pytest.mark.parametrize("policy", ["full", "pairs", "schedule:0,1,1,2-7"])
-def test_moved_row_continues_its_sequence(policy: str) -> None:
-    """Row 0 finishes; the last row moves into it (move_row) and both remaining rows decode on as if alone."""
+def test_rows_leaving_keep_the_others_exact(policy: str) -> None:
+    """Sequence 0 finishes and frees its blocks; the others, reordered in the batch, decode on as if alone."""
     prompts = [tokens(1, n, seed=20 + n)[0] for n in (4, 6, 3)]
     lengths = [p.numel() for p in prompts]
     ex = executor("llama", policy, max_batch=3)
     first = ex.forward(padded(prompts, seed=9), rows=slice(0, 3), start=[0] * 3, logits_at=torch.tensor(lengths) - 1)
-    ex.move_row(2, 0)
+    ex.ex.release(0)
     order = [2, 1]
-    got, history = decode_batch(ex, first[order], [lengths[i] for i in order], steps=3)
+    got, history = decode_batch(ex, first[order], [lengths[i] for i in order], steps=3, seqs=order)
     for row, seq in enumerate(order):
         alone_tokens, alone_logits = greedy_alone("llama", policy, prompts[seq], steps=3)
         assert got[row] == alone_tokens
@@ -271,6 +295,32 @@ def test_sequence_prefilled_into_a_later_row_joins_the_batch() -> None:
         alone_tokens, alone_logits = greedy_alone("llama", policy, prompt, steps=3)
         assert got[row] == alone_tokens
         assert_close(torch.stack([h[row] for h in history]), alone_logits, **TOL)
+
+
+# -- mixed-schedule batches == each sequence alone ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral_window"])
+def test_mixed_schedule_batch_matches_each_sequence_alone(name: str) -> None:
+    """One batch, one row per policy, different prompt lengths: every row decodes exactly as it would alone."""
+    policies = ["full", "skip:2-4", "pairs:1-5", "parallel", "loop:2-4x2", "reverse", "schedule:0,5+2+2/sum,1,3-7"]
+    prompts = [tokens(1, 3 + (i * 5) % 9, seed=50 + i)[0] for i in range(len(policies))]
+    lengths = [p.numel() for p in prompts]
+    ex = executor(name, policies)
+    first = ex.forward(padded(prompts, seed=11), rows=slice(0, len(policies)), start=[0] * len(policies),
+                       logits_at=torch.tensor(lengths) - 1, num_new=lengths)
+    got, history = decode_batch(ex, first, lengths, steps=4)
+    for b, (policy, prompt) in enumerate(zip(policies, prompts)):
+        alone_tokens, alone_logits = greedy_alone(name, policy, prompt, steps=4)
+        assert got[b] == alone_tokens, policy
+        assert_close(torch.stack([h[b] for h in history]), alone_logits, **TOL)
+
+
+def test_shared_layers_run_once_for_every_row_that_needs_them() -> None:
+    """The plan for full + skip rows applies each layer once over both (no per-schedule turns)."""
+    ex = executor("llama", ["full", "skip:2-4"])
+    plan = ex.ex.plan([Row(0, schedule("full"), 0, 1), Row(1, schedule("skip:2-4"), 0, 1)])
+    assert all(plan.reads(k, i) == 1 for k in ("attn", "mlp") for i in range(NUM_LAYERS))
 
 
 # -- stream groups == batched groups -------------------------------------------------------------------------------
