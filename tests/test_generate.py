@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 
 from server.generate import Engine
@@ -48,8 +50,8 @@ def test_rows_stay_correct_when_sequences_finish_early(tiny_engine):
     schedule = tiny_engine.compile("pairs:1-4")
     prompts = [[5, 9, 17], [40, 41, 42, 43], [7, 8], [99, 98, 97, 96, 95]]
     lengths = [2, 9, 4, 7]
-    batch = tiny_engine.new_batch(schedule, max_batch=4, max_len=32)
-    seqs = [tiny_engine.new_sequence(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p, n in zip(prompts, lengths)]
+    batch = tiny_engine.new_batch(max_len=32, num_blocks=256)
+    seqs = [tiny_engine.new_sequence(p, SamplingParams(max_tokens=n, ignore_eos=True), schedule) for p, n in zip(prompts, lengths)]
     batch.add(seqs)
     while batch.filter() is not None and batch.sequences:
         batch.step()
@@ -61,12 +63,12 @@ def test_rows_stay_correct_when_sequences_finish_early(tiny_engine):
 def test_sequences_join_a_running_batch(tiny_engine):
     schedule = tiny_engine.compile("skip:2")
     params = SamplingParams(max_tokens=6, ignore_eos=True)
-    batch = tiny_engine.new_batch(schedule, max_batch=3, max_len=32)
-    a = tiny_engine.new_sequence([5, 6, 7, 8], params)
+    batch = tiny_engine.new_batch(max_len=32, num_blocks=256)
+    a = tiny_engine.new_sequence([5, 6, 7, 8], params, schedule)
     batch.add([a])
     batch.step()
     batch.step()
-    b = tiny_engine.new_sequence([20, 21], params)
+    b = tiny_engine.new_sequence([20, 21], params, schedule)
     batch.add([b])
     while batch.filter() is not None and batch.sequences:
         batch.step()
@@ -130,9 +132,9 @@ def test_echo_mixed_with_plain_requests_in_one_batch(tiny_engine):
     params_echo = SamplingParams(max_tokens=3, echo=True, ignore_eos=True)
     alone = tiny_engine.generate([[5, 9, 17, 33]], params=params_echo)[0]
     schedule = tiny_engine.compile("full")
-    batch = tiny_engine.new_batch(schedule, max_batch=2, max_len=16)
-    a = tiny_engine.new_sequence([5, 9, 17, 33], params_echo)
-    b = tiny_engine.new_sequence([7, 7], SamplingParams(max_tokens=3, ignore_eos=True))
+    batch = tiny_engine.new_batch(max_len=16, num_blocks=256)
+    a = tiny_engine.new_sequence([5, 9, 17, 33], params_echo, schedule)
+    b = tiny_engine.new_sequence([7, 7], SamplingParams(max_tokens=3, ignore_eos=True), schedule)
     batch.add([a, b])
     while batch.filter() is not None and batch.sequences:
         batch.step()
@@ -178,10 +180,71 @@ def test_bad_policy_raises_before_running(tiny_engine):
 
 
 def test_streams_mode_equals_batched():
-    batched = Engine(tiny_llama(), CharTokenizer(), group_mode="batched")
-    streams = Engine(tiny_llama(), CharTokenizer(), group_mode="streams")
+    batched = Engine.from_hf(tiny_llama(), CharTokenizer(), group_mode="batched")
+    streams = Engine.from_hf(tiny_llama(), CharTokenizer(), group_mode="streams")
     for policy in ("pairs:1-4", "parallel:1-4", "loop:1-4x3"):
         params = SamplingParams(max_tokens=6, ignore_eos=True)
         a = batched.generate([[5, 6, 7], [8, 9]], policy=policy, params=params)
         b = streams.generate([[5, 6, 7], [8, 9]], policy=policy, params=params)
         assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
+# -- mixed schedules in one batch ----------------------------------------------------------------------------------
+
+MIX = ["full", "skip:2", "skip:1-3", "pairs", "pairs:1-4", "parallel", "loop:x2", "reverse", "shuffle:1-4:3", "repeat",
+       "schedule:0,2+3/sum,1,4-5"]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(MIX), st.integers(1, 9), st.integers(1, 6), st.integers(0, 4)),
+                min_size=1, max_size=6))
+def test_any_mix_decoded_together_equals_each_alone(tiny_engine, requests):
+    """Requests of random policies and prompt lengths join at random steps and leave when done (different
+    max_tokens); each gets the greedy tokens and logprobs it gets alone."""
+    batch = tiny_engine.new_batch(max_len=32, num_blocks=600)
+    pending = []
+    for i, (policy, n_prompt, n_new, join_at) in enumerate(requests):
+        prompt = [3 + (7 * i + 5 * t) % 120 for t in range(n_prompt)]
+        seq = tiny_engine.new_sequence(prompt, SamplingParams(max_tokens=n_new, ignore_eos=True, logprobs=1),
+                                       tiny_engine.compile(policy))
+        pending.append((join_at, policy, prompt, seq))
+    step = 0
+    waiting = sorted(pending, key=lambda p: p[0])
+    while waiting or batch.sequences:
+        batch.add([p[3] for p in waiting if p[0] <= step])
+        waiting = [p for p in waiting if p[0] > step]
+        batch.filter()
+        batch.step()
+        batch.filter()
+        step += 1
+    for _, policy, prompt, seq in pending:
+        alone = tiny_engine.generate([prompt], policy=policy, params=seq.params)[0]
+        assert seq.output_ids == alone.token_ids, policy
+        torch.testing.assert_close(torch.tensor(seq.logprobs), torch.tensor(alone.logprobs), rtol=1e-4, atol=1e-4)
+
+
+def test_a_row_whose_sampling_fails_ends_alone(tiny_engine, monkeypatch):
+    """One row's sampler raises: that row ends with an error, its neighbour (another policy) finishes normally."""
+    import server.generate as generate
+
+    real = generate.sample
+
+    def flaky(logits, params, generators):
+        if params[0].seed == 666:
+            raise RuntimeError("probability tensor contains inf, nan or element < 0")
+        return real(logits, params, generators)
+
+    monkeypatch.setattr(generate, "sample", flaky)
+    batch = tiny_engine.new_batch(max_len=32, num_blocks=256)
+    good = tiny_engine.new_sequence([5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True), tiny_engine.compile("full"))
+    bad = tiny_engine.new_sequence([5, 6], SamplingParams(max_tokens=8, temperature=1.0, seed=666, ignore_eos=True),
+                                   tiny_engine.compile("skip:2"))
+    batch.add([good])
+    batch.step()
+    batch.add([bad])
+    while batch.filter() is not None and batch.sequences:
+        batch.step()
+    assert bad.finish_reason == "error" and "probability tensor" in bad.error
+    assert good.finish_reason == "length"
+    assert good.output_ids == tiny_engine.generate([[5, 6, 7]], params=good.params)[0].token_ids
+    assert batch.kv_usage() == 0.0, "both rows' KV blocks are free again"
