@@ -17,6 +17,7 @@ from server.api.errors import APIError
 from server.api.state import AppState
 from server.engine_loop import EngineLoop
 from server.generate import Engine
+from server.kv_cache import default_budget_tokens
 from server.metrics import Metrics
 from server.policy import as_policy
 from server.settings import Settings, get_settings, load_presets
@@ -34,9 +35,9 @@ def load_engine(settings: Settings) -> Engine:
 
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
-    loaded = load_model(settings.model)
-    return Engine(loaded.hf_model, loaded.tokenizer, device=device, dtype=dtype, group_mode=settings.group_mode,
-                  name=settings.model)
+    loaded = load_model(settings.model, device=device, dtype=dtype)
+    return Engine.from_loaded(loaded, group_mode=settings.group_mode, name=settings.model,
+                              block_size=settings.kv_block_size)
 
 
 def served_name(settings: Settings) -> str:
@@ -57,9 +58,14 @@ def _start(state: AppState, factory: EngineFactory, raw_presets: dict) -> None:
         for name, policy in raw_presets.items():
             presets[name] = engine.compile(as_policy(policy)).policy  # invalid presets fail the start, loudly
         engine.compile(as_policy(state.settings.default_policy))
-        max_len = min(state.settings.max_model_len, engine.max_model_len)
-        loop = EngineLoop(engine, max_num_seqs=state.settings.max_num_seqs, max_model_len=max_len,
-                          queue_capacity=state.settings.queue_capacity, metrics=state.metrics)
+        s = state.settings
+        max_len = min(s.max_model_len, engine.max_model_len)
+        budget = s.kv_budget_tokens or default_budget_tokens(
+            bytes_per_slot_token=engine.kv_bytes_per_slot_token(), device=engine.model.device,
+            demand=s.max_num_seqs * max_len * engine.num_layers)
+        loop = EngineLoop(engine, max_num_seqs=s.max_num_seqs, max_model_len=max_len, queue_capacity=s.queue_capacity,
+                          kv_budget_tokens=budget, metrics=state.metrics)
+        log.info("KV budget: %d slot-tokens (%.0f MB)", budget, budget * engine.kv_bytes_per_slot_token() / 2**20)
         loop.start()
         state.presets, state.engine, state.loop = presets, engine, loop
         log.info("model %s ready (%d layers)", state.model_name, engine.num_layers)

@@ -94,20 +94,19 @@ def _time_decode(engine: Engine, prompt_ids: list[int], policy: str, new_tokens:
 def _time_parts(engine: Engine, prompt_ids: list[int], new_tokens: int, repeats: int = 50) -> tuple[float, float]:
     """Seconds for one decoder layer and for the LM head (final norm + matmul) at one decode token, with the
     context as long as it is on average during the timed decode (prompt + half the new tokens)."""
-    from server.executor import Executor
+    from server.executor import Executor, Row
 
     model, device = engine.model, engine.model.device
     schedule = engine.compile("full")
     context = prompt_ids + [prompt_ids[-1]] * (new_tokens // 2)
-    ex = Executor(model, schedule, max_batch=1, max_len=len(context) + 8)
-    ex.forward(torch.tensor([context], device=device), rows=slice(0, 1), start=[0])
-    ctx = model.context(rows=slice(0, 1), start=[len(context)], num_new=1)
-    h = model.embed_tokens(torch.tensor([[5]], device=device))
+    n = len(context)
+    ex = Executor(model, num_blocks=schedule.num_slots * (n // 16 + 2) + 1, max_len=n + 8)
+    ex.forward(torch.tensor([context], device=device), [Row(0, schedule, 0, n)])
+    token, at = torch.tensor([[5]], device=device), torch.zeros(1, dtype=torch.long, device=device)
+    h = model.embed_tokens(token)
     with torch.inference_mode():
-        def layers() -> None:
-            x = h
-            for step in schedule.steps:
-                x = model.run_step(x, step, ctx, ex.cache)
+        def layers() -> None:  # one decode step (rewriting the same position), LM head included
+            ex.forward(token, [Row(0, schedule, n, 1)], logits_at=at)
 
         def head() -> None:
             model.logits(h[:, 0])
@@ -122,7 +121,7 @@ def _time_parts(engine: Engine, prompt_ids: list[int], new_tokens: int, repeats:
                 fn()
             _sync(device)
             out.append((time.perf_counter() - t) / repeats)
-    return out[0] / len(schedule.steps), out[1]
+    return (out[0] - out[1]) / len(schedule.steps), out[1]
 
 
 def _hf_generate_tok_s(hf_model: Any, prompt_ids: list[int], new_tokens: int) -> float:
@@ -159,15 +158,22 @@ def run_bench(
     else:
         from server.loader import load_model
 
-        loaded = load_model(model)
-        hf_model, tokenizer = loaded.hf_model, loaded.tokenizer
+        loaded = load_model(model, device=dev, dtype=dtype)
+        tokenizer = loaded.tokenizer
         prompt_ids = tokenizer.encode(PROMPT, add_special_tokens=False)
-        hf_model = hf_model.to(dev, dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32))
-    engine = Engine(hf_model, tokenizer, device=dev, dtype=dtype, name=model)
+    if random_weights:
+        engine = Engine.from_hf(hf_model, tokenizer, device=dev, dtype=dtype, name=model)
+    else:
+        engine = Engine.from_loaded(loaded, name=model)
     L = engine.num_layers
-    hf_tok_s = _hf_generate_tok_s(hf_model, prompt_ids, new_tokens) if baseline else None
-    if not baseline or dev.type == "cuda":
-        del hf_model  # the engine holds its own stacked copy
+    hf_tok_s = None
+    if baseline:
+        if not random_weights:
+            from transformers import AutoModelForCausalLM
+
+            hf_model = AutoModelForCausalLM.from_pretrained(str(loaded.source), dtype=engine.model.dtype).to(dev)
+        hf_tok_s = _hf_generate_tok_s(hf_model, prompt_ids, new_tokens)
+    hf_model = None  # the engine holds its own stacked copy
     layer_s, head_s = _time_parts(engine, prompt_ids, new_tokens)
     result = BenchResult(
         model=model, device=str(dev), dtype=str(engine.model.dtype).removeprefix("torch."), new_tokens=new_tokens,

@@ -68,9 +68,8 @@ def generate(
         )
         if group_mode not in ("batched", "streams"):
             raise PolicyError(f"--group-mode must be 'batched' or 'streams', got {group_mode!r}")
-        loaded = load_model(model)
-        engine = Engine(loaded.hf_model, loaded.tokenizer, device=_device(device), group_mode=group_mode,  # type: ignore[arg-type]
-                        name=model)
+        loaded = load_model(model, device=_device(device))
+        engine = Engine.from_loaded(loaded, group_mode=group_mode, name=model)  # type: ignore[arg-type]
         engine.compile(parsed)
     except (PolicyError, SamplingError, ModelLoadError, ValueError) as e:
         raise _fail(str(e)) from None

@@ -1,8 +1,10 @@
-"""The engine loop: a thread that owns the model and its batches and runs schedule -> execute -> update steps.
+"""The engine loop: a thread that owns the model and the running batch and runs schedule -> execute -> update steps.
 
 HTTP handlers only `submit` requests (with a sink that receives `Output`s) and `abort` them; every tensor is
-touched on this thread. One step runs one schedule group: new requests of that group are prefilled into it, the
-rest decode one token; finished and aborted sequences leave at once and free their cache rows.
+touched on this thread. Each step: the scheduler's output (plain data) says who is admitted; every running request
+decodes one token in one forward pass whatever its policy, then the admitted ones are prefilled (their own call);
+finished, aborted and failed sequences leave at once and free their KV blocks. A row that fails (its sampling or
+stop check raised) ends alone with an error; a step that fails as a whole fails the requests in it.
 """
 
 from __future__ import annotations
@@ -13,15 +15,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.generate import Batch, Engine, GenerationResult, Sequence
+from server.compiler import Schedule
+from server.generate import Engine, GenerationResult, Sequence
 from server.metrics import Metrics, QueueStats, RequestStats, StepStats
 from server.sampling import SamplingParams
-from server.scheduler import QueueFullError, Scheduler, SchedRequest
-from server.compiler import Schedule
+from server.scheduler import KVBudgetError, QueueFullError, Scheduler, SchedRequest
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineLoop", "EngineRequest", "Output", "QueueFullError"]
+__all__ = ["EngineLoop", "EngineRequest", "KVBudgetError", "Output", "QueueFullError"]
 
 
 @dataclass
@@ -61,13 +63,17 @@ class _Tracked:
 
 class EngineLoop:
     def __init__(self, engine: Engine, *, max_num_seqs: int, max_model_len: int, queue_capacity: int,
-                 metrics: Metrics | None = None) -> None:
+                 kv_budget_tokens: int, metrics: Metrics | None = None) -> None:
+        """kv_budget_tokens: KV cache size in slot-tokens (one token's keys and values in one slot)."""
         self.engine, self.metrics = engine, metrics
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
-        self.scheduler = Scheduler(max_running=max_num_seqs, queue_capacity=queue_capacity)
-        self._tracked: dict[str, _Tracked] = {}  # request id -> state, until it leaves
+        block = engine.block_size
+        blocks = max(1, kv_budget_tokens // block)
+        self.scheduler = Scheduler(max_running=max_num_seqs, queue_capacity=queue_capacity, kv_blocks=blocks,
+                                   block_size=block)
+        self.batch = engine.new_batch(max_len=max_model_len, num_blocks=blocks + 1)
+        self._tracked: dict[str, _Tracked] = {}  # request id -> its sink and sequence, until it leaves
         self._by_seq: dict[int, _Tracked] = {}  # Sequence.id -> state (engine thread only)
-        self._batches: dict[str, Batch] = {}
         self._aborts: set[str] = set()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -86,10 +92,16 @@ class EngineLoop:
             self._wake.notify()
         self._thread.join(timeout=30)
 
+    def check(self, schedule: Schedule, max_len: int) -> None:
+        """Raise KVBudgetError when a request of this schedule and length could never fit the KV budget."""
+        self.scheduler.check(schedule.num_slots, max_len)
+
     def submit(self, request: EngineRequest, sink: Sink) -> None:
-        """Queue a request; raises QueueFullError when the waiting queue is at capacity."""
+        """Queue a request; raises QueueFullError when the waiting queue is at capacity, KVBudgetError when it could
+        never fit the KV budget."""
+        max_len = len(request.prompt_ids) + max(1, request.params.max_tokens)
         with self._wake:
-            self.scheduler.add(SchedRequest(request.id, request.schedule.key, request.arrival))
+            self.scheduler.add(SchedRequest(request.id, request.schedule.num_slots, max_len, request.arrival))
             self._tracked[request.id] = _Tracked(request, sink)
             self._wake.notify()
 
@@ -132,67 +144,51 @@ class EngineLoop:
                 plan = self.scheduler.schedule()
                 aborts, self._aborts = self._aborts, set()
                 admitted = [self._tracked[r] for r in plan.admit]
-            if plan.key is None:
-                continue
             try:
-                self._step(plan.key, admitted, aborts)
-            except Exception as e:  # never let one bad step kill the server: fail that group's requests
+                self._step(admitted, aborts)
+            except Exception as e:  # never let one bad step kill the server: fail the requests of this step
                 log.exception("engine step failed")
-                self._fail_group(plan.key, admitted, f"engine error: {type(e).__name__}: {e}")
+                self._fail_all(admitted, f"engine error: {type(e).__name__}: {e}")
 
-    def _step(self, key: str, admitted: list[_Tracked], aborts: set[str]) -> None:
-        self._apply_aborts(aborts, current=key)
+    def _step(self, admitted: list[_Tracked], aborts: set[str]) -> None:
+        for request_id in aborts:
+            tracked = self._tracked.get(request_id)
+            if tracked is not None and tracked.sequence is not None:
+                tracked.sequence.abort()
+        self._reap()
         t0 = time.perf_counter()
-        batch = self._batches.get(key)
-        if batch is None:
-            schedule = admitted[0].request.schedule
-            batch = self.engine.new_batch(schedule, max_batch=self.max_num_seqs, max_len=self.max_model_len,
-                                          initial_batch=min(4, self.max_num_seqs), initial_len=256)
-            self._batches[key] = batch
-        if any(not s.finished for s in batch.sequences):
-            batch.step()
+        batch = self.batch
+        decoding = len(batch.sequences)
+        batch.step()
+        self._drop([t for t in admitted if t.request.id in aborts])
         new = []
         for t in admitted:
             r = t.request
-            t.sequence = self.engine.new_sequence(r.prompt_ids, r.params, arrival=r.arrival)
+            if r.id in aborts:
+                continue
+            t.sequence = self.engine.new_sequence(r.prompt_ids, r.params, r.schedule, arrival=r.arrival)
             self._by_seq[t.sequence.id] = t
             new.append(t.sequence)
         batch.add(new)
         duration = time.perf_counter() - t0
-        size = len(batch.sequences)
         self.steps += 1
         for seq in batch.sequences:
             tracked = self._by_seq.get(seq.id)
             if tracked is not None:
                 self._emit(tracked)
-        queue = self._reap(key, batch)
+        if self.metrics and (decoding or new):
+            sizes: dict[str, int] = {}
+            for seq in batch.sequences:
+                sizes[seq.schedule.policy] = sizes.get(seq.schedule.policy, 0) + 1
+            for policy, size in sizes.items():
+                self.metrics.observe_step(StepStats(policy, size, duration))
+        queue = self._reap()
         if self.metrics:
-            self.metrics.observe_step(StepStats(batch.schedule.policy, size, duration))
             self.metrics.observe_queue(queue)
 
-    def _apply_aborts(self, aborts: set[str], *, current: str) -> None:
-        """Mark aborted sequences in every batch; batches other than `current` release them now."""
-        touched = set()
-        for request_id in aborts:
-            tracked = self._tracked.get(request_id)
-            if tracked is None:
-                continue
-            if tracked.sequence is None:  # admitted in this very step: abort it on the next one
-                with self._lock:
-                    self._aborts.add(request_id)
-                continue
-            tracked.sequence.abort()
-            touched.add(tracked.request.schedule.key)
-        for key in touched - {current}:
-            batch = self._batches.get(key)
-            if batch is not None:
-                queue = self._reap(key, batch)
-                if self.metrics:
-                    self.metrics.observe_queue(queue)
-
-    def _reap(self, key: str, batch: Batch) -> QueueStats:
-        """Remove finished sequences from `batch` (freeing their rows) and from the scheduler."""
-        done = batch.filter()
+    def _reap(self) -> QueueStats:
+        """Remove finished sequences from the batch (freeing their KV blocks) and from the scheduler."""
+        done = self.batch.filter()
         with self._lock:
             finished_ids = []
             for seq in done:
@@ -201,10 +197,10 @@ class EngineLoop:
                     continue
                 finished_ids.append(tracked.request.id)
                 self._tracked.pop(tracked.request.id, None)
+                if seq.finish_reason == "error":
+                    self._send_error(tracked, seq.error or "generation failed")
                 self._record(tracked, aborted=seq.finish_reason == "abort")
             self.scheduler.finish(finished_ids)
-            if not batch.sequences:
-                self._batches.pop(key, None)
             return self._queue_stats()
 
     def _emit(self, t: _Tracked) -> None:
@@ -226,10 +222,10 @@ class EngineLoop:
             top_logprobs=seq.top_logprobs[t.sent_tokens:],
             text=seq.text[t.sent_text:text_end],
             finished=finished,
-            result=seq.result(t.request.schedule.policy) if finished else None,
+            result=seq.result() if finished else None,
         )
         t.sent_tokens, t.sent_text = n, text_end
-        if seq.finish_reason == "abort":
+        if seq.finish_reason in ("abort", "error"):
             return
         try:
             t.sink(out)
@@ -254,26 +250,36 @@ class EngineLoop:
             e2e_s=time.perf_counter() - seq.arrival, per_token_s=tuple(tm.per_token_s),
         ))
 
-    def _queue_stats(self) -> QueueStats:
-        # Slot-tokens held, against what max_num_seqs full-length sequences of the full model would hold.
-        budget = self.max_num_seqs * self.max_model_len * self.engine.num_layers
-        used = sum(s.length * b.schedule.num_slots for b in self._batches.values() for s in b.sequences)
-        return QueueStats(self.scheduler.num_running, self.scheduler.num_waiting, min(1.0, used / budget))
+    def _drop(self, aborted: list[_Tracked]) -> None:
+        """Requests aborted between their admission and their prefill: they leave without running."""
+        with self._lock:
+            for t in aborted:
+                self._tracked.pop(t.request.id, None)
+                self._record(t, aborted=True)
+            self.scheduler.finish([t.request.id for t in aborted])
 
-    def _fail_group(self, key: str, admitted: list[_Tracked], message: str) -> None:
-        batch = self._batches.pop(key, None)
-        seqs = list(batch.sequences) if batch else []
+    def _queue_stats(self) -> QueueStats:
+        return QueueStats(self.scheduler.num_running, self.scheduler.num_waiting, self.batch.kv_usage())
+
+    def _send_error(self, t: _Tracked, message: str) -> None:
+        try:
+            t.sink(Output(t.request.id, [], [], [], "", finished=True, error=message))
+        except Exception:
+            log.debug("sink for %s failed", t.request.id, exc_info=True)
+
+    def _fail_all(self, admitted: list[_Tracked], message: str) -> None:
+        """A step raised: every sequence of the batch and the admitted ones fail (their state is unknown)."""
         with self._lock:
             victims = [t for t in self._tracked.values()
-                       if t in admitted or (t.sequence is not None and any(t.sequence is s for s in seqs))]
+                       if t in admitted or (t.sequence is not None and not t.sequence.finished)]
             for t in victims:
-                self._tracked.pop(t.request.id, None)
                 if t.sequence is not None:
+                    t.sequence.fail(message)
                     self._by_seq.pop(t.sequence.id, None)
-                    t.sequence.finish_reason = "error"
+                self._tracked.pop(t.request.id, None)
                 self._record(t, aborted=False)
-                try:
-                    t.sink(Output(t.request.id, [], [], [], "", finished=True, error=message))
-                except Exception:
-                    pass
+                self._send_error(t, message)
             self.scheduler.finish([t.request.id for t in victims])
+        for seq in list(self.batch.sequences):
+            seq.fail(message)
+        self.batch.filter()

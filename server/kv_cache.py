@@ -15,6 +15,28 @@ from torch import Tensor
 from server.compiler import Slot
 
 
+def default_budget_tokens(*, bytes_per_slot_token: int, demand: int, device: torch.device,
+                          fraction: float = 0.25) -> int:
+    """KV budget in slot-tokens when none is set: what `demand` (max_num_seqs x max_model_len x layers) asks for,
+    capped by `fraction` of the memory free on the device now (CUDA: free device memory; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = _mem_available()
+    return max(1, min(demand, int(free * fraction) // bytes_per_slot_token))
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
 class CacheFullError(RuntimeError):
     """More blocks asked for than the pool has free; admission control should have prevented it."""
 

@@ -1,47 +1,47 @@
-"""Continuous batching by schedule: which group of requests runs next, and who joins it. Plain data, no torch.
+"""Admission: which waiting requests join the one running batch, first come first served. Plain data, no torch.
 
-Requests with the same schedule key are decoded together as one group. Each engine step runs one group: the one
-served least recently (round robin, so no group starves), with the waiting requests of its key admitted first,
-oldest first. A request is admitted only while every older waiting request of another key could still be admitted
-too, so a burst of one policy cannot starve an older request of another.
+Every running request decodes every step, whatever its policy; the scheduler only decides who is running. It owns
+that: the waiting queue and the running set, each running request with the KV blocks reserved for it. A request
+reserves, when admitted, the blocks its whole length needs under its schedule (slots x ceil((prompt + max_tokens) /
+block size)), so a running request never runs out of cache. The oldest waiting request is admitted as soon as
+`max_running` and the KV budget allow; younger ones never overtake it, so a stream of small requests cannot starve
+a large one. A request that could never fit is refused at `add` (`KVBudgetError`, a 400 naming the limit).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class QueueFullError(Exception):
     """The waiting queue is at capacity; the caller should retry later (HTTP 429)."""
 
 
+class KVBudgetError(ValueError):
+    """The request needs more KV cache than the whole budget; the message names the limit and what would fit."""
+
+
 @dataclass(frozen=True)
 class SchedRequest:
     id: str
-    key: str  # schedule key: requests with equal keys are batched together
+    num_slots: int  # KV slots of its schedule (attention runs per token)
+    max_len: int  # prompt + max_tokens
     arrival: float
 
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    key: str | None  # the group to run this step; None when there is nothing to do
-    admit: tuple[str, ...] = ()  # waiting requests that join the group in this step (prefill)
-    running: tuple[str, ...] = ()  # requests already in the group (decode)
-
-
-@dataclass
-class _Group:
-    members: list[str] = field(default_factory=list)
-    last_served: int = -1
+    admit: tuple[str, ...] = ()  # waiting requests that join the batch in this step (prefill)
+    running: tuple[str, ...] = ()  # requests already running (decode one token)
 
 
 class Scheduler:
-    def __init__(self, *, max_running: int, queue_capacity: int) -> None:
+    def __init__(self, *, max_running: int, queue_capacity: int, kv_blocks: int, block_size: int) -> None:
         self.max_running, self.queue_capacity = max_running, queue_capacity
+        self.kv_blocks, self.block_size = kv_blocks, block_size
         self.waiting: OrderedDict[str, SchedRequest] = OrderedDict()
-        self.groups: dict[str, _Group] = {}
-        self.steps = 0
+        self.running: dict[str, int] = {}  # request id -> KV blocks reserved
 
     @property
     def num_waiting(self) -> int:
@@ -49,65 +49,64 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
-        return sum(len(g.members) for g in self.groups.values())
+        return len(self.running)
+
+    @property
+    def reserved_blocks(self) -> int:
+        return sum(self.running.values())
+
+    @property
+    def budget_slot_tokens(self) -> int:
+        return self.kv_blocks * self.block_size
 
     @property
     def has_work(self) -> bool:
-        return bool(self.groups) or (bool(self.waiting) and self.num_running < self.max_running)
+        return bool(self.running) or (bool(self.waiting) and self._fits(next(iter(self.waiting.values()))))
+
+    def blocks(self, num_slots: int, max_len: int) -> int:
+        return num_slots * -(-max_len // self.block_size)
+
+    def check(self, num_slots: int, max_len: int) -> None:
+        """Raise KVBudgetError when a request of this shape could never be admitted."""
+        need = self.blocks(num_slots, max_len)
+        if need > self.kv_blocks:
+            fits = (self.kv_blocks // num_slots) * self.block_size
+            raise KVBudgetError(
+                f"this request needs {num_slots} KV slots (its policy's attention runs) x {max_len} tokens "
+                f"(prompt + max_tokens) = {need * self.block_size} slot-tokens, but the server's KV budget is "
+                f"{self.budget_slot_tokens} slot-tokens; under this policy prompt + max_tokens must be at most {fits}"
+            )
 
     def add(self, request: SchedRequest) -> None:
+        self.check(request.num_slots, request.max_len)
         if len(self.waiting) >= self.queue_capacity:
             raise QueueFullError(f"{len(self.waiting)} requests already waiting (capacity {self.queue_capacity})")
-        assert request.id not in self.waiting, f"duplicate request id {request.id}"
+        assert request.id not in self.waiting and request.id not in self.running, f"duplicate id {request.id}"
         self.waiting[request.id] = request
 
     def abort(self, request_id: str) -> bool:
         """Drop a waiting request; returns True when it is running instead (the engine must abort it)."""
         if self.waiting.pop(request_id, None) is not None:
             return False
-        return any(request_id in g.members for g in self.groups.values())
+        return request_id in self.running
 
     def finish(self, request_ids: list[str]) -> None:
-        """Running requests that left their group (finished or aborted); empty groups are dropped."""
-        gone = set(request_ids)
-        for key in list(self.groups):
-            group = self.groups[key]
-            group.members = [r for r in group.members if r not in gone]
-            if not group.members:
-                del self.groups[key]
+        """Running requests that left the batch (finished, aborted or failed): their reservations end."""
+        for r in request_ids:
+            self.running.pop(r, None)
 
     def schedule(self) -> SchedulerOutput:
-        free = self.max_running - self.num_running
-        candidates: dict[str, tuple[int, float]] = {}  # key -> (last served, oldest arrival)
-        for key, group in self.groups.items():
-            candidates[key] = (group.last_served, float("-inf"))
-        if free > 0:
-            for req in self.waiting.values():
-                if req.key not in candidates:
-                    candidates[req.key] = (-1, req.arrival)
-        for key in sorted(candidates, key=lambda k: candidates[k]):
-            admit = self._admit(key, free)
-            group = self.groups.get(key)
-            running = tuple(group.members) if group else ()
-            if not admit and not running:  # its waiting requests must let older ones of other keys in first
-                continue
-            for request_id in admit:
-                del self.waiting[request_id]
-            group = self.groups.setdefault(key, _Group())
-            group.members.extend(admit)
-            self.steps += 1
-            group.last_served = self.steps
-            return SchedulerOutput(key, tuple(admit), running)
-        return SchedulerOutput(None)
-
-    def _admit(self, key: str, free: int) -> list[str]:
+        running = tuple(self.running)
         admit: list[str] = []
-        older_elsewhere = 0  # older waiting requests of other keys, each of which keeps a slot reserved
-        for req in self.waiting.values():
-            if req.key != key:
-                older_elsewhere += 1
-                continue
-            if len(admit) + older_elsewhere >= free:
+        while self.waiting:
+            oldest = next(iter(self.waiting.values()))
+            if not self._fits(oldest):
                 break
-            admit.append(req.id)
-        return admit
+            del self.waiting[oldest.id]
+            self.running[oldest.id] = self.blocks(oldest.num_slots, oldest.max_len)
+            admit.append(oldest.id)
+        return SchedulerOutput(tuple(admit), running)
+
+    def _fits(self, r: SchedRequest) -> bool:
+        return (len(self.running) < self.max_running
+                and self.reserved_blocks + self.blocks(r.num_slots, r.max_len) <= self.kv_blocks)

@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(16, ge=1, description="sequences decoded at once, over all policies")
     max_model_len: int = Field(2048, ge=16, description="prompt + generated tokens per sequence")
     queue_capacity: int = Field(256, ge=1, description="waiting requests before 429")
+    kv_budget_tokens: int | None = Field(
+        None, ge=1, description="KV cache size in slot-tokens (one token in one attention slot); default: what "
+        "max_num_seqs full-length sequences of the full model need, capped by a quarter of free memory")
+    kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")
     default_policy: str = "full"
     api_key: str | None = None
     policy_presets: Path | None = Field(None, description="YAML or JSON file: name -> policy")

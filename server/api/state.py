@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import Request
 
 from server.api.errors import APIError
-from server.engine_loop import EngineLoop, EngineRequest, Output, QueueFullError
+from server.engine_loop import EngineLoop, EngineRequest, KVBudgetError, Output, QueueFullError
 from server.generate import Engine, GenerationResult
 from server.metrics import Metrics
 from server.policy import KINDS, SYNTAX, PolicyError, allowed_forms, as_policy
@@ -168,6 +168,12 @@ def submit_all(state: AppState, requests: list[EngineRequest]) -> list[RequestSt
     if len(requests) > capacity:
         raise APIError(400, f"this request asks for {len(requests)} sequences (prompts x n) but the server queues at "
                             f"most {capacity} at once; split it", param="prompt", code="too_many_sequences")
+    for r in requests:  # a request that could never fit the KV budget is refused whole, before any is queued
+        try:
+            loop.check(r.schedule, len(r.prompt_ids) + max(1, r.params.max_tokens))
+        except KVBudgetError as e:
+            raise APIError(400, f"{e}; lower max_tokens or choose a policy that runs fewer layers", param="max_tokens",
+                           code="kv_budget_exceeded") from None
     streams = [RequestStream(loop, r) for r in requests]
     for i, s in enumerate(streams):
         try:
