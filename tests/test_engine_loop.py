@@ -1,5 +1,6 @@
-"""The engine loop on the tiny model (CPU): continuous batching is exact, streams add up, aborts free slots, a full
-queue refuses, metrics are labelled by canonical policy, and a failing step only fails its own group."""
+"""The engine loop on the tiny model (CPU): one running batch of mixed policies is exact, streams add up, aborts free
+slots and KV, a full queue refuses, metrics are labelled by canonical policy, a failing row fails alone and a failing
+step fails only the requests in it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from server.engine_loop import EngineLoop, EngineRequest, Output, QueueFullError
+import server.generate as generate
 from server.generate import Batch, Engine, GenerationResult
 from server.metrics import Metrics
 from server.sampling import SamplingParams
@@ -82,7 +84,8 @@ def make_loop(tiny_engine: Engine) -> Iterator[Callable[..., EngineLoop]]:
     loops: list[EngineLoop] = []
 
     def make(**options) -> EngineLoop:
-        kw = dict(max_num_seqs=4, max_model_len=64, queue_capacity=32, metrics=Metrics(model=MODEL))
+        kw = dict(max_num_seqs=4, max_model_len=64, queue_capacity=32, kv_budget_tokens=8192,
+                  metrics=Metrics(model=MODEL))
         kw.update(options)
         loop = EngineLoop(tiny_engine, **kw)
         loops.append(loop)
@@ -255,14 +258,14 @@ def test_abort_reaches_a_request_in_another_group(tiny_engine, make_loop, make_g
     other = Collector()
     gate = make_gate(2)
     victim = Collector(gate)
-    # Both groups run, taking turns: full, skip, full, skip, ...
+    # Both decode in every step, whatever their policies.
     loop.submit(request(tiny_engine, "other", [5, 6, 7], "full", max_tokens=20), other)
     loop.submit(request(tiny_engine, "victim", [5, 6, 7], "skip:2", max_tokens=20), victim)
-    gate.wait()  # inside the skip group's step; the full group runs next
+    gate.wait()  # inside a step
     loop.abort("victim")
     gate.release.set()
     other.wait()
-    wait_until(lambda: loop.num_running == 0, "both groups have left")
+    wait_until(lambda: loop.num_running == 0, "both have left")
     assert len(victim.token_ids) <= 3, f"{len(victim.token_ids)} tokens streamed; the abort came at the 2nd"
 
 
@@ -344,37 +347,59 @@ def test_policy_labels_beyond_max_policies_fold_into_other(tiny_engine, make_loo
 # -- failures ---------------------------------------------------------------------------------------------------
 
 
-def test_a_failing_step_fails_only_its_group_and_the_loop_goes_on(tiny_engine, make_loop, monkeypatch):
-    healthy = request(tiny_engine, "healthy", [5, 6, 7], "full", max_tokens=8)
-    doomed = request(tiny_engine, "doomed", [9, 10], "skip:2", max_tokens=8)
-    later = request(tiny_engine, "later", [9, 10], "skip:2", max_tokens=4)
-    expected = {r.id: alone(tiny_engine, r).token_ids for r in (healthy, later)}
+def test_a_row_whose_sampling_raises_fails_alone_and_its_neighbour_finishes(tiny_engine, make_loop, monkeypatch):
+    """One running batch for every policy: a request whose sampler raises gets an error; the long request decoded
+    beside it (another policy) finishes exactly as alone, and its KV and slot are freed."""
+    healthy = request(tiny_engine, "healthy", [5, 6, 7], "full", max_tokens=12)
+    expected = alone(tiny_engine, healthy).token_ids
+    real = generate.sample
 
+    def poisoned(logits, params, generators):
+        if params[0].seed == 666:
+            raise RuntimeError("probability tensor contains inf, nan or element < 0")
+        return real(logits, params, generators)
+
+    monkeypatch.setattr(generate, "sample", poisoned)
+    loop = make_loop()
+    sinks = {"healthy": Collector(), "poisoned": Collector()}
+    loop.submit(healthy, sinks["healthy"])
+    loop.submit(request(tiny_engine, "poisoned", [9, 10], "skip:2", max_tokens=8, temperature=1.0, seed=666),
+                sinks["poisoned"])
+    failed = sinks["poisoned"].wait()
+    assert failed.finished and failed.result is None and "probability tensor" in failed.error
+    final = sinks["healthy"].wait()
+    assert final.error is None and final.result.token_ids == expected
+    wait_until(lambda: loop.num_running == 0, "every slot is free")
+    assert loop.batch.kv_usage() == 0.0
+
+
+def test_a_failing_step_fails_the_requests_in_it_and_the_loop_goes_on(tiny_engine, make_loop, monkeypatch):
+    doomed = [request(tiny_engine, "a", [5, 6, 7], "full", max_tokens=8),
+              request(tiny_engine, "b", [9, 10], "skip:2", max_tokens=8)]
+    later = request(tiny_engine, "later", [9, 10], "skip:2", max_tokens=4)
     real_step = Batch.step
     raised = []
 
     def step_failing_once(batch: Batch) -> None:
-        if batch.schedule.policy == "skip:2-3" and not raised:
+        if len(batch.sequences) == 2 and not raised:
             raised.append(True)
             raise RuntimeError("boom")
         real_step(batch)
 
     monkeypatch.setattr(Batch, "step", step_failing_once)
     loop = make_loop()
-    sinks = {"healthy": Collector(), "doomed": Collector()}
-    loop.submit(healthy, sinks["healthy"])
-    loop.submit(doomed, sinks["doomed"])
-    failed = sinks["doomed"].wait()
-    assert raised and failed.finished and failed.result is None
-    assert "boom" in failed.error and "RuntimeError" in failed.error
-    assert len(sinks["doomed"].token_ids) == 1  # its prefill token, then the failed step
-    final = sinks["healthy"].wait()
-    assert final.error is None and final.result.token_ids == expected["healthy"]
+    sinks = [Collector(), Collector()]
+    for r, sink in zip(doomed, sinks):
+        loop.submit(r, sink)
+    for sink in sinks:
+        failed = sink.wait()
+        assert failed.finished and failed.result is None and "RuntimeError: boom" in failed.error
+    assert raised
     sink = Collector()
-    loop.submit(later, sink)  # the failed group's key is usable again
-    assert sink.wait().result.token_ids == expected["later"]
+    loop.submit(later, sink)  # the loop goes on
+    assert sink.wait().result.token_ids == alone(tiny_engine, later).token_ids
     wait_until(lambda: loop.num_running == 0, "every slot is free")
-    assert loop.alive
+    assert loop.alive and loop.batch.kv_usage() == 0.0
 
 
 def test_a_raising_sink_does_not_stop_the_loop(tiny_engine, make_loop):
