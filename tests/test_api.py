@@ -64,11 +64,11 @@ class GatedEngine(Engine):
 
 
 def gated(gate: threading.Event) -> Callable[[Settings], Engine]:
-    return lambda s: GatedEngine(tiny_llama(), CharTokenizer(), gate=gate)
+    return lambda s: GatedEngine.from_hf(tiny_llama(), CharTokenizer(), gate=gate)
 
 
 def tiny_engine(tokenizer: CharTokenizer | None = None) -> Callable[[Settings], Engine]:
-    return lambda s: Engine(tiny_llama(), tokenizer or CharTokenizer())
+    return lambda s: Engine.from_hf(tiny_llama(), tokenizer or CharTokenizer())
 
 
 def settings(**overrides: Any) -> Settings:
@@ -805,7 +805,7 @@ def test_503_while_loading_then_ready():
 
     def slow(s: Settings) -> Engine:
         assert release.wait(timeout=60)
-        return Engine(tiny_llama(), CharTokenizer())
+        return Engine.from_hf(tiny_llama(), CharTokenizer())
 
     with serving(settings(), slow, ready=False) as c:
         try:

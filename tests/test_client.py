@@ -30,7 +30,7 @@ def serve_tiny(**settings: Any) -> Iterator[str]:
     from server.settings import Settings
 
     app = create_app(Settings(model="tiny", max_model_len=128, **settings),
-                     engine_factory=lambda s: Engine(tiny_llama(), CharTokenizer(), device="cpu"))
+                     engine_factory=lambda s: Engine.from_hf(tiny_llama(), CharTokenizer(), device="cpu"))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     # Client, event loop and engine share this process: torch's intra-op threads would fight them for the cores

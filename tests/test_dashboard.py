@@ -47,7 +47,7 @@ def dashboard_queries() -> list[tuple[str, str]]:
 def server_url() -> Iterator[str]:
     """The real app (tiny random Llama, char tokenizer) under uvicorn on a loopback port, in a thread."""
     app = create_app(Settings(model="tiny", max_model_len=128),
-                     engine_factory=lambda s: Engine(tiny_llama(), CharTokenizer()))
+                     engine_factory=lambda s: Engine.from_hf(tiny_llama(), CharTokenizer()))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="uvicorn-dashboard-test", daemon=True)

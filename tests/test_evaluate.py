@@ -60,7 +60,7 @@ def serve_tiny() -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     app = create_app(Settings(model="tiny", max_model_len=MAX_LEN),
-                     engine_factory=lambda settings: Engine(tiny_llama(), CharTokenizer()))
+                     engine_factory=lambda settings: Engine.from_hf(tiny_llama(), CharTokenizer()))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="uvicorn-tiny", daemon=True)
     thread.start()
