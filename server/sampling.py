@@ -136,8 +136,8 @@ def sample_isolated(logits: Tensor, params: list[SamplingParams], generators: li
 
 
 def _sample_row(logits: Tensor, p: SamplingParams, g: torch.Generator) -> Tensor:
-    """logits [V] float32, no NaN, some > -inf -> a token id (0-d). Shifting the maximum to 0 before dividing keeps every
-    scaled logit in [-inf, 0], so softmax never sees inf - inf; +inf logits become 0 and share the draw."""
+    """logits [V] float32, no NaN, some > -inf -> a token id (0-d). Shifting the maximum to 0 before dividing keeps
+    every scaled logit in [-inf, 0], so softmax never sees inf - inf; +inf logits become 0 and share the draw."""
     x = torch.nan_to_num(logits - logits.max(), nan=0.0, neginf=float("-inf")) / p.temperature
     if 0 < p.top_k < x.shape[-1]:
         kth = torch.topk(x, p.top_k).values[-1]

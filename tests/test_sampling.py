@@ -141,12 +141,13 @@ def test_a_failing_row_does_not_fail_the_others():
 
 
 @pytest.mark.parametrize("bad,says", [
-    (dict(temperature=float("nan")), "[0, 100]"), (dict(temperature=INF), "[0, 100]"), (dict(temperature=101), "[0, 100]"),
-    (dict(temperature=-1e-9), "[0, 100]"), (dict(top_p=0.0), "(0, 1]"), (dict(top_p=float("nan")), "(0, 1]"),
-    (dict(top_p=1.0000001), "(0, 1]"), (dict(top_k=TOP_K.hi + 1), "[0, 1000000]"), (dict(top_k=-1), "[0, 1000000]"),
-    (dict(top_k=2.5), "integer"), (dict(seed=-1), "[0, 9223372036854775807]"), (dict(seed=2**63), "9223372036854775807]"),
-    (dict(logprobs=21), "[0, 20]"), (dict(max_tokens=-1), ">= 0"), (dict(stop=("a",) * 17), "at most 16"),
-    (dict(stop=("a" * 257,)), "1-256"), (dict(stop=("",)), "1-256"),
+    (dict(temperature=float("nan")), "[0, 100]"), (dict(temperature=INF), "[0, 100]"),
+    (dict(temperature=101), "[0, 100]"), (dict(temperature=-1e-9), "[0, 100]"),
+    (dict(top_p=0.0), "(0, 1]"), (dict(top_p=float("nan")), "(0, 1]"), (dict(top_p=1.0000001), "(0, 1]"),
+    (dict(top_k=TOP_K.hi + 1), "[0, 1000000]"), (dict(top_k=-1), "[0, 1000000]"), (dict(top_k=2.5), "integer"),
+    (dict(seed=-1), "[0, 9223372036854775807]"), (dict(seed=2**63), "[0, 9223372036854775807]"),
+    (dict(logprobs=21), "[0, 20]"), (dict(max_tokens=-1), ">= 0"),
+    (dict(stop=("a",) * 17), "at most 16"), (dict(stop=("a" * 257,)), "1-256"), (dict(stop=("",)), "1-256"),
 ])
 def test_out_of_range_params_name_the_range(bad, says):
     with pytest.raises(SamplingError) as e:
