@@ -3,7 +3,11 @@
 P4 = aggregate generated tok/s with 16 concurrent streaming clients / with 1 client (same policy, 64 new tokens
      each), printed beside the compute ceiling (2 x parameters FLOPs per token at the measured matmul rate).
 P5 = HTTP end-to-end latency / in-process engine latency, one request of 64 tokens.
-Mixed load: three policies at once, per-policy p50/p99 TTFT and TPOT seen by the clients.
+P8 = aggregate tok/s of 12 concurrent streaming requests (4 x full, 4 x skip:8, 4 x pairs) / that of 12 x full:
+     mixed policies share one engine step, so the mix should run at least as fast as all-full (target >= 1.0), and
+     no policy's TPOT under the mix may exceed the all-full run's.
+Hostile schedule: the server's peak RSS (VmHWM) around one request whose explicit schedule runs 300 steps of 15
+     layers, with max_tokens unset (refused: it can never fit the KV budget) and with max_tokens=16 (runs).
 """
 
 from __future__ import annotations
@@ -51,7 +55,12 @@ class ServerBench:
     P4: float
     P4_ceiling: float
     P5: float
+    full12_tok_s: float = 0.0
+    mixed_tok_s: float = 0.0
+    P8: float = 0.0
+    full12_tpot_p50_s: float = 0.0
     mixed: dict[str, dict[str, float]] = field(default_factory=dict)
+    hostile: dict[str, float | int] = field(default_factory=dict)
 
 
 def free_port() -> int:
@@ -81,7 +90,7 @@ def engine_latency(model: str, policy: str, repeats: int) -> tuple[float, int]:
     from server.sampling import SamplingParams
 
     loaded = load_model(model)
-    engine = Engine(loaded.hf_model, loaded.tokenizer)
+    engine = Engine.from_loaded(loaded)
     params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True, temperature=0)
     engine.generate([PROMPT], policy=policy, params=params)
     times = []
@@ -89,7 +98,8 @@ def engine_latency(model: str, policy: str, repeats: int) -> tuple[float, int]:
         t = time.perf_counter()
         engine.generate([PROMPT], policy=policy, params=params)
         times.append(time.perf_counter() - t)
-    n_params = sum(p.numel() for p in loaded.hf_model.parameters())
+    w = loaded.weights
+    n_params = (w.layers.nbytes() + w.embed.numel() * w.embed.element_size()) // w.embed.element_size()
     return statistics.median(times), n_params
 
 
@@ -133,6 +143,32 @@ def http_latency(url: str, policy: str, repeats: int) -> float:
     return statistics.median(times)
 
 
+def peak_rss_mb(pid: int) -> tuple[float, float]:
+    """(current RSS, peak RSS) of a process in MB, from /proc."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def hostile(url: str, pid: int) -> dict[str, float | int]:
+    """The issue's hostile request: an explicit schedule of 300 steps, each the 15 even layers."""
+    steps = [list(range(0, 30, 2))] * 300
+    out: dict[str, float | int] = {}
+    with httpx.Client(base_url=url, timeout=600) as c:
+        out["rss_before_mb"], out["peak_before_mb"] = peak_rss_mb(pid)
+        body = {"model": "smollm2-135m", "prompt": PROMPT, "temperature": 0,
+                "policy": {"kind": "schedule", "steps": steps}}
+        r = c.post("/v1/completions", json=body)
+        out["unbounded_status"] = r.status_code
+        r = c.post("/v1/completions", json={**body, "max_tokens": 16})
+        out["bounded_status"] = r.status_code
+        out["rss_after_mb"], out["peak_after_mb"] = peak_rss_mb(pid)
+    return out
+
+
 def start_server(port: int, max_num_seqs: int) -> subprocess.Popen:
     env = {**os.environ, "PAINTERS_MAX_NUM_SEQS": str(max_num_seqs)}
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--log-level",
@@ -173,8 +209,10 @@ def main(model: str = "smollm2-135m", policy: str = "full", concurrency: int = 1
         http_s = http_latency(url, policy, repeats)
         single, _ = asyncio.run(concurrent(url, [policy]))
         many, _ = asyncio.run(concurrent(url, [policy] * concurrency))
-        mixed_policies = ["full", "skip:10", "pairs"] * 4
-        _, mixed_stats = asyncio.run(concurrent(url, mixed_policies))
+        full12, full12_stats = asyncio.run(concurrent(url, ["full"] * 12))
+        mixed_policies = ["full", "skip:8", "pairs"] * 4
+        mixed, mixed_stats = asyncio.run(concurrent(url, mixed_policies))
+        hostile_stats = hostile(url, proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -183,6 +221,8 @@ def main(model: str = "smollm2-135m", policy: str = "full", concurrency: int = 1
         threads=torch.get_num_threads(), engine_latency_s=engine_s, http_latency_s=http_s, single_tok_s=single,
         concurrent_tok_s=many, concurrency=concurrency, matmul_gflops=gflops, params=n_params,
         ceiling_tok_s=ceiling, P4=many / single, P4_ceiling=ceiling / single, P5=http_s / engine_s,
+        full12_tok_s=full12, mixed_tok_s=mixed, P8=mixed / full12,
+        full12_tpot_p50_s=pct([s.tpot_s for s in full12_stats], 0.5), hostile=hostile_stats,
     )
     for p in dict.fromkeys(mixed_policies):
         rows = [s for s in mixed_stats if s.policy == p]
@@ -205,8 +245,17 @@ def main(model: str = "smollm2-135m", policy: str = "full", concurrency: int = 1
     t.add_row(f"P4 = {concurrency} / 1 clients (target >= 5)", f"{result.P4:.2f}")
     t.add_row(f"compute ceiling ({gflops:.0f} GFLOP/s / 2x{n_params / 1e6:.0f}M params)",
               f"{ceiling:.0f} tok/s = {result.P4_ceiling:.1f}x one client")
+    t.add_row("12 streaming clients, all full", f"{full12:.1f} tok/s (TPOT p50 {result.full12_tpot_p50_s * 1e3:.0f} ms)")
+    t.add_row("12 streaming clients, 4 full + 4 skip:8 + 4 pairs", f"{mixed:.1f} tok/s")
+    t.add_row("P8 = mixed / all-full (target >= 1.0)", f"{result.P8:.2f}")
+    h = result.hostile
+    t.add_row("hostile 300-step schedule, max_tokens unset", f"HTTP {h['unbounded_status']}")
+    t.add_row("hostile 300-step schedule, max_tokens=16", f"HTTP {h['bounded_status']}")
+    t.add_row("server peak RSS before / after the hostile requests",
+              f"{h['peak_before_mb']:.0f} / {h['peak_after_mb']:.0f} MB")
     console.print(t)
-    m = Table(title="mixed load: 3 policies x 4 streaming clients")
+    m = Table(title="mixed load: 3 policies x 4 streaming clients (all-full TPOT p50: "
+                    f"{result.full12_tpot_p50_s * 1e3:.0f} ms)")
     for col in ("policy", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99"):
         m.add_column(col, justify="right")
     for p, row in result.mixed.items():

@@ -16,10 +16,11 @@ import torch
 from torch import Tensor
 
 from server.compiler import Schedule, compile_schedule
+from server.detokenizer import IncrementalDetokenizer
 from server.executor import Executor, Row
 from server.model import GroupMode, Transformer, default_dtype
 from server.policy import Policy, as_policy
-from server.sampling import SamplingParams, make_generator, sample
+from server.sampling import SamplingParams, make_generator, sample_isolated
 
 _ids = itertools.count()
 
@@ -78,6 +79,7 @@ class Sequence:
     scheduled: float | None = None  # when it entered a batch
     stop_from: int = 0  # stop strings match only text from here on (text after min_tokens)
     error: str | None = None
+    detokenizer: IncrementalDetokenizer | None = None  # made on the first token, by the batch that owns the tokenizer
 
     @property
     def length(self) -> int:
@@ -213,11 +215,14 @@ class Batch:
         n = len(s.output_ids)
         eos = token in s.stop_ids and n > s.params.min_tokens
         previous = len(s.text)
-        s.text = self.tokenizer.decode(s.output_ids, skip_special_tokens=True)
+        if s.detokenizer is None:
+            s.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        s.text += s.detokenizer.add(token)  # O(1) per token: only the new tail is decoded
         if n == s.params.min_tokens:
             s.stop_from = len(s.text)
         if eos:
             s.finish_reason = "stop"
+            s.text += s.detokenizer.flush()
             return
         if s.params.stop and n > s.params.min_tokens:
             longest = max(len(stop) for stop in s.params.stop)
@@ -229,21 +234,14 @@ class Batch:
                 return
         if n >= s.params.max_tokens or s.length >= self.max_len:
             s.finish_reason = "length"
+            s.text += s.detokenizer.flush()
 
 
 def _sample_rows(logits: Tensor, seqs: list[Sequence]) -> tuple[list[int], dict[int, str]]:
-    """Next token per row, each with its own parameters and generator (greedy rows share one argmax); a row whose
-    sampling raises is reported in the second value (row -> message) and does not affect the others."""
-    tokens: list[int] = logits.argmax(dim=-1).tolist()
-    failed: dict[int, str] = {}
-    for b, s in enumerate(seqs):
-        if s.params.greedy:
-            continue
-        try:
-            tokens[b] = int(sample(logits[b : b + 1], [s.params], [s.generator])[0])
-        except Exception as e:
-            failed[b] = f"sampling failed: {type(e).__name__}: {e}"
-    return tokens, failed
+    """Next token per row, each with its own parameters and generator; a row whose sampling fails is reported in the
+    second value (row -> message) and does not affect the others."""
+    tokens, errors = sample_isolated(logits, [s.params for s in seqs], [s.generator for s in seqs])
+    return tokens.tolist(), {b: f"sampling failed: {type(e).__name__}: {e}" for b, e in errors.items()}
 
 
 def _score_prompt(s: Sequence, logits: Tensor) -> None:

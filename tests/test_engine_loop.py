@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from server.engine_loop import EngineLoop, EngineRequest, Output, QueueFullError
-import server.generate as generate
+import server.sampling as sampling
 from server.generate import Batch, Engine, GenerationResult
 from server.metrics import Metrics
 from server.sampling import SamplingParams
@@ -352,14 +352,14 @@ def test_a_row_whose_sampling_raises_fails_alone_and_its_neighbour_finishes(tiny
     beside it (another policy) finishes exactly as alone, and its KV and slot are freed."""
     healthy = request(tiny_engine, "healthy", [5, 6, 7], "full", max_tokens=12)
     expected = alone(tiny_engine, healthy).token_ids
-    real = generate.sample
+    real = sampling._sample_row
 
-    def poisoned(logits, params, generators):
-        if params[0].seed == 666:
+    def poisoned(logits, p, g):
+        if p.seed == 666:
             raise RuntimeError("probability tensor contains inf, nan or element < 0")
-        return real(logits, params, generators)
+        return real(logits, p, g)
 
-    monkeypatch.setattr(generate, "sample", poisoned)
+    monkeypatch.setattr(sampling, "_sample_row", poisoned)
     loop = make_loop()
     sinks = {"healthy": Collector(), "poisoned": Collector()}
     loop.submit(healthy, sinks["healthy"])

@@ -225,16 +225,16 @@ def test_any_mix_decoded_together_equals_each_alone(tiny_engine, requests):
 
 def test_a_row_whose_sampling_fails_ends_alone(tiny_engine, monkeypatch):
     """One row's sampler raises: that row ends with an error, its neighbour (another policy) finishes normally."""
-    import server.generate as generate
+    import server.sampling as sampling
 
-    real = generate.sample
+    real = sampling._sample_row
 
-    def flaky(logits, params, generators):
-        if params[0].seed == 666:
+    def flaky(logits, p, g):
+        if p.seed == 666:
             raise RuntimeError("probability tensor contains inf, nan or element < 0")
-        return real(logits, params, generators)
+        return real(logits, p, g)
 
-    monkeypatch.setattr(generate, "sample", flaky)
+    monkeypatch.setattr(sampling, "_sample_row", flaky)
     batch = tiny_engine.new_batch(max_len=32, num_blocks=256)
     good = tiny_engine.new_sequence([5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True), tiny_engine.compile("full"))
     bad = tiny_engine.new_sequence([5, 6], SamplingParams(max_tokens=8, temperature=1.0, seed=666, ignore_eos=True),
