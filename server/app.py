@@ -36,8 +36,7 @@ def load_engine(settings: Settings) -> Engine:
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
     loaded = load_model(settings.model, device=device, dtype=dtype)
-    return Engine.from_loaded(loaded, group_mode=settings.group_mode, name=settings.model,
-                              block_size=settings.kv_block_size)
+    return Engine.from_loaded(loaded, group_mode=settings.group_mode, name=settings.model)
 
 
 def served_name(settings: Settings) -> str:
@@ -64,7 +63,7 @@ def _start(state: AppState, factory: EngineFactory, raw_presets: dict) -> None:
             bytes_per_slot_token=engine.kv_bytes_per_slot_token(), device=engine.model.device,
             demand=s.max_num_seqs * max_len * engine.num_layers)
         loop = EngineLoop(engine, max_num_seqs=s.max_num_seqs, max_model_len=max_len, queue_capacity=s.queue_capacity,
-                          kv_budget_tokens=budget, metrics=state.metrics)
+                          kv_budget_tokens=budget, kv_block_size=s.kv_block_size, metrics=state.metrics)
         log.info("KV budget: %d slot-tokens (%.0f MB)", budget, budget * engine.kv_bytes_per_slot_token() / 2**20)
         loop.start()
         state.presets, state.engine, state.loop = presets, engine, loop

@@ -63,15 +63,15 @@ class _Tracked:
 
 class EngineLoop:
     def __init__(self, engine: Engine, *, max_num_seqs: int, max_model_len: int, queue_capacity: int,
-                 kv_budget_tokens: int, metrics: Metrics | None = None) -> None:
+                 kv_budget_tokens: int, kv_block_size: int = 16, metrics: Metrics | None = None) -> None:
         """kv_budget_tokens: KV cache size in slot-tokens (one token's keys and values in one slot)."""
         self.engine, self.metrics = engine, metrics
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
-        block = engine.block_size
+        block = kv_block_size
         blocks = max(1, kv_budget_tokens // block)
         self.scheduler = Scheduler(max_running=max_num_seqs, queue_capacity=queue_capacity, kv_blocks=blocks,
                                    block_size=block)
-        self.batch = engine.new_batch(max_len=max_model_len, num_blocks=blocks + 1)
+        self.batch = engine.new_batch(max_len=max_model_len, num_blocks=blocks + 1, block_size=block)
         self._tracked: dict[str, _Tracked] = {}  # request id -> its sink and sequence, until it leaves
         self._by_seq: dict[int, _Tracked] = {}  # Sequence.id -> state (engine thread only)
         self._aborts: set[str] = set()

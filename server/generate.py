@@ -318,9 +318,9 @@ class Engine:
             seq.arrival = arrival
         return seq
 
-    def new_batch(self, *, max_len: int, num_blocks: int) -> Batch:
-        return Batch(self.model, self.tokenizer, max_len=max_len, num_blocks=num_blocks, block_size=self.block_size,
-                     group_mode=self.group_mode)
+    def new_batch(self, *, max_len: int, num_blocks: int, block_size: int | None = None) -> Batch:
+        return Batch(self.model, self.tokenizer, max_len=max_len, num_blocks=num_blocks,
+                     block_size=block_size or self.block_size, group_mode=self.group_mode)
 
     def generate(
         self, prompts: list[str | list[int]] | str, *,

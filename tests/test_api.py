@@ -834,3 +834,45 @@ def test_failed_load_is_reported_by_ready():
         assert r.status_code == 503 and r.json() == {"status": "failed: RuntimeError: weights not found"}
         assert_error(c.post("/v1/completions", json={"prompt": "hi"}), 503, says=("weights not found",))
         assert c.get("/health").status_code == 200
+
+
+def test_a_request_that_could_never_fit_the_kv_budget_is_a_400_naming_it():
+    """The KV budget is in slot-tokens: a policy that runs many layers pays for each; what could never fit is refused
+    with the limit and what would fit, the rest waits its turn, and the server stays healthy."""
+    with serving(settings(kv_budget_tokens=512, kv_block_size=4)) as c:
+        hostile = {"kind": "schedule", "steps": [[0, 2, 4]] * 40}  # 120 slots
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 8, "policy": hostile})
+        assert_error(r, 400, code="kv_budget_exceeded", says=("120 KV slots", "512 slot-tokens", "at most 4"))
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 100})
+        assert_error(r, 400, code="kv_budget_exceeded", says=("6 KV slots", "at most 84"))
+        # A request that fits runs, even when several of them together do not fit at once (they wait).
+        with ThreadPoolExecutor(4) as pool:
+            texts = list(pool.map(lambda _: text_of(c, "hello", max_tokens=16, policy="full"), range(4)))
+        assert len(set(texts)) == 1
+        loop = c.app.state.painters.loop
+        wait_for(lambda: loop.num_running == 0 and loop.num_waiting == 0)
+        assert loop.batch.kv_usage() == 0.0
+        assert_serves(c)
+
+
+def test_kv_usage_gauge_reports_real_use_while_running():
+    gate = threading.Event()
+    with serving(settings(kv_budget_tokens=1024, kv_block_size=4), tiny_engine()) as c:
+        loop = c.app.state.painters.loop
+        seen: list[float] = []
+
+        def scrape_while_running() -> None:
+            while not gate.is_set():
+                value = metric_value(c.get("/metrics").text, "painters:kv_slots_usage_perc", model=MODEL)
+                if value:
+                    seen.append(value)
+                time.sleep(0.001)
+
+        with ThreadPoolExecutor(2) as pool:
+            watcher = pool.submit(scrape_while_running)
+            text_of(c, "hello there", max_tokens=48, policy="full")
+            gate.set()
+            watcher.result()
+        wait_for(lambda: loop.num_running == 0)
+        assert seen and max(seen) > 0, "usage was never above 0 while a request held KV blocks"
+        assert metric_value(c.get("/metrics").text, "painters:kv_slots_usage_perc", model=MODEL) == 0.0

@@ -248,3 +248,33 @@ def test_a_row_whose_sampling_fails_ends_alone(tiny_engine, monkeypatch):
     assert good.finish_reason == "length"
     assert good.output_ids == tiny_engine.generate([[5, 6, 7]], params=good.params)[0].token_ids
     assert batch.kv_usage() == 0.0, "both rows' KV blocks are free again"
+
+
+# -- bounded memory ------------------------------------------------------------------------------------------------
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.slow
+def test_distinct_hostile_schedules_leave_no_weight_copies_behind(smollm2_engine):
+    """Parallel groups of non-adjacent layers used to be gathered into cached weight copies (up to 256 of them, each
+    several layers of SmolLM2: gigabytes). Now each layer is applied from its own view: a stream of distinct such
+    schedules keeps RSS flat."""
+    import random
+
+    rng = random.Random(0)
+
+    def hostile() -> str:
+        group = "+".join(map(str, sorted(rng.sample(range(30), 6))))
+        return "schedule:" + ",".join([f"{group}/mean"] * 8)
+
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    for _ in range(6):  # warm-up: allocator pools, plan cache entries
+        smollm2_engine.generate(["Hello there"], policy=hostile(), params=params)
+    before = _rss_mb()
+    for _ in range(30):  # six-layer copies of SmolLM2 would add ~27 MB each
+        smollm2_engine.generate(["Hello there"], policy=hostile(), params=params)
+    assert _rss_mb() - before < 100, f"RSS grew from {before:.0f} MB to {_rss_mb():.0f} MB"
