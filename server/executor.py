@@ -89,7 +89,7 @@ class Executor:
         valid = torch.arange(T, device=dev)[None, :] < torch.tensor([r.num_new for r in rows], device=dev)[:, None]
         kv_len = max(r.start + r.num_new for r in rows)
         num_blocks = -(-kv_len // cache.block_size)
-        cos, sin = model.rope(positions)
+        rope = model.rope(positions)
         mask, window_mask = model.masks(positions, num_blocks * cache.block_size)
 
         buffers = tokens.new_zeros((plan.num_buffers, B, T, model.args.dim), dtype=model.dtype)
@@ -103,8 +103,9 @@ class Executor:
                 self._run(buffers, op, lambda x, g0, g1, layers=layers: model.mlp(x, model.weights(layers[g0:g1])))
                 continue
             pick = (lambda t: t) if op.whole else (lambda t, rows=op.rows: t[rows])
-            row_pos, row_valid, row_cos, row_sin = pick(positions), pick(valid), pick(cos), pick(sin)
+            row_pos, row_valid = pick(positions), pick(valid)
             row_masks = {False: pick(mask), True: pick(window_mask) if window_mask is not None else None}
+            row_rope = {kind: (pick(c), pick(s)) for kind, (c, s) in rope.items()}
 
             def attend(x: Tensor, g0: int, g1: int, op: _Apply = op) -> Tensor:
                 G, m = x.shape[:2]
@@ -116,9 +117,14 @@ class Executor:
                                 k.reshape(G * m, T, *k.shape[3:]), v.reshape(G * m, T, *v.shape[3:]))
                     return cache.read(kv_rows, num_blocks)
 
-                masks = [row_masks[i in model.args.sliding_layers] for i in chosen]
+                kinds = [i in model.args.sliding_layers for i in chosen]
+                masks = [row_masks[k] for k in kinds]
                 mk = masks[0] if G == 1 else torch.cat(masks)
-                return model.attention(x, model.weights(chosen), row_cos, row_sin, mk, kv)
+                if len(set(kinds)) == 1:
+                    cos, sin = (t[None] for t in row_rope[kinds[0]])
+                else:  # a fused group mixing windowed and global layers: each layer its own rotary table
+                    cos, sin = (torch.stack([row_rope[k][j] for k in kinds]) for j in (0, 1))
+                return model.attention(x, model.weights(chosen), cos, sin, mk, kv)
 
             self._run(buffers, op, attend)
         h = buffers[0]

@@ -138,12 +138,14 @@ class Transformer:
         emb = torch.cat([freqs, freqs], dim=-1)
         return (emb.cos() * self.rope_scale).to(self.dtype), (emb.sin() * self.rope_scale).to(self.dtype)
 
-    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions [B, T] -> cos, sin [B, T, hd]."""
+    def rope(self, positions: Tensor) -> dict[bool, tuple[Tensor, Tensor]]:
+        """positions [B, T] -> {sliding: (cos, sin) [B, T, hd]}: the rotary tables of global (False) and
+        sliding-window (True) layers; the same tables for both unless the model gives windowed layers their own."""
         top = int(positions.max()) + 1
         if top > self._cos_sin[0].shape[0]:
             self._cos_sin = self._rope_table(max(top, 2 * self._cos_sin[0].shape[0]))
-        return self._cos_sin[0][positions], self._cos_sin[1][positions]
+        tables = self._cos_sin[0][positions], self._cos_sin[1][positions]
+        return {False: tables, True: tables}
 
     def masks(self, positions: Tensor, num_keys: int) -> tuple[Tensor, Tensor | None]:
         """Causal mask [B, 1, T, S] (True = attend) and, when the model has windowed layers, their mask."""
@@ -159,7 +161,7 @@ class Transformer:
 
     def attention(self, x: Tensor, w: LayerStack, cos: Tensor, sin: Tensor, mask: Tensor, kv: KVFn) -> Tensor:
         """Attention deltas of G layers, each over its own input: x [G, m, T, d] -> [G, m, T, d].
-        cos, sin [m, T, hd]; mask [G*m, 1, T, S]; kv writes the new keys/values and returns the cached ones."""
+        cos, sin [1 or G, m, T, hd]; mask [G*m, 1, T, S]; kv writes the new keys/values and returns the cached ones."""
         a = self.args
         G, m, T, _ = x.shape
         xn = _rms_norm(x, w.attn_norm, a.norm_eps)  # [G, m, T, d]
@@ -173,8 +175,8 @@ class Transformer:
                 [_rms_norm_heads(qk[..., : a.n_heads, :], w.q_norm, a.norm_eps),
                  _rms_norm_heads(qk[..., a.n_heads :, :], w.k_norm, a.norm_eps)], dim=-2,
             )
-        # q and k are adjacent in the fused projection: rotate both at once. cos, sin: [1, m, T, 1, hd]
-        qk = qk * cos[None, :, :, None, :] + _rotate_half(qk) * sin[None, :, :, None, :]
+        # q and k are adjacent in the fused projection: rotate both at once. cos, sin: [1 or G, m, T, 1, hd]
+        qk = qk * cos[:, :, :, None, :] + _rotate_half(qk) * sin[:, :, :, None, :]
         q, k = qk[..., : a.n_heads, :], qk[..., a.n_heads :, :]
         keys, values = kv(k, v)  # [G*m, kv, S, hd]
         o = F.scaled_dot_product_attention(
