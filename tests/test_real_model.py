@@ -15,19 +15,19 @@ pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is Paris. The capital of Italy is"
 
 
-def test_full_logits_equal_transformers(smollm2, smollm2_engine):
+def test_full_logits_equal_transformers(smollm2, smollm2_hf, smollm2_engine):
     ids = smollm2.tokenizer.encode(PROMPT, return_tensors="pt")
     with torch.no_grad():
-        ref = smollm2.hf_model(ids).logits
+        ref = smollm2_hf(ids).logits
     ex = Executor(smollm2_engine.model, smollm2_engine.compile("full"), max_batch=1, max_len=ids.shape[1])
     ours = ex.forward(ids, rows=slice(0, 1), start=[0])
     torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-3)
 
 
-def test_greedy_generation_equals_transformers_generate(smollm2, smollm2_engine):
+def test_greedy_generation_equals_transformers_generate(smollm2, smollm2_hf, smollm2_engine):
     ids = smollm2.tokenizer.encode(PROMPT, return_tensors="pt")
     with torch.no_grad():
-        ref = smollm2.hf_model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        ref = smollm2_hf.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
     ours = smollm2_engine.generate([ids[0].tolist()], params=SamplingParams(max_tokens=24, ignore_eos=True))[0]
     assert ours.token_ids == ref[0, ids.shape[1]:].tolist()
     assert "Rome" in ours.text
