@@ -139,7 +139,7 @@ def load_model(
     on CUDA, float32 on the CPU when None) on `device`."""
     from transformers import AutoConfig, AutoTokenizer
 
-    source = _local_source(name, cache=cache)
+    source = local_source(name, cache=cache)
     try:
         config = AutoConfig.from_pretrained(str(source))
     except (OSError, ValueError) as e:
@@ -161,7 +161,7 @@ def load_model(
                        eos_token_ids=_eos_token_ids(source, config, tokenizer))
 
 
-def _local_source(name: str, *, cache: Path | None) -> Path:
+def local_source(name: str, *, cache: Path | None = None) -> Path:
     """The local directory holding `name`'s config, tokenizer and safetensors weights (converted or downloaded)."""
     gguf = resolve_gguf(name)
     if gguf is not None:
@@ -209,4 +209,5 @@ __all__ = [
     "cache_root",
     "converted_dir",
     "load_model",
+    "local_source",
 ]
