@@ -41,7 +41,7 @@ class CharTokenizer:
 def tiny_engine():
     from server.generate import Engine
 
-    return Engine(tiny_llama(), CharTokenizer(), device="cpu")
+    return Engine.from_hf(tiny_llama(), CharTokenizer(), device="cpu")
 
 
 def assert_same_weights(got: Any, want: Any) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from server.executor import Executor
+from server.executor import Executor, Row
 from server.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -19,8 +19,9 @@ def test_full_logits_equal_transformers(smollm2, smollm2_hf, smollm2_engine):
     ids = smollm2.tokenizer.encode(PROMPT, return_tensors="pt")
     with torch.no_grad():
         ref = smollm2_hf(ids).logits
-    ex = Executor(smollm2_engine.model, smollm2_engine.compile("full"), max_batch=1, max_len=ids.shape[1])
-    ours = ex.forward(ids, rows=slice(0, 1), start=[0])
+    schedule = smollm2_engine.compile("full")
+    ex = Executor(smollm2_engine.model, num_blocks=schedule.num_slots * 4 + 1, max_len=ids.shape[1])
+    ours = ex.forward(ids, [Row(0, schedule, 0, ids.shape[1])])
     torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-3)
 
 
@@ -41,6 +42,16 @@ def test_every_policy_generates_on_the_real_model(smollm2_engine, policy):
     for one in r:
         assert len(one.token_ids) == 8 and all(lp <= 0 for lp in one.logprobs)
         assert one.policy == smollm2_engine.compile(policy).policy
+
+
+def test_mixed_policies_in_one_batch_equal_each_alone_on_the_real_model(smollm2_engine):
+    policies = ["full", "skip:8", "pairs", "loop:8-22x3", "reverse:8-22"]
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=1)
+    together = smollm2_engine.generate([PROMPT] * len(policies), policy=policies, params=params)
+    for policy, got in zip(policies, together):
+        alone = smollm2_engine.generate([PROMPT], policy=policy, params=params)[0]
+        assert got.token_ids == alone.token_ids, policy
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(alone.logprobs), rtol=1e-3, atol=1e-3)
 
 
 def test_cli_generate_json():
