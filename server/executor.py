@@ -36,10 +36,11 @@ class Row:
 class _Apply:
     entry: Apply
     rows: Tensor  # [m] batch rows the application covers (a row may appear twice: a group naming a layer twice)
+    rowset: int  # index of `rows` among the program's distinct row sets (their masks and rotary rows are shared)
     src: Tensor  # [G, m] buffer read per (layer, row)
     dst: Tensor  # [G, m] buffer written
     scale: Tensor | None  # [G, m, 1, 1], None when all 1
-    kv_rows: Tensor | None  # [G*m] cache table rows (attention)
+    kv: slice | None  # attention: this application's [G*m] entries in the program's KV lists
     whole: bool  # one layer over every row, h -> h, scale 1: no gather or scatter needed
 
 
@@ -47,6 +48,16 @@ class _Apply:
 class _RowOp:
     entry: Copy | Merge
     rows: Tensor
+
+
+@dataclass
+class _Program:
+    """A plan's index tensors for one batch layout."""
+
+    plan: StepPlan  # held so that its id, the cache key, is not reused
+    ops: list[_Apply | _RowOp]
+    kv_rows: Tensor  # [N] cache table row of every (attention application, layer, row), in program order
+    kv_batch: Tensor  # [N] the batch row of each
 
 
 class Executor:
@@ -59,7 +70,7 @@ class Executor:
         self.cache = PagedKVCache(num_blocks=num_blocks, block_size=block_size, max_len=max_len,
                                   n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, dtype=model.dtype, device=model.device)
         self._attn_cost, self._mlp_cost = model.unit_bytes()
-        self._compiled: dict[tuple, tuple[StepPlan, list[_Apply | _RowOp]]] = {}
+        self._compiled: dict[tuple, _Program] = {}
         self._streams: list[torch.cuda.Stream] = []
 
     def release(self, seq: int) -> None:
@@ -92,9 +103,25 @@ class Executor:
         rope = model.rope(positions)
         mask, window_mask = model.masks(positions, num_blocks * cache.block_size)
 
+        padded = any(r.num_new != T for r in rows)
+        kv_at = cache.locate(program.kv_rows, positions[program.kv_batch],
+                             valid[program.kv_batch] if padded else None)  # [N, T] where each writes
+        kv_blocks = cache.blocks(program.kv_rows, num_blocks)  # [N, nb] what each reads
+        views: dict[int, tuple[dict[bool, Tensor | None], dict[bool, tuple[Tensor, Tensor]]]] = {}
+
+        def rows_view(op: _Apply) -> tuple[dict[bool, Tensor | None], dict[bool, tuple[Tensor, Tensor]]]:
+            """Masks and rotary tables of the application's rows, by layer kind (sliding or not); shared by row set."""
+            got = views.get(op.rowset)
+            if got is None:
+                pick = (lambda t: t) if op.whole else (lambda t, rows=op.rows: t[rows])
+                masks = {False: pick(mask), True: None if window_mask is None else pick(window_mask)}
+                tables = {kind: (pick(c), pick(s)) for kind, (c, s) in rope.items()}
+                got = views[op.rowset] = (masks, tables)
+            return got
+
         buffers = tokens.new_zeros((plan.num_buffers, B, T, model.args.dim), dtype=model.dtype)
         buffers[0] = model.embed_tokens(tokens)
-        for op in program:
+        for op in program.ops:
             if isinstance(op, _RowOp):
                 _row_op(buffers, op)
                 continue
@@ -102,29 +129,26 @@ class Executor:
             if op.entry.kind == "mlp":
                 self._run(buffers, op, lambda x, g0, g1, layers=layers: model.mlp(x, model.weights(layers[g0:g1])))
                 continue
-            pick = (lambda t: t) if op.whole else (lambda t, rows=op.rows: t[rows])
-            row_pos, row_valid = pick(positions), pick(valid)
-            row_masks = {False: pick(mask), True: pick(window_mask) if window_mask is not None else None}
-            row_rope = {kind: (pick(c), pick(s)) for kind, (c, s) in rope.items()}
 
             def attend(x: Tensor, g0: int, g1: int, op: _Apply = op) -> Tensor:
                 G, m = x.shape[:2]
-                kv_rows = op.kv_rows.view(-1, m)[g0:g1].reshape(-1)
+                kv = slice(op.kv.start + g0 * m, op.kv.start + g1 * m)
+                at, blocks = kv_at[kv].reshape(-1), kv_blocks[kv]
+
+                def cached(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+                    cache.write(at, k.reshape(-1, *k.shape[3:]), v.reshape(-1, *v.shape[3:]))
+                    return cache.read(blocks)
+
+                masks, tables = rows_view(op)
                 chosen = op.entry.layers[g0:g1]
-
-                def kv(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-                    cache.write(kv_rows, row_pos.repeat(G, 1), row_valid.repeat(G, 1),
-                                k.reshape(G * m, T, *k.shape[3:]), v.reshape(G * m, T, *v.shape[3:]))
-                    return cache.read(kv_rows, num_blocks)
-
                 kinds = [i in model.args.sliding_layers for i in chosen]
-                masks = [row_masks[k] for k in kinds]
-                mk = masks[0] if G == 1 else torch.cat(masks)
                 if len(set(kinds)) == 1:
-                    cos, sin = (t[None] for t in row_rope[kinds[0]])
-                else:  # a fused group mixing windowed and global layers: each layer its own rotary table
-                    cos, sin = (torch.stack([row_rope[k][j] for k in kinds]) for j in (0, 1))
-                return model.attention(x, model.weights(chosen), cos, sin, mk, kv)
+                    mk = masks[kinds[0]] if G == 1 else masks[kinds[0]].repeat(G, 1, 1, 1)
+                    cos, sin = (t[None] for t in tables[kinds[0]])
+                else:  # a fused group mixing windowed and global layers: each layer its own mask and rotary table
+                    mk = torch.cat([masks[k] for k in kinds])
+                    cos, sin = (torch.stack([tables[k][j] for k in kinds]) for j in (0, 1))
+                return model.attention(x, model.weights(chosen), cos, sin, mk, cached)
 
             self._run(buffers, op, attend)
         h = buffers[0]
@@ -168,43 +192,52 @@ class Executor:
             out.record_stream(main)
         return outs
 
-    def _compile(self, plan: StepPlan, rows: list[Row]) -> list[_Apply | _RowOp]:
+    def _compile(self, plan: StepPlan, rows: list[Row]) -> _Program:
         """The plan's index tensors for this batch layout (cached while the layout holds)."""
         klass = {s: i for i, s in enumerate(plan.schedules)}
         layout = (id(plan), tuple((r.seq, klass[r.schedule]) for r in rows))
         got = self._compiled.get(layout)
         if got is not None:
-            return got[1]
+            return got
         dev = self.model.device
         members: list[list[int]] = [[] for _ in plan.schedules]
         for b, r in enumerate(rows):
             members[klass[r.schedule]].append(b)
         index = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
-        program: list[_Apply | _RowOp] = []
+        ops: list[_Apply | _RowOp] = []
+        rowsets: dict[tuple[int, ...], int] = {}
+        kv_rows: list[int] = []
+        kv_batch: list[int] = []
         B = len(rows)
         for e in plan.entries:
             if not isinstance(e, Apply):
-                program.append(_RowOp(e, index(members[e.schedule])))
+                ops.append(_RowOp(e, index(members[e.schedule])))
                 continue
             batch_rows = [b for u in e.uses[0] for b in members[u.schedule]]
             src = [[u.src for u in uses for _ in members[u.schedule]] for uses in e.uses]
             dst = [[u.dst for u in uses for _ in members[u.schedule]] for uses in e.uses]
             scale = [[u.scale for u in uses for _ in members[u.schedule]] for uses in e.uses]
-            kv_rows = None
+            kv = None
             if e.kind == "attn":
-                kv_rows = index([self.cache.table_row(rows[b].seq, u.slot) for uses in e.uses
-                                 for u in uses for b in members[u.schedule]])
+                start = len(kv_rows)
+                for uses in e.uses:
+                    for u in uses:
+                        for b in members[u.schedule]:
+                            kv_rows.append(self.cache.table_row(rows[b].seq, u.slot))
+                            kv_batch.append(b)
+                kv = slice(start, len(kv_rows))
             whole = (len(e.layers) == 1 and batch_rows == list(range(B)) and set(src[0]) == {0}
                      and set(dst[0]) == {0} and set(scale[0]) == {1.0})
             all_one = all(s == 1.0 for layer in scale for s in layer)
-            program.append(_Apply(
-                e, index(batch_rows), index(src), index(dst),
+            ops.append(_Apply(
+                e, index(batch_rows), rowsets.setdefault(tuple(batch_rows), len(rowsets)), index(src), index(dst),
                 None if all_one else torch.tensor(scale, dtype=self.model.dtype, device=dev)[:, :, None, None],
-                kv_rows, whole,
+                kv, whole,
             ))
+        program = _Program(plan, ops, index(kv_rows), index(kv_batch))
         if len(self._compiled) > 8:
             self._compiled.clear()
-        self._compiled[layout] = (plan, program)  # holding the plan keeps its id from being reused
+        self._compiled[layout] = program
         return program
 
 

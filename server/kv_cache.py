@@ -3,8 +3,9 @@
 A sequence holds blocks only for the slots its schedule runs (a `skip:10` row pays nothing for the skipped layers, a
 `loop:x3` row pays for three occurrences) and only as far as it has grown: its memory is slots x length, rounded up
 to the block size. Each (sequence, slot) pair owns one row of the block table, listing its blocks in order.
-Pool layout [block, position in block, kv head, head dim]; block 0 is scratch (padding writes land there) and is
-never handed out. Freed blocks go on a stack and are reused first, so resident memory follows peak use.
+Pool layout [block, position in block, 2 x kv heads (keys, then values), head dim], so one write stores both and one
+gather reads both; block 0 is scratch (padding writes land there) and is never handed out. Freed blocks go on a
+stack and are reused first, so resident memory follows peak use.
 """
 
 from __future__ import annotations
@@ -49,9 +50,8 @@ class PagedKVCache:
         assert num_blocks >= 2, "the pool needs the scratch block and at least one more"
         self.block_size = block_size
         self.max_blocks = -(-max_len // block_size)  # per (sequence, slot)
-        shape = (num_blocks, block_size, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.n_kv_heads = n_kv_heads
+        self.pool = torch.zeros(num_blocks, block_size, 2 * n_kv_heads, head_dim, dtype=dtype, device=device)
         self.tables = torch.zeros(num_blocks, self.max_blocks, dtype=torch.long, device=device)
         self._free_blocks = list(range(num_blocks - 1, 0, -1))  # a stack: low blocks first
         self._free_rows = list(range(num_blocks - 1, -1, -1))
@@ -62,7 +62,7 @@ class PagedKVCache:
     @property
     def num_blocks(self) -> int:
         """Blocks that can be handed out (the scratch block excluded)."""
-        return self.k.shape[0] - 1
+        return self.pool.shape[0] - 1
 
     @property
     def used_blocks(self) -> int:
@@ -73,7 +73,7 @@ class PagedKVCache:
         return num_slots * -(-length // self.block_size)
 
     def bytes_per_block(self) -> int:
-        return 2 * self.k[0].numel() * self.k.element_size()
+        return self.pool[0].numel() * self.pool.element_size()
 
     def reserve(self, seq: int, slots: tuple[Slot, ...], length: int) -> None:
         """Make every slot of `seq` hold at least `length` tokens' worth of blocks."""
@@ -113,18 +113,24 @@ class PagedKVCache:
     def table_row(self, seq: int, slot: Slot) -> int:
         return self._rows[seq][slot]
 
-    def write(self, rows: Tensor, positions: Tensor, valid: Tensor, k: Tensor, v: Tensor) -> None:
-        """rows [P] table rows; positions, valid [P, T]; k, v [P, T, kv, hd]. Padding (not valid) goes to scratch."""
-        blocks = self.tables[rows].gather(1, positions // self.block_size)  # [P, T]
-        blocks = torch.where(valid, blocks, 0)
-        offsets = positions % self.block_size
-        self.k[blocks, offsets] = k
-        self.v[blocks, offsets] = v
+    def locate(self, rows: Tensor, positions: Tensor, valid: Tensor | None) -> Tensor:
+        """rows [P] table rows, positions [P, T] -> flat pool indices [P, T] (block x block_size + offset) where
+        their new keys and values go; positions that are padding (not valid) go to the scratch block."""
+        blocks = self.tables[rows].gather(1, positions // self.block_size)
+        if valid is not None:
+            blocks = torch.where(valid, blocks, 0)
+        return blocks * self.block_size + positions % self.block_size
 
-    def read(self, rows: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
-        """rows [P] -> keys, values [P, kv, num_blocks x block, hd] (positions past a row's length are stale)."""
-        blocks = self.tables[rows, :num_blocks]  # [P, nb]
-        P = rows.shape[0]
-        keys = self.k[blocks].view(P, num_blocks * self.block_size, *self.k.shape[2:]).transpose(1, 2)
-        values = self.v[blocks].view(P, num_blocks * self.block_size, *self.v.shape[2:]).transpose(1, 2)
-        return keys, values
+    def blocks(self, rows: Tensor, num_blocks: int) -> Tensor:
+        """rows [P] table rows -> their first `num_blocks` block ids [P, num_blocks]."""
+        return self.tables[rows, :num_blocks]
+
+    def write(self, at: Tensor, k: Tensor, v: Tensor) -> None:
+        """at [N] flat pool indices (from `locate`); k, v [N, kv, hd]."""
+        self.pool.view(-1, *self.pool.shape[2:])[at] = torch.cat([k, v], dim=1)
+
+    def read(self, blocks: Tensor) -> tuple[Tensor, Tensor]:
+        """blocks [P, nb] -> keys, values [P, kv, nb x block, hd] (positions past a row's length are stale)."""
+        P, nb = blocks.shape
+        kv = self.pool[blocks].view(P, nb * self.block_size, *self.pool.shape[2:])  # [P, S, 2 kv, hd]
+        return kv[:, :, : self.n_kv_heads].transpose(1, 2), kv[:, :, self.n_kv_heads :].transpose(1, 2)

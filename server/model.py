@@ -106,6 +106,7 @@ class Transformer:
         self.embed, self.lm_head, self.final_norm = weights.embed, weights.lm_head, weights.final_norm  # [V, d], [d, V]
         self.inv_freq, self.rope_scale = weights.inv_freq.float().to(self.device), float(weights.rope_scale)
         self._cos_sin = self._rope_table(1024)
+        self._views: dict[tuple[int, ...], LayerStack] = {}
 
     @classmethod
     def from_hf(cls, hf_model: Any, *, dtype: torch.dtype, device: torch.device | str) -> Transformer:
@@ -125,11 +126,15 @@ class Transformer:
         return attn, mlp
 
     def weights(self, layers: tuple[int, ...]) -> LayerStack:
-        """Views of the stacked weights of adjacent `layers` (no copy)."""
-        lo, hi = layers[0], layers[-1]
-        assert layers == tuple(range(lo, hi + 1)), f"fused layers must be adjacent: {layers}"
-        return replace(self.layers, **{f.name: None if (t := getattr(self.layers, f.name)) is None else t[lo : hi + 1]
-                                       for f in fields(self.layers)})
+        """Views of the stacked weights of adjacent `layers` (no copy; at most L^2 / 2 small view objects kept)."""
+        got = self._views.get(layers)
+        if got is None:
+            lo, hi = layers[0], layers[-1]
+            assert layers == tuple(range(lo, hi + 1)), f"fused layers must be adjacent: {layers}"
+            got = self._views[layers] = replace(self.layers, **{
+                f.name: None if (t := getattr(self.layers, f.name)) is None else t[lo : hi + 1]
+                for f in fields(self.layers)})
+        return got
 
     # -- per-call tables -----------------------------------------------------------------------------------------
 
@@ -148,14 +153,15 @@ class Transformer:
         return {False: tables, True: tables}
 
     def masks(self, positions: Tensor, num_keys: int) -> tuple[Tensor, Tensor | None]:
-        """Causal mask [B, 1, T, S] (True = attend) and, when the model has windowed layers, their mask."""
+        """Additive causal mask [B, 1, T, S] (0 = attend, -inf = not) and, when the model has windowed layers,
+        theirs. Additive, in the model's dtype, so attention does not convert a boolean mask in every layer."""
         keys = torch.arange(num_keys, device=self.device)
         allowed = keys[None, None, :] <= positions[:, :, None]  # [B, T, S]
         window = self.args.sliding_window
         windowed = None
         if window is not None:
-            windowed = (allowed & (positions[:, :, None] - keys[None, None, :] < window))[:, None]
-        return allowed[:, None], windowed
+            windowed = _additive(allowed & (positions[:, :, None] - keys[None, None, :] < window), self.dtype)
+        return _additive(allowed, self.dtype), windowed
 
     # -- the layer math ------------------------------------------------------------------------------------------
 
@@ -208,6 +214,11 @@ class Transformer:
     def logits(self, h: Tensor) -> Tensor:
         """h [..., d] -> float32 logits [..., V]."""
         return torch.matmul(F.rms_norm(h, (self.args.dim,), self.final_norm, self.args.norm_eps), self.lm_head).float()
+
+
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """[B, T, S] bool -> [B, 1, T, S] additive mask."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))[:, None]
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -52,8 +52,8 @@ class ModelWeights:
     """Everything the decoder reads: the layer stacks, embeddings, final norm, LM head and rotary frequencies."""
 
     layers: LayerStack
-    embed: Tensor  # [V, d]
-    lm_head: Tensor  # [d, V]; embed.T (a view) when the embeddings are tied
+    embed: Tensor  # [V, d]; lm_head.T (a view) when the embeddings are tied
+    lm_head: Tensor  # [d, V], contiguous
     final_norm: Tensor  # [d]
     inv_freq: Tensor  # [hd / 2] float32
     rope_scale: float  # transformers' attention_scaling: multiplies cos and sin
@@ -111,8 +111,11 @@ def load_checkpoint(
     if a.qk_norm:
         wanted |= {"q_norm", "k_norm"}
     stacks = {field: empty(a.n_layers, *shape) for field, shape in _stack_shapes(a).items() if field in wanted}
-    embed, final_norm = empty(a.vocab_size, a.dim), empty(a.dim)
-    lm_head = embed.T if tied else empty(a.dim, a.vocab_size)
+    # Tied: one storage laid out [d, V] (the LM head's matmul streams it contiguously; an embedding lookup reads d
+    # strided values per token, which costs nothing next to it).
+    final_norm = empty(a.dim)
+    lm_head = empty(a.dim, a.vocab_size)
+    embed = lm_head.T if tied else empty(a.vocab_size, a.dim)
 
     # checkpoint name -> the view it fills, shaped like the checkpoint tensor (a matrix [out, in] lands transposed)
     places: dict[str, Tensor] = {"model.embed_tokens.weight": embed, "model.norm.weight": final_norm}
@@ -218,12 +221,13 @@ def weights_from_hf_model(hf_model: Any, *, dtype: torch.dtype, device: torch.de
     device = torch.device(device)
     inner = hf_model.model
     with torch.no_grad():
-        embed = inner.embed_tokens.weight.detach().to(device, dtype).contiguous()  # [V, d]
         tied = hf_model.lm_head.weight is inner.embed_tokens.weight
+        head = hf_model.lm_head.weight.detach().to(device, dtype).T.contiguous()  # [d, V]
+        embed = head.T if tied else inner.embed_tokens.weight.detach().to(device, dtype).contiguous()  # [V, d]
         return ModelWeights(
             layers=_stack_layers(inner.layers, dtype, device),
             embed=embed,
-            lm_head=embed.T if tied else hf_model.lm_head.weight.detach().to(device, dtype).T.contiguous(),
+            lm_head=head,
             final_norm=inner.norm.weight.detach().to(device, dtype),
             inv_freq=inner.rotary_emb.inv_freq.detach().float().to(device),
             rope_scale=float(inner.rotary_emb.attention_scaling),
