@@ -140,3 +140,44 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(have.get(k) == v for k, v in labels.items()):
             total += float(m.group(3))
     return total
+
+
+@contextmanager
+def serve_tiny(*, model_factory: Callable[[], object] | None = None, max_model_len: int = 128,
+               **settings: object) -> Iterator[str]:
+    """The Painters app on a tiny in-memory model (default: conftest's 6-layer `tiny_llama`), served by uvicorn in a
+    thread on a port the OS chooses; yields its URL once GET /ready is 200. `settings` go to `Settings`."""
+    import threading
+
+    import torch
+    import uvicorn
+
+    from server.app import create_app
+    from server.generate import Engine
+    from server.settings import Settings
+    from tests.conftest import CharTokenizer, tiny_llama
+
+    build = model_factory or tiny_llama
+    app = create_app(Settings(model="tiny", max_model_len=max_model_len, **settings),
+                     engine_factory=lambda s: Engine.from_hf(build(), CharTokenizer(), device="cpu"))
+    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn-tiny", daemon=True)
+    # Client, event loop and engine share this process: torch's intra-op threads would fight them for the cores
+    # (10-80x slower decode on a busy 2-core machine); the tiny model needs no more than one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        url = f"http://{HOST}:{server.servers[0].sockets[0].getsockname()[1]}"
+        wait_until(lambda: httpx.get(f"{url}/ready", timeout=2).status_code == 200, timeout=60,
+                   what="the tiny server's /ready", interval=0.05,
+                   alive=lambda: None if thread.is_alive() else "the uvicorn thread died")
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        torch.set_num_threads(threads)

@@ -3,56 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
-import httpx
 import pytest
 
 from clients.client import AsyncPaintersClient, PaintersClient, PaintersError
 from clients.types import CompletionResponse, GenerateResponse, StreamEvent
-from tests.conftest import CharTokenizer, tiny_llama
+from tests.conftest import CharTokenizer
+from tests.serving import serve_tiny
 
 PROMPT = "hello world"
-
-
-@contextmanager
-def serve_tiny(**settings: Any) -> Iterator[str]:
-    """A real uvicorn server (port chosen by the OS) on the 6-layer tiny model; yields its URL once /ready is 200."""
-    import torch
-    import uvicorn
-
-    from server.app import create_app
-    from server.generate import Engine
-    from server.settings import Settings
-
-    app = create_app(Settings(model="tiny", max_model_len=128, **settings),
-                     engine_factory=lambda s: Engine.from_hf(tiny_llama(), CharTokenizer(), device="cpu"))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
-    # Client, event loop and engine share this process: torch's intra-op threads would fight them for the cores
-    # (10-80x slower decode on a busy 2-core machine); the tiny model needs no more than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        url = f"http://127.0.0.1:{port}"
-        while httpx.get(f"{url}/ready").status_code != 200:
-            assert time.monotonic() < deadline, "the tiny model did not load"
-            time.sleep(0.05)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,8 @@ import asyncio
 import json
 import math
 import socket
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
-import httpx
 import pytest
 import torch
 import typer
@@ -42,48 +38,15 @@ from clients.evaluate import (
 from clients.tasks import TASKS, Cloze, Document, Generation, MultipleChoice, Task
 from clients.types import CompletionLogprobs
 from tests.conftest import CharTokenizer, tiny_llama
+from tests.serving import serve_tiny
 
 MAX_LEN = 256
 BOS = CharTokenizer.bos_token_id
 
 
-@contextmanager
-def serve_tiny() -> Iterator[str]:
-    """The Painters app on the tiny model, served by uvicorn in a thread on a free loopback port; yields its URL."""
-    import uvicorn
-
-    from server.app import create_app
-    from server.generate import Engine
-    from server.settings import Settings
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(Settings(model="tiny", max_model_len=MAX_LEN),
-                     engine_factory=lambda settings: Engine.from_hf(tiny_llama(), CharTokenizer()))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn-tiny", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    try:
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert thread.is_alive() and time.monotonic() < deadline, "the tiny server did not become ready"
-            time.sleep(0.05)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    with serve_tiny() as u:
+    with serve_tiny(max_model_len=MAX_LEN) as u:
         yield u
 
 

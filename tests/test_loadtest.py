@@ -20,7 +20,7 @@ from clients.loadtest import (
     BUILTIN_PROMPTS, Distribution, LoadtestError, LoadtestResult, PolicyResult, arrival_gaps, load_prompts, percentile,
     run_loadtest, split_policies,
 )
-from tests.test_client import serve_tiny
+from tests.serving import serve_tiny
 
 PROMPTS = ["hello world", "the quick brown fox", "abc", "painters at work", "one two three four"]
 PRESETS = {"fast": "skip:2", "wide": "parallel:1-4"}

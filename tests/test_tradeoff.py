@@ -20,7 +20,7 @@ from clients.tradeoff import (
     tradeoff_command,
     write_outputs,
 )
-from tests.test_evaluate import serve_tiny
+from tests.serving import serve_tiny
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
