@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 
-from server.api import errors, misc, native, openai
+from server.api import errors, misc, native, openai, probe
 from server.api.errors import APIError
 from server.api.state import AppState
 from server.engine_loop import EngineLoop
@@ -107,6 +107,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     secured = [Depends(check_api_key)]
     app.include_router(openai.router, dependencies=secured)
     app.include_router(native.router, dependencies=secured)
+    app.include_router(probe.router, dependencies=secured)
     app.include_router(misc.tokenizer_router, dependencies=secured)
     app.include_router(misc.router)
     return app

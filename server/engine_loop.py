@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from server.compiler import Schedule
 from server.generate import Engine, GenerationResult, Sequence
 from server.metrics import Metrics, QueueStats, RequestStats, StepStats
+from server.probe import ProbeStats
 from server.sampling import SamplingParams
 from server.scheduler import KVBudgetError, QueueFullError, Scheduler, SchedRequest
 
@@ -33,6 +34,13 @@ class EngineRequest:
     params: SamplingParams
     schedule: Schedule
     arrival: float = field(default_factory=time.perf_counter)
+    probe_prompts: list[list[int]] | None = None  # a probe: one forward pass of these, statistics instead of tokens
+
+    def kv_length(self, block_size: int) -> int:
+        """Tokens per slot to reserve: prompt + max_tokens, or every probe prompt rounded up to whole blocks."""
+        if self.probe_prompts is not None:
+            return sum(-(-len(p) // block_size) * block_size for p in self.probe_prompts)
+        return len(self.prompt_ids) + max(1, self.params.max_tokens)
 
 
 @dataclass
@@ -47,6 +55,7 @@ class Output:
     finished: bool = False
     result: GenerationResult | None = None
     error: str | None = None
+    probe: ProbeStats | None = None
 
 
 Sink = Callable[[Output], None]
@@ -92,14 +101,14 @@ class EngineLoop:
             self._wake.notify()
         self._thread.join(timeout=30)
 
-    def check(self, schedule: Schedule, max_len: int) -> None:
-        """Raise KVBudgetError when a request of this schedule and length could never fit the KV budget."""
-        self.scheduler.check(schedule.num_slots, max_len)
+    def check(self, request: EngineRequest) -> None:
+        """Raise KVBudgetError when this request could never fit the KV budget."""
+        self.scheduler.check(request.schedule.num_slots, request.kv_length(self.scheduler.block_size))
 
     def submit(self, request: EngineRequest, sink: Sink) -> None:
         """Queue a request; raises QueueFullError when the waiting queue is at capacity, KVBudgetError when it could
         never fit the KV budget."""
-        max_len = len(request.prompt_ids) + max(1, request.params.max_tokens)
+        max_len = request.kv_length(self.scheduler.block_size)
         with self._wake:
             self.scheduler.add(SchedRequest(request.id, request.schedule.num_slots, max_len, request.arrival))
             self._tracked[request.id] = _Tracked(request, sink)
@@ -165,6 +174,9 @@ class EngineLoop:
         for t in admitted:
             r = t.request
             if r.id in aborts:
+                continue
+            if r.probe_prompts is not None:
+                self._probe(t)
                 continue
             t.sequence = self.engine.new_sequence(r.prompt_ids, r.params, r.schedule, arrival=r.arrival)
             self._by_seq[t.sequence.id] = t
@@ -249,6 +261,24 @@ class EngineLoop:
             prefill_s=tm.prefill_s, decode_s=tm.decode_s, ttft_s=tm.ttft_s,
             e2e_s=time.perf_counter() - seq.arrival, per_token_s=tuple(tm.per_token_s),
         ))
+
+    def _probe(self, t: _Tracked) -> None:
+        """Run a probe request at once (one forward pass); it leaves in the same step."""
+        r = t.request
+        assert r.probe_prompts is not None
+        try:
+            stats = self.batch.probe(r.probe_prompts, r.schedule)
+            out = Output(r.id, [], [], [], "", finished=True, probe=stats)
+        except Exception as e:  # this request alone fails
+            log.exception("probe failed")
+            out = Output(r.id, [], [], [], "", finished=True, error=f"probe failed: {type(e).__name__}: {e}")
+        with self._lock:
+            self._tracked.pop(r.id, None)
+            self.scheduler.finish([r.id])
+        try:
+            t.sink(out)
+        except Exception:
+            log.debug("sink for %s failed", r.id, exc_info=True)
 
     def _drop(self, aborted: list[_Tracked]) -> None:
         """Requests aborted between their admission and their prefill: they leave without running."""

@@ -19,7 +19,7 @@ from torch import Tensor
 from server.compiler import Schedule
 from server.kv_cache import PagedKVCache
 from server.model import GroupMode, Transformer
-from server.planner import Apply, Copy, Merge, StepPlan, plan_step
+from server.planner import Apply, Boundary, Copy, Merge, StepPlan, plan_step
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class _Apply:
 
 @dataclass
 class _RowOp:
-    entry: Copy | Merge
+    entry: Copy | Merge | Boundary
     rows: Tensor
 
 
@@ -78,21 +78,23 @@ class Executor:
         self.cache.free(seq)
         self._compiled.clear()
 
-    def plan(self, rows: list[Row]) -> StepPlan:
+    def plan(self, rows: list[Row], *, boundaries: bool = False) -> StepPlan:
         distinct = tuple(dict.fromkeys(r.schedule for r in rows))
-        return plan_step(distinct, attn_cost=self._attn_cost, mlp_cost=self._mlp_cost)
+        return plan_step(distinct, attn_cost=self._attn_cost, mlp_cost=self._mlp_cost, boundaries=boundaries)
 
     @torch.inference_mode()
-    def forward(self, tokens: Tensor, rows: list[Row], *, logits_at: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, rows: list[Row], *, logits_at: Tensor | None = None,
+                capture: Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor:
         """tokens [B, T]; rows[b] describes batch row b. logits_at: [B] index in T whose logits to return ([B, V]);
-        None returns all positions ([B, T, V])."""
+        None returns all positions ([B, T, V]). capture(step, rows [m], h [m, T, d]) is called with the state
+        entering every schedule step of those rows (step = number of steps done), for probes."""
         B, T = tokens.shape
         assert len(rows) == B
         model, cache, dev = self.model, self.cache, self.model.device
         for r in rows:
             assert r.start + r.num_new <= self.max_len, f"sequence of {r.start + r.num_new} exceeds {self.max_len}"
             cache.reserve(r.seq, r.schedule.slots, r.start + r.num_new)
-        plan = self.plan(rows)
+        plan = self.plan(rows, boundaries=capture is not None)
         program = self._compile(plan, rows)
 
         start = torch.tensor([r.start for r in rows], device=dev)
@@ -123,7 +125,11 @@ class Executor:
         buffers[0] = model.embed_tokens(tokens)
         for op in program.ops:
             if isinstance(op, _RowOp):
-                _row_op(buffers, op)
+                if isinstance(op.entry, Boundary):
+                    assert capture is not None
+                    capture(op.entry.step, op.rows, buffers[0, op.rows])
+                else:
+                    _row_op(buffers, op)
                 continue
             layers = op.entry.layers
             if op.entry.kind == "mlp":

@@ -20,6 +20,8 @@ from server.detokenizer import IncrementalDetokenizer
 from server.executor import Executor, Row
 from server.model import GroupMode, Transformer, default_dtype
 from server.policy import Policy, as_policy
+from server.probe import ProbeStats
+from server.probe import reduce as reduce_probe
 from server.sampling import SamplingParams, make_generator, sample_isolated
 
 _ids = itertools.count()
@@ -167,6 +169,27 @@ class Batch:
             for s in done:
                 self.executor.release(s.id)
         return done
+
+    def probe(self, prompts: list[list[int]], schedule: Schedule) -> ProbeStats:
+        """One forward pass of `prompts` under `schedule`, no sampling; returns the layer statistics of
+        `server.probe` (reduced here, on the thread that owns the tensors). Their KV blocks are freed at once."""
+        ids = [next(_ids) for _ in prompts]
+        lengths = [len(p) for p in prompts]
+        tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            tokens[b, : len(p)] = torch.tensor(p)
+        states: list[Tensor] = [tokens] * (len(schedule.steps) + 1)
+
+        def capture(step: int, rows: Tensor, h: Tensor) -> None:
+            states[step] = h  # already a copy (gathered by row)
+
+        try:
+            self.executor.forward(tokens.to(self.model.device), [Row(q, schedule, 0, n) for q, n in zip(ids, lengths)],
+                                  logits_at=torch.tensor(lengths, device=self.model.device) - 1, capture=capture)
+        finally:
+            for q in ids:
+                self.executor.release(q)
+        return reduce_probe(schedule, states, lengths)
 
     def kv_usage(self) -> float:
         """Share of the KV pool's blocks in use."""
@@ -344,6 +367,14 @@ class Engine:
             batch.step()
             batch.filter()
         return [s.result() for s in seqs]
+
+    def probe(self, prompts: list[str | list[int]], *, policy: Policy | str | dict | None = None) -> ProbeStats:
+        """Layer statistics of one forward pass of `prompts` under `policy` (see `server.probe`)."""
+        schedule = self.compile(policy)
+        ids = [self.encode(p) for p in prompts]
+        blocks = sum(-(-len(p) // self.block_size) for p in ids) * schedule.num_slots
+        batch = self.new_batch(max_len=max(len(p) for p in ids), num_blocks=blocks + 1)
+        return batch.probe(ids, schedule)
 
     def _fallback_bos(self) -> int:
         bos = getattr(self.tokenizer, "bos_token_id", None)

@@ -72,7 +72,16 @@ class Merge:
     weight: float
 
 
-Entry = Apply | Copy | Merge
+@dataclass(frozen=True)
+class Boundary:
+    """The rows of `schedule` have finished `step` steps: buffer h holds the state entering step `step` (the final
+    output when it equals the number of steps). Only in plans made for probes."""
+
+    schedule: int
+    step: int
+
+
+Entry = Apply | Copy | Merge | Boundary
 
 
 @dataclass(frozen=True)
@@ -100,39 +109,42 @@ class _Op:
 class _Stage:
     before: tuple[Copy | Merge, ...]
     ops: tuple[_Op, ...]
+    step: int = 0  # the schedule step this stage belongs to
 
 
 def program(schedule: Schedule, index: int = 0) -> list[_Stage]:
     """A schedule's computation as stages of independent unit applications (see the module docstring)."""
     stages: list[_Stage] = []
-    for step in schedule.steps:
+    for n, step in enumerate(schedule.steps):
         k = len(step.layers)
         pairs = list(zip(step.layers, step.slots))
         if k == 1:
             (layer, slot), = pairs
-            stages.append(_Stage((), (_Op("attn", layer, H, H, 1.0, slot),)))
-            stages.append(_Stage((), (_Op("mlp", layer, H, H, 1.0, None),)))
+            stages.append(_Stage((), (_Op("attn", layer, H, H, 1.0, slot),), n))
+            stages.append(_Stage((), (_Op("mlp", layer, H, H, 1.0, None),), n))
         elif step.combine == "pairs":
             snapshot = (Copy(index, H, X, X + 1),)
-            stages.append(_Stage(snapshot, tuple(_Op("attn", l, X, H, 1.0, s) for l, s in pairs)))
-            stages.append(_Stage(snapshot, tuple(_Op("mlp", l, X, H, 1.0, None) for l, _ in pairs)))
+            stages.append(_Stage(snapshot, tuple(_Op("attn", l, X, H, 1.0, s) for l, s in pairs), n))
+            stages.append(_Stage(snapshot, tuple(_Op("mlp", l, X, H, 1.0, None) for l, _ in pairs), n))
         else:
             w = 1.0 / k if step.combine == "mean" else 1.0
             before = (Copy(index, H, X, X + 1), Copy(index, X, T0, T0 + k))
-            stages.append(_Stage(before, tuple(_Op("attn", l, X, T0 + i, 1.0, s) for i, (l, s) in enumerate(pairs))))
+            stages.append(_Stage(before, tuple(_Op("attn", l, X, T0 + i, 1.0, s) for i, (l, s) in enumerate(pairs)), n))
             stages.append(_Stage((Merge(index, k, w),),
-                                 tuple(_Op("mlp", l, T0 + i, H, w, None) for i, (l, _) in enumerate(pairs))))
+                                 tuple(_Op("mlp", l, T0 + i, H, w, None) for i, (l, _) in enumerate(pairs)), n))
     return stages
 
 
-def plan_step(schedules: tuple[Schedule, ...], *, attn_cost: int = 1, mlp_cost: int = 3) -> StepPlan:
+def plan_step(schedules: tuple[Schedule, ...], *, attn_cost: int = 1, mlp_cost: int = 3,
+              boundaries: bool = False) -> StepPlan:
     """Plan one forward pass over rows of `schedules` (distinct; rows of schedule i are 'schedule i' in the plan).
-    attn_cost, mlp_cost: relative weight bytes of a layer's attention and MLP (only their order matters)."""
-    return _plan(tuple(schedules), attn_cost, mlp_cost)
+    attn_cost, mlp_cost: relative weight bytes of a layer's attention and MLP (only their order matters).
+    boundaries: also mark where each schedule's steps end (`Boundary`), for probes that read the states there."""
+    return _plan(tuple(schedules), attn_cost, mlp_cost, boundaries)
 
 
 @lru_cache(maxsize=256)
-def _plan(schedules: tuple[Schedule, ...], attn_cost: int, mlp_cost: int) -> StepPlan:
+def _plan(schedules: tuple[Schedule, ...], attn_cost: int, mlp_cost: int, boundaries: bool) -> StepPlan:
     programs = [program(s, i) for i, s in enumerate(schedules)]
     # later[i][j]: units that schedule i applies in stages after stage j
     later: list[list[frozenset[tuple[Kind, int]]]] = []
@@ -145,6 +157,8 @@ def _plan(schedules: tuple[Schedule, ...], attn_cost: int, mlp_cost: int) -> Ste
     pending: list[list[_Op]] = [list(p[0].ops) if p else [] for p in programs]
     raw: list[tuple[Entry, tuple[tuple[int, int], ...]]] = []  # entry, (schedule, stage) of its uses
     for i, p in enumerate(programs):
+        if boundaries:
+            raw.append((Boundary(i, 0), ()))
         if p:
             raw.extend((e, ()) for e in p[0].before)
     cost = {"attn": attn_cost, "mlp": mlp_cost}
@@ -170,9 +184,13 @@ def _plan(schedules: tuple[Schedule, ...], attn_cost: int, mlp_cost: int) -> Ste
             pending[i] = [op for op in pending[i] if (op.kind, op.layer) != unit]
         raw.append((Apply(unit[0], (unit[1],), (tuple(uses),)), tuple((i, stage[i]) for i in ready[unit])))
         for i in ready[unit]:
-            if not pending[i] and stage[i] + 1 < len(programs[i]):
+            if pending[i]:
+                continue
+            nxt = programs[i][stage[i] + 1] if stage[i] + 1 < len(programs[i]) else None
+            if boundaries and (nxt is None or nxt.step != programs[i][stage[i]].step):
+                raw.append((Boundary(i, programs[i][stage[i]].step + 1), ()))
+            if nxt is not None:
                 stage[i] += 1
-                nxt = programs[i][stage[i]]
                 raw.extend((e, ()) for e in nxt.before)
                 pending[i] = list(nxt.ops)
 

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
         None, ge=1, description="KV cache size in slot-tokens (one token in one attention slot); default: what "
         "max_num_seqs full-length sequences of the full model need, capped by a quarter of free memory")
     kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")
+    probe_max_prompts: int = Field(64, ge=1, description="prompts in one POST /v1/probe")
+    probe_max_tokens: int = Field(4096, ge=1, description="tokens over all prompts of one POST /v1/probe")
     default_policy: str = "full"
     api_key: str | None = None
     policy_presets: Path | None = Field(None, description="YAML or JSON file: name -> policy")

@@ -15,8 +15,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.generate import Engine
+from server.settings import Settings
+from tests.conftest import CharTokenizer, tiny_llama
 
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,3 +188,35 @@ def serve_tiny(*, model_factory: Callable[[], object] | None = None, max_model_l
         server.should_exit = True
         thread.join(timeout=30)
         torch.set_num_threads(threads)
+
+
+# -- the tiny model served in-process (TestClient) ------------------------------------------------------------------
+
+MODEL = "tiny"
+MAX_LEN = 128
+
+
+def tiny_engine(tokenizer: CharTokenizer | None = None) -> Callable[[Settings], Engine]:
+    return lambda s: Engine.from_hf(tiny_llama(), tokenizer or CharTokenizer())
+
+
+def settings(**overrides: Any) -> Settings:
+    return Settings(**{"model": MODEL, "max_model_len": MAX_LEN, **overrides})
+
+
+def wait_ready(c: TestClient, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (r := c.get("/ready")).status_code != 200:
+        assert time.monotonic() < deadline, f"/ready still {r.status_code}: {r.text}"
+        time.sleep(0.02)
+
+
+@contextmanager
+def serving(s: Settings, factory: Callable[[Settings], Engine] | None = None, *, ready: bool = True
+            ) -> Iterator[TestClient]:
+    app = create_app(s, engine_factory=factory or tiny_engine())
+    # raise_server_exceptions=False: an unhandled error must reach the test as the 500 a client would see.
+    with TestClient(app, raise_server_exceptions=False) as c:
+        if ready:
+            wait_ready(c)
+        yield c

@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +15,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
 from server.generate import Engine
 from server.settings import Settings
 from tests.conftest import CharTokenizer, tiny_llama
-from tests.serving import metric_value
+from tests.serving import MAX_LEN, MODEL, metric_value, serving, settings, tiny_engine, wait_ready
 
-MODEL = "tiny"
-MAX_LEN = 128
 TIMING_HEADERS = ("x-queue-time", "x-prefill-time", "x-decode-time", "x-time-to-first-token", "x-time-per-token",
                   "x-total-time")
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -65,32 +61,6 @@ class GatedEngine(Engine):
 
 def gated(gate: threading.Event) -> Callable[[Settings], Engine]:
     return lambda s: GatedEngine.from_hf(tiny_llama(), CharTokenizer(), gate=gate)
-
-
-def tiny_engine(tokenizer: CharTokenizer | None = None) -> Callable[[Settings], Engine]:
-    return lambda s: Engine.from_hf(tiny_llama(), tokenizer or CharTokenizer())
-
-
-def settings(**overrides: Any) -> Settings:
-    return Settings(**{"model": MODEL, "max_model_len": MAX_LEN, **overrides})
-
-
-def wait_ready(c: TestClient, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while (r := c.get("/ready")).status_code != 200:
-        assert time.monotonic() < deadline, f"/ready still {r.status_code}: {r.text}"
-        time.sleep(0.02)
-
-
-@contextmanager
-def serving(s: Settings, factory: Callable[[Settings], Engine] | None = None, *, ready: bool = True
-            ) -> Iterator[TestClient]:
-    app = create_app(s, engine_factory=factory or tiny_engine())
-    # raise_server_exceptions=False: an unhandled error must reach the test as the 500 a client would see.
-    with TestClient(app, raise_server_exceptions=False) as c:
-        if ready:
-            wait_ready(c)
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.compiler import Schedule, compile_schedule
-from server.planner import Apply, Copy, Merge, StepPlan, plan_step
+from server.planner import Apply, Boundary, Copy, Merge, StepPlan, plan_step
 
 N = 12
 NAMED = ["full", "skip:3", "skip:4-7", "pairs", "pairs:2-8", "parallel", "parallel:3-5", "loop:x3", "loop:2-9x2",
@@ -49,6 +49,8 @@ def run_plan(plan: StepPlan, inputs: list[float]) -> tuple[list[float], list[lis
         b[0] = v
     writes: list[list[tuple[int, int]]] = [[] for _ in inputs]
     for e in plan.entries:
+        if isinstance(e, Boundary):
+            continue
         if isinstance(e, Copy):
             for j in range(e.dst_lo, e.dst_hi):
                 buf[e.schedule][j] = buf[e.schedule][e.src]
@@ -131,3 +133,29 @@ def test_plans_are_cached_by_the_schedules_present() -> None:
     a = plan_step((compile_schedule("full", N), compile_schedule("pairs", N)))
     b = plan_step((compile_schedule("full", N), compile_schedule("pairs", N)))
     assert a is b
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(NAMED), st.floats(-2, 2))
+def test_boundaries_mark_the_state_entering_each_step(policy: str, h: float) -> None:
+    """A probe plan marks every step boundary in order, and h there is the reference after that many steps."""
+    schedule = compile_schedule(policy, N)
+    plan = plan_step((schedule,), boundaries=True)
+    buf = [h] + [0.0] * (plan.num_buffers - 1)
+    seen = []
+    for e in plan.entries:
+        if isinstance(e, Boundary):
+            prefix = Schedule(schedule.steps[: e.step], N, schedule.policy)
+            assert math.isclose(buf[0], reference(prefix, h), rel_tol=1e-12, abs_tol=1e-12)
+            seen.append(e.step)
+        elif isinstance(e, Copy):
+            for j in range(e.dst_lo, e.dst_hi):
+                buf[j] = buf[e.src]
+        elif isinstance(e, Merge):
+            buf[0] = buf[1] + e.weight * sum(buf[2 + i] - buf[1] for i in range(e.members))
+        else:
+            outs = [(u, unit(e.kind, layer, buf[u.src])) for layer, uses in zip(e.layers, e.uses) for u in uses]
+            for u, out in outs:
+                buf[u.dst] += u.scale * out
+    assert seen == list(range(len(schedule.steps) + 1))
+    assert not any(isinstance(e, Boundary) for e in plan_step((schedule,)).entries)

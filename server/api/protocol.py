@@ -178,3 +178,31 @@ class DetokenizeRequest(BaseModel):
 
     model: str | None = None
     tokens: list[int]
+
+
+class ProbeRequest(BaseModel):
+    """POST /v1/probe: one forward pass of `prompts` under `policy`; layer statistics instead of tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompts: list[str | list[int]] = Field(min_length=1, description="texts or token ids (bounded by the server's "
+                                           "probe_max_prompts and probe_max_tokens settings)")
+    policy: PolicyField = Field(None, description=POLICY_DOC)
+
+
+class ProbeResponse(BaseModel):
+    object: Literal["probe"] = "probe"
+    model: str
+    policy: str = Field(description="canonical policy that ran")
+    schedule: str = Field(description="canonical schedule key")
+    steps: list[str] = Field(description="one label per executed step: a layer '7' or a group '4+5/pairs'")
+    num_sequences: int
+    num_tokens: int
+    similarity: list[list[float]] = Field(
+        description="(S+1)x(S+1) cosine similarity between the states entering steps i and j (the last is the "
+        "final output), each sequence's states flattened over positions, averaged over sequences")
+    block_influence: list[float] = Field(
+        description="per step: 1 - mean over tokens of cos(x_i, x_{i+1}) (ShortGPT's block influence)")
+    angular_distance: list[list[float]] = Field(
+        description="row n-1, n = 1..S//2: arccos(cos(x_i, x_{i+n}))/pi on the last token, averaged over sequences")

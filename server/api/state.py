@@ -19,6 +19,7 @@ from server.api.errors import APIError
 from server.engine_loop import EngineLoop, EngineRequest, KVBudgetError, Output, QueueFullError
 from server.generate import Engine, GenerationResult
 from server.metrics import Metrics
+from server.probe import ProbeStats
 from server.policy import KINDS, SYNTAX, PolicyError, allowed_forms, as_policy
 from server.sampling import SamplingParams
 from server.compiler import Schedule, default_span
@@ -170,7 +171,7 @@ def submit_all(state: AppState, requests: list[EngineRequest]) -> list[RequestSt
                             f"most {capacity} at once; split it", param="prompt", code="too_many_sequences")
     for r in requests:  # a request that could never fit the KV budget is refused whole, before any is queued
         try:
-            loop.check(r.schedule, len(r.prompt_ids) + max(1, r.params.max_tokens))
+            loop.check(r)
         except KVBudgetError as e:
             raise APIError(400, f"{e}; lower max_tokens or choose a policy that runs fewer layers", param="max_tokens",
                            code="kv_budget_exceeded") from None
@@ -210,6 +211,32 @@ async def collect(streams: list[RequestStream], request: Request) -> list[Genera
         for t in tasks:
             t.cancel()
         raise
+
+
+async def collect_probe(stream: RequestStream, request: Request) -> ProbeStats:
+    """Wait for a probe's statistics; abort it if the client disconnects."""
+    task = asyncio.ensure_future(_first_final(stream))
+    try:
+        while True:
+            done, _ = await asyncio.wait([task], timeout=0.25)
+            if done:
+                out = task.result()
+                if out.probe is None:
+                    raise APIError(500, "probe ended without statistics")
+                return out.probe
+            if await request.is_disconnected():
+                raise APIError(499, "client closed the request")
+    except BaseException:
+        stream.abort()
+        task.cancel()
+        raise
+
+
+async def _first_final(stream: RequestStream) -> Output:
+    async for out in stream:
+        if out.finished:
+            return out
+    raise APIError(500, "request ended without a result")
 
 
 def new_request_id(prefix: str) -> str:
