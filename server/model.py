@@ -1,14 +1,20 @@
-"""Our compact decoder for the Llama family (llama, mistral, qwen2, qwen3): model facts and the layer math.
+"""Our compact decoder for the Llama family (llama, mistral, qwen2, qwen3) and Gemma 3: model facts and the layer math.
 
 Weights are stacked per kind across layers and stored as [in, out] so that `x @ W` streams them at full memory
 bandwidth; adjacent layers applied together are a slice of each stack (a view, no copy) and run as one batched matmul
 per kind. A layer is two units, attention and MLP, each applied to a batch of rows that may come from different
 schedules (the planner decides which). The model holds no cache: attention gets a function from the executor that
 writes the new keys and values and returns the cached ones.
+
+Gemma 3 differs in facts, not in structure: its units end in their own norms (attention's output and the MLP's output
+are normed before the residual add, so each unit's delta includes its post-norm), its RMSNorm scales by (1 + w) (the 1
+is folded into the stored weights at load), its MLP gates with tanh-GELU, its embeddings are scaled by sqrt(d), its
+attention scales scores by query_pre_attn_scalar^-1/2, and its sliding-window layers have their own RoPE base.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -20,7 +26,12 @@ from torch import Tensor
 if TYPE_CHECKING:
     from server.weights import LayerStack, ModelWeights
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
+_GEMMA = ("gemma3_text", "gemma3")
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+}
 GroupMode = Literal["batched", "streams"]
 
 
@@ -45,6 +56,11 @@ class ModelArgs:
     qk_norm: bool
     sliding_window: int | None
     sliding_layers: frozenset[int]  # layers that attend only to the last `sliding_window` keys
+    act: str = "silu"  # the MLP's gate activation, a key of ACTIVATIONS
+    post_norms: bool = False  # Gemma: each unit's output is normed before the residual add (part of its delta)
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + w); Gemma's 1 is folded into the stored weights at load
+    embed_scale: float = 1.0  # embeddings are multiplied by it (Gemma: sqrt(d))
+    query_scale: float | None = None  # attention's score scale; None: 1 / sqrt(head_dim)
 
     @classmethod
     def from_hf_config(cls, cfg: Any) -> ModelArgs:
@@ -53,11 +69,16 @@ class ModelArgs:
             raise UnsupportedModelError(
                 f"unsupported architecture {arch!r}; Painters runs {', '.join(SUPPORTED_ARCHITECTURES)} models"
             )
+        cfg = text_config(cfg)
         n_heads = cfg.num_attention_heads
         window = getattr(cfg, "sliding_window", None)
         n_layers = cfg.num_hidden_layers
         sliding: frozenset[int] = frozenset()
-        if arch == "mistral" and window:
+        gemma = arch in _GEMMA
+        if gemma:
+            _check_gemma(cfg)
+            sliding = frozenset(i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention")
+        elif arch == "mistral" and window:
             sliding = frozenset(range(n_layers))
         elif window and getattr(cfg, "use_sliding_window", False):
             # Qwen windows only some layers: those its config marks (transformers' layer_types).
@@ -68,8 +89,11 @@ class ModelArgs:
                 sliding = frozenset(range(getattr(cfg, "max_window_layers", 0), n_layers))
         if not sliding:
             window = None
+        act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None) or "silu"
+        if act not in ACTIVATIONS:
+            raise UnsupportedModelError(f"unsupported MLP activation {act!r}; Painters runs {', '.join(ACTIVATIONS)}")
         return cls(
-            arch=arch,
+            arch=cfg.model_type,
             vocab_size=cfg.vocab_size,
             dim=cfg.hidden_size,
             n_layers=cfg.num_hidden_layers,
@@ -79,9 +103,14 @@ class ModelArgs:
             intermediate_size=cfg.intermediate_size,
             norm_eps=cfg.rms_norm_eps,
             max_position=cfg.max_position_embeddings,
-            qk_norm=arch == "qwen3",
+            qk_norm=arch == "qwen3" or gemma,
             sliding_window=window,
             sliding_layers=sliding,
+            act=act,
+            post_norms=gemma,
+            norm_offset=1.0 if gemma else 0.0,
+            embed_scale=cfg.hidden_size**0.5 if gemma else 1.0,
+            query_scale=cfg.query_pre_attn_scalar**-0.5 if gemma else None,
         )
 
     @property
@@ -91,6 +120,21 @@ class ModelArgs:
     @property
     def kv_size(self) -> int:
         return self.n_kv_heads * self.head_dim
+
+
+def text_config(cfg: Any) -> Any:
+    """The decoder's config: a multimodal Gemma 3 checkpoint's text_config, any other config itself."""
+    return cfg.text_config if getattr(cfg, "model_type", None) == "gemma3" else cfg
+
+
+def _check_gemma(cfg: Any) -> None:
+    """What our Gemma 3 math leaves out, refused rather than run inexactly (no Gemma 3 release sets these)."""
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(cfg, name, None) is not None:
+            raise UnsupportedModelError(f"{name}={getattr(cfg, name)} is not supported; Gemma 3 models set it to null")
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise UnsupportedModelError("use_bidirectional_attention (an embedding model) is not supported: Painters "
+                                    "serves causal language models")
 
 
 KVFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (new k, v [G, m, T, kv, hd]) -> keys, values [G*m, kv, S, hd]
@@ -104,8 +148,14 @@ class Transformer:
         self.args, self.dtype, self.device = args, dtype, torch.device(device)
         self.layers = weights.layers
         self.embed, self.lm_head, self.final_norm = weights.embed, weights.lm_head, weights.final_norm  # [V, d], [d, V]
-        self.inv_freq, self.rope_scale = weights.inv_freq.float().to(self.device), float(weights.rope_scale)
-        self._cos_sin = self._rope_table(1024)
+        # as transformers scales embeddings: by sqrt(d) rounded to the weights' dtype
+        self._embed_scale = None if args.embed_scale == 1.0 else torch.tensor(args.embed_scale).to(self.device, dtype)
+        # rotary frequencies (inv_freq [hd / 2], attention scaling) of global (False) and windowed (True) layers
+        glob = (weights.inv_freq.float().to(self.device), float(weights.rope_scale))
+        local = glob if weights.local_inv_freq is None else (
+            weights.local_inv_freq.float().to(self.device), float(weights.local_rope_scale))
+        self._freqs = {False: glob, True: local}
+        self._tables = self._rope_tables(1024)
         self._views: dict[tuple[int, ...], LayerStack] = {}
 
     @classmethod
@@ -121,8 +171,8 @@ class Transformer:
     def unit_bytes(self) -> tuple[int, int]:
         """Weight bytes of one layer's attention and of its MLP (what the planner trades off)."""
         w = self.layers
-        attn = sum(t[0].numel() for t in (w.attn_norm, w.wqkv, w.wo) if t is not None)
-        mlp = sum(t[0].numel() for t in (w.mlp_norm, w.w_gate_up, w.w_down) if t is not None)
+        attn = sum(t[0].numel() for t in (w.attn_norm, w.wqkv, w.wo, w.post_attn_norm) if t is not None)
+        mlp = sum(t[0].numel() for t in (w.mlp_norm, w.w_gate_up, w.w_down, w.post_mlp_norm) if t is not None)
         return attn, mlp
 
     def weights(self, layers: tuple[int, ...]) -> LayerStack:
@@ -138,19 +188,27 @@ class Transformer:
 
     # -- per-call tables -----------------------------------------------------------------------------------------
 
-    def _rope_table(self, n: int) -> tuple[Tensor, Tensor]:
-        freqs = torch.arange(n, device=self.device, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+    def _rope_tables(self, n: int) -> dict[bool, tuple[Tensor, Tensor]]:
+        """(cos, sin) [n, hd] per layer kind; one shared table when windowed layers have no frequencies of their own."""
+        glob = self._rope_table(n, *self._freqs[False])
+        shared = self._freqs[True] is self._freqs[False]
+        return {False: glob, True: glob if shared else self._rope_table(n, *self._freqs[True])}
+
+    def _rope_table(self, n: int, inv_freq: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        freqs = torch.arange(n, device=self.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
-        return (emb.cos() * self.rope_scale).to(self.dtype), (emb.sin() * self.rope_scale).to(self.dtype)
+        return (emb.cos() * scale).to(self.dtype), (emb.sin() * scale).to(self.dtype)
 
     def rope(self, positions: Tensor) -> dict[bool, tuple[Tensor, Tensor]]:
         """positions [B, T] -> {sliding: (cos, sin) [B, T, hd]}: the rotary tables of global (False) and
-        sliding-window (True) layers; the same tables for both unless the model gives windowed layers their own."""
+        sliding-window (True) layers; the same tables for both unless the model gives windowed layers their own
+        (Gemma 3: rope_local_base_freq)."""
         top = int(positions.max()) + 1
-        if top > self._cos_sin[0].shape[0]:
-            self._cos_sin = self._rope_table(max(top, 2 * self._cos_sin[0].shape[0]))
-        tables = self._cos_sin[0][positions], self._cos_sin[1][positions]
-        return {False: tables, True: tables}
+        if top > self._tables[False][0].shape[0]:
+            self._tables = self._rope_tables(max(top, 2 * self._tables[False][0].shape[0]))
+        (cos, sin), local = self._tables[False], self._tables[True]
+        glob = cos[positions], sin[positions]
+        return {False: glob, True: glob if local is self._tables[False] else (local[0][positions], local[1][positions])}
 
     def masks(self, positions: Tensor, num_keys: int) -> tuple[Tensor, Tensor | None]:
         """Additive causal mask [B, 1, T, S] (0 = attend, -inf = not) and, when the model has windowed layers,
@@ -187,12 +245,13 @@ class Transformer:
         keys, values = kv(k, v)  # [G*m, kv, S, hd]
         o = F.scaled_dot_product_attention(
             q.reshape(G * m, T, a.n_heads, a.head_dim).transpose(1, 2), keys, values, attn_mask=mask,
-            enable_gqa=a.n_heads != a.n_kv_heads,
+            scale=a.query_scale, enable_gqa=a.n_heads != a.n_kv_heads,
         )  # [G*m, H, T, hd]
         o = torch.bmm(o.transpose(1, 2).reshape(G, m * T, a.q_size), w.wo)
         if w.bo is not None:
             o = o + w.bo[:, None, :]
-        return o.view(G, m, T, a.dim)
+        o = o.view(G, m, T, a.dim)
+        return o if w.post_attn_norm is None else _rms_norm(o, w.post_attn_norm, a.norm_eps)
 
     def mlp(self, x: Tensor, w: LayerStack) -> Tensor:
         """MLP deltas of G layers, each over its own input: x [G, m, T, d] -> [G, m, T, d]."""
@@ -203,13 +262,15 @@ class Transformer:
         if w.b_gate_up is not None:
             gate_up = gate_up + w.b_gate_up[:, None, :]
         gate, up = gate_up.chunk(2, dim=-1)
-        out = torch.bmm(F.silu(gate) * up, w.w_down)
+        out = torch.bmm(ACTIVATIONS[a.act](gate) * up, w.w_down)
         if w.b_down is not None:
             out = out + w.b_down[:, None, :]
-        return out.view(x.shape)
+        out = out.view(x.shape)
+        return out if w.post_mlp_norm is None else _rms_norm(out, w.post_mlp_norm, a.norm_eps)
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:
-        return self.embed[tokens]
+        h = self.embed[tokens]
+        return h if self._embed_scale is None else h * self._embed_scale
 
     def logits(self, h: Tensor) -> Tensor:
         """h [..., d] -> float32 logits [..., V]."""

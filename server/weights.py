@@ -3,6 +3,7 @@
 `load_checkpoint` allocates every stack once in the target dtype and device, then streams the checkpoint one tensor
 at a time into its place (q/k/v into column ranges of the fused projection, gate/up into halves), so loading holds
 the final weights plus one tensor. `weights_from_hf_model` copies them out of an in-memory transformers model (tests).
+Gemma's RMSNorm weights w act as (1 + w): the 1 is added once here, in float32, so the model's norms are plain.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LayerStack:
-    """Per-kind weights of a run of layers, stacked on dim 0 (matrices as [in, out]); biases and q/k norms optional."""
+    """Per-kind weights of a run of layers, stacked on dim 0 (matrices as [in, out]); biases, q/k norms and post-norms
+    optional."""
 
     attn_norm: Tensor  # [L, d]
     wqkv: Tensor  # [L, d, q + 2 kv]
@@ -42,6 +44,8 @@ class LayerStack:
     b_down: Tensor | None = None  # [L, d]
     q_norm: Tensor | None = None  # [L, hd]
     k_norm: Tensor | None = None  # [L, hd]
+    post_attn_norm: Tensor | None = None  # [L, d] Gemma: norms the attention's output (part of A_i)
+    post_mlp_norm: Tensor | None = None  # [L, d] Gemma: norms the MLP's output (part of M_i)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for f in fields(self) if (t := getattr(self, f.name)) is not None)
@@ -57,11 +61,13 @@ class ModelWeights:
     final_norm: Tensor  # [d]
     inv_freq: Tensor  # [hd / 2] float32
     rope_scale: float  # transformers' attention_scaling: multiplies cos and sin
+    local_inv_freq: Tensor | None = None  # sliding-window layers' own frequencies (Gemma 3); None: inv_freq
+    local_rope_scale: float = 1.0
 
     def nbytes(self) -> int:
         """Bytes held, counting a storage shared by several tensors (a tied LM head) once."""
         tensors = [getattr(self.layers, f.name) for f in fields(self.layers)]
-        tensors += [self.embed, self.lm_head, self.final_norm, self.inv_freq]
+        tensors += [self.embed, self.lm_head, self.final_norm, self.inv_freq, self.local_inv_freq]
         storages = {
             (t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in tensors if t is not None
         }
@@ -92,13 +98,16 @@ def checkpoint_files(directory: Path) -> dict[str, Path]:
 def load_checkpoint(
     directory: str | Path, config: Any, *, dtype: torch.dtype, device: torch.device | str
 ) -> ModelWeights:
-    """Stream a safetensors checkpoint (Llama naming) into freshly allocated stacks of `dtype` on `device`."""
-    from server.model import ModelArgs
+    """Stream a safetensors checkpoint (transformers' naming) into freshly allocated stacks of `dtype` on `device`."""
+    from server.model import ModelArgs, text_config
 
     directory, device = Path(directory), torch.device(device)
     a = ModelArgs.from_hf_config(config)
+    config = text_config(config)
     files = checkpoint_files(directory)
-    tied = bool(getattr(config, "tie_word_embeddings", False)) or "lm_head.weight" not in files
+    prefix = _decoder_prefix(files, directory)
+    head_name = next((n for n in _HEAD_NAMES if n in files), None)
+    tied = bool(getattr(config, "tie_word_embeddings", False)) or head_name is None
 
     def empty(*shape: int) -> Tensor:
         return torch.empty(shape, dtype=dtype, device=device)
@@ -107,9 +116,11 @@ def load_checkpoint(
     # Optional stacks exist when layer 0 has their tensors (qwen2 biases, llama's attention_bias / mlp_bias);
     # q/k norms are required where the architecture has them.
     wanted = {field for field, _ in slots.values()} - set(_OPTIONAL)
-    wanted |= {field for suffix, (field, _) in slots.items() if f"model.layers.0.{suffix}" in files}
+    wanted |= {field for suffix, (field, _) in slots.items() if f"{prefix}layers.0.{suffix}" in files}
     if a.qk_norm:
         wanted |= {"q_norm", "k_norm"}
+    if a.post_norms:
+        wanted |= {"post_attn_norm", "post_mlp_norm"}
     stacks = {field: empty(a.n_layers, *shape) for field, shape in _stack_shapes(a).items() if field in wanted}
     # Tied: one storage laid out [d, V] (the LM head's matmul streams it contiguously; an embedding lookup reads d
     # strided values per token, which costs nothing next to it).
@@ -118,14 +129,17 @@ def load_checkpoint(
     embed = lm_head.T if tied else empty(a.vocab_size, a.dim)
 
     # checkpoint name -> the view it fills, shaped like the checkpoint tensor (a matrix [out, in] lands transposed)
-    places: dict[str, Tensor] = {"model.embed_tokens.weight": embed, "model.norm.weight": final_norm}
+    places: dict[str, Tensor] = {f"{prefix}embed_tokens.weight": embed, f"{prefix}norm.weight": final_norm}
+    norms = {f"{prefix}norm.weight"}  # names whose weights act as (norm_offset + w)
     if not tied:
-        places["lm_head.weight"] = lm_head.T
+        places[head_name] = lm_head.T
     for i in range(a.n_layers):
         for suffix, (field, cols) in slots.items():
             if field in stacks:
                 dst = stacks[field][i][..., cols]
-                places[f"model.layers.{i}.{suffix}"] = dst.T if dst.dim() == 2 else dst
+                places[f"{prefix}layers.{i}.{suffix}"] = dst.T if dst.dim() == 2 else dst
+                if field in _NORMS:
+                    norms.add(f"{prefix}layers.{i}.{suffix}")
     missing = sorted(places.keys() - files.keys())
     if missing:
         raise CheckpointError(
@@ -140,9 +154,11 @@ def load_checkpoint(
                     f"{name} in {files[name].name} has shape {list(src.shape)}, but config.json implies "
                     f"{list(dst.shape)}; the checkpoint and its config.json disagree"
                 )
+            if a.norm_offset and name in norms:
+                src = src.float() + a.norm_offset  # as transformers computes (1 + w): in float32
             dst.copy_(src.to(device))  # per tensor: a bf16 checkpoint stays bf16, a float32 one converts here
     log.info("loaded %d tensors from %s (%d ignored)", len(places), directory, len(files) - len(places))
-    inv_freq, rope_scale = rope_parameters(config)
+    (inv_freq, rope_scale), local = rotary_parameters(config)
     return ModelWeights(
         layers=LayerStack(**stacks),
         embed=embed,
@@ -150,10 +166,27 @@ def load_checkpoint(
         final_norm=final_norm,
         inv_freq=inv_freq.to(device),
         rope_scale=rope_scale,
+        local_inv_freq=None if local is None else local[0].to(device),
+        local_rope_scale=1.0 if local is None else local[1],
     )
 
 
 _OPTIONAL = tuple(f.name for f in fields(LayerStack) if f.default is None)
+_NORMS = frozenset({"attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm"})
+# Where the decoder lives in a checkpoint: causal LMs, then a multimodal Gemma 3's language model (transformers 5's
+# naming, then the older one).
+_DECODER_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+_HEAD_NAMES = ("lm_head.weight", "language_model.lm_head.weight")
+
+
+def _decoder_prefix(files: dict[str, Path], directory: Path) -> str:
+    for prefix in _DECODER_PREFIXES:
+        if f"{prefix}embed_tokens.weight" in files:
+            return prefix
+    raise CheckpointError(
+        f"{directory} has no decoder embeddings (looked for {', '.join(p + 'embed_tokens.weight' for p in _DECODER_PREFIXES)}); "
+        "is it a causal language model saved by transformers?"
+    )
 
 
 def _stack_shapes(a: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -161,7 +194,7 @@ def _stack_shapes(a: ModelArgs) -> dict[str, tuple[int, ...]]:
     return {
         "attn_norm": (d,), "wqkv": (d, q + 2 * kv), "wo": (q, d), "mlp_norm": (d,), "w_gate_up": (d, 2 * ff),
         "w_down": (ff, d), "bqkv": (q + 2 * kv,), "bo": (d,), "b_gate_up": (2 * ff,), "b_down": (d,),
-        "q_norm": (a.head_dim,), "k_norm": (a.head_dim,),
+        "q_norm": (a.head_dim,), "k_norm": (a.head_dim,), "post_attn_norm": (d,), "post_mlp_norm": (d,),
     }
 
 
@@ -171,7 +204,6 @@ def _layer_slots(a: ModelArgs) -> dict[str, tuple[str, slice]]:
     every = slice(None)
     slots = {
         "input_layernorm.weight": ("attn_norm", every),
-        "post_attention_layernorm.weight": ("mlp_norm", every),
         "self_attn.o_proj.weight": ("wo", every),
         "self_attn.o_proj.bias": ("bo", every),
         "mlp.down_proj.weight": ("w_down", every),
@@ -179,6 +211,12 @@ def _layer_slots(a: ModelArgs) -> dict[str, tuple[str, slice]]:
         "self_attn.q_norm.weight": ("q_norm", every),
         "self_attn.k_norm.weight": ("k_norm", every),
     }
+    if a.post_norms:  # Gemma: post_attention_layernorm norms the attention's output, pre_feedforward the MLP's input
+        slots["post_attention_layernorm.weight"] = ("post_attn_norm", every)
+        slots["pre_feedforward_layernorm.weight"] = ("mlp_norm", every)
+        slots["post_feedforward_layernorm.weight"] = ("post_mlp_norm", every)
+    else:  # Llama: post_attention_layernorm is the MLP's input norm
+        slots["post_attention_layernorm.weight"] = ("mlp_norm", every)
     for proj, cols in (("q", slice(0, q)), ("k", slice(q, q + kv)), ("v", slice(q + kv, q + 2 * kv))):
         slots[f"self_attn.{proj}_proj.weight"] = ("wqkv", cols)
         slots[f"self_attn.{proj}_proj.bias"] = ("bqkv", cols)
@@ -196,11 +234,27 @@ def _read(path: Path, name: str) -> Tensor:
         return f.get_tensor(name)
 
 
-def rope_parameters(config: Any) -> tuple[Tensor, float]:
-    """(inv_freq [hd / 2] float32, attention scaling) exactly as transformers' rotary embedding computes them."""
+Rotary = tuple[Tensor, float]  # (inv_freq [hd / 2] float32, attention scaling)
+
+
+def rotary_parameters(config: Any) -> tuple[Rotary, Rotary | None]:
+    """The rotary parameters of global layers, and of sliding-window layers when the config gives them their own
+    (Gemma 3: rope_parameters keyed by layer type, the global ones with any rope scaling)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if "full_attention" in params:
+        local = rope_parameters(config, "sliding_attention") if "sliding_attention" in params else None
+        return rope_parameters(config, "full_attention"), local
+    return rope_parameters(config), None
+
+
+def rope_parameters(config: Any, layer_type: str | None = None) -> Rotary:
+    """(inv_freq [hd / 2] float32, attention scaling) exactly as transformers' rotary embedding computes them, for
+    one layer type when the config keys its rope parameters by type."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     params = getattr(config, "rope_parameters", None) or {}
+    if layer_type is not None:
+        params = params[layer_type]
     kind = params.get("rope_type", "default")
     if kind == "default":  # what every supported architecture's compute_default_rope_parameters does
         dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -209,7 +263,7 @@ def rope_parameters(config: Any) -> tuple[Tensor, float]:
         raise CheckpointError(
             f"rope_type {kind!r} is not one transformers knows; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}"
         )
-    inv_freq, scale = ROPE_INIT_FUNCTIONS[kind](config)
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[kind](config, **({} if layer_type is None else {"layer_type": layer_type}))
     return inv_freq.float(), float(scale)
 
 
@@ -217,24 +271,40 @@ def rope_parameters(config: Any) -> tuple[Tensor, float]:
 
 
 def weights_from_hf_model(hf_model: Any, *, dtype: torch.dtype, device: torch.device | str) -> ModelWeights:
-    """Copy the weights of a transformers Llama-family model into stacks of `dtype` on `device`."""
+    """Copy the weights of a transformers Llama-family or Gemma 3 model into stacks of `dtype` on `device`."""
+    from server.model import ModelArgs
+
     device = torch.device(device)
-    inner = hf_model.model
+    a = ModelArgs.from_hf_config(hf_model.config)
+    inner = getattr(hf_model.model, "language_model", hf_model.model)  # a multimodal Gemma 3's decoder
+    rotary = inner.rotary_emb
     with torch.no_grad():
         tied = hf_model.lm_head.weight is inner.embed_tokens.weight
         head = hf_model.lm_head.weight.detach().to(device, dtype).T.contiguous()  # [d, V]
         embed = head.T if tied else inner.embed_tokens.weight.detach().to(device, dtype).contiguous()  # [V, d]
+        if hasattr(rotary, "inv_freq"):
+            glob, local = (rotary.inv_freq, rotary.attention_scaling), None
+        else:  # per layer type (Gemma 3)
+            glob = rotary.full_attention_inv_freq, rotary.full_attention_attention_scaling
+            local = rotary.sliding_attention_inv_freq, rotary.sliding_attention_attention_scaling
         return ModelWeights(
-            layers=_stack_layers(inner.layers, dtype, device),
+            layers=_stack_layers(inner.layers, a, dtype, device),
             embed=embed,
             lm_head=head,
-            final_norm=inner.norm.weight.detach().to(device, dtype),
-            inv_freq=inner.rotary_emb.inv_freq.detach().float().to(device),
-            rope_scale=float(inner.rotary_emb.attention_scaling),
+            final_norm=_norm(inner.norm.weight, a).to(device, dtype),
+            inv_freq=glob[0].detach().float().to(device),
+            rope_scale=float(glob[1]),
+            local_inv_freq=None if local is None else local[0].detach().float().to(device),
+            local_rope_scale=1.0 if local is None else float(local[1]),
         )
 
 
-def _stack_layers(hf_layers: Any, dtype: torch.dtype, device: torch.device) -> LayerStack:
+def _norm(weight: Tensor, a: ModelArgs) -> Tensor:
+    """An RMSNorm weight as the model applies it: offset folded in, in float32 (as transformers computes it)."""
+    return weight.detach().float() + a.norm_offset if a.norm_offset else weight.detach()
+
+
+def _stack_layers(hf_layers: Any, a: ModelArgs, dtype: torch.dtype, device: torch.device) -> LayerStack:
     def stack(get: Any) -> Tensor | None:
         parts = [get(layer) for layer in hf_layers]
         if parts[0] is None:
@@ -245,22 +315,22 @@ def _stack_layers(hf_layers: Any, dtype: torch.dtype, device: torch.device) -> L
         return getattr(module, "bias", None)
 
     def qkv_bias(layer: Any) -> Tensor | None:
-        a = layer.self_attn
-        if bias(a.q_proj) is None:
+        attn = layer.self_attn
+        if bias(attn.q_proj) is None:
             return None
-        return torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+        return torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
 
-    def norm_weight(layer: Any, name: str) -> Tensor | None:
-        module = getattr(layer.self_attn, name, None)
-        return None if module is None else module.weight
+    def norm(module: Any) -> Tensor | None:
+        return None if module is None else _norm(module.weight, a)
 
+    post = a.post_norms  # Gemma: post_attention_layernorm norms the attention's output; pre_feedforward the MLP's input
     return LayerStack(
-        attn_norm=stack(lambda l: l.input_layernorm.weight),
+        attn_norm=stack(lambda l: norm(l.input_layernorm)),
         wqkv=stack(
             lambda l: torch.cat([l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight]).T
         ),
         wo=stack(lambda l: l.self_attn.o_proj.weight.T),
-        mlp_norm=stack(lambda l: l.post_attention_layernorm.weight),
+        mlp_norm=stack(lambda l: norm(l.pre_feedforward_layernorm if post else l.post_attention_layernorm)),
         w_gate_up=stack(lambda l: torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight]).T),
         w_down=stack(lambda l: l.mlp.down_proj.weight.T),
         bqkv=stack(qkv_bias),
@@ -269,6 +339,8 @@ def _stack_layers(hf_layers: Any, dtype: torch.dtype, device: torch.device) -> L
             lambda l: None if bias(l.mlp.gate_proj) is None else torch.cat([l.mlp.gate_proj.bias, l.mlp.up_proj.bias])
         ),
         b_down=stack(lambda l: bias(l.mlp.down_proj)),
-        q_norm=stack(lambda l: norm_weight(l, "q_norm")),
-        k_norm=stack(lambda l: norm_weight(l, "k_norm")),
+        q_norm=stack(lambda l: norm(getattr(l.self_attn, "q_norm", None))),
+        k_norm=stack(lambda l: norm(getattr(l.self_attn, "k_norm", None))),
+        post_attn_norm=stack(lambda l: norm(l.post_attention_layernorm) if post else None),
+        post_mlp_norm=stack(lambda l: norm(l.post_feedforward_layernorm) if post else None),
     )  # type: ignore[arg-type]

@@ -51,9 +51,10 @@ def assert_same_weights(got: Any, want: Any) -> None:
         assert (a is None) == (b is None), f.name
         if a is not None:
             assert a.dtype == b.dtype and torch.equal(a, b), f.name
-    for name in ("embed", "lm_head", "final_norm", "inv_freq"):
-        assert torch.equal(getattr(got, name), getattr(want, name)), name
-    assert got.rope_scale == want.rope_scale
+    for name in ("embed", "lm_head", "final_norm", "inv_freq", "local_inv_freq"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+    assert got.rope_scale == want.rope_scale and got.local_rope_scale == want.local_rope_scale
 
 
 _PEAK_RSS = """

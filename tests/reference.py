@@ -9,6 +9,11 @@ and implements each combine rule straight from its definition. With L_i(h) = h +
     group, sum           h + Σ_i (L_i(h) - h)
     group, pairs         h' = h + Σ_i A_i(h), out = h' + Σ_i M_i(h')
                          with A_i(x) = self_attn_i(input_layernorm_i(x)), M_i(x) = mlp_i(post_attention_layernorm_i(x))
+                         (Gemma 3: A_i(x) = post_attention_layernorm_i(self_attn_i(input_layernorm_i(x))),
+                          M_i(x) = post_feedforward_layernorm_i(mlp_i(pre_feedforward_layernorm_i(x))))
+
+Every layer keeps its identity wherever the schedule puts it: its own mask (windowed or not) and its own rotary table
+(Gemma 3's sliding-window layers have their own base).
 """
 
 from __future__ import annotations
@@ -18,7 +23,15 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from server.compiler import Schedule
 
@@ -45,6 +58,16 @@ LLAMA3_ROPE: dict[str, Any] = {
     "rope_theta": 10000.0,
 }
 
+# Gemma 3: windowed layers with global ones every third layer (2, 5), a window shorter than the test sequences, a
+# head_dim that is not d / heads, a query scale that is not head_dim^-1/2, and the local RoPE base apart from the global.
+_GEMMA: dict[str, Any] = dict(
+    _COMMON, head_dim=24, sliding_window=5, sliding_window_pattern=3, query_pre_attn_scalar=40,
+)
+GEMMA_ROPE: dict[str, Any] = {  # Gemma 3 4B and up: linear scaling on the global layers only
+    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+}
+
 
 def _configs() -> dict[str, PretrainedConfig]:
     return {
@@ -59,6 +82,8 @@ def _configs() -> dict[str, PretrainedConfig]:
         "qwen3": Qwen3Config(**_COMMON, head_dim=24),  # q/k norm; 4 * 24 != 64
         # Qwen's sliding window applies only to layers >= max_window_layers (config.layer_types).
         "qwen2_window": Qwen2Config(**_COMMON, use_sliding_window=True, sliding_window=5, max_window_layers=4),
+        "gemma3": Gemma3TextConfig(**_GEMMA),  # tied embeddings, like every Gemma 3
+        "gemma3_rope": Gemma3TextConfig(**_GEMMA, rope_parameters=GEMMA_ROPE, tie_word_embeddings=False),
     }
 
 
@@ -73,16 +98,35 @@ def tiny_model(name: str, seed: int = 0) -> Any:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").to(torch.float32).eval()
     gen = torch.Generator().manual_seed(seed + 1)
+    gain = 0.0 if cfg.model_type == "gemma3_text" else 1.0  # Gemma's RMSNorm scales by (1 + w)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname.endswith("norm.weight"):  # RMSNorm gains (also q_norm / k_norm)
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+                p.copy_(gain + 0.3 * torch.randn(p.shape, generator=gen))
             elif pname.endswith("bias"):
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen))
             elif p.dim() == 2 and "embed_tokens" in pname:
                 p.copy_(torch.randn(p.shape, generator=gen))
             else:  # Linear [out, in]
                 p.copy_(torch.randn(p.shape, generator=gen) * 1.5 / p.shape[1] ** 0.5)
+    return model
+
+
+@functools.cache
+def tiny_multimodal_gemma(seed: int = 0) -> Any:
+    """A `gemma3` (image-text) model whose language model is tiny_model("gemma3")'s, with a one-layer vision tower:
+    what a multimodal Gemma 3 checkpoint looks like (Painters serves its text part). Cached: tests must not modify it."""
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    cfg = Gemma3Config(text_config=_configs()["gemma3"].to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                       boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2, image_token_index=VOCAB - 1)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").to(torch.float32).eval()
+    text = tiny_model("gemma3", seed)
+    with torch.no_grad():
+        model.model.language_model.load_state_dict(text.model.state_dict())
     return model
 
 
@@ -94,6 +138,13 @@ def additive_mask(T: int, *, window: int | None = None, dtype: torch.dtype = tor
     if window is not None:
         allowed = allowed & (q - k < window)
     return torch.zeros(T, T, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def _rotary(rotary_emb: Any, h: Tensor, positions: Tensor, cfg: Any, i: int) -> tuple[Tensor, Tensor]:
+    """Layer i's (cos, sin): Gemma 3's rotary embedding computes one table per layer type."""
+    if cfg.model_type == "gemma3_text":
+        return rotary_emb(h, positions, cfg.layer_types[i])
+    return rotary_emb(h, positions)
 
 
 def _layer_window(cfg: Any, i: int) -> int | None:
@@ -109,22 +160,25 @@ def reference_logits(hf_model: Any, schedule: Schedule, input_ids: Tensor) -> Te
     inner, cfg = hf_model.model, hf_model.config
     assert schedule.num_layers == len(inner.layers)
     B, T = input_ids.shape
-    h = inner.embed_tokens(input_ids)  # [B, T, d]
+    h = inner.embed_tokens(input_ids)  # [B, T, d] (Gemma's embedding module scales by sqrt(d) itself)
     positions = torch.arange(T)[None].expand(B, T)
-    rope = inner.rotary_emb(h, positions)  # (cos, sin) [B, T, hd]
+    rope = {i: _rotary(inner.rotary_emb, h, positions, cfg, i) for i in range(len(inner.layers))}  # [B, T, hd] each
     masks = {i: additive_mask(T, window=_layer_window(cfg, i), dtype=h.dtype) for i in range(len(inner.layers))}
+    gemma = cfg.model_type == "gemma3_text"
 
     def attn(i: int, x: Tensor) -> Tensor:  # A_i(x)
         layer = inner.layers[i]
-        out, _ = layer.self_attn(layer.input_layernorm(x), position_embeddings=rope, attention_mask=masks[i])
-        return out
+        out, _ = layer.self_attn(layer.input_layernorm(x), position_embeddings=rope[i], attention_mask=masks[i])
+        return layer.post_attention_layernorm(out) if gemma else out
 
     def mlp(i: int, x: Tensor) -> Tensor:  # M_i(x)
         layer = inner.layers[i]
+        if gemma:
+            return layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
         return layer.mlp(layer.post_attention_layernorm(x))
 
     def whole(i: int, x: Tensor) -> Tensor:  # L_i(x): transformers' own decoder layer
-        return inner.layers[i](x, attention_mask=masks[i], position_embeddings=rope)
+        return inner.layers[i](x, attention_mask=masks[i], position_embeddings=rope[i])
 
     for step in schedule.steps:
         if len(step.layers) == 1:

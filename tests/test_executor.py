@@ -14,7 +14,7 @@ from torch.testing import assert_close
 from server.executor import Executor, Row
 from server.model import GroupMode, Transformer
 from server.compiler import Schedule, compile_schedule
-from tests.reference import ARCHS, NUM_LAYERS, VOCAB, reference_logits, tiny_model
+from tests.reference import ARCHS, NUM_LAYERS, VOCAB, reference_logits, tiny_model, tiny_multimodal_gemma
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -127,6 +127,34 @@ def test_tiny_models_exercise_their_features() -> None:
     assert q3.qk_norm and q3.head_dim * q3.n_heads != q3.dim and q3.n_kv_heads < q3.n_heads
 
 
+def test_gemma_fixtures_exercise_their_features() -> None:
+    """Guards the Gemma fixtures: windowed and global layers interleave, the window bites at the test lengths,
+    windowed layers rotate with their own base, global ones with the configured scaling, and the query scale is not
+    head_dim^-1/2."""
+    a = transformer("gemma3").args
+    assert a.sliding_layers == {0, 1, 3, 4, 6, 7} and a.sliding_window < 12
+    assert a.post_norms and a.query_scale != a.head_dim**-0.5 and a.embed_scale == a.dim**0.5
+    positions = torch.arange(12)[None]
+    plain, scaled = transformer("gemma3").rope(positions), transformer("gemma3_rope").rope(positions)
+    assert not torch.allclose(plain[True][0], plain[False][0])  # local base 10k, global 1M
+    assert torch.equal(plain[True][0], scaled[True][0]) and not torch.allclose(plain[False][0], scaled[False][0])
+    tied, untied = tiny_model("gemma3"), tiny_model("gemma3_rope")
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
+
+
+def test_full_matches_transformers_on_a_multimodal_gemma3() -> None:
+    """A `gemma3` (image-text) model serves its language model: text logits equal transformers' own forward."""
+    mm = tiny_multimodal_gemma()
+    ids = tokens(2, 12, seed=1)
+    with torch.no_grad():
+        expected = mm(input_ids=ids).logits
+    model = Transformer.from_hf(mm, dtype=torch.float32, device="cpu")
+    full = schedule("full")
+    ex = Executor(model, num_blocks=2 * full.num_slots * 3 + 1, block_size=4, max_len=12)
+    assert_close(ex.forward(ids, [Row(b, full, 0, 12) for b in range(2)]), expected, **TOL)
+
+
 # -- every policy == reference -------------------------------------------------------------------------------------
 
 
@@ -136,7 +164,7 @@ def reference(name: str, policy: str, seed: int = 2, T: int = 12) -> Tensor:
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("name", ["llama", "qwen3", "llama_bias", "mistral_window"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "llama_bias", "mistral_window", "gemma3", "gemma3_rope"])
 def test_policy_matches_reference(name: str, policy: str) -> None:
     if policy != "full":  # the weights make every policy observable
         assert not torch.allclose(reference(name, policy), reference(name, "full"), rtol=1e-2, atol=1e-2)
@@ -148,7 +176,7 @@ def test_policy_matches_reference(name: str, policy: str) -> None:
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3"])
 def test_incremental_decoding_matches_recompute(name: str, policy: str) -> None:
     ids = tokens(1, 11, seed=3)
     expected = whole(executor(name, policy), ids)  # [1, T, V]
@@ -248,7 +276,7 @@ BATCH_POLICIES = ["full", "skip:2-4", "pairs:1-5", "loop:x3", "repeat", "schedul
 
 
 @pytest.mark.parametrize("policy", BATCH_POLICIES)
-@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral_window"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral_window", "gemma3"])
 def test_padded_batch_matches_each_sequence_alone(name: str, policy: str) -> None:
     prompts = [tokens(1, n, seed=10 + n)[0] for n in (7, 2, 5, 9)]
     lengths = [p.numel() for p in prompts]
@@ -300,7 +328,7 @@ def test_sequence_prefilled_into_a_later_row_joins_the_batch() -> None:
 # -- mixed-schedule batches == each sequence alone ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral_window"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral_window", "gemma3", "gemma3_rope"])
 def test_mixed_schedule_batch_matches_each_sequence_alone(name: str) -> None:
     """One batch, one row per policy, different prompt lengths: every row decodes exactly as it would alone."""
     policies = ["full", "skip:2-4", "pairs:1-5", "parallel", "loop:2-4x2", "reverse", "schedule:0,5+2+2/sum,1,3-7"]
@@ -329,7 +357,7 @@ def test_shared_layers_run_once_for_every_row_that_needs_them() -> None:
 @pytest.mark.parametrize(
     "policy", ["pairs", "pairs:1-5", "parallel", "loop:x3", "schedule:0,1+4/sum,2,3,5-7", "schedule:0,5+2+2/sum,1,3-7"]
 )
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3"])
 def test_streams_match_batched(name: str, policy: str) -> None:
     ids = tokens(2, 9, seed=40)
     results = {}

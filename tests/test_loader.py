@@ -60,7 +60,7 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     from transformers import GPT2Config
 
     GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2, qwen3"):
+    with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2, qwen3, gemma3_text, gemma3"):
         load_model(str(tmp_path))
 
 

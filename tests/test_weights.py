@@ -14,9 +14,9 @@ import torch
 
 from server.weights import CheckpointError, ModelWeights, load_checkpoint, weights_from_hf_model
 from tests.conftest import assert_same_weights, peak_rss_growth
-from tests.reference import tiny_model
+from tests.reference import tiny_model, tiny_multimodal_gemma
 
-VARIANTS = ["llama", "llama_rope3", "llama_bias", "llama_tied", "qwen2", "qwen3", "mistral"]
+VARIANTS = ["llama", "llama_rope3", "llama_bias", "llama_tied", "qwen2", "qwen3", "mistral", "gemma3", "gemma3_rope"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -73,6 +73,34 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
     torch.testing.assert_close(got.inv_freq, hf.model.rotary_emb.inv_freq, rtol=0, atol=0)
     plain = load_checkpoint(tmp_path, tiny_model("llama").config, dtype=torch.float32, device="cpu")
     assert not torch.equal(got.inv_freq, plain.inv_freq)  # the scaling really changed the low frequencies
+
+
+def test_gemma_norms_carry_their_one_and_layer_kinds_their_rope(tmp_path):
+    """Gemma's (1 + w) norms are stored as 1 + w (float32, as transformers computes it); its post-norms are stacks of
+    their own; global layers get the scaled RoPE frequencies, windowed layers their own base."""
+    hf = tiny_model("gemma3_rope")
+    hf.save_pretrained(tmp_path)
+    got = load_checkpoint(tmp_path, hf.config, dtype=torch.float32, device="cpu")
+    layer = hf.model.layers[3]
+    for ours, theirs in [(got.layers.attn_norm[3], layer.input_layernorm),
+                         (got.layers.mlp_norm[3], layer.pre_feedforward_layernorm),
+                         (got.layers.post_attn_norm[3], layer.post_attention_layernorm),
+                         (got.layers.post_mlp_norm[3], layer.post_feedforward_layernorm),
+                         (got.layers.q_norm[3], layer.self_attn.q_norm), (got.final_norm, hf.model.norm)]:
+        assert torch.equal(ours, 1.0 + theirs.weight)
+    rotary = hf.model.rotary_emb
+    assert torch.equal(got.inv_freq, rotary.full_attention_inv_freq)
+    assert torch.equal(got.local_inv_freq, rotary.sliding_attention_inv_freq)
+    assert not torch.equal(got.inv_freq, got.local_inv_freq)
+
+
+def test_multimodal_gemma3_checkpoint_loads_its_language_model(tmp_path):
+    """A `gemma3` (image-text) checkpoint: the decoder under its language_model prefix, the text_config's facts."""
+    mm = tiny_multimodal_gemma()
+    mm.save_pretrained(tmp_path)
+    got = load_checkpoint(tmp_path, mm.config, dtype=torch.float32, device="cpu")
+    assert_same_weights(got, weights_from_hf_model(tiny_model("gemma3"), dtype=torch.float32, device="cpu"))
+    assert_same_weights(got, weights_from_hf_model(mm, dtype=torch.float32, device="cpu"))
 
 
 def test_dtype_converts_per_tensor(tmp_path):
