@@ -18,6 +18,7 @@ from torch import Tensor
 from server.compiler import Schedule, compile_schedule
 from server.detokenizer import IncrementalDetokenizer
 from server.executor import Executor, Row
+from server.kv_cache import CachedBlock
 from server.model import GroupMode, Transformer, default_dtype
 from server.policy import Policy, as_policy
 from server.probe import ProbeStats
@@ -120,34 +121,101 @@ class Batch:
     """The running sequences, each under its own schedule, decoded together. The executor owns their KV cache."""
 
     def __init__(self, model: Transformer, tokenizer: Any, *, max_len: int, num_blocks: int, block_size: int = 16,
-                 group_mode: GroupMode = "batched") -> None:
+                 group_mode: GroupMode = "batched", prefix_caching: bool = False) -> None:
         self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
+        self.prefix_caching = prefix_caching
+        self.reused_tokens = 0  # prompt tokens whose KV came from the prefix cache (not recomputed)
         self.executor = Executor(model, num_blocks=num_blocks, block_size=block_size, max_len=max_len,
                                  group_mode=group_mode)
         self.sequences: list[Sequence] = []
 
     def add(self, new: list[Sequence]) -> None:
-        """Prefill `new` (right-padded together, their own forward call) and choose each one's first token."""
+        """Prefill `new` (right-padded together, their own forward call) and choose each one's first token.
+        With prefix reuse, a prompt whose first full blocks are cached under its schedule starts after them; new
+        sequences that share a first block with an earlier one in this call wait for it (a second, cheaper call)."""
         if not new:
             return
         t0 = time.perf_counter()
-        width = max(len(s.prompt_ids) for s in new)
-        tokens = torch.zeros(len(new), width, dtype=torch.long)
-        for b, s in enumerate(new):
-            tokens[b, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
+        for s in new:
             s.scheduled = t0
+        waves: list[list[Sequence]] = [new]
+        if self.prefix_caching:
+            firsts: set[tuple[str, tuple[int, ...]]] = set()
+            waves = [[], []]
+            for s in new:
+                first = (s.schedule.key, tuple(s.prompt_ids[: self.executor.cache.block_size]))
+                shares = len(s.prompt_ids) > self.executor.cache.block_size and first in firsts
+                waves[1 if shares else 0].append(s)
+                firsts.add(first)
+        for wave in waves:
+            if wave:
+                self._prefill(wave, t0)
+
+    def _prefill(self, new: list[Sequence], t0: float) -> None:
+        cached = [self._reuse(s) for s in new]
+        starts = [len(c[0]) * self.executor.cache.block_size for c in cached]
+        self.reused_tokens += sum(starts)
+        width = max(len(s.prompt_ids) - p for s, p in zip(new, starts))
+        tokens = torch.zeros(len(new), width, dtype=torch.long)
+        for b, (s, p) in enumerate(zip(new, starts)):
+            tokens[b, : len(s.prompt_ids) - p] = torch.tensor(s.prompt_ids[p:])
         tokens = tokens.to(self.model.device)
-        last = torch.tensor([len(s.prompt_ids) - 1 for s in new], device=self.model.device)
+        last = torch.tensor([len(s.prompt_ids) - p - 1 for s, p in zip(new, starts)], device=self.model.device)
         echo = any(s.params.echo for s in new)
-        rows = [Row(s.id, s.schedule, 0, len(s.prompt_ids)) for s in new]
+        rows = [Row(s.id, s.schedule, p, len(s.prompt_ids) - p) for s, p in zip(new, starts)]
         logits = self.executor.forward(tokens, rows, logits_at=None if echo else last)
         if echo:
-            for b, s in enumerate(new):
+            for b, (s, p, (entries, boundary)) in enumerate(zip(new, starts, cached)):
                 if s.params.echo:
-                    _score_prompt(s, logits[b, : len(s.prompt_ids)])
+                    _score_prompt(s, logits[b, : len(s.prompt_ids) - p], entries, boundary)
             logits = logits[torch.arange(len(new), device=logits.device), last]
+        if self.prefix_caching:
+            for s, p in zip(new, starts):
+                self._register(s, p)
         self.sequences.extend(new)
         self._append(new, logits, t0, prefill=True)
+
+    def _reuse(self, s: Sequence) -> tuple[list[CachedBlock], Any]:
+        """Adopt the cached blocks that `s`'s prompt starts with; returns them and, for echo, the payload of the
+        first token after them. A prompt keeps at least its last token to compute; an echo request reuses only
+        blocks whose prompt logprobs (at least as many alternatives as it asks for) are cached with them."""
+        if not self.prefix_caching:
+            return [], None
+        cache, size = self.executor.cache, self.executor.cache.block_size
+        entries = cache.lookup(s.schedule.key, s.prompt_ids, (len(s.prompt_ids) - 1) // size)
+        boundary = None
+        if s.params.echo:
+            n = s.params.logprobs
+            usable = 0
+            for e in entries:
+                if e.scores is None or e.scores[0] < n:
+                    break
+                usable += 1
+            entries = entries[:usable]
+            while entries:
+                boundary = entries[-1].next.get(s.prompt_ids[len(entries) * size])
+                if boundary is not None and boundary[0] >= n:
+                    break
+                entries, boundary = entries[:-1], None
+        cache.adopt(s.id, s.schedule.slots, entries)
+        return entries, boundary
+
+    def _register(self, s: Sequence, start: int) -> None:
+        """Make `s`'s full prompt blocks findable, with their prompt logprobs when it computed them."""
+        cache, size = self.executor.cache, self.executor.cache.block_size
+        L = len(s.prompt_ids)
+        entries = cache.register(s.id, s.schedule.key, s.schedule.slots, s.prompt_ids, start // size, L // size)
+        if not s.params.echo or s.prompt_logprobs is None:
+            return
+        n = s.params.logprobs
+        tops = s.prompt_top_logprobs or [None] * L
+        for j, e in enumerate(entries):
+            if j * size >= start and (e.scores is None or e.scores[0] < n):
+                part = slice(j * size, (j + 1) * size)
+                e.scores = (n, s.prompt_logprobs[part], tops[part])
+            after = (j + 1) * size
+            if after < L and after >= start:
+                e.next[s.prompt_ids[after]] = (n, s.prompt_logprobs[after], tops[after])
 
     def step(self) -> None:
         """Decode one token for every unfinished row (finished rows leave at `filter`)."""
@@ -267,18 +335,30 @@ def _sample_rows(logits: Tensor, seqs: list[Sequence]) -> tuple[list[int], dict[
     return tokens.tolist(), {b: f"sampling failed: {type(e).__name__}: {e}" for b, e in errors.items()}
 
 
-def _score_prompt(s: Sequence, logits: Tensor) -> None:
-    """logits [T, V] over the prompt -> logprob of each prompt token given its prefix (None for the first)."""
-    logprobs = torch.log_softmax(logits[:-1], dim=-1)
-    ids = torch.tensor(s.prompt_ids[1:], device=logits.device)
-    scores = logprobs.gather(-1, ids[:, None])[:, 0].tolist() if len(ids) else []
-    s.prompt_logprobs = [None, *scores]
+def _score_prompt(s: Sequence, logits: Tensor, entries: list[CachedBlock] = (), boundary: Any = None) -> None:
+    """logits [T', V] over the prompt from position p = len(entries) x block on -> logprob of each prompt token given
+    its prefix (None for the first). Tokens before p come from the cached `entries`, token p from `boundary`."""
     n = s.params.logprobs
+    values: list[float | None] = []
+    tops: list[dict[int, float] | None] = []
+    for e in entries:  # payloads: (alternatives kept, logprobs, top dicts)
+        values += e.scores[1]
+        tops += [None if t is None else dict(list(t.items())[:n]) for t in e.scores[2]]
+    if entries:
+        values.append(boundary[1])
+        tops.append(None if boundary[2] is None else dict(list(boundary[2].items())[:n]))
+    else:
+        values.append(None)
+        tops.append(None)
+    p = len(values) - 1
+    logprobs = torch.log_softmax(logits[:-1], dim=-1)
+    ids = torch.tensor(s.prompt_ids[p + 1 :], device=logits.device)
+    values += logprobs.gather(-1, ids[:, None])[:, 0].tolist() if len(ids) else []
+    s.prompt_logprobs = values
     if n:
         top = torch.topk(logprobs, n)
-        s.prompt_top_logprobs = [None] + [
-            dict(zip(i.tolist(), v.tolist())) for i, v in zip(top.indices, top.values)
-        ]
+        tops += [dict(zip(i.tolist(), v.tolist())) for i, v in zip(top.indices, top.values)]
+        s.prompt_top_logprobs = tops
 
 
 class Engine:
@@ -341,9 +421,11 @@ class Engine:
             seq.arrival = arrival
         return seq
 
-    def new_batch(self, *, max_len: int, num_blocks: int, block_size: int | None = None) -> Batch:
+    def new_batch(self, *, max_len: int, num_blocks: int, block_size: int | None = None,
+                  prefix_caching: bool = False) -> Batch:
         return Batch(self.model, self.tokenizer, max_len=max_len, num_blocks=num_blocks,
-                     block_size=block_size or self.block_size, group_mode=self.group_mode)
+                     block_size=block_size or self.block_size, group_mode=self.group_mode,
+                     prefix_caching=prefix_caching)
 
     def generate(
         self, prompts: list[str | list[int]] | str, *,

@@ -6,12 +6,23 @@ to the block size. Each (sequence, slot) pair owns one row of the block table, l
 Pool layout [block, position in block, 2 x kv heads (keys, then values), head dim], so one write stores both and one
 gather reads both; block 0 is scratch (padding writes land there) and is never handed out. Freed blocks go on a
 stack and are reused first, so resident memory follows peak use.
+
+Prefix reuse (automatic prefix caching, as in vLLM): a full block of a prompt is found by the hash of its tokens and
+everything before it, per schedule (a schedule key and a block chain name the same keys and values only under the
+same schedule). A registered block outlives its sequence while no one needs the memory: blocks held by no sequence
+are evicted least recently used when the pool runs out of free ones. A sequence that finds its prompt's first blocks
+adopts them (reference-counted, read only: a sequence writes only past its prompt's full blocks), and each entry
+can carry an opaque payload (the prompt logprobs of its tokens, and of the token after it).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
 
 from server.compiler import Slot
 
@@ -38,6 +49,25 @@ def _mem_available() -> int:
     return 4 << 30
 
 
+@dataclass
+class CachedBlock:
+    """A registered prompt block: one physical block per slot of its schedule, in `Schedule.slots` order."""
+
+    tokens: tuple[int, ...]  # the block's tokens (checked on lookup, so a hash collision can never match)
+    blocks: tuple[int, ...]
+    scores: Any = None  # payload for the block's own tokens (set by whoever computed them)
+    next: dict[int, Any] = field(default_factory=dict)  # token after the block -> its payload
+
+
+def chain_hashes(tokens: list[int], block_size: int, count: int) -> list[int]:
+    """Hash of each of the first `count` full blocks and everything before it."""
+    out, h = [], 0
+    for j in range(count):
+        h = hash((h, tuple(tokens[j * block_size : (j + 1) * block_size])))
+        out.append(h)
+    return out
+
+
 class CacheFullError(RuntimeError):
     """More blocks asked for than the pool has free; admission control should have prevented it."""
 
@@ -57,7 +87,11 @@ class PagedKVCache:
         self._free_rows = list(range(num_blocks - 1, -1, -1))
         self._rows: dict[int, dict[Slot, int]] = {}  # sequence -> slot -> table row
         self._blocks: dict[int, int] = {}  # sequence -> blocks held per slot
-        self._held: dict[int, list[int]] = {}  # sequence -> every block it holds
+        self._held: dict[int, dict[Slot, list[int]]] = {}  # sequence -> slot -> its blocks in order
+        self._refs = [0] * num_blocks  # sequences holding each block
+        self._in_use = 0  # blocks with a reference
+        self._prefix: OrderedDict[tuple[str, int], CachedBlock] = OrderedDict()  # least recently used first
+        self._registered: dict[int, tuple[str, int]] = {}  # block -> its prefix entry
 
     @property
     def num_blocks(self) -> int:
@@ -66,7 +100,8 @@ class PagedKVCache:
 
     @property
     def used_blocks(self) -> int:
-        return self.num_blocks - len(self._free_blocks)
+        """Blocks held by sequences (registered prefix blocks that no one holds are free to evict: not counted)."""
+        return self._in_use
 
     def blocks_for(self, num_slots: int, length: int) -> int:
         """Blocks a sequence of `length` tokens needs under a schedule of `num_slots` slots."""
@@ -82,33 +117,116 @@ class PagedKVCache:
         if need <= have:
             return
         assert need <= self.max_blocks, f"{length} tokens exceed the cache's {self.max_blocks * self.block_size}"
-        rows = self._rows.get(seq)
-        if rows is None:
-            rows = self._rows[seq] = {}
-            self._held[seq] = []
-        new_rows = [s for s in slots if s not in rows]
-        if len(self._free_blocks) < len(slots) * (need - have) or len(self._free_rows) < len(new_rows):
+        if self._available() < len(slots) * (need - have):
             raise CacheFullError(f"sequence {seq} needs {len(slots) * (need - have)} more KV blocks; "
-                                 f"{len(self._free_blocks)} free")
-        for s in new_rows:
-            rows[s] = self._free_rows.pop()
-        table_rows, blocks = [], []
+                                 f"{self._available()} free")
+        rows = self._table_rows(seq, slots)
+        table_rows, cols, blocks = [], [], []
         for s in slots:
-            for _ in range(have, need):
-                block = self._free_blocks.pop()
+            for col in range(have, need):
+                block = self._take()
+                self._hold(seq, s, block)
                 table_rows.append(rows[s])
+                cols.append(col)
                 blocks.append(block)
-        self._held[seq].extend(blocks)
-        cols = [have + (i % (need - have)) for i in range(len(blocks))]
-        dev = self.tables.device
-        self.tables[torch.tensor(table_rows, device=dev), torch.tensor(cols, device=dev)] = torch.tensor(blocks, device=dev)
+        self._set_tables(table_rows, cols, blocks)
         self._blocks[seq] = need
 
     def free(self, seq: int) -> None:
-        """Return every block and table row of `seq` to the pool."""
-        self._free_blocks.extend(reversed(self._held.pop(seq, [])))
+        """`seq` left: blocks no one else holds return to the pool (registered ones stay findable until evicted)."""
+        for blocks in self._held.pop(seq, {}).values():
+            for b in reversed(blocks):
+                self._refs[b] -= 1
+                if self._refs[b] == 0:
+                    self._in_use -= 1
+                    if b not in self._registered:
+                        self._free_blocks.append(b)
         self._free_rows.extend(self._rows.pop(seq, {}).values())
         self._blocks.pop(seq, None)
+
+    # -- prefix reuse ----------------------------------------------------------------------------------------------
+
+    def lookup(self, key: str, tokens: list[int], count: int) -> list[CachedBlock]:
+        """The registered blocks that continue the first `count` full blocks of `tokens` under schedule `key`,
+        longest run from the start (marked recently used)."""
+        found = []
+        for j, h in enumerate(chain_hashes(tokens, self.block_size, count)):
+            entry = self._prefix.get((key, h))
+            if entry is None or entry.tokens != tuple(tokens[j * self.block_size : (j + 1) * self.block_size]):
+                break
+            self._prefix.move_to_end((key, h))
+            found.append(entry)
+        return found
+
+    def adopt(self, seq: int, slots: tuple[Slot, ...], entries: list[CachedBlock]) -> None:
+        """A new sequence takes `entries` as its first blocks (before any of its own)."""
+        assert self._blocks.get(seq, 0) == 0, "adopt before the sequence holds blocks"
+        if not entries:
+            return
+        rows = self._table_rows(seq, slots)
+        table_rows, cols, blocks = [], [], []
+        for col, entry in enumerate(entries):
+            for s, b in zip(slots, entry.blocks):
+                self._hold(seq, s, b)
+                table_rows.append(rows[s])
+                cols.append(col)
+                blocks.append(b)
+        self._set_tables(table_rows, cols, blocks)
+        self._blocks[seq] = len(entries)
+
+    def register(self, seq: int, key: str, slots: tuple[Slot, ...], tokens: list[int], first: int, count: int,
+                 ) -> list[CachedBlock]:
+        """Make full blocks first..count-1 of `seq`'s prompt findable; returns the entries of blocks 0..count-1
+        (existing ones are kept: another sequence registered the same tokens first)."""
+        entries = []
+        for j, h in enumerate(chain_hashes(tokens, self.block_size, count)):
+            entry = self._prefix.get((key, h))
+            if entry is None and j >= first:
+                blocks = tuple(self._held[seq][s][j] for s in slots)
+                entry = CachedBlock(tuple(tokens[j * self.block_size : (j + 1) * self.block_size]), blocks)
+                self._prefix[(key, h)] = entry
+                for b in blocks:
+                    self._registered[b] = (key, h)
+            if entry is None:
+                break
+            entries.append(entry)
+        return entries
+
+    # -- internals --------------------------------------------------------------------------------------------------
+
+    def _table_rows(self, seq: int, slots: tuple[Slot, ...]) -> dict[Slot, int]:
+        rows = self._rows.get(seq)
+        if rows is None:
+            rows = self._rows[seq] = {}
+            self._held[seq] = {}
+        for s in slots:
+            if s not in rows:
+                assert self._free_rows, "more (sequence, slot) pairs than blocks: admission should prevent it"
+                rows[s] = self._free_rows.pop()
+        return rows
+
+    def _hold(self, seq: int, slot: Slot, block: int) -> None:
+        self._held[seq].setdefault(slot, []).append(block)
+        if self._refs[block] == 0:
+            self._in_use += 1
+        self._refs[block] += 1
+
+    def _available(self) -> int:
+        return self.num_blocks - self._in_use
+
+    def _take(self) -> int:
+        """A free block, evicting the least recently used unheld prefix entry when none is free."""
+        while not self._free_blocks:
+            victim = next((k for k, e in self._prefix.items() if all(self._refs[b] == 0 for b in e.blocks)), None)
+            assert victim is not None, "no free block and nothing to evict"
+            for b in self._prefix.pop(victim).blocks:
+                del self._registered[b]
+                self._free_blocks.append(b)
+        return self._free_blocks.pop()
+
+    def _set_tables(self, rows: list[int], cols: list[int], blocks: list[int]) -> None:
+        dev = self.tables.device
+        self.tables[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = torch.tensor(blocks, device=dev)
 
     def table_row(self, seq: int, slot: Slot) -> int:
         return self._rows[seq][slot]

@@ -278,3 +278,46 @@ def test_distinct_hostile_schedules_leave_no_weight_copies_behind(smollm2_engine
     for _ in range(30):  # six-layer copies of SmolLM2 would add ~27 MB each
         smollm2_engine.generate(["Hello there"], policy=hostile(), params=params)
     assert _rss_mb() - before < 100, f"RSS grew from {before:.0f} MB to {_rss_mb():.0f} MB"
+
+
+# -- prefix reuse ------------------------------------------------------------------------------------------------
+
+
+def _run(engine, waves, *, prefix_caching):
+    """Each wave: (prompt, policy, params) requests added together, decoded until done, before the next wave."""
+    batch = engine.new_batch(max_len=64, num_blocks=800, block_size=4, prefix_caching=prefix_caching)
+    results = []
+    for wave in waves:
+        seqs = [engine.new_sequence(p, params, engine.compile(policy)) for p, policy, params in wave]
+        batch.add(seqs)
+        while batch.filter() is not None and batch.sequences:
+            batch.step()
+        results += [s.result() for s in seqs]
+    return results, batch
+
+
+def test_prefix_reuse_gives_the_same_scores_and_tokens(tiny_engine):
+    """Loglikelihood-style requests (echo + logprobs, max_tokens 0) sharing a context, in the same step and in later
+    steps, and generations: identical answers with and without reuse, and reuse did happen."""
+    context = [5, 9, 17, 33, 4, 8, 60, 7, 11, 12, 13]  # 2 full blocks of 4, and 3 tokens
+    score = SamplingParams(max_tokens=0, echo=True, logprobs=2)
+    gen = SamplingParams(max_tokens=5, ignore_eos=True, logprobs=1)
+    waves = [
+        [(context + [40, 41], "full", score), (context + [50], "full", score), (context + [60, 61, 62], "skip:2", score)],
+        [(context + [70, 71], "full", score), (context + [40, 41], "pairs", score), (context[:8] + [1, 2], "full", gen)],
+        [(context + [40, 41], "full", SamplingParams(max_tokens=0, echo=True, logprobs=3))],  # wants more top-n
+        [(context + [80], "full", gen), (context + [80, 81, 82, 83, 84, 85], "full", score)],
+    ]
+    plain, _ = _run(tiny_engine, waves, prefix_caching=False)
+    reused, batch = _run(tiny_engine, waves, prefix_caching=True)
+    assert batch.reused_tokens >= 5 * 8, "the shared 8-token prefix was reused"
+    for a, b in zip(plain, reused):
+        assert a.token_ids == b.token_ids and a.prompt_token_ids == b.prompt_token_ids
+        if a.prompt_logprobs is not None:
+            assert a.prompt_logprobs[0] is None and b.prompt_logprobs[0] is None
+            torch.testing.assert_close(torch.tensor(b.prompt_logprobs[1:]), torch.tensor(a.prompt_logprobs[1:]),
+                                       rtol=1e-5, atol=1e-5)
+            for ta, tb in zip(a.prompt_top_logprobs[1:], b.prompt_top_logprobs[1:]):
+                assert list(ta) == list(tb)
+        torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=1e-5, atol=1e-5)
+    assert batch.kv_usage() == 0.0, "registered blocks that no one holds are not counted as used"

@@ -1,126 +1,96 @@
-"""The KV cache on its own (writes, returned prefixes, row moves), and its slot count under an executor."""
+"""The paged KV cache on its own: blocks per (sequence, slot), writes and reads through the block table, the free
+list, and prefix blocks that are found by their tokens, shared by reference count and evicted least recently used."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor
 
-from server.executor import Executor
-from server.kv_cache import KVCache
-from server.model import Transformer
-from server.compiler import compile_schedule
-from tests.reference import NUM_LAYERS, VOCAB, tiny_model
+from server.kv_cache import CacheFullError, PagedKVCache
 
-KV, HD, S, ROWS, LEN = 2, 4, 4, 3, 10
+KV, HD, BLOCK = 2, 4, 4
+SLOTS = ((0, 0), (1, 0), (2, 0))
 
 
-def cache() -> KVCache:
-    return KVCache(
-        num_slots=S, max_batch=ROWS, max_len=LEN, n_kv_heads=KV, head_dim=HD, dtype=torch.float32, device="cpu"
-    )
+def cache(blocks: int = 32, max_len: int = 32) -> PagedKVCache:
+    return PagedKVCache(num_blocks=blocks, block_size=BLOCK, max_len=max_len, n_kv_heads=KV, head_dim=HD,
+                        dtype=torch.float32, device="cpu")
 
 
-def new_kv(G: int, B: int, T: int, seed: int) -> tuple[Tensor, Tensor]:
-    """k, v [G, B, T, kv, hd] with distinct nonzero entries."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(G, B, T, KV, HD, generator=g) + 10, torch.randn(G, B, T, KV, HD, generator=g) - 10
-
-
-def positions(start: list[int], T: int) -> Tensor:
-    return torch.tensor(start)[:, None] + torch.arange(T)[None, :]
-
-
-def test_single_row_update_writes_its_slots_row_and_positions() -> None:
+def test_a_sequence_holds_slots_times_length_in_blocks_and_frees_them():
     c = cache()
-    k, v = new_kv(G=2, B=1, T=3, seed=0)
-    keys, values = c.update(slice(1, 3), slice(2, 3), [4], positions([4], 3), k, v, kv_len=7)
-    expected_k, expected_v = torch.zeros_like(c.k), torch.zeros_like(c.v)
-    expected_k[1:3, 2, :, 4:7] = k[:, 0].transpose(1, 2)  # [G, kv, T, hd]
-    expected_v[1:3, 2, :, 4:7] = v[:, 0].transpose(1, 2)
-    torch.testing.assert_close(c.k, expected_k, rtol=0, atol=0)
-    torch.testing.assert_close(c.v, expected_v, rtol=0, atol=0)
-    assert keys.shape == values.shape == (2, 1, KV, 7, HD)  # [G, B, kv, S, hd]
-    torch.testing.assert_close(keys, c.k[1:3, 2:3, :, :7], rtol=0, atol=0)
-    torch.testing.assert_close(values, c.v[1:3, 2:3, :, :7], rtol=0, atol=0)
+    c.reserve(1, SLOTS, 5)  # 2 blocks per slot
+    assert c.used_blocks == 6
+    c.reserve(1, SLOTS, 8)  # still 2
+    assert c.used_blocks == 6
+    c.reserve(2, SLOTS[:1], 1)
+    assert c.used_blocks == 7
+    c.free(1)
+    assert c.used_blocks == 1
+    c.free(2)
+    assert c.used_blocks == 0
 
 
-def test_batched_update_writes_each_row_at_its_own_start() -> None:
+def test_writes_land_in_their_own_blocks_and_read_back_in_order():
     c = cache()
-    start = [5, 1]
-    k, v = new_kv(G=3, B=2, T=2, seed=1)
-    keys, values = c.update(slice(0, 3), slice(1, 3), start, positions(start, 2), k, v, kv_len=7)
-    expected_k, expected_v = torch.zeros_like(c.k), torch.zeros_like(c.v)
-    for b, p in enumerate(start):
-        expected_k[0:3, 1 + b, :, p : p + 2] = k[:, b].transpose(1, 2)
-        expected_v[0:3, 1 + b, :, p : p + 2] = v[:, b].transpose(1, 2)
-    torch.testing.assert_close(c.k, expected_k, rtol=0, atol=0)
-    torch.testing.assert_close(c.v, expected_v, rtol=0, atol=0)
-    assert keys.shape == values.shape == (3, 2, KV, 7, HD)
-    torch.testing.assert_close(keys, expected_k[0:3, 1:3, :, :7], rtol=0, atol=0)
-    torch.testing.assert_close(values, expected_v[0:3, 1:3, :, :7], rtol=0, atol=0)
+    c.reserve(1, SLOTS, 6)
+    c.reserve(2, SLOTS, 3)
+    rows = torch.tensor([c.table_row(1, (1, 0)), c.table_row(2, (1, 0))])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]])
+    valid = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    k = torch.arange(2 * 6 * KV * HD, dtype=torch.float32).view(2 * 6, KV, HD)
+    c.write(c.locate(rows, positions, valid).reshape(-1), k, -k)
+    keys, values = c.read(c.blocks(rows, 2))  # [2, kv, 8, hd]
+    assert torch.equal(keys[0, :, :6].transpose(0, 1), k[:6])
+    assert torch.equal(values[0, :, :6].transpose(0, 1), -k[:6])
+    assert torch.equal(keys[1, :, :3].transpose(0, 1), k[6:9]), "padding went to the scratch block, not row 2"
+    other = c.read(c.blocks(torch.tensor([c.table_row(1, (0, 0))]), 2))[0]
+    assert not other.any(), "another slot of the same sequence is untouched"
 
 
-def test_update_appends_after_earlier_tokens() -> None:
+def test_freed_blocks_are_reused_first():
     c = cache()
-    k1, v1 = new_kv(G=1, B=2, T=3, seed=2)
-    c.update(slice(2, 3), slice(0, 2), [0, 0], positions([0, 0], 3), k1, v1, kv_len=3)
-    k2, v2 = new_kv(G=1, B=2, T=1, seed=3)
-    keys, values = c.update(slice(2, 3), slice(0, 2), [3, 2], positions([3, 2], 1), k2, v2, kv_len=4)
-    # Row 0 keeps its three tokens and appends at 3; row 1 (two real tokens, one padding) overwrites position 2.
-    torch.testing.assert_close(keys[0, 0, :, :3], k1[0, 0].transpose(0, 1), rtol=0, atol=0)
-    torch.testing.assert_close(keys[0, 0, :, 3], k2[0, 0, 0], rtol=0, atol=0)
-    torch.testing.assert_close(keys[0, 1, :, :2], k1[0, 1, :2].transpose(0, 1), rtol=0, atol=0)
-    torch.testing.assert_close(values[0, 1, :, 2], v2[0, 1, 0], rtol=0, atol=0)
-    assert (c.k[:2] == 0).all() and (c.k[3:] == 0).all()  # other slots untouched
+    c.reserve(1, SLOTS, 4)
+    first = set(c._held[1][(0, 0)])
+    c.free(1)
+    c.reserve(2, SLOTS[:1], 4)
+    assert set(c._held[2][(0, 0)]) <= first | set(range(1, 4))
 
 
-def test_update_past_max_len_is_refused() -> None:
+def test_registered_prefix_blocks_are_found_shared_and_outlive_their_sequence():
     c = cache()
-    k, v = new_kv(G=1, B=1, T=2, seed=4)
-    with pytest.raises(AssertionError, match="exceeds"):
-        c.update(slice(0, 1), slice(0, 1), [LEN - 1], positions([LEN - 1], 2), k, v, kv_len=LEN + 1)
+    prompt = list(range(100, 111))  # 2 full blocks + 3 tokens
+    c.reserve(1, SLOTS, len(prompt))
+    c.register(1, "full", SLOTS, prompt, 0, 2)
+    held = c.used_blocks
+    c.free(1)
+    assert c.used_blocks == 0, "unheld registered blocks do not count as used"
+    found = c.lookup("full", prompt[:8] + [7, 7, 7], 2)
+    assert len(found) == 2
+    assert c.lookup("skip:1-1", prompt, 2) == [], "another schedule never shares"
+    assert len(c.lookup("full", prompt[:4] + [0] * 7, 2)) == 1, "the chain stops at the first different block"
+    c.adopt(2, SLOTS, found)
+    c.reserve(2, SLOTS, 12)
+    assert c.used_blocks == held, "two adopted blocks per slot plus one new one"
+    assert c._held[2][(1, 0)][:2] == [e.blocks[1] for e in found]
 
 
-def test_move_row_copies_every_slot() -> None:
-    c = cache()
-    k, v = new_kv(G=S, B=ROWS, T=LEN, seed=5)
-    c.update(slice(0, S), slice(0, ROWS), [0] * ROWS, positions([0] * ROWS, LEN), k, v, kv_len=LEN)
-    before_k, before_v = c.k.clone(), c.v.clone()
-    c.move_row(2, 0)
-    torch.testing.assert_close(c.k[:, 0], before_k[:, 2], rtol=0, atol=0)
-    torch.testing.assert_close(c.v[:, 0], before_v[:, 2], rtol=0, atol=0)
-    torch.testing.assert_close(c.k[:, 1:], before_k[:, 1:], rtol=0, atol=0)  # source and others unchanged
-    torch.testing.assert_close(c.v[:, 1:], before_v[:, 1:], rtol=0, atol=0)
-    c.move_row(1, 1)
-    torch.testing.assert_close(c.k[:, 1], before_k[:, 1], rtol=0, atol=0)
+def test_eviction_takes_the_least_recently_used_unheld_prefix():
+    c = cache(blocks=7)  # 6 usable: two prefixes of one block x 3 slots
+    a, b = [1, 2, 3, 4, 5], [6, 7, 8, 9, 10]
+    for seq, prompt in ((1, a), (2, b)):
+        c.reserve(seq, SLOTS, 4)
+        c.register(seq, "full", SLOTS, prompt, 0, 1)
+        c.free(seq)
+    assert c.lookup("full", a, 1)  # a is now the most recently used
+    c.reserve(3, SLOTS, 4)  # needs 3 blocks: evicts b
+    assert c.lookup("full", b, 1) == [] and c.lookup("full", a, 1)
 
 
-@pytest.mark.parametrize("policy", ["full", "skip:3", "repeat", "loop:2-4x3", "schedule:0,1,1,2+3/sum,3-7"])
-def test_executor_writes_one_slot_per_scheduled_attention(policy: str) -> None:
-    """Slots equal the schedule's layer runs: a skipped layer gets none, a layer run twice gets two (with
-    different keys, as it reads different inputs)."""
-    sched = compile_schedule(policy, NUM_LAYERS)
-    ex = Executor(Transformer(tiny_model("llama"), dtype=torch.float32, device="cpu"), sched, max_batch=1, max_len=8)
-    assert ex.cache.num_slots == sched.num_slots
-    T = 5
-    ex.forward(torch.arange(T)[None] % VOCAB, rows=slice(0, 1), start=[0])
-    written = ex.cache.k[:, 0, :, :T].flatten(1)  # [slots, kv * T * hd]
-    assert (written != 0).any(dim=1).all(), "every slot is written"
-    assert (ex.cache.k[:, 0, :, T:] == 0).all(), "nothing past the tokens"
-    assert len({tuple(row.tolist()) for row in written}) == sched.num_slots, "each run has its own keys"
-
-
-def test_grow_keeps_contents_and_accepts_longer_sequences() -> None:
-    c = cache()
-    k, v = new_kv(G=S, B=ROWS, T=LEN, seed=6)
-    c.update(slice(0, S), slice(0, ROWS), [0] * ROWS, positions([0] * ROWS, LEN), k, v, kv_len=LEN)
-    before_k, before_v = c.k.clone(), c.v.clone()
-    c.grow(max_batch=ROWS + 2, max_len=2 * LEN)
-    assert c.k.shape == c.v.shape == (S, ROWS + 2, KV, 2 * LEN, HD) and (c.max_batch, c.max_len) == (ROWS + 2, 2 * LEN)
-    torch.testing.assert_close(c.k[:, :ROWS, :, :LEN], before_k, rtol=0, atol=0)
-    torch.testing.assert_close(c.v[:, :ROWS, :, :LEN], before_v, rtol=0, atol=0)
-    k2, v2 = new_kv(G=1, B=1, T=LEN, seed=7)
-    keys, _ = c.update(slice(0, 1), slice(0, 1), [LEN], positions([LEN], LEN), k2, v2, kv_len=2 * LEN)
-    torch.testing.assert_close(keys[0, 0, :, :LEN], before_k[0, 0], rtol=0, atol=0)
-    torch.testing.assert_close(keys[0, 0, :, LEN:], k2[0, 0].transpose(0, 1), rtol=0, atol=0)
+def test_held_prefix_blocks_are_never_evicted():
+    c = cache(blocks=7)
+    c.reserve(1, SLOTS, 4)
+    c.register(1, "full", SLOTS, [1, 2, 3, 4, 5], 0, 1)
+    c.reserve(2, SLOTS, 4)  # the other three
+    with pytest.raises(CacheFullError):
+        c.reserve(3, SLOTS, 4)
