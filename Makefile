@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test test-fast bench bench-server bench-lm-eval bench-gpu clean
+.PHONY: setup serve test test-fast bench bench-server bench-load bench-prefix bench-lm-eval bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ bench: setup
 
 bench-server: setup
 	$(BIN)/python benchmarks/bench_server.py
+
+# Peak RSS of loading SmolLM2 the old way (transformers model + copies) and with the streaming loader.
+bench-load: setup
+	$(BIN)/python benchmarks/bench_load.py
+
+# painters eval on HellaSwag with and without prefix reuse, and lm-eval's in-process hf model (needs ../shared/data).
+bench-prefix: setup
+	$(BIN)/python -m pip install -q '.[harness]'
+	$(BIN)/python benchmarks/bench_prefix.py --limit 200
 
 # lm-evaluation-harness's own local-completions model against our server (needs ../shared/data).
 bench-lm-eval: setup

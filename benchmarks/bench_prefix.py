@@ -1,0 +1,112 @@
+"""Prefix reuse for evaluation (make bench-prefix): `painters eval --task hellaswag` wall time against a server with
+prefix reuse, and against one without it (target: with / without <= 0.5), the scores of both (they must agree), and
+lm-evaluation-harness's in-process `hf` model on the same items and model, where lm-eval is installed.
+
+HellaSwag sends each context with 4 endings: the context's KV (and its prompt logprobs) is computed once.
+
+    python benchmarks/bench_prefix.py --limit 200 --data ../shared/data/hellaswag/hellaswag_val.jsonl.gz
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_server import free_port, start_server  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hellaswag" / "hellaswag_val.jsonl.gz"
+app = typer.Typer(add_completion=False)
+
+
+def timed_eval(url: str, data: Path, limit: int) -> tuple[float, dict]:
+    """Wall seconds and the JSON scores of `painters eval` (a separate process, as a user runs it)."""
+    cmd = [sys.executable, "-m", "clients.cli", "eval", "--url", url, "--task", "hellaswag", "--data", str(data),
+           "--policies", "full", "--limit", str(limit), "--json"]
+    t = time.perf_counter()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    return wall, json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def served(prefix_caching: bool) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    os.environ["PAINTERS_ENABLE_PREFIX_CACHING"] = "true" if prefix_caching else "false"
+    try:
+        return start_server(port, max_num_seqs=16), f"http://127.0.0.1:{port}"
+    finally:
+        del os.environ["PAINTERS_ENABLE_PREFIX_CACHING"]
+
+
+def lm_eval_hf(data: Path, limit: int) -> tuple[float, float] | None:
+    """lm-eval's own hellaswag task (local file) with its in-process `hf` model on the converted SmolLM2:
+    (wall seconds, acc_norm), or None when lm-eval is not installed."""
+    try:
+        import lm_eval
+    except ImportError:
+        return None
+    from server.loader import local_source
+
+    source = local_source("smollm2-135m")
+    builtin = Path(lm_eval.__file__).parent / "tasks" / "hellaswag" / "hellaswag.yaml"
+    tasks = Path(tempfile.mkdtemp())
+    (tasks / "hellaswag_local.yaml").write_text(
+        f"include: {builtin}\ntask: hellaswag_local\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {data.resolve()}\ntraining_split: null\n"
+        "validation_split: validation\n")
+    out = tasks / "out"
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+           f"pretrained={source},dtype=float32", "--tasks", "hellaswag_local", "--include_path", str(tasks),
+           "--limit", str(limit), "--batch_size", "16", "--device", "cpu", "--output_path", str(out)]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1",
+                                                                         "HF_HUB_OFFLINE": "1"})
+    wall = time.perf_counter() - t
+    result = json.loads(next(out.rglob("results_*.json")).read_text())
+    return wall, result["results"]["hellaswag_local"]["acc_norm,none"]
+
+
+@app.command()
+def main(limit: int = 200, data: Path = DEFAULT_DATA, hf: bool = typer.Option(True, help="also run lm-eval's hf")
+         ) -> None:
+    if not data.exists():
+        raise SystemExit(f"no data at {data}; pass --data PATH (hellaswag_val.jsonl.gz)")
+    console = Console()
+    runs = {}
+    for reuse in (True, False):
+        proc, url = served(reuse)
+        try:
+            timed_eval(url, data, 8)  # warm-up (and, with reuse, nothing of the timed items cached yet)
+            runs[reuse] = timed_eval(url, data, limit)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    harness = lm_eval_hf(data, limit) if hf else None
+    t = Table(title=f"painters eval --task hellaswag --limit {limit} (SmolLM2-135M, this CPU)")
+    for col in ("run", "wall s", "scores"):
+        t.add_column(col)
+    for reuse, (wall, scores) in runs.items():
+        t.add_row("prefix reuse on" if reuse else "prefix reuse off", f"{wall:.1f}", json.dumps(scores)[:120])
+    ratio = runs[True][0] / runs[False][0]
+    t.add_row("with / without (target <= 0.5)", f"{ratio:.2f}", "same scores: " + str(runs[True][1] == runs[False][1]))
+    if harness is not None:
+        t.add_row("lm-eval hf (in-process, same items)", f"{harness[0]:.1f}", f"acc_norm {harness[1]:.3f}")
+        t.add_row("painters with reuse / lm-eval hf", f"{runs[True][0] / harness[0]:.2f}", "")
+    console.print(t)
+    print(json.dumps({"with_s": runs[True][0], "without_s": runs[False][0], "ratio": ratio,
+                      "scores_equal": runs[True][1] == runs[False][1],
+                      "lm_eval_hf_s": harness[0] if harness else None,
+                      "lm_eval_hf_acc_norm": harness[1] if harness else None}))
+
+
+if __name__ == "__main__":
+    app()
