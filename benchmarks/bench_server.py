@@ -103,8 +103,8 @@ def engine_latency(model: str, policy: str, repeats: int) -> tuple[float, int]:
     return statistics.median(times), n_params
 
 
-async def one_stream(client: httpx.AsyncClient, policy: str, tokens: int = NEW_TOKENS) -> StreamStats:
-    body = {"model": "smollm2-135m", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
+async def one_stream(client: httpx.AsyncClient, model: str, policy: str, tokens: int = NEW_TOKENS) -> StreamStats:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "policy": policy}
     t0 = time.perf_counter()
     stamps: list[float] = []
@@ -122,16 +122,16 @@ async def one_stream(client: httpx.AsyncClient, policy: str, tokens: int = NEW_T
     return StreamStats(policy, ttft, tpot, end - t0, tokens)
 
 
-async def concurrent(url: str, policies: list[str]) -> tuple[float, list[StreamStats]]:
+async def concurrent(url: str, model: str, policies: list[str]) -> tuple[float, list[StreamStats]]:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         t = time.perf_counter()
-        stats = await asyncio.gather(*(one_stream(client, p) for p in policies))
+        stats = await asyncio.gather(*(one_stream(client, model, p) for p in policies))
         wall = time.perf_counter() - t
     return sum(s.tokens for s in stats) / wall, list(stats)
 
 
-def http_latency(url: str, policy: str, repeats: int) -> float:
-    body = {"model": "smollm2-135m", "prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0,
+def http_latency(url: str, model: str, policy: str, repeats: int) -> float:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0,
             "ignore_eos": True, "policy": policy}
     times = []
     with httpx.Client(base_url=url, timeout=600) as c:
@@ -153,13 +153,13 @@ def peak_rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-def hostile(url: str, pid: int) -> dict[str, float | int]:
+def hostile(url: str, model: str, pid: int) -> dict[str, float | int]:
     """The issue's hostile request: an explicit schedule of 300 steps, each the 15 even layers."""
     steps = [list(range(0, 30, 2))] * 300
     out: dict[str, float | int] = {}
     with httpx.Client(base_url=url, timeout=600) as c:
         out["rss_before_mb"], out["peak_before_mb"] = peak_rss_mb(pid)
-        body = {"model": "smollm2-135m", "prompt": PROMPT, "temperature": 0,
+        body = {"model": model, "prompt": PROMPT, "temperature": 0,
                 "policy": {"kind": "schedule", "steps": steps}}
         r = c.post("/v1/completions", json=body)
         out["unbounded_status"] = r.status_code
@@ -169,10 +169,10 @@ def hostile(url: str, pid: int) -> dict[str, float | int]:
     return out
 
 
-def start_server(port: int, max_num_seqs: int) -> subprocess.Popen:
+def start_server(port: int, model: str, max_num_seqs: int) -> subprocess.Popen:
     env = {**os.environ, "PAINTERS_MAX_NUM_SEQS": str(max_num_seqs)}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--log-level",
-                             "warning"], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", model, "--port", str(port),
+                             "--log-level", "warning"], env=env)
     deadline = time.time() + 180
     while time.time() < deadline:
         try:
@@ -204,15 +204,15 @@ def main(model: str = "smollm2-135m", policy: str = "full", concurrency: int = 1
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     console.print("[dim]starting server…[/]")
-    proc = start_server(port, max_num_seqs=concurrency)
+    proc = start_server(port, model, max_num_seqs=concurrency)
     try:
-        http_s = http_latency(url, policy, repeats)
-        single, _ = asyncio.run(concurrent(url, [policy]))
-        many, _ = asyncio.run(concurrent(url, [policy] * concurrency))
-        full12, full12_stats = asyncio.run(concurrent(url, ["full"] * 12))
+        http_s = http_latency(url, model, policy, repeats)
+        single, _ = asyncio.run(concurrent(url, model, [policy]))
+        many, _ = asyncio.run(concurrent(url, model, [policy] * concurrency))
+        full12, full12_stats = asyncio.run(concurrent(url, model, ["full"] * 12))
         mixed_policies = ["full", "skip:8", "pairs"] * 4
-        mixed, mixed_stats = asyncio.run(concurrent(url, mixed_policies))
-        hostile_stats = hostile(url, proc.pid)
+        mixed, mixed_stats = asyncio.run(concurrent(url, model, mixed_policies))
+        hostile_stats = hostile(url, model, proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
