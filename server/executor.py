@@ -136,7 +136,9 @@ class Executor:
                 self._run(buffers, op, lambda x, g0, g1, layers=layers: model.mlp(x, model.weights(layers[g0:g1])))
                 continue
 
-            def attend(x: Tensor, g0: int, g1: int, op: _Apply = op) -> Tensor:
+            views_ = rows_view(op)  # on the main stream, before any side stream reads them
+
+            def attend(x: Tensor, g0: int, g1: int, op: _Apply = op, views_: tuple = views_) -> Tensor:
                 G, m = x.shape[:2]
                 kv = slice(op.kv.start + g0 * m, op.kv.start + g1 * m)
                 at, blocks = kv_at[kv].reshape(-1), kv_blocks[kv]
@@ -145,7 +147,7 @@ class Executor:
                     cache.write(at, k.reshape(-1, *k.shape[3:]), v.reshape(-1, *v.shape[3:]))
                     return cache.read(blocks)
 
-                masks, tables = rows_view(op)
+                masks, tables = views_
                 chosen = op.entry.layers[g0:g1]
                 kinds = [i in model.args.sliding_layers for i in chosen]
                 if len(set(kinds)) == 1:
