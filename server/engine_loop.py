@@ -5,6 +5,10 @@ touched on this thread. Each step: the scheduler's output (plain data) says who 
 decodes one token in one forward pass whatever its policy, then the admitted ones are prefilled (their own call);
 finished, aborted and failed sequences leave at once and free their KV blocks. A row that fails (its sampling or
 stop check raised) ends alone with an error; a step that fails as a whole fails the requests in it.
+
+Shutdown: `drain(deadline)` stops admitting, lets queued and running requests finish until the deadline, then ends
+the rest with finish_reason "abort" (their clients get that final answer). If the thread itself dies, `failure`
+says why and every request still here fails, so a watchdog can restart the process.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from server.compiler import Schedule
-from server.generate import Engine, GenerationResult, Sequence
+from server.generate import Engine, GenerationResult, Sequence, Timings
 from server.metrics import Metrics, QueueStats, RequestStats, StepStats
 from server.probe import ProbeStats
 from server.sampling import SamplingParams
@@ -24,7 +28,11 @@ from server.scheduler import KVBudgetError, QueueFullError, Scheduler, SchedRequ
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineLoop", "EngineRequest", "KVBudgetError", "Output", "QueueFullError"]
+__all__ = ["DrainingError", "EngineLoop", "EngineRequest", "KVBudgetError", "Output", "QueueFullError"]
+
+
+class DrainingError(RuntimeError):
+    """The loop is draining for shutdown and takes no new requests (HTTP 503)."""
 
 
 @dataclass
@@ -72,7 +80,8 @@ class _Tracked:
 
 class EngineLoop:
     def __init__(self, engine: Engine, *, max_num_seqs: int, max_model_len: int, queue_capacity: int,
-                 kv_budget_tokens: int, kv_block_size: int = 16, metrics: Metrics | None = None) -> None:
+                 kv_budget_tokens: int, kv_block_size: int = 16, prefix_caching: bool = True,
+                 metrics: Metrics | None = None) -> None:
         """kv_budget_tokens: KV cache size in slot-tokens (one token's keys and values in one slot)."""
         self.engine, self.metrics = engine, metrics
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
@@ -80,13 +89,17 @@ class EngineLoop:
         blocks = max(1, kv_budget_tokens // block)
         self.scheduler = Scheduler(max_running=max_num_seqs, queue_capacity=queue_capacity, kv_blocks=blocks,
                                    block_size=block)
-        self.batch = engine.new_batch(max_len=max_model_len, num_blocks=blocks + 1, block_size=block)
+        self.batch = engine.new_batch(max_len=max_model_len, num_blocks=blocks + 1, block_size=block,
+                                      prefix_caching=prefix_caching)
         self._tracked: dict[str, _Tracked] = {}  # request id -> its sink and sequence, until it leaves
         self._by_seq: dict[int, _Tracked] = {}  # Sequence.id -> state (engine thread only)
         self._aborts: set[str] = set()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stop = False
+        self._draining = False
+        self._abort_left = False  # set at the drain deadline: the engine thread ends every request still here
+        self.failure: str | None = None  # why the engine thread died, if it did
         self._thread = threading.Thread(target=self._run, name="painters-engine", daemon=True)
         self.steps = 0
 
@@ -101,6 +114,23 @@ class EngineLoop:
             self._wake.notify()
         self._thread.join(timeout=30)
 
+    def drain(self, deadline: float) -> int:
+        """Stop admitting new requests; wait until the queued and running ones finish or `deadline` (time.monotonic())
+        passes; then end the rest with finish_reason "abort". Returns how many were aborted."""
+        with self._wake:
+            self._draining = True
+        while time.monotonic() < deadline and self._tracked and self.alive:
+            time.sleep(0.02)
+        with self._wake:
+            left = len(self._tracked)
+            if not left or not self.alive:
+                return left
+            self._abort_left = True
+            self._wake.notify()
+        while self._abort_left and self.alive:
+            time.sleep(0.01)
+        return left
+
     def check(self, request: EngineRequest) -> None:
         """Raise KVBudgetError when this request could never fit the KV budget."""
         self.scheduler.check(request.schedule.num_slots, request.kv_length(self.scheduler.block_size))
@@ -110,6 +140,8 @@ class EngineLoop:
         never fit the KV budget."""
         max_len = request.kv_length(self.scheduler.block_size)
         with self._wake:
+            if self._draining:
+                raise DrainingError("the server is shutting down")
             self.scheduler.add(SchedRequest(request.id, request.schedule.num_slots, max_len, request.arrival))
             self._tracked[request.id] = _Tracked(request, sink)
             self._wake.notify()
@@ -141,18 +173,41 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def failed(self) -> bool:
+        """The engine thread died while it was meant to run (not stopped)."""
+        return self.failure is not None or (self._thread.ident is not None and not self.alive and not self._stop)
+
     # -- the engine thread -------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # the thread dies: say why, and answer everyone still waiting on it
+            self.failure = f"{type(e).__name__}: {e}"
+            log.critical("engine thread died: %s", self.failure, exc_info=True)
+            self._fail_all(list(self._tracked.values()), f"engine thread died: {self.failure}")
+            raise
+
+    def _serve(self) -> None:
         while True:
             with self._wake:
-                while not self._stop and not self.scheduler.has_work:
+                while not self._stop and not self._abort_left and not self.scheduler.has_work:
                     self._wake.wait(timeout=0.5)
                 if self._stop:
                     return
-                plan = self.scheduler.schedule()
-                aborts, self._aborts = self._aborts, set()
-                admitted = [self._tracked[r] for r in plan.admit]
+                ending = self._abort_left
+                if not ending:
+                    plan = self.scheduler.schedule()
+                    aborts, self._aborts = self._aborts, set()
+                    admitted = [self._tracked[r] for r in plan.admit]
+            if ending:
+                self._end_left()
+                continue
             try:
                 self._step(admitted, aborts)
             except Exception as e:  # never let one bad step kill the server: fail the requests of this step
@@ -296,6 +351,35 @@ class EngineLoop:
             t.sink(Output(t.request.id, [], [], [], "", finished=True, error=message))
         except Exception:
             log.debug("sink for %s failed", t.request.id, exc_info=True)
+
+    def _end_left(self) -> None:
+        """The drain deadline passed: every request still here ends now with finish_reason "abort"."""
+        with self._lock:
+            left = list(self._tracked.values())
+        for t in left:
+            if t.sequence is not None:  # running: its final output, then it leaves the batch and frees its KV
+                t.sequence.abort()
+                result = t.sequence.result()
+            else:
+                waited = time.perf_counter() - t.request.arrival
+                result = GenerationResult(text="", prompt_token_ids=t.request.prompt_ids, token_ids=[], logprobs=[],
+                                          top_logprobs=None, prompt_logprobs=None, prompt_top_logprobs=None,
+                                          finish_reason="abort", policy=t.request.schedule.policy,
+                                          timings=Timings(queue_s=waited))
+                with self._lock:
+                    self.scheduler.abort(t.request.id)
+                    self._tracked.pop(t.request.id, None)
+                self._record(t, aborted=True)
+            try:
+                t.sink(Output(t.request.id, [], [], [], "", finished=True, result=result))
+            except Exception:
+                log.debug("sink for %s failed", t.request.id, exc_info=True)
+        log.warning("drain deadline passed: %d request(s) ended with finish_reason 'abort': %s", len(left),
+                    ", ".join(t.request.id for t in left))
+        queue = self._reap()  # the running ones leave the batch: their KV blocks are freed
+        if self.metrics:
+            self.metrics.observe_queue(queue)
+        self._abort_left = False
 
     def _fail_all(self, admitted: list[_Tracked], message: str) -> None:
         """A step raised: every sequence of the batch and the admitted ones fail (their state is unknown)."""

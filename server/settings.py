@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -27,10 +27,22 @@ class Settings(BaseSettings):
         None, ge=1, description="KV cache size in slot-tokens (one token in one attention slot); default: what "
         "max_num_seqs full-length sequences of the full model need, capped by a quarter of free memory")
     kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")
+    enable_prefix_caching: bool = Field(
+        True, description="reuse the KV (and prompt logprobs) of prompt blocks already computed under the same policy")
     probe_max_prompts: int = Field(64, ge=1, description="prompts in one POST /v1/probe")
     probe_max_tokens: int = Field(4096, ge=1, description="tokens over all prompts of one POST /v1/probe")
     default_policy: str = "full"
-    api_key: str | None = None
+    api_key: SecretStr | None = Field(
+        None, description="require 'Authorization: Bearer KEY' on every endpoint but /health and /ready; several keys "
+        "separated by commas")
+    api_key_file: Path | None = Field(None, description="file of accepted API keys, one per line ('#' comments)")
+    metrics_require_key: bool = Field(False, description="also require a key on GET /metrics (scrapers send one)")
+    max_body_bytes: int = Field(2 * 2**20, ge=1024, description="request body size; larger bodies get 413 before "
+                                "they are read whole")
+    max_policy_chars: int = Field(4096, ge=16, description="characters in a policy string (or model@policy suffix)")
+    max_schedule_steps: int = Field(1024, ge=1, description="steps in a compiled schedule (explicit schedules, loops)")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: how long running requests may finish "
+                                   "before the rest end with finish_reason 'abort'")
     policy_presets: Path | None = Field(None, description="YAML or JSON file: name -> policy")
     allowed_policies: list[str] | None = Field(
         None, description="if set, only these policies (canonical strings or preset names) are accepted"
@@ -42,6 +54,16 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def api_keys(settings: Settings) -> tuple[str, ...]:
+    """Every accepted key: those of `api_key` (comma-separated) and of `api_key_file` (one per line)."""
+    keys = [k.strip() for k in (settings.api_key.get_secret_value() if settings.api_key else "").split(",")]
+    if settings.api_key_file is not None:
+        for line in Path(settings.api_key_file).read_text().splitlines():
+            if not line.strip().startswith("#"):
+                keys.append(line.strip())
+    return tuple(k for k in keys if k)
 
 
 def load_presets(path: Path | None) -> dict[str, str | dict]:
