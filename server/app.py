@@ -1,26 +1,32 @@
-"""The FastAPI application: `create_app()` assembles the routers; the model loads once, in the lifespan, on a
-background thread, so /health answers at once and /ready turns 200 when the engine runs."""
+"""The FastAPI application: `create_app()` assembles the routers behind the guard (API key, drain, body size); the
+model loads once, in the lifespan, on a background thread, so /health answers at once and /ready turns 200 when the
+engine runs. `serve()` runs it under uvicorn with Painters' shutdown: SIGTERM drains, and a dead engine exits the
+process non-zero."""
 
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+import uvicorn
+from fastapi import FastAPI
 
 from server.api import errors, misc, native, openai, probe
-from server.api.errors import APIError
+from server.api.guard import ALWAYS_OPEN, Guard
+from server.api.protocol import ErrorResponse
 from server.api.state import AppState
 from server.engine_loop import EngineLoop
 from server.generate import Engine
 from server.kv_cache import default_budget_tokens
 from server.metrics import Metrics
 from server.policy import as_policy
-from server.settings import Settings, get_settings, load_presets
+from server.settings import Settings, api_keys, get_settings, load_presets
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +69,8 @@ def _start(state: AppState, factory: EngineFactory, raw_presets: dict) -> None:
             bytes_per_slot_token=engine.kv_bytes_per_slot_token(), device=engine.model.device,
             demand=s.max_num_seqs * max_len * engine.num_layers)
         loop = EngineLoop(engine, max_num_seqs=s.max_num_seqs, max_model_len=max_len, queue_capacity=s.queue_capacity,
-                          kv_budget_tokens=budget, kv_block_size=s.kv_block_size, metrics=state.metrics)
+                          kv_budget_tokens=budget, kv_block_size=s.kv_block_size,
+                          prefix_caching=s.enable_prefix_caching, metrics=state.metrics)
         log.info("KV budget: %d slot-tokens (%.0f MB)", budget, budget * engine.kv_bytes_per_slot_token() / 2**20)
         loop.start()
         state.presets, state.engine, state.loop = presets, engine, loop
@@ -90,24 +97,77 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
         if state.loop is not None:
             state.loop.stop()
 
-    async def check_api_key(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        auth = request.headers.get("authorization", "")
-        token = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        if not secrets.compare_digest(token.encode(), settings.api_key.encode()):
-            raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
-                           headers={"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
-
+    keys = api_keys(settings)
     app = FastAPI(title="Painters", version="0.1.0", lifespan=lifespan,
                   description="Per-request layer-execution policies for frozen LLMs (OpenAI-compatible).")
     app.state.painters = state
     app.state.metrics = state.metrics
     errors.install(app)
-    secured = [Depends(check_api_key)]
-    app.include_router(openai.router, dependencies=secured)
-    app.include_router(native.router, dependencies=secured)
-    app.include_router(probe.router, dependencies=secured)
-    app.include_router(misc.tokenizer_router, dependencies=secured)
+    refusals: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorResponse, "description": why} for status, why in (
+            (400, "invalid request: the message names the parameter and what is allowed"),
+            (401, "missing or wrong API key"), (404, "unknown model"), (413, "body, prompt or probe too large"),
+            (429, "queue full; retry after Retry-After seconds"), (500, "internal error"),
+            (503, "loading, shutting down, or the engine failed"))}
+    for router in (openai.router, native.router, probe.router, misc.tokenizer_router):
+        app.include_router(router, responses=refusals)
+    app.include_router(misc.metrics_router, responses={401: refusals[401]})
     app.include_router(misc.router)
+    open_paths = ALWAYS_OPEN if settings.metrics_require_key else ALWAYS_OPEN | {"/metrics"}
+    app.add_middleware(Guard, state=state, keys=keys, open_paths=open_paths)
+    if keys:
+        log.info("API keys required (%d accepted) on every endpoint but %s", len(keys), ", ".join(sorted(open_paths)))
     return app
+
+
+class Server(uvicorn.Server):
+    """uvicorn with a drain. The first SIGTERM (or SIGINT) turns /ready to 503 and refuses new requests with 503;
+    running requests finish until `drain_timeout_s`, the rest end with finish_reason "abort", then the server exits
+    (status 0). A second signal exits at once. If the engine thread dies, the server exits with status 3."""
+
+    ENGINE_FAILED = 3
+
+    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.exit_code = 0
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.state.draining or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        self.state.draining = True
+        threading.Thread(target=self._drain, name="painters-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        timeout = self.state.settings.drain_timeout_s
+        loop = self.state.loop
+        log.warning("shutdown: refusing new requests; %d running or waiting may finish within %.0f s",
+                    loop.num_running + loop.num_waiting if loop else 0, timeout)
+        if loop is not None:
+            aborted = loop.drain(time.monotonic() + timeout)
+            if aborted:
+                log.warning("shutdown: %d request(s) did not finish within %.0f s and ended with finish_reason "
+                            "'abort'", aborted, timeout)
+        grace = time.monotonic() + 5  # their handlers write the last answers
+        while self.state.in_flight and time.monotonic() < grace:
+            time.sleep(0.02)
+        log.info("shutdown: drained")
+        self.should_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        failure = self.state.engine_failure
+        if failure is not None and not self.should_exit:
+            log.critical("engine failed (%s): exiting with status %d so the process is restarted", failure,
+                         self.ENGINE_FAILED)
+            self.exit_code = self.ENGINE_FAILED
+            return True
+        return await super().on_tick(counter)
+
+
+def serve(app: FastAPI, *, host: str, port: int, log_level: str = "info") -> int:
+    """Run `app` until SIGTERM has drained it (0) or its engine failed (3); returns the exit status."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    server = Server(config, app.state.painters)
+    server.run()
+    return server.exit_code

@@ -124,23 +124,33 @@ def serve(
     default_policy: Annotated[Optional[str], typer.Option(help="policy for requests that name none")] = None,
     device: DeviceOpt = None,  # type: ignore[assignment]
     max_num_seqs: Annotated[Optional[int], typer.Option(help="sequences decoded at once")] = None,
-    api_key: Annotated[Optional[str], typer.Option(help="require 'Authorization: Bearer KEY'")] = None,
+    api_key: Annotated[Optional[list[str]], typer.Option(
+        help="require 'Authorization: Bearer KEY' (repeatable; or PAINTERS_API_KEY=k1,k2)")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option(help="file of accepted API keys, one per line")] = None,
+    metrics_require_key: Annotated[Optional[bool], typer.Option(
+        "--metrics-require-key/--metrics-open", help="whether GET /metrics needs a key too")] = None,
+    max_body_bytes: Annotated[Optional[int], typer.Option(help="largest request body (413 above)")] = None,
+    drain_timeout: Annotated[Optional[float], typer.Option(
+        help="seconds running requests may finish after SIGTERM before they are aborted")] = None,
     log_level: str = "info",
 ) -> None:
-    """Start the HTTP server (OpenAI-compatible and native endpoints, /metrics) with uvicorn."""
-    import uvicorn
-
-    from server.app import create_app
+    """Start the HTTP server (OpenAI-compatible and native endpoints, /metrics) with uvicorn. SIGTERM drains it;
+    it exits non-zero if the engine fails."""
+    from server.app import create_app, serve as run_server
     from server.settings import Settings
 
     overrides = dict(model=model, host=host, port=port, policy_presets=policy_presets, default_policy=default_policy,
-                     device=device, max_num_seqs=max_num_seqs, api_key=api_key)
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+                     device=device, max_num_seqs=max_num_seqs, api_key=",".join(api_key) if api_key else None,
+                     api_key_file=api_key_file, metrics_require_key=metrics_require_key,
+                     max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout)
     try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
         app_ = create_app(settings)
     except (OSError, ValueError) as e:
         raise _fail(str(e)) from None
-    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=log_level)
+    code = run_server(app_, host=settings.host, port=settings.port, log_level=log_level)
+    if code:
+        raise typer.Exit(code)
 
 
 register_client_commands(app)  # loadtest, eval, tradeoff: HTTP clients of a running server

@@ -2,42 +2,61 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from server.api import pipeline
 from server.api.errors import APIError
 from server.api.openai import get_state
-from server.api.protocol import DetokenizeRequest, TokenizeRequest
+from server.api.pipeline import Chat
+from server.api.protocol import (
+    DetokenizeRequest, DetokenizeResponse, HealthStatus, PoliciesInfo, ReadyStatus, TokenizeRequest,
+    TokenizeResponse, TokenizerInfo,
+)
 
 router = APIRouter(tags=["service"])
+metrics_router = APIRouter(tags=["service"])
 tokenizer_router = APIRouter(tags=["tokenizer"])
+UNAVAILABLE = {503: {"model": ReadyStatus, "description": "not ready: loading, draining or failed"}}
 
 
-@router.get("/health")
-async def health() -> dict[str, str]:
-    """The process is alive (the model may still be loading)."""
-    return {"status": "ok"}
+@router.get("/health", response_model=HealthStatus, responses={503: {"model": HealthStatus}})
+async def health(request: Request) -> JSONResponse:
+    """The process is alive (the model may still be loading); 503 once the engine thread has died, so a liveness
+    probe restarts the process."""
+    failure = get_state(request).engine_failure
+    if failure is not None:
+        return JSONResponse({"status": f"engine failed: {failure}"}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
-@router.get("/ready")
-async def ready(request: Request) -> Any:
+@router.get("/ready", response_model=ReadyStatus, responses=UNAVAILABLE)
+async def ready(request: Request) -> JSONResponse:
+    """200 while the server takes requests: not while loading, draining for shutdown, or failed."""
     state = get_state(request)
     if not state.ready:
-        detail = f"failed: {state.load_error}" if state.load_error else "loading"
+        if state.engine_failure is not None:
+            detail = f"failed: {state.engine_failure}"
+        elif state.load_error:
+            detail = f"failed: {state.load_error}"
+        else:
+            detail = "draining" if state.draining else "loading"
         return JSONResponse({"status": detail}, status_code=503, headers={"Retry-After": "5"})
-    return {"status": "ready", "model": state.model_name}
+    return JSONResponse({"status": "ready", "model": state.model_name})
 
 
-@router.get("/metrics")
+@metrics_router.get("/metrics", response_class=Response,
+                    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                     "description": "Prometheus text format"}})
 async def metrics(request: Request) -> Response:
     body, content_type = get_state(request).metrics.render()
     return Response(body, media_type=content_type)
 
 
-@router.get("/policies")
-async def policies(request: Request) -> dict[str, Any]:
+@router.get("/policies", response_model=PoliciesInfo)
+async def policies(request: Request) -> PoliciesInfo:
     return get_state(request).policies_info()
 
 
@@ -46,8 +65,8 @@ def _check_model(request: Request, model: str | None) -> None:
         get_state(request).resolve_policy(model, None)
 
 
-@tokenizer_router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+@tokenizer_router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = get_state(request)
     engine, _ = state.require()
     _check_model(request, body.model)
@@ -55,41 +74,48 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
         raise APIError(400, "send exactly one of 'prompt' (text) or 'messages' (chat)", param="prompt")
     if body.messages is not None:
         try:
-            text = engine.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.text()} for m in body.messages], tokenize=False,
-                add_generation_prompt=body.add_generation_prompt)
-        except Exception as e:  # noqa: BLE001 - no template, non-text parts: the client's to fix
-            raise APIError(400, f"cannot apply this model's chat template ({type(e).__name__}: {e})",
-                           param="messages") from None
-        ids = list(engine.tokenizer.encode(text, add_special_tokens=False))
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        except ValueError as e:
+            raise APIError(400, f"cannot apply this model's chat template ({e})", param="messages") from None
+        [prompt] = await pipeline.tokenize(state, Chat(messages, body.add_generation_prompt))
+        ids = prompt.ids
     else:
-        ids = list(engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
-    return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
+        text, special = body.prompt, body.add_special_tokens
+        ids = list(await asyncio.to_thread(engine.tokenizer.encode, text, add_special_tokens=special))
+    return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.max_model_len)
 
 
-@tokenizer_router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
+@tokenizer_router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     state = get_state(request)
     engine, _ = state.require()
     _check_model(request, body.model)
-    vocab = engine.model.args.vocab_size
+    vocab = state.vocab_size
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:
         raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary 0-{vocab - 1}", param="tokens")
-    return {"prompt": engine.tokenizer.decode(body.tokens)}
+    return DetokenizeResponse(prompt=await asyncio.to_thread(engine.tokenizer.decode, body.tokens))
 
 
-@tokenizer_router.get("/tokenizer_info")
-async def tokenizer_info(request: Request) -> dict[str, Any]:
+@tokenizer_router.get("/tokenizer_info", response_model=TokenizerInfo)
+async def tokenizer_info(request: Request) -> TokenizerInfo:
     state = get_state(request)
     engine, _ = state.require()
     tok = engine.tokenizer
-    return {
-        "tokenizer_class": type(tok).__name__,
-        "eos_token": getattr(tok, "eos_token", None), "eos_token_id": getattr(tok, "eos_token_id", None),
-        "bos_token": getattr(tok, "bos_token", None), "bos_token_id": getattr(tok, "bos_token_id", None),
-        "pad_token": getattr(tok, "pad_token", None), "pad_token_id": getattr(tok, "pad_token_id", None),
-        "chat_template": getattr(tok, "chat_template", None),
-        "model_max_length": state.max_model_len,
-        "vocab_size": engine.model.args.vocab_size,
-    }
+
+    def text(name: str) -> str | None:
+        value = getattr(tok, name, None)
+        return value if isinstance(value, str) else None
+
+    def ident(name: str) -> int | None:
+        value = getattr(tok, name, None)
+        return value if isinstance(value, int) else None
+
+    return TokenizerInfo(
+        tokenizer_class=type(tok).__name__,
+        eos_token=text("eos_token"), eos_token_id=ident("eos_token_id"),
+        bos_token=text("bos_token"), bos_token_id=ident("bos_token_id"),
+        pad_token=text("pad_token"), pad_token_id=ident("pad_token_id"),
+        chat_template=text("chat_template"),
+        model_max_length=state.max_model_len, vocab_size=state.vocab_size,
+    )

@@ -1,4 +1,5 @@
-"""The native endpoints, shaped like TGI's: POST /generate and POST /generate_stream (SSE)."""
+"""The native endpoints, shaped like TGI's: POST /generate and POST /generate_stream (SSE). Adapters over the shared
+pipeline."""
 
 from __future__ import annotations
 
@@ -10,32 +11,45 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
+from server.api import pipeline
 from server.api.errors import APIError, error_body
 from server.api.openai import get_state
-from server.api.protocol import GenerateRequest
-from server.api.state import RequestStream, collect, engine_request, new_request_id, painters_info, submit_all, timing_headers
+from server.api.pipeline import Job, Running, painters_info, timing_headers
+from server.api.protocol import (
+    GenerateDetails, GenerateRequest, GenerateResponse, GenerateStreamEvent, StreamDetails, TokenInfo,
+)
 from server.generate import Engine, GenerationResult
 from server.sampling import SamplingParams
-from server.compiler import Schedule
 
 router = APIRouter(tags=["native"])
+EVENTS = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "description": "server-sent events, one GenerateStreamEvent per token"}}
 
 
-def _params(body: GenerateRequest, max_tokens: int) -> SamplingParams:
+def _params(body: GenerateRequest) -> pipeline.ParamsFor:
     p = body.parameters
     sampling = p.do_sample or (p.temperature is not None and p.temperature > 0 and p.temperature != 1.0) \
         or p.top_k is not None or p.top_p is not None
-    return SamplingParams(
-        max_tokens=max_tokens, temperature=(p.temperature if p.temperature else 1.0) if sampling else 0.0,
-        top_p=p.top_p or 1.0, top_k=p.top_k or 0, seed=p.seed, stop=tuple(p.stop), ignore_eos=p.ignore_eos,
-        logprobs=p.top_n_tokens or 0, echo=p.decoder_input_details,
-    )
+
+    def params(max_tokens: int, index: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=(p.temperature if p.temperature else 1.0) if sampling else 0.0,
+            top_p=p.top_p or 1.0, top_k=p.top_k or 0, seed=p.seed, stop=tuple(p.stop), ignore_eos=p.ignore_eos,
+            logprobs=p.top_n_tokens or 0, echo=p.decoder_input_details,
+        )
+    return params
 
 
-def _token(engine: Engine, token_id: int, logprob: float | None) -> dict[str, Any]:
+def _job(body: GenerateRequest) -> Job:
+    return Job("gen", body.model, body.parameters.policy, [body.inputs], max_tokens=body.parameters.max_new_tokens,
+               params=_params(body))
+
+
+def _token(engine: Engine, token_id: int, logprob: float | None) -> TokenInfo:
     special = token_id in engine.eos_ids or token_id in getattr(engine.tokenizer, "all_special_ids", ())
-    return {"id": token_id, "text": engine.tokenizer.decode([token_id], skip_special_tokens=False),
-            "logprob": logprob, "special": special}
+    finite = logprob if logprob is None or abs(logprob) != float("inf") else None
+    return TokenInfo(id=token_id, text=engine.tokenizer.decode([token_id], skip_special_tokens=False),
+                     logprob=finite, special=special)
 
 
 def _finish_reason(engine: Engine, result: GenerationResult) -> str:
@@ -44,78 +58,71 @@ def _finish_reason(engine: Engine, result: GenerationResult) -> str:
     return "eos_token" if result.token_ids and result.token_ids[-1] in engine.eos_ids else "stop_sequence"
 
 
-def _details(engine: Engine, body: GenerateRequest, result: GenerationResult) -> dict[str, Any]:
-    details: dict[str, Any] = {"finish_reason": _finish_reason(engine, result),
-                               "generated_tokens": len(result.token_ids), "seed": body.parameters.seed}
-    details["tokens"] = [_token(engine, i, lp) for i, lp in zip(result.token_ids, result.logprobs)]
-    details["prefill"] = ([_token(engine, i, lp) for i, lp in zip(result.prompt_token_ids, result.prompt_logprobs)]
-                          if result.prompt_logprobs is not None else [])
-    if result.top_logprobs:
-        details["top_tokens"] = [[_token(engine, i, v) for i, v in top.items()] for top in result.top_logprobs]
-    return details
+def _details(engine: Engine, body: GenerateRequest, result: GenerationResult) -> GenerateDetails:
+    return GenerateDetails(
+        finish_reason=_finish_reason(engine, result), generated_tokens=len(result.token_ids),
+        seed=body.parameters.seed,
+        tokens=[_token(engine, i, lp) for i, lp in zip(result.token_ids, result.logprobs)],
+        prefill=([_token(engine, i, lp) for i, lp in zip(result.prompt_token_ids, result.prompt_logprobs)]
+                 if result.prompt_logprobs is not None else []),
+        top_tokens=[[_token(engine, i, v) for i, v in top.items()] for top in result.top_logprobs]
+        if result.top_logprobs else None,
+    )
 
 
-def _prepare(request: Request, body: GenerateRequest) -> tuple[Any, Engine, Schedule, list[int], SamplingParams]:
-    state = get_state(request)
-    engine, _ = state.require()
-    schedule = state.resolve_policy(body.model, body.parameters.policy)
-    ids = engine.encode(body.inputs)
-    max_tokens = body.parameters.max_new_tokens
-    if max_tokens is None:
-        max_tokens = state.default_max_tokens(len(ids))
-    state.check_length(len(ids), max_tokens)
-    return state, engine, schedule, ids, _params(body, max_tokens)
+def _text(body: GenerateRequest, result: GenerationResult) -> str:
+    return (body.inputs + result.text) if body.parameters.return_full_text else result.text
 
 
-@router.post("/generate")
+@router.post("/generate", response_model=GenerateResponse, responses=EVENTS)
 async def generate(body: GenerateRequest, request: Request) -> Any:
     if body.stream:
         return await generate_stream(body, request)
-    state, engine, schedule, ids, params = _prepare(request, body)
-    streams = submit_all(state, [engine_request(new_request_id("gen"), ids, params, schedule)])
-    result = (await collect(streams, request))[0]
-    text = (body.inputs + result.text) if body.parameters.return_full_text else result.text
-    out: dict[str, Any] = {"generated_text": text, "painters": painters_info(schedule, result)}
-    if body.parameters.details:
-        out["details"] = _details(engine, body, result)
-    return JSONResponse(out, headers=timing_headers(schedule, [result]))
+    state = get_state(request)
+    engine, _ = state.require()
+    run = await pipeline.start(state, _job(body))
+    result = (await pipeline.collect(run.streams, request))[0]
+    out = GenerateResponse(generated_text=_text(body, result), painters=painters_info(run.schedule, result),
+                           details=_details(engine, body, result) if body.parameters.details else None)
+    return JSONResponse(out.model_dump(mode="json", exclude={"details"} if out.details is None else set()),
+                        headers=timing_headers(run.schedule, [result]))
 
 
-@router.post("/generate_stream")
-async def generate_stream(body: GenerateRequest, request: Request) -> Any:
-    state, engine, schedule, ids, params = _prepare(request, body)
-    streams = submit_all(state, [engine_request(new_request_id("gen"), ids, params, schedule)])
-    return EventSourceResponse(_events(engine, body, schedule, streams[0]), ping=15,
-                               headers={"x-painters-policy": schedule.policy})
+@router.post("/generate_stream", response_class=EventSourceResponse, responses=EVENTS)
+async def generate_stream(body: GenerateRequest, request: Request) -> EventSourceResponse:
+    state = get_state(request)
+    engine, _ = state.require()
+    run = await pipeline.start(state, _job(body))
+    return EventSourceResponse(_events(engine, body, run), ping=15, headers={"x-painters-policy": run.schedule.policy})
 
 
-async def _events(engine: Engine, body: GenerateRequest, schedule: Schedule, stream: RequestStream
-                  ) -> AsyncIterator[dict[str, str]]:
+async def _events(engine: Engine, body: GenerateRequest, run: Running) -> AsyncIterator[dict[str, str]]:
     index = 0
+
+    def final(r: GenerationResult) -> dict[str, Any]:
+        return dict(generated_text=_text(body, r), painters=painters_info(run.schedule, r),
+                    details=StreamDetails(finish_reason=_finish_reason(engine, r), generated_tokens=len(r.token_ids),
+                                          seed=body.parameters.seed))
+
     try:
-        async for out in stream:
+        async for _, out in pipeline.merged(run.streams):
             for n, (token_id, lp) in enumerate(zip(out.token_ids, out.logprobs)):
                 last = out.finished and n == len(out.token_ids) - 1
-                event: dict[str, Any] = {"index": index, "token": _token(engine, token_id, lp), "generated_text": None,
-                                         "details": None}
-                if out.top_logprobs:
-                    event["top_tokens"] = [_token(engine, i, v) for i, v in out.top_logprobs[n].items()]
-                if last and out.result is not None:
-                    r = out.result
-                    event["generated_text"] = (body.inputs + r.text) if body.parameters.return_full_text else r.text
-                    event["details"] = {"finish_reason": _finish_reason(engine, r),
-                                        "generated_tokens": len(r.token_ids), "seed": body.parameters.seed}
-                    event["painters"] = painters_info(schedule, r)
+                event = GenerateStreamEvent(
+                    index=index, token=_token(engine, token_id, lp),
+                    top_tokens=[_token(engine, i, v) for i, v in out.top_logprobs[n].items()]
+                    if out.top_logprobs else None,
+                    **(final(out.result) if last and out.result is not None else {}))
                 index += 1
-                yield {"data": json.dumps(event)}
+                yield _event(event)
             if out.finished and not out.token_ids and out.result is not None:
-                r = out.result
-                yield {"data": json.dumps({"index": index, "token": None, "generated_text": r.text,
-                                           "details": {"finish_reason": _finish_reason(engine, r),
-                                                       "generated_tokens": len(r.token_ids),
-                                                       "seed": body.parameters.seed},
-                                           "painters": painters_info(schedule, r)})}
+                yield _event(GenerateStreamEvent(index=index, token=None, **final(out.result)))
     except APIError as e:
-        yield {"data": json.dumps(error_body(e.status, e.message))}
-    finally:
-        stream.abort()
+        yield {"data": json.dumps(error_body(e.status, e.message, param=e.param, code=e.code))}
+
+
+def _event(event: GenerateStreamEvent) -> dict[str, str]:
+    """TGI's frames: generated_text and details are null until the last; top_tokens and painters appear only when
+    they have a value."""
+    exclude = {k for k in ("top_tokens", "painters") if getattr(event, k) is None}
+    return {"data": event.model_dump_json(exclude=exclude)}

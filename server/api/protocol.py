@@ -206,3 +206,213 @@ class ProbeResponse(BaseModel):
         description="per step: 1 - mean over tokens of cos(x_i, x_{i+1}) (ShortGPT's block influence)")
     angular_distance: list[list[float]] = Field(
         description="row n-1, n = 1..S//2: arccos(cos(x_i, x_{i+n}))/pi on the last token, averaged over sequences")
+
+
+# -- responses ---------------------------------------------------------------------------------------------------------
+# Logprobs are `float | None`: a token the model gives probability 0 has logprob -inf, which JSON cannot carry; it is
+# sent as null.
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx answer, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float | None] | None] | None = None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    painters: PaintersInfo | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float | None
+    bytes: list[int]
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    painters: PaintersInfo
+
+
+def _absent_when_none(v: Any) -> bool:
+    return v is None
+
+
+class ChatDelta(BaseModel):
+    """What a chunk adds; an unset field is left out of the frame (OpenAI's deltas)."""
+
+    role: Literal["assistant"] | None = Field(None, exclude_if=_absent_when_none)
+    content: str | None = Field(None, exclude_if=_absent_when_none)
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` frame of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+    painters: PaintersInfo | None = None
+
+
+class TokenInfo(BaseModel):
+    id: int
+    text: str
+    logprob: float | None = None
+    special: bool
+
+
+class StreamDetails(BaseModel):
+    finish_reason: str
+    generated_tokens: int
+    seed: int | None = None
+
+
+class GenerateDetails(StreamDetails):
+    tokens: list[TokenInfo]
+    prefill: list[TokenInfo]
+    top_tokens: list[list[TokenInfo]] | None = None
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    details: GenerateDetails | None = None
+    painters: PaintersInfo
+
+
+class GenerateStreamEvent(BaseModel):
+    """One `data:` frame of /generate_stream: a token, and on the last one the whole text and details."""
+
+    index: int
+    token: TokenInfo | None
+    top_tokens: list[TokenInfo] | None = None
+    generated_text: str | None = None
+    details: StreamDetails | None = None
+    painters: PaintersInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "painters"
+    policy: str = Field(description="the policy this name runs when the request names none")
+    max_model_len: int | None = None
+    root: str | None = None
+    parent: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class PolicyKind(BaseModel):
+    kind: str
+    syntax: str
+
+
+class PoliciesInfo(BaseModel):
+    kinds: list[PolicyKind]
+    num_layers: int | None
+    layer_range: str | None
+    default_range: str | None
+    default_policy: str
+    presets: dict[str, str]
+    allowed_policies: list[str] | None
+    examples: list[str]
+    max_policy_chars: int
+    max_schedule_steps: int
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    tokenizer_class: str
+    eos_token: str | None = None
+    eos_token_id: int | None = None
+    bos_token: str | None = None
+    bos_token_id: int | None = None
+    pad_token: str | None = None
+    pad_token_id: int | None = None
+    chat_template: str | None = None
+    model_max_length: int
+    vocab_size: int
+
+
+class HealthStatus(BaseModel):
+    status: str = Field(description="'ok', or why the process should be restarted")
+
+
+class ReadyStatus(BaseModel):
+    status: str = Field(description="'ready', 'loading', 'draining' or 'failed: ...'")
+    model: str | None = None

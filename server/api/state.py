@@ -1,28 +1,23 @@
-"""What handlers share: the loaded engine, presets, and turning a request into engine requests and back.
+"""What handlers share: the loaded engine and its loop, presets, whether the server admits work, and the limits a
+request must meet (each refusal names the limit).
 
 A request's policy comes from (1) its `policy` field, (2) a model-name suffix `model@policy` or `model@preset`,
-(3) the server's default; all three are validated the same way.
+(3) the server's default; all three are validated the same way, and bounded in size before they are parsed.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-import uuid
-from collections.abc import AsyncIterator
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Request
-
 from server.api.errors import APIError
-from server.engine_loop import EngineLoop, EngineRequest, KVBudgetError, Output, QueueFullError
-from server.generate import Engine, GenerationResult
-from server.metrics import Metrics
-from server.probe import ProbeStats
-from server.policy import KINDS, SYNTAX, PolicyError, allowed_forms, as_policy
-from server.sampling import SamplingParams
+from server.api.protocol import PoliciesInfo, PolicyKind
 from server.compiler import Schedule, default_span
+from server.engine_loop import EngineLoop
+from server.generate import Engine
+from server.metrics import Metrics
+from server.policy import KINDS, SYNTAX, PolicyError, allowed_forms, as_policy
 from server.settings import Settings
 
 
@@ -35,6 +30,8 @@ class AppState:
     engine: Engine | None = None
     loop: EngineLoop | None = None
     load_error: str | None = None
+    draining: bool = False  # SIGTERM: /ready is 503 and new requests are refused while running ones finish
+    in_flight: int = 0  # HTTP requests being answered (counted by the guard; a drain waits for them)
     _allowed: set[str] | None = field(default=None, repr=False)
 
     @property
@@ -46,9 +43,41 @@ class AppState:
 
     @property
     def ready(self) -> bool:
-        return self.loop is not None and self.loop.alive
+        return self.loop is not None and self.loop.alive and not self.draining
+
+    @property
+    def engine_failure(self) -> str | None:
+        """Why the engine thread died, once it has (the process should then be restarted)."""
+        if self.loop is None or not self.loop.failed:
+            return None
+        return self.loop.failure or "the engine thread stopped"
+
+    @property
+    def vocab_size(self) -> int:
+        engine, _ = self.require()
+        return engine.model.args.vocab_size
+
+    def check_admitting(self) -> None:
+        """Refuse early, before any tokenizing: 503 while draining, 429 while the waiting queue is full."""
+        _, loop = self.require()
+        if self.draining or loop.draining:
+            raise self.draining_error()
+        if loop.num_waiting >= self.settings.queue_capacity:
+            raise self.busy_error(f"{loop.num_waiting} requests already waiting (capacity "
+                                  f"{self.settings.queue_capacity})")
+
+    def busy_error(self, detail: str) -> APIError:
+        return APIError(429, f"server busy: {detail}; retry later", headers={"Retry-After": "1"}, code="queue_full")
+
+    @staticmethod
+    def draining_error() -> APIError:
+        return APIError(503, "the server is shutting down; retry on another replica or after the restart",
+                        headers={"Retry-After": "5", "Connection": "close"}, code="shutting_down")
 
     def require(self) -> tuple[Engine, EngineLoop]:
+        if self.engine_failure is not None:
+            raise APIError(503, f"the engine failed ({self.engine_failure}); the server is restarting",
+                           code="engine_failed")
         if self.engine is None or self.loop is None:
             detail = f"model failed to load: {self.load_error}" if self.load_error else "model is still loading"
             raise APIError(503, f"{detail}; retry when GET /ready answers 200", headers={"Retry-After": "5"})
@@ -68,6 +97,7 @@ class AppState:
     def resolve_policy(self, model: str | None, policy: str | dict | None) -> Schedule:
         """Model name (maybe with @suffix) and body policy -> compiled schedule; 404/400 on what is wrong."""
         engine, _ = self.require()
+        self._check_policy_size(model, policy)
         suffix = None
         if model:
             base, at, suffix_text = model.partition("@")
@@ -88,12 +118,29 @@ class AppState:
         except PolicyError as e:
             raise APIError(400, f"invalid policy {chosen!r}: {e}; {self.policy_help(str(e))}", param="policy",
                            code="invalid_policy") from None
+        if len(schedule.steps) > self.settings.max_schedule_steps:
+            raise APIError(400, f"policy {schedule.policy[:80]!r} compiles to {len(schedule.steps)} steps; this server "
+                                f"runs at most {self.settings.max_schedule_steps} (max_schedule_steps)",
+                           param="policy", code="schedule_too_long")
         if self.settings.allowed_policies is not None:
             canonical = self.allowed_canonical()
             if schedule.policy not in canonical:
                 raise APIError(400, f"policy {schedule.policy!r} is not allowed on this server; allowed: "
                                     f"{', '.join(sorted(canonical))}", param="policy", code="policy_not_allowed")
         return schedule
+
+    def _check_policy_size(self, model: str | None, policy: str | dict | None) -> None:
+        """Bound what the parser sees: a policy string (or model@suffix) of at most max_policy_chars characters, and
+        a JSON policy no larger once serialized."""
+        limit = self.settings.max_policy_chars
+        for param, value in (("model", model), ("policy", policy)):
+            if value is None:
+                continue
+            size = len(value) if isinstance(value, str) else len(json.dumps(value))
+            if size > limit + (len(self.model_name) + 1 if param == "model" else 0):
+                raise APIError(400, f"{param} is {size} characters; a policy may have at most {limit} "
+                                    "(max_policy_chars); use a preset or a shorter form such as a range",
+                               param=param, code="policy_too_long")
 
     def allowed_canonical(self) -> set[str]:
         """The allowed policies in canonical form, compiled once (not on every request)."""
@@ -103,19 +150,21 @@ class AppState:
                              for p in self.settings.allowed_policies or ()}
         return self._allowed
 
-    def policies_info(self) -> dict[str, Any]:
+    def policies_info(self) -> PoliciesInfo:
         n = self.engine.num_layers if self.engine else None
-        return {
-            "kinds": [{"kind": k, "syntax": SYNTAX[k]} for k in KINDS],
-            "num_layers": n,
-            "layer_range": f"0-{n - 1}" if n else None,
-            "default_range": "{}-{}".format(*default_span(n)) if n else None,
-            "default_policy": self.settings.default_policy,
-            "presets": self.presets,
-            "allowed_policies": self.settings.allowed_policies,
-            "examples": ["full", "skip:10", "skip:12-17", "pairs", "pairs:4-25", "parallel:8-22", "loop:8-22x3",
-                         "reverse:8-22", "shuffle:8-22:7", "repeat:8-22", "schedule:0-9,10+11/pairs,12-29"],
-        }
+        return PoliciesInfo(
+            kinds=[PolicyKind(kind=k, syntax=SYNTAX[k]) for k in KINDS],
+            num_layers=n,
+            layer_range=f"0-{n - 1}" if n else None,
+            default_range="{}-{}".format(*default_span(n)) if n else None,
+            default_policy=self.settings.default_policy,
+            presets=self.presets,
+            allowed_policies=self.settings.allowed_policies,
+            examples=["full", "skip:10", "skip:12-17", "pairs", "pairs:4-25", "parallel:8-22", "loop:8-22x3",
+                      "reverse:8-22", "shuffle:8-22:7", "repeat:8-22", "schedule:0-9,10+11/pairs,12-29"],
+            max_policy_chars=self.settings.max_policy_chars,
+            max_schedule_steps=self.settings.max_schedule_steps,
+        )
 
     # -- prompts -----------------------------------------------------------------------------------------------
 
@@ -131,145 +180,3 @@ class AppState:
 
     def default_max_tokens(self, prompt_len: int) -> int:
         return max(0, self.max_model_len - prompt_len)
-
-
-class RequestStream:
-    """One engine request seen from the event loop: outputs arrive on an asyncio queue."""
-
-    def __init__(self, loop: EngineLoop, request: EngineRequest) -> None:
-        self.engine_loop, self.request = loop, request
-        self.queue: asyncio.Queue[Output] = asyncio.Queue()
-        event_loop = asyncio.get_running_loop()
-        self._sink = lambda out: event_loop.call_soon_threadsafe(self.queue.put_nowait, out)
-        self.done = False
-
-    def submit(self) -> None:
-        self.engine_loop.submit(self.request, self._sink)
-
-    def abort(self) -> None:
-        if not self.done:
-            self.engine_loop.abort(self.request.id)
-            self.done = True
-
-    async def __aiter__(self) -> AsyncIterator[Output]:
-        while not self.done:
-            out = await self.queue.get()
-            if out.error:
-                self.done = True
-                raise APIError(500, out.error)
-            if out.finished:
-                self.done = True
-            yield out
-
-
-def submit_all(state: AppState, requests: list[EngineRequest]) -> list[RequestStream]:
-    """Queue every request or none: on a full queue the ones already queued are aborted and 429 is raised."""
-    _, loop = state.require()
-    capacity = state.settings.queue_capacity
-    if len(requests) > capacity:
-        raise APIError(400, f"this request asks for {len(requests)} sequences (prompts x n) but the server queues at "
-                            f"most {capacity} at once; split it", param="prompt", code="too_many_sequences")
-    for r in requests:  # a request that could never fit the KV budget is refused whole, before any is queued
-        try:
-            loop.check(r)
-        except KVBudgetError as e:
-            raise APIError(400, f"{e}; lower max_tokens or choose a policy that runs fewer layers", param="max_tokens",
-                           code="kv_budget_exceeded") from None
-    streams = [RequestStream(loop, r) for r in requests]
-    for i, s in enumerate(streams):
-        try:
-            s.submit()
-        except QueueFullError as e:
-            for earlier in streams[:i]:
-                earlier.abort()
-            raise APIError(429, f"server busy: {e}; retry later", headers={"Retry-After": "1"},
-                           code="queue_full") from None
-    return streams
-
-
-async def collect(streams: list[RequestStream], request: Request) -> list[GenerationResult]:
-    """Wait for every stream's final result; abort them all if the client disconnects."""
-
-    async def one(s: RequestStream) -> GenerationResult:
-        async for out in s:
-            if out.finished:
-                assert out.result is not None
-                return out.result
-        raise APIError(500, "request ended without a result")
-
-    tasks = [asyncio.ensure_future(one(s)) for s in streams]
-    try:
-        while True:
-            done, pending = await asyncio.wait(tasks, timeout=0.25, return_when=asyncio.ALL_COMPLETED)
-            if not pending:
-                return [t.result() for t in tasks]
-            if await request.is_disconnected():  # nobody to answer: free the work, answer the void quietly
-                raise APIError(499, "client closed the request")
-    except BaseException:
-        for s in streams:
-            s.abort()
-        for t in tasks:
-            t.cancel()
-        raise
-
-
-async def collect_probe(stream: RequestStream, request: Request) -> ProbeStats:
-    """Wait for a probe's statistics; abort it if the client disconnects."""
-    task = asyncio.ensure_future(_first_final(stream))
-    try:
-        while True:
-            done, _ = await asyncio.wait([task], timeout=0.25)
-            if done:
-                out = task.result()
-                if out.probe is None:
-                    raise APIError(500, "probe ended without statistics")
-                return out.probe
-            if await request.is_disconnected():
-                raise APIError(499, "client closed the request")
-    except BaseException:
-        stream.abort()
-        task.cancel()
-        raise
-
-
-async def _first_final(stream: RequestStream) -> Output:
-    async for out in stream:
-        if out.finished:
-            return out
-    raise APIError(500, "request ended without a result")
-
-
-def new_request_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def engine_request(rid: str, prompt_ids: list[int], params: SamplingParams, schedule: Schedule) -> EngineRequest:
-    return EngineRequest(id=rid, prompt_ids=prompt_ids, params=params, schedule=schedule, arrival=time.perf_counter())
-
-
-def timing_fields(result: GenerationResult) -> dict[str, float]:
-    t = result.timings
-    e2e = t.queue_s + t.prefill_s + t.decode_s
-    return dict(queue_s=t.queue_s, prefill_s=t.prefill_s, decode_s=t.decode_s, time_to_first_token_s=t.ttft_s,
-                time_per_output_token_s=t.tpot_s, e2e_s=e2e)
-
-
-def timing_headers(schedule: Schedule, results: list[GenerationResult]) -> dict[str, str]:
-    """TGI-style x-* headers (seconds; the slowest choice when there are several)."""
-    headers = {"x-painters-policy": schedule.policy}
-    if results:
-        fields = [timing_fields(r) for r in results]
-        worst = {k: max(f[k] for f in fields) for k in fields[0]}
-        headers.update({
-            "x-queue-time": f"{worst['queue_s']:.6f}", "x-prefill-time": f"{worst['prefill_s']:.6f}",
-            "x-decode-time": f"{worst['decode_s']:.6f}", "x-time-to-first-token": f"{worst['time_to_first_token_s']:.6f}",
-            "x-time-per-token": f"{worst['time_per_output_token_s']:.6f}", "x-total-time": f"{worst['e2e_s']:.6f}",
-            "x-prompt-tokens": str(sum(len(r.prompt_token_ids) for r in results)),
-            "x-generated-tokens": str(sum(len(r.token_ids) for r in results)),
-        })
-    return headers
-
-
-def painters_info(schedule: Schedule, result: GenerationResult | None) -> dict[str, Any]:
-    return {"policy": schedule.policy, "schedule": schedule.key,
-            "timings": timing_fields(result) if result is not None else None}

@@ -1,0 +1,112 @@
+"""The gate every HTTP request passes before routing (a pure ASGI middleware): the API key, the shutdown drain, and
+the body-size limit, each refused in OpenAI's error shape before any JSON is parsed or any text tokenized. It also
+counts the requests in flight, so a drain knows when the last answer has been written."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.api.errors import error_body
+from server.api.state import AppState
+
+ALWAYS_OPEN = frozenset({"/health", "/ready"})  # liveness and readiness probes carry no key
+
+
+class Guard:
+    def __init__(self, app: ASGIApp, *, state: AppState, keys: tuple[str, ...], open_paths: frozenset[str]) -> None:
+        self.app, self.state, self.open_paths = app, state, open_paths
+        # Digests have one length, so comparing them says nothing about a key's length; keys are never kept in
+        # clear beyond this point, nor logged or echoed.
+        self._digests = tuple(hashlib.sha256(k.encode()).digest() for k in keys)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if self._digests and path not in self.open_paths and not self._authorized(scope):
+            await self._refuse(send, 401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            return
+        if self.state.draining and path not in self.open_paths | {"/metrics"}:
+            e = self.state.draining_error()
+            await self._refuse(send, e.status, e.message, code=e.code, headers=e.headers)
+            return
+        limit = self.state.settings.max_body_bytes
+        declared = _header(scope, b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await self._too_large(send, declared, limit)
+            return
+        self.state.in_flight += 1
+        try:
+            body = await _read_body(receive, limit)
+            if body is None:
+                await self._too_large(send, None, limit)
+                return
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            self.state.in_flight -= 1
+
+    def _authorized(self, scope: Scope) -> bool:
+        auth = (_header(scope, b"authorization") or "").strip()
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else (_header(scope, b"x-api-key") or "")
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        ok = False
+        for known in self._digests:  # every key compared, in constant time: no early exit
+            ok |= hmac.compare_digest(digest, known)
+        return ok
+
+    async def _too_large(self, send: Send, declared: str | None, limit: int) -> None:
+        size = f"{declared} bytes" if declared and declared.isdigit() else "larger than that"
+        await self._refuse(send, 413, f"request body is {size}; this server accepts at most {limit} bytes "
+                                      "(max_body_bytes); send a shorter prompt or split the request",
+                           code="request_too_large", headers={"Connection": "close"})
+
+    async def _refuse(self, send: Send, status: int, message: str, *, code: str | None,
+                      headers: dict[str, str] | None = None) -> None:
+        self.state.metrics.observe_error(status)
+        body = json.dumps(error_body(status, message, code=code)).encode()
+        raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for k, v in scope["headers"]:
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole body, or None as soon as it passes `limit` bytes (a chunked body declares no length)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left before sending it all
+            return b"".join(chunks)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The body read above, then the real channel (so disconnects still reach the app)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return replay

@@ -1,0 +1,288 @@
+"""The one request pipeline every endpoint that runs the model shares: resolve the policy -> tokenize (on a worker
+thread, never on the event loop) -> check the limits -> submit -> collect or stream. Routers are thin adapters: from
+their API shape to a `Job`, and from results or `Output`s back to their response models."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from server.api.errors import APIError
+from server.api.protocol import PaintersInfo, PolicyField, Timings
+from server.api.state import AppState
+from server.compiler import Schedule
+from server.engine_loop import DrainingError, EngineLoop, EngineRequest, KVBudgetError, Output, QueueFullError
+from server.generate import Engine, GenerationResult
+from server.probe import ProbeStats
+from server.sampling import SamplingParams
+
+# (max_tokens, choice index) -> that choice's sampling parameters
+ParamsFor = Callable[[int, int], SamplingParams]
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A prompt given as chat messages, rendered by the model's chat template."""
+
+    messages: list[dict[str, str]]
+    add_generation_prompt: bool = True
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str | None  # as sent, when sent as text
+    ids: list[int]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One API request in engine terms: n choices for each prompt, all under one policy."""
+
+    prefix: str  # request-id prefix: cmpl, chatcmpl, gen
+    model: str | None
+    policy: PolicyField
+    prompts: list[str | list[int]] | Chat
+    params: ParamsFor
+    max_tokens: int | None = None  # None: whatever the context leaves after the prompt
+    n: int = 1
+
+
+@dataclass
+class Running:
+    """A submitted job: streams are prompt-major (prompt p, choice i -> streams[p * n + i])."""
+
+    schedule: Schedule
+    prompts: list[Prompt]
+    streams: list[RequestStream]
+    n: int
+
+    def prompt_of(self, index: int) -> Prompt:
+        return self.prompts[index // self.n]
+
+
+async def start(state: AppState, job: Job) -> Running:
+    """Resolve, tokenize, check and submit `job`; every refusal is an APIError naming what was wrong."""
+    state.check_admitting()
+    schedule = state.resolve_policy(job.model, job.policy)
+    prompts = await tokenize(state, job.prompts)
+    requests = []
+    for prompt in prompts:
+        max_tokens = state.default_max_tokens(len(prompt.ids)) if job.max_tokens is None else job.max_tokens
+        state.check_length(len(prompt.ids), max_tokens)
+        requests += [engine_request(new_request_id(job.prefix), prompt.ids, job.params(max_tokens, i), schedule)
+                     for i in range(job.n)]
+    return Running(schedule, prompts, submit_all(state, requests), job.n)
+
+
+async def tokenize(state: AppState, prompts: list[str | list[int]] | Chat) -> list[Prompt]:
+    """Texts, token-id lists or chat messages -> prompts, encoded on a worker thread (a long text takes seconds)."""
+    engine, _ = state.require()
+    vocab = state.vocab_size
+    return await asyncio.to_thread(_tokenize, engine, prompts, vocab)
+
+
+def _tokenize(engine: Engine, prompts: list[str | list[int]] | Chat, vocab: int) -> list[Prompt]:
+    if isinstance(prompts, Chat):
+        text = render_chat(engine, prompts)
+        return [Prompt(text, engine.encode(text))]
+    out = []
+    for item in prompts:
+        if isinstance(item, str):
+            out.append(Prompt(item, engine.encode(item)))
+            continue
+        if not item:
+            raise APIError(400, "a token-id prompt must not be empty", param="prompt")
+        bad = [t for t in item if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary 0-{vocab - 1}", param="prompt")
+        out.append(Prompt(None, list(item)))
+    return out
+
+
+def render_chat(engine: Engine, chat: Chat) -> str:
+    try:
+        return engine.tokenizer.apply_chat_template(chat.messages, tokenize=False,
+                                                    add_generation_prompt=chat.add_generation_prompt)
+    except Exception as e:  # noqa: BLE001 - no template, bad roles, template errors: all the client's to fix
+        raise APIError(400, f"cannot apply this model's chat template ({type(e).__name__}: {e}); "
+                            "use /v1/completions with a plain prompt", param="messages") from None
+
+
+# -- streams ------------------------------------------------------------------------------------------------------------
+
+
+class RequestStream:
+    """One engine request seen from the event loop: outputs arrive on an asyncio queue."""
+
+    def __init__(self, loop: EngineLoop, request: EngineRequest) -> None:
+        self.engine_loop, self.request = loop, request
+        self.queue: asyncio.Queue[Output] = asyncio.Queue()
+        event_loop = asyncio.get_running_loop()
+        self._sink = lambda out: event_loop.call_soon_threadsafe(self.queue.put_nowait, out)
+        self.done = False
+
+    def submit(self) -> None:
+        self.engine_loop.submit(self.request, self._sink)
+
+    def abort(self) -> None:
+        if not self.done:
+            self.engine_loop.abort(self.request.id)
+            self.done = True
+
+    async def __aiter__(self) -> AsyncIterator[Output]:
+        while not self.done:
+            out = await self.queue.get()
+            if out.error:
+                self.done = True
+                raise APIError(500, out.error)
+            if out.finished:
+                self.done = True
+            yield out
+
+
+def submit_all(state: AppState, requests: list[EngineRequest]) -> list[RequestStream]:
+    """Queue every request or none: on a full queue the ones already queued are aborted and 429 is raised."""
+    _, loop = state.require()
+    capacity = state.settings.queue_capacity
+    if len(requests) > capacity:
+        raise APIError(400, f"this request asks for {len(requests)} sequences (prompts x n) but the server queues at "
+                            f"most {capacity} at once; split it", param="prompt", code="too_many_sequences")
+    for r in requests:  # a request that could never fit the KV budget is refused whole, before any is queued
+        try:
+            loop.check(r)
+        except KVBudgetError as e:
+            raise APIError(400, f"{e}; lower max_tokens or choose a policy that runs fewer layers", param="max_tokens",
+                           code="kv_budget_exceeded") from None
+    streams = [RequestStream(loop, r) for r in requests]
+    for i, s in enumerate(streams):
+        try:
+            s.submit()
+        except (QueueFullError, DrainingError) as e:
+            for earlier in streams[:i]:
+                earlier.abort()
+            if isinstance(e, DrainingError):
+                raise state.draining_error() from None
+            raise state.busy_error(str(e)) from None
+    return streams
+
+
+async def collect(streams: list[RequestStream], request: Request) -> list[GenerationResult]:
+    """Wait for every stream's final result; abort them all if the client disconnects."""
+    results = [out.result for out in await _finals(streams, request)]
+    if any(r is None for r in results):
+        raise APIError(500, "request ended without a result")
+    return results  # type: ignore[return-value]
+
+
+async def collect_probe(stream: RequestStream, request: Request) -> ProbeStats:
+    """Wait for a probe's statistics; abort it if the client disconnects."""
+    [out] = await _finals([stream], request)
+    if out.probe is None:
+        raise APIError(500, "probe ended without statistics")
+    return out.probe
+
+
+async def _finals(streams: list[RequestStream], request: Request) -> list[Output]:
+    tasks = [asyncio.ensure_future(_final(s)) for s in streams]
+    try:
+        while True:
+            _, pending = await asyncio.wait(tasks, timeout=0.25, return_when=asyncio.ALL_COMPLETED)
+            if not pending:
+                return [t.result() for t in tasks]
+            if await request.is_disconnected():  # nobody to answer: free the work, answer the void quietly
+                raise APIError(499, "client closed the request")
+    except BaseException:
+        for s in streams:
+            s.abort()
+        for t in tasks:
+            t.cancel()
+        raise
+
+
+async def _final(stream: RequestStream) -> Output:
+    async for out in stream:
+        if out.finished:
+            return out
+    raise APIError(500, "request ended without a result")
+
+
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Output]]:
+    """Outputs of several streams as they come, tagged with the stream's index; closing it aborts them all (the
+    client went away), which frees their rows and KV at the next engine step."""
+    queue: asyncio.Queue[tuple[int, Output | BaseException]] = asyncio.Queue()
+
+    async def pump(i: int, s: RequestStream) -> None:
+        try:
+            async for out in s:
+                await queue.put((i, out))
+        except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+            await queue.put((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(streams)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.finished:
+                remaining -= 1
+            yield i, item
+    finally:
+        for s in streams:
+            s.abort()
+        for t in tasks:
+            t.cancel()
+
+
+# -- answers ------------------------------------------------------------------------------------------------------------
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def engine_request(rid: str, prompt_ids: list[int], params: SamplingParams, schedule: Schedule) -> EngineRequest:
+    return EngineRequest(id=rid, prompt_ids=prompt_ids, params=params, schedule=schedule, arrival=time.perf_counter())
+
+
+def timings(result: GenerationResult) -> Timings:
+    t = result.timings
+    return Timings(queue_s=t.queue_s, prefill_s=t.prefill_s, decode_s=t.decode_s, time_to_first_token_s=t.ttft_s,
+                   time_per_output_token_s=t.tpot_s, e2e_s=t.queue_s + t.prefill_s + t.decode_s)
+
+
+def timing_headers(schedule: Schedule, results: list[GenerationResult]) -> dict[str, str]:
+    """TGI-style x-* headers (seconds; the slowest choice when there are several)."""
+    headers = {"x-painters-policy": schedule.policy}
+    if results:
+        fields = [timings(r).model_dump() for r in results]
+        worst = {k: max(f[k] for f in fields) for k in fields[0]}
+        headers.update({
+            "x-queue-time": f"{worst['queue_s']:.6f}", "x-prefill-time": f"{worst['prefill_s']:.6f}",
+            "x-decode-time": f"{worst['decode_s']:.6f}", "x-time-to-first-token": f"{worst['time_to_first_token_s']:.6f}",
+            "x-time-per-token": f"{worst['time_per_output_token_s']:.6f}", "x-total-time": f"{worst['e2e_s']:.6f}",
+            "x-prompt-tokens": str(sum(len(r.prompt_token_ids) for r in results)),
+            "x-generated-tokens": str(sum(len(r.token_ids) for r in results)),
+        })
+    return headers
+
+
+def painters_info(schedule: Schedule, result: GenerationResult | None) -> PaintersInfo:
+    return PaintersInfo(policy=schedule.policy, schedule=schedule.key,
+                        timings=timings(result) if result is not None else None)
+
+
+def slowest(results: list[GenerationResult]) -> GenerationResult:
+    return max(results, key=lambda r: r.timings.total_s)
+
+
+def sse(model: Any) -> dict[str, str]:
+    """One server-sent event carrying a response model (or the final "[DONE]")."""
+    return {"data": model if isinstance(model, str) else model.model_dump_json()}
