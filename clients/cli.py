@@ -1,5 +1,7 @@
-"""The client-side `painters` commands (they talk to a running server over HTTP and never import it):
-`loadtest` now; `eval` and `tradeoff` join here later. `register(app)` adds them to the `painters` typer app."""
+"""The client-side `painters` commands (they talk to a running server over HTTP and never import it): `loadtest`
+here; `eval`, `tradeoff`, `probe`, `study` and `search` in their own modules. `register(app)` adds them all to the
+`painters` typer app. Each shows a progress bar and nothing else while it runs (`--verbose` adds httpx's request
+logs), prints tables that never cut a policy name, and has `--json`."""
 
 from __future__ import annotations
 
@@ -10,21 +12,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
-console = Console()
-err = Console(stderr=True)
+from clients.console import VerboseOpt, console, fail, progress_bar, quiet_http_logs
 
 UrlOpt = Annotated[str, typer.Option(help="the server's base URL")]
 ApiKeyOpt = Annotated[str | None, typer.Option(help="sent as 'Authorization: Bearer KEY'")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="model name in the request body (default: "
                                                  "the server's)")]
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {escape(message)}")
-    return typer.Exit(2)
 
 
 def loadtest(
@@ -53,17 +47,17 @@ def loadtest(
     timeout: Annotated[float, typer.Option(help="seconds per request")] = 600.0,
     csv_path: Annotated[Path | None, typer.Option("--csv", help="also write one row per policy here")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object keyed by canonical policy")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Load-test a running server: each policy in turn, streaming completions; TTFT, TPOT, ITL, E2E, throughput."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from clients.loadtest import (
         BUILTIN_PROMPTS, LoadtestError, LoadtestResult, list_presets, load_prompts, run_loadtest, split_policies,
     )
 
+    quiet_http_logs(verbose=verbose)
     chosen = split_policies(policies or [])
     if not chosen and not all_presets:
-        raise _fail("give --policies P1,P2 (e.g. full,skip:8) or --all-presets")
+        raise fail("give --policies P1,P2 (e.g. full,skip:8) or --all-presets")
     if concurrency is None and request_rate is None:
         concurrency = 8
     if requests is None and duration is None:
@@ -72,14 +66,13 @@ def loadtest(
         texts = load_prompts(prompts) if prompts else list(BUILTIN_PROMPTS)
         if all_presets:
             chosen = list(dict.fromkeys([*asyncio.run(list_presets(url, api_key=api_key)), *chosen]))
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err) as progress:
+        with progress_bar() as progress:
             results = asyncio.run(run_loadtest(
                 url, chosen, concurrency=concurrency, request_rate=request_rate, requests=requests,
                 duration=duration, prompts=texts, max_tokens=max_tokens, warmup=warmup, model=model, api_key=api_key,
                 ignore_eos=ignore_eos, temperature=temperature, seed=seed, timeout=timeout, progress=progress))
     except (LoadtestError, ValueError, OSError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     result = LoadtestResult(results)
     if csv_path is not None:
         result.write_csv(csv_path)
@@ -88,7 +81,7 @@ def loadtest(
         return
     console.print(_title(url, concurrency=concurrency, request_rate=request_rate, requests=requests,
                          duration=duration, max_tokens=max_tokens), markup=False, highlight=False, soft_wrap=True)
-    console.print(result.table())
+    result.table().print(console)
 
 
 def _title(url: str, *, concurrency: int | None, request_rate: float | None, requests: int | None,
@@ -102,14 +95,17 @@ def _title(url: str, *, concurrency: int | None, request_rate: float | None, req
     return f"loadtest {url}: {load}, {stop} per policy, {max_tokens} tokens each"
 
 
-# -- `eval` and `tradeoff` go here (added later), each a function like `loadtest`, registered below ------------
-
-
 def register(app: typer.Typer) -> None:
     """Add the client-side commands to the `painters` app."""
     from clients.evaluate import eval_command
+    from clients.probe import probe_command
+    from clients.search import search_command
+    from clients.study import study_command
     from clients.tradeoff import tradeoff_command
 
     app.command("loadtest")(loadtest)
     app.command("eval")(eval_command)
     app.command("tradeoff")(tradeoff_command)
+    app.command("probe")(probe_command)
+    app.command("study")(study_command)
+    app.command("search")(search_command)

@@ -14,27 +14,19 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import httpx
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
+from rich.progress import Progress, TaskID
 
 from clients.client import AsyncPaintersClient, PaintersError, Policy
+from clients.console import Column, TextTable, VerboseOpt, err, fail, progress_bar, quiet_http_logs
+from clients.console import console as out
 from clients.tasks import (
     Cloze,
     DataError,
@@ -123,12 +115,23 @@ class TaskResult:
     metrics: dict[str, float | None] = field(default_factory=dict)
     source: str = ""
     seconds: float = 0.0
+    scores: tuple[float, ...] = field(default=(), repr=False)  # each item's accuracy (0/1), in item order
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, *, with_scores: bool = False) -> dict[str, Any]:
         return {"task": self.task, "policy": self.policy, "n": self.n, "accuracy": self.accuracy,
                 "stderr": self.stderr, "random_baseline": self.random_baseline, "normalized": self.normalized,
                 **{k: _finite(v) for k, v in self.metrics.items()}, "data": self.source,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), **({"scores": list(self.scores)} if with_scores else {})}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> TaskResult:
+        """The inverse of `to_json(with_scores=True)` (metrics are the keys it does not name)."""
+        named = {"task", "policy", "n", "accuracy", "stderr", "random_baseline", "normalized", "data", "seconds",
+                 "scores"}
+        return cls(task=obj["task"], policy=obj["policy"], n=obj["n"], accuracy=obj["accuracy"],
+                   stderr=obj["stderr"], random_baseline=obj["random_baseline"], normalized=obj["normalized"],
+                   metrics={k: v for k, v in obj.items() if k not in named}, source=obj.get("data", ""),
+                   seconds=obj.get("seconds", 0.0), scores=tuple(obj.get("scores", ())))
 
 
 @dataclass(frozen=True)
@@ -147,12 +150,10 @@ class EvalResult:
             return {p: next(iter(r.values())).to_json() for p, r in self.results.items()}
         return {p: {t: r.to_json() for t, r in per_task.items()} for p, per_task in self.results.items()}
 
-    def table(self, title: str | None = None) -> Table:
-        t = Table(title=title)
-        for name in ("task", "policy", "n"):
-            t.add_column(name)
-        for name in ("acc ± stderr", "acc_norm", "random", "normalised", "other"):
-            t.add_column(name, justify="right")
+    def table(self, title: str | None = None) -> TextTable:
+        t = TextTable([Column("task"), Column("policy", keep_whole=True), Column("n"),
+                       *(Column(name, "right") for name in ("acc ± stderr", "acc_norm", "random", "normalised",
+                                                            "other"))], title=title)
         for per_task in self.results.values():
             for r in per_task.values():
                 pm = "-" if r.accuracy is None else f"{r.accuracy:.4f}" + (
@@ -375,6 +376,11 @@ class _Bar:
         if self.progress is not None and self.id is not None:
             self.progress.update(self.id, total=total)
 
+    def remove(self) -> None:
+        """Finished: off the display, so a long run shows what remains rather than a wall of done bars."""
+        if self.progress is not None and self.id is not None:
+            self.progress.remove_task(self.id)
+
 
 async def _each(items: Sequence[T], fn: Callable[[T], Awaitable[R]], semaphore: asyncio.Semaphore, bar: _Bar
                 ) -> list[R]:
@@ -425,7 +431,7 @@ async def run_task(scorer: Scorer, task: Task, *, semaphore: asyncio.Semaphore, 
     accuracy = mean(acc)
     return TaskResult(task=task.name, policy=scorer.policy, n=len(task.items), accuracy=accuracy,
                       stderr=mean_stderr(acc), random_baseline=task.random_baseline, metrics=metrics,
-                      source=task.source, seconds=time.perf_counter() - t0)
+                      source=task.source, seconds=time.perf_counter() - t0, scores=tuple(acc))
 
 
 async def _perplexity(scorer: Scorer, docs: list[Document], *, semaphore: asyncio.Semaphore, bar: _Bar
@@ -445,35 +451,63 @@ async def _perplexity(scorer: Scorer, docs: list[Document], *, semaphore: asynci
             "tokens": float(tokens), "words": float(words)}
 
 
+class EvalSession:
+    """One client, the server's facts, one semaphore and the token caches, shared by every (policy, task) scored
+    through it: `evaluate`, the study and the search all score this way."""
+
+    def __init__(self, client: AsyncPaintersClient, info: ServerInfo, *, concurrency: int,
+                 max_gen_tokens: int = 256) -> None:
+        self.client, self.info, self.max_gen_tokens = client, info, max_gen_tokens
+        self.tokens = Tokens(client)
+        self.semaphore = asyncio.Semaphore(concurrency)
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, url: str, *, concurrency: int = 16, max_length: int | None = None,
+                   max_gen_tokens: int = 256, model: str | None = None, api_key: str | None = None,
+                   timeout: float = 600.0) -> AsyncIterator[EvalSession]:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        async with AsyncPaintersClient(url, model=model, api_key=api_key, timeout=timeout,
+                                       max_connections=concurrency) as client:
+            info = await _server_info(client, max_length=max_length)
+            yield cls(client, info, concurrency=concurrency, max_gen_tokens=max_gen_tokens)
+
+    async def canonical(self, policy: Policy) -> str:
+        return await resolve_policy(self.client, policy)
+
+    def scorer(self, policy: str) -> Scorer:
+        return Scorer(self.client, policy, self.info, self.tokens)
+
+    async def score(self, policy: str, task: Task, *, progress: Progress | None = None) -> TaskResult:
+        """Every item of `task` under `policy` (best given in canonical form: results are keyed by it)."""
+        bar = _Bar(progress, f"{task.name} [{policy}]", len(task.items))
+        try:
+            return await run_task(self.scorer(policy), task, semaphore=self.semaphore, bar=bar,
+                                  max_gen_tokens=self.max_gen_tokens)
+        finally:
+            bar.remove()
+
+
 async def evaluate(url: str, tasks: Sequence[Task], policies: Sequence[Policy], *, concurrency: int = 16,
                    max_length: int | None = None, max_gen_tokens: int = 256, model: str | None = None,
                    api_key: str | None = None, timeout: float = 600.0, progress: Progress | None = None
                    ) -> EvalResult:
     """Every task under every policy (policies one after another, items of a task concurrently)."""
-    if concurrency < 1:
-        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     if not policies or not tasks:
         raise ValueError("give at least one policy and one task")
-    async with AsyncPaintersClient(url, model=model, api_key=api_key, timeout=timeout,
-                                   max_connections=max(concurrency, 1)) as client:
-        info = await _server_info(client, max_length=max_length)
+    async with EvalSession.open(url, concurrency=concurrency, max_length=max_length, max_gen_tokens=max_gen_tokens,
+                                model=model, api_key=api_key, timeout=timeout) as session:
         canonical: dict[str, Policy] = {}
         for policy in policies:
-            name = await resolve_policy(client, policy)
+            name = await session.canonical(policy)
             if name in canonical:
                 log.warning("policy %r is the same as %r (%s); it runs once", policy, canonical[name], name)
                 continue
             canonical[name] = policy
-        tokens = Tokens(client)
-        semaphore = asyncio.Semaphore(concurrency)
         results: dict[str, dict[str, TaskResult]] = {}
         for name in canonical:
-            scorer = Scorer(client, name, info, tokens)
-            results[name] = {}
-            for task in tasks:
-                bar = _Bar(progress, f"{task.name} [{name}]", len(task.items))
-                results[name][task.name] = await run_task(scorer, task, semaphore=semaphore, bar=bar,
-                                                          max_gen_tokens=max_gen_tokens)
+            results[name] = {task.name: await session.score(name, task, progress=progress) for task in tasks}
     return EvalResult(with_normalized(results))
 
 
@@ -486,22 +520,7 @@ def load_tasks(names: Sequence[str], *, data: Path | None = None, data_dir: Path
     return [load_task(n, path=data, data_dir=data_dir, limit=limit, num_fewshot=num_fewshot) for n in names]
 
 
-def progress_bar(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console)
-
-
 # -- `painters eval` ---------------------------------------------------------------------------------------------
-
-console = Console()
-err = Console(stderr=True)
-
-
-def fail(message: str) -> typer.Exit:
-    # escape: messages quote policy syntax with [brackets]; soft_wrap: one line, whatever the terminal width
-    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
-    return typer.Exit(2)
-
 
 def eval_command(
     task: Annotated[str, typer.Option("--task", "--tasks", "-t", help="comma-separated: lambada_openai, hellaswag, "
@@ -525,14 +544,16 @@ def eval_command(
     model: Annotated[str | None, typer.Option("--model", "-m", help="model name in the request body")] = None,
     api_key: Annotated[str | None, typer.Option(help="sent as 'Authorization: Bearer KEY'")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object keyed by canonical policy")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Accuracy of each policy on benchmark tasks, over the HTTP API, scored like lm-evaluation-harness."""
     from clients.loadtest import split_policies
 
+    quiet_http_logs(verbose=verbose)
     chosen = split_policies(policies or []) or [FULL]
     try:
         tasks = load_tasks(task_names(task), data=data, data_dir=data_dir, limit=limit, num_fewshot=num_fewshot)
-        with progress_bar(err) as bars:
+        with progress_bar() as bars:
             result = asyncio.run(evaluate(url, tasks, chosen, concurrency=concurrency, max_length=max_length,
                                           max_gen_tokens=max_gen_tokens, model=model, api_key=api_key,
                                           progress=bars))
@@ -543,7 +564,7 @@ def eval_command(
     if as_json:
         typer.echo(json.dumps(result.to_json()))
         return
-    console.print(result.table(f"eval {url}: {', '.join(t.name for t in tasks)}"
-                               + (f", first {limit} items" if limit else "")))
+    result.table(f"eval {url}: {', '.join(t.name for t in tasks)}" + (f", first {limit} items" if limit else "")
+                 ).print(out)
     if FULL not in result.results:
         err.print("[dim]normalised scores need the full model: add 'full' to --policies[/]")

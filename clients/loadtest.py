@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.markup import escape
 from rich.progress import Progress, TaskID
-from rich.table import Table
 
 from clients.client import AsyncPaintersClient, PaintersError, Policy
+from clients.console import Column, TextTable
 
 log = logging.getLogger(__name__)
 
@@ -201,17 +200,15 @@ class LoadtestResult:
             for r in self.policies.values():
                 writer.writerow(r.to_row())
 
-    def table(self, title: str | None = None) -> Table:
+    def table(self, title: str | None = None) -> TextTable:
         """Metrics down, policies across (so several policies stay readable); latencies in ms."""
-        t = Table(title=title)
-        t.add_column("metric")
-        for name in self.policies:
-            t.add_column(escape(name), justify="right")
         rs = list(self.policies.values())
+        t = TextTable([Column("metric"), *(Column(name, "right", keep_whole=True) for name in self.policies)],
+                      title=title)
         if any(r.requested != r.policy for r in rs):
-            t.add_row("[dim]as given[/]", *(f"[dim]{escape(r.requested)}[/]" for r in rs))
+            t.add_row("as given", *(r.requested for r in rs))
         t.add_row("completed", *(str(r.completed) for r in rs))
-        t.add_row("failed", *((f"[red]{r.failed}[/]" if r.failed else "0") for r in rs))
+        t.add_row("failed", *(str(r.failed) for r in rs))
         t.add_row("duration (s)", *(f"{r.duration_s:.2f}" for r in rs))
         t.add_row("requests/s", *(f"{r.request_throughput:.2f}" for r in rs))
         t.add_row("output tok/s", *(f"{r.output_throughput:.1f}" for r in rs), end_section=True)
@@ -382,8 +379,8 @@ async def list_presets(url: str, *, api_key: str | None = None) -> list[str]:
             models = await client.models()
         except Exception as e:  # noqa: BLE001
             raise LoadtestError(f"cannot list the presets at {url}/v1/models: {e}") from None
-    base = next((m for m in models if "parent" not in m), None)
-    presets = [m["id"].partition("@")[2] for m in models if "parent" in m and "@" in m["id"]]
+    base = next((m for m in models if m.get("parent") is None), None)
+    presets = [m["id"].partition("@")[2] for m in models if m.get("parent") is not None and "@" in m["id"]]
     return ([base["policy"]] if base and base.get("policy") else []) + presets
 
 
@@ -410,7 +407,7 @@ async def _resolve(client: AsyncPaintersClient, policies: Sequence[Policy], prom
     """Check every policy (and the longest prompt's length) before anything runs; canonical name -> policy."""
     try:
         models = await client.models()
-        max_model_len = next((m.get("max_model_len") for m in models if "parent" not in m), None)
+        max_model_len = next((m.get("max_model_len") for m in models if m.get("parent") is None), None)
     except PaintersError:
         max_model_len = None  # no /v1/models (or no max_model_len in it): the length check is skipped
     except Exception as e:  # noqa: BLE001

@@ -13,12 +13,11 @@ from typing import Annotated, Any, Literal
 
 import httpx
 import typer
-from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
 from clients.client import PaintersError
-from clients.evaluate import FULL, EvalError, EvalResult, evaluate, fail, load_tasks, mean, progress_bar
+from clients.console import Column, TextTable, VerboseOpt, console, fail, progress_bar, quiet_http_logs
+from clients.evaluate import FULL, EvalError, EvalResult, evaluate, load_tasks, mean
 from clients.loadtest import BUILTIN_PROMPTS, LoadtestError, PolicyResult, run_loadtest, split_policies
 from clients.tasks import DataError, task_names
 
@@ -152,11 +151,11 @@ def plot_tradeoff(points: Sequence[TradeoffPoint], path: Path, *, x: XAxis = "tp
     return path
 
 
-def front_table(points: Sequence[TradeoffPoint], tasks: Sequence[str], *, title: str | None = None) -> Table:
-    t = Table(title=title)
-    for name in ("policy", "mean acc", "normalised", "TPOT p50 (ms)", "speed-up", "TTFT p50 (ms)", "E2E p50 (ms)",
-                 "tok/s", *tasks):
-        t.add_column(name, justify="left" if name == "policy" else "right")
+def front_table(points: Sequence[TradeoffPoint], tasks: Sequence[str], *, title: str | None = None) -> TextTable:
+    t = TextTable([Column("policy", keep_whole=True),
+                   *(Column(name, "right") for name in ("mean acc", "normalised", "TPOT p50 (ms)", "speed-up",
+                                                        "TTFT p50 (ms)", "E2E p50 (ms)", "tok/s", *tasks))],
+                  title=title)
     f = lambda v, spec=".3f": "-" if v is None else format(v, spec)
     for p in points:
         t.add_row(p.policy + (" ★" if p.is_full else ""), f(p.mean_accuracy, ".4f"), f(p.mean_normalized),
@@ -223,8 +222,6 @@ def write_outputs(result: TradeoffResult, out: Path, *, x: XAxis = "tpot", y: YA
 
 # -- `painters tradeoff` -----------------------------------------------------------------------------------------
 
-console = Console()
-
 
 def tradeoff_command(
     tasks: Annotated[str, typer.Option("--tasks", "--task", "-t", help="comma-separated task names, e.g. "
@@ -250,13 +247,17 @@ def tradeoff_command(
     y: Annotated[str, typer.Option(help="plot y axis: accuracy (mean over tasks) or normalized")] = "accuracy",
     model: Annotated[str | None, typer.Option("--model", "-m", help="model name in the request body")] = None,
     api_key: Annotated[str | None, typer.Option(help="sent as 'Authorization: Bearer KEY'")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print tradeoff.json's object instead of the table")
+                       ] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Accuracy (eval) and latency (loadtest) of each policy: Pareto front, tradeoff.json and tradeoff.png."""
+    quiet_http_logs(verbose=verbose)
     if x not in ("tpot", "speedup") or y not in ("accuracy", "normalized"):
         raise fail(f"--x must be tpot or speedup and --y accuracy or normalized, got {x!r}, {y!r}")
     try:
         names = task_names(tasks)
-        with progress_bar(Console(stderr=True)) as bars:
+        with progress_bar() as bars:
             result = asyncio.run(run_tradeoff(
                 url, names, split_policies(policies or []), limit=limit, data_dir=data_dir, num_fewshot=num_fewshot,
                 eval_concurrency=eval_concurrency, max_length=max_length, max_gen_tokens=max_gen_tokens,
@@ -267,6 +268,9 @@ def tradeoff_command(
     except httpx.HTTPError as e:  # the server went away or timed out mid-run
         raise fail(f"{url}: {type(e).__name__}: {e}") from None
     json_path, png_path = write_outputs(result, out, x=x, y=y)  # type: ignore[arg-type]
+    if as_json:
+        typer.echo(json.dumps(result.to_json()))
+        return
     front = front_of(result.points, x=x, y=y)  # type: ignore[arg-type]
-    console.print(front_table(front, names, title=f"Pareto front ({len(front)} of {len(result.points)} policies)"))
-    console.print(f"wrote {json_path} and {png_path}")
+    front_table(front, names, title=f"Pareto front ({len(front)} of {len(result.points)} policies)").print()
+    console.print(f"wrote {json_path} and {png_path}", markup=False, highlight=False, soft_wrap=True)

@@ -121,7 +121,7 @@ def test_tradeoff_end_to_end_on_the_tiny_server(tmp_path):
     app = typer.Typer()
     app.command("tradeoff")(tradeoff_command)
     app.command("other")(lambda: None)
-    with serve_tiny() as url:
+    with serve_tiny(max_model_len=256) as url:  # the longest built-in loadtest prompt has 212 tokens
         r = CliRunner().invoke(app, [
             "tradeoff", "--url", url, "--tasks", "piqa,arc_easy", "--policies", "full,skip:2", "--limit", "3",
             "--out", str(out), "--data-dir", str(data), "--requests", "2", "--concurrency", "2", "--max-tokens", "3",
