@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 from httpx_sse import aconnect_sse, connect_sse
 
-from clients.types import ChatResponse, CompletionResponse, GenerateResponse, StreamEvent
+from clients.types import ChatResponse, CompletionResponse, GenerateResponse, ProbeResponse, StreamEvent
 
 Policy = str | dict[str, Any] | None
 
@@ -51,6 +51,11 @@ def _chat_body(model: str | None, messages: list[dict[str, Any]], policy: Policy
 
 def _generate_body(model: str | None, inputs: str, policy: Policy, **parameters: Any) -> dict[str, Any]:
     return _drop_none({"model": model, "inputs": inputs, "parameters": _drop_none({"policy": policy, **parameters})})
+
+
+def _probe_body(model: str | None, prompts: list[str] | list[list[int]] | list[str | list[int]],
+                policy: Policy) -> dict[str, Any]:
+    return {"model": model, "prompts": prompts, "policy": policy}
 
 
 def _sse_data(data: str) -> dict[str, Any] | None:
@@ -124,6 +129,11 @@ class PaintersClient:
     def generate_stream(self, inputs: str, *, policy: Policy = None, **parameters: Any) -> Iterator[StreamEvent]:
         for obj in self._stream("/generate_stream", _generate_body(self.model, inputs, policy, **parameters)):
             yield StreamEvent.model_validate(obj)
+
+    def probe(self, prompts: list[str] | list[list[int]] | list[str | list[int]], *,
+              policy: Policy = None) -> ProbeResponse:
+        """POST /v1/probe: one forward pass (no sampling, no KV kept) and how alike its steps' hidden states are."""
+        return ProbeResponse.model_validate(self._post("/v1/probe", _probe_body(self.model, prompts, policy)))
 
     def models(self) -> list[dict[str, Any]]:
         return self._get("/v1/models")["data"]
@@ -209,6 +219,10 @@ class AsyncPaintersClient:
                               **parameters: Any) -> AsyncIterator[StreamEvent]:
         async for obj in self._stream("/generate_stream", _generate_body(self.model, inputs, policy, **parameters)):
             yield StreamEvent.model_validate(obj)
+
+    async def probe(self, prompts: list[str] | list[list[int]] | list[str | list[int]], *,
+                    policy: Policy = None) -> ProbeResponse:
+        return ProbeResponse.model_validate(await self._post("/v1/probe", _probe_body(self.model, prompts, policy)))
 
     async def models(self) -> list[dict[str, Any]]:
         return (await self._get("/v1/models"))["data"]

@@ -112,3 +112,22 @@ class APIErrorBody(_Model):
     type: str | None = None
     param: str | None = None
     code: Any = None
+
+
+class ProbeResponse(_Model):
+    """POST /v1/probe: how alike the hidden states entering each of the schedule's S steps (and its output) are.
+
+    similarity: [S + 1][S + 1], cosine of each sequence's states flattened over positions, averaged over sequences;
+    block_influence: [S], 1 - mean over tokens of cos(x_i, x_{i+1}); angular_distance: row n - 1 (n = 1 .. S // 2)
+    holds arccos(cos(x_i, x_{i+n})) / pi on the last token for i = 0 .. S - n, averaged over sequences."""
+
+    object: str = "probe"
+    model: str
+    policy: str
+    schedule: str
+    steps: list[str]
+    num_sequences: int
+    num_tokens: int
+    similarity: list[list[float]]
+    block_influence: list[float]
+    angular_distance: list[list[float]]

@@ -25,6 +25,17 @@ def tiny_llama(**overrides):
     return AutoModelForCausalLM.from_config(LlamaConfig(**cfg), attn_implementation="eager").eval()
 
 
+def tiny_llama_with_identity_layer(layer: int, **overrides):
+    """`tiny_llama` whose layer `layer` adds nothing (attention output and MLP down projections zeroed): a layer that is
+    truly removable, for the probe and the policy search."""
+    model = tiny_llama(**overrides)
+    block = model.model.layers[layer]
+    with torch.no_grad():
+        block.self_attn.o_proj.weight.zero_()
+        block.mlp.down_proj.weight.zero_()
+    return model
+
+
 class CharTokenizer:
     """A tiny tokenizer for tiny models: one token per byte (ids 3..), 0 pad, 1 bos, 2 eos."""
 
@@ -35,6 +46,23 @@ class CharTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return "".join(chr(97 + (i - 3) % 26) for i in ids if i >= 3 or not skip_special_tokens)
+
+
+def bos_word_tokenizer():
+    """A Hugging Face word-level tokenizer that, like Gemma's, adds <bos> by default, with a chat template that writes
+    <bos> itself: ids 0 pad, 1 bos, 2 eos, 3.. the words below (fits tiny_llama's vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    names = "hello world the cat sat user assistant hi there :".split()
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{w: i + 3 for i, w in enumerate(names)}}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}assistant :{% endif %}")
+    return tok
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,592 @@
+"""`painters study`: the experiments of "Transformer Layers as Painters" (Sun et al., 2024) on the served model.
+
+For each variant (skip, middle repeat, reverse, random order, parallel, looped parallel) and each number n of affected
+layers, the policy acts on the n layers centred in the stack. Every (policy, task) is scored like `painters eval` and
+cached on disk, so a rerun resumes. Scores are normalised as in the paper (0 = the task's random baseline, 1 = the full
+model); random order is averaged over seeds item by item. The paper's claims are functions of the results (`CLAIMS`),
+each answering reproduced / not reproduced / inconclusive (within two standard errors) / not measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import httpx
+import typer
+from rich.progress import Progress
+
+from clients.client import PaintersError
+from clients.console import Column, TextTable, VerboseOpt, console, fail, progress_bar, quiet_http_logs
+from clients.evaluate import FULL, EvalError, EvalSession, TaskResult, load_tasks, mean, mean_stderr, normalized_score
+from clients.probe import Probe, ProbeError, run_probe, task_texts
+from clients.tasks import DataError, Task, task_names
+
+log = logging.getLogger(__name__)
+
+Variant = Literal["skip", "repeat", "reverse", "shuffle", "parallel", "loop"]
+VARIANTS: tuple[Variant, ...] = ("skip", "repeat", "reverse", "shuffle", "parallel", "loop")
+LABELS: dict[str, str] = {"skip": "skip", "repeat": "middle repeat", "reverse": "reverse",
+                          "shuffle": "random order", "parallel": "parallel", "loop": "looped parallel (x3)"}
+LOOP_TIMES = 3
+ORDER_SENSITIVE_TASKS = ("arc_easy", "arc_challenge", "gsm8k")  # the paper's ARC and GSM8K
+
+Z = 2.0  # a difference counts when it exceeds Z standard errors (about 95%)
+GRACEFUL_START = 0.8  # skipping the fewest layers keeps at least this much of the full model...
+GRACEFUL_CLIFF = 0.5  # ...and no single step of the sweep loses more than this (a cliff, not a slope)
+
+
+# -- the sweep's policies -------------------------------------------------------------------------------------
+
+
+def centred_span(num_layers: int, n: int) -> tuple[int, int]:
+    """The n layers centred in the stack (30 layers, n = 10 -> 10-19), as the server centres `skip:10`."""
+    start = (num_layers - n) // 2
+    return start, start + n - 1
+
+
+def middle_size(num_layers: int) -> int:
+    """The middle layers: all but the first and last ceil(L/8) (the server's default range; 30 layers -> 22)."""
+    edge = max(1, -(-num_layers // 8))
+    if num_layers - 2 * edge < 2:
+        edge = max(0, (num_layers - 2) // 2)
+    return num_layers - 2 * edge
+
+
+def default_counts(num_layers: int, *, points: int = 6) -> list[int]:
+    """About `points` counts from 2 to the whole middle, evenly spaced (30 layers: 2, 6, 10, 14, 18, 22)."""
+    top = middle_size(num_layers)
+    if top <= 2:
+        return [top]
+    step = max(1, round((top - 2) / (points - 1)))
+    counts = list(range(top, 1, -step))[::-1]
+    return counts
+
+
+def variant_policies(variant: Variant, num_layers: int, n: int, *, seeds: int) -> list[str]:
+    """The explicit policy strings of one point of the sweep (random order: one per seed)."""
+    a, b = centred_span(num_layers, n)
+    span = f"{a}-{b}"
+    if variant == "shuffle":
+        return [f"shuffle:{span}:{seed}" for seed in range(seeds)]
+    if variant == "loop":
+        return [f"loop:{span}x{LOOP_TIMES}"]
+    return [f"{variant}:{span}"]
+
+
+def plan(num_layers: int, counts: Sequence[int], *, seeds: int) -> dict[tuple[Variant, int], list[str]]:
+    """(variant, n) -> its policies; `full` is the reference and runs first."""
+    for n in counts:
+        if not 1 <= n <= num_layers - 1:
+            raise ValueError(f"cannot affect {n} of {num_layers} layers; counts must be 1-{num_layers - 1}")
+    return {(v, n): variant_policies(v, num_layers, n, seeds=seeds) for v in VARIANTS for n in counts}
+
+
+# -- the cache --------------------------------------------------------------------------------------------------
+
+
+def items_digest(task: Task) -> str:
+    """The items themselves (dataclass reprs), so a changed file or --limit is a different key."""
+    return hashlib.sha256(repr(task.items).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ResultCache:
+    """One JSON file per (model, policy, task, items, scoring settings) under `root`; what it holds is final."""
+
+    root: Path
+    context: dict[str, Any]  # model and scoring settings that change a result
+
+    def path(self, policy: str, task: Task) -> Path:
+        key = json.dumps({**self.context, "policy": policy, "task": task.name, "items": items_digest(task)},
+                         sort_keys=True)
+        safe = re.sub(r"[^A-Za-z0-9_.+-]+", "_", policy)[:60]
+        return self.root / task.name / f"{safe}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+    def get(self, policy: str, task: Task) -> TaskResult | None:
+        path = self.path(policy, task)
+        if not path.is_file():
+            return None
+        try:
+            return TaskResult.from_json(json.loads(path.read_text()))
+        except (ValueError, KeyError) as e:
+            log.warning("ignoring unreadable cache file %s (%s)", path, e)
+            return None
+
+    def put(self, result: TaskResult, task: Task) -> None:
+        path = self.path(result.policy, task)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result.to_json(with_scores=True)) + "\n")
+        tmp.replace(path)  # atomic: an interrupted run leaves no half-written result
+
+
+# -- results ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Point:
+    """One variant at one count on one task (random order: its seeds averaged item by item)."""
+
+    n: int
+    accuracy: float | None
+    normalized: float | None
+    stderr: float | None  # of the normalised score
+    policies: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"n": self.n, "accuracy": self.accuracy, "normalized": self.normalized, "stderr": self.stderr,
+                "policies": list(self.policies)}
+
+
+def point(n: int, results: Sequence[TaskResult], full: TaskResult) -> Point:
+    """Average the seeds per item, then normalise; the stderr is the accuracy's scaled by 1 / (full - random)."""
+    policies = tuple(r.policy for r in results)
+    if any(not r.scores for r in results) or len({len(r.scores) for r in results}) != 1:
+        acc = mean([r.accuracy for r in results if r.accuracy is not None])
+        se = None
+    else:
+        per_item = [sum(s) / len(s) for s in zip(*(r.scores for r in results))]
+        acc, se = mean(per_item), mean_stderr(per_item)
+    norm = normalized_score(acc, full.accuracy, full.random_baseline)
+    scale = None if norm is None else abs(full.accuracy - full.random_baseline)  # type: ignore[operator]
+    return Point(n, acc, norm, None if se is None or not scale else se / scale, policies)
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    model: str
+    num_layers: int
+    counts: list[int]
+    seeds: int
+    full: dict[str, TaskResult]  # task -> the full model's result
+    curves: dict[str, dict[str, list[Point]]]  # task -> variant -> a point per count
+    probe: Probe | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.curves)
+
+    def normalized_tasks(self) -> list[str]:
+        """Tasks whose full model beats chance: only they have a normalised score."""
+        return [t for t in self.tasks if all(p.normalized is not None for v in self.curves[t].values() for p in v)]
+
+    def mean_curve(self, variant: str, tasks: Sequence[str] | None = None) -> list[Point]:
+        """The normalised score averaged over tasks at each count; stderr of that mean (tasks independent)."""
+        tasks = list(tasks) if tasks is not None else self.normalized_tasks()
+        out = []
+        for i, n in enumerate(self.counts):
+            pts = [self.curves[t][variant][i] for t in tasks]
+            norm = mean([p.normalized for p in pts if p.normalized is not None])
+            ses = [p.stderr for p in pts]
+            se = math.sqrt(sum(s * s for s in ses)) / len(ses) if ses and all(s is not None for s in ses) else None  # type: ignore[operator]
+            out.append(Point(n, mean([p.accuracy for p in pts if p.accuracy is not None]), norm, se,
+                             tuple(q for p in pts for q in p.policies)))
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.settings, "model": self.model, "num_layers": self.num_layers, "counts": self.counts,
+            "seeds": self.seeds, "variants": {v: LABELS[v] for v in VARIANTS},
+            "full": {t: r.to_json() for t, r in self.full.items()},
+            "curves": {t: {v: [p.to_json() for p in pts] for v, pts in per.items()} for t, per in self.curves.items()},
+            "mean": {v: [p.to_json() for p in self.mean_curve(v)] for v in VARIANTS},
+            "claims": [c.to_json() for c in check_claims(self)],
+            "probe": self.probe.to_json() if self.probe is not None else None,
+        }
+
+
+def build_result(raw: dict[str, dict[str, TaskResult]], runs: dict[tuple[Variant, int], list[str]], *,
+                 model: str, num_layers: int, counts: Sequence[int], seeds: int, probe: Probe | None = None,
+                 settings: dict[str, Any] | None = None) -> StudyResult:
+    """raw: policy -> task -> result (`full` among them) -> the curves."""
+    full = raw[FULL]
+    curves = {task: {v: [point(n, [raw[p][task] for p in runs[(v, n)]], ref) for n in counts] for v in VARIANTS}
+              for task, ref in full.items()}
+    return StudyResult(model=model, num_layers=num_layers, counts=list(counts), seeds=seeds, full=full,
+                       curves=curves, probe=probe, settings=settings or {})
+
+
+# -- the paper's claims, as functions of the results -------------------------------------------------------------
+
+Verdict = Literal["reproduced", "not reproduced", "inconclusive", "not measured"]
+
+
+@dataclass(frozen=True)
+class ClaimCheck:
+    claim: str
+    verdict: Verdict
+    evidence: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"claim": self.claim, "verdict": self.verdict, "evidence": self.evidence}
+
+
+def _compare(diff: float, se: float | None) -> Verdict:
+    """diff > 0 supports the claim; it counts when it is more than Z standard errors from 0."""
+    margin = Z * (se or 0.0)
+    if diff > margin:
+        return "reproduced"
+    if diff < -margin:
+        return "not reproduced"
+    return "inconclusive"
+
+
+def _area(points: Sequence[Point]) -> tuple[float | None, float | None]:
+    """A curve's mean normalised score over the counts and its stderr."""
+    values = [p.normalized for p in points]
+    if not values or any(v is None for v in values):
+        return None, None
+    ses = [p.stderr for p in points]
+    se = math.sqrt(sum(s * s for s in ses)) / len(ses) if all(s is not None for s in ses) else None  # type: ignore[operator]
+    return sum(values) / len(values), se  # type: ignore[arg-type]
+
+
+def _fmt(value: float | None, se: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" + (f" ± {se:.2f}" if se is not None else "")
+
+
+def _beats(claim: str, better: str, worse: str) -> Callable[[StudyResult], ClaimCheck]:
+    def check(r: StudyResult) -> ClaimCheck:
+        (a, sa), (b, sb) = _area(r.mean_curve(better)), _area(r.mean_curve(worse))
+        if a is None or b is None:
+            return ClaimCheck(claim, "not measured", "no task has a normalised score (the full model is at chance)")
+        se = math.hypot(sa or 0.0, sb or 0.0) if sa is not None or sb is not None else None
+        return ClaimCheck(claim, _compare(a - b, se),
+                          f"mean normalised score over n = {_counts(r)}: {LABELS[better]} {_fmt(a, sa)}, "
+                          f"{LABELS[worse]} {_fmt(b, sb)}; difference {a - b:+.2f}")
+    return check
+
+
+def _counts(r: StudyResult) -> str:
+    return ", ".join(map(str, r.counts))
+
+
+def shared_space(r: StudyResult) -> ClaimCheck:
+    """The probe's heatmap: the states entering the middle layers are more alike among themselves than they are to
+    the states entering the outer layers. Without a probe, the sweep's weaker evidence: reordering the fewest middle
+    layers (reverse, random order) keeps most of the score."""
+    claim = "Middle layers share a representation space"
+    if r.probe is not None and r.probe.num_steps == r.num_layers:
+        sim = r.probe.similarity
+        L = r.num_layers
+        edge = (L - middle_size(L)) // 2
+        middle = range(edge, L - edge)
+        outer = [i for i in range(L) if i not in middle]
+        within = [sim[i, j] for i in middle for j in middle if i != j]
+        across = [sim[i, j] for i in middle for j in outer]
+        w, a = float(sum(within) / len(within)), float(sum(across) / len(across))
+        verdict: Verdict = "reproduced" if w > a else "not reproduced"
+        return ClaimCheck(claim, verdict, f"probe over {r.probe.num_sequences} sequences: mean cosine similarity "
+                                          f"between states entering middle layers {edge}-{L - edge - 1}: {w:.3f}; "
+                                          f"between those and the outer layers' states: {a:.3f}")
+    tasks = r.normalized_tasks()
+    if not tasks:
+        return ClaimCheck(claim, "not measured", "no probe and no normalised score")
+    first = [r.mean_curve(v)[0] for v in ("reverse", "shuffle")]
+    value = sum(p.normalized for p in first) / 2  # type: ignore[misc]
+    ses = [p.stderr for p in first]
+    se = math.hypot(*ses) / 2 if all(s is not None for s in ses) else None  # type: ignore[arg-type]
+    return ClaimCheck(claim, _compare(value - GRACEFUL_START, se),
+                      f"no probe (the server has no /v1/probe); reordering the {r.counts[0]} centred layers keeps "
+                      f"{_fmt(value, se)} of the full model (threshold {GRACEFUL_START})")
+
+
+def graceful_skip(r: StudyResult) -> ClaimCheck:
+    claim = "Skipping middle layers degrades gracefully"
+    curve = r.mean_curve("skip")
+    if not curve or any(p.normalized is None for p in curve):
+        return ClaimCheck(claim, "not measured", "no task has a normalised score")
+    start, se = curve[0].normalized, curve[0].stderr
+    drops = [(a.normalized - b.normalized, b.n) for a, b in zip(curve, curve[1:])]  # type: ignore[operator]
+    cliff, at = max(drops, default=(0.0, curve[0].n))
+    keeps = _compare(start - GRACEFUL_START, se)  # type: ignore[operator]
+    verdict: Verdict = ("not reproduced" if keeps == "not reproduced" or cliff > GRACEFUL_CLIFF
+                        else "reproduced" if keeps == "reproduced" else "inconclusive")
+    path = ", ".join(f"{p.n}: {p.normalized:.2f}" for p in curve)
+    return ClaimCheck(claim, verdict, f"skip's normalised score by n: {path}; the fewest keep {_fmt(start, se)} "
+                                      f"(needs {GRACEFUL_START}); the largest step down is {cliff:.2f} (to n = {at}; "
+                                      f"a cliff is > {GRACEFUL_CLIFF})")
+
+
+def repeat_worst(r: StudyResult) -> ClaimCheck:
+    claim = "Middle repeat is the worst variant"
+    areas = {v: _area(r.mean_curve(v)) for v in VARIANTS}
+    if any(a is None for a, _ in areas.values()):
+        return ClaimCheck(claim, "not measured", "no task has a normalised score")
+    others = {v: a for v, a in areas.items() if v != "repeat"}
+    runner_up = min(others, key=lambda v: others[v][0])  # type: ignore[index, return-value]
+    (rep, rse), (nxt, nse) = areas["repeat"], areas[runner_up]
+    se = math.hypot(rse or 0.0, nse or 0.0)
+    ranking = ", ".join(f"{LABELS[v]} {a:.2f}" for v, (a, _) in sorted(areas.items(), key=lambda kv: kv[1][0]))  # type: ignore[arg-type, return-value]
+    return ClaimCheck(claim, _compare(nxt - rep, se),  # type: ignore[operator]
+                      f"mean normalised score over n = {_counts(r)}, lowest first: {ranking}")
+
+
+def order_sensitive_tasks(r: StudyResult) -> ClaimCheck:
+    """Order sensitivity of a task: 1 - its mean normalised score under reverse and random order."""
+    claim = "ARC and GSM8K are the most order-sensitive tasks"
+    tasks = r.normalized_tasks()
+    named = [t for t in tasks if t in ORDER_SENSITIVE_TASKS]
+    rest = [t for t in tasks if t not in ORDER_SENSITIVE_TASKS]
+    if not named or not rest:
+        return ClaimCheck(claim, "not measured", f"needs ARC or GSM8K and another task with normalised scores; "
+                                                 f"measured: {', '.join(r.tasks)}")
+    sens: dict[str, tuple[float, float | None]] = {}
+    for t in tasks:
+        (a, sa), (b, sb) = (_area(r.mean_curve(v, [t])) for v in ("reverse", "shuffle"))
+        sens[t] = (1 - (a + b) / 2, math.hypot(sa or 0.0, sb or 0.0) / 2)  # type: ignore[operator]
+    least_named = min(named, key=lambda t: sens[t][0])
+    most_rest = max(rest, key=lambda t: sens[t][0])
+    se = math.hypot(sens[least_named][1] or 0.0, sens[most_rest][1] or 0.0)
+    ranking = ", ".join(f"{t} {s:.2f}" for t, (s, _) in sorted(sens.items(), key=lambda kv: -kv[1][0]))
+    return ClaimCheck(claim, _compare(sens[least_named][0] - sens[most_rest][0], se),
+                      f"order sensitivity (1 - mean normalised score under reverse and random order), most first: "
+                      f"{ranking}")
+
+
+CLAIMS: tuple[Callable[[StudyResult], ClaimCheck], ...] = (
+    shared_space,
+    graceful_skip,
+    repeat_worst,
+    _beats("Random order beats reverse", "shuffle", "reverse"),
+    _beats("Parallel beats skip", "parallel", "skip"),
+    _beats("Looped parallel beats parallel", "loop", "parallel"),
+    order_sensitive_tasks,
+)
+
+
+def check_claims(r: StudyResult) -> list[ClaimCheck]:
+    return [check(r) for check in CLAIMS]
+
+
+# -- running ----------------------------------------------------------------------------------------------------
+
+
+async def run_study(url: str, tasks: Sequence[Task], out: Path, *, counts: Sequence[int] | None = None,
+                    seeds: int = 3, concurrency: int = 16, max_gen_tokens: int = 256, probe: bool = True,
+                    model: str | None = None, api_key: str | None = None, progress: Progress | None = None
+                    ) -> StudyResult:
+    """Score `full` and every sweep policy on every task (cached under out/cache), then the curves and claims."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    async with EvalSession.open(url, concurrency=concurrency, max_gen_tokens=max_gen_tokens, model=model,
+                                api_key=api_key) as session:
+        num_layers = int((await session.client.policies())["num_layers"])
+        model_id = (await session.client.models())[0]["id"]
+        counts = sorted(set(counts or default_counts(num_layers)))
+        runs = plan(num_layers, counts, seeds=seeds)
+        policies = [FULL, *dict.fromkeys(p for ps in runs.values() for p in ps)]
+        cache = ResultCache(out / "cache", {"model": model_id, "max_len": session.info.max_len,
+                                            "max_gen_tokens": max_gen_tokens})
+        raw: dict[str, dict[str, TaskResult]] = {p: {} for p in policies}
+        todo = []
+        for p in policies:
+            for task in tasks:
+                hit = cache.get(p, task)
+                if hit is None:
+                    todo.append((p, task))
+                else:
+                    raw[p][task.name] = hit
+        bar = progress.add_task("study", total=len(policies) * len(tasks),
+                                completed=len(policies) * len(tasks) - len(todo)) if progress is not None else None
+        for p in dict.fromkeys(p for p, _ in todo):
+            await session.canonical(p)  # every uncached policy checked before anything long runs
+        for p, task in todo:
+            if progress is not None and bar is not None:
+                progress.update(bar, description=f"study: {task.name} [{p}]")
+            result = await session.score(p, task, progress=progress)
+            cache.put(result, task)
+            raw[p][task.name] = result
+            if progress is not None and bar is not None:
+                progress.advance(bar)
+        if progress is not None and bar is not None:
+            progress.update(bar, description="study")
+        probed = await _probe(url, tasks, out, model_id, model=model, api_key=api_key) if probe else None
+    settings = {"url": url, "tasks": [t.name for t in tasks], "limit": max(len(t.items) for t in tasks),
+                "data": {t.name: t.source for t in tasks}}
+    return build_result(raw, runs, model=model_id, num_layers=num_layers, counts=counts, seeds=seeds,
+                        probe=probed, settings=settings)
+
+
+async def _probe(url: str, tasks: Sequence[Task], out: Path, model_id: str, *, model: str | None,
+                 api_key: str | None) -> Probe | None:
+    """The full model's probe over the first task's texts (cached like the scores); None without the endpoint."""
+    texts = task_texts(tasks[0])[:64]
+    key = hashlib.sha256(json.dumps([model_id, texts]).encode()).hexdigest()[:16]
+    path = out / "cache" / f"probe-{key}.json"
+    if path.is_file():
+        return Probe.from_json(json.loads(path.read_text()))
+    try:
+        probe = await run_probe(url, texts, policy=FULL, model=model, api_key=api_key)
+    except ProbeError as e:
+        log.warning("no probe in the study: %s", e)
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(probe.to_json()) + "\n")
+    return probe
+
+
+# -- output -----------------------------------------------------------------------------------------------------
+
+COLORS = {"skip": "tab:blue", "repeat": "tab:red", "reverse": "tab:purple", "shuffle": "tab:orange",
+          "parallel": "tab:green", "loop": "tab:olive"}
+
+
+def plot_curves(curves: dict[str, list[Point]], path: Path, *, title: str) -> Path:
+    """Normalised score against the number of affected layers, a line (with a ±1 stderr band) per variant."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5.5), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for variant, pts in curves.items():
+        shown = [p for p in pts if p.normalized is not None]
+        if not shown:
+            continue
+        xs, ys = [p.n for p in shown], [p.normalized for p in shown]
+        ax.plot(xs, ys, marker="o", label=LABELS[variant], color=COLORS[variant])
+        if all(p.stderr is not None for p in shown):
+            ax.fill_between(xs, [y - p.stderr for y, p in zip(ys, shown)],  # type: ignore[operator]
+                            [y + p.stderr for y, p in zip(ys, shown)], color=COLORS[variant], alpha=0.12)  # type: ignore[operator]
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="full model")
+    ax.axhline(0.0, color="tab:gray", linestyle=":", linewidth=1, label="random baseline")
+    ax.set_xlabel("number of affected middle layers (centred)")
+    ax.set_ylabel("normalised score (0 = random, 1 = full model)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def _table(r: StudyResult, curves: dict[str, list[Point]]) -> list[str]:
+    lines = ["| variant | " + " | ".join(f"n = {n}" for n in r.counts) + " |",
+             "| --- | " + " | ".join("---" for _ in r.counts) + " |"]
+    for v, pts in curves.items():
+        lines.append(f"| {LABELS[v]} | " + " | ".join(_fmt(p.normalized, p.stderr) for p in pts) + " |")
+    return lines
+
+
+def study_markdown(r: StudyResult, *, images: dict[str, str], command: str | None = None) -> str:
+    """study.md: the claims and whether this model reproduces them, the curves as tables, the plots."""
+    s = r.settings
+    lines = [f"# The paper's experiments on {r.model} ({r.num_layers} layers)", ""]
+    if command:
+        lines += ["```bash", command, "```", ""]
+    lines += [f"Tasks: {', '.join(r.tasks)} (first {s.get('limit')} items each). Affected layers n = {_counts(r)}, "
+              f"centred in the stack; random order averaged over {r.seeds} seeds; looped parallel runs the parallel "
+              f"block {LOOP_TIMES} times. Scores are normalised per task (0 = random baseline, 1 = full model), ± one "
+              f"standard error (the accuracy's, scaled by 1 / (full - random)).", "",
+              "## The paper's claims on this model", "",
+              "| claim | verdict | evidence |", "| --- | --- | --- |"]
+    lines += [f"| {c.claim} | **{c.verdict}** | {c.evidence} |" for c in check_claims(r)]
+    lines += ["", f"Verdicts are computed from the measurements (`clients/study.py`, `CLAIMS`): a comparison is "
+                  f"*reproduced* or *not reproduced* when the difference exceeds {Z:g} standard errors, else "
+                  f"*inconclusive*. Curves are compared by their mean normalised score over the counts.", ""]
+    lines += ["## Full model", "", "| task | accuracy | random baseline |", "| --- | --- | --- |"]
+    lines += [f"| {t} | {_fmt(f.accuracy, f.stderr)} | {f.random_baseline:.3f} |" for t, f in r.full.items()]
+    lines += ["", "## All tasks (mean normalised score)", ""]
+    if "all" in images:
+        lines += [f"![all variants]({images['all']})", ""]
+    lines += _table(r, {v: r.mean_curve(v) for v in VARIANTS})
+    for task in r.tasks:
+        lines += ["", f"## {task}", ""]
+        if task in images:
+            lines += [f"![{task}]({images[task]})", ""]
+        lines += _table(r, r.curves[task])
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(r: StudyResult, out: Path, *, command: str | None = None) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    limit = r.settings.get("limit")
+    images: dict[str, str] = {}
+    paths = []
+    for task in r.tasks:
+        path = plot_curves(r.curves[task], out / f"study_{task}.png",
+                           title=f"{r.model} on {task} (first {limit} items)")
+        images[task] = path.name
+        paths.append(path)
+    tasks = r.normalized_tasks()
+    path = plot_curves({v: r.mean_curve(v) for v in VARIANTS}, out / "study_all.png",
+                       title=f"{r.model}: all variants, mean over {', '.join(tasks) or 'no task'}")
+    images["all"] = path.name
+    paths.append(path)
+    json_path = out / "study.json"
+    json_path.write_text(json.dumps(r.to_json(), indent=1) + "\n")
+    md_path = out / "study.md"
+    md_path.write_text(study_markdown(r, images=images, command=command))
+    return [json_path, md_path, *paths]
+
+
+# -- `painters study` -------------------------------------------------------------------------------------------
+
+
+def parse_counts(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--counts takes comma-separated layer counts like 2,6,10, got {text!r}") from None
+    return counts or None
+
+
+def study_command(
+    tasks: Annotated[str, typer.Option("--tasks", "--task", "-t", help="comma-separated, e.g. "
+                                       "lambada_openai,hellaswag,arc_easy")],
+    out: Annotated[Path, typer.Option(help="directory for study.json, study.md, the plots and the result cache")],
+    url: Annotated[str, typer.Option(help="the server's base URL")] = "http://127.0.0.1:8000",
+    limit: Annotated[int, typer.Option(help="the first N items of each task", min=1)] = 100,
+    seeds: Annotated[int, typer.Option(help="random-order seeds averaged", min=1)] = 3,
+    counts: Annotated[str | None, typer.Option(help="affected-layer counts, e.g. 2,6,10 (default: about six from 2 "
+                                               "to the whole middle)")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="directory laid out like ../shared/data")] = None,
+    concurrency: Annotated[int, typer.Option(help="requests in flight", min=1)] = 16,
+    num_fewshot: Annotated[int, typer.Option(help="GSM8K examples in the prompt", min=0)] = 5,
+    max_gen_tokens: Annotated[int, typer.Option(help="GSM8K: new tokens at most", min=1)] = 256,
+    probe: Annotated[bool, typer.Option(help="probe layer similarity for the shared-space claim")] = True,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="model name in the request body")] = None,
+    api_key: Annotated[str | None, typer.Option(help="sent as 'Authorization: Bearer KEY'")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print study.json's object instead of the claims")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """The paper's sweep: skip, middle repeat, reverse, random order, parallel and looped parallel over the number of
+    affected middle layers; plots, study.json and study.md with each claim checked. Cached: a rerun resumes."""
+    quiet_http_logs(verbose=verbose)
+    try:
+        loaded = load_tasks(task_names(tasks), data_dir=data_dir, limit=limit, num_fewshot=num_fewshot)
+        with progress_bar() as bars:
+            result = asyncio.run(run_study(url, loaded, out, counts=parse_counts(counts), seeds=seeds,
+                                           concurrency=concurrency, max_gen_tokens=max_gen_tokens, probe=probe,
+                                           model=model, api_key=api_key, progress=bars))
+        command = (f"painters study --url {url} --tasks {tasks} --limit {limit} --seeds {seeds} --out {out}"
+                   + (f" --counts {counts}" if counts else "") + (f" --data-dir {data_dir}" if data_dir else ""))
+        paths = write_outputs(result, out, command=command)
+    except (DataError, EvalError, PaintersError, ValueError, OSError) as e:
+        raise fail(str(e)) from None
+    except httpx.HTTPError as e:
+        raise fail(f"{url}: {type(e).__name__}: {e}") from None
+    if as_json:
+        typer.echo(json.dumps(result.to_json()))
+        return
+    t = TextTable([Column("claim", keep_whole=True), Column("verdict"), Column("evidence")],
+                  title=f"{result.model}: the paper's claims")
+    for c in check_claims(result):
+        t.add_row(c.claim, c.verdict, c.evidence)
+    t.print(console)
+    console.print("wrote " + ", ".join(map(str, paths)), markup=False, highlight=False, soft_wrap=True)
