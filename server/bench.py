@@ -159,12 +159,11 @@ def run_bench(
         from server.loader import load_model
 
         loaded = load_model(model, device=dev, dtype=dtype)
-        tokenizer = loaded.tokenizer
-        prompt_ids = tokenizer.encode(PROMPT, add_special_tokens=False)
     if random_weights:
         engine = Engine.from_hf(hf_model, tokenizer, device=dev, dtype=dtype, name=model)
     else:
         engine = Engine.from_loaded(loaded, name=model)
+        prompt_ids = engine.encode(PROMPT)  # as the server encodes it (Gemma: with its <bos>)
     L = engine.num_layers
     hf_tok_s = None
     if baseline:

@@ -73,11 +73,12 @@ def generate(
         engine.compile(parsed)
     except (PolicyError, SamplingError, ModelLoadError, ValueError) as e:
         raise _fail(str(e)) from None
-    text = prompt
-    if chat:
-        text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                    add_generation_prompt=True)
-    result = engine.generate([text], policy=parsed, params=params)[0]
+    inputs: str | list[int] = prompt
+    if chat:  # the template writes its special tokens (a BOS) itself: encode it without adding them again
+        inputs = engine.encode(loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                                  tokenize=False, add_generation_prompt=True),
+                             add_special_tokens=False)
+    result = engine.generate([inputs], policy=parsed, params=params)[0]
     if as_json:
         t = result.timings
         out = asdict(result)

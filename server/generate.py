@@ -401,9 +401,13 @@ class Engine:
     def compile(self, policy: Policy | str | dict | None) -> Schedule:
         return compile_schedule(as_policy(policy), self.num_layers)
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
+    def encode(self, prompt: str | list[int], *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a prompt: text gets the special tokens its tokenizer adds by default (Gemma's <bos>; none for
+        SmolLM2), as vLLM's completions do; a rendered chat template already holds them (add_special_tokens=False).
+        Token ids pass through as they are."""
         if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt, add_special_tokens=False)) or [self._fallback_bos()]
+            ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+            return list(ids) or [self._fallback_bos()]
         return list(prompt)
 
     def kv_bytes_per_slot_token(self) -> int:

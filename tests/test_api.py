@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from server.generate import Engine
 from server.settings import Settings
-from tests.conftest import CharTokenizer, tiny_llama
+from tests.conftest import CharTokenizer, bos_word_tokenizer, tiny_llama
 from tests.serving import MAX_LEN, MODEL, metric_value, serving, settings, tiny_engine, wait_ready
 
 TIMING_HEADERS = ("x-queue-time", "x-prefill-time", "x-decode-time", "x-time-to-first-token", "x-time-per-token",
@@ -551,6 +551,28 @@ def test_tokenize_detokenize_and_tokenizer_info(client):
     assert info["tokenizer_class"] == "CharTokenizer" and info["vocab_size"] == 128
     assert info["eos_token_id"] == 2 and info["bos_token_id"] == 1 and info["model_max_length"] == MAX_LEN
     assert info["chat_template"] is None
+
+
+def test_prompt_ids_are_the_tokenizers_with_its_default_special_tokens():
+    """A tokenizer that adds <bos> by default (Gemma's): completions, /generate and /tokenize run the ids the tokenizer
+    gives; chat and /tokenize of messages run its template's ids, whose <bos> is not added twice."""
+    tok = bos_word_tokenizer()
+    want = tok("hello world").input_ids
+    chat = [{"role": "user", "content": "hi there"}]
+    chat_ids = tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)["input_ids"]
+    assert want[0] == tok.bos_token_id and chat_ids.count(tok.bos_token_id) == 1
+    with serving(settings(), tiny_engine(tok)) as c:
+        assert c.post("/tokenize", json={"prompt": "hello world"}).json()["tokens"] == want
+        no_special = c.post("/tokenize", json={"prompt": "hello world", "add_special_tokens": False}).json()
+        assert no_special["tokens"] == want[1:]
+        assert complete(c, prompt="hello world", max_tokens=1).json()["usage"]["prompt_tokens"] == len(want)
+        r = c.post("/generate", json={"inputs": "hello world", "parameters": {
+            "max_new_tokens": 1, "decoder_input_details": True, "details": True}})
+        assert [t["id"] for t in r.json()["details"]["prefill"]] == want
+        assert c.post("/tokenize", json={"messages": chat}).json()["tokens"] == chat_ids
+        r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": chat, "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(chat_ids)
 
 
 def test_health_ready_openapi(client):

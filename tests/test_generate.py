@@ -9,7 +9,7 @@ import torch
 
 from server.generate import Engine
 from server.sampling import SamplingError, SamplingParams
-from tests.conftest import CharTokenizer, tiny_llama
+from tests.conftest import CharTokenizer, bos_word_tokenizer, tiny_llama
 
 POLICIES = ["full", "skip:2", "pairs:1-4", "parallel:1-4", "loop:1-4x2", "reverse:1-4", "shuffle:1-4:3", "repeat:1-4",
             "schedule:0,1+3/sum,2,2,4-5"]
@@ -163,6 +163,21 @@ def test_timings_are_filled(tiny_engine):
 def test_text_prompt_uses_tokenizer(tiny_engine):
     r = tiny_engine.generate("hello", params=SamplingParams(max_tokens=2, ignore_eos=True))[0]
     assert r.prompt_token_ids == CharTokenizer().encode("hello")
+
+
+def test_text_prompts_get_the_special_tokens_the_tokenizer_adds_by_default():
+    """Gemma's tokenizer adds <bos> by default and the model needs it; a rendered chat template holds it already."""
+    tok = bos_word_tokenizer()
+    engine = Engine.from_hf(tiny_llama(), tok, device="cpu")
+    assert engine.encode("hello world") == tok("hello world").input_ids == [1, 3, 4]
+    r = engine.generate("hello world", params=SamplingParams(max_tokens=2, ignore_eos=True))[0]
+    assert r.prompt_token_ids == [1, 3, 4]
+    chat = [{"role": "user", "content": "hi there"}]
+    text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    ids = engine.encode(text, add_special_tokens=False)
+    assert ids == tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)["input_ids"]
+    assert ids.count(1) == 1
+    assert engine.encode([5, 6]) == [5, 6]  # token ids pass through
 
 
 @pytest.mark.parametrize("bad", [dict(max_tokens=-1), dict(temperature=-0.5), dict(top_p=0), dict(top_p=1.5),

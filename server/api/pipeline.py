@@ -26,6 +26,14 @@ from server.sampling import SamplingParams
 ParamsFor = Callable[[int, int], SamplingParams]
 
 
+def sse_responses(description: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI for a 200 that may be server-sent events: each event's `data` is a JSON frame (or "[DONE]")."""
+    event = {"type": "object", "required": ["data"], "properties": {
+        "data": {"type": "string", "description": "one JSON frame; OpenAI streams end with [DONE]"},
+        "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
+    return {200: {"content": {"text/event-stream": {"schema": event}}, "description": description}}
+
+
 @dataclass(frozen=True)
 class Chat:
     """A prompt given as chat messages, rendered by the model's chat template."""
@@ -89,8 +97,8 @@ async def tokenize(state: AppState, prompts: list[str | list[int]] | Chat) -> li
 
 def _tokenize(engine: Engine, prompts: list[str | list[int]] | Chat, vocab: int) -> list[Prompt]:
     if isinstance(prompts, Chat):
-        text = render_chat(engine, prompts)
-        return [Prompt(text, engine.encode(text))]
+        text = render_chat(engine, prompts)  # the template writes the special tokens (a BOS) itself, as in vLLM
+        return [Prompt(text, engine.encode(text, add_special_tokens=False))]
     out = []
     for item in prompts:
         if isinstance(item, str):

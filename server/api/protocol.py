@@ -169,7 +169,8 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = False
+    add_special_tokens: bool = Field(True, description="prompt: add the special tokens the tokenizer adds by default, "
+                                     "as completions do; messages never get them (their chat template writes them)")
     add_generation_prompt: bool = True
 
 
