@@ -137,3 +137,24 @@ def smollm2_engine(smollm2):
     from server.generate import Engine
 
     return Engine.from_loaded(smollm2, name="smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """The second embedded model, Gemma 3 270M (assembled from its part packages and converted once), float32."""
+    from server.loader import load_model
+
+    return load_model("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_hf(gemma3):
+    """transformers' Gemma3ForCausalLM of the same converted checkpoint (parity tests only)."""
+    return load_hf_model(gemma3.source)
+
+
+@pytest.fixture(scope="session")
+def gemma3_engine(gemma3):
+    from server.generate import Engine
+
+    return Engine.from_loaded(gemma3, name="gemma3-270m")
