@@ -22,8 +22,7 @@ from server.generate import Engine, GenerationResult
 from server.sampling import SamplingParams
 
 router = APIRouter(tags=["native"])
-EVENTS = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                "description": "server-sent events, one GenerateStreamEvent per token"}}
+EVENTS = pipeline.sse_responses("JSON, or server-sent events (one GenerateStreamEvent per token) when streaming")
 
 
 def _params(body: GenerateRequest) -> pipeline.ParamsFor:

@@ -25,8 +25,7 @@ from server.generate import Engine, GenerationResult
 from server.sampling import SamplingParams
 
 router = APIRouter(tags=["openai"])
-SSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-             "description": "JSON, or server-sent events when stream=true"}}
+SSE = pipeline.sse_responses("JSON, or server-sent events when stream=true")
 
 
 def get_state(request: Request) -> AppState:

@@ -1,0 +1,547 @@
+"""Reliability checks against a live Painters server, shared by tests/test_reliability.py (bounded sizes, in
+`make test`) and `make reliability` (`python -m tests.reliability`: full sizes, one table).
+
+Each check drives a real server over real sockets and returns a dataclass of what it saw: schemathesis fuzzing of
+every OpenAPI operation, an overload burst, a mid-stream disconnect, hostile inputs, and a soak. `tiny_process`
+starts the app on the tiny in-memory model in its own process under `server.app.serve` (the real SIGTERM drain and
+engine-failure exit), so RSS, threads and open files are the server's alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.serving import HOST, ROOT, Process, free_port, metric_value, wait_until
+
+MODEL = "tiny"
+STREAM_TIMEOUT = 60.0  # seconds: a request still unanswered by then counts as a hang
+
+
+# -- the tiny server in its own process ---------------------------------------------------------------------------------
+
+
+def _serve_main(argv: list[str]) -> int:
+    """`python -m tests.reliability serve PORT [--step-delay S] [--die-after N]`: the tiny model under
+    server.app.serve; settings come from PAINTERS_* variables."""
+    import torch
+
+    from server.app import create_app, serve
+    from server.generate import Engine
+    from server.settings import Settings
+    from tests.conftest import CharTokenizer, tiny_llama
+
+    port = int(argv[0])
+    opts = dict(zip(argv[1::2], argv[2::2]))
+    delay = float(opts.get("--step-delay", 0))
+    die_after = int(opts.get("--die-after", -1))
+    torch.set_num_threads(1)
+
+    class EngineFault(BaseException):
+        """Not an Exception: it escapes the loop's per-step handler, as a real fatal fault would."""
+
+    class TestEngine(Engine):
+        started = 0
+
+        def new_sequence(self, *args: Any, **kwargs: Any):
+            TestEngine.started += 1
+            if TestEngine.started == die_after:
+                raise EngineFault("injected engine fault")
+            return super().new_sequence(*args, **kwargs)
+
+        def new_batch(self, **kwargs: Any):
+            batch = super().new_batch(**kwargs)
+            if delay:
+                step = batch.step
+                batch.step = lambda: (time.sleep(delay), step())[1]  # type: ignore[method-assign]
+            return batch
+
+    settings = Settings(model=MODEL)  # the rest from PAINTERS_* variables
+    app = create_app(settings, engine_factory=lambda s: TestEngine.from_hf(tiny_llama(), CharTokenizer()))
+    return serve(app, host=HOST, port=port, log_level="warning")
+
+
+@contextmanager
+def tiny_process(tmp: Path, *, step_delay: float = 0.0, die_after: int = -1, env: dict[str, str] | None = None,
+                 timeout: float = 120) -> Iterator[Process]:
+    """The tiny-model server in a child process on a free port, yielded once /ready is 200; terminated after."""
+    port = free_port()
+    args = [sys.executable, "-m", "tests.reliability", "serve", str(port), "--step-delay", str(step_delay),
+            "--die-after", str(die_after)]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), "PAINTERS_MAX_MODEL_LEN": "128",
+                **(env or {})}
+    log = tmp / f"tiny-{port}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env,
+                                start_new_session=True)
+    p = Process(proc, f"http://{HOST}:{port}", log)
+    try:
+        wait_until(lambda: httpx.get(f"{p.url}/ready", timeout=2).status_code == 200, timeout=timeout,
+                   what="the tiny server's /ready", interval=0.1, alive=p.death)
+        yield p
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+# -- helpers --------------------------------------------------------------------------------------------------------
+
+
+def scrape(url: str, **headers: str) -> str:
+    return httpx.get(f"{url}/metrics", timeout=10, headers=headers).text
+
+
+def gauges(url: str) -> tuple[float, float, float]:
+    """(running, waiting, KV usage) from /metrics."""
+    text = scrape(url)
+    return (metric_value(text, "painters:num_requests_running"), metric_value(text, "painters:num_requests_waiting"),
+            metric_value(text, "painters:kv_slots_usage_perc"))
+
+
+def engine_steps(url: str) -> float:
+    """Engine steps so far that decoded or prefilled anything (one StepStats per policy present: one policy here)."""
+    return metric_value(scrape(url), "painters:step_duration_seconds_count")
+
+
+def wait_idle(url: str, timeout: float = 60) -> bool:
+    try:
+        wait_until(lambda: gauges(url) == (0.0, 0.0, 0.0), timeout=timeout, what="gauges back to 0", interval=0.05)
+        return True
+    except TimeoutError:
+        return False
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# -- fuzzing --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FuzzResult:
+    operations: int = 0
+    cases: int = 0
+    server_errors: int = 0
+    schema_violations: int = 0
+    hangs: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)  # answers by HTTP status
+    failures: list[str] = field(default_factory=list)  # one line each (operation: what failed)
+
+    @property
+    def failed(self) -> int:
+        return self.server_errors + self.schema_violations + self.hangs
+
+
+def fuzz(url: str, *, examples: int) -> FuzzResult:
+    """schemathesis against the live /openapi.json: every operation, `examples` schema-valid cases and `examples`
+    schema-violating ones each. Checked: no 5xx, every response (status, content type, body, headers) conforms to
+    the schema, none takes longer than STREAM_TIMEOUT."""
+    import schemathesis
+    from schemathesis import GenerationMode
+    from schemathesis import checks as st_checks
+
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    result = FuzzResult()
+    chosen = [st_checks.not_a_server_error, st_checks.status_code_conformance, st_checks.content_type_conformance,
+              st_checks.response_schema_conformance, st_checks.response_headers_conformance]
+    for op in schema.get_all_operations():
+        operation = op.ok()
+        result.operations += 1
+        label = f"{operation.method.upper()} {operation.path}"
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            _fuzz_operation(url, operation, mode, label, examples, chosen, result)
+    return result
+
+
+def _fuzz_operation(url: str, operation: Any, mode: Any, label: str, examples: int, chosen: list[Any],
+                    result: FuzzResult) -> None:
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis import GenerationMode
+
+    try:
+        strategy = operation.as_strategy(mode)
+    except Exception:  # noqa: BLE001 - nothing to violate (an operation without parameters or body)
+        return
+
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck), print_blob=False)
+    @given(case=strategy)
+    def run(case: Any) -> None:
+        result.cases += 1
+        if mode == GenerationMode.POSITIVE and isinstance(case.body, dict) and result.cases % 2:
+            # Half the valid cases name this server's model and a real policy, so generation runs (not just a 404
+            # for a random model name or a 400 for a random policy string).
+            case.body.pop("model", None)
+            for where in (case.body, case.body.get("parameters")):
+                if isinstance(where, dict) and "policy" in where:
+                    where["policy"] = SOAK_POLICIES[result.cases % len(SOAK_POLICIES)]
+        try:
+            response = case.call(base_url=url, timeout=STREAM_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - a timeout or a dropped connection: the server hung or died
+            result.hangs += 1
+            result.failures.append(f"{label}: no answer ({type(e).__name__})")
+            return
+        result.statuses[response.status_code] = result.statuses.get(response.status_code, 0) + 1
+        try:
+            case.validate_response(response, checks=chosen)
+        except Exception as e:  # noqa: BLE001 - schemathesis raises one failure (or a group) per case
+            text = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+            if response.status_code >= 500:
+                result.server_errors += 1
+            else:
+                result.schema_violations += 1
+            result.failures.append(f"{label} ({mode.value}): HTTP {response.status_code}: "
+                                   f"{' | '.join(text[:2])[:200]}")
+
+    try:
+        run()
+    except Exception as e:  # noqa: BLE001 - hypothesis could not generate (e.g. an unsatisfiable negative schema)
+        if "Unsatisfiable" not in type(e).__name__ and "unsatisfiable" not in str(e).lower():
+            raise
+
+
+# -- overload -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OverloadResult:
+    sent: int
+    completed: int
+    refused: int
+    other: list[str]
+    refusal_p50_s: float
+    refusal_p99_s: float
+    retry_after_missing: int
+    idle_after: bool
+
+
+def overload(url: str, *, capacity: int, factor: int = 4, max_tokens: int = 32) -> OverloadResult:
+    """A burst of factor x capacity requests at once: the excess must be refused with 429 + Retry-After (timed), the
+    admitted ones complete, and the running/waiting gauges and KV use return to 0."""
+    n = factor * capacity
+    barrier = threading.Barrier(n)
+    body = {"model": MODEL, "prompt": "overload", "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
+
+    def one(_: int) -> tuple[int, float, str | None]:
+        with httpx.Client(timeout=STREAM_TIMEOUT) as c:
+            barrier.wait()
+            t0 = time.perf_counter()
+            r = c.post(f"{url}/v1/completions", json=body)
+            return r.status_code, time.perf_counter() - t0, r.headers.get("retry-after")
+
+    with ThreadPoolExecutor(n) as pool:
+        outcomes = list(pool.map(one, range(n)))
+    refusals = [dt for status, dt, _ in outcomes if status == 429]
+    return OverloadResult(
+        sent=n, completed=sum(1 for s, _, _ in outcomes if s == 200), refused=len(refusals),
+        other=[str(s) for s, _, _ in outcomes if s not in (200, 429)],
+        refusal_p50_s=pct(refusals, 0.5), refusal_p99_s=pct(refusals, 0.99),
+        retry_after_missing=sum(1 for s, _, h in outcomes if s == 429 and not h), idle_after=wait_idle(url))
+
+
+# -- disconnects ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DisconnectResult:
+    events_read: int
+    steps_to_free: float  # engine steps between the socket's close and the gauges back at 0
+    seconds_to_free: float
+    freed: bool
+
+
+def disconnect(url: str, *, max_tokens: int = 100) -> DisconnectResult:
+    """Open a real socket, start a streamed completion, read a few events, close the socket; count the engine steps
+    until the running gauge and KV use are back at 0."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": MODEL, "prompt": "disconnect me", "max_tokens": max_tokens, "ignore_eos": True,
+                       "stream": True, "temperature": 0})
+    sock = socket.create_connection((host, int(port)), timeout=STREAM_TIMEOUT)
+    sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+    seen = b""
+    while seen.count(b"data:") < 3:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        seen += chunk
+    sock.close()
+    t0 = time.perf_counter()
+    before = engine_steps(url)
+    freed = wait_idle(url, timeout=30)
+    return DisconnectResult(events_read=seen.count(b"data:"), steps_to_free=engine_steps(url) - before,
+                            seconds_to_free=time.perf_counter() - t0, freed=freed)
+
+
+# -- hostile inputs -------------------------------------------------------------------------------------------------
+
+
+def hostile_inputs() -> list[tuple[str, str, str | dict[str, Any]]]:
+    """(name, path, JSON body or raw text) of inputs a hostile client sends."""
+    deep = 50_000
+    return [
+        ("300-step schedule", "/v1/completions",
+         {"prompt": "x", "max_tokens": 4, "policy": {"kind": "schedule", "steps": [[0, 2, 4]] * 300}}),
+        ("300-step schedule string", "/v1/completions",
+         {"prompt": "x", "max_tokens": 4, "policy": "schedule:" + ",".join(["0+2+4"] * 300)}),
+        ("4096-step schedule", "/v1/completions", {"prompt": "x", "max_tokens": 1, "policy": "schedule:0-4095"}),
+        ("huge policy string", "/v1/completions", {"prompt": "x", "policy": "schedule:" + "0," * 100_000 + "0"}),
+        ("deeply nested list", "/v1/completions", '{"prompt": "x", "policy": ' + "[" * deep + "]" * deep + "}"),
+        ("deeply nested object", "/generate", '{"inputs": "x", "parameters": ' + '{"a":' * deep + "1" + "}" * deep
+         + "}"),
+        ("nested policy object", "/v1/completions", {"prompt": "x", "policy": {"kind": "schedule", "steps": [
+            {"layers": [[[[0]]]]}]}}),
+        ("huge max_tokens", "/v1/completions", {"prompt": "x", "max_tokens": 10**40}),
+        ("huge skip count", "/v1/completions", {"prompt": "x", "policy": {"kind": "skip", "count": 10**40}}),
+        ("huge loop count", "/v1/completions", {"prompt": "x", "policy": "loop:0-5x" + "9" * 400}),
+        ("huge shuffle seed", "/v1/completions", {"prompt": "x", "max_tokens": 2, "policy": "shuffle:1-4:" + "7" * 1000}),
+        ("huge token id", "/v1/completions", '{"prompt": [' + "9" * 5000 + "]}"),
+        ("huge seed", "/v1/completions", {"prompt": "x", "seed": 10**30}),
+        ("max_tokens as float overflow", "/v1/completions", '{"prompt": "x", "max_tokens": 1e400}'),
+        ("unicode digits in policy", "/v1/completions", {"prompt": "x", "policy": "skip:\uff11\uff10"}),
+        ("unicode kind", "/v1/completions", {"prompt": "x", "policy": "sk\u0131p:2"}),
+        ("NUL in policy", "/v1/completions", {"prompt": "x", "policy": "full\u0000"}),
+        ("lone surrogate suffix", "/v1/completions", '{"prompt": "x", "model": "tiny@\\ud800"}'),
+        ("RTL and emoji policy", "/v1/completions", {"prompt": "x", "policy": "\u202eskip:2\U0001f600"}),
+        ("policy object as string", "/v1/completions", {"prompt": "x", "policy": '{"kind": "loop", "times": 1e9}'}),
+        ("5 MB prompt", "/v1/completions", {"prompt": "x" * 5_000_000}),
+        ("many prompts", "/v1/completions", {"prompt": ["x"] * 10_000, "max_tokens": 1}),
+        ("n x prompts", "/v1/completions", {"prompt": ["x"] * 64, "n": 16, "max_tokens": 1}),
+        ("many stop strings", "/v1/completions", {"prompt": "x", "stop": ["a"] * 10_000}),
+        ("top_p 5e-324", "/generate", {"inputs": "x", "parameters": {"do_sample": True, "top_p": 5e-324}}),
+        ("temperature 1e-300", "/v1/completions", {"prompt": "x", "max_tokens": 2, "temperature": 1e-300}),
+        ("probe too many tokens", "/v1/probe", {"prompts": ["x" * 100] * 64}),
+        ("detokenize a million ids", "/detokenize", {"tokens": [5] * 400_000}),
+    ]
+
+
+@dataclass
+class HostileResult:
+    tried: int
+    statuses: dict[str, int]
+    server_errors: list[str]
+    slowest_s: float
+    healthy_after: bool
+
+
+def hostile(url: str) -> HostileResult:
+    statuses, errors, slowest = {}, [], 0.0
+    with httpx.Client(timeout=STREAM_TIMEOUT) as c:
+        for name, path, body in hostile_inputs():
+            t0 = time.perf_counter()
+            if isinstance(body, str):
+                r = c.post(f"{url}{path}", content=body, headers={"content-type": "application/json"})
+            else:
+                r = c.post(f"{url}{path}", json=body)
+            slowest = max(slowest, time.perf_counter() - t0)
+            statuses[name] = r.status_code
+            if r.status_code >= 500:
+                errors.append(f"{name}: {r.status_code} {r.text[:200]}")
+        ok = c.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "ok", "max_tokens": 2})
+        healthy = ok.status_code == 200 and c.get(f"{url}/health").status_code == 200
+    return HostileResult(len(statuses), statuses, errors, slowest, healthy and wait_idle(url))
+
+
+# -- soak -----------------------------------------------------------------------------------------------------------
+
+# The tiny model has 6 layers; the most expensive valid policies run every layer many times.
+SOAK_POLICIES = ["full", "skip:2", "pairs", "parallel", "reverse", "shuffle:1-4:3", "repeat", "loop:x3",
+                 "loop:0-5x8", "schedule:0-5,0-5,0-5,0-5", "schedule:" + ",".join(["0+1+2+3+4+5"] * 20)]
+
+
+@dataclass
+class SoakResult:
+    requests: int
+    ok: int
+    intended_4xx: int
+    disconnects: int
+    failures: list[str]
+    rss_mb: list[tuple[int, float]]  # (requests done, server RSS in MB)
+    threads: tuple[int, int]  # after warm-up, at the end
+    fds: tuple[int, int]
+    wall_s: float
+
+    @property
+    def rss_drift(self) -> float:
+        """End RSS relative to RSS after warm-up (the first fifth of the requests)."""
+        warm = [mb for done, mb in self.rss_mb if done >= self.requests // 5]
+        return warm[-1] / warm[0] - 1 if len(warm) > 1 else 0.0
+
+
+def soak(url: str, pid: int, *, requests: int, concurrency: int = 8, seed: int = 0,
+         progress: Callable[[int], None] | None = None) -> SoakResult:
+    """`requests` requests at `concurrency`: random policies, lengths, streaming on and off, some disconnects.
+    Intended 4xx: KV budget and queue refusals. Samples the server's RSS, threads and open files as it goes."""
+    import psutil
+
+    server = psutil.Process(pid)
+    rng = random.Random(seed)
+    plans = [(rng.choice(SOAK_POLICIES), rng.randint(1, 40), rng.randint(1, 48), rng.random() < 0.5,
+              rng.random() < 0.05, rng.choice(["/v1/completions", "n=2", "/generate"]))
+             for _ in range(requests)]
+    lock = threading.Lock()
+    ok = intended = disconnects = done = 0
+    failures: list[str] = []
+    rss: list[tuple[int, float]] = []
+    marks: dict[str, tuple[int, int]] = {}
+    warm_at = requests // 5
+    every = max(1, requests // 20)
+
+    def sample() -> None:
+        rss.append((done, server.memory_info().rss / 2**20))
+        if done >= warm_at and "warm" not in marks:
+            marks["warm"] = (server.num_threads(), server.num_fds())
+
+    def one(plan: tuple[str, int, int, bool, bool, str]) -> None:
+        nonlocal ok, intended, disconnects, done
+        policy, prompt_len, max_tokens, streaming, drop, path = plan
+        prompt = ("soak " * 20)[:prompt_len]
+        if path == "/generate":
+            body: dict[str, Any] = {"inputs": prompt, "parameters": {"max_new_tokens": max_tokens, "policy": policy}}
+            path = "/generate_stream" if streaming else path
+        elif path == "n=2":  # two sampled choices (the tiny tokenizer has no chat template: fuzzing covers chat)
+            path = "/v1/completions"
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "policy": policy,
+                    "stream": streaming, "n": 2, "temperature": 0.7, "seed": max_tokens}
+        else:
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "policy": policy,
+                    "stream": streaming, "logprobs": 2 if not streaming else None}
+        outcome = "ok"
+        try:
+            with httpx.Client(timeout=STREAM_TIMEOUT) as c:
+                if streaming or drop:
+                    with c.stream("POST", f"{url}{path}", json={**body, "stream": True} if "prompt" in body
+                                  else body) as r:
+                        if r.status_code != 200:
+                            r.read()
+                            outcome = _classify(r.status_code, r.text)
+                        else:
+                            for n, line in enumerate(r.iter_lines()):
+                                if drop and n >= 2:
+                                    outcome = "disconnect"
+                                    break
+                                if '"error"' in line:
+                                    outcome = f"stream error: {line[:200]}"
+                else:
+                    r = c.post(f"{url}{path}", json=body)
+                    outcome = "ok" if r.status_code == 200 else _classify(r.status_code, r.text)
+        except httpx.HTTPError as e:
+            outcome = f"{type(e).__name__}: {e}"
+        with lock:
+            done += 1
+            if outcome == "ok":
+                ok += 1
+            elif outcome == "intended":
+                intended += 1
+            elif outcome == "disconnect":
+                disconnects += 1
+            else:
+                failures.append(f"{policy} {path}: {outcome}")
+            if done % every == 0:
+                sample()
+                if progress:
+                    progress(done)
+
+    t0 = time.perf_counter()
+    sample()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, plans))
+    wait_idle(url)
+    time.sleep(0.5)
+    sample()
+    warm = marks.get("warm", (server.num_threads(), server.num_fds()))
+    return SoakResult(requests, ok, intended, disconnects, failures, rss, (warm[0], server.num_threads()),
+                      (warm[1], server.num_fds()), time.perf_counter() - t0)
+
+
+def _classify(status: int, text: str) -> str:
+    if status == 429 or (status == 400 and "kv_budget_exceeded" in text):
+        return "intended"
+    return f"HTTP {status}: {text[:200]}"
+
+
+# -- make reliability ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "serve":
+        return _serve_main(argv[1:])
+    import tempfile
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from tests.serving import serve_tiny
+
+    console = Console()
+    examples = int(os.environ.get("FUZZ_EXAMPLES", "300"))
+    soak_requests = int(os.environ.get("SOAK_REQUESTS", "1000"))
+    rows: list[tuple[str, str]] = []
+    console.print(f"[bold]fuzzing[/] every operation, {examples} cases each ...")
+    with serve_tiny() as url:
+        f = fuzz(url, examples=examples)
+        rows.append(("fuzz: operations / cases", f"{f.operations} / {f.cases}"))
+        rows.append(("fuzz: server errors / schema violations / hangs",
+                     f"{f.server_errors} / {f.schema_violations} / {f.hangs}"))
+        for line in f.failures[:10]:
+            console.print("  " + line, markup=False)
+        console.print("[bold]hostile inputs[/] ...")
+        h = hostile(url)
+        rows.append(("hostile inputs tried / 5xx / healthy after",
+                     f"{h.tried} / {len(h.server_errors)} / {'yes' if h.healthy_after else 'NO'}"))
+        rows.append(("hostile: slowest answer", f"{h.slowest_s * 1e3:.0f} ms"))
+    with serve_tiny(queue_capacity=8, max_num_seqs=4) as url:
+        console.print("[bold]overload[/] ...")
+        o = overload(url, capacity=8)
+        rows.append(("overload 4 x 8: completed / 429 / other", f"{o.completed} / {o.refused} / {len(o.other)}"))
+        rows.append(("overload: refusal p50 / p99", f"{o.refusal_p50_s * 1e3:.1f} ms / {o.refusal_p99_s * 1e3:.1f} ms"))
+        rows.append(("overload: gauges and KV back to 0", "yes" if o.idle_after else "NO"))
+        d = [disconnect(url) for _ in range(5)]
+        rows.append(("disconnect: engine steps to free rows and KV (max of 5)",
+                     f"{max(x.steps_to_free for x in d):.0f} ({max(x.seconds_to_free for x in d) * 1e3:.0f} ms)"))
+    console.print(f"[bold]soak[/]: {soak_requests} requests at 8 concurrent ...")
+    with tempfile.TemporaryDirectory() as tmp, tiny_process(Path(tmp)) as p:
+        s = soak(p.url, p.proc.pid, requests=soak_requests,
+                 progress=lambda n: console.print(f"  {n} done", highlight=False) if n % 200 == 0 else None)
+    rows.append(("soak: requests / ok / intended 4xx / disconnects / failures",
+                 f"{s.requests} / {s.ok} / {s.intended_4xx} / {s.disconnects} / {len(s.failures)}"))
+    rows.append(("soak: RSS drift after warm-up", f"{s.rss_drift * 100:+.1f} %"))
+    rows.append(("soak: RSS over time (MB)", " ".join(f"{mb:.0f}" for _, mb in s.rss_mb)))
+    rows.append(("soak: threads / open files (warm -> end)", f"{s.threads[0]} -> {s.threads[1]} / "
+                 f"{s.fds[0]} -> {s.fds[1]}"))
+    rows.append(("soak: wall time", f"{s.wall_s:.0f} s"))
+    for line in s.failures[:10]:
+        console.print("  " + line, markup=False)
+    table = Table(title="make reliability")
+    table.add_column("check")
+    table.add_column("result")
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+    bad = f.failed or h.server_errors or not h.healthy_after or o.other or not o.idle_after or s.failures \
+        or abs(s.rss_drift) > 0.10 or s.threads[1] > s.threads[0] or s.fds[1] > s.fds[0] \
+        or not all(x.freed for x in d)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
