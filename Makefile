@@ -31,6 +31,11 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
+# Full-size reliability checks on real sockets, one table: fuzz cases and failures, overload refusal p99, disconnect
+# cleanup steps, hostile inputs, a 1,000-request soak with RSS over time (make test runs bounded versions).
+reliability: setup
+	$(BIN)/python -m tests.reliability
+
 bench: setup
 	$(BIN)/painters bench --model $(MODEL)
 
