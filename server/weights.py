@@ -184,8 +184,9 @@ def _decoder_prefix(files: dict[str, Path], directory: Path) -> str:
         if f"{prefix}embed_tokens.weight" in files:
             return prefix
     raise CheckpointError(
-        f"{directory} has no decoder embeddings (looked for {', '.join(p + 'embed_tokens.weight' for p in _DECODER_PREFIXES)}); "
-        "is it a causal language model saved by transformers?"
+        f"{directory} has no decoder embeddings (looked for "
+        f"{', '.join(p + 'embed_tokens.weight' for p in _DECODER_PREFIXES)}); "
+        "is it a language model saved by transformers?"
     )
 
 

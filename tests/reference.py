@@ -59,7 +59,7 @@ LLAMA3_ROPE: dict[str, Any] = {
 }
 
 # Gemma 3: windowed layers with global ones every third layer (2, 5), a window shorter than the test sequences, a
-# head_dim that is not d / heads, a query scale that is not head_dim^-1/2, and the local RoPE base apart from the global.
+# head_dim that is not d / heads, a query scale that is not head_dim^-1/2, and local and global RoPE bases apart.
 _GEMMA: dict[str, Any] = dict(
     _COMMON, head_dim=24, sliding_window=5, sliding_window_pattern=3, query_pre_attn_scalar=40,
 )
@@ -115,13 +115,15 @@ def tiny_model(name: str, seed: int = 0) -> Any:
 @functools.cache
 def tiny_multimodal_gemma(seed: int = 0) -> Any:
     """A `gemma3` (image-text) model whose language model is tiny_model("gemma3")'s, with a one-layer vision tower:
-    what a multimodal Gemma 3 checkpoint looks like (Painters serves its text part). Cached: tests must not modify it."""
+    what a multimodal Gemma 3 checkpoint looks like (Painters serves its text part). Cached: tests must not modify
+    it."""
     from transformers import Gemma3Config, SiglipVisionConfig
 
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                 image_size=28, patch_size=14)
-    cfg = Gemma3Config(text_config=_configs()["gemma3"].to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
-                       boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2, image_token_index=VOCAB - 1)
+    cfg = Gemma3Config(text_config=_configs()["gemma3"].to_dict(), vision_config=vision.to_dict(),
+                       mm_tokens_per_image=4, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2,
+                       image_token_index=VOCAB - 1)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").to(torch.float32).eval()
     text = tiny_model("gemma3", seed)
