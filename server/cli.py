@@ -20,7 +20,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Painters: pe
 console = Console()
 err = Console(stderr=True)
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="alias (smollm2-135m), HF directory, .gguf file or hub id")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m",
+                                        help="alias (smollm2-135m, gemma3-270m), HF directory, .gguf file or hub id")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or cuda:N; default: cuda when present")]
 
 

