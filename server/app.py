@@ -117,7 +117,25 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     app.add_middleware(Guard, state=state, keys=keys, open_paths=open_paths)
     if keys:
         log.info("API keys required (%d accepted) on every endpoint but %s", len(keys), ", ".join(sorted(open_paths)))
+        _document_bearer(app, open_paths)
     return app
+
+
+def _document_bearer(app: FastAPI, open_paths: frozenset[str]) -> None:
+    """Say in /openapi.json that every operation but `open_paths` wants `Authorization: Bearer` (the guard checks)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = build()
+            spec.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, ops in spec["paths"].items():
+                for op in ops.values():
+                    op["security"] = [] if path in open_paths else [{"bearer": []}]
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class Server(uvicorn.Server):

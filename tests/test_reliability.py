@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -125,7 +126,7 @@ def test_a_long_prompt_is_tokenized_off_the_event_loop():
             return super().encode(text, add_special_tokens)
 
     with serving(settings(), lambda s: Engine.from_hf(tiny_llama(), SlowTokenizer())) as c:
-        with __import__("concurrent.futures").futures.ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(1) as pool:
             slow = pool.submit(c.post, "/v1/completions", json={"model": MODEL, "prompt": "slow", "max_tokens": 1})
             assert started.wait(10)
             t0 = time.perf_counter()
@@ -147,9 +148,7 @@ def test_overload_burst_excess_is_refused_fast_and_admitted_ones_complete():
 
 
 def test_a_closed_socket_frees_its_rows_and_kv_within_one_engine_step():
-    # A wider tiny model: ~10 ms steps, so a step is long next to the time the close takes to arrive.
-    with serve_tiny(model_factory=lambda: tiny_llama(hidden_size=256, intermediate_size=1024, num_attention_heads=8,
-                                                     num_key_value_heads=4)) as u:
+    with serve_tiny(model_factory=rel.wide_tiny) as u:
         results = [rel.disconnect(u) for _ in range(3)]
     for r in results:
         assert r.events_read >= 3 and r.freed, r
@@ -170,7 +169,7 @@ def test_poisoned_sampling_values_beside_a_long_request_leave_it_unharmed(url):
         ("/v1/completions", {"prompt": "x", "top_p": 5e-324, "temperature": 1e300}),  # refused: out of range
     ]
     out: dict[str, httpx.Response] = {}
-    with __import__("concurrent.futures").futures.ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(2) as pool:
         long_run = pool.submit(completion, url, **long_body)
         for path, body in poisoned:
             r = httpx.post(f"{url}{path}", json=body, timeout=60)
