@@ -204,6 +204,10 @@ def test_api_keys_several_and_from_a_file_on_every_endpoint(tmp_path, caplog):
                      401)
         for open_path in ("/health", "/ready", "/metrics"):
             assert c.get(open_path).status_code == 200, open_path
+        spec = c.get("/openapi.json", headers={"Authorization": "Bearer k2"}).json()
+        assert spec["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+        assert spec["paths"]["/v1/completions"]["post"]["security"] == [{"bearer": []}]
+        assert spec["paths"]["/health"]["get"]["security"] == []
         assert "k1" not in repr(c.app.state.painters.settings)
     assert not [rec for rec in caplog.records if "k1" in rec.getMessage() or "file-key" in rec.getMessage()]
     with serving(settings(api_key="k1", metrics_require_key=True)) as c:
