@@ -540,8 +540,8 @@ def search_command(
     url: Annotated[str, typer.Option(help="the server's base URL")] = "http://127.0.0.1:8000",
     data: Annotated[Path | None, typer.Option(help="the task's data file, or a directory laid out like "
                                               "../shared/data")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="where the report's other tasks are (default: two levels "
-                                                  "above a --data file, as in ../shared/data)")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="where the report's other tasks are (default: --data if a "
+                                                  "directory, else two levels above it, as in ../shared/data)")] = None,
     budget: Annotated[float, typer.Option(help="the normalised score to keep (0 = random, 1 = full model)")] = 0.9,
     limit: Annotated[int, typer.Option(help="search items: the first N of the task", min=2)] = 100,
     heldout: Annotated[int | None, typer.Option(help="held-out items after them for the report (default: as many)",
@@ -572,8 +572,8 @@ def search_command(
     if name is not None and (":" in name or "@" in name):
         raise fail(f"--name {name!r} may not contain ':' or '@' (the server's preset names)")
     heldout = limit if heldout is None else heldout
-    if data_dir is None and data is not None and data.is_file():
-        data_dir = data.resolve().parent.parent
+    if data_dir is None and data is not None:  # ../shared/data/arc/x.jsonl -> ../shared/data
+        data_dir = data if data.is_dir() else data.resolve().parent.parent
     try:
         whole = load_task(task, path=data, data_dir=data_dir, limit=limit + heldout)
         search, rest = split_items(whole, limit)
