@@ -77,6 +77,7 @@ class Running:
 async def start(state: AppState, job: Job) -> Running:
     """Resolve, tokenize, check and submit `job`; every refusal is an APIError naming what was wrong."""
     state.check_admitting()
+    _check_sequences(state, job.n * (1 if isinstance(job.prompts, Chat) else len(job.prompts)))
     schedule = state.resolve_policy(job.model, job.policy)
     prompts = await tokenize(state, job.prompts)
     requests = []
@@ -157,10 +158,7 @@ class RequestStream:
 def submit_all(state: AppState, requests: list[EngineRequest]) -> list[RequestStream]:
     """Queue every request or none: on a full queue the ones already queued are aborted and 429 is raised."""
     _, loop = state.require()
-    capacity = state.settings.queue_capacity
-    if len(requests) > capacity:
-        raise APIError(400, f"this request asks for {len(requests)} sequences (prompts x n) but the server queues at "
-                            f"most {capacity} at once; split it", param="prompt", code="too_many_sequences")
+    _check_sequences(state, len(requests))
     for r in requests:  # a request that could never fit the KV budget is refused whole, before any is queued
         try:
             loop.check(r)
@@ -178,6 +176,14 @@ def submit_all(state: AppState, requests: list[EngineRequest]) -> list[RequestSt
                 raise state.draining_error() from None
             raise state.busy_error(str(e)) from None
     return streams
+
+
+def _check_sequences(state: AppState, count: int) -> None:
+    """Retrying could never help a request larger than the queue: a 400, not a 429."""
+    capacity = state.settings.queue_capacity
+    if count > capacity:
+        raise APIError(400, f"this request asks for {count} sequences (prompts x n) but the server queues at most "
+                            f"{capacity} at once; split it", param="prompt", code="too_many_sequences")
 
 
 async def collect(streams: list[RequestStream], request: Request) -> list[GenerationResult]:
