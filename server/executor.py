@@ -42,12 +42,18 @@ class _Apply:
     scale: Tensor | None  # [G, m, 1, 1], None when all 1
     kv: slice | None  # attention: this application's [G*m] entries in the program's KV lists
     whole: bool  # one layer over every row, h -> h, scale 1: no gather or scatter needed
+    dense: bool  # its rows are the batch's rows, in order, once each
+    src_one: int | None  # the one buffer every (layer, row) reads, if there is one
+    dst_one: int | None  # the one buffer every (layer, row) writes, if there is one
+    dst_per_row: bool  # every layer writes a row to the same buffer: sum over layers first, scatter once
+    flat_dst: Tensor  # [G*m] or [m]: index into buffers viewed as [buffers x rows, T, d]
 
 
 @dataclass
 class _RowOp:
     entry: Copy | Merge | Boundary
     rows: Tensor
+    dense: bool = False  # the batch's rows, in order: plain slices instead of gathers
 
 
 @dataclass
@@ -172,17 +178,25 @@ class Executor:
         if op.whole:
             buffers[0] += unit(buffers[0][None], 0, 1)[0]
             return
-        x = buffers[op.src, op.rows[None, :]]  # [G, m, T, d]
-        G = x.shape[0]
+        G, m = op.src.shape
+        if op.src_one is not None:  # one input for every layer (a group's shared input): no per-layer gather
+            one = buffers[op.src_one] if op.dense else buffers[op.src_one, op.rows]
+            x = one[None].expand(G, *one.shape)
+        else:
+            x = buffers[op.src, op.rows[None, :]]  # [G, m, T, d]
         if self.group_mode == "streams" and G > 1:
             out = torch.cat(self._on_streams(x, [lambda g=g: unit(x[g : g + 1], g, g + 1) for g in range(G)]))
         else:
             out = unit(x, 0, G)
         if op.scale is not None:
             out = out * op.scale
-        G, m = op.src.shape
-        buffers.index_put_((op.dst.reshape(-1), op.rows.repeat(G)), out.reshape(G * m, *out.shape[2:]),
-                           accumulate=True)
+        if op.dst_per_row:
+            out = out.sum(0) if G > 1 else out[0]  # [m, T, d]
+            if op.dense and op.dst_one is not None:
+                buffers[op.dst_one] += out
+                return
+        flat = buffers.view(-1, *buffers.shape[2:])  # [buffers x rows, T, d]
+        flat.index_add_(0, op.flat_dst, out.reshape(-1, *out.shape[-2:]))
 
     def _on_streams(self, x: Tensor, jobs: list) -> list[Tensor]:
         if x.device.type != "cuda":
@@ -219,7 +233,7 @@ class Executor:
         B = len(rows)
         for e in plan.entries:
             if not isinstance(e, Apply):
-                ops.append(_RowOp(e, index(members[e.schedule])))
+                ops.append(_RowOp(e, index(members[e.schedule]), members[e.schedule] == list(range(len(rows)))))
                 continue
             batch_rows = [b for u in e.uses[0] for b in members[u.schedule]]
             src = [[u.src for u in uses for _ in members[u.schedule]] for uses in e.uses]
@@ -234,13 +248,19 @@ class Executor:
                             kv_rows.append(self.cache.table_row(rows[b].seq, u.slot))
                             kv_batch.append(b)
                 kv = slice(start, len(kv_rows))
-            whole = (len(e.layers) == 1 and batch_rows == list(range(B)) and set(src[0]) == {0}
-                     and set(dst[0]) == {0} and set(scale[0]) == {1.0})
+            dense = batch_rows == list(range(B))
+            whole = (len(e.layers) == 1 and dense and set(src[0]) == {0} and set(dst[0]) == {0}
+                     and set(scale[0]) == {1.0})
             all_one = all(s == 1.0 for layer in scale for s in layer)
+            srcs, dsts = {v for layer in src for v in layer}, {v for layer in dst for v in layer}
+            per_row = all(layer == dst[0] for layer in dst) and len(set(batch_rows)) == len(batch_rows)
+            flat = [d * B + b for d, b in zip(dst[0], batch_rows)] if per_row else \
+                [d * B + b for layer in dst for d, b in zip(layer, batch_rows)]
             ops.append(_Apply(
                 e, index(batch_rows), rowsets.setdefault(tuple(batch_rows), len(rowsets)), index(src), index(dst),
                 None if all_one else torch.tensor(scale, dtype=self.model.dtype, device=dev)[:, :, None, None],
-                kv, whole,
+                kv, whole, dense, next(iter(srcs)) if len(srcs) == 1 else None,
+                next(iter(dsts)) if len(dsts) == 1 else None, per_row, index(flat),
             ))
         program = _Program(plan, ops, index(kv_rows), index(kv_batch))
         if len(self._compiled) > 8:
@@ -251,6 +271,13 @@ class Executor:
 
 def _row_op(buffers: Tensor, op: _RowOp) -> None:
     e, rows = op.entry, op.rows
+    if op.dense:
+        if isinstance(e, Copy):
+            buffers[e.dst_lo : e.dst_hi] = buffers[e.src][None]
+        else:
+            x = buffers[1]
+            buffers[0] = x + e.weight * (buffers[2 : 2 + e.members] - x[None]).sum(0)
+        return
     if isinstance(e, Copy):
         buffers[e.dst_lo : e.dst_hi, rows] = buffers[e.src, rows][None]
     else:  # Merge: h = x + w * sum_i (t_i - x)
