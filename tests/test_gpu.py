@@ -27,6 +27,24 @@ def test_cuda_logits_close_to_cpu(policy):
     torch.testing.assert_close(out[1], out[0], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("policy", ["full", "pairs", "parallel", "reverse"])
+def test_cuda_gemma3_logits_close_to_cpu(policy):
+    """Gemma 3 (sliding and global layers with their own RoPE bases, post-norms) on CUDA in float32 and bfloat16."""
+    from tests.reference import tiny_model
+
+    hf = tiny_model("gemma3")
+    ids = torch.tensor([[5, 9, 17, 33, 4, 8, 21, 40, 3, 11]])
+    out = {}
+    for device, dtype in (("cpu", torch.float32), ("cuda", torch.float32), ("cuda", torch.bfloat16)):
+        eng = Engine.from_hf(hf, CharTokenizer(), device=device, dtype=dtype)
+        schedule = eng.compile(policy)
+        ex = Executor(eng.model, num_blocks=schedule.num_slots + 1, max_len=16)
+        out[(device, dtype)] = ex.forward(ids.to(device), [Row(0, schedule, 0, ids.shape[1])]).float().cpu()
+    cpu = out[("cpu", torch.float32)]
+    torch.testing.assert_close(out[("cuda", torch.float32)], cpu, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(out[("cuda", torch.bfloat16)], cpu, rtol=0.1, atol=0.15)
+
+
 def test_cuda_mixed_batch_equals_each_alone():
     eng = Engine.from_hf(tiny_llama(), CharTokenizer(), device="cuda", dtype=torch.float32)
     policies = ["full", "skip:2", "pairs:1-4", "parallel:1-4", "loop:1-4x2", "reverse:1-4"]
