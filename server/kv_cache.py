@@ -68,6 +68,16 @@ def chain_hashes(tokens: list[int], block_size: int, count: int) -> list[int]:
     return out
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A zeroed pool. On the CPU through calloc (numpy), whose untouched pages cost no memory: resident memory grows
+    with the blocks in use (handed out low first), not with the budget."""
+    if device.type == "cpu" and dtype in (torch.float32, torch.float16, torch.float64):
+        import numpy as np
+
+        return torch.from_numpy(np.zeros(shape, dtype=str(dtype).removeprefix("torch.")))
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 class CacheFullError(RuntimeError):
     """More blocks asked for than the pool has free; admission control should have prevented it."""
 
@@ -81,7 +91,7 @@ class PagedKVCache:
         self.block_size = block_size
         self.max_blocks = -(-max_len // block_size)  # per (sequence, slot)
         self.n_kv_heads = n_kv_heads
-        self.pool = torch.zeros(num_blocks, block_size, 2 * n_kv_heads, head_dim, dtype=dtype, device=device)
+        self.pool = _zeros((num_blocks, block_size, 2 * n_kv_heads, head_dim), dtype, torch.device(device))
         self.tables = torch.zeros(num_blocks, self.max_blocks, dtype=torch.long, device=device)
         self._free_blocks = list(range(num_blocks - 1, 0, -1))  # a stack: low blocks first
         self._free_rows = list(range(num_blocks - 1, -1, -1))
