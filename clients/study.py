@@ -41,7 +41,8 @@ ORDER_SENSITIVE_TASKS = ("arc_easy", "arc_challenge", "gsm8k")  # the paper's AR
 
 Z = 2.0  # a difference counts when it exceeds Z standard errors (about 95%)
 GRACEFUL_START = 0.8  # skipping the fewest layers keeps at least this much of the full model...
-GRACEFUL_CLIFF = 0.5  # ...and no single step of the sweep loses more than this (a cliff, not a slope)
+GRACEFUL_SLOPE = 2.0  # ...and the score never falls faster than this many times the straight line from 1 (nothing
+# skipped) to 0 (the whole middle skipped): a slope, not a cliff
 
 
 # -- the sweep's policies -------------------------------------------------------------------------------------
@@ -141,6 +142,7 @@ class Point:
     normalized: float | None
     stderr: float | None  # of the normalised score
     policies: tuple[str, ...]
+    items: tuple[float, ...] = field(default=(), repr=False)  # each item's accuracy, seeds averaged
 
     def to_json(self) -> dict[str, Any]:
         return {"n": self.n, "accuracy": self.accuracy, "normalized": self.normalized, "stderr": self.stderr,
@@ -150,6 +152,7 @@ class Point:
 def point(n: int, results: Sequence[TaskResult], full: TaskResult) -> Point:
     """Average the seeds per item, then normalise; the stderr is the accuracy's scaled by 1 / (full - random)."""
     policies = tuple(r.policy for r in results)
+    per_item: list[float] = []
     if any(not r.scores for r in results) or len({len(r.scores) for r in results}) != 1:
         acc = mean([r.accuracy for r in results if r.accuracy is not None])
         se = None
@@ -158,7 +161,7 @@ def point(n: int, results: Sequence[TaskResult], full: TaskResult) -> Point:
         acc, se = mean(per_item), mean_stderr(per_item)
     norm = normalized_score(acc, full.accuracy, full.random_baseline)
     scale = None if norm is None else abs(full.accuracy - full.random_baseline)  # type: ignore[operator]
-    return Point(n, acc, norm, None if se is None or not scale else se / scale, policies)
+    return Point(n, acc, norm, None if se is None or not scale else se / scale, policies, tuple(per_item))
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,7 @@ class ClaimCheck:
 
 def _compare(diff: float, se: float | None) -> Verdict:
     """diff > 0 supports the claim; it counts when it is more than Z standard errors from 0."""
-    margin = Z * (se or 0.0)
+    margin = max(Z * (se or 0.0), 1e-9)  # equal up to rounding is no evidence either way
     if diff > margin:
         return "reproduced"
     if diff < -margin:
@@ -241,14 +244,46 @@ def _compare(diff: float, se: float | None) -> Verdict:
     return "inconclusive"
 
 
-def _area(points: Sequence[Point]) -> tuple[float | None, float | None]:
-    """A curve's mean normalised score over the counts and its stderr."""
-    values = [p.normalized for p in points]
-    if not values or any(v is None for v in values):
+Weights = dict[tuple[str, int], float]  # (variant, index of the count) -> weight
+
+
+def combination(r: StudyResult, weights: Weights, tasks: Sequence[str] | None = None
+                ) -> tuple[float | None, float | None]:
+    """sum of weight x normalised score, averaged over tasks, and its standard error. Every variant ran on the same
+    items, so the error comes from each item's own weighted sum (paired): much tighter than treating the points as
+    independent, and right. Tasks have different items: their errors add in quadrature."""
+    values, ses = [], []
+    for t in tasks if tasks is not None else r.normalized_tasks():
+        full = r.full[t]
+        scale = (full.accuracy or 0.0) - full.random_baseline
+        pts = {k: r.curves[t][k[0]][k[1]] for k in weights}
+        if any(p.normalized is None for p in pts.values()) or not scale:
+            return None, None
+        values.append(sum(w * pts[k].normalized for k, w in weights.items()))  # type: ignore[operator]
+        lengths = {len(p.items) for p in pts.values()}
+        if len(lengths) == 1 and 0 not in lengths:
+            n = lengths.pop()
+            ses.append(mean_stderr([sum(w * pts[k].items[i] for k, w in weights.items()) / scale for i in range(n)]))
+        else:  # no per-item scores: as if independent
+            ses.append(math.sqrt(sum((w * pts[k].stderr) ** 2 for k, w in weights.items()))
+                       if all(p.stderr is not None for p in pts.values()) else None)
+    if not values:
         return None, None
-    ses = [p.stderr for p in points]
-    se = math.sqrt(sum(s * s for s in ses)) / len(ses) if all(s is not None for s in ses) else None  # type: ignore[operator]
-    return sum(values) / len(values), se  # type: ignore[arg-type]
+    se = math.sqrt(sum(x * x for x in ses)) / len(ses) if all(x is not None for x in ses) else None  # type: ignore[operator]
+    return sum(values) / len(values), se
+
+
+def area(r: StudyResult, variant: str) -> Weights:
+    """A curve's mean over the counts."""
+    k = len(r.counts)
+    return {(variant, i): 1 / k for i in range(k)}
+
+
+def minus(a: Weights, b: Weights) -> Weights:
+    out = dict(a)
+    for key, w in b.items():
+        out[key] = out.get(key, 0.0) - w
+    return out
 
 
 def _fmt(value: float | None, se: float | None = None) -> str:
@@ -259,13 +294,13 @@ def _fmt(value: float | None, se: float | None = None) -> str:
 
 def _beats(claim: str, better: str, worse: str) -> Callable[[StudyResult], ClaimCheck]:
     def check(r: StudyResult) -> ClaimCheck:
-        (a, sa), (b, sb) = _area(r.mean_curve(better)), _area(r.mean_curve(worse))
-        if a is None or b is None:
+        (a, _), (b, _) = combination(r, area(r, better)), combination(r, area(r, worse))
+        diff, se = combination(r, minus(area(r, better), area(r, worse)))
+        if a is None or b is None or diff is None:
             return ClaimCheck(claim, "not measured", "no task has a normalised score (the full model is at chance)")
-        se = math.hypot(sa or 0.0, sb or 0.0) if sa is not None or sb is not None else None
-        return ClaimCheck(claim, _compare(a - b, se),
-                          f"mean normalised score over n = {_counts(r)}: {LABELS[better]} {_fmt(a, sa)}, "
-                          f"{LABELS[worse]} {_fmt(b, sb)}; difference {a - b:+.2f}")
+        return ClaimCheck(claim, _compare(diff, se),
+                          f"mean normalised score over n = {_counts(r)}: {LABELS[better]} {a:.2f}, {LABELS[worse]} "
+                          f"{b:.2f}; difference {_fmt(diff, se)} (paired over items)")
     return check
 
 
@@ -291,47 +326,51 @@ def shared_space(r: StudyResult) -> ClaimCheck:
         return ClaimCheck(claim, verdict, f"probe over {r.probe.num_sequences} sequences: mean cosine similarity "
                                           f"between states entering middle layers {edge}-{L - edge - 1}: {w:.3f}; "
                                           f"between those and the outer layers' states: {a:.3f}")
-    tasks = r.normalized_tasks()
-    if not tasks:
+    value, se = combination(r, {("reverse", 0): 0.5, ("shuffle", 0): 0.5})
+    if value is None:
         return ClaimCheck(claim, "not measured", "no probe and no normalised score")
-    first = [r.mean_curve(v)[0] for v in ("reverse", "shuffle")]
-    value = sum(p.normalized for p in first) / 2  # type: ignore[misc]
-    ses = [p.stderr for p in first]
-    se = math.hypot(*ses) / 2 if all(s is not None for s in ses) else None  # type: ignore[arg-type]
     return ClaimCheck(claim, _compare(value - GRACEFUL_START, se),
                       f"no probe (the server has no /v1/probe); reordering the {r.counts[0]} centred layers keeps "
                       f"{_fmt(value, se)} of the full model (threshold {GRACEFUL_START})")
 
 
 def graceful_skip(r: StudyResult) -> ClaimCheck:
+    """Skipping the fewest layers keeps most of the score, and the score never falls much faster than a straight
+    line to chance at the whole middle (GRACEFUL_SLOPE times it)."""
     claim = "Skipping middle layers degrades gracefully"
-    curve = r.mean_curve("skip")
-    if not curve or any(p.normalized is None for p in curve):
+    start, start_se = combination(r, {("skip", 0): 1.0})
+    if start is None:
         return ClaimCheck(claim, "not measured", "no task has a normalised score")
-    start, se = curve[0].normalized, curve[0].stderr
-    drops = [(a.normalized - b.normalized, b.n) for a, b in zip(curve, curve[1:])]  # type: ignore[operator]
-    cliff, at = max(drops, default=(0.0, curve[0].n))
-    keeps = _compare(start - GRACEFUL_START, se)  # type: ignore[operator]
-    verdict: Verdict = ("not reproduced" if keeps == "not reproduced" or cliff > GRACEFUL_CLIFF
-                        else "reproduced" if keeps == "reproduced" else "inconclusive")
-    path = ", ".join(f"{p.n}: {p.normalized:.2f}" for p in curve)
-    return ClaimCheck(claim, verdict, f"skip's normalised score by n: {path}; the fewest keep {_fmt(start, se)} "
-                                      f"(needs {GRACEFUL_START}); the largest step down is {cliff:.2f} (to n = {at}; "
-                                      f"a cliff is > {GRACEFUL_CLIFF})")
+    limit = GRACEFUL_SLOPE / middle_size(r.num_layers)  # normalised score per skipped layer
+    slopes = []
+    for i in range(len(r.counts) - 1):
+        gap = r.counts[i + 1] - r.counts[i]
+        slope, se = combination(r, {("skip", i): 1 / gap, ("skip", i + 1): -1 / gap})
+        slopes.append((slope, se, r.counts[i], r.counts[i + 1]))
+    steepest = max(slopes, key=lambda x: x[0], default=None)  # type: ignore[arg-type, return-value]
+    keeps = _compare(start - GRACEFUL_START, start_se)
+    gentle = _compare(limit - steepest[0], steepest[1]) if steepest else "reproduced"  # type: ignore[operator]
+    verdict: Verdict = ("not reproduced" if "not reproduced" in (keeps, gentle)
+                        else "reproduced" if keeps == gentle == "reproduced" else "inconclusive")
+    path = ", ".join(f"{p.n}: {p.normalized:.2f}" for p in r.mean_curve("skip"))
+    fall = (f"; it falls at most {_fmt(steepest[0], steepest[1])} per layer (n = {steepest[2]} to {steepest[3]}), "
+            f"graceful is <= {limit:.3f} ({GRACEFUL_SLOPE:g} / {middle_size(r.num_layers)} middle layers)"
+            if steepest else "")
+    return ClaimCheck(claim, verdict, f"skip's normalised score by n: {path}; the fewest keep "
+                                      f"{_fmt(start, start_se)} (needs {GRACEFUL_START}){fall}")
 
 
 def repeat_worst(r: StudyResult) -> ClaimCheck:
     claim = "Middle repeat is the worst variant"
-    areas = {v: _area(r.mean_curve(v)) for v in VARIANTS}
-    if any(a is None for a, _ in areas.values()):
+    areas = {v: combination(r, area(r, v))[0] for v in VARIANTS}
+    if any(a is None for a in areas.values()):
         return ClaimCheck(claim, "not measured", "no task has a normalised score")
-    others = {v: a for v, a in areas.items() if v != "repeat"}
-    runner_up = min(others, key=lambda v: others[v][0])  # type: ignore[index, return-value]
-    (rep, rse), (nxt, nse) = areas["repeat"], areas[runner_up]
-    se = math.hypot(rse or 0.0, nse or 0.0)
-    ranking = ", ".join(f"{LABELS[v]} {a:.2f}" for v, (a, _) in sorted(areas.items(), key=lambda kv: kv[1][0]))  # type: ignore[arg-type, return-value]
-    return ClaimCheck(claim, _compare(nxt - rep, se),  # type: ignore[operator]
-                      f"mean normalised score over n = {_counts(r)}, lowest first: {ranking}")
+    runner_up = min((v for v in VARIANTS if v != "repeat"), key=lambda v: areas[v])  # type: ignore[arg-type, return-value]
+    diff, se = combination(r, minus(area(r, runner_up), area(r, "repeat")))
+    ranking = ", ".join(f"{LABELS[v]} {areas[v]:.2f}" for v in sorted(VARIANTS, key=lambda v: areas[v]))  # type: ignore[arg-type, return-value]
+    return ClaimCheck(claim, _compare(diff, se),  # type: ignore[arg-type]
+                      f"mean normalised score over n = {_counts(r)}, lowest first: {ranking}; the next lowest minus "
+                      f"middle repeat: {_fmt(diff, se)} (paired over items)")
 
 
 def order_sensitive_tasks(r: StudyResult) -> ClaimCheck:
@@ -343,14 +382,15 @@ def order_sensitive_tasks(r: StudyResult) -> ClaimCheck:
     if not named or not rest:
         return ClaimCheck(claim, "not measured", f"needs ARC or GSM8K and another task with normalised scores; "
                                                  f"measured: {', '.join(r.tasks)}")
+    reorder = {k: w / 2 for v in ("reverse", "shuffle") for k, w in area(r, v).items()}
     sens: dict[str, tuple[float, float | None]] = {}
     for t in tasks:
-        (a, sa), (b, sb) = (_area(r.mean_curve(v, [t])) for v in ("reverse", "shuffle"))
-        sens[t] = (1 - (a + b) / 2, math.hypot(sa or 0.0, sb or 0.0) / 2)  # type: ignore[operator]
+        kept, se = combination(r, reorder, [t])
+        sens[t] = (1 - kept, se)  # type: ignore[operator]
     least_named = min(named, key=lambda t: sens[t][0])
     most_rest = max(rest, key=lambda t: sens[t][0])
-    se = math.hypot(sens[least_named][1] or 0.0, sens[most_rest][1] or 0.0)
-    ranking = ", ".join(f"{t} {s:.2f}" for t, (s, _) in sorted(sens.items(), key=lambda kv: -kv[1][0]))
+    se = math.hypot(sens[least_named][1] or 0.0, sens[most_rest][1] or 0.0)  # different items: independent
+    ranking = ", ".join(f"{t} {_fmt(s, e)}" for t, (s, e) in sorted(sens.items(), key=lambda kv: -kv[1][0]))
     return ClaimCheck(claim, _compare(sens[least_named][0] - sens[most_rest][0], se),
                       f"order sensitivity (1 - mean normalised score under reverse and random order), most first: "
                       f"{ranking}")
@@ -496,7 +536,11 @@ def study_markdown(r: StudyResult, *, images: dict[str, str], command: str | Non
     lines += [f"| {c.claim} | **{c.verdict}** | {c.evidence} |" for c in check_claims(r)]
     lines += ["", f"Verdicts are computed from the measurements (`clients/study.py`, `CLAIMS`): a comparison is "
                   f"*reproduced* or *not reproduced* when the difference exceeds {Z:g} standard errors, else "
-                  f"*inconclusive*. Curves are compared by their mean normalised score over the counts.", ""]
+                  f"*inconclusive*. Curves are compared by their mean normalised score over the counts; every "
+                  f"variant ran on the same items, so a difference's standard error comes from each item's own "
+                  f"difference (paired). Graceful means keeping {GRACEFUL_START} at the fewest skipped layers and "
+                  f"never falling faster than {GRACEFUL_SLOPE:g} times the straight line from 1 (nothing skipped) to "
+                  f"0 (the whole middle).", ""]
     lines += ["## Full model", "", "| task | accuracy | random baseline |", "| --- | --- | --- |"]
     lines += [f"| {t} | {_fmt(f.accuracy, f.stderr)} | {f.random_baseline:.3f} |" for t, f in r.full.items()]
     lines += ["", "## All tasks (mean normalised score)", ""]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Callable
 
 import numpy as np
@@ -14,13 +15,17 @@ from clients.probe import Probe
 from clients.study import (
     CLAIMS,
     VARIANTS,
+    Z,
     ResultCache,
     StudyResult,
+    area,
     build_result,
     centred_span,
     check_claims,
+    combination,
     default_counts,
     middle_size,
+    minus,
     plan,
     point,
     study_markdown,
@@ -112,13 +117,18 @@ def test_cache_round_trips_and_keys_on_model_policy_and_items(tmp_path):
 Curve = Callable[[str, str, int], float]  # (task, variant, n) -> the normalised score to synthesise
 
 
-def items(acc: float) -> list[float]:
+def items(acc: float, *, shuffle: str | None = None) -> list[float]:
+    """round(acc * N) right answers: the first items (every policy right on the easiest ones), or, with `shuffle`,
+    spread over the items by a seed of that name (policies right on different items: a noisy comparison)."""
     ones = round(acc * N_ITEMS)
-    return [1.0] * ones + [0.0] * (N_ITEMS - ones)
+    out = [1.0] * ones + [0.0] * (N_ITEMS - ones)
+    if shuffle is not None:
+        random.Random(shuffle).shuffle(out)
+    return out
 
 
-def synthetic(curve: Curve, *, tasks=("arc_easy", "hellaswag", "lambada_openai"), probe: Probe | None = None
-              ) -> StudyResult:
+def synthetic(curve: Curve, *, tasks=("arc_easy", "hellaswag", "lambada_openai"), probe: Probe | None = None,
+              noisy: bool = False) -> StudyResult:
     runs = plan(LAYERS, COUNTS, seeds=SEEDS)
     raw: dict[str, dict[str, TaskResult]] = {"full": {}}
     for task in tasks:
@@ -127,7 +137,8 @@ def synthetic(curve: Curve, *, tasks=("arc_easy", "hellaswag", "lambada_openai")
         for (variant, n), policies in runs.items():
             for seed, policy in enumerate(policies):
                 norm = curve(task, variant, n) + (0.02 if seed else -0.02) * (variant == "shuffle")
-                raw.setdefault(policy, {})[task] = task_result(policy, task, items(r + norm * (f - r)), r)
+                scores = items(r + norm * (f - r), shuffle=f"{policy}/{task}" if noisy else None)
+                raw.setdefault(policy, {})[task] = task_result(policy, task, scores, r)
     return build_result(raw, runs, model="synthetic", num_layers=LAYERS, counts=COUNTS, seeds=SEEDS, probe=probe,
                         settings={"limit": N_ITEMS, "tasks": list(tasks)})
 
@@ -179,12 +190,23 @@ def test_a_contrary_sweep_reproduces_none():
 
 
 def test_differences_within_noise_are_inconclusive():
-    flat = synthetic(lambda task, variant, n: 0.5)
+    flat = synthetic(lambda task, variant, n: 0.5, noisy=True)
     got = verdicts(flat)
     for claim in ("Random order beats reverse", "Parallel beats skip", "Looped parallel beats parallel",
                   "Middle repeat is the worst variant", "ARC and GSM8K are the most order-sensitive tasks"):
         assert got[claim] == "inconclusive", claim
     assert got["Skipping middle layers degrades gracefully"] == "not reproduced"  # 0.5 kept, not 0.8
+
+
+def test_differences_are_paired_over_items():
+    # on ARC, parallel is right on 30 more of the 1000 items than skip, and on the same items otherwise
+    r = synthetic(lambda task, variant, n: 0.575 if variant == "parallel" else 0.5, tasks=("arc_easy",))
+    diff, se = combination(r, minus(area(r, "parallel"), area(r, "skip")))
+    assert diff == pytest.approx(0.075, abs=0.003)
+    assert se == pytest.approx(math.sqrt(0.03 * 0.97 / 999) / 0.4, rel=0.05)  # from the 30 items that differ
+    independent = math.hypot(r.curves["arc_easy"]["parallel"][0].stderr, r.curves["arc_easy"]["skip"][0].stderr)
+    assert Z * independent > diff > Z * se  # within noise as independent points, clear as paired items
+    assert verdicts(r)["Parallel beats skip"] == "reproduced"
 
 
 def test_claims_that_cannot_be_measured_say_so():
@@ -200,7 +222,7 @@ def test_a_graceful_slope_and_a_cliff():
     cliff = synthetic(lambda task, variant, n: 0.95 if n <= 4 else 0.1)
     assert verdicts(cliff)["Skipping middle layers degrades gracefully"] == "not reproduced"
     evidence = next(c.evidence for c in check_claims(cliff) if c.claim.startswith("Skipping"))
-    assert "largest step down is 0.85 (to n = 6" in evidence
+    assert "falls at most 0.42" in evidence and "(n = 4 to 6)" in evidence and "<= 0.250" in evidence
 
 
 def test_outputs_plots_json_and_markdown(tmp_path):
