@@ -10,9 +10,11 @@ of one question go in one request as a list prompt. Results are keyed by the ser
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -451,13 +453,70 @@ async def _perplexity(scorer: Scorer, docs: list[Document], *, semaphore: asynci
             "tokens": float(tokens), "words": float(words)}
 
 
+# -- the result cache -------------------------------------------------------------------------------------------
+
+
+def items_digest(task: Task) -> str:
+    """The items themselves (dataclass reprs), so a changed file or --limit is a different key."""
+    return hashlib.sha256(repr(task.items).encode()).hexdigest()[:16]
+
+
+def _digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ResultCache:
+    """One JSON file per (model, policy, task, items, scoring settings) under `root`; what it holds is final, so a
+    long run (the study, the search) resumes where it stopped. `load`/`save` keep other results the same way."""
+
+    root: Path
+    context: dict[str, Any]  # model and scoring settings that change a result
+
+    def path(self, policy: str, task: Task) -> Path:
+        key = {**self.context, "policy": policy, "task": task.name, "items": items_digest(task)}
+        safe = re.sub(r"[^A-Za-z0-9_.+-]+", "_", policy)[:60]
+        return self.root / task.name / f"{safe}-{_digest(key)}.json"
+
+    def get(self, policy: str, task: Task) -> TaskResult | None:
+        obj = self._read(self.path(policy, task))
+        return None if obj is None else TaskResult.from_json(obj)
+
+    def put(self, result: TaskResult, task: Task) -> None:
+        self._write(self.path(result.policy, task), result.to_json(with_scores=True))
+
+    def load(self, folder: str, key: dict[str, Any]) -> Any:
+        return self._read(self.root / folder / f"{_digest({**self.context, **key})}.json")
+
+    def save(self, folder: str, key: dict[str, Any], value: Any) -> None:
+        self._write(self.root / folder / f"{_digest({**self.context, **key})}.json", value)
+
+    @staticmethod
+    def _read(path: Path) -> Any:
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except ValueError as e:
+            log.warning("ignoring unreadable cache file %s (%s)", path, e)
+            return None
+
+    @staticmethod
+    def _write(path: Path, value: Any) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(value) + "\n")
+        tmp.replace(path)  # atomic: an interrupted run leaves no half-written result
+
+
 class EvalSession:
     """One client, the server's facts, one semaphore and the token caches, shared by every (policy, task) scored
     through it: `evaluate`, the study and the search all score this way."""
 
     def __init__(self, client: AsyncPaintersClient, info: ServerInfo, *, concurrency: int,
-                 max_gen_tokens: int = 256) -> None:
+                 max_gen_tokens: int = 256, model_id: str = "", cache: ResultCache | None = None) -> None:
         self.client, self.info, self.max_gen_tokens = client, info, max_gen_tokens
+        self.model_id, self.cache = model_id, cache
         self.tokens = Tokens(client)
         self.semaphore = asyncio.Semaphore(concurrency)
 
@@ -465,13 +524,18 @@ class EvalSession:
     @asynccontextmanager
     async def open(cls, url: str, *, concurrency: int = 16, max_length: int | None = None,
                    max_gen_tokens: int = 256, model: str | None = None, api_key: str | None = None,
-                   timeout: float = 600.0) -> AsyncIterator[EvalSession]:
+                   timeout: float = 600.0, cache_dir: Path | None = None) -> AsyncIterator[EvalSession]:
+        """`cache_dir`: keep every (policy, task, items) result there and reuse what is already there."""
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         async with AsyncPaintersClient(url, model=model, api_key=api_key, timeout=timeout,
                                        max_connections=concurrency) as client:
             info = await _server_info(client, max_length=max_length)
-            yield cls(client, info, concurrency=concurrency, max_gen_tokens=max_gen_tokens)
+            model_id = (await client.models())[0]["id"] if cache_dir is not None else ""
+            cache = None if cache_dir is None else ResultCache(
+                cache_dir, {"model": model_id, "max_len": info.max_len, "max_gen_tokens": max_gen_tokens})
+            yield cls(client, info, concurrency=concurrency, max_gen_tokens=max_gen_tokens, model_id=model_id,
+                      cache=cache)
 
     async def canonical(self, policy: Policy) -> str:
         return await resolve_policy(self.client, policy)
@@ -479,14 +543,23 @@ class EvalSession:
     def scorer(self, policy: str) -> Scorer:
         return Scorer(self.client, policy, self.info, self.tokens)
 
+    def cached(self, policy: str, task: Task) -> TaskResult | None:
+        return self.cache.get(policy, task) if self.cache is not None else None
+
     async def score(self, policy: str, task: Task, *, progress: Progress | None = None) -> TaskResult:
         """Every item of `task` under `policy` (best given in canonical form: results are keyed by it)."""
+        hit = self.cached(policy, task)
+        if hit is not None:
+            return hit
         bar = _Bar(progress, f"{task.name} [{policy}]", len(task.items))
         try:
-            return await run_task(self.scorer(policy), task, semaphore=self.semaphore, bar=bar,
-                                  max_gen_tokens=self.max_gen_tokens)
+            result = await run_task(self.scorer(policy), task, semaphore=self.semaphore, bar=bar,
+                                    max_gen_tokens=self.max_gen_tokens)
         finally:
             bar.remove()
+        if self.cache is not None:
+            self.cache.put(result, task)
+        return result
 
 
 async def evaluate(url: str, tasks: Sequence[Task], policies: Sequence[Policy], *, concurrency: int = 16,

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -213,7 +214,17 @@ def gold_pair(item: Item) -> tuple[str, str]:
 
 
 async def gold_loss(session: EvalSession, policy: str, pairs: Sequence[tuple[str, str]]) -> float:
-    """Mean negative loglikelihood per token of the gold continuations under `policy`."""
+    """Mean negative loglikelihood per token of the gold continuations under `policy` (kept in the session's cache)."""
+    key = {"policy": policy, "pairs": hashlib.sha256(json.dumps(pairs).encode()).hexdigest()}
+    if session.cache is not None and (hit := session.cache.load("gold_loss", key)) is not None:
+        return float(hit)
+    loss = await _gold_loss(session, policy, pairs)
+    if session.cache is not None:
+        session.cache.save("gold_loss", key, loss)
+    return loss
+
+
+async def _gold_loss(session: EvalSession, policy: str, pairs: Sequence[tuple[str, str]]) -> float:
     scorer = session.scorer(policy)
 
     async def one(pair: tuple[str, str]) -> tuple[float, int]:
@@ -334,7 +345,8 @@ async def run_search(url: str, search: Task, *, budget: float, heldout: Task | N
                      others: Sequence[Task] = (), prefix: str | None = None, calibration: int = 16,
                      sleb_steps: int | None = None, patience: int = 2, most: int | None = None,
                      requests: int = 8, concurrency: int = 4, max_tokens: int = 32, eval_concurrency: int = 16,
-                     prompts: Sequence[str] = BUILTIN_PROMPTS, model: str | None = None, api_key: str | None = None, progress: Progress | None = None
+                     prompts: Sequence[str] = BUILTIN_PROMPTS, cache_dir: Path | None = None,
+                     model: str | None = None, api_key: str | None = None, progress: Progress | None = None
                      ) -> SearchResult:
     if not 0 < budget <= 1.5:
         raise ValueError(f"budget is a share of the full model's normalised score, e.g. 0.9; got {budget}")
@@ -347,7 +359,8 @@ async def run_search(url: str, search: Task, *, budget: float, heldout: Task | N
         if progress is not None and task_id is not None:
             progress.advance(task_id)
 
-    async with EvalSession.open(url, concurrency=eval_concurrency, model=model, api_key=api_key) as session:
+    async with EvalSession.open(url, concurrency=eval_concurrency, model=model, api_key=api_key,
+                                cache_dir=cache_dir) as session:
         num_layers = int((await session.client.policies())["num_layers"])
         model_id = (await session.client.models())[0]["id"]
         most = most or max(1, num_layers // 2)
@@ -414,17 +427,18 @@ async def run_search(url: str, search: Task, *, budget: float, heldout: Task | N
                           sleb=order, full_loss=full_loss,
                           full_tpot_p50_ms=None if full_tpot is None else full_tpot * 1e3, notes=notes)
     return await report(url, result, heldout=heldout, others=others, eval_concurrency=eval_concurrency, model=model,
-                        api_key=api_key, progress=progress)
+                        api_key=api_key, cache_dir=cache_dir, progress=progress)
 
 
 async def report(url: str, result: SearchResult, *, heldout: Task | None, others: Sequence[Task],
                  eval_concurrency: int = 16, model: str | None = None, api_key: str | None = None,
-                 progress: Progress | None = None) -> SearchResult:
+                 cache_dir: Path | None = None, progress: Progress | None = None) -> SearchResult:
     """Does each preset generalise? Its normalised score on held-out items of the task and on other tasks."""
     tasks = ([(f"{result.task} (held-out)", heldout)] if heldout is not None else []) + [(t.name, t) for t in others]
     if not tasks or not result.finalists:
         return result
-    async with EvalSession.open(url, concurrency=eval_concurrency, model=model, api_key=api_key) as session:
+    async with EvalSession.open(url, concurrency=eval_concurrency, model=model, api_key=api_key,
+                                cache_dir=cache_dir) as session:
         full = {label: await session.score(FULL, t, progress=progress) for label, t in tasks}
         finalists = []
         for f in result.finalists:
@@ -554,6 +568,8 @@ def search_command(
                           ] = None,
     patience: Annotated[int, typer.Option(help="stop a family after this many misses in a row", min=1)] = 2,
     name: Annotated[str | None, typer.Option(help="preset name (default: TASK-BUDGET%, e.g. arc_easy-90)")] = None,
+    cache: Annotated[Path | None, typer.Option(help="keep every score here and reuse it: an interrupted search "
+                                               "resumes")] = None,
     requests: Annotated[int, typer.Option(help="loadtest: measured requests per finalist", min=1)] = 8,
     concurrency: Annotated[int, typer.Option(help="loadtest: requests in flight", min=1)] = 4,
     max_tokens: Annotated[int, typer.Option(help="loadtest: new tokens per request", min=1)] = 32,
@@ -589,8 +605,8 @@ def search_command(
                 url, search, budget=budget, heldout=rest, others=others, prefix=name, calibration=calibration,
                 sleb_steps=sleb_steps, patience=patience, requests=requests, concurrency=concurrency,
                 max_tokens=max_tokens, eval_concurrency=eval_concurrency,
-                prompts=load_prompts(prompts) if prompts else BUILTIN_PROMPTS, model=model, api_key=api_key,
-                progress=bars))
+                prompts=load_prompts(prompts) if prompts else BUILTIN_PROMPTS, cache_dir=cache, model=model,
+                api_key=api_key, progress=bars))
         result.notes += missing
         command = (f"painters search --url {url} --task {task}" + (f" --data {data}" if data else "")
                    + f" --budget {budget:g} --limit {limit} --out {out}")

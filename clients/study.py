@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,16 @@ from rich.progress import Progress
 
 from clients.client import PaintersError
 from clients.console import Column, TextTable, VerboseOpt, console, fail, progress_bar, quiet_http_logs
-from clients.evaluate import FULL, EvalError, EvalSession, TaskResult, load_tasks, mean, mean_stderr, normalized_score
+from clients.evaluate import (
+    FULL,
+    EvalError,
+    EvalSession,
+    TaskResult,
+    load_tasks,
+    mean,
+    mean_stderr,
+    normalized_score,
+)
 from clients.probe import Probe, ProbeError, run_probe, task_texts
 from clients.tasks import DataError, Task, task_names
 
@@ -89,45 +97,6 @@ def plan(num_layers: int, counts: Sequence[int], *, seeds: int) -> dict[tuple[Va
         if not 1 <= n <= num_layers - 1:
             raise ValueError(f"cannot affect {n} of {num_layers} layers; counts must be 1-{num_layers - 1}")
     return {(v, n): variant_policies(v, num_layers, n, seeds=seeds) for v in VARIANTS for n in counts}
-
-
-# -- the cache --------------------------------------------------------------------------------------------------
-
-
-def items_digest(task: Task) -> str:
-    """The items themselves (dataclass reprs), so a changed file or --limit is a different key."""
-    return hashlib.sha256(repr(task.items).encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class ResultCache:
-    """One JSON file per (model, policy, task, items, scoring settings) under `root`; what it holds is final."""
-
-    root: Path
-    context: dict[str, Any]  # model and scoring settings that change a result
-
-    def path(self, policy: str, task: Task) -> Path:
-        key = json.dumps({**self.context, "policy": policy, "task": task.name, "items": items_digest(task)},
-                         sort_keys=True)
-        safe = re.sub(r"[^A-Za-z0-9_.+-]+", "_", policy)[:60]
-        return self.root / task.name / f"{safe}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-
-    def get(self, policy: str, task: Task) -> TaskResult | None:
-        path = self.path(policy, task)
-        if not path.is_file():
-            return None
-        try:
-            return TaskResult.from_json(json.loads(path.read_text()))
-        except (ValueError, KeyError) as e:
-            log.warning("ignoring unreadable cache file %s (%s)", path, e)
-            return None
-
-    def put(self, result: TaskResult, task: Task) -> None:
-        path = self.path(result.policy, task)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result.to_json(with_scores=True)) + "\n")
-        tmp.replace(path)  # atomic: an interrupted run leaves no half-written result
 
 
 # -- results ----------------------------------------------------------------------------------------------------
@@ -422,59 +391,48 @@ async def run_study(url: str, tasks: Sequence[Task], out: Path, *, counts: Seque
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
     async with EvalSession.open(url, concurrency=concurrency, max_gen_tokens=max_gen_tokens, model=model,
-                                api_key=api_key) as session:
+                                api_key=api_key, cache_dir=out / "cache") as session:
         num_layers = int((await session.client.policies())["num_layers"])
-        model_id = (await session.client.models())[0]["id"]
         counts = sorted(set(counts or default_counts(num_layers)))
         runs = plan(num_layers, counts, seeds=seeds)
         policies = [FULL, *dict.fromkeys(p for ps in runs.values() for p in ps)]
-        cache = ResultCache(out / "cache", {"model": model_id, "max_len": session.info.max_len,
-                                            "max_gen_tokens": max_gen_tokens})
+        todo = [(p, task) for p in policies for task in tasks if session.cached(p, task) is None]
+        total = len(policies) * len(tasks)
+        bar = progress.add_task("study", total=total, completed=total - len(todo)) if progress is not None else None
+        for p in dict.fromkeys(p for p, _ in todo):
+            await session.canonical(p)  # every policy still to run checked before anything long runs
         raw: dict[str, dict[str, TaskResult]] = {p: {} for p in policies}
-        todo = []
         for p in policies:
             for task in tasks:
-                hit = cache.get(p, task)
-                if hit is None:
-                    todo.append((p, task))
-                else:
-                    raw[p][task.name] = hit
-        bar = progress.add_task("study", total=len(policies) * len(tasks),
-                                completed=len(policies) * len(tasks) - len(todo)) if progress is not None else None
-        for p in dict.fromkeys(p for p, _ in todo):
-            await session.canonical(p)  # every uncached policy checked before anything long runs
-        for p, task in todo:
-            if progress is not None and bar is not None:
-                progress.update(bar, description=f"study: {task.name} [{p}]")
-            result = await session.score(p, task, progress=progress)
-            cache.put(result, task)
-            raw[p][task.name] = result
-            if progress is not None and bar is not None:
-                progress.advance(bar)
+                if progress is not None and bar is not None and (p, task) in todo:
+                    progress.update(bar, description=f"study: {task.name} [{p}]")
+                raw[p][task.name] = await session.score(p, task, progress=progress)
+                if progress is not None and bar is not None and (p, task) in todo:
+                    progress.advance(bar)
         if progress is not None and bar is not None:
             progress.update(bar, description="study")
-        probed = await _probe(url, tasks, out, model_id, model=model, api_key=api_key) if probe else None
+        probed = await _probe(session, url, tasks[0], model=model, api_key=api_key) if probe else None
     settings = {"url": url, "tasks": [t.name for t in tasks], "limit": max(len(t.items) for t in tasks),
                 "data": {t.name: t.source for t in tasks}}
-    return build_result(raw, runs, model=model_id, num_layers=num_layers, counts=counts, seeds=seeds,
+    return build_result(raw, runs, model=session.model_id, num_layers=num_layers, counts=counts, seeds=seeds,
                         probe=probed, settings=settings)
 
 
-async def _probe(url: str, tasks: Sequence[Task], out: Path, model_id: str, *, model: str | None,
-                 api_key: str | None) -> Probe | None:
-    """The full model's probe over the first task's texts (cached like the scores); None without the endpoint."""
-    texts = task_texts(tasks[0])[:64]
-    key = hashlib.sha256(json.dumps([model_id, texts]).encode()).hexdigest()[:16]
-    path = out / "cache" / f"probe-{key}.json"
-    if path.is_file():
-        return Probe.from_json(json.loads(path.read_text()))
+async def _probe(session: EvalSession, url: str, task: Task, *, model: str | None, api_key: str | None
+                 ) -> Probe | None:
+    """The full model's probe over the task's texts (cached like the scores); None without the endpoint."""
+    texts = task_texts(task)[:64]
+    assert session.cache is not None
+    key = {"probe": FULL, "texts": hashlib.sha256(json.dumps(texts).encode()).hexdigest()}
+    hit = session.cache.load("probe", key)
+    if hit is not None:
+        return Probe.from_json(hit)
     try:
         probe = await run_probe(url, texts, policy=FULL, model=model, api_key=api_key)
     except ProbeError as e:
         log.warning("no probe in the study: %s", e)
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(probe.to_json()) + "\n")
+    session.cache.save("probe", key, probe.to_json())
     return probe
 
 

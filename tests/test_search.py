@@ -173,12 +173,19 @@ def test_search_finds_the_removable_layer(url, tmp_path):
     app = typer.Typer()
     app.command("search")(search_command)
     app.command("other")(lambda: None)
-    r = CliRunner().invoke(app, [
-        "search", "--url", url, "--task", "arc_easy", "--data", str(arc), "--budget", "0.95", "--limit", "40",
-        "--heldout", "20", "--report-tasks", "piqa,hellaswag", "--report-limit", "10", "--sleb-steps", "2",
-        "--out", str(out), "--requests", "3", "--concurrency", "2", "--max-tokens", "4", "--json"])
+    args = ["search", "--url", url, "--task", "arc_easy", "--data", str(arc), "--budget", "0.95", "--limit", "40",
+            "--heldout", "20", "--report-tasks", "piqa,hellaswag", "--report-limit", "10", "--sleb-steps", "2",
+            "--out", str(out), "--requests", "3", "--concurrency", "2", "--max-tokens", "4", "--json",
+            "--cache", str(tmp_path / "cache")]
+    r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
+    cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.json")}
+    again = CliRunner().invoke(app, args)  # resumes: every score and loss from the cache, only speed measured again
+    assert again.exit_code == 0, again.output
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.json")} == cached
+    assert json.loads(again.stdout)["candidates"] == report["candidates"]
+    report = json.loads(again.stdout)  # the file on disk is the second run's (speeds measured afresh)
     assert report["full"]["accuracy"] == 1.0
     assert [s["layer"] for s in report["sleb_order"]][0] == IDENTITY  # removing it costs nothing
     presets = report["presets"]

@@ -1,4 +1,5 @@
-"""The study's sweep, normalisation, cache and claim checks on synthetic scores (no server, no model)."""
+"""The study's sweep, normalisation, cache and claim checks on synthetic scores; then `painters study` end to end on
+the tiny server, resuming from its cache."""
 
 from __future__ import annotations
 
@@ -10,13 +11,12 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from clients.evaluate import TaskResult, mean_stderr
+from clients.evaluate import ResultCache, TaskResult, mean_stderr
 from clients.probe import Probe
 from clients.study import (
     CLAIMS,
     VARIANTS,
     Z,
-    ResultCache,
     StudyResult,
     area,
     build_result,
@@ -244,3 +244,42 @@ def test_outputs_plots_json_and_markdown(tmp_path):
     assert "![arc_easy](study_arc_easy.png)" in md and "painters study --tasks arc_easy" in md
     assert math.isclose(js["mean"]["skip"][-1]["normalized"], 0.35, abs_tol=0.01)
     assert study_markdown(r, images={}).count("| middle repeat |") == 4  # all tasks + three tasks
+
+
+# -- `painters study` end to end on the tiny server ---------------------------------------------------------------
+
+
+def test_study_command_runs_the_sweep_and_resumes(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from clients.study import study_command
+    from tests.serving import serve_tiny
+
+    data = tmp_path / "data" / "piqa"
+    data.mkdir(parents=True)
+    (data / "piqa_validation.jsonl").write_text("".join(
+        json.dumps({"goal": f"How do I do thing {i}?", "sol1": "Carefully.", "sol2": "With a hammer.", "label": i % 2})
+        + "\n" for i in range(6)))
+    app = typer.Typer()
+    app.command("study")(study_command)
+    app.command("other")(lambda: None)
+    out = tmp_path / "out"
+    args = ["study", "--tasks", "piqa", "--data-dir", str(tmp_path / "data"), "--limit", "6", "--seeds", "2",
+            "--out", str(out), "--json"]
+    with serve_tiny() as url:
+        first = CliRunner().invoke(app, [*args, "--url", url])
+        assert first.exit_code == 0, first.output
+        cached = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.json")}
+        again = CliRunner().invoke(app, [*args, "--url", url])
+    assert again.exit_code == 0, again.output
+    js = json.loads(first.stdout)
+    assert js["num_layers"] == 6 and js["counts"] == [2, 3, 4]  # the whole middle of six layers is 1-4
+    assert [p["policies"] for p in js["curves"]["piqa"]["shuffle"]][0] == ["shuffle:2-3:0", "shuffle:2-3:1"]
+    assert js["curves"]["piqa"]["loop"][2]["policies"] == ["loop:1-4x3"]
+    assert len(js["claims"]) == 7 and js["probe"]["steps"] == [str(i) for i in range(6)]
+    # 1 + 3 counts x (5 variants + 2 seeds) results, plus the probe; the rerun computed none of them again
+    assert len(cached) == 1 + 3 * 7 + 1
+    assert {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.json")} == cached
+    assert json.loads(again.stdout)["curves"] == js["curves"]
+    assert {p.name for p in out.iterdir()} >= {"study.json", "study.md", "study_piqa.png", "study_all.png"}
