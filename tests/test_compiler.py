@@ -127,12 +127,16 @@ def check_invariants(sched: Schedule, n: int) -> None:
     assert sched.num_layers == n
     assert sched.steps, "a schedule runs at least one layer"
     slots = [s for step in sched.steps for s in step.slots]
-    assert slots == list(range(sched.num_slots)), "slots are 0..num_slots-1 in execution order"
+    runs: dict[int, int] = {}
+    for layer, occurrence in slots:  # slot = (layer, how many times the schedule ran it before), in order
+        assert occurrence == runs.get(layer, 0)
+        runs[layer] = occurrence + 1
+    assert slots == list(sched.slots) and len(set(slots)) == len(slots)
     assert sched.layer_runs == sched.num_slots == sum(len(step.layers) for step in sched.steps)
     for step in sched.steps:
         assert isinstance(step, Step)
         assert len(step.slots) == len(step.layers) >= 1
-        assert list(step.slots) == list(range(step.slots[0], step.slots[0] + len(step.slots))), "consecutive slots"
+        assert [layer for layer, _ in step.slots] == list(step.layers), "each layer's own slot"
         assert all(0 <= i < n for i in step.layers), f"layer out of range in {step}"
         assert step.combine in ("mean", "sum", "pairs")
         assert step.parallel == (len(step.layers) > 1)
@@ -218,7 +222,7 @@ def test_centred_span_is_centred(n: int, data: st.DataObject) -> None:
 
 def test_full() -> None:
     sched = compile_checked("full", 4)
-    assert sched.steps == tuple(Step((i,), (i,)) for i in range(4))
+    assert sched.steps == tuple(Step((i,), ((i, 0),)) for i in range(4))
     assert sched.policy == "full"
     assert sched.key == "schedule:0-3"
     assert sched.num_slots == sched.layer_runs == 4
@@ -229,7 +233,7 @@ def test_skip_count_drops_the_centred_layers() -> None:
     assert [s.layers[0] for s in sched.steps] == [*range(10), *range(20, 30)]
     assert sched.policy == "skip:10-19"
     assert sched.num_slots == 20
-    assert sched.steps[10] == Step((20,), (10,)), "a skipped layer has no slot: slots stay dense"
+    assert sched.steps[10] == Step((20,), ((20, 0),)), "layer 20's slot is the same as under full"
 
 
 def test_skip_set() -> None:
@@ -244,23 +248,25 @@ def test_pairs_with_an_odd_leftover() -> None:
         ((0,), "mean"), ((1,), "mean"), ((2, 3), "pairs"), ((4, 5), "pairs"), ((6,), "mean"), ((7,), "mean"),
         ((8,), "mean"),
     ]
-    assert [s.slots for s in sched.steps] == [(0,), (1,), (2, 3), (4, 5), (6,), (7,), (8,)]
+    assert [s.slots for s in sched.steps] == [((i, 0),) if len(s.layers) == 1 else tuple((i, 0) for i in s.layers)
+                                               for s in sched.steps for i in s.layers[:1]]
 
 
 def test_parallel() -> None:
     sched = compile_checked("parallel:1-4", 6)
-    assert sched.steps == (Step((0,), (0,)), Step((1, 2, 3, 4), (1, 2, 3, 4)), Step((5,), (5,)))
+    assert sched.steps == (Step((0,), ((0, 0),)), Step((1, 2, 3, 4), ((1, 0), (2, 0), (3, 0), (4, 0))),
+                           Step((5,), ((5, 0),)))
     assert sched.steps[1].parallel and not sched.steps[0].parallel
 
 
-def test_loop_runs_the_parallel_step_repeatedly_with_fresh_slots() -> None:
+def test_loop_runs_the_parallel_step_repeatedly_with_one_slot_per_occurrence() -> None:
     sched = compile_checked("loop:1-3x3", 5)
     assert sched.steps == (
-        Step((0,), (0,)),
-        Step((1, 2, 3), (1, 2, 3)),
-        Step((1, 2, 3), (4, 5, 6)),
-        Step((1, 2, 3), (7, 8, 9)),
-        Step((4,), (10,)),
+        Step((0,), ((0, 0),)),
+        Step((1, 2, 3), ((1, 0), (2, 0), (3, 0))),
+        Step((1, 2, 3), ((1, 1), (2, 1), (3, 1))),
+        Step((1, 2, 3), ((1, 2), (2, 2), (3, 2))),
+        Step((4,), ((4, 0),)),
     )
     assert sched.layer_runs == 11
     assert sched.policy == "loop:1-3x3"
@@ -289,7 +295,8 @@ def test_explicit_schedule() -> None:
         ((0,), "mean"), ((1, 2), "sum"), ((3,), "mean"), ((4,), "mean"), ((5, 6, 7), "mean"), ((8, 9), "pairs"),
         ((3,), "mean"),
     ]
-    assert [s.slots for s in sched.steps] == [(0,), (1, 2), (3,), (4,), (5, 6, 7), (8, 9), (10,)]
+    assert [s.slots for s in sched.steps] == [((0, 0),), ((1, 0), (2, 0)), ((3, 0),), ((4, 0),),
+                                               ((5, 0), (6, 0), (7, 0)), ((8, 0), (9, 0)), ((3, 1),)]
     assert sched.policy == sched.key == "schedule:0,1+2/sum,3-4,5+6+7/mean,8+9/pairs,3"
 
 
@@ -471,7 +478,7 @@ def test_schedules_are_frozen_and_hashable() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         sched.policy = "full"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
-        sched.steps[0].slots = (9,)  # type: ignore[misc]
+        sched.steps[0].slots = ((9, 0),)  # type: ignore[misc]
     assert isinstance(sched.steps, tuple)
     assert {sched: "x"}[compile_schedule("pairs:4-25", 30)] == "x"
 
@@ -561,7 +568,7 @@ def test_skipping_all_but_one_layer_is_allowed(n: int) -> None:
         assert compile_schedule("skip:0", 1).policy == "full"
         return
     assert compile_checked(f"skip:{n - 1}", n).num_slots == 1
-    assert compile_checked(f"skip:1-{n - 1}", n).steps == (Step((0,), (0,)),)
+    assert compile_checked(f"skip:1-{n - 1}", n).steps == (Step((0,), ((0, 0),)),)
     with pytest.raises(PolicyError):
         compile_schedule(f"skip:{n}", n)
     with pytest.raises(PolicyError):
