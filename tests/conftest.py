@@ -158,3 +158,20 @@ def gemma3_engine(gemma3):
     from server.generate import Engine
 
     return Engine.from_loaded(gemma3, name="gemma3-270m")
+
+
+@pytest.fixture
+def poisoned_seed(monkeypatch):
+    """A seed whose rows' sampler raises (as torch.multinomial does on a broken distribution); other rows sample
+    normally. Returns the seed."""
+    import server.sampling as sampling
+
+    real = sampling._sample_row
+
+    def poisoned(logits, p, g):
+        if p.seed == 666:
+            raise RuntimeError("probability tensor contains inf, nan or element < 0")
+        return real(logits, p, g)
+
+    monkeypatch.setattr(sampling, "_sample_row", poisoned)
+    return 666

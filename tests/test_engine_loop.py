@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from server.engine_loop import EngineLoop, EngineRequest, Output, QueueFullError
-import server.sampling as sampling
 from server.generate import Batch, Engine, GenerationResult
 from server.metrics import Metrics
 from server.sampling import SamplingParams
@@ -347,23 +346,16 @@ def test_policy_labels_beyond_max_policies_fold_into_other(tiny_engine, make_loo
 # -- failures ---------------------------------------------------------------------------------------------------
 
 
-def test_a_row_whose_sampling_raises_fails_alone_and_its_neighbour_finishes(tiny_engine, make_loop, monkeypatch):
+def test_a_row_whose_sampling_raises_fails_alone_and_its_neighbour_finishes(tiny_engine, make_loop,
+                                                                            poisoned_seed):
     """One running batch for every policy: a request whose sampler raises gets an error; the long request decoded
     beside it (another policy) finishes exactly as alone, and its KV and slot are freed."""
     healthy = request(tiny_engine, "healthy", [5, 6, 7], "full", max_tokens=12)
     expected = alone(tiny_engine, healthy).token_ids
-    real = sampling._sample_row
-
-    def poisoned(logits, p, g):
-        if p.seed == 666:
-            raise RuntimeError("probability tensor contains inf, nan or element < 0")
-        return real(logits, p, g)
-
-    monkeypatch.setattr(sampling, "_sample_row", poisoned)
     loop = make_loop()
     sinks = {"healthy": Collector(), "poisoned": Collector()}
     loop.submit(healthy, sinks["healthy"])
-    loop.submit(request(tiny_engine, "poisoned", [9, 10], "skip:2", max_tokens=8, temperature=1.0, seed=666),
+    loop.submit(request(tiny_engine, "poisoned", [9, 10], "skip:2", max_tokens=8, temperature=1.0, seed=poisoned_seed),
                 sinks["poisoned"])
     failed = sinks["poisoned"].wait()
     assert failed.finished and failed.result is None and "probability tensor" in failed.error
