@@ -42,7 +42,7 @@ def served(prefix_caching: bool) -> tuple[subprocess.Popen, str]:
     port = free_port()
     os.environ["PAINTERS_ENABLE_PREFIX_CACHING"] = "true" if prefix_caching else "false"
     try:
-        return start_server(port, max_num_seqs=16), f"http://127.0.0.1:{port}"
+        return start_server(port, "smollm2-135m", max_num_seqs=16), f"http://127.0.0.1:{port}"
     finally:
         del os.environ["PAINTERS_ENABLE_PREFIX_CACHING"]
 
