@@ -30,8 +30,8 @@ app = typer.Typer(add_completion=False)
 
 def timed_eval(url: str, data: Path, limit: int) -> tuple[float, dict]:
     """Wall seconds and the JSON scores of `painters eval` (a separate process, as a user runs it)."""
-    cmd = [sys.executable, "-m", "clients.cli", "eval", "--url", url, "--task", "hellaswag", "--data", str(data),
-           "--policies", "full", "--limit", str(limit), "--json"]
+    cmd = [str(Path(sys.executable).parent / "painters"), "eval", "--url", url, "--task", "hellaswag",
+           "--data", str(data), "--policies", "full", "--limit", str(limit), "--json"]
     t = time.perf_counter()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - t
