@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import statistics
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -341,10 +342,37 @@ def preset_name(prefix: str, family: str | None = None) -> str:
     return name
 
 
+async def measure_speed(url: str, policies: Sequence[str], *, rounds: int, concurrency: int, requests: int,
+                        max_tokens: int, prompts: Sequence[str], model: str | None, api_key: str | None,
+                        progress: Progress | None = None) -> dict[str, tuple[float | None, float | None]]:
+    """Canonical policy -> (TPOT p50 in ms, speed-up over full), each the median over `rounds` load tests. A round
+    measures full first and then every policy (in a rotated order), so a change in the machine's load between
+    rounds moves full and the policies alike and the per-round ratio stays fair."""
+    tpots: dict[str, list[float]] = {}
+    ups: dict[str, list[float]] = {}
+    for r in range(rounds):
+        k = r % max(1, len(policies))
+        order = [*policies[k:], *policies[:k]]
+        loads = await run_loadtest(url, [FULL, *order], concurrency=concurrency, requests=requests,
+                                   max_tokens=max_tokens, warmup=1, prompts=prompts, model=model, api_key=api_key,
+                                   progress=progress)
+        full = loads[FULL].tpot.p50
+        for name, load in loads.items():
+            if load.tpot.p50:
+                tpots.setdefault(name, []).append(load.tpot.p50 * 1e3)
+                if full:
+                    ups.setdefault(name, []).append(full / load.tpot.p50)
+    out: dict[str, tuple[float | None, float | None]] = {
+        name: (statistics.median(tpots[name]), statistics.median(ups[name]) if name in ups else None) for name in tpots}
+    out.setdefault(FULL, (None, None))
+    return out
+
+
 async def run_search(url: str, search: Task, *, budget: float, heldout: Task | None = None,
                      others: Sequence[Task] = (), prefix: str | None = None, calibration: int = 16,
                      sleb_steps: int | None = None, patience: int = 2, most: int | None = None,
-                     requests: int = 8, concurrency: int = 4, max_tokens: int = 32, eval_concurrency: int = 16,
+                     requests: int = 8, concurrency: int = 4, max_tokens: int = 32, rounds: int = 3,
+                     eval_concurrency: int = 16,
                      prompts: Sequence[str] = BUILTIN_PROMPTS, cache_dir: Path | None = None,
                      model: str | None = None, api_key: str | None = None, progress: Progress | None = None
                      ) -> SearchResult:
@@ -406,17 +434,12 @@ async def run_search(url: str, search: Task, *, budget: float, heldout: Task | N
                               await session.canonical(s.candidate.policy)) for s in chosen]
     if not finalists:
         notes.append(f"no candidate kept {budget:g} of the full model's score; the preset file holds `full`")
-    # measured speed: each finalist beside full, one after another
-    loads = await run_loadtest(url, [FULL, *(f.candidate.policy for f in finalists)], concurrency=concurrency,
-                               requests=requests, max_tokens=max_tokens, warmup=1, prompts=prompts,
-                               model=model, api_key=api_key, progress=progress)
-    full_tpot = loads[FULL].tpot.p50 if FULL in loads else None
-    timed = []
-    for f in finalists:
-        tpot = loads[f.canonical].tpot.p50 if f.canonical in loads else None
-        timed.append(Finalist(f.name, f.candidate, f.normalized, f.canonical,
-                              None if tpot is None else tpot * 1e3,
-                              full_tpot / tpot if full_tpot and tpot else None))
+    speeds = await measure_speed(url, [f.candidate.policy for f in finalists], rounds=rounds,
+                                 concurrency=concurrency, requests=requests, max_tokens=max_tokens, prompts=prompts,
+                                 model=model, api_key=api_key, progress=progress)
+    full_tpot = speeds[FULL][0]
+    timed = [Finalist(f.name, f.candidate, f.normalized, f.canonical, *speeds.get(f.canonical, (None, None)))
+             for f in finalists]
     timed.sort(key=lambda f: -(f.speedup or 0.0))
     if timed:  # the fastest takes the plain name
         w = timed[0]
@@ -425,7 +448,7 @@ async def run_search(url: str, search: Task, *, budget: float, heldout: Task | N
                           full_accuracy=full.accuracy, random_baseline=full.random_baseline,
                           search_items=len(search.items), source=search.source, scored=scored, finalists=timed,
                           sleb=order, full_loss=full_loss,
-                          full_tpot_p50_ms=None if full_tpot is None else full_tpot * 1e3, notes=notes)
+                          full_tpot_p50_ms=full_tpot, notes=notes)
     return await report(url, result, heldout=heldout, others=others, eval_concurrency=eval_concurrency, model=model,
                         api_key=api_key, cache_dir=cache_dir, progress=progress)
 
@@ -573,6 +596,8 @@ def search_command(
     requests: Annotated[int, typer.Option(help="loadtest: measured requests per finalist", min=1)] = 8,
     concurrency: Annotated[int, typer.Option(help="loadtest: requests in flight", min=1)] = 4,
     max_tokens: Annotated[int, typer.Option(help="loadtest: new tokens per request", min=1)] = 32,
+    rounds: Annotated[int, typer.Option(help="loadtest rounds (full and every finalist each round); the median "
+                                        "speed-up counts", min=1)] = 3,
     prompts: Annotated[Path | None, typer.Option(
         help="loadtest: JSONL with a \"prompt\" field, or one prompt per line (default: 20 built-in prompts)",
         exists=True, dir_okay=False)] = None,
@@ -604,7 +629,7 @@ def search_command(
             result = asyncio.run(run_search(
                 url, search, budget=budget, heldout=rest, others=others, prefix=name, calibration=calibration,
                 sleb_steps=sleb_steps, patience=patience, requests=requests, concurrency=concurrency,
-                max_tokens=max_tokens, eval_concurrency=eval_concurrency,
+                max_tokens=max_tokens, rounds=rounds, eval_concurrency=eval_concurrency,
                 prompts=load_prompts(prompts) if prompts else BUILTIN_PROMPTS, cache_dir=cache, model=model,
                 api_key=api_key, progress=bars))
         result.notes += missing

@@ -175,7 +175,7 @@ def test_search_finds_the_removable_layer(url, tmp_path):
     app.command("other")(lambda: None)
     args = ["search", "--url", url, "--task", "arc_easy", "--data", str(arc), "--budget", "0.95", "--limit", "40",
             "--heldout", "20", "--report-tasks", "piqa,hellaswag", "--report-limit", "10", "--sleb-steps", "2",
-            "--out", str(out), "--requests", "3", "--concurrency", "2", "--max-tokens", "4", "--json",
+            "--out", str(out), "--requests", "3", "--concurrency", "2", "--max-tokens", "4", "--rounds", "2", "--json",
             "--cache", str(tmp_path / "cache")]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
