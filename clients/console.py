@@ -4,6 +4,7 @@ and tables that never cut a policy name (rich when stdout is a terminal, a plain
 from __future__ import annotations
 
 import logging
+import shlex
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
@@ -104,3 +105,19 @@ class TextTable:
 
 
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="also log every HTTP request (httpx's INFO lines)")]
+
+
+def command_line(ctx: typer.Context) -> str:
+    """The running command as a user would type it, options at their defaults left out: reports say how they were
+    made. `ctx` is the command's typer context (a `ctx: typer.Context` parameter)."""
+    parts = ["painters", ctx.info_name or ""]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if param.param_type_name != "option" or value is None or value == param.default:
+            continue
+        if getattr(param, "is_flag", False):
+            parts.append(param.opts[0] if value else (getattr(param, "secondary_opts", None) or param.opts)[0])
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            parts += [param.opts[0], str(v)]
+    return shlex.join(parts)

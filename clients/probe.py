@@ -23,7 +23,7 @@ import typer
 from rich.progress import Progress
 
 from clients.client import AsyncPaintersClient, PaintersError, Policy
-from clients.console import Column, TextTable, VerboseOpt, console, fail, progress_bar, quiet_http_logs
+from clients.console import Column, TextTable, VerboseOpt, command_line, console, fail, progress_bar, quiet_http_logs
 from clients.tasks import Cloze, DataError, Document, Generation, MultipleChoice, Task, load_task
 from clients.types import ProbeResponse
 
@@ -176,7 +176,8 @@ async def _probe_batch(client: AsyncPaintersClient, prompts: list[list[int]], po
         if not _too_big(e) or len(prompts) == 1:
             raise
         half = len(prompts) // 2
-        return [*await _probe_batch(client, prompts[:half], policy), *await _probe_batch(client, prompts[half:], policy)]
+        first = await _probe_batch(client, prompts[:half], policy)
+        return [*first, *await _probe_batch(client, prompts[half:], policy)]
 
 
 DEFAULT_MAX_LENGTH = 512  # tokens kept per text: enough to see how alike layers are, cheap to probe
@@ -270,7 +271,8 @@ def plot_removable(probe: Probe, path: Path, *, title: str | None = None) -> Pat
 
 
 def influence_table(probe: Probe, top: int) -> TextTable:
-    t = TextTable([Column("rank", "right"), Column("step (layer)", keep_whole=True), Column("block influence", "right")],
+    t = TextTable([Column("rank", "right"), Column("step (layer)", keep_whole=True),
+                   Column("block influence", "right")],
                   title=f"steps that change the state least (lowest block influence, {top} of {probe.num_steps})")
     for rank, i in enumerate(probe.least_influential(top), 1):
         t.add_row(str(rank), probe.steps[i], f"{probe.block_influence[i]:.4f}")
@@ -305,6 +307,7 @@ def task_texts(task: Task) -> list[str]:
 
 
 def probe_command(
+    ctx: typer.Context,
     task: Annotated[str, typer.Option("--task", "-t", help="whose texts to probe: lambada_openai, hellaswag, arc_easy, "
                                       "arc_challenge, piqa, winogrande, boolq, gsm8k, wikitext")],
     out: Annotated[Path, typer.Option(help="directory for probe.json, similarity.png and removable.png")],
@@ -333,7 +336,8 @@ def probe_command(
         with progress_bar(transient=True) as bars:
             probe = asyncio.run(run_probe(url, task_texts(loaded), policy=policy, batch_size=batch_size,
                                           max_length=max_length, model=model, api_key=api_key, progress=bars))
-        settings = {"url": url, "task": task, "data": loaded.source, "limit": limit, "max_length": max_length}
+        settings = {"command": command_line(ctx), "url": url, "task": task, "data": loaded.source, "limit": limit,
+                    "max_length": max_length}
         paths = write_outputs(probe, out, settings=settings)
     except (DataError, ProbeError, PaintersError, ValueError, OSError) as e:
         raise fail(str(e)) from None

@@ -33,7 +33,17 @@ import typer
 from rich.progress import Progress
 
 from clients.client import PaintersError
-from clients.console import Column, TextTable, VerboseOpt, console, err, fail, progress_bar, quiet_http_logs
+from clients.console import (
+    Column,
+    TextTable,
+    VerboseOpt,
+    command_line,
+    console,
+    err,
+    fail,
+    progress_bar,
+    quiet_http_logs,
+)
 from clients.evaluate import FULL, EvalError, EvalSession, normalized_score
 from clients.loadtest import BUILTIN_PROMPTS, LoadtestError, load_prompts, run_loadtest
 from clients.probe import Probe, ProbeError, run_probe, task_texts
@@ -430,7 +440,8 @@ async def run_search(url: str, search: Task, *, budget: float, heldout: Task | N
         scored = await scan(families, score, budget=budget, patience=patience)
         chosen = finalists_of(scored)
         prefix = prefix or f"{search.name}-{round(budget * 100)}"
-        finalists = [Finalist(preset_name(prefix, s.candidate.family), s.candidate, s.normalized,  # type: ignore[arg-type]
+        finalists = [Finalist(preset_name(prefix, s.candidate.family), s.candidate,
+                              s.normalized,  # type: ignore[arg-type]  (a passing candidate has a score)
                               await session.canonical(s.candidate.policy)) for s in chosen]
     if not finalists:
         notes.append(f"no candidate kept {budget:g} of the full model's score; the preset file holds `full`")
@@ -570,6 +581,7 @@ def other_tasks(names: Sequence[str], *, data_dir: Path | None, limit: int) -> t
 
 
 def search_command(
+    ctx: typer.Context,
     task: Annotated[str, typer.Option("--task", "-t", help="the task to keep: lambada_openai, hellaswag, arc_easy, "
                                       "arc_challenge, piqa, winogrande, boolq, gsm8k")],
     out: Annotated[Path, typer.Option(help="the preset file to write (YAML); a .report.json and .report.md go "
@@ -633,8 +645,7 @@ def search_command(
                 prompts=load_prompts(prompts) if prompts else BUILTIN_PROMPTS, cache_dir=cache, model=model,
                 api_key=api_key, progress=bars))
         result.notes += missing
-        command = (f"painters search --url {url} --task {task}" + (f" --data {data}" if data else "")
-                   + f" --budget {budget:g} --limit {limit} --out {out}")
+        command = command_line(ctx)
         paths = write_outputs(result, out, command=command)
     except (DataError, EvalError, SearchError, LoadtestError, PaintersError, ValueError, OSError) as e:
         raise fail(str(e)) from None
@@ -645,7 +656,8 @@ def search_command(
         return
     labels = list(result.report_tasks)
     t = TextTable([Column("preset", keep_whole=True), Column("policy", keep_whole=True), Column("family"),
-                   Column("score", "right"), Column("speed-up", "right"), *(Column(label, "right") for label in labels)],
+                   Column("score", "right"), Column("speed-up", "right"),
+                   *(Column(label, "right") for label in labels)],
                   title=f"{result.task}: policies keeping >= {budget:g} of the full model (fastest first)")
     for f in result.finalists:
         t.add_row(f.name, f.candidate.policy, f.candidate.family, f"{f.normalized:.3f}", _num(f.speedup, ".2f") + "x",

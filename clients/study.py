@@ -24,7 +24,16 @@ import typer
 from rich.progress import Progress
 
 from clients.client import PaintersError
-from clients.console import Column, TextTable, VerboseOpt, console, fail, progress_bar, quiet_http_logs
+from clients.console import (
+    Column,
+    TextTable,
+    VerboseOpt,
+    command_line,
+    console,
+    fail,
+    progress_bar,
+    quiet_http_logs,
+)
 from clients.evaluate import (
     FULL,
     EvalError,
@@ -133,6 +142,13 @@ def point(n: int, results: Sequence[TaskResult], full: TaskResult) -> Point:
     return Point(n, acc, norm, None if se is None or not scale else se / scale, policies, tuple(per_item))
 
 
+def quadrature_mean(ses: Sequence[float | None]) -> float | None:
+    """The standard error of a mean of independent estimates with these errors."""
+    if not ses or any(x is None for x in ses):
+        return None
+    return math.sqrt(sum(x * x for x in ses)) / len(ses)  # type: ignore[operator]
+
+
 @dataclass(frozen=True)
 class StudyResult:
     model: str
@@ -160,7 +176,7 @@ class StudyResult:
             pts = [self.curves[t][variant][i] for t in tasks]
             norm = mean([p.normalized for p in pts if p.normalized is not None])
             ses = [p.stderr for p in pts]
-            se = math.sqrt(sum(s * s for s in ses)) / len(ses) if ses and all(s is not None for s in ses) else None  # type: ignore[operator]
+            se = quadrature_mean(ses)
             out.append(Point(n, mean([p.accuracy for p in pts if p.accuracy is not None]), norm, se,
                              tuple(q for p in pts for q in p.policies)))
         return out
@@ -238,8 +254,7 @@ def combination(r: StudyResult, weights: Weights, tasks: Sequence[str] | None = 
                        if all(p.stderr is not None for p in pts.values()) else None)
     if not values:
         return None, None
-    se = math.sqrt(sum(x * x for x in ses)) / len(ses) if all(x is not None for x in ses) else None  # type: ignore[operator]
-    return sum(values) / len(values), se
+    return sum(values) / len(values), quadrature_mean(ses)
 
 
 def area(r: StudyResult, variant: str) -> Weights:
@@ -334,9 +349,10 @@ def repeat_worst(r: StudyResult) -> ClaimCheck:
     areas = {v: combination(r, area(r, v))[0] for v in VARIANTS}
     if any(a is None for a in areas.values()):
         return ClaimCheck(claim, "not measured", "no task has a normalised score")
-    runner_up = min((v for v in VARIANTS if v != "repeat"), key=lambda v: areas[v])  # type: ignore[arg-type, return-value]
+    lowest_first = sorted(VARIANTS, key=lambda v: areas[v])  # type: ignore[arg-type, return-value]
+    runner_up = next(v for v in lowest_first if v != "repeat")
     diff, se = combination(r, minus(area(r, runner_up), area(r, "repeat")))
-    ranking = ", ".join(f"{LABELS[v]} {areas[v]:.2f}" for v in sorted(VARIANTS, key=lambda v: areas[v]))  # type: ignore[arg-type, return-value]
+    ranking = ", ".join(f"{LABELS[v]} {areas[v]:.2f}" for v in lowest_first)
     return ClaimCheck(claim, _compare(diff, se),  # type: ignore[arg-type]
                       f"mean normalised score over n = {_counts(r)}, lowest first: {ranking}; the next lowest minus "
                       f"middle repeat: {_fmt(diff, se)} (paired over items)")
@@ -457,8 +473,9 @@ def plot_curves(curves: dict[str, list[Point]], path: Path, *, title: str) -> Pa
         xs, ys = [p.n for p in shown], [p.normalized for p in shown]
         ax.plot(xs, ys, marker="o", label=LABELS[variant], color=COLORS[variant])
         if all(p.stderr is not None for p in shown):
-            ax.fill_between(xs, [y - p.stderr for y, p in zip(ys, shown)],  # type: ignore[operator]
-                            [y + p.stderr for y, p in zip(ys, shown)], color=COLORS[variant], alpha=0.12)  # type: ignore[operator]
+            low = [y - p.stderr for y, p in zip(ys, shown)]  # type: ignore[operator]
+            high = [y + p.stderr for y, p in zip(ys, shown)]  # type: ignore[operator]
+            ax.fill_between(xs, low, high, color=COLORS[variant], alpha=0.12)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="full model")
     ax.axhline(0.0, color="tab:gray", linestyle=":", linewidth=1, label="random baseline")
     ax.set_xlabel("number of affected middle layers (centred)")
@@ -549,6 +566,7 @@ def parse_counts(text: str | None) -> list[int] | None:
 
 
 def study_command(
+    ctx: typer.Context,
     tasks: Annotated[str, typer.Option("--tasks", "--task", "-t", help="comma-separated, e.g. "
                                        "lambada_openai,hellaswag,arc_easy")],
     out: Annotated[Path, typer.Option(help="directory for study.json, study.md, the plots and the result cache")],
@@ -576,8 +594,7 @@ def study_command(
             result = asyncio.run(run_study(url, loaded, out, counts=parse_counts(counts), seeds=seeds,
                                            concurrency=concurrency, max_gen_tokens=max_gen_tokens, probe=probe,
                                            model=model, api_key=api_key, progress=bars))
-        command = (f"painters study --url {url} --tasks {tasks} --limit {limit} --seeds {seeds} --out {out}"
-                   + (f" --counts {counts}" if counts else "") + (f" --data-dir {data_dir}" if data_dir else ""))
+        command = command_line(ctx)
         paths = write_outputs(result, out, command=command)
     except (DataError, EvalError, PaintersError, ValueError, OSError) as e:
         raise fail(str(e)) from None

@@ -283,3 +283,6 @@ def test_study_command_runs_the_sweep_and_resumes(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.json")} == cached
     assert json.loads(again.stdout)["curves"] == js["curves"]
     assert {p.name for p in out.iterdir()} >= {"study.json", "study.md", "study_piqa.png", "study_all.png"}
+    md = (out / "study.md").read_text()  # says how it was made: the options given, defaults left out
+    assert f"painters study --tasks piqa --out {out} --url {url} --limit 6 --seeds 2 --data-dir" in md
+    assert "--json" in md and "--concurrency" not in md
