@@ -476,6 +476,7 @@ def plot_curves(curves: dict[str, list[Point]], path: Path, *, title: str) -> Pa
             low = [y - p.stderr for y, p in zip(ys, shown)]  # type: ignore[operator]
             high = [y + p.stderr for y, p in zip(ys, shown)]  # type: ignore[operator]
             ax.fill_between(xs, low, high, color=COLORS[variant], alpha=0.12)
+    ax.set_xticks(sorted({p.n for pts in curves.values() for p in pts}))
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="full model")
     ax.axhline(0.0, color="tab:gray", linestyle=":", linewidth=1, label="random baseline")
     ax.set_xlabel("number of affected middle layers (centred)")
