@@ -18,7 +18,6 @@ from torch import Tensor
 from server.compiler import Schedule, compile_schedule
 from server.detokenizer import IncrementalDetokenizer
 from server.executor import Executor, Row
-from server.kv_cache import CachedBlock
 from server.model import GroupMode, Transformer, default_dtype
 from server.policy import Policy, as_policy
 from server.probe import ProbeStats
@@ -117,6 +116,16 @@ class Sequence:
         )
 
 
+@dataclass(frozen=True)
+class Reused:
+    """What a prompt took from the prefix cache: its KV up to `start` (computing resumes there) and, for an echo
+    request, the prompt logprobs and top alternatives of tokens 0 .. start (the first is None)."""
+
+    start: int
+    logprobs: list[float | None] | None = None
+    tops: list[dict[int, float] | None] | None = None
+
+
 class Batch:
     """The running sequences, each under its own schedule, decoded together. The executor owns their KV cache."""
 
@@ -131,8 +140,9 @@ class Batch:
 
     def add(self, new: list[Sequence]) -> None:
         """Prefill `new` (right-padded together, their own forward call) and choose each one's first token.
-        With prefix reuse, a prompt whose first full blocks are cached under its schedule starts after them; new
-        sequences that share a first block with an earlier one in this call wait for it (a second, cheaper call)."""
+        With prefix reuse, a prompt whose start is cached under its schedule computes from where the cache ends
+        (`_reuse`); new sequences that share a first block with an earlier one in this call wait for it (a second,
+        cheaper call)."""
         if not new:
             return
         t0 = time.perf_counter()
@@ -152,8 +162,8 @@ class Batch:
                 self._prefill(wave, t0)
 
     def _prefill(self, new: list[Sequence], t0: float) -> None:
-        cached = [self._reuse(s) for s in new]
-        starts = [len(c[0]) * self.executor.cache.block_size for c in cached]
+        reused = [self._reuse(s) for s in new]
+        starts = [r.start for r in reused]
         self.reused_tokens += sum(starts)
         width = max(len(s.prompt_ids) - p for s, p in zip(new, starts))
         tokens = torch.zeros(len(new), width, dtype=torch.long)
@@ -165,9 +175,9 @@ class Batch:
         rows = [Row(s.id, s.schedule, p, len(s.prompt_ids) - p) for s, p in zip(new, starts)]
         logits = self.executor.forward(tokens, rows, logits_at=None if echo else last)
         if echo:
-            for b, (s, p, (entries, boundary)) in enumerate(zip(new, starts, cached)):
+            for b, (s, p, r) in enumerate(zip(new, starts, reused)):
                 if s.params.echo:
-                    _score_prompt(s, logits[b, : len(s.prompt_ids) - p], entries, boundary)
+                    _score_prompt(s, logits[b, : len(s.prompt_ids) - p], r)
             logits = logits[torch.arange(len(new), device=logits.device), last]
         if self.prefix_caching:
             for s, p in zip(new, starts):
@@ -175,46 +185,76 @@ class Batch:
         self.sequences.extend(new)
         self._append(new, logits, t0, prefill=True)
 
-    def _reuse(self, s: Sequence) -> tuple[list[CachedBlock], Any]:
-        """Adopt the cached blocks that `s`'s prompt starts with; returns them and, for echo, the payload of the
-        first token after them. A prompt keeps at least its last token to compute; an echo request reuses only
-        blocks whose prompt logprobs (at least as many alternatives as it asks for) are cached with them."""
+    def _reuse(self, s: Sequence) -> Reused:
+        """Take what the prefix cache holds of `s`'s prompt: the cached full blocks it starts with (adopted), then a
+        copy of the registered block that agrees longest with its next tokens. A prompt keeps at least its last
+        token to compute. An echo request reuses only tokens whose prompt logprobs (with at least as many
+        alternatives as it asks for) are cached, up to and including the first token it computes from."""
         if not self.prefix_caching:
-            return [], None
-        cache, size = self.executor.cache, self.executor.cache.block_size
-        entries = cache.lookup(s.schedule.key, s.prompt_ids, (len(s.prompt_ids) - 1) // size)
+            return Reused(0)
+        cache, size, ids = self.executor.cache, self.executor.cache.block_size, s.prompt_ids
+        key, n = s.schedule.key, s.params.logprobs if s.params.echo else None
+        entries = cache.lookup(key, ids, (len(ids) - 1) // size)
+        if n is not None:
+            entries = list(itertools.takewhile(lambda e: e.scores is not None and e.scores[0] >= n, entries))
+        j = len(entries)
+        partial = cache.lookup_partial(key, entries[-1].chain if entries else 0, ids[j * size : (j + 1) * size])
+        # tokens of the partial block to take: echo needs the logprob of the token it starts at, which the cache
+        # holds only where that token agrees too
+        take = 0
+        if partial is not None and (n is None or (partial[0].scores is not None and partial[0].scores[0] >= n)):
+            take = min(partial[1] - (n is not None), len(ids) - 1 - j * size)
+        start = 0
+        if take >= 1:
+            cache.adopt(s.id, s.schedule.slots, entries)
+            if cache.copy(s.id, s.schedule.slots, partial[0]):
+                start = j * size + take
+            else:  # the pool is too tight to copy: reuse whole blocks only
+                cache.free(s.id)
+                take = 0
         boundary = None
-        if s.params.echo:
-            n = s.params.logprobs
-            usable = 0
-            for e in entries:
-                if e.scores is None or e.scores[0] < n:
-                    break
-                usable += 1
-            entries = entries[:usable]
-            while entries:
-                boundary = entries[-1].next.get(s.prompt_ids[len(entries) * size])
+        if not take:
+            while n is not None and entries:  # the first token after the blocks: its logprob is cached with them
+                boundary = entries[-1].next.get(ids[len(entries) * size])
                 if boundary is not None and boundary[0] >= n:
                     break
                 entries, boundary = entries[:-1], None
-        cache.adopt(s.id, s.schedule.slots, entries)
-        return entries, boundary
+            cache.adopt(s.id, s.schedule.slots, entries)
+            start = len(entries) * size
+        if n is None:
+            return Reused(start)
+        logprobs, tops = [], []
+        for e in entries:  # payloads: (alternatives kept, logprobs, top dicts)
+            logprobs += e.scores[1]
+            tops += e.scores[2]
+        if take:  # tokens j*size .. start, all agreeing with the copied block's
+            logprobs += partial[0].scores[1][: take + 1]
+            tops += partial[0].scores[2][: take + 1]
+        elif entries:
+            logprobs.append(boundary[1])
+            tops.append(boundary[2])
+        else:
+            logprobs.append(None)
+            tops.append(None)
+        return Reused(start, logprobs, [None if t is None else dict(list(t.items())[:n]) for t in tops])
 
     def _register(self, s: Sequence, start: int) -> None:
-        """Make `s`'s full prompt blocks findable, with their prompt logprobs when it computed them."""
+        """Make `s`'s prompt blocks findable (the last one even if partly filled), with their prompt logprobs when
+        it has them."""
         cache, size = self.executor.cache, self.executor.cache.block_size
         L = len(s.prompt_ids)
-        entries = cache.register(s.id, s.schedule.key, s.schedule.slots, s.prompt_ids, start // size, L // size)
+        entries = cache.register(s.id, s.schedule.key, s.schedule.slots, s.prompt_ids, start // size, -(-L // size))
         if not s.params.echo or s.prompt_logprobs is None:
             return
         n = s.params.logprobs
         tops = s.prompt_top_logprobs or [None] * L
         for j, e in enumerate(entries):
-            if j * size >= start and (e.scores is None or e.scores[0] < n):
+            if e.scores is None or e.scores[0] < n:
                 part = slice(j * size, (j + 1) * size)
                 e.scores = (n, s.prompt_logprobs[part], tops[part])
             after = (j + 1) * size
-            if after < L and after >= start:
+            known = e.next.get(s.prompt_ids[after]) if after < L else None
+            if after < L and (known is None or known[0] < n):
                 e.next[s.prompt_ids[after]] = (n, s.prompt_logprobs[after], tops[after])
 
     def step(self) -> None:
@@ -335,22 +375,14 @@ def _sample_rows(logits: Tensor, seqs: list[Sequence]) -> tuple[list[int], dict[
     return tokens.tolist(), {b: f"sampling failed: {type(e).__name__}: {e}" for b, e in errors.items()}
 
 
-def _score_prompt(s: Sequence, logits: Tensor, entries: list[CachedBlock] = (), boundary: Any = None) -> None:
-    """logits [T', V] over the prompt from position p = len(entries) x block on -> logprob of each prompt token given
-    its prefix (None for the first). Tokens before p come from the cached `entries`, token p from `boundary`."""
+def _score_prompt(s: Sequence, logits: Tensor, reused: Reused) -> None:
+    """logits [T', V] over the prompt from position p = reused.start on -> logprob of each prompt token given its
+    prefix (None for the first). Tokens up to p come from the cache (`reused`)."""
     n = s.params.logprobs
-    values: list[float | None] = []
-    tops: list[dict[int, float] | None] = []
-    for e in entries:  # payloads: (alternatives kept, logprobs, top dicts)
-        values += e.scores[1]
-        tops += [None if t is None else dict(list(t.items())[:n]) for t in e.scores[2]]
-    if entries:
-        values.append(boundary[1])
-        tops.append(None if boundary[2] is None else dict(list(boundary[2].items())[:n]))
-    else:
-        values.append(None)
-        tops.append(None)
+    values: list[float | None] = list(reused.logprobs) if reused.logprobs else [None]
+    tops: list[dict[int, float] | None] = list(reused.tops) if reused.tops else [None]
     p = len(values) - 1
+    assert p == reused.start
     logprobs = torch.log_softmax(logits[:-1], dim=-1)
     ids = torch.tensor(s.prompt_ids[p + 1 :], device=logits.device)
     values += logprobs.gather(-1, ids[:, None])[:, 0].tolist() if len(ids) else []

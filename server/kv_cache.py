@@ -13,16 +13,20 @@ same schedule). A registered block outlives its sequence while no one needs the 
 are evicted least recently used when the pool runs out of free ones. A sequence that finds its prompt's first blocks
 adopts them (reference-counted, read only: a sequence writes only past its prompt's full blocks), and each entry
 can carry an opaque payload (the prompt logprobs of its tokens, and of the token after it).
+A prompt's last, partly filled block is registered too, and the block after the shared full ones is matched token by
+token among the entries that follow the same chain (as SGLang's radix cache shares any prefix, not only whole
+blocks): a sequence whose prompt agrees with such a block for m tokens takes a private copy of it (copy on write)
+and computes from there, so a context shared by several continuations is computed once to the token.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from server.compiler import Slot
 
@@ -55,12 +59,14 @@ class CachedBlock:
 
     tokens: tuple[int, ...]  # the block's tokens (checked on lookup, so a hash collision can never match)
     blocks: tuple[int, ...]
+    chain: int  # hash of its tokens and everything before it
+    parent: int  # the chain hash of the block before it (0 for a prompt's first)
     scores: Any = None  # payload for the block's own tokens (set by whoever computed them)
     next: dict[int, Any] = field(default_factory=dict)  # token after the block -> its payload
 
 
 def chain_hashes(tokens: list[int], block_size: int, count: int) -> list[int]:
-    """Hash of each of the first `count` full blocks and everything before it."""
+    """Hash of each of the first `count` blocks and everything before it (the last may be partly filled)."""
     out, h = [], 0
     for j in range(count):
         h = hash((h, tuple(tokens[j * block_size : (j + 1) * block_size])))
@@ -102,6 +108,7 @@ class PagedKVCache:
         self._in_use = 0  # blocks with a reference
         self._prefix: OrderedDict[tuple[str, int], CachedBlock] = OrderedDict()  # least recently used first
         self._registered: dict[int, tuple[str, int]] = {}  # block -> its prefix entry
+        self._children: dict[tuple[str, int], set[int]] = {}  # (schedule, chain hash) -> chains of the next blocks
 
     @property
     def num_blocks(self) -> int:
@@ -168,6 +175,47 @@ class PagedKVCache:
             found.append(entry)
         return found
 
+    def lookup_partial(self, key: str, parent: int, tokens: list[int]) -> tuple[CachedBlock, int] | None:
+        """Among the registered blocks that follow chain `parent` under `key`, the one that agrees longest with
+        `tokens` (the next block's worth of a prompt) and for how many tokens; None when none agrees on one."""
+        best, agree = None, 0
+        for h in self._children.get((key, parent), ()):
+            entry = self._prefix[(key, h)]
+            m = 0
+            for a, b in zip(entry.tokens, tokens):
+                if a != b:
+                    break
+                m += 1
+            if m > agree:
+                best, agree = entry, m
+        if best is None:
+            return None
+        self._prefix.move_to_end((key, best.chain))
+        return best, agree
+
+    def copy(self, seq: int, slots: tuple[Slot, ...], entry: CachedBlock) -> bool:
+        """`seq` takes private copies of `entry`'s blocks as its next block (copy on write: it will overwrite the
+        part that differs). False, and nothing changed, when the pool cannot spare the blocks without evicting
+        `entry` itself."""
+        col = self._blocks.get(seq, 0)
+        assert col < self.max_blocks
+        pinned = [b for b in entry.blocks if self._refs[b] == 0]
+        self._in_use += len(pinned)  # held for the copy, so eviction cannot take them
+        try:
+            if self._available() < len(slots):
+                return False
+            fresh = [self._take() for _ in slots]
+        finally:
+            self._in_use -= len(pinned)
+        index = torch.tensor(fresh, device=self.pool.device)
+        self.pool[index] = self.pool[torch.tensor(entry.blocks, device=self.pool.device)]
+        rows = self._table_rows(seq, slots)
+        for s, b in zip(slots, fresh):
+            self._hold(seq, s, b)
+        self._set_tables([rows[s] for s in slots], [col] * len(slots), fresh)
+        self._blocks[seq] = col + 1
+        return True
+
     def adopt(self, seq: int, slots: tuple[Slot, ...], entries: list[CachedBlock]) -> None:
         """A new sequence takes `entries` as its first blocks (before any of its own)."""
         assert self._blocks.get(seq, 0) == 0, "adopt before the sequence holds blocks"
@@ -186,20 +234,23 @@ class PagedKVCache:
 
     def register(self, seq: int, key: str, slots: tuple[Slot, ...], tokens: list[int], first: int, count: int,
                  ) -> list[CachedBlock]:
-        """Make full blocks first..count-1 of `seq`'s prompt findable; returns the entries of blocks 0..count-1
-        (existing ones are kept: another sequence registered the same tokens first)."""
-        entries = []
+        """Make blocks first..count-1 of `seq`'s prompt findable (the last may be partly filled: only copies of it
+        are ever shared); returns the entries of blocks 0..count-1 (existing ones are kept: another sequence
+        registered the same tokens first)."""
+        entries, parent = [], 0
         for j, h in enumerate(chain_hashes(tokens, self.block_size, count)):
             entry = self._prefix.get((key, h))
             if entry is None and j >= first:
                 blocks = tuple(self._held[seq][s][j] for s in slots)
-                entry = CachedBlock(tuple(tokens[j * self.block_size : (j + 1) * self.block_size]), blocks)
+                entry = CachedBlock(tuple(tokens[j * self.block_size : (j + 1) * self.block_size]), blocks, h, parent)
                 self._prefix[(key, h)] = entry
+                self._children.setdefault((key, parent), set()).add(h)
                 for b in blocks:
                     self._registered[b] = (key, h)
             if entry is None:
                 break
             entries.append(entry)
+            parent = h
         return entries
 
     # -- internals --------------------------------------------------------------------------------------------------
@@ -229,7 +280,12 @@ class PagedKVCache:
         while not self._free_blocks:
             victim = next((k for k, e in self._prefix.items() if all(self._refs[b] == 0 for b in e.blocks)), None)
             assert victim is not None, "no free block and nothing to evict"
-            for b in self._prefix.pop(victim).blocks:
+            entry = self._prefix.pop(victim)
+            siblings = self._children[(victim[0], entry.parent)]
+            siblings.discard(entry.chain)
+            if not siblings:
+                del self._children[(victim[0], entry.parent)]
+            for b in entry.blocks:
                 del self._registered[b]
                 self._free_blocks.append(b)
         return self._free_blocks.pop()

@@ -327,3 +327,24 @@ def test_prefix_reuse_gives_the_same_scores_and_tokens(tiny_engine):
                 assert list(ta) == list(tb)
         torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=1e-5, atol=1e-5)
     assert batch.kv_usage() == 0.0, "registered blocks that no one holds are not counted as used"
+
+
+def test_prefix_reuse_shares_a_context_to_the_token_not_to_the_block(tiny_engine):
+    """Blocks of 4: a 10-token context ends 2 tokens into its third block. A continuation computes from the
+    context's last token (a generation) or the one before it (echo: its logprob comes from the cache), not from the
+    block boundary at 8, and its answers equal a run without reuse."""
+    context = [5, 9, 17, 33, 4, 8, 60, 7, 11, 12]
+    score = SamplingParams(max_tokens=0, echo=True, logprobs=1)
+    gen = SamplingParams(max_tokens=4, ignore_eos=True, logprobs=1)
+    waves = [[(context + [40, 41], "full", score)], [(context + [50], "full", score)],
+             [(context + [60, 61], "full", gen)], [(context[:3] + [70], "full", score)]]
+    plain, _ = _run(tiny_engine, waves, prefix_caching=False)
+    reused, batch = _run(tiny_engine, waves, prefix_caching=True)
+    assert batch.reused_tokens == 9 + 10 + 2, "to the token: 9 (echo), 10, and 2 of a first block"
+    for a, b in zip(plain, reused):
+        assert a.token_ids == b.token_ids
+        if a.prompt_logprobs is not None:
+            torch.testing.assert_close(torch.tensor(b.prompt_logprobs[1:]), torch.tensor(a.prompt_logprobs[1:]),
+                                       rtol=1e-5, atol=1e-5)
+            assert [list(t) for t in a.prompt_top_logprobs[1:]] == [list(t) for t in b.prompt_top_logprobs[1:]]
+        torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=1e-5, atol=1e-5)

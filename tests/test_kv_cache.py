@@ -94,3 +94,54 @@ def test_held_prefix_blocks_are_never_evicted():
     c.reserve(2, SLOTS, 4)  # the other three
     with pytest.raises(CacheFullError):
         c.reserve(3, SLOTS, 4)
+
+
+def test_a_partly_agreeing_block_is_found_token_by_token_and_copied_not_shared():
+    c = cache()
+    prompt = list(range(100, 110))  # 2 full blocks + a partial one of 2 tokens
+    c.reserve(1, SLOTS, len(prompt))
+    entries = c.register(1, "full", SLOTS, prompt, 0, 3)
+    assert len(entries) == 3 and entries[2].tokens == (108, 109), "the partial last block is registered too"
+    rows = torch.tensor([c.table_row(1, s) for s in SLOTS])
+    k = torch.randn(3 * 10, KV, HD)
+    c.write(c.locate(rows, torch.arange(10).expand(3, 10), None).reshape(-1), k, -k)
+    assert c.lookup("full", prompt, 2) == entries[:2]
+    # a prompt agreeing with block 1 for 3 tokens, then differing
+    other = prompt[:7] + [0, 0, 0]
+    assert c.lookup("full", other, 2) == entries[:1]
+    found, agree = c.lookup_partial("full", entries[0].chain, other[4:8])
+    assert found is entries[1] and agree == 3
+    assert c.lookup_partial("full", entries[0].chain, [0, 0, 0, 0]) is None
+    assert c.lookup_partial("skip:1-1", entries[0].chain, other[4:8]) is None, "another schedule never shares"
+    c.adopt(2, SLOTS, entries[:1])
+    assert c.copy(2, SLOTS, found)
+    copies = [c._held[2][s][1] for s in SLOTS]
+    assert not set(copies) & set(found.blocks), "private copies, not the shared blocks"
+    assert all(c._refs[b] == 1 for b in found.blocks), "the source is held by its own sequence only"
+    mine = c.read(c.blocks(torch.tensor([c.table_row(2, s) for s in SLOTS]), 2))
+    theirs = c.read(c.blocks(rows, 2))
+    assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
+
+
+def test_evicting_a_block_forgets_it_as_a_partial_match():
+    c = cache(blocks=7)  # 6 usable: two one-block prefixes x 3 slots
+    a, b = [1, 2, 3], [1, 2, 9]
+    for seq, prompt in ((1, a), (2, b)):
+        c.reserve(seq, SLOTS, 3)
+        c.register(seq, "full", SLOTS, prompt, 0, 1)
+        c.free(seq)
+    assert c.lookup_partial("full", 0, [1, 2, 3, 4])[1] == 3  # a: now the most recently used
+    c.reserve(3, SLOTS, 4)  # evicts b
+    found, agree = c.lookup_partial("full", 0, [1, 2, 9, 9])
+    assert found.tokens == (1, 2, 3) and agree == 2
+    c.reserve(4, SLOTS, 4)  # evicts a
+    assert c.lookup_partial("full", 0, [1, 2, 3, 4]) is None and c._children == {}
+
+
+def test_a_copy_never_evicts_its_own_source():
+    c = cache(blocks=4)  # 3 usable: one one-block prefix x 3 slots
+    c.reserve(1, SLOTS, 3)
+    (entry,) = c.register(1, "full", SLOTS, [1, 2, 3], 0, 1)
+    c.free(1)
+    assert not c.copy(2, SLOTS, entry), "the only free blocks are the source's"
+    assert c.lookup_partial("full", 0, [1, 2, 5])[0] is entry and c.used_blocks == 0
