@@ -115,16 +115,18 @@ class Executor:
         kv_at = cache.locate(program.kv_rows, positions[program.kv_batch],
                              valid[program.kv_batch] if padded else None)  # [N, T] where each writes
         kv_blocks = cache.blocks(program.kv_rows, num_blocks)  # [N, nb] what each reads
-        views: dict[int, tuple[dict[bool, Tensor | None], dict[bool, tuple[Tensor, Tensor]]]] = {}
+        views: dict[int, tuple[dict[bool, Tensor | None], dict[bool, tuple[Tensor, Tensor]], Tensor | None]] = {}
 
-        def rows_view(op: _Apply) -> tuple[dict[bool, Tensor | None], dict[bool, tuple[Tensor, Tensor]]]:
-            """Masks and rotary tables of the application's rows, by layer kind (sliding or not); shared by row set."""
+        def rows_view(op: _Apply) -> tuple[dict[bool, Tensor | None], dict[bool, tuple[Tensor, Tensor]], Tensor | None]:
+            """Masks and rotary tables of the application's rows, by layer kind (sliding or not), and which of their
+            positions are real tokens (None: all are); shared by row set."""
             got = views.get(op.rowset)
             if got is None:
                 pick = (lambda t: t) if op.whole else (lambda t, rows=op.rows: t[rows])
                 masks = {False: pick(mask), True: None if window_mask is None else pick(window_mask)}
                 tables = {kind: (pick(c), pick(s)) for kind, (c, s) in rope.items()}
-                got = views[op.rowset] = (masks, tables)
+                keep = pick(valid).reshape(-1).nonzero()[:, 0] if padded else None
+                got = views[op.rowset] = (masks, tables, keep)
             return got
 
         buffers = tokens.new_zeros((plan.num_buffers, B, T, model.args.dim), dtype=model.dtype)
@@ -138,11 +140,11 @@ class Executor:
                     _row_op(buffers, op)
                 continue
             layers = op.entry.layers
-            if op.entry.kind == "mlp":
-                self._run(buffers, op, lambda x, g0, g1, layers=layers: model.mlp(x, model.weights(layers[g0:g1])))
-                continue
-
             views_ = rows_view(op)  # on the main stream, before any side stream reads them
+            if op.entry.kind == "mlp":
+                self._run(buffers, op, lambda x, g0, g1, layers=layers, keep=views_[2]:
+                          model.mlp(x, model.weights(layers[g0:g1]), keep))
+                continue
 
             def attend(x: Tensor, g0: int, g1: int, op: _Apply = op, views_: tuple = views_) -> Tensor:
                 G, m = x.shape[:2]
@@ -153,7 +155,7 @@ class Executor:
                     cache.write(at, k.reshape(-1, *k.shape[3:]), v.reshape(-1, *v.shape[3:]))
                     return cache.read(blocks)
 
-                masks, tables = views_
+                masks, tables, keep = views_
                 chosen = op.entry.layers[g0:g1]
                 kinds = [i in model.args.sliding_layers for i in chosen]
                 if len(set(kinds)) == 1:
@@ -162,13 +164,16 @@ class Executor:
                 else:  # a fused group mixing windowed and global layers: each layer its own mask and rotary table
                     mk = torch.cat([masks[k] for k in kinds])
                     cos, sin = (torch.stack([tables[k][j] for k in kinds]) for j in (0, 1))
-                return model.attention(x, model.weights(chosen), cos, sin, mk, cached)
+                return model.attention(x, model.weights(chosen), cos, sin, mk, cached, keep)
 
             self._run(buffers, op, attend)
         h = buffers[0]
         if logits_at is not None:
-            h = h[torch.arange(B, device=dev), logits_at]  # [B, d]
-        return model.logits(h)
+            return model.logits(h[torch.arange(B, device=dev), logits_at])  # [B, V]
+        if not padded:
+            return model.logits(h)
+        out = model.logits(h[valid])  # [real tokens, V]: the LM head skips the padding too
+        return out.new_zeros(B, T, out.shape[-1]).index_put_((valid,), out)
 
     # -- internals -----------------------------------------------------------------------------------------------
 
@@ -178,7 +183,7 @@ class Executor:
         if op.whole:
             buffers[0] += unit(buffers[0][None], 0, 1)[0]
             return
-        G, m = op.src.shape
+        G = op.src.shape[0]
         if op.src_one is not None:  # one input for every layer (a group's shared input): no per-layer gather
             one = buffers[op.src_one] if op.dense else buffers[op.src_one, op.rows]
             x = one[None].expand(G, *one.shape)
@@ -225,7 +230,7 @@ class Executor:
         members: list[list[int]] = [[] for _ in plan.schedules]
         for b, r in enumerate(rows):
             members[klass[r.schedule]].append(b)
-        index = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+        index = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)
         ops: list[_Apply | _RowOp] = []
         rowsets: dict[tuple[int, ...], int] = {}
         kv_rows: list[int] = []

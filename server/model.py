@@ -223,13 +223,16 @@ class Transformer:
 
     # -- the layer math ------------------------------------------------------------------------------------------
 
-    def attention(self, x: Tensor, w: LayerStack, cos: Tensor, sin: Tensor, mask: Tensor, kv: KVFn) -> Tensor:
+    def attention(self, x: Tensor, w: LayerStack, cos: Tensor, sin: Tensor, mask: Tensor, kv: KVFn,
+                  keep: Tensor | None = None) -> Tensor:
         """Attention deltas of G layers, each over its own input: x [G, m, T, d] -> [G, m, T, d].
-        cos, sin [1 or G, m, T, hd]; mask [G*m, 1, T, S]; kv writes the new keys/values and returns the cached ones."""
+        cos, sin [1 or G, m, T, hd]; mask [G*m, 1, T, S]; kv writes the new keys/values and returns the cached ones.
+        keep: the positions of m x T that are real tokens (None: all); the projections skip the padding, whose
+        deltas are 0."""
         a = self.args
         G, m, T, _ = x.shape
         xn = _rms_norm(x, w.attn_norm, a.norm_eps)  # [G, m, T, d]
-        qkv = torch.bmm(xn.reshape(G, m * T, a.dim), w.wqkv)  # [G, mT, q + 2kv]
+        qkv = _unpadded(lambda t: torch.bmm(t, w.wqkv), xn.reshape(G, m * T, a.dim), keep)  # [G, mT, q + 2kv]
         if w.bqkv is not None:
             qkv = qkv + w.bqkv[:, None, :]
         qkv = qkv.view(G, m, T, a.n_heads + 2 * a.n_kv_heads, a.head_dim)
@@ -247,25 +250,28 @@ class Transformer:
             q.reshape(G * m, T, a.n_heads, a.head_dim).transpose(1, 2), keys, values, attn_mask=mask,
             scale=a.query_scale, enable_gqa=a.n_heads != a.n_kv_heads,
         )  # [G*m, H, T, hd]
-        o = torch.bmm(o.transpose(1, 2).reshape(G, m * T, a.q_size), w.wo)
+        o = _unpadded(lambda t: torch.bmm(t, w.wo), o.transpose(1, 2).reshape(G, m * T, a.q_size), keep)
         if w.bo is not None:
             o = o + w.bo[:, None, :]
         o = o.view(G, m, T, a.dim)
         return o if w.post_attn_norm is None else _rms_norm(o, w.post_attn_norm, a.norm_eps)
 
-    def mlp(self, x: Tensor, w: LayerStack) -> Tensor:
-        """MLP deltas of G layers, each over its own input: x [G, m, T, d] -> [G, m, T, d]."""
+    def mlp(self, x: Tensor, w: LayerStack, keep: Tensor | None = None) -> Tensor:
+        """MLP deltas of G layers, each over its own input: x [G, m, T, d] -> [G, m, T, d]. keep: as in
+        `attention`."""
         a = self.args
         G = w.w_gate_up.shape[0]
         xn = _rms_norm(x, w.mlp_norm, a.norm_eps).reshape(G, -1, a.dim)
-        gate_up = torch.bmm(xn, w.w_gate_up)
-        if w.b_gate_up is not None:
-            gate_up = gate_up + w.b_gate_up[:, None, :]
-        gate, up = gate_up.chunk(2, dim=-1)
-        out = torch.bmm(ACTIVATIONS[a.act](gate) * up, w.w_down)
-        if w.b_down is not None:
-            out = out + w.b_down[:, None, :]
-        out = out.view(x.shape)
+
+        def mlp(t: Tensor) -> Tensor:
+            gate_up = torch.bmm(t, w.w_gate_up)
+            if w.b_gate_up is not None:
+                gate_up = gate_up + w.b_gate_up[:, None, :]
+            gate, up = gate_up.chunk(2, dim=-1)
+            out = torch.bmm(ACTIVATIONS[a.act](gate) * up, w.w_down)
+            return out if w.b_down is None else out + w.b_down[:, None, :]
+
+        out = _unpadded(mlp, xn, keep).view(x.shape)
         return out if w.post_mlp_norm is None else _rms_norm(out, w.post_mlp_norm, a.norm_eps)
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:
@@ -275,6 +281,15 @@ class Transformer:
     def logits(self, h: Tensor) -> Tensor:
         """h [..., d] -> float32 logits [..., V]."""
         return torch.matmul(F.rms_norm(h, (self.args.dim,), self.final_norm, self.args.norm_eps), self.lm_head).float()
+
+
+def _unpadded(f: Callable[[Tensor], Tensor], x: Tensor, keep: Tensor | None) -> Tensor:
+    """f applied to the kept positions of x [G, N, k] only -> [G, N, k'], zero at the others. A prefill pads its rows
+    to the longest: without this, short prompts beside a long one pay for the padding in every matmul."""
+    if keep is None:
+        return f(x)
+    y = f(x[:, keep])
+    return y.new_zeros(x.shape[0], x.shape[1], y.shape[-1]).index_copy_(1, keep, y)
 
 
 def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
