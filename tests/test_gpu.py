@@ -70,3 +70,30 @@ def test_bf16_default_on_cuda():
     assert eng.model.dtype == torch.bfloat16
     r = eng.generate([[5, 6, 7]], params=SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert len(r.token_ids) == 4
+
+
+def test_cuda_prefix_reuse_to_the_token_equals_no_reuse():
+    """Whole blocks adopted and a partly agreeing block copied on the GPU: the same prompt logprobs and tokens."""
+    eng = Engine.from_hf(tiny_llama(), CharTokenizer(), device="cuda", dtype=torch.float32)
+    context = [5, 9, 17, 33, 4, 8, 60, 7, 11, 12]
+    score = SamplingParams(max_tokens=0, echo=True, logprobs=1)
+    gen = SamplingParams(max_tokens=4, ignore_eos=True)
+    waves = [[(context + [40, 41], score)], [(context + [50], score), (context + [60, 61], gen)]]
+    runs = []
+    for reuse in (False, True):
+        batch = eng.new_batch(max_len=64, num_blocks=200, block_size=4, prefix_caching=reuse)
+        results = []
+        for wave in waves:
+            seqs = [eng.new_sequence(p, params, eng.compile("full")) for p, params in wave]
+            batch.add(seqs)
+            while batch.filter() is not None and batch.sequences:
+                batch.step()
+            results += [s.result() for s in seqs]
+        runs.append((results, batch.reused_tokens))
+    (plain, _), (reused, count) = runs
+    assert count == 9 + 10
+    for a, b in zip(plain, reused):
+        assert a.token_ids == b.token_ids
+        if a.prompt_logprobs is not None:
+            torch.testing.assert_close(torch.tensor(b.prompt_logprobs[1:]), torch.tensor(a.prompt_logprobs[1:]),
+                                       rtol=1e-4, atol=1e-4)
