@@ -2,7 +2,9 @@
 prefix reuse, and against one without it (target: with / without <= 0.5), the scores of both (they must agree), and
 lm-evaluation-harness's in-process `hf` model on the same items and model, where lm-eval is installed.
 
-HellaSwag sends each context with 4 endings: the context's KV (and its prompt logprobs) is computed once.
+HellaSwag sends each context with 4 endings: the context's KV (and its prompt logprobs) is computed once. Also prints
+the share of prompt tokens that reuse leaves to compute (the bound on the ratio, before fixed per-request costs).
+`--task arc_easy --data ...` measures ARC-Easy instead (questions long, answers short; no lm-eval run).
 
     python benchmarks/bench_prefix.py --limit 200 --data ../shared/data/hellaswag/hellaswag_val.jsonl.gz
 """
@@ -28,9 +30,9 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hellas
 app = typer.Typer(add_completion=False)
 
 
-def timed_eval(url: str, data: Path, limit: int) -> tuple[float, dict]:
+def timed_eval(url: str, data: Path, limit: int, task: str) -> tuple[float, dict]:
     """Wall seconds and the JSON scores of `painters eval` (a separate process, as a user runs it)."""
-    cmd = [str(Path(sys.executable).parent / "painters"), "eval", "--url", url, "--task", "hellaswag",
+    cmd = [str(Path(sys.executable).parent / "painters"), "eval", "--url", url, "--task", task,
            "--data", str(data), "--policies", "full", "--limit", str(limit), "--json"]
     t = time.perf_counter()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -78,8 +80,27 @@ def lm_eval_hf(data: Path, limit: int) -> tuple[float, float] | None:
     return wall, result["results"]["hellaswag_local"]["acc_norm,none"]
 
 
+def token_share(task: str, data: Path, limit: int) -> float:
+    """Prompt tokens left to compute with reuse to the token (each item's choices share their common prefix, and an
+    echo request recomputes the last shared token) / prompt tokens without reuse."""
+    from transformers import AutoTokenizer
+
+    from clients.tasks import load_task
+    from server.loader import local_source
+
+    tokenizer = AutoTokenizer.from_pretrained(local_source("smollm2-135m"))
+    total = left = 0
+    for item in load_task(task, path=data, limit=limit).items:
+        ids = [tokenizer.encode(c + x) for c, x in zip(item.contexts, item.continuations)]
+        shared = len(os.path.commonprefix(ids))
+        total += sum(map(len, ids))
+        left += sum(map(len, ids)) - (len(ids) - 1) * max(shared - 1, 0)
+    return left / total
+
+
 @app.command()
-def main(limit: int = 200, data: Path = DEFAULT_DATA, hf: bool = typer.Option(True, help="also run lm-eval's hf")
+def main(limit: int = 200, data: Path = DEFAULT_DATA, hf: bool = typer.Option(True, help="also run lm-eval's hf"),
+         task: str = typer.Option("hellaswag", help="hellaswag or arc_easy (lm-eval's hf only for hellaswag)"),
          ) -> None:
     if not data.exists():
         raise SystemExit(f"no data at {data}; pass --data PATH (hellaswag_val.jsonl.gz)")
@@ -88,24 +109,27 @@ def main(limit: int = 200, data: Path = DEFAULT_DATA, hf: bool = typer.Option(Tr
     for reuse in (True, False):
         proc, url = served(reuse)
         try:
-            timed_eval(url, data, 8)  # warm-up (and, with reuse, nothing of the timed items cached yet)
-            runs[reuse] = timed_eval(url, data, limit)
+            timed_eval(url, data, 8, task)  # warm-up (and, with reuse, nothing of the timed items cached yet)
+            runs[reuse] = timed_eval(url, data, limit, task)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    harness = lm_eval_hf(data, limit) if hf else None
-    t = Table(title=f"painters eval --task hellaswag --limit {limit} (SmolLM2-135M, this CPU)")
+    harness = lm_eval_hf(data, limit) if hf and task == "hellaswag" else None
+    share = token_share(task, data, limit)
+    t = Table(title=f"painters eval --task {task} --limit {limit} (SmolLM2-135M, this CPU)")
     for col in ("run", "wall s", "scores"):
         t.add_column(col)
     for reuse, (wall, scores) in runs.items():
         t.add_row("prefix reuse on" if reuse else "prefix reuse off", f"{wall:.1f}", json.dumps(scores)[:120])
     ratio = runs[True][0] / runs[False][0]
     t.add_row("with / without (target <= 0.5)", f"{ratio:.2f}", "same scores: " + str(runs[True][1] == runs[False][1]))
+    t.add_row("prompt tokens left to compute", f"{share:.2f}", "the bound on the ratio")
     if harness is not None:
         t.add_row("lm-eval hf (in-process, same items)", f"{harness[0]:.1f}", f"acc_norm {harness[1]:.3f}")
         t.add_row("painters with reuse / lm-eval hf", f"{runs[True][0] / harness[0]:.2f}", "")
     console.print(t)
-    print(json.dumps({"with_s": runs[True][0], "without_s": runs[False][0], "ratio": ratio,
+    print(json.dumps({"task": task, "with_s": runs[True][0], "without_s": runs[False][0], "ratio": ratio,
+                      "token_share": share,
                       "scores_equal": runs[True][1] == runs[False][1],
                       "lm_eval_hf_s": harness[0] if harness else None,
                       "lm_eval_hf_acc_norm": harness[1] if harness else None}))
