@@ -47,13 +47,14 @@ bench-load: setup
 	$(BIN)/python benchmarks/bench_load.py
 
 # painters eval on HellaSwag with and without prefix reuse, and lm-eval's in-process hf model (needs ../shared/data).
+# Extras install editable (-e) as in setup: a plain `.` turns .venv's `painters` into a copy that later edits miss.
 bench-prefix: setup
-	$(BIN)/python -m pip install -q '.[harness]'
+	$(BIN)/python -m pip install -q -e '.[harness]'
 	$(BIN)/python benchmarks/bench_prefix.py --limit 200
 
 # lm-evaluation-harness's own local-completions model against our server (needs ../shared/data).
 bench-lm-eval: setup
-	$(BIN)/python -m pip install -q '.[harness]'
+	$(BIN)/python -m pip install -q -e '.[harness]'
 	$(BIN)/python benchmarks/lm_eval_check.py --policy skip:4 --limit 100
 
 # For a GPU machine without package registries: system python with torch and transformers, no venv.

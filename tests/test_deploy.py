@@ -250,6 +250,16 @@ def test_image_installs_the_project_and_converts_the_model_as_its_user(dockerfil
             assert (ROOT / source).exists(), f"COPY source {source} is missing"
 
 
+def test_makefile_installs_the_project_editable_everywhere():
+    """A plain `pip install '.[extra]'` (as bench-prefix once ran) swaps .venv's editable install for a snapshot:
+    `painters` then runs that day's code, whatever is edited later."""
+    installs = [line for line in (ROOT / "Makefile").read_text().splitlines() if "pip install" in line]
+    project = [line for line in installs if re.search(r"\s'?\.(\[[\w,]+\])?'?(\s|$)", line)]
+    assert len(project) >= 3, "setup, bench-prefix and bench-lm-eval install the project"
+    for line in project:
+        assert re.search(r"\s-e\s+'?\.", line), f"install the project editable (-e): {line.strip()}"
+
+
 # -- Prometheus and Grafana provisioning ---------------------------------------------------------------------------
 
 
