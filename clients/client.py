@@ -2,10 +2,13 @@
 
 Every call takes the layer policy as an argument (string form like "skip:10" or a JSON object); it travels in the
 body's `policy` field. Both clients build the same requests (`_*_body` functions) and parse the same responses.
+Each request also carries its policy and a digest of its prompt's start in headers (`route_headers`), which a
+router that cannot read bodies (Painters on Ray Serve) routes by.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -53,6 +56,25 @@ def _generate_body(model: str | None, inputs: str, policy: Policy, **parameters:
     return _drop_none({"model": model, "inputs": inputs, "parameters": _drop_none({"policy": policy, **parameters})})
 
 
+PREFIX_CHARS = 256  # prompts sharing this many leading characters share a routing key
+
+
+def route_headers(body: dict[str, Any]) -> dict[str, str]:
+    """`x-painters-policy` (as sent, JSON policies as JSON) and `x-painters-prefix` (digest of the prompt's first
+    PREFIX_CHARS characters, or first message's) for `body`; the server ignores them."""
+    policy = body.get("policy", body.get("parameters", {}).get("policy"))
+    out = {} if policy is None else {"x-painters-policy": policy if isinstance(policy, str) else json.dumps(policy)}
+    prompt = body.get("prompt", body.get("inputs", body.get("prompts", body.get("messages"))))
+    while isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, dict, str)):
+        prompt = prompt[0]
+    if isinstance(prompt, dict):
+        prompt = prompt.get("content")
+    if prompt:
+        head = prompt[:PREFIX_CHARS] if isinstance(prompt, str) else json.dumps(prompt[:PREFIX_CHARS // 4])
+        out["x-painters-prefix"] = hashlib.blake2b(head.encode(), digest_size=8).hexdigest()
+    return {k: v for k, v in out.items() if v.isascii()}
+
+
 def _probe_body(model: str | None, prompts: list[str] | list[list[int]] | list[str | list[int]],
                 policy: Policy) -> dict[str, Any]:
     return {"model": model, "prompts": prompts, "policy": policy}
@@ -85,7 +107,7 @@ class PaintersClient:
         self.http.close()
 
     def _post(self, path: str, body: dict[str, Any]) -> Any:
-        r = self.http.post(path, json=body)
+        r = self.http.post(path, json=body, headers=route_headers(body))
         _raise_for(r)
         return r.json()
 
@@ -95,7 +117,7 @@ class PaintersClient:
         return r.json()
 
     def _stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        with connect_sse(self.http, "POST", path, json=body) as source:
+        with connect_sse(self.http, "POST", path, json=body, headers=route_headers(body)) as source:
             _raise_for_stream(source.response)
             for event in source.iter_sse():
                 obj = _sse_data(event.data)
@@ -174,7 +196,7 @@ class AsyncPaintersClient:
         await self.http.aclose()
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
-        r = await self.http.post(path, json=body)
+        r = await self.http.post(path, json=body, headers=route_headers(body))
         _raise_for(r)
         return r.json()
 
@@ -184,7 +206,7 @@ class AsyncPaintersClient:
         return r.json()
 
     async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async with aconnect_sse(self.http, "POST", path, json=body) as source:
+        async with aconnect_sse(self.http, "POST", path, json=body, headers=route_headers(body)) as source:
             if source.response.status_code >= 400:
                 await source.response.aread()
                 _raise_for(source.response)

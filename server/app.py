@@ -5,6 +5,7 @@ process non-zero."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -80,18 +81,25 @@ def _start(state: AppState, factory: EngineFactory, raw_presets: dict) -> None:
         state.load_error = f"{type(e).__name__}: {e}"
 
 
-def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory = load_engine) -> FastAPI:
+def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory = load_engine,
+               load_in_background: bool = True, replica: str | None = None) -> FastAPI:
+    """`load_in_background=False` (a Ray Serve replica) loads the model inside the lifespan's startup and fails it if
+    the load fails, so Ray counts the replica as started only once it serves. `replica` labels its metrics."""
     settings = settings or get_settings()
     raw_presets = load_presets(settings.policy_presets)
     name = served_name(settings)
     state = AppState(settings=settings, model_name=name,
-                     metrics=Metrics(model=name, max_policies=settings.max_policy_labels))
+                     metrics=Metrics(model=name, max_policies=settings.max_policy_labels, replica=replica))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = threading.Thread(target=_start, args=(state, engine_factory, raw_presets), name="painters-load",
                                   daemon=True)
         loader.start()
+        if not load_in_background:
+            await asyncio.to_thread(loader.join)
+            if state.load_error:
+                raise RuntimeError(f"model failed to load: {state.load_error}")
         yield
         loader.join(timeout=60)
         if state.loop is not None:

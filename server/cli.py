@@ -134,25 +134,54 @@ def serve(
     max_body_bytes: Annotated[Optional[int], typer.Option(help="largest request body (413 above)")] = None,
     drain_timeout: Annotated[Optional[float], typer.Option(
         help="seconds running requests may finish after SIGTERM before they are aborted")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (per replica under --replicas)")] = None,
+    replicas: Annotated[Optional[int], typer.Option(
+        min=1, help="serve N replicas on Ray Serve (needs painters[ray]); default: one process, no Ray")] = None,
+    address: Annotated[Optional[str], typer.Option(
+        help="with --replicas: join this Ray cluster (e.g. ray://head:10001 or auto); default: a local Ray")] = None,
+    routing: Annotated[str, typer.Option(
+        help="with --replicas: 'affinity' (by schedule and prefix) or Ray's 'default' (two random, less loaded)")
+    ] = "affinity",
+    ray_cpus: Annotated[Optional[int], typer.Option(help="with --replicas and no --address: the local Ray's CPUs")
+                        ] = None,
     log_level: str = "info",
 ) -> None:
-    """Start the HTTP server (OpenAI-compatible and native endpoints, /metrics) with uvicorn. SIGTERM drains it;
-    it exits non-zero if the engine fails."""
+    """Start the HTTP server (OpenAI-compatible and native endpoints, /metrics) with uvicorn, or with --replicas on
+    Ray Serve. SIGTERM drains it; it exits non-zero if the engine fails."""
     from server.app import create_app, serve as run_server
     from server.settings import Settings
 
     overrides = dict(model=model, host=host, port=port, policy_presets=policy_presets, default_policy=default_policy,
                      device=device, max_num_seqs=max_num_seqs, api_key=",".join(api_key) if api_key else None,
                      api_key_file=api_key_file, metrics_require_key=metrics_require_key,
-                     max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout)
+                     max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, threads=threads)
+    if replicas is None and (address or ray_cpus):
+        raise _fail("--address and --ray-cpus need --replicas N")
+    if routing not in ("affinity", "default"):
+        raise _fail(f"--routing must be 'affinity' or 'default', got {routing!r}")
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+        if replicas is not None:
+            raise typer.Exit(_serve_on_ray(settings, replicas=replicas, address=address, routing=routing,
+                                           ray_cpus=ray_cpus))
         app_ = create_app(settings)
     except (OSError, ValueError) as e:
         raise _fail(str(e)) from None
     code = run_server(app_, host=settings.host, port=settings.port, log_level=log_level)
     if code:
         raise typer.Exit(code)
+
+
+def _serve_on_ray(settings, *, replicas: int, address: str | None, routing: str, ray_cpus: int | None) -> int:
+    try:
+        from server.ray_serve import RayOptions, run
+    except ImportError as e:
+        raise _fail(f"--replicas needs Ray Serve: pip install 'painters[ray]' ({e})") from None
+    import torch
+
+    gpus = 1.0 if (settings.device or "cuda").startswith("cuda") and torch.cuda.is_available() else 0.0
+    return run(settings, RayOptions(replicas=replicas, address=address, num_cpus=ray_cpus, routing=routing,
+                                    cpus_per_replica=float(settings.threads or 1), gpus_per_replica=gpus))
 
 
 register_client_commands(app)  # loadtest, eval, tradeoff: HTTP clients of a running server

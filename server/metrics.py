@@ -2,7 +2,8 @@
 
 The engine loop hands plain stats dataclasses (`RequestStats`, `StepStats`, `QueueStats`) to `Metrics`; latency
 histograms and token counters are labelled by `policy` (canonical string) and `model`. At most `max_policies`
-distinct policy labels exist; later ones are folded into `other`, so label cardinality stays bounded.
+distinct policy labels exist; later ones are folded into `other`, so label cardinality stays bounded. A Ray Serve
+replica adds a constant `replica` label to every series and serves them on a port of its own (`serve_http`).
 """
 
 from __future__ import annotations
@@ -10,8 +11,13 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest, start_http_server,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 # From ~1 ms (GPU decode) to minutes (long CPU generations).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
@@ -52,10 +58,27 @@ class QueueStats:
     kv_usage: float  # 0..1
 
 
+class _ConstantLabel:
+    """A collector that re-exposes `registry` with one more label on every sample (prometheus_client has no
+    constant labels)."""
+
+    def __init__(self, registry: CollectorRegistry, name: str, value: str) -> None:
+        self.registry, self.name, self.value = registry, name, value
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            for s in family.samples:
+                out.add_sample(s.name, {**s.labels, self.name: self.value}, s.value, s.timestamp, s.exemplar)
+            yield out
+
+
 class Metrics:
-    def __init__(self, *, model: str, max_policies: int = 32, registry: CollectorRegistry | None = None) -> None:
-        self.model, self.max_policies = model, max_policies
+    def __init__(self, *, model: str, max_policies: int = 32, registry: CollectorRegistry | None = None,
+                 replica: str | None = None) -> None:
+        self.model, self.max_policies, self.replica = model, max_policies, replica
         self.registry = registry or CollectorRegistry()
+        self._exposed = self.registry if replica is None else _ConstantLabel(self.registry, "replica", replica)
         self._policies: set[str] = set()
         self._lock = threading.Lock()
         labels = ["model", "policy"]
@@ -124,4 +147,10 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type, for GET /metrics."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self._exposed), CONTENT_TYPE_LATEST  # type: ignore[arg-type]
+
+    def serve_http(self, *, host: str) -> int:
+        """Serve these metrics on `host` at a free port of its own (a daemon thread); returns the port. A Ray Serve
+        replica does this so Prometheus scrapes each replica, not whichever one the proxy picks."""
+        server, _ = start_http_server(0, addr=host, registry=self._exposed)  # type: ignore[arg-type]
+        return server.server_port
