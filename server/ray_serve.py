@@ -22,6 +22,7 @@ import ray
 from fastapi import FastAPI
 from ray import serve
 from ray.serve.config import RequestRouterConfig
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.app import create_app, served_name
 from server.settings import Settings
@@ -77,6 +78,21 @@ def _node_host() -> str:
     return "127.0.0.1" if ip.startswith("127.") or os.environ.get("PAINTERS_RAY_LOCAL") else ip
 
 
+class ReplicaHeader:
+    """Names the replica (and its process) that answered, in `x-painters-replica` and `x-painters-replica-pid`."""
+
+    def __init__(self, app: ASGIApp, *, replica: str) -> None:
+        self.app = app
+        self.headers = [(b"x-painters-replica", replica.encode()), (b"x-painters-replica-pid", str(os.getpid()).encode())]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def named(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
+            await send(message)
+        await self.app(scope, receive, named if scope["type"] == "http" else send)
+
+
 class PaintersReplica:
     """One replica: the app of `create_app` with its own engine (wrapped by `serve.ingress` in `deployment`)."""
 
@@ -93,6 +109,7 @@ class PaintersReplica:
         self.metrics_address = f"{host}:{state.metrics.serve_http(host=host)}"
         self.targets.put.remote(self.replica, self.metrics_address)
         self.state = state
+        app.add_middleware(ReplicaHeader, replica=self.replica)
 
         @app.get("/metrics/targets", tags=["service"])
         async def metrics_targets() -> list[dict[str, Any]]:

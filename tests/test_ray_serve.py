@@ -1,0 +1,180 @@
+"""`painters serve --replicas 2` on a real local Ray instance (2 CPUs, small object store), the embedded SmolLM2:
+through Ray's HTTP proxy it answers as a single server does (greedy text under three policies, /v1/models,
+streaming, API keys, errors), each replica's metrics carry its `replica` label, and a replica killed under load is
+replaced while the other's requests complete and the killed one's end with an error, never a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+pytest.importorskip("ray.serve", reason="needs painters[ray] (make test installs it)")
+
+from server.app import create_app  # noqa: E402
+from server.settings import Settings  # noqa: E402
+from tests.serving import painters_server, wait_until, wait_ready  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+KEY = "ray-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+POLICIES = ("full", "skip:4", "pairs:10-20")
+PROMPTS = ("The capital of France is", "Once upon a time, a painter", "def fibonacci(n):")
+
+
+@pytest.fixture(scope="module")
+def ray_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("ray")
+    extra = ("--replicas", "2", "--ray-cpus", "2", "--threads", "1", "--api-key", KEY, "--drain-timeout", "5")
+    with painters_server(tmp, extra=extra, env={"RAY_DEDUP_LOGS": "0"}, timeout=300) as p:
+        yield p.url
+    assert p.proc.returncode is not None
+
+
+@pytest.fixture(scope="module")
+def single() -> Iterator[TestClient]:
+    """The same app in one process (no Ray), for answers to compare with."""
+    with TestClient(create_app(Settings(model="smollm2-135m", device="cpu", api_key=KEY, threads=1))) as c:
+        wait_ready(c, timeout=180)
+        yield c
+
+
+def _complete(client, policy: str, prompt: str, **extra) -> httpx.Response:
+    body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "policy": policy, **extra}
+    return client.post("/v1/completions", json=body, headers={**AUTH, "x-painters-policy": policy})
+
+
+def test_same_greedy_text_as_one_server(ray_url: str, single: TestClient) -> None:
+    seen = set()
+    with httpx.Client(base_url=ray_url, timeout=120) as c:
+        for policy in POLICIES:
+            for prompt in PROMPTS:
+                want = _complete(single, policy, prompt)
+                got = _complete(c, policy, prompt)
+                assert got.status_code == want.status_code == 200, got.text
+                assert got.json()["choices"][0]["text"] == want.json()["choices"][0]["text"], (policy, prompt)
+                seen.add(got.headers["x-painters-replica"])
+    # Schedule affinity: three schedules over two replicas; with the default router they would spread too.
+    assert 1 <= len(seen) <= 2
+
+
+def test_models_streaming_keys_and_errors_as_one_server(ray_url: str, single: TestClient) -> None:
+    with httpx.Client(base_url=ray_url, timeout=120) as c:
+        assert c.get("/v1/models", headers=AUTH).json()["data"] == single.get("/v1/models", headers=AUTH).json()["data"]
+        text = ""
+        with c.stream("POST", "/v1/completions", headers=AUTH,
+                      json={"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0, "policy": "skip:4", "stream": True}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        assert text == _complete(single, "skip:4", PROMPTS[0]).json()["choices"][0]["text"]
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = c.post("/v1/completions", json={"prompt": "x"}, headers=headers)
+            assert r.status_code == 401 and r.json() == single.post("/v1/completions", json={"prompt": "x"},
+                                                                   headers=headers).json()
+        for body in ({"prompt": "x", "policy": "skip:999"}, {"prompt": "x", "model": "nope"},
+                     {"prompt": "x", "max_tokens": -1}):
+            r, want = c.post("/v1/completions", json=body, headers=AUTH), single.post("/v1/completions", json=body,
+                                                                                     headers=AUTH)
+            assert (r.status_code, r.json()) == (want.status_code, want.json()), body
+        assert c.get("/health").status_code == 200 and c.get("/ready").json()["status"] == "ready"
+
+
+def _replica_targets(url: str) -> dict[str, str]:
+    return {t["labels"]["replica"]: t["targets"][0] for t in httpx.get(f"{url}/metrics/targets", headers=AUTH).json()}
+
+
+def test_each_replica_serves_its_metrics_with_a_replica_label(ray_url: str) -> None:
+    targets = _replica_targets(ray_url)
+    assert len(targets) == 2
+    for replica, address in targets.items():
+        text = httpx.get(f"http://{address}/metrics", timeout=10).text
+        assert f'painters:num_requests_waiting{{model="smollm2-135m",replica="{replica}"}}' in text
+
+
+def _stream(url: str, policy: str) -> tuple[str, str, str]:
+    """(replica, pid, outcome): outcome 'ok' (128 tokens and [DONE]) or 'error: ...'; never hangs past 90 s."""
+    replica = pid = "?"
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", headers=AUTH, timeout=90,
+                          json={"prompt": "Tell me a long story.", "max_tokens": 128, "ignore_eos": True,
+                                "policy": policy, "stream": True}) as r:
+            replica, pid = r.headers.get("x-painters-replica", "?"), r.headers.get("x-painters-replica-pid", "?")
+            if r.status_code != 200:
+                return replica, pid, f"error: HTTP {r.status_code}"
+            tokens, done = 0, False
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    obj = json.loads(line[6:])
+                    if "error" in obj:
+                        return replica, pid, f"error: {obj['error']}"
+                    tokens += 1
+            return replica, pid, "ok" if done and tokens >= 128 else f"error: cut after {tokens} chunks"
+    except httpx.HTTPError as e:
+        return replica, pid, f"error: {type(e).__name__}"
+
+
+def test_killed_replica_is_replaced_and_nothing_hangs(ray_url: str) -> None:
+    # Requests without routing headers: Ray spreads them over both replicas.
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(_stream, ray_url, POLICIES[i % 3]) for i in range(8)]
+        time.sleep(3)  # all admitted and decoding
+        pids = {}
+        deadline = time.monotonic() + 30
+        while len(pids) < 2 and time.monotonic() < deadline:
+            r = httpx.get(f"{ray_url}/v1/models", headers=AUTH, timeout=10)
+            pids[r.headers["x-painters-replica"]] = int(r.headers["x-painters-replica-pid"])
+        victim, victim_pid = sorted(pids.items())[0]
+        os.kill(victim_pid, signal.SIGKILL)
+        results = [f.result(timeout=120) for f in futures]
+    on_victim = [o for rep, _, o in results if rep == victim]
+    on_other = [o for rep, _, o in results if rep != victim]
+    assert on_victim and on_other, results
+    assert all(o == "ok" for o in on_other), results
+    assert all(o.startswith("error") for o in on_victim), results
+    # Ray replaces the replica: two live replicas again, the new one answers, the killed one is gone.
+    wait_until(lambda: len(_live(ray_url)) == 2 and victim not in _live(ray_url), timeout=180,
+               what="replacement replica", interval=2)
+    answered = set()
+    for _ in range(40):
+        r = httpx.get(f"{ray_url}/ready", timeout=30)
+        assert r.status_code == 200
+        answered.add(r.headers["x-painters-replica"])
+        if len(answered) == 2:
+            break
+    assert answered == set(_live(ray_url)), answered
+
+
+def _live(url: str) -> dict[str, str]:
+    """Replicas whose metrics port answers (a killed replica's entry lingers until its heartbeat expires)."""
+    out = {}
+    for replica, address in _replica_targets(url).items():
+        try:
+            httpx.get(f"http://{address}/metrics", timeout=2)
+            out[replica] = address
+        except httpx.HTTPError:
+            pass
+    return out
+
+
+def test_serve_without_replicas_never_imports_ray() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from server.app import create_app; from server.cli import app; "
+            "create_app(); assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules), 'ray imported'")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
