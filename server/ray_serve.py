@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import ray
@@ -156,6 +156,17 @@ def deployment(settings: Settings, options: RayOptions) -> serve.Application:
         request_router_config=router,
     )
     return cls.bind(settings)
+
+
+def build(args: dict[str, str]) -> serve.Application:
+    """`import_path: server.ray_serve:build` for `serve run` and KubeRay's serveConfigV2: Settings from PAINTERS_*
+    variables, overridden by `args` (Settings fields), plus `replicas` and `routing`; serveConfigV2's
+    `deployments:` section may override the deployment's options (num_replicas, ray_actor_options) as usual."""
+    args = dict(args)
+    options = RayOptions(replicas=int(args.pop("replicas", 1)), routing=args.pop("routing", "affinity"),  # type: ignore[arg-type]
+                         gpus_per_replica=float(args.pop("gpus_per_replica", 0)))
+    settings = Settings(**args)
+    return deployment(settings, replace(options, cpus_per_replica=float(settings.threads or 1)))
 
 
 def start(settings: Settings, options: RayOptions) -> float:
