@@ -37,7 +37,8 @@ def dashboard_queries() -> list[tuple[str, str]]:
     out = []
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):
-            expr = target["expr"].replace("$policy", ".*").replace("$__rate_interval", RATE_INTERVAL)
+            expr = target["expr"].replace("$policy", ".*").replace("$replica", ".*")
+            expr = expr.replace("$__rate_interval", RATE_INTERVAL)
             assert "$" not in expr, f"unsubstituted variable in {expr}"
             out.append((panel["title"], expr))
     return out
