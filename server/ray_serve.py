@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import ray
@@ -83,7 +83,8 @@ class ReplicaHeader:
 
     def __init__(self, app: ASGIApp, *, replica: str) -> None:
         self.app = app
-        self.headers = [(b"x-painters-replica", replica.encode()), (b"x-painters-replica-pid", str(os.getpid()).encode())]
+        self.headers = [(b"x-painters-replica", replica.encode()),
+                        (b"x-painters-replica-pid", str(os.getpid()).encode())]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def named(message: Message) -> None:
@@ -163,10 +164,14 @@ def build(args: dict[str, str]) -> serve.Application:
     variables, overridden by `args` (Settings fields), plus `replicas` and `routing`; serveConfigV2's
     `deployments:` section may override the deployment's options (num_replicas, ray_actor_options) as usual."""
     args = dict(args)
-    options = RayOptions(replicas=int(args.pop("replicas", 1)), routing=args.pop("routing", "affinity"),  # type: ignore[arg-type]
-                         gpus_per_replica=float(args.pop("gpus_per_replica", 0)))
-    settings = Settings(**args)
-    return deployment(settings, replace(options, cpus_per_replica=float(settings.threads or 1)))
+    routing = args.pop("routing", "affinity")
+    if routing not in ROUTERS:
+        raise ValueError(f"routing must be one of {', '.join(ROUTERS)}, got {routing!r}")
+    settings = Settings(**{k: v for k, v in args.items() if k not in ("replicas", "gpus_per_replica")})
+    options = RayOptions(replicas=int(args.get("replicas", 1)), routing=routing,  # type: ignore[arg-type]
+                         gpus_per_replica=float(args.get("gpus_per_replica", 0)),
+                         cpus_per_replica=float(settings.threads or 1))
+    return deployment(settings, options)
 
 
 def start(settings: Settings, options: RayOptions) -> float:

@@ -71,8 +71,8 @@ def test_models_streaming_keys_and_errors_as_one_server(ray_url: str, single: Te
     with httpx.Client(base_url=ray_url, timeout=120) as c:
         assert c.get("/v1/models", headers=AUTH).json()["data"] == single.get("/v1/models", headers=AUTH).json()["data"]
         text = ""
-        with c.stream("POST", "/v1/completions", headers=AUTH,
-                      json={"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0, "policy": "skip:4", "stream": True}) as r:
+        body = {"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0, "policy": "skip:4", "stream": True}
+        with c.stream("POST", "/v1/completions", headers=AUTH, json=body) as r:
             assert r.status_code == 200
             for line in r.iter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
