@@ -4,7 +4,7 @@ schedules and repeated prefixes. Ray loads this class into its HTTP proxy (`requ
 
 Ray's proxy hands the router the request's ASGI scope, not its body, so the routing key travels in headers that
 Painters' clients set from the body they send (`clients.client.route_headers`): `x-painters-policy` (the policy as
-sent; its canonical form keys the choice, so `skip:4` and `skip:4-4` meet) and `x-painters-prefix` (a digest of the
+sent; its canonical form keys the choice, so `skip:5,4` and `skip:4-5` meet) and `x-painters-prefix` (a digest of the
 prompt's start). Each key has a home replica by rendezvous hashing over the live replicas, so a key moves only when
 its home replica leaves. A request goes home unless home is saturated (its queue is `imbalance` requests longer than
 the shortest), then to the least-loaded replica; a request without headers goes to the least loaded of two random
