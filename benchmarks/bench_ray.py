@@ -81,22 +81,46 @@ def evaluate(url: str, *, data: str, limit: int) -> dict:
     return {"wall_s": time.monotonic() - t0, "scores": json.loads(out.stdout.strip().splitlines()[-1])}
 
 
+def render(results: dict) -> str:
+    """A markdown table of `results` (what main writes), with ratios against the first setup."""
+    rows = ["| setup | start-up s | aggregate tok/s (16 clients) | TPOT ms full / skip / pairs (mean) | "
+            "HellaSwag eval wall s |", "| --- | --- | --- | --- | --- |"]
+    base = None
+    for name, r in results.items():
+        lt = r["loadtest"]
+        rate = lt["tokens"] / lt["wall_s"]
+        base = base or (rate, r["eval"]["wall_s"])
+        tpot = " / ".join(f"{p['mean_tpot_ms']:.0f}" for p in lt["per_policy"].values())
+        rows.append(f"| {name} | {r['startup_s']:.1f} | {rate:.2f} ({rate / base[0]:.2f}x) | {tpot} | "
+                    f"{r['eval']['wall_s']:.1f} ({r['eval']['wall_s'] / base[1]:.2f}x) |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--render", type=Path, help="print the table of an earlier --out file and exit")
+    ap.add_argument("--data")
     ap.add_argument("--limit", type=int, default=20)
     ap.add_argument("--requests", type=int, default=10, help="measured requests per policy")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--only", help="comma-separated setup numbers to run (0-3), e.g. to rerun one")
     ap.add_argument("--logs", type=Path, default=Path("/tmp"))
     a = ap.parse_args()
+    if a.render:
+        print(render(json.loads(a.render.read_text())))
+        return
+    assert a.data and a.out, "--data and --out are required"
     setups = {"one server, 2 threads": ["--threads", "2"],
+              "one server, 1 thread": ["--threads", "1"],
               "2 replicas x 1 thread, Ray default routing": ["--replicas", "2", "--ray-cpus", "2", "--threads", "1",
                                                            "--routing", "default"],
               "2 replicas x 1 thread, schedule affinity": ["--replicas", "2", "--ray-cpus", "2", "--threads", "1",
                                                          "--routing", "affinity"]}
-    results = {}
+    results = json.loads(a.out.read_text()) if a.only and a.out.exists() else {}
     for i, (name, args) in enumerate(setups.items()):
+        if a.only and str(i) not in a.only.split(","):
+            continue
         proc, url, startup = start(args, a.logs / f"bench_ray_{i}.log")
         try:
             results[name] = {"startup_s": startup,
@@ -108,6 +132,7 @@ def main() -> None:
         print(f"{name}: start {startup:.1f} s, {r['loadtest']['tokens'] / r['loadtest']['wall_s']:.1f} tok/s "
               f"aggregate, eval {r['eval']['wall_s']:.1f} s", flush=True)
         a.out.write_text(json.dumps(results, indent=1))
+    print(render(results))
 
 
 if __name__ == "__main__":
