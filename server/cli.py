@@ -6,7 +6,7 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -15,6 +15,9 @@ from rich.markup import escape
 from clients.cli import register as register_client_commands
 
 from server.loader import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from server.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Painters: per-request layer policies for frozen LLMs.")
 console = Console()
@@ -172,7 +175,7 @@ def serve(
         raise typer.Exit(code)
 
 
-def _serve_on_ray(settings, *, replicas: int, address: str | None, routing: str, ray_cpus: int | None) -> int:
+def _serve_on_ray(settings: Settings, *, replicas: int, address: str | None, routing: str, ray_cpus: int | None) -> int:
     try:
         from server.ray_serve import RayOptions, run
     except ImportError as e:
