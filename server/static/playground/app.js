@@ -177,7 +177,7 @@ function policyOf(col) {
 
 async function loadStrip(col) {
   const policy = policyOf(col);
-  const error = $(".error", col.el);
+  const error = $(".policy-error", col.el);
   try {
     const view = await api("/v1/schedule", { model: state.info.model, policy });
     if (policyOf(col) !== policy) return; // typed on meanwhile
@@ -186,7 +186,7 @@ async function loadStrip(col) {
     drawStrip(col);
   } catch (e) {
     col.strip = null;
-    error.textContent = `${e.status || ""} ${e.message}`.trim();
+    error.textContent = e.status ? `${e.status}: ${e.message}` : e.message;
     $(".strip", col.el).replaceChildren();
     $(".strip-note", col.el).textContent = "";
   }
@@ -314,7 +314,7 @@ function resetColumn(col) {
   Object.assign(col, { text: "", tokens: 0, spans: [], done: false, timings: null, live: null, schedule: null });
   $(".output", col.el).replaceChildren();
   $(".output", col.el).dataset.text = "";
-  $(".error", col.el).textContent = "";
+  $(".run-error", col.el).textContent = "";
   $(".divergence", col.el).textContent = "";
   $(".timing-source", col.el).textContent = "";
   col.el.dataset.state = "running";
@@ -325,14 +325,31 @@ async function runAll() {
   state.columns.forEach(resetColumn);
   state.columns.forEach((c, i) => updateSnippets(c, i));
   updateStats();
-  const work = state.columns.map((col, i) => streamColumn(col, requestOf(col, i)));
-  work.push(runProbe($("#prompt").value));
-  await Promise.allSettled(work);
+  const columns = [...state.columns];
+  const requests = columns.map((col, i) => requestOf(col, i));
+  if ($("#one-at-a-time").checked) {
+    // each policy alone on the engine: its timings are its own
+    await runProbe($("#prompt").value);
+    for (const col of columns) {
+      col.el.dataset.state = "waiting";
+      $(".timing-source", col.el).textContent = "waiting for its turn";
+    }
+    for (const [i, col] of columns.entries()) {
+      if (state.columns.includes(col)) await streamColumn(col, requests[i], "alone");
+    }
+  } else {
+    const work = columns.map((col, i) => streamColumn(col, requests[i], `together with ${columns.length - 1} more`));
+    work.push(runProbe($("#prompt").value));
+    await Promise.allSettled(work);
+  }
   $("#run").disabled = false;
 }
 
-async function streamColumn(col, request) {
+async function streamColumn(col, request, how) {
   col.controller = new AbortController();
+  col.how = how;
+  col.el.dataset.state = "running";
+  $(".timing-source", col.el).textContent = "";
   const started = performance.now();
   col.live = { started, first: null };
   try {
@@ -355,7 +372,9 @@ async function streamColumn(col, request) {
   } catch (e) {
     if (e.name === "AbortError") return;
     const retry = e.retryAfter ? ` (retry after ${e.retryAfter} s)` : "";
-    $(".error", col.el).textContent = `${e.status ? `${e.status}: ` : ""}${e.message}${retry}`;
+    $(".run-error", col.el).textContent = `${e.status ? `${e.status}: ` : ""}${e.message}${retry}`;
+    const policyError = $(".policy-error", col.el);
+    if (e.status === 400 && policyError.textContent.endsWith(e.message)) policyError.textContent = ""; // said once
     col.el.dataset.state = "error";
   } finally {
     col.controller = null;
@@ -387,7 +406,7 @@ function finish(col, painters) {
   col.timings = painters.timings;
   col.schedule = painters.schedule;
   col.el.dataset.state = "done";
-  $(".timing-source", col.el).textContent = `server timings · ran ${painters.policy}`;
+  $(".timing-source", col.el).textContent = `server timings · ran ${painters.policy} ${col.how}`;
   if (!col.strip || col.strip.schedule !== painters.schedule) {
     // draw what the server says ran, whatever the box says now
     api("/v1/schedule", { model: state.info.model, policy: painters.schedule })
@@ -445,7 +464,7 @@ function updateDivergence() {
     col.el.dataset.divergeChar = String(i);
     if (at) {
       at.classList.add("diverge");
-      at.dataset.mark = `⟂${at.dataset.token}`;
+      at.dataset.mark = `≠${at.dataset.token}`;
       note.textContent = `departs from full at token ${at.dataset.token} (character ${i})`;
     } else {
       note.textContent = `stops where full goes on (character ${i})`;
