@@ -183,3 +183,11 @@ def test_with_api_keys_the_page_is_public_and_the_api_is_not():
         assert c.post("/v1/schedule", json={"policy": "full"}).status_code == 401
         ok = c.post("/v1/schedule", json={"policy": "full"}, headers={"Authorization": "Bearer sekret"})
         assert ok.status_code == 200
+
+
+def test_the_strip_module_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, server.layer_strip; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
