@@ -640,8 +640,11 @@ async function main() {
     if (col) $(".policy", col.el).focus();
   });
   $("#run-form").addEventListener("submit", (e) => { e.preventDefault(); runAll(); });
-  $("#run-form").addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); runAll(); }
+  document.addEventListener("keydown", (e) => { // from any field, a column's policy box included
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey) && !$("#run").disabled && !$("#key-dialog").open) {
+      e.preventDefault();
+      runAll();
+    }
   });
   ["#temperature", "#max-tokens", "#seed", "#same-seed", "#prompt"].forEach((sel) =>
     $(sel).addEventListener("change", () => state.columns.forEach((c) => updateSnippets(c))));
