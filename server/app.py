@@ -121,7 +121,8 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
         app.include_router(router, responses=refusals)
     app.include_router(misc.metrics_router, responses={401: refusals[401]})
     app.include_router(misc.router)
-    open_paths = ALWAYS_OPEN if settings.metrics_require_key else ALWAYS_OPEN | {"/metrics"}
+    # /metrics/targets: where Ray Serve replicas serve their metrics (server/ray_serve.py), open or keyed as /metrics.
+    open_paths = ALWAYS_OPEN if settings.metrics_require_key else ALWAYS_OPEN | {"/metrics", "/metrics/targets"}
     open_paths |= playground.install(app, refusals)
     app.add_middleware(Guard, state=state, keys=keys, open_paths=open_paths)
     if keys:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
-    CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest, start_http_server,
+    CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
@@ -150,7 +150,23 @@ class Metrics:
         return generate_latest(self._exposed), CONTENT_TYPE_LATEST  # type: ignore[arg-type]
 
     def serve_http(self, *, host: str) -> int:
-        """Serve these metrics on `host` at a free port of its own (a daemon thread); returns the port. A Ray Serve
-        replica does this so Prometheus scrapes each replica, not whichever one the proxy picks."""
-        server, _ = start_http_server(0, addr=host, registry=self._exposed)  # type: ignore[arg-type]
+        """Serve `render()` on `host` at a free port of its own (a daemon thread); returns the port. A Ray Serve
+        replica does this so Prometheus scrapes each replica, not whichever one the proxy picks. Always the text
+        format GET /metrics answers: prometheus_client's own server would offer Prometheus OpenMetrics, whose
+        negotiated escaping renames `painters:x` to `painters_x` and breaks the dashboard's queries."""
+        from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+        from prometheus_client.exposition import ThreadingWSGIServer
+
+        def app(environ: dict, start_response: Callable) -> list[bytes]:
+            body, content_type = self.render()
+            start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+            return [body]
+
+        class Quiet(WSGIRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:  # one line per scrape is noise
+                pass
+
+        server = make_server(host, 0, app, server_class=ThreadingWSGIServer, handler_class=Quiet)
+        threading.Thread(target=server.serve_forever, name="painters-metrics-http", daemon=True).start()
         return server.server_port

@@ -109,9 +109,10 @@ def prometheus_binary() -> str | None:
 
 
 @contextmanager
-def prometheus_server(tmp: Path, *, targets: list[str], interval: str = "1s", timeout: float = 60
-                      ) -> Iterator[Process]:
-    """A real Prometheus on a free loopback port scraping `targets` (host:port) as job "painters"."""
+def prometheus_server(tmp: Path, *, targets: list[str] | None = None, discovery: dict[str, Any] | None = None,
+                      interval: str = "1s", timeout: float = 60) -> Iterator[Process]:
+    """A real Prometheus on a free loopback port scraping `targets` (host:port), or what `discovery` (a scrape
+    config's service-discovery part, e.g. http_sd_configs) finds, as job "painters"."""
     binary = prometheus_binary()
     assert binary, "prometheus binary not found"
     port = free_port()
@@ -120,7 +121,7 @@ def prometheus_server(tmp: Path, *, targets: list[str], interval: str = "1s", ti
     config.write_text(json.dumps({
         "global": {"scrape_interval": interval, "evaluation_interval": interval, "scrape_timeout": interval},
         "scrape_configs": [{"job_name": "painters", "metrics_path": "/metrics",
-                            "static_configs": [{"targets": targets}]}],
+                            **(discovery or {"static_configs": [{"targets": targets or []}]})}],
     }))
     data = tmp / "tsdb"
     data.mkdir(exist_ok=True)

@@ -21,7 +21,7 @@ pytest.importorskip("ray.serve", reason="needs painters[ray] (make test installs
 
 from server.app import create_app  # noqa: E402
 from server.settings import Settings  # noqa: E402
-from tests.serving import painters_server, wait_until, wait_ready  # noqa: E402
+from tests.serving import painters_server, prometheus_binary, prometheus_server, wait_until, wait_ready  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -100,6 +100,24 @@ def test_each_replica_serves_its_metrics_with_a_replica_label(ray_url: str) -> N
     for replica, address in targets.items():
         text = httpx.get(f"http://{address}/metrics", timeout=10).text
         assert f'painters:num_requests_waiting{{model="smollm2-135m",replica="{replica}"}}' in text
+
+
+def test_prometheus_discovers_and_scrapes_every_replica(ray_url: str, tmp_path: Path) -> None:
+    """deploy/prometheus/prometheus-ray.yml's way: HTTP service discovery at /metrics/targets, which (like /metrics)
+    needs no key unless metrics_require_key."""
+    if not prometheus_binary():
+        pytest.skip("the prometheus binary is missing: apt-get install prometheus (.ci/run installs it)")
+    discovery = {"http_sd_configs": [{"url": f"{ray_url}/metrics/targets", "refresh_interval": "1s"}]}
+    with prometheus_server(tmp_path, discovery=discovery) as prom:
+        def replicas() -> set[str]:
+            r = httpx.get(f"{prom.url}/api/v1/query", params={"query": "painters:num_requests_running"}, timeout=5)
+            return {s["metric"].get("replica", "") for s in r.json()["data"]["result"]}
+        try:
+            wait_until(lambda: replicas() == set(_replica_targets(ray_url)), timeout=60,
+                       what="Prometheus scraping both replicas", interval=1)
+        except TimeoutError:
+            raise AssertionError(f"{replicas()} {_replica_targets(ray_url)} "
+                                 f"{httpx.get(f'{prom.url}/api/v1/targets').text[:1500]}") from None
 
 
 def _stream(url: str, policy: str) -> tuple[str, str, str]:
