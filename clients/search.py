@@ -967,7 +967,8 @@ def report_markdown(result: SearchResult, *, command: str | None = None) -> str:
     if command:
         lines += ["```bash", command, "```", ""]
     c = result.choice
-    lines += [f"**Preset: `{next(iter(c.presets.values()))}`** ({c.outcome}). " + " ".join(c.notes), ""]
+    lines += [f"**Preset: `{next(iter(c.presets.values()))}`** ({c.outcome}). " + "".join(
+        f"{n[0].upper()}{n[1:]}. " for n in c.notes).rstrip(), ""]
     lines += ["Items (file order, disjoint): " + "; ".join(
         f"{t}: screen {r['screen'][0]}-{r['screen'][1]}, select {r['select'][0]}-{r['select'][1]}, held-out "
         f"{r['heldout'][0]}-{r['heldout'][1]} of `{result.sources[t]}`" for t, r in result.splits.items()) + ".", ""]
@@ -1020,7 +1021,7 @@ def report_markdown(result: SearchResult, *, command: str | None = None) -> str:
                      f"{_pm(f.selection.mean, '.3f')} | {_num(f.selection.bound, '.3f')} | {_num(f.speedup, '.2f')}x | "
                      f"{_num(f.tpot_p50_ms, '.1f')} ms |")
     lines += ["", f"Load tests: `full` TPOT p50 {_num(result.speeds.get(FULL, (None, None))[0], '.1f')} ms; "
-              "baselines timed: " + ", ".join(f"`{p}` {_num(s, '.2f')}x" for p, (_, s) in result.speeds.items()
+              "measured speed-ups: " + ", ".join(f"`{p}` {_num(s, '.2f')}x" for p, (_, s) in result.speeds.items()
                                                if p != FULL) + "."]
     lines += ["", "## Candidates", "", "Screening: normalised probability of the gold answers (point estimate, mean "
               "over tasks; passes against the budget " + ("on every task" if result.budget_on == "each" else
