@@ -11,7 +11,8 @@ Each task's items are cut into three disjoint runs: screening items, selection i
    skipped, run as centred pairs, or run in parallel. Policies are explicit (`skip:a,b,c`, `schedule:...`), so a
    preset means the same layers on any server of this model. The first and last layers are never candidates.
 3. Screening: each family is scored on the screening items with a continuous score (each item's probability of its
-   gold answer, normalised like the accuracy) until `patience` candidates in a row miss the budget.
+   gold answer, normalised like the accuracy, the tasks pooled: `screen_budget`) until `patience` candidates in a
+   row miss the budget.
 4. Selection: per family, the most aggressive screened candidates are scored on the selection items; one passes when
    a lower confidence bound of its normalised accuracy (paired with `full` on the same items) clears the budget, on
    every task or on their mean. The first to pass is the family's finalist.
@@ -62,6 +63,7 @@ from clients.evaluate import (
     TaskResult,
     normalized_difference,
     normalized_paired,
+    ratio_estimate,
 )
 from clients.loadtest import BUILTIN_PROMPTS, LoadtestError, load_prompts, run_loadtest
 from clients.probe import Probe, ProbeError, run_probe, task_texts
@@ -356,10 +358,11 @@ class Check:
     per_task: dict[str, Estimate]
     bound: float | None  # the lowest task's lower bound (budget on each task), or the mean's (budget on the mean)
     passed: bool
+    pooled: Estimate | None = None  # screening: the tasks pooled (see `screen_budget`), shown as the mean
 
     @property
     def mean(self) -> Estimate:
-        return mean_estimate(list(self.per_task.values()))
+        return self.pooled or mean_estimate(list(self.per_task.values()))
 
     def to_json(self) -> dict[str, Any]:
         return {"bound": self.bound, "passed": self.passed, "mean": self.mean.to_json(),
@@ -375,6 +378,30 @@ def check_budget(per_task: dict[str, Estimate], *, budget: float, on: BudgetOn, 
         lows = [e.lower(z) for e in per_task.values()]
         bound = None if not lows or any(x is None for x in lows) else min(lows)  # type: ignore[type-var]
     return Check(per_task, bound, bound is not None and bound >= budget)
+
+
+def pooled_estimate(results: dict[str, TaskResult], full: dict[str, TaskResult]) -> Estimate:
+    """The gold probability over every task's items at once, normalised: sum(policy - random) / sum(full - random).
+    Each task weighs by how far the full model is above chance, so a task where it is barely above (HellaSwag on a
+    135M model: a normalised scale of 0.01 on a few items) cannot swing the screen by noise."""
+    x = [p - full[t].random_baseline for t, r in results.items() for p in (r.soft or r.scores)]
+    y = [f - full[t].random_baseline for t in results for f in (full[t].soft or full[t].scores)]
+    value, se = ratio_estimate(x, y)
+    return Estimate(value, se, len(x))
+
+
+def screen_budget(results: dict[str, TaskResult], full: dict[str, TaskResult], *, budget: float, on: BudgetOn
+                  ) -> Check:
+    """Screening on the gold answers' probability: with the budget on the mean, the pooled score's point estimate
+    must reach it; on each task, a candidate is dropped only where a task's estimate is clearly below it (by more
+    than one stderr), since a few items of a task near chance say little."""
+    per_task = {t: normalized_estimate(r, full[t], soft=True) for t, r in results.items()}
+    pooled = pooled_estimate(results, full)
+    if on == "mean":
+        return Check(per_task, pooled.value, pooled.value is not None and pooled.value >= budget, pooled)
+    ups = [e.upper(1.0) for e in per_task.values()]
+    bound = None if any(u is None for u in ups) else min(ups)  # type: ignore[type-var]
+    return Check(per_task, bound, bound is not None and bound >= budget, pooled)
 
 
 def contradicts(per_task: dict[str, Estimate], *, budget: float, on: BudgetOn, z: float) -> bool:
@@ -822,8 +849,7 @@ async def run_search(url: str, splits: Sequence[Splits], *, budget: float, budge
         async def screen_check(policy: str) -> Check:
             got = await scores(policy, "screen")
             tick(screen_bar)
-            return check_budget({t: normalized_estimate(r, full["screen"][t], soft=True) for t, r in got.items()},
-                                budget=budget, on=budget_on, z=0.0)
+            return screen_budget(got, full["screen"], budget=budget, on=budget_on)
 
         async def select_check(policy: str) -> Check:
             got = await scores(policy, "select")

@@ -41,6 +41,7 @@ from clients.search import (
     presets_yaml,
     scan,
     schedule_policy,
+    screen_budget,
     search_command,
     select,
     skip_policy,
@@ -383,3 +384,16 @@ def test_search_finds_the_removable_layer_and_checks_it_against_the_papers_polic
                     max_model_len=256) as served:
         with PaintersClient(served, model="tiny@search-90") as client:
             assert client.completions("hello", max_tokens=2).painters.policy
+
+
+def test_screening_pools_the_tasks_so_one_near_chance_cannot_swing_it():
+    full = {"arc": result("full", [1] * 8, soft=[0.6] * 8),
+            "hellaswag": result("full", [1] * 8, soft=[0.26] * 8)}  # the full model barely above chance (0.25)
+    policy = {"arc": result("p", [1] * 8, soft=[0.57] * 8), "hellaswag": result("p", [1] * 8, soft=[0.24] * 8)}
+    per_task = {t: normalized_estimate(policy[t], full[t], soft=True) for t in full}
+    assert per_task["hellaswag"].value == pytest.approx(-1.0)  # 0.02 of probability is the whole scale
+    mean = screen_budget(policy, full, budget=0.8, on="mean")
+    assert mean.passed and mean.bound == pytest.approx((0.32 - 0.01) / (0.35 + 0.01))
+    assert mean.mean.value == mean.bound
+    # on each task a task is dropped only when clearly below the budget; here hellaswag is (no spread: stderr 0)
+    assert not screen_budget(policy, full, budget=0.8, on="each").passed
