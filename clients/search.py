@@ -545,7 +545,9 @@ async def measure_speed(url: str, policies: Sequence[str], *, rounds: int, concu
 
 def timed_baselines(finalists: Sequence[Finalist], baselines: dict[str, list[Candidate]]) -> list[Candidate]:
     """The baselines a finalist may be matched with: the centred skips up to one layer more than any finalist skips,
-    and every baseline finalist."""
+    and every baseline finalist; nothing when there is no finalist."""
+    if not finalists:
+        return []
     most = max((f.candidate.skipped for f in finalists), default=0)
     out = [c for c in baselines.get("centred skip", []) if c.size <= most + 1]
     return out + [f.candidate for f in finalists if f.candidate.baseline and f.candidate not in out]
