@@ -323,7 +323,7 @@ class Scorer:
         self.spent = spent if spent is not None else Spent()
 
     async def _complete(self, prompt: Any, **options: Any) -> CompletionResponse:
-        """POST /v1/completions; a 429 (queue full) is retried with back-off."""
+        """POST /v1/completions; a 429 (queue full) is retried with back-off, a dropped connection five times."""
         for attempt in range(8):
             try:
                 response = await self.client.completions(prompt, policy=self.policy, **options)
@@ -331,6 +331,11 @@ class Scorer:
                 if e.status != 429 or attempt == 7:
                     raise
                 await asyncio.sleep(0.5 * 2 ** attempt)
+            except (httpx.ReadError, httpx.RemoteProtocolError) as e:  # a keep-alive connection the server closed
+                if attempt >= 5:
+                    raise
+                log.warning("retrying after %s: %s", type(e).__name__, e)
+                await asyncio.sleep(2.0 ** attempt)
             else:
                 self.spent.requests += 1
                 self.spent.prompt_tokens += response.usage.prompt_tokens if response.usage else 0
