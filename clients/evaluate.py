@@ -72,6 +72,34 @@ def mean_stderr(values: Sequence[float]) -> float | None:
     return math.sqrt(sum((x - mu) ** 2 for x in values) / (n - 1) / n)
 
 
+def ratio_estimate(x: Sequence[float], y: Sequence[float]) -> tuple[float | None, float | None]:
+    """mean(x) / mean(y) over the same items, and its standard error by the ratio's linearisation per item,
+    u_i = (x_i - R y_i) / mean(y): paired, so what the items share cancels (delta method, as in survey sampling)."""
+    assert len(x) == len(y)
+    n = len(x)
+    if n == 0:
+        return None, None
+    my = sum(y) / n
+    if math.isclose(my, 0.0, abs_tol=1e-12):
+        return None, None
+    r = sum(x) / n / my
+    u = [(a - r * b) / my for a, b in zip(x, y)]
+    return r, mean_stderr(u)
+
+
+def normalized_paired(scores: Sequence[float], full: Sequence[float], random: float
+                      ) -> tuple[float | None, float | None]:
+    """The normalised score of per-item `scores` against the full model's on the same items, with its paired
+    standard error (the full model's own noise included)."""
+    return ratio_estimate([s - random for s in scores], [f - random for f in full])
+
+
+def normalized_difference(a: Sequence[float], b: Sequence[float], full: Sequence[float], random: float
+                          ) -> tuple[float | None, float | None]:
+    """Normalised score of a minus that of b, all three on the same items: (A - B) / (F - random), paired."""
+    return ratio_estimate([x - y for x, y in zip(a, b)], [f - random for f in full])
+
+
 def normalized_score(accuracy: float | None, full: float | None, random: float) -> float | None:
     """The paper's normalised score: 0 = random guessing, 1 = the full model."""
     if accuracy is None or full is None or math.isclose(full, random):
@@ -82,6 +110,13 @@ def normalized_score(accuracy: float | None, full: float | None, random: float) 
 def argmax(values: Sequence[float]) -> int:
     """The first index of the largest value (numpy's tie rule, as lm-eval uses)."""
     return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def gold_probability(lls: Sequence[float], gold: int) -> float:
+    """softmax(lls)[gold]: how much of the choices' probability the right one holds."""
+    top = max(lls)
+    weights = [math.exp(x - top) for x in lls]
+    return weights[gold] / sum(weights)
 
 
 def multiple_choice_hits(lls: Sequence[float], item: MultipleChoice) -> tuple[float, float]:
@@ -118,22 +153,27 @@ class TaskResult:
     source: str = ""
     seconds: float = 0.0
     scores: tuple[float, ...] = field(default=(), repr=False)  # each item's accuracy (0/1), in item order
+    # each item's probability of its gold answer: among the choices (softmax of their loglikelihoods), or of the
+    # cloze continuation; a continuous score with far less variance than the 0/1 accuracy
+    soft: tuple[float, ...] = field(default=(), repr=False)
 
     def to_json(self, *, with_scores: bool = False) -> dict[str, Any]:
         return {"task": self.task, "policy": self.policy, "n": self.n, "accuracy": self.accuracy,
                 "stderr": self.stderr, "random_baseline": self.random_baseline, "normalized": self.normalized,
                 **{k: _finite(v) for k, v in self.metrics.items()}, "data": self.source,
-                "seconds": round(self.seconds, 3), **({"scores": list(self.scores)} if with_scores else {})}
+                "seconds": round(self.seconds, 3),
+                **({"scores": list(self.scores), "soft": list(self.soft)} if with_scores else {})}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> TaskResult:
         """The inverse of `to_json(with_scores=True)` (metrics are the keys it does not name)."""
         named = {"task", "policy", "n", "accuracy", "stderr", "random_baseline", "normalized", "data", "seconds",
-                 "scores"}
+                 "scores", "soft"}
         return cls(task=obj["task"], policy=obj["policy"], n=obj["n"], accuracy=obj["accuracy"],
                    stderr=obj["stderr"], random_baseline=obj["random_baseline"], normalized=obj["normalized"],
                    metrics={k: v for k, v in obj.items() if k not in named}, source=obj.get("data", ""),
-                   seconds=obj.get("seconds", 0.0), scores=tuple(obj.get("scores", ())))
+                   seconds=obj.get("seconds", 0.0), scores=tuple(obj.get("scores", ())),
+                   soft=tuple(obj.get("soft", ())))
 
 
 @dataclass(frozen=True)
@@ -265,21 +305,41 @@ class Tokens:
         return self._counts[text]
 
 
+@dataclass
+class Spent:
+    """What the server was asked to run through a session: requests and their prompt tokens (results taken from the
+    result cache cost nothing; the server's prefix cache may skip part of these tokens)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+
+
 class Scorer:
     """lm-eval's request types for one policy: loglikelihood, rolling loglikelihood windows, generate_until."""
 
-    def __init__(self, client: AsyncPaintersClient, policy: str, info: ServerInfo, tokens: Tokens) -> None:
+    def __init__(self, client: AsyncPaintersClient, policy: str, info: ServerInfo, tokens: Tokens,
+                 spent: Spent | None = None) -> None:
         self.client, self.policy, self.info, self.tokens = client, policy, info, tokens
+        self.spent = spent if spent is not None else Spent()
 
     async def _complete(self, prompt: Any, **options: Any) -> CompletionResponse:
-        """POST /v1/completions; a 429 (queue full) is retried with back-off."""
+        """POST /v1/completions; a 429 (queue full) is retried with back-off, a dropped connection five times."""
         for attempt in range(8):
             try:
-                return await self.client.completions(prompt, policy=self.policy, **options)
+                response = await self.client.completions(prompt, policy=self.policy, **options)
             except PaintersError as e:
                 if e.status != 429 or attempt == 7:
                     raise
                 await asyncio.sleep(0.5 * 2 ** attempt)
+            except (httpx.ReadError, httpx.RemoteProtocolError) as e:  # a keep-alive connection the server closed
+                if attempt >= 5:
+                    raise
+                log.warning("retrying after %s: %s", type(e).__name__, e)
+                await asyncio.sleep(2.0 ** attempt)
+            else:
+                self.spent.requests += 1
+                self.spent.prompt_tokens += response.usage.prompt_tokens if response.usage else 0
+                return response
         raise AssertionError("unreachable")
 
     async def loglikelihoods(self, pairs: Sequence[tuple[str, str]]) -> list[Loglikelihood]:
@@ -404,11 +464,13 @@ async def run_task(scorer: Scorer, task: Task, *, semaphore: asyncio.Semaphore, 
     t0 = time.perf_counter()
     kind = task.spec.kind
     metrics: dict[str, float | None] = {}
+    soft: list[float] = []
     if kind == "multiple_choice":
         mc: list[MultipleChoice] = task.items  # type: ignore[assignment]
         lls = await _each(mc, lambda item: scorer.loglikelihoods(item.pairs), semaphore, bar)
         hits = [multiple_choice_hits([x.logprob for x in ll], item) for ll, item in zip(lls, mc)]
         acc = [h[0] for h in hits]
+        soft = [gold_probability([x.logprob for x in ll], item.gold) for ll, item in zip(lls, mc)]
         if task.spec.acc_norm:
             norm = [h[1] for h in hits]
             metrics.update(acc_norm=mean(norm), acc_norm_stderr=mean_stderr(norm))
@@ -417,6 +479,7 @@ async def run_task(scorer: Scorer, task: Task, *, semaphore: asyncio.Semaphore, 
         scored = await _each(cloze, lambda item: scorer.loglikelihoods([(item.context, item.continuation)]),
                              semaphore, bar)
         acc = [float(s[0].is_greedy) for s in scored]
+        soft = [math.exp(s[0].logprob) for s in scored]
         mean_ll = mean([s[0].logprob for s in scored])
         metrics["perplexity"] = exp_or_inf(-mean_ll) if mean_ll is not None else None
     elif kind == "generation":
@@ -433,7 +496,7 @@ async def run_task(scorer: Scorer, task: Task, *, semaphore: asyncio.Semaphore, 
     accuracy = mean(acc)
     return TaskResult(task=task.name, policy=scorer.policy, n=len(task.items), accuracy=accuracy,
                       stderr=mean_stderr(acc), random_baseline=task.random_baseline, metrics=metrics,
-                      source=task.source, seconds=time.perf_counter() - t0, scores=tuple(acc))
+                      source=task.source, seconds=time.perf_counter() - t0, scores=tuple(acc), soft=tuple(soft))
 
 
 async def _perplexity(scorer: Scorer, docs: list[Document], *, semaphore: asyncio.Semaphore, bar: _Bar
@@ -518,6 +581,7 @@ class EvalSession:
         self.client, self.info, self.max_gen_tokens = client, info, max_gen_tokens
         self.model_id, self.cache = model_id, cache
         self.tokens = Tokens(client)
+        self.spent = Spent()
         self.semaphore = asyncio.Semaphore(concurrency)
 
     @classmethod
@@ -541,7 +605,7 @@ class EvalSession:
         return await resolve_policy(self.client, policy)
 
     def scorer(self, policy: str) -> Scorer:
-        return Scorer(self.client, policy, self.info, self.tokens)
+        return Scorer(self.client, policy, self.info, self.tokens, self.spent)
 
     def cached(self, policy: str, task: Task) -> TaskResult | None:
         return self.cache.get(policy, task) if self.cache is not None else None

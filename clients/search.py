@@ -1,18 +1,30 @@
-"""`painters search`: the fastest layer policy that keeps a stated share of the full model's score on a task.
+"""`painters search`: the fastest layer policy that keeps a stated share of the full model's score on one or more
+tasks, checked against the paper's own naive policies on items the search never chose on.
 
-1. The full model is scored on the search items (the first `limit` of the task) and probed over their texts.
+Each task's items are cut into three disjoint runs: screening items, selection items and held-out items.
+
+1. The full model is scored on all three and probed over the screening texts.
 2. Candidates come in families, each ordered from mild to aggressive: skip the k steps of lowest block influence
    (ShortGPT); skip the n consecutive layers whose input and output are closest in angular distance (Gromov et al.);
-   run pairs, or one group, of the most alike consecutive layers in parallel; and skip the first k layers of a greedy
-   removal order in the manner of SLEB (remove the layer whose removal raises the loglikelihood loss of the gold
-   answers least, repeat). Policies are explicit (`skip:a,b,c`, `schedule:...`), so a preset means the same layers on
-   any server of this model. The first and last layers are never candidates.
-3. Each family is scored until it fails the budget `patience` times in a row; a candidate passes when its normalised
-   score (0 = random, 1 = full) on the search items is at least the budget.
-4. The most aggressive passing candidate of each family is a finalist; each is load-tested (`clients/loadtest.py`)
-   beside `full`, and the fastest by measured TPOT p50 wins. Nothing about speed is modelled.
-5. The presets are written as YAML that `painters serve --policy-presets` loads (name: policy, the numbers in comments),
-   with a report (`.report.json`, `.report.md`) scoring every finalist on held-out items of the task and on other tasks.
+   run pairs, or one group, of the most alike consecutive layers in parallel; skip the first k layers of a greedy
+   removal order in the manner of SLEB; and the paper's own policies, the baseline families: the k centred layers
+   skipped, run as centred pairs, or run in parallel. Policies are explicit (`skip:a,b,c`, `schedule:...`), so a
+   preset means the same layers on any server of this model. The first and last layers are never candidates.
+3. Screening: each family is scored on the screening items with a continuous score (each item's probability of its
+   gold answer, normalised like the accuracy, the tasks pooled: `screen_budget`) until `patience` candidates in a
+   row miss the budget.
+4. Selection: per family, the most aggressive screened candidates are scored on the selection items; one passes when
+   a lower confidence bound of its normalised accuracy (paired with `full` on the same items) clears the budget, on
+   every task or on their mean. The first to pass is the family's finalist.
+5. Speed: every finalist and the centred skips up to the finalists' size are load-tested beside `full`
+   (`clients/loadtest.py`); nothing about speed is modelled.
+6. Held-out: each finalist, fastest first, is scored on the held-out items beside the baseline policy of the closest
+   measured speed-up. The preset is the fastest finalist that matches or beats that baseline there (mean normalised
+   score over the tasks) without the held-out items contradicting the budget. A baseline finalist matches itself, so
+   where no searched policy holds up the paper's policy is the preset, and the file says so; with no finalist, `full`.
+7. The presets are written as YAML that `painters serve --policy-presets` loads (name: policy, the numbers in
+   comments), with a report (`.report.json`, `.report.md`). Every score and load test is kept in `--cache`: a rerun
+   resumes.
 """
 
 from __future__ import annotations
@@ -23,10 +35,11 @@ import json
 import logging
 import math
 import statistics
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import httpx
 import typer
@@ -39,14 +52,22 @@ from clients.console import (
     VerboseOpt,
     command_line,
     console,
-    err,
     fail,
     progress_bar,
     quiet_http_logs,
 )
-from clients.evaluate import FULL, EvalError, EvalSession, normalized_score
+from clients.evaluate import (
+    FULL,
+    EvalError,
+    EvalSession,
+    TaskResult,
+    normalized_difference,
+    normalized_paired,
+    ratio_estimate,
+)
 from clients.loadtest import BUILTIN_PROMPTS, LoadtestError, load_prompts, run_loadtest
 from clients.probe import Probe, ProbeError, run_probe, task_texts
+from clients.study import centred_span, quadrature_mean
 from clients.tasks import (
     Cloze,
     DataError,
@@ -56,13 +77,17 @@ from clients.tasks import (
     MultipleChoice,
     Task,
     TASKS,
-    find_in_dir,
     load_task,
+    task_names,
 )
 
 log = logging.getLogger(__name__)
 
-REPORT_TASKS = ("lambada_openai", "hellaswag", "arc_easy", "piqa")
+DEFAULT_TASKS = ("arc_easy", "hellaswag", "lambada_openai", "piqa")
+BASELINE_FAMILIES = ("centred skip", "centred pairs", "centred parallel")  # the paper's own policies
+PROBE_FAMILIES = ("block influence", "angular distance", "parallel pairs", "parallel group")
+FAMILIES = (*PROBE_FAMILIES, "SLEB", *BASELINE_FAMILIES)
+BudgetOn = Literal["each", "mean"]
 
 
 class SearchError(RuntimeError):
@@ -121,8 +146,17 @@ class Candidate:
     size: int  # layers skipped, or layers made parallel: how aggressive within its family
     layers: tuple[int, ...]  # the layers it skips or groups
 
+    @property
+    def baseline(self) -> bool:
+        return self.family in BASELINE_FAMILIES
+
+    @property
+    def skipped(self) -> int:
+        return 0 if self.policy.startswith(("schedule", "pairs", "parallel")) else len(self.layers)
+
     def describe(self) -> str:
-        verb = "parallel" if self.family.startswith("parallel") else "skip"
+        verb = {"centred pairs": "pairs over", "centred parallel": "parallel"}.get(self.family, "skip")
+        verb = "parallel" if self.family.startswith("parallel") else verb
         return f"{verb} {len(self.layers)} layer{'s' if len(self.layers) != 1 else ''}"
 
 
@@ -190,6 +224,27 @@ def parallel_group_family(probe: Probe, num_layers: int, *, most: int) -> list[C
     return out
 
 
+def baseline_families(num_layers: int, *, most: int) -> dict[str, list[Candidate]]:
+    """The paper's policies, n centred layers (`centred_span`, as the server centres `skip:n`): skipped (n = 1 ..
+    `most`), run as consecutive pairs sharing their input (n even), run as one parallel group (n >= 2)."""
+    fits = [n for n in range(1, most + 1) if centred_span(num_layers, n)[0] >= 1
+            and centred_span(num_layers, n)[1] <= num_layers - 2]
+
+    def span(n: int) -> tuple[int, ...]:
+        a, b = centred_span(num_layers, n)
+        return tuple(range(a, b + 1))
+
+    def text(n: int) -> str:
+        a, b = centred_span(num_layers, n)
+        return f"{a}-{b}"
+
+    return {"centred skip": [Candidate("centred skip", f"skip:{text(n)}", n, span(n)) for n in fits],
+            "centred pairs": [Candidate("centred pairs", f"pairs:{text(n)}", n, span(n)) for n in fits
+                              if n % 2 == 0],
+            "centred parallel": [Candidate("centred parallel", f"parallel:{text(n)}", n, span(n)) for n in fits
+                                 if n >= 2]}
+
+
 def sleb_family(order: Sequence[int]) -> list[Candidate]:
     return [Candidate("SLEB", skip_policy(order[:k]), k, tuple(sorted(order[:k]))) for k in range(1, len(order) + 1)]
 
@@ -247,109 +302,219 @@ async def _gold_loss(session: EvalSession, policy: str, pairs: Sequence[tuple[st
     return sum(n for n, _ in got) / max(1, sum(t for _, t in got))
 
 
-# -- the search --------------------------------------------------------------------------------------------------
+# -- estimates, bounds and the budget ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A normalised score, or a difference of two, over n items, with its paired standard error."""
+
+    value: float | None
+    se: float | None
+    n: int
+
+    def lower(self, z: float) -> float | None:
+        return None if self.value is None else self.value - z * (self.se or 0.0)
+
+    def upper(self, z: float) -> float | None:
+        return None if self.value is None else self.value + z * (self.se or 0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"value": self.value, "se": self.se, "n": self.n}
+
+
+def item_step(full: TaskResult) -> float:
+    """One item on the normalised scale, 1 / (n |full accuracy - random|): the finest change n items can show."""
+    scale = abs((full.accuracy or 0.0) - full.random_baseline)
+    return math.inf if not full.n or scale < 1e-12 else 1 / (full.n * scale)
+
+
+def normalized_estimate(result: TaskResult, full: TaskResult, *, soft: bool = False) -> Estimate:
+    """`result` against `full` on the same items (0 = random, 1 = full), paired: its accuracy, or with `soft` its
+    gold answers' probability (the accuracy where a task has none). The accuracy's error is never below one item's
+    step: n items none of which changed say only that fewer than about one in n would."""
+    soft = soft and bool(result.soft) and bool(full.soft)
+    a, f = (result.soft, full.soft) if soft else (result.scores, full.scores)
+    assert len(a) == len(f), f"{result.policy} and full were scored on different items"
+    value, se = normalized_paired(a, f, full.random_baseline)
+    if value is not None and not soft:
+        se = max(se or 0.0, item_step(full))
+    return Estimate(value, se, len(a))
+
+
+def mean_estimate(estimates: Sequence[Estimate]) -> Estimate:
+    """The mean over tasks (independent items: errors add in quadrature)."""
+    values = [e.value for e in estimates]
+    if not estimates or any(v is None for v in values):
+        return Estimate(None, None, 0)
+    return Estimate(sum(values) / len(values), quadrature_mean([e.se for e in estimates]),  # type: ignore[misc]
+                    sum(e.n for e in estimates))
+
+
+@dataclass(frozen=True)
+class Check:
+    """One policy against the budget on one run of items: its estimate per task, the bound that decided, the verdict."""
+
+    per_task: dict[str, Estimate]
+    bound: float | None  # the lowest task's lower bound (budget on each task), or the mean's (budget on the mean)
+    passed: bool
+    pooled: Estimate | None = None  # screening: the tasks pooled (see `screen_budget`), shown as the mean
+
+    @property
+    def mean(self) -> Estimate:
+        return self.pooled or mean_estimate(list(self.per_task.values()))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bound": self.bound, "passed": self.passed, "mean": self.mean.to_json(),
+                "tasks": {t: e.to_json() for t, e in self.per_task.items()}}
+
+
+def check_budget(per_task: dict[str, Estimate], *, budget: float, on: BudgetOn, z: float) -> Check:
+    """Passes when the lower confidence bound (estimate - z * stderr) clears the budget: on every task, or on the
+    mean over the tasks. z = 0 judges the point estimate."""
+    if on == "mean":
+        bound = mean_estimate(list(per_task.values())).lower(z)
+    else:
+        lows = [e.lower(z) for e in per_task.values()]
+        bound = None if not lows or any(x is None for x in lows) else min(lows)  # type: ignore[type-var]
+    return Check(per_task, bound, bound is not None and bound >= budget)
+
+
+def pooled_estimate(results: dict[str, TaskResult], full: dict[str, TaskResult]) -> Estimate:
+    """The gold probability over every task's items at once, normalised: sum(policy - random) / sum(full - random).
+    Each task weighs by how far the full model is above chance, so a task where it is barely above (HellaSwag on a
+    135M model: a normalised scale of 0.01 on a few items) cannot swing the screen by noise."""
+    x = [p - full[t].random_baseline for t, r in results.items() for p in (r.soft or r.scores)]
+    y = [f - full[t].random_baseline for t in results for f in (full[t].soft or full[t].scores)]
+    value, se = ratio_estimate(x, y)
+    return Estimate(value, se, len(x))
+
+
+def screen_budget(results: dict[str, TaskResult], full: dict[str, TaskResult], *, budget: float, on: BudgetOn
+                  ) -> Check:
+    """Screening on the gold answers' probability: with the budget on the mean, the pooled score's point estimate
+    must reach it; on each task, a candidate is dropped only where a task's estimate is clearly below it (by more
+    than one stderr), since a few items of a task near chance say little."""
+    per_task = {t: normalized_estimate(r, full[t], soft=True) for t, r in results.items()}
+    pooled = pooled_estimate(results, full)
+    if on == "mean":
+        return Check(per_task, pooled.value, pooled.value is not None and pooled.value >= budget, pooled)
+    ups = [e.upper(1.0) for e in per_task.values()]
+    bound = None if any(u is None for u in ups) else min(ups)  # type: ignore[type-var]
+    return Check(per_task, bound, bound is not None and bound >= budget, pooled)
+
+
+def contradicts(per_task: dict[str, Estimate], *, budget: float, on: BudgetOn, z: float) -> bool:
+    """The items refute the budget: the upper confidence bound is below it (on some task, or on the mean)."""
+    if on == "mean":
+        up = mean_estimate(list(per_task.values())).upper(z)
+        return up is not None and up < budget
+    return any((u := e.upper(z)) is not None and u < budget for e in per_task.values())
+
+
+# -- items: three disjoint runs per task -------------------------------------------------------------------------
+
+SPLITS = ("screen", "select", "heldout")
+
+
+@dataclass(frozen=True)
+class Splits:
+    """One task's items cut into disjoint consecutive runs (file order): screening, selection, held-out."""
+
+    screen: Task
+    select: Task
+    heldout: Task
+
+    @property
+    def name(self) -> str:
+        return self.screen.name
+
+    def part(self, split: str) -> Task:
+        assert split in SPLITS
+        return getattr(self, split)
+
+    def ranges(self) -> dict[str, list[int]]:
+        """split -> [first, last] item index in the file."""
+        out, start = {}, 0
+        for split in SPLITS:
+            n = len(self.part(split).items)
+            out[split] = [start, start + n - 1]
+            start += n
+        return out
+
+
+def split_task(task: Task, *, screen: int, select: int, heldout: int) -> Splits:
+    n = len(task.items)
+    if screen < 1 or select < 2 or heldout < 2 or n < screen + select + heldout:
+        raise DataError(f"{task.source} has {n} {task.name} items; the search needs {screen} screening + {select} "
+                        f"selection + {heldout} held-out (at least 1 + 2 + 2): lower --screen, --select or --heldout")
+    a, b, c = screen, screen + select, screen + select + heldout
+    return Splits(Task(task.spec, task.items[:a], task.source), Task(task.spec, task.items[a:b], task.source),
+                  Task(task.spec, task.items[b:c], task.source))
+
+
+# -- screening and selection -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Scored:
     candidate: Candidate
-    accuracy: float | None
-    normalized: float | None
-    passed: bool
-
-
-@dataclass(frozen=True)
-class Finalist:
-    name: str  # the preset's name
-    candidate: Candidate
-    normalized: float  # on the search items
-    canonical: str
-    tpot_p50_ms: float | None = None
-    speedup: float | None = None  # full's TPOT p50 / this one's
-    report: dict[str, float | None] = field(default_factory=dict)  # "task (held-out)" or task -> normalised score
-
-
-@dataclass
-class SearchResult:
-    task: str
-    budget: float
-    model: str
-    num_layers: int
-    full_accuracy: float
-    random_baseline: float
-    search_items: int
-    source: str
-    scored: list[Scored]
-    finalists: list[Finalist]  # fastest first
-    sleb: list[tuple[int, float]]
-    full_loss: float | None
-    full_tpot_p50_ms: float | None = None
-    report_tasks: dict[str, int] = field(default_factory=dict)  # task -> items scored in the report
-    notes: list[str] = field(default_factory=list)
+    check: Check
 
     @property
-    def winner(self) -> Finalist | None:
-        return self.finalists[0] if self.finalists else None
+    def passed(self) -> bool:
+        return self.check.passed
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "task": self.task, "budget": self.budget, "model": self.model, "num_layers": self.num_layers,
-            "data": self.source, "search_items": f"0-{self.search_items - 1}",
-            "full": {"accuracy": self.full_accuracy, "random_baseline": self.random_baseline,
-                     "tpot_p50_ms": self.full_tpot_p50_ms, "gold_loss": self.full_loss},
-            "presets": {f.name: {"policy": f.candidate.policy, "canonical": f.canonical, "family": f.candidate.family,
-                                 "normalized": f.normalized, "tpot_p50_ms": f.tpot_p50_ms, "speedup": f.speedup,
-                                 "report": f.report} for f in self.finalists},
-            "report_items": self.report_tasks,
-            "sleb_order": [{"layer": layer, "loss": loss} for layer, loss in self.sleb],
-            "candidates": [{**asdict(s.candidate), "accuracy": s.accuracy, "normalized": s.normalized,
-                            "passed": s.passed} for s in self.scored],
-            "notes": self.notes,
-        }
+        return {"family": self.candidate.family, "policy": self.candidate.policy, "size": self.candidate.size,
+                "layers": list(self.candidate.layers), **self.check.to_json()}
 
 
-Score = tuple[float | None, float | None]  # (accuracy, normalised score)
-
-
-async def scan(families: dict[str, list[Candidate]], score: Callable[[str], Awaitable[Score]], *,
-               budget: float, patience: int) -> list[Scored]:
+async def scan(families: dict[str, list[Candidate]], check: Callable[[str], Awaitable[Check]], *,
+               patience: int) -> list[Scored]:
     """Each family mild to aggressive, until `patience` candidates in a row miss the budget; a policy is scored once."""
-    memo: dict[str, Score] = {}
+    memo: dict[str, Check] = {}
     out: list[Scored] = []
     for candidates in families.values():
         misses = 0
         for c in candidates:
             if c.policy not in memo:
-                memo[c.policy] = await score(c.policy)
-            acc, norm = memo[c.policy]
-            passed = norm is not None and norm >= budget
-            out.append(Scored(c, acc, norm, passed))
-            misses = 0 if passed else misses + 1
+                memo[c.policy] = await check(c.policy)
+            out.append(Scored(c, memo[c.policy]))
+            misses = 0 if memo[c.policy].passed else misses + 1
             if misses >= patience:
                 break
     return out
 
 
-def finalists_of(scored: Sequence[Scored]) -> list[Scored]:
-    """Per family, the passing candidate that changes the most layers (the first such on ties); one per policy."""
-    best: dict[str, Scored] = {}
-    for s in scored:
-        if s.passed and (s.candidate.family not in best or s.candidate.size > best[s.candidate.family].candidate.size):
-            best[s.candidate.family] = s
+async def select(screened: Sequence[Scored], check: Callable[[str], Awaitable[Check]], *, tries: int
+                 ) -> tuple[list[Scored], list[Scored]]:
+    """Per family, its screen-passing candidates from the most aggressive down, at most `tries`, checked on the
+    selection items until one passes: (every selection check, the finalists, one per policy, a baseline family's
+    entry kept where a searched family found the same policy)."""
+    passing: dict[str, list[Scored]] = {}
+    for s in screened:
+        if s.passed:
+            passing.setdefault(s.candidate.family, []).append(s)
+    memo: dict[str, Check] = {}
+    checked: list[Scored] = []
+    finalists: list[Scored] = []
+    for family, members in passing.items():
+        for s in sorted(members, key=lambda m: -m.candidate.size)[:tries]:
+            if s.candidate.policy not in memo:
+                memo[s.candidate.policy] = await check(s.candidate.policy)
+            got = Scored(s.candidate, memo[s.candidate.policy])
+            checked.append(got)
+            if got.passed:
+                finalists.append(got)
+                break
     unique: dict[str, Scored] = {}
-    for s in best.values():
-        unique.setdefault(s.candidate.policy, s)
-    return list(unique.values())
+    for f in sorted(finalists, key=lambda f: not f.candidate.baseline):
+        unique.setdefault(f.candidate.policy, f)
+    return checked, [f for f in finalists if unique[f.candidate.policy] is f]
 
 
-def slug(family: str) -> str:
-    return family.lower().replace(" ", "-")
-
-
-def preset_name(prefix: str, family: str | None = None) -> str:
-    name = prefix if family is None else f"{prefix}-{slug(family)}"
-    assert ":" not in name and "@" not in name
-    return name
+# -- speed -------------------------------------------------------------------------------------------------------
 
 
 async def measure_speed(url: str, policies: Sequence[str], *, rounds: int, concurrency: int, requests: int,
@@ -378,16 +543,254 @@ async def measure_speed(url: str, policies: Sequence[str], *, rounds: int, concu
     return out
 
 
-async def run_search(url: str, search: Task, *, budget: float, heldout: Task | None = None,
-                     others: Sequence[Task] = (), prefix: str | None = None, calibration: int = 16,
-                     sleb_steps: int | None = None, patience: int = 2, most: int | None = None,
-                     requests: int = 8, concurrency: int = 4, max_tokens: int = 32, rounds: int = 3,
-                     eval_concurrency: int = 16,
+def timed_baselines(finalists: Sequence[Finalist], baselines: dict[str, list[Candidate]]) -> list[Candidate]:
+    """The baselines a finalist may be matched with: the centred skips up to one layer more than any finalist skips,
+    and every baseline finalist; nothing when there is no finalist."""
+    if not finalists:
+        return []
+    most = max((f.candidate.skipped for f in finalists), default=0)
+    out = [c for c in baselines.get("centred skip", []) if c.size <= most + 1]
+    return out + [f.candidate for f in finalists if f.candidate.baseline and f.candidate not in out]
+
+
+def closest(speedup: float | None, baselines: dict[str, float | None]) -> str | None:
+    """The baseline (canonical name) whose measured speed-up is closest to `speedup`."""
+    known = {name: s for name, s in baselines.items() if s is not None}
+    if speedup is None or not known:
+        return None
+    return min(known, key=lambda name: (abs(known[name] - speedup), name))
+
+
+# -- held-out ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A finalist beside its equal-speed baseline on the held-out items, per task, paired over the same items."""
+
+    baseline: str  # the baseline policy (canonical)
+    baseline_speedup: float | None
+    finalist: dict[str, Estimate]  # normalised scores
+    base: dict[str, Estimate]
+    difference: dict[str, Estimate]  # finalist - baseline
+    accuracy: dict[str, tuple[float | None, float | None]]  # task -> the finalist's accuracy and its stderr
+    base_accuracy: dict[str, tuple[float | None, float | None]]
+
+    @property
+    def mean_difference(self) -> Estimate:
+        return mean_estimate(list(self.difference.values()))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"baseline": self.baseline, "baseline_speedup": self.baseline_speedup,
+                "mean": {"finalist": mean_estimate(list(self.finalist.values())).to_json(),
+                         "baseline": mean_estimate(list(self.base.values())).to_json(),
+                         "difference": self.mean_difference.to_json()},
+                "tasks": {t: {"finalist": self.finalist[t].to_json(), "baseline": self.base[t].to_json(),
+                              "difference": self.difference[t].to_json(),
+                              "finalist_accuracy": list(self.accuracy[t]),
+                              "baseline_accuracy": list(self.base_accuracy[t])} for t in self.finalist}}
+
+
+def compare(finalist: dict[str, TaskResult], base: dict[str, TaskResult], full: dict[str, TaskResult], *,
+            baseline: str, baseline_speedup: float | None) -> Comparison:
+    diff = {}
+    for t, f in full.items():
+        value, se = normalized_difference(finalist[t].scores, base[t].scores, f.scores, f.random_baseline)
+        diff[t] = Estimate(value, se, f.n)
+    norm = {t: Estimate(*normalized_paired(finalist[t].scores, f.scores, f.random_baseline), f.n)
+            for t, f in full.items()}
+    base_norm = {t: Estimate(*normalized_paired(base[t].scores, f.scores, f.random_baseline), f.n)
+                 for t, f in full.items()}
+    return Comparison(baseline, baseline_speedup, norm, base_norm, diff,
+                      {t: (r.accuracy, r.stderr) for t, r in finalist.items()},
+                      {t: (r.accuracy, r.stderr) for t, r in base.items()})
+
+
+@dataclass(frozen=True)
+class Finalist:
+    candidate: Candidate
+    canonical: str
+    screen: Check
+    selection: Check
+    tpot_p50_ms: float | None = None
+    speedup: float | None = None  # full's TPOT p50 / this one's
+    heldout: Comparison | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"policy": self.candidate.policy, "canonical": self.canonical, "family": self.candidate.family,
+                "baseline_family": self.candidate.baseline, "screen": self.screen.to_json(),
+                "selection": self.selection.to_json(), "tpot_p50_ms": self.tpot_p50_ms, "speedup": self.speedup,
+                "heldout": self.heldout.to_json() if self.heldout else None}
+
+
+Outcome = Literal["winner", "baseline", "full"]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the preset file holds: `presets` (name -> policy, the first under the plain name), why, and notes."""
+
+    presets: dict[str, str]
+    outcome: Outcome  # a searched policy, the paper's baseline, or the full model
+    chosen: Finalist | None
+    notes: list[str]
+
+
+def holds_up(f: Finalist, *, budget: float, on: BudgetOn, z: float) -> tuple[bool, str]:
+    """Whether the held-out items back the finalist: it matches or beats its equal-speed baseline (the mean normalised
+    score over the tasks, point estimate) and its held-out scores do not refute the budget."""
+    if f.heldout is None:
+        return False, f"{f.candidate.policy}: not scored on held-out items"
+    d = f.heldout.mean_difference
+    if d.value is None or d.value < 0:
+        return False, (f"{f.candidate.policy} ({f.candidate.family}) lost to the equal-speed baseline "
+                       f"`{f.heldout.baseline}` on held-out items: {_pm(d)}")
+    if contradicts(f.heldout.finalist, budget=budget, on=on, z=z):
+        return False, f"{f.candidate.policy}: the held-out items put it below the budget {budget:g}"
+    return True, ""
+
+
+def choose(finalists: Sequence[Finalist], *, prefix: str, budget: float, on: BudgetOn, z: float) -> Choice:
+    """The fastest finalist the held-out items back, under the plain name; the other backed finalists as
+    `prefix-family`. Where none holds up, the equal-speed baseline of the fastest finalist, if the held-out items do
+    not refute the budget for it; else `full`."""
+    backed, notes = [], []
+    for f in finalists:  # fastest first
+        ok, why = holds_up(f, budget=budget, on=on, z=z)
+        if ok:
+            backed.append(f)
+        elif why:
+            notes.append(why)
+    if backed:
+        best = backed[0]
+        presets = {preset_name(prefix): best.candidate.policy}
+        for f in backed[1:]:
+            presets.setdefault(preset_name(prefix, f.candidate.family), f.candidate.policy)
+        if best.candidate.baseline:
+            beaten = [f for f in finalists if not f.candidate.baseline and (f.speedup or 0) >= (best.speedup or 0)]
+            notes.insert(0, f"the preset is the paper's own policy `{best.candidate.policy}`: "
+                         + ("no faster searched policy matched or beat its equal-speed baseline on held-out items"
+                            if beaten else "no searched policy that passed selection was faster"))
+        return Choice(presets, "baseline" if best.candidate.baseline else "winner", best, notes)
+    lost = [f for f in finalists if f.heldout is not None]
+    if lost:
+        cmp = lost[0].heldout
+        assert cmp is not None
+        if not contradicts(cmp.base, budget=budget, on=on, z=z):
+            notes.insert(0, f"nothing the search found matched or beat the paper's policy of the same speed on "
+                         f"held-out items: the preset is that baseline, `{cmp.baseline}`")
+            return Choice({preset_name(prefix): cmp.baseline}, "baseline", None, notes)
+    notes.insert(0, f"no policy kept {budget:g} of the full model's score and held up on held-out items: the "
+                 f"preset is `full`")
+    return Choice({preset_name(prefix): FULL}, "full", None, notes)
+
+
+def slug(family: str) -> str:
+    return family.lower().replace(" ", "-")
+
+
+def preset_name(prefix: str, family: str | None = None) -> str:
+    name = prefix if family is None else f"{prefix}-{slug(family)}"
+    assert ":" not in name and "@" not in name
+    return name
+
+
+def _pm(e: Estimate, spec: str = "+.3f") -> str:
+    if e.value is None:
+        return "-"
+    return format(e.value, spec) + ("" if e.se is None else f" ± {e.se:.3f}")
+
+
+# -- the search --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SearchResult:
+    model: str
+    num_layers: int
+    tasks: list[str]
+    budget: float
+    budget_on: BudgetOn
+    confidence: float
+    splits: dict[str, dict[str, list[int]]]  # task -> split -> [first, last] item index
+    sources: dict[str, str]
+    full: dict[str, dict[str, TaskResult]]  # split -> task -> the full model's result
+    screened: list[Scored]
+    selected: list[Scored]
+    finalists: list[Finalist]  # fastest first
+    speeds: dict[str, tuple[float | None, float | None]]  # canonical policy -> (TPOT p50 ms, speed-up); full too
+    sleb: list[tuple[int, float]]
+    full_loss: float | None
+    choice: Choice
+    cost: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def z(self) -> float:
+        return statistics.NormalDist().inv_cdf(self.confidence)
+
+    @property
+    def winner(self) -> Finalist | None:
+        return self.choice.chosen
+
+    def resolution(self) -> dict[str, dict[str, float]]:
+        """Per task, one item on the normalised scale in selection and held-out, and the margin (z stderr) the
+        selection bound took off the finalists' scores (the median over them)."""
+        out = {}
+        for t in self.tasks:
+            margins = [self.z * (s.check.per_task[t].se or 0.0) for s in self.selected if t in s.check.per_task]
+            out[t] = {"select_items": self.full["select"][t].n, "select_item": item_step(self.full["select"][t]),
+                      "heldout_items": self.full["heldout"][t].n, "heldout_item": item_step(self.full["heldout"][t]),
+                      "select_margin": statistics.median(margins) if margins else math.nan}
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "num_layers": self.num_layers, "tasks": self.tasks, "budget": self.budget,
+            "budget_on": self.budget_on, "confidence": self.confidence, "z": self.z, "items": self.splits,
+            "data": self.sources,
+            "full": {split: {t: {"accuracy": r.accuracy, "stderr": r.stderr, "random_baseline": r.random_baseline,
+                                 "n": r.n} for t, r in per.items()} for split, per in self.full.items()},
+            "full_tpot_p50_ms": self.speeds.get(FULL, (None, None))[0], "full_gold_loss": self.full_loss,
+            "presets": self.choice.presets, "outcome": self.choice.outcome,
+            "finalists": [f.to_json() for f in self.finalists],
+            "speeds": {p: {"tpot_p50_ms": t, "speedup": s} for p, (t, s) in self.speeds.items()},
+            "resolution": self.resolution(), "cost": self.cost,
+            "sleb_order": [{"layer": layer, "loss": loss} for layer, loss in self.sleb],
+            "screened": [s.to_json() for s in self.screened], "selected": [s.to_json() for s in self.selected],
+            "notes": [*self.choice.notes, *self.notes],
+        }
+
+
+def probe_texts(splits: Sequence[Splits], most: int = 64) -> list[str]:
+    """The screening texts of every task, taken in turn, `most` in all."""
+    per_task = [task_texts(s.screen) for s in splits]
+    mixed = [t for row in zip(*per_task) for t in row] + [t for texts in per_task for t in texts]
+    return list(dict.fromkeys(mixed))[:most]
+
+
+async def run_search(url: str, splits: Sequence[Splits], *, budget: float, budget_on: BudgetOn = "each",
+                     confidence: float = 0.9, families: Sequence[str] = FAMILIES, prefix: str | None = None,
+                     most: int | None = None, patience: int = 2, tries: int = 2, calibration: int = 4,
+                     sleb_steps: int | None = None, report_finalists: int | None = None, requests: int = 8,
+                     concurrency: int = 4, max_tokens: int = 32, rounds: int = 3, eval_concurrency: int = 16,
                      prompts: Sequence[str] = BUILTIN_PROMPTS, cache_dir: Path | None = None,
                      model: str | None = None, api_key: str | None = None, progress: Progress | None = None
                      ) -> SearchResult:
     if not 0 < budget <= 1.5:
         raise ValueError(f"budget is a share of the full model's normalised score, e.g. 0.9; got {budget}")
+    if not 0.5 <= confidence < 1:
+        raise ValueError(f"confidence is the one-sided level of the selection bound, 0.5-0.999; got {confidence}")
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; known: "
+                         f"{', '.join(FAMILIES)}")
+    t0 = time.perf_counter()
+    z = statistics.NormalDist().inv_cdf(confidence)
+    names = [s.name for s in splits]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a task is named twice: {', '.join(names)}")
+    prefix = prefix or (f"{names[0]}-{round(budget * 100)}" if len(names) == 1 else f"search-{round(budget * 100)}")
     notes: list[str] = []
 
     def phase(text: str, total: int | None = None) -> Any:
@@ -402,144 +805,272 @@ async def run_search(url: str, search: Task, *, budget: float, heldout: Task | N
         num_layers = int((await session.client.policies())["num_layers"])
         model_id = (await session.client.models())[0]["id"]
         most = most or max(1, num_layers // 2)
-        full = await session.score(FULL, search, progress=progress)
-        if full.accuracy is None or normalized_score(full.accuracy, full.accuracy, full.random_baseline) is None:
-            raise SearchError(f"the full model scores {full.accuracy} on the {len(search.items)} search items of "
-                              f"{search.name}, its random baseline {full.random_baseline:.3f}: nothing to keep; "
-                              f"use more items (--limit) or a task with an accuracy")
 
-        # candidates from the probe
-        families: dict[str, list[Candidate]] = {}
-        try:
-            probe = await run_probe(url, task_texts(search)[:64], policy=FULL, model=model, api_key=api_key)
-        except ProbeError as e:
-            probe = None
-            notes.append(f"no probe candidates: {e}")
-            log.warning("no probe candidates: %s", e)
-        if probe is not None:
-            families["block influence"] = block_influence_family(probe, num_layers, most=most)
-            families["angular distance"] = angular_family(probe, num_layers, most=most)
-            families["parallel pairs"] = parallel_pairs_family(probe, num_layers, most=max(1, most // 2))
-            families["parallel group"] = parallel_group_family(probe, num_layers, most=most)
-        # SLEB's greedy order on the gold answers of the first `calibration` search items
-        pairs = [gold_pair(item) for item in search.items[:calibration]]
-        full_loss = await gold_loss(session, FULL, pairs)
-        steps = sleb_steps if sleb_steps is not None else max(1, num_layers // 4)
-        sleb_bar = phase("search: SLEB greedy removal", steps)
-        order = await sleb_order(lambda layers: gold_loss(session, skip_policy(layers), pairs),
-                                 list(inner(num_layers)), steps=steps, on_step=lambda: tick(sleb_bar))
-        families["SLEB"] = sleb_family([layer for layer, _ in order])
-        # score the families against the budget
-        scan_bar = phase("search: candidates scored")
+        async def scores(policy: str, split: str) -> dict[str, TaskResult]:
+            return {s.name: await session.score(policy, s.part(split), progress=progress) for s in splits}
 
-        async def score(policy: str) -> Score:
-            r = await session.score(policy, search, progress=progress)
-            tick(scan_bar)
-            return r.accuracy, normalized_score(r.accuracy, full.accuracy, full.random_baseline)
+        full = {split: await scores(FULL, split) for split in SPLITS}
+        for t, r in full["select"].items():
+            if r.accuracy is None or math.isinf(item_step(r)):
+                raise SearchError(f"the full model scores {r.accuracy} on the {r.n} selection items of {t}, its "
+                                  f"random baseline {r.random_baseline:.3f}: nothing to keep; use more items "
+                                  f"(--select) or a task with an accuracy")
 
-        scored = await scan(families, score, budget=budget, patience=patience)
-        chosen = finalists_of(scored)
-        prefix = prefix or f"{search.name}-{round(budget * 100)}"
-        finalists = [Finalist(preset_name(prefix, s.candidate.family), s.candidate,
-                              s.normalized,  # type: ignore[arg-type]  (a passing candidate has a score)
-                              await session.canonical(s.candidate.policy)) for s in chosen]
+        # candidates: the probe's, SLEB's and the paper's
+        fams: dict[str, list[Candidate]] = {}
+        if any(f in families for f in PROBE_FAMILIES):
+            try:
+                probe = await run_probe(url, probe_texts(splits), policy=FULL, model=model, api_key=api_key)
+            except ProbeError as e:
+                probe = None
+                notes.append(f"no probe candidates: {e}")
+                log.warning("no probe candidates: %s", e)
+            if probe is not None:
+                made = {"block influence": block_influence_family(probe, num_layers, most=most),
+                        "angular distance": angular_family(probe, num_layers, most=most),
+                        "parallel pairs": parallel_pairs_family(probe, num_layers, most=max(1, most // 2)),
+                        "parallel group": parallel_group_family(probe, num_layers, most=most)}
+                fams.update({f: c for f, c in made.items() if f in families})
+        order: list[tuple[int, float]] = []
+        full_loss = None
+        if "SLEB" in families:
+            pairs = [gold_pair(item) for s in splits for item in s.screen.items[:calibration]]
+            full_loss = await gold_loss(session, FULL, pairs)
+            steps = sleb_steps if sleb_steps is not None else max(1, num_layers // 4)
+            sleb_bar = phase("search: SLEB greedy removal", steps)
+            order = await sleb_order(lambda layers: gold_loss(session, skip_policy(layers), pairs),
+                                     list(inner(num_layers)), steps=steps, on_step=lambda: tick(sleb_bar))
+            fams["SLEB"] = sleb_family([layer for layer, _ in order])
+        baselines = baseline_families(num_layers, most=most)
+        fams.update(baselines)  # always scored
+
+        # screening (gold-answer probability, point estimate), then selection (accuracy, lower bound)
+        screen_bar = phase("search: screened")
+        select_bar = phase("search: selection")
+
+        async def screen_check(policy: str) -> Check:
+            got = await scores(policy, "screen")
+            tick(screen_bar)
+            return screen_budget(got, full["screen"], budget=budget, on=budget_on)
+
+        async def select_check(policy: str) -> Check:
+            got = await scores(policy, "select")
+            tick(select_bar)
+            return check_budget({t: normalized_estimate(r, full["select"][t]) for t, r in got.items()},
+                                budget=budget, on=budget_on, z=z)
+
+        screened = await scan(fams, screen_check, patience=patience)
+        selected, chosen = await select(screened, select_check, tries=tries)
+        screen_of = {s.candidate.policy: s.check for s in screened}
+        finalists = [Finalist(s.candidate, await session.canonical(s.candidate.policy),
+                              screen_of[s.candidate.policy], s.check) for s in chosen]
+
+        # speed: every finalist and the baselines it may be matched with, beside full
+        timed = timed_baselines(finalists, baselines)
+        canon = {c.policy: await session.canonical(c.policy) for c in timed}
+        policies = list(dict.fromkeys([*(f.canonical for f in finalists), *canon.values()]))
+        speeds, measured = await cached_speed(
+            session, url, policies, rounds=rounds, concurrency=concurrency, requests=requests,
+            max_tokens=max_tokens, prompts=prompts, model=model, api_key=api_key,
+            progress=progress) if policies else ({FULL: (None, None)}, False)
+        finalists = sorted((replace_speed(f, speeds) for f in finalists), key=lambda f: -(f.speedup or 0.0))
+        by_canonical = {canon[c.policy]: c for c in timed}
+        base_speed = {name: speeds.get(name, (None, None))[1] for name in by_canonical}
+
+        # held-out: each finalist (fastest first) beside the baseline of the closest measured speed-up
+        heldout_bar = phase("search: held-out")
+        cap = len(finalists) if not report_finalists else report_finalists
+        first_baseline = next((f for f in finalists if f.candidate.baseline), None)
+        compared = []
+        for i, f in enumerate(finalists):
+            if i >= cap and f is not first_baseline:
+                compared.append(f)
+                continue
+            base = f.canonical if f.candidate.baseline else closest(f.speedup, base_speed)
+            if base is None:
+                compared.append(f)
+                continue
+            base_policy = f.candidate.policy if f.candidate.baseline else by_canonical[base].policy
+            mine = await scores(f.candidate.policy, "heldout")
+            theirs = mine if base_policy == f.candidate.policy else await scores(base_policy, "heldout")
+            compared.append(replace_heldout(f, compare(mine, theirs, full["heldout"], baseline=base,
+                                                       baseline_speedup=base_speed.get(base))))
+            tick(heldout_bar)
+        finalists = compared
+        spent = session.spent
+    choice = choose(finalists, prefix=prefix, budget=budget, on=budget_on, z=z)
     if not finalists:
-        notes.append(f"no candidate kept {budget:g} of the full model's score; the preset file holds `full`")
-    speeds = await measure_speed(url, [f.candidate.policy for f in finalists], rounds=rounds,
-                                 concurrency=concurrency, requests=requests, max_tokens=max_tokens, prompts=prompts,
-                                 model=model, api_key=api_key, progress=progress)
-    full_tpot = speeds[FULL][0]
-    timed = [Finalist(f.name, f.candidate, f.normalized, f.canonical, *speeds.get(f.canonical, (None, None)))
-             for f in finalists]
-    timed.sort(key=lambda f: -(f.speedup or 0.0))
-    if timed:  # the fastest takes the plain name
-        w = timed[0]
-        timed[0] = Finalist(preset_name(prefix), w.candidate, w.normalized, w.canonical, w.tpot_p50_ms, w.speedup)
-    result = SearchResult(task=search.name, budget=budget, model=model_id, num_layers=num_layers,
-                          full_accuracy=full.accuracy, random_baseline=full.random_baseline,
-                          search_items=len(search.items), source=search.source, scored=scored, finalists=timed,
-                          sleb=order, full_loss=full_loss,
-                          full_tpot_p50_ms=full_tpot, notes=notes)
-    return await report(url, result, heldout=heldout, others=others, eval_concurrency=eval_concurrency, model=model,
-                        api_key=api_key, cache_dir=cache_dir, progress=progress)
+        notes.append(f"no candidate passed selection (lower bound at {confidence:g} >= {budget:g})")
+    cost = {"wall_s": round(time.perf_counter() - t0, 1), "requests": spent.requests,
+            "prompt_tokens": spent.prompt_tokens,
+            "loadtest_tokens": rounds * (len(policies) + 1) * (requests + 1) * max_tokens if measured else 0}
+    return SearchResult(model=model_id, num_layers=num_layers, tasks=names, budget=budget, budget_on=budget_on,
+                        confidence=confidence, splits={s.name: s.ranges() for s in splits},
+                        sources={s.name: s.screen.source for s in splits}, full=full, screened=screened,
+                        selected=selected, finalists=finalists, speeds=speeds, sleb=order, full_loss=full_loss,
+                        choice=choice, cost=cost, notes=notes)
 
 
-async def report(url: str, result: SearchResult, *, heldout: Task | None, others: Sequence[Task],
-                 eval_concurrency: int = 16, model: str | None = None, api_key: str | None = None,
-                 cache_dir: Path | None = None, progress: Progress | None = None) -> SearchResult:
-    """Does each preset generalise? Its normalised score on held-out items of the task and on other tasks."""
-    tasks = ([(f"{result.task} (held-out)", heldout)] if heldout is not None else []) + [(t.name, t) for t in others]
-    if not tasks or not result.finalists:
-        return result
-    async with EvalSession.open(url, concurrency=eval_concurrency, model=model, api_key=api_key,
-                                cache_dir=cache_dir) as session:
-        full = {label: await session.score(FULL, t, progress=progress) for label, t in tasks}
-        finalists = []
-        for f in result.finalists:
-            scores: dict[str, float | None] = {}
-            for label, t in tasks:
-                r = await session.score(f.candidate.policy, t, progress=progress)
-                scores[label] = normalized_score(r.accuracy, full[label].accuracy, full[label].random_baseline)
-            finalists.append(Finalist(f.name, f.candidate, f.normalized, f.canonical, f.tpot_p50_ms, f.speedup,
-                                      scores))
-    result.finalists = finalists
-    result.report_tasks = {label: len(t.items) for label, t in tasks}
-    return result
+def replace_speed(f: Finalist, speeds: dict[str, tuple[float | None, float | None]]) -> Finalist:
+    tpot, up = speeds.get(f.canonical, (None, None))
+    return Finalist(f.candidate, f.canonical, f.screen, f.selection, tpot, up, f.heldout)
+
+
+def replace_heldout(f: Finalist, heldout: Comparison) -> Finalist:
+    return Finalist(f.candidate, f.canonical, f.screen, f.selection, f.tpot_p50_ms, f.speedup, heldout)
+
+
+async def cached_speed(session: EvalSession, url: str, policies: Sequence[str], *, rounds: int, concurrency: int,
+                       requests: int, max_tokens: int, prompts: Sequence[str], model: str | None,
+                       api_key: str | None, progress: Progress | None
+                       ) -> tuple[dict[str, tuple[float | None, float | None]], bool]:
+    """`measure_speed`, kept in the session's cache: a resumed search does not load-test again; and whether it
+    measured now."""
+    key = {"policies": list(policies), "rounds": rounds, "concurrency": concurrency, "requests": requests,
+           "max_tokens": max_tokens, "prompts": hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()}
+    if session.cache is not None and (hit := session.cache.load("speed", key)) is not None:
+        return {name: (t, s) for name, (t, s) in hit.items()}, False
+    speeds = await measure_speed(url, policies, rounds=rounds, concurrency=concurrency, requests=requests,
+                                 max_tokens=max_tokens, prompts=prompts, model=model, api_key=api_key,
+                                 progress=progress)
+    if session.cache is not None:
+        session.cache.save("speed", key, {name: list(v) for name, v in speeds.items()})
+    return speeds, True
 
 
 # -- output ------------------------------------------------------------------------------------------------------
-
-
-def presets_yaml(result: SearchResult) -> str:
-    """name: "policy" per finalist (fastest first); everything measured about it in comments, so that the file stays
-    the plain mapping `painters serve --policy-presets` loads."""
-    lines = [f"# painters search: the fastest policies keeping >= {result.budget:g} of {result.model}'s normalised "
-             f"score on {result.task}",
-             f"# search items 0-{result.search_items - 1} of {result.source}; full model accuracy "
-             f"{result.full_accuracy:.4f} (random {result.random_baseline:.3f}), TPOT p50 "
-             f"{_num(result.full_tpot_p50_ms, '.1f')} ms",
-             "# score = normalised score on the search items (0 = random, 1 = full); speed-up = full TPOT p50 / this",
-             "# report (held-out items, other tasks): the .report.md beside this file"]
-    if not result.finalists:
-        lines += ["# no candidate kept the budget: the only preset is the full model",
-                  f"{preset_name(f'{result.task}-{round(result.budget * 100)}')}: \"full\""]
-    for f in result.finalists:
-        lines.append(f"# {f.name}: {f.candidate.family}, {f.candidate.describe()}, score {f.normalized:.3f}, "
-                     f"speed-up {_num(f.speedup, '.2f')}x (TPOT p50 {_num(f.tpot_p50_ms, '.1f')} ms)")
-        lines.append(f"{f.name}: {json.dumps(f.candidate.policy)}")
-    return "\n".join(lines) + "\n"
 
 
 def _num(value: float | None, spec: str) -> str:
     return "-" if value is None or not math.isfinite(value) else format(value, spec)
 
 
+def _acc(value: tuple[float | None, float | None]) -> str:
+    acc, se = value
+    return "-" if acc is None else f"{acc:.3f}" + ("" if se is None else f" ± {se:.3f}")
+
+
+def presets_yaml(result: SearchResult) -> str:
+    """name: "policy" per preset (the chosen one first, under the plain name); everything measured in comments, so
+    that the file stays the plain mapping `painters serve --policy-presets` loads."""
+    c = result.choice
+    tasks = ", ".join(result.tasks)
+    lines = [f"# painters search: the fastest policy keeping >= {result.budget:g} of {result.model}'s normalised "
+             f"score ({'on each task' if result.budget_on == 'each' else 'on the mean over the tasks'}: {tasks})",
+             f"# selection: lower {result.confidence:g} confidence bound (paired with full) >= the budget; items per "
+             "task (screen/select/held-out): " + "; ".join(
+                 f"{t} {'/'.join(f'{a}-{b}' for a, b in r.values())}" for t, r in result.splits.items()),
+             "# held-out: the preset must match or beat the paper's policy of the closest measured speed-up there",
+             "# the .report.md beside this file has every number"]
+    outcome = {"winner": "OUTCOME: a searched policy that matches or beats the paper's equal-speed policy on held-out "
+                         "items",
+               "baseline": "OUTCOME: nothing the search found beats the paper's equal-speed policy on held-out items; "
+                           "the preset is the paper's policy",
+               "full": "OUTCOME: no policy kept the budget and held up on held-out items; the preset is the full "
+                       "model"}[c.outcome]
+    lines.append(f"# {outcome}")
+    lines += [f"# note: {n}" for n in c.notes]
+    by_policy = {f.candidate.policy: f for f in result.finalists}
+    by_canonical = {f.canonical: f for f in result.finalists}
+    for name, policy in c.presets.items():
+        f = by_policy.get(policy) or by_canonical.get(policy)
+        if f is not None and f.heldout is not None:
+            d = f.heldout.mean_difference
+            held = mean_estimate(list(f.heldout.finalist.values()))
+            lines.append(f"# {name}: {f.candidate.family}, {f.candidate.describe()}, speed-up "
+                         f"{_num(f.speedup, '.2f')}x; selection bound {_num(f.selection.bound, '.3f')}; held-out mean "
+                         f"{_pm(held, '.3f')}, vs `{f.heldout.baseline}` ({_num(f.heldout.baseline_speedup, '.2f')}x) "
+                         f"{_pm(d)}")
+        elif policy != FULL:
+            tpot, up = result.speeds.get(policy, (None, None))
+            lines.append(f"# {name}: the paper's policy, speed-up {_num(up, '.2f')}x")
+        lines.append(f"{name}: {json.dumps(policy)}")
+    return "\n".join(lines) + "\n"
+
+
 def report_markdown(result: SearchResult, *, command: str | None = None) -> str:
-    lines = [f"# Search: {result.task}, budget {result.budget:g}, {result.model}", ""]
+    tasks = result.tasks
+    lines = [f"# Search: {', '.join(tasks)}, budget {result.budget:g} "
+             f"({'each task' if result.budget_on == 'each' else 'mean over tasks'}), {result.model}", ""]
     if command:
         lines += ["```bash", command, "```", ""]
-    lines += [f"Search items 0-{result.search_items - 1} of `{result.source}`: the full model scores "
-              f"{result.full_accuracy:.4f} (random {result.random_baseline:.3f}). Speed: each finalist load-tested "
-              f"beside `full` (TPOT p50 {_num(result.full_tpot_p50_ms, '.1f')} ms).", ""]
-    labels = list(result.report_tasks)
-    lines += ["## Presets (fastest first)", "",
-              "| preset | policy | family | score (search) | speed-up | " + " | ".join(
-                  f"{label} ({result.report_tasks[label]} items)" for label in labels) + " |",
-              "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in labels) + " |"]
+    c = result.choice
+    lines += [f"**Preset: `{next(iter(c.presets.values()))}`** ({c.outcome}). " + "".join(
+        f"{n[0].upper()}{n[1:]}. " for n in c.notes).rstrip(), ""]
+    lines += ["Items (file order, disjoint): " + "; ".join(
+        f"{t}: screen {r['screen'][0]}-{r['screen'][1]}, select {r['select'][0]}-{r['select'][1]}, held-out "
+        f"{r['heldout'][0]}-{r['heldout'][1]} of `{result.sources[t]}`" for t, r in result.splits.items()) + ".", ""]
+    res = result.resolution()
+    lines += ["## Resolution", "",
+              f"Selection passes when estimate - {result.z:.2f} x stderr (one-sided {result.confidence:g}) clears "
+              f"{result.budget:g}. One item on the normalised scale:", "",
+              "| task | full acc (select) | random | select items | one item | median margin z·SE | held-out items | "
+              "one item |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for t in tasks:
+        f, r = result.full["select"][t], res[t]
+        lines.append(f"| {t} | {_acc((f.accuracy, f.stderr))} | {f.random_baseline:.3f} | {r['select_items']} | "
+                     f"{_num(r['select_item'], '.3f')} | {_num(r['select_margin'], '.3f')} | {r['heldout_items']} | "
+                     f"{_num(r['heldout_item'], '.3f')} |")
+    lines += ["", "## Held-out: full, finalists, and the paper's policy of the closest measured speed-up", "",
+              "Accuracy ± stderr (normalised score in brackets); difference = finalist - baseline in normalised score, "
+              "paired over the same items.", "",
+              "| policy | family | speed-up | " + " | ".join(tasks) + " | mean normalised | vs baseline |",
+              "| --- | --- | --- | " + " | ".join("---" for _ in tasks) + " | --- | --- |"]
+    fullh = result.full["heldout"]
+    lines.append("| `full` | | 1.00x | " + " | ".join(_acc((fullh[t].accuracy, fullh[t].stderr)) for t in tasks)
+                 + " | 1.000 | |")
+    shown: set[str] = set()
     for f in result.finalists:
-        lines.append(f"| {f.name} | `{f.candidate.policy}` | {f.candidate.family} | {f.normalized:.3f} | "
-                     f"{_num(f.speedup, '.2f')}x | " + " | ".join(_num(f.report.get(label), '.3f') for label in labels)
-                     + " |")
-    if not result.finalists:
-        lines.append("| (none passed) | `full` | | 1.000 | 1.00x | " + " | ".join("" for _ in labels) + " |")
-    lines += ["", "Scores are normalised against the full model on the same items (0 = random, 1 = full).", "",
-              "## Candidates scored", "", "| family | policy | score | passed |", "| --- | --- | --- | --- |"]
-    lines += [f"| {s.candidate.family} | `{s.candidate.policy}` | {_num(s.normalized, '.3f')} | "
-              f"{'yes' if s.passed else 'no'} |" for s in result.scored]
+        h = f.heldout
+        if h is None:
+            lines.append(f"| `{f.candidate.policy}` | {f.candidate.family} | {_num(f.speedup, '.2f')}x | "
+                         + " | ".join("not scored" for _ in tasks) + " | | |")
+            continue
+        cells = [f"{_acc(h.accuracy[t])} ({_num(h.finalist[t].value, '.2f')})" for t in tasks]
+        lines.append(f"| `{f.candidate.policy}` | {f.candidate.family} | {_num(f.speedup, '.2f')}x | "
+                     + " | ".join(cells) + f" | {_pm(mean_estimate(list(h.finalist.values())), '.3f')} | "
+                     + ("itself" if h.baseline == f.canonical else
+                        f"{_pm(h.mean_difference)} vs `{h.baseline}`") + " |")
+        if h.baseline != f.canonical and h.baseline not in shown:
+            shown.add(h.baseline)
+            cells = [f"{_acc(h.base_accuracy[t])} ({_num(h.base[t].value, '.2f')})" for t in tasks]
+            lines.append(f"| `{h.baseline}` | baseline | {_num(h.baseline_speedup, '.2f')}x | " + " | ".join(cells)
+                         + f" | {_pm(mean_estimate(list(h.base.values())), '.3f')} | |")
+    lines += ["", "Per task, finalist - baseline (normalised, paired): "]
+    for f in result.finalists:
+        if f.heldout is not None and f.heldout.baseline != f.canonical:
+            lines.append(f"- `{f.candidate.policy}` vs `{f.heldout.baseline}`: " + ", ".join(
+                f"{t} {_pm(f.heldout.difference[t])}" for t in tasks))
+    lines += ["", "## Finalists (fastest first): screening and selection", "",
+              "| policy | family | screen (gold prob., mean) | selection (accuracy, mean) | selection bound | speed-up "
+              "| TPOT p50 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for f in result.finalists:
+        lines.append(f"| `{f.candidate.policy}` | {f.candidate.family} | {_pm(f.screen.mean, '.3f')} | "
+                     f"{_pm(f.selection.mean, '.3f')} | {_num(f.selection.bound, '.3f')} | {_num(f.speedup, '.2f')}x | "
+                     f"{_num(f.tpot_p50_ms, '.1f')} ms |")
+    lines += ["", f"Load tests: `full` TPOT p50 {_num(result.speeds.get(FULL, (None, None))[0], '.1f')} ms; "
+              "measured speed-ups: " + ", ".join(f"`{p}` {_num(s, '.2f')}x" for p, (_, s) in result.speeds.items()
+                                               if p != FULL) + "."]
+    lines += ["", "## Candidates", "", "Screening: normalised probability of the gold answers (point estimate, mean "
+              "over tasks; passes against the budget " + ("on every task" if result.budget_on == "each" else
+                                                         "on the mean") + "). Selection: normalised accuracy.", "",
+              "| family | policy | screen | passed | selection | bound | passed |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    sel = {s.candidate.policy: s.check for s in result.selected}
+    for s in result.screened:
+        k = sel.get(s.candidate.policy)
+        lines.append(f"| {s.candidate.family} | `{s.candidate.policy}` | {_num(s.check.mean.value, '.3f')} | "
+                     f"{'yes' if s.passed else 'no'} | {_num(k.mean.value, '.3f') if k else ''} | "
+                     f"{_num(k.bound, '.3f') if k else ''} | {('yes' if k.passed else 'no') if k else ''} |")
     if result.sleb:
         lines += ["", f"SLEB's greedy order (mean NLL per gold token; full model {_num(result.full_loss, '.4f')}): "
                   + ", ".join(f"{layer} ({loss:.4f})" for layer, loss in result.sleb)]
-    lines += [f"", *(f"- {n}" for n in result.notes)]
+    cost = result.cost
+    lines += ["", f"Cost of this run: {cost.get('wall_s', 0):.0f} s wall, {int(cost.get('requests', 0))} scoring "
+              f"requests with {int(cost.get('prompt_tokens', 0)):,} prompt tokens (results from the cache cost none; "
+              "a resumed run counts only what it ran), about "
+              f"{int(cost.get('loadtest_tokens', 0)):,} tokens generated in load tests."]
+    lines += ["", *(f"- {n}" for n in result.notes)]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -560,55 +1091,67 @@ def write_outputs(result: SearchResult, out: Path, *, command: str | None = None
 # -- `painters search` -------------------------------------------------------------------------------------------
 
 
-def split_items(task: Task, first: int) -> tuple[Task, Task | None]:
-    """The first `first` items, and the rest (None when there is none)."""
-    head = Task(task.spec, task.items[:first], task.source)
-    rest = task.items[first:]
-    return head, Task(task.spec, rest, task.source) if rest else None
-
-
-def other_tasks(names: Sequence[str], *, data_dir: Path | None, limit: int) -> tuple[list[Task], list[str]]:
-    """The report's other tasks that have data; and a note for each that has none."""
-    tasks, missing = [], []
+def load_splits(names: Sequence[str], *, data: Path | None, data_dir: Path | None, screen: int, select: int,
+                heldout: int) -> list[Splits]:
+    if data is not None and data.is_file() and len(names) > 1:
+        raise DataError(f"--data {data} is one file but {len(names)} tasks were asked for; give a directory laid out "
+                        f"like ../shared/data (--data-dir)")
+    out = []
     for name in names:
-        try:
-            if data_dir is not None and find_in_dir(TASKS[name], data_dir) is None:
-                raise DataError(f"no file for {name} in {data_dir}")
-            tasks.append(load_task(name, data_dir=data_dir, limit=limit))
-        except DataError as e:
-            missing.append(f"report task {name} left out: {e}")
-    return tasks, missing
+        task = load_task(name, path=data if data is not None and data.is_file() else None,
+                         data_dir=data_dir, limit=screen + select + heldout)
+        if task.spec.kind not in ("multiple_choice", "cloze"):
+            raise DataError(f"{name} has no per-item gold answer to screen on; the search takes multiple-choice and "
+                            f"cloze tasks (arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq, "
+                            f"lambada_openai)")
+        out.append(split_task(task, screen=screen, select=select, heldout=heldout))
+    return out
 
 
 def search_command(
     ctx: typer.Context,
-    task: Annotated[str, typer.Option("--task", "-t", help="the task to keep: lambada_openai, hellaswag, arc_easy, "
-                                      "arc_challenge, piqa, winogrande, boolq, gsm8k")],
+    tasks: Annotated[str, typer.Option("--tasks", "--task", "-t", help="comma-separated tasks to keep: arc_easy, "
+                                       "arc_challenge, hellaswag, piqa, winogrande, boolq, lambada_openai")
+                     ] = ",".join(DEFAULT_TASKS),
     out: Annotated[Path, typer.Option(help="the preset file to write (YAML); a .report.json and .report.md go "
                                       "beside it")] = Path("presets.yaml"),
     url: Annotated[str, typer.Option(help="the server's base URL")] = "http://127.0.0.1:8000",
-    data: Annotated[Path | None, typer.Option(help="the task's data file, or a directory laid out like "
+    data: Annotated[Path | None, typer.Option(help="the task's data file (one task), or a directory laid out like "
                                               "../shared/data")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="where the report's other tasks are (default: --data if a "
-                                                  "directory, else two levels above it, as in ../shared/data)")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="directory laid out like ../shared/data (default: --data if a "
+                                                  "directory)")] = None,
     budget: Annotated[float, typer.Option(help="the normalised score to keep (0 = random, 1 = full model)")] = 0.9,
-    limit: Annotated[int, typer.Option(help="search items: the first N of the task", min=2)] = 100,
-    heldout: Annotated[int | None, typer.Option(help="held-out items after them for the report (default: as many)",
-                                                min=0)] = None,
-    report_tasks: Annotated[str, typer.Option(help="other tasks the report scores each preset on")] = ",".join(
-        REPORT_TASKS),
-    report_limit: Annotated[int | None, typer.Option(help="items per other task (default: --limit)", min=1)] = None,
-    calibration: Annotated[int, typer.Option(help="SLEB: search items whose gold answers make the loss", min=1)] = 16,
+    budget_on: Annotated[str, typer.Option(help="'each': every task keeps the budget; 'mean': their mean does")
+                         ] = "each",
+    confidence: Annotated[float, typer.Option(help="one-sided level of the selection's lower bound (0.9: estimate "
+                                              "- 1.28 stderr must clear the budget)")] = 0.9,
+    screen: Annotated[int, typer.Option(help="screening items per task (the first N)", min=1)] = 50,
+    select_items: Annotated[int, typer.Option("--select", help="selection items per task (the next N)", min=2)
+                            ] = 200,
+    heldout: Annotated[int, typer.Option(help="held-out items per task (the next N) for the check against the "
+                                         "paper's policies", min=2)] = 200,
+    families: Annotated[str, typer.Option(help="searched families (the paper's centred skip, pairs and parallel "
+                                          "are always scored)")] = ",".join(f for f in FAMILIES
+                                                                             if f not in BASELINE_FAMILIES),
+    most: Annotated[int | None, typer.Option(help="layers a candidate may change at most (default: half)", min=1)
+                    ] = None,
+    patience: Annotated[int, typer.Option(help="stop screening a family after this many misses in a row", min=1)] = 2,
+    tries: Annotated[int, typer.Option(help="selection: a family's most aggressive screened candidates tried", min=1)
+                     ] = 2,
+    report_finalists: Annotated[int, typer.Option(help="held-out: finalists scored, fastest first (0 = all; the "
+                                                  "fastest baseline finalist always)", min=0)] = 0,
+    calibration: Annotated[int, typer.Option(help="SLEB: screening items per task whose gold answers make the loss",
+                                             min=1)] = 4,
     sleb_steps: Annotated[int | None, typer.Option(help="SLEB: layers removed greedily (default: a quarter)", min=0)
                           ] = None,
-    patience: Annotated[int, typer.Option(help="stop a family after this many misses in a row", min=1)] = 2,
-    name: Annotated[str | None, typer.Option(help="preset name (default: TASK-BUDGET%, e.g. arc_easy-90)")] = None,
-    cache: Annotated[Path | None, typer.Option(help="keep every score here and reuse it: an interrupted search "
+    name: Annotated[str | None, typer.Option(help="preset name (default: TASK-BUDGET%, e.g. arc_easy-90, or "
+                                             "search-90 for several tasks)")] = None,
+    cache: Annotated[Path | None, typer.Option(help="keep every score and load test here and reuse it: a rerun "
                                                "resumes")] = None,
-    requests: Annotated[int, typer.Option(help="loadtest: measured requests per finalist", min=1)] = 8,
+    requests: Annotated[int, typer.Option(help="loadtest: measured requests per policy", min=1)] = 8,
     concurrency: Annotated[int, typer.Option(help="loadtest: requests in flight", min=1)] = 4,
     max_tokens: Annotated[int, typer.Option(help="loadtest: new tokens per request", min=1)] = 32,
-    rounds: Annotated[int, typer.Option(help="loadtest rounds (full and every finalist each round); the median "
+    rounds: Annotated[int, typer.Option(help="loadtest rounds (full and every policy each round); the median "
                                         "speed-up counts", min=1)] = 3,
     prompts: Annotated[Path | None, typer.Option(
         help="loadtest: JSONL with a \"prompt\" field, or one prompt per line (default: 20 built-in prompts)",
@@ -619,34 +1162,33 @@ def search_command(
     as_json: Annotated[bool, typer.Option("--json", help="print the report's object instead of the table")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """The fastest policy whose normalised score on the task's search items stays >= the budget: candidates from
-    the probe and from a SLEB-style greedy removal, speed measured by a load test; writes a preset file."""
+    """The fastest policy whose normalised score keeps the budget with confidence on every task (or their mean),
+    checked on held-out items against the paper's centred policies of the same measured speed; writes a preset
+    file and its report."""
     quiet_http_logs(verbose=verbose)
     if name is not None and (":" in name or "@" in name):
         raise fail(f"--name {name!r} may not contain ':' or '@' (the server's preset names)")
-    heldout = limit if heldout is None else heldout
-    if data_dir is None and data is not None:  # ../shared/data/arc/x.jsonl -> ../shared/data
-        data_dir = data if data.is_dir() else data.resolve().parent.parent
+    if budget_on not in ("each", "mean"):
+        raise fail(f"--budget-on {budget_on!r}: give 'each' (every task keeps the budget) or 'mean'")
+    if data_dir is None and data is not None and data.is_dir():
+        data_dir = data
+    chosen_families = [f.strip() for f in families.split(",") if f.strip()]
     try:
-        whole = load_task(task, path=data, data_dir=data_dir, limit=limit + heldout)
-        search, rest = split_items(whole, limit)
-        if rest is None and heldout:
-            err.print(f"[yellow]{whole.source} has no items after the first {limit}: no held-out report[/]")
-        names = [t for t in (x.strip() for x in report_tasks.split(",")) if t and t != task]
+        names = task_names(tasks)
         unknown = [t for t in names if t not in TASKS]
         if unknown:
-            raise DataError(f"unknown report task {', '.join(unknown)}; known: {', '.join(TASKS)}")
-        others, missing = other_tasks(names, data_dir=data_dir, limit=report_limit or limit)
+            raise DataError(f"unknown task {', '.join(unknown)}; known: {', '.join(TASKS)}")
+        splits = load_splits(names, data=data, data_dir=data_dir, screen=screen, select=select_items,
+                             heldout=heldout)
         with progress_bar() as bars:
             result = asyncio.run(run_search(
-                url, search, budget=budget, heldout=rest, others=others, prefix=name, calibration=calibration,
-                sleb_steps=sleb_steps, patience=patience, requests=requests, concurrency=concurrency,
-                max_tokens=max_tokens, rounds=rounds, eval_concurrency=eval_concurrency,
-                prompts=load_prompts(prompts) if prompts else BUILTIN_PROMPTS, cache_dir=cache, model=model,
-                api_key=api_key, progress=bars))
-        result.notes += missing
-        command = command_line(ctx)
-        paths = write_outputs(result, out, command=command)
+                url, splits, budget=budget, budget_on=budget_on, confidence=confidence,  # type: ignore[arg-type]
+                families=[*chosen_families, *BASELINE_FAMILIES], prefix=name, most=most, patience=patience,
+                tries=tries, calibration=calibration, sleb_steps=sleb_steps, report_finalists=report_finalists,
+                requests=requests, concurrency=concurrency, max_tokens=max_tokens, rounds=rounds,
+                eval_concurrency=eval_concurrency, prompts=load_prompts(prompts) if prompts else BUILTIN_PROMPTS,
+                cache_dir=cache, model=model, api_key=api_key, progress=bars))
+        paths = write_outputs(result, out, command=command_line(ctx))
     except (DataError, EvalError, SearchError, LoadtestError, PaintersError, ValueError, OSError) as e:
         raise fail(str(e)) from None
     except httpx.HTTPError as e:
@@ -654,15 +1196,35 @@ def search_command(
     if as_json:
         typer.echo(json.dumps(result.to_json()))
         return
-    labels = list(result.report_tasks)
-    t = TextTable([Column("preset", keep_whole=True), Column("policy", keep_whole=True), Column("family"),
-                   Column("score", "right"), Column("speed-up", "right"),
-                   *(Column(label, "right") for label in labels)],
-                  title=f"{result.task}: policies keeping >= {budget:g} of the full model (fastest first)")
-    for f in result.finalists:
-        t.add_row(f.name, f.candidate.policy, f.candidate.family, f"{f.normalized:.3f}", _num(f.speedup, ".2f") + "x",
-                  *(_num(f.report.get(label), ".3f") for label in labels))
-    t.print(console)
-    for note in result.notes:
-        console.print(note, markup=False, highlight=False, soft_wrap=True)
+    print_result(result)
     console.print("wrote " + ", ".join(map(str, paths)), markup=False, highlight=False, soft_wrap=True)
+
+
+def print_result(result: SearchResult) -> None:
+    res = result.resolution()
+    t = TextTable([Column("task"), Column("select items", "right"), Column("one item", "right"),
+                   Column("bound margin", "right"), Column("held-out items", "right"), Column("one item ", "right")],
+                  title=f"resolution: selection bound at {result.confidence:g} (z = {result.z:.2f}), normalised scale")
+    for task, r in res.items():
+        t.add_row(task, str(r["select_items"]), _num(r["select_item"], ".3f"), _num(r["select_margin"], ".3f"),
+                  str(r["heldout_items"]), _num(r["heldout_item"], ".3f"))
+    t.print(console)
+    t = TextTable([Column("policy", keep_whole=True), Column("family"), Column("speed-up", "right"),
+                   Column("select bound", "right"), Column("held-out", "right"), Column("baseline", keep_whole=True),
+                   Column("difference", "right")],
+                  title=f"finalists, fastest first (budget {result.budget:g} on "
+                        f"{'each task' if result.budget_on == 'each' else 'the mean'})")
+    for f in result.finalists:
+        h = f.heldout
+        t.add_row(f.candidate.policy, f.candidate.family, _num(f.speedup, ".2f") + "x",
+                  _num(f.selection.bound, ".3f"),
+                  "-" if h is None else _pm(mean_estimate(list(h.finalist.values())), ".3f"),
+                  "-" if h is None else h.baseline, "-" if h is None else _pm(h.mean_difference))
+    t.print(console)
+    for name, policy in result.choice.presets.items():
+        console.print(f"preset {name}: {policy} ({result.choice.outcome})", markup=False, highlight=False)
+    for note in [*result.choice.notes, *result.notes]:
+        console.print(note, markup=False, highlight=False, soft_wrap=True)
+    c = result.cost
+    console.print(f"cost: {c.get('wall_s', 0):.0f} s wall, {int(c.get('requests', 0))} scoring requests, "
+                  f"{int(c.get('prompt_tokens', 0)):,} prompt tokens", markup=False, highlight=False)
