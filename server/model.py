@@ -199,11 +199,11 @@ class Transformer:
         emb = torch.cat([freqs, freqs], dim=-1)
         return (emb.cos() * scale).to(self.dtype), (emb.sin() * scale).to(self.dtype)
 
-    def rope(self, positions: Tensor) -> dict[bool, tuple[Tensor, Tensor]]:
+    def rope(self, positions: Tensor, *, top: int) -> dict[bool, tuple[Tensor, Tensor]]:
         """positions [B, T] -> {sliding: (cos, sin) [B, T, hd]}: the rotary tables of global (False) and
         sliding-window (True) layers; the same tables for both unless the model gives windowed layers their own
-        (Gemma 3: rope_local_base_freq)."""
-        top = int(positions.max()) + 1
+        (Gemma 3: rope_local_base_freq). top: a bound on the positions + 1, from the caller's plain data (reading
+        it off `positions` would be a host sync)."""
         if top > self._tables[False][0].shape[0]:
             self._tables = self._rope_tables(max(top, 2 * self._tables[False][0].shape[0]))
         (cos, sin), local = self._tables[False], self._tables[True]

@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from server.engine_loop import EngineLoop, EngineRequest, Output, QueueFullError
+from server.engine_loop import EngineLoop, Output, QueueFullError
+from server.request import Request
 from server.generate import Batch, Engine, GenerationResult
 from server.metrics import Metrics
 from server.sampling import SamplingParams
@@ -111,12 +112,12 @@ def make_gate(make_loop) -> Iterator[Callable[[int], Gate]]:
         gate.release.set()
 
 
-def request(engine: Engine, rid: str, prompt: list[int], policy: str, **params) -> EngineRequest:
+def request(engine: Engine, rid: str, prompt: list[int], policy: str, **params) -> Request:
     params.setdefault("ignore_eos", True)
-    return EngineRequest(rid, prompt, SamplingParams(**params), engine.compile(policy))
+    return Request(rid, prompt, SamplingParams(**params), engine.compile(policy))
 
 
-def alone(engine: Engine, r: EngineRequest) -> GenerationResult:
+def alone(engine: Engine, r: Request) -> GenerationResult:
     return engine.generate([r.prompt_ids], policy=r.schedule.policy, params=r.params)[0]
 
 
@@ -369,16 +370,16 @@ def test_a_failing_step_fails_the_requests_in_it_and_the_loop_goes_on(tiny_engin
     doomed = [request(tiny_engine, "a", [5, 6, 7], "full", max_tokens=8),
               request(tiny_engine, "b", [9, 10], "skip:2", max_tokens=8)]
     later = request(tiny_engine, "later", [9, 10], "skip:2", max_tokens=4)
-    real_step = Batch.step
+    real_execute = Batch.execute
     raised = []
 
-    def step_failing_once(batch: Batch) -> None:
-        if len(batch.sequences) == 2 and not raised:
+    def execute_failing_once(batch: Batch, inp):
+        if len(inp.rows) == 2 and not raised:
             raised.append(True)
             raise RuntimeError("boom")
-        real_step(batch)
+        return real_execute(batch, inp)
 
-    monkeypatch.setattr(Batch, "step", step_failing_once)
+    monkeypatch.setattr(Batch, "execute", execute_failing_once)
     loop = make_loop()
     sinks = [Collector(), Collector()]
     for r, sink in zip(doomed, sinks):

@@ -135,7 +135,7 @@ def test_gemma_fixtures_exercise_their_features() -> None:
     assert a.sliding_layers == {0, 1, 3, 4, 6, 7} and a.sliding_window < 12
     assert a.post_norms and a.query_scale != a.head_dim**-0.5 and a.embed_scale == a.dim**0.5
     positions = torch.arange(12)[None]
-    plain, scaled = transformer("gemma3").rope(positions), transformer("gemma3_rope").rope(positions)
+    plain, scaled = transformer("gemma3").rope(positions, top=12), transformer("gemma3_rope").rope(positions, top=12)
     assert not torch.allclose(plain[True][0], plain[False][0])  # local base 10k, global 1M
     assert torch.equal(plain[True][0], scaled[True][0]) and not torch.allclose(plain[False][0], scaled[False][0])
     tied, untied = tiny_model("gemma3"), tiny_model("gemma3_rope")
@@ -214,7 +214,7 @@ def test_decoding_past_the_sliding_window(policy: str) -> None:
 def test_rotary_tables_past_their_initial_size() -> None:
     """Positions past 1024 (where the rotary table grows) match transformers' llama3-scaled rotary embedding."""
     positions = torch.tensor([[1030, 1031, 1032], [5, 6, 7]])
-    ours = transformer("llama_rope3").rope(positions)[False]
+    ours = transformer("llama_rope3").rope(positions, top=1033)[False]
     cos, sin = tiny_model("llama_rope3").model.rotary_emb(torch.zeros(1), positions)  # [B, T, hd]
     assert_close(ours[0], cos, **TOL)
     assert_close(ours[1], sin, **TOL)

@@ -17,7 +17,8 @@ from server.api.errors import APIError
 from server.api.protocol import PaintersInfo, PolicyField, Timings
 from server.api.state import AppState
 from server.compiler import Schedule
-from server.engine_loop import DrainingError, EngineLoop, EngineRequest, KVBudgetError, Output, QueueFullError
+from server.engine_loop import DrainingError, EngineLoop, KVBudgetError, Output, QueueFullError
+from server.request import Request as EngineRequest  # fastapi.Request is the HTTP one
 from server.generate import Engine, GenerationResult
 from server.probe import ProbeStats
 from server.sampling import SamplingParams
