@@ -22,15 +22,11 @@ import time
 from server.generate import Engine
 from server.metrics import Metrics, QueueStats, RequestStats, StepStats
 from server.request import Output, Request, Sink, Status
-from server.scheduler import Admission, KVBudgetError, QueueFullError, Scheduler
+from server.scheduler import Admission, DrainingError, KVBudgetError, QueueFullError, Scheduler
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DrainingError", "EngineLoop", "KVBudgetError", "Output", "QueueFullError", "Request"]
-
-
-class DrainingError(RuntimeError):
-    """The loop is draining for shutdown and takes no new requests (HTTP 503)."""
 
 
 class EngineLoop:
@@ -176,21 +172,27 @@ class EngineLoop:
                     self._wake.wait(timeout=0.5)
                 if self._stop:
                     return
-                ending = self._abort_left
-                if not ending:
-                    admission = self.scheduler.admit()
-                    aborts, self._aborts = self._aborts, set()
-            if ending:
-                self._end_left()
-                continue
-            try:
-                self._step(admission, aborts)
-            except Exception as e:  # never let one bad step kill the server: fail the requests of this step
-                log.exception("engine step failed")
-                with self._lock:
-                    running = list(self.scheduler.running.values())
-                for r in running:
-                    self._end(r, "error", f"engine error: {type(e).__name__}: {e}")
+            self.step()
+
+    def step(self) -> None:
+        """One engine step on the calling thread (the engine thread's loop body; tests drive it directly):
+        end what the drain deadline or a client ended, admit, decode, prefill, emit."""
+        with self._wake:
+            ending = self._abort_left
+            if not ending:
+                admission = self.scheduler.admit()
+                aborts, self._aborts = self._aborts, set()
+        if ending:
+            self._end_left()
+            return
+        try:
+            self._step(admission, aborts)
+        except Exception as e:  # never let one bad step kill the server: fail the requests of this step
+            log.exception("engine step failed")
+            with self._lock:
+                running = list(self.scheduler.running.values())
+            for r in running:
+                self._end(r, "error", f"engine error: {type(e).__name__}: {e}")
 
     def _step(self, admission: Admission, aborts: set[str]) -> None:
         for request_id in aborts:

@@ -124,13 +124,14 @@ class Batch:
     def sample(logits: Tensor, sampling: SamplingBatch) -> ModelOutput:
         """logits [B, V] -> each row's token, logprob and top alternatives, copied to the host as one tensor."""
         tokens, alive, errors = sample_batch(logits, sampling)
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        chosen = logprobs.gather(-1, tokens[:, None])  # [B, 1]
+        logits = logits.float()
+        total = torch.logsumexp(logits, dim=-1, keepdim=True)  # logprob = logit - total: no [B, V] log_softmax
+        chosen = logits.gather(-1, tokens[:, None]) - total  # [B, 1]
         parts = [tokens[:, None].double(), alive[:, None].double(), chosen.double()]
         k = sampling.num_top
         if k:
-            top = torch.topk(logprobs, k)
-            parts += [top.indices.double(), top.values.double()]
+            top = torch.topk(logits, k)
+            parts += [top.indices.double(), (top.values - total).double()]
         host = torch.cat(parts, dim=1).cpu().tolist()  # the one copy: [B, 3 + 2k]
         failed = {b: f"sampling failed: {type(e).__name__}: {e}" for b, e in errors.items()}
         for b, row in enumerate(host):
@@ -333,6 +334,10 @@ class Engine:
     @property
     def num_layers(self) -> int:
         return self.model.args.n_layers
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.args.vocab_size
 
     @property
     def max_model_len(self) -> int:

@@ -79,9 +79,10 @@ def sample_batch(logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor, 
     All greedy rows are one argmax. NaN logits are never chosen; a row whose logits are all -inf or NaN is not alive
     (its token is arbitrary). A drawing row takes one uniform number from its own generator (so it draws the same
     token alone or in any batch) and inverts the cumulative distribution of its filtered, tempered probabilities."""
-    logits = logits.float().masked_fill(logits.isnan(), float("-inf"))
+    inf = float("inf")
+    logits = torch.nan_to_num(logits.float(), nan=-inf, posinf=inf, neginf=-inf)  # one pass
     tokens = logits.argmax(dim=-1)
-    alive = (logits > float("-inf")).any(dim=-1)
+    alive = logits.gather(-1, tokens[:, None])[:, 0] > -inf  # the maximum is finite or +inf
     errors: dict[int, Exception] = {}
     if not batch.sampled:
         return tokens, alive, errors

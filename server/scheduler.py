@@ -16,7 +16,11 @@ from dataclasses import dataclass
 from server.kv_manager import KVBudgetError, KVManager
 from server.request import Request, Status
 
-__all__ = ["Admission", "KVBudgetError", "QueueFullError", "Scheduler"]
+__all__ = ["Admission", "DrainingError", "KVBudgetError", "QueueFullError", "Scheduler"]
+
+
+class DrainingError(RuntimeError):
+    """The server is draining for shutdown and takes no new requests (HTTP 503)."""
 
 
 class QueueFullError(Exception):

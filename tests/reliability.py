@@ -57,17 +57,17 @@ def _serve_main(argv: list[str]) -> int:
     class TestEngine(Engine):
         started = 0
 
-        def new_sequence(self, *args: Any, **kwargs: Any):
+        def start(self, *args: Any, **kwargs: Any):
             TestEngine.started += 1
             if TestEngine.started == die_after:
                 raise EngineFault("injected engine fault")
-            return super().new_sequence(*args, **kwargs)
+            return super().start(*args, **kwargs)
 
         def new_batch(self, **kwargs: Any):
             batch = super().new_batch(**kwargs)
             if delay:
-                step = batch.step
-                batch.step = lambda: (time.sleep(delay), step())[1]  # type: ignore[method-assign]
+                execute = batch.execute
+                batch.execute = lambda inp: (time.sleep(delay), execute(inp))[1]  # type: ignore[method-assign]
             return batch
 
     settings = Settings(model=MODEL)  # the rest from PAINTERS_* variables

@@ -54,9 +54,9 @@ class GatedEngine(Engine):
         super().__init__(*args, **kwargs)
         self.gate = gate
 
-    def new_sequence(self, *args: Any, **kwargs: Any):
+    def start(self, *args: Any, **kwargs: Any):
         assert self.gate.wait(timeout=60), "test gate never opened"
-        return super().new_sequence(*args, **kwargs)
+        return super().start(*args, **kwargs)
 
 
 def gated(gate: threading.Event) -> Callable[[Settings], Engine]:

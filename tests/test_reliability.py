@@ -224,7 +224,7 @@ class Fatal(BaseException):
 
 
 class DyingEngine(Engine):
-    def new_sequence(self, *args, **kwargs):
+    def start(self, *args, **kwargs):
         raise Fatal("injected")
 
 
