@@ -318,7 +318,9 @@ class Engine:
         **kwargs: Any,
     ) -> Engine:
         """From an in-memory transformers model (tests, parity checks): its weights are copied into our stacks."""
-        model = Transformer.from_hf(hf_model, dtype=dtype or default_dtype(device), device=device)
+        from server.weights import transformer_from_hf
+
+        model = transformer_from_hf(hf_model, dtype=dtype or default_dtype(device), device=device)
         return cls(model, tokenizer, eos_ids=_eos_ids(hf_model, tokenizer), config=hf_model.config, **kwargs)
 
     @classmethod

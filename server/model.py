@@ -17,14 +17,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from server.weights import LayerStack, ModelWeights
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
 _GEMMA = ("gemma3_text", "gemma3")
@@ -140,6 +137,53 @@ def _check_gemma(cfg: Any) -> None:
 KVFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (new k, v [G, m, T, kv, hd]) -> keys, values [G*m, kv, S, hd]
 
 
+@dataclass
+class LayerStack:
+    """Per-kind weights of a run of layers, stacked on dim 0 (matrices as [in, out]); biases, q/k norms and post-norms
+    optional."""
+
+    attn_norm: Tensor  # [L, d]
+    wqkv: Tensor  # [L, d, q + 2 kv]
+    wo: Tensor  # [L, q, d]
+    mlp_norm: Tensor  # [L, d]
+    w_gate_up: Tensor  # [L, d, 2 ff]
+    w_down: Tensor  # [L, ff, d]
+    bqkv: Tensor | None = None  # [L, q + 2 kv]
+    bo: Tensor | None = None  # [L, d]
+    b_gate_up: Tensor | None = None  # [L, 2 ff]
+    b_down: Tensor | None = None  # [L, d]
+    q_norm: Tensor | None = None  # [L, hd]
+    k_norm: Tensor | None = None  # [L, hd]
+    post_attn_norm: Tensor | None = None  # [L, d] Gemma: norms the attention's output (part of A_i)
+    post_mlp_norm: Tensor | None = None  # [L, d] Gemma: norms the MLP's output (part of M_i)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for f in fields(self) if (t := getattr(self, f.name)) is not None)
+
+
+@dataclass
+class ModelWeights:
+    """Everything the decoder reads: the layer stacks, embeddings, final norm, LM head and rotary frequencies."""
+
+    layers: LayerStack
+    embed: Tensor  # [V, d]; lm_head.T (a view) when the embeddings are tied
+    lm_head: Tensor  # [d, V], contiguous
+    final_norm: Tensor  # [d]
+    inv_freq: Tensor  # [hd / 2] float32
+    rope_scale: float  # transformers' attention_scaling: multiplies cos and sin
+    local_inv_freq: Tensor | None = None  # sliding-window layers' own frequencies (Gemma 3); None: inv_freq
+    local_rope_scale: float = 1.0
+
+    def nbytes(self) -> int:
+        """Bytes held, counting a storage shared by several tensors (a tied LM head) once."""
+        tensors = [getattr(self.layers, f.name) for f in fields(self.layers)]
+        tensors += [self.embed, self.lm_head, self.final_norm, self.inv_freq, self.local_inv_freq]
+        storages = {
+            (t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in tensors if t is not None
+        }
+        return sum(storages.values())
+
+
 class Transformer:
     """The frozen decoder: embeddings, stacked layers, final norm, LM head, rotary tables. It holds no cache: the
     executor passes every attention a function that writes the new keys and values and returns the cached ones."""
@@ -157,13 +201,6 @@ class Transformer:
         self._freqs = {False: glob, True: local}
         self._tables = self._rope_tables(1024)
         self._views: dict[tuple[int, ...], LayerStack] = {}
-
-    @classmethod
-    def from_hf(cls, hf_model: Any, *, dtype: torch.dtype, device: torch.device | str) -> Transformer:
-        from server.weights import weights_from_hf_model
-
-        args = ModelArgs.from_hf_config(hf_model.config)
-        return cls(args, weights_from_hf_model(hf_model, dtype=dtype, device=device), dtype=dtype, device=device)
 
     def weight_bytes(self) -> int:
         return self.layers.nbytes() + self.lm_head.numel() * self.lm_head.element_size()

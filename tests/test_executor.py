@@ -13,6 +13,7 @@ from torch.testing import assert_close
 
 from server.executor import Executor, Row
 from server.model import GroupMode, Transformer
+from server.weights import transformer_from_hf
 from server.compiler import Schedule, compile_schedule
 from tests.reference import ARCHS, NUM_LAYERS, VOCAB, reference_logits, tiny_model, tiny_multimodal_gemma
 
@@ -46,7 +47,7 @@ POLICIES = [
 
 @functools.cache
 def transformer(name: str) -> Transformer:
-    return Transformer.from_hf(tiny_model(name), dtype=torch.float32, device="cpu")
+    return transformer_from_hf(tiny_model(name), dtype=torch.float32, device="cpu")
 
 
 def schedule(policy: str) -> Schedule:
@@ -149,7 +150,7 @@ def test_full_matches_transformers_on_a_multimodal_gemma3() -> None:
     ids = tokens(2, 12, seed=1)
     with torch.no_grad():
         expected = mm(input_ids=ids).logits
-    model = Transformer.from_hf(mm, dtype=torch.float32, device="cpu")
+    model = transformer_from_hf(mm, dtype=torch.float32, device="cpu")
     full = schedule("full")
     ex = Executor(model, num_blocks=2 * full.num_slots * 3 + 1, block_size=4, max_len=12)
     assert_close(ex.forward(ids, [Row(b, full, 0, 12) for b in range(2)]), expected, **TOL)
