@@ -187,8 +187,8 @@ class PagedKVCache:
             entry = self._prefix.get((key, h))
             if entry is None or entry.tokens != tuple(tokens[j * self.block_size : (j + 1) * self.block_size]):
                 break
-            self._prefix.move_to_end((key, h))
             found.append(entry)
+        self._touch(key, found)
         return found
 
     def lookup_partial(self, key: str, parent: int, tokens: list[int]) -> tuple[CachedBlock, int] | None:
@@ -267,7 +267,14 @@ class PagedKVCache:
                 break
             entries.append(entry)
             parent = h
+        self._touch(key, entries)
         return entries
+
+    def _touch(self, key: str, chain: list[CachedBlock]) -> None:
+        """Mark a chain recently used, its first block most recently: eviction takes a chain's tail first, so what
+        stays is always a usable prefix."""
+        for entry in reversed(chain):
+            self._prefix.move_to_end((key, entry.chain))
 
     # -- internals --------------------------------------------------------------------------------------------------
 
