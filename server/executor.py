@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -21,6 +22,7 @@ from torch import Tensor
 from server.compiler import Schedule, Slot
 from server.kv_cache import PagedKVCache
 from server.model import GroupMode, Transformer
+from server.paged_attention import paged_attention, paged_layout
 from server.planner import Apply, Boundary, Copy, Merge, StepPlan, plan_step
 
 
@@ -70,20 +72,25 @@ class _Program:
 
 
 MAX_PROGRAMS = 64  # compiled layouts kept (a layout is a plan and a schedule per row)
+# How decode attention reads the cache: "gathered" copies each row's context out of the pool and runs SDPA (the
+# faster one on the CPU below ~512-token contexts, and needs no compile); "in_place" reads the pool where it lies
+# through FlexAttention (compiled on first use; see benchmarks/bench_attention.py). Prefill always gathers.
+AttentionMode = Literal["gathered", "in_place"]
 
 
 class Executor:
     def __init__(
         self, model: Transformer, *, num_blocks: int, block_size: int = 16, max_len: int,
-        group_mode: GroupMode = "batched",
+        group_mode: GroupMode = "batched", attention: AttentionMode = "gathered",
     ) -> None:
         a = model.args
-        self.model, self.group_mode, self.max_len = model, group_mode, max_len
+        self.model, self.group_mode, self.max_len, self.attention = model, group_mode, max_len, attention
         self.cache = PagedKVCache(num_blocks=num_blocks, block_size=block_size, max_len=max_len,
                                   n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, dtype=model.dtype, device=model.device)
         self._attn_cost, self._mlp_cost = model.unit_bytes()
         self._compiled: OrderedDict[tuple, _Program] = OrderedDict()  # least recently used first
         self._streams: list[torch.cuda.Stream] = []
+        self._block_col = torch.zeros(self.cache.pool.shape[0], dtype=torch.int32, device=model.device)  # in place
 
     def release(self, seq: Hashable) -> None:
         """A sequence left: its KV blocks return to the pool (compiled programs stay: they name no sequence)."""
@@ -122,6 +129,11 @@ class Executor:
         kv_at = cache.locate(kv_rows, positions[program.kv_batch],
                              valid[program.kv_batch] if padded else None)  # [N, T] where each writes
         kv_blocks = cache.block_ids(kv_rows, num_blocks)  # [N, nb] what each reads
+        layout = None
+        if self.attention == "in_place" and T == 1:
+            lengths = torch.tensor([r.start + r.num_new for r in rows], device=dev)[program.kv_batch]
+            layout = paged_layout(cache.tables[kv_rows], positions[program.kv_batch], lengths,
+                                  block_size=cache.block_size, block_col=self._block_col)
         def real_positions(op: _Apply) -> Tensor:
             """Flat indices of the real tokens among the application's rows x T, from the rows (no host sync)."""
             members = range(B) if op.whole else op.members
@@ -164,10 +176,6 @@ class Executor:
                 kv = slice(op.kv.start + g0 * m, op.kv.start + g1 * m)
                 at, blocks = kv_at[kv].reshape(-1), kv_blocks[kv]
 
-                def cached(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-                    cache.write(at, k.reshape(-1, *k.shape[3:]), v.reshape(-1, *v.shape[3:]))
-                    return cache.read(blocks)
-
                 masks, tables, keep = views_
                 chosen = op.entry.layers[g0:g1]
                 kinds = [i in model.args.sliding_layers for i in chosen]
@@ -177,7 +185,15 @@ class Executor:
                 else:  # a fused group mixing windowed and global layers: each layer its own mask and rotary table
                     mk = torch.cat([masks[k] for k in kinds])
                     cos, sin = (torch.stack([tables[k][j] for k in kinds]) for j in (0, 1))
-                return model.attention(x, model.weights(chosen), cos, sin, mk, cached, keep)
+                window = model.args.sliding_window if kinds[0] else None
+
+                def cached(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                    cache.write(at, k.reshape(-1, *k.shape[3:]), v.reshape(-1, *v.shape[3:]))
+                    if layout is not None and len(set(kinds)) == 1:
+                        return paged_attention(q, cache.pool, layout, kv, scale=model.args.query_scale, window=window)
+                    return model.sdpa(q, *cache.read(blocks), mk)
+
+                return model.attention(x, model.weights(chosen), cos, sin, cached, keep)
 
             self._run(buffers, op, attend)
         h = buffers[0]

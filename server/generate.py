@@ -21,7 +21,7 @@ from torch import Tensor
 
 from server.compiler import Schedule, compile_schedule
 from server.detokenizer import IncrementalDetokenizer
-from server.executor import Executor, Row
+from server.executor import AttentionMode, Executor, Row
 from server.kv_manager import KVManager, Reused
 from server.model import GroupMode, Transformer, default_dtype
 from server.policy import Policy, as_policy
@@ -66,10 +66,10 @@ class Batch:
 
     def __init__(self, model: Transformer, tokenizer: Any, *, max_len: int, num_blocks: int, block_size: int = 16,
                  group_mode: GroupMode = "batched", prefix_caching: bool = False,
-                 prefix_blocks: int | None = None) -> None:
+                 prefix_blocks: int | None = None, attention: AttentionMode = "gathered") -> None:
         self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
         self.executor = Executor(model, num_blocks=num_blocks, block_size=block_size, max_len=max_len,
-                                 group_mode=group_mode)
+                                 group_mode=group_mode, attention=attention)
         self.kv = KVManager(num_blocks=num_blocks - 1, block_size=block_size, cache=self.executor.cache,
                             prefix_caching=prefix_caching, prefix_blocks=prefix_blocks)
         self.sequences: list[Request] = []
@@ -308,9 +308,11 @@ class Engine:
     def __init__(
         self, model: Transformer, tokenizer: Any, *, eos_ids: frozenset[int] = frozenset(), config: Any = None,
         group_mode: GroupMode = "batched", name: str = "model", block_size: int = 16,
+        attention: AttentionMode = "gathered",
     ) -> None:
         self.model, self.tokenizer, self.config, self.name = model, tokenizer, config, name
         self.eos_ids, self.group_mode, self.block_size = eos_ids, group_mode, block_size
+        self.attention = attention  # how decode attention reads the KV pool (see server.executor)
 
     @classmethod
     def from_hf(
@@ -379,7 +381,7 @@ class Engine:
     def new_batch(self, *, max_len: int, num_blocks: int, block_size: int | None = None,
                   prefix_caching: bool = False, prefix_blocks: int | None = None) -> Batch:
         return Batch(self.model, self.tokenizer, max_len=max_len, num_blocks=num_blocks,
-                     block_size=block_size or self.block_size, group_mode=self.group_mode,
+                     block_size=block_size or self.block_size, group_mode=self.group_mode, attention=self.attention,
                      prefix_caching=prefix_caching, prefix_blocks=prefix_blocks)
 
     def generate(

@@ -4,7 +4,7 @@ Weights are stacked per kind across layers and stored as [in, out] so that `x @ 
 bandwidth; adjacent layers applied together are a slice of each stack (a view, no copy) and run as one batched matmul
 per kind. A layer is two units, attention and MLP, each applied to a batch of rows that may come from different
 schedules (the planner decides which). The model holds no cache: attention gets a function from the executor that
-writes the new keys and values and returns the cached ones.
+writes the new keys and values and attends over the cached ones.
 
 Gemma 3 differs in facts, not in structure: its units end in their own norms (attention's output and the MLP's output
 are normed before the residual add, so each unit's delta includes its post-norm), its RMSNorm scales by (1 + w) (the 1
@@ -134,7 +134,9 @@ def _check_gemma(cfg: Any) -> None:
                                     "serves causal language models")
 
 
-KVFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (new k, v [G, m, T, kv, hd]) -> keys, values [G*m, kv, S, hd]
+# (queries [G*m, H, T, hd], new keys, values [G, m, T, kv, hd]) -> outputs [G*m, H, T, hd]: writes the new keys and
+# values to the cache and attends over the cached ones (the executor's: it owns the cache)
+AttendFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 @dataclass
@@ -186,7 +188,7 @@ class ModelWeights:
 
 class Transformer:
     """The frozen decoder: embeddings, stacked layers, final norm, LM head, rotary tables. It holds no cache: the
-    executor passes every attention a function that writes the new keys and values and returns the cached ones."""
+    executor passes every attention a function that writes the new keys and values and attends over the cached ones."""
 
     def __init__(self, args: ModelArgs, weights: ModelWeights, *, dtype: torch.dtype, device: torch.device | str) -> None:
         self.args, self.dtype, self.device = args, dtype, torch.device(device)
@@ -260,10 +262,16 @@ class Transformer:
 
     # -- the layer math ------------------------------------------------------------------------------------------
 
-    def attention(self, x: Tensor, w: LayerStack, cos: Tensor, sin: Tensor, mask: Tensor, kv: KVFn,
+    def sdpa(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+        """q [P, H, T, hd], keys and values [P, kv, S, hd], mask [P, 1, T, S] additive -> [P, H, T, hd]."""
+        a = self.args
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=a.query_scale,
+                                              enable_gqa=a.n_heads != a.n_kv_heads)
+
+    def attention(self, x: Tensor, w: LayerStack, cos: Tensor, sin: Tensor, attend: AttendFn,
                   keep: Tensor | None = None) -> Tensor:
         """Attention deltas of G layers, each over its own input: x [G, m, T, d] -> [G, m, T, d].
-        cos, sin [1 or G, m, T, hd]; mask [G*m, 1, T, S]; kv writes the new keys/values and returns the cached ones.
+        cos, sin [1 or G, m, T, hd]; attend writes the new keys/values and attends over the cached ones.
         keep: the positions of m x T that are real tokens (None: all); the projections skip the padding, whose
         deltas are 0."""
         a = self.args
@@ -282,11 +290,7 @@ class Transformer:
         # q and k are adjacent in the fused projection: rotate both at once. cos, sin: [1 or G, m, T, 1, hd]
         qk = qk * cos[:, :, :, None, :] + _rotate_half(qk) * sin[:, :, :, None, :]
         q, k = qk[..., : a.n_heads, :], qk[..., a.n_heads :, :]
-        keys, values = kv(k, v)  # [G*m, kv, S, hd]
-        o = F.scaled_dot_product_attention(
-            q.reshape(G * m, T, a.n_heads, a.head_dim).transpose(1, 2), keys, values, attn_mask=mask,
-            scale=a.query_scale, enable_gqa=a.n_heads != a.n_kv_heads,
-        )  # [G*m, H, T, hd]
+        o = attend(q.reshape(G * m, T, a.n_heads, a.head_dim).transpose(1, 2), k, v)  # [G*m, H, T, hd]
         o = _unpadded(lambda t: torch.bmm(t, w.wo), o.transpose(1, 2).reshape(G, m * T, a.q_size), keep)
         if w.bo is not None:
             o = o + w.bo[:, None, :]

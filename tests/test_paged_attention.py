@@ -1,9 +1,12 @@
-"""Attention that reads the paged pool in place gives what gathering each row's context gives."""
+"""Attention that reads the paged pool in place gives what gathering each row's context gives. Slow: FlexAttention
+compiles on the CPU (tens of seconds per shape)."""
 
 import pytest
 import torch
 
 from server.paged_attention import gathered_attention, paged_attention, paged_layout
+
+pytestmark = pytest.mark.slow
 
 
 def _case(*, rows: int, T: int, lengths: list[int], kv: int, heads: int, block_size: int = 16, hd: int = 32,
