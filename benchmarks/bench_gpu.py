@@ -43,7 +43,7 @@ log = logging.getLogger("bench_gpu")
 PEAK_BYTES_S = 4.8e12
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
-SECTIONS = ("batch1", "mixed", "bs64", "attention", "transformers")
+SECTIONS = ("batch1", "mixed", "bs64", "attention", "in_place", "transformers")
 MIX = ["full"] * 4 + ["skip:8"] * 4 + ["pairs"] * 4
 
 
@@ -65,9 +65,10 @@ def decode_tok_s(engine: Engine, policies: list[str], *, prompt_len: int, new_to
     """Aggregate decode tok/s of one batch (one prompt per policy) and its median decode step in seconds; prefill
     excluded (each row's decode time is its own, from the engine's timings)."""
     prompts = [[10 + (i + j) % 200 for j in range(prompt_len)] for i in range(len(policies))]
-    engine.generate(prompts, policy=policies, params=SamplingParams(max_tokens=2, ignore_eos=True))
-    _sync(engine.model.device)
-    results = engine.generate(prompts, policy=policies, params=SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    engine.generate(prompts, policy=policies, params=params)  # the same call: the same pool size (FlexAttention
+    _sync(engine.model.device)                                 # compiles per pool size)
+    results = engine.generate(prompts, policy=policies, params=params)
     _sync(engine.model.device)
     step = statistics.median(r.timings.decode_s / max(1, len(r.timings.per_token_s)) for r in results)
     return len(policies) / step, step
@@ -172,6 +173,18 @@ def main(argv: list[str] | None = None) -> dict:
                 "attn_4k_bound_ms": bound_ms, "attn_4k_over_bound": r["in_place_ms"] / bound_ms,
                 "attn_4k_gathered_over_bound": r["gathered_ms"] / bound_ms, "attn_4k_max_abs_err": r["max_abs_err"]}
 
+    def in_place() -> dict:
+        """The engine with decode attention reading the pool in place (server.executor's attention='in_place')."""
+        engine.attention = "in_place"
+        try:
+            full = decode_tok_s(engine, ["full"], prompt_len=24, new_tokens=n1)[0]
+            many, step = decode_tok_s(engine, ["full"] * rows64, prompt_len=p64, new_tokens=n64)
+            mix = decode_tok_s(engine, MIX, prompt_len=24, new_tokens=n1 // 2)[0]
+        finally:
+            engine.attention = "gathered"
+        return {"in_place_full_bs1_tok_s": full, "in_place_bs64_tok_s": many, "in_place_bs64_step_ms": step * 1e3,
+                "in_place_mixed12_tok_s": mix}
+
     def transformers_generate() -> dict:
         got = {}
         for rows, compiled in ((1, False), (1, not a.smoke), (rows64, not a.smoke)):  # the CPU smoke: eager only
@@ -182,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     skip = {x for x in a.skip.split(",") if x}
     if skip - set(SECTIONS):
         ap.error(f"unknown sections {sorted(skip - set(SECTIONS))}; there are {', '.join(SECTIONS)}")
-    for name, fn in zip(SECTIONS, (batch1, mixed, bs64, attention, transformers_generate)):
+    for name, fn in zip(SECTIONS, (batch1, mixed, bs64, attention, in_place, transformers_generate)):
         if name not in skip:
             run.section(name, fn)
     print_table(run.data)
@@ -207,6 +220,8 @@ def print_table(d: dict) -> None:
         v = d.get(key)
         print(f"{key:32s} {'-' if v is None else f'{v:8.3f}':>8s} "
               f"{'' if tok is None or tok not in d else f'{d[tok]:9.1f}':>9s}  {target}")
+    for key in sorted(k for k in d if k.startswith("in_place_") and k.endswith("tok_s")):
+        print(f"{key:32s} {'':>8s} {d[key]:9.1f}  engine, decode attention in place")
     for key in sorted(k for k in d if k.startswith("hf_")):
         print(f"{key:32s} {'':>8s} {d[key]:9.1f}  transformers, beside full_bs1 / bs64")
     for name, err in d.get("errors", {}).items():

@@ -82,14 +82,20 @@ def paged_attention(q: Tensor, pool: Tensor, layout: PagedLayout, rows: slice, *
         BLOCK_SIZE=(q_block, block_size), mask_mod=mask_mod, seq_lengths=(T, n_blocks * block_size),
         compute_q_blocks=False,
     )
-    torch._dynamo.mark_static(q, 2)  # the CPU kernel does not build with a dynamic query length
+    # Static query length and pool size: the CPU kernel does not build with either dynamic (torch 2.13), and a
+    # server has one pool. Rows and batch size stay dynamic.
+    torch._dynamo.mark_static(q, 2)
+    for t in (keys, values):
+        torch._dynamo.mark_static(t, 2)
+    for t in (lists, empty):
+        torch._dynamo.mark_static(t, 3)
     return _flex()(q, keys, values, block_mask=mask, scale=scale, enable_gqa=H != kv)
 
 
 @functools.cache
 def _flex():  # noqa: ANN202
-    """FlexAttention compiled once per process (it has no eager kernel); shapes dynamic, so batch size, query length
-    and pool size do not recompile it."""
+    """FlexAttention compiled once per process (it has no fast eager kernel); a new batch size recompiles it once
+    (then it is dynamic), a new query length or pool size each time."""
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=None)

@@ -22,7 +22,7 @@ def _smoke(tmp_path: Path, *extra: str) -> dict:
 
 
 def test_smoke_engine_sections(tmp_path: Path) -> None:
-    d = _smoke(tmp_path, "--skip", "attention,transformers")
+    d = _smoke(tmp_path, "--skip", "attention,in_place,transformers")
     assert not d.get("errors"), d.get("errors")
     for key in ("date", "device", *FIGURES, "full_bs1_tok_s", "skip8_bs1_tok_s", "pairs_bs1_tok_s", "mixed12_tok_s",
                 "bs64_tok_s"):
@@ -37,7 +37,8 @@ def test_smoke_every_section(tmp_path: Path) -> None:
     d = _smoke(tmp_path)
     assert not d.get("errors"), d.get("errors")
     assert d["attn_4k_over_bound"] > 0 and d["attn_4k_max_abs_err"] < 1e-4
-    assert {"hf_static_eager_bs1_tok_s", "hf_static_eager_bs4_tok_s"} <= set(d)
+    assert {"hf_static_eager_bs1_tok_s", "hf_static_eager_bs4_tok_s", "in_place_full_bs1_tok_s",
+            "in_place_bs64_tok_s"} <= set(d)
 
 
 def test_smoke_refuses_the_committed_path() -> None:
