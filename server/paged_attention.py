@@ -69,12 +69,22 @@ def paged_attention(q: Tensor, pool: Tensor, layout: PagedLayout, rows: slice, *
     lists = layout.indices[rows.start * w :].as_strided((P, 1, 1, n_blocks), (w, w, w, 1))
     empty = layout.zeros.as_strided((P, 1, 1, n_blocks), (0, 0, 0, 1))
     positions, lengths, block_col = layout.positions[rows], layout.lengths[rows], layout.block_col
+    # Everything static but the number of rows: torch 2.13's CPU kernel does not build once the query length, the
+    # pool size or the heads are dynamic (and a server has one pool and one model).
+    for t in (keys, values, layout.block_col):
+        torch._dynamo.mark_static(t)
+    for t, dims in ((q, (1, 2, 3)), (lists, (1, 2, 3)), (empty, (1, 2, 3)), (positions, (1,))):
+        for d in dims:
+            torch._dynamo.mark_static(t, d)
+
+    # The window is data, not a constant of the mask: a compiled kernel was seen reused across closures that differ
+    # only in a captured int (a global layer ran with a window layer's kernel).
+    span = torch.tensor(window if window is not None else 2**31 - 1, device=q.device)
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         s = block_col[kv_idx // block_size] * block_size + kv_idx % block_size  # logical key position
         p = positions[b, q_idx]
-        allowed = (s <= p) & (s < lengths[b])
-        return allowed if window is None else allowed & (p - s < window)
+        return (s <= p) & (s < lengths[b]) & (p - s < span)
 
     q_block = 128 * -(-T // 128)  # one query block holds every query of a row
     mask = BlockMask.from_kv_blocks(
@@ -82,23 +92,18 @@ def paged_attention(q: Tensor, pool: Tensor, layout: PagedLayout, rows: slice, *
         BLOCK_SIZE=(q_block, block_size), mask_mod=mask_mod, seq_lengths=(T, n_blocks * block_size),
         compute_q_blocks=False,
     )
-    # Static query length and pool size: the CPU kernel does not build with either dynamic (torch 2.13), and a
-    # server has one pool. Rows and batch size stay dynamic.
-    torch._dynamo.mark_static(q, 2)
-    for t in (keys, values):
-        torch._dynamo.mark_static(t, 2)
-    for t in (lists, empty):
-        torch._dynamo.mark_static(t, 3)
-    return _flex()(q, keys, values, block_mask=mask, scale=scale, enable_gqa=H != kv)
+    return _flex(q.device.type)(q, keys, values, block_mask=mask, scale=scale, enable_gqa=H != kv)
 
 
 @functools.cache
-def _flex():  # noqa: ANN202
-    """FlexAttention compiled once per process (it has no fast eager kernel); a new batch size recompiles it once
-    (then it is dynamic), a new query length or pool size each time."""
+def _flex(device_type: str):  # noqa: ANN202
+    """FlexAttention compiled (it has no fast eager kernel). On the CPU every shape compiles on its own: torch 2.13's
+    CPU kernel fails to build (undeclared `cur_qSplitSize`/`cur_kvSplitSize` in the generated C++) once any size is
+    dynamic, so a new number of rows recompiles too (past Dynamo's recompile limit it runs eagerly: slow, exact).
+    On CUDA sizes go dynamic after the first change, as usual."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=None)
+    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
 
 
 def gathered_attention(q: Tensor, pool: Tensor, tables: Tensor, positions: Tensor, lengths: Tensor, *,
