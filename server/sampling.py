@@ -87,15 +87,16 @@ def sample_batch(logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor, 
     if not batch.sampled:
         return tokens, alive, errors
     rows = list(batch.sampled)
-    u = torch.zeros(len(rows), dtype=torch.float64)
-    for i, b in enumerate(rows):
+    draws: list[Tensor] = []  # 0-d, on the device: stacked, never read back here
+    for b in rows:
         try:
-            u[i] = _uniform(batch.generators[b], logits.device)
+            draws.append(_uniform(batch.generators[b], logits.device))
         except Exception as e:  # isolation is the point: whatever failed, only this row is lost
             errors[b] = e
+            draws.append(torch.zeros((), dtype=torch.float64, device=logits.device))
     index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
     drawn = _draw(logits[index], batch.temperature[index], batch.top_k[index], batch.top_p[index],
-                  u.to(logits.device, non_blocking=True), filtered=batch.filtered)
+                  torch.stack(draws), filtered=batch.filtered)
     return tokens.index_copy(0, index, drawn), alive, errors
 
 
