@@ -42,7 +42,7 @@ class EngineLoop:
                                       prefix_caching=prefix_caching, prefix_blocks=prefix_cache_blocks)
         self.scheduler = Scheduler(max_running=max_num_seqs, queue_capacity=queue_capacity, kv=self.batch.kv)
         self._aborts: set[str] = set()  # running requests whose client left (ended at the next step)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered when abort() ends a waiting request under it
         self._wake = threading.Condition(self._lock)
         self._stop = False
         self._draining = False
@@ -95,20 +95,20 @@ class EngineLoop:
         with self._wake:
             if self._draining:
                 raise DrainingError("the server is shutting down")
-            self.scheduler.add(request)
+            self.scheduler.enqueue(request)
             self._wake.notify()
 
     def abort(self, request_id: str) -> None:
         """Stop a request (client gone): a waiting one ends now, a running one within one step."""
-        with self._wake:
+        with self._wake:  # held throughout: the engine thread cannot admit it meanwhile
             request = self.scheduler.get(request_id)
             if request is None:
                 return
             if request.status is Status.RUNNING:
                 self._aborts.add(request_id)
                 self._wake.notify()
-                return
-        self._end(request, "abort")
+            else:
+                self._end(request, "abort")  # waiting: it holds no KV, so ending it here touches no engine state
 
     @property
     def num_running(self) -> int:

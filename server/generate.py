@@ -124,14 +124,13 @@ class Batch:
     def sample(logits: Tensor, sampling: SamplingBatch) -> ModelOutput:
         """logits [B, V] -> each row's token, logprob and top alternatives, copied to the host as one tensor."""
         tokens, alive, errors = sample_batch(logits, sampling)
-        logits = logits.float()
-        total = torch.logsumexp(logits, dim=-1, keepdim=True)  # logprob = logit - total: no [B, V] log_softmax
-        chosen = logits.gather(-1, tokens[:, None]) - total  # [B, 1]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # one fused pass (CPU logsumexp is ~3x slower)
+        chosen = logprobs.gather(-1, tokens[:, None])  # [B, 1]
         parts = [tokens[:, None].double(), alive[:, None].double(), chosen.double()]
         k = sampling.num_top
         if k:
-            top = torch.topk(logits, k)
-            parts += [top.indices.double(), (top.values - total).double()]
+            top = torch.topk(logprobs, k)
+            parts += [top.indices.double(), top.values.double()]
         host = torch.cat(parts, dim=1).cpu().tolist()  # the one copy: [B, 3 + 2k]
         failed = {b: f"sampling failed: {type(e).__name__}: {e}" for b, e in errors.items()}
         for b, row in enumerate(host):

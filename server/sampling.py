@@ -38,6 +38,7 @@ class SamplingBatch:
     sampled: tuple[int, ...]  # rows that draw (not greedy)
     filtered: bool  # some drawing row uses top-k or top-p
     num_top: int  # alternatives to return per row (max over rows)
+    top_k_cap: int = 0  # every drawing row keeps at most this many tokens (0: some row keeps all)
 
     @classmethod
     def of(cls, params: list[SamplingParams], generators: list[Any], device: torch.device) -> SamplingBatch:
@@ -49,6 +50,8 @@ class SamplingBatch:
             generators=tuple(generators), sampled=sampled,
             filtered=any(params[b].top_k > 0 or params[b].top_p < 1.0 for b in sampled),
             num_top=max((p.logprobs for p in params), default=0),
+            top_k_cap=max((params[b].top_k for b in sampled), default=0) if all(params[b].top_k > 0 for b in sampled)
+            else 0,
         )
 
 
@@ -87,15 +90,16 @@ def sample_batch(logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor, 
     if not batch.sampled:
         return tokens, alive, errors
     rows = list(batch.sampled)
-    u = torch.zeros(len(rows), dtype=torch.float64)
-    for i, b in enumerate(rows):
+    draws: list[Tensor] = []  # 0-d, on the device: stacked, never read back here
+    for b in rows:
         try:
-            u[i] = _uniform(batch.generators[b], logits.device)
+            draws.append(_uniform(batch.generators[b], logits.device))
         except Exception as e:  # isolation is the point: whatever failed, only this row is lost
             errors[b] = e
+            draws.append(torch.zeros((), dtype=torch.float64, device=logits.device))
     index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
     drawn = _draw(logits[index], batch.temperature[index], batch.top_k[index], batch.top_p[index],
-                  u.to(logits.device, non_blocking=True), filtered=batch.filtered)
+                  torch.stack(draws), filtered=batch.filtered, cap=batch.top_k_cap)
     return tokens.index_copy(0, index, drawn), alive, errors
 
 
@@ -104,18 +108,22 @@ def _uniform(g: Any, device: torch.device) -> Tensor:
     return torch.rand((), generator=g, dtype=torch.float64, device=device)
 
 
-def _draw(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, u: Tensor, *, filtered: bool
-          ) -> Tensor:
+def _draw(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, u: Tensor, *, filtered: bool,
+          cap: int = 0) -> Tensor:
     """logits [S, V] float32 without NaN; temperature, top_p [S]; top_k [S] (0 off); u [S] in [0, 1) -> tokens [S].
     Shifting each row's maximum to 0 before dividing keeps every scaled logit in [-inf, 0], so softmax never sees
-    inf - inf; +inf logits become 0 and share the draw."""
+    inf - inf; +inf logits become 0 and share the draw. With `cap` (every row's top_k <= cap), only the cap most
+    likely tokens are sorted, not the vocabulary."""
     x = torch.nan_to_num(logits - logits.max(-1, keepdim=True).values, nan=0.0, neginf=float("-inf"))
     x = x / temperature[:, None]
     order = None
     if filtered:
-        x, order = torch.sort(x, dim=-1, descending=True)
         V = x.shape[-1]
-        k = torch.where((top_k > 0) & (top_k < V), top_k, V)
+        if 0 < cap < V:
+            x, order = torch.topk(x, cap, dim=-1)  # sorted, descending
+        else:
+            x, order = torch.sort(x, dim=-1, descending=True)
+        k = torch.where((top_k > 0) & (top_k < x.shape[-1]), top_k, x.shape[-1])
         kth = x.gather(-1, (k - 1)[:, None])
         x = x.masked_fill(x < kth, float("-inf"))
         probs = x.softmax(-1)

@@ -3,7 +3,7 @@
 Every running request decodes every step, whatever its policy; the scheduler decides who is running. A request is
 admitted when `max_running` and the KV manager's budget allow (it reserves the blocks its whole length needs, so a
 running request never runs out of cache). The oldest waiting request goes first; younger ones never overtake it, so
-a stream of small requests cannot starve a large one. A request that could never fit is refused at `add`
+a stream of small requests cannot starve a large one. A request that could never fit is refused at `enqueue`
 (`KVBudgetError`, a 400 naming the limit). Whatever ends a request (finished, stopped, aborted, disconnected, failed,
 drained), `finish` is where it leaves.
 """
@@ -60,7 +60,7 @@ class Scheduler:
         """Raise KVBudgetError when a request of this shape could never be admitted."""
         self.kv.check(request)
 
-    def add(self, request: Request) -> None:
+    def enqueue(self, request: Request) -> None:
         self.check(request)
         if len(self.waiting) >= self.queue_capacity:
             raise QueueFullError(f"{len(self.waiting)} requests already waiting (capacity {self.queue_capacity})")

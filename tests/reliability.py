@@ -520,9 +520,26 @@ def _classify(status: int, text: str) -> str:
 # -- make reliability ----------------------------------------------------------------------------------------------
 
 
+def _soak_main(requests: int) -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp, tiny_process(Path(tmp), wide=True) as p:
+        s = soak(p.url, p.proc.pid, requests=requests,
+                 progress=lambda n: print(f"{n} done", flush=True) if n % 200 == 0 else None)
+    print(json.dumps({"requests": s.requests, "ok": s.ok, "intended_4xx": s.intended_4xx,
+                      "disconnects": s.disconnects, "failures": s.failures[:10],
+                      "rss_mb": [round(mb) for _, mb in s.rss_mb], "rss_drift": s.rss_drift,
+                      "last_quarter_growth": s.last_quarter_growth, "prefix_blocks": s.prefix_blocks,
+                      "idle_after": s.idle_after, "threads": s.threads, "fds": s.fds, "wall_s": s.wall_s}))
+    bad = s.failures or s.leaked or s.last_quarter_growth > 0.02 or not s.prefix_within_bound or not s.idle_after
+    return 1 if bad else 0
+
+
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "serve":
         return _serve_main(argv[1:])
+    if argv and argv[0] == "soak":  # the soak alone: python -m tests.reliability soak [REQUESTS]
+        return _soak_main(int(argv[1]) if len(argv) > 1 else 1000)
     import tempfile
 
     from rich.console import Console

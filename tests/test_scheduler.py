@@ -33,7 +33,7 @@ def ids(requests) -> tuple[str, ...]:
 def test_everyone_running_decodes_every_step_whatever_the_policy():
     s = sched()
     for r in (req("a", slots=4), req("b", slots=2), req("c", slots=8)):
-        s.add(r)
+        s.enqueue(r)
     first = s.admit()
     assert ids(first.admitted) == ("a", "b", "c") and first.running == ()
     second = s.admit()
@@ -43,7 +43,7 @@ def test_everyone_running_decodes_every_step_whatever_the_policy():
 def test_admission_stops_at_max_running():
     s = sched(running=2)
     for r in "abc":
-        s.add(req(r))
+        s.enqueue(req(r))
     assert ids(s.admit().admitted) == ("a", "b")
     assert s.admit().admitted == ()
     s.finish("a", "stop")
@@ -52,9 +52,9 @@ def test_admission_stops_at_max_running():
 
 def test_reservation_is_slots_times_length_in_blocks():
     s = sched(blocks=10, block=16)
-    s.add(req("skip", slots=3, length=17))  # 3 slots x 2 blocks
-    s.add(req("full", slots=4, length=16))  # 4 x 1
-    s.add(req("next", slots=1, length=1))
+    s.enqueue(req("skip", slots=3, length=17))  # 3 slots x 2 blocks
+    s.enqueue(req("full", slots=4, length=16))  # 4 x 1
+    s.enqueue(req("next", slots=1, length=1))
     out = s.admit()
     assert ids(out.admitted) == ("skip", "full") and s.kv.reserved_blocks == 10
     s.finish("skip", "stop")
@@ -63,10 +63,10 @@ def test_reservation_is_slots_times_length_in_blocks():
 
 def test_a_request_that_does_not_fit_now_waits_and_younger_ones_never_overtake_it():
     s = sched(blocks=8)
-    s.add(req("big", slots=6, length=16))
+    s.enqueue(req("big", slots=6, length=16))
     assert ids(s.admit().admitted) == ("big",)
-    s.add(req("large", slots=4, length=16))  # does not fit beside "big"
-    s.add(req("tiny", slots=1, length=16))  # would fit, but is younger
+    s.enqueue(req("large", slots=4, length=16))  # does not fit beside "big"
+    s.enqueue(req("tiny", slots=1, length=16))  # would fit, but is younger
     assert s.admit().admitted == ()
     s.finish("big", "stop")
     assert ids(s.admit().admitted) == ("large", "tiny")
@@ -75,24 +75,24 @@ def test_a_request_that_does_not_fit_now_waits_and_younger_ones_never_overtake_i
 def test_a_request_that_could_never_fit_is_refused_naming_the_limit():
     s = sched(blocks=10, block=16)
     with pytest.raises(KVBudgetError, match=r"160 slot-tokens.*at most 32"):
-        s.add(req("hostile", slots=5, length=100))
+        s.enqueue(req("hostile", slots=5, length=100))
     assert s.num_waiting == 0
 
 
 def test_queue_capacity_counts_waiting_requests():
     s = sched(capacity=2, running=1)
-    s.add(req("a"))
-    s.add(req("b"))
+    s.enqueue(req("a"))
+    s.enqueue(req("b"))
     with pytest.raises(QueueFullError, match="capacity 2"):
-        s.add(req("c"))
+        s.enqueue(req("c"))
     s.admit()
-    s.add(req("c"))
+    s.enqueue(req("c"))
 
 
 def test_finish_ends_a_waiting_or_running_request_once_and_frees_its_reservation():
     s = sched(running=1)
-    s.add(req("a"))
-    s.add(req("b"))
+    s.enqueue(req("a"))
+    s.enqueue(req("b"))
     s.admit()
     assert s.finish("b", "abort").finish_reason == "abort" and s.num_waiting == 0
     assert s.kv.reserved_blocks == 4
@@ -103,11 +103,11 @@ def test_finish_ends_a_waiting_or_running_request_once_and_frees_its_reservation
 def test_has_work():
     s = sched(blocks=4)
     assert not s.has_work
-    s.add(req("a", slots=4))
+    s.enqueue(req("a", slots=4))
     assert s.has_work
     s.admit()
     assert s.has_work  # running
-    s.add(req("b", slots=4))
+    s.enqueue(req("b", slots=4))
     s.finish("a", "stop")
     assert s.has_work
     s.admit()
@@ -129,7 +129,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.n += 1
         rid = f"r{self.n}"
         try:
-            self.s.add(req(rid, slots=slots, length=length, t=self.n))
+            self.s.enqueue(req(rid, slots=slots, length=length, t=self.n))
             self.order.append(rid)
         except (QueueFullError, KVBudgetError):
             pass
