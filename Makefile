@@ -58,7 +58,9 @@ bench-lm-eval: setup
 	$(BIN)/python -m pip install -q -e '.[harness]'
 	$(BIN)/python benchmarks/lm_eval_check.py --policy skip:4 --limit 100
 
-# For a GPU machine without package registries: system python with torch and transformers, no venv.
+# For a GPU machine without package registries: system python with torch, transformers and triton, no venv. Every
+# figure of issue #14 in one table and docs/results/bench-gpu.json, under 8 minutes (benchmarks/bench_gpu.py --smoke
+# --out /tmp/x.json checks it on a CPU).
 bench-gpu:
 	bash benchmarks/bench_gpu.sh
 

@@ -71,7 +71,8 @@ def _start(state: AppState, factory: EngineFactory, raw_presets: dict) -> None:
             demand=s.max_num_seqs * max_len * engine.num_layers)
         loop = EngineLoop(engine, max_num_seqs=s.max_num_seqs, max_model_len=max_len, queue_capacity=s.queue_capacity,
                           kv_budget_tokens=budget, kv_block_size=s.kv_block_size,
-                          prefix_caching=s.enable_prefix_caching, metrics=state.metrics)
+                          prefix_caching=s.enable_prefix_caching, prefix_cache_blocks=s.prefix_cache_blocks,
+                          metrics=state.metrics)
         log.info("KV budget: %d slot-tokens (%.0f MB)", budget, budget * engine.kv_bytes_per_slot_token() / 2**20)
         loop.start()
         state.presets, state.engine, state.loop = presets, engine, loop

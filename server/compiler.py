@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import cached_property
 
 from server.policy import RANGE_KINDS, Combine, Group, Policy, PolicyError, parse_policy
 
@@ -34,16 +35,16 @@ class Schedule:
     num_layers: int  # of the model
     policy: str  # canonical policy string (metrics label)
 
-    @property
+    @cached_property  # derived facts are computed once per schedule: the engine asks every step
     def num_slots(self) -> int:
         return sum(len(s.layers) for s in self.steps)
 
-    @property
+    @cached_property
     def slots(self) -> tuple[Slot, ...]:
         """Every slot the schedule writes, in execution order (each once)."""
         return tuple(slot for step in self.steps for slot in step.slots)
 
-    @property
+    @cached_property
     def key(self) -> str:
         """Canonical string of what runs; equal keys mean identical computation (the batching key)."""
         return str(Policy("schedule", steps=tuple(Group(s.layers, s.combine) for s in self.steps)))

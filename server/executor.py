@@ -4,21 +4,25 @@ A forward call appends T tokens to every row (rows shorter than T are right-padd
 schedules go to the planner, which returns an ordered list of layer applications; each application gathers its rows'
 input buffers, runs the layer once for all of them (one batched matmul, whatever their schedules), writes and reads
 each row's own KV slot, and adds its output into each row's destination buffer. Index tensors of a plan are built
-once per batch layout (which sequence has which schedule in which row) and reused while the layout holds, as it does
-over a run of decode steps.
+once per padded layout (the plan, and which schedule each batch row follows) and kept, up to `MAX_PROGRAMS`, least
+recently used first; which sequence sits in a row only changes the KV table rows, gathered per call. A forward makes
+no host sync: every shape comes from the rows (plain data) the caller passes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from server.compiler import Schedule
+from server.compiler import Schedule, Slot
 from server.kv_cache import PagedKVCache
 from server.model import GroupMode, Transformer
+from server.paged_attention import paged_attention, paged_layout
 from server.planner import Apply, Boundary, Copy, Merge, StepPlan, plan_step
 
 
@@ -26,7 +30,7 @@ from server.planner import Apply, Boundary, Copy, Merge, StepPlan, plan_step
 class Row:
     """One sequence in a forward call."""
 
-    seq: int  # the sequence's id (its KV blocks are kept under it)
+    seq: Hashable  # the request's id (its KV blocks are kept under it)
     schedule: Schedule
     start: int  # tokens already cached
     num_new: int  # real tokens appended by this call (the rest of T is padding)
@@ -47,6 +51,7 @@ class _Apply:
     dst_one: int | None  # the one buffer every (layer, row) writes, if there is one
     dst_per_row: bool  # every layer writes a row to the same buffer: sum over layers first, scatter once
     flat_dst: Tensor  # [G*m] or [m]: index into buffers viewed as [buffers x rows, T, d]
+    members: tuple[int, ...] = ()  # `rows` on the host
 
 
 @dataclass
@@ -58,31 +63,38 @@ class _RowOp:
 
 @dataclass
 class _Program:
-    """A plan's index tensors for one batch layout."""
+    """A plan's index tensors for one padded layout (schedule of each batch row)."""
 
     plan: StepPlan  # held so that its id, the cache key, is not reused
     ops: list[_Apply | _RowOp]
-    kv_rows: Tensor  # [N] cache table row of every (attention application, layer, row), in program order
+    kv_pairs: tuple[tuple[int, Slot], ...]  # (batch row, slot) of every (attention application, layer, row)
     kv_batch: Tensor  # [N] the batch row of each
+
+
+MAX_PROGRAMS = 64  # compiled layouts kept (a layout is a plan and a schedule per row)
+# How decode attention reads the cache: "gathered" copies each row's context out of the pool and runs SDPA (the
+# faster one on the CPU below ~512-token contexts, and needs no compile); "in_place" reads the pool where it lies
+# through FlexAttention (compiled on first use; see benchmarks/bench_attention.py). Prefill always gathers.
+AttentionMode = Literal["gathered", "in_place"]
 
 
 class Executor:
     def __init__(
         self, model: Transformer, *, num_blocks: int, block_size: int = 16, max_len: int,
-        group_mode: GroupMode = "batched",
+        group_mode: GroupMode = "batched", attention: AttentionMode = "gathered",
     ) -> None:
         a = model.args
-        self.model, self.group_mode, self.max_len = model, group_mode, max_len
+        self.model, self.group_mode, self.max_len, self.attention = model, group_mode, max_len, attention
         self.cache = PagedKVCache(num_blocks=num_blocks, block_size=block_size, max_len=max_len,
                                   n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, dtype=model.dtype, device=model.device)
         self._attn_cost, self._mlp_cost = model.unit_bytes()
-        self._compiled: dict[tuple, _Program] = {}
+        self._compiled: OrderedDict[tuple, _Program] = OrderedDict()  # least recently used first
         self._streams: list[torch.cuda.Stream] = []
+        self._block_col = torch.zeros(self.cache.pool.shape[0], dtype=torch.int32, device=model.device)  # in place
 
-    def release(self, seq: int) -> None:
-        """A sequence left: its KV blocks return to the pool."""
+    def release(self, seq: Hashable) -> None:
+        """A sequence left: its KV blocks return to the pool (compiled programs stay: they name no sequence)."""
         self.cache.free(seq)
-        self._compiled.clear()
 
     def plan(self, rows: list[Row], *, boundaries: bool = False) -> StepPlan:
         distinct = tuple(dict.fromkeys(r.schedule for r in rows))
@@ -102,19 +114,32 @@ class Executor:
             cache.reserve(r.seq, r.schedule.slots, r.start + r.num_new)
         plan = self.plan(rows, boundaries=capture is not None)
         program = self._compile(plan, rows)
+        kv_rows = torch.tensor([cache.table_row(rows[b].seq, slot) for b, slot in program.kv_pairs],
+                               dtype=torch.long).to(dev, non_blocking=True)
 
         start = torch.tensor([r.start for r in rows], device=dev)
         positions = start[:, None] + torch.arange(T, device=dev)[None, :]  # [B, T]
         valid = torch.arange(T, device=dev)[None, :] < torch.tensor([r.num_new for r in rows], device=dev)[:, None]
         kv_len = max(r.start + r.num_new for r in rows)
         num_blocks = -(-kv_len // cache.block_size)
-        rope = model.rope(positions)
+        rope = model.rope(positions, top=kv_len)
         mask, window_mask = model.masks(positions, num_blocks * cache.block_size)
 
         padded = any(r.num_new != T for r in rows)
-        kv_at = cache.locate(program.kv_rows, positions[program.kv_batch],
+        kv_at = cache.locate(kv_rows, positions[program.kv_batch],
                              valid[program.kv_batch] if padded else None)  # [N, T] where each writes
-        kv_blocks = cache.blocks(program.kv_rows, num_blocks)  # [N, nb] what each reads
+        kv_blocks = cache.block_ids(kv_rows, num_blocks)  # [N, nb] what each reads
+        layout = None
+        if self.attention == "in_place" and T == 1:
+            lengths = torch.tensor([r.start + r.num_new for r in rows], device=dev)[program.kv_batch]
+            layout = paged_layout(cache.tables[kv_rows], positions[program.kv_batch], lengths,
+                                  block_size=cache.block_size, block_col=self._block_col)
+        def real_positions(op: _Apply) -> Tensor:
+            """Flat indices of the real tokens among the application's rows x T, from the rows (no host sync)."""
+            members = range(B) if op.whole else op.members
+            return torch.tensor([i * T + t for i, b in enumerate(members) for t in range(rows[b].num_new)],
+                                dtype=torch.long).to(dev, non_blocking=True)
+
         views: dict[int, tuple[dict[bool, Tensor | None], dict[bool, tuple[Tensor, Tensor]], Tensor | None]] = {}
 
         def rows_view(op: _Apply) -> tuple[dict[bool, Tensor | None], dict[bool, tuple[Tensor, Tensor]], Tensor | None]:
@@ -125,7 +150,7 @@ class Executor:
                 pick = (lambda t: t) if op.whole else (lambda t, rows=op.rows: t[rows])
                 masks = {False: pick(mask), True: None if window_mask is None else pick(window_mask)}
                 tables = {kind: (pick(c), pick(s)) for kind, (c, s) in rope.items()}
-                keep = pick(valid).reshape(-1).nonzero()[:, 0] if padded else None
+                keep = real_positions(op) if padded else None
                 got = views[op.rowset] = (masks, tables, keep)
             return got
 
@@ -151,10 +176,6 @@ class Executor:
                 kv = slice(op.kv.start + g0 * m, op.kv.start + g1 * m)
                 at, blocks = kv_at[kv].reshape(-1), kv_blocks[kv]
 
-                def cached(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-                    cache.write(at, k.reshape(-1, *k.shape[3:]), v.reshape(-1, *v.shape[3:]))
-                    return cache.read(blocks)
-
                 masks, tables, keep = views_
                 chosen = op.entry.layers[g0:g1]
                 kinds = [i in model.args.sliding_layers for i in chosen]
@@ -164,7 +185,15 @@ class Executor:
                 else:  # a fused group mixing windowed and global layers: each layer its own mask and rotary table
                     mk = torch.cat([masks[k] for k in kinds])
                     cos, sin = (torch.stack([tables[k][j] for k in kinds]) for j in (0, 1))
-                return model.attention(x, model.weights(chosen), cos, sin, mk, cached, keep)
+                window = model.args.sliding_window if kinds[0] else None
+
+                def cached(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                    cache.write(at, k.reshape(-1, *k.shape[3:]), v.reshape(-1, *v.shape[3:]))
+                    if layout is not None and len(set(kinds)) == 1:
+                        return paged_attention(q, cache.pool, layout, kv, scale=model.args.query_scale, window=window)
+                    return model.sdpa(q, *cache.read(blocks), mk)
+
+                return model.attention(x, model.weights(chosen), cos, sin, cached, keep)
 
             self._run(buffers, op, attend)
         h = buffers[0]
@@ -222,9 +251,10 @@ class Executor:
     def _compile(self, plan: StepPlan, rows: list[Row]) -> _Program:
         """The plan's index tensors for this batch layout (cached while the layout holds)."""
         klass = {s: i for i, s in enumerate(plan.schedules)}
-        layout = (id(plan), tuple((r.seq, klass[r.schedule]) for r in rows))
+        layout = (id(plan), tuple(klass[r.schedule] for r in rows))
         got = self._compiled.get(layout)
         if got is not None:
+            self._compiled.move_to_end(layout)
             return got
         dev = self.model.device
         members: list[list[int]] = [[] for _ in plan.schedules]
@@ -233,7 +263,7 @@ class Executor:
         index = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)
         ops: list[_Apply | _RowOp] = []
         rowsets: dict[tuple[int, ...], int] = {}
-        kv_rows: list[int] = []
+        kv_pairs: list[tuple[int, Slot]] = []
         kv_batch: list[int] = []
         B = len(rows)
         for e in plan.entries:
@@ -246,13 +276,13 @@ class Executor:
             scale = [[u.scale for u in uses for _ in members[u.schedule]] for uses in e.uses]
             kv = None
             if e.kind == "attn":
-                start = len(kv_rows)
+                start = len(kv_pairs)
                 for uses in e.uses:
                     for u in uses:
                         for b in members[u.schedule]:
-                            kv_rows.append(self.cache.table_row(rows[b].seq, u.slot))
+                            kv_pairs.append((b, u.slot))
                             kv_batch.append(b)
-                kv = slice(start, len(kv_rows))
+                kv = slice(start, len(kv_pairs))
             dense = batch_rows == list(range(B))
             whole = (len(e.layers) == 1 and dense and set(src[0]) == {0} and set(dst[0]) == {0}
                      and set(scale[0]) == {1.0})
@@ -265,11 +295,11 @@ class Executor:
                 e, index(batch_rows), rowsets.setdefault(tuple(batch_rows), len(rowsets)), index(src), index(dst),
                 None if all_one else torch.tensor(scale, dtype=self.model.dtype, device=dev)[:, :, None, None],
                 kv, whole, dense, next(iter(srcs)) if len(srcs) == 1 else None,
-                next(iter(dsts)) if len(dsts) == 1 else None, per_row, index(flat),
+                next(iter(dsts)) if len(dsts) == 1 else None, per_row, index(flat), tuple(batch_rows),
             ))
-        program = _Program(plan, ops, index(kv_rows), index(kv_batch))
-        if len(self._compiled) > 8:
-            self._compiled.clear()
+        program = _Program(plan, ops, tuple(kv_pairs), index(kv_batch))
+        if len(self._compiled) >= MAX_PROGRAMS:
+            self._compiled.popitem(last=False)
         self._compiled[layout] = program
         return program
 

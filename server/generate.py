@@ -1,15 +1,19 @@
-"""Generation: sequences, one batch of sequences under any mix of schedules, and the offline `Engine.generate`.
+"""Generation: one batch of requests under any mix of schedules, stepped as schedule -> execute -> update, and the
+offline `Engine.generate`.
 
-The ladder is `Batch.add` (prefill, first token) -> `Batch.step` (one token for every row, whatever its schedule)
--> `Batch.filter` (finished sequences leave and free their KV blocks). The server's engine loop drives the same calls.
-A row whose sampling or stop check fails ends alone with `finish_reason="error"`; its neighbours go on.
+A step is data between three calls: `Batch.decode_input` / `prefill_input` say what runs (`StepInput`: rows, new
+tokens, sampling parameters as tensors); `Batch.execute` is tensor work (the forward and batched sampling) returning a
+`ModelOutput` copied to the host once; `Batch.update` appends tokens, checks stops and detokenizes. `Batch.add`
+(prefill, first token) -> `Batch.step` (one token for every row) -> `Batch.filter` (finished requests leave and free
+their KV blocks) drive them; the server's engine loop drives the same calls. A row whose sampling or stop check
+fails ends alone with `finish_reason="error"`; its neighbours go on.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,271 +21,246 @@ from torch import Tensor
 
 from server.compiler import Schedule, compile_schedule
 from server.detokenizer import IncrementalDetokenizer
-from server.executor import Executor, Row
+from server.executor import AttentionMode, Executor, Row
+from server.kv_manager import KVManager, Reused
 from server.model import GroupMode, Transformer, default_dtype
 from server.policy import Policy, as_policy
 from server.probe import ProbeStats
 from server.probe import reduce as reduce_probe
-from server.sampling import SamplingParams, make_generator, sample_isolated
+from server.request import GenerationResult, Request, Timings
+from server.sampling import SamplingBatch, SamplingParams, make_generator, sample_batch
+
+__all__ = ["Batch", "Engine", "GenerationResult", "ModelOutput", "Request", "StepInput", "Timings"]
 
 _ids = itertools.count()
 
 
-@dataclass
-class Timings:
-    queue_s: float = 0.0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    ttft_s: float = 0.0  # arrival -> first token
-    per_token_s: list[float] = field(default_factory=list)  # decode step time of each token after the first
+@dataclass(frozen=True)
+class StepInput:
+    """What one forward runs: a row per request, its new tokens (right-padded), where its logits are read, and its
+    sampling parameters. Every shape is fixed here, on the host, so `execute` needs no host sync."""
 
-    @property
-    def tpot_s(self) -> float:
-        return sum(self.per_token_s) / len(self.per_token_s) if self.per_token_s else 0.0
-
-    @property
-    def total_s(self) -> float:
-        return self.queue_s + self.prefill_s + self.decode_s
+    requests: tuple[Request, ...]
+    rows: tuple[Row, ...]
+    tokens: Tensor  # [B, T] on the device
+    logits_at: Tensor  # [B] index in T of the logits each row samples from
+    sampling: SamplingBatch
+    echo: bool = False  # keep every position's logits (prompt scoring)
 
 
 @dataclass
-class GenerationResult:
-    text: str
-    prompt_token_ids: list[int]
+class ModelOutput:
+    """What `execute` returns, on the host (one copy per step): per row its token, its logprob, its top alternatives,
+    and whether it failed (row -> message)."""
+
     token_ids: list[int]
     logprobs: list[float]
-    top_logprobs: list[dict[int, float]] | None
-    prompt_logprobs: list[float | None] | None  # with echo: logprob of each prompt token (None for the first)
-    prompt_top_logprobs: list[dict[int, float] | None] | None
-    finish_reason: str  # "stop" | "length" | "abort" | "error"
-    policy: str
-    timings: Timings
-    error: str | None = None  # what failed, for finish_reason "error"
-
-
-@dataclass
-class Sequence:
-    """One request's state while it is decoded."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    generator: torch.Generator
-    stop_ids: frozenset[int]
-    schedule: Schedule
-    arrival: float = field(default_factory=time.perf_counter)
-    id: int = field(default_factory=lambda: next(_ids))
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[dict[int, float]] = field(default_factory=list)
-    prompt_logprobs: list[float | None] | None = None
-    prompt_top_logprobs: list[dict[int, float] | None] | None = None
-    text: str = ""
-    finish_reason: str | None = None
-    timings: Timings = field(default_factory=Timings)
-    scheduled: float | None = None  # when it entered a batch
-    stop_from: int = 0  # stop strings match only text from here on (text after min_tokens)
-    error: str | None = None
-    detokenizer: IncrementalDetokenizer | None = None  # made on the first token, by the batch that owns the tokenizer
-
-    @property
-    def length(self) -> int:
-        """Tokens in the cache after the next forward appends the last sampled token."""
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def abort(self) -> None:
-        if not self.finished:
-            self.finish_reason = "abort"
-
-    def fail(self, message: str) -> None:
-        if not self.finished:
-            self.finish_reason, self.error = "error", message
-
-    def result(self) -> GenerationResult:
-        return GenerationResult(
-            text=self.text,
-            prompt_token_ids=self.prompt_ids,
-            token_ids=self.output_ids,
-            logprobs=self.logprobs,
-            top_logprobs=self.top_logprobs if self.params.logprobs else None,
-            prompt_logprobs=self.prompt_logprobs,
-            prompt_top_logprobs=self.prompt_top_logprobs,
-            finish_reason=self.finish_reason or "abort",
-            policy=self.schedule.policy,
-            timings=self.timings,
-            error=self.error,
-        )
-
-
-@dataclass(frozen=True)
-class Reused:
-    """What a prompt took from the prefix cache: its KV up to `start` (computing resumes there) and, for an echo
-    request, the prompt logprobs and top alternatives of tokens 0 .. start (the first is None)."""
-
-    start: int
-    logprobs: list[float | None] | None = None
-    tops: list[dict[int, float] | None] | None = None
+    top: list[dict[int, float]]  # the num_top most likely tokens -> logprob (empty when none asked)
+    errors: dict[int, str]
+    all_logits: Tensor | None = None  # [B, T, V] for echo prefills
 
 
 class Batch:
-    """The running sequences, each under its own schedule, decoded together. The executor owns their KV cache."""
+    """The running requests, each under its own schedule, decoded together. The executor owns the KV pool; the KV
+    manager decides what it holds."""
 
     def __init__(self, model: Transformer, tokenizer: Any, *, max_len: int, num_blocks: int, block_size: int = 16,
-                 group_mode: GroupMode = "batched", prefix_caching: bool = False) -> None:
+                 group_mode: GroupMode = "batched", prefix_caching: bool = False,
+                 prefix_blocks: int | None = None, attention: AttentionMode = "gathered") -> None:
         self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
-        self.prefix_caching = prefix_caching
-        self.reused_tokens = 0  # prompt tokens whose KV came from the prefix cache (not recomputed)
         self.executor = Executor(model, num_blocks=num_blocks, block_size=block_size, max_len=max_len,
-                                 group_mode=group_mode)
-        self.sequences: list[Sequence] = []
+                                 group_mode=group_mode, attention=attention)
+        self.kv = KVManager(num_blocks=num_blocks - 1, block_size=block_size, cache=self.executor.cache,
+                            prefix_caching=prefix_caching, prefix_blocks=prefix_blocks)
+        self.sequences: list[Request] = []
 
-    def add(self, new: list[Sequence]) -> None:
+    @property
+    def reused_tokens(self) -> int:
+        """Prompt tokens whose KV came from the prefix cache (not recomputed)."""
+        return self.kv.reused_tokens
+
+    # -- schedule: what runs ------------------------------------------------------------------------------------------
+
+    def decode_input(self) -> StepInput | None:
+        """Every unfinished row decodes its last token."""
+        live = tuple(s for s in self.sequences if not s.finished)
+        if not live:
+            return None
+        dev = self.model.device
+        tokens = torch.tensor([s.output_ids[-1] for s in live], dtype=torch.long)[:, None].to(dev, non_blocking=True)
+        rows = tuple(Row(s.id, s.schedule, s.length - 1, 1) for s in live)
+        return StepInput(live, rows, tokens, torch.zeros(len(live), dtype=torch.long, device=dev),
+                         self._sampling(live))
+
+    def prefill_input(self, new: list[Request], starts: list[int]) -> StepInput:
+        """New requests compute their prompts from `starts` (what the prefix cache did not hold), right-padded."""
+        width = max(len(s.prompt_ids) - p for s, p in zip(new, starts))
+        tokens = torch.zeros(len(new), width, dtype=torch.long)
+        for b, (s, p) in enumerate(zip(new, starts)):
+            tokens[b, : len(s.prompt_ids) - p] = torch.tensor(s.prompt_ids[p:])
+        dev = self.model.device
+        last = torch.tensor([len(s.prompt_ids) - p - 1 for s, p in zip(new, starts)]).to(dev, non_blocking=True)
+        rows = tuple(Row(s.id, s.schedule, p, len(s.prompt_ids) - p) for s, p in zip(new, starts))
+        return StepInput(tuple(new), rows, tokens.to(dev, non_blocking=True), last, self._sampling(new),
+                         echo=any(s.params.echo for s in new))
+
+    def _sampling(self, seqs: tuple[Request, ...] | list[Request]) -> SamplingBatch:
+        return SamplingBatch.of([s.params for s in seqs], [s.generator for s in seqs], self.model.device)
+
+    # -- execute: tensor work, one host copy ----------------------------------------------------------------------
+
+    def execute(self, inp: StepInput) -> ModelOutput:
+        """The forward and batched sampling; the results reach the host in one copy."""
+        logits = self.executor.forward(inp.tokens, list(inp.rows), logits_at=None if inp.echo else inp.logits_at)
+        all_logits = None
+        if inp.echo:
+            all_logits = logits
+            logits = logits[torch.arange(len(inp.rows), device=logits.device), inp.logits_at]
+        out = self.sample(logits, inp.sampling)
+        out.all_logits = all_logits
+        return out
+
+    @staticmethod
+    def sample(logits: Tensor, sampling: SamplingBatch) -> ModelOutput:
+        """logits [B, V] -> each row's token, logprob and top alternatives, copied to the host as one tensor."""
+        tokens, alive, errors = sample_batch(logits, sampling)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # one fused pass (CPU logsumexp is ~3x slower)
+        chosen = logprobs.gather(-1, tokens[:, None])  # [B, 1]
+        parts = [tokens[:, None].double(), alive[:, None].double(), chosen.double()]
+        k = sampling.num_top
+        if k:
+            top = torch.topk(logprobs, k)
+            parts += [top.indices.double(), top.values.double()]
+        host = torch.cat(parts, dim=1).cpu().tolist()  # the one copy: [B, 3 + 2k]
+        failed = {b: f"sampling failed: {type(e).__name__}: {e}" for b, e in errors.items()}
+        for b, row in enumerate(host):
+            if not row[1] and b not in failed:
+                failed[b] = f"sampling failed: ValueError: row {b} has no token with a finite logit (all are -inf or NaN)"
+        return ModelOutput(
+            token_ids=[int(r[0]) for r in host], logprobs=[r[2] for r in host],
+            top=[dict(zip(map(int, r[3 : 3 + k]), r[3 + k :])) for r in host] if k else [{} for _ in host],
+            errors=failed,
+        )
+
+    # -- update: tokens, stops, text ------------------------------------------------------------------------------
+
+    def update(self, seqs: tuple[Request, ...] | list[Request], out: ModelOutput, t0: float, *, prefill: bool) -> None:
+        now = time.perf_counter()
+        elapsed = now - t0
+        for b, s in enumerate(seqs):
+            if prefill:
+                s.timings.queue_s = (s.scheduled or t0) - s.arrival
+                s.timings.prefill_s = elapsed
+                s.timings.ttft_s = now - s.arrival
+                if s.params.max_tokens == 0:
+                    s.set_finished("length")
+            if s.finished:
+                continue
+            if b in out.errors:
+                s.set_finished("error", out.errors[b])
+                continue
+            try:
+                if not prefill:
+                    s.timings.decode_s += elapsed
+                    s.timings.per_token_s.append(elapsed)
+                token = out.token_ids[b]
+                s.output_ids.append(token)
+                s.logprobs.append(out.logprobs[b])
+                if s.params.logprobs:
+                    s.top_logprobs.append(dict(itertools.islice(out.top[b].items(), s.params.logprobs)))
+                self._check_stop(s, token)
+            except Exception as e:  # this row alone fails
+                s.set_finished("error", f"{type(e).__name__}: {e}")
+
+    def _check_stop(self, s: Request, token: int) -> None:
+        n = len(s.output_ids)
+        eos = token in s.stop_ids and n > s.params.min_tokens
+        previous = len(s.text)
+        if s.detokenizer is None:
+            s.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        s.text += s.detokenizer.add(token)  # O(1) per token: only the new tail is decoded
+        if n == s.params.min_tokens:
+            s.stop_from = len(s.text)
+        if eos:
+            s.set_finished("stop")
+            s.text += s.detokenizer.flush()
+            return
+        if s.params.stop and n > s.params.min_tokens:
+            longest = max(len(stop) for stop in s.params.stop)
+            start = max(s.stop_from, previous - longest + 1)  # a new match ends in the new text
+            hits = [i for i in (s.text.find(stop, start) for stop in s.params.stop) if i >= 0]
+            if hits:
+                s.text = s.text[: min(hits)]
+                s.set_finished("stop")
+                return
+        if n >= s.params.max_tokens or s.length >= self.max_len:
+            s.set_finished("length")
+            s.text += s.detokenizer.flush()
+
+    # -- the ladder -------------------------------------------------------------------------------------------------
+
+    def add(self, new: list[Request]) -> None:
         """Prefill `new` (right-padded together, their own forward call) and choose each one's first token.
-        With prefix reuse, a prompt whose start is cached under its schedule computes from where the cache ends
-        (`_reuse`); new sequences that share a first block with an earlier one in this call wait for it (a second,
-        cheaper call)."""
+        With prefix reuse, a prompt whose start is cached under its schedule computes from where the cache ends;
+        new requests that share a first block with an earlier one in this call wait for it (a second, cheaper
+        call)."""
         if not new:
             return
         t0 = time.perf_counter()
         for s in new:
             s.scheduled = t0
-        waves: list[list[Sequence]] = [new]
-        if self.prefix_caching:
+        waves: list[list[Request]] = [new]
+        if self.kv.prefix_caching:
             firsts: set[tuple[str, tuple[int, ...]]] = set()
             waves = [[], []]
             for s in new:
-                first = (s.schedule.key, tuple(s.prompt_ids[: self.executor.cache.block_size]))
-                shares = len(s.prompt_ids) > self.executor.cache.block_size and first in firsts
+                first = (s.schedule.key, tuple(s.prompt_ids[: self.kv.block_size]))
+                shares = len(s.prompt_ids) > self.kv.block_size and first in firsts
                 waves[1 if shares else 0].append(s)
                 firsts.add(first)
         for wave in waves:
             if wave:
                 self._prefill(wave, t0)
 
-    def _prefill(self, new: list[Sequence], t0: float) -> None:
-        reused = [self._reuse(s) for s in new]
+    def _prefill(self, new: list[Request], t0: float) -> None:
+        reused = [self.kv.reuse(s) for s in new]
         starts = [r.start for r in reused]
-        self.reused_tokens += sum(starts)
-        width = max(len(s.prompt_ids) - p for s, p in zip(new, starts))
-        tokens = torch.zeros(len(new), width, dtype=torch.long)
-        for b, (s, p) in enumerate(zip(new, starts)):
-            tokens[b, : len(s.prompt_ids) - p] = torch.tensor(s.prompt_ids[p:])
-        tokens = tokens.to(self.model.device)
-        last = torch.tensor([len(s.prompt_ids) - p - 1 for s, p in zip(new, starts)], device=self.model.device)
-        echo = any(s.params.echo for s in new)
-        rows = [Row(s.id, s.schedule, p, len(s.prompt_ids) - p) for s, p in zip(new, starts)]
-        logits = self.executor.forward(tokens, rows, logits_at=None if echo else last)
-        if echo:
+        inp = self.prefill_input(new, starts)
+        out = self.execute(inp)
+        if out.all_logits is not None:
             for b, (s, p, r) in enumerate(zip(new, starts, reused)):
                 if s.params.echo:
-                    _score_prompt(s, logits[b, : len(s.prompt_ids) - p], r)
-            logits = logits[torch.arange(len(new), device=logits.device), last]
-        if self.prefix_caching:
-            for s, p in zip(new, starts):
-                self._register(s, p)
+                    _score_prompt(s, out.all_logits[b, : len(s.prompt_ids) - p], r)
+        for s, p in zip(new, starts):
+            self.kv.register(s, p)
         self.sequences.extend(new)
-        self._append(new, logits, t0, prefill=True)
-
-    def _reuse(self, s: Sequence) -> Reused:
-        """Take what the prefix cache holds of `s`'s prompt: the cached full blocks it starts with (adopted), then a
-        copy of the registered block that agrees longest with its next tokens. A prompt keeps at least its last
-        token to compute. An echo request reuses only tokens whose prompt logprobs (with at least as many
-        alternatives as it asks for) are cached, up to and including the first token it computes from."""
-        if not self.prefix_caching:
-            return Reused(0)
-        cache, size, ids = self.executor.cache, self.executor.cache.block_size, s.prompt_ids
-        key, n = s.schedule.key, s.params.logprobs if s.params.echo else None
-        entries = cache.lookup(key, ids, (len(ids) - 1) // size)
-        if n is not None:
-            entries = list(itertools.takewhile(lambda e: e.scores is not None and e.scores[0] >= n, entries))
-        j = len(entries)
-        partial = cache.lookup_partial(key, entries[-1].chain if entries else 0, ids[j * size : (j + 1) * size])
-        # tokens of the partial block to take: echo needs the logprob of the token it starts at, which the cache
-        # holds only where that token agrees too
-        take = 0
-        if partial is not None and (n is None or (partial[0].scores is not None and partial[0].scores[0] >= n)):
-            take = min(partial[1] - (n is not None), len(ids) - 1 - j * size)
-        start = 0
-        if take >= 1:
-            cache.adopt(s.id, s.schedule.slots, entries)
-            if cache.copy(s.id, s.schedule.slots, partial[0]):
-                start = j * size + take
-            else:  # the pool is too tight to copy: reuse whole blocks only
-                cache.free(s.id)
-                take = 0
-        boundary = None
-        if not take:
-            while n is not None and entries:  # the first token after the blocks: its logprob is cached with them
-                boundary = entries[-1].next.get(ids[len(entries) * size])
-                if boundary is not None and boundary[0] >= n:
-                    break
-                entries, boundary = entries[:-1], None
-            cache.adopt(s.id, s.schedule.slots, entries)
-            start = len(entries) * size
-        if n is None:
-            return Reused(start)
-        logprobs, tops = [], []
-        for e in entries:  # payloads: (alternatives kept, logprobs, top dicts)
-            logprobs += e.scores[1]
-            tops += e.scores[2]
-        if take:  # tokens j*size .. start, all agreeing with the copied block's
-            logprobs += partial[0].scores[1][: take + 1]
-            tops += partial[0].scores[2][: take + 1]
-        elif entries:
-            logprobs.append(boundary[1])
-            tops.append(boundary[2])
-        else:
-            logprobs.append(None)
-            tops.append(None)
-        return Reused(start, logprobs, [None if t is None else dict(list(t.items())[:n]) for t in tops])
-
-    def _register(self, s: Sequence, start: int) -> None:
-        """Make `s`'s prompt blocks findable (the last one even if partly filled), with their prompt logprobs when
-        it has them."""
-        cache, size = self.executor.cache, self.executor.cache.block_size
-        L = len(s.prompt_ids)
-        entries = cache.register(s.id, s.schedule.key, s.schedule.slots, s.prompt_ids, start // size, -(-L // size))
-        if not s.params.echo or s.prompt_logprobs is None:
-            return
-        n = s.params.logprobs
-        tops = s.prompt_top_logprobs or [None] * L
-        for j, e in enumerate(entries):
-            if e.scores is None or e.scores[0] < n:
-                part = slice(j * size, (j + 1) * size)
-                e.scores = (n, s.prompt_logprobs[part], tops[part])
-            after = (j + 1) * size
-            known = e.next.get(s.prompt_ids[after]) if after < L else None
-            if after < L and (known is None or known[0] < n):
-                e.next[s.prompt_ids[after]] = (n, s.prompt_logprobs[after], tops[after])
+        self.update(new, out, t0, prefill=True)
 
     def step(self) -> None:
         """Decode one token for every unfinished row (finished rows leave at `filter`)."""
-        live = [s for s in self.sequences if not s.finished]
-        if not live:
+        inp = self.decode_input()
+        if inp is None:
             return
         t0 = time.perf_counter()
-        tokens = torch.tensor([s.output_ids[-1] for s in live], device=self.model.device)[:, None]
-        rows = [Row(s.id, s.schedule, s.length - 1, 1) for s in live]
-        logits = self.executor.forward(tokens, rows, logits_at=torch.zeros(len(live), dtype=torch.long,
-                                                                         device=self.model.device))
-        self._append(live, logits, t0, prefill=False)
+        self.update(inp.requests, self.execute(inp), t0, prefill=False)
 
-    def filter(self) -> list[Sequence]:
-        """Remove finished sequences and free their KV blocks; returns the removed."""
+    def filter(self) -> list[Request]:
+        """Remove finished requests and free their KV blocks; returns the removed."""
         done = [s for s in self.sequences if s.finished]
         if done:
             self.sequences = [s for s in self.sequences if not s.finished]
             for s in done:
-                self.executor.release(s.id)
+                self.kv.free(s.id)
         return done
+
+    def remove(self, request_id: str) -> None:
+        """A request left (ended by its owner): it leaves the batch; its KV is freed by whoever ended it."""
+        self.sequences = [s for s in self.sequences if s.id != request_id]
 
     def probe(self, prompts: list[list[int]], schedule: Schedule) -> ProbeStats:
         """One forward pass of `prompts` under `schedule`, no sampling; returns the layer statistics of
         `server.probe` (reduced here, on the thread that owns the tensors). Their KV blocks are freed at once."""
-        ids = [next(_ids) for _ in prompts]
+        ids = [f"probe-{next(_ids)}" for _ in prompts]
         lengths = [len(p) for p in prompts]
         tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
         for b, p in enumerate(prompts):
@@ -296,86 +275,15 @@ class Batch:
                                   logits_at=torch.tensor(lengths, device=self.model.device) - 1, capture=capture)
         finally:
             for q in ids:
-                self.executor.release(q)
+                self.kv.free(q)
         return reduce_probe(schedule, states, lengths)
 
     def kv_usage(self) -> float:
         """Share of the KV pool's blocks in use."""
-        cache = self.executor.cache
-        return cache.used_blocks / cache.num_blocks
-
-    def _append(self, seqs: list[Sequence], logits: Tensor, t0: float, *, prefill: bool) -> None:
-        for s in seqs:
-            if prefill and s.params.max_tokens == 0:
-                s.finish_reason = "length"
-        active = [b for b, s in enumerate(seqs) if not s.finished]
-        if active:
-            rows = logits[active]
-            logprobs = torch.log_softmax(rows, dim=-1)
-            next_list, failed = _sample_rows(rows, [seqs[b] for b in active])
-            chosen = logprobs.gather(-1, torch.tensor(next_list, device=rows.device)[:, None])[:, 0].tolist()
-            top_n = max(seqs[b].params.logprobs for b in active)
-            top = torch.topk(logprobs, top_n) if top_n else None
-        now = time.perf_counter()
-        elapsed = now - t0
-        for s in seqs:
-            if prefill:
-                s.timings.queue_s = (s.scheduled or t0) - s.arrival
-                s.timings.prefill_s = elapsed
-                s.timings.ttft_s = now - s.arrival
-        for i, b in enumerate(active):
-            s = seqs[b]
-            if i in failed:
-                s.fail(failed[i])
-                continue
-            try:
-                if not prefill:
-                    s.timings.decode_s += elapsed
-                    s.timings.per_token_s.append(elapsed)
-                token = next_list[i]
-                s.output_ids.append(token)
-                s.logprobs.append(chosen[i])
-                if s.params.logprobs and top is not None:
-                    n = s.params.logprobs
-                    s.top_logprobs.append(dict(zip(top.indices[i, :n].tolist(), top.values[i, :n].tolist())))
-                self._check_stop(s, token)
-            except Exception as e:  # this row alone fails
-                s.fail(f"{type(e).__name__}: {e}")
-
-    def _check_stop(self, s: Sequence, token: int) -> None:
-        n = len(s.output_ids)
-        eos = token in s.stop_ids and n > s.params.min_tokens
-        previous = len(s.text)
-        if s.detokenizer is None:
-            s.detokenizer = IncrementalDetokenizer(self.tokenizer)
-        s.text += s.detokenizer.add(token)  # O(1) per token: only the new tail is decoded
-        if n == s.params.min_tokens:
-            s.stop_from = len(s.text)
-        if eos:
-            s.finish_reason = "stop"
-            s.text += s.detokenizer.flush()
-            return
-        if s.params.stop and n > s.params.min_tokens:
-            longest = max(len(stop) for stop in s.params.stop)
-            start = max(s.stop_from, previous - longest + 1)  # a new match ends in the new text
-            hits = [i for i in (s.text.find(stop, start) for stop in s.params.stop) if i >= 0]
-            if hits:
-                s.text = s.text[: min(hits)]
-                s.finish_reason = "stop"
-                return
-        if n >= s.params.max_tokens or s.length >= self.max_len:
-            s.finish_reason = "length"
-            s.text += s.detokenizer.flush()
+        return self.kv.usage()
 
 
-def _sample_rows(logits: Tensor, seqs: list[Sequence]) -> tuple[list[int], dict[int, str]]:
-    """Next token per row, each with its own parameters and generator; a row whose sampling fails is reported in the
-    second value (row -> message) and does not affect the others."""
-    tokens, errors = sample_isolated(logits, [s.params for s in seqs], [s.generator for s in seqs])
-    return tokens.tolist(), {b: f"sampling failed: {type(e).__name__}: {e}" for b, e in errors.items()}
-
-
-def _score_prompt(s: Sequence, logits: Tensor, reused: Reused) -> None:
+def _score_prompt(s: Request, logits: Tensor, reused: Reused) -> None:
     """logits [T', V] over the prompt from position p = reused.start on -> logprob of each prompt token given its
     prefix (None for the first). Tokens up to p come from the cache (`reused`)."""
     n = s.params.logprobs
@@ -399,9 +307,11 @@ class Engine:
     def __init__(
         self, model: Transformer, tokenizer: Any, *, eos_ids: frozenset[int] = frozenset(), config: Any = None,
         group_mode: GroupMode = "batched", name: str = "model", block_size: int = 16,
+        attention: AttentionMode = "gathered",
     ) -> None:
         self.model, self.tokenizer, self.config, self.name = model, tokenizer, config, name
         self.eos_ids, self.group_mode, self.block_size = eos_ids, group_mode, block_size
+        self.attention = attention  # how decode attention reads the KV pool (see server.executor)
 
     @classmethod
     def from_hf(
@@ -409,7 +319,9 @@ class Engine:
         **kwargs: Any,
     ) -> Engine:
         """From an in-memory transformers model (tests, parity checks): its weights are copied into our stacks."""
-        model = Transformer.from_hf(hf_model, dtype=dtype or default_dtype(device), device=device)
+        from server.weights import transformer_from_hf
+
+        model = transformer_from_hf(hf_model, dtype=dtype or default_dtype(device), device=device)
         return cls(model, tokenizer, eos_ids=_eos_ids(hf_model, tokenizer), config=hf_model.config, **kwargs)
 
     @classmethod
@@ -425,6 +337,10 @@ class Engine:
     @property
     def num_layers(self) -> int:
         return self.model.args.n_layers
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.args.vocab_size
 
     @property
     def max_model_len(self) -> int:
@@ -447,21 +363,25 @@ class Engine:
         return 2 * a.n_kv_heads * a.head_dim * torch.empty((), dtype=self.model.dtype).element_size()
 
     def new_sequence(self, prompt: str | list[int], params: SamplingParams, schedule: Schedule, *,
-                     arrival: float | None = None) -> Sequence:
-        stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
-        seq = Sequence(
-            prompt_ids=self.encode(prompt), params=params, generator=make_generator(params.seed, self.model.device),
-            stop_ids=stop, schedule=schedule,
-        )
+                     arrival: float | None = None, id: str | None = None) -> Request:
+        """A request ready to run (offline use; the engine loop's requests come from HTTP and are `start`ed)."""
+        request = Request(id or f"seq-{next(_ids)}", self.encode(prompt), params, schedule)
         if arrival is not None:
-            seq.arrival = arrival
-        return seq
+            request.arrival = arrival
+        return self.start(request)
+
+    def start(self, request: Request) -> Request:
+        """Give a request what running needs: its stop tokens and its own seeded generator on the model's device."""
+        params = request.params
+        request.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        request.generator = make_generator(params.seed, self.model.device)
+        return request
 
     def new_batch(self, *, max_len: int, num_blocks: int, block_size: int | None = None,
-                  prefix_caching: bool = False) -> Batch:
+                  prefix_caching: bool = False, prefix_blocks: int | None = None) -> Batch:
         return Batch(self.model, self.tokenizer, max_len=max_len, num_blocks=num_blocks,
-                     block_size=block_size or self.block_size, group_mode=self.group_mode,
-                     prefix_caching=prefix_caching)
+                     block_size=block_size or self.block_size, group_mode=self.group_mode, attention=self.attention,
+                     prefix_caching=prefix_caching, prefix_blocks=prefix_blocks)
 
     def generate(
         self, prompts: list[str | list[int]] | str, *,

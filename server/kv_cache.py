@@ -106,6 +106,7 @@ class PagedKVCache:
         self._held: dict[int, dict[Slot, list[int]]] = {}  # sequence -> slot -> its blocks in order
         self._refs = [0] * num_blocks  # sequences holding each block
         self._in_use = 0  # blocks with a reference
+        self._cached = 0  # registered blocks without a reference
         self._prefix: OrderedDict[tuple[str, int], CachedBlock] = OrderedDict()  # least recently used first
         self._registered: dict[int, tuple[str, int]] = {}  # block -> its prefix entry
         self._children: dict[tuple[str, int], set[int]] = {}  # (schedule, chain hash) -> chains of the next blocks
@@ -120,9 +121,10 @@ class PagedKVCache:
         """Blocks held by sequences (registered prefix blocks that no one holds are free to evict: not counted)."""
         return self._in_use
 
-    def blocks_for(self, num_slots: int, length: int) -> int:
-        """Blocks a sequence of `length` tokens needs under a schedule of `num_slots` slots."""
-        return num_slots * -(-length // self.block_size)
+    @property
+    def cached_blocks(self) -> int:
+        """Registered prefix blocks that no sequence holds (kept for reuse, evictable)."""
+        return self._cached
 
     def bytes_per_block(self) -> int:
         return self.pool[0].numel() * self.pool.element_size()
@@ -153,13 +155,27 @@ class PagedKVCache:
         """`seq` left: blocks no one else holds return to the pool (registered ones stay findable until evicted)."""
         for blocks in self._held.pop(seq, {}).values():
             for b in reversed(blocks):
-                self._refs[b] -= 1
-                if self._refs[b] == 0:
-                    self._in_use -= 1
-                    if b not in self._registered:
-                        self._free_blocks.append(b)
+                self._unref(b)
         self._free_rows.extend(self._rows.pop(seq, {}).values())
         self._blocks.pop(seq, None)
+
+    def truncate(self, seq: int | str, length: int) -> None:
+        """Keep only the blocks `seq`'s first `length` tokens use, in every slot (a rollback); the rest return to
+        the pool. Positions past `length` in the last kept block are stale and get overwritten."""
+        keep = -(-length // self.block_size)
+        if self._blocks.get(seq, 0) <= keep:
+            return
+        for blocks in self._held[seq].values():
+            for b in reversed(blocks[keep:]):
+                self._unref(b)
+            del blocks[keep:]
+        self._blocks[seq] = keep
+
+    def trim(self, limit: int) -> None:
+        """Evict least recently used prefix entries that no sequence holds until at most `limit` blocks are kept
+        for reuse alone."""
+        while self._cached > limit and self._evict():
+            pass
 
     # -- prefix reuse ----------------------------------------------------------------------------------------------
 
@@ -171,8 +187,8 @@ class PagedKVCache:
             entry = self._prefix.get((key, h))
             if entry is None or entry.tokens != tuple(tokens[j * self.block_size : (j + 1) * self.block_size]):
                 break
-            self._prefix.move_to_end((key, h))
             found.append(entry)
+        self._touch(key, found)
         return found
 
     def lookup_partial(self, key: str, parent: int, tokens: list[int]) -> tuple[CachedBlock, int] | None:
@@ -251,7 +267,14 @@ class PagedKVCache:
                 break
             entries.append(entry)
             parent = h
+        self._touch(key, entries)
         return entries
+
+    def _touch(self, key: str, chain: list[CachedBlock]) -> None:
+        """Mark a chain recently used, its first block most recently: eviction takes a chain's tail first, so what
+        stays is always a usable prefix."""
+        for entry in reversed(chain):
+            self._prefix.move_to_end((key, entry.chain))
 
     # -- internals --------------------------------------------------------------------------------------------------
 
@@ -270,7 +293,17 @@ class PagedKVCache:
         self._held[seq].setdefault(slot, []).append(block)
         if self._refs[block] == 0:
             self._in_use += 1
+            self._cached -= block in self._registered
         self._refs[block] += 1
+
+    def _unref(self, block: int) -> None:
+        self._refs[block] -= 1
+        if self._refs[block] == 0:
+            self._in_use -= 1
+            if block in self._registered:
+                self._cached += 1
+            else:
+                self._free_blocks.append(block)
 
     def _available(self) -> int:
         return self.num_blocks - self._in_use
@@ -278,17 +311,24 @@ class PagedKVCache:
     def _take(self) -> int:
         """A free block, evicting the least recently used unheld prefix entry when none is free."""
         while not self._free_blocks:
-            victim = next((k for k, e in self._prefix.items() if all(self._refs[b] == 0 for b in e.blocks)), None)
-            assert victim is not None, "no free block and nothing to evict"
-            entry = self._prefix.pop(victim)
-            siblings = self._children[(victim[0], entry.parent)]
-            siblings.discard(entry.chain)
-            if not siblings:
-                del self._children[(victim[0], entry.parent)]
-            for b in entry.blocks:
-                del self._registered[b]
-                self._free_blocks.append(b)
+            assert self._evict(), "no free block and nothing to evict"
         return self._free_blocks.pop()
+
+    def _evict(self) -> bool:
+        """Drop the least recently used prefix entry that no sequence holds; False when there is none."""
+        victim = next((k for k, e in self._prefix.items() if all(self._refs[b] == 0 for b in e.blocks)), None)
+        if victim is None:
+            return False
+        entry = self._prefix.pop(victim)
+        siblings = self._children[(victim[0], entry.parent)]
+        siblings.discard(entry.chain)
+        if not siblings:
+            del self._children[(victim[0], entry.parent)]
+        for b in entry.blocks:
+            del self._registered[b]
+            self._free_blocks.append(b)
+        self._cached -= len(entry.blocks)
+        return True
 
     def _set_tables(self, rows: list[int], cols: list[int], blocks: list[int]) -> None:
         dev = self.tables.device
@@ -305,7 +345,7 @@ class PagedKVCache:
             blocks = torch.where(valid, blocks, 0)
         return blocks * self.block_size + positions % self.block_size
 
-    def blocks(self, rows: Tensor, num_blocks: int) -> Tensor:
+    def block_ids(self, rows: Tensor, num_blocks: int) -> Tensor:
         """rows [P] table rows -> their first `num_blocks` block ids [P, num_blocks]."""
         return self.tables[rows, :num_blocks]
 

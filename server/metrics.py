@@ -56,6 +56,8 @@ class QueueStats:
     running: int
     waiting: int
     kv_usage: float  # 0..1
+    prefix_cache_blocks: int = 0  # KV blocks kept only for prefix reuse
+    prefix_cache_limit: int = 0  # their cap
 
 
 class _ConstantLabel:
@@ -100,6 +102,10 @@ class Metrics:
         self.running = Gauge("painters:num_requests_running", "Sequences being decoded", ["model"], registry=r)
         self.waiting = Gauge("painters:num_requests_waiting", "Requests waiting", ["model"], registry=r)
         self.kv_usage = Gauge("painters:kv_slots_usage_perc", "KV-cache slot usage (0-1)", ["model"], registry=r)
+        self.prefix_blocks = Gauge("painters:prefix_cache_blocks", "KV blocks kept only for prefix reuse", ["model"],
+                                   registry=r)
+        self.prefix_limit = Gauge("painters:prefix_cache_blocks_limit", "Cap on painters:prefix_cache_blocks",
+                                  ["model"], registry=r)
         self.batch_size = Histogram("painters:batch_size", "Sequences per engine step", labels, buckets=BATCH_BUCKETS,
                                     registry=r)
         self.step_duration = hist("step_duration_seconds", "Engine step duration", TOKEN_LATENCY_BUCKETS)
@@ -141,6 +147,8 @@ class Metrics:
         self.running.labels(model=self.model).set(s.running)
         self.waiting.labels(model=self.model).set(s.waiting)
         self.kv_usage.labels(model=self.model).set(s.kv_usage)
+        self.prefix_blocks.labels(model=self.model).set(s.prefix_cache_blocks)
+        self.prefix_limit.labels(model=self.model).set(s.prefix_cache_limit)
 
     def observe_error(self, status: int) -> None:
         self.errors.labels(model=self.model, status=str(status)).inc()

@@ -4,7 +4,7 @@ Weights are stacked per kind across layers and stored as [in, out] so that `x @ 
 bandwidth; adjacent layers applied together are a slice of each stack (a view, no copy) and run as one batched matmul
 per kind. A layer is two units, attention and MLP, each applied to a batch of rows that may come from different
 schedules (the planner decides which). The model holds no cache: attention gets a function from the executor that
-writes the new keys and values and returns the cached ones.
+writes the new keys and values and attends over the cached ones.
 
 Gemma 3 differs in facts, not in structure: its units end in their own norms (attention's output and the MLP's output
 are normed before the residual add, so each unit's delta includes its post-norm), its RMSNorm scales by (1 + w) (the 1
@@ -17,14 +17,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from server.weights import LayerStack, ModelWeights
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
 _GEMMA = ("gemma3_text", "gemma3")
@@ -137,12 +134,61 @@ def _check_gemma(cfg: Any) -> None:
                                     "serves causal language models")
 
 
-KVFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (new k, v [G, m, T, kv, hd]) -> keys, values [G*m, kv, S, hd]
+# (queries [G*m, H, T, hd], new keys, values [G, m, T, kv, hd]) -> outputs [G*m, H, T, hd]: writes the new keys and
+# values to the cache and attends over the cached ones (the executor's: it owns the cache)
+AttendFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass
+class LayerStack:
+    """Per-kind weights of a run of layers, stacked on dim 0 (matrices as [in, out]); biases, q/k norms and post-norms
+    optional."""
+
+    attn_norm: Tensor  # [L, d]
+    wqkv: Tensor  # [L, d, q + 2 kv]
+    wo: Tensor  # [L, q, d]
+    mlp_norm: Tensor  # [L, d]
+    w_gate_up: Tensor  # [L, d, 2 ff]
+    w_down: Tensor  # [L, ff, d]
+    bqkv: Tensor | None = None  # [L, q + 2 kv]
+    bo: Tensor | None = None  # [L, d]
+    b_gate_up: Tensor | None = None  # [L, 2 ff]
+    b_down: Tensor | None = None  # [L, d]
+    q_norm: Tensor | None = None  # [L, hd]
+    k_norm: Tensor | None = None  # [L, hd]
+    post_attn_norm: Tensor | None = None  # [L, d] Gemma: norms the attention's output (part of A_i)
+    post_mlp_norm: Tensor | None = None  # [L, d] Gemma: norms the MLP's output (part of M_i)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for f in fields(self) if (t := getattr(self, f.name)) is not None)
+
+
+@dataclass
+class ModelWeights:
+    """Everything the decoder reads: the layer stacks, embeddings, final norm, LM head and rotary frequencies."""
+
+    layers: LayerStack
+    embed: Tensor  # [V, d]; lm_head.T (a view) when the embeddings are tied
+    lm_head: Tensor  # [d, V], contiguous
+    final_norm: Tensor  # [d]
+    inv_freq: Tensor  # [hd / 2] float32
+    rope_scale: float  # transformers' attention_scaling: multiplies cos and sin
+    local_inv_freq: Tensor | None = None  # sliding-window layers' own frequencies (Gemma 3); None: inv_freq
+    local_rope_scale: float = 1.0
+
+    def nbytes(self) -> int:
+        """Bytes held, counting a storage shared by several tensors (a tied LM head) once."""
+        tensors = [getattr(self.layers, f.name) for f in fields(self.layers)]
+        tensors += [self.embed, self.lm_head, self.final_norm, self.inv_freq, self.local_inv_freq]
+        storages = {
+            (t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in tensors if t is not None
+        }
+        return sum(storages.values())
 
 
 class Transformer:
     """The frozen decoder: embeddings, stacked layers, final norm, LM head, rotary tables. It holds no cache: the
-    executor passes every attention a function that writes the new keys and values and returns the cached ones."""
+    executor passes every attention a function that writes the new keys and values and attends over the cached ones."""
 
     def __init__(self, args: ModelArgs, weights: ModelWeights, *, dtype: torch.dtype, device: torch.device | str) -> None:
         self.args, self.dtype, self.device = args, dtype, torch.device(device)
@@ -157,13 +203,6 @@ class Transformer:
         self._freqs = {False: glob, True: local}
         self._tables = self._rope_tables(1024)
         self._views: dict[tuple[int, ...], LayerStack] = {}
-
-    @classmethod
-    def from_hf(cls, hf_model: Any, *, dtype: torch.dtype, device: torch.device | str) -> Transformer:
-        from server.weights import weights_from_hf_model
-
-        args = ModelArgs.from_hf_config(hf_model.config)
-        return cls(args, weights_from_hf_model(hf_model, dtype=dtype, device=device), dtype=dtype, device=device)
 
     def weight_bytes(self) -> int:
         return self.layers.nbytes() + self.lm_head.numel() * self.lm_head.element_size()
@@ -199,11 +238,11 @@ class Transformer:
         emb = torch.cat([freqs, freqs], dim=-1)
         return (emb.cos() * scale).to(self.dtype), (emb.sin() * scale).to(self.dtype)
 
-    def rope(self, positions: Tensor) -> dict[bool, tuple[Tensor, Tensor]]:
+    def rope(self, positions: Tensor, *, top: int) -> dict[bool, tuple[Tensor, Tensor]]:
         """positions [B, T] -> {sliding: (cos, sin) [B, T, hd]}: the rotary tables of global (False) and
         sliding-window (True) layers; the same tables for both unless the model gives windowed layers their own
-        (Gemma 3: rope_local_base_freq)."""
-        top = int(positions.max()) + 1
+        (Gemma 3: rope_local_base_freq). top: a bound on the positions + 1, from the caller's plain data (reading
+        it off `positions` would be a host sync)."""
         if top > self._tables[False][0].shape[0]:
             self._tables = self._rope_tables(max(top, 2 * self._tables[False][0].shape[0]))
         (cos, sin), local = self._tables[False], self._tables[True]
@@ -223,10 +262,16 @@ class Transformer:
 
     # -- the layer math ------------------------------------------------------------------------------------------
 
-    def attention(self, x: Tensor, w: LayerStack, cos: Tensor, sin: Tensor, mask: Tensor, kv: KVFn,
+    def sdpa(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+        """q [P, H, T, hd], keys and values [P, kv, S, hd], mask [P, 1, T, S] additive -> [P, H, T, hd]."""
+        a = self.args
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=a.query_scale,
+                                              enable_gqa=a.n_heads != a.n_kv_heads)
+
+    def attention(self, x: Tensor, w: LayerStack, cos: Tensor, sin: Tensor, attend: AttendFn,
                   keep: Tensor | None = None) -> Tensor:
         """Attention deltas of G layers, each over its own input: x [G, m, T, d] -> [G, m, T, d].
-        cos, sin [1 or G, m, T, hd]; mask [G*m, 1, T, S]; kv writes the new keys/values and returns the cached ones.
+        cos, sin [1 or G, m, T, hd]; attend writes the new keys/values and attends over the cached ones.
         keep: the positions of m x T that are real tokens (None: all); the projections skip the padding, whose
         deltas are 0."""
         a = self.args
@@ -245,11 +290,7 @@ class Transformer:
         # q and k are adjacent in the fused projection: rotate both at once. cos, sin: [1 or G, m, T, 1, hd]
         qk = qk * cos[:, :, :, None, :] + _rotate_half(qk) * sin[:, :, :, None, :]
         q, k = qk[..., : a.n_heads, :], qk[..., a.n_heads :, :]
-        keys, values = kv(k, v)  # [G*m, kv, S, hd]
-        o = F.scaled_dot_product_attention(
-            q.reshape(G * m, T, a.n_heads, a.head_dim).transpose(1, 2), keys, values, attn_mask=mask,
-            scale=a.query_scale, enable_gqa=a.n_heads != a.n_kv_heads,
-        )  # [G*m, H, T, hd]
+        o = attend(q.reshape(G * m, T, a.n_heads, a.head_dim).transpose(1, 2), k, v)  # [G*m, H, T, hd]
         o = _unpadded(lambda t: torch.bmm(t, w.wo), o.transpose(1, 2).reshape(G, m * T, a.q_size), keep)
         if w.bo is not None:
             o = o + w.bo[:, None, :]

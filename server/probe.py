@@ -14,10 +14,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from server.compiler import Schedule
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ def step_labels(schedule: Schedule) -> list[str]:
 
 def reduce(schedule: Schedule, states: list[Tensor], lengths: list[int]) -> ProbeStats:
     """states: S + 1 tensors [n, T, d] (right-padded rows); lengths: real tokens per row."""
+    import torch  # here, not at the top: the HTTP layer imports ProbeStats and never touches tensors
+
     n, T = states[0].shape[:2]
     dev = states[0].device
     valid = torch.arange(T, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]  # [n, T]

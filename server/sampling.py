@@ -1,98 +1,20 @@
-"""Sampling parameters, their allowed ranges, and next-token choice: greedy, temperature, top-k, top-p, per-request
-seeded generators. Every value `SamplingParams` accepts samples without inf or NaN reaching the draw."""
+"""Next-token choice for a whole batch at once: greedy, temperature, top-k, top-p, per-request seeded generators.
+Every value `SamplingParams` (in `server.sampling_params`) accepts samples without inf or NaN reaching the draw."""
 
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
-MIN_TEMPERATURE = 1e-5  # below this, temperature sampling is argmax (vLLM's _SAMPLING_EPS)
-MAX_STOP_STRINGS = 16
-MAX_STOP_LENGTH = 256  # characters
+from dataclasses import dataclass
+from typing import Any
 
+from server.sampling_params import (
+    LOGPROBS, MAX_STOP_LENGTH, MAX_STOP_STRINGS, MIN_TEMPERATURE, SEED, TEMPERATURE, TOP_K, TOP_P, Interval, SamplingError, SamplingParams, check_stop,
+)
 
-class SamplingError(ValueError):
-    """Sampling parameters out of range; the message names the allowed range."""
-
-
-@dataclass(frozen=True)
-class Interval:
-    """The allowed values of one parameter: [lo, hi], or (lo, hi] when lo_open. The HTTP models import these, so each
-    bound is stated once."""
-
-    lo: int | float
-    hi: int | float
-    lo_open: bool = False
-    integer: bool = False
-
-    def __contains__(self, x: int | float) -> bool:
-        above = self.lo < x if self.lo_open else self.lo <= x
-        return math.isfinite(x) and above and x <= self.hi
-
-    def __str__(self) -> str:
-        return f"{'(' if self.lo_open else '['}{self.lo}, {self.hi}]"
-
-    def check(self, name: str, value: Any) -> Any:
-        """`value` unchanged if allowed; else a SamplingError naming `name` and the range."""
-        kinds = (int,) if self.integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds) or value not in self:
-            kind = "an integer" if self.integer else "a finite number"
-            raise SamplingError(f"{name} must be {kind} in {self}, got {value!r}")
-        return value
-
-    def json_schema(self) -> dict[str, int | float]:
-        return {"exclusiveMinimum" if self.lo_open else "minimum": self.lo, "maximum": self.hi}
-
-
-TEMPERATURE = Interval(0, 100)  # 0 (or below MIN_TEMPERATURE) = greedy
-TOP_P = Interval(0, 1, lo_open=True)
-TOP_K = Interval(0, 1_000_000, integer=True)  # 0 = off; above the vocabulary size = off
-SEED = Interval(0, 2**63 - 1, integer=True)
-LOGPROBS = Interval(0, 20, integer=True)
-
-
-def check_stop(stop: tuple[str, ...] | list[str]) -> None:
-    if len(stop) > MAX_STOP_STRINGS:
-        raise SamplingError(f"stop must hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
-    for s in stop:
-        if not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_LENGTH:
-            got = f"{len(s)} characters" if isinstance(s, str) else type(s).__name__
-            raise SamplingError(f"each stop string must be a string of 1-{MAX_STOP_LENGTH} characters, got {got}")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 16  # the server bounds it by the context length
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    logprobs: int = 0  # top-n alternatives returned per token
-    echo: bool = False  # also score the prompt (prompt-token logprobs)
-
-    def __post_init__(self) -> None:
-        for name, value in (("max_tokens", self.max_tokens), ("min_tokens", self.min_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise SamplingError(f"{name} must be an integer >= 0, got {value!r}")
-        TEMPERATURE.check("temperature", self.temperature)
-        TOP_P.check("top_p", self.top_p)
-        TOP_K.check("top_k", self.top_k)
-        LOGPROBS.check("logprobs", self.logprobs)
-        if self.seed is not None:
-            SEED.check("seed", self.seed)
-        check_stop(self.stop)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
+__all__ = ["LOGPROBS", "MAX_STOP_LENGTH", "MAX_STOP_STRINGS", "MIN_TEMPERATURE", "SEED", "TEMPERATURE", "TOP_K", "TOP_P", "Interval", "SamplingError",
+           "SamplingParams", "check_stop", "make_generator", "sample", "sample_batch", "sample_isolated", "SamplingBatch"]
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -102,6 +24,35 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     else:
         g.manual_seed(seed)
     return g
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """Every row's sampling parameters as tensors [B] on the device, plus host facts that fix the step's shapes (which
+    rows draw, how many alternatives to return), so sampling needs no host sync."""
+
+    temperature: Tensor  # [B] float32 (1 on greedy rows)
+    top_k: Tensor  # [B] long, 0 = off
+    top_p: Tensor  # [B] float32
+    generators: tuple[Any, ...]  # one per row (torch.Generator; anything else fails that row's draw)
+    sampled: tuple[int, ...]  # rows that draw (not greedy)
+    filtered: bool  # some drawing row uses top-k or top-p
+    num_top: int  # alternatives to return per row (max over rows)
+    top_k_cap: int = 0  # every drawing row keeps at most this many tokens (0: some row keeps all)
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], generators: list[Any], device: torch.device) -> SamplingBatch:
+        sampled = tuple(b for b, p in enumerate(params) if not p.greedy)
+        packed = torch.tensor([(1.0 if p.greedy else p.temperature, p.top_k, p.top_p) for p in params],
+                              dtype=torch.float64).to(device, non_blocking=True)
+        return cls(
+            temperature=packed[:, 0].float(), top_k=packed[:, 1].long(), top_p=packed[:, 2].float(),
+            generators=tuple(generators), sampled=sampled,
+            filtered=any(params[b].top_k > 0 or params[b].top_p < 1.0 for b in sampled),
+            num_top=max((p.logprobs for p in params), default=0),
+            top_k_cap=max((params[b].top_k for b in sampled), default=0) if all(params[b].top_k > 0 for b in sampled)
+            else 0,
+        )
 
 
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> Tensor:
@@ -116,36 +67,72 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
 def sample_isolated(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator]
                     ) -> tuple[Tensor, dict[int, Exception]]:
     """logits [B, V] -> (next tokens [B], {row: the error that row raised}). A failed row's token is arbitrary and the
-    other rows are unaffected, so one bad sequence can be finished with its error while the batch goes on.
-
-    All greedy rows are one argmax. NaN logits are never chosen; a row whose logits are all -inf or NaN fails."""
+    other rows are unaffected, so one bad sequence can be finished with its error while the batch goes on."""
     assert logits.dim() == 2 and logits.shape[0] == len(params) == len(generators), (logits.shape, len(params))
-    logits = logits.float().masked_fill(logits.isnan(), float("-inf"))
-    tokens = logits.argmax(dim=-1)
-    alive = (logits > float("-inf")).any(dim=-1).tolist()
-    errors: dict[int, Exception] = {}
-    for b, (p, g) in enumerate(zip(params, generators)):
-        if not alive[b]:
+    tokens, alive, errors = sample_batch(logits, SamplingBatch.of(params, generators, logits.device))
+    for b, ok in enumerate(alive.tolist()):
+        if not ok:
             errors[b] = ValueError(f"row {b} has no token with a finite logit (all are -inf or NaN)")
-        elif not p.greedy:
-            try:
-                tokens[b] = _sample_row(logits[b], p, g)
-            except Exception as e:  # isolation is the point: whatever failed, only this row is lost
-                errors[b] = e
     return tokens, errors
 
 
-def _sample_row(logits: Tensor, p: SamplingParams, g: torch.Generator) -> Tensor:
-    """logits [V] float32, no NaN, some > -inf -> a token id (0-d). Shifting the maximum to 0 before dividing keeps
-    every scaled logit in [-inf, 0], so softmax never sees inf - inf; +inf logits become 0 and share the draw."""
-    x = torch.nan_to_num(logits - logits.max(), nan=0.0, neginf=float("-inf")) / p.temperature
-    if 0 < p.top_k < x.shape[-1]:
-        kth = torch.topk(x, p.top_k).values[-1]
+def sample_batch(logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor, dict[int, Exception]]:
+    """logits [B, V] -> (next tokens [B], alive [B] bool, {row: error of its draw}), all rows at once on the device.
+
+    All greedy rows are one argmax. NaN logits are never chosen; a row whose logits are all -inf or NaN is not alive
+    (its token is arbitrary). A drawing row takes one uniform number from its own generator (so it draws the same
+    token alone or in any batch) and inverts the cumulative distribution of its filtered, tempered probabilities."""
+    inf = float("inf")
+    logits = torch.nan_to_num(logits.float(), nan=-inf, posinf=inf, neginf=-inf)  # one pass
+    tokens = logits.argmax(dim=-1)
+    alive = logits.gather(-1, tokens[:, None])[:, 0] > -inf  # the maximum is finite or +inf
+    errors: dict[int, Exception] = {}
+    if not batch.sampled:
+        return tokens, alive, errors
+    rows = list(batch.sampled)
+    draws: list[Tensor] = []  # 0-d, on the device: stacked, never read back here
+    for b in rows:
+        try:
+            draws.append(_uniform(batch.generators[b], logits.device))
+        except Exception as e:  # isolation is the point: whatever failed, only this row is lost
+            errors[b] = e
+            draws.append(torch.zeros((), dtype=torch.float64, device=logits.device))
+    index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
+    drawn = _draw(logits[index], batch.temperature[index], batch.top_k[index], batch.top_p[index],
+                  torch.stack(draws), filtered=batch.filtered, cap=batch.top_k_cap)
+    return tokens.index_copy(0, index, drawn), alive, errors
+
+
+def _uniform(g: Any, device: torch.device) -> Tensor:
+    """One draw in [0, 1) from a row's generator (which lives on `device`)."""
+    return torch.rand((), generator=g, dtype=torch.float64, device=device)
+
+
+def _draw(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, u: Tensor, *, filtered: bool,
+          cap: int = 0) -> Tensor:
+    """logits [S, V] float32 without NaN; temperature, top_p [S]; top_k [S] (0 off); u [S] in [0, 1) -> tokens [S].
+    Shifting each row's maximum to 0 before dividing keeps every scaled logit in [-inf, 0], so softmax never sees
+    inf - inf; +inf logits become 0 and share the draw. With `cap` (every row's top_k <= cap), only the cap most
+    likely tokens are sorted, not the vocabulary."""
+    x = torch.nan_to_num(logits - logits.max(-1, keepdim=True).values, nan=0.0, neginf=float("-inf"))
+    x = x / temperature[:, None]
+    order = None
+    if filtered:
+        V = x.shape[-1]
+        if 0 < cap < V:
+            x, order = torch.topk(x, cap, dim=-1)  # sorted, descending
+        else:
+            x, order = torch.sort(x, dim=-1, descending=True)
+        k = torch.where((top_k > 0) & (top_k < x.shape[-1]), top_k, x.shape[-1])
+        kth = x.gather(-1, (k - 1)[:, None])
         x = x.masked_fill(x < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_x, order = torch.sort(x, descending=True)
-        probs = sorted_x.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= p.top_p  # keep the smallest prefix reaching top_p
-        drop[0] = False  # the most likely token always stays, however small top_p rounds in float32
-        x = x.scatter(0, order, sorted_x.masked_fill(drop, float("-inf")))
-    return torch.multinomial(x.softmax(-1), 1, generator=g)[0]
+        probs = x.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p[:, None]  # keep the smallest prefix reaching top_p
+        drop[:, 0] = False  # the most likely token always stays, however small top_p rounds in float32
+        x = x.masked_fill(drop & (top_p < 1.0)[:, None], float("-inf"))
+    probs = x.softmax(-1).double()
+    cdf = probs.cumsum(-1)
+    at = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.uint8).argmax(-1)  # the last token with mass
+    at = torch.minimum(at, last)
+    return at if order is None else order.gather(-1, at[:, None])[:, 0]

@@ -1,11 +1,11 @@
-"""Admission: which waiting requests join the one running batch, first come first served. Plain data, no torch.
+"""The scheduler: the one owner of every `Request`, waiting then running, and of admission. Plain data, no torch.
 
-Every running request decodes every step, whatever its policy; the scheduler only decides who is running. It owns
-that: the waiting queue and the running set, each running request with the KV blocks reserved for it. A request
-reserves, when admitted, the blocks its whole length needs under its schedule (slots x ceil((prompt + max_tokens) /
-block size)), so a running request never runs out of cache. The oldest waiting request is admitted as soon as
-`max_running` and the KV budget allow; younger ones never overtake it, so a stream of small requests cannot starve
-a large one. A request that could never fit is refused at `add` (`KVBudgetError`, a 400 naming the limit).
+Every running request decodes every step, whatever its policy; the scheduler decides who is running. A request is
+admitted when `max_running` and the KV manager's budget allow (it reserves the blocks its whole length needs, so a
+running request never runs out of cache). The oldest waiting request goes first; younger ones never overtake it, so
+a stream of small requests cannot starve a large one. A request that could never fit is refused at `enqueue`
+(`KVBudgetError`, a 400 naming the limit). Whatever ends a request (finished, stopped, aborted, disconnected, failed,
+drained), `finish` is where it leaves.
 """
 
 from __future__ import annotations
@@ -13,35 +13,33 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from server.kv_manager import KVBudgetError, KVManager
+from server.request import Request, Status
+
+__all__ = ["Admission", "DrainingError", "KVBudgetError", "QueueFullError", "Scheduler"]
+
+
+class DrainingError(RuntimeError):
+    """The server is draining for shutdown and takes no new requests (HTTP 503)."""
+
 
 class QueueFullError(Exception):
     """The waiting queue is at capacity; the caller should retry later (HTTP 429)."""
 
 
-class KVBudgetError(ValueError):
-    """The request needs more KV cache than the whole budget; the message names the limit and what would fit."""
-
-
 @dataclass(frozen=True)
-class SchedRequest:
-    id: str
-    num_slots: int  # KV slots of its schedule (attention runs per token)
-    max_len: int  # prompt + max_tokens
-    arrival: float
+class Admission:
+    """The scheduler's decision for one step: who joins (prefill) and who was already running (decode)."""
 
-
-@dataclass(frozen=True)
-class SchedulerOutput:
-    admit: tuple[str, ...] = ()  # waiting requests that join the batch in this step (prefill)
-    running: tuple[str, ...] = ()  # requests already running (decode one token)
+    admitted: tuple[Request, ...] = ()
+    running: tuple[Request, ...] = ()
 
 
 class Scheduler:
-    def __init__(self, *, max_running: int, queue_capacity: int, kv_blocks: int, block_size: int) -> None:
-        self.max_running, self.queue_capacity = max_running, queue_capacity
-        self.kv_blocks, self.block_size = kv_blocks, block_size
-        self.waiting: OrderedDict[str, SchedRequest] = OrderedDict()
-        self.running: dict[str, int] = {}  # request id -> KV blocks reserved
+    def __init__(self, *, max_running: int, queue_capacity: int, kv: KVManager) -> None:
+        self.max_running, self.queue_capacity, self.kv = max_running, queue_capacity, kv
+        self.waiting: OrderedDict[str, Request] = OrderedDict()
+        self.running: dict[str, Request] = {}
 
     @property
     def num_waiting(self) -> int:
@@ -52,61 +50,52 @@ class Scheduler:
         return len(self.running)
 
     @property
-    def reserved_blocks(self) -> int:
-        return sum(self.running.values())
-
-    @property
-    def budget_slot_tokens(self) -> int:
-        return self.kv_blocks * self.block_size
-
-    @property
     def has_work(self) -> bool:
         return bool(self.running) or (bool(self.waiting) and self._fits(next(iter(self.waiting.values()))))
 
-    def blocks(self, num_slots: int, max_len: int) -> int:
-        return num_slots * -(-max_len // self.block_size)
+    def get(self, request_id: str) -> Request | None:
+        return self.waiting.get(request_id) or self.running.get(request_id)
 
-    def check(self, num_slots: int, max_len: int) -> None:
+    def check(self, request: Request) -> None:
         """Raise KVBudgetError when a request of this shape could never be admitted."""
-        need = self.blocks(num_slots, max_len)
-        if need > self.kv_blocks:
-            fits = (self.kv_blocks // num_slots) * self.block_size
-            raise KVBudgetError(
-                f"this request needs {num_slots} KV slots (its policy's attention runs) x {max_len} tokens "
-                f"(prompt + max_tokens) = {need * self.block_size} slot-tokens, but the server's KV budget is "
-                f"{self.budget_slot_tokens} slot-tokens; under this policy prompt + max_tokens must be at most {fits}"
-            )
+        self.kv.check(request)
 
-    def add(self, request: SchedRequest) -> None:
-        self.check(request.num_slots, request.max_len)
+    def enqueue(self, request: Request) -> None:
+        self.check(request)
         if len(self.waiting) >= self.queue_capacity:
             raise QueueFullError(f"{len(self.waiting)} requests already waiting (capacity {self.queue_capacity})")
-        assert request.id not in self.waiting and request.id not in self.running, f"duplicate id {request.id}"
+        assert self.get(request.id) is None, f"duplicate id {request.id}"
+        request.status = Status.WAITING
         self.waiting[request.id] = request
 
-    def abort(self, request_id: str) -> bool:
-        """Drop a waiting request; returns True when it is running instead (the engine must abort it)."""
-        if self.waiting.pop(request_id, None) is not None:
-            return False
-        return request_id in self.running
-
-    def finish(self, request_ids: list[str]) -> None:
-        """Running requests that left the batch (finished, aborted or failed): their reservations end."""
-        for r in request_ids:
-            self.running.pop(r, None)
-
-    def schedule(self) -> SchedulerOutput:
-        running = tuple(self.running)
-        admit: list[str] = []
+    def admit(self) -> Admission:
+        """Move the oldest waiting requests that fit to running, reserving their KV."""
+        running = tuple(self.running.values())
+        admitted: list[Request] = []
         while self.waiting:
             oldest = next(iter(self.waiting.values()))
             if not self._fits(oldest):
                 break
             del self.waiting[oldest.id]
-            self.running[oldest.id] = self.blocks(oldest.num_slots, oldest.max_len)
-            admit.append(oldest.id)
-        return SchedulerOutput(tuple(admit), running)
+            self.kv.reserve(oldest)
+            oldest.status = Status.RUNNING
+            self.running[oldest.id] = oldest
+            admitted.append(oldest)
+        return Admission(tuple(admitted), running)
 
-    def _fits(self, r: SchedRequest) -> bool:
-        return (len(self.running) < self.max_running
-                and self.reserved_blocks + self.blocks(r.num_slots, r.max_len) <= self.kv_blocks)
+    def finish(self, request_id: str, reason: str, error: str | None = None) -> Request | None:
+        """End a request whatever the reason: it leaves the queue or the running set, and a running one's KV
+        reservation and blocks are freed. Returns it (None when it is not here). A waiting request holds no KV, so
+        ending one touches nothing the engine thread owns."""
+        request = self.waiting.pop(request_id, None)
+        if request is None:
+            request = self.running.pop(request_id, None)
+            if request is None:
+                return None
+            self.kv.free(request_id)
+        request.set_finished(reason, error)
+        request.status = Status.FINISHED
+        return request
+
+    def _fits(self, r: Request) -> bool:
+        return len(self.running) < self.max_running and self.kv.can_reserve(r)

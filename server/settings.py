@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")
     enable_prefix_caching: bool = Field(
         True, description="reuse the KV (and prompt logprobs) of prompt blocks already computed under the same policy")
+    prefix_cache_blocks: int | None = Field(
+        None, ge=0, description="KV blocks kept only for prefix reuse (held by no request); least recently used ones "
+        "beyond it are evicted; default: a quarter of the KV budget's blocks")
     probe_max_prompts: int = Field(64, ge=1, description="prompts in one POST /v1/probe")
     probe_max_tokens: int = Field(4096, ge=1, description="tokens over all prompts of one POST /v1/probe")
     default_policy: str = "full"

@@ -12,66 +12,21 @@ import json
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # server.model imports this module: import it back only where used
-    from server.model import ModelArgs
+from server.model import LayerStack, ModelArgs, ModelWeights, Transformer, text_config
+
+__all__ = ["CheckpointError", "LayerStack", "ModelWeights", "load_checkpoint", "transformer_from_hf",
+           "weights_from_hf_model"]
 
 log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
     pass
-
-
-@dataclass
-class LayerStack:
-    """Per-kind weights of a run of layers, stacked on dim 0 (matrices as [in, out]); biases, q/k norms and post-norms
-    optional."""
-
-    attn_norm: Tensor  # [L, d]
-    wqkv: Tensor  # [L, d, q + 2 kv]
-    wo: Tensor  # [L, q, d]
-    mlp_norm: Tensor  # [L, d]
-    w_gate_up: Tensor  # [L, d, 2 ff]
-    w_down: Tensor  # [L, ff, d]
-    bqkv: Tensor | None = None  # [L, q + 2 kv]
-    bo: Tensor | None = None  # [L, d]
-    b_gate_up: Tensor | None = None  # [L, 2 ff]
-    b_down: Tensor | None = None  # [L, d]
-    q_norm: Tensor | None = None  # [L, hd]
-    k_norm: Tensor | None = None  # [L, hd]
-    post_attn_norm: Tensor | None = None  # [L, d] Gemma: norms the attention's output (part of A_i)
-    post_mlp_norm: Tensor | None = None  # [L, d] Gemma: norms the MLP's output (part of M_i)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for f in fields(self) if (t := getattr(self, f.name)) is not None)
-
-
-@dataclass
-class ModelWeights:
-    """Everything the decoder reads: the layer stacks, embeddings, final norm, LM head and rotary frequencies."""
-
-    layers: LayerStack
-    embed: Tensor  # [V, d]; lm_head.T (a view) when the embeddings are tied
-    lm_head: Tensor  # [d, V], contiguous
-    final_norm: Tensor  # [d]
-    inv_freq: Tensor  # [hd / 2] float32
-    rope_scale: float  # transformers' attention_scaling: multiplies cos and sin
-    local_inv_freq: Tensor | None = None  # sliding-window layers' own frequencies (Gemma 3); None: inv_freq
-    local_rope_scale: float = 1.0
-
-    def nbytes(self) -> int:
-        """Bytes held, counting a storage shared by several tensors (a tied LM head) once."""
-        tensors = [getattr(self.layers, f.name) for f in fields(self.layers)]
-        tensors += [self.embed, self.lm_head, self.final_norm, self.inv_freq, self.local_inv_freq]
-        storages = {
-            (t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in tensors if t is not None
-        }
-        return sum(storages.values())
 
 
 # -- from a checkpoint --------------------------------------------------------------------------------------------
@@ -99,7 +54,6 @@ def load_checkpoint(
     directory: str | Path, config: Any, *, dtype: torch.dtype, device: torch.device | str
 ) -> ModelWeights:
     """Stream a safetensors checkpoint (transformers' naming) into freshly allocated stacks of `dtype` on `device`."""
-    from server.model import ModelArgs, text_config
 
     directory, device = Path(directory), torch.device(device)
     a = ModelArgs.from_hf_config(config)
@@ -273,7 +227,6 @@ def rope_parameters(config: Any, layer_type: str | None = None) -> Rotary:
 
 def weights_from_hf_model(hf_model: Any, *, dtype: torch.dtype, device: torch.device | str) -> ModelWeights:
     """Copy the weights of a transformers Llama-family or Gemma 3 model into stacks of `dtype` on `device`."""
-    from server.model import ModelArgs
 
     device = torch.device(device)
     a = ModelArgs.from_hf_config(hf_model.config)
@@ -345,3 +298,9 @@ def _stack_layers(hf_layers: Any, a: ModelArgs, dtype: torch.dtype, device: torc
         post_attn_norm=stack(lambda l: norm(l.post_attention_layernorm) if post else None),
         post_mlp_norm=stack(lambda l: norm(l.post_feedforward_layernorm) if post else None),
     )  # type: ignore[arg-type]
+
+
+def transformer_from_hf(hf_model: Any, *, dtype: torch.dtype, device: torch.device | str) -> Transformer:
+    """Our model from an in-memory transformers model (tests, parity checks): its weights copied into our stacks."""
+    args = ModelArgs.from_hf_config(hf_model.config)
+    return Transformer(args, weights_from_hf_model(hf_model, dtype=dtype, device=device), dtype=dtype, device=device)

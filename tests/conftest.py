@@ -166,12 +166,12 @@ def poisoned_seed(monkeypatch):
     normally. Returns the seed."""
     import server.sampling as sampling
 
-    real = sampling._sample_row
+    real = sampling._uniform
 
-    def poisoned(logits, p, g):
-        if p.seed == 666:
+    def poisoned(g, device):
+        if g.initial_seed() == 666:
             raise RuntimeError("probability tensor contains inf, nan or element < 0")
-        return real(logits, p, g)
+        return real(g, device)
 
-    monkeypatch.setattr(sampling, "_sample_row", poisoned)
+    monkeypatch.setattr(sampling, "_uniform", poisoned)
     return 666

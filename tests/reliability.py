@@ -49,6 +49,7 @@ def _serve_main(argv: list[str]) -> int:
     opts = dict(zip(argv[1::2], argv[2::2]))
     delay = float(opts.get("--step-delay", 0))
     die_after = int(opts.get("--die-after", -1))
+    model = wide_tiny if opts.get("--wide") == "1" else tiny_llama
     torch.set_num_threads(1)
 
     class EngineFault(BaseException):
@@ -57,31 +58,31 @@ def _serve_main(argv: list[str]) -> int:
     class TestEngine(Engine):
         started = 0
 
-        def new_sequence(self, *args: Any, **kwargs: Any):
+        def start(self, *args: Any, **kwargs: Any):
             TestEngine.started += 1
             if TestEngine.started == die_after:
                 raise EngineFault("injected engine fault")
-            return super().new_sequence(*args, **kwargs)
+            return super().start(*args, **kwargs)
 
         def new_batch(self, **kwargs: Any):
             batch = super().new_batch(**kwargs)
             if delay:
-                step = batch.step
-                batch.step = lambda: (time.sleep(delay), step())[1]  # type: ignore[method-assign]
+                execute = batch.execute
+                batch.execute = lambda inp: (time.sleep(delay), execute(inp))[1]  # type: ignore[method-assign]
             return batch
 
     settings = Settings(model=MODEL)  # the rest from PAINTERS_* variables
-    app = create_app(settings, engine_factory=lambda s: TestEngine.from_hf(tiny_llama(), CharTokenizer()))
+    app = create_app(settings, engine_factory=lambda s: TestEngine.from_hf(model(), CharTokenizer()))
     return serve(app, host=HOST, port=port, log_level="warning")
 
 
 @contextmanager
 def tiny_process(tmp: Path, *, step_delay: float = 0.0, die_after: int = -1, env: dict[str, str] | None = None,
-                 timeout: float = 120) -> Iterator[Process]:
+                 timeout: float = 120, wide: bool = False) -> Iterator[Process]:
     """The tiny-model server in a child process on a free port, yielded once /ready is 200; terminated after."""
     port = free_port()
     args = [sys.executable, "-m", "tests.reliability", "serve", str(port), "--step-delay", str(step_delay),
-            "--die-after", str(die_after)]
+            "--die-after", str(die_after), "--wide", "1" if wide else "0"]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), "PAINTERS_MAX_MODEL_LEN": "128",
                 **(env or {})}
     log = tmp / f"tiny-{port}.log"
@@ -389,6 +390,8 @@ class SoakResult:
     disconnects: int
     failures: list[str]
     rss_mb: list[tuple[int, float]]  # (requests done, server RSS in MB)
+    prefix_blocks: list[tuple[float, float]]  # (painters:prefix_cache_blocks, its limit) at each RSS sample
+    idle_after: bool  # running, waiting and KV gauges back to 0
     # (most seen in the first half, at the end): worker pools fill lazily up to their bound in the first half; a
     # leak (a thread or a socket per request or per disconnect) keeps growing after it
     threads: tuple[int, int]
@@ -406,6 +409,16 @@ class SoakResult:
         warm = [mb for done, mb in self.rss_mb if done >= self.requests // 5]
         return warm[-1] / warm[0] - 1 if len(warm) > 1 else 0.0
 
+    @property
+    def last_quarter_growth(self) -> float:
+        """RSS growth over the last quarter of the requests (flat: near 0)."""
+        late = [mb for done, mb in self.rss_mb if done >= self.requests * 3 // 4]
+        return late[-1] / late[0] - 1 if len(late) > 1 else 0.0
+
+    @property
+    def prefix_within_bound(self) -> bool:
+        return all(blocks <= limit for blocks, limit in self.prefix_blocks)
+
 
 def soak(url: str, pid: int, *, requests: int, concurrency: int = 8, seed: int = 0,
          progress: Callable[[int], None] | None = None) -> SoakResult:
@@ -422,18 +435,24 @@ def soak(url: str, pid: int, *, requests: int, concurrency: int = 8, seed: int =
     ok = intended = disconnects = done = 0
     failures: list[str] = []
     rss: list[tuple[int, float]] = []
+    prefix: list[tuple[float, float]] = []
     half: list[tuple[int, int]] = []  # (threads, open files) sampled in the first half
     every = max(1, requests // 20)
 
     def sample() -> None:
         rss.append((done, server.memory_info().rss / 2**20))
+        text = scrape(url)
+        prefix.append((metric_value(text, "painters:prefix_cache_blocks"),
+                       metric_value(text, "painters:prefix_cache_blocks_limit")))
         if done <= requests // 2:
             half.append((server.num_threads(), server.num_fds()))
 
     def one(plan: tuple[str, int, int, bool, bool, str]) -> None:
         nonlocal ok, intended, disconnects, done
         policy, prompt_len, max_tokens, streaming, drop, path = plan
-        prompt = ("soak " * 20)[:prompt_len]
+        # a shared start and a distinct tail: the prefix cache both hits and keeps filling
+        prompt = ("soak " * 20)[:prompt_len] + " " + " ".join(f"w{(prompt_len * 7919 + max_tokens * i) % 997}"
+                                                               for i in range(prompt_len % 5))
         if path == "/generate":
             body: dict[str, Any] = {"inputs": prompt, "parameters": {"max_new_tokens": max_tokens, "policy": policy}}
             path = "/generate_stream" if streaming else path
@@ -484,10 +503,10 @@ def soak(url: str, pid: int, *, requests: int, concurrency: int = 8, seed: int =
     sample()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, plans))
-    wait_idle(url)
+    idle = wait_idle(url)
     time.sleep(0.5)
     sample()
-    return SoakResult(requests, ok, intended, disconnects, failures, rss,
+    return SoakResult(requests, ok, intended, disconnects, failures, rss, prefix, idle,
                       (max(t for t, _ in half), server.num_threads()), (max(f for _, f in half), server.num_fds()),
                       time.perf_counter() - t0)
 
@@ -501,9 +520,26 @@ def _classify(status: int, text: str) -> str:
 # -- make reliability ----------------------------------------------------------------------------------------------
 
 
+def _soak_main(requests: int) -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp, tiny_process(Path(tmp), wide=True) as p:
+        s = soak(p.url, p.proc.pid, requests=requests,
+                 progress=lambda n: print(f"{n} done", flush=True) if n % 200 == 0 else None)
+    print(json.dumps({"requests": s.requests, "ok": s.ok, "intended_4xx": s.intended_4xx,
+                      "disconnects": s.disconnects, "failures": s.failures[:10],
+                      "rss_mb": [round(mb) for _, mb in s.rss_mb], "rss_drift": s.rss_drift,
+                      "last_quarter_growth": s.last_quarter_growth, "prefix_blocks": s.prefix_blocks,
+                      "idle_after": s.idle_after, "threads": s.threads, "fds": s.fds, "wall_s": s.wall_s}))
+    bad = s.failures or s.leaked or s.last_quarter_growth > 0.02 or not s.prefix_within_bound or not s.idle_after
+    return 1 if bad else 0
+
+
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "serve":
         return _serve_main(argv[1:])
+    if argv and argv[0] == "soak":  # the soak alone: python -m tests.reliability soak [REQUESTS]
+        return _soak_main(int(argv[1]) if len(argv) > 1 else 1000)
     import tempfile
 
     from rich.console import Console
@@ -539,13 +575,17 @@ def main(argv: list[str]) -> int:
         d = [disconnect(url) for _ in range(10)]
         rows.append(("disconnect: engine steps to free rows and KV (max of 10)",
                      f"{max(x.steps_to_free for x in d):.0f} ({max(x.seconds_to_free for x in d) * 1e3:.0f} ms)"))
-    console.print(f"[bold]soak[/]: {soak_requests} requests at 8 concurrent ...")
-    with tempfile.TemporaryDirectory() as tmp, tiny_process(Path(tmp)) as p:
+    console.print(f"[bold]soak[/]: {soak_requests} requests at 8 concurrent (the wider tiny model) ...")
+    with tempfile.TemporaryDirectory() as tmp, tiny_process(Path(tmp), wide=True) as p:
         s = soak(p.url, p.proc.pid, requests=soak_requests,
                  progress=lambda n: console.print(f"  {n} done", highlight=False) if n % 200 == 0 else None)
     rows.append(("soak: requests / ok / intended 4xx / disconnects / failures",
                  f"{s.requests} / {s.ok} / {s.intended_4xx} / {s.disconnects} / {len(s.failures)}"))
-    rows.append(("soak: RSS drift after warm-up", f"{s.rss_drift * 100:+.1f} %"))
+    rows.append(("soak: RSS drift after warm-up / over the last quarter",
+                 f"{s.rss_drift * 100:+.1f} % / {s.last_quarter_growth * 100:+.1f} %"))
+    rows.append(("soak: prefix-cache blocks max / limit",
+                 f"{max(b for b, _ in s.prefix_blocks):.0f} / {max(lim for _, lim in s.prefix_blocks):.0f}"))
+    rows.append(("soak: gauges back to 0", "yes" if s.idle_after else "NO"))
     rows.append(("soak: RSS over time (MB)", " ".join(f"{mb:.0f}" for _, mb in s.rss_mb)))
     rows.append(("soak: threads / open files (first half max -> end)", f"{s.threads[0]} -> {s.threads[1]} / "
                  f"{s.fds[0]} -> {s.fds[1]}"))
@@ -559,7 +599,8 @@ def main(argv: list[str]) -> int:
         table.add_row(k, v)
     console.print(table)
     bad = f.failed or h.server_errors or not h.healthy_after or o.other or not o.idle_after or s.failures \
-        or abs(s.rss_drift) > 0.10 or s.leaked \
+        or abs(s.rss_drift) > 0.10 or s.leaked or s.last_quarter_growth > 0.02 or not s.prefix_within_bound \
+        or not s.idle_after \
         or not all(x.freed for x in d)
     return 1 if bad else 0
 

@@ -54,9 +54,9 @@ class GatedEngine(Engine):
         super().__init__(*args, **kwargs)
         self.gate = gate
 
-    def new_sequence(self, *args: Any, **kwargs: Any):
+    def start(self, *args: Any, **kwargs: Any):
         assert self.gate.wait(timeout=60), "test gate never opened"
-        return super().new_sequence(*args, **kwargs)
+        return super().start(*args, **kwargs)
 
 
 def gated(gate: threading.Event) -> Callable[[Settings], Engine]:
@@ -868,3 +868,15 @@ def test_kv_usage_gauge_reports_real_use_while_running():
         wait_for(lambda: loop.num_running == 0)
         assert seen and max(seen) > 0, "usage was never above 0 while a request held KV blocks"
         assert metric_value(c.get("/metrics").text, "painters:kv_slots_usage_perc", model=MODEL) == 0.0
+
+
+def test_the_http_layer_imports_no_torch():
+    """server/api touches no tensors: importing every router and helper loads neither torch nor the engine."""
+    import subprocess
+    import sys
+
+    code = ("import pkgutil, importlib, sys, server.api as api\n"
+            "for m in pkgutil.iter_modules(api.__path__): importlib.import_module(f'server.api.{m.name}')\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m in ('server.generate', 'server.engine_loop')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

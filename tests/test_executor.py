@@ -13,6 +13,7 @@ from torch.testing import assert_close
 
 from server.executor import Executor, Row
 from server.model import GroupMode, Transformer
+from server.weights import transformer_from_hf
 from server.compiler import Schedule, compile_schedule
 from tests.reference import ARCHS, NUM_LAYERS, VOCAB, reference_logits, tiny_model, tiny_multimodal_gemma
 
@@ -46,7 +47,7 @@ POLICIES = [
 
 @functools.cache
 def transformer(name: str) -> Transformer:
-    return Transformer.from_hf(tiny_model(name), dtype=torch.float32, device="cpu")
+    return transformer_from_hf(tiny_model(name), dtype=torch.float32, device="cpu")
 
 
 def schedule(policy: str) -> Schedule:
@@ -135,7 +136,7 @@ def test_gemma_fixtures_exercise_their_features() -> None:
     assert a.sliding_layers == {0, 1, 3, 4, 6, 7} and a.sliding_window < 12
     assert a.post_norms and a.query_scale != a.head_dim**-0.5 and a.embed_scale == a.dim**0.5
     positions = torch.arange(12)[None]
-    plain, scaled = transformer("gemma3").rope(positions), transformer("gemma3_rope").rope(positions)
+    plain, scaled = transformer("gemma3").rope(positions, top=12), transformer("gemma3_rope").rope(positions, top=12)
     assert not torch.allclose(plain[True][0], plain[False][0])  # local base 10k, global 1M
     assert torch.equal(plain[True][0], scaled[True][0]) and not torch.allclose(plain[False][0], scaled[False][0])
     tied, untied = tiny_model("gemma3"), tiny_model("gemma3_rope")
@@ -149,7 +150,7 @@ def test_full_matches_transformers_on_a_multimodal_gemma3() -> None:
     ids = tokens(2, 12, seed=1)
     with torch.no_grad():
         expected = mm(input_ids=ids).logits
-    model = Transformer.from_hf(mm, dtype=torch.float32, device="cpu")
+    model = transformer_from_hf(mm, dtype=torch.float32, device="cpu")
     full = schedule("full")
     ex = Executor(model, num_blocks=2 * full.num_slots * 3 + 1, block_size=4, max_len=12)
     assert_close(ex.forward(ids, [Row(b, full, 0, 12) for b in range(2)]), expected, **TOL)
@@ -214,7 +215,7 @@ def test_decoding_past_the_sliding_window(policy: str) -> None:
 def test_rotary_tables_past_their_initial_size() -> None:
     """Positions past 1024 (where the rotary table grows) match transformers' llama3-scaled rotary embedding."""
     positions = torch.tensor([[1030, 1031, 1032], [5, 6, 7]])
-    ours = transformer("llama_rope3").rope(positions)[False]
+    ours = transformer("llama_rope3").rope(positions, top=1033)[False]
     cos, sin = tiny_model("llama_rope3").model.rotary_emb(torch.zeros(1), positions)  # [B, T, hd]
     assert_close(ours[0], cos, **TOL)
     assert_close(ours[1], sin, **TOL)
@@ -368,3 +369,33 @@ def test_streams_match_batched(name: str, policy: str) -> None:
         results[mode] = torch.cat([prefill, *steps], dim=1)
     assert_close(results["streams"], results["batched"], **TOL)
     assert_close(results["streams"], reference_logits(tiny_model(name), schedule(policy), ids), **TOL)
+
+
+# -- decode attention read in place == gathered ----------------------------------------------------------------------
+
+
+@pytest.mark.slow  # compiles FlexAttention on the CPU, once per number of rows: a minute or two
+def test_in_place_attention_decodes_as_gathered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode steps reading the pool in place (FlexAttention over the block tables) give the gathered path's logits:
+    a mixed-schedule batch with ragged prompts, Gemma 3's windowed and global layers (a window of 5 that decoding
+    passes; `pairs` fuses layers of both kinds), GQA, 4-token blocks."""
+    name = "gemma3"
+    policies = ["full", "skip:2-4", "pairs:1-5"]
+    prompts = [tokens(1, 3 + (i * 5) % 9, seed=70 + i)[0] for i in range(len(policies))]
+    lengths = [p.numel() for p in prompts]
+    import server.executor
+
+    calls = []
+    real = server.executor.paged_attention
+    monkeypatch.setattr(server.executor, "paged_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = []
+    for attention in ("gathered", "in_place"):
+        ex = executor(name, policies)
+        ex.ex.attention = attention
+        first = ex.forward(padded(prompts, seed=12), rows=slice(0, len(policies)), start=[0] * len(policies),
+                           logits_at=torch.tensor(lengths) - 1, num_new=lengths)
+        runs.append(decode_batch(ex, first, lengths, steps=6))
+    (want_tokens, want), (got_tokens, got) = runs
+    assert len(calls) >= 6 * 4  # decode steps' attention went in place
+    assert got_tokens == want_tokens
+    assert_close(torch.stack(got), torch.stack(want), **TOL)

@@ -40,11 +40,11 @@ def test_writes_land_in_their_own_blocks_and_read_back_in_order():
     valid = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
     k = torch.arange(2 * 6 * KV * HD, dtype=torch.float32).view(2 * 6, KV, HD)
     c.write(c.locate(rows, positions, valid).reshape(-1), k, -k)
-    keys, values = c.read(c.blocks(rows, 2))  # [2, kv, 8, hd]
+    keys, values = c.read(c.block_ids(rows, 2))  # [2, kv, 8, hd]
     assert torch.equal(keys[0, :, :6].transpose(0, 1), k[:6])
     assert torch.equal(values[0, :, :6].transpose(0, 1), -k[:6])
     assert torch.equal(keys[1, :, :3].transpose(0, 1), k[6:9]), "padding went to the scratch block, not row 2"
-    other = c.read(c.blocks(torch.tensor([c.table_row(1, (0, 0))]), 2))[0]
+    other = c.read(c.block_ids(torch.tensor([c.table_row(1, (0, 0))]), 2))[0]
     assert not other.any(), "another slot of the same sequence is untouched"
 
 
@@ -118,8 +118,8 @@ def test_a_partly_agreeing_block_is_found_token_by_token_and_copied_not_shared()
     copies = [c._held[2][s][1] for s in SLOTS]
     assert not set(copies) & set(found.blocks), "private copies, not the shared blocks"
     assert all(c._refs[b] == 1 for b in found.blocks), "the source is held by its own sequence only"
-    mine = c.read(c.blocks(torch.tensor([c.table_row(2, s) for s in SLOTS]), 2))
-    theirs = c.read(c.blocks(rows, 2))
+    mine = c.read(c.block_ids(torch.tensor([c.table_row(2, s) for s in SLOTS]), 2))
+    theirs = c.read(c.block_ids(rows, 2))
     assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
 
 

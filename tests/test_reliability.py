@@ -224,7 +224,7 @@ class Fatal(BaseException):
 
 
 class DyingEngine(Engine):
-    def new_sequence(self, *args, **kwargs):
+    def start(self, *args, **kwargs):
         raise Fatal("injected")
 
 
@@ -302,3 +302,5 @@ def test_short_soak_has_no_failures_and_no_thread_or_fd_growth(tmp_path):
     assert result.ok > 60 and result.disconnects >= 1, result
     assert not result.leaked, result
     assert abs(result.rss_drift) < 0.10, result.rss_mb
+    assert result.idle_after and result.prefix_within_bound, result.prefix_blocks
+    assert max(limit for _, limit in result.prefix_blocks) > 0, "the prefix-cache bound is reported"

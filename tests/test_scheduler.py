@@ -7,103 +7,116 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from server.scheduler import KVBudgetError, QueueFullError, Scheduler, SchedRequest
+from server.compiler import compile_schedule
+from server.kv_manager import KVManager
+from server.policy import as_policy
+from server.request import Request
+from server.sampling_params import SamplingParams
+from server.scheduler import KVBudgetError, QueueFullError, Scheduler
 
 
-def req(id: str, *, slots: int = 4, length: int = 16, t: float = 0.0) -> SchedRequest:
-    return SchedRequest(id, slots, length, t)
+def req(id: str, *, slots: int = 4, length: int = 16, t: float = 0.0) -> Request:
+    """A request of `length` tokens (prompt + max_tokens) whose schedule has `slots` KV slots (full over `slots`
+    layers)."""
+    schedule = compile_schedule(as_policy("full"), slots)
+    return Request(id, [0] * (length - 1), SamplingParams(max_tokens=1), schedule, arrival=t)
 
 
 def sched(*, running: int = 8, capacity: int = 100, blocks: int = 64, block: int = 16) -> Scheduler:
-    return Scheduler(max_running=running, queue_capacity=capacity, kv_blocks=blocks, block_size=block)
+    return Scheduler(max_running=running, queue_capacity=capacity, kv=KVManager(num_blocks=blocks, block_size=block))
+
+
+def ids(requests) -> tuple[str, ...]:
+    return tuple(r.id for r in requests)
 
 
 def test_everyone_running_decodes_every_step_whatever_the_policy():
     s = sched()
     for r in (req("a", slots=4), req("b", slots=2), req("c", slots=8)):
-        s.add(r)
-    first = s.schedule()
-    assert first.admit == ("a", "b", "c") and first.running == ()
-    second = s.schedule()
-    assert second.admit == () and second.running == ("a", "b", "c")
+        s.enqueue(r)
+    first = s.admit()
+    assert ids(first.admitted) == ("a", "b", "c") and first.running == ()
+    second = s.admit()
+    assert second.admitted == () and ids(second.running) == ("a", "b", "c")
 
 
 def test_admission_stops_at_max_running():
     s = sched(running=2)
     for r in "abc":
-        s.add(req(r))
-    assert s.schedule().admit == ("a", "b")
-    assert s.schedule().admit == ()
-    s.finish(["a"])
-    assert s.schedule().admit == ("c",)
+        s.enqueue(req(r))
+    assert ids(s.admit().admitted) == ("a", "b")
+    assert s.admit().admitted == ()
+    s.finish("a", "stop")
+    assert ids(s.admit().admitted) == ("c",)
 
 
 def test_reservation_is_slots_times_length_in_blocks():
     s = sched(blocks=10, block=16)
-    s.add(req("skip", slots=3, length=17))  # 3 slots x 2 blocks
-    s.add(req("full", slots=4, length=16))  # 4 x 1
-    s.add(req("next", slots=1, length=1))
-    out = s.schedule()
-    assert out.admit == ("skip", "full") and s.reserved_blocks == 10
-    s.finish(["skip"])
-    assert s.schedule().admit == ("next",) and s.reserved_blocks == 5
+    s.enqueue(req("skip", slots=3, length=17))  # 3 slots x 2 blocks
+    s.enqueue(req("full", slots=4, length=16))  # 4 x 1
+    s.enqueue(req("next", slots=1, length=1))
+    out = s.admit()
+    assert ids(out.admitted) == ("skip", "full") and s.kv.reserved_blocks == 10
+    s.finish("skip", "stop")
+    assert ids(s.admit().admitted) == ("next",) and s.kv.reserved_blocks == 5
 
 
 def test_a_request_that_does_not_fit_now_waits_and_younger_ones_never_overtake_it():
     s = sched(blocks=8)
-    s.add(req("big", slots=6, length=16))
-    assert s.schedule().admit == ("big",)
-    s.add(req("large", slots=4, length=16))  # does not fit beside "big"
-    s.add(req("tiny", slots=1, length=16))  # would fit, but is younger
-    assert s.schedule().admit == ()
-    s.finish(["big"])
-    assert s.schedule().admit == ("large", "tiny")
+    s.enqueue(req("big", slots=6, length=16))
+    assert ids(s.admit().admitted) == ("big",)
+    s.enqueue(req("large", slots=4, length=16))  # does not fit beside "big"
+    s.enqueue(req("tiny", slots=1, length=16))  # would fit, but is younger
+    assert s.admit().admitted == ()
+    s.finish("big", "stop")
+    assert ids(s.admit().admitted) == ("large", "tiny")
 
 
 def test_a_request_that_could_never_fit_is_refused_naming_the_limit():
     s = sched(blocks=10, block=16)
     with pytest.raises(KVBudgetError, match=r"160 slot-tokens.*at most 32"):
-        s.add(req("hostile", slots=5, length=100))
+        s.enqueue(req("hostile", slots=5, length=100))
     assert s.num_waiting == 0
 
 
 def test_queue_capacity_counts_waiting_requests():
     s = sched(capacity=2, running=1)
-    s.add(req("a"))
-    s.add(req("b"))
+    s.enqueue(req("a"))
+    s.enqueue(req("b"))
     with pytest.raises(QueueFullError, match="capacity 2"):
-        s.add(req("c"))
-    s.schedule()
-    s.add(req("c"))
+        s.enqueue(req("c"))
+    s.admit()
+    s.enqueue(req("c"))
 
 
-def test_abort_waiting_removes_it_and_abort_running_says_so():
+def test_finish_ends_a_waiting_or_running_request_once_and_frees_its_reservation():
     s = sched(running=1)
-    s.add(req("a"))
-    s.add(req("b"))
-    s.schedule()
-    assert s.abort("b") is False and s.num_waiting == 0
-    assert s.abort("a") is True
-    assert s.abort("nobody") is False
+    s.enqueue(req("a"))
+    s.enqueue(req("b"))
+    s.admit()
+    assert s.finish("b", "abort").finish_reason == "abort" and s.num_waiting == 0
+    assert s.kv.reserved_blocks == 4
+    assert s.finish("a", "abort").finish_reason == "abort" and s.num_running == 0 and s.kv.reserved_blocks == 0
+    assert s.finish("a", "stop") is None and s.finish("nobody", "abort") is None
 
 
 def test_has_work():
     s = sched(blocks=4)
     assert not s.has_work
-    s.add(req("a", slots=4))
+    s.enqueue(req("a", slots=4))
     assert s.has_work
-    s.schedule()
+    s.admit()
     assert s.has_work  # running
-    s.add(req("b", slots=4))
-    s.finish(["a"])
+    s.enqueue(req("b", slots=4))
+    s.finish("a", "stop")
     assert s.has_work
-    s.schedule()
-    s.finish(["b"])
+    s.admit()
+    s.finish("b", "stop")
     assert not s.has_work
 
 
 class SchedulerMachine(RuleBasedStateMachine):
-    """Random add / schedule / finish / abort sequences against the scheduler's promises: FCFS, limits, budget."""
+    """Random add / admit / finish / abort sequences against the scheduler's promises: FCFS, limits, budget."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -116,7 +129,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.n += 1
         rid = f"r{self.n}"
         try:
-            self.s.add(req(rid, slots=slots, length=length, t=self.n))
+            self.s.enqueue(req(rid, slots=slots, length=length, t=self.n))
             self.order.append(rid)
         except (QueueFullError, KVBudgetError):
             pass
@@ -124,27 +137,28 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule()
     def schedule(self) -> None:
         waiting = list(self.s.waiting)
-        out = self.s.schedule()
-        assert list(out.admit) == waiting[: len(out.admit)], "first come, first served"
-        if len(out.admit) < len(waiting):
-            head = self.s.waiting[waiting[len(out.admit)]]
+        out = self.s.admit()
+        assert list(ids(out.admitted)) == waiting[: len(out.admitted)], "first come, first served"
+        if len(out.admitted) < len(waiting):
+            head = self.s.waiting[waiting[len(out.admitted)]]
             assert (self.s.num_running == self.s.max_running
-                    or self.s.reserved_blocks + self.s.blocks(head.num_slots, head.max_len) > self.s.kv_blocks)
+                    or self.s.kv.reserved_blocks + self.s.kv.reservation(head) > self.s.kv.num_blocks)
 
     @rule(data=st.data())
     def finish_one(self, data: st.DataObject) -> None:
         if self.s.running:
-            self.s.finish([data.draw(st.sampled_from(sorted(self.s.running)))])
+            self.s.finish(data.draw(st.sampled_from(sorted(self.s.running))), "stop")
 
     @rule(data=st.data())
     def abort_one(self, data: st.DataObject) -> None:
         if self.order:
-            self.s.abort(data.draw(st.sampled_from(self.order)))
+            self.s.finish(data.draw(st.sampled_from(self.order)), "abort")
 
     @invariant()
     def within_limits(self) -> None:
         assert self.s.num_running <= self.s.max_running
-        assert self.s.reserved_blocks <= self.s.kv_blocks
+        assert self.s.kv.reserved_blocks <= self.s.kv.num_blocks
+        assert set(self.s.kv.reserved) == set(self.s.running), "a reservation exactly for each running request"
         assert self.s.num_waiting <= self.s.queue_capacity
         assert not set(self.s.waiting) & set(self.s.running)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -18,8 +18,11 @@ from server.api.pipeline import Job, Running, painters_info, timing_headers
 from server.api.protocol import (
     GenerateDetails, GenerateRequest, GenerateResponse, GenerateStreamEvent, StreamDetails, TokenInfo,
 )
-from server.generate import Engine, GenerationResult
-from server.sampling import SamplingParams
+from server.request import GenerationResult
+from server.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from server.generate import Engine
 
 router = APIRouter(tags=["native"])
 EVENTS = pipeline.sse_responses("JSON, or server-sent events (one GenerateStreamEvent per token) when streaming")

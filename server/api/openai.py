@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -21,8 +21,11 @@ from server.api.protocol import (
     CompletionRequest, CompletionResponse, ModelCard, ModelList, UsageInfo,
 )
 from server.api.state import AppState
-from server.generate import Engine, GenerationResult
-from server.sampling import SamplingParams
+from server.request import GenerationResult
+from server.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from server.generate import Engine
 
 router = APIRouter(tags=["openai"])
 SSE = pipeline.sse_responses("JSON, or server-sent events when stream=true")

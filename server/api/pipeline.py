@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
@@ -17,10 +17,15 @@ from server.api.errors import APIError
 from server.api.protocol import PaintersInfo, PolicyField, Timings
 from server.api.state import AppState
 from server.compiler import Schedule
-from server.engine_loop import DrainingError, EngineLoop, EngineRequest, KVBudgetError, Output, QueueFullError
-from server.generate import Engine, GenerationResult
 from server.probe import ProbeStats
-from server.sampling import SamplingParams
+from server.request import GenerationResult, Output
+from server.request import Request as EngineRequest  # fastapi.Request is the HTTP one
+from server.sampling_params import SamplingParams
+from server.scheduler import DrainingError, KVBudgetError, QueueFullError
+
+if TYPE_CHECKING:
+    from server.engine_loop import EngineLoop
+    from server.generate import Engine
 
 # (max_tokens, choice index) -> that choice's sampling parameters
 ParamsFor = Callable[[int, int], SamplingParams]

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.api.errors import APIError
 from server.api.protocol import PoliciesInfo, PolicyKind
 from server.compiler import Schedule, default_span
-from server.engine_loop import EngineLoop
-from server.generate import Engine
 from server.metrics import Metrics
 from server.policy import KINDS, SYNTAX, PolicyError, allowed_forms, as_policy
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from server.engine_loop import EngineLoop
+    from server.generate import Engine
 
 
 @dataclass
@@ -55,7 +57,7 @@ class AppState:
     @property
     def vocab_size(self) -> int:
         engine, _ = self.require()
-        return engine.model.args.vocab_size
+        return engine.vocab_size
 
     def check_admitting(self) -> None:
         """Refuse early, before any tokenizing: 503 while draining, 429 while the waiting queue is full."""

@@ -1,0 +1,148 @@
+"""One request's whole state, from submission to its end, in one object with one id (vLLM v1's `Request`).
+
+The scheduler owns every `Request` (waiting, then running) and ends it through one function whatever the reason, so
+"nothing left behind" is one check. What a step streams to a client (`Output`) and what a finished request returns
+(`GenerationResult`) are plain data too. No torch here: the HTTP layer imports these types.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from server.compiler import Schedule
+from server.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from server.detokenizer import IncrementalDetokenizer
+    from server.probe import ProbeStats
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+@dataclass
+class Timings:
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    ttft_s: float = 0.0  # arrival -> first token
+    per_token_s: list[float] = field(default_factory=list)  # decode step time of each token after the first
+
+    @property
+    def tpot_s(self) -> float:
+        return sum(self.per_token_s) / len(self.per_token_s) if self.per_token_s else 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.queue_s + self.prefill_s + self.decode_s
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[dict[int, float]] | None
+    prompt_logprobs: list[float | None] | None  # with echo: logprob of each prompt token (None for the first)
+    prompt_top_logprobs: list[dict[int, float] | None] | None
+    finish_reason: str  # "stop" | "length" | "abort" | "error"
+    policy: str
+    timings: Timings
+    error: str | None = None  # what failed, for finish_reason "error"
+
+
+@dataclass
+class Output:
+    """What one step produced for one request: new tokens and text; the final result once finished."""
+
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[dict[int, float]]
+    text: str  # new text since the previous output
+    finished: bool = False
+    result: GenerationResult | None = None
+    error: str | None = None
+    probe: ProbeStats | None = None
+
+
+Sink = Callable[[Output], None]
+
+
+@dataclass
+class Request:
+    """A request: what was asked (fields up to `probe_prompts`), then what has happened to it so far."""
+
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    schedule: Schedule
+    arrival: float = field(default_factory=time.perf_counter)
+    probe_prompts: list[list[int]] | None = None  # a probe: one forward pass of these, statistics instead of tokens
+    sink: Sink | None = None  # receives its `Output`s (the engine loop's requests)
+    status: Status = Status.WAITING
+    stop_ids: frozenset[int] = frozenset()
+    generator: Any = None  # its torch.Generator, made when it starts running
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    text: str = ""
+    finish_reason: str | None = None
+    error: str | None = None
+    timings: Timings = field(default_factory=Timings)
+    scheduled: float | None = None  # when it entered the batch
+    stop_from: int = 0  # stop strings match only text from here on (text after min_tokens)
+    detokenizer: IncrementalDetokenizer | None = None  # made on the first token
+    sent_tokens: int = 0  # tokens already streamed to the sink
+    sent_text: int = 0  # characters of `text` already streamed
+
+    @property
+    def length(self) -> int:
+        """Tokens in the cache after the next forward appends the last sampled token."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def kv_length(self) -> int:
+        """Tokens per slot its whole life may need: prompt + max_tokens, or every probe prompt (each in its own
+        blocks: see `KVManager.reservation`)."""
+        if self.probe_prompts is not None:
+            return sum(len(p) for p in self.probe_prompts)
+        return len(self.prompt_ids) + max(1, self.params.max_tokens)
+
+    def set_finished(self, reason: str, error: str | None = None) -> None:
+        """Mark why it ended (the first reason wins). Only the end function (`Scheduler.finish`) and the step's
+        update call this: a request is ended in one place."""
+        assert reason in FINISH_REASONS, reason
+        if self.finish_reason is None:
+            self.finish_reason, self.error = reason, error
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            text=self.text,
+            prompt_token_ids=self.prompt_ids,
+            token_ids=self.output_ids,
+            logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs if self.params.logprobs else None,
+            prompt_logprobs=self.prompt_logprobs,
+            prompt_top_logprobs=self.prompt_top_logprobs,
+            finish_reason=self.finish_reason or "abort",
+            policy=self.schedule.policy,
+            timings=self.timings,
+            error=self.error,
+        )

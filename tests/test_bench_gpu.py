@@ -1,0 +1,47 @@
+"""`make bench-gpu`'s script runs end to end (on the CPU, tiny shapes), so a GPU session can run it at once."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ("full_bs1_bandwidth_fraction", "skip8_speedup_over_ideal", "pairs_over_full", "p8_mixed_over_full",
+           "bs64_bandwidth_fraction")
+
+
+def _smoke(tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / "bench-gpu.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_gpu.py"), "--smoke", "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bench-gpu" in proc.stdout and "full_bs1_bandwidth_fraction" in proc.stdout  # the table
+    return json.loads(out.read_text())
+
+
+def test_smoke_engine_sections(tmp_path: Path) -> None:
+    d = _smoke(tmp_path, "--skip", "attention,in_place,transformers")
+    assert not d.get("errors"), d.get("errors")
+    for key in ("date", "device", *FIGURES, "full_bs1_tok_s", "skip8_bs1_tok_s", "pairs_bs1_tok_s", "mixed12_tok_s",
+                "bs64_tok_s"):
+        assert key in d, key
+    assert all(d[k] > 0 for k in FIGURES)
+    assert d["smoke"] is True and d["device"] == "cpu (smoke)"
+
+
+@pytest.mark.slow
+def test_smoke_every_section(tmp_path: Path) -> None:
+    """Attention compiles FlexAttention and transformers runs generate twice per batch size: tens of seconds."""
+    d = _smoke(tmp_path)
+    assert not d.get("errors"), d.get("errors")
+    assert d["attn_4k_over_bound"] > 0 and d["attn_4k_max_abs_err"] < 1e-4
+    assert {"hf_static_eager_bs1_tok_s", "hf_static_eager_bs4_tok_s", "in_place_full_bs1_tok_s",
+            "in_place_bs64_tok_s"} <= set(d)
+
+
+def test_smoke_refuses_the_committed_path() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_gpu.py"), "--smoke"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0 and "--smoke needs --out" in proc.stderr

@@ -1,0 +1,60 @@
+"""The KV manager on its own: reservations, the prefix-cache memory bound, rollback by n tokens."""
+
+from __future__ import annotations
+
+from server.compiler import compile_schedule
+from server.kv_manager import KVManager
+from server.policy import as_policy
+from server.request import Request
+from server.sampling import SamplingParams
+
+
+def test_reservation_is_slots_times_blocks_of_prompt_plus_max_tokens():
+    kv = KVManager(num_blocks=10, block_size=4)
+    r = Request("a", [1] * 6, SamplingParams(max_tokens=3), compile_schedule(as_policy("skip:1"), 3))  # 2 slots
+    assert kv.reservation(r) == 2 * 3  # ceil(9 / 4) blocks per slot
+    probe = Request("p", [], SamplingParams(), compile_schedule(as_policy("full"), 2), probe_prompts=[[1] * 5, [1]])
+    assert kv.reservation(probe) == 2 * (2 + 1)  # each prompt in its own blocks
+    kv.reserve(r)
+    assert kv.reserved_blocks == 6 and not kv.can_reserve(r), "a second one would need 12 of 10 blocks"
+    kv.free("a")
+    assert kv.reserved == {}
+
+
+def test_rollback_forgets_tokens_and_decoding_resumes_exactly(tiny_engine):
+    """Decode 8 tokens; elsewhere decode 7, roll back 3, decode to 8 again: the same tokens (greedy), and the rolled
+    back request holds only the blocks its tokens use."""
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    want = tiny_engine.generate([[5, 6, 7, 8, 9]], params=params)[0].token_ids
+    batch = tiny_engine.new_batch(max_len=32, num_blocks=64, block_size=2)
+    r = tiny_engine.new_sequence([5, 6, 7, 8, 9], params, tiny_engine.compile("skip:2"))
+    batch.add([r])
+    full = tiny_engine.new_sequence([5, 6, 7, 8, 9], params, tiny_engine.compile("full"))
+    batch.add([full])
+    for _ in range(6):
+        batch.step()
+    assert full.output_ids == want[:7]
+    held = batch.kv.used_blocks
+    batch.kv.rollback(full, 3)
+    assert full.output_ids == want[:4] and len(full.logprobs) == 4
+    assert batch.kv.used_blocks < held, "blocks past the kept tokens went back to the pool"
+    while not full.finished:
+        batch.step()
+    assert full.output_ids == want
+
+
+def test_prefix_only_blocks_stay_under_their_bound(tiny_engine):
+    """Many distinct prompts, each registered and ended: the blocks kept only for reuse never exceed the cap, and the
+    most recent prompt is still found."""
+    batch = tiny_engine.new_batch(max_len=32, num_blocks=400, block_size=4, prefix_caching=True, prefix_blocks=12)
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    schedule = tiny_engine.compile("full")  # 6 slots: a 9-token prompt registers 3 blocks x 6 slots
+    for i in range(20):
+        r = tiny_engine.new_sequence([3 + i, 4, 5, 6, 7, 8, 9, 10, 11], params, schedule)
+        batch.add([r])
+        batch.filter()
+        assert batch.kv.prefix_only_blocks <= 12
+    again = tiny_engine.new_sequence([3 + 19, 4, 5, 6, 7, 8, 9, 10, 11], params, schedule)
+    before = batch.reused_tokens
+    batch.add([again])
+    assert batch.reused_tokens > before, "the latest prompt survived eviction"
