@@ -33,7 +33,7 @@ RUN pip install --no-deps -c /tmp/constraints.txt .
 # an empty named volume from the image, so the conversion carries into it, and models fetched later persist there.
 USER painters
 RUN mkdir -p "$PAINTERS_CACHE_DIR" \
- && HF_HUB_OFFLINE=1 python -c "from server.loader import load_model; load_model('smollm2-135m')"
+ && HF_HUB_OFFLINE=1 python -c "from server.model.loader import load_model; load_model('smollm2-135m')"
 
 EXPOSE 8000
 # /ready answers 200 once the model is loaded, 503 while loading or after a failed load. Loading takes seconds;

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from server.paged_attention import gathered_attention, paged_attention, paged_layout  # noqa: E402
+from server.model.paged_attention import gathered_attention, paged_attention, paged_layout  # noqa: E402
 
 HEADS = {"smollm2-135m": (9, 3, 64), "llama-2-7b": (32, 32, 128)}  # (query heads, kv heads, head dim)
 PEAK_BYTES_S = 4.8e12  # H200

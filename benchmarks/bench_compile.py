@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from server.bench import _IdTokenizer, random_model  # noqa: E402
-from server.generate import Engine  # noqa: E402
-from server.sampling import SamplingParams  # noqa: E402
+from server.engine.bench import _IdTokenizer, random_model  # noqa: E402
+from server.engine.generate import Engine  # noqa: E402
+from server.engine.sampling import SamplingParams  # noqa: E402
 
 
 def decode_ms(engine: Engine, rows: int, new_tokens: int) -> float:
@@ -53,7 +53,7 @@ def main() -> None:
         engine = Engine.from_hf(random_model(a.model, device=torch.device("cpu"), dtype=torch.float32), _IdTokenizer(),
                                 device="cpu", dtype=torch.float32)
     else:
-        from server.loader import load_model
+        from server.model.loader import load_model
 
         engine = Engine.from_loaded(load_model(a.model, device=torch.device("cpu")), name=a.model)
     rows = [int(x) for x in a.rows.split(",")]

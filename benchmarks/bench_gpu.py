@@ -35,9 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import bench_attention  # noqa: E402
-from server.bench import SHAPES, _IdTokenizer, _time_parts  # noqa: E402
-from server.generate import Engine  # noqa: E402
-from server.sampling import SamplingParams  # noqa: E402
+from server.engine.bench import SHAPES, _IdTokenizer, _time_parts  # noqa: E402
+from server.engine.generate import Engine  # noqa: E402
+from server.engine.sampling import SamplingParams  # noqa: E402
 
 log = logging.getLogger("bench_gpu")
 PEAK_BYTES_S = 4.8e12
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "attn_4k_gathered_over_bound": r["gathered_ms"] / bound_ms, "attn_4k_max_abs_err": r["max_abs_err"]}
 
     def in_place() -> dict:
-        """The engine with decode attention reading the pool in place (server.executor's attention='in_place')."""
+        """The engine with decode attention reading the pool in place (server.engine.executor's attention='in_place')."""
         engine.attention = "in_place"
         try:
             full = decode_tok_s(engine, ["full"], prompt_len=24, new_tokens=n1)[0]

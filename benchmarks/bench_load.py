@@ -1,8 +1,8 @@
-"""Load benchmark: peak RSS of loading a model the old way against `server.loader.load_model`, each measured in a
+"""Load benchmark: peak RSS of loading a model the old way against `server.model.loader.load_model`, each measured in a
 fresh interpreter as its peak (VmHWM) above the RSS after imports.
 
 old = config + tokenizer + transformers' from_pretrained (float32), then its weights copied into our stacks (the
-      loader and Transformer before server/weights.py; the LM head copied even when tied, as it was)
+      loader and Transformer before server/model/weights.py; the LM head copied even when tied, as it was)
 new = load_model(name): config + tokenizer + the checkpoint streamed into the stacks
 """
 
@@ -31,8 +31,8 @@ IMPORTS = """
 import json, sys, torch
 import transformers, safetensors.torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from server.loader import load_model
-from server.weights import weights_from_hf_model
+from server.model.loader import load_model
+from server.model.weights import weights_from_hf_model
 """
 OLD = """
 src = sys.argv[1]
@@ -72,7 +72,7 @@ def main(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Peak RSS of loading `model` the old way and with load_model."""
-    from server.loader import local_source
+    from server.model.loader import local_source
 
     console = Console(stderr=as_json)
     console.print("[dim]resolving (converts a GGUF once)…[/]")

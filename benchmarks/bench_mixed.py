@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from server.bench import _IdTokenizer, random_model  # noqa: E402
-from server.generate import Engine  # noqa: E402
-from server.sampling import SamplingParams  # noqa: E402
+from server.engine.bench import _IdTokenizer, random_model  # noqa: E402
+from server.engine.generate import Engine  # noqa: E402
+from server.engine.sampling import SamplingParams  # noqa: E402
 
 MIX = ["full"] * 4 + ["skip:8"] * 4 + ["pairs"] * 4
 

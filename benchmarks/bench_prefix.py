@@ -59,7 +59,7 @@ def lm_eval_hf(data: Path, limit: int) -> tuple[float, float] | None:
         import lm_eval
     except ImportError:
         return None
-    from server.loader import local_source
+    from server.model.loader import local_source
 
     source = local_source("smollm2-135m")
     builtin = Path(lm_eval.__file__).parent / "tasks" / "hellaswag" / "hellaswag.yaml"
@@ -86,7 +86,7 @@ def token_share(task: str, data: Path, limit: int) -> float:
     from transformers import AutoTokenizer
 
     from clients.tasks import load_task
-    from server.loader import local_source
+    from server.model.loader import local_source
 
     tokenizer = AutoTokenizer.from_pretrained(local_source("smollm2-135m"))
     total = left = 0

@@ -85,9 +85,9 @@ def matmul_gflops() -> float:
 
 def engine_latency(model: str, policy: str, repeats: int) -> tuple[float, int]:
     """In-process: one request of NEW_TOKENS through the same engine the server runs; median seconds."""
-    from server.generate import Engine
-    from server.loader import load_model
-    from server.sampling import SamplingParams
+    from server.engine.generate import Engine
+    from server.model.loader import load_model
+    from server.engine.sampling import SamplingParams
 
     loaded = load_model(model)
     engine = Engine.from_loaded(loaded)

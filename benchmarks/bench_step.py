@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from server.engine_loop import EngineLoop  # noqa: E402
-from server.executor import Executor  # noqa: E402
-from server.generate import Engine  # noqa: E402
-from server.loader import load_model  # noqa: E402
-from server.request import Request  # noqa: E402
-from server.sampling import SamplingParams  # noqa: E402
+from server.engine.loop import EngineLoop  # noqa: E402
+from server.engine.executor import Executor  # noqa: E402
+from server.engine.generate import Engine  # noqa: E402
+from server.model.loader import load_model  # noqa: E402
+from server.engine.request import Request  # noqa: E402
+from server.engine.sampling import SamplingParams  # noqa: E402
 
 PROMPT = "The history of the Roman Empire is a long story of conquest, politics and culture. In this essay"
 KINDS = {

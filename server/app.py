@@ -22,11 +22,11 @@ from server.api import errors, misc, native, openai, playground, probe
 from server.api.guard import ALWAYS_OPEN, Guard
 from server.api.protocol import ErrorResponse
 from server.api.state import AppState
-from server.engine_loop import EngineLoop
-from server.generate import Engine
-from server.kv_cache import default_budget_tokens
+from server.engine.loop import EngineLoop
+from server.engine.generate import Engine
+from server.engine.kv_cache import default_budget_tokens
 from server.metrics import Metrics
-from server.policy import as_policy
+from server.policy.policy import as_policy
 from server.settings import Settings, api_keys, get_settings, load_presets
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def load_engine(settings: Settings) -> Engine:
     """The default factory: load settings.model onto settings.device."""
     import torch
 
-    from server.loader import load_model
+    from server.model.loader import load_model
 
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)

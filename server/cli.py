@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from clients.cli import register as register_client_commands
 
-from server.loader import DEFAULT_MODEL
+from server.model.loader import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from server.settings import Settings
@@ -59,10 +59,10 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Generate text from a prompt under a layer policy."""
-    from server.generate import Engine
-    from server.loader import ModelLoadError, load_model
-    from server.policy import PolicyError, as_policy
-    from server.sampling import SamplingError, SamplingParams
+    from server.engine.generate import Engine
+    from server.model.loader import ModelLoadError, load_model
+    from server.policy.policy import PolicyError, as_policy
+    from server.engine.sampling import SamplingError, SamplingParams
 
     try:
         parsed = as_policy(policy)
@@ -110,7 +110,7 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object with P1, P2, P3")] = False,
 ) -> None:
     """Decode tok/s per policy against transformers generate; ratios P1 (speed), P2 (skip efficiency), P3 (pairs)."""
-    from server.bench import render, run_bench
+    from server.engine.bench import render, run_bench
 
     result = run_bench(model=model, device=_device(device), new_tokens=new_tokens, repeats=repeats,
                        random_weights=random_weights, baseline=baseline)

@@ -18,7 +18,7 @@ import random
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from server.policy import PolicyError, as_policy
+from server.policy.policy import PolicyError, as_policy
 
 POLICY_HEADER = b"x-painters-policy"
 PREFIX_HEADER = b"x-painters-prefix"

@@ -67,7 +67,7 @@ def bos_word_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_engine():
-    from server.generate import Engine
+    from server.engine.generate import Engine
 
     return Engine.from_hf(tiny_llama(), CharTokenizer(), device="cpu")
 
@@ -121,7 +121,7 @@ def load_hf_model(source):
 @pytest.fixture(scope="session")
 def smollm2():
     """The real embedded model (converted once into the user cache), float32 on the CPU."""
-    from server.loader import load_model
+    from server.model.loader import load_model
 
     return load_model("smollm2-135m")
 
@@ -134,7 +134,7 @@ def smollm2_hf(smollm2):
 
 @pytest.fixture(scope="session")
 def smollm2_engine(smollm2):
-    from server.generate import Engine
+    from server.engine.generate import Engine
 
     return Engine.from_loaded(smollm2, name="smollm2-135m")
 
@@ -142,7 +142,7 @@ def smollm2_engine(smollm2):
 @pytest.fixture(scope="session")
 def gemma3():
     """The second embedded model, Gemma 3 270M (assembled from its part packages and converted once), float32."""
-    from server.loader import load_model
+    from server.model.loader import load_model
 
     return load_model("gemma3-270m")
 
@@ -155,7 +155,7 @@ def gemma3_hf(gemma3):
 
 @pytest.fixture(scope="session")
 def gemma3_engine(gemma3):
-    from server.generate import Engine
+    from server.engine.generate import Engine
 
     return Engine.from_loaded(gemma3, name="gemma3-270m")
 
@@ -164,7 +164,7 @@ def gemma3_engine(gemma3):
 def poisoned_seed(monkeypatch):
     """A seed whose rows' sampler raises (as torch.multinomial does on a broken distribution); other rows sample
     normally. Returns the seed."""
-    import server.sampling as sampling
+    import server.engine.sampling as sampling
 
     real = sampling._uniform
 

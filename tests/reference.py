@@ -1,6 +1,6 @@
 """Test support: tiny random-weight transformers models, and an independent reference run of a schedule.
 
-The reference shares no code with `server.model`: it calls transformers' own decoder-layer submodules (norms,
+The reference shares no code with `server.model.model`: it calls transformers' own decoder-layer submodules (norms,
 attention, MLP, rotary embedding) on the whole sequence, without a cache, under an explicit additive causal mask,
 and implements each combine rule straight from its definition. With L_i(h) = h + Δ_i(h) one whole decoder layer:
 
@@ -33,7 +33,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from server.compiler import Schedule
+from server.policy.compiler import Schedule
 
 VOCAB = 96
 NUM_LAYERS = 8

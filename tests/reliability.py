@@ -41,7 +41,7 @@ def _serve_main(argv: list[str]) -> int:
     import torch
 
     from server.app import create_app, serve
-    from server.generate import Engine
+    from server.engine.generate import Engine
     from server.settings import Settings
     from tests.conftest import CharTokenizer, tiny_llama
 

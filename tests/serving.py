@@ -21,7 +21,7 @@ import httpx
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.generate import Engine
+from server.engine.generate import Engine
 from server.settings import Settings
 from tests.conftest import CharTokenizer, tiny_llama
 
@@ -161,7 +161,7 @@ def serve_tiny(*, model_factory: Callable[[], object] | None = None, max_model_l
     import uvicorn
 
     from server.app import create_app
-    from server.generate import Engine
+    from server.engine.generate import Engine
     from server.settings import Settings
     from tests.conftest import CharTokenizer, tiny_llama
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from server.generate import Engine
+from server.engine.generate import Engine
 from server.settings import Settings
 from tests.conftest import CharTokenizer, bos_word_tokenizer, tiny_llama
 from tests.serving import MAX_LEN, MODEL, metric_value, serving, settings, tiny_engine, wait_ready
@@ -877,6 +877,6 @@ def test_the_http_layer_imports_no_torch():
 
     code = ("import pkgutil, importlib, sys, server.api as api\n"
             "for m in pkgutil.iter_modules(api.__path__): importlib.import_module(f'server.api.{m.name}')\n"
-            "print(sorted(m for m in sys.modules if m == 'torch' or m in ('server.generate', 'server.engine_loop')))")
+            "print(sorted(m for m in sys.modules if m == 'torch' or m in ('server.engine.generate', 'server.engine.loop')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out

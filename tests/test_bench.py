@@ -6,11 +6,11 @@ import json
 import subprocess
 import sys
 
-from server import bench
+from server.engine import bench
 
 
 def test_bench_imports_no_http_layer_or_client():
-    code = ("import sys, server.bench; bad = [m for m in sys.modules if m.split('.')[0] in "
+    code = ("import sys, server.engine.bench; bad = [m for m in sys.modules if m.split('.')[0] in "
             "('fastapi', 'pydantic', 'httpx', 'uvicorn', 'clients', 'prometheus_client')]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""Tests for server.compiler: policy + number of layers -> steps and KV slots. Pure data, no model, no torch."""
+"""Tests for server.policy.compiler: policy + number of layers -> steps and KV slots. Pure data, no model, no torch."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.policy import KINDS, Group, Policy, PolicyError, parse_policy, policy_from_json
-from server.compiler import Schedule, Step, centred_span, compile_schedule, default_span, resolve
+from server.policy.policy import KINDS, Group, Policy, PolicyError, parse_policy, policy_from_json
+from server.policy.compiler import Schedule, Step, centred_span, compile_schedule, default_span, resolve
 
 FAST = settings(max_examples=250, deadline=None)
 

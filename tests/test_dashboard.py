@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 
 from server.app import create_app
-from server.generate import Engine
+from server.engine.generate import Engine
 from server.settings import Settings
 from tests.conftest import CharTokenizer, tiny_llama
 from tests.serving import HOST, free_port, prometheus_binary, prometheus_server, wait_until

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.detokenizer import REPLACEMENT, IncrementalDetokenizer
+from server.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer
 from tests.conftest import CharTokenizer
 
 # Multi-byte characters of 2, 3 and 4 UTF-8 bytes. The tokenizers below learn some of them whole and split the rest.
@@ -55,7 +55,7 @@ def smollm2_tokenizer():
     """The embedded SmolLM2's tokenizer from its converted cache directory, without loading the weights."""
     from transformers import AutoTokenizer
 
-    from server.loader import converted_dir, resolve_gguf
+    from server.model.loader import converted_dir, resolve_gguf
 
     gguf = resolve_gguf("smollm2-135m")
     assert gguf is not None

@@ -11,11 +11,11 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from server.engine_loop import EngineLoop, Output, QueueFullError
-from server.request import Request
-from server.generate import Batch, Engine, GenerationResult
+from server.engine.loop import EngineLoop, Output, QueueFullError
+from server.engine.request import Request
+from server.engine.generate import Batch, Engine, GenerationResult
 from server.metrics import Metrics
-from server.sampling import SamplingParams
+from server.engine.sampling import SamplingParams
 
 TIMEOUT = 30.0  # seconds; a hang fails the test instead of blocking the run
 MODEL = "tiny"
@@ -418,7 +418,7 @@ def test_random_interleavings_leave_no_request_row_or_block_behind(tiny_engine, 
     left anywhere, prefix-only blocks are within their cap, and every request got at most one final answer."""
     import random
 
-    from server.scheduler import DrainingError
+    from server.engine.scheduler import DrainingError
 
     rng = random.Random(13)
     real_execute = Batch.execute

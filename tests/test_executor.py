@@ -11,10 +11,10 @@ import torch
 from torch import Tensor
 from torch.testing import assert_close
 
-from server.executor import Executor, Row
-from server.model import GroupMode, Transformer
-from server.weights import transformer_from_hf
-from server.compiler import Schedule, compile_schedule
+from server.engine.executor import Executor, Row
+from server.model.model import GroupMode, Transformer
+from server.model.weights import transformer_from_hf
+from server.policy.compiler import Schedule, compile_schedule
 from tests.reference import ARCHS, NUM_LAYERS, VOCAB, reference_logits, tiny_model, tiny_multimodal_gemma
 
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -383,11 +383,11 @@ def test_in_place_attention_decodes_as_gathered(monkeypatch: pytest.MonkeyPatch)
     policies = ["full", "skip:2-4", "pairs:1-5"]
     prompts = [tokens(1, 3 + (i * 5) % 9, seed=70 + i)[0] for i in range(len(policies))]
     lengths = [p.numel() for p in prompts]
-    import server.executor
+    import server.engine.executor
 
     calls = []
-    real = server.executor.paged_attention
-    monkeypatch.setattr(server.executor, "paged_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = server.engine.executor.paged_attention
+    monkeypatch.setattr(server.engine.executor, "paged_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     runs = []
     for attention in ("gathered", "in_place"):
         ex = executor(name, policies)

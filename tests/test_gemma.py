@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from server.executor import Executor, Row
-from server.sampling import SamplingParams
+from server.engine.executor import Executor, Row
+from server.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is Paris. The capital of Italy is"

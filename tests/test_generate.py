@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import torch
 
-from server.generate import Engine
-from server.sampling import SamplingError, SamplingParams
+from server.engine.generate import Engine
+from server.engine.sampling import SamplingError, SamplingParams
 from tests.conftest import CharTokenizer, bos_word_tokenizer, tiny_llama
 
 POLICIES = ["full", "skip:2", "pairs:1-4", "parallel:1-4", "loop:1-4x2", "reverse:1-4", "shuffle:1-4:3", "repeat:1-4",
@@ -188,7 +188,7 @@ def test_bad_sampling_params_raise_clear_errors(bad):
 
 
 def test_bad_policy_raises_before_running(tiny_engine):
-    from server.policy import PolicyError
+    from server.policy.policy import PolicyError
 
     with pytest.raises(PolicyError, match="0-5"):
         tiny_engine.generate([[5]], policy="skip:3-9")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.executor import Executor, Row
-from server.generate import Engine
-from server.sampling import SamplingParams
+from server.engine.executor import Executor, Row
+from server.engine.generate import Engine
+from server.engine.sampling import SamplingParams
 from tests.conftest import CharTokenizer, tiny_llama
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.kv_cache import CacheFullError, PagedKVCache
+from server.engine.kv_cache import CacheFullError, PagedKVCache
 
 KV, HD, BLOCK = 2, 4, 4
 SLOTS = ((0, 0), (1, 0), (2, 0))

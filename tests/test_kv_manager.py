@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from server.compiler import compile_schedule
-from server.kv_manager import KVManager
-from server.policy import as_policy
-from server.request import Request
-from server.sampling import SamplingParams
+from server.policy.compiler import compile_schedule
+from server.engine.kv_manager import KVManager
+from server.policy.policy import as_policy
+from server.engine.request import Request
+from server.engine.sampling import SamplingParams
 
 
 def test_reservation_is_slots_times_blocks_of_prompt_plus_max_tokens():

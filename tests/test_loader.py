@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from server.loader import ModelLoadError, load_model
-from server.model import UnsupportedModelError
-from server.weights import weights_from_hf_model
+from server.model.loader import ModelLoadError, load_model
+from server.model.model import UnsupportedModelError
+from server.model.weights import weights_from_hf_model
 from tests.conftest import assert_same_weights, peak_rss_growth, tiny_llama
 
 
@@ -107,7 +107,7 @@ def test_local_directory_of_the_converted_model(smollm2):
 def test_gguf_conversion_equals_transformers_dequantization(smollm2, smollm2_hf):
     from transformers import AutoModelForCausalLM
 
-    from server.loader import resolve_gguf
+    from server.model.loader import resolve_gguf
 
     gguf = resolve_gguf("smollm2-135m")
     direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -122,7 +122,7 @@ def test_gguf_conversion_equals_transformers_dequantization(smollm2, smollm2_hf)
 def test_gguf_conversion_holds_one_copy(tmp_path):
     grew, size = peak_rss_growth(
         setup="""
-            from server.loader import converted_dir, resolve_gguf
+            from server.model.loader import converted_dir, resolve_gguf
             import safetensors.torch, transformers.modeling_gguf_pytorch_utils
             from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
         """,
@@ -140,7 +140,7 @@ def parts_alias(monkeypatch):
     Returns the calls made: assembled paths and converted GGUFs."""
     import types
 
-    import server.loader as loader
+    import server.model.loader as loader
 
     calls: dict[str, list] = {"assembled": [], "converted": []}
 
@@ -164,7 +164,7 @@ def parts_alias(monkeypatch):
 
 
 def test_alias_in_parts_is_assembled_once_converted_and_dropped(parts_alias, tmp_path):
-    from server.loader import local_source
+    from server.model.loader import local_source
 
     first = local_source("fake-1m", cache=tmp_path)
     assert first == tmp_path / "models" / f"fake-1m-{'ab' * 6}" and (first / "model.safetensors").exists()
@@ -183,7 +183,7 @@ def test_alias_with_missing_parts_names_every_package(parts_alias, monkeypatch, 
 
 @pytest.mark.slow
 def test_gemma_alias_converts_to_a_gemma3_text_checkpoint(gemma3):
-    from server.loader import ALIASES
+    from server.model.loader import ALIASES
 
     module = __import__(ALIASES["gemma3-270m"].assembler)
     assert gemma3.source.name == f"gemma3-270m-{module.EXPECTED_SHA256[:12]}"

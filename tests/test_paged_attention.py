@@ -4,7 +4,7 @@ compiles on the CPU (tens of seconds per shape)."""
 import pytest
 import torch
 
-from server.paged_attention import gathered_attention, paged_attention, paged_layout
+from server.model.paged_attention import gathered_attention, paged_attention, paged_layout
 
 pytestmark = pytest.mark.slow
 

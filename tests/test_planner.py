@@ -9,8 +9,8 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.compiler import Schedule, compile_schedule
-from server.planner import Apply, Boundary, Copy, Merge, StepPlan, plan_step
+from server.policy.compiler import Schedule, compile_schedule
+from server.policy.planner import Apply, Boundary, Copy, Merge, StepPlan, plan_step
 
 N = 12
 NAMED = ["full", "skip:3", "skip:4-7", "pairs", "pairs:2-8", "parallel", "parallel:3-5", "loop:x3", "loop:2-9x2",

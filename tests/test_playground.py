@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from server.api.playground import STATIC, preset_notes
-from server.compiler import compile_schedule
-from server.layer_strip import Block, Cell, strip
+from server.policy.compiler import compile_schedule
+from server.policy.layer_strip import Block, Cell, strip
 from tests.serving import MODEL, serving, settings
 
 L = 30  # SmolLM2's layers
@@ -189,5 +189,5 @@ def test_the_strip_module_imports_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, server.layer_strip; assert 'torch' not in sys.modules"
+    code = "import sys, server.policy.layer_strip; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)

@@ -1,4 +1,4 @@
-"""Tests for server.policy: the string form, the JSON object form, as_policy and their errors. No model, no torch."""
+"""Tests for server.policy.policy: the string form, the JSON object form, as_policy and their errors. No model, no torch."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from server.policy import (
+from server.policy.policy import (
     COMBINES,
     KINDS,
     RANGE_KINDS,

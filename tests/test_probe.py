@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from server.generate import Engine
+from server.engine.generate import Engine
 from tests.conftest import CharTokenizer, tiny_llama
 from tests.serving import MODEL, serving, settings
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.generate import Engine
+from server.engine.generate import Engine
 from server.settings import Settings
 from tests import reliability as rel
 from tests.conftest import CharTokenizer, tiny_llama

@@ -7,12 +7,12 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from server.compiler import compile_schedule
-from server.kv_manager import KVManager
-from server.policy import as_policy
-from server.request import Request
-from server.sampling_params import SamplingParams
-from server.scheduler import KVBudgetError, QueueFullError, Scheduler
+from server.policy.compiler import compile_schedule
+from server.engine.kv_manager import KVManager
+from server.policy.policy import as_policy
+from server.engine.request import Request
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import KVBudgetError, QueueFullError, Scheduler
 
 
 def req(id: str, *, slots: int = 4, length: int = 16, t: float = 0.0) -> Request:

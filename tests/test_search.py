@@ -162,7 +162,7 @@ def test_the_paper_baselines_are_centred():
     assert all(c.baseline for cs in fams.values() for c in cs)
     assert fams["centred skip"][2].skipped == 3 and fams["centred pairs"][0].skipped == 0
     # the same spans as the server's own `skip:K`
-    from server.compiler import compile_schedule
+    from server.policy.compiler import compile_schedule
 
     for k in (1, 3, 4):
         assert compile_schedule(f"skip:{k}", 30) == compile_schedule(fams["centred skip"][k - 1].policy, 30)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.weights import CheckpointError, ModelWeights, load_checkpoint, weights_from_hf_model
+from server.model.weights import CheckpointError, ModelWeights, load_checkpoint, weights_from_hf_model
 from tests.conftest import assert_same_weights, peak_rss_growth
 from tests.reference import tiny_model, tiny_multimodal_gemma
 
@@ -194,7 +194,7 @@ def test_peak_memory_is_the_weights_plus_one_tensor(tmp_path):
         setup=f"""
             import torch
             from transformers import AutoConfig
-            from server.weights import load_checkpoint
+            from server.model.weights import load_checkpoint
             import safetensors, transformers.modeling_rope_utils
             config = AutoConfig.from_pretrained({str(tmp_path)!r})
         """,

@@ -18,11 +18,11 @@ from server.api.pipeline import Job, Running, painters_info, timing_headers
 from server.api.protocol import (
     GenerateDetails, GenerateRequest, GenerateResponse, GenerateStreamEvent, StreamDetails, TokenInfo,
 )
-from server.request import GenerationResult
-from server.sampling_params import SamplingParams
+from server.engine.request import GenerationResult
+from server.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from server.generate import Engine
+    from server.engine.generate import Engine
 
 router = APIRouter(tags=["native"])
 EVENTS = pipeline.sse_responses("JSON, or server-sent events (one GenerateStreamEvent per token) when streaming")

@@ -21,11 +21,11 @@ from server.api.protocol import (
     CompletionRequest, CompletionResponse, ModelCard, ModelList, UsageInfo,
 )
 from server.api.state import AppState
-from server.request import GenerationResult
-from server.sampling_params import SamplingParams
+from server.engine.request import GenerationResult
+from server.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from server.generate import Engine
+    from server.engine.generate import Engine
 
 router = APIRouter(tags=["openai"])
 SSE = pipeline.sse_responses("JSON, or server-sent events when stream=true")

@@ -16,16 +16,16 @@ from fastapi import Request
 from server.api.errors import APIError
 from server.api.protocol import PaintersInfo, PolicyField, Timings
 from server.api.state import AppState
-from server.compiler import Schedule
-from server.probe import ProbeStats
-from server.request import GenerationResult, Output
-from server.request import Request as EngineRequest  # fastapi.Request is the HTTP one
-from server.sampling_params import SamplingParams
-from server.scheduler import DrainingError, KVBudgetError, QueueFullError
+from server.policy.compiler import Schedule
+from server.engine.probe import ProbeStats
+from server.engine.request import GenerationResult, Output
+from server.engine.request import Request as EngineRequest  # fastapi.Request is the HTTP one
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import DrainingError, KVBudgetError, QueueFullError
 
 if TYPE_CHECKING:
-    from server.engine_loop import EngineLoop
-    from server.generate import Engine
+    from server.engine.loop import EngineLoop
+    from server.engine.generate import Engine
 
 # (max_tokens, choice index) -> that choice's sampling parameters
 ParamsFor = Callable[[int, int], SamplingParams]

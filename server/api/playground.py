@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.api.protocol import POLICY_DOC, PolicyField
-from server.layer_strip import Strip, strip
+from server.policy.layer_strip import Strip, strip
 
 if TYPE_CHECKING:
     from server.api.state import AppState

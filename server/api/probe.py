@@ -10,7 +10,7 @@ from server.api import pipeline
 from server.api.errors import APIError
 from server.api.openai import get_state
 from server.api.protocol import ProbeRequest, ProbeResponse
-from server.sampling_params import SamplingParams
+from server.engine.sampling_params import SamplingParams
 
 router = APIRouter(tags=["science"])
 

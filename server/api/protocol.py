@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from server.sampling_params import LOGPROBS, SEED, TEMPERATURE, TOP_K, TOP_P, Interval, check_stop
+from server.engine.sampling_params import LOGPROBS, SEED, TEMPERATURE, TOP_K, TOP_P, Interval, check_stop
 
 PolicyField = str | dict[str, Any] | None
 POLICY_DOC = "layer policy: string form (e.g. 'skip:10') or JSON object; overrides a model-name suffix"

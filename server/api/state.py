@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 from server.api.errors import APIError
 from server.api.protocol import PoliciesInfo, PolicyKind
-from server.compiler import Schedule, default_span
+from server.policy.compiler import Schedule, default_span
 from server.metrics import Metrics
-from server.policy import KINDS, SYNTAX, PolicyError, allowed_forms, as_policy
+from server.policy.policy import KINDS, SYNTAX, PolicyError, allowed_forms, as_policy
 from server.settings import Settings
 
 if TYPE_CHECKING:
-    from server.engine_loop import EngineLoop
-    from server.generate import Engine
+    from server.engine.loop import EngineLoop
+    from server.engine.generate import Engine
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 The scheduler asks it whether a request fits (`reservation`, `can_reserve`) and tells it when one starts and ends
 (`reserve`, `free`); the batch asks it what of a prompt is cached (`reuse`) and to publish a computed prompt
-(`register`). Blocks themselves live in the paged pool (`server.kv_cache.PagedKVCache`), which the executor reads and
+(`register`). Blocks themselves live in the paged pool (`server.engine.kv_cache.PagedKVCache`), which the executor reads and
 writes; only this class decides what the pool holds.
 
 Reservations: a running request holds, from admission on, the blocks its whole length needs under its schedule
@@ -21,10 +21,10 @@ import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from server.request import Request
+from server.engine.request import Request
 
 if TYPE_CHECKING:
-    from server.kv_cache import PagedKVCache
+    from server.engine.kv_cache import PagedKVCache
 
 PREFIX_SHARE = 0.25  # default cap of prefix-only blocks, as a share of the pool
 

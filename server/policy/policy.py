@@ -2,7 +2,7 @@
 
 A policy says how a frozen model runs its decoder layers for one request. It is plain data, imports neither torch
 nor pydantic (the GPU benchmark machine has no pydantic), and is turned into a concrete schedule by
-`server.compiler.compile_schedule`.
+`server.policy.compiler.compile_schedule`.
 
 String forms (layer indices 0-based, ranges inclusive, never an ``@``):
 

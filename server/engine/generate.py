@@ -19,16 +19,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from server.compiler import Schedule, compile_schedule
-from server.detokenizer import IncrementalDetokenizer
-from server.executor import AttentionMode, Executor, Row
-from server.kv_manager import KVManager, Reused
-from server.model import GroupMode, Transformer, default_dtype
-from server.policy import Policy, as_policy
-from server.probe import ProbeStats
-from server.probe import reduce as reduce_probe
-from server.request import GenerationResult, Request, Timings
-from server.sampling import SamplingBatch, SamplingParams, make_generator, sample_batch
+from server.policy.compiler import Schedule, compile_schedule
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.executor import AttentionMode, Executor, Row
+from server.engine.kv_manager import KVManager, Reused
+from server.model.model import GroupMode, Transformer, default_dtype
+from server.policy.policy import Policy, as_policy
+from server.engine.probe import ProbeStats
+from server.engine.probe import reduce as reduce_probe
+from server.engine.request import GenerationResult, Request, Timings
+from server.engine.sampling import SamplingBatch, SamplingParams, make_generator, sample_batch
 
 __all__ = ["Batch", "Engine", "GenerationResult", "ModelOutput", "Request", "StepInput", "Timings"]
 
@@ -259,7 +259,7 @@ class Batch:
 
     def probe(self, prompts: list[list[int]], schedule: Schedule) -> ProbeStats:
         """One forward pass of `prompts` under `schedule`, no sampling; returns the layer statistics of
-        `server.probe` (reduced here, on the thread that owns the tensors). Their KV blocks are freed at once."""
+        `server.engine.probe` (reduced here, on the thread that owns the tensors). Their KV blocks are freed at once."""
         ids = [f"probe-{next(_ids)}" for _ in prompts]
         lengths = [len(p) for p in prompts]
         tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
@@ -311,7 +311,7 @@ class Engine:
     ) -> None:
         self.model, self.tokenizer, self.config, self.name = model, tokenizer, config, name
         self.eos_ids, self.group_mode, self.block_size = eos_ids, group_mode, block_size
-        self.attention = attention  # how decode attention reads the KV pool (see server.executor)
+        self.attention = attention  # how decode attention reads the KV pool (see server.engine.executor)
 
     @classmethod
     def from_hf(
@@ -319,15 +319,15 @@ class Engine:
         **kwargs: Any,
     ) -> Engine:
         """From an in-memory transformers model (tests, parity checks): its weights are copied into our stacks."""
-        from server.weights import transformer_from_hf
+        from server.model.weights import transformer_from_hf
 
         model = transformer_from_hf(hf_model, dtype=dtype or default_dtype(device), device=device)
         return cls(model, tokenizer, eos_ids=_eos_ids(hf_model, tokenizer), config=hf_model.config, **kwargs)
 
     @classmethod
     def from_loaded(cls, loaded: Any, **kwargs: Any) -> Engine:
-        """From `server.loader.load_model`'s result (weights already on their device, in their dtype)."""
-        from server.model import ModelArgs
+        """From `server.model.loader.load_model`'s result (weights already on their device, in their dtype)."""
+        from server.model.model import ModelArgs
 
         w = loaded.weights
         model = Transformer(ModelArgs.from_hf_config(loaded.config), w, dtype=w.embed.dtype, device=w.embed.device)
@@ -407,7 +407,7 @@ class Engine:
         return [s.result() for s in seqs]
 
     def probe(self, prompts: list[str | list[int]], *, policy: Policy | str | dict | None = None) -> ProbeStats:
-        """Layer statistics of one forward pass of `prompts` under `policy` (see `server.probe`)."""
+        """Layer statistics of one forward pass of `prompts` under `policy` (see `server.engine.probe`)."""
         schedule = self.compile(policy)
         ids = [self.encode(p) for p in prompts]
         blocks = sum(-(-len(p) // self.block_size) for p in ids) * schedule.num_slots

@@ -1,5 +1,5 @@
 """Next-token choice for a whole batch at once: greedy, temperature, top-k, top-p, per-request seeded generators.
-Every value `SamplingParams` (in `server.sampling_params`) accepts samples without inf or NaN reaching the draw."""
+Every value `SamplingParams` (in `server.engine.sampling_params`) accepts samples without inf or NaN reaching the draw."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import Tensor
 from dataclasses import dataclass
 from typing import Any
 
-from server.sampling_params import (
+from server.engine.sampling_params import (
     LOGPROBS, MAX_STOP_LENGTH, MAX_STOP_STRINGS, MIN_TEMPERATURE, SEED, TEMPERATURE, TOP_K, TOP_P, Interval, SamplingError, SamplingParams, check_stop,
 )
 

@@ -13,12 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from server.compiler import Schedule
-from server.sampling_params import SamplingParams
+from server.policy.compiler import Schedule
+from server.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from server.detokenizer import IncrementalDetokenizer
-    from server.probe import ProbeStats
+    from server.engine.detokenizer import IncrementalDetokenizer
+    from server.engine.probe import ProbeStats
 
 
 class Status(enum.Enum):

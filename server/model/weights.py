@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from server.model import LayerStack, ModelArgs, ModelWeights, Transformer, text_config
+from server.model.model import LayerStack, ModelArgs, ModelWeights, Transformer, text_config
 
 __all__ = ["CheckpointError", "LayerStack", "ModelWeights", "load_checkpoint", "transformer_from_hf",
            "weights_from_hf_model"]

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from server.kv_manager import KVBudgetError, KVManager
-from server.request import Request, Status
+from server.engine.kv_manager import KVBudgetError, KVManager
+from server.engine.request import Request, Status
 
 __all__ = ["Admission", "DrainingError", "KVBudgetError", "QueueFullError", "Scheduler"]
 

@@ -19,10 +19,10 @@ import logging
 import threading
 import time
 
-from server.generate import Engine
+from server.engine.generate import Engine
 from server.metrics import Metrics, QueueStats, RequestStats, StepStats
-from server.request import Output, Request, Sink, Status
-from server.scheduler import Admission, DrainingError, KVBudgetError, QueueFullError, Scheduler
+from server.engine.request import Output, Request, Sink, Status
+from server.engine.scheduler import Admission, DrainingError, KVBudgetError, QueueFullError, Scheduler
 
 log = logging.getLogger(__name__)
 

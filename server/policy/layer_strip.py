@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from server.compiler import Schedule, Step
+from server.policy.compiler import Schedule, Step
 
 CellKind = Literal["run", "group", "skipped"]
 MAX_BLOCK = 16  # longest repeated block of steps folded into one counted cell

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from functools import cached_property
 
-from server.policy import RANGE_KINDS, Combine, Group, Policy, PolicyError, parse_policy
+from server.policy.policy import RANGE_KINDS, Combine, Group, Policy, PolicyError, parse_policy
 
 
 Slot = tuple[int, int]  # (layer, occurrence)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
 
-from server.compiler import Schedule
+from server.policy.compiler import Schedule
 
 if TYPE_CHECKING:
     from torch import Tensor

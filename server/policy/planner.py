@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
-from server.compiler import Schedule, Slot
+from server.policy.compiler import Schedule, Slot
 
 Kind = Literal["attn", "mlp"]
 H, X, T0 = 0, 1, 2  # buffer ids: residual stream, group input, first group member

@@ -19,11 +19,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from server.compiler import Schedule, Slot
-from server.kv_cache import PagedKVCache
-from server.model import GroupMode, Transformer
-from server.paged_attention import paged_attention, paged_layout
-from server.planner import Apply, Boundary, Copy, Merge, StepPlan, plan_step
+from server.policy.compiler import Schedule, Slot
+from server.engine.kv_cache import PagedKVCache
+from server.model.model import GroupMode, Transformer
+from server.model.paged_attention import paged_attention, paged_layout
+from server.policy.planner import Apply, Boundary, Copy, Merge, StepPlan, plan_step
 
 
 @dataclass(frozen=True)

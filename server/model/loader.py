@@ -1,7 +1,7 @@
 """Finding and loading a frozen model: an embedded alias (SmolLM2, Gemma 3), a local HF directory, a GGUF file, or a
 hub id.
 
-Weights load straight into the decoder's stacks (`server.weights.load_checkpoint`), never through a transformers
+Weights load straight into the decoder's stacks (`server.model.weights.load_checkpoint`), never through a transformers
 model, so loading holds one copy of them. A GGUF file is converted once into a cached safetensors directory
 (config.json, tokenizer files, model.safetensors) rather than read directly on every start: dequantizing its weights
 takes seconds, but transformers' pure-Python parse of its metadata into a config and a tokenizer takes ~12 s for
@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from server.model import SUPPORTED_ARCHITECTURES, ModelArgs, UnsupportedModelError, default_dtype
-from server.weights import CheckpointError, ModelWeights, load_checkpoint
+from server.model.model import SUPPORTED_ARCHITECTURES, ModelArgs, UnsupportedModelError, default_dtype
+from server.model.weights import CheckpointError, ModelWeights, load_checkpoint
 
 log = logging.getLogger(__name__)
 

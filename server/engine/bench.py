@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from server.generate import Engine
-from server.sampling import SamplingParams
+from server.engine.generate import Engine
+from server.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def _time_decode(engine: Engine, prompt_ids: list[int], policy: str, new_tokens:
 def _time_parts(engine: Engine, prompt_ids: list[int], new_tokens: int, repeats: int = 50) -> tuple[float, float]:
     """Seconds for one decoder layer and for the LM head (final norm + matmul) at one decode token, with the
     context as long as it is on average during the timed decode (prompt + half the new tokens)."""
-    from server.executor import Executor, Row
+    from server.engine.executor import Executor, Row
 
     model, device = engine.model, engine.model.device
     schedule = engine.compile("full")
@@ -157,7 +157,7 @@ def run_bench(
         tokenizer: Any = _IdTokenizer()
         prompt_ids = list(range(10, 10 + 24))
     else:
-        from server.loader import load_model
+        from server.model.loader import load_model
 
         loaded = load_model(model, device=dev, dtype=dtype)
     if random_weights:
@@ -232,7 +232,7 @@ def render(result: BenchResult) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m server.bench`: the same benchmark without the CLI's imports (for bare GPU machines)."""
+    """`python -m server.engine.bench`: the same benchmark without the CLI's imports (for bare GPU machines)."""
     import argparse
     import json
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from server.compiler import Slot
+from server.policy.compiler import Slot
 
 
 def default_budget_tokens(*, bytes_per_slot_token: int, demand: int, device: torch.device,
