@@ -100,7 +100,7 @@ class PlaygroundInfo(BaseModel):
 # -- preset notes ---------------------------------------------------------------------------------------------------
 
 _NOTE = re.compile(r"^#\s*([^\s:@]+):\s*(.*)$")
-_SCORE = re.compile(r"\bscore\s+(-?[0-9.]+)")
+_SCORE = re.compile(r"\b(?:score|held-out mean)\s+(-?[0-9.]+)")  # the older and the current search's wording
 _SPEEDUP = re.compile(r"\bspeed-up\s+([0-9.]+)x")
 
 
