@@ -298,6 +298,17 @@ def test_stream_completion_frames(client):
     assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
 
 
+def test_streamed_chunks_carry_the_server_timings_so_far(client):
+    chunks = sse_json(stream(client, "/v1/completions", {"prompt": "hello", "max_tokens": 6, "ignore_eos": True,
+                                                         "stream": True}))
+    timings = [c["painters"]["timings"] for c in chunks]
+    assert all(c["painters"]["policy"] == "full" for c in chunks)
+    assert all(t["time_to_first_token_s"] > 0 for t in timings)
+    decode = [t["decode_s"] for t in timings]
+    assert decode == sorted(decode) and decode[-1] > 0  # the figures so far grow to the final ones
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
 def test_stream_without_usage_and_with_logprobs_and_n(client):
     expected = text_of(client, "abc", max_tokens=5)
     chunks = sse_json(stream(client, "/v1/completions", {"prompt": "abc", "max_tokens": 5, "n": 2, "logprobs": 2,

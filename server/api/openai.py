@@ -14,7 +14,7 @@ from sse_starlette import EventSourceResponse
 
 from server.api import pipeline
 from server.api.errors import APIError, error_body
-from server.api.pipeline import Chat, Job, Running, painters_info, slowest, sse, timing_headers
+from server.api.pipeline import Chat, Job, Running, painters_chunk, painters_info, slowest, sse, timing_headers
 from server.api.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
     ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob, CompletionChoice, CompletionLogprobs,
@@ -158,7 +158,7 @@ async def _stream_completion(engine: Engine, run: Running, *, rid: str, created:
                 index=i, text=out.text, logprobs=lp, finish_reason=final.finish_reason if final else None)])
             if final is not None:
                 results.append(final)
-                chunk.painters = painters_info(run.schedule, final)
+            chunk.painters = painters_chunk(run.schedule, out)
             yield _chunk(chunk, include_usage)
     except APIError as e:
         yield {"data": _error_json(e)}
@@ -243,7 +243,7 @@ async def _stream_chat(engine: Engine, run: Running, *, rid: str, created: int, 
                                        finish_reason=final.finish_reason if final else None)])
             if final is not None:
                 results.append(final)
-                c.painters = painters_info(run.schedule, final)
+            c.painters = painters_chunk(run.schedule, out)
             yield _chunk(c, include_usage)
     except APIError as e:
         yield {"data": _error_json(e)}

@@ -19,6 +19,7 @@ from server.api.state import AppState
 from server.policy.compiler import Schedule
 from server.engine.probe import ProbeStats
 from server.engine.request import GenerationResult, Output
+from server.engine.request import Timings as EngineTimings
 from server.engine.request import Request as EngineRequest  # fastapi.Request is the HTTP one
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import DrainingError, KVBudgetError, QueueFullError
@@ -272,7 +273,10 @@ def engine_request(rid: str, prompt_ids: list[int], params: SamplingParams, sche
 
 
 def timings(result: GenerationResult) -> Timings:
-    t = result.timings
+    return timings_of(result.timings)
+
+
+def timings_of(t: EngineTimings) -> Timings:
     return Timings(queue_s=t.queue_s, prefill_s=t.prefill_s, decode_s=t.decode_s, time_to_first_token_s=t.ttft_s,
                    time_per_output_token_s=t.tpot_s, e2e_s=t.queue_s + t.prefill_s + t.decode_s)
 
@@ -296,6 +300,15 @@ def timing_headers(schedule: Schedule, results: list[GenerationResult]) -> dict[
 def painters_info(schedule: Schedule, result: GenerationResult | None) -> PaintersInfo:
     return PaintersInfo(policy=schedule.policy, schedule=schedule.key,
                         timings=timings(result) if result is not None else None)
+
+
+def painters_chunk(schedule: Schedule, out: Output) -> PaintersInfo | None:
+    """The `painters` object of a streamed chunk: the final figures on the last one, the figures so far before it."""
+    if out.result is not None:
+        return painters_info(schedule, out.result)
+    if out.timings is not None:
+        return PaintersInfo(policy=schedule.policy, schedule=schedule.key, timings=timings_of(out.timings))
+    return None
 
 
 def slowest(results: list[GenerationResult]) -> GenerationResult:

@@ -127,7 +127,8 @@ class Timings(BaseModel):
 
 
 class PaintersInfo(BaseModel):
-    """The `painters` extension object on every response: which policy ran and how long each phase took."""
+    """The `painters` extension object on every response: which policy ran and how long each phase took. A streamed
+    chunk before the last carries the timings so far (time to first token, decode time and time per token up to it)."""
 
     policy: str
     schedule: str

@@ -250,6 +250,7 @@ class EngineLoop:
             text=r.text[r.sent_text:text_end],
             finished=finished,
             result=r.result() if finished else None,
+            timings=None if finished else r.timings.snapshot(),
         )
         r.sent_tokens, r.sent_text = n, text_end
         self._send(r, out)

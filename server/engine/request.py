@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from server.policy.compiler import Schedule
@@ -46,6 +46,10 @@ class Timings:
     def total_s(self) -> float:
         return self.queue_s + self.prefill_s + self.decode_s
 
+    def snapshot(self) -> "Timings":
+        """A copy the engine thread no longer writes to (streamed outputs carry the timings so far)."""
+        return replace(self, per_token_s=list(self.per_token_s))
+
 
 @dataclass
 class GenerationResult:
@@ -75,6 +79,7 @@ class Output:
     result: GenerationResult | None = None
     error: str | None = None
     probe: ProbeStats | None = None
+    timings: Timings | None = None  # the request's timings so far, on every output before the last
 
 
 Sink = Callable[[Output], None]

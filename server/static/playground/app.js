@@ -311,7 +311,7 @@ function requestOf(col, index) {
 
 function resetColumn(col) {
   if (col.controller) col.controller.abort();
-  Object.assign(col, { text: "", tokens: 0, spans: [], done: false, timings: null, live: null, schedule: null });
+  Object.assign(col, { text: "", tokens: 0, spans: [], done: false, timings: null, serverSoFar: null, live: null, schedule: null });
   $(".output", col.el).replaceChildren();
   $(".output", col.el).dataset.text = "";
   $(".run-error", col.el).textContent = "";
@@ -364,7 +364,11 @@ async function streamColumn(col, request, how) {
       if (chunk.error) throw new ApiError(chunk.error.code, chunk.error.message);
       const choice = chunk.choices && chunk.choices[0];
       if (choice) addText(col, choice);
-      if (chunk.painters) finish(col, chunk.painters);
+      if (chunk.painters && choice && choice.finish_reason) finish(col, chunk.painters);
+      else if (chunk.painters) { // the server's figures so far
+        col.serverSoFar = chunk.painters.timings;
+        $(".timing-source", col.el).textContent = `server timings so far · ${col.how}`;
+      }
       updateStats();
       updateDivergence();
     }
@@ -423,6 +427,10 @@ function figures(col) {
   if (col.timings) {
     const t = col.timings;
     return { ttft: t.time_to_first_token_s, tpot: t.time_per_output_token_s, live: false };
+  }
+  const t = col.serverSoFar;
+  if (t && t.time_to_first_token_s > 0) {
+    return { ttft: t.time_to_first_token_s, tpot: t.time_per_output_token_s || null, live: false, soFar: true };
   }
   if (!col.live || col.live.first == null) return null;
   const now = performance.now();
