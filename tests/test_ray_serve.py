@@ -120,8 +120,10 @@ def test_prometheus_discovers_and_scrapes_every_replica(ray_url: str, tmp_path: 
                                  f"{httpx.get(f'{prom.url}/api/v1/targets').text[:1500]}") from None
 
 
-def _stream(url: str, policy: str) -> tuple[str, str, str]:
-    """(replica, pid, outcome): outcome 'ok' (128 tokens and [DONE]) or 'error: ...'; never hangs past 90 s."""
+def _stream(url: str, policy: str, progress: dict[int, tuple[str, str, int]] | None = None, key: int = 0
+            ) -> tuple[str, str, str]:
+    """(replica, pid, outcome): outcome 'ok' (128 tokens and [DONE]) or 'error: ...'; never hangs past 90 s.
+    `progress[key]` follows (replica, pid, chunks so far) while it streams."""
     replica = pid = "?"
     try:
         with httpx.stream("POST", f"{url}/v1/completions", headers=AUTH, timeout=90,
@@ -139,6 +141,8 @@ def _stream(url: str, policy: str) -> tuple[str, str, str]:
                     if "error" in obj:
                         return replica, pid, f"error: {obj['error']}"
                     tokens += 1
+                    if progress is not None:
+                        progress[key] = (replica, pid, tokens)
             return replica, pid, "ok" if done and tokens >= 128 else f"error: cut after {tokens} chunks"
     except httpx.HTTPError as e:
         return replica, pid, f"error: {type(e).__name__}"
@@ -146,14 +150,15 @@ def _stream(url: str, policy: str) -> tuple[str, str, str]:
 
 def test_killed_replica_is_replaced_and_nothing_hangs(ray_url: str) -> None:
     # Requests without routing headers: Ray spreads them over both replicas.
+    progress: dict[int, tuple[str, str, int]] = {}
     with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(_stream, ray_url, POLICIES[i % 3]) for i in range(8)]
-        time.sleep(3)  # all admitted and decoding
-        pids = {}
-        deadline = time.monotonic() + 30
-        while len(pids) < 2 and time.monotonic() < deadline:
-            r = httpx.get(f"{ray_url}/v1/models", headers=AUTH, timeout=10)
-            pids[r.headers["x-painters-replica"]] = int(r.headers["x-painters-replica-pid"])
+        futures = [pool.submit(_stream, ray_url, POLICIES[i % 3], progress, i) for i in range(8)]
+        # kill as soon as every stream is decoding (a few chunks in, far from its 128): on a quiet machine the
+        # streams finish within seconds, so a fixed wait could let the victim's streams end before the kill
+        wait_until(lambda: len(progress) == 8 and all(n >= 2 for _, _, n in progress.values()), timeout=120,
+                   what="all 8 streams decoding", interval=0.05)
+        pids = {replica: int(pid) for replica, pid, _ in progress.values()}
+        assert len(pids) == 2, f"Ray put every stream on one replica: {pids}"
         victim, victim_pid = sorted(pids.items())[0]
         os.kill(victim_pid, signal.SIGKILL)
         results = [f.result(timeout=120) for f in futures]
