@@ -43,7 +43,8 @@ def load_engine(settings: Settings) -> Engine:
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
     loaded = load_model(settings.model, device=device, dtype=dtype)
-    return Engine.from_loaded(loaded, group_mode=settings.group_mode, name=settings.model)
+    return Engine.from_loaded(loaded, group_mode=settings.group_mode, name=settings.model,
+                              graphs=None if settings.cuda_graphs else False)
 
 
 def served_name(settings: Settings) -> str:

@@ -58,6 +58,7 @@ class QueueStats:
     kv_usage: float  # 0..1
     prefix_cache_blocks: int = 0  # KV blocks kept only for prefix reuse
     prefix_cache_limit: int = 0  # their cap
+    decode_graphs: dict[str, float] | None = None  # server.engine.graphs' stats(); None without captured steps
 
 
 class _ConstantLabel:
@@ -106,6 +107,8 @@ class Metrics:
                                    registry=r)
         self.prefix_limit = Gauge("painters:prefix_cache_blocks_limit", "Cap on painters:prefix_cache_blocks",
                                   ["model"], registry=r)
+        self.graphs = Gauge("painters:decode_graphs", "Captured decode steps (CUDA graphs): kept, captured, replayed, "
+                            "failed, evicted, hit rate, device bytes pinned", ["model", "stat"], registry=r)
         self.batch_size = Histogram("painters:batch_size", "Sequences per engine step", labels, buckets=BATCH_BUCKETS,
                                     registry=r)
         self.step_duration = hist("step_duration_seconds", "Engine step duration", TOKEN_LATENCY_BUCKETS)
@@ -149,6 +152,8 @@ class Metrics:
         self.kv_usage.labels(model=self.model).set(s.kv_usage)
         self.prefix_blocks.labels(model=self.model).set(s.prefix_cache_blocks)
         self.prefix_limit.labels(model=self.model).set(s.prefix_cache_limit)
+        for stat, value in (s.decode_graphs or {}).items():
+            self.graphs.labels(model=self.model, stat=stat).set(value)
 
     def observe_error(self, status: int) -> None:
         self.errors.labels(model=self.model, status=str(status)).inc()

@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="cpu, cuda, cuda:N; default cuda when present")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     group_mode: Literal["batched", "streams"] = "batched"
+    cuda_graphs: bool = Field(True, description="on CUDA, replay decode steps from captured graphs "
+                              "(server/engine/graphs.py); no effect on the CPU")
     host: str = "127.0.0.1"
     port: int = 8000
     max_num_seqs: int = Field(16, ge=1, description="sequences decoded at once, over all policies")

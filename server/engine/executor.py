@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from server.policy.compiler import Schedule, Slot
+from server.engine.graphs import PAD, DecodeGraphs
 from server.engine.kv_cache import PagedKVCache
 from server.model.model import GroupMode, Transformer
 from server.model.paged_attention import paged_attention, paged_layout
@@ -81,8 +82,11 @@ AttentionMode = Literal["gathered", "in_place"]
 class Executor:
     def __init__(
         self, model: Transformer, *, num_blocks: int, block_size: int = 16, max_len: int,
-        group_mode: GroupMode = "batched", attention: AttentionMode = "gathered",
+        group_mode: GroupMode = "batched", attention: AttentionMode = "gathered", graphs: bool | None = None,
     ) -> None:
+        """graphs: decode steps through `DecodeGraphs` (captured CUDA graphs over padded, bucketed layouts); None
+        turns them on where they pay, on CUDA with fused groups. On the CPU the same padded path runs eagerly
+        (tests use it there; it buys nothing)."""
         a = model.args
         self.model, self.group_mode, self.max_len, self.attention = model, group_mode, max_len, attention
         self.cache = PagedKVCache(num_blocks=num_blocks, block_size=block_size, max_len=max_len,
@@ -91,6 +95,9 @@ class Executor:
         self._compiled: OrderedDict[tuple, _Program] = OrderedDict()  # least recently used first
         self._streams: list[torch.cuda.Stream] = []
         self._block_col = torch.zeros(self.cache.pool.shape[0], dtype=torch.int32, device=model.device)  # in place
+        if graphs is None:
+            graphs = model.device.type == "cuda" and group_mode == "batched"
+        self.graphs = DecodeGraphs(self) if graphs else None
 
     def release(self, seq: Hashable) -> None:
         """A sequence left: its KV blocks return to the pool (compiled programs stay: they name no sequence)."""
@@ -108,36 +115,63 @@ class Executor:
         entering every schedule step of those rows (step = number of steps done), for probes."""
         B, T = tokens.shape
         assert len(rows) == B
-        model, cache, dev = self.model, self.cache, self.model.device
         for r in rows:
             assert r.start + r.num_new <= self.max_len, f"sequence of {r.start + r.num_new} exceeds {self.max_len}"
-            cache.reserve(r.seq, r.schedule.slots, r.start + r.num_new)
+            self.cache.reserve(r.seq, r.schedule.slots, r.start + r.num_new)
+        if self.graphs is not None and capture is None and logits_at is not None and T == 1:
+            return self.graphs.decode(tokens, rows)  # every row decodes one token: a captured step
         plan = self.plan(rows, boundaries=capture is not None)
         program = self._compile(plan, rows)
-        kv_rows = torch.tensor([cache.table_row(rows[b].seq, slot) for b, slot in program.kv_pairs],
-                               dtype=torch.long).to(dev, non_blocking=True)
-
-        start = torch.tensor([r.start for r in rows], device=dev)
-        positions = start[:, None] + torch.arange(T, device=dev)[None, :]  # [B, T]
-        valid = torch.arange(T, device=dev)[None, :] < torch.tensor([r.num_new for r in rows], device=dev)[:, None]
         kv_len = max(r.start + r.num_new for r in rows)
-        num_blocks = -(-kv_len // cache.block_size)
-        rope = model.rope(positions, top=kv_len)
+        inputs = self.step_inputs(program, rows)
+        return self.run(plan, program, tokens, *inputs, top=kv_len, num_blocks=-(-kv_len // self.cache.block_size),
+                        num_new=[r.num_new for r in rows], logits_at=logits_at, capture=capture)
+
+    def step_inputs(self, program: _Program, rows: list[Row]) -> tuple[Tensor, Tensor, Tensor]:
+        """What a step's tensor work reads from the rows, on the device, in one copy: where each row starts [B], how
+        many tokens it appends [B], and the KV table row of every (attention application, layer, row) [N]."""
+        host = torch.tensor([r.start for r in rows] + [r.num_new for r in rows] + self.kv_table_rows(program, rows),
+                            dtype=torch.long)
+        if self.model.device.type == "cuda":
+            host = host.pin_memory()  # so that the copy is asynchronous (torch caches pinned buffers)
+        host = host.to(self.model.device, non_blocking=True)
+        B = len(rows)
+        return host[:B], host[B : 2 * B], host[2 * B :]
+
+    def kv_table_rows(self, program: _Program, rows: list[Row]) -> list[int]:
+        """The KV table row of every (attention application, layer, row) of the program; a padding row (seq PAD)
+        names the row that holds only the scratch block."""
+        cache = self.cache
+        return [cache.pad_row if rows[b].seq is PAD else cache.table_row(rows[b].seq, slot)
+                for b, slot in program.kv_pairs]
+
+    def run(self, plan: StepPlan, program: _Program, tokens: Tensor, start: Tensor, new: Tensor, kv_rows: Tensor, *,
+            top: int, num_blocks: int, num_new: list[int] | None, logits_at: Tensor | None,
+            capture: Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor:
+        """The step's tensor work, with no host sync: every shape comes from plain data. start, new [B] and
+        kv_rows [N] as `step_inputs` makes them; top bounds the positions + 1; num_blocks: the KV blocks that
+        gathered attention reads per row (covering every row's length); num_new: each row's new tokens on the host
+        when some are padding (None: every row appends all T, as every decode row does)."""
+        B, T = tokens.shape
+        model, cache, dev = self.model, self.cache, self.model.device
+        positions = start[:, None] + torch.arange(T, device=dev)[None, :]  # [B, T]
+        padded = num_new is not None and any(n != T for n in num_new)
+        valid = torch.arange(T, device=dev)[None, :] < new[:, None]
+        rope = model.rope(positions, top=top)
         mask, window_mask = model.masks(positions, num_blocks * cache.block_size)
 
-        padded = any(r.num_new != T for r in rows)
         kv_at = cache.locate(kv_rows, positions[program.kv_batch],
                              valid[program.kv_batch] if padded else None)  # [N, T] where each writes
         kv_blocks = cache.block_ids(kv_rows, num_blocks)  # [N, nb] what each reads
         layout = None
         if self.attention == "in_place" and T == 1:
-            lengths = torch.tensor([r.start + r.num_new for r in rows], device=dev)[program.kv_batch]
-            layout = paged_layout(cache.tables[kv_rows], positions[program.kv_batch], lengths,
+            layout = paged_layout(cache.tables[kv_rows], positions[program.kv_batch], (start + new)[program.kv_batch],
                                   block_size=cache.block_size, block_col=self._block_col)
+
         def real_positions(op: _Apply) -> Tensor:
             """Flat indices of the real tokens among the application's rows x T, from the rows (no host sync)."""
             members = range(B) if op.whole else op.members
-            return torch.tensor([i * T + t for i, b in enumerate(members) for t in range(rows[b].num_new)],
+            return torch.tensor([i * T + t for i, b in enumerate(members) for t in range(num_new[b])],
                                 dtype=torch.long).to(dev, non_blocking=True)
 
         views: dict[int, tuple[dict[bool, Tensor | None], dict[bool, tuple[Tensor, Tensor]], Tensor | None]] = {}

@@ -66,10 +66,11 @@ class Batch:
 
     def __init__(self, model: Transformer, tokenizer: Any, *, max_len: int, num_blocks: int, block_size: int = 16,
                  group_mode: GroupMode = "batched", prefix_caching: bool = False,
-                 prefix_blocks: int | None = None, attention: AttentionMode = "gathered") -> None:
+                 prefix_blocks: int | None = None, attention: AttentionMode = "gathered",
+                 graphs: bool | None = None) -> None:
         self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
         self.executor = Executor(model, num_blocks=num_blocks, block_size=block_size, max_len=max_len,
-                                 group_mode=group_mode, attention=attention)
+                                 group_mode=group_mode, attention=attention, graphs=graphs)
         self.kv = KVManager(num_blocks=num_blocks - 1, block_size=block_size, cache=self.executor.cache,
                             prefix_caching=prefix_caching, prefix_blocks=prefix_blocks)
         self.sequences: list[Request] = []
@@ -307,11 +308,12 @@ class Engine:
     def __init__(
         self, model: Transformer, tokenizer: Any, *, eos_ids: frozenset[int] = frozenset(), config: Any = None,
         group_mode: GroupMode = "batched", name: str = "model", block_size: int = 16,
-        attention: AttentionMode = "gathered",
+        attention: AttentionMode = "gathered", graphs: bool | None = None,
     ) -> None:
         self.model, self.tokenizer, self.config, self.name = model, tokenizer, config, name
         self.eos_ids, self.group_mode, self.block_size = eos_ids, group_mode, block_size
         self.attention = attention  # how decode attention reads the KV pool (see server.engine.executor)
+        self.graphs = graphs  # captured decode steps (server.engine.graphs); None: on CUDA, off on the CPU
 
     @classmethod
     def from_hf(
@@ -381,15 +383,17 @@ class Engine:
                   prefix_caching: bool = False, prefix_blocks: int | None = None) -> Batch:
         return Batch(self.model, self.tokenizer, max_len=max_len, num_blocks=num_blocks,
                      block_size=block_size or self.block_size, group_mode=self.group_mode, attention=self.attention,
+                     graphs=self.graphs,
                      prefix_caching=prefix_caching, prefix_blocks=prefix_blocks)
 
     def generate(
         self, prompts: list[str | list[int]] | str, *,
         policy: Policy | str | dict | None | list[Policy | str | dict | None] = None,
-        params: SamplingParams | None = None,
+        params: SamplingParams | None = None, batch: Batch | None = None,
     ) -> list[GenerationResult]:
         """Generate for every prompt, all decoded together in one batch. `policy` is one policy for all prompts or
-        a list with one per prompt (any mix)."""
+        a list with one per prompt (any mix). batch: an empty batch to run in (its KV pool must hold them all), so
+        that calls share what it keeps (compiled programs, captured graphs); default a new one sized to fit."""
         if isinstance(prompts, str):
             prompts = [prompts]
         params = params or SamplingParams()
@@ -397,8 +401,10 @@ class Engine:
         assert len(policies) == len(prompts), "one policy per prompt"
         seqs = [self.new_sequence(p, params, self.compile(pol)) for p, pol in zip(prompts, policies)]
         max_len = max(len(s.prompt_ids) for s in seqs) + max(params.max_tokens, 1)
-        blocks = sum(-(-max_len // self.block_size) * s.schedule.num_slots for s in seqs)
-        batch = self.new_batch(max_len=max_len, num_blocks=blocks + 1)
+        if batch is None:
+            blocks = sum(-(-max_len // self.block_size) * s.schedule.num_slots for s in seqs)
+            batch = self.new_batch(max_len=max_len, num_blocks=blocks + 1)
+        assert not batch.sequences, "generate needs an empty batch"
         batch.add(seqs)
         batch.filter()
         while batch.sequences:

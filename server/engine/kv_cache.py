@@ -98,7 +98,10 @@ class PagedKVCache:
         self.max_blocks = -(-max_len // block_size)  # per (sequence, slot)
         self.n_kv_heads = n_kv_heads
         self.pool = _zeros((num_blocks, block_size, 2 * n_kv_heads, head_dim), dtype, torch.device(device))
-        self.tables = torch.zeros(num_blocks, self.max_blocks, dtype=torch.long, device=device)
+        # one table row per (sequence, slot) that can hold a block, and one more that only ever names the scratch
+        # block: padding rows of a captured decode step read and write through it
+        self.tables = torch.zeros(num_blocks + 1, self.max_blocks, dtype=torch.long, device=device)
+        self.pad_row = num_blocks
         self._free_blocks = list(range(num_blocks - 1, 0, -1))  # a stack: low blocks first
         self._free_rows = list(range(num_blocks - 1, -1, -1))
         self._rows: dict[int, dict[Slot, int]] = {}  # sequence -> slot -> table row

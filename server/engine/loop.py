@@ -294,9 +294,9 @@ class EngineLoop:
         self._send(r, out)
 
     def _queue_stats(self) -> QueueStats:
-        kv = self.batch.kv
+        kv, graphs = self.batch.kv, self.batch.executor.graphs
         return QueueStats(self.scheduler.num_running, self.scheduler.num_waiting, kv.usage(),
-                          kv.prefix_only_blocks, kv.prefix_blocks)
+                          kv.prefix_only_blocks, kv.prefix_blocks, None if graphs is None else graphs.stats())
 
     def _end_left(self) -> None:
         """The drain deadline passed: every request still here ends now with finish_reason "abort"."""

@@ -1,0 +1,189 @@
+"""Captured decode steps: a decode step replays a CUDA graph instead of launching each of its kernels.
+
+A decode step's kernels depend on the batch's layout (which schedule each row follows), its number of rows, and, when
+attention gathers each row's context, on how many KV blocks the longest row reads. Token ids, positions and block
+tables are data. So a step is captured per *padded layout*: rows grouped by schedule (schedules in the order of their
+keys), each group padded to a bucket (1, 2, 4, 8, then multiples of 8, as vLLM buckets its graph batch sizes), and
+the context rounded up to a bucket of blocks (1, 2, 4, 8, then multiples of 8; attention that reads the pool in place
+needs none: it always covers the longest sequence). Padding rows name the table row that holds only the scratch
+block: they write and read there, and their logits are dropped. A row joining or leaving a group changes nothing until
+the group crosses a bucket, and a layout seen once is kept: graphs are held least recently used first, up to
+`MAX_GRAPHS`, in one shared memory pool.
+
+Why a graph per layout rather than per layer application: a step of any policy mix is then one replay (one launch),
+and a steady load has few layouts (each group's bucket), so captures are rare after warm-up; the price is a capture
+per new mix of schedules and buckets, counted in `stats()`.
+
+A graph reads static buffers: token ids [Bp, 1] and one packed int64 vector (each row's start [Bp], its new tokens
+[Bp], the KV table row of every (attention application, layer, row) [N], and where each real row sits among the padded
+ones [Bp]). A replay copies this step's values in (one host-to-device copy from pinned memory), scatters the token ids
+and gathers the real rows' logits out of the graph's [Bp, V]. Capture follows torch's recipe: run the step once on a
+side stream (it compiles what compiles lazily; a decode step is idempotent: it rewrites the same keys and values),
+then capture it. On the CPU there is no graph: the same padded step runs eagerly over the same buffers, which is what
+the CPU tests compare with the unpadded step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from server.engine.executor import Executor, Row, _Program
+    from server.policy.planner import StepPlan
+
+log = logging.getLogger(__name__)
+MAX_GRAPHS = 32  # captured layouts kept (each pins its output and the pool's share of its intermediates)
+PAD = object()  # the `seq` of a padding row
+
+
+def bucket(n: int) -> int:
+    """What n rows (or blocks) are padded to: 1, 2, 4, 8, then the next multiple of 8."""
+    return 1 << (n - 1).bit_length() if n <= 8 else -(-n // 8) * 8
+
+
+@dataclass
+class _Step:
+    """One padded layout: its plan, program, static inputs and, on CUDA, the graph captured over them."""
+
+    plan: StepPlan  # held so that its id, part of the key, is not reused
+    program: _Program
+    tokens: Tensor  # [Bp, 1]
+    inputs: Tensor  # [3 Bp + N] start, new tokens, KV table rows, where each real row sits
+    run: Callable[[], Tensor]  # the eager step over the static buffers -> logits [Bp, V]
+    graph: torch.cuda.CUDAGraph | None = None
+    logits: Tensor | None = None  # the graph's output
+    eager: bool = False  # capture failed: the padded step runs eagerly
+
+
+class DecodeGraphs:
+    """The executor's decode steps, each a replay of the graph of its padded layout."""
+
+    def __init__(self, executor: Executor, *, max_graphs: int = MAX_GRAPHS) -> None:
+        self.executor, self.max_graphs = executor, max_graphs
+        self._steps: OrderedDict[tuple, _Step] = OrderedDict()  # least recently used first
+        self._pool = None  # one CUDA graph memory pool shared by every graph
+        self.captures = self.replays = self.failures = self.evictions = 0
+        self.pinned_bytes = 0  # growth of reserved device memory while capturing
+        cache, model = executor.cache, executor.model
+        self._top = cache.max_blocks * cache.block_size
+        # grow the rotary tables once, to every position the cache can hold: a graph reads them where they lie, so
+        # they must never be reallocated
+        model.rope(torch.zeros(1, 1, dtype=torch.long, device=model.device), top=self._top)
+
+    def stats(self) -> dict[str, int | float]:
+        seen = self.captures + self.replays
+        return {"graphs": len(self._steps), "captures": self.captures, "replays": self.replays,
+                # replays of a graph captured at an earlier step, among all steps
+                "hit_rate": self.replays / seen if seen else 0.0, "failures": self.failures,
+                "evictions": self.evictions, "pinned_bytes": self.pinned_bytes}
+
+    def replay_s(self, repeats: int = 20) -> float:
+        """Seconds of one replay of the most recently used graph alone (no host work around it): what the step
+        costs the GPU, for telling kernel time from host time. CUDA only."""
+        step = next(reversed(self._steps.values()))
+        assert step.graph is not None, "no captured graph"
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        step.graph.replay()
+        start.record()
+        for _ in range(repeats):
+            step.graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / repeats
+
+    def decode(self, tokens: Tensor, rows: list[Row]) -> Tensor:
+        """tokens [B, 1]; rows decode one token each (their KV blocks reserved) -> logits [B, V]."""
+        ex = self.executor
+        cache = ex.cache
+        groups: dict = {}
+        for b, r in enumerate(rows):
+            groups.setdefault(r.schedule, []).append(b)
+        padded: list[Row] = []
+        where = [0] * len(rows)
+        counts = []
+        for schedule in sorted(groups, key=lambda s: s.key):
+            members = groups[schedule]
+            for b in members:
+                where[b] = len(padded)
+                padded.append(rows[b])
+            n = bucket(len(members))
+            padded += [replace(rows[members[0]], seq=PAD, start=0, num_new=1)] * (n - len(members))
+            counts.append(n)
+        if ex.attention == "in_place":
+            nb = cache.max_blocks
+        else:
+            nb = min(bucket(-(-max(r.start + 1 for r in rows) // cache.block_size)), cache.max_blocks)
+        plan = ex.plan(padded)
+        key = (id(plan), tuple(counts), nb)
+        step = self._steps.get(key)
+        if step is None:
+            step = self._new(plan, ex._compile(plan, padded), len(padded), nb)
+            self._steps[key] = step
+            if len(self._steps) > self.max_graphs:
+                self._steps.popitem(last=False)
+                self.evictions += 1
+        else:
+            self._steps.move_to_end(key)
+        Bp, B = len(padded), len(rows)
+        host = torch.tensor([r.start for r in padded] + [1] * Bp + ex.kv_table_rows(step.program, padded)
+                            + where + [0] * (Bp - B), dtype=torch.long)
+        if tokens.device.type == "cuda":
+            host = host.pin_memory()
+        step.inputs.copy_(host, non_blocking=True)
+        at = step.inputs[-Bp:][:B]
+        step.tokens.index_copy_(0, at, tokens)
+        hit = step.graph is not None
+        if not hit and not step.eager and tokens.device.type == "cuda":
+            self._capture(step)
+        if step.graph is None:
+            logits = step.run()
+        else:
+            step.graph.replay()
+            logits = step.logits
+            self.replays += hit
+        return logits.index_select(0, at)
+
+    def _new(self, plan: StepPlan, program: _Program, Bp: int, nb: int) -> _Step:
+        ex = self.executor
+        dev = ex.model.device
+        N = len(program.kv_pairs)
+        tokens = torch.zeros(Bp, 1, dtype=torch.long, device=dev)
+        inputs = torch.zeros(3 * Bp + N, dtype=torch.long, device=dev)
+        logits_at = torch.zeros(Bp, dtype=torch.long, device=dev)
+        start, new, kv_rows = inputs[:Bp], inputs[Bp : 2 * Bp], inputs[2 * Bp : 2 * Bp + N]
+
+        def run() -> Tensor:
+            return ex.run(plan, program, tokens, start, new, kv_rows, top=self._top, num_blocks=nb, num_new=None,
+                          logits_at=logits_at)
+
+        return _Step(plan, program, tokens, inputs, run)
+
+    def _capture(self, step: _Step) -> None:
+        dev = step.tokens.device
+        before = torch.cuda.memory_reserved(dev)
+        try:
+            main = torch.cuda.current_stream(dev)
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                step.run()  # warm-up: lazy compiles and tables outside the capture
+            main.wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                step.logits = step.run()
+            step.graph = graph
+            self.captures += 1
+        except Exception:  # noqa: BLE001 -- the step still runs, eagerly: slower, exact
+            log.exception("capturing a decode step failed; this layout runs eagerly")
+            step.eager, step.graph, step.logits = True, None, None
+            self.failures += 1
+        self.pinned_bytes += max(0, torch.cuda.memory_reserved(dev) - before)

@@ -1,0 +1,98 @@
+"""The captured decode step's padded path (server.engine.graphs), on the CPU: rows grouped by schedule and padded to
+buckets, padding rows on the scratch block, the context bucketed. Capture itself needs CUDA (tests/test_gpu.py); here
+the same padded step runs eagerly and must give what the unpadded step gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.engine.generate import Engine
+from server.engine.graphs import bucket
+from server.engine.sampling import SamplingParams
+from tests.conftest import CharTokenizer, tiny_llama
+from tests.reference import tiny_model
+
+POLICIES = ["full", "skip:2", "pairs", "full", "skip:2", "parallel:1-4", "full"]
+PROMPTS = [[5 + (i * 7 + j) % 90 for j in range(3 + 4 * i)] for i in range(len(POLICIES))]  # 3..27 tokens
+
+
+def test_buckets():
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 63, 64, 65)] == [1, 2, 4, 4, 8, 8, 16, 16, 24, 64, 64, 72]
+
+
+def _generate(hf, *, graphs, attention="gathered", **params):
+    eng = Engine.from_hf(hf, CharTokenizer(), device="cpu", graphs=graphs, attention=attention)
+    got = eng.generate(PROMPTS, policy=POLICIES, params=SamplingParams(ignore_eos=True, logprobs=2, **params))
+    return got, eng
+
+
+@pytest.mark.parametrize("model", ["llama", "gemma3"])
+def test_padded_decode_equals_unpadded(model):
+    """Mixed policies, rows of different lengths crossing context buckets (3 to 27 + 30 tokens: 1 to 4 blocks)."""
+    hf = tiny_llama() if model == "llama" else tiny_model("gemma3")
+    want, _ = _generate(hf, graphs=False, max_tokens=30)
+    got, eng = _generate(hf, graphs=True, max_tokens=30)
+    for w, g in zip(want, got):
+        assert g.token_ids == w.token_ids
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), rtol=1e-4, atol=1e-4)
+
+
+def test_padded_decode_samples_the_same():
+    """Seeded sampling draws from the real rows' logits only: padding rows change nothing."""
+    hf = tiny_llama()
+    want, _ = _generate(hf, graphs=False, max_tokens=12, temperature=0.9, top_p=0.9, seed=7)
+    got, _ = _generate(hf, graphs=True, max_tokens=12, temperature=0.9, top_p=0.9, seed=7)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+
+
+def test_padded_decode_in_place_attention():
+    hf = tiny_llama()
+    want, _ = _generate(hf, graphs=False, max_tokens=6)
+    got, _ = _generate(hf, graphs=True, attention="in_place", max_tokens=6)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+
+
+def test_rows_joining_and_leaving_keep_the_layout():
+    """A layout is (schedules, each group's bucket, context bucket): a row joining or leaving inside its group's bucket
+    reuses the layout (on CUDA: replays the same graph), and a group crossing a bucket adds one."""
+    eng = Engine.from_hf(tiny_llama(), CharTokenizer(), device="cpu", graphs=True)
+    batch = eng.new_batch(max_len=64, num_blocks=200)
+    graphs = batch.executor.graphs
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+
+    def add(policy: str) -> None:
+        batch.add([eng.new_sequence([5, 6, 7], params, eng.compile(policy))])
+
+    add("full")
+    add("skip:2")
+    batch.step()
+    assert graphs.stats()["graphs"] == 1  # full x 1, skip:2 x 1
+    add("full")
+    batch.step()
+    assert graphs.stats()["graphs"] == 2  # full crossed 1 -> 2
+    add("full")
+    batch.step()
+    assert graphs.stats()["graphs"] == 3  # full 3 rows: bucket 4
+    add("full")
+    batch.step()
+    batch.remove(batch.sequences[0].id)
+    batch.step()
+    batch.step()
+    assert graphs.stats()["graphs"] == 3  # 4 and then 3 full rows: both bucket 4, the same layout
+
+
+def test_graph_stats_reach_prometheus():
+    from server.metrics import Metrics, QueueStats
+
+    eng = Engine.from_hf(tiny_llama(), CharTokenizer(), device="cpu", graphs=True)
+    batch = eng.new_batch(max_len=32, num_blocks=50)
+    eng.generate([[5, 6, 7]], params=SamplingParams(max_tokens=3, ignore_eos=True), batch=batch)
+    stats = batch.executor.graphs.stats()
+    assert stats["graphs"] == 1 and stats["captures"] == 0  # the CPU runs the padded step eagerly: no capture
+    m = Metrics(model="tiny")
+    m.observe_queue(QueueStats(0, 0, 0.0, decode_graphs=stats))
+    text = m.render()[0].decode()
+    assert 'painters:decode_graphs{model="tiny",stat="graphs"} 1.0' in text
+    assert 'stat="pinned_bytes"' in text and 'stat="hit_rate"' in text
+
