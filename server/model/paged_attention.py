@@ -79,7 +79,7 @@ def paged_attention(q: Tensor, pool: Tensor, layout: PagedLayout, rows: slice, *
 
     # The window is data, not a constant of the mask: a compiled kernel was seen reused across closures that differ
     # only in a captured int (a global layer ran with a window layer's kernel).
-    span = torch.tensor(window if window is not None else 2**31 - 1, device=q.device)
+    span = torch.full((), window if window is not None else 2**31 - 1, device=q.device)  # a fill: no host copy
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         s = block_col[kv_idx // block_size] * block_size + kv_idx % block_size  # logical key position
@@ -100,10 +100,17 @@ def _flex(device_type: str):  # noqa: ANN202
     """FlexAttention compiled (it has no fast eager kernel). On the CPU every shape compiles on its own: torch 2.13's
     CPU kernel fails to build (undeclared `cur_qSplitSize`/`cur_kvSplitSize` in the generated C++) once any size is
     dynamic, so a new number of rows recompiles too (past Dynamo's recompile limit it runs eagerly: slow, exact).
-    On CUDA sizes go dynamic after the first change, as usual."""
+    On CUDA too (torch 2.11, seen on an H200): with a dynamic number of rows Inductor leaves its decode kernel for
+    the general one, which needs kv blocks of at least its BLOCK_N and refuses the pool's 16-token blocks.
+    Dynamo's recompile limits are raised: past them it would call flex_attention eagerly, whose result with these
+    block masks is wrong (seen on torch 2.13's CPU: other tokens than the gathered reference's), not merely slow."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 1024)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def gathered_attention(q: Tensor, pool: Tensor, tables: Tensor, positions: Tensor, lengths: Tensor, *,
