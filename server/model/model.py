@@ -203,6 +203,7 @@ class Transformer:
         self._freqs = {False: glob, True: local}
         self._tables = self._rope_tables(1024)
         self._views: dict[tuple[int, ...], LayerStack] = {}
+        self._plain_mm = self.device.type == "cuda" and _plain_mm_pays(self.layers.w_gate_up[:1])
 
     def weight_bytes(self) -> int:
         return self.layers.nbytes() + self.lm_head.numel() * self.lm_head.element_size()
@@ -262,6 +263,13 @@ class Transformer:
 
     # -- the layer math ------------------------------------------------------------------------------------------
 
+    def _matmul(self, x: Tensor, w: Tensor) -> Tensor:
+        """x [G, n, k] @ w [G, k, o] -> [G, n, o]: one batched matmul, or for one layer and a few rows (a
+        matrix-vector regime) a plain one where that measured faster on this device (`_plain_mm_pays`)."""
+        if self._plain_mm and x.shape[0] == 1 and x.shape[1] <= PLAIN_MM_ROWS:
+            return torch.mm(x[0], w[0])[None]
+        return torch.bmm(x, w)
+
     def sdpa(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
         """q [P, H, T, hd], keys and values [P, kv, S, hd], mask [P, 1, T, S] additive -> [P, H, T, hd]."""
         a = self.args
@@ -277,7 +285,7 @@ class Transformer:
         a = self.args
         G, m, T, _ = x.shape
         xn = _rms_norm(x, w.attn_norm, a.norm_eps)  # [G, m, T, d]
-        qkv = _unpadded(lambda t: torch.bmm(t, w.wqkv), xn.reshape(G, m * T, a.dim), keep)  # [G, mT, q + 2kv]
+        qkv = _unpadded(lambda t: self._matmul(t, w.wqkv), xn.reshape(G, m * T, a.dim), keep)  # [G, mT, q + 2kv]
         if w.bqkv is not None:
             qkv = qkv + w.bqkv[:, None, :]
         qkv = qkv.view(G, m, T, a.n_heads + 2 * a.n_kv_heads, a.head_dim)
@@ -291,7 +299,7 @@ class Transformer:
         qk = qk * cos[:, :, :, None, :] + _rotate_half(qk) * sin[:, :, :, None, :]
         q, k = qk[..., : a.n_heads, :], qk[..., a.n_heads :, :]
         o = attend(q.reshape(G * m, T, a.n_heads, a.head_dim).transpose(1, 2), k, v)  # [G*m, H, T, hd]
-        o = _unpadded(lambda t: torch.bmm(t, w.wo), o.transpose(1, 2).reshape(G, m * T, a.q_size), keep)
+        o = _unpadded(lambda t: self._matmul(t, w.wo), o.transpose(1, 2).reshape(G, m * T, a.q_size), keep)
         if w.bo is not None:
             o = o + w.bo[:, None, :]
         o = o.view(G, m, T, a.dim)
@@ -305,11 +313,11 @@ class Transformer:
         xn = _rms_norm(x, w.mlp_norm, a.norm_eps).reshape(G, -1, a.dim)
 
         def mlp(t: Tensor) -> Tensor:
-            gate_up = torch.bmm(t, w.w_gate_up)
+            gate_up = self._matmul(t, w.w_gate_up)
             if w.b_gate_up is not None:
                 gate_up = gate_up + w.b_gate_up[:, None, :]
             gate, up = gate_up.chunk(2, dim=-1)
-            out = torch.bmm(ACTIVATIONS[a.act](gate) * up, w.w_down)
+            out = self._matmul(ACTIVATIONS[a.act](gate) * up, w.w_down)
             return out if w.b_down is None else out + w.b_down[:, None, :]
 
         out = _unpadded(mlp, xn, keep).view(x.shape)
@@ -322,6 +330,28 @@ class Transformer:
     def logits(self, h: Tensor) -> Tensor:
         """h [..., d] -> float32 logits [..., V]."""
         return torch.matmul(F.rms_norm(h, (self.args.dim,), self.final_norm, self.args.norm_eps), self.lm_head).float()
+
+
+PLAIN_MM_ROWS = 8  # rows up to which one layer's matmul may go to torch.mm instead of torch.bmm
+
+
+def _plain_mm_pays(w: Tensor, repeats: int = 30) -> bool:
+    """Whether torch.mm beats torch.bmm by 3 % or more for one row through one layer's widest matrix w [1, k, o]
+    on this CUDA device (cuBLAS picks different kernels for a batch of one; which is faster depends on the card and
+    the library, so it is measured once, at load, in milliseconds)."""
+    x = torch.randn(1, 1, w.shape[1], device=w.device, dtype=w.dtype)
+    times = []
+    for fn in (lambda: torch.bmm(x, w), lambda: torch.mm(x[0], w[0])):
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times[1] < 0.97 * times[0]
 
 
 def _unpadded(f: Callable[[Tensor], Tensor], x: Tensor, keep: Tensor | None) -> Tensor:
