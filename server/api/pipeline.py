@@ -105,11 +105,11 @@ async def tokenize(state: AppState, prompts: list[str | list[int]] | Chat) -> li
 def _tokenize(engine: Engine, prompts: list[str | list[int]] | Chat, vocab: int) -> list[Prompt]:
     if isinstance(prompts, Chat):
         text = render_chat(engine, prompts)  # the template writes the special tokens (a BOS) itself, as in vLLM
-        return [Prompt(text, engine.encode(text, add_special_tokens=False))]
+        return [Prompt(text, _in_vocab(engine.encode(text, add_special_tokens=False), vocab, "messages"))]
     out = []
     for item in prompts:
         if isinstance(item, str):
-            out.append(Prompt(item, engine.encode(item)))
+            out.append(Prompt(item, _in_vocab(engine.encode(item), vocab, "prompt")))
             continue
         if not item:
             raise APIError(400, "a token-id prompt must not be empty", param="prompt")
@@ -118,6 +118,17 @@ def _tokenize(engine: Engine, prompts: list[str | list[int]] | Chat, vocab: int)
             raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary 0-{vocab - 1}", param="prompt")
         out.append(Prompt(None, list(item)))
     return out
+
+
+def _in_vocab(ids: list[int], vocab: int, param: str) -> list[int]:
+    """Text the tokenizer turned into ids the model has no embedding for (a tokenizer larger than the model's
+    vocabulary) is refused, not looked up out of bounds."""
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"the text encodes to token ids {bad[:5]} outside the model's vocabulary 0-{vocab - 1} "
+                            "(this server's tokenizer is larger than its model); send token ids below "
+                            f"{vocab}", param=param)
+    return ids
 
 
 def render_chat(engine: Engine, chat: Chat) -> str:
