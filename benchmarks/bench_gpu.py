@@ -43,7 +43,7 @@ log = logging.getLogger("bench_gpu")
 PEAK_BYTES_S = 4.8e12
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
-SECTIONS = ("batch1", "mixed", "bs64", "attention", "in_place", "transformers")
+SECTIONS = ("batch1", "mixed", "bs64", "attention", "in_place", "transformers", "transformers64")
 MIX = ["full"] * 4 + ["skip:8"] * 4 + ["pairs"] * 4
 
 
@@ -61,17 +61,35 @@ def _hf_model(config: dict, *, device: torch.device, dtype: torch.dtype) -> Any:
     return model.eval().requires_grad_(False)
 
 
-def decode_tok_s(engine: Engine, policies: list[str], *, prompt_len: int, new_tokens: int) -> tuple[float, float]:
-    """Aggregate decode tok/s of one batch (one prompt per policy) and its median decode step in seconds; prefill
-    excluded (each row's decode time is its own, from the engine's timings)."""
+def decode_tok_s(engine: Engine, policies: list[str], *, prompt_len: int, new_tokens: int) -> dict[str, Any]:
+    """One batch (one prompt per policy) decoded twice in the same KV pool, the second call timed: its aggregate
+    decode tok/s, median decode step in seconds (prefill excluded: each row's decode time is its own, from the
+    engine's timings), greedy tokens, and what the captured steps did in each call (the first captures)."""
     prompts = [[10 + (i + j) % 200 for j in range(prompt_len)] for i in range(len(policies))]
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    engine.generate(prompts, policy=policies, params=params)  # the same call: the same pool size (FlexAttention
-    _sync(engine.model.device)                                 # compiles per pool size)
-    results = engine.generate(prompts, policy=policies, params=params)
+    max_len = prompt_len + new_tokens
+    blocks = sum(-(-max_len // engine.block_size) * engine.compile(p).num_slots for p in policies)
+    batch = engine.new_batch(max_len=max_len, num_blocks=blocks + 1)
+    graphs = batch.executor.graphs
+    engine.generate(prompts, policy=policies, params=params, batch=batch)  # compiles, captures
+    warm = graphs.stats() if graphs else None
+    _sync(engine.model.device)
+    results = engine.generate(prompts, policy=policies, params=params, batch=batch)
     _sync(engine.model.device)
     step = statistics.median(r.timings.decode_s / max(1, len(r.timings.per_token_s)) for r in results)
-    return len(policies) / step, step
+    got = {"tok_s": len(policies) / step, "step_s": step, "tokens": [r.token_ids for r in results]}
+    if graphs:
+        timed = graphs.stats()
+        got["graphs"] = {"warm_up": warm, "timed_captures": timed["captures"] - warm["captures"],
+                         "timed_replays": timed["replays"] - warm["replays"], "pinned_mb": timed["pinned_bytes"] / 2**20}
+        if engine.model.device.type == "cuda":  # the last step's graph alone: kernel time without the host's
+            got["graphs"]["replay_ms"] = graphs.replay_s() * 1e3
+    return got
+
+
+def _same_prefix(a: list[list[int]], b: list[list[int]]) -> bool:
+    """Each row's greedy tokens agree over the shorter run's length."""
+    return all(x[: min(len(x), len(y))] == y[: min(len(x), len(y))] for x, y in zip(a, b, strict=True))
 
 
 def hf_generate_tok_s(hf_model: Any, *, rows: int, prompt_len: int, new_tokens: int, compiled: bool) -> float:
@@ -131,39 +149,64 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_bytes_s": PEAK_BYTES_S,
     })
     hf = _hf_model(config, device=device, dtype=dtype)
-    engine = Engine.from_hf(hf, _IdTokenizer(), device=device, dtype=dtype, name=shape)
-    model = engine.model
-    L = engine.num_layers
+    eager = Engine.from_hf(hf, _IdTokenizer(), device=device, dtype=dtype, name=shape, graphs=False)
+    model = eager.model
+    run.data["plain_mm"] = model._plain_mm  # one row through one layer: torch.mm measured faster than bmm at load
+    # the same weights, decode steps replayed from CUDA graphs (server.engine.graphs; on the smoke's CPU the same
+    # padded path runs eagerly)
+    captured = Engine(model, _IdTokenizer(), name=shape, graphs=True)
+    in_place = Engine(model, _IdTokenizer(), name=shape, graphs=True, attention="in_place")
+    L = eager.num_layers
     weight_bytes = model.weight_bytes()
     layer_bytes = model.layers.nbytes() / L
     head_bytes = model.lm_head.numel() * model.lm_head.element_size()
 
     def batch1() -> dict:
-        got = {}
+        got, eager_got = {}, {}
         for policy in ("full", "skip:8", "pairs"):
-            got[policy] = decode_tok_s(engine, [policy], prompt_len=24, new_tokens=n1)[0]
-        layer_s, head_s = _time_parts(engine, list(range(10, 34)), n1, repeats=5 if a.smoke else 50)
+            got[policy] = decode_tok_s(captured, [policy], prompt_len=24, new_tokens=n1)
+            eager_got[policy] = decode_tok_s(eager, [policy], prompt_len=24, new_tokens=n1 // 2)
+        layer_s, head_s = _time_parts(captured, list(range(10, 34)), n1, repeats=5 if a.smoke else 50)
         h = head_s / layer_s
         ideal = (L + h) / (L - 8 + h)
-        return {"full_bs1_tok_s": got["full"], "skip8_bs1_tok_s": got["skip:8"], "pairs_bs1_tok_s": got["pairs"],
+        tok = {p: g["tok_s"] for p, g in got.items()}
+        return {"full_bs1_tok_s": tok["full"], "skip8_bs1_tok_s": tok["skip:8"], "pairs_bs1_tok_s": tok["pairs"],
                 "head_layers": h, "skip8_ideal": ideal,
-                "full_bs1_bandwidth_fraction": weight_bytes * got["full"] / PEAK_BYTES_S,
-                "skip8_speedup_over_ideal": got["skip:8"] / got["full"] / ideal,
-                "pairs_over_full": got["pairs"] / got["full"],
-                "skip8_bandwidth_fraction": ((L - 8) * layer_bytes + head_bytes) * got["skip:8"] / PEAK_BYTES_S}
+                "full_bs1_bandwidth_fraction": weight_bytes * tok["full"] / PEAK_BYTES_S,
+                "skip8_speedup_over_ideal": tok["skip:8"] / tok["full"] / ideal,
+                "pairs_over_full": tok["pairs"] / tok["full"],
+                "skip8_bandwidth_fraction": ((L - 8) * layer_bytes + head_bytes) * tok["skip:8"] / PEAK_BYTES_S,
+                "eager_full_bs1_tok_s": eager_got["full"]["tok_s"], "eager_skip8_bs1_tok_s": eager_got["skip:8"]["tok_s"],
+                "eager_pairs_bs1_tok_s": eager_got["pairs"]["tok_s"],
+                "eager_full_bs1_bandwidth_fraction": weight_bytes * eager_got["full"]["tok_s"] / PEAK_BYTES_S,
+                # greedy tokens of the captured and the eager step agree over the eager run's length
+                "bs1_captured_equals_eager": {p: _same_prefix(got[p]["tokens"], eager_got[p]["tokens"]) for p in got},
+                "bs1_graphs": {p: g["graphs"] for p, g in got.items()},
+                "full_bs1_step_ms": got["full"]["step_s"] * 1e3,
+                # the graph alone: the rest of the step is the host's (inputs, sampling, the copy back, update)
+                "full_bs1_replay_ms": got["full"]["graphs"].get("replay_ms")}
 
     def mixed() -> dict:
-        full = decode_tok_s(engine, ["full"] * 12, prompt_len=24, new_tokens=n1 // 2)[0]
-        mix = decode_tok_s(engine, MIX, prompt_len=24, new_tokens=n1 // 2)[0]
-        return {"full12_tok_s": full, "mixed12_tok_s": mix, "p8_mixed_over_full": mix / full}
+        full = decode_tok_s(captured, ["full"] * 12, prompt_len=24, new_tokens=n1 // 2)
+        mix = decode_tok_s(captured, MIX, prompt_len=24, new_tokens=n1 // 2)
+        e_full = decode_tok_s(eager, ["full"] * 12, prompt_len=24, new_tokens=max(3, n1 // 4))
+        e_mix = decode_tok_s(eager, MIX, prompt_len=24, new_tokens=max(3, n1 // 4))
+        return {"full12_tok_s": full["tok_s"], "mixed12_tok_s": mix["tok_s"],
+                "p8_mixed_over_full": mix["tok_s"] / full["tok_s"], "mixed12_graphs": mix["graphs"],
+                "eager_full12_tok_s": e_full["tok_s"], "eager_mixed12_tok_s": e_mix["tok_s"],
+                "eager_p8_mixed_over_full": e_mix["tok_s"] / e_full["tok_s"],
+                "mixed12_captured_equals_eager": _same_prefix(mix["tokens"], e_mix["tokens"])}
 
     def bs64() -> dict:
-        tok_s, step = decode_tok_s(engine, ["full"] * rows64, prompt_len=p64, new_tokens=n64)
+        got = decode_tok_s(captured, ["full"] * rows64, prompt_len=p64, new_tokens=n64)
+        e = decode_tok_s(eager, ["full"] * rows64, prompt_len=p64, new_tokens=n64 // 2)
         a_ = model.args
         context = p64 + n64 // 2  # the mean context over the timed decode
         kv_bytes = rows64 * context * L * 2 * a_.n_kv_heads * a_.head_dim * torch.finfo(dtype).bits // 8
-        return {"bs64_rows": rows64, "bs64_context": context, "bs64_tok_s": tok_s, "bs64_step_ms": step * 1e3,
-                "bs64_bandwidth_fraction": (weight_bytes + kv_bytes) / step / PEAK_BYTES_S}
+        return {"bs64_rows": rows64, "bs64_context": context, "bs64_tok_s": got["tok_s"],
+                "bs64_step_ms": got["step_s"] * 1e3,
+                "bs64_bandwidth_fraction": (weight_bytes + kv_bytes) / got["step_s"] / PEAK_BYTES_S,
+                "bs64_graphs": got["graphs"], "eager_bs64_tok_s": e["tok_s"], "eager_bs64_step_ms": e["step_s"] * 1e3}
 
     def attention() -> dict:
         r = bench_attention.run(device=device, shape="smollm2-135m" if a.smoke else "llama-2-7b", rows=(attn[0],),
@@ -173,29 +216,33 @@ def main(argv: list[str] | None = None) -> dict:
                 "attn_4k_bound_ms": bound_ms, "attn_4k_over_bound": r["in_place_ms"] / bound_ms,
                 "attn_4k_gathered_over_bound": r["gathered_ms"] / bound_ms, "attn_4k_max_abs_err": r["max_abs_err"]}
 
-    def in_place() -> dict:
-        """The engine with decode attention reading the pool in place (server.engine.executor's attention='in_place')."""
-        engine.attention = "in_place"
-        try:
-            full = decode_tok_s(engine, ["full"], prompt_len=24, new_tokens=n1)[0]
-            many, step = decode_tok_s(engine, ["full"] * rows64, prompt_len=p64, new_tokens=n64)
-            mix = decode_tok_s(engine, MIX, prompt_len=24, new_tokens=n1 // 2)[0]
-        finally:
-            engine.attention = "gathered"
-        return {"in_place_full_bs1_tok_s": full, "in_place_bs64_tok_s": many, "in_place_bs64_step_ms": step * 1e3,
-                "in_place_mixed12_tok_s": mix}
+    def in_place_() -> dict:
+        """Captured steps whose decode attention reads the pool in place (server.engine.executor's
+        attention='in_place'), beside the gathered figures above."""
+        full = decode_tok_s(in_place, ["full"], prompt_len=24, new_tokens=n1)
+        many = decode_tok_s(in_place, ["full"] * rows64, prompt_len=p64, new_tokens=n64)
+        mix = decode_tok_s(in_place, MIX, prompt_len=24, new_tokens=n1 // 2)
+        full12 = decode_tok_s(in_place, ["full"] * 12, prompt_len=24, new_tokens=n1 // 2)
+        return {"in_place_full_bs1_tok_s": full["tok_s"], "in_place_bs64_tok_s": many["tok_s"],
+                "in_place_bs64_step_ms": many["step_s"] * 1e3, "in_place_mixed12_tok_s": mix["tok_s"],
+                "in_place_full12_tok_s": full12["tok_s"], "in_place_p8_mixed_over_full": mix["tok_s"] / full12["tok_s"],
+                "in_place_graphs": {"bs1": full["graphs"], "bs64": many["graphs"], "mixed12": mix["graphs"]}}
 
-    def transformers_generate() -> dict:
+    def transformers_generate(cases: tuple[tuple[int, bool], ...]) -> dict:
         got = {}
-        for rows, compiled in ((1, False), (1, not a.smoke), (rows64, not a.smoke)):  # the CPU smoke: eager only
+        for rows, compiled in cases:
+            compiled = compiled and not a.smoke  # the CPU smoke: eager only
             key = f"hf_static_{'compiled' if compiled else 'eager'}_bs{rows}_tok_s"
             got[key] = hf_generate_tok_s(hf, rows=rows, prompt_len=24, new_tokens=hf_n, compiled=compiled)
         return got
 
+    # compiled at 64 rows last and on its own: it compiles again (a minute or more), the figure most likely cut
+    hf_small = lambda: transformers_generate(((1, False), (1, True), (rows64, False)))  # noqa: E731
+    hf_large = lambda: transformers_generate(((rows64, True),))  # noqa: E731
     skip = {x for x in a.skip.split(",") if x}
     if skip - set(SECTIONS):
         ap.error(f"unknown sections {sorted(skip - set(SECTIONS))}; there are {', '.join(SECTIONS)}")
-    for name, fn in zip(SECTIONS, (batch1, mixed, bs64, attention, in_place, transformers_generate)):
+    for name, fn in zip(SECTIONS, (batch1, mixed, bs64, attention, in_place_, hf_small, hf_large)):
         if name not in skip:
             run.section(name, fn)
     print_table(run.data)
@@ -220,7 +267,17 @@ def print_table(d: dict) -> None:
         v = d.get(key)
         print(f"{key:32s} {'-' if v is None else f'{v:8.3f}':>8s} "
               f"{'' if tok is None or tok not in d else f'{d[tok]:9.1f}':>9s}  {target}")
-    for key in sorted(k for k in d if k.startswith("in_place_") and k.endswith("tok_s")):
+    for key in sorted(k for k in d if k.startswith("eager_") and k.endswith(("tok_s", "fraction", "full"))):
+        print(f"{key:32s} {d[key]:8.3f} {'':>9s}  eager (no captured step), the same run" if not key.endswith("tok_s")
+              else f"{key:32s} {'':>8s} {d[key]:9.1f}  eager (no captured step), the same run")
+    for key in sorted(k for k in d if k.endswith("_graphs")):
+        print(f"{key:32s} {json.dumps(d[key], default=str)}")
+    for key in ("full_bs1_step_ms", "full_bs1_replay_ms", "bs64_step_ms", "plain_mm"):
+        if d.get(key) is not None:
+            print(f"{key:32s} {d[key]}")
+    for key in sorted(k for k in d if "captured_equals_eager" in k):
+        print(f"{key:32s} {d[key]}")
+    for key in sorted(k for k in d if k.startswith("in_place_") and k.endswith(("tok_s", "over_full"))):
         print(f"{key:32s} {'':>8s} {d[key]:9.1f}  engine, decode attention in place")
     for key in sorted(k for k in d if k.startswith("hf_")):
         print(f"{key:32s} {'':>8s} {d[key]:9.1f}  transformers, beside full_bs1 / bs64")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make bench-gpu`: for a GPU machine that reaches no package registry (system torch >= 2.11 with triton,
-# transformers >= 5; no fastapi/pydantic there, so only the engine is imported). Under 8 minutes: the CUDA tests
-# (2 min at most), then every figure of issue #14 in one script, one table, docs/results/bench-gpu.json (commit it).
+# transformers >= 5; no fastapi/pydantic there). Under 10 minutes: the CUDA tests (2 min at most), every in-process
+# figure of issue #14 in one script, one table, docs/results/bench-gpu.json (commit it), then, where the web stack's
+# wheels were fetched into .whl/ (benchmarks/bench_gpu_http.sh says how), the real server through HTTP.
 # Check it on a CPU first: python benchmarks/bench_gpu.py --smoke --out /tmp/bench-gpu.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -11,5 +12,10 @@ out=${OUT:-out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
-timeout 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_weights.py -k "gpu or cuda" 2>&1 | tee "$out/gpu-tests.log"
-timeout 390 $PY benchmarks/bench_gpu.py "$@" 2>&1 | tee "$out/bench-gpu.log"
+timeout ${GPU_TEST_S:-120} $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_weights.py -k "gpu or cuda" 2>&1 | tee "$out/gpu-tests.log"
+timeout ${GPU_BENCH_S:-390} $PY benchmarks/bench_gpu.py "$@" 2>&1 | tee "$out/bench-gpu.log"
+if [ -d .whl ]; then
+    OUT="$out" timeout ${GPU_HTTP_S:-200} bash benchmarks/bench_gpu_http.sh
+else
+    echo "no .whl/: the HTTP figures are left out (see benchmarks/bench_gpu_http.sh)"
+fi
