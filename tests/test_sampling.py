@@ -158,3 +158,18 @@ def test_out_of_range_params_name_the_range(bad, says):
 def test_the_bounds_themselves_are_accepted():
     SamplingParams(temperature=100.0, top_p=5e-324, top_k=TOP_K.hi, seed=2**63 - 1, logprobs=20,
                    stop=("s" * MAX_STOP_LENGTH,) * MAX_STOP_STRINGS)
+
+
+@pytest.mark.parametrize("V", [1000, 2048, 49152, 49153, 50000])
+def test_blocked_argmax_is_argmax(V):
+    """The CPU's blocked argmax (amax per block, then argmax in one block) returns torch's first maximum, ties,
+    infinities and a ragged tail included."""
+    from server.engine.sampling import argmax
+
+    x = torch.randn(8, V, generator=torch.Generator().manual_seed(V))
+    x[1] = 0.0  # every token ties: index 0
+    x[2, -1] = 100.0  # the maximum in the tail
+    x[3, 5], x[3, V - 3] = 50.0, 50.0  # a tie across blocks: the first
+    x[4] = float("-inf")
+    x[5, V // 2], x[5, 7] = float("inf"), float("inf")
+    assert torch.equal(argmax(x), x.argmax(-1))

@@ -84,7 +84,7 @@ def sample_batch(logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor, 
     token alone or in any batch) and inverts the cumulative distribution of its filtered, tempered probabilities."""
     inf = float("inf")
     logits = torch.nan_to_num(logits.float(), nan=-inf, posinf=inf, neginf=-inf)  # one pass
-    tokens = logits.argmax(dim=-1)
+    tokens = argmax(logits)
     alive = logits.gather(-1, tokens[:, None])[:, 0] > -inf  # the maximum is finite or +inf
     errors: dict[int, Exception] = {}
     if not batch.sampled:
@@ -101,6 +101,28 @@ def sample_batch(logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor, 
     drawn = _draw(logits[index], batch.temperature[index], batch.top_k[index], batch.top_p[index],
                   torch.stack(draws), filtered=batch.filtered, cap=batch.top_k_cap)
     return tokens.index_copy(0, index, drawn), alive, errors
+
+
+ARGMAX_BLOCK = 1024
+
+
+def argmax(x: Tensor) -> Tensor:
+    """x [B, V] without NaN -> the first index of each row's maximum [B], as `x.argmax(-1)`. On the CPU argmax is a
+    scalar loop (0.7 ms over [16, 49152] on this project's CPU) while amax is vectorised (0.04 ms): so take each
+    block's maximum, the first block holding the row's maximum, and argmax inside that block alone."""
+    B, V = x.shape
+    n = V // ARGMAX_BLOCK
+    if x.device.type != "cpu" or n < 2:
+        return x.argmax(-1)
+    blocks = x[:, : n * ARGMAX_BLOCK].reshape(B, n, ARGMAX_BLOCK)  # a view: rows are contiguous
+    best = blocks.amax(-1).argmax(-1)  # [B] the first block holding the maximum of the blocks
+    rows = torch.arange(B, device=x.device)
+    at = best * ARGMAX_BLOCK + blocks[rows, best].argmax(-1)
+    if n * ARGMAX_BLOCK == V:
+        return at
+    tail = x[:, n * ARGMAX_BLOCK :]
+    later = tail.amax(-1) > x[rows, at]  # the tail wins only when strictly larger: the first maximum is kept
+    return torch.where(later, n * ARGMAX_BLOCK + tail.argmax(-1), at)
 
 
 def _uniform(g: Any, device: torch.device) -> Tensor:
