@@ -57,6 +57,7 @@ def _generate_body(model: str | None, inputs: str, policy: Policy, **parameters:
 
 
 PREFIX_CHARS = 256  # prompts sharing this many leading characters share a routing key
+KEEPALIVE_EXPIRY = 2.0  # s an idle connection is kept; below uvicorn's keep-alive timeout (5 s)
 
 
 def route_headers(body: dict[str, Any]) -> dict[str, str]:
@@ -182,7 +183,9 @@ class AsyncPaintersClient:
                  max_connections: int = 256) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.model = model
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        # Idle connections go before the server closes them: reusing one it is closing fails with httpx.ReadError.
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                              keepalive_expiry=KEEPALIVE_EXPIRY)
         self.http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, transport=transport,
                                       limits=limits)
 

@@ -282,6 +282,23 @@ def context_too_long(e: PaintersError) -> bool:
     return code == "context_length_exceeded" or e.status == 413
 
 
+async def retrying(call: Callable[[], Awaitable[T]]) -> T:
+    """`call()`, again after a 429 (queue full) with back-off, and up to five times after a dropped connection."""
+    for attempt in range(8):
+        try:
+            return await call()
+        except PaintersError as e:
+            if e.status != 429 or attempt == 7:
+                raise
+            await asyncio.sleep(0.5 * 2 ** attempt)
+        except (httpx.ReadError, httpx.RemoteProtocolError) as e:  # a keep-alive connection the server closed
+            if attempt >= 5:
+                raise
+            log.warning("retrying after %s: %s", type(e).__name__, e)
+            await asyncio.sleep(2.0 ** attempt)
+    raise AssertionError("unreachable")
+
+
 class Tokens:
     """POST /tokenize with caches: token ids do not depend on the policy, so every policy reuses them."""
 
@@ -293,7 +310,7 @@ class Tokens:
     async def ids(self, text: str, *, cache: bool = False) -> list[int]:
         if text in self._ids:
             return self._ids[text]
-        ids = await self.client.tokenize(text)
+        ids = await retrying(lambda: self.client.tokenize(text))
         self._counts[text] = len(ids)
         if cache:
             self._ids[text] = ids
@@ -323,24 +340,11 @@ class Scorer:
         self.spent = spent if spent is not None else Spent()
 
     async def _complete(self, prompt: Any, **options: Any) -> CompletionResponse:
-        """POST /v1/completions; a 429 (queue full) is retried with back-off, a dropped connection five times."""
-        for attempt in range(8):
-            try:
-                response = await self.client.completions(prompt, policy=self.policy, **options)
-            except PaintersError as e:
-                if e.status != 429 or attempt == 7:
-                    raise
-                await asyncio.sleep(0.5 * 2 ** attempt)
-            except (httpx.ReadError, httpx.RemoteProtocolError) as e:  # a keep-alive connection the server closed
-                if attempt >= 5:
-                    raise
-                log.warning("retrying after %s: %s", type(e).__name__, e)
-                await asyncio.sleep(2.0 ** attempt)
-            else:
-                self.spent.requests += 1
-                self.spent.prompt_tokens += response.usage.prompt_tokens if response.usage else 0
-                return response
-        raise AssertionError("unreachable")
+        """POST /v1/completions, retried as `retrying` says."""
+        response = await retrying(lambda: self.client.completions(prompt, policy=self.policy, **options))
+        self.spent.requests += 1
+        self.spent.prompt_tokens += response.usage.prompt_tokens if response.usage else 0
+        return response
 
     async def loglikelihoods(self, pairs: Sequence[tuple[str, str]]) -> list[Loglikelihood]:
         """log P(continuation | context) of each pair, all in one request (the choices of one question)."""

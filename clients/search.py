@@ -641,6 +641,8 @@ def holds_up(f: Finalist, *, budget: float, on: BudgetOn, z: float) -> tuple[boo
     score over the tasks, point estimate) and its held-out scores do not refute the budget."""
     if f.heldout is None:
         return False, f"{f.candidate.policy}: not scored on held-out items"
+    if f.speedup is not None and f.speedup <= 1.0:
+        return False, f"{f.candidate.policy}: measured {f.speedup:.2f}x, no faster than `full`"
     d = f.heldout.mean_difference
     if d.value is None or d.value < 0:
         return False, (f"{f.candidate.policy} ({f.candidate.family}) lost to the equal-speed baseline "
@@ -676,7 +678,7 @@ def choose(finalists: Sequence[Finalist], *, prefix: str, budget: float, on: Bud
     if lost:
         cmp = lost[0].heldout
         assert cmp is not None
-        if not contradicts(cmp.base, budget=budget, on=on, z=z):
+        if not contradicts(cmp.base, budget=budget, on=on, z=z) and (cmp.baseline_speedup or 2.0) > 1.0:
             notes.insert(0, f"nothing the search found matched or beat the paper's policy of the same speed on "
                          f"held-out items: the preset is that baseline, `{cmp.baseline}`")
             return Choice({preset_name(prefix): cmp.baseline}, "baseline", None, notes)

@@ -9,12 +9,14 @@ import math
 import socket
 from collections.abc import Iterator
 
+import httpx
 import pytest
 import torch
 import typer
+import uvicorn
 from typer.testing import CliRunner
 
-from clients.client import AsyncPaintersClient, PaintersClient
+from clients.client import KEEPALIVE_EXPIRY, AsyncPaintersClient, PaintersClient
 from clients.evaluate import (
     EvalError,
     EvalResult,
@@ -198,6 +200,49 @@ def test_the_policy_changes_the_score(url):
             return await s.loglikelihoods(PAIRS[:1])
 
     assert asyncio.run(go("full"))[0].logprob != pytest.approx(asyncio.run(go("skip:2-3"))[0].logprob, abs=1e-4)
+
+
+class DropsEachPathOnce(httpx.AsyncBaseTransport):
+    """A real connection to the server, but the first request to each path fails as if the server had closed the
+    keep-alive connection it was sent on."""
+
+    def __init__(self) -> None:
+        self.inner, self.dropped = httpx.AsyncHTTPTransport(), []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path not in self.dropped:
+            self.dropped.append(request.url.path)
+            raise httpx.ReadError("connection closed", request=request)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_a_dropped_connection_is_retried_for_tokens_and_scores(url, hf):
+    """A search once died on one /tokenize the server had dropped: every request a scorer sends is retried."""
+    async def go():
+        transport = DropsEachPathOnce()
+        client = AsyncPaintersClient(url, transport=transport)
+        async with client:
+            s = Scorer(client, "full", ServerInfo(max_len=MAX_LEN, prefix_id=BOS), Tokens(client))
+            return await s.loglikelihoods(PAIRS[:1]), transport.dropped
+
+    (got,), dropped = asyncio.run(go())
+    assert dropped == ["/tokenize", "/v1/completions"]
+    context, continuation = move_trailing_space(*PAIRS[0])
+    n = len(encode(continuation))  # one token per byte
+    assert got.logprob == pytest.approx(sum(reference_logprobs(hf, encode(context + continuation))[-n:]), abs=1e-4)
+
+
+def test_the_client_drops_idle_connections_before_the_server_closes_them(url):
+    """uvicorn closes a connection idle for `timeout_keep_alive` s (the server keeps its default); a client that
+    reused one at that moment would fail with ReadError, so it lets idle ones go sooner."""
+    async def go():
+        async with AsyncPaintersClient(url) as c:
+            return c.http._transport._pool._keepalive_expiry  # httpx's pool: how long an idle connection is kept
+
+    assert asyncio.run(go()) == KEEPALIVE_EXPIRY < uvicorn.Config(app=None).timeout_keep_alive
 
 
 def test_greedy_choice_is_picked_and_flagged(url, hf):

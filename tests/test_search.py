@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -39,6 +40,7 @@ from clients.search import (
     parallel_group_family,
     parallel_pairs_family,
     presets_yaml,
+    replace_heldout,
     scan,
     schedule_policy,
     screen_budget,
@@ -261,6 +263,17 @@ def test_the_preset_is_the_fastest_finalist_that_holds_up_on_heldout_items():
     # held-out items that refute the budget (upper bound below it) veto a policy that beats its baseline
     assert choose([finalist("skip:16-20", "SLEB", 1.24, +0.1, held=0.6)], prefix="p", budget=0.9, on="each",
                   z=1.28).outcome != "winner"
+
+
+def test_a_finalist_no_faster_than_full_is_never_the_preset():
+    """SmolLM2's 2026-12-04 search wrote `pairs:14-15`, measured at 0.97x: slower than the model it replaces."""
+    slow = finalist("pairs:14-15", "centred pairs", 0.97, 0.0)
+    c = choose([slow], prefix="p", budget=0.8, on="mean", z=1.28)
+    assert c.presets == {"p": "full"} and c.outcome == "full"
+    assert any("no faster than `full`" in n for n in c.notes)
+    lost = finalist("skip:14,17", "block influence", 1.05, -0.05, baseline="pairs:14-15")
+    lost = replace_heldout(lost, replace(lost.heldout, baseline_speedup=0.97))
+    assert choose([lost], prefix="p", budget=0.8, on="mean", z=1.28).presets == {"p": "full"}
 
 
 def test_when_nothing_beats_the_baseline_the_file_says_so_and_holds_the_baseline(tmp_path):
