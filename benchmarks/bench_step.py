@@ -29,8 +29,10 @@ from server.engine.request import Request  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 
 PROMPT = "The history of the Roman Empire is a long story of conquest, politics and culture. In this essay"
-KINDS = {
-    "greedy": dict(temperature=0.0),
+KINDS = {  # what each row asks: an OpenAI request without `logprobs`; one with logprobs=0 (or any TGI request); one
+    # that samples and asks for two alternatives
+    "greedy": dict(temperature=0.0, logprobs=None),
+    "greedy+lp": dict(temperature=0.0, logprobs=0),
     "sampled": dict(temperature=0.8, top_p=0.9, top_k=50, logprobs=2),
 }
 
@@ -84,11 +86,11 @@ def main() -> None:
     loaded = load_model(args.model)
     engine = Engine.from_loaded(loaded)
     print(f"host ms per decode step outside the forward ({args.model}, {torch.get_num_threads()} threads)")
-    print(f"{'rows':>5} {'sampling':>8} {'wall p50':>9} {'wall p90':>9} {'cpu p50':>9} {'cpu mean':>9}")
+    print(f"{'rows':>5} {'sampling':>9} {'wall p50':>9} {'wall p90':>9} {'cpu p50':>9} {'cpu mean':>9}")
     for rows in (1, 16):
         for kind in KINDS:
             wall, cpu = (sorted(x * 1e3 for x in xs) for xs in gaps(engine, rows, kind, args.new_tokens))
-            print(f"{rows:>5} {kind:>8} {statistics.median(wall):9.3f} {wall[int(0.9 * (len(wall) - 1))]:9.3f} "
+            print(f"{rows:>5} {kind:>9} {statistics.median(wall):9.3f} {wall[int(0.9 * (len(wall) - 1))]:9.3f} "
                   f"{statistics.median(cpu):9.3f} {statistics.fmean(cpu):9.3f}")
 
 

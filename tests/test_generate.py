@@ -153,6 +153,30 @@ def test_logprobs_and_top_alternatives(tiny_engine):
         assert all(v <= 0 for v in top.values())
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_rows_without_logprobs_get_the_same_tokens_and_no_logprobs(tiny_engine, sampled):
+    """logprobs=None (an OpenAI request without `logprobs`) skips the logprob pass: the same tokens, no logprobs,
+    whether the whole batch asks for none or it shares a step with rows that ask for the token's own (0) or more."""
+    def params(logprobs):
+        return SamplingParams(max_tokens=6, ignore_eos=True, logprobs=logprobs, seed=7,
+                              temperature=0.9 if sampled else 0.0, top_k=20 if sampled else 0)
+
+    prompt = [5, 6, 7]
+    want = tiny_engine.generate([prompt], params=params(0))[0]
+    alone = tiny_engine.generate([prompt], params=params(None))[0]
+    assert alone.token_ids == want.token_ids and alone.logprobs == [] and alone.top_logprobs is None
+    batch = tiny_engine.new_batch(max_len=32, num_blocks=64)
+    seqs = [tiny_engine.new_sequence(prompt, params(n), tiny_engine.compile("full")) for n in (None, 0, 3)]
+    batch.add(seqs)
+    while batch.filter() is not None and batch.sequences:
+        batch.step()
+    none, zero, three = (s.result() for s in seqs)
+    assert none.token_ids == zero.token_ids == three.token_ids == want.token_ids
+    assert none.logprobs == [] and len(zero.logprobs) == len(three.logprobs) == 6
+    torch.testing.assert_close(torch.tensor(zero.logprobs), torch.tensor(want.logprobs), rtol=1e-5, atol=1e-5)
+    assert zero.top_logprobs is None and [len(t) for t in three.top_logprobs] == [3] * 6
+
+
 def test_timings_are_filled(tiny_engine):
     r = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=6, ignore_eos=True))[0]
     t = r.timings

@@ -162,8 +162,7 @@ def test_the_bounds_themselves_are_accepted():
 
 @pytest.mark.parametrize("V", [1000, 2048, 49152, 49153, 50000])
 def test_blocked_argmax_is_argmax(V):
-    """The CPU's blocked argmax (amax per block, then argmax in one block) returns torch's first maximum, ties,
-    infinities and a ragged tail included."""
+    """The CPU's greedy token (numpy's vectorised argmax) is torch's first maximum, ties and infinities included."""
     from server.engine.sampling import argmax
 
     x = torch.randn(8, V, generator=torch.Generator().manual_seed(V))
@@ -173,3 +172,27 @@ def test_blocked_argmax_is_argmax(V):
     x[4] = float("-inf")
     x[5, V // 2], x[5, 7] = float("inf"), float("inf")
     assert torch.equal(argmax(x), x.argmax(-1))
+
+
+@pytest.mark.parametrize("V", [1000, 49152, 49153])
+def test_greedy_never_chooses_nan(V):
+    """A NaN anywhere (beside the maximum, last, a whole row) is never the greedy token, and the logits handed on to
+    the draw have NaN as -inf; without NaN they are the input itself (no copy on the CPU's path)."""
+    from server.engine.sampling import greedy
+
+    x = torch.randn(6, V, generator=torch.Generator().manual_seed(V))
+    same = greedy(x)[2]
+    assert same is x or torch.equal(same, x)
+    x[1, 3] = float("nan")  # in the first block, next to the maximum
+    x[1, 4] = 40.0
+    x[2, -1] = float("nan")  # in the tail
+    x[3] = float("nan")  # nothing to choose: the row is not alive (every value -inf once cleaned)
+    x[4, V // 2] = float("nan")
+    x[4, V // 2 + 1] = float("inf")
+    tokens, alive, clean = greedy(x)
+    inf = float("inf")
+    expected = torch.nan_to_num(x, nan=-inf, posinf=inf).argmax(-1)
+    assert torch.equal(tokens[[0, 1, 2, 4, 5]], expected[[0, 1, 2, 4, 5]])
+    assert tokens[1] == 4 and tokens[4] == V // 2 + 1
+    assert alive.tolist() == [True, True, True, False, True, True]
+    assert not clean.isnan().any() and torch.equal(clean, torch.nan_to_num(x, nan=-inf, posinf=inf))

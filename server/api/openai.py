@@ -35,7 +35,7 @@ def get_state(request: Request) -> AppState:
     return request.app.state.painters
 
 
-def _params(body: CompletionRequest | ChatCompletionRequest, *, logprobs: int, echo: bool) -> pipeline.ParamsFor:
+def _params(body: CompletionRequest | ChatCompletionRequest, *, logprobs: int | None, echo: bool) -> pipeline.ParamsFor:
     def params(max_tokens: int, index: int) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k),
@@ -101,7 +101,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.stream and body.echo:
         raise APIError(400, "echo is not supported with stream=true; use stream=false", param="echo")
     want_logprobs = body.logprobs is not None
-    logprobs = body.logprobs or 0
+    logprobs = body.logprobs
     job = Job("cmpl", body.model, body.policy, _prompts(body.prompt), n=body.n,
               max_tokens=16 if body.max_tokens is None else body.max_tokens,
               params=_params(body, logprobs=logprobs, echo=body.echo and want_logprobs))
@@ -190,7 +190,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         raise APIError(400, f"{e}; send text content", param="messages") from None
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     job = Job("chatcmpl", body.model, body.policy, Chat(messages), n=body.n, max_tokens=limit,
-              params=_params(body, logprobs=body.top_logprobs or 0, echo=False))
+              params=_params(body, logprobs=(body.top_logprobs or 0) if body.logprobs else None, echo=False))
     run = await pipeline.start(state, job)
     rid, created, model = pipeline.new_request_id("chatcmpl"), int(time.time()), body.model or state.model_name
     if body.stream:

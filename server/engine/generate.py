@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,7 +55,7 @@ class ModelOutput:
     and whether it failed (row -> message)."""
 
     token_ids: list[int]
-    logprobs: list[float]
+    logprobs: list[float]  # empty when no row asked for logprobs
     top: list[dict[int, float]]  # the num_top most likely tokens -> logprob (empty when none asked)
     errors: dict[int, str]
     all_logits: Tensor | None = None  # [B, T, V] for echo prefills
@@ -123,25 +124,18 @@ class Batch:
 
     @staticmethod
     def sample(logits: Tensor, sampling: SamplingBatch) -> ModelOutput:
-        """logits [B, V] -> each row's token, logprob and top alternatives, copied to the host as one tensor."""
+        """logits [B, V] -> each row's token, logprob and top alternatives, brought to the host in one copy."""
+        # one fused pass (CPU logsumexp is ~3x slower), only when some row wants a logprob
+        logprobs = torch.log_softmax(logits.float(), dim=-1) if sampling.logprobs else None
         tokens, alive, errors = sample_batch(logits, sampling)
-        logprobs = torch.log_softmax(logits.float(), dim=-1)  # one fused pass (CPU logsumexp is ~3x slower)
-        chosen = logprobs.gather(-1, tokens[:, None])  # [B, 1]
-        parts = [tokens[:, None].double(), alive[:, None].double(), chosen.double()]
         k = sampling.num_top
-        if k:
-            top = torch.topk(logprobs, k)
-            parts += [top.indices.double(), top.values.double()]
-        host = torch.cat(parts, dim=1).cpu().tolist()  # the one copy: [B, 3 + 2k]
+        host = _to_host(tokens, alive, logprobs, torch.topk(logprobs, k) if k and logprobs is not None else None)
         failed = {b: f"sampling failed: {type(e).__name__}: {e}" for b, e in errors.items()}
-        for b, row in enumerate(host):
-            if not row[1] and b not in failed:
+        for b, ok in enumerate(host.alive):
+            if not ok and b not in failed:
                 failed[b] = f"sampling failed: ValueError: row {b} has no token with a finite logit (all are -inf or NaN)"
-        return ModelOutput(
-            token_ids=[int(r[0]) for r in host], logprobs=[r[2] for r in host],
-            top=[dict(zip(map(int, r[3 : 3 + k]), r[3 + k :])) for r in host] if k else [{} for _ in host],
-            errors=failed,
-        )
+        top = [dict(zip(i, v)) for i, v in zip(host.top_ids, host.top_logprobs)] if k else [{} for _ in host.alive]
+        return ModelOutput(token_ids=host.token_ids, logprobs=host.logprobs, top=top, errors=failed)
 
     # -- update: tokens, stops, text ------------------------------------------------------------------------------
 
@@ -162,11 +156,11 @@ class Batch:
                 continue
             try:
                 if not prefill:
-                    s.timings.decode_s += elapsed
-                    s.timings.per_token_s.append(elapsed)
+                    s.timings.add_token(elapsed)
                 token = out.token_ids[b]
                 s.output_ids.append(token)
-                s.logprobs.append(out.logprobs[b])
+                if s.params.logprobs is not None:
+                    s.logprobs.append(out.logprobs[b])
                 if s.params.logprobs:
                     s.top_logprobs.append(dict(itertools.islice(out.top[b].items(), s.params.logprobs)))
                 self._check_stop(s, token)
@@ -284,10 +278,41 @@ class Batch:
         return self.kv.usage()
 
 
+@dataclass(frozen=True)
+class _Host:
+    token_ids: list[int]
+    alive: list[bool]
+    logprobs: list[float]  # of each row's token (empty: none asked)
+    top_ids: list[list[int]]  # [B][k]
+    top_logprobs: list[list[float]]
+
+
+def _to_host(tokens: Tensor, alive: Tensor, logprobs: Tensor | None, top: Any) -> _Host:
+    """A step's results as Python lists: on a GPU one device-to-host copy of one packed tensor; on the CPU no copy at
+    all (numpy views of the tensors, and numpy picks each row's logprob: the same values, a tenth of torch's
+    per-op cost right after a forward)."""
+    B = tokens.shape[0]
+    if tokens.device.type == "cpu":
+        t = tokens.numpy()
+        return _Host(t.tolist(), alive.numpy().tolist(),
+                     [] if logprobs is None else logprobs.numpy()[np.arange(B), t].tolist(),
+                     [] if top is None else top.indices.tolist(), [] if top is None else top.values.tolist())
+    chosen = tokens[:, None]
+    parts = [chosen, alive[:, None]]  # cat promotes all to one dtype (float64 once logprobs join)
+    if logprobs is not None:
+        parts.append(logprobs.gather(-1, chosen).double())
+    k = 0 if top is None else top.indices.shape[1]
+    if k:
+        parts += [top.indices.double(), top.values.double()]
+    host = torch.cat(parts, dim=1).cpu()  # the one copy: [B, 2 + (1 + 2k when logprobs)]
+    return _Host(host[:, 0].long().tolist(), host[:, 1].bool().tolist(), [] if logprobs is None else host[:, 2].tolist(),
+                 host[:, 3 : 3 + k].long().tolist() if k else [], host[:, 3 + k :].tolist() if k else [])
+
+
 def _score_prompt(s: Request, logits: Tensor, reused: Reused) -> None:
     """logits [T', V] over the prompt from position p = reused.start on -> logprob of each prompt token given its
     prefix (None for the first). Tokens up to p come from the cache (`reused`)."""
-    n = s.params.logprobs
+    n = s.params.logprobs or 0
     values: list[float | None] = list(reused.logprobs) if reused.logprobs else [None]
     tops: list[dict[int, float] | None] = list(reused.tops) if reused.tops else [None]
     p = len(values) - 1

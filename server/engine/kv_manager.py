@@ -139,7 +139,7 @@ class KVManager:
             return Reused(0)
         cache, size, ids = self.cache, self.block_size, s.prompt_ids
         assert cache is not None
-        key, n = s.schedule.key, s.params.logprobs if s.params.echo else None
+        key, n = s.schedule.key, (s.params.logprobs or 0) if s.params.echo else None
         entries = cache.lookup(key, ids, (len(ids) - 1) // size)
         if n is not None:
             entries = list(itertools.takewhile(lambda e: e.scores is not None and e.scores[0] >= n, entries))
@@ -196,7 +196,7 @@ class KVManager:
         entries = cache.register(s.id, s.schedule.key, s.schedule.slots, s.prompt_ids, start // size, self.blocks_for(L))
         if not s.params.echo or s.prompt_logprobs is None:
             return
-        n = s.params.logprobs
+        n = s.params.logprobs or 0
         tops = s.prompt_top_logprobs or [None] * L
         for j, e in enumerate(entries):
             if e.scores is None or e.scores[0] < n:

@@ -71,7 +71,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
-    logprobs: int = 0  # top-n alternatives returned per token
+    # the logprob of each chosen token and its top-n alternatives; None: no logprobs at all, not even the chosen
+    # token's (vLLM's None; OpenAI requests without `logprobs` skip a pass over the vocabulary every step)
+    logprobs: int | None = 0
     echo: bool = False  # also score the prompt (prompt-token logprobs)
 
     def __post_init__(self) -> None:
@@ -81,7 +83,8 @@ class SamplingParams:
         TEMPERATURE.check("temperature", self.temperature)
         TOP_P.check("top_p", self.top_p)
         TOP_K.check("top_k", self.top_k)
-        LOGPROBS.check("logprobs", self.logprobs)
+        if self.logprobs is not None:
+            LOGPROBS.check("logprobs", self.logprobs)
         if self.seed is not None:
             SEED.check("seed", self.seed)
         check_stop(self.stop)
