@@ -25,6 +25,7 @@ from server.api.state import AppState
 from server.engine.loop import EngineLoop
 from server.engine.generate import Engine
 from server.engine.kv_cache import default_budget_tokens
+from server.engine.served import ServedModel
 from server.metrics import Metrics
 from server.policy.policy import as_policy
 from server.settings import Settings, api_keys, get_settings, load_presets
@@ -76,7 +77,7 @@ def _start(state: AppState, factory: EngineFactory, raw_presets: dict) -> None:
                           metrics=state.metrics)
         log.info("KV budget: %d slot-tokens (%.0f MB)", budget, budget * engine.kv_bytes_per_slot_token() / 2**20)
         loop.start()
-        state.presets, state.engine, state.loop = presets, engine, loop
+        state.presets, state.served, state.loop = presets, ServedModel.of(engine), loop
         log.info("model %s ready (%d layers)", state.model_name, engine.num_layers)
     except Exception as e:  # keep serving /health and /ready with the reason
         log.exception("model failed to load")

@@ -891,3 +891,28 @@ def test_the_http_layer_imports_no_torch():
             "print(sorted(m for m in sys.modules if m == 'torch' or m in ('server.engine.generate', 'server.engine.loop')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_the_http_layer_holds_the_served_model_not_the_engine(client):
+    """The routers see `ServedModel` (plain facts, text <-> ids, compile) and the loop: no engine, no tensors."""
+    import dataclasses
+
+    from server.engine.served import ServedModel
+
+    state = client.app.state.painters
+    served, loop = state.require()
+    assert isinstance(served, ServedModel) and not hasattr(state, "engine")
+    engine = loop.engine
+    assert (served.num_layers, served.vocab_size, served.max_model_len, served.eos_ids) == (
+        engine.num_layers, engine.vocab_size, engine.max_model_len, engine.eos_ids)
+    for f in dataclasses.fields(served):
+        if f.name != "tokenizer":
+            assert isinstance(getattr(served, f.name), (int, str, frozenset)), f.name
+    for policy in ("full", "skip:2", "pairs:1-4", {"kind": "skip", "count": 1}):
+        assert served.compile(policy) == engine.compile(policy)
+    for prompt in ("hello world", "", [3, 4, 5]):
+        assert served.encode(prompt) == engine.encode(prompt)
+    assert served.encode("") != [] and served.tokenize("") == []  # a prompt is never empty; /tokenize shows what is
+    ids = served.encode("hello world")
+    assert served.decode(ids) == engine.tokenizer.decode(ids)
+    assert [served.token_text(i) for i in ids] == [engine.tokenizer.decode([i]) for i in ids]

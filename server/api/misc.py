@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -68,7 +69,7 @@ def _check_model(request: Request, model: str | None) -> None:
 @tokenizer_router.post("/tokenize", response_model=TokenizeResponse)
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = get_state(request)
-    engine, _ = state.require()
+    served, _ = state.require()
     _check_model(request, body.model)
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "send exactly one of 'prompt' (text) or 'messages' (chat)", param="prompt")
@@ -81,41 +82,25 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         ids = prompt.ids
     else:
         text, special = body.prompt, body.add_special_tokens
-        ids = list(await asyncio.to_thread(engine.tokenizer.encode, text, add_special_tokens=special))
+        ids = list(await asyncio.to_thread(served.tokenize, text, add_special_tokens=special))
     return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.max_model_len)
 
 
 @tokenizer_router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     state = get_state(request)
-    engine, _ = state.require()
+    served, _ = state.require()
     _check_model(request, body.model)
     vocab = state.vocab_size
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:
         raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary 0-{vocab - 1}", param="tokens")
-    return DetokenizeResponse(prompt=await asyncio.to_thread(engine.tokenizer.decode, body.tokens))
+    return DetokenizeResponse(prompt=await asyncio.to_thread(served.decode, body.tokens))
 
 
 @tokenizer_router.get("/tokenizer_info", response_model=TokenizerInfo)
 async def tokenizer_info(request: Request) -> TokenizerInfo:
     state = get_state(request)
-    engine, _ = state.require()
-    tok = engine.tokenizer
-
-    def text(name: str) -> str | None:
-        value = getattr(tok, name, None)
-        return value if isinstance(value, str) else None
-
-    def ident(name: str) -> int | None:
-        value = getattr(tok, name, None)
-        return value if isinstance(value, int) else None
-
-    return TokenizerInfo(
-        tokenizer_class=type(tok).__name__,
-        eos_token=text("eos_token"), eos_token_id=ident("eos_token_id"),
-        bos_token=text("bos_token"), bos_token_id=ident("bos_token_id"),
-        pad_token=text("pad_token"), pad_token_id=ident("pad_token_id"),
-        chat_template=text("chat_template"),
-        model_max_length=state.max_model_len, vocab_size=state.vocab_size,
-    )
+    served, _ = state.require()
+    return TokenizerInfo(**dataclasses.asdict(served.tokenizer_facts()), model_max_length=state.max_model_len,
+                         vocab_size=state.vocab_size)

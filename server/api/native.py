@@ -22,7 +22,7 @@ from server.engine.request import GenerationResult
 from server.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from server.engine.generate import Engine
+    from server.engine.served import ServedModel
 
 router = APIRouter(tags=["native"])
 EVENTS = pipeline.sse_responses("JSON, or server-sent events (one GenerateStreamEvent per token) when streaming")
@@ -47,27 +47,27 @@ def _job(body: GenerateRequest) -> Job:
                params=_params(body))
 
 
-def _token(engine: Engine, token_id: int, logprob: float | None) -> TokenInfo:
-    special = token_id in engine.eos_ids or token_id in getattr(engine.tokenizer, "all_special_ids", ())
+def _token(served: ServedModel, token_id: int, logprob: float | None) -> TokenInfo:
+    special = token_id in served.special_ids
     finite = logprob if logprob is None or abs(logprob) != float("inf") else None
-    return TokenInfo(id=token_id, text=engine.tokenizer.decode([token_id], skip_special_tokens=False),
+    return TokenInfo(id=token_id, text=served.token_text(token_id),
                      logprob=finite, special=special)
 
 
-def _finish_reason(engine: Engine, result: GenerationResult) -> str:
+def _finish_reason(served: ServedModel, result: GenerationResult) -> str:
     if result.finish_reason != "stop":
         return result.finish_reason
-    return "eos_token" if result.token_ids and result.token_ids[-1] in engine.eos_ids else "stop_sequence"
+    return "eos_token" if result.token_ids and result.token_ids[-1] in served.eos_ids else "stop_sequence"
 
 
-def _details(engine: Engine, body: GenerateRequest, result: GenerationResult) -> GenerateDetails:
+def _details(served: ServedModel, body: GenerateRequest, result: GenerationResult) -> GenerateDetails:
     return GenerateDetails(
-        finish_reason=_finish_reason(engine, result), generated_tokens=len(result.token_ids),
+        finish_reason=_finish_reason(served, result), generated_tokens=len(result.token_ids),
         seed=body.parameters.seed,
-        tokens=[_token(engine, i, lp) for i, lp in zip(result.token_ids, result.logprobs)],
-        prefill=([_token(engine, i, lp) for i, lp in zip(result.prompt_token_ids, result.prompt_logprobs)]
+        tokens=[_token(served, i, lp) for i, lp in zip(result.token_ids, result.logprobs)],
+        prefill=([_token(served, i, lp) for i, lp in zip(result.prompt_token_ids, result.prompt_logprobs)]
                  if result.prompt_logprobs is not None else []),
-        top_tokens=[[_token(engine, i, v) for i, v in top.items()] for top in result.top_logprobs]
+        top_tokens=[[_token(served, i, v) for i, v in top.items()] for top in result.top_logprobs]
         if result.top_logprobs else None,
     )
 
@@ -81,11 +81,11 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
     if body.stream:
         return await generate_stream(body, request)
     state = get_state(request)
-    engine, _ = state.require()
+    served, _ = state.require()
     run = await pipeline.start(state, _job(body))
     result = (await pipeline.collect(run.streams, request))[0]
     out = GenerateResponse(generated_text=_text(body, result), painters=painters_info(run.schedule, result),
-                           details=_details(engine, body, result) if body.parameters.details else None)
+                           details=_details(served, body, result) if body.parameters.details else None)
     return JSONResponse(out.model_dump(mode="json", exclude={"details"} if out.details is None else set()),
                         headers=timing_headers(run.schedule, [result]))
 
@@ -93,17 +93,17 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
 @router.post("/generate_stream", response_class=EventSourceResponse, responses=EVENTS)
 async def generate_stream(body: GenerateRequest, request: Request) -> EventSourceResponse:
     state = get_state(request)
-    engine, _ = state.require()
+    served, _ = state.require()
     run = await pipeline.start(state, _job(body))
-    return EventSourceResponse(_events(engine, body, run), ping=15, headers={"x-painters-policy": run.schedule.policy})
+    return EventSourceResponse(_events(served, body, run), ping=15, headers={"x-painters-policy": run.schedule.policy})
 
 
-async def _events(engine: Engine, body: GenerateRequest, run: Running) -> AsyncIterator[dict[str, str]]:
+async def _events(served: ServedModel, body: GenerateRequest, run: Running) -> AsyncIterator[dict[str, str]]:
     index = 0
 
     def final(r: GenerationResult) -> dict[str, Any]:
         return dict(generated_text=_text(body, r), painters=painters_info(run.schedule, r),
-                    details=StreamDetails(finish_reason=_finish_reason(engine, r), generated_tokens=len(r.token_ids),
+                    details=StreamDetails(finish_reason=_finish_reason(served, r), generated_tokens=len(r.token_ids),
                                           seed=body.parameters.seed))
 
     try:
@@ -111,8 +111,8 @@ async def _events(engine: Engine, body: GenerateRequest, run: Running) -> AsyncI
             for n, (token_id, lp) in enumerate(zip(out.token_ids, out.logprobs)):
                 last = out.finished and n == len(out.token_ids) - 1
                 event = GenerateStreamEvent(
-                    index=index, token=_token(engine, token_id, lp),
-                    top_tokens=[_token(engine, i, v) for i, v in out.top_logprobs[n].items()]
+                    index=index, token=_token(served, token_id, lp),
+                    top_tokens=[_token(served, i, v) for i, v in out.top_logprobs[n].items()]
                     if out.top_logprobs else None,
                     **(final(out.result) if last and out.result is not None else {}))
                 index += 1

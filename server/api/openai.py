@@ -25,7 +25,7 @@ from server.engine.request import GenerationResult
 from server.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from server.engine.generate import Engine
+    from server.engine.served import ServedModel
 
 router = APIRouter(tags=["openai"])
 SSE = pipeline.sse_responses("JSON, or server-sent events when stream=true")
@@ -54,24 +54,24 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str 
     return list(prompt)  # type: ignore[arg-type]
 
 
-def _token_text(engine: Engine, ids: list[int]) -> list[str]:
-    return [engine.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+def _token_text(served: ServedModel, ids: list[int]) -> list[str]:
+    return [served.token_text(i) for i in ids]
 
 
 def _finite(x: float | None) -> float | None:
     return x if x is None or abs(x) != float("inf") else None
 
 
-def _completion_logprobs(engine: Engine, ids: list[int], lps: list[float | None],
+def _completion_logprobs(served: ServedModel, ids: list[int], lps: list[float | None],
                          tops: list[dict[int, float] | None] | None, offset: int) -> CompletionLogprobs:
-    tokens = _token_text(engine, ids)
+    tokens = _token_text(served, ids)
     offsets, pos = [], offset
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
     top = None
     if tops is not None:
-        top = [None if d is None else {engine.tokenizer.decode([i], skip_special_tokens=False): _finite(v)
+        top = [None if d is None else {served.token_text(i): _finite(v)
                                        for i, v in d.items()} for d in tops]
     return CompletionLogprobs(tokens=tokens, token_logprobs=[_finite(x) for x in lps], top_logprobs=top,
                               text_offset=offsets)
@@ -97,7 +97,7 @@ async def list_models(request: Request) -> ModelList:
 @router.post("/v1/completions", response_model=CompletionResponse, responses=SSE)
 async def completions(body: CompletionRequest, request: Request) -> Any:
     state = get_state(request)
-    engine, _ = state.require()
+    served, _ = state.require()
     if body.stream and body.echo:
         raise APIError(400, "echo is not supported with stream=true; use stream=false", param="echo")
     want_logprobs = body.logprobs is not None
@@ -110,7 +110,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(
-            _stream_completion(engine, run, rid=rid, created=created, model=model, want_logprobs=want_logprobs,
+            _stream_completion(served, run, rid=rid, created=created, model=model, want_logprobs=want_logprobs,
                                include_usage=include_usage),
             headers={"x-painters-policy": run.schedule.policy}, ping=15)
     results = await pipeline.collect(run.streams, request)
@@ -120,7 +120,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         text = result.text
         lp = None
         if body.echo:
-            text = (prompt.text if prompt.text is not None else engine.tokenizer.decode(prompt.ids)) + text
+            text = (prompt.text if prompt.text is not None else served.decode(prompt.ids)) + text
         if want_logprobs:
             ids = list(result.token_ids)
             lps: list[float | None] = list(result.logprobs)
@@ -130,7 +130,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                 lps = list(result.prompt_logprobs or [None] * len(prompt.ids)) + lps
                 if logprobs:
                     tops = list(result.prompt_top_logprobs or [None] * len(prompt.ids)) + (tops or [])
-            lp = _completion_logprobs(engine, ids, lps, tops if logprobs else None, 0)
+            lp = _completion_logprobs(served, ids, lps, tops if logprobs else None, 0)
         choices.append(CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=result.finish_reason))
     out = CompletionResponse(id=rid, created=created, model=model, choices=choices,
                              usage=_usage([len(p.ids) for p in run.prompts], results),
@@ -142,7 +142,7 @@ def _json(model: Any, headers: dict[str, str]) -> JSONResponse:
     return JSONResponse(model.model_dump(mode="json"), headers=headers)
 
 
-async def _stream_completion(engine: Engine, run: Running, *, rid: str, created: int, model: str,
+async def _stream_completion(served: ServedModel, run: Running, *, rid: str, created: int, model: str,
                              want_logprobs: bool, include_usage: bool) -> AsyncIterator[dict[str, str]]:
     results: list[GenerationResult] = []
     offsets = [0] * len(run.streams)
@@ -151,7 +151,7 @@ async def _stream_completion(engine: Engine, run: Running, *, rid: str, created:
             lp = None
             if want_logprobs:
                 tops: list[dict[int, float] | None] | None = list(out.top_logprobs) if out.top_logprobs else None
-                lp = _completion_logprobs(engine, out.token_ids, list(out.logprobs), tops, offsets[i])
+                lp = _completion_logprobs(served, out.token_ids, list(out.logprobs), tops, offsets[i])
             offsets[i] += len(out.text)
             final = out.result if out.finished else None
             chunk = CompletionResponse(id=rid, created=created, model=model, choices=[CompletionChoice(
@@ -183,7 +183,7 @@ def _error_json(e: APIError) -> str:
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=SSE)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     state = get_state(request)
-    engine, _ = state.require()
+    served, _ = state.require()
     try:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     except ValueError as e:
@@ -196,13 +196,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(
-            _stream_chat(engine, run, rid=rid, created=created, model=model, logprobs=body.logprobs,
+            _stream_chat(served, run, rid=rid, created=created, model=model, logprobs=body.logprobs,
                          include_usage=include_usage),
             headers={"x-painters-policy": run.schedule.policy}, ping=15)
     results = await pipeline.collect(run.streams, request)
     choices = [ChatChoice(
         index=i, message=ChatResponseMessage(content=r.text),
-        logprobs=_chat_logprobs(engine, r.token_ids, r.logprobs, r.top_logprobs) if body.logprobs else None,
+        logprobs=_chat_logprobs(served, r.token_ids, r.logprobs, r.top_logprobs) if body.logprobs else None,
         finish_reason=r.finish_reason,
     ) for i, r in enumerate(results)]
     out = ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
@@ -211,22 +211,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     return _json(out, timing_headers(run.schedule, results))
 
 
-def _chat_logprobs(engine: Engine, ids: list[int], lps: list[float], tops: list[dict[int, float]] | None
+def _chat_logprobs(served: ServedModel, ids: list[int], lps: list[float], tops: list[dict[int, float]] | None
                    ) -> ChatLogprobs:
     content = []
     for n, (i, lp) in enumerate(zip(ids, lps)):
-        token = engine.tokenizer.decode([i], skip_special_tokens=False)
+        token = served.token_text(i)
         alternatives = []
         if tops:
             for j, v in tops[n].items():
-                t = engine.tokenizer.decode([j], skip_special_tokens=False)
+                t = served.token_text(j)
                 alternatives.append(ChatTopLogprob(token=t, logprob=_finite(v), bytes=list(t.encode())))
         content.append(ChatTokenLogprob(token=token, logprob=_finite(lp), bytes=list(token.encode()),
                                         top_logprobs=alternatives))
     return ChatLogprobs(content=content)
 
 
-async def _stream_chat(engine: Engine, run: Running, *, rid: str, created: int, model: str, logprobs: bool,
+async def _stream_chat(served: ServedModel, run: Running, *, rid: str, created: int, model: str, logprobs: bool,
                        include_usage: bool) -> AsyncIterator[dict[str, str]]:
     def chunk(choices: list[ChatChunkChoice], **extra: Any) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, **extra)
@@ -236,7 +236,7 @@ async def _stream_chat(engine: Engine, run: Running, *, rid: str, created: int, 
     results: list[GenerationResult] = []
     try:
         async for i, out in pipeline.merged(run.streams):
-            lp = _chat_logprobs(engine, out.token_ids, out.logprobs, out.top_logprobs or None) if logprobs else None
+            lp = _chat_logprobs(served, out.token_ids, out.logprobs, out.top_logprobs or None) if logprobs else None
             delta = ChatDelta(content=out.text) if out.text or not out.finished else ChatDelta()
             final = out.result if out.finished else None
             c = chunk([ChatChunkChoice(index=i, delta=delta, logprobs=lp,

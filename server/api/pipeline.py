@@ -26,7 +26,7 @@ from server.engine.scheduler import DrainingError, KVBudgetError, QueueFullError
 
 if TYPE_CHECKING:
     from server.engine.loop import EngineLoop
-    from server.engine.generate import Engine
+    from server.engine.served import ServedModel
 
 # (max_tokens, choice index) -> that choice's sampling parameters
 ParamsFor = Callable[[int, int], SamplingParams]
@@ -97,19 +97,19 @@ async def start(state: AppState, job: Job) -> Running:
 
 async def tokenize(state: AppState, prompts: list[str | list[int]] | Chat) -> list[Prompt]:
     """Texts, token-id lists or chat messages -> prompts, encoded on a worker thread (a long text takes seconds)."""
-    engine, _ = state.require()
+    served, _ = state.require()
     vocab = state.vocab_size
-    return await asyncio.to_thread(_tokenize, engine, prompts, vocab)
+    return await asyncio.to_thread(_tokenize, served, prompts, vocab)
 
 
-def _tokenize(engine: Engine, prompts: list[str | list[int]] | Chat, vocab: int) -> list[Prompt]:
+def _tokenize(served: ServedModel, prompts: list[str | list[int]] | Chat, vocab: int) -> list[Prompt]:
     if isinstance(prompts, Chat):
-        text = render_chat(engine, prompts)  # the template writes the special tokens (a BOS) itself, as in vLLM
-        return [Prompt(text, _in_vocab(engine.encode(text, add_special_tokens=False), vocab, "messages"))]
+        text = render_chat(served, prompts)  # the template writes the special tokens (a BOS) itself, as in vLLM
+        return [Prompt(text, _in_vocab(served.encode(text, add_special_tokens=False), vocab, "messages"))]
     out = []
     for item in prompts:
         if isinstance(item, str):
-            out.append(Prompt(item, _in_vocab(engine.encode(item), vocab, "prompt")))
+            out.append(Prompt(item, _in_vocab(served.encode(item), vocab, "prompt")))
             continue
         if not item:
             raise APIError(400, "a token-id prompt must not be empty", param="prompt")
@@ -131,10 +131,9 @@ def _in_vocab(ids: list[int], vocab: int, param: str) -> list[int]:
     return ids
 
 
-def render_chat(engine: Engine, chat: Chat) -> str:
+def render_chat(served: ServedModel, chat: Chat) -> str:
     try:
-        return engine.tokenizer.apply_chat_template(chat.messages, tokenize=False,
-                                                    add_generation_prompt=chat.add_generation_prompt)
+        return served.render_chat(chat.messages, add_generation_prompt=chat.add_generation_prompt)
     except Exception as e:  # noqa: BLE001 - no template, bad roles, template errors: all the client's to fix
         raise APIError(400, f"cannot apply this model's chat template ({type(e).__name__}: {e}); "
                             "use /v1/completions with a plain prompt", param="messages") from None

@@ -151,12 +151,12 @@ async def schedule(body: ScheduleRequest, request: Request) -> ScheduleView:
 @router.get("/v1/playground", response_model=PlaygroundInfo)
 async def playground_info(request: Request) -> PlaygroundInfo:
     state = _state(request)
-    engine, _ = state.require()
+    served, _ = state.require()
     path = state.settings.policy_presets
     text = Path(path).read_text() if path is not None and path.suffix != ".json" else ""
     notes = preset_notes(text, list(state.presets))
     presets = [notes[name].model_copy(update={"policy": policy}) if name in notes
                else PresetInfo(name=name, policy=policy) for name, policy in state.presets.items()]
     info = state.policies_info()
-    return PlaygroundInfo(model=state.model_name, num_layers=engine.num_layers, max_model_len=state.max_model_len,
+    return PlaygroundInfo(model=state.model_name, num_layers=served.num_layers, max_model_len=state.max_model_len,
                           default_policy=state.settings.default_policy, presets=presets, examples=info.examples)

@@ -15,12 +15,12 @@ from server.api.errors import APIError
 from server.api.protocol import PoliciesInfo, PolicyKind
 from server.policy.compiler import Schedule, default_span
 from server.metrics import Metrics
-from server.policy.policy import KINDS, SYNTAX, PolicyError, allowed_forms, as_policy
+from server.policy.policy import KINDS, SYNTAX, PolicyError, allowed_forms
 from server.settings import Settings
 
 if TYPE_CHECKING:
     from server.engine.loop import EngineLoop
-    from server.engine.generate import Engine
+    from server.engine.served import ServedModel
 
 
 @dataclass
@@ -29,7 +29,7 @@ class AppState:
     model_name: str
     metrics: Metrics
     presets: dict[str, str] = field(default_factory=dict)  # name -> canonical policy
-    engine: Engine | None = None
+    served: ServedModel | None = None
     loop: EngineLoop | None = None
     load_error: str | None = None
     draining: bool = False  # SIGTERM: /ready is 503 and new requests are refused while running ones finish
@@ -39,9 +39,9 @@ class AppState:
     @property
     def max_model_len(self) -> int:
         """What the server enforces: the setting, capped by the model's own position limit."""
-        if self.engine is None:
+        if self.served is None:
             return self.settings.max_model_len
-        return min(self.settings.max_model_len, self.engine.max_model_len)
+        return min(self.settings.max_model_len, self.served.max_model_len)
 
     @property
     def ready(self) -> bool:
@@ -56,8 +56,8 @@ class AppState:
 
     @property
     def vocab_size(self) -> int:
-        engine, _ = self.require()
-        return engine.vocab_size
+        served, _ = self.require()
+        return served.vocab_size
 
     def check_admitting(self) -> None:
         """Refuse early, before any tokenizing: 503 while draining, 429 while the waiting queue is full."""
@@ -76,20 +76,20 @@ class AppState:
         return APIError(503, "the server is shutting down; retry on another replica or after the restart",
                         headers={"Retry-After": "5", "Connection": "close"}, code="shutting_down")
 
-    def require(self) -> tuple[Engine, EngineLoop]:
+    def require(self) -> tuple[ServedModel, EngineLoop]:
         if self.engine_failure is not None:
             raise APIError(503, f"the engine failed ({self.engine_failure}); the server is restarting",
                            code="engine_failed")
-        if self.engine is None or self.loop is None:
+        if self.served is None or self.loop is None:
             detail = f"model failed to load: {self.load_error}" if self.load_error else "model is still loading"
             raise APIError(503, f"{detail}; retry when GET /ready answers 200", headers={"Retry-After": "5"})
-        return self.engine, self.loop
+        return self.served, self.loop
 
     # -- policies ----------------------------------------------------------------------------------------------
 
     def policy_help(self, message: str = "") -> str:
         """What a user may send, for error messages (without repeating what `message` already says)."""
-        n = self.engine.num_layers if self.engine else None
+        n = self.served.num_layers if self.served else None
         parts = [] if "allowed forms" in message else [f"allowed forms: {allowed_forms()}"]
         parts.append(f"this model's layers are 0-{n - 1}" if n else "layer range known once loaded")
         if self.presets:
@@ -98,7 +98,7 @@ class AppState:
 
     def resolve_policy(self, model: str | None, policy: str | dict | None) -> Schedule:
         """Model name (maybe with @suffix) and body policy -> compiled schedule; 404/400 on what is wrong."""
-        engine, _ = self.require()
+        served, _ = self.require()
         self._check_policy_size(model, policy)
         suffix = None
         if model:
@@ -116,7 +116,7 @@ class AppState:
         if isinstance(chosen, str) and chosen in self.presets:
             chosen = self.presets[chosen]
         try:
-            schedule = engine.compile(as_policy(chosen))
+            schedule = served.compile(chosen)
         except PolicyError as e:
             raise APIError(400, f"invalid policy {chosen!r}: {e}; {self.policy_help(str(e))}", param="policy",
                            code="invalid_policy") from None
@@ -147,13 +147,13 @@ class AppState:
     def allowed_canonical(self) -> set[str]:
         """The allowed policies in canonical form, compiled once (not on every request)."""
         if self._allowed is None:
-            engine, _ = self.require()
-            self._allowed = {engine.compile(as_policy(self.presets.get(p, p))).policy
+            served, _ = self.require()
+            self._allowed = {served.compile(self.presets.get(p, p)).policy
                              for p in self.settings.allowed_policies or ()}
         return self._allowed
 
     def policies_info(self) -> PoliciesInfo:
-        n = self.engine.num_layers if self.engine else None
+        n = self.served.num_layers if self.served else None
         return PoliciesInfo(
             kinds=[PolicyKind(kind=k, syntax=SYNTAX[k]) for k in KINDS],
             num_layers=n,

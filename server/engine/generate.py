@@ -30,6 +30,7 @@ from server.engine.probe import ProbeStats
 from server.engine.probe import reduce as reduce_probe
 from server.engine.request import GenerationResult, Request, Timings
 from server.engine.sampling import SamplingBatch, SamplingParams, make_generator, sample_batch
+from server.engine.served import encode
 
 __all__ = ["Batch", "Engine", "GenerationResult", "ModelOutput", "Request", "StepInput", "Timings"]
 
@@ -377,13 +378,8 @@ class Engine:
         return compile_schedule(as_policy(policy), self.num_layers)
 
     def encode(self, prompt: str | list[int], *, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of a prompt: text gets the special tokens its tokenizer adds by default (Gemma's <bos>; none for
-        SmolLM2), as vLLM's completions do; a rendered chat template already holds them (add_special_tokens=False).
-        Token ids pass through as they are."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-            return list(ids) or [self._fallback_bos()]
-        return list(prompt)
+        """Token ids of a prompt (see `server.engine.served.encode`)."""
+        return encode(self.tokenizer, prompt, add_special_tokens=add_special_tokens)
 
     def kv_bytes_per_slot_token(self) -> int:
         a = self.model.args
@@ -444,10 +440,6 @@ class Engine:
         blocks = sum(-(-len(p) // self.block_size) for p in ids) * schedule.num_slots
         batch = self.new_batch(max_len=max(len(p) for p in ids), num_blocks=blocks + 1)
         return batch.probe(ids, schedule)
-
-    def _fallback_bos(self) -> int:
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        return bos if bos is not None else 0
 
 
 def _eos_ids(hf_model: Any, tokenizer: Any) -> frozenset[int]:

@@ -1,0 +1,98 @@
+"""What the HTTP layer sees of the served model: plain facts and text <-> token ids. No tensors, no engine, no torch.
+
+The routers hold a `ServedModel` and the `EngineLoop` (submit / abort) and nothing else of the engine: they never
+reach the `Engine`, its weights or its cache. Policies compile here with the pure compiler of `server.policy`, once
+per request at the edge; the engine runs the `Schedule` it is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from server.policy.compiler import Schedule, compile_schedule
+from server.policy.policy import Policy, as_policy
+
+
+@dataclass(frozen=True)
+class TokenizerFacts:
+    """The tokenizer's special tokens and template, for /tokenizer_info."""
+
+    tokenizer_class: str
+    eos_token: str | None
+    eos_token_id: int | None
+    bos_token: str | None
+    bos_token_id: int | None
+    pad_token: str | None
+    pad_token_id: int | None
+    chat_template: str | None
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    num_layers: int
+    vocab_size: int
+    max_model_len: int  # the model's own position limit (the server may set a lower one)
+    eos_ids: frozenset[int]
+    special_ids: frozenset[int]  # every special token (EOS among them): TGI's `special` flag
+    tokenizer: Any  # read only through the methods below
+
+    @classmethod
+    def of(cls, engine: Any) -> ServedModel:
+        """The facts of a loaded `server.engine.generate.Engine` (its tensors stay behind)."""
+        ids = frozenset(getattr(engine.tokenizer, "all_special_ids", ()) or ())
+        return cls(name=engine.name, num_layers=engine.num_layers, vocab_size=engine.vocab_size,
+                   max_model_len=engine.max_model_len, eos_ids=frozenset(engine.eos_ids),
+                   special_ids=ids | frozenset(engine.eos_ids), tokenizer=engine.tokenizer)
+
+    def compile(self, policy: Policy | str | dict | None) -> Schedule:
+        """Parse and compile a policy for this model's depth (raises `PolicyError` naming what is allowed)."""
+        return compile_schedule(as_policy(policy), self.num_layers)
+
+    def encode(self, prompt: str | list[int], *, add_special_tokens: bool = True) -> list[int]:
+        return encode(self.tokenizer, prompt, add_special_tokens=add_special_tokens)
+
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """The tokenizer's own ids of a text (/tokenize: an empty text gives none; `encode` gives a prompt)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's own text, special tokens included."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def render_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
+        """The prompt text of chat messages under the model's template (which writes its own special tokens)."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def tokenizer_facts(self) -> TokenizerFacts:
+        tok = self.tokenizer
+
+        def text(name: str) -> str | None:
+            value = getattr(tok, name, None)
+            return value if isinstance(value, str) else None
+
+        def ident(name: str) -> int | None:
+            value = getattr(tok, name, None)
+            return value if isinstance(value, int) else None
+
+        return TokenizerFacts(
+            tokenizer_class=type(tok).__name__, eos_token=text("eos_token"), eos_token_id=ident("eos_token_id"),
+            bos_token=text("bos_token"), bos_token_id=ident("bos_token_id"), pad_token=text("pad_token"),
+            pad_token_id=ident("pad_token_id"), chat_template=text("chat_template"))
+
+
+def encode(tokenizer: Any, prompt: str | list[int], *, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of a prompt: text gets the special tokens its tokenizer adds by default (Gemma's <bos>; none for
+    SmolLM2), as vLLM's completions do; a rendered chat template already holds them (add_special_tokens=False).
+    Token ids pass through as they are. Text that encodes to nothing becomes the BOS token (or id 0)."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        if ids:
+            return list(ids)
+        bos = getattr(tokenizer, "bos_token_id", None)
+        return [bos if bos is not None else 0]
+    return list(prompt)
