@@ -60,6 +60,7 @@ from clients.evaluate import (
     FULL,
     EvalError,
     EvalSession,
+    ResultCache,
     TaskResult,
     normalized_difference,
     normalized_paired,
@@ -906,11 +907,22 @@ async def run_search(url: str, splits: Sequence[Splits], *, budget: float, budge
     cost = {"wall_s": round(time.perf_counter() - t0, 1), "requests": spent.requests,
             "prompt_tokens": spent.prompt_tokens,
             "loadtest_tokens": rounds * (len(policies) + 1) * (requests + 1) * max_tokens if measured else 0}
+    if session.cache is not None:
+        cost = cumulative_cost(session.cache, {"tasks": names, "splits": {s.name: s.ranges() for s in splits}}, cost)
     return SearchResult(model=model_id, num_layers=num_layers, tasks=names, budget=budget, budget_on=budget_on,
                         confidence=confidence, splits={s.name: s.ranges() for s in splits},
                         sources={s.name: s.screen.source for s in splits}, full=full, screened=screened,
                         selected=selected, finalists=finalists, speeds=speeds, sleb=order, full_loss=full_loss,
                         choice=choice, cost=cost, notes=notes)
+
+
+def cumulative_cost(cache: ResultCache, key: dict[str, Any], cost: dict[str, float]) -> dict[str, float]:
+    """This run's cost plus what every earlier run of the search on the same tasks and items spent (a ledger kept
+    in the cache, one entry per run): `runs` and `total_*` beside this run's figures, so that a resumed run's report
+    shows what the whole search cost, not only its own last step."""
+    runs = [*(cache.load("search_cost", key) or []), cost]
+    cache.save("search_cost", key, runs)
+    return {**cost, "runs": len(runs), **{f"total_{k}": round(sum(r.get(k, 0) for r in runs), 1) for k in cost}}
 
 
 def replace_speed(f: Finalist, speeds: dict[str, tuple[float | None, float | None]]) -> Finalist:
@@ -1069,9 +1081,13 @@ def report_markdown(result: SearchResult, *, command: str | None = None) -> str:
                   + ", ".join(f"{layer} ({loss:.4f})" for layer, loss in result.sleb)]
     cost = result.cost
     lines += ["", f"Cost of this run: {cost.get('wall_s', 0):.0f} s wall, {int(cost.get('requests', 0))} scoring "
-              f"requests with {int(cost.get('prompt_tokens', 0)):,} prompt tokens (results from the cache cost none; "
-              "a resumed run counts only what it ran), about "
-              f"{int(cost.get('loadtest_tokens', 0)):,} tokens generated in load tests."]
+              f"requests with {int(cost.get('prompt_tokens', 0)):,} prompt tokens (results from the cache cost none), "
+              f"about {int(cost.get('loadtest_tokens', 0)):,} tokens generated in load tests."]
+    if cost.get("runs", 1) > 1:
+        lines[-1] += (f" All {int(cost['runs'])} runs of this search on these items (the cache's ledger): "
+                      f"{cost.get('total_wall_s', 0):.0f} s wall, {int(cost.get('total_requests', 0))} scoring requests "
+                      f"with {int(cost.get('total_prompt_tokens', 0)):,} prompt tokens, about "
+                      f"{int(cost.get('total_loadtest_tokens', 0)):,} tokens generated in load tests.")
     lines += ["", *(f"- {n}" for n in result.notes)]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -1230,3 +1246,7 @@ def print_result(result: SearchResult) -> None:
     c = result.cost
     console.print(f"cost: {c.get('wall_s', 0):.0f} s wall, {int(c.get('requests', 0))} scoring requests, "
                   f"{int(c.get('prompt_tokens', 0)):,} prompt tokens", markup=False, highlight=False)
+    if c.get("runs", 1) > 1:
+        console.print(f"all {int(c['runs'])} runs of this search: {c.get('total_wall_s', 0):.0f} s wall, "
+                      f"{int(c.get('total_requests', 0))} scoring requests, {int(c.get('total_prompt_tokens', 0)):,} "
+                      "prompt tokens", markup=False, highlight=False)

@@ -8,6 +8,7 @@ import asyncio
 import json
 import random
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -361,12 +362,17 @@ def test_search_finds_the_removable_layer_and_checks_it_against_the_papers_polic
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["cost"]["requests"] > 0 and report["cost"]["prompt_tokens"] > 0
-    cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.json")}
+    def results() -> dict[Path, int]:  # every cached result (the cost ledger grows by one entry per run)
+        return {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.json") if "search_cost" not in p.parts}
+
+    cached = results()
     again = CliRunner().invoke(app, args)  # resumes: every score, loss and load test from the cache
     assert again.exit_code == 0, again.output
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.json")} == cached
+    assert results() == cached
     second = json.loads(again.stdout)
-    assert second["cost"]["requests"] == 0
+    assert second["cost"]["requests"] == 0 and report["cost"]["runs"] == 1 and second["cost"]["runs"] == 2
+    assert second["cost"]["total_requests"] == report["cost"]["requests"]  # what the whole search spent
+    assert second["cost"]["total_wall_s"] >= report["cost"]["wall_s"]
     assert {k: v for k, v in second.items() if k != "cost"} == {k: v for k, v in report.items() if k != "cost"}
     assert report["items"] == {t: {"screen": [0, 9], "select": [10, 39], "heldout": [40, 59]}
                                for t in ("arc_easy", "piqa")}
