@@ -1,7 +1,8 @@
 """Decode attention (one query per row) over the paged KV pool: reading it in place (FlexAttention over the block
-table) against gathering each row's context and running SDPA (the engine's path today), per call, at 1 and 16 rows
-and 128-4,096-token contexts. On CUDA also time / (KV bytes / 4.8 TB/s) at 4,096 tokens x 16 rows, the issue's
-`attn_4k_over_bound`. Random pools: speed depends on shapes, not values.
+table, and on CUDA our Triton kernel over it) against gathering each row's context and running SDPA (the engine's
+default), per call, at 1 and 16 rows and 128-4,096-token contexts. On CUDA also time / (KV bytes / 4.8 TB/s), the
+issue's `attn_4k_over_bound` at 4,096 tokens x 16 rows, and `--sweep` times the Triton kernel's tilings there.
+Random pools: speed depends on shapes, not values.
 
     python benchmarks/bench_attention.py                      # CPU, SmolLM2's heads (9 q, 3 kv, 64 wide), float32
     python benchmarks/bench_attention.py --device cuda --shape llama-2-7b   # bf16
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from server.model import triton_attention  # noqa: E402
 from server.model.paged_attention import gathered_attention, paged_attention, paged_layout  # noqa: E402
 
 HEADS = {"smollm2-135m": (9, 3, 64), "llama-2-7b": (32, 32, 128)}  # (query heads, kv heads, head dim)
@@ -39,9 +41,12 @@ def _time(fn, device: torch.device, repeats: int) -> float:
     return (time.perf_counter() - t) / repeats
 
 
-def case(pool: torch.Tensor, *, rows: int, context: int, heads: int, repeats: int = 10) -> dict:
-    """Both paths over `pool` (one pool for every case, as in the server: FlexAttention compiles per pool size),
-    `rows` rows of `context` tokens each on shuffled blocks (as after churn)."""
+def case(pool: torch.Tensor, *, rows: int, context: int, heads: int, repeats: int = 10,
+         sweep: bool = False) -> dict:
+    """Every path over `pool` (one pool for every case, as in the server: FlexAttention compiles per pool size),
+    `rows` rows of `context` tokens each on shuffled blocks (as after churn). The Triton kernel runs where it
+    compiles (CUDA) or is interpreted (TRITON_INTERPRET=1: its times are then the interpreter's, not the kernel's).
+    sweep: also time the Triton kernel at every tiling of `TILINGS` (`triton_tilings`: {"BLOCK_N/warps": ms})."""
     device, dtype = pool.device, pool.dtype
     n_blocks, block_size, two_kv, hd = pool.shape
     nb = -(-context // block_size)
@@ -70,21 +75,37 @@ def case(pool: torch.Tensor, *, rows: int, context: int, heads: int, repeats: in
            "in_place_ms": _time(in_place, device, repeats) * 1e3, "gathered_ms": _time(gathered, device, repeats) * 1e3,
            "kv_bytes": kv_bytes}
     out["gathered_over_in_place"] = out["gathered_ms"] / out["in_place_ms"]
+    if triton_attention.runnable(device):
+        lengths_, positions_ = lengths, positions
+
+        def kernel(**tiling: int) -> torch.Tensor:
+            return triton_attention.paged_decode_attention(q, pool, tables[:, :nb], positions_, lengths_, **tiling)
+
+        out["triton_max_abs_err"] = (kernel().float() - gathered().float()).abs().max().item()
+        out["triton_ms"] = _time(kernel, device, repeats) * 1e3
+        out["gathered_over_triton"] = out["gathered_ms"] / out["triton_ms"]
+        if sweep:
+            out["triton_tilings"] = {f"{n}/{w}": _time(lambda n=n, w=w: kernel(block_n=n, num_warps=w), device,
+                                                       repeats) * 1e3 for n, w in TILINGS}
     if device.type == "cuda":
         bound_ms = kv_bytes / PEAK_BYTES_S * 1e3
-        out["in_place_over_bound"] = out["in_place_ms"] / bound_ms
-        out["gathered_over_bound"] = out["gathered_ms"] / bound_ms
+        for path in ("in_place", "gathered", "triton"):
+            if f"{path}_ms" in out:
+                out[f"{path}_over_bound"] = out[f"{path}_ms"] / bound_ms
     return out
 
 
+TILINGS = [(n, w) for n in (32, 64, 128) for w in (2, 4, 8)]  # (BLOCK_N, num_warps) of the Triton kernel
+
+
 def run(*, device: torch.device, shape: str, rows: tuple[int, ...] = (1, 16),
-        contexts: tuple[int, ...] = (128, 512, 2048, 4096), repeats: int = 10) -> list[dict]:
+        contexts: tuple[int, ...] = (128, 512, 2048, 4096), repeats: int = 10, sweep: bool = False) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     H, kv, hd = HEADS[shape]
     block_size = 16
     blocks = max(rows) * -(-max(contexts) // block_size) + 1
     pool = torch.randn(blocks, block_size, 2 * kv, hd, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    return [case(pool, rows=r, context=c, heads=H, repeats=repeats) for r in rows for c in contexts]
+    return [case(pool, rows=r, context=c, heads=H, repeats=repeats, sweep=sweep) for r in rows for c in contexts]
 
 
 def main() -> None:
@@ -96,6 +117,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--contexts", default="128,512,2048,4096")
     ap.add_argument("--rows", default="1,16")
+    ap.add_argument("--sweep", action="store_true", help="also time every tiling of the Triton kernel")
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args()
     if a.threads:
@@ -103,14 +125,18 @@ def main() -> None:
     device = torch.device(a.device)
     shape = a.shape or ("llama-2-7b" if device.type == "cuda" else "smollm2-135m")
     results = run(device=device, shape=shape, rows=tuple(int(x) for x in a.rows.split(",")),
-                  contexts=tuple(int(x) for x in a.contexts.split(",")), repeats=a.repeats)
+                  contexts=tuple(int(x) for x in a.contexts.split(",")), repeats=a.repeats, sweep=a.sweep)
     print(f"decode attention, {shape} heads, {device} ({torch.get_num_threads()} threads), ms per call")
     print(f"{'rows':>4} {'context':>7} {'in place':>9} {'gathered':>9} {'gath/inpl':>9} {'1st call s':>10} {'max err':>8}"
-          + ("  in place / bound" if device.type == "cuda" else ""))
+          f" {'triton':>8} {'gath/trit':>9}" + ("  in place / bound  triton / bound" if device.type == "cuda" else ""))
     for r in results:
         print(f"{r['rows']:>4} {r['context']:>7} {r['in_place_ms']:>9.3f} {r['gathered_ms']:>9.3f} "
-              f"{r['gathered_over_in_place']:>9.2f} {r['first_call_s']:>10.2f} {r['max_abs_err']:>8.1e}"
-              + (f"  {r['in_place_over_bound']:.2f}" if "in_place_over_bound" in r else ""))
+              f"{r['gathered_over_in_place']:>9.2f} {r['first_call_s']:>10.2f} {r['max_abs_err']:>8.1e} "
+              f"{r.get('triton_ms', float('nan')):>8.3f} {r.get('gathered_over_triton', float('nan')):>9.2f}"
+              + (f"  {r['in_place_over_bound']:>17.2f}  {r.get('triton_over_bound', float('nan')):>14.2f}"
+                 if "in_place_over_bound" in r else ""))
+        for tiling, ms in r.get("triton_tilings", {}).items():
+            print(f"      triton BLOCK_N/warps {tiling}: {ms:.3f} ms")
     if a.json:
         Path(a.json).write_text(json.dumps({"device": str(device), "shape": shape, "results": results}, indent=1))
 

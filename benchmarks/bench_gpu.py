@@ -14,8 +14,11 @@ Figures (peak bandwidth 4.8 TB/s, the H200's):
   pairs_over_full              `pairs` tok/s / `full` tok/s, batch 1
   p8_mixed_over_full           12 rows (4 full + 4 skip:8 + 4 pairs) tok/s / 12 rows `full` tok/s
   bs64_bandwidth_fraction      64 rows `full` at ~512-token contexts: (weight + KV bytes per step) / step time / peak
-  attn_4k_over_bound           decode attention, 16 rows x 4,096 tokens, in place: time / (KV bytes / peak)
-and transformers' generate (static cache, compiled) at batch 1 and 64 beside ours.
+  attn_4k_over_bound           decode attention, 16 rows x 4,096 tokens: time / (KV bytes / peak), the fastest of
+                               gathered + SDPA, FlexAttention in place and the Triton kernel in place (each is
+                               reported, with the Triton kernel's tilings)
+the engine again with decode attention in place (`triton_*`: the Triton kernel; `in_place_*`: FlexAttention), and
+transformers' generate (static cache, compiled) at batch 1 and 64 beside ours.
 """
 
 from __future__ import annotations
@@ -36,14 +39,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import bench_attention  # noqa: E402
 from server.engine.bench import SHAPES, _IdTokenizer, _time_parts  # noqa: E402
+from server.engine.executor import Executor, Row  # noqa: E402
 from server.engine.generate import Engine  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
+from server.model import triton_attention  # noqa: E402
 
 log = logging.getLogger("bench_gpu")
 PEAK_BYTES_S = 4.8e12
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
-SECTIONS = ("batch1", "mixed", "bs64", "attention", "in_place", "transformers", "transformers64")
+SECTIONS = ("batch1", "mixed", "bs64", "attention", "profile", "gathered", "triton", "in_place", "transformers",
+            "transformers64")
 MIX = ["full"] * 4 + ["skip:8"] * 4 + ["pairs"] * 4
 
 
@@ -85,6 +91,43 @@ def decode_tok_s(engine: Engine, policies: list[str], *, prompt_len: int, new_to
         if engine.model.device.type == "cuda":  # the last step's graph alone: kernel time without the host's
             got["graphs"]["replay_ms"] = graphs.replay_s() * 1e3
     return got
+
+
+def profile_decode(engine: Engine, *, policy: str = "full", prompt_len: int = 24, steps: int = 8,
+                   top: int = 20) -> dict[str, Any]:
+    """Where an eager batch-1 decode forward spends the device's time: torch.profiler over `steps` forwards of the
+    executor alone (no sampling, no host loop), every kernel launched (a graph replay would hide them). On the CPU
+    (the smoke) the same over CPU ops. -> kernels per step, their summed time per step, and the `top` kernels by
+    time: [name, launches per step, ms per step]."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    model = engine.model
+    cuda = model.device.type == "cuda"
+    schedule = engine.compile(policy)
+    max_len = prompt_len + steps + 2
+    ex = Executor(model, num_blocks=-(-max_len // engine.block_size) * schedule.num_slots + 1, max_len=max_len,
+                  attention=engine.attention, graphs=False)
+    tokens = torch.arange(10, 10 + prompt_len, device=model.device)[None]
+    ex.forward(tokens, [Row(0, schedule, 0, prompt_len)], logits_at=torch.tensor([prompt_len - 1], device=model.device))
+    one = torch.tensor([[11]], device=model.device)
+    at = torch.zeros(1, dtype=torch.long, device=model.device)
+    ex.forward(one, [Row(0, schedule, prompt_len, 1)], logits_at=at)  # warm: lazy compiles and tables
+    _sync(model.device)
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            ex.forward(one, [Row(0, schedule, prompt_len + 1 + i, 1)], logits_at=at)
+        _sync(model.device)
+    wanted = DeviceType.CUDA if cuda else DeviceType.CPU
+
+    def self_us(e: Any) -> float:
+        return getattr(e, "self_device_time_total", 0.0) if cuda else e.self_cpu_time_total
+
+    events = [e for e in prof.key_averages() if e.device_type == wanted and self_us(e) > 0]
+    events.sort(key=self_us, reverse=True)
+    return {"kernels_per_step": sum(e.count for e in events) / steps,
+            "kernel_ms_per_step": sum(map(self_us, events)) / steps / 1e3,
+            "top": [[e.key[:80], e.count / steps, self_us(e) / steps / 1e3] for e in events[:top]]}
 
 
 def _same_prefix(a: list[list[int]], b: list[list[int]]) -> bool:
@@ -154,8 +197,14 @@ def main(argv: list[str] | None = None) -> dict:
     run.data["plain_mm"] = model._plain_mm  # one row through one layer: torch.mm measured faster than bmm at load
     # the same weights, decode steps replayed from CUDA graphs (server.engine.graphs; on the smoke's CPU the same
     # padded path runs eagerly)
-    captured = Engine(model, _IdTokenizer(), name=shape, graphs=True)
-    in_place = Engine(model, _IdTokenizer(), name=shape, graphs=True, attention="in_place")
+    captured = Engine(model, _IdTokenizer(), name=shape, graphs=True)  # decode attention "auto", as served
+    headline = run.data["attention"] = captured.decode_attention  # the path the figures above the table took
+
+    def captured_with(attention: str) -> Engine:
+        """The same weights, captured steps, decode attention by `attention`'s path (on the smoke's CPU the Triton
+        kernel runs in Triton's interpreter: TRITON_INTERPRET=1)."""
+        return Engine(model, _IdTokenizer(), name=shape, graphs=True, attention=attention)
+
     L = eager.num_layers
     weight_bytes = model.weight_bytes()
     layer_bytes = model.layers.nbytes() / L
@@ -210,23 +259,49 @@ def main(argv: list[str] | None = None) -> dict:
 
     def attention() -> dict:
         r = bench_attention.run(device=device, shape="smollm2-135m" if a.smoke else "llama-2-7b", rows=(attn[0],),
-                                contexts=(attn[1],), repeats=3 if a.smoke else 20)[0]
+                                contexts=(attn[1],), repeats=3 if a.smoke else 20,
+                                sweep=triton_attention.runnable(device))[0]
         bound_ms = r["kv_bytes"] / PEAK_BYTES_S * 1e3
+        paths = {p: r[f"{p}_ms"] for p in ("gathered", "in_place", "triton") if f"{p}_ms" in r}
+        best = min(paths, key=paths.get)
         return {"attn_4k_in_place_ms": r["in_place_ms"], "attn_4k_gathered_ms": r["gathered_ms"],
-                "attn_4k_bound_ms": bound_ms, "attn_4k_over_bound": r["in_place_ms"] / bound_ms,
-                "attn_4k_gathered_over_bound": r["gathered_ms"] / bound_ms, "attn_4k_max_abs_err": r["max_abs_err"]}
+                "attn_4k_triton_ms": r.get("triton_ms"), "attn_4k_triton_tilings_ms": r.get("triton_tilings"),
+                "attn_4k_bound_ms": bound_ms, "attn_4k_over_bound": paths[best] / bound_ms, "attn_4k_path": best,
+                "attn_4k_in_place_over_bound": r["in_place_ms"] / bound_ms,
+                "attn_4k_gathered_over_bound": r["gathered_ms"] / bound_ms,
+                "attn_4k_triton_over_bound": None if "triton_ms" not in r else r["triton_ms"] / bound_ms,
+                "attn_4k_max_abs_err": r["max_abs_err"], "attn_4k_triton_max_abs_err": r.get("triton_max_abs_err")}
 
-    def in_place_() -> dict:
-        """Captured steps whose decode attention reads the pool in place (server.engine.executor's
-        attention='in_place'), beside the gathered figures above."""
-        full = decode_tok_s(in_place, ["full"], prompt_len=24, new_tokens=n1)
-        many = decode_tok_s(in_place, ["full"] * rows64, prompt_len=p64, new_tokens=n64)
-        mix = decode_tok_s(in_place, MIX, prompt_len=24, new_tokens=n1 // 2)
-        full12 = decode_tok_s(in_place, ["full"] * 12, prompt_len=24, new_tokens=n1 // 2)
-        return {"in_place_full_bs1_tok_s": full["tok_s"], "in_place_bs64_tok_s": many["tok_s"],
-                "in_place_bs64_step_ms": many["step_s"] * 1e3, "in_place_mixed12_tok_s": mix["tok_s"],
-                "in_place_full12_tok_s": full12["tok_s"], "in_place_p8_mixed_over_full": mix["tok_s"] / full12["tok_s"],
-                "in_place_graphs": {"bs1": full["graphs"], "bs64": many["graphs"], "mixed12": mix["graphs"]}}
+    def profile_() -> dict:
+        """The eager decode forward's kernels (batch 1, `full`; and `pairs`) beside the captured step's replay time
+        (`full_bs1_replay_ms`, from batch1): what a fused kernel or a shorter host step would save."""
+        return {f"profile_bs1_{p.replace(':', '')}": profile_decode(eager, policy=p, steps=4 if a.smoke else 8)
+                for p in ("full", "pairs")}
+
+    def mode_figures(attention: str) -> dict:
+        """Captured steps whose decode attention takes `attention`'s path (server.engine.executor), beside the
+        headline figures (the "auto" path), keys prefixed with the mode; greedy tokens compared with the headline
+        engine's at batch 1 and on the mix. Nothing for the headline's own path."""
+        if attention == headline:
+            return {f"{attention}_is_headline": True}
+        engine = captured_with(attention)
+        full = decode_tok_s(engine, ["full"], prompt_len=24, new_tokens=n1)
+        many = decode_tok_s(engine, ["full"] * rows64, prompt_len=p64, new_tokens=n64)
+        mix = decode_tok_s(engine, MIX, prompt_len=24, new_tokens=n1 // 2)
+        full12 = decode_tok_s(engine, ["full"] * 12, prompt_len=24, new_tokens=n1 // 2)
+        want1 = decode_tok_s(captured, ["full"], prompt_len=24, new_tokens=n1)["tokens"]
+        want_mix = decode_tok_s(captured, MIX, prompt_len=24, new_tokens=n1 // 2)["tokens"]
+        a_ = model.args
+        kv_bytes = rows64 * (p64 + n64 // 2) * L * 2 * a_.n_kv_heads * a_.head_dim * torch.finfo(dtype).bits // 8
+        return {f"{attention}_full_bs1_tok_s": full["tok_s"],
+                f"{attention}_full_bs1_bandwidth_fraction": weight_bytes * full["tok_s"] / PEAK_BYTES_S,
+                f"{attention}_bs64_tok_s": many["tok_s"], f"{attention}_bs64_step_ms": many["step_s"] * 1e3,
+                f"{attention}_bs64_bandwidth_fraction": (weight_bytes + kv_bytes) / many["step_s"] / PEAK_BYTES_S,
+                f"{attention}_mixed12_tok_s": mix["tok_s"], f"{attention}_full12_tok_s": full12["tok_s"],
+                f"{attention}_p8_mixed_over_full": mix["tok_s"] / full12["tok_s"],
+                f"{attention}_equals_headline": {"bs1": _same_prefix(full["tokens"], want1),
+                                                 "mixed12": _same_prefix(mix["tokens"], want_mix)},
+                f"{attention}_graphs": {"bs1": full["graphs"], "bs64": many["graphs"], "mixed12": mix["graphs"]}}
 
     def transformers_generate(cases: tuple[tuple[int, bool], ...]) -> dict:
         got = {}
@@ -242,7 +317,9 @@ def main(argv: list[str] | None = None) -> dict:
     skip = {x for x in a.skip.split(",") if x}
     if skip - set(SECTIONS):
         ap.error(f"unknown sections {sorted(skip - set(SECTIONS))}; there are {', '.join(SECTIONS)}")
-    for name, fn in zip(SECTIONS, (batch1, mixed, bs64, attention, in_place_, hf_small, hf_large)):
+    sections = (batch1, mixed, bs64, attention, profile_, lambda: mode_figures("gathered"), lambda: mode_figures("triton"),
+                lambda: mode_figures("in_place"), hf_small, hf_large)
+    for name, fn in zip(SECTIONS, sections):
         if name not in skip:
             run.section(name, fn)
     print_table(run.data)
@@ -262,25 +339,39 @@ TARGETS = [  # (key, tok/s behind it, target text)
 
 def print_table(d: dict) -> None:
     print(f"\nbench-gpu {d['date']} on {d['device']} ({d['shape']}, {d['dtype']}, torch {d['torch']})")
-    print(f"{'figure':32s} {'value':>8s} {'tok/s':>9s}  target")
+    print(f"{'figure':38s} {'value':>8s} {'tok/s':>9s}  target")
     for key, tok, target in TARGETS:
         v = d.get(key)
-        print(f"{key:32s} {'-' if v is None else f'{v:8.3f}':>8s} "
+        print(f"{key:38s} {'-' if v is None else f'{v:8.3f}':>8s} "
               f"{'' if tok is None or tok not in d else f'{d[tok]:9.1f}':>9s}  {target}")
     for key in sorted(k for k in d if k.startswith("eager_") and k.endswith(("tok_s", "fraction", "full"))):
-        print(f"{key:32s} {d[key]:8.3f} {'':>9s}  eager (no captured step), the same run" if not key.endswith("tok_s")
-              else f"{key:32s} {'':>8s} {d[key]:9.1f}  eager (no captured step), the same run")
+        print(f"{key:38s} {d[key]:8.3f} {'':>9s}  eager (no captured step), the same run" if not key.endswith("tok_s")
+              else f"{key:38s} {'':>8s} {d[key]:9.1f}  eager (no captured step), the same run")
     for key in sorted(k for k in d if k.endswith("_graphs")):
-        print(f"{key:32s} {json.dumps(d[key], default=str)}")
+        print(f"{key:38s} {json.dumps(d[key], default=str)}")
     for key in ("full_bs1_step_ms", "full_bs1_replay_ms", "bs64_step_ms", "plain_mm"):
         if d.get(key) is not None:
-            print(f"{key:32s} {d[key]}")
+            print(f"{key:38s} {d[key]}")
     for key in sorted(k for k in d if "captured_equals_eager" in k):
-        print(f"{key:32s} {d[key]}")
-    for key in sorted(k for k in d if k.startswith("in_place_") and k.endswith(("tok_s", "over_full"))):
-        print(f"{key:32s} {'':>8s} {d[key]:9.1f}  engine, decode attention in place")
+        print(f"{key:38s} {d[key]}")
+    print(f"{'attention (the figures above)':38s} {d.get('attention')}")
+    paths = {"gathered": "gathered + SDPA", "triton": "in place, the Triton kernel", "in_place": "in place, FlexAttention"}
+    for key in sorted(k for k in d if k.startswith(tuple(paths)) and k.endswith(("tok_s", "over_full", "fraction"))):
+        path = paths[next(p for p in paths if key.startswith(p + "_"))]
+        print(f"{key:38s} {d[key]:8.3f} {'':>9s}  engine, decode attention {path}" if not key.endswith("tok_s") else
+              f"{key:38s} {'':>8s} {d[key]:9.1f}  engine, decode attention {path}")
+    for key in ("attn_4k_path", "attn_4k_gathered_over_bound", "attn_4k_in_place_over_bound",
+                "attn_4k_triton_over_bound", "attn_4k_triton_tilings_ms", "gathered_equals_headline",
+                "triton_equals_headline", "in_place_equals_headline"):
+        if d.get(key) is not None:
+            print(f"{key:38s} {json.dumps(d[key], default=str)}")
     for key in sorted(k for k in d if k.startswith("hf_")):
-        print(f"{key:32s} {'':>8s} {d[key]:9.1f}  transformers, beside full_bs1 / bs64")
+        print(f"{key:38s} {'':>8s} {d[key]:9.1f}  transformers, beside full_bs1 / bs64")
+    for key in sorted(k for k in d if k.startswith("profile_")):
+        p = d[key]
+        print(f"{key}: {p['kernels_per_step']:.0f} kernels, {p['kernel_ms_per_step']:.3f} ms of kernel time per step")
+        for name, n, ms in p["top"][:12]:
+            print(f"    {ms:8.3f} ms {n:6.1f}x  {name}")
     for name, err in d.get("errors", {}).items():
         print(f"section {name} FAILED: {err}")
     print("seconds per section: " + ", ".join(f"{k} {v}" for k, v in d.get("section_s", {}).items()))

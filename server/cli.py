@@ -138,6 +138,10 @@ def serve(
     drain_timeout: Annotated[Optional[float], typer.Option(
         help="seconds running requests may finish after SIGTERM before they are aborted")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (per replica under --replicas)")] = None,
+    attention: Annotated[Optional[str], typer.Option(
+        help="decode attention over the KV cache: auto (default: triton on CUDA where it measures faster, else "
+        "gathered), gathered, in_place (FlexAttention) or triton (CUDA)")
+    ] = None,
     replicas: Annotated[Optional[int], typer.Option(
         min=1, help="serve N replicas on Ray Serve (needs painters[ray]); default: one process, no Ray")] = None,
     address: Annotated[Optional[str], typer.Option(
@@ -157,7 +161,8 @@ def serve(
     overrides = dict(model=model, host=host, port=port, policy_presets=policy_presets, default_policy=default_policy,
                      device=device, max_num_seqs=max_num_seqs, api_key=",".join(api_key) if api_key else None,
                      api_key_file=api_key_file, metrics_require_key=metrics_require_key,
-                     max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, threads=threads)
+                     max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, threads=threads,
+                     attention=attention)
     if replicas is None and (address or ray_cpus):
         raise _fail("--address and --ray-cpus need --replicas N")
     if routing not in ("affinity", "default"):

@@ -20,6 +20,11 @@ class Settings(BaseSettings):
     group_mode: Literal["batched", "streams"] = "batched"
     cuda_graphs: bool = Field(True, description="on CUDA, replay decode steps from captured graphs "
                               "(server/engine/graphs.py); no effect on the CPU")
+    attention: Literal["auto", "gathered", "in_place", "triton"] = Field(
+        "auto", description="how decode attention reads the paged KV cache: 'gathered' copies each row's context out "
+        "and runs SDPA; 'in_place' reads it where it lies through FlexAttention; 'triton' through Painters' Triton "
+        "kernel (CUDA; see server/model/triton_attention.py); 'auto': 'triton' where it measures faster at load, "
+        "else 'gathered'")
     host: str = "127.0.0.1"
     port: int = 8000
     max_num_seqs: int = Field(16, ge=1, description="sequences decoded at once, over all policies")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,11 @@ from typing import Any
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels (server/model/triton_attention.py) run in Triton's interpreter on the CPU. Triton reads the
+    # switch when triton.language is imported, which torch._dynamo does: it must be set before anything imports that.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def tiny_llama(**overrides):

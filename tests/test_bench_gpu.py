@@ -22,7 +22,7 @@ def _smoke(tmp_path: Path, *extra: str) -> dict:
 
 
 def test_smoke_engine_sections(tmp_path: Path) -> None:
-    d = _smoke(tmp_path, "--skip", "attention,in_place,transformers")
+    d = _smoke(tmp_path, "--skip", "attention,gathered,triton,in_place,transformers")
     assert not d.get("errors"), d.get("errors")
     for key in ("date", "device", *FIGURES, "full_bs1_tok_s", "skip8_bs1_tok_s", "pairs_bs1_tok_s", "mixed12_tok_s",
                 "bs64_tok_s"):
@@ -33,12 +33,18 @@ def test_smoke_engine_sections(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_smoke_every_section(tmp_path: Path) -> None:
-    """Attention compiles FlexAttention and transformers runs generate twice per batch size: tens of seconds."""
+    """Attention compiles FlexAttention, the Triton kernel runs in Triton's interpreter (TRITON_INTERPRET=1 from
+    conftest reaches the subprocess) and transformers runs generate twice per batch size: a minute or two."""
     d = _smoke(tmp_path)
     assert not d.get("errors"), d.get("errors")
-    assert d["attn_4k_over_bound"] > 0 and d["attn_4k_max_abs_err"] < 1e-4
+    assert d["attn_4k_over_bound"] > 0 and d["attn_4k_max_abs_err"] < 1e-4 and d["attn_4k_triton_max_abs_err"] < 1e-4
+    assert d["attn_4k_path"] in ("gathered", "in_place", "triton") and len(d["attn_4k_triton_tilings_ms"]) == 9
     assert {"hf_static_eager_bs1_tok_s", "hf_static_eager_bs4_tok_s", "in_place_full_bs1_tok_s",
-            "in_place_bs64_tok_s"} <= set(d)
+            "in_place_bs64_tok_s", "triton_full_bs1_tok_s", "triton_bs64_bandwidth_fraction",
+            "triton_p8_mixed_over_full"} <= set(d)
+    assert d["attention"] == "gathered" and d["gathered_is_headline"]  # "auto" on the CPU
+    assert d["triton_equals_headline"] == {"bs1": True, "mixed12": True}
+    assert d["in_place_equals_headline"] == {"bs1": True, "mixed12": True}
 
 
 def test_smoke_refuses_the_committed_path() -> None:

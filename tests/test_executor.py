@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.testing import assert_close
 
 from server.engine.executor import Executor, Row
+from server.model import triton_attention
 from server.model.model import GroupMode, Transformer
 from server.model.weights import transformer_from_hf
 from server.policy.compiler import Schedule, compile_schedule
@@ -374,11 +375,10 @@ def test_streams_match_batched(name: str, policy: str) -> None:
 # -- decode attention read in place == gathered ----------------------------------------------------------------------
 
 
-@pytest.mark.slow  # compiles FlexAttention on the CPU, once per number of rows: a minute or two
-def test_in_place_attention_decodes_as_gathered(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decode steps reading the pool in place (FlexAttention over the block tables) give the gathered path's logits:
-    a mixed-schedule batch with ragged prompts, Gemma 3's windowed and global layers (a window of 5 that decoding
-    passes; `pairs` fuses layers of both kinds), GQA, 4-token blocks."""
+def _decode_with(attention: str, kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode steps with `attention` give the gathered path's logits: a mixed-schedule batch with ragged prompts,
+    Gemma 3's windowed and global layers (a window of 5 that decoding passes; `pairs` fuses layers of both kinds),
+    GQA, 4-token blocks. kernel: the executor's name of the function that mode calls, counted."""
     name = "gemma3"
     policies = ["full", "skip:2-4", "pairs:1-5"]
     prompts = [tokens(1, 3 + (i * 5) % 9, seed=70 + i)[0] for i in range(len(policies))]
@@ -386,16 +386,39 @@ def test_in_place_attention_decodes_as_gathered(monkeypatch: pytest.MonkeyPatch)
     import server.engine.executor
 
     calls = []
-    real = server.engine.executor.paged_attention
-    monkeypatch.setattr(server.engine.executor, "paged_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = getattr(server.engine.executor, kernel)
+    monkeypatch.setattr(server.engine.executor, kernel, lambda *a, **k: calls.append(1) or real(*a, **k))
     runs = []
-    for attention in ("gathered", "in_place"):
+    for mode in ("gathered", attention):
         ex = executor(name, policies)
-        ex.ex.attention = attention
+        ex.ex.attention = mode
         first = ex.forward(padded(prompts, seed=12), rows=slice(0, len(policies)), start=[0] * len(policies),
                            logits_at=torch.tensor(lengths) - 1, num_new=lengths)
         runs.append(decode_batch(ex, first, lengths, steps=6))
     (want_tokens, want), (got_tokens, got) = runs
-    assert len(calls) >= 6 * 4  # decode steps' attention went in place
+    assert len(calls) >= 6 * 4  # decode steps' attention went through the kernel
     assert got_tokens == want_tokens
     assert_close(torch.stack(got), torch.stack(want), **TOL)
+
+
+@pytest.mark.slow  # compiles FlexAttention on the CPU, once per number of rows: a minute or two
+def test_in_place_attention_decodes_as_gathered(monkeypatch: pytest.MonkeyPatch) -> None:
+    _decode_with("in_place", "paged_attention", monkeypatch)
+
+
+@pytest.mark.skipif(not triton_attention.available(), reason="needs the triton package")
+def test_triton_attention_decodes_as_gathered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Triton kernel over the block table (in Triton's interpreter on the CPU)."""
+    _decode_with("triton", "paged_decode_attention", monkeypatch)
+
+
+def test_attention_modes_are_checked_when_the_executor_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = transformer_from_hf(tiny_model("llama"), dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="attention must be one of auto, gathered, in_place, triton, got 'paged'"):
+        Executor(model, num_blocks=8, max_len=32, attention="paged")  # type: ignore[arg-type]
+    # "auto" is measured on CUDA only: the CPU gathers, even where Triton's interpreter could run the kernel
+    assert Executor(model, num_blocks=8, max_len=32).attention == "gathered"
+    if triton_attention.available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # as in a CPU server: the kernel cannot run here
+        with pytest.raises(ValueError, match="attention='triton' runs on CUDA"):
+            Executor(model, num_blocks=8, max_len=32, attention="triton")

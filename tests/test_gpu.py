@@ -99,12 +99,14 @@ def test_cuda_prefix_reuse_to_the_token_equals_no_reuse():
                                        rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("attention", ["gathered", "triton"])
 @pytest.mark.parametrize("model", ["llama", "gemma3"])
-def test_cuda_captured_decode_equals_eager(model, attention="gathered"):
+def test_cuda_captured_decode_equals_eager(model, attention):
     """Decode steps replayed from CUDA graphs (server.engine.graphs) give the eager step's tokens and logprobs, for a
     mix of policies whose rows join, grow past context buckets and leave; graphs are captured once per layout and
-    replayed after. (In-place attention is checked on the CPU, tests/test_graphs.py: on CUDA FlexAttention's decode
-    kernel compiles per number of rows, too slow for this suite.)"""
+    replayed after; with the Triton kernel too (float32: its dots in IEEE precision). (FlexAttention in place is
+    checked on the CPU, tests/test_graphs.py: on CUDA its decode kernel compiles per number of rows, too slow for
+    this suite.)"""
     from tests.reference import tiny_model
 
     hf = tiny_llama() if model == "llama" else tiny_model("gemma3")
@@ -114,7 +116,7 @@ def test_cuda_captured_decode_equals_eager(model, attention="gathered"):
     out = {}
     for graphs in (False, True):
         eng = Engine.from_hf(hf, CharTokenizer(), device="cuda", dtype=torch.float32, graphs=graphs,
-                             attention=attention)
+                             attention=attention if graphs else "gathered")  # the eager gathered step: the reference
         batch = eng.new_batch(max_len=64, num_blocks=400)
         out[graphs] = eng.generate(prompts, policy=policies, params=params, batch=batch)
         if graphs:
@@ -127,12 +129,34 @@ def test_cuda_captured_decode_equals_eager(model, attention="gathered"):
         torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), rtol=1e-3, atol=1e-3)
 
 
-def test_cuda_captured_decode_bf16_same_top1():
-    """bfloat16 (the CUDA default): the captured step picks the eager step's greedy tokens."""
+@pytest.mark.parametrize("attention", ["gathered", "triton"])
+def test_cuda_captured_decode_bf16_same_top1(attention):
+    """bfloat16 (the CUDA default): the captured step picks the eager gathered step's greedy tokens."""
     from tests.reference import tiny_model
 
     hf = tiny_model("gemma3")
     params = SamplingParams(max_tokens=16, ignore_eos=True)
-    got = {g: Engine.from_hf(hf, CharTokenizer(), device="cuda", graphs=g).generate(
+    got = {g: Engine.from_hf(hf, CharTokenizer(), device="cuda", graphs=g,
+                             attention=attention if g else "gathered").generate(
         [[5, 9, 17, 33], [4, 8, 21]], policy=["full", "pairs"], params=params) for g in (False, True)}
     assert [r.token_ids for r in got[True]] == [r.token_ids for r in got[False]]
+
+
+def test_cuda_triton_attention_matches_gathered():
+    """The kernel compiled for the GPU (the CPU suite runs it interpreted): bf16 and float32, GQA and MHA, a window,
+    several splits, rows of 1 to 700 tokens on shuffled blocks."""
+    from server.model.paged_attention import gathered_attention
+    from server.model.triton_attention import paged_decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        for heads, kv, hd, window in ((8, 2, 64, None), (32, 32, 128, None), (4, 1, 256, 100)):
+            pool = torch.randn(200, 16, 2 * kv, hd, generator=g).to("cuda", dtype)
+            lens = torch.tensor([1, 40, 700, 333])
+            tables = (torch.randperm(199, generator=g) + 1)[: 4 * 45].view(4, 45).cuda()
+            positions = (lens - 1)[:, None].cuda()
+            q = torch.randn(4, 1, heads, hd, generator=g).to("cuda", dtype).transpose(1, 2)
+            want = gathered_attention(q.float(), pool.float(), tables, positions, lens.cuda(), window=window)
+            for splits in (None, 1, 5):
+                got = paged_decode_attention(q, pool, tables, positions, lens.cuda(), window=window, splits=splits)
+                torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)

@@ -10,6 +10,7 @@ import torch
 from server.engine.generate import Engine
 from server.engine.graphs import bucket
 from server.engine.sampling import SamplingParams
+from server.model import triton_attention
 from tests.conftest import CharTokenizer, tiny_llama
 from tests.reference import tiny_model
 
@@ -46,10 +47,15 @@ def test_padded_decode_samples_the_same():
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
 
 
-def test_padded_decode_in_place_attention():
+@pytest.mark.parametrize("attention", ["in_place", "triton"])
+def test_padded_decode_attention_in_place(attention):
+    """Padded, bucketed steps whose attention reads the pool where it lies (FlexAttention, or the Triton kernel in
+    Triton's interpreter): padding rows read only the scratch block, the context bucket bounds the Triton grid."""
+    if attention == "triton" and not triton_attention.available():
+        pytest.skip("needs the triton package")
     hf = tiny_llama()
     want, _ = _generate(hf, graphs=False, max_tokens=6)
-    got, _ = _generate(hf, graphs=True, attention="in_place", max_tokens=6)
+    got, _ = _generate(hf, graphs=True, attention=attention, max_tokens=6)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
 
 

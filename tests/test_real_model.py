@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from server.engine.executor import Executor, Row
 from server.engine.sampling import SamplingParams
+from server.model import triton_attention
 
 pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is Paris. The capital of Italy is"
@@ -72,3 +73,19 @@ def test_cli_rejects_bad_policy_with_allowed_range():
     out = CliRunner().invoke(app, ["generate", "--policy", "skip:25-40", "--prompt", "x"])
     assert out.exit_code == 2
     assert "0-29" in out.output
+
+
+@pytest.mark.skipif(not triton_attention.available(), reason="needs the triton package")
+def test_the_server_setting_attention_triton_serves_the_same_text(smollm2_engine):
+    """PAINTERS_ATTENTION=triton reaches the engine the server loads (the Triton kernel, in Triton's interpreter on
+    the CPU), and the real model's greedy text, under a mixed batch, is the gathered path's."""
+    from server.app import load_engine
+    from server.settings import Settings
+
+    engine = load_engine(Settings(model="smollm2-135m", device="cpu", attention="triton"))
+    assert engine.attention == "triton"
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    policies = ["full", "skip:10"]
+    want = smollm2_engine.generate([PROMPT] * 2, policy=policies, params=params)
+    got = engine.generate([PROMPT] * 2, policy=policies, params=params)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]

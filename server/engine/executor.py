@@ -24,6 +24,8 @@ from server.engine.graphs import PAD, DecodeGraphs
 from server.engine.kv_cache import PagedKVCache
 from server.model.model import GroupMode, Transformer
 from server.model.paged_attention import paged_attention, paged_layout
+from server.model import triton_attention
+from server.model.triton_attention import paged_decode_attention
 from server.policy.planner import Apply, Boundary, Copy, Merge, StepPlan, plan_step
 
 
@@ -75,20 +77,40 @@ class _Program:
 MAX_PROGRAMS = 64  # compiled layouts kept (a layout is a plan and a schedule per row)
 # How decode attention reads the cache: "gathered" copies each row's context out of the pool and runs SDPA (the
 # faster one on the CPU below ~512-token contexts, and needs no compile); "in_place" reads the pool where it lies
-# through FlexAttention (compiled on first use; see benchmarks/bench_attention.py). Prefill always gathers.
-AttentionMode = Literal["gathered", "in_place"]
+# through FlexAttention (compiled on first use; see benchmarks/bench_attention.py); "triton" reads it where it lies
+# through our Triton kernel over the block table (server/model/triton_attention.py; CUDA, or Triton's interpreter
+# for tests). "auto" is "triton" on CUDA where the kernel measured faster than "gathered" at load
+# (`triton_attention.pays`), else "gathered". Prefill always gathers.
+AttentionMode = Literal["auto", "gathered", "in_place", "triton"]
+ATTENTION_MODES: tuple[str, ...] = ("auto", "gathered", "in_place", "triton")
+
+
+def resolve_attention(attention: AttentionMode, model: Transformer) -> AttentionMode:
+    """The decode-attention path `attention` means for `model` on its device ("auto" measured once per shape);
+    a mode that cannot run there is refused, saying why."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
+    if attention == "triton":
+        triton_attention.require(model.device)
+    if attention != "auto":
+        return attention
+    a = model.args
+    pays = triton_attention.pays(heads=a.n_heads, kv_heads=a.n_kv_heads, head_dim=a.head_dim, dtype=model.dtype,
+                                 device=model.device)
+    return "triton" if pays else "gathered"
 
 
 class Executor:
     def __init__(
         self, model: Transformer, *, num_blocks: int, block_size: int = 16, max_len: int,
-        group_mode: GroupMode = "batched", attention: AttentionMode = "gathered", graphs: bool | None = None,
+        group_mode: GroupMode = "batched", attention: AttentionMode = "auto", graphs: bool | None = None,
     ) -> None:
         """graphs: decode steps through `DecodeGraphs` (captured CUDA graphs over padded, bucketed layouts); None
         turns them on where they pay, on CUDA with fused groups. On the CPU the same padded path runs eagerly
         (tests use it there; it buys nothing)."""
         a = model.args
-        self.model, self.group_mode, self.max_len, self.attention = model, group_mode, max_len, attention
+        self.model, self.group_mode, self.max_len = model, group_mode, max_len
+        self.attention = resolve_attention(attention, model)  # never "auto"
         self.cache = PagedKVCache(num_blocks=num_blocks, block_size=block_size, max_len=max_len,
                                   n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, dtype=model.dtype, device=model.device)
         self._attn_cost, self._mlp_cost = model.unit_bytes()
@@ -163,10 +185,12 @@ class Executor:
         kv_at = cache.locate(kv_rows, positions[program.kv_batch],
                              valid[program.kv_batch] if padded else None)  # [N, T] where each writes
         kv_blocks = cache.block_ids(kv_rows, num_blocks)  # [N, nb] what each reads
-        layout = None
+        layout = kv_pos = kv_len = None
         if self.attention == "in_place" and T == 1:
             layout = paged_layout(cache.tables[kv_rows], positions[program.kv_batch], (start + new)[program.kv_batch],
                                   block_size=cache.block_size, block_col=self._block_col)
+        elif self.attention == "triton" and T == 1:
+            kv_pos, kv_len = positions[program.kv_batch], (start + new)[program.kv_batch]  # [N, 1], [N]
 
         def real_positions(op: _Apply) -> Tensor:
             """Flat indices of the real tokens among the application's rows x T, from the rows (no host sync)."""
@@ -225,6 +249,9 @@ class Executor:
                     cache.write(at, k.reshape(-1, *k.shape[3:]), v.reshape(-1, *v.shape[3:]))
                     if layout is not None and len(set(kinds)) == 1:
                         return paged_attention(q, cache.pool, layout, kv, scale=model.args.query_scale, window=window)
+                    if kv_pos is not None and len(set(kinds)) == 1:
+                        return paged_decode_attention(q, cache.pool, blocks, kv_pos[kv], kv_len[kv],
+                                                      scale=model.args.query_scale, window=window)
                     return model.sdpa(q, *cache.read(blocks), mk)
 
                 return model.attention(x, model.weights(chosen), cos, sin, cached, keep)

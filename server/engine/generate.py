@@ -22,7 +22,7 @@ from torch import Tensor
 
 from server.policy.compiler import Schedule, compile_schedule
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.executor import AttentionMode, Executor, Row
+from server.engine.executor import AttentionMode, Executor, Row, resolve_attention
 from server.engine.kv_manager import KVManager, Reused
 from server.model.model import GroupMode, Transformer, default_dtype
 from server.policy.policy import Policy, as_policy
@@ -68,7 +68,7 @@ class Batch:
 
     def __init__(self, model: Transformer, tokenizer: Any, *, max_len: int, num_blocks: int, block_size: int = 16,
                  group_mode: GroupMode = "batched", prefix_caching: bool = False,
-                 prefix_blocks: int | None = None, attention: AttentionMode = "gathered",
+                 prefix_blocks: int | None = None, attention: AttentionMode = "auto",
                  graphs: bool | None = None) -> None:
         self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
         self.executor = Executor(model, num_blocks=num_blocks, block_size=block_size, max_len=max_len,
@@ -334,11 +334,11 @@ class Engine:
     def __init__(
         self, model: Transformer, tokenizer: Any, *, eos_ids: frozenset[int] = frozenset(), config: Any = None,
         group_mode: GroupMode = "batched", name: str = "model", block_size: int = 16,
-        attention: AttentionMode = "gathered", graphs: bool | None = None,
+        attention: AttentionMode = "auto", graphs: bool | None = None,
     ) -> None:
         self.model, self.tokenizer, self.config, self.name = model, tokenizer, config, name
         self.eos_ids, self.group_mode, self.block_size = eos_ids, group_mode, block_size
-        self.attention = attention  # how decode attention reads the KV pool (see server.engine.executor)
+        self.attention = attention  # how decode attention reads the KV pool, as asked (see server.engine.executor)
         self.graphs = graphs  # captured decode steps (server.engine.graphs); None: on CUDA, off on the CPU
 
     @classmethod
@@ -361,6 +361,11 @@ class Engine:
         model = Transformer(ModelArgs.from_hf_config(loaded.config), w, dtype=w.embed.dtype, device=w.embed.device)
         return cls(model, loaded.tokenizer, eos_ids=loaded.eos_token_ids, config=loaded.config,
                    name=kwargs.pop("name", loaded.name), **kwargs)
+
+    @property
+    def decode_attention(self) -> AttentionMode:
+        """The decode-attention path this engine's batches take ("auto" resolved on this device)."""
+        return resolve_attention(self.attention, self.model)
 
     @property
     def num_layers(self) -> int:

@@ -1,0 +1,88 @@
+"""The Triton decode-attention kernel over the block table gives what gathering each row's context gives. On the CPU
+it runs in Triton's interpreter (tests/conftest.py switches it on), the same kernel source the GPU compiles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.model import triton_attention
+from server.model.paged_attention import gathered_attention
+from server.model.triton_attention import paged_decode_attention
+
+pytestmark = pytest.mark.skipif(not triton_attention.available(), reason="needs the triton package")
+
+
+def _case(*, lengths: list[int], T: int = 1, kv: int = 2, heads: int = 6, hd: int = 32, block_size: int = 16,
+          pool_blocks: int = 48, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """Rows on shuffled blocks of one pool, their tables wider than they need (as the cache's); rows 0 and 1 share
+    their first block (a shared prefix). q is a strided view, as the model makes it."""
+    g = torch.Generator().manual_seed(seed)
+    rows = len(lengths)
+    pool = torch.randn(pool_blocks, block_size, 2 * kv, hd, generator=g).to(dtype)
+    nb = -(-max(lengths) // block_size) + 1
+    tables = (torch.randperm(pool_blocks - 1, generator=g) + 1)[: rows * nb].view(rows, nb)
+    if rows > 1:
+        tables[1, 0] = tables[0, 0]
+    lens = torch.tensor(lengths)
+    positions = ((lens - T)[:, None] + torch.arange(T)[None, :]).clamp(min=0)
+    q = torch.randn(rows, T, heads, hd, generator=g).to(dtype).transpose(1, 2)  # [P, H, T, hd], not contiguous
+    return q, pool, tables, positions, lens
+
+
+@pytest.mark.parametrize(("heads", "kv", "hd"), [(6, 2, 32), (4, 4, 16), (4, 1, 64), (3, 1, 24)])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_matches_gathered(heads: int, kv: int, hd: int, splits: int) -> None:
+    """GQA, MHA, MQA and a head dim that is no power of two; a row of one token (a padding row's shape), rows
+    spanning several tiles, and more splits than a short row fills (empty splits merge as nothing)."""
+    q, pool, tables, positions, lens = _case(lengths=[1, 37, 150, 16], kv=kv, heads=heads, hd=hd)
+    want = gathered_attention(q, pool, tables, positions, lens)
+    got = paged_decode_attention(q, pool, tables, positions, lens, splits=splits, block_n=32 if splits == 3 else 64,
+                                 num_warps=2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 5, 40])
+@pytest.mark.parametrize("T", [1, 3])
+def test_window_scale_and_several_queries(window: int, T: int) -> None:
+    """A sliding window (down to one key), a score scale of the model's own, and several queries per row (each
+    sees keys up to its own position)."""
+    q, pool, tables, positions, lens = _case(lengths=[9, 70, 130], T=T, seed=1)
+    want = gathered_attention(q, pool, tables, positions, lens, scale=0.3, window=window)
+    got = paged_decode_attention(q, pool, tables, positions, lens, scale=0.3, window=window, splits=2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_reads_keys_through_the_table() -> None:
+    """Swapping two entries of a row's table changes its result (the kernel follows the table, not the pool's
+    order), and keys past a row's length are never read (changing them changes nothing)."""
+    q, pool, tables, positions, lens = _case(lengths=[40], seed=2)
+    base = paged_decode_attention(q, pool, tables, positions, lens, splits=2)
+    swapped = tables.clone()
+    swapped[0, [0, 2]] = tables[0, [2, 0]]
+    assert not torch.allclose(paged_decode_attention(q, pool, swapped, positions, lens, splits=2), base)
+    stale = pool.clone()
+    stale[tables[0, 2], 40 % 16 :] = 1e4  # positions 40.. of the row's third block: past its length
+    stale[tables[0, 3]] = 1e4
+    torch.testing.assert_close(paged_decode_attention(q, stale, tables, positions, lens, splits=2), base)
+
+
+def test_bfloat16() -> None:
+    q, pool, tables, positions, lens = _case(lengths=[33, 100], heads=8, hd=64, dtype=torch.bfloat16, seed=3)
+    want = gathered_attention(q.float(), pool.float(), tables, positions, lens)
+    got = paged_decode_attention(q, pool, tables, positions, lens, splits=2)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_splits_fill_the_device_but_never_exceed_the_tiles() -> None:
+    cpu = torch.device("cpu")
+    assert triton_attention.num_splits(queries=1, kv_heads=8, keys=4096, device=cpu) == 1
+    assert triton_attention.num_splits(queries=1, kv_heads=1, keys=10, device=cpu) == 1
+
+
+def test_refuses_the_cpu_without_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, pool, tables, positions, lens = _case(lengths=[5])
+    with pytest.raises(ValueError, match="runs on CUDA.*TRITON_INTERPRET=1.*attention='gathered'"):
+        paged_decode_attention(q, pool, tables, positions, lens)
