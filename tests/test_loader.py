@@ -125,6 +125,7 @@ def test_gguf_conversion_holds_one_copy(tmp_path):
             from server.model.loader import converted_dir, resolve_gguf
             import safetensors.torch, transformers.modeling_gguf_pytorch_utils
             from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+            import torch._dynamo  # code, not weights: the conversion imports it (and triton, sympy: ~150 MB) lazily
         """,
         work=f"result = (converted_dir(resolve_gguf('smollm2-135m'), root=__import__('pathlib').Path({str(tmp_path)!r}))"
              " / 'model.safetensors').stat().st_size",
