@@ -17,7 +17,8 @@ Figures (peak bandwidth 4.8 TB/s, the H200's):
   attn_4k_over_bound           decode attention, 16 rows x 4,096 tokens: time / (KV bytes / peak), the fastest of
                                gathered + SDPA, FlexAttention in place and the Triton kernel in place (each is
                                reported, with the Triton kernel's tilings)
-the engine again with decode attention in place (`triton_*`: the Triton kernel; `in_place_*`: FlexAttention), and
+the engine again with its layer math fused by torch.compile inside the captured step (`fused_*`), with decode
+attention in place (`triton_*`: the Triton kernel; `in_place_*`: FlexAttention) and gathered (`gathered_*`), and
 transformers' generate (static cache, compiled) at batch 1 and 64 beside ours.
 """
 
@@ -48,8 +49,8 @@ log = logging.getLogger("bench_gpu")
 PEAK_BYTES_S = 4.8e12
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
-SECTIONS = ("batch1", "mixed", "bs64", "attention", "profile", "gathered", "triton", "in_place", "transformers",
-            "transformers64")
+SECTIONS = ("batch1", "mixed", "bs64", "attention", "profile", "fused", "gathered", "triton", "in_place",
+            "transformers", "transformers64")
 MIX = ["full"] * 4 + ["skip:8"] * 4 + ["pairs"] * 4
 
 
@@ -278,14 +279,13 @@ def main(argv: list[str] | None = None) -> dict:
         return {f"profile_bs1_{p.replace(':', '')}": profile_decode(eager, policy=p, steps=4 if a.smoke else 8)
                 for p in ("full", "pairs")}
 
-    def mode_figures(attention: str) -> dict:
-        """Captured steps whose decode attention takes `attention`'s path (server.engine.executor), beside the
-        headline figures (the "auto" path), keys prefixed with the mode; greedy tokens compared with the headline
-        engine's at batch 1 and on the mix. Nothing for the headline's own path."""
-        if attention == headline:
-            return {f"{attention}_is_headline": True}
-        engine = captured_with(attention)
-        full = decode_tok_s(engine, ["full"], prompt_len=24, new_tokens=n1)
+    def engine_figures(prefix: str, engine: Engine, *, bs1: tuple[str, ...] = ("full",)) -> dict:
+        """The headline engine figures for `engine` (the same weights, another decode path), keys prefixed; greedy
+        tokens compared with the headline engine's at batch 1 and on the mix."""
+        t = time.perf_counter()
+        one = {p: decode_tok_s(engine, [p], prompt_len=24, new_tokens=n1) for p in bs1}
+        first_s = time.perf_counter() - t
+        full = one["full"]
         many = decode_tok_s(engine, ["full"] * rows64, prompt_len=p64, new_tokens=n64)
         mix = decode_tok_s(engine, MIX, prompt_len=24, new_tokens=n1 // 2)
         full12 = decode_tok_s(engine, ["full"] * 12, prompt_len=24, new_tokens=n1 // 2)
@@ -293,15 +293,37 @@ def main(argv: list[str] | None = None) -> dict:
         want_mix = decode_tok_s(captured, MIX, prompt_len=24, new_tokens=n1 // 2)["tokens"]
         a_ = model.args
         kv_bytes = rows64 * (p64 + n64 // 2) * L * 2 * a_.n_kv_heads * a_.head_dim * torch.finfo(dtype).bits // 8
-        return {f"{attention}_full_bs1_tok_s": full["tok_s"],
-                f"{attention}_full_bs1_bandwidth_fraction": weight_bytes * full["tok_s"] / PEAK_BYTES_S,
-                f"{attention}_bs64_tok_s": many["tok_s"], f"{attention}_bs64_step_ms": many["step_s"] * 1e3,
-                f"{attention}_bs64_bandwidth_fraction": (weight_bytes + kv_bytes) / many["step_s"] / PEAK_BYTES_S,
-                f"{attention}_mixed12_tok_s": mix["tok_s"], f"{attention}_full12_tok_s": full12["tok_s"],
-                f"{attention}_p8_mixed_over_full": mix["tok_s"] / full12["tok_s"],
-                f"{attention}_equals_headline": {"bs1": _same_prefix(full["tokens"], want1),
-                                                 "mixed12": _same_prefix(mix["tokens"], want_mix)},
-                f"{attention}_graphs": {"bs1": full["graphs"], "bs64": many["graphs"], "mixed12": mix["graphs"]}}
+        got = {f"{prefix}_full_bs1_tok_s": full["tok_s"],
+               f"{prefix}_full_bs1_bandwidth_fraction": weight_bytes * full["tok_s"] / PEAK_BYTES_S,
+               # batch-1 calls of every policy in `bs1`, warm-up (captures, compiles) included
+               f"{prefix}_bs1_first_s": first_s,
+               f"{prefix}_bs64_tok_s": many["tok_s"], f"{prefix}_bs64_step_ms": many["step_s"] * 1e3,
+               f"{prefix}_bs64_bandwidth_fraction": (weight_bytes + kv_bytes) / many["step_s"] / PEAK_BYTES_S,
+               f"{prefix}_mixed12_tok_s": mix["tok_s"], f"{prefix}_full12_tok_s": full12["tok_s"],
+               f"{prefix}_p8_mixed_over_full": mix["tok_s"] / full12["tok_s"],
+               f"{prefix}_equals_headline": {"bs1": _same_prefix(full["tokens"], want1),
+                                             "mixed12": _same_prefix(mix["tokens"], want_mix)},
+               f"{prefix}_graphs": {"bs1": full["graphs"], "bs64": many["graphs"], "mixed12": mix["graphs"]}}
+        for p in bs1[1:]:
+            got[f"{prefix}_{p.replace(':', '')}_bs1_tok_s"] = one[p]["tok_s"]
+        return got
+
+    def mode_figures(attention: str) -> dict:
+        """Captured steps whose decode attention takes `attention`'s path (server.engine.executor), beside the
+        headline figures (the "auto" path). Nothing for the headline's own path."""
+        if attention == headline:
+            return {f"{attention}_is_headline": True}
+        return engine_figures(attention, captured_with(attention))
+
+    def fused() -> dict:
+        """Captured steps whose layer math runs through torch.compile (`Transformer.fused`: norms, rotary, biases
+        and the gate's activation fused around the matmuls), beside the headline's unfused steps; the graph's
+        replay alone is `fused_replay_ms` (against `full_bs1_replay_ms`)."""
+        engine = Engine(model, _IdTokenizer(), name=shape, graphs=True, attention=headline, fuse=True)
+        got = engine_figures("fused", engine, bs1=("full", "skip:8", "pairs"))
+        got["fused_replay_ms"] = got["fused_graphs"]["bs1"].get("replay_ms")
+        got["fused_pairs_over_full"] = got["fused_pairs_bs1_tok_s"] / got["fused_full_bs1_tok_s"]
+        return got
 
     def transformers_generate(cases: tuple[tuple[int, bool], ...]) -> dict:
         got = {}
@@ -317,8 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
     skip = {x for x in a.skip.split(",") if x}
     if skip - set(SECTIONS):
         ap.error(f"unknown sections {sorted(skip - set(SECTIONS))}; there are {', '.join(SECTIONS)}")
-    sections = (batch1, mixed, bs64, attention, profile_, lambda: mode_figures("gathered"), lambda: mode_figures("triton"),
-                lambda: mode_figures("in_place"), hf_small, hf_large)
+    sections = (batch1, mixed, bs64, attention, profile_, fused, lambda: mode_figures("gathered"),
+                lambda: mode_figures("triton"), lambda: mode_figures("in_place"), hf_small, hf_large)
     for name, fn in zip(SECTIONS, sections):
         if name not in skip:
             run.section(name, fn)
@@ -349,20 +371,23 @@ def print_table(d: dict) -> None:
               else f"{key:38s} {'':>8s} {d[key]:9.1f}  eager (no captured step), the same run")
     for key in sorted(k for k in d if k.endswith("_graphs")):
         print(f"{key:38s} {json.dumps(d[key], default=str)}")
-    for key in ("full_bs1_step_ms", "full_bs1_replay_ms", "bs64_step_ms", "plain_mm"):
+    for key in ("full_bs1_step_ms", "full_bs1_replay_ms", "fused_replay_ms", "fused_bs1_first_s", "bs64_step_ms",
+                "plain_mm"):
         if d.get(key) is not None:
             print(f"{key:38s} {d[key]}")
     for key in sorted(k for k in d if "captured_equals_eager" in k):
         print(f"{key:38s} {d[key]}")
     print(f"{'attention (the figures above)':38s} {d.get('attention')}")
-    paths = {"gathered": "gathered + SDPA", "triton": "in place, the Triton kernel", "in_place": "in place, FlexAttention"}
+    paths = {"gathered": "decode attention gathered + SDPA", "triton": "decode attention in place, the Triton kernel",
+             "in_place": "decode attention in place, FlexAttention",
+             "fused": "headline attention, layer math fused by torch.compile"}
     for key in sorted(k for k in d if k.startswith(tuple(paths)) and k.endswith(("tok_s", "over_full", "fraction"))):
         path = paths[next(p for p in paths if key.startswith(p + "_"))]
-        print(f"{key:38s} {d[key]:8.3f} {'':>9s}  engine, decode attention {path}" if not key.endswith("tok_s") else
-              f"{key:38s} {'':>8s} {d[key]:9.1f}  engine, decode attention {path}")
+        print(f"{key:38s} {d[key]:8.3f} {'':>9s}  engine, {path}" if not key.endswith("tok_s") else
+              f"{key:38s} {'':>8s} {d[key]:9.1f}  engine, {path}")
     for key in ("attn_4k_path", "attn_4k_gathered_over_bound", "attn_4k_in_place_over_bound",
                 "attn_4k_triton_over_bound", "attn_4k_triton_tilings_ms", "gathered_equals_headline",
-                "triton_equals_headline", "in_place_equals_headline"):
+                "triton_equals_headline", "in_place_equals_headline", "fused_equals_headline"):
         if d.get(key) is not None:
             print(f"{key:38s} {json.dumps(d[key], default=str)}")
     for key in sorted(k for k in d if k.startswith("hf_")):

@@ -45,7 +45,8 @@ def load_engine(settings: Settings) -> Engine:
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
     loaded = load_model(settings.model, device=device, dtype=dtype)
     return Engine.from_loaded(loaded, group_mode=settings.group_mode, name=settings.model,
-                              graphs=None if settings.cuda_graphs else False, attention=settings.attention)
+                              graphs=None if settings.cuda_graphs else False, attention=settings.attention,
+                              fuse=settings.fuse_decode)
 
 
 def served_name(settings: Settings) -> str:

@@ -142,6 +142,9 @@ def serve(
         help="decode attention over the KV cache: auto (default: triton on CUDA where it measures faster, else "
         "gathered), gathered, in_place (FlexAttention) or triton (CUDA)")
     ] = None,
+    fuse_decode: Annotated[Optional[bool], typer.Option(
+        "--fuse-decode/--no-fuse-decode", help="captured decode steps run the layer math through torch.compile "
+        "(CUDA; default off)")] = None,
     replicas: Annotated[Optional[int], typer.Option(
         min=1, help="serve N replicas on Ray Serve (needs painters[ray]); default: one process, no Ray")] = None,
     address: Annotated[Optional[str], typer.Option(
@@ -162,7 +165,7 @@ def serve(
                      device=device, max_num_seqs=max_num_seqs, api_key=",".join(api_key) if api_key else None,
                      api_key_file=api_key_file, metrics_require_key=metrics_require_key,
                      max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, threads=threads,
-                     attention=attention)
+                     attention=attention, fuse_decode=fuse_decode)
     if replicas is None and (address or ray_cpus):
         raise _fail("--address and --ray-cpus need --replicas N")
     if routing not in ("affinity", "default"):

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,6 +25,9 @@ class Settings(BaseSettings):
         "and runs SDPA; 'in_place' reads it where it lies through FlexAttention; 'triton' through Painters' Triton "
         "kernel (CUDA; see server/model/triton_attention.py); 'auto': 'triton' where it measures faster at load, "
         "else 'gathered'")
+    fuse_decode: bool = Field(False, description="captured decode steps run the layer math through torch.compile "
+                              "(fewer kernels per layer; compiles on each new layout's first step); needs cuda_graphs; "
+                              "no effect on the CPU")
     host: str = "127.0.0.1"
     port: int = 8000
     max_num_seqs: int = Field(16, ge=1, description="sequences decoded at once, over all policies")
@@ -59,6 +62,12 @@ class Settings(BaseSettings):
     )
     max_policy_labels: int = Field(32, ge=1, description="distinct policy labels in metrics; the rest are 'other'")
     threads: int | None = Field(None, description="torch CPU threads (default: torch's choice)")
+
+    @model_validator(mode="after")
+    def _fusing_needs_graphs(self) -> Settings:
+        if self.fuse_decode and not self.cuda_graphs:
+            raise ValueError("fuse_decode needs cuda_graphs: only captured decode steps run the fused layer math")
+        return self
 
 
 @lru_cache

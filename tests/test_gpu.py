@@ -99,12 +99,13 @@ def test_cuda_prefix_reuse_to_the_token_equals_no_reuse():
                                        rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("attention", ["gathered", "triton"])
+@pytest.mark.parametrize(("attention", "fuse"), [("gathered", False), ("triton", False), ("triton", True)])
 @pytest.mark.parametrize("model", ["llama", "gemma3"])
-def test_cuda_captured_decode_equals_eager(model, attention):
+def test_cuda_captured_decode_equals_eager(model, attention, fuse):
     """Decode steps replayed from CUDA graphs (server.engine.graphs) give the eager step's tokens and logprobs, for a
     mix of policies whose rows join, grow past context buckets and leave; graphs are captured once per layout and
-    replayed after; with the Triton kernel too (float32: its dots in IEEE precision). (FlexAttention in place is
+    replayed after; with the Triton kernel too (float32: its dots in IEEE precision), and with the layer math fused
+    by torch.compile inside the graphs. (FlexAttention in place is
     checked on the CPU, tests/test_graphs.py: on CUDA its decode kernel compiles per number of rows, too slow for
     this suite.)"""
     from tests.reference import tiny_model
@@ -116,7 +117,8 @@ def test_cuda_captured_decode_equals_eager(model, attention):
     out = {}
     for graphs in (False, True):
         eng = Engine.from_hf(hf, CharTokenizer(), device="cuda", dtype=torch.float32, graphs=graphs,
-                             attention=attention if graphs else "gathered")  # the eager gathered step: the reference
+                             attention=attention if graphs else "gathered",  # the eager gathered step: the reference
+                             fuse=fuse and graphs)
         batch = eng.new_batch(max_len=64, num_blocks=400)
         out[graphs] = eng.generate(prompts, policy=policies, params=params, batch=batch)
         if graphs:
@@ -129,15 +131,15 @@ def test_cuda_captured_decode_equals_eager(model, attention):
         torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("attention", ["gathered", "triton"])
-def test_cuda_captured_decode_bf16_same_top1(attention):
+@pytest.mark.parametrize(("attention", "fuse"), [("gathered", False), ("triton", False), ("triton", True)])
+def test_cuda_captured_decode_bf16_same_top1(attention, fuse):
     """bfloat16 (the CUDA default): the captured step picks the eager gathered step's greedy tokens."""
     from tests.reference import tiny_model
 
     hf = tiny_model("gemma3")
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     got = {g: Engine.from_hf(hf, CharTokenizer(), device="cuda", graphs=g,
-                             attention=attention if g else "gathered").generate(
+                             attention=attention if g else "gathered", fuse=fuse and g).generate(
         [[5, 9, 17, 33], [4, 8, 21]], policy=["full", "pairs"], params=params) for g in (False, True)}
     assert [r.token_ids for r in got[True]] == [r.token_ids for r in got[False]]
 

@@ -22,8 +22,8 @@ def test_buckets():
     assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 63, 64, 65)] == [1, 2, 4, 4, 8, 8, 16, 16, 24, 64, 64, 72]
 
 
-def _generate(hf, *, graphs, attention="gathered", **params):
-    eng = Engine.from_hf(hf, CharTokenizer(), device="cpu", graphs=graphs, attention=attention)
+def _generate(hf, *, graphs, attention="gathered", fuse=False, **params):
+    eng = Engine.from_hf(hf, CharTokenizer(), device="cpu", graphs=graphs, attention=attention, fuse=fuse)
     got = eng.generate(PROMPTS, policy=POLICIES, params=SamplingParams(ignore_eos=True, logprobs=2, **params))
     return got, eng
 
@@ -57,6 +57,29 @@ def test_padded_decode_attention_in_place(attention):
     want, _ = _generate(hf, graphs=False, max_tokens=6)
     got, _ = _generate(hf, graphs=True, attention=attention, max_tokens=6)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["llama", "gemma3"])
+def test_fused_decode_equals_unfused(model):
+    """The padded step with its layer math through torch.compile (Inductor's C++ here, Triton on CUDA): the same
+    tokens and logprobs as the eager step, over mixed policies (groups of two layers, shared and own inputs; Gemma's
+    q/k norms, post-norms and windowed layers), and the compiled functions really ran."""
+    from torch._dynamo.utils import counters
+
+    hf = tiny_llama() if model == "llama" else tiny_model("gemma3")
+    want, _ = _generate(hf, graphs=False, max_tokens=12)
+    before = counters["frames"]["ok"]
+    got, eng = _generate(hf, graphs=True, fuse=True, max_tokens=12)
+    assert counters["frames"]["ok"] > before  # Dynamo compiled frames for this engine's steps
+    for w, g in zip(want, got):
+        assert g.token_ids == w.token_ids
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), rtol=1e-4, atol=1e-4)
+
+
+def test_fusing_is_refused_without_captured_steps():
+    with pytest.raises(ValueError, match="fuse needs captured decode steps"):
+        Engine.from_hf(tiny_llama(), CharTokenizer(), device="cpu", graphs=False, fuse=True)
 
 
 def test_rows_joining_and_leaving_keep_the_layout():

@@ -89,3 +89,25 @@ def test_the_server_setting_attention_triton_serves_the_same_text(smollm2_engine
     want = smollm2_engine.generate([PROMPT] * 2, policy=policies, params=params)
     got = engine.generate([PROMPT] * 2, policy=policies, params=params)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
+
+
+def test_fused_captured_steps_serve_the_real_models_text(smollm2_engine):
+    """The padded decode step with its layer math through torch.compile (`fuse`; on CUDA inside the captured graph)
+    gives the real model's greedy text under a mixed batch; PAINTERS_FUSE_DECODE reaches the engine the server
+    loads, and is refused without captured steps."""
+    from pydantic import ValidationError
+
+    from server.app import load_engine
+    from server.engine.generate import Engine
+    from server.settings import Settings
+
+    fused = Engine(smollm2_engine.model, smollm2_engine.tokenizer, eos_ids=smollm2_engine.eos_ids, graphs=True,
+                   fuse=True, attention="gathered")
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    policies = ["full", "skip:10", "pairs:14-15"]
+    want = smollm2_engine.generate([PROMPT] * 3, policy=policies, params=params)
+    got = fused.generate([PROMPT] * 3, policy=policies, params=params)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert load_engine(Settings(model="smollm2-135m", device="cpu", fuse_decode=True)).fuse
+    with pytest.raises(ValidationError, match="fuse_decode needs cuda_graphs"):
+        Settings(fuse_decode=True, cuda_graphs=False)

@@ -104,10 +104,13 @@ class Executor:
     def __init__(
         self, model: Transformer, *, num_blocks: int, block_size: int = 16, max_len: int,
         group_mode: GroupMode = "batched", attention: AttentionMode = "auto", graphs: bool | None = None,
+        fuse: bool = False,
     ) -> None:
         """graphs: decode steps through `DecodeGraphs` (captured CUDA graphs over padded, bucketed layouts); None
         turns them on where they pay, on CUDA with fused groups. On the CPU the same padded path runs eagerly
-        (tests use it there; it buys nothing)."""
+        (tests use it there; it buys nothing). fuse: those steps run the layer math through torch.compile
+        (`Transformer.fused`: fewer kernels per layer in each replay); refused with graphs=False, no effect where
+        graphs=None leaves them off."""
         a = model.args
         self.model, self.group_mode, self.max_len = model, group_mode, max_len
         self.attention = resolve_attention(attention, model)  # never "auto"
@@ -117,9 +120,12 @@ class Executor:
         self._compiled: OrderedDict[tuple, _Program] = OrderedDict()  # least recently used first
         self._streams: list[torch.cuda.Stream] = []
         self._block_col = torch.zeros(self.cache.pool.shape[0], dtype=torch.int32, device=model.device)  # in place
-        if graphs is None:
+        if fuse and graphs is False:
+            raise ValueError("fuse needs captured decode steps (graphs): compiled layer math called eagerly costs "
+                             "more host time in Dynamo's guards than its fusion saves")
+        if graphs is None:  # where there are no captured steps (the CPU), fuse has nothing to change
             graphs = model.device.type == "cuda" and group_mode == "batched"
-        self.graphs = DecodeGraphs(self) if graphs else None
+        self.graphs = DecodeGraphs(self, fuse=fuse) if graphs else None
 
     def release(self, seq: Hashable) -> None:
         """A sequence left: its KV blocks return to the pool (compiled programs stay: they name no sequence)."""
@@ -169,11 +175,12 @@ class Executor:
 
     def run(self, plan: StepPlan, program: _Program, tokens: Tensor, start: Tensor, new: Tensor, kv_rows: Tensor, *,
             top: int, num_blocks: int, num_new: list[int] | None, logits_at: Tensor | None,
-            capture: Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor:
+            capture: Callable[[int, Tensor, Tensor], None] | None = None, fused: bool = False) -> Tensor:
         """The step's tensor work, with no host sync: every shape comes from plain data. start, new [B] and
         kv_rows [N] as `step_inputs` makes them; top bounds the positions + 1; num_blocks: the KV blocks that
         gathered attention reads per row (covering every row's length); num_new: each row's new tokens on the host
-        when some are padding (None: every row appends all T, as every decode row does)."""
+        when some are padding (None: every row appends all T, as every decode row does); fused: the layer math
+        through torch.compile (`Transformer.fused`)."""
         B, T = tokens.shape
         model, cache, dev = self.model, self.cache, self.model.device
         positions = start[:, None] + torch.arange(T, device=dev)[None, :]  # [B, T]
@@ -226,7 +233,7 @@ class Executor:
             views_ = rows_view(op)  # on the main stream, before any side stream reads them
             if op.entry.kind == "mlp":
                 self._run(buffers, op, lambda x, g0, g1, layers=layers, keep=views_[2]:
-                          model.mlp(x, model.weights(layers[g0:g1]), keep))
+                          model.mlp(x, model.weights(layers[g0:g1]), keep, fused=fused))
                 continue
 
             def attend(x: Tensor, g0: int, g1: int, op: _Apply = op, views_: tuple = views_) -> Tensor:
@@ -254,7 +261,7 @@ class Executor:
                                                       scale=model.args.query_scale, window=window)
                     return model.sdpa(q, *cache.read(blocks), mk)
 
-                return model.attention(x, model.weights(chosen), cos, sin, cached, keep)
+                return model.attention(x, model.weights(chosen), cos, sin, cached, keep, fused=fused)
 
             self._run(buffers, op, attend)
         h = buffers[0]

@@ -69,10 +69,10 @@ class Batch:
     def __init__(self, model: Transformer, tokenizer: Any, *, max_len: int, num_blocks: int, block_size: int = 16,
                  group_mode: GroupMode = "batched", prefix_caching: bool = False,
                  prefix_blocks: int | None = None, attention: AttentionMode = "auto",
-                 graphs: bool | None = None) -> None:
+                 graphs: bool | None = None, fuse: bool = False) -> None:
         self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
         self.executor = Executor(model, num_blocks=num_blocks, block_size=block_size, max_len=max_len,
-                                 group_mode=group_mode, attention=attention, graphs=graphs)
+                                 group_mode=group_mode, attention=attention, graphs=graphs, fuse=fuse)
         self.kv = KVManager(num_blocks=num_blocks - 1, block_size=block_size, cache=self.executor.cache,
                             prefix_caching=prefix_caching, prefix_blocks=prefix_blocks)
         self.sequences: list[Request] = []
@@ -334,12 +334,15 @@ class Engine:
     def __init__(
         self, model: Transformer, tokenizer: Any, *, eos_ids: frozenset[int] = frozenset(), config: Any = None,
         group_mode: GroupMode = "batched", name: str = "model", block_size: int = 16,
-        attention: AttentionMode = "auto", graphs: bool | None = None,
+        attention: AttentionMode = "auto", graphs: bool | None = None, fuse: bool = False,
     ) -> None:
         self.model, self.tokenizer, self.config, self.name = model, tokenizer, config, name
         self.eos_ids, self.group_mode, self.block_size = eos_ids, group_mode, block_size
         self.attention = attention  # how decode attention reads the KV pool, as asked (see server.engine.executor)
         self.graphs = graphs  # captured decode steps (server.engine.graphs); None: on CUDA, off on the CPU
+        self.fuse = fuse  # captured steps run the layer math through torch.compile (Transformer.fused)
+        if fuse and graphs is False:
+            raise ValueError("fuse needs captured decode steps: leave graphs on (None) or True")
 
     @classmethod
     def from_hf(
@@ -409,7 +412,7 @@ class Engine:
                   prefix_caching: bool = False, prefix_blocks: int | None = None) -> Batch:
         return Batch(self.model, self.tokenizer, max_len=max_len, num_blocks=num_blocks,
                      block_size=block_size or self.block_size, group_mode=self.group_mode, attention=self.attention,
-                     graphs=self.graphs,
+                     graphs=self.graphs, fuse=self.fuse,
                      prefix_caching=prefix_caching, prefix_blocks=prefix_blocks)
 
     def generate(

@@ -65,8 +65,10 @@ class _Step:
 class DecodeGraphs:
     """The executor's decode steps, each a replay of the graph of its padded layout."""
 
-    def __init__(self, executor: Executor, *, max_graphs: int = MAX_GRAPHS) -> None:
-        self.executor, self.max_graphs = executor, max_graphs
+    def __init__(self, executor: Executor, *, max_graphs: int = MAX_GRAPHS, fuse: bool = False) -> None:
+        """fuse: the steps run the layer math through torch.compile (`Transformer.fused`); it compiles in the
+        warm-up run before a capture, so only the replays' kernels change."""
+        self.executor, self.max_graphs, self.fuse = executor, max_graphs, fuse
         self._steps: OrderedDict[tuple, _Step] = OrderedDict()  # least recently used first
         self._pool = None  # one CUDA graph memory pool shared by every graph
         self.captures = self.replays = self.failures = self.evictions = 0
@@ -161,7 +163,7 @@ class DecodeGraphs:
 
         def run() -> Tensor:
             return ex.run(plan, program, tokens, start, new, kv_rows, top=self._top, num_blocks=nb, num_new=None,
-                          logits_at=logits_at)
+                          logits_at=logits_at, fused=self.fuse)
 
         return _Step(plan, program, tokens, inputs, run)
 

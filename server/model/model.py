@@ -204,6 +204,7 @@ class Transformer:
         self._tables = self._rope_tables(1024)
         self._views: dict[tuple[int, ...], LayerStack] = {}
         self._plain_mm = self.device.type == "cuda" and _plain_mm_pays(self.layers.w_gate_up[:1])
+        self._fused_fns: dict[str, Callable[..., Tensor]] = {}  # compiled layer math (`fused`), made on first use
 
     def weight_bytes(self) -> int:
         return self.layers.nbytes() + self.lm_head.numel() * self.lm_head.element_size()
@@ -277,11 +278,21 @@ class Transformer:
                                               enable_gqa=a.n_heads != a.n_kv_heads)
 
     def attention(self, x: Tensor, w: LayerStack, cos: Tensor, sin: Tensor, attend: AttendFn,
-                  keep: Tensor | None = None) -> Tensor:
+                  keep: Tensor | None = None, *, fused: bool = False) -> Tensor:
         """Attention deltas of G layers, each over its own input: x [G, m, T, d] -> [G, m, T, d].
         cos, sin [1 or G, m, T, hd]; attend writes the new keys/values and attends over the cached ones.
         keep: the positions of m x T that are real tokens (None: all); the projections skip the padding, whose
-        deltas are 0."""
+        deltas are 0. fused: the math before and after `attend` runs through torch.compile (`fused`)."""
+        if fused and keep is None:
+            q, k, v = self.fused("_attention_in")(x, w, cos, sin)
+            return self.fused("_attention_out")(attend(q, k, v), w)
+        q, k, v = self._attention_in(x, w, cos, sin, keep)
+        return self._attention_out(attend(q, k, v), w, keep)
+
+    def _attention_in(self, x: Tensor, w: LayerStack, cos: Tensor, sin: Tensor,
+                      keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x [G, m, T, d] -> queries [G*m, H, T, hd], new keys and values [G, m, T, kv, hd]: norm, projection,
+        q/k norms, rotary."""
         a = self.args
         G, m, T, _ = x.shape
         xn = _rms_norm(x, w.attn_norm, a.norm_eps)  # [G, m, T, d]
@@ -298,16 +309,28 @@ class Transformer:
         # q and k are adjacent in the fused projection: rotate both at once. cos, sin: [1 or G, m, T, 1, hd]
         qk = qk * cos[:, :, :, None, :] + _rotate_half(qk) * sin[:, :, :, None, :]
         q, k = qk[..., : a.n_heads, :], qk[..., a.n_heads :, :]
-        o = attend(q.reshape(G * m, T, a.n_heads, a.head_dim).transpose(1, 2), k, v)  # [G*m, H, T, hd]
+        return q.reshape(G * m, T, a.n_heads, a.head_dim).transpose(1, 2), k, v
+
+    def _attention_out(self, o: Tensor, w: LayerStack, keep: Tensor | None = None) -> Tensor:
+        """Attention outputs o [G*m, H, T, hd] -> deltas [G, m, T, d]: output projection and post-norm."""
+        a = self.args
+        G = w.wo.shape[0]
+        T = o.shape[2]
+        m = o.shape[0] // G
         o = _unpadded(lambda t: self._matmul(t, w.wo), o.transpose(1, 2).reshape(G, m * T, a.q_size), keep)
         if w.bo is not None:
             o = o + w.bo[:, None, :]
         o = o.view(G, m, T, a.dim)
         return o if w.post_attn_norm is None else _rms_norm(o, w.post_attn_norm, a.norm_eps)
 
-    def mlp(self, x: Tensor, w: LayerStack, keep: Tensor | None = None) -> Tensor:
-        """MLP deltas of G layers, each over its own input: x [G, m, T, d] -> [G, m, T, d]. keep: as in
+    def mlp(self, x: Tensor, w: LayerStack, keep: Tensor | None = None, *, fused: bool = False) -> Tensor:
+        """MLP deltas of G layers, each over its own input: x [G, m, T, d] -> [G, m, T, d]. keep, fused: as in
         `attention`."""
+        if fused and keep is None:
+            return self.fused("_mlp")(x, w)
+        return self._mlp(x, w, keep)
+
+    def _mlp(self, x: Tensor, w: LayerStack, keep: Tensor | None = None) -> Tensor:
         a = self.args
         G = w.w_gate_up.shape[0]
         xn = _rms_norm(x, w.mlp_norm, a.norm_eps).reshape(G, -1, a.dim)
@@ -322,6 +345,22 @@ class Transformer:
 
         out = _unpadded(mlp, xn, keep).view(x.shape)
         return out if w.post_mlp_norm is None else _rms_norm(out, w.post_mlp_norm, a.norm_eps)
+
+    def fused(self, name: str) -> Callable[..., Tensor]:
+        """The layer math `name` (`_attention_in`, `_attention_out`, `_mlp`) through torch.compile: Inductor fuses
+        the norms, rotary, biases and the gate's activation into a few kernels around the matmuls (eager decode runs
+        ~20 kernels per layer). Worth it where the step is replayed from a CUDA graph: there Dynamo's guards run once,
+        at capture; called eagerly, they cost more host time than fusion saves (docs/results/gpu-step.md). Compiled
+        once per model and shape family (the rows dimension turns dynamic at its second size)."""
+        got = self._fused_fns.get(name)
+        if got is None:
+            import torch._dynamo  # lazily: it imports triton and sympy (~150 MB), which unfused serving never needs
+
+            config = torch._dynamo.config  # each unit's variants (groups of 1 or 2, shared or own inputs) compile apart
+            config.recompile_limit = max(config.recompile_limit, 64)
+            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
+            got = self._fused_fns[name] = torch.compile(getattr(self, name))
+        return got
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         h = self.embed[tokens]
