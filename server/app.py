@@ -77,6 +77,7 @@ def _start(state: AppState, factory: EngineFactory, raw_presets: dict) -> None:
                           prefix_caching=s.enable_prefix_caching, prefix_cache_blocks=s.prefix_cache_blocks,
                           metrics=state.metrics)
         log.info("KV budget: %d slot-tokens (%.0f MB)", budget, budget * engine.kv_bytes_per_slot_token() / 2**20)
+        loop.warm_up(engine.compile(as_policy(s.default_policy)))  # before /ready: captures and compiles
         loop.start()
         state.presets, state.served, state.loop = presets, ServedModel.of(engine), loop
         log.info("model %s ready (%d layers)", state.model_name, engine.num_layers)

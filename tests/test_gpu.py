@@ -162,3 +162,16 @@ def test_cuda_triton_attention_matches_gathered():
             for splits in (None, 1, 5):
                 got = paged_decode_attention(q, pool, tables, positions, lens.cuda(), window=window, splits=splits)
                 torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+def test_cuda_warm_up_captures_before_the_first_request():
+    """The server's warm-up (fused layer math: it compiles too) captures the one- and two-row steps of a schedule;
+    a request of that schedule then only replays."""
+    eng = Engine.from_hf(tiny_llama(), CharTokenizer(), device="cuda", dtype=torch.float32, fuse=True)
+    batch = eng.new_batch(max_len=32, num_blocks=50)
+    batch.warm_up(eng.compile("full"))
+    stats = batch.executor.graphs.stats()
+    assert stats["captures"] == 2 and stats["failures"] == 0, stats
+    eng.generate([[5, 6, 7]], params=SamplingParams(max_tokens=4, ignore_eos=True), batch=batch)
+    after = batch.executor.graphs.stats()
+    assert after["captures"] == 2 and after["replays"] == 3, after  # three decode steps, inside one block

@@ -82,6 +82,31 @@ def test_fusing_is_refused_without_captured_steps():
         Engine.from_hf(tiny_llama(), CharTokenizer(), device="cpu", graphs=False, fuse=True)
 
 
+def test_warm_up_makes_the_first_layouts_and_frees_its_blocks():
+    """Warm-up decodes placeholder rows (one, then two) under a schedule: their layouts exist before any request, the
+    pool is as it was, and a request of that schedule then finds its layout (no new one); a pool too small for two
+    rows warms up one."""
+    eng = Engine.from_hf(tiny_llama(), CharTokenizer(), device="cpu", graphs=True)
+    batch = eng.new_batch(max_len=32, num_blocks=50)
+    graphs, cache = batch.executor.graphs, batch.executor.cache
+    batch.warm_up(eng.compile("full"))
+    assert graphs.stats()["graphs"] == 2 and cache.used_blocks == 0
+    got = eng.generate([[5, 6, 7]], params=SamplingParams(max_tokens=4, ignore_eos=True), batch=batch)[0]
+    assert len(got.token_ids) == 4 and graphs.stats()["graphs"] == 2  # 1 row, contexts inside one block
+    assert got.token_ids == eng.generate([[5, 6, 7]], params=SamplingParams(max_tokens=4, ignore_eos=True))[0].token_ids
+
+    small = eng.new_batch(max_len=32, num_blocks=eng.compile("full").num_slots + 2)  # one row's worth
+    small.warm_up(eng.compile("full"))
+    assert small.executor.graphs.stats()["graphs"] == 1 and small.executor.cache.used_blocks == 0
+
+
+def test_warm_up_without_captured_steps_does_nothing():
+    eng = Engine.from_hf(tiny_llama(), CharTokenizer(), device="cpu")  # the CPU default: no captured steps
+    batch = eng.new_batch(max_len=32, num_blocks=50)
+    batch.warm_up(eng.compile("full"))
+    assert batch.executor.graphs is None and batch.executor.cache.used_blocks == 0
+
+
 def test_rows_joining_and_leaving_keep_the_layout():
     """A layout is (schedules, each group's bucket, context bucket): a row joining or leaving inside its group's bucket
     reuses the layout (on CUDA: replays the same graph), and a group crossing a bucket adds one."""

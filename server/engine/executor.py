@@ -131,6 +131,25 @@ class Executor:
         """A sequence left: its KV blocks return to the pool (compiled programs stay: they name no sequence)."""
         self.cache.free(seq)
 
+    def warm_up(self, schedule: Schedule, *, rows: tuple[int, ...] = (1, 2)) -> None:
+        """Decode one token for each count of `rows` placeholder sequences under `schedule`, then free their KV: the
+        captured steps of those layouts exist, and with `fuse` the layer math is compiled (for one row, then for
+        any number: the second count makes the rows dimension dynamic), before the first request needs them. A
+        no-op without captured steps; counts whose blocks the pool cannot spare are left out."""
+        if self.graphs is None:
+            return
+        dev = self.model.device
+        for n in rows:
+            if n * schedule.num_slots > self.cache.num_blocks - self.cache.used_blocks:
+                break  # a pool this small warms up what fits
+            seqs = [("warm-up", n, i) for i in range(n)]
+            try:
+                self.forward(torch.zeros(n, 1, dtype=torch.long, device=dev), [Row(q, schedule, 0, 1) for q in seqs],
+                             logits_at=torch.zeros(n, dtype=torch.long, device=dev))
+            finally:
+                for q in seqs:
+                    self.release(q)
+
     def plan(self, rows: list[Row], *, boundaries: bool = False) -> StepPlan:
         distinct = tuple(dict.fromkeys(r.schedule for r in rows))
         return plan_step(distinct, attn_cost=self._attn_cost, mlp_cost=self._mlp_cost, boundaries=boundaries)

@@ -274,6 +274,11 @@ class Batch:
                 self.kv.free(q)
         return reduce_probe(schedule, states, lengths)
 
+    def warm_up(self, schedule: Schedule) -> None:
+        """Capture (and, fused, compile) the decode steps of `schedule` before any request runs
+        (`Executor.warm_up`)."""
+        self.executor.warm_up(schedule)
+
     def kv_usage(self) -> float:
         """Share of the KV pool's blocks in use."""
         return self.kv.usage()

@@ -20,6 +20,7 @@ import threading
 import time
 
 from server.engine.generate import Engine
+from server.policy.compiler import Schedule
 from server.metrics import Metrics, QueueStats, RequestStats, StepStats
 from server.engine.request import Output, Request, Sink, Status
 from server.engine.scheduler import Admission, DrainingError, KVBudgetError, QueueFullError, Scheduler
@@ -52,6 +53,21 @@ class EngineLoop:
         self.steps = 0
 
     # -- called from other threads ---------------------------------------------------------------------------
+
+    def warm_up(self, schedule: Schedule) -> None:
+        """Before `start` (the engine thread owns the tensors after it): capture, and with fused layer math compile,
+        the decode steps of `schedule` at one and two rows, so the first requests do not wait for them."""
+        assert not self._thread.is_alive(), "warm up before the engine thread starts"
+        t = time.perf_counter()
+        try:
+            self.batch.warm_up(schedule)
+        except Exception:  # noqa: BLE001 -- serving still works: the first steps capture and compile on demand
+            log.exception("warm-up failed; decode steps will be captured as requests arrive")
+            return
+        graphs = self.batch.executor.graphs
+        if graphs is not None:
+            log.info("warm-up: %d decode steps captured in %.1f s", graphs.stats()["captures"],
+                     time.perf_counter() - t)
 
     def start(self) -> None:
         self._thread.start()
