@@ -377,20 +377,11 @@ PLAIN_MM_ROWS = 8  # rows up to which one layer's matmul may go to torch.mm inst
 def _plain_mm_pays(w: Tensor, repeats: int = 30) -> bool:
     """Whether torch.mm beats torch.bmm by 3 % or more for one row through one layer's widest matrix w [1, k, o]
     on this CUDA device (cuBLAS picks different kernels for a batch of one; which is faster depends on the card and
-    the library, so it is measured once, at load, in milliseconds)."""
+    the library, so it is measured once, at load)."""
+    from server.model.measure import faster
+
     x = torch.randn(1, 1, w.shape[1], device=w.device, dtype=w.dtype)
-    times = []
-    for fn in (lambda: torch.bmm(x, w), lambda: torch.mm(x[0], w[0])):
-        for _ in range(3):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times[1] < 0.97 * times[0]
+    return faster(lambda: torch.bmm(x, w), lambda: torch.mm(x[0], w[0]), repeats=repeats)[0]
 
 
 def _unpadded(f: Callable[[Tensor], Tensor], x: Tensor, keep: Tensor | None) -> Tensor:

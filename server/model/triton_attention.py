@@ -26,6 +26,8 @@ import os
 import torch
 from torch import Tensor
 
+from server.model import measure
+
 try:  # the GPU image ships Triton; on the CPU it is a test dependency
     import triton
     import triton.language as tl
@@ -221,21 +223,12 @@ def pays(*, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device
         lengths = torch.full((rows,), context, device=device)
         positions = (lengths - 1)[:, None]
         q = torch.randn(rows, heads, 1, head_dim, generator=g).to(device, dtype)
-        times = []
-        for fn in (lambda: gathered_attention(q, pool, tables, positions, lengths),
-                   lambda: paged_decode_attention(q, pool, tables, positions, lengths)):
-            for _ in range(3):
-                fn()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(repeats):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        wins, gathered_ms, kernel_ms = measure.faster(
+            lambda: gathered_attention(q, pool, tables, positions, lengths),
+            lambda: paged_decode_attention(q, pool, tables, positions, lengths), repeats=repeats)
     except Exception:  # noqa: BLE001 -- a kernel that does not build here leaves the gathered path
         log.exception("timing the Triton decode-attention kernel failed; decode attention gathers")
         return False
     log.info("decode attention, %d rows x %d tokens: gathered %.3f ms, Triton kernel %.3f ms", rows, context,
-             times[0] / repeats, times[1] / repeats)
-    return times[1] < 0.97 * times[0]
+             gathered_ms, kernel_ms)
+    return wins
