@@ -97,14 +97,9 @@ def decode_tok_s(engine: Engine, policies: list[str], *, prompt_len: int, new_to
 def profile_decode(engine: Engine, *, policy: str = "full", prompt_len: int = 24, steps: int = 8,
                    top: int = 20) -> dict[str, Any]:
     """Where an eager batch-1 decode forward spends the device's time: torch.profiler over `steps` forwards of the
-    executor alone (no sampling, no host loop), every kernel launched (a graph replay would hide them). On the CPU
-    (the smoke) the same over CPU ops. -> kernels per step, their summed time per step, and the `top` kernels by
-    time: [name, launches per step, ms per step]."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
+    executor alone (no sampling, no host loop), every kernel launched. On the CPU (the smoke) the same over CPU ops.
+    -> `_kernel_summary`."""
     model = engine.model
-    cuda = model.device.type == "cuda"
     schedule = engine.compile(policy)
     max_len = prompt_len + steps + 2
     ex = Executor(model, num_blocks=-(-max_len // engine.block_size) * schedule.num_slots + 1, max_len=max_len,
@@ -114,11 +109,38 @@ def profile_decode(engine: Engine, *, policy: str = "full", prompt_len: int = 24
     one = torch.tensor([[11]], device=model.device)
     at = torch.zeros(1, dtype=torch.long, device=model.device)
     ex.forward(one, [Row(0, schedule, prompt_len, 1)], logits_at=at)  # warm: lazy compiles and tables
-    _sync(model.device)
+    steps_done = iter(range(steps))
+    return _kernel_summary(model.device, lambda: ex.forward(one, [Row(0, schedule, prompt_len + 1 + next(steps_done), 1)],
+                                                           logits_at=at), steps=steps, top=top)
+
+
+def profile_captured(engine: Engine, *, policy: str = "full", prompt_len: int = 24, steps: int = 8,
+                     top: int = 20) -> dict[str, Any]:
+    """The same for whole engine steps of one row (`Batch.step`: the captured step's replay, sampling, the copy
+    back), after warm-up steps have captured the layout: the kernels a replay runs, where the profiler sees inside
+    CUDA graphs (CUPTI reports graph kernels on recent drivers; zero kernels would say it does not here)."""
+    params = SamplingParams(max_tokens=steps + 4, ignore_eos=True)
+    batch = engine.new_batch(max_len=prompt_len + steps + 4,
+                             num_blocks=-(-(prompt_len + steps + 4) // engine.block_size)
+                             * engine.compile(policy).num_slots + 1)
+    batch.add([engine.new_sequence([10 + j for j in range(prompt_len)], params, engine.compile(policy))])
+    for _ in range(3):
+        batch.step()  # captures this layout (and, fused, compiles its units)
+    return _kernel_summary(engine.model.device, batch.step, steps=steps, top=top)
+
+
+def _kernel_summary(device: torch.device, step: Any, *, steps: int, top: int) -> dict[str, Any]:
+    """torch.profiler over `steps` calls of `step` -> kernels per step, their summed time per step, and the `top`
+    kernels by time: [name, launches per step, ms per step] (CPU ops on the CPU)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    _sync(device)
     with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
-        for i in range(steps):
-            ex.forward(one, [Row(0, schedule, prompt_len + 1 + i, 1)], logits_at=at)
-        _sync(model.device)
+        for _ in range(steps):
+            step()
+        _sync(device)
     wanted = DeviceType.CUDA if cuda else DeviceType.CPU
 
     def self_us(e: Any) -> float:
@@ -286,10 +308,13 @@ def main(argv: list[str] | None = None) -> dict:
                 "attn_4k_max_abs_err": r["max_abs_err"], "attn_4k_triton_max_abs_err": r.get("triton_max_abs_err")}
 
     def profile_() -> dict:
-        """The eager decode forward's kernels (batch 1, `full`; and `pairs`) beside the captured step's replay time
-        (`full_bs1_replay_ms`, from batch1): what a fused kernel or a shorter host step would save."""
-        return {f"profile_bs1_{p.replace(':', '')}": profile_decode(eager, policy=p, steps=4 if a.smoke else 8)
-                for p in ("full", "pairs")}
+        """The eager decode forward's kernels (batch 1, `full`; and `pairs`) and a captured engine step's (the replay,
+        sampling, the copy back), beside the replay's time (`full_bs1_replay_ms`, from batch1): what a fused kernel
+        or a shorter host step would save. The fused section profiles its own steps the same way."""
+        got = {f"profile_bs1_{p.replace(':', '')}": profile_decode(eager, policy=p, steps=4 if a.smoke else 8)
+               for p in ("full", "pairs")}
+        got["profile_captured_bs1_full"] = profile_captured(captured, steps=4 if a.smoke else 8)
+        return got
 
     def engine_figures(prefix: str, engine: Engine, *, bs1: tuple[str, ...] = ("full",)) -> dict:
         """The headline engine figures for `engine` (the same weights, another decode path), keys prefixed; greedy
@@ -333,6 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
         got = engine_figures("fused", engine, bs1=("full", "skip:8", "pairs"))
         got["fused_replay_ms"] = got["fused_graphs"]["bs1"].get("replay_ms")
         got["fused_pairs_over_full"] = got["fused_pairs_bs1_tok_s"] / got["fused_full_bs1_tok_s"]
+        got["profile_fused_bs1_full"] = profile_captured(engine, steps=4 if a.smoke else 8)
         return got
 
     def transformers_generate(cases: tuple[tuple[int, bool], ...]) -> dict:
