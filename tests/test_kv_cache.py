@@ -39,7 +39,7 @@ def test_writes_land_in_their_own_blocks_and_read_back_in_order():
     positions = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]])
     valid = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
     k = torch.arange(2 * 6 * KV * HD, dtype=torch.float32).view(2 * 6, KV, HD)
-    c.write(c.locate(rows, positions, valid).reshape(-1), k, -k)
+    c.write(c.locate(rows, positions, valid).reshape(-1), torch.cat([k, -k], dim=1))
     keys, values = c.read(c.block_ids(rows, 2))  # [2, kv, 8, hd]
     assert torch.equal(keys[0, :, :6].transpose(0, 1), k[:6])
     assert torch.equal(values[0, :, :6].transpose(0, 1), -k[:6])
@@ -104,7 +104,7 @@ def test_a_partly_agreeing_block_is_found_token_by_token_and_copied_not_shared()
     assert len(entries) == 3 and entries[2].tokens == (108, 109), "the partial last block is registered too"
     rows = torch.tensor([c.table_row(1, s) for s in SLOTS])
     k = torch.randn(3 * 10, KV, HD)
-    c.write(c.locate(rows, torch.arange(10).expand(3, 10), None).reshape(-1), k, -k)
+    c.write(c.locate(rows, torch.arange(10).expand(3, 10), None).reshape(-1), torch.cat([k, -k], dim=1))
     assert c.lookup("full", prompt, 2) == entries[:2]
     # a prompt agreeing with block 1 for 3 tokens, then differing
     other = prompt[:7] + [0, 0, 0]

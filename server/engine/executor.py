@@ -271,8 +271,8 @@ class Executor:
                     cos, sin = (torch.stack([tables[k][j] for k in kinds]) for j in (0, 1))
                 window = model.args.sliding_window if kinds[0] else None
 
-                def cached(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                    cache.write(at, k.reshape(-1, *k.shape[3:]), v.reshape(-1, *v.shape[3:]))
+                def cached(q: Tensor, new_kv: Tensor) -> Tensor:
+                    cache.write(at, new_kv.reshape(-1, *new_kv.shape[3:]))  # [G, m, T, 2 kv, hd] -> [N, 2 kv, hd]
                     if layout is not None and len(set(kinds)) == 1:
                         return paged_attention(q, cache.pool, layout, kv, scale=model.args.query_scale, window=window)
                     if kv_pos is not None and len(set(kinds)) == 1:

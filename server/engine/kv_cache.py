@@ -352,9 +352,9 @@ class PagedKVCache:
         """rows [P] table rows -> their first `num_blocks` block ids [P, num_blocks]."""
         return self.tables[rows, :num_blocks]
 
-    def write(self, at: Tensor, k: Tensor, v: Tensor) -> None:
-        """at [N] flat pool indices (from `locate`); k, v [N, kv, hd]."""
-        self.pool.view(-1, *self.pool.shape[2:])[at] = torch.cat([k, v], dim=1)
+    def write(self, at: Tensor, kv: Tensor) -> None:
+        """at [N] flat pool indices (from `locate`); kv [N, 2 kv, hd]: keys, then values (the pool's layout)."""
+        self.pool.view(-1, *self.pool.shape[2:])[at] = kv
 
     def read(self, blocks: Tensor) -> tuple[Tensor, Tensor]:
         """blocks [P, nb] -> keys, values [P, kv, nb x block, hd] (positions past a row's length are stale)."""

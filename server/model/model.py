@@ -134,9 +134,10 @@ def _check_gemma(cfg: Any) -> None:
                                     "serves causal language models")
 
 
-# (queries [G*m, H, T, hd], new keys, values [G, m, T, kv, hd]) -> outputs [G*m, H, T, hd]: writes the new keys and
-# values to the cache and attends over the cached ones (the executor's: it owns the cache)
-AttendFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+# (queries [G*m, H, T, hd], new keys and values [G, m, T, 2 kv, hd] (keys, then values, as the cache holds them)) ->
+# outputs [G*m, H, T, hd]: writes the new keys and values to the cache and attends over the cached ones (the
+# executor's: it owns the cache)
+AttendFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass
@@ -284,15 +285,16 @@ class Transformer:
         keep: the positions of m x T that are real tokens (None: all); the projections skip the padding, whose
         deltas are 0. fused: the math before and after `attend` runs through torch.compile (`fused`)."""
         if fused and keep is None:
-            q, k, v = self.fused("_attention_in")(x, w, cos, sin)
-            return self.fused("_attention_out")(attend(q, k, v), w)
-        q, k, v = self._attention_in(x, w, cos, sin, keep)
-        return self._attention_out(attend(q, k, v), w, keep)
+            q, kv = self.fused("_attention_in")(x, w, cos, sin)
+            return self.fused("_attention_out")(attend(q, kv), w)
+        q, kv = self._attention_in(x, w, cos, sin, keep)
+        return self._attention_out(attend(q, kv), w, keep)
 
     def _attention_in(self, x: Tensor, w: LayerStack, cos: Tensor, sin: Tensor,
-                      keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """x [G, m, T, d] -> queries [G*m, H, T, hd], new keys and values [G, m, T, kv, hd]: norm, projection,
-        q/k norms, rotary."""
+                      keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x [G, m, T, d] -> queries [G*m, H, T, hd], new keys and values [G, m, T, 2 kv, hd] in one tensor (one
+        write into the cache; fused, the rotary kernel writes the keys into it): norm, projection, q/k norms,
+        rotary."""
         a = self.args
         G, m, T, _ = x.shape
         xn = _rms_norm(x, w.attn_norm, a.norm_eps)  # [G, m, T, d]
@@ -309,7 +311,7 @@ class Transformer:
         # q and k are adjacent in the fused projection: rotate both at once. cos, sin: [1 or G, m, T, 1, hd]
         qk = qk * cos[:, :, :, None, :] + _rotate_half(qk) * sin[:, :, :, None, :]
         q, k = qk[..., : a.n_heads, :], qk[..., a.n_heads :, :]
-        return q.reshape(G * m, T, a.n_heads, a.head_dim).transpose(1, 2), k, v
+        return q.reshape(G * m, T, a.n_heads, a.head_dim).transpose(1, 2), torch.cat([k, v], dim=-2)
 
     def _attention_out(self, o: Tensor, w: LayerStack, keep: Tensor | None = None) -> Tensor:
         """Attention outputs o [G*m, H, T, hd] -> deltas [G, m, T, d]: output projection and post-norm."""
