@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make bench-gpu`: for a GPU machine that reaches no package registry (system torch >= 2.11 with triton,
-# transformers >= 5; no fastapi/pydantic there). Under 10 minutes: the CUDA tests (2 min at most), every in-process
+# transformers >= 5; no fastapi/pydantic there). Under 10 minutes: the CUDA tests (2.5 min at most), every in-process
 # figure of issue #14 in one script, one table, docs/results/bench-gpu.json (commit it), then, where the web stack's
 # wheels were fetched into .whl/ (benchmarks/bench_gpu_http.sh says how), the real server through HTTP.
 # Check it on a CPU first: python benchmarks/bench_gpu.py --smoke --out /tmp/bench-gpu.json
@@ -12,10 +12,19 @@ out=${OUT:-out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
-timeout ${GPU_TEST_S:-120} $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_weights.py -k "gpu or cuda" 2>&1 | tee "$out/gpu-tests.log"
-timeout ${GPU_BENCH_S:-390} $PY benchmarks/bench_gpu.py "$@" 2>&1 | tee "$out/bench-gpu.log"
-if [ -d .whl ]; then
-    OUT="$out" timeout ${GPU_HTTP_S:-200} bash benchmarks/bench_gpu_http.sh
+# Each phase's limit in seconds; 0 leaves the phase out (one device call runs 600 s at most, so a session with a
+# GPU may split: GPU_HTTP_S=0 first, then GPU_TEST_S=0 GPU_BENCH_S=0 for the HTTP figures).
+tests_s=${GPU_TEST_S:-150} bench_s=${GPU_BENCH_S:-390} http_s=${GPU_HTTP_S:-200}
+if [ "$tests_s" != 0 ]; then
+    timeout "$tests_s" $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_weights.py -k "gpu or cuda" 2>&1 | tee "$out/gpu-tests.log"
+fi
+if [ "$bench_s" != 0 ]; then
+    timeout "$bench_s" $PY benchmarks/bench_gpu.py "$@" 2>&1 | tee "$out/bench-gpu.log"
+fi
+if [ "$http_s" = 0 ]; then
+    echo "GPU_HTTP_S=0: the HTTP figures are left out"
+elif [ -d .whl ]; then
+    OUT="$out" timeout "$http_s" bash benchmarks/bench_gpu_http.sh
 else
     echo "no .whl/: the HTTP figures are left out (see benchmarks/bench_gpu_http.sh)"
 fi
