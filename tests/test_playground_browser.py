@@ -2,8 +2,9 @@
 process serving the embedded SmolLM2-135M with an API key and a preset file in `painters search`'s format. The page asks for the
 key; then `full`, `skip:10` and a preset stream side by side at temperature 0 and each column's text must equal the
 API's answer to the same request, the divergence marker must sit on the first character where skip:10's text leaves
-full's, and a bad policy must show its 400 in its column. Saves docs/playground.png (used in the README) and a phone
-width screenshot beside it."""
+full's, and a bad policy must show its 400 in its column. Takes a desktop and a phone-width screenshot: into a
+temporary folder, or into $PAINTERS_SCREENSHOTS (`make screenshots` points it at docs/, whose playground.png the README
+shows), so a test run never rewrites tracked files."""
 
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ arc_easy-90: "skip:16-20"
 """
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 MAX_TOKENS = 24
-SHOTS = ROOT / "docs"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
@@ -103,7 +103,7 @@ def column(page, i: int):
     return page.locator(".column").nth(i)
 
 
-def test_playground_streams_policies_side_by_side(browser, server):
+def test_playground_streams_policies_side_by_side(browser, server, tmp_path):
     page = browser.new_page(viewport={"width": 1280, "height": 800})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -159,11 +159,13 @@ def test_playground_streams_policies_side_by_side(browser, server):
     # the heatmap drew the probe of this prompt
     page.wait_for_function("document.querySelector('#heatmap-caption').textContent.includes('tokens')")
 
-    SHOTS.mkdir(exist_ok=True)
+    shots = Path(os.environ.get("PAINTERS_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
     column(page, 1).locator(".heat").check()
-    page.screenshot(path=str(SHOTS / "playground.png"), full_page=True)
+    page.screenshot(path=str(shots / "playground.png"), full_page=True)
     page.set_viewport_size({"width": 390, "height": 844})
-    page.screenshot(path=str(SHOTS / "playground-phone.png"), full_page=False)
+    page.screenshot(path=str(shots / "playground-phone.png"), full_page=False)
+    assert all((shots / name).stat().st_size > 10_000 for name in ("playground.png", "playground-phone.png"))
     page.set_viewport_size({"width": 1280, "height": 800})
 
     # a bad policy: its column shows the server's 400, the others still run (this time all at once)
