@@ -8,6 +8,9 @@ to the last token, prefill included), TPOT p50 and TTFT p50 over the clients.
 
 P4 = aggregate tok/s with N clients / with 1 client, same policy (issue #14 asks >= 5 on a GPU).
 P8 = aggregate tok/s of the mix / of N x full.
+Captured steps: the server's `painters:decode_graphs` counters read from /metrics before and after each timed run
+give the captures, replays and hit rate of that run alone (rows joining and leaving as clients start and finish),
+and the graphs kept and the device memory they pin after it; empty where the server captures nothing (the CPU).
 
 Each run is first done once untimed (warm-up: CUDA graphs are captured per batch layout on first sight). The whole
 benchmark stops itself within `--budget-s` seconds, server start included, and writes what it has measured so far to
@@ -57,6 +60,7 @@ class Run:
     tpot_p50_s: float
     tpot_p99_s: float
     per_policy: dict[str, dict[str, float]] = field(default_factory=dict)  # mixed runs: TPOT/TTFT p50 per policy
+    graphs: dict[str, float] = field(default_factory=dict)  # captured steps in the timed run (`timed_graphs`)
 
 
 @dataclass
@@ -126,6 +130,35 @@ async def load(url: str, *, model: str, policies: list[str], tokens: int, prompt
         return time.perf_counter() - t, list(stats)
 
 
+async def graph_stats(url: str) -> dict[str, float]:
+    """The server's captured-step counters from its /metrics (`decode_graph_counters`)."""
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        r = await client.get("/metrics")
+    r.raise_for_status()
+    return decode_graph_counters(r.text)
+
+
+def decode_graph_counters(exposition: str) -> dict[str, float]:
+    """`painters:decode_graphs` by stat out of a Prometheus exposition; {} where the server captures no steps."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {sample.labels["stat"]: sample.value for family in text_string_to_metric_families(exposition)
+            if family.name == "painters:decode_graphs" for sample in family.samples}
+
+
+def timed_graphs(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What the counters say of the steps between two reads: captures, replays, evictions and failures there, the
+    hit rate (replays / decode steps) there; graphs kept and MB pinned after."""
+    if not after:
+        return {}
+    got = {k: after[k] - before.get(k, 0.0) for k in ("captures", "replays", "evictions", "failures") if k in after}
+    steps = got.get("captures", 0.0) + got.get("replays", 0.0)
+    got["hit_rate"] = got.get("replays", 0.0) / steps if steps else 0.0
+    got["graphs"] = after.get("graphs", 0.0)
+    got["pinned_mb"] = round(after.get("pinned_bytes", 0.0) / 2**20, 1)
+    return got
+
+
 def summarize(label: str, wall: float, stats: list[StreamStats]) -> Run:
     tokens = sum(s.tokens for s in stats)
     run = Run(label=label, clients=len(stats), tok_s=tokens / wall, wall_s=wall, tokens=tokens,
@@ -149,6 +182,10 @@ def start_server(args: argparse.Namespace, port: int, info: Path, log: Path) -> 
             cmd += [f"--{flag}", str(getattr(args, flag))]
     if args.no_cuda_graphs:
         cmd.append("--no-cuda-graphs")
+    if args.attention:
+        cmd += ["--attention", args.attention]
+    if args.fuse_decode:
+        cmd.append("--fuse-decode")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -241,8 +278,11 @@ async def measure(url: str, args: argparse.Namespace, policies: list[str], vocab
     kw = dict(model=args.shape, policies=policies, tokens=args.new_tokens, prompt_len=args.prompt_len, vocab=vocab)
     if not args.no_warmup:
         await load(url, **kw, first_client=next(_clients))
+    before = await graph_stats(url)
     wall, stats = await load(url, **kw, first_client=next(_clients))
-    return summarize(label, wall, stats)
+    run = summarize(label, wall, stats)
+    run.graphs = timed_graphs(before, await graph_stats(url))
+    return run
 
 
 def ratios(report: Report, args: argparse.Namespace) -> None:
@@ -262,18 +302,22 @@ def render(report: Report) -> Any:
     s = report.server
     t = Table(title=f"Painters over HTTP: {report.shape} (random weights) on {s.get('gpu') or s.get('device')}, "
                     f"{s.get('dtype')}, {report.new_tokens} new tokens, prompts of {report.prompt_len} ids")
-    for col in ("run", "clients", "tok/s", "TPOT p50", "TPOT p99", "TTFT p50", "P4"):
+    for col in ("run", "clients", "tok/s", "TPOT p50", "TPOT p99", "TTFT p50", "P4", "captures / hit rate / MB"):
         t.add_column(col, justify="left" if col == "run" else "right")
     for label, run in report.runs.items():
         policy = label.split(" x")[0]
         p4 = report.P4.get(policy) if label.endswith(f"x{report.clients}") else None
+        g = run.graphs
         t.add_row(label, str(run.clients), f"{run.tok_s:.1f}", f"{run.tpot_p50_s * 1e3:.1f} ms",
                   f"{run.tpot_p99_s * 1e3:.1f} ms", f"{run.ttft_p50_s * 1e3:.1f} ms",
-                  f"{p4:.2f}" if p4 else ("" if policy != "mix" or report.P8 is None else f"P8 {report.P8:.2f}"))
+                  f"{p4:.2f}" if p4 else ("" if policy != "mix" or report.P8 is None else f"P8 {report.P8:.2f}"),
+                  f"{g['captures']:.0f} / {g['hit_rate']:.3f} / {g['pinned_mb']:.0f}" if g else "")
         for p, row in run.per_policy.items():
             t.add_row(f"  in mix: {p}", str(int(row["clients"])), "", f"{row['tpot_p50_s'] * 1e3:.1f} ms", "",
-                      f"{row['ttft_p50_s'] * 1e3:.1f} ms", "")
+                      f"{row['ttft_p50_s'] * 1e3:.1f} ms", "", "")
     t.caption = (f"P4 = tok/s with {report.clients} clients / 1 client (target >= 5)  |  P8 = mix / all-full  |  "
+                 f"captures / hit rate: in the timed run; MB: device memory the graphs pin  |  "
+                 f"attention {s.get('attention')}, fused layer math {s.get('fuse_decode')}  |  "
                  f"server ready in {s.get('ready_s')} s (model built in {s.get('init_s')} s)"
                  + ("" if report.complete else f"  |  INCOMPLETE: {report.stopped}"))
     return t
@@ -294,6 +338,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=150, help="stop within this many seconds, start-up included")
     p.add_argument("--no-warmup", action="store_true", help="time each run's first pass")
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--attention", choices=["auto", "gathered", "in_place", "triton"], default=None,
+                   help="the server's decode attention (default: its own, auto)")
+    p.add_argument("--fuse-decode", action="store_true", help="the server's captured steps run fused layer math")
     p.add_argument("--port", type=int, default=0, help="default: a free one")
     p.add_argument("--json", type=Path, default=None, help="write the report here (after every run)")
     p.add_argument("--server-log", type=Path, default=None, help="the server's output (default: a file in /tmp)")

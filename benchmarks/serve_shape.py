@@ -70,7 +70,8 @@ def engine_factory(shape: str, tokenizer_dir: Path, *, info_path: Path | None = 
         hf_model = random_hf_model(shape, device=device, dtype=dtype)
         params = sum(p.numel() for p in hf_model.parameters())
         engine = Engine.from_hf(hf_model, tokenizer, device=device, dtype=dtype, name=shape,
-                                group_mode=settings.group_mode, graphs=None if settings.cuda_graphs else False)
+                                group_mode=settings.group_mode, graphs=None if settings.cuda_graphs else False,
+                                attention=settings.attention, fuse=settings.fuse_decode)
         del hf_model  # the engine holds its own stacked copy
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -78,6 +79,7 @@ def engine_factory(shape: str, tokenizer_dir: Path, *, info_path: Path | None = 
                     layers=engine.num_layers, vocab_size=engine.vocab_size, tokenizer_vocab=len(tokenizer),
                     torch=torch.__version__, gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                     cuda_graphs=bool(settings.cuda_graphs and device.type == "cuda"),
+                    attention=engine.decode_attention, fuse_decode=settings.fuse_decode,
                     max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
                     init_s=round(time.perf_counter() - t0, 2))
         log.info("built %s", json.dumps(info))
@@ -101,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
+    p.add_argument("--attention", choices=["auto", "gathered", "in_place", "triton"],
+                   help="how decode attention reads the KV pool (settings.attention)")
+    p.add_argument("--fuse-decode", action="store_true", help="captured decode steps run fused layer math")
     p.add_argument("--info-json", type=Path, default=None, help="write what was built here, once it is built")
     p.add_argument("--log-level", default="warning")
     return p.parse_args(argv)
@@ -117,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = dict(device=args.device, dtype=args.dtype, host=args.host, port=args.port,
                      max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, threads=args.threads,
-                     cuda_graphs=False if args.no_cuda_graphs else None)
+                     cuda_graphs=False if args.no_cuda_graphs else None, attention=args.attention,
+                     fuse_decode=True if args.fuse_decode else None)
     settings = Settings(model=args.shape, served_model_name=args.shape,
                         **{k: v for k, v in overrides.items() if v is not None})
     app = create_app(settings, engine_factory=engine_factory(args.shape, args.tokenizer, info_path=args.info_json))

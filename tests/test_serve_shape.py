@@ -66,6 +66,7 @@ def server(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         built = json.loads(info.read_text())
         assert (built["shape"], built["vocab_size"], built["layers"], built["device"]) == ("tiny", VOCAB, 4, "cpu")
         assert built["tokenizer_vocab"] == 291
+        assert (built["attention"], built["fuse_decode"], built["cuda_graphs"]) == ("gathered", False, False)  # CPU
         yield url
     finally:
         proc.terminate()
@@ -109,6 +110,30 @@ def test_bench_http_load_client(server: str) -> None:
     run = bench.summarize("mix x3", wall, stats)
     assert run.tokens == 12 and run.tok_s == pytest.approx(12 / wall)
     assert run.per_policy["full"]["clients"] == 2 and run.per_policy["skip:1"]["clients"] == 1
+
+
+def test_bench_http_reads_the_servers_graph_counters(server: str) -> None:
+    """bench_gpu_http's capture figures come from the server's own /metrics: none on the CPU (no captured steps),
+    and from a metrics module that holds them, the timed run's captures, replays and hit rate, kept graphs, MB."""
+    from server.metrics import Metrics, QueueStats
+
+    bench = _module("bench_gpu_http")
+    assert asyncio.run(bench.graph_stats(server)) == {}
+    assert bench.timed_graphs({}, {}) == {}
+
+    def exposition(**graphs: float) -> str:
+        m = Metrics(model="tiny")
+        m.observe_queue(QueueStats(0, 0, 0.0, decode_graphs=graphs))
+        return m.render()[0].decode()
+
+    before = bench.decode_graph_counters(exposition(graphs=3, captures=3, replays=10, hit_rate=0.77, failures=0,
+                                                    evictions=0, pinned_bytes=2**20))
+    assert before["captures"] == 3 and before["pinned_bytes"] == 2**20
+    after = bench.decode_graph_counters(exposition(graphs=4, captures=4, replays=109, hit_rate=0.96, failures=0,
+                                                   evictions=0, pinned_bytes=3 * 2**20))
+    got = bench.timed_graphs(before, after)
+    assert got == {"captures": 1, "replays": 99, "evictions": 0, "failures": 0, "hit_rate": 0.99, "graphs": 4,
+                   "pinned_mb": 3.0}
 
 
 def test_text_outside_the_vocabulary_is_refused():
