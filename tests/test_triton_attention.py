@@ -67,6 +67,21 @@ def test_reads_keys_through_the_table() -> None:
     torch.testing.assert_close(paged_decode_attention(q, stale, tables, positions, lens, splits=2), base)
 
 
+def test_splits_share_out_each_rows_own_keys() -> None:
+    """Splits divide each row's visible keys, not the columns the table covers: a table covering many more blocks
+    than the rows use (as a captured step's covers the whole table), with more splits than a short row has tiles,
+    gives what gathering gives, windowed or not."""
+    q, pool, tables, positions, lens = _case(lengths=[1, 37, 150], seed=3)
+    want = gathered_attention(q, pool, tables, positions, lens)
+    wide = torch.cat([tables, tables[:, :1].expand(-1, 20)], dim=1)  # 20 more columns, never visible
+    got = paged_decode_attention(q, pool, wide, positions, lens, splits=8, block_n=16)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for window in (1, 40):
+        want = gathered_attention(q, pool, tables, positions, lens, window=window)
+        got = paged_decode_attention(q, pool, wide, positions, lens, window=window, splits=8, block_n=16)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_bfloat16() -> None:
     q, pool, tables, positions, lens = _case(lengths=[33, 100], heads=8, hd=64, dtype=torch.bfloat16, seed=3)
     want = gathered_attention(q.float(), pool.float(), tables, positions, lens)

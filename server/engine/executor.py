@@ -206,7 +206,8 @@ class Executor:
         padded = num_new is not None and any(n != T for n in num_new)
         valid = torch.arange(T, device=dev)[None, :] < new[:, None]
         rope = model.rope(positions, top=top)
-        mask, window_mask = model.masks(positions, num_blocks * cache.block_size)
+        triton_decode = self.attention == "triton" and T == 1  # the kernel masks by position: no mask tensors
+        mask, window_mask = (None, None) if triton_decode else model.masks(positions, num_blocks * cache.block_size)
 
         kv_at = cache.locate(kv_rows, positions[program.kv_batch],
                              valid[program.kv_batch] if padded else None)  # [N, T] where each writes
@@ -215,7 +216,7 @@ class Executor:
         if self.attention == "in_place" and T == 1:
             layout = paged_layout(cache.tables[kv_rows], positions[program.kv_batch], (start + new)[program.kv_batch],
                                   block_size=cache.block_size, block_col=self._block_col)
-        elif self.attention == "triton" and T == 1:
+        elif triton_decode:
             kv_pos, kv_len = positions[program.kv_batch], (start + new)[program.kv_batch]  # [N, 1], [N]
 
         def real_positions(op: _Apply) -> Tensor:
@@ -232,7 +233,8 @@ class Executor:
             got = views.get(op.rowset)
             if got is None:
                 pick = (lambda t: t) if op.whole else (lambda t, rows=op.rows: t[rows])
-                masks = {False: pick(mask), True: None if window_mask is None else pick(window_mask)}
+                masks = {False: None if mask is None else pick(mask),
+                         True: None if window_mask is None else pick(window_mask)}
                 tables = {kind: (pick(c), pick(s)) for kind, (c, s) in rope.items()}
                 keep = real_positions(op) if padded else None
                 got = views[op.rowset] = (masks, tables, keep)
@@ -263,21 +265,32 @@ class Executor:
                 masks, tables, keep = views_
                 chosen = op.entry.layers[g0:g1]
                 kinds = [i in model.args.sliding_layers for i in chosen]
+                windows = [model.args.sliding_window if k else None for k in kinds]
+                mk = None
                 if len(set(kinds)) == 1:
-                    mk = masks[kinds[0]] if G == 1 else masks[kinds[0]].repeat(G, 1, 1, 1)
+                    if masks[kinds[0]] is not None:
+                        mk = masks[kinds[0]] if G == 1 else masks[kinds[0]].repeat(G, 1, 1, 1)
                     cos, sin = (t[None] for t in tables[kinds[0]])
                 else:  # a fused group mixing windowed and global layers: each layer its own mask and rotary table
-                    mk = torch.cat([masks[k] for k in kinds])
+                    if masks[False] is not None:
+                        mk = torch.cat([masks[k] for k in kinds])
                     cos, sin = (torch.stack([tables[k][j] for k in kinds]) for j in (0, 1))
-                window = model.args.sliding_window if kinds[0] else None
 
                 def cached(q: Tensor, new_kv: Tensor) -> Tensor:
                     cache.write(at, new_kv.reshape(-1, *new_kv.shape[3:]))  # [G, m, T, 2 kv, hd] -> [N, 2 kv, hd]
                     if layout is not None and len(set(kinds)) == 1:
-                        return paged_attention(q, cache.pool, layout, kv, scale=model.args.query_scale, window=window)
-                    if kv_pos is not None and len(set(kinds)) == 1:
-                        return paged_decode_attention(q, cache.pool, blocks, kv_pos[kv], kv_len[kv],
-                                                      scale=model.args.query_scale, window=window)
+                        return paged_attention(q, cache.pool, layout, kv, scale=model.args.query_scale,
+                                               window=windows[0])
+                    if kv_pos is not None:
+                        scale, pos, lens = model.args.query_scale, kv_pos[kv], kv_len[kv]
+                        if len(set(kinds)) == 1:
+                            return paged_decode_attention(q, cache.pool, blocks, pos, lens, scale=scale,
+                                                          window=windows[0])
+                        # each layer of the group over its own m rows (q is [G*m, ...], layer-major), its own window
+                        parts = [slice(g * m, (g + 1) * m) for g in range(G)]
+                        return torch.cat([paged_decode_attention(q[r], cache.pool, blocks[r], pos[r], lens[r],
+                                                                 scale=scale, window=w)
+                                          for r, w in zip(parts, windows)])
                     return model.sdpa(q, *cache.read(blocks), mk)
 
                 return model.attention(x, model.weights(chosen), cos, sin, cached, keep, fused=fused)

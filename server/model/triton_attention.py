@@ -7,10 +7,11 @@ row's block-table row, so keys are read once, where they lie, and a 16-token blo
 blocks). Each split leaves its normalised output and its log-sum-exp; a second kernel merges the splits (as in
 flash-decoding, and vLLM's and SGLang's Triton decode kernels). Splits exist so that a few long rows still fill the
 GPU: their number comes from the blocks the caller covers (plain data), so a captured step launches the same grid
-every replay.
+every replay, while each program finds its share of the keys from its row's own length: a captured step may cover
+every block of the table (no context bucket in its key) and a short row still spreads over all its splits.
 
 Masking is by logical key position s: a query at position p sees s <= p, s < the row's length and, given a window,
-p - s < window; the visible range [lo, hi) is computed once per program, so no mask tensor exists.
+p - s < window; the visible range is computed once per program, so no mask tensor exists.
 
 On the CPU the same kernels run in Triton's interpreter (numpy; slow, for tests only): the executor's "triton" mode
 is for CUDA, and the CPU tests check it against the gathered reference through the very same code.
@@ -45,7 +46,7 @@ def available() -> bool:
 
 
 def _partial(Q, Pool, Blocks, Positions, Lengths, PartOut, PartLse,  # noqa: ANN001, N803 -- Triton kernel
-             sq_p, sq_h, sq_t, sb_p, split_len, window, scale,
+             sq_p, sq_h, sq_t, sb_p, window, scale,
              T: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
              PAGE: tl.constexpr, S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -59,8 +60,13 @@ def _partial(Q, Pool, Blocks, Positions, Lengths, PartOut, PartLse,  # noqa: ANN
     t = pt % T
     pos = tl.load(Positions + pt)
     length = tl.load(Lengths + p)
-    lo = tl.maximum(pos - window + 1, split * split_len)
-    hi = tl.minimum(tl.minimum(pos + 1, length), (split + 1) * split_len)
+    # the keys this query sees, [first, last), shared out in whole tiles over the S splits: the split lengths come
+    # from the row itself, so the grid need not follow the context (a captured step covers every block)
+    first = tl.maximum(pos - window + 1, 0)
+    last = tl.minimum(pos + 1, length)
+    per = tl.cdiv(tl.cdiv(tl.maximum(last - first, 0), S), BLOCK_N) * BLOCK_N
+    lo = first + split * per
+    hi = tl.minimum(last, lo + per)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -180,9 +186,7 @@ def paged_decode_attention(q: Tensor, pool: Tensor, blocks: Tensor, positions: T
     assert hd == hd_pool and H % kv == 0 and q.dtype == pool.dtype, (q.shape, pool.shape, q.dtype, pool.dtype)
     assert q.stride(-1) == 1 and blocks.stride(-1) == 1 and pool.is_contiguous()
     nb = blocks.shape[1]
-    keys = nb * page
-    S = splits or num_splits(queries=P * T, kv_heads=kv, keys=keys, device=q.device, block_n=block_n)
-    split_len = -(-keys // S)
+    S = splits or num_splits(queries=P * T, kv_heads=kv, keys=nb * page, device=q.device, block_n=block_n)
     positions = positions.contiguous()
     lengths = lengths.contiguous()
     part_out = torch.empty(P * T, S, H, hd, dtype=torch.float32, device=q.device)
@@ -193,7 +197,7 @@ def paged_decode_attention(q: Tensor, pool: Tensor, blocks: Tensor, positions: T
     block_d = max(MIN_DOT, 1 << (hd - 1).bit_length())
     partial[(P * T, kv, S)](
         q, pool, blocks, positions, lengths, part_out, part_lse,
-        q.stride(0), q.stride(1), q.stride(2), blocks.stride(0), split_len,
+        q.stride(0), q.stride(1), q.stride(2), blocks.stride(0),
         window if window is not None else 2**31 - 1, scale if scale is not None else 1 / math.sqrt(hd),
         T=T, KV=kv, G=H // kv, HD=hd, PAGE=page, S=S, BLOCK_G=max(MIN_DOT, 1 << (H // kv - 1).bit_length()),
         BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
