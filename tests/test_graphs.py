@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from server.engine.generate import Engine
-from server.engine.graphs import bucket
+from server.engine.graphs import bucket, group_buckets
 from server.engine.sampling import SamplingParams
 from server.model import triton_attention
 from tests.conftest import CharTokenizer, tiny_llama
@@ -20,6 +20,16 @@ PROMPTS = [[5 + (i * 7 + j) % 90 for j in range(3 + 4 * i)] for i in range(len(P
 
 def test_buckets():
     assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 63, 64, 65)] == [1, 2, 4, 4, 8, 8, 16, 16, 24, 64, 64, 72]
+
+
+def test_group_buckets():
+    """Every group pads to the largest one's bucket while the step stays within the bound, else each to its own."""
+    assert group_buckets([3, 1, 2]) == [4, 4, 4]
+    assert group_buckets([9, 1]) == [16, 16]
+    assert group_buckets([20, 1, 3], shared_up_to=72) == [24, 24, 24]
+    assert group_buckets([20, 1, 3], shared_up_to=64) == [24, 1, 4]  # 3 x 24 > 64: each its own
+    assert group_buckets([3, 1, 2], shared_up_to=0) == [4, 1, 2]
+    assert group_buckets([5], shared_up_to=0) == group_buckets([5]) == [8]
 
 
 def _generate(hf, *, graphs, attention="gathered", fuse=False, **params):
@@ -47,13 +57,15 @@ def test_padded_decode_samples_the_same():
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
 
 
-@pytest.mark.parametrize("attention", ["in_place", "triton"])
-def test_padded_decode_attention_in_place(attention):
-    """Padded, bucketed steps whose attention reads the pool where it lies (FlexAttention, or the Triton kernel in
-    Triton's interpreter): padding rows read only the scratch block, the context bucket bounds the Triton grid."""
+@pytest.mark.parametrize(("attention", "model"), [("in_place", "llama"), ("triton", "llama"), ("triton", "gemma3")])
+def test_padded_decode_attention_in_place(attention, model):
+    """Padded steps whose attention reads the pool where it lies (FlexAttention, or the Triton kernel in Triton's
+    interpreter), covering every block of the table: padding rows read only the scratch block. Gemma 3's
+    `parallel:1-4` groups windowed and global layers: the kernel runs once per layer of the group, each its own
+    window."""
     if attention == "triton" and not triton_attention.available():
         pytest.skip("needs the triton package")
-    hf = tiny_llama()
+    hf = tiny_llama() if model == "llama" else tiny_model("gemma3")
     want, _ = _generate(hf, graphs=False, max_tokens=6)
     got, _ = _generate(hf, graphs=True, attention=attention, max_tokens=6)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
@@ -134,6 +146,29 @@ def test_rows_joining_and_leaving_keep_the_layout():
     batch.step()
     batch.step()
     assert graphs.stats()["graphs"] == 3  # 4 and then 3 full rows: both bucket 4, the same layout
+
+
+@pytest.mark.parametrize(("shared_up_to", "layouts"), [(64, 1), (0, 2)])
+def test_rows_moving_between_groups_keep_a_shared_layout(shared_up_to, layouts):
+    """With one shared bucket, the split of rows between schedules is data: 2 full + 1 skip:2, then 1 full + 2
+    skip:2 run one layout (each group padded to 2), and the step's layout hit rate counts the second step's reuse;
+    with a bucket per group they are two layouts. (That padded steps decode what unpadded ones do, shared buckets
+    included, is `test_padded_decode_equals_unpadded`'s: its 4 groups of 1 to 3 rows all pad to 4.)"""
+    eng = Engine.from_hf(tiny_llama(), CharTokenizer(), device="cpu", graphs=True)
+    batch = eng.new_batch(max_len=64, num_blocks=200)
+    graphs = batch.executor.graphs
+    graphs.shared_up_to = shared_up_to
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    seqs = [eng.new_sequence([5, 6, 7 + i], params, eng.compile(p)) for i, p in enumerate(["full", "full", "skip:2"])]
+    batch.add(seqs)
+    batch.step()
+    batch.remove(seqs[0].id)
+    batch.add([eng.new_sequence([5, 6, 9], params, eng.compile("skip:2"))])
+    batch.step()
+    batch.step()
+    stats = graphs.stats()
+    assert stats["graphs"] == layouts
+    assert stats["layout_hit_rate"] == pytest.approx((3 - layouts) / 3)
 
 
 def test_graph_stats_reach_prometheus():

@@ -3,16 +3,20 @@
 A decode step's kernels depend on the batch's layout (which schedule each row follows), its number of rows, and, when
 attention gathers each row's context, on how many KV blocks the longest row reads. Token ids, positions and block
 tables are data. So a step is captured per *padded layout*: rows grouped by schedule (schedules in the order of their
-keys), each group padded to a bucket (1, 2, 4, 8, then multiples of 8, as vLLM buckets its graph batch sizes), and
-the context rounded up to a bucket of blocks (1, 2, 4, 8, then multiples of 8; attention that reads the pool in place
-needs none: it always covers the longest sequence). Padding rows name the table row that holds only the scratch
-block: they write and read there, and their logits are dropped. A row joining or leaving a group changes nothing until
-the group crosses a bucket, and a layout seen once is kept: graphs are held least recently used first, up to
-`MAX_GRAPHS`, in one shared memory pool.
+keys), the groups padded to buckets (1, 2, 4, 8, then multiples of 8, as vLLM buckets its graph batch sizes): every
+group to the bucket of the largest while the step stays within `SHARED_UP_TO` rows, else each group to its own
+(`group_buckets`); and the context rounded up to a bucket of blocks (1, 2, 4, 8, then multiples of 8) where attention
+gathers it (attention that reads the pool in place, FlexAttention or the Triton kernel, covers every block and needs
+none). Padding rows name the table row that holds only the scratch block: they write and read there, and their
+logits are dropped. A row joining or leaving changes nothing until its group crosses a bucket, and a layout seen once
+is kept: graphs are held least recently used first, up to `MAX_GRAPHS`, in one shared memory pool.
 
-Why a graph per layout rather than per layer application: a step of any policy mix is then one replay (one launch),
-and a steady load has few layouts (each group's bucket), so captures are rare after warm-up; the price is a capture
-per new mix of schedules and buckets, counted in `stats()`.
+Why a graph per layout rather than per layer application: a step of any policy mix is then one replay (one launch);
+the price is a capture per new layout, counted in `stats()`. Under a churning mix, one bucket per group made the
+layouts the product of the groups' buckets (98 layouts over 1,500 steps of 3 policies at ~8 rows, 123 captures with
+the bound of 32); one shared bucket leaves the schedules present times one bucket (benchmarks/bench_layouts.py,
+docs/results/bench-gpu.md). A graph per layer application would be shared by every mix, but at ~70 replays a step
+with the gathers and scatters between them left eager.
 
 A graph reads static buffers: token ids [Bp, 1] and one packed int64 vector (each row's start [Bp], its new tokens
 [Bp], the KV table row of every (attention application, layer, row) [N], and where each real row sits among the padded
@@ -40,12 +44,38 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_GRAPHS = 32  # captured layouts kept (each pins its output and the pool's share of its intermediates)
+# padded rows up to which every group of a step shares one bucket (`group_buckets`): below ~130 rows a bf16 decode
+# step on an H100 or H200 is still bound by streaming its weights (~700 Tflop/s over 4.8 TB/s), so padding rows are
+# nearly free there
+SHARED_UP_TO = 128
 PAD = object()  # the `seq` of a padding row
 
 
 def bucket(n: int) -> int:
     """What n rows (or blocks) are padded to: 1, 2, 4, 8, then the next multiple of 8."""
     return 1 << (n - 1).bit_length() if n <= 8 else -(-n // 8) * 8
+
+
+def group_buckets(sizes: list[int], *, shared_up_to: int = SHARED_UP_TO) -> list[int]:
+    """The rows each group of a step is padded to, for groups of `sizes` rows: all to the bucket of the largest while
+    that pads the step to at most `shared_up_to` rows, else each to its own bucket. Shared, a step's layout is the
+    schedules present and one bucket, whatever the split between them: under a churning mix that is a few layouts
+    where one bucket per group makes their product (benchmarks/bench_layouts.py). The price is padding rows, which a
+    decode step that streams its weights carries almost free (they read only the scratch block)."""
+    shared = bucket(max(sizes))
+    if shared * len(sizes) <= shared_up_to:
+        return [shared] * len(sizes)
+    return [bucket(n) for n in sizes]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A decode step's padded layout: what its graph is captured for."""
+
+    padded: list[Row]  # the rows grouped by schedule (in key order), each group padded to its bucket with PAD rows
+    where: list[int]  # where each real row sits among the padded ones
+    counts: tuple[int, ...]  # each group's bucket
+    num_blocks: int  # KV blocks per row that attention covers
 
 
 @dataclass
@@ -65,13 +95,15 @@ class _Step:
 class DecodeGraphs:
     """The executor's decode steps, each a replay of the graph of its padded layout."""
 
-    def __init__(self, executor: Executor, *, max_graphs: int = MAX_GRAPHS, fuse: bool = False) -> None:
+    def __init__(self, executor: Executor, *, max_graphs: int = MAX_GRAPHS, fuse: bool = False,
+                 shared_up_to: int = SHARED_UP_TO) -> None:
         """fuse: the steps run the layer math through torch.compile (`Transformer.fused`); it compiles in the
-        warm-up run before a capture, so only the replays' kernels change."""
-        self.executor, self.max_graphs, self.fuse = executor, max_graphs, fuse
+        warm-up run before a capture, so only the replays' kernels change. shared_up_to: see `group_buckets`."""
+        self.executor, self.max_graphs, self.fuse, self.shared_up_to = executor, max_graphs, fuse, shared_up_to
         self._steps: OrderedDict[tuple, _Step] = OrderedDict()  # least recently used first
         self._pool = None  # one CUDA graph memory pool shared by every graph
         self.captures = self.replays = self.failures = self.evictions = 0
+        self.layouts = self.reuses = 0  # steps that built a new layout / found theirs kept (on the CPU too)
         self.pinned_bytes = 0  # growth of reserved device memory while capturing
         cache, model = executor.cache, executor.model
         self._top = cache.max_blocks * cache.block_size
@@ -84,7 +116,9 @@ class DecodeGraphs:
         return {"graphs": len(self._steps), "captures": self.captures, "replays": self.replays,
                 # replays of a graph captured at an earlier step, among all steps
                 "hit_rate": self.replays / seen if seen else 0.0, "failures": self.failures,
-                "evictions": self.evictions, "pinned_bytes": self.pinned_bytes}
+                "evictions": self.evictions, "pinned_bytes": self.pinned_bytes,
+                # the same count on any device: a step whose layout was kept, among all steps
+                "layout_hit_rate": self.reuses / (self.reuses + self.layouts) if self.layouts else 0.0}
 
     def replay_s(self, repeats: int = 20) -> float:
         """Seconds of one replay of the most recently used graph alone (no host work around it): what the step
@@ -100,39 +134,47 @@ class DecodeGraphs:
         end.synchronize()
         return start.elapsed_time(end) / 1e3 / repeats
 
-    def decode(self, tokens: Tensor, rows: list[Row]) -> Tensor:
-        """tokens [B, 1]; rows decode one token each (their KV blocks reserved) -> logits [B, V]."""
-        ex = self.executor
-        cache = ex.cache
+    def layout(self, rows: list[Row]) -> Layout:
+        """How a decode step of `rows` is padded: groups by schedule (in key order), each padded to its bucket, and
+        the blocks attention covers. Plain data: the layout, not the rows' tokens, decides the graph."""
+        cache = self.executor.cache
         groups: dict = {}
         for b, r in enumerate(rows):
             groups.setdefault(r.schedule, []).append(b)
+        order = sorted(groups, key=lambda s: s.key)
+        counts = group_buckets([len(groups[s]) for s in order], shared_up_to=self.shared_up_to)
         padded: list[Row] = []
         where = [0] * len(rows)
-        counts = []
-        for schedule in sorted(groups, key=lambda s: s.key):
+        for schedule, n in zip(order, counts):
             members = groups[schedule]
             for b in members:
                 where[b] = len(padded)
                 padded.append(rows[b])
-            n = bucket(len(members))
             padded += [replace(rows[members[0]], seq=PAD, start=0, num_new=1)] * (n - len(members))
-            counts.append(n)
-        if ex.attention == "in_place":
+        if self.executor.attention in ("in_place", "triton"):  # reads the pool in place: may cover every block
             nb = cache.max_blocks
         else:
             nb = min(bucket(-(-max(r.start + 1 for r in rows) // cache.block_size)), cache.max_blocks)
+        return Layout(padded, where, tuple(counts), nb)
+
+    def decode(self, tokens: Tensor, rows: list[Row]) -> Tensor:
+        """tokens [B, 1]; rows decode one token each (their KV blocks reserved) -> logits [B, V]."""
+        ex = self.executor
+        layout = self.layout(rows)
+        padded, where, nb = layout.padded, layout.where, layout.num_blocks
         plan = ex.plan(padded)
-        key = (id(plan), tuple(counts), nb)
+        key = (id(plan), layout.counts, nb)
         step = self._steps.get(key)
         if step is None:
             step = self._new(plan, ex._compile(plan, padded), len(padded), nb)
             self._steps[key] = step
+            self.layouts += 1
             if len(self._steps) > self.max_graphs:
                 self._steps.popitem(last=False)
                 self.evictions += 1
         else:
             self._steps.move_to_end(key)
+            self.reuses += 1
         Bp, B = len(padded), len(rows)
         host = torch.tensor([r.start for r in padded] + [1] * Bp + ex.kv_table_rows(step.program, padded)
                             + where + [0] * (Bp - B), dtype=torch.long)
