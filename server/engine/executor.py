@@ -49,7 +49,7 @@ class _Apply:
     scale: Tensor | None  # [G, m, 1, 1], None when all 1
     kv: slice | None  # attention: this application's [G*m] entries in the program's KV lists
     whole: bool  # one layer over every row, h -> h, scale 1: no gather or scatter needed
-    dense: bool  # its rows are the batch's rows, in order, once each
+    span: slice | None  # its rows are the batch's rows a..b-1, in order, once each: views instead of gathers
     src_one: int | None  # the one buffer every (layer, row) reads, if there is one
     dst_one: int | None  # the one buffer every (layer, row) writes, if there is one
     dst_per_row: bool  # every layer writes a row to the same buffer: sum over layers first, scatter once
@@ -61,7 +61,7 @@ class _Apply:
 class _RowOp:
     entry: Copy | Merge | Boundary
     rows: Tensor
-    dense: bool = False  # the batch's rows, in order: plain slices instead of gathers
+    span: slice | None = None  # its rows are the batch's rows a..b-1, in order: views instead of gathers
 
 
 @dataclass
@@ -232,7 +232,7 @@ class Executor:
             positions are real tokens (None: all are); shared by row set."""
             got = views.get(op.rowset)
             if got is None:
-                pick = (lambda t: t) if op.whole else (lambda t, rows=op.rows: t[rows])
+                pick = (lambda t, rows=op.rows if op.span is None else op.span: t[rows])
                 masks = {False: None if mask is None else pick(mask),
                          True: None if window_mask is None else pick(window_mask)}
                 tables = {kind: (pick(c), pick(s)) for kind, (c, s) in rope.items()}
@@ -314,7 +314,7 @@ class Executor:
             return
         G = op.src.shape[0]
         if op.src_one is not None:  # one input for every layer (a group's shared input): no per-layer gather
-            one = buffers[op.src_one] if op.dense else buffers[op.src_one, op.rows]
+            one = buffers[op.src_one, op.rows if op.span is None else op.span]
             x = one[None].expand(G, *one.shape)
         else:
             x = buffers[op.src, op.rows[None, :]]  # [G, m, T, d]
@@ -326,8 +326,8 @@ class Executor:
             out = out * op.scale
         if op.dst_per_row:
             out = out.sum(0) if G > 1 else out[0]  # [m, T, d]
-            if op.dense and op.dst_one is not None:
-                buffers[op.dst_one] += out
+            if op.span is not None and op.dst_one is not None:
+                buffers[op.dst_one, op.span] += out
                 return
         flat = buffers.view(-1, *buffers.shape[2:])  # [buffers x rows, T, d]
         flat.index_add_(0, op.flat_dst, out.reshape(-1, *out.shape[-2:]))
@@ -368,7 +368,7 @@ class Executor:
         B = len(rows)
         for e in plan.entries:
             if not isinstance(e, Apply):
-                ops.append(_RowOp(e, index(members[e.schedule]), members[e.schedule] == list(range(len(rows)))))
+                ops.append(_RowOp(e, index(members[e.schedule]), _span(members[e.schedule])))
                 continue
             batch_rows = [b for u in e.uses[0] for b in members[u.schedule]]
             src = [[u.src for u in uses for _ in members[u.schedule]] for uses in e.uses]
@@ -383,8 +383,8 @@ class Executor:
                             kv_pairs.append((b, u.slot))
                             kv_batch.append(b)
                 kv = slice(start, len(kv_pairs))
-            dense = batch_rows == list(range(B))
-            whole = (len(e.layers) == 1 and dense and set(src[0]) == {0} and set(dst[0]) == {0}
+            span = _span(batch_rows)
+            whole = (len(e.layers) == 1 and span == slice(0, B) and set(src[0]) == {0} and set(dst[0]) == {0}
                      and set(scale[0]) == {1.0})
             all_one = all(s == 1.0 for layer in scale for s in layer)
             srcs, dsts = {v for layer in src for v in layer}, {v for layer in dst for v in layer}
@@ -394,7 +394,7 @@ class Executor:
             ops.append(_Apply(
                 e, index(batch_rows), rowsets.setdefault(tuple(batch_rows), len(rowsets)), index(src), index(dst),
                 None if all_one else torch.tensor(scale, dtype=self.model.dtype, device=dev)[:, :, None, None],
-                kv, whole, dense, next(iter(srcs)) if len(srcs) == 1 else None,
+                kv, whole, span, next(iter(srcs)) if len(srcs) == 1 else None,
                 next(iter(dsts)) if len(dsts) == 1 else None, per_row, index(flat), tuple(batch_rows),
             ))
         program = _Program(plan, ops, tuple(kv_pairs), index(kv_batch))
@@ -404,15 +404,13 @@ class Executor:
         return program
 
 
+def _span(rows: list[int]) -> slice | None:
+    """rows as a slice when they are consecutive batch rows, once each, in order (as a captured step's groups are)."""
+    return slice(rows[0], rows[-1] + 1) if rows and rows == list(range(rows[0], rows[-1] + 1)) else None
+
+
 def _row_op(buffers: Tensor, op: _RowOp) -> None:
-    e, rows = op.entry, op.rows
-    if op.dense:
-        if isinstance(e, Copy):
-            buffers[e.dst_lo : e.dst_hi] = buffers[e.src][None]
-        else:
-            x = buffers[1]
-            buffers[0] = x + e.weight * (buffers[2 : 2 + e.members] - x[None]).sum(0)
-        return
+    e, rows = op.entry, op.rows if op.span is None else op.span
     if isinstance(e, Copy):
         buffers[e.dst_lo : e.dst_hi, rows] = buffers[e.src, rows][None]
     else:  # Merge: h = x + w * sum_i (t_i - x)
