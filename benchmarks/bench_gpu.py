@@ -127,16 +127,17 @@ def profile_decode(engine: Engine, *, policy: str = "full", prompt_len: int = 24
                                                            logits_at=at), steps=steps, top=top)
 
 
-def profile_captured(engine: Engine, *, policy: str = "full", prompt_len: int = 24, steps: int = 8,
-                     top: int = 20) -> dict[str, Any]:
-    """The same for whole engine steps of one row (`Batch.step`: the captured step's replay, sampling, the copy
-    back), after warm-up steps have captured the layout: the kernels a replay runs, where the profiler sees inside
-    CUDA graphs (CUPTI reports graph kernels on recent drivers; zero kernels would say it does not here)."""
+def profile_captured(engine: Engine, *, policies: tuple[str, ...] = ("full",), prompt_len: int = 24,
+                     steps: int = 8, top: int = 20) -> dict[str, Any]:
+    """The same for whole engine steps of one row per policy (`Batch.step`: the captured step's replay, sampling,
+    the copy back), after warm-up steps have captured the layout: the kernels a replay runs, where the profiler sees
+    inside CUDA graphs (CUPTI reports graph kernels on recent drivers; zero kernels would say it does not here)."""
     params = SamplingParams(max_tokens=steps + 4, ignore_eos=True)
-    batch = engine.new_batch(max_len=prompt_len + steps + 4,
-                             num_blocks=-(-(prompt_len + steps + 4) // engine.block_size)
-                             * engine.compile(policy).num_slots + 1)
-    batch.add([engine.new_sequence([10 + j for j in range(prompt_len)], params, engine.compile(policy))])
+    max_len = prompt_len + steps + 4
+    batch = engine.new_batch(max_len=max_len, num_blocks=sum(-(-max_len // engine.block_size)
+                                                             * engine.compile(p).num_slots for p in policies) + 1)
+    batch.add([engine.new_sequence([10 + i + j for j in range(prompt_len)], params, engine.compile(p))
+               for i, p in enumerate(policies)])
     for _ in range(3):
         batch.step()  # captures this layout (and, fused, compiles its units)
     return _kernel_summary(engine.model.device, batch.step, steps=steps, top=top)
@@ -332,6 +333,10 @@ def main(argv: list[str] | None = None) -> dict:
         got = {f"profile_bs1_{p.replace(':', '')}": profile_decode(eager, policy=p, steps=4 if a.smoke else 8)
                for p in ("full", "pairs")}
         got["profile_captured_bs1_full"] = profile_captured(captured, steps=4 if a.smoke else 8)
+        # the P8 mix's step: what its gathers, scatters and smaller matmuls add to 12 rows of `full`
+        got["profile_captured_mixed12"] = profile_captured(captured, policies=tuple(MIX), steps=4 if a.smoke else 8)
+        got["profile_captured_full12"] = profile_captured(captured, policies=("full",) * 12,
+                                                          steps=4 if a.smoke else 8)
         return got
 
     def engine_figures(prefix: str, engine: Engine, *, bs1: tuple[str, ...] = ("full",)) -> dict:
