@@ -19,9 +19,11 @@ Figures (peak bandwidth 4.8 TB/s, the H200's):
   attn_4k_over_bound           decode attention, 16 rows x 4,096 tokens: time / (KV bytes / peak), the fastest of
                                gathered + SDPA, FlexAttention in place and the Triton kernel in place (each is
                                reported, with the Triton kernel's tilings)
-the engine again with its layer math fused by torch.compile inside the captured step (`fused_*`), with decode
-attention in place (`triton_*`: the Triton kernel; `in_place_*`: FlexAttention) and gathered (`gathered_*`), and
-transformers' generate (static cache, compiled) at batch 1 and 64 beside ours.
+the P8 mix under churn (requests arriving and leaving: `churn_*`, groups padded to one shared bucket against one
+bucket each, captures and seconds capturing included), the engine again with its layer math fused by torch.compile
+inside the captured step (`fused_*`), with decode attention in place (`triton_*`: the Triton kernel; `in_place_*`:
+FlexAttention) and gathered (`gathered_*`), and transformers' generate (static cache, compiled) at batch 1 and 64
+beside ours.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import bench_attention  # noqa: E402
+from benchmarks import bench_attention, bench_layouts  # noqa: E402
 from server.engine.bench import SHAPES, _IdTokenizer, _time_parts  # noqa: E402
 from server.engine.executor import Executor, Row  # noqa: E402
 from server.engine.generate import Engine  # noqa: E402
@@ -51,7 +53,7 @@ log = logging.getLogger("bench_gpu")
 PEAK_BYTES_S = 4.8e12
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
-SECTIONS = ("batch1", "mixed", "bs64", "attention", "profile", "fused", "gathered", "triton", "in_place",
+SECTIONS = ("batch1", "mixed", "bs64", "churn", "attention", "profile", "fused", "gathered", "triton", "in_place",
             "transformers", "transformers64")
 MIX = ["full"] * 4 + ["skip:8"] * 4 + ["pairs"] * 4
 
@@ -311,6 +313,20 @@ def main(argv: list[str] | None = None) -> dict:
                 "bs64_bandwidth_fraction": (weight_bytes + kv_bytes) / got["step_s"] / PEAK_BYTES_S,
                 "bs64_graphs": got["graphs"], "eager_bs64_tok_s": e["tok_s"], "eager_bs64_step_ms": e["step_s"] * 1e3}
 
+    def churn() -> dict:
+        """The P8 mix under churn (benchmarks/bench_layouts.py's load: Poisson arrivals at ~8 rows, prompts of 4-200
+        tokens, 8-160 new tokens each) through captured steps, every group padded to one shared bucket (the engine's
+        rule) and each to its own: tok/s over the run (prefills and captures included), captures, hit rate and
+        seconds capturing, from a cold start each."""
+        got: dict[str, Any] = {}
+        for rule, up_to in (("shared", None), ("own", 0)):
+            r = bench_layouts.churn(captured, policies=tuple(dict.fromkeys(MIX)), rows=4 if a.smoke else 8,
+                                    steps=30 if a.smoke else 400, shared_up_to=up_to)
+            got[f"churn_{rule}_tok_s"], got[f"churn_{rule}_graphs"] = r["tok_s"], r["graphs"]
+            got[f"churn_{rule}_decode_steps"] = r["decode_steps"]
+        got["churn_shared_over_own"] = got["churn_shared_tok_s"] / got["churn_own_tok_s"]
+        return got
+
     def attention() -> dict:
         r = bench_attention.run(device=device, shape="smollm2-135m" if a.smoke else "llama-2-7b", rows=(attn[0],),
                                 contexts=(attn[1],), repeats=3 if a.smoke else 20,
@@ -398,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict:
     skip = {x for x in a.skip.split(",") if x}
     if skip - set(SECTIONS):
         ap.error(f"unknown sections {sorted(skip - set(SECTIONS))}; there are {', '.join(SECTIONS)}")
-    sections = (batch1, mixed, bs64, attention, profile_, fused, lambda: mode_figures("gathered"),
+    sections = (batch1, mixed, bs64, churn, attention, profile_, fused, lambda: mode_figures("gathered"),
                 lambda: mode_figures("triton"), lambda: mode_figures("in_place"), hf_small, hf_large)
     for name, fn in zip(SECTIONS, sections):
         if name not in skip:
@@ -430,7 +446,8 @@ def print_table(d: dict) -> None:
               else f"{key:38s} {'':>8s} {d[key]:9.1f}  eager (no captured step), the same run")
     for key in sorted(k for k in d if k.endswith("_graphs")):
         print(f"{key:38s} {json.dumps(d[key], default=str)}")
-    for key in ("p8_weight_bound", "p8_over_bound", "full_bs1_step_ms", "full_bs1_replay_ms", "fused_replay_ms",
+    for key in ("p8_weight_bound", "p8_over_bound", "churn_shared_tok_s", "churn_own_tok_s", "churn_shared_over_own",
+                "full_bs1_step_ms", "full_bs1_replay_ms", "fused_replay_ms",
                 "fused_bs1_first_s", "bs64_step_ms", "plain_mm"):
         if d.get(key) is not None:
             print(f"{key:38s} {d[key]}")

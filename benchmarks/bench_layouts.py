@@ -29,6 +29,7 @@ import json
 import math
 import random
 import sys
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,6 @@ from server.engine.bench import _IdTokenizer  # noqa: E402
 from server.engine.executor import Row  # noqa: E402
 from server.engine.generate import Engine  # noqa: E402
 from server.engine.graphs import DecodeGraphs  # noqa: E402
-from server.engine.loop import EngineLoop, QueueFullError  # noqa: E402
 from server.engine.request import Request  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.policy.planner import Apply  # noqa: E402
@@ -115,6 +115,8 @@ def run(mix: str, *, rows: int, steps: int, seed: int, bound: int) -> dict:
     tokens each, policies drawn uniformly from the mix. Counted over every decode step of `steps` engine steps."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from server.engine.loop import EngineLoop, QueueFullError  # imports prometheus_client: not where churn runs
+
     torch.manual_seed(seed)
     hf = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPE))
     engine = Engine.from_hf(hf, _IdTokenizer(), device="cpu", graphs=True, attention="gathered")
@@ -141,31 +143,83 @@ def run(mix: str, *, rows: int, steps: int, seed: int, bound: int) -> dict:
         return real(self, tokens, rs)
 
     rng = random.Random(seed)
-    policies = MIXES[mix]
-    schedules = {p: engine.compile(p) for p in policies}
-    rate = rows / ((8 + 160) / 2)  # arrivals per step that keep `rows` running (Little's law)
+    schedules = {p: engine.compile(p) for p in MIXES[mix]}
     DecodeGraphs.decode = counted
     try:
         for i in range(steps):
-            for j in range(_poisson(rng, rate)):
-                prompt = [rng.randrange(2, SHAPE["vocab_size"]) for _ in range(rng.randint(4, 200))]
-                params = SamplingParams(max_tokens=rng.randint(8, 160), ignore_eos=True, temperature=0.0)
+            for j, (prompt, params, policy) in enumerate(arrivals(rng, rows=rows, policies=MIXES[mix],
+                                                                  vocab=SHAPE["vocab_size"])):
                 try:
-                    loop.submit(Request(f"r{i}.{j}", prompt, params, schedules[rng.choice(policies)]),
-                                lambda out: None)
+                    loop.submit(Request(f"r{i}.{j}", prompt, params, schedules[policy]), lambda out: None)
                 except QueueFullError:  # dropped, as a server answers 503
                     pass
             loop.step()
     finally:
         DecodeGraphs.decode = real
     n, total = len(real_rows), sum(real_rows)
-    return {"mix": mix, "policies": list(policies), "decode_steps": n, "mean_rows": total / max(1, n),
+    return {"mix": mix, "policies": list(MIXES[mix]), "decode_steps": n, "mean_rows": total / max(1, n),
             "max_rows": max(real_rows, default=0), "bound": bound, "engine_stats": graphs.stats(),
             "layout": {rule: c.figures(n) | {"padded_over_real": padded[rule] / max(1, total)}
                        for rule, c in layout.items()},
             "context_free": {rule: c.figures(n) | {"padded_over_real": padded[rule] / max(1, total)}
                              for rule, c in context_free.items()},
             "application": application.figures(n)}
+
+
+MAX_PROMPT, MAX_NEW = 200, 160
+
+
+def arrivals(rng: random.Random, *, rows: int, policies: tuple[str, ...], vocab: int,
+             ) -> list[tuple[list[int], SamplingParams, str]]:
+    """One step's new requests for a load whose mean concurrency is about `rows`: Poisson arrivals, prompts of 4 to
+    `MAX_PROMPT` random ids below `vocab`, 8 to `MAX_NEW` new tokens (greedy, no stop), a policy drawn uniformly."""
+    rate = rows / ((8 + MAX_NEW) / 2)  # arrivals per step that keep `rows` running (Little's law)
+    got = []
+    for _ in range(_poisson(rng, rate)):
+        prompt = [rng.randrange(2, vocab) for _ in range(rng.randint(4, MAX_PROMPT))]
+        params = SamplingParams(max_tokens=rng.randint(8, MAX_NEW), ignore_eos=True, temperature=0.0)
+        got.append((prompt, params, rng.choice(policies)))
+    return got
+
+
+def churn(engine: Engine, *, policies: tuple[str, ...], rows: int, steps: int, seed: int = 0,
+          shared_up_to: int | None = None) -> dict:
+    """Decode throughput under churn: the same arrivals as `run`, fed straight to one engine batch (no HTTP, no
+    engine loop: it runs where the web stack and prometheus_client are missing, as on the GPU machine), up to
+    2 x `rows` at once (later arrivals wait). shared_up_to: the captured steps' padding rule (`group_buckets`; None:
+    the engine's). -> tokens per second over the whole run (prefills, captures and waits included) and what the
+    captured steps did."""
+    device = engine.model.device
+    max_len = MAX_PROMPT + MAX_NEW
+    slots = max(engine.compile(p).num_slots for p in policies)
+    batch = engine.new_batch(max_len=max_len, num_blocks=2 * rows * -(-max_len // engine.block_size) * slots + 1)
+    graphs = batch.executor.graphs
+    if graphs is not None and shared_up_to is not None:
+        graphs.shared_up_to = shared_up_to
+    schedules = {p: engine.compile(p) for p in policies}
+    rng = random.Random(seed)
+    waiting: list = []
+    tokens = decode_steps = 0
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        waiting += arrivals(rng, rows=rows, policies=policies, vocab=engine.vocab_size)
+        room = 2 * rows - len(batch.sequences)
+        new, waiting = waiting[:room], waiting[room:]
+        batch.add([engine.new_sequence(prompt, params, schedules[p]) for prompt, params, p in new])
+        decode_steps += bool(batch.sequences)
+        batch.step()
+        tokens += sum(len(s.output_ids) for s in batch.filter())
+    _sync(device)
+    wall = time.perf_counter() - t
+    tokens += sum(len(s.output_ids) for s in batch.sequences)
+    return {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall, "decode_steps": decode_steps,
+            "graphs": None if graphs is None else graphs.stats()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _poisson(rng: random.Random, lam: float) -> int:

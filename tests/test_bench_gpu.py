@@ -32,6 +32,9 @@ def test_smoke_engine_sections(tmp_path: Path) -> None:
     # the tiny shape's mix re-reads 3 of 10 attentions (13 attention reads, 10 MLP reads): 0.92 of full's bytes
     assert d["p8_weight_bound"] == pytest.approx(0.9157, abs=1e-3)
     assert d["p8_over_bound"] == pytest.approx(d["p8_mixed_over_full"] / d["p8_weight_bound"])
+    # churn: both padding rules decoded tokens; on the CPU nothing is captured, but layouts are counted
+    assert d["churn_shared_tok_s"] > 0 and d["churn_own_tok_s"] > 0 and d["churn_shared_over_own"] > 0
+    assert d["churn_shared_graphs"]["captures"] == 0 and d["churn_shared_graphs"]["layout_hit_rate"] > 0
     # the fused section: layer math through torch.compile (Inductor's C++ here), the same greedy tokens
     assert d["fused_full_bs1_tok_s"] > 0 and d["fused_pairs_over_full"] > 0 and d["fused_p8_mixed_over_full"] > 0
     assert d["fused_equals_headline"] == {"bs1": True, "mixed12": True}

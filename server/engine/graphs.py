@@ -30,6 +30,7 @@ the CPU tests compare with the unpadded step.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -105,6 +106,7 @@ class DecodeGraphs:
         self.captures = self.replays = self.failures = self.evictions = 0
         self.layouts = self.reuses = 0  # steps that built a new layout / found theirs kept (on the CPU too)
         self.pinned_bytes = 0  # growth of reserved device memory while capturing
+        self.capture_s = 0.0  # host seconds spent capturing (each capture's warm-up step included)
         cache, model = executor.cache, executor.model
         self._top = cache.max_blocks * cache.block_size
         # grow the rotary tables once, to every position the cache can hold: a graph reads them where they lie, so
@@ -116,7 +118,7 @@ class DecodeGraphs:
         return {"graphs": len(self._steps), "captures": self.captures, "replays": self.replays,
                 # replays of a graph captured at an earlier step, among all steps
                 "hit_rate": self.replays / seen if seen else 0.0, "failures": self.failures,
-                "evictions": self.evictions, "pinned_bytes": self.pinned_bytes,
+                "evictions": self.evictions, "pinned_bytes": self.pinned_bytes, "capture_s": self.capture_s,
                 # the same count on any device: a step whose layout was kept, among all steps
                 "layout_hit_rate": self.reuses / (self.reuses + self.layouts) if self.layouts else 0.0}
 
@@ -212,6 +214,7 @@ class DecodeGraphs:
     def _capture(self, step: _Step) -> None:
         dev = step.tokens.device
         before = torch.cuda.memory_reserved(dev)
+        t = time.perf_counter()
         try:
             main = torch.cuda.current_stream(dev)
             side = torch.cuda.Stream(dev)
@@ -231,3 +234,4 @@ class DecodeGraphs:
             step.eager, step.graph, step.logits = True, None, None
             self.failures += 1
         self.pinned_bytes += max(0, torch.cuda.memory_reserved(dev) - before)
+        self.capture_s += time.perf_counter() - t
