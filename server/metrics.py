@@ -108,7 +108,8 @@ class Metrics:
         self.prefix_limit = Gauge("painters:prefix_cache_blocks_limit", "Cap on painters:prefix_cache_blocks",
                                   ["model"], registry=r)
         self.graphs = Gauge("painters:decode_graphs", "Captured decode steps (CUDA graphs): kept, captured, replayed, "
-                            "failed, evicted, hit rate, device bytes pinned, seconds capturing, layout hit rate", ["model", "stat"], registry=r)
+                            "failed, evicted, hit rate, device bytes pinned, seconds capturing, bytes the kept graphs own, "
+                            "layout hit rate", ["model", "stat"], registry=r)
         self.batch_size = Histogram("painters:batch_size", "Sequences per engine step", labels, buckets=BATCH_BUCKETS,
                                     registry=r)
         self.step_duration = hist("step_duration_seconds", "Engine step duration", TOKEN_LATENCY_BUCKETS)

@@ -148,6 +148,28 @@ def test_rows_joining_and_leaving_keep_the_layout():
     assert graphs.stats()["graphs"] == 3  # 4 and then 3 full rows: both bucket 4, the same layout
 
 
+def test_kept_layouts_stay_within_their_byte_bound():
+    """Layouts are dropped least recently used first while the bytes they own (static inputs and the output logits
+    [Bp, V] float32 a graph keeps) pass the bound; the newest stays even alone above it, and counting is the same on
+    the CPU as on CUDA."""
+    eng = Engine.from_hf(tiny_llama(), CharTokenizer(), device="cpu", graphs=True)
+    batch = eng.new_batch(max_len=64, num_blocks=300)
+    graphs = batch.executor.graphs
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    batch.add([eng.new_sequence([5, 6, 7], params, eng.compile("full"))])
+    batch.step()
+    one = graphs.stats()["kept_bytes"]  # a 1-row layout
+    assert one > eng.vocab_size * 4
+    graphs.max_bytes = int(2.5 * one)
+    batch.add([eng.new_sequence([5, 6, 8], params, eng.compile("full"))])
+    batch.step()  # a 2-row layout: ~3x one together, so the 1-row layout goes
+    assert graphs.stats()["graphs"] == 1 and graphs.stats()["evictions"] == 1
+    batch.add([eng.new_sequence([5, 6, 9], params, eng.compile("full"))])
+    batch.step()  # 3 rows pad to 4: that layout alone passes the bound, and stays
+    stats = graphs.stats()
+    assert stats["graphs"] == 1 and stats["evictions"] == 2 and stats["kept_bytes"] > graphs.max_bytes
+
+
 @pytest.mark.parametrize(("shared_up_to", "layouts"), [(64, 1), (0, 2)])
 def test_rows_moving_between_groups_keep_a_shared_layout(shared_up_to, layouts):
     """With one shared bucket, the split of rows between schedules is data: 2 full + 1 skip:2, then 1 full + 2

@@ -9,7 +9,8 @@ group to the bucket of the largest while the step stays within `SHARED_UP_TO` ro
 gathers it (attention that reads the pool in place, FlexAttention or the Triton kernel, covers every block and needs
 none). Padding rows name the table row that holds only the scratch block: they write and read there, and their
 logits are dropped. A row joining or leaving changes nothing until its group crosses a bucket, and a layout seen once
-is kept: graphs are held least recently used first, up to `MAX_GRAPHS`, in one shared memory pool.
+is kept: graphs are held least recently used first, up to `MAX_GRAPHS` of them owning up to `MAX_GRAPH_BYTES`
+(their outputs and static inputs), their intermediates in one shared memory pool.
 
 Why a graph per layout rather than per layer application: a step of any policy mix is then one replay (one launch);
 the price is a capture per new layout, counted in `stats()`. Under a churning mix, one bucket per group made the
@@ -44,7 +45,10 @@ if TYPE_CHECKING:
     from server.policy.planner import StepPlan
 
 log = logging.getLogger(__name__)
-MAX_GRAPHS = 32  # captured layouts kept (each pins its output and the pool's share of its intermediates)
+MAX_GRAPHS = 32  # captured layouts kept
+# bytes the kept graphs may own: each its output logits [Bp, V] float32 and its static inputs (a 128-row step of
+# Gemma 3's 262k vocabulary owns 134 MB; the intermediates live in one shared pool, as large as the largest step's)
+MAX_GRAPH_BYTES = 1 << 30
 # padded rows up to which every group of a step shares one bucket (`group_buckets`): below ~130 rows a bf16 decode
 # step on an H100 or H200 is still bound by streaming its weights (~700 Tflop/s over 4.8 TB/s), so padding rows are
 # nearly free there
@@ -88,6 +92,7 @@ class _Step:
     tokens: Tensor  # [Bp, 1]
     inputs: Tensor  # [3 Bp + N] start, new tokens, KV table rows, where each real row sits
     run: Callable[[], Tensor]  # the eager step over the static buffers -> logits [Bp, V]
+    own_bytes: int  # what the step keeps while it is kept: its static inputs and, captured, its output logits
     graph: torch.cuda.CUDAGraph | None = None
     logits: Tensor | None = None  # the graph's output
     eager: bool = False  # capture failed: the padded step runs eagerly
@@ -96,11 +101,14 @@ class _Step:
 class DecodeGraphs:
     """The executor's decode steps, each a replay of the graph of its padded layout."""
 
-    def __init__(self, executor: Executor, *, max_graphs: int = MAX_GRAPHS, fuse: bool = False,
-                 shared_up_to: int = SHARED_UP_TO) -> None:
-        """fuse: the steps run the layer math through torch.compile (`Transformer.fused`); it compiles in the
-        warm-up run before a capture, so only the replays' kernels change. shared_up_to: see `group_buckets`."""
-        self.executor, self.max_graphs, self.fuse, self.shared_up_to = executor, max_graphs, fuse, shared_up_to
+    def __init__(self, executor: Executor, *, max_graphs: int = MAX_GRAPHS, max_bytes: int = MAX_GRAPH_BYTES,
+                 fuse: bool = False, shared_up_to: int = SHARED_UP_TO) -> None:
+        """max_graphs, max_bytes: bounds on the layouts kept and on the bytes they own (`_Step.own_bytes`, counted
+        the same on the CPU, where nothing is captured); the least recently used go first, the newest always stays.
+        fuse: the steps run the layer math through torch.compile (`Transformer.fused`); it compiles in the warm-up
+        run before a capture, so only the replays' kernels change. shared_up_to: see `group_buckets`."""
+        self.executor, self.max_graphs, self.max_bytes = executor, max_graphs, max_bytes
+        self.fuse, self.shared_up_to = fuse, shared_up_to
         self._steps: OrderedDict[tuple, _Step] = OrderedDict()  # least recently used first
         self._pool = None  # one CUDA graph memory pool shared by every graph
         self.captures = self.replays = self.failures = self.evictions = 0
@@ -119,6 +127,7 @@ class DecodeGraphs:
                 # replays of a graph captured at an earlier step, among all steps
                 "hit_rate": self.replays / seen if seen else 0.0, "failures": self.failures,
                 "evictions": self.evictions, "pinned_bytes": self.pinned_bytes, "capture_s": self.capture_s,
+                "kept_bytes": sum(step.own_bytes for step in self._steps.values()),
                 # the same count on any device: a step whose layout was kept, among all steps
                 "layout_hit_rate": self.reuses / (self.reuses + self.layouts) if self.layouts else 0.0}
 
@@ -171,9 +180,7 @@ class DecodeGraphs:
             step = self._new(plan, ex._compile(plan, padded), len(padded), nb)
             self._steps[key] = step
             self.layouts += 1
-            if len(self._steps) > self.max_graphs:
-                self._steps.popitem(last=False)
-                self.evictions += 1
+            self._evict()
         else:
             self._steps.move_to_end(key)
             self.reuses += 1
@@ -196,6 +203,14 @@ class DecodeGraphs:
             self.replays += hit
         return logits.index_select(0, at)
 
+    def _evict(self) -> None:
+        """Drop the least recently used layouts while more are kept, or more bytes owned, than the bounds allow."""
+        owned = sum(step.own_bytes for step in self._steps.values())
+        while len(self._steps) > 1 and (len(self._steps) > self.max_graphs or owned > self.max_bytes):
+            _, step = self._steps.popitem(last=False)
+            owned -= step.own_bytes
+            self.evictions += 1
+
     def _new(self, plan: StepPlan, program: _Program, Bp: int, nb: int) -> _Step:
         ex = self.executor
         dev = ex.model.device
@@ -209,7 +224,9 @@ class DecodeGraphs:
             return ex.run(plan, program, tokens, start, new, kv_rows, top=self._top, num_blocks=nb, num_new=None,
                           logits_at=logits_at, fused=self.fuse)
 
-        return _Step(plan, program, tokens, inputs, run)
+        logits_bytes = Bp * ex.model.args.vocab_size * 4  # float32, as `Transformer.logits` returns them
+        own = tokens.nbytes + inputs.nbytes + logits_at.nbytes + logits_bytes
+        return _Step(plan, program, tokens, inputs, run, own)
 
     def _capture(self, step: _Step) -> None:
         dev = step.tokens.device
