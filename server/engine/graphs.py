@@ -14,7 +14,7 @@ is kept: graphs are held least recently used first, up to `MAX_GRAPHS` of them o
 
 Why a graph per layout rather than per layer application: a step of any policy mix is then one replay (one launch);
 the price is a capture per new layout, counted in `stats()`. Under a churning mix, one bucket per group made the
-layouts the product of the groups' buckets (98 layouts over 1,500 steps of 3 policies at ~8 rows, 123 captures with
+layouts the product of the groups' buckets (83 layouts over 1,500 steps of 3 policies at ~8 rows, 109 captures with
 the bound of 32); one shared bucket leaves the schedules present times one bucket (benchmarks/bench_layouts.py,
 docs/results/bench-gpu.md). A graph per layer application would be shared by every mix, but at ~70 replays a step
 with the gathers and scatters between them left eager.
