@@ -147,15 +147,18 @@ def decode_graph_counters(exposition: str) -> dict[str, float]:
 
 
 def timed_graphs(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """What the counters say of the steps between two reads: captures, replays, evictions and failures there, the
-    hit rate (replays / decode steps) there; graphs kept and MB pinned after."""
+    """What the counters say of the steps between two reads: captures, replays, evictions, failures and seconds
+    capturing there, the hit rate (replays / decode steps) there; graphs kept, MB they own and MB pinned after."""
     if not after:
         return {}
-    got = {k: after[k] - before.get(k, 0.0) for k in ("captures", "replays", "evictions", "failures") if k in after}
+    got = {k: after[k] - before.get(k, 0.0) for k in ("captures", "replays", "evictions", "failures", "capture_s")
+           if k in after}
     steps = got.get("captures", 0.0) + got.get("replays", 0.0)
     got["hit_rate"] = got.get("replays", 0.0) / steps if steps else 0.0
     got["graphs"] = after.get("graphs", 0.0)
     got["pinned_mb"] = round(after.get("pinned_bytes", 0.0) / 2**20, 1)
+    if "kept_bytes" in after:
+        got["kept_mb"] = round(after["kept_bytes"] / 2**20, 1)
     return got
 
 

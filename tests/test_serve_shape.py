@@ -127,13 +127,15 @@ def test_bench_http_reads_the_servers_graph_counters(server: str) -> None:
         return m.render()[0].decode()
 
     before = bench.decode_graph_counters(exposition(graphs=3, captures=3, replays=10, hit_rate=0.77, failures=0,
-                                                    evictions=0, pinned_bytes=2**20))
+                                                    evictions=0, pinned_bytes=2**20, capture_s=1.0,
+                                                    kept_bytes=2**20))
     assert before["captures"] == 3 and before["pinned_bytes"] == 2**20
     after = bench.decode_graph_counters(exposition(graphs=4, captures=4, replays=109, hit_rate=0.96, failures=0,
-                                                   evictions=0, pinned_bytes=3 * 2**20))
+                                                   evictions=0, pinned_bytes=3 * 2**20, capture_s=1.5,
+                                                   kept_bytes=2 * 2**20))
     got = bench.timed_graphs(before, after)
-    assert got == {"captures": 1, "replays": 99, "evictions": 0, "failures": 0, "hit_rate": 0.99, "graphs": 4,
-                   "pinned_mb": 3.0}
+    assert got == {"captures": 1, "replays": 99, "evictions": 0, "failures": 0, "capture_s": 0.5, "hit_rate": 0.99,
+                   "graphs": 4, "pinned_mb": 3.0, "kept_mb": 2.0}
 
 
 def test_text_outside_the_vocabulary_is_refused():
