@@ -189,19 +189,24 @@ def hf_generate_tok_s(hf_model: Any, *, rows: int, prompt_len: int, new_tokens: 
 
 
 class Run:
-    """Sections, each timed and guarded; results and errors go to one dict written after every section."""
+    """Sections, each timed and guarded; results and errors go to one dict written after every section. Past the
+    deadline (time.perf_counter()) no section starts: it is listed under `skipped_for_time`, and the table still
+    prints."""
 
-    def __init__(self, out: Path, base: dict) -> None:
-        self.out, self.data = out, base
+    def __init__(self, out: Path, base: dict, *, deadline: float = float("inf")) -> None:
+        self.out, self.data, self.deadline = out, base, deadline
 
     def section(self, name: str, fn) -> None:  # noqa: ANN001
         t = time.perf_counter()
-        try:
-            self.data.update(fn())
-        except Exception as e:  # noqa: BLE001 -- one failed figure must not lose the others
-            log.error("section %s failed:\n%s", name, traceback.format_exc())
-            self.data.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
-        self.data.setdefault("section_s", {})[name] = round(time.perf_counter() - t, 1)
+        if t > self.deadline:
+            self.data.setdefault("skipped_for_time", []).append(name)
+        else:
+            try:
+                self.data.update(fn())
+            except Exception as e:  # noqa: BLE001 -- one failed figure must not lose the others
+                log.error("section %s failed:\n%s", name, traceback.format_exc())
+                self.data.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+            self.data.setdefault("section_s", {})[name] = round(time.perf_counter() - t, 1)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.out.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
 
@@ -211,7 +216,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script runs end to end")
     ap.add_argument("--out", default=None, help="JSON path (default docs/results/bench-gpu.json; --smoke needs one)")
     ap.add_argument("--skip", default="", help=f"comma-separated sections to leave out: {', '.join(SECTIONS)}")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no section after this many seconds (the model's build included); the rest are listed "
+                         "under skipped_for_time")
     a = ap.parse_args(argv)
+    started = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if a.smoke and a.out is None:
         ap.error("--smoke needs --out: its CPU figures must not land in docs/results/bench-gpu.json")
@@ -229,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)",
         "torch": torch.__version__, "shape": shape, "dtype": str(dtype).removeprefix("torch."), "smoke": a.smoke,
         "peak_bytes_s": PEAK_BYTES_S,
-    })
+    }, deadline=started + a.budget_s if a.budget_s else float("inf"))
     hf = _hf_model(config, device=device, dtype=dtype)
     eager = Engine.from_hf(hf, _IdTokenizer(), device=device, dtype=dtype, name=shape, graphs=False)
     model = eager.model
@@ -475,6 +484,8 @@ def print_table(d: dict) -> None:
             print(f"    {ms:8.3f} ms {n:6.1f}x  {name}")
     for name, err in d.get("errors", {}).items():
         print(f"section {name} FAILED: {err}")
+    if d.get("skipped_for_time"):
+        print(f"sections not started, out of time (--budget-s): {', '.join(d['skipped_for_time'])}")
     print("seconds per section: " + ", ".join(f"{k} {v}" for k, v in d.get("section_s", {}).items()))
 
 

@@ -21,6 +21,15 @@ def _smoke(tmp_path: Path, *extra: str) -> dict:
     return json.loads(out.read_text())
 
 
+def test_no_section_starts_past_the_budget(tmp_path: Path) -> None:
+    """Out of time, the script still writes its JSON and prints its table, naming what it left out, so a GPU run cut
+    by its budget keeps what it measured and says what it did not."""
+    d = _smoke(tmp_path, "--budget-s", "0.001", "--skip", "transformers64")
+    assert d["skipped_for_time"] == ["batch1", "mixed", "bs64", "churn", "attention", "profile", "fused", "gathered",
+                                     "triton", "in_place", "transformers"]
+    assert not any(k in d for k in FIGURES) and "section_s" not in d
+
+
 def test_smoke_engine_sections(tmp_path: Path) -> None:
     d = _smoke(tmp_path, "--skip", "attention,gathered,triton,in_place,transformers")
     assert not d.get("errors"), d.get("errors")
