@@ -77,7 +77,7 @@ def group_buckets(sizes: list[int], *, shared_up_to: int = SHARED_UP_TO) -> list
 class Layout:
     """A decode step's padded layout: what its graph is captured for."""
 
-    padded: list[Row]  # the rows grouped by schedule (in key order), each group padded to its bucket with PAD rows
+    padded: list[Row]  # the rows grouped by schedule (in key order), each group padded with PAD rows to its bucket
     where: list[int]  # where each real row sits among the padded ones
     counts: tuple[int, ...]  # each group's bucket
     num_blocks: int  # KV blocks per row that attention covers
@@ -146,8 +146,9 @@ class DecodeGraphs:
         return start.elapsed_time(end) / 1e3 / repeats
 
     def layout(self, rows: list[Row]) -> Layout:
-        """How a decode step of `rows` is padded: groups by schedule (in key order), each padded to its bucket, and
-        the blocks attention covers. Plain data: the layout, not the rows' tokens, decides the graph."""
+        """How a decode step of `rows` is padded: groups by schedule (in key order), padded to their buckets
+        (`group_buckets`), and the blocks attention covers. Plain data: the layout, not the rows' tokens, decides the
+        graph."""
         cache = self.executor.cache
         groups: dict = {}
         for b, r in enumerate(rows):
