@@ -47,14 +47,14 @@ from server.engine.bench import SHAPES, _IdTokenizer, _time_parts  # noqa: E402
 from server.engine.executor import Executor, Row  # noqa: E402
 from server.engine.generate import Engine  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
-from server.model import triton_attention  # noqa: E402
+from server.model import measure, triton_attention  # noqa: E402
 
 log = logging.getLogger("bench_gpu")
 PEAK_BYTES_S = 4.8e12
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
-SECTIONS = ("batch1", "mixed", "bs64", "churn", "attention", "profile", "fused", "gathered", "triton", "in_place",
-            "transformers", "transformers64")
+SECTIONS = ("batch1", "mixed", "bs64", "churn", "attention", "profile", "fused", "reduce_overhead", "gathered",
+            "triton", "in_place", "transformers", "transformers64")
 MIX = ["full"] * 4 + ["skip:8"] * 4 + ["pairs"] * 4
 
 
@@ -167,6 +167,18 @@ def _kernel_summary(device: torch.device, step: Any, *, steps: int, top: int) ->
     return {"kernels_per_step": sum(e.count for e in events) / steps,
             "kernel_ms_per_step": sum(map(self_us, events)) / steps / 1e3,
             "top": [[e.key[:80], e.count / steps, self_us(e) / steps / 1e3] for e in events[:top]]}
+
+
+def _wall_s(fn: Any, device: torch.device = torch.device("cpu"), *, repeats: int = 20) -> float:
+    """Seconds per call of fn: CUDA events on a GPU, the wall clock on the CPU (after 2 untimed calls)."""
+    if device.type == "cuda":
+        return measure.cuda_ms(fn, repeats=repeats) / 1e3
+    for _ in range(2):
+        fn()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t) / repeats
 
 
 def _same_prefix(a: list[list[int]], b: list[list[int]]) -> bool:
@@ -336,6 +348,39 @@ def main(argv: list[str] | None = None) -> dict:
         got["churn_shared_over_own"] = got["churn_shared_tok_s"] / got["churn_own_tok_s"]
         return got
 
+    def reduce_overhead() -> dict:
+        """The issue's other way to capture a step: torch.compile(mode="reduce-overhead") over the very step the
+        engine captures by hand (batch 1, `full`, the same static buffers; the KV pool marked static, so that Inductor
+        may keep CUDA graphs over a step that writes it), against the hand-captured graph's replay: ms per step of
+        each, the compile's seconds, the CUDA graphs Inductor skipped, the largest logit difference and whether the
+        greedy tokens agree. On the smoke's CPU nothing is captured: `hand_capture_ms` is the padded step eagerly."""
+        import torch._dynamo
+        from torch._dynamo.utils import counters
+
+        policy = captured.compile("full")
+        batch = captured.new_batch(max_len=64, num_blocks=-(-64 // captured.block_size) * policy.num_slots + 1)
+        batch.add([captured.new_sequence(list(range(10, 34)), SamplingParams(max_tokens=16, ignore_eos=True), policy)])
+        for _ in range(3):
+            batch.step()  # captures the layout
+        graphs = batch.executor.graphs
+        step = graphs.latest()
+        torch._dynamo.mark_static_address(batch.executor.cache.pool)
+        skips = counters["inductor"]["cudagraph_skips"]
+        with torch.inference_mode():
+            want = step().clone()
+            t = time.perf_counter()
+            fn = torch.compile(step, mode="reduce-overhead")
+            for _ in range(3):  # compiles, records, replays
+                got = fn().clone()
+            _sync(device)
+            compile_s = time.perf_counter() - t
+            hand = graphs.replay_s if device.type == "cuda" else lambda: _wall_s(step)
+            return {"reduce_overhead_compile_s": compile_s, "reduce_overhead_ms": _wall_s(fn, device) * 1e3,
+                    "hand_capture_ms": hand() * 1e3,
+                    "reduce_overhead_cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips,
+                    "reduce_overhead_max_abs_logit_diff": (got.float() - want.float()).abs().max().item(),
+                    "reduce_overhead_same_top1": torch.equal(got.argmax(-1), want.argmax(-1))}
+
     def attention() -> dict:
         r = bench_attention.run(device=device, shape="smollm2-135m" if a.smoke else "llama-2-7b", rows=(attn[0],),
                                 contexts=(attn[1],), repeats=3 if a.smoke else 20,
@@ -423,7 +468,8 @@ def main(argv: list[str] | None = None) -> dict:
     skip = {x for x in a.skip.split(",") if x}
     if skip - set(SECTIONS):
         ap.error(f"unknown sections {sorted(skip - set(SECTIONS))}; there are {', '.join(SECTIONS)}")
-    sections = (batch1, mixed, bs64, churn, attention, profile_, fused, lambda: mode_figures("gathered"),
+    sections = (batch1, mixed, bs64, churn, attention, profile_, fused, reduce_overhead,
+                lambda: mode_figures("gathered"),
                 lambda: mode_figures("triton"), lambda: mode_figures("in_place"), hf_small, hf_large)
     for name, fn in zip(SECTIONS, sections):
         if name not in skip:
@@ -456,7 +502,8 @@ def print_table(d: dict) -> None:
     for key in sorted(k for k in d if k.endswith("_graphs")):
         print(f"{key:38s} {json.dumps(d[key], default=str)}")
     for key in ("p8_weight_bound", "p8_over_bound", "churn_shared_tok_s", "churn_own_tok_s", "churn_shared_over_own",
-                "full_bs1_step_ms", "full_bs1_replay_ms", "fused_replay_ms",
+                "hand_capture_ms", "reduce_overhead_ms", "reduce_overhead_compile_s", "reduce_overhead_cudagraph_skips",
+                "reduce_overhead_same_top1", "full_bs1_step_ms", "full_bs1_replay_ms", "fused_replay_ms",
                 "fused_bs1_first_s", "bs64_step_ms", "plain_mm"):
         if d.get(key) is not None:
             print(f"{key:38s} {d[key]}")

@@ -25,13 +25,13 @@ def test_no_section_starts_past_the_budget(tmp_path: Path) -> None:
     """Out of time, the script still writes its JSON and prints its table, naming what it left out, so a GPU run cut
     by its budget keeps what it measured and says what it did not."""
     d = _smoke(tmp_path, "--budget-s", "0.001", "--skip", "transformers64")
-    assert d["skipped_for_time"] == ["batch1", "mixed", "bs64", "churn", "attention", "profile", "fused", "gathered",
-                                     "triton", "in_place", "transformers"]
+    assert d["skipped_for_time"] == ["batch1", "mixed", "bs64", "churn", "attention", "profile", "fused",
+                                     "reduce_overhead", "gathered", "triton", "in_place", "transformers"]
     assert not any(k in d for k in FIGURES) and "section_s" not in d
 
 
 def test_smoke_engine_sections(tmp_path: Path) -> None:
-    d = _smoke(tmp_path, "--skip", "attention,gathered,triton,in_place,transformers")
+    d = _smoke(tmp_path, "--skip", "attention,reduce_overhead,gathered,triton,in_place,transformers")
     assert not d.get("errors"), d.get("errors")
     for key in ("date", "device", *FIGURES, "full_bs1_tok_s", "skip8_bs1_tok_s", "pairs_bs1_tok_s", "mixed12_tok_s",
                 "bs64_tok_s"):
@@ -52,7 +52,8 @@ def test_smoke_engine_sections(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_smoke_every_section(tmp_path: Path) -> None:
     """Attention compiles FlexAttention, the Triton kernel runs in Triton's interpreter (TRITON_INTERPRET=1 from
-    conftest reaches the subprocess) and transformers runs generate twice per batch size: a minute or two."""
+    conftest reaches the subprocess), the decode step compiles whole (reduce_overhead) and transformers runs generate
+    twice per batch size: a minute or two."""
     d = _smoke(tmp_path)
     assert not d.get("errors"), d.get("errors")
     assert d["attn_4k_over_bound"] > 0 and d["attn_4k_max_abs_err"] < 1e-4 and d["attn_4k_triton_max_abs_err"] < 1e-4
@@ -63,6 +64,9 @@ def test_smoke_every_section(tmp_path: Path) -> None:
     assert d["attention"] == "gathered" and d["gathered_is_headline"]  # "auto" on the CPU
     assert d["triton_equals_headline"] == {"bs1": True, "mixed12": True}
     assert d["in_place_equals_headline"] == {"bs1": True, "mixed12": True}
+    # torch.compile(mode="reduce-overhead") over the engine's own padded step: Inductor's C++ here, no CUDA graphs
+    assert d["reduce_overhead_same_top1"] and d["reduce_overhead_max_abs_logit_diff"] < 1e-4
+    assert d["reduce_overhead_ms"] > 0 and d["hand_capture_ms"] > 0 and d["reduce_overhead_compile_s"] > 0
 
 
 def test_smoke_refuses_the_committed_path() -> None:

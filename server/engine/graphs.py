@@ -145,6 +145,11 @@ class DecodeGraphs:
         end.synchronize()
         return start.elapsed_time(end) / 1e3 / repeats
 
+    def latest(self) -> Callable[[], Tensor]:
+        """The most recently used layout's step over its static buffers, run eagerly (its graph, where captured,
+        replays the same work): for benchmarks that capture it another way."""
+        return next(reversed(self._steps.values())).run
+
     def layout(self, rows: list[Row]) -> Layout:
         """How a decode step of `rows` is padded: groups by schedule (in key order), padded to their buckets
         (`group_buckets`), and the blocks attention covers. Plain data: the layout, not the rows' tokens, decides the
