@@ -3,7 +3,9 @@ of a model shape) in a child process, loaded over HTTP by N streaming clients pe
 
 For each policy (full, skip:8, pairs): 1 streaming client, then N at once, each streaming `--new-tokens` tokens
 (ignore_eos, greedy) from a token-id prompt of `--prompt-len` ids below the shape's vocabulary. Then the P8 mix: N
-clients cycling full, skip:8, pairs. Per run: aggregate tok/s (all clients' tokens / wall time from the first request
+clients cycling full, skip:8, pairs, all at once; then the same mix churning (`churn xN`: each client asks 1/4 to
+4/4 of the tokens and starts at a seeded random moment within half the mix's wall time, so rows join and leave all
+through the run, as in service). Per run: aggregate tok/s (all clients' tokens / wall time from the first request
 to the last token, prefill included), TPOT p50 and TTFT p50 over the clients.
 
 P4 = aggregate tok/s with N clients / with 1 client, same policy (issue #14 asks >= 5 on a GPU).
@@ -26,6 +28,7 @@ import asyncio
 import itertools
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -118,15 +121,22 @@ async def one_stream(client: httpx.AsyncClient, *, model: str, prompt: list[int]
     return StreamStats(policy, ttft, tpot, end - t0, got)
 
 
-async def load(url: str, *, model: str, policies: list[str], tokens: int, prompt_len: int, vocab: int,
-               first_client: int) -> tuple[float, list[StreamStats]]:
-    """All `policies` (one client each, numbered from `first_client`) at once; (wall seconds, their stats)."""
+async def load(url: str, *, model: str, policies: list[str], tokens: int | list[int], prompt_len: int, vocab: int,
+               first_client: int, delays: list[float] | None = None) -> tuple[float, list[StreamStats]]:
+    """All `policies` (one client each, numbered from `first_client`), each asking `tokens` (one count for all, or
+    one per client) and starting after its delay in seconds (none: all at once); (wall seconds, their stats)."""
+    counts = tokens if isinstance(tokens, list) else [tokens] * len(policies)
+    waits = delays or [0.0] * len(policies)
     limits = httpx.Limits(max_connections=len(policies) + 8, max_keepalive_connections=len(policies) + 8)
+
+    async def client_(client: httpx.AsyncClient, i: int, policy: str) -> StreamStats:
+        await asyncio.sleep(waits[i])
+        return await one_stream(client, model=model, prompt=prompt_ids(prompt_len, vocab, first_client + i),
+                                policy=policy, tokens=counts[i])
+
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600, connect=30), limits=limits) as client:
         t = time.perf_counter()
-        stats = await asyncio.gather(*(
-            one_stream(client, model=model, prompt=prompt_ids(prompt_len, vocab, first_client + i), policy=p,
-                       tokens=tokens) for i, p in enumerate(policies)))
+        stats = await asyncio.gather(*(client_(client, i, p) for i, p in enumerate(policies)))
         return time.perf_counter() - t, list(stats)
 
 
@@ -225,13 +235,22 @@ def tail(log: Path, n: int = 15) -> str:
 
 
 def plan(clients: int, policies: list[str]) -> list[tuple[str, list[str]]]:
-    """The runs in order: per policy 1 client then N; then the mix."""
+    """The runs in order: per policy 1 client then N; then the mix, all at once and then churning (`churn`)."""
     runs = []
     for p in policies:
         runs += [(f"{p} x1", [p]), (f"{p} x{clients}", [p] * clients)]
     if len(policies) > 1:
-        runs.append((f"mix x{clients}", [policies[i % len(policies)] for i in range(clients)]))
+        mix = [policies[i % len(policies)] for i in range(clients)]
+        runs += [(f"mix x{clients}", mix), (f"churn x{clients}", mix)]
     return runs
+
+
+def churn(clients: int, new_tokens: int, spread_s: float) -> tuple[list[int], list[float]]:
+    """A churning mix: client i asks 1/4 to 4/4 of `new_tokens` (by i mod 4) and starts at a seeded random moment
+    within `spread_s`, so rows join and leave the batch all through the run (what captured steps meet in service)."""
+    rng = random.Random(clients)
+    return ([max(2, new_tokens * (1 + i % 4) // 4) for i in range(clients)],
+            sorted(rng.uniform(0, spread_s) for _ in range(clients)))
 
 
 def bench(args: argparse.Namespace) -> Report:
@@ -256,7 +275,10 @@ def bench(args: argparse.Namespace) -> Report:
                 report.stopped = f"budget: stopped before {label}"
                 break
             try:
-                run = asyncio.run(asyncio.wait_for(measure(url, args, policies, vocab, label), timeout=left))
+                mix = report.runs.get(f"mix x{args.clients}")  # churn spreads its starts over half the mix's run
+                run = asyncio.run(asyncio.wait_for(
+                    measure(url, args, policies, vocab, label, spread_s=mix.wall_s / 2 if mix else 1.0),
+                    timeout=left))
             except (TimeoutError, asyncio.TimeoutError):
                 report.stopped = f"budget: {label} did not finish"
                 break
@@ -277,8 +299,13 @@ def bench(args: argparse.Namespace) -> Report:
     return report
 
 
-async def measure(url: str, args: argparse.Namespace, policies: list[str], vocab: int, label: str) -> Run:
+async def measure(url: str, args: argparse.Namespace, policies: list[str], vocab: int, label: str,
+                  spread_s: float = 0.0) -> Run:
+    """One run (after an untimed one of the same shape): a `churn` run spreads its clients' starts over `spread_s`
+    seconds and their lengths over 1/4 to 4/4 of --new-tokens."""
     kw = dict(model=args.shape, policies=policies, tokens=args.new_tokens, prompt_len=args.prompt_len, vocab=vocab)
+    if label.startswith("churn"):
+        kw["tokens"], kw["delays"] = churn(len(policies), args.new_tokens, spread_s)
     if not args.no_warmup:
         await load(url, **kw, first_client=next(_clients))
     before = await graph_stats(url)

@@ -110,6 +110,13 @@ def test_bench_http_load_client(server: str) -> None:
     run = bench.summarize("mix x3", wall, stats)
     assert run.tokens == 12 and run.tok_s == pytest.approx(12 / wall)
     assert run.per_policy["full"]["clients"] == 2 and run.per_policy["skip:1"]["clients"] == 1
+    # the churning mix: lengths over a quarter to all of the tokens, starts spread, every token still counted
+    tokens, delays = bench.churn(8, 8, 0.5)
+    assert tokens == [2, 4, 6, 8, 2, 4, 6, 8] and delays == sorted(delays) and all(0 <= d <= 0.5 for d in delays)
+    wall, stats = asyncio.run(bench.load(server, model="tiny", policies=["full", "skip:1"] * 4, tokens=tokens,
+                                         prompt_len=20, vocab=VOCAB, first_client=100, delays=delays))
+    assert [s.tokens for s in stats] == tokens and wall >= delays[-1]
+    assert [label for label, _ in bench.plan(4, ["full", "skip:1"])][-2:] == ["mix x4", "churn x4"]
 
 
 def test_bench_http_reads_the_servers_graph_counters(server: str) -> None:
