@@ -388,15 +388,27 @@ def test_search_finds_the_removable_layer_and_checks_it_against_the_papers_polic
         if h is not None:  # beside the paper's policy of the closest measured speed-up, paired per task
             assert set(h["tasks"]) == {"arc_easy", "piqa"}
             assert h["baseline"] in report["speeds"]
-    exact = finalists[f"skip:{IDENTITY}-{IDENTITY}"]["heldout"]
+    exact_f = finalists[f"skip:{IDENTITY}-{IDENTITY}"]
+    exact = exact_f["heldout"]
     assert exact["mean"]["finalist"]["value"] == pytest.approx(1.0)  # an exact no-op generalises exactly
     assert exact["mean"]["difference"]["value"] >= 0
     # the preset file is the server's format; the preset holds up on held-out items
     loaded = load_presets(out)
     assert loaded == report["presets"] and list(loaded)[0] == "search-90"
-    assert report["outcome"] in ("winner", "baseline")
-    chosen = next(f for f in report["finalists"] if f["policy"] == loaded["search-90"])
-    assert chosen["heldout"]["mean"]["difference"]["value"] >= 0
+    # The choice follows the measured speeds. This model's decode is overhead-bound (about 3 ms a token, a layer a
+    # small part of it), so skipping its no-op layer may measure no faster than `full`: then the search must not
+    # recommend it, and must say why; where it measures faster, it holds up and something is recommended.
+    if exact_f["speedup"] > 1.0:
+        assert report["outcome"] in ("winner", "baseline")
+    else:
+        assert f"skip:{IDENTITY}-{IDENTITY}: measured {exact_f['speedup']:.2f}x, no faster than `full`" in report["notes"]
+    if report["outcome"] == "full":
+        assert loaded["search-90"] == "full"
+        assert all(any(n.startswith((f"{f['policy']}: ", f"{f['policy']} (")) for n in report["notes"])
+                   for f in report["finalists"] if f["heldout"] is not None)  # each finalist's reason is given
+    chosen = next((f for f in report["finalists"] if f["policy"] == loaded["search-90"]), None)
+    if chosen is not None:  # a finalist, not the baseline a losing finalist was compared with, nor `full`
+        assert chosen["speedup"] > 1.0 and chosen["heldout"]["mean"]["difference"]["value"] >= 0
     text = (tmp_path / "presets.report.md").read_text()
     assert text.startswith("# Search: arc_easy, piqa, budget 0.9") and "## Resolution" in text
     with serve_tiny(model_factory=lambda: tiny_llama_with_identity_layer(IDENTITY), policy_presets=out,
