@@ -3,6 +3,13 @@ it runs in Triton's interpreter (tests/conftest.py switches it on), the same ker
 
 from __future__ import annotations
 
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -101,3 +108,57 @@ def test_refuses_the_cpu_without_the_interpreter(monkeypatch: pytest.MonkeyPatch
     q, pool, tables, positions, lens = _case(lengths=[5])
     with pytest.raises(ValueError, match="runs on CUDA.*TRITON_INTERPRET=1.*attention='gathered'"):
         paged_decode_attention(q, pool, tables, positions, lens)
+
+
+
+# (query heads, kv heads, head dim, window) of the models the server runs on a GPU: SmolLM2-135M, Llama-2-7B's shape
+# (bench_gpu), Gemma 3 270M (head dim 256, sliding-window layers)
+GPU_SHAPES = {"smollm2": (9, 3, 64, None), "llama-2-7b": (32, 32, 128, None), "gemma3": (4, 1, 256, 512)}
+
+# Compiles launches (JSON on stdin) for a CUDA compute capability in a process where Triton compiles rather than
+# interprets (the switch is read at import): the GPU's own compiler passes, down to a cubin by the wheel's ptxas.
+_BUILD = """
+import inspect, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+from server.model import triton_attention
+
+for job in json.load(sys.stdin):
+    kernel = getattr(triton_attention, job["kernel"])
+    names = list(inspect.signature(kernel).parameters)
+    signature = {n: "constexpr" if n in job["constexprs"] else job["types"][n] for n in names}
+    built = triton.compile(ASTSource(JITFunction(kernel), signature, job["constexprs"]),
+                           target=GPUTarget("cuda", job["arch"], 32), options={"num_warps": job["num_warps"]})
+    print(json.dumps({"kernel": job["kernel"], "cubin": len(built.asm["cubin"]), "shared": built.metadata.shared}))
+"""
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("model", GPU_SHAPES)
+def test_builds_for_hopper(model: str, dtype: torch.dtype) -> None:
+    """The interpreter checks what the kernels compute, not that they compile: tl.dot's tile sides, layouts and shared
+    memory are the GPU compiler's. The very launches the wrapper makes for the served models' shapes, with the
+    argument types Triton gives them, compile for sm_90 (H100, H200) to a cubin within Hopper's 227 KiB of shared
+    memory a block, so a kernel that would not build fails here, not on a lent GPU's clock. Several splits, as on a
+    GPU (the CPU sizes one); compiled, so no interpreter upcast."""
+    from triton.runtime.jit import mangle_type
+
+    heads, kv, hd, window = GPU_SHAPES[model]
+    q, pool, tables, positions, lens = _case(lengths=[1, 40], heads=heads, kv=kv, hd=hd, dtype=dtype)
+    *_, runs = triton_attention.launches(q, pool, tables, positions, lens, scale=None, window=window, splits=8,
+                                         block_n=triton_attention.BLOCK_N, num_warps=4)
+    names = [list(inspect.signature(run.kernel).parameters) for run in runs]
+    jobs = [{"kernel": run.kernel.__name__, "arch": 90, "num_warps": run.num_warps,
+             "types": dict(zip(n, map(mangle_type, run.args))),
+             "constexprs": {**run.constexprs, **({"UPCAST": False} if "UPCAST" in run.constexprs else {})}}
+            for run, n in zip(runs, names)]
+    done = subprocess.run([sys.executable, "-c", _BUILD], input=json.dumps(jobs), capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "0"},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    built = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [b["kernel"] for b in built] == ["_partial", "_merge"], done.stdout
+    for b in built:
+        assert b["cubin"] > 0 and b["shared"] <= 227 * 1024, b

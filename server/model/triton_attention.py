@@ -23,6 +23,8 @@ import functools
 import logging
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -132,9 +134,21 @@ def _merge(PartOut, PartLse, Out,  # noqa: ANN001, N803 -- Triton kernel
 
 
 @functools.cache
-def _kernels(interpret: bool):  # noqa: ANN202
-    """The two kernels, compiled for the GPU or, under TRITON_INTERPRET=1, run by Triton's interpreter."""
-    return triton.jit(_partial), triton.jit(_merge)
+def _jit(kernel: Callable, interpret: bool):  # noqa: ANN202
+    """`kernel` compiled for the GPU or, under TRITON_INTERPRET=1, run by Triton's interpreter (Triton picks one
+    when it decorates, so the choice is part of the cache key)."""
+    return triton.jit(kernel)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as data: what `paged_decode_attention` runs, and what a test compiles for a GPU it lacks."""
+
+    kernel: Callable  # the undecorated kernel
+    grid: tuple[int, ...]
+    args: tuple  # its runtime arguments, in order
+    constexprs: dict[str, object]
+    num_warps: int
 
 
 def runnable(device: torch.device) -> bool:
@@ -180,6 +194,19 @@ def paged_decode_attention(q: Tensor, pool: Tensor, blocks: Tensor, positions: T
     (a row's keys past it are stale) -> [P, H, T, hd]. A query at position p sees keys at s <= p, s < length and,
     given a window, p - s < window. splits: per (query, kv head); None sizes them to the device. block_n (keys per
     tile, a power of two >= 16) and num_warps: the kernel's tiling, for tuning (benchmarks/bench_attention.py)."""
+    require(q.device)
+    *_, out, runs = launches(q, pool, blocks, positions, lengths, scale=scale, window=window, splits=splits,
+                             block_n=block_n, num_warps=num_warps)
+    for run in runs:
+        _jit(run.kernel, _interpreting())[run.grid](*run.args, **run.constexprs, num_warps=run.num_warps)
+    return out.transpose(1, 2)
+
+
+def launches(q: Tensor, pool: Tensor, blocks: Tensor, positions: Tensor, lengths: Tensor, *, scale: float | None,
+             window: int | None, splits: int | None, block_n: int, num_warps: int,
+             ) -> tuple[Tensor, Tensor, Tensor, tuple[Launch, Launch]]:
+    """`paged_decode_attention`'s two launches, their outputs allocated: (split outputs, split log-sum-exps, the
+    output [P, T, H, hd], (partial, merge))."""
     P, H, T, hd = q.shape
     n_blocks, page, two_kv, hd_pool = pool.shape
     kv = two_kv // 2
@@ -192,20 +219,19 @@ def paged_decode_attention(q: Tensor, pool: Tensor, blocks: Tensor, positions: T
     part_out = torch.empty(P * T, S, H, hd, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(P * T, S, H, dtype=torch.float32, device=q.device)
     out = torch.empty(P, T, H, hd, dtype=q.dtype, device=q.device)
-    require(q.device)
-    partial, merge = _kernels(_interpreting())
     block_d = max(MIN_DOT, 1 << (hd - 1).bit_length())
-    partial[(P * T, kv, S)](
-        q, pool, blocks, positions, lengths, part_out, part_lse,
-        q.stride(0), q.stride(1), q.stride(2), blocks.stride(0),
-        window if window is not None else 2**31 - 1, scale if scale is not None else 1 / math.sqrt(hd),
-        T=T, KV=kv, G=H // kv, HD=hd, PAGE=page, S=S, BLOCK_G=max(MIN_DOT, 1 << (H // kv - 1).bit_length()),
-        BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=_interpreting() and q.dtype != torch.float32,
-    )
-    merge[(P * T, H)](part_out, part_lse, out, H=H, HD=hd, S=S, BLOCK_S=max(2, 1 << (S - 1).bit_length()),
-                      BLOCK_D=block_d)
-    return out.transpose(1, 2)
+    partial = Launch(
+        _partial, (P * T, kv, S),
+        (q, pool, blocks, positions, lengths, part_out, part_lse, q.stride(0), q.stride(1), q.stride(2),
+         blocks.stride(0), window if window is not None else 2**31 - 1,
+         scale if scale is not None else 1 / math.sqrt(hd)),
+        dict(T=T, KV=kv, G=H // kv, HD=hd, PAGE=page, S=S, BLOCK_G=max(MIN_DOT, 1 << (H // kv - 1).bit_length()),
+             BLOCK_D=block_d, BLOCK_N=block_n, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+             UPCAST=_interpreting() and q.dtype != torch.float32),
+        num_warps)
+    merge = Launch(_merge, (P * T, H), (part_out, part_lse, out),
+                   dict(H=H, HD=hd, S=S, BLOCK_S=max(2, 1 << (S - 1).bit_length()), BLOCK_D=block_d), 4)
+    return part_out, part_lse, out, (partial, merge)
 
 
 @functools.cache
