@@ -46,7 +46,8 @@ def case(pool: torch.Tensor, *, rows: int, context: int, heads: int, repeats: in
     """Every path over `pool` (one pool for every case, as in the server: FlexAttention compiles per pool size),
     `rows` rows of `context` tokens each on shuffled blocks (as after churn). The Triton kernel runs where it
     compiles (CUDA) or is interpreted (TRITON_INTERPRET=1: its times are then the interpreter's, not the kernel's).
-    sweep: also time the Triton kernel at every tiling of `TILINGS` (`triton_tilings`: {"BLOCK_N/warps": ms})."""
+    sweep: also time the Triton kernel at every tiling of `TILINGS` (`triton_tilings`: {"BLOCK_N/warps": ms}); its
+    `triton_ms` is at the tiling the engine chooses at load (`triton_tiling`)."""
     device, dtype = pool.device, pool.dtype
     n_blocks, block_size, two_kv, hd = pool.shape
     nb = -(-context // block_size)
@@ -77,16 +78,19 @@ def case(pool: torch.Tensor, *, rows: int, context: int, heads: int, repeats: in
     out["gathered_over_in_place"] = out["gathered_ms"] / out["in_place_ms"]
     if triton_attention.runnable(device):
         lengths_, positions_ = lengths, positions
+        chosen = triton_attention.tiling_for(heads=heads, kv_heads=two_kv // 2, head_dim=hd, dtype=dtype,
+                                             device=device)  # what the engine runs the kernel at
 
-        def kernel(**tiling: int) -> torch.Tensor:
-            return triton_attention.paged_decode_attention(q, pool, tables[:, :nb], positions_, lengths_, **tiling)
+        def kernel(tiling: triton_attention.Tiling = chosen) -> torch.Tensor:
+            return triton_attention.paged_decode_attention(q, pool, tables[:, :nb], positions_, lengths_, tiling=tiling)
 
         out["triton_max_abs_err"] = (kernel().float() - gathered().float()).abs().max().item()
         out["triton_ms"] = _time(kernel, device, repeats) * 1e3
+        out["triton_tiling"] = f"{chosen.block_n}/{chosen.num_warps}"
         out["gathered_over_triton"] = out["gathered_ms"] / out["triton_ms"]
         if sweep:
-            out["triton_tilings"] = {f"{n}/{w}": _time(lambda n=n, w=w: kernel(block_n=n, num_warps=w), device,
-                                                       repeats) * 1e3 for n, w in TILINGS}
+            out["triton_tilings"] = {f"{t.block_n}/{t.num_warps}": _time(lambda t=t: kernel(t), device, repeats) * 1e3
+                                     for t in TILINGS}
     if device.type == "cuda":
         bound_ms = kv_bytes / PEAK_BYTES_S * 1e3
         for path in ("in_place", "gathered", "triton"):
@@ -95,7 +99,7 @@ def case(pool: torch.Tensor, *, rows: int, context: int, heads: int, repeats: in
     return out
 
 
-TILINGS = [(n, w) for n in (32, 64, 128) for w in (2, 4, 8)]  # (BLOCK_N, num_warps) of the Triton kernel
+TILINGS = [triton_attention.Tiling(n, w) for n in (32, 64, 128) for w in (2, 4, 8)]
 
 
 def run(*, device: torch.device, shape: str, rows: tuple[int, ...] = (1, 16),

@@ -390,6 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
         best = min(paths, key=paths.get)
         return {"attn_4k_in_place_ms": r["in_place_ms"], "attn_4k_gathered_ms": r["gathered_ms"],
                 "attn_4k_triton_ms": r.get("triton_ms"), "attn_4k_triton_tilings_ms": r.get("triton_tilings"),
+                "attn_4k_triton_tiling": r.get("triton_tiling"),
                 "attn_4k_bound_ms": bound_ms, "attn_4k_over_bound": paths[best] / bound_ms, "attn_4k_path": best,
                 "attn_4k_in_place_over_bound": r["in_place_ms"] / bound_ms,
                 "attn_4k_gathered_over_bound": r["gathered_ms"] / bound_ms,
@@ -518,7 +519,8 @@ def print_table(d: dict) -> None:
         print(f"{key:38s} {d[key]:8.3f} {'':>9s}  engine, {path}" if not key.endswith("tok_s") else
               f"{key:38s} {'':>8s} {d[key]:9.1f}  engine, {path}")
     for key in ("attn_4k_path", "attn_4k_gathered_over_bound", "attn_4k_in_place_over_bound",
-                "attn_4k_triton_over_bound", "attn_4k_triton_tilings_ms", "gathered_equals_headline",
+                "attn_4k_triton_over_bound", "attn_4k_triton_tiling", "attn_4k_triton_tilings_ms",
+                "gathered_equals_headline",
                 "triton_equals_headline", "in_place_equals_headline", "fused_equals_headline"):
         if d.get(key) is not None:
             print(f"{key:38s} {json.dumps(d[key], default=str)}")

@@ -148,9 +148,9 @@ def test_cuda_captured_decode_bf16_same_top1(attention, fuse):
 
 def test_cuda_triton_attention_matches_gathered():
     """The kernel compiled for the GPU (the CPU suite runs it interpreted): bf16 and float32, GQA and MHA, a window,
-    several splits, rows of 1 to 700 tokens on shuffled blocks."""
+    several splits, rows of 1 to 700 tokens on shuffled blocks; in bf16 at every tiling the engine may choose."""
     from server.model.paged_attention import gathered_attention
-    from server.model.triton_attention import paged_decode_attention
+    from server.model.triton_attention import CANDIDATES, Tiling, paged_decode_attention
 
     g = torch.Generator().manual_seed(0)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
@@ -162,8 +162,23 @@ def test_cuda_triton_attention_matches_gathered():
             q = torch.randn(4, 1, heads, hd, generator=g).to("cuda", dtype).transpose(1, 2)
             want = gathered_attention(q.float(), pool.float(), tables, positions, lens.cuda(), window=window)
             for splits in (None, 1, 5):
-                got = paged_decode_attention(q, pool, tables, positions, lens.cuda(), window=window, splits=splits)
-                torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+                for tiling in CANDIDATES if dtype == torch.bfloat16 else (Tiling(),):
+                    got = paged_decode_attention(q, pool, tables, positions, lens.cuda(), window=window, splits=splits,
+                                                 tiling=tiling)
+                    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+def test_cuda_engine_runs_the_kernel_at_its_fastest_tiling():
+    """At load the kernel is timed at every candidate tiling, once per shape; the engine runs the fastest."""
+    from server.model import triton_attention
+
+    eng = Engine.from_hf(tiny_llama(), CharTokenizer(), device="cuda", dtype=torch.bfloat16, attention="triton")
+    batch = eng.new_batch(max_len=32, num_blocks=50)
+    a = eng.model.args
+    times = triton_attention.timings(heads=a.n_heads, kv_heads=a.n_kv_heads, head_dim=a.head_dim,
+                                     dtype=torch.bfloat16, device=eng.model.device)
+    assert times is not None and set(times.tilings_ms) == set(triton_attention.CANDIDATES), times
+    assert batch.executor.tiling == times.best
 
 
 def test_cuda_warm_up_captures_before_the_first_request():

@@ -3,7 +3,6 @@ it runs in Triton's interpreter (tests/conftest.py switches it on), the same ker
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -44,8 +43,8 @@ def test_matches_gathered(heads: int, kv: int, hd: int, splits: int) -> None:
     spanning several tiles, and more splits than a short row fills (empty splits merge as nothing)."""
     q, pool, tables, positions, lens = _case(lengths=[1, 37, 150, 16], kv=kv, heads=heads, hd=hd)
     want = gathered_attention(q, pool, tables, positions, lens)
-    got = paged_decode_attention(q, pool, tables, positions, lens, splits=splits, block_n=32 if splits == 3 else 64,
-                                 num_warps=2)
+    got = paged_decode_attention(q, pool, tables, positions, lens, splits=splits,
+                                 tiling=triton_attention.Tiling(32 if splits == 3 else 64, 2))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -81,11 +80,11 @@ def test_splits_share_out_each_rows_own_keys() -> None:
     q, pool, tables, positions, lens = _case(lengths=[1, 37, 150], seed=3)
     want = gathered_attention(q, pool, tables, positions, lens)
     wide = torch.cat([tables, tables[:, :1].expand(-1, 20)], dim=1)  # 20 more columns, never visible
-    got = paged_decode_attention(q, pool, wide, positions, lens, splits=8, block_n=16)
+    got = paged_decode_attention(q, pool, wide, positions, lens, splits=8, tiling=triton_attention.Tiling(16))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for window in (1, 40):
         want = gathered_attention(q, pool, tables, positions, lens, window=window)
-        got = paged_decode_attention(q, pool, wide, positions, lens, window=window, splits=8, block_n=16)
+        got = paged_decode_attention(q, pool, wide, positions, lens, window=window, splits=8, tiling=triton_attention.Tiling(16))
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -111,54 +110,36 @@ def test_refuses_the_cpu_without_the_interpreter(monkeypatch: pytest.MonkeyPatch
 
 
 
-# (query heads, kv heads, head dim, window) of the models the server runs on a GPU: SmolLM2-135M, Llama-2-7B's shape
-# (bench_gpu), Gemma 3 270M (head dim 256, sliding-window layers)
-GPU_SHAPES = {"smollm2": (9, 3, 64, None), "llama-2-7b": (32, 32, 128, None), "gemma3": (4, 1, 256, 512)}
 
-# Compiles launches (JSON on stdin) for a CUDA compute capability in a process where Triton compiles rather than
-# interprets (the switch is read at import): the GPU's own compiler passes, down to a cubin by the wheel's ptxas.
-_BUILD = """
-import inspect, json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
-from server.model import triton_attention
-
-for job in json.load(sys.stdin):
-    kernel = getattr(triton_attention, job["kernel"])
-    names = list(inspect.signature(kernel).parameters)
-    signature = {n: "constexpr" if n in job["constexprs"] else job["types"][n] for n in names}
-    built = triton.compile(ASTSource(JITFunction(kernel), signature, job["constexprs"]),
-                           target=GPUTarget("cuda", job["arch"], 32), options={"num_warps": job["num_warps"]})
-    print(json.dumps({"kernel": job["kernel"], "cubin": len(built.asm["cubin"]), "shared": built.metadata.shared}))
-"""
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("model", GPU_SHAPES)
-def test_builds_for_hopper(model: str, dtype: torch.dtype) -> None:
+def test_builds_for_hopper(tmp_path: Path) -> None:
     """The interpreter checks what the kernels compute, not that they compile: tl.dot's tile sides, layouts and shared
-    memory are the GPU compiler's. The very launches the wrapper makes for the served models' shapes, with the
-    argument types Triton gives them, compile for sm_90 (H100, H200) to a cubin within Hopper's 227 KiB of shared
-    memory a block, so a kernel that would not build fails here, not on a lent GPU's clock. Several splits, as on a
-    GPU (the CPU sizes one); compiled, so no interpreter upcast."""
-    from triton.runtime.jit import mangle_type
-
-    heads, kv, hd, window = GPU_SHAPES[model]
-    q, pool, tables, positions, lens = _case(lengths=[1, 40], heads=heads, kv=kv, hd=hd, dtype=dtype)
-    *_, runs = triton_attention.launches(q, pool, tables, positions, lens, scale=None, window=window, splits=8,
-                                         block_n=triton_attention.BLOCK_N, num_warps=4)
-    names = [list(inspect.signature(run.kernel).parameters) for run in runs]
-    jobs = [{"kernel": run.kernel.__name__, "arch": 90, "num_warps": run.num_warps,
-             "types": dict(zip(n, map(mangle_type, run.args))),
-             "constexprs": {**run.constexprs, **({"UPCAST": False} if "UPCAST" in run.constexprs else {})}}
-            for run, n in zip(runs, names)]
-    done = subprocess.run([sys.executable, "-c", _BUILD], input=json.dumps(jobs), capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "0"},
-                          timeout=300)
+    memory are the GPU compiler's. benchmarks/kernel_build.py compiles the very launches the wrapper makes for the
+    served models' shapes (bf16 at every tiling the engine may choose, float32 at the default) for sm_90 (H100,
+    H200) to cubins, in a process where Triton compiles; each must fit Hopper's shared memory. So a kernel that
+    would not build fails here, not on a lent GPU's clock."""
+    out = tmp_path / "build.json"
+    done = subprocess.run([sys.executable, "benchmarks/kernel_build.py", "--no-ptxas-log", "--json", str(out)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "0"})
     assert done.returncode == 0, done.stderr[-3000:]
-    built = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [b["kernel"] for b in built] == ["_partial", "_merge"], done.stdout
-    for b in built:
-        assert b["cubin"] > 0 and b["shared"] <= 227 * 1024, b
+    rows = json.loads(out.read_text())["rows"]
+    partial = {(r["shape"], r["dtype"], r["tiling"]) for r in rows if r["kernel"] == "_partial"}
+    tilings = {f"{t.block_n}/{t.num_warps}" for t in triton_attention.CANDIDATES}
+    for shape in ("smollm2-135m", "llama-2-7b", "gemma-3-270m"):
+        assert {t for s, d, t in partial if (s, d) == (shape, "bfloat16")} == tilings, rows
+        assert (shape, "float32", "64/4") in partial and (shape, "bfloat16", "32/4") in partial
+    assert sum(r["kernel"] == "_merge" for r in rows) == 6
+    assert all(r["cubin_bytes"] > 0 and r["shared"] <= 227 * 1024 for r in rows), rows
+
+
+def test_the_engine_tiling_is_measured_on_cuda_only() -> None:
+    """Off CUDA nothing is timed (the interpreter's times say nothing of a GPU's) and the kernel runs at the default
+    tiling; the choice among timed tilings is the fastest, and it pays only by the margin over gathering."""
+    cpu = torch.device("cpu")
+    assert triton_attention.timings(heads=9, kv_heads=3, head_dim=64, dtype=torch.float32, device=cpu) is None
+    assert triton_attention.tiling_for(heads=9, kv_heads=3, head_dim=64, dtype=torch.float32,
+                                       device=cpu) == triton_attention.Tiling()
+    a, b = triton_attention.CANDIDATES[:2]
+    times = triton_attention.KernelTimes(gathered_ms=1.0, tilings_ms={a: 0.99, b: 0.5})
+    assert times.best == b and times.pays()
+    assert not triton_attention.KernelTimes(gathered_ms=1.0, tilings_ms={a: 0.98}).pays()

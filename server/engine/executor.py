@@ -79,8 +79,8 @@ MAX_PROGRAMS = 64  # compiled layouts kept (a layout is a plan and a schedule pe
 # faster one on the CPU below ~512-token contexts, and needs no compile); "in_place" reads the pool where it lies
 # through FlexAttention (compiled on first use; see benchmarks/bench_attention.py); "triton" reads it where it lies
 # through our Triton kernel over the block table (server/model/triton_attention.py; CUDA, or Triton's interpreter
-# for tests). "auto" is "triton" on CUDA where the kernel measured faster than "gathered" at load
-# (`triton_attention.pays`), else "gathered". Prefill always gathers.
+# for tests). "auto" is "triton" on CUDA where the kernel, at its fastest tiling, measured faster than "gathered" at
+# load (`triton_attention.timings`), else "gathered". Prefill always gathers.
 AttentionMode = Literal["auto", "gathered", "in_place", "triton"]
 ATTENTION_MODES: tuple[str, ...] = ("auto", "gathered", "in_place", "triton")
 
@@ -95,9 +95,9 @@ def resolve_attention(attention: AttentionMode, model: Transformer) -> Attention
     if attention != "auto":
         return attention
     a = model.args
-    pays = triton_attention.pays(heads=a.n_heads, kv_heads=a.n_kv_heads, head_dim=a.head_dim, dtype=model.dtype,
-                                 device=model.device)
-    return "triton" if pays else "gathered"
+    times = triton_attention.timings(heads=a.n_heads, kv_heads=a.n_kv_heads, head_dim=a.head_dim, dtype=model.dtype,
+                                     device=model.device)
+    return "triton" if times and times.pays() else "gathered"
 
 
 class Executor:
@@ -114,6 +114,8 @@ class Executor:
         a = model.args
         self.model, self.group_mode, self.max_len = model, group_mode, max_len
         self.attention = resolve_attention(attention, model)  # never "auto"
+        self.tiling = triton_attention.Tiling() if self.attention != "triton" else triton_attention.tiling_for(
+            heads=a.n_heads, kv_heads=a.n_kv_heads, head_dim=a.head_dim, dtype=model.dtype, device=model.device)
         self.cache = PagedKVCache(num_blocks=num_blocks, block_size=block_size, max_len=max_len,
                                   n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, dtype=model.dtype, device=model.device)
         self._attn_cost, self._mlp_cost = model.unit_bytes()
@@ -285,11 +287,11 @@ class Executor:
                         scale, pos, lens = model.args.query_scale, kv_pos[kv], kv_len[kv]
                         if len(set(kinds)) == 1:
                             return paged_decode_attention(q, cache.pool, blocks, pos, lens, scale=scale,
-                                                          window=windows[0])
+                                                          window=windows[0], tiling=self.tiling)
                         # each layer of the group over its own m rows (q is [G*m, ...], layer-major), its own window
                         parts = [slice(g * m, (g + 1) * m) for g in range(G)]
                         return torch.cat([paged_decode_attention(q[r], cache.pool, blocks[r], pos[r], lens[r],
-                                                                 scale=scale, window=w)
+                                                                 scale=scale, window=w, tiling=self.tiling)
                                           for r, w in zip(parts, windows)])
                     return model.sdpa(q, *cache.read(blocks), mk)
 
