@@ -84,14 +84,15 @@ def run(*, arch: int, ptxas_log: bool) -> list[dict]:
     default."""
     rows = []
     for shape in SHAPES:
-        for dtype, tilings in ((torch.bfloat16, triton_attention.CANDIDATES),
+        heads, kv, _, _ = SHAPES[shape]
+        for dtype, tilings in ((torch.bfloat16, triton_attention.candidates(heads // kv)),
                                (torch.float32, (triton_attention.Tiling(),))):
             for i, tiling in enumerate(tilings):
                 for launch in launches(shape, dtype, tiling):
                     if launch.kernel.__name__ == "_merge" and i:  # the merge does not depend on the tiling
                         continue
                     rows.append({"shape": shape, "dtype": str(dtype).removeprefix("torch."),
-                                 "tiling": f"{tiling.block_n}/{tiling.num_warps}",
+                                 "tiling": tiling.name,
                                  **build(launch, arch=arch, ptxas_log=ptxas_log)})
     return rows
 
@@ -108,10 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     limit = SHARED_LIMIT.get(a.arch)
     print(f"Triton decode attention built for sm_{a.arch} (shared memory a block may take: "
           f"{limit // 1024 if limit else '?'} KiB)")
-    print(f"{'shape':13s} {'dtype':8s} {'kernel':8s} {'tiling':>6s} {'shared KiB':>10s} {'registers':>9s} "
+    print(f"{'shape':13s} {'dtype':8s} {'kernel':8s} {'tiling':>8s} {'shared KiB':>10s} {'registers':>9s} "
           f"{'spilled B':>9s}")
     for r in rows:
-        print(f"{r['shape']:13s} {r['dtype']:8s} {r['kernel']:8s} {r['tiling']:>6s} {r['shared'] / 1024:>10.1f} "
+        print(f"{r['shape']:13s} {r['dtype']:8s} {r['kernel']:8s} {r['tiling']:>8s} {r['shared'] / 1024:>10.1f} "
               f"{r.get('registers') or '':>9} {'' if r.get('spill_bytes') is None else r['spill_bytes']:>9}")
     over = [r for r in rows if limit and r["shared"] > limit]
     if a.json:

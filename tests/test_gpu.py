@@ -150,7 +150,7 @@ def test_cuda_triton_attention_matches_gathered():
     """The kernel compiled for the GPU (the CPU suite runs it interpreted): bf16 and float32, GQA and MHA, a window,
     several splits, rows of 1 to 700 tokens on shuffled blocks; in bf16 at every tiling the engine may choose."""
     from server.model.paged_attention import gathered_attention
-    from server.model.triton_attention import CANDIDATES, Tiling, paged_decode_attention
+    from server.model.triton_attention import Tiling, candidates, paged_decode_attention
 
     g = torch.Generator().manual_seed(0)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
@@ -162,7 +162,7 @@ def test_cuda_triton_attention_matches_gathered():
             q = torch.randn(4, 1, heads, hd, generator=g).to("cuda", dtype).transpose(1, 2)
             want = gathered_attention(q.float(), pool.float(), tables, positions, lens.cuda(), window=window)
             runs = [(splits, Tiling()) for splits in (None, 1, 5)]  # each split count and tiling compiles anew
-            runs += [(5, t) for t in CANDIDATES if dtype == torch.bfloat16 and t != Tiling()]
+            runs += [(5, t) for t in candidates(heads // kv) if dtype == torch.bfloat16 and t != Tiling()]
             for splits, tiling in runs:
                 got = paged_decode_attention(q, pool, tables, positions, lens.cuda(), window=window, splits=splits,
                                              tiling=tiling)
@@ -178,7 +178,7 @@ def test_cuda_engine_runs_the_kernel_at_its_fastest_tiling():
     a = eng.model.args
     times = triton_attention.timings(heads=a.n_heads, kv_heads=a.n_kv_heads, head_dim=a.head_dim,
                                      dtype=torch.bfloat16, device=eng.model.device)
-    assert times is not None and set(times.tilings_ms) == set(triton_attention.CANDIDATES), times
+    assert times is not None and set(times.tilings_ms) == set(triton_attention.candidates(a.n_heads // a.n_kv_heads))
     assert batch.executor.tiling == times.best
 
 

@@ -38,24 +38,28 @@ def _case(*, lengths: list[int], T: int = 1, kv: int = 2, heads: int = 6, hd: in
 
 @pytest.mark.parametrize(("heads", "kv", "hd"), [(6, 2, 32), (4, 4, 16), (4, 1, 64), (3, 1, 24)])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_matches_gathered(heads: int, kv: int, hd: int, splits: int) -> None:
+@pytest.mark.parametrize("dot", [True, False])
+def test_matches_gathered(heads: int, kv: int, hd: int, splits: int, dot: bool) -> None:
     """GQA, MHA, MQA and a head dim that is no power of two; a row of one token (a padding row's shape), rows
-    spanning several tiles, and more splits than a short row fills (empty splits merge as nothing)."""
+    spanning several tiles, and more splits than a short row fills (empty splits merge as nothing); through tl.dot
+    and through summed products."""
     q, pool, tables, positions, lens = _case(lengths=[1, 37, 150, 16], kv=kv, heads=heads, hd=hd)
     want = gathered_attention(q, pool, tables, positions, lens)
     got = paged_decode_attention(q, pool, tables, positions, lens, splits=splits,
-                                 tiling=triton_attention.Tiling(32 if splits == 3 else 64, 2))
+                                 tiling=triton_attention.Tiling(32 if splits == 3 else 64, 2, dot))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("window", [1, 5, 40])
 @pytest.mark.parametrize("T", [1, 3])
-def test_window_scale_and_several_queries(window: int, T: int) -> None:
+@pytest.mark.parametrize("dot", [True, False])
+def test_window_scale_and_several_queries(window: int, T: int, dot: bool) -> None:
     """A sliding window (down to one key), a score scale of the model's own, and several queries per row (each
     sees keys up to its own position)."""
     q, pool, tables, positions, lens = _case(lengths=[9, 70, 130], T=T, seed=1)
     want = gathered_attention(q, pool, tables, positions, lens, scale=0.3, window=window)
-    got = paged_decode_attention(q, pool, tables, positions, lens, scale=0.3, window=window, splits=2)
+    got = paged_decode_attention(q, pool, tables, positions, lens, scale=0.3, window=window, splits=2,
+                                 tiling=triton_attention.Tiling(dot=dot))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -88,10 +92,11 @@ def test_splits_share_out_each_rows_own_keys() -> None:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_bfloat16() -> None:
+@pytest.mark.parametrize("dot", [True, False])
+def test_bfloat16(dot: bool) -> None:
     q, pool, tables, positions, lens = _case(lengths=[33, 100], heads=8, hd=64, dtype=torch.bfloat16, seed=3)
     want = gathered_attention(q.float(), pool.float(), tables, positions, lens)
-    got = paged_decode_attention(q, pool, tables, positions, lens, splits=2)
+    got = paged_decode_attention(q, pool, tables, positions, lens, splits=2, tiling=triton_attention.Tiling(dot=dot))
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
@@ -126,8 +131,8 @@ def test_builds_for_the_gpu(tmp_path: Path, arch: int, shared_kib: int) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     partial = {(r["shape"], r["dtype"], r["tiling"]) for r in rows if r["kernel"] == "_partial"}
-    tilings = {f"{t.block_n}/{t.num_warps}" for t in triton_attention.CANDIDATES}
-    for shape in ("smollm2-135m", "llama-2-7b", "gemma-3-270m"):
+    for shape, group in (("smollm2-135m", 3), ("llama-2-7b", 1), ("gemma-3-270m", 4)):
+        tilings = {t.name for t in triton_attention.candidates(group)}
         assert {t for s, d, t in partial if (s, d) == (shape, "bfloat16")} == tilings, rows
         assert (shape, "float32", "64/4") in partial and (shape, "bfloat16", "32/4") in partial
     assert sum(r["kernel"] == "_merge" for r in rows) == 6
@@ -141,7 +146,7 @@ def test_the_engine_tiling_is_measured_on_cuda_only() -> None:
     assert triton_attention.timings(heads=9, kv_heads=3, head_dim=64, dtype=torch.float32, device=cpu) is None
     assert triton_attention.tiling_for(heads=9, kv_heads=3, head_dim=64, dtype=torch.float32,
                                        device=cpu) == triton_attention.Tiling()
-    a, b = triton_attention.CANDIDATES[:2]
+    a, b = triton_attention.candidates(1)[-2:]
     times = triton_attention.KernelTimes(gathered_ms=1.0, tilings_ms={a: 0.99, b: 0.5})
     assert times.best == b and times.pays()
     assert not triton_attention.KernelTimes(gathered_ms=1.0, tilings_ms={a: 0.98}).pays()

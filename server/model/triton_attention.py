@@ -44,16 +44,33 @@ MIN_DOT = 16  # tl.dot's smallest tile side: the query heads of a kv head are pa
 
 @dataclass(frozen=True)
 class Tiling:
-    """The partial kernel's tiling: keys per tile (`BLOCK_N`, a power of two >= 16) and warps per program."""
+    """The partial kernel's tiling: keys per tile (`BLOCK_N`, a power of two >= 16) and warps per program; dot: the
+    scores and the weighted values through tl.dot (tensor cores, the query heads of a kv head padded to 16 rows) or,
+    for one or two heads a kv head (MHA: Llama-2-7B), as broadcast products summed (no padding; SGLang's and vLLM's
+    kernel for MHA)."""
 
     block_n: int = BLOCK_N
     num_warps: int = 4
+    dot: bool = True
+
+    @property
+    def name(self) -> str:
+        """"keys/warps", "+sum" where the products are summed without tl.dot: "64/4", "64/8+sum"."""
+        return f"{self.block_n}/{self.num_warps}{'' if self.dot else '+sum'}"
 
 
-# Tilings timed at load on CUDA (`timings`); the fastest is used. Compiled for sm_90 in bf16 (ptxas -v), the default
-# 64/4 takes all 255 registers and spills a few bytes on the Llama-2-7B and Gemma 3 shapes, while 32/4, 32/8 and 64/8
-# take 80-179 and spill nothing; 128-key tiles spill kilobytes. Which is fastest is the card's to say.
+# Tilings timed at load on CUDA (`timings`); the fastest is used. Compiled for sm_90 in bf16 (ptxas -v,
+# benchmarks/kernel_build.py), the default 64/4 takes all 255 registers and spills a few bytes on the Llama-2-7B and
+# Gemma 3 shapes, while 32/4, 32/8 and 64/8 take 80-179 and spill nothing; 128-key tiles spill kilobytes. Without
+# tl.dot, one head a kv head (Llama-2-7B) takes 128-188 registers and no shared memory; from four heads it spills.
+# Which is fastest is the card's to say.
 CANDIDATES = (Tiling(32, 4), Tiling(32, 8), Tiling(64, 4), Tiling(64, 8))
+NO_DOT_CANDIDATES = (Tiling(32, 4, dot=False), Tiling(64, 4, dot=False), Tiling(64, 8, dot=False))
+
+
+def candidates(group: int) -> tuple[Tiling, ...]:
+    """The tilings worth timing for `group` query heads a kv head: without tl.dot only for one or two."""
+    return CANDIDATES + (NO_DOT_CANDIDATES if group <= 2 else ())
 
 
 def available() -> bool:
@@ -65,7 +82,7 @@ def _partial(Q, Pool, Blocks, Positions, Lengths, PartOut, PartLse,  # noqa: ANN
              sq_p, sq_h, sq_t, sb_p, window, scale,
              T: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
              PAGE: tl.constexpr, S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+             BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Grid (P x T, KV, S). Q [P, H, T, HD] strided; Blocks [P, >= covered blocks] strided rows; Positions [P, T]
     and Lengths [P] contiguous -> PartOut [P x T, S, H, HD] float32 (this split's normalised output) and
     PartLse [P x T, S, H] (its log-sum-exp; -inf when the split sees no key)."""
@@ -109,13 +126,19 @@ def _partial(Q, Pool, Blocks, Positions, Lengths, PartOut, PartLse,  # noqa: ANN
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_N] float32
+        if DOT:
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_N] float32
+        else:
+            qk = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), 2) * scale
         qk = tl.where(s_ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp(m_i - m_new)
         w = tl.exp(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(w, 1)
-        acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
+        if DOT:
+            acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * v[None, :, :].to(tl.float32), 1)
         m_i = m_new
 
     seen = l_i > 0
@@ -239,8 +262,9 @@ def launches(q: Tensor, pool: Tensor, blocks: Tensor, positions: Tensor, lengths
         (q, pool, blocks, positions, lengths, part_out, part_lse, q.stride(0), q.stride(1), q.stride(2),
          blocks.stride(0), window if window is not None else 2**31 - 1,
          scale if scale is not None else 1 / math.sqrt(hd)),
-        dict(T=T, KV=kv, G=H // kv, HD=hd, PAGE=page, S=S, BLOCK_G=max(MIN_DOT, 1 << (H // kv - 1).bit_length()),
-             BLOCK_D=block_d, BLOCK_N=tiling.block_n, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        dict(T=T, KV=kv, G=H // kv, HD=hd, PAGE=page, S=S,
+             BLOCK_G=max(MIN_DOT if tiling.dot else 1, 1 << (H // kv - 1).bit_length()), BLOCK_D=block_d,
+             BLOCK_N=tiling.block_n, DOT=tiling.dot, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
              UPCAST=_interpreting() and q.dtype != torch.float32),
         tiling.num_warps)
     merge = Launch(_merge, (P * T, H), (part_out, part_lse, out),
@@ -268,7 +292,7 @@ class KernelTimes:
 @functools.cache
 def timings(*, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, rows: int = 16,
             context: int = 1024, repeats: int = 20) -> KernelTimes | None:
-    """The gathered path and the kernel at every tiling of `CANDIDATES` for `rows` rows of `context` tokens on
+    """The gathered path and the kernel at every tiling of `candidates` for `rows` rows of `context` tokens on
     shuffled 16-token blocks, on this CUDA device. None off CUDA, or where no tiling builds or runs (logged): the
     gathered path is always there."""
     from server.model.paged_attention import gathered_attention
@@ -284,7 +308,7 @@ def timings(*, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, dev
     positions = (lengths - 1)[:, None]
     q = torch.randn(rows, heads, 1, head_dim, generator=g).to(device, dtype)
     tilings_ms = {}
-    for tiling in CANDIDATES:
+    for tiling in candidates(heads // kv_heads):
         try:
             tilings_ms[tiling] = measure.cuda_ms(
                 lambda t=tiling: paged_decode_attention(q, pool, tables, positions, lengths, tiling=t), repeats=repeats)
@@ -295,7 +319,7 @@ def timings(*, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, dev
     times = KernelTimes(measure.cuda_ms(lambda: gathered_attention(q, pool, tables, positions, lengths),
                                         repeats=repeats), tilings_ms)
     log.info("decode attention, %d rows x %d tokens: gathered %.3f ms, Triton kernel %s", rows, context,
-             times.gathered_ms, ", ".join(f"{t.block_n}/{t.num_warps} {ms:.3f} ms" for t, ms in tilings_ms.items()))
+             times.gathered_ms, ", ".join(f"{t.name} {ms:.3f} ms" for t, ms in tilings_ms.items()))
     return times
 
 
