@@ -334,8 +334,13 @@ class PagedKVCache:
         return True
 
     def _set_tables(self, rows: list[int], cols: list[int], blocks: list[int]) -> None:
-        dev = self.tables.device
-        self.tables[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = torch.tensor(blocks, device=dev)
+        """One asynchronous copy: a decode step queued while the last one runs (overlapped decoding) must not wait
+        for the device, as `torch.tensor(..., device="cuda")` does."""
+        host = torch.tensor([rows, cols, blocks], dtype=torch.long)
+        if self.tables.is_cuda:
+            host = host.pin_memory()
+        rows_, cols_, blocks_ = host.to(self.tables.device, non_blocking=True)
+        self.tables[rows_, cols_] = blocks_
 
     def table_row(self, seq: int, slot: Slot) -> int:
         return self._rows[seq][slot]
