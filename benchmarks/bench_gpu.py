@@ -257,13 +257,15 @@ def main(argv: list[str] | None = None) -> dict:
     run.data["plain_mm"] = model._plain_mm  # one row through one layer: torch.mm measured faster than bmm at load
     # the same weights, decode steps replayed from CUDA graphs (server.engine.graphs; on the smoke's CPU the same
     # padded path runs eagerly)
-    captured = Engine(model, _IdTokenizer(), name=shape, graphs=True)  # decode attention "auto", as served
+    # decode attention "auto" and overlapped decoding, as served on CUDA (the smoke's CPU runs the overlap too)
+    captured = Engine(model, _IdTokenizer(), name=shape, graphs=True, overlap=True)
     headline = run.data["attention"] = captured.decode_attention  # the path the figures above the table took
+    stepwise = Engine(model, _IdTokenizer(), name=shape, graphs=True, overlap=False)  # each step read before the next
 
     def captured_with(attention: str) -> Engine:
         """The same weights, captured steps, decode attention by `attention`'s path (on the smoke's CPU the Triton
         kernel runs in Triton's interpreter: TRITON_INTERPRET=1)."""
-        return Engine(model, _IdTokenizer(), name=shape, graphs=True, attention=attention)
+        return Engine(model, _IdTokenizer(), name=shape, graphs=True, attention=attention, overlap=True)
 
     L = eager.num_layers
     weight_bytes = model.weight_bytes()
@@ -285,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
         for policy in ("full", "skip:8", "pairs"):
             got[policy] = decode_tok_s(captured, [policy], prompt_len=24, new_tokens=n1)
             eager_got[policy] = decode_tok_s(eager, [policy], prompt_len=24, new_tokens=n1 // 2)
+        step = decode_tok_s(stepwise, ["full"], prompt_len=24, new_tokens=n1)
         layer_s, head_s = _time_parts(captured, list(range(10, 34)), n1, repeats=5 if a.smoke else 50)
         h = head_s / layer_s
         ideal = (L + h) / (L - 8 + h)
@@ -303,6 +306,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "bs1_captured_equals_eager": {p: _same_prefix(got[p]["tokens"], eager_got[p]["tokens"]) for p in got},
                 "bs1_graphs": {p: g["graphs"] for p, g in got.items()},
                 "full_bs1_step_ms": got["full"]["step_s"] * 1e3,
+                # each step read before the next is queued: what overlapping the host's part with the device buys
+                "stepwise_full_bs1_tok_s": step["tok_s"], "overlap_speedup_bs1": tok["full"] / step["tok_s"],
+                "bs1_overlapped_equals_stepwise": step["tokens"] == got["full"]["tokens"],
                 # the graph alone: the rest of the step is the host's (inputs, sampling, the copy back, update)
                 "full_bs1_replay_ms": got["full"]["graphs"].get("replay_ms")}
 
@@ -326,13 +332,16 @@ def main(argv: list[str] | None = None) -> dict:
     def bs64() -> dict:
         got = decode_tok_s(captured, ["full"] * rows64, prompt_len=p64, new_tokens=n64)
         e = decode_tok_s(eager, ["full"] * rows64, prompt_len=p64, new_tokens=n64 // 2)
+        step = decode_tok_s(stepwise, ["full"] * rows64, prompt_len=p64, new_tokens=n64)
         a_ = model.args
         context = p64 + n64 // 2  # the mean context over the timed decode
         kv_bytes = rows64 * context * L * 2 * a_.n_kv_heads * a_.head_dim * torch.finfo(dtype).bits // 8
         return {"bs64_rows": rows64, "bs64_context": context, "bs64_tok_s": got["tok_s"],
                 "bs64_step_ms": got["step_s"] * 1e3,
                 "bs64_bandwidth_fraction": (weight_bytes + kv_bytes) / got["step_s"] / PEAK_BYTES_S,
-                "bs64_graphs": got["graphs"], "eager_bs64_tok_s": e["tok_s"], "eager_bs64_step_ms": e["step_s"] * 1e3}
+                "bs64_graphs": got["graphs"], "eager_bs64_tok_s": e["tok_s"], "eager_bs64_step_ms": e["step_s"] * 1e3,
+                "stepwise_bs64_tok_s": step["tok_s"], "overlap_speedup_bs64": got["tok_s"] / step["tok_s"],
+                "bs64_overlapped_equals_stepwise": step["tokens"] == got["tokens"]}
 
     def churn() -> dict:
         """The P8 mix under churn (benchmarks/bench_layouts.py's load: Poisson arrivals at ~8 rows, prompts of 4-200
@@ -505,7 +514,9 @@ def print_table(d: dict) -> None:
     for key in ("p8_weight_bound", "p8_over_bound", "churn_shared_tok_s", "churn_own_tok_s", "churn_shared_over_own",
                 "hand_capture_ms", "reduce_overhead_ms", "reduce_overhead_compile_s", "reduce_overhead_cudagraph_skips",
                 "reduce_overhead_same_top1", "full_bs1_step_ms", "full_bs1_replay_ms", "fused_replay_ms",
-                "fused_bs1_first_s", "bs64_step_ms", "plain_mm"):
+                "fused_bs1_first_s", "bs64_step_ms", "plain_mm", "stepwise_full_bs1_tok_s", "overlap_speedup_bs1",
+                "stepwise_bs64_tok_s", "overlap_speedup_bs64", "bs1_overlapped_equals_stepwise",
+                "bs64_overlapped_equals_stepwise"):
         if d.get(key) is not None:
             print(f"{key:38s} {d[key]}")
     for key in sorted(k for k in d if "captured_equals_eager" in k):

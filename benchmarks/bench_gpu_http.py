@@ -347,7 +347,8 @@ def render(report: Report) -> Any:
                       f"{row['ttft_p50_s'] * 1e3:.1f} ms", "", "")
     t.caption = (f"P4 = tok/s with {report.clients} clients / 1 client (target >= 5)  |  P8 = mix / all-full  |  "
                  f"captures / hit rate: in the timed run; MB: device memory the graphs pin  |  "
-                 f"attention {s.get('attention')}, fused layer math {s.get('fuse_decode')}  |  "
+                 f"attention {s.get('attention')}, fused layer math {s.get('fuse_decode')}, "
+                 f"overlapped decode {s.get('overlap_decode')}  |  "
                  f"server ready in {s.get('ready_s')} s (model built in {s.get('init_s')} s)"
                  + ("" if report.complete else f"  |  INCOMPLETE: {report.stopped}"))
     return t

@@ -71,7 +71,8 @@ def engine_factory(shape: str, tokenizer_dir: Path, *, info_path: Path | None = 
         params = sum(p.numel() for p in hf_model.parameters())
         engine = Engine.from_hf(hf_model, tokenizer, device=device, dtype=dtype, name=shape,
                                 group_mode=settings.group_mode, graphs=None if settings.cuda_graphs else False,
-                                attention=settings.attention, fuse=settings.fuse_decode)
+                                attention=settings.attention, fuse=settings.fuse_decode,
+                                overlap=settings.overlap_decode)
         del hf_model  # the engine holds its own stacked copy
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -80,6 +81,7 @@ def engine_factory(shape: str, tokenizer_dir: Path, *, info_path: Path | None = 
                     torch=torch.__version__, gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                     cuda_graphs=bool(settings.cuda_graphs and device.type == "cuda"),
                     attention=engine.decode_attention, fuse_decode=settings.fuse_decode,
+                    overlap_decode=device.type == "cuda" if settings.overlap_decode is None else settings.overlap_decode,
                     max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
                     init_s=round(time.perf_counter() - t0, 2))
         log.info("built %s", json.dumps(info))

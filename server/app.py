@@ -46,7 +46,7 @@ def load_engine(settings: Settings) -> Engine:
     loaded = load_model(settings.model, device=device, dtype=dtype)
     return Engine.from_loaded(loaded, group_mode=settings.group_mode, name=settings.model,
                               graphs=None if settings.cuda_graphs else False, attention=settings.attention,
-                              fuse=settings.fuse_decode)
+                              fuse=settings.fuse_decode, overlap=settings.overlap_decode)
 
 
 def served_name(settings: Settings) -> str:
@@ -80,7 +80,9 @@ def _start(state: AppState, factory: EngineFactory, raw_presets: dict) -> None:
         loop.warm_up(engine.compile(as_policy(s.default_policy)))  # before /ready: captures and compiles
         loop.start()
         state.presets, state.served, state.loop = presets, ServedModel.of(engine), loop
-        log.info("model %s ready (%d layers)", state.model_name, engine.num_layers)
+        log.info("model %s ready (%d layers; decode attention %s, captured steps %s, overlapped decode %s)",
+                 state.model_name, engine.num_layers, engine.decode_attention,
+                 "on" if loop.batch.executor.graphs is not None else "off", "on" if loop.batch.overlap else "off")
     except Exception as e:  # keep serving /health and /ready with the reason
         log.exception("model failed to load")
         state.load_error = f"{type(e).__name__}: {e}"

@@ -145,6 +145,9 @@ def serve(
     fuse_decode: Annotated[Optional[bool], typer.Option(
         "--fuse-decode/--no-fuse-decode", help="captured decode steps run the layer math through torch.compile "
         "(CUDA; default off)")] = None,
+    overlap_decode: Annotated[Optional[bool], typer.Option(
+        "--overlap-decode/--no-overlap-decode", help="queue each decode step before reading the last one's tokens "
+        "(default: on for CUDA, off on the CPU)")] = None,
     replicas: Annotated[Optional[int], typer.Option(
         min=1, help="serve N replicas on Ray Serve (needs painters[ray]); default: one process, no Ray")] = None,
     address: Annotated[Optional[str], typer.Option(
@@ -165,7 +168,7 @@ def serve(
                      device=device, max_num_seqs=max_num_seqs, api_key=",".join(api_key) if api_key else None,
                      api_key_file=api_key_file, metrics_require_key=metrics_require_key,
                      max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, threads=threads,
-                     attention=attention, fuse_decode=fuse_decode)
+                     attention=attention, fuse_decode=fuse_decode, overlap_decode=overlap_decode)
     if replicas is None and (address or ray_cpus):
         raise _fail("--address and --ray-cpus need --replicas N")
     if routing not in ("affinity", "default"):

@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     fuse_decode: bool = Field(False, description="captured decode steps run the layer math through torch.compile "
                               "(fewer kernels per layer; compiles on each new layout's first step); needs cuda_graphs; "
                               "no effect on the CPU")
+    overlap_decode: bool | None = Field(
+        None, description="queue each decode step before reading the last one's tokens, so the device runs while the "
+        "host emits (as SGLang's overlap scheduler, vLLM's async scheduling); default: on for CUDA, off on the CPU "
+        "(where it gains nothing)")
     host: str = "127.0.0.1"
     port: int = 8000
     max_num_seqs: int = Field(16, ge=1, description="sequences decoded at once, over all policies")

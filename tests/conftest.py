@@ -78,6 +78,16 @@ def tiny_engine():
     return Engine.from_hf(tiny_llama(), CharTokenizer(), device="cpu")
 
 
+@pytest.fixture(scope="session")
+def overlapped_engine(tiny_engine):
+    """`tiny_engine`'s model and tokenizer, decoding overlapped (each step queued before the last is read: the
+    engine's default on CUDA, run here on the CPU)."""
+    from server.engine.generate import Engine
+
+    e = tiny_engine
+    return Engine(e.model, e.tokenizer, eos_ids=e.eos_ids, config=e.config, overlap=True)
+
+
 def assert_same_weights(got: Any, want: Any) -> None:
     """Two ModelWeights hold equal tensors of equal dtypes, and the same rotary scaling."""
     for f in fields(got.layers):

@@ -66,9 +66,9 @@ def _serve_main(argv: list[str]) -> int:
 
         def new_batch(self, **kwargs: Any):
             batch = super().new_batch(**kwargs)
-            if delay:
-                execute = batch.execute
-                batch.execute = lambda inp: (time.sleep(delay), execute(inp))[1]  # type: ignore[method-assign]
+            if delay:  # every forward (decode and prefill) goes through launch
+                launch = batch.launch
+                batch.launch = lambda inp: (time.sleep(delay), launch(inp))[1]  # type: ignore[method-assign]
             return batch
 
     settings = Settings(model=MODEL)  # the rest from PAINTERS_* variables

@@ -47,6 +47,9 @@ def test_smoke_engine_sections(tmp_path: Path) -> None:
     # the fused section: layer math through torch.compile (Inductor's C++ here), the same greedy tokens
     assert d["fused_full_bs1_tok_s"] > 0 and d["fused_pairs_over_full"] > 0 and d["fused_p8_mixed_over_full"] > 0
     assert d["fused_equals_headline"] == {"bs1": True, "mixed12": True}
+    # overlapped decoding (the headline, as served on CUDA) against each step read before the next: same tokens
+    assert d["bs1_overlapped_equals_stepwise"] is True and d["bs64_overlapped_equals_stepwise"] is True
+    assert d["overlap_speedup_bs1"] > 0 and d["overlap_speedup_bs64"] > 0
 
 
 @pytest.mark.slow

@@ -79,15 +79,22 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.005)
 
 
+@pytest.fixture(params=[False, True], ids=["stepwise", "overlapped"])
+def loop_engine(request, tiny_engine: Engine, overlapped_engine: Engine) -> Engine:
+    """The loop's engine: each decode step read before the next, or overlapped (the CUDA default). Expected
+    results come from `tiny_engine` alone, step by step."""
+    return overlapped_engine if request.param else tiny_engine
+
+
 @pytest.fixture
-def make_loop(tiny_engine: Engine) -> Iterator[Callable[..., EngineLoop]]:
+def make_loop(loop_engine: Engine) -> Iterator[Callable[..., EngineLoop]]:
     loops: list[EngineLoop] = []
 
     def make(**options) -> EngineLoop:
         kw = dict(max_num_seqs=4, max_model_len=64, queue_capacity=32, kv_budget_tokens=8192,
                   metrics=Metrics(model=MODEL))
         kw.update(options)
-        loop = EngineLoop(tiny_engine, **kw)
+        loop = EngineLoop(loop_engine, **kw)
         loops.append(loop)
         loop.start()
         return loop
@@ -179,6 +186,22 @@ def test_streamed_outputs_add_up_to_the_final_result(tiny_engine, make_loop):
     t = result.timings
     assert t.ttft_s > 0 and t.prefill_s > 0 and t.decode_s > 0 and t.queue_s >= 0
     assert len(t.per_token_s) == len(result.token_ids) - 1
+
+
+def test_a_request_longer_than_the_context_ends_at_it(tiny_engine, make_loop):
+    """A request whose max_tokens would pass max_model_len ends by length at max_model_len, with the tokens it gets
+    alone, and leaves no KV behind."""
+    r = request(tiny_engine, "long", [5, 6, 7, 8, 9], "skip:2", max_tokens=40)
+    loop = make_loop(max_model_len=16)
+    sink = Collector()
+    loop.submit(r, sink)
+    final = sink.wait()
+    assert final.error is None and final.result.finish_reason == "length"
+    assert len(final.result.token_ids) == 16 - 5 == len(sink.token_ids)
+    want = tiny_engine.generate([r.prompt_ids], policy="skip:2", params=SamplingParams(max_tokens=11, ignore_eos=True))
+    assert final.result.token_ids == want[0].token_ids
+    wait_until(lambda: loop.num_running == 0, "the request has left")
+    assert loop.batch.kv_usage() == 0.0
 
 
 def test_a_stop_string_is_never_streamed(tiny_engine, make_loop):
@@ -370,16 +393,16 @@ def test_a_failing_step_fails_the_requests_in_it_and_the_loop_goes_on(tiny_engin
     doomed = [request(tiny_engine, "a", [5, 6, 7], "full", max_tokens=8),
               request(tiny_engine, "b", [9, 10], "skip:2", max_tokens=8)]
     later = request(tiny_engine, "later", [9, 10], "skip:2", max_tokens=4)
-    real_execute = Batch.execute
+    real_launch = Batch.launch
     raised = []
 
-    def execute_failing_once(batch: Batch, inp):
+    def launch_failing_once(batch: Batch, inp):
         if len(inp.rows) == 2 and not raised:
             raised.append(True)
             raise RuntimeError("boom")
-        return real_execute(batch, inp)
+        return real_launch(batch, inp)
 
-    monkeypatch.setattr(Batch, "execute", execute_failing_once)
+    monkeypatch.setattr(Batch, "launch", launch_failing_once)
     loop = make_loop()
     sinks = [Collector(), Collector()]
     for r, sink in zip(doomed, sinks):
@@ -412,7 +435,8 @@ def test_a_raising_sink_does_not_stop_the_loop(tiny_engine, make_loop):
 # -- every exit path leaves nothing behind --------------------------------------------------------------------------
 
 
-def test_random_interleavings_leave_no_request_row_or_block_behind(tiny_engine, poisoned_seed, monkeypatch):
+def test_random_interleavings_leave_no_request_row_or_block_behind(tiny_engine, loop_engine, poisoned_seed,
+                                                                  monkeypatch):
     """200 seeded random interleavings of submit / abort / disconnect / finish / fail (a poisoned row, a failing
     step) / drain / probe, driven step by step on this thread. After each: no request, row, reservation or KV block is
     left anywhere, prefix-only blocks are within their cap, and every request got at most one final answer."""
@@ -421,17 +445,17 @@ def test_random_interleavings_leave_no_request_row_or_block_behind(tiny_engine, 
     from server.engine.scheduler import DrainingError
 
     rng = random.Random(13)
-    real_execute = Batch.execute
+    real_launch = Batch.launch
     fail_next = [False]
 
-    def execute(batch: Batch, inp):
+    def launch(batch: Batch, inp):
         if fail_next[0]:
             fail_next[0] = False
             raise RuntimeError("injected step failure")
-        return real_execute(batch, inp)
+        return real_launch(batch, inp)
 
-    monkeypatch.setattr(Batch, "execute", execute)
-    loop = EngineLoop(tiny_engine, max_num_seqs=3, max_model_len=48, queue_capacity=6, kv_budget_tokens=1024,
+    monkeypatch.setattr(Batch, "launch", launch)
+    loop = EngineLoop(loop_engine, max_num_seqs=3, max_model_len=48, queue_capacity=6, kv_budget_tokens=1024,
                       kv_block_size=4, prefix_cache_blocks=8, metrics=Metrics(model=MODEL))
     finals: dict[str, int] = {}
     gone: set[str] = set()  # sinks whose client left

@@ -7,12 +7,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import torch
 
-from server.engine.generate import Engine
+from server.engine.generate import Batch, Engine, Launched
 from server.engine.sampling import SamplingError, SamplingParams
 from tests.conftest import CharTokenizer, bos_word_tokenizer, tiny_llama
 
 POLICIES = ["full", "skip:2", "pairs:1-4", "parallel:1-4", "loop:1-4x2", "reverse:1-4", "shuffle:1-4:3", "repeat:1-4",
             "schedule:0,1+3/sum,2,2,4-5"]
+
+
+@pytest.fixture(params=[False, True], ids=["stepwise", "overlapped"])
+def engine(request, tiny_engine, overlapped_engine) -> Engine:
+    """The engine under test, decoding step by step or overlapped; references come from `tiny_engine` (step by
+    step), so an overlapped test checks that overlap changes nothing."""
+    return overlapped_engine if request.param else tiny_engine
 
 
 def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
@@ -60,10 +67,10 @@ def test_rows_stay_correct_when_sequences_finish_early(tiny_engine):
         assert seq.output_ids == alone[0].token_ids
 
 
-def test_sequences_join_a_running_batch(tiny_engine):
+def test_sequences_join_a_running_batch(tiny_engine, engine):
     schedule = tiny_engine.compile("skip:2")
     params = SamplingParams(max_tokens=6, ignore_eos=True)
-    batch = tiny_engine.new_batch(max_len=32, num_blocks=256)
+    batch = engine.new_batch(max_len=32, num_blocks=256)
     a = tiny_engine.new_sequence([5, 6, 7, 8], params, schedule)
     batch.add([a])
     batch.step()
@@ -94,22 +101,23 @@ def test_top_k_one_is_greedy(tiny_engine):
     assert top1.token_ids == greedy.token_ids
 
 
-def test_stop_token_and_min_tokens(tiny_engine):
+def test_stop_token_and_min_tokens(tiny_engine, engine):
     free = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, ignore_eos=True))[0].token_ids
     stop_at = free[3]
     first = free.index(stop_at)
-    stopped = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, stop_token_ids=(stop_at,)))[0]
+    stopped = engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, stop_token_ids=(stop_at,)))[0]
     assert stopped.token_ids == free[: first + 1] and stopped.finish_reason == "stop"
-    held = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(
+    held = engine.generate([[5, 6, 7]], params=SamplingParams(
         max_tokens=10, stop_token_ids=(stop_at,), min_tokens=first + 1))[0]
     assert len(held.token_ids) > first + 1
+    assert held.token_ids == free[: len(held.token_ids)]
 
 
-def test_stop_string_truncates_text(tiny_engine):
+def test_stop_string_truncates_text(tiny_engine, engine):
     free = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, ignore_eos=True))[0]
     assert len(free.text) >= 6
     stop = free.text[3:5]
-    got = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, ignore_eos=True, stop=(stop,)))[0]
+    got = engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, ignore_eos=True, stop=(stop,)))[0]
     assert got.finish_reason == "stop"
     assert got.text == free.text[: free.text.find(stop)]
     assert stop not in got.text
@@ -237,10 +245,10 @@ MIX = ["full", "skip:2", "skip:1-3", "pairs", "pairs:1-4", "parallel", "loop:x2"
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.sampled_from(MIX), st.integers(1, 9), st.integers(1, 6), st.integers(0, 4)),
                 min_size=1, max_size=6))
-def test_any_mix_decoded_together_equals_each_alone(tiny_engine, requests):
+def test_any_mix_decoded_together_equals_each_alone(tiny_engine, engine, requests):
     """Requests of random policies and prompt lengths join at random steps and leave when done (different
     max_tokens); each gets the greedy tokens and logprobs it gets alone."""
-    batch = tiny_engine.new_batch(max_len=32, num_blocks=600)
+    batch = engine.new_batch(max_len=32, num_blocks=600)
     pending = []
     for i, (policy, n_prompt, n_new, join_at) in enumerate(requests):
         prompt = [3 + (7 * i + 5 * t) % 120 for t in range(n_prompt)]
@@ -262,9 +270,9 @@ def test_any_mix_decoded_together_equals_each_alone(tiny_engine, requests):
         torch.testing.assert_close(torch.tensor(seq.logprobs), torch.tensor(alone.logprobs), rtol=1e-4, atol=1e-4)
 
 
-def test_a_row_whose_sampling_fails_ends_alone(tiny_engine, poisoned_seed):
+def test_a_row_whose_sampling_fails_ends_alone(tiny_engine, engine, poisoned_seed):
     """One row's sampler raises: that row ends with an error, its neighbour (another policy) finishes normally."""
-    batch = tiny_engine.new_batch(max_len=32, num_blocks=256)
+    batch = engine.new_batch(max_len=32, num_blocks=256)
     good = tiny_engine.new_sequence([5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True), tiny_engine.compile("full"))
     bad = tiny_engine.new_sequence([5, 6], SamplingParams(max_tokens=8, temperature=1.0, seed=poisoned_seed,
                                                           ignore_eos=True),
@@ -278,6 +286,94 @@ def test_a_row_whose_sampling_fails_ends_alone(tiny_engine, poisoned_seed):
     assert good.finish_reason == "length"
     assert good.output_ids == tiny_engine.generate([[5, 6, 7]], params=good.params)[0].token_ids
     assert batch.kv_usage() == 0.0, "both rows' KV blocks are free again"
+
+
+# -- overlapped decoding -------------------------------------------------------------------------------------------
+
+
+def test_overlapped_decoding_gives_what_stepwise_decoding_gives(tiny_engine, overlapped_engine):
+    """A mix of policies, lengths, stop tokens, stop strings, min_tokens, seeded sampling and logprobs: every row's
+    tokens, logprobs, alternatives, text and finish reason are those of decoding step by step."""
+    prompts = [[5, 9, 17], [40, 41, 42, 43, 44], [7], [99, 98, 97], [12, 13], [60, 61, 62, 63]]
+    policies = ["full", "skip:2", "pairs:1-4", "loop:1-4x2", "reverse:1-4", "full"]
+    free = tiny_engine.generate(prompts, policy=policies, params=SamplingParams(max_tokens=12, ignore_eos=True))
+    params = [
+        SamplingParams(max_tokens=12, stop_token_ids=(free[0].token_ids[2],)),  # stops mid-way: one step too many
+        SamplingParams(max_tokens=3, ignore_eos=True, logprobs=2),  # ends by length: never decoded past it
+        SamplingParams(max_tokens=12, ignore_eos=True, stop=(free[2].text[2:4],)),
+        SamplingParams(max_tokens=9, temperature=0.9, top_p=0.8, seed=7, ignore_eos=True, logprobs=1),
+        SamplingParams(max_tokens=12, stop_token_ids=(free[4].token_ids[1],), min_tokens=4),
+        SamplingParams(max_tokens=1, ignore_eos=True),  # ends at its prefill
+    ]
+    results = {}
+    for e in (tiny_engine, overlapped_engine):
+        seqs = [e.new_sequence(p, sp, e.compile(pol)) for p, sp, pol in zip(prompts, params, policies)]
+        batch = e.new_batch(max_len=32, num_blocks=600)
+        batch.add(seqs[:4])
+        batch.filter()
+        batch.step()
+        batch.add(seqs[4:])  # they join while a step is in flight
+        while batch.filter() is not None and batch.sequences:
+            batch.step()
+        assert batch.kv_usage() == 0.0
+        results[e is overlapped_engine] = [s.result() for s in seqs]
+    for got, want in zip(results[True], results[False]):
+        assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-5) and got.top_logprobs == want.top_logprobs
+    assert [r.finish_reason for r in results[True]] == ["stop", "length", "stop", "length", "stop", "length"]
+
+
+def _launches(monkeypatch) -> list[tuple[str, int]]:
+    """Records every `Batch.launch` ("launch", rows) and every read of a launched step's results ("read", rows)."""
+    events: list[tuple[str, int]] = []
+    launch, result = Batch.launch, Launched.result
+
+    def launch_(batch, inp):
+        events.append(("launch", len(inp.rows)))
+        return launch(batch, inp)
+
+    def result_(launched):
+        events.append(("read", len(launched.inp.rows)))
+        return result(launched)
+
+    monkeypatch.setattr(Batch, "launch", launch_)
+    monkeypatch.setattr(Launched, "result", result_)
+    return events
+
+
+def test_overlapped_decode_queues_each_step_before_reading_the_last(overlapped_engine, monkeypatch):
+    """The prefill is read at once; then every decode queues step N before it reads step N-1, and a row that its
+    token in flight ends by length is not queued again: max_tokens=4 queues 3 decode steps, as step by step."""
+    events = _launches(monkeypatch)
+    r = overlapped_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert len(r.token_ids) == 4 and r.finish_reason == "length"
+    L, R = ("launch", 1), ("read", 1)
+    assert events == [L, R, L, L, R, L, R, R]
+
+
+def test_a_row_stopped_by_its_token_in_flight_decodes_once_more_and_drops_it(tiny_engine, overlapped_engine,
+                                                                             monkeypatch):
+    free = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+    stop_at = free[1]
+    want = free[: free.index(stop_at) + 1]
+    events = _launches(monkeypatch)
+    got = overlapped_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=8, stop_token_ids=(stop_at,)))[0]
+    assert got.token_ids == want and got.finish_reason == "stop"
+    decode_steps = sum(1 for kind, _ in events if kind == "launch") - 1
+    assert decode_steps == len(want)  # step by step: len(want) - 1; the last one's token is dropped
+
+
+def test_overlapped_timings_add_up_to_the_decode_time(overlapped_engine):
+    """Each token's time is the step period (from the later of its launch and the previous read), so per-token
+    times sum to the decode wall time rather than counting overlapping steps twice."""
+    import time
+
+    t = time.perf_counter()
+    r = overlapped_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    wall = time.perf_counter() - t
+    tm = r.timings
+    assert len(tm.per_token_s) == 7 and all(x > 0 for x in tm.per_token_s)
+    assert tm.prefill_s + tm.decode_s <= wall
 
 
 # -- bounded memory ------------------------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def test_cuda_captured_decode_equals_eager(model, attention, fuse):
     for graphs in (False, True):
         eng = Engine.from_hf(hf, CharTokenizer(), device="cuda", dtype=torch.float32, graphs=graphs,
                              attention=attention if graphs else "gathered",  # the eager gathered step: the reference
-                             fuse=fuse and graphs)
+                             fuse=fuse and graphs, overlap=graphs)  # ... read before the next step is queued
         batch = eng.new_batch(max_len=64, num_blocks=400)
         out[graphs] = eng.generate(prompts, policy=policies, params=params, batch=batch)
         if graphs:
@@ -131,6 +131,81 @@ def test_cuda_captured_decode_equals_eager(model, attention, fuse):
     for want, got in zip(out[False], out[True]):
         assert got.token_ids == want.token_ids
         torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_cuda_overlapped_decode_equals_stepwise(graphs):
+    """Overlapped decoding (the CUDA default: step N queued before step N-1's results are read, its input tokens
+    still on the device) gives what reading every step before the next gives: rows join while a step is in flight,
+    stop on a token or a string one step before the host knows, end by length, sample with seeds."""
+    hf = tiny_llama()
+    prompts = [[5, 9, 17], [40, 41, 42, 43, 44], [7], [99, 98, 97], [12, 13], [60, 61, 62, 63]]
+    policies = ["full", "skip:2", "pairs:1-4", "loop:1-4x2", "reverse:1-4", "full"]
+    ref = Engine.from_hf(hf, CharTokenizer(), device="cuda", dtype=torch.float32, graphs=graphs, overlap=False)
+    free = ref.generate(prompts, policy=policies, params=SamplingParams(max_tokens=12, ignore_eos=True))
+    params = [SamplingParams(max_tokens=12, stop_token_ids=(free[0].token_ids[2],)),
+              SamplingParams(max_tokens=3, ignore_eos=True, logprobs=2),
+              SamplingParams(max_tokens=12, ignore_eos=True, stop=(free[2].text[2:4],)),
+              SamplingParams(max_tokens=9, temperature=0.9, top_p=0.8, seed=7, ignore_eos=True, logprobs=1),
+              SamplingParams(max_tokens=12, stop_token_ids=(free[4].token_ids[1],), min_tokens=4),
+              SamplingParams(max_tokens=1, ignore_eos=True)]
+    out = {}
+    for overlap in (False, True):
+        eng = Engine(ref.model, ref.tokenizer, eos_ids=ref.eos_ids, graphs=graphs, overlap=overlap)
+        seqs = [eng.new_sequence(p, sp, eng.compile(pol)) for p, sp, pol in zip(prompts, params, policies)]
+        batch = eng.new_batch(max_len=32, num_blocks=600)
+        batch.add(seqs[:4])
+        batch.filter()
+        batch.step()
+        batch.add(seqs[4:])
+        while batch.filter() is not None and batch.sequences:
+            batch.step()
+        assert batch.kv_usage() == 0.0
+        out[overlap] = [s.result() for s in seqs]
+    for got, want in zip(out[True], out[False]):
+        assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_overlapped_decode_queues_a_step_without_waiting_for_the_device(monkeypatch):
+    """Overlap only pays if queuing a decode step never waits for the device: every launch of a steady decode
+    (layouts captured, programs compiled) runs under torch's sync debug mode set to raise, with rows crossing KV
+    block boundaries (new blocks in the table), joining from a prefill and sampling with seeds."""
+    from server.engine.generate import Batch
+
+    eng = Engine.from_hf(tiny_llama(), CharTokenizer(), device="cuda", dtype=torch.float32, overlap=True)
+    policies = ["full", "skip:2", "full"]
+    params = [SamplingParams(max_tokens=40, ignore_eos=True),
+              SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True, logprobs=1),
+              SamplingParams(max_tokens=30, ignore_eos=True)]
+    batch = eng.new_batch(max_len=64, num_blocks=200)
+
+    def run() -> list[list[int]]:
+        seqs = [eng.new_sequence([5 + i, 6, 7], sp, eng.compile(p)) for i, (sp, p) in enumerate(zip(params, policies))]
+        batch.add(seqs[:2])
+        batch.step()
+        batch.add(seqs[2:])
+        while batch.filter() is not None and batch.sequences:
+            batch.step()
+        return [s.output_ids for s in seqs]
+
+    want = run()  # captures every layout this load makes, compiles their programs
+    launch, checked = Batch.launch, []
+
+    def launch_without_sync(self, inp):
+        if inp.tokens.shape[1] != 1:  # a prefill: it reads its results at once anyway
+            return launch(self, inp)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = launch(self, inp)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        checked.append(len(inp.rows))
+        return out
+
+    monkeypatch.setattr(Batch, "launch", launch_without_sync)
+    assert run() == want
+    assert len(checked) >= 39 and batch.executor.graphs.stats()["failures"] == 0
 
 
 @pytest.mark.parametrize(("attention", "fuse"), [("gathered", False), ("triton", False), ("triton", True)])

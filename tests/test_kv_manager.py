@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from server.policy.compiler import compile_schedule
 from server.engine.kv_manager import KVManager
 from server.policy.policy import as_policy
@@ -21,21 +23,23 @@ def test_reservation_is_slots_times_blocks_of_prompt_plus_max_tokens():
     assert kv.reserved == {}
 
 
-def test_rollback_forgets_tokens_and_decoding_resumes_exactly(tiny_engine):
+@pytest.mark.parametrize("overlap", [False, True], ids=["stepwise", "overlapped"])
+def test_rollback_forgets_tokens_and_decoding_resumes_exactly(tiny_engine, overlapped_engine, overlap):
     """Decode 8 tokens; elsewhere decode 7, roll back 3, decode to 8 again: the same tokens (greedy), and the rolled
-    back request holds only the blocks its tokens use."""
+    back request holds only the blocks its tokens use. Overlapped, the rollback first reads the step in flight."""
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     want = tiny_engine.generate([[5, 6, 7, 8, 9]], params=params)[0].token_ids
-    batch = tiny_engine.new_batch(max_len=32, num_blocks=64, block_size=2)
+    engine = overlapped_engine if overlap else tiny_engine
+    batch = engine.new_batch(max_len=32, num_blocks=64, block_size=2)
     r = tiny_engine.new_sequence([5, 6, 7, 8, 9], params, tiny_engine.compile("skip:2"))
     batch.add([r])
     full = tiny_engine.new_sequence([5, 6, 7, 8, 9], params, tiny_engine.compile("full"))
     batch.add([full])
     for _ in range(6):
         batch.step()
-    assert full.output_ids == want[:7]
+    assert full.output_ids == want[: 7 - overlap]  # overlapped, the 7th is in flight
     held = batch.kv.used_blocks
-    batch.kv.rollback(full, 3)
+    batch.rollback(full, 3)
     assert full.output_ids == want[:4] and len(full.logprobs) == 4
     assert batch.kv.used_blocks < held, "blocks past the kept tokens went back to the pool"
     while not full.finished:

@@ -111,3 +111,31 @@ def test_fused_captured_steps_serve_the_real_models_text(smollm2_engine):
     assert load_engine(Settings(model="smollm2-135m", device="cpu", fuse_decode=True)).fuse
     with pytest.raises(ValidationError, match="fuse_decode needs cuda_graphs"):
         Settings(fuse_decode=True, cuda_graphs=False)
+
+
+def test_overlapped_decode_serves_the_real_models_text(smollm2_engine):
+    """Overlapped decoding (the CUDA default, forced here on the CPU) gives the real model's text under a mixed
+    batch whose rows stop on a string, on a token and by length at different steps; PAINTERS_OVERLAP_DECODE reaches
+    the engine the server loads."""
+    from server.app import load_engine
+    from server.engine.generate import Engine
+    from server.settings import Settings
+
+    e = smollm2_engine
+    overlapped = Engine(e.model, e.tokenizer, eos_ids=e.eos_ids, overlap=True)
+    policies = ["full", "skip:10", "pairs:14-15", "full"]
+    free = e.generate([PROMPT] * 4, policy=policies, params=SamplingParams(max_tokens=12, ignore_eos=True))
+    params = [SamplingParams(max_tokens=12, stop=(free[0].text[4:7],)),
+              SamplingParams(max_tokens=12, stop_token_ids=(free[1].token_ids[3],)),
+              SamplingParams(max_tokens=5, ignore_eos=True), SamplingParams(max_tokens=12)]
+    results = []
+    for engine in (e, overlapped):
+        seqs = [engine.new_sequence(PROMPT, sp, engine.compile(p)) for sp, p in zip(params, policies)]
+        batch = engine.new_batch(max_len=64, num_blocks=4 * 64 * 30)
+        batch.add(seqs)
+        while batch.filter() is not None and batch.sequences:
+            batch.step()
+        results.append([(s.text, s.output_ids, s.finish_reason) for s in seqs])
+    assert results[1] == results[0]
+    assert [r[2] for r in results[0]][:3] == ["stop", "stop", "length"]
+    assert load_engine(Settings(model="smollm2-135m", device="cpu", overlap_decode=True)).overlap is True

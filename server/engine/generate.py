@@ -2,18 +2,26 @@
 offline `Engine.generate`.
 
 A step is data between three calls: `Batch.decode_input` / `prefill_input` say what runs (`StepInput`: rows, new
-tokens, sampling parameters as tensors); `Batch.execute` is tensor work (the forward and batched sampling) returning a
-`ModelOutput` copied to the host once; `Batch.update` appends tokens, checks stops and detokenizes. `Batch.add`
-(prefill, first token) -> `Batch.step` (one token for every row) -> `Batch.filter` (finished requests leave and free
-their KV blocks) drive them; the server's engine loop drives the same calls. A row whose sampling or stop check
-fails ends alone with `finish_reason="error"`; its neighbours go on.
+tokens, sampling parameters as tensors); `Batch.launch` queues the tensor work (the forward and batched sampling) and
+starts its results' one copy to the host (`Launched`; `execute` waits for it: a `ModelOutput`); `Batch.update`
+appends tokens, checks stops and detokenizes. `Batch.add` (prefill, first token) -> `Batch.decode` (one token for
+every row) -> `Batch.filter` (finished requests leave and free their KV blocks) drive them; the server's engine loop
+drives the same calls. A row whose sampling or stop check fails ends alone with `finish_reason="error"`; its
+neighbours go on.
+
+Overlapped decoding (on by default on CUDA): `decode` queues step N before it reads step N-1's results, so the
+device runs N while the host turns N-1 into tokens, stops and text, as SGLang's overlap scheduler and vLLM's async
+scheduling do. Step N's input tokens are step N-1's sampled tokens, still on the device. A row that step N-1 ends by
+its length is known on the host and left out of N; a row that N-1 ends otherwise (a stop token or string, an
+error) decodes one token too many in N, which is dropped: the same tokens as decoding step by step.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,7 +40,7 @@ from server.engine.request import GenerationResult, Request, Timings
 from server.engine.sampling import SamplingBatch, SamplingParams, make_generator, sample_batch
 from server.engine.served import encode
 
-__all__ = ["Batch", "Engine", "GenerationResult", "ModelOutput", "Request", "StepInput", "Timings"]
+__all__ = ["Batch", "Engine", "GenerationResult", "Launched", "ModelOutput", "Request", "StepInput", "Timings"]
 
 _ids = itertools.count()
 
@@ -62,6 +70,24 @@ class ModelOutput:
     all_logits: Tensor | None = None  # [B, T, V] for echo prefills
 
 
+@dataclass
+class Launched:
+    """A step whose tensor work is queued on the device: its sampled tokens stay there (the next step's input for the
+    rows that go on) while its results travel to the host. `result()` waits for them; on the CPU the work is done by
+    the time this exists."""
+
+    inp: StepInput
+    tokens: Tensor  # [B] each row's sampled token, on the device
+    at: float  # time.perf_counter() when it was queued
+    fetch: Callable[[], ModelOutput] = field(repr=False)
+    all_logits: Tensor | None = None  # [B, T, V] for echo prefills
+
+    def result(self) -> ModelOutput:
+        out = self.fetch()
+        out.all_logits = self.all_logits
+        return out
+
+
 class Batch:
     """The running requests, each under its own schedule, decoded together. The executor owns the KV pool; the KV
     manager decides what it holds."""
@@ -69,13 +95,19 @@ class Batch:
     def __init__(self, model: Transformer, tokenizer: Any, *, max_len: int, num_blocks: int, block_size: int = 16,
                  group_mode: GroupMode = "batched", prefix_caching: bool = False,
                  prefix_blocks: int | None = None, attention: AttentionMode = "auto",
-                 graphs: bool | None = None, fuse: bool = False) -> None:
+                 graphs: bool | None = None, fuse: bool = False, overlap: bool | None = None) -> None:
+        """overlap: `decode` queues each step before it reads the previous one's results (see the module's
+        docstring); None turns it on where the device runs asynchronously (CUDA). On the CPU it runs the same
+        way, and gains nothing: there the tensor work is done before `launch` returns."""
         self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
         self.executor = Executor(model, num_blocks=num_blocks, block_size=block_size, max_len=max_len,
                                  group_mode=group_mode, attention=attention, graphs=graphs, fuse=fuse)
         self.kv = KVManager(num_blocks=num_blocks - 1, block_size=block_size, cache=self.executor.cache,
                             prefix_caching=prefix_caching, prefix_blocks=prefix_blocks)
         self.sequences: list[Request] = []
+        self.overlap = model.device.type == "cuda" if overlap is None else overlap
+        self._in_flight: Launched | None = None  # the decode step queued and not yet read (overlap only)
+        self._read_at = 0.0  # when the last decode step's results were read
 
     @property
     def reused_tokens(self) -> int:
@@ -84,16 +116,33 @@ class Batch:
 
     # -- schedule: what runs ------------------------------------------------------------------------------------------
 
-    def decode_input(self) -> StepInput | None:
-        """Every unfinished row decodes its last token."""
-        live = tuple(s for s in self.sequences if not s.finished)
+    def decode_input(self, in_flight: Launched | None = None) -> StepInput | None:
+        """Every unfinished row decodes its last token. With `in_flight` (a queued step whose results are not read
+        yet), its rows decode the token it sampled for them, still on the device, one position further on; a row
+        that token ends by length (max_tokens or max_len) is left out."""
+        flying = {} if in_flight is None else {s.id: b for b, s in enumerate(in_flight.inp.requests)}
+        live = tuple(s for s in self.sequences if not s.finished and (s.id not in flying or self._goes_on(s)))
         if not live:
             return None
         dev = self.model.device
-        tokens = torch.tensor([s.output_ids[-1] for s in live], dtype=torch.long)[:, None].to(dev, non_blocking=True)
-        rows = tuple(Row(s.id, s.schedule, s.length - 1, 1) for s in live)
+        rows = tuple(Row(s.id, s.schedule, s.length - 1 + (s.id in flying), 1) for s in live)
+        src = [flying.get(s.id, -1) for s in live]
+        if in_flight is not None and src == list(range(len(in_flight.inp.requests))):  # steady state: no copy
+            tokens = in_flight.tokens[:, None]
+        else:
+            tokens = torch.tensor([s.output_ids[-1] if b < 0 else 0 for s, b in zip(live, src)],
+                                  dtype=torch.long)[:, None].to(dev, non_blocking=True)
+            moved = [(i, b) for i, b in enumerate(src) if b >= 0]
+            if moved:
+                at, of = torch.tensor(moved, dtype=torch.long).T.to(dev, non_blocking=True)
+                tokens[at, 0] = in_flight.tokens[of]
         return StepInput(live, rows, tokens, torch.zeros(len(live), dtype=torch.long, device=dev),
                          self._sampling(live))
+
+    def _goes_on(self, s: Request) -> bool:
+        """Whether `s` may decode past the token in flight for it: that token does not end it by length (as
+        `_check_stop` would: max_tokens reached, or max_len)."""
+        return len(s.output_ids) + 1 < s.params.max_tokens and s.length + 1 < self.max_len
 
     def prefill_input(self, new: list[Request], starts: list[int]) -> StepInput:
         """New requests compute their prompts from `starts` (what the prefix cache did not hold), right-padded."""
@@ -112,31 +161,43 @@ class Batch:
 
     # -- execute: tensor work, one host copy ----------------------------------------------------------------------
 
-    def execute(self, inp: StepInput) -> ModelOutput:
-        """The forward and batched sampling; the results reach the host in one copy."""
+    def launch(self, inp: StepInput) -> Launched:
+        """Queue the forward and batched sampling; the results start their one copy to the host."""
+        at = time.perf_counter()
         logits = self.executor.forward(inp.tokens, list(inp.rows), logits_at=None if inp.echo else inp.logits_at)
         all_logits = None
         if inp.echo:
             all_logits = logits
             logits = logits[torch.arange(len(inp.rows), device=logits.device), inp.logits_at]
-        out = self.sample(logits, inp.sampling)
-        out.all_logits = all_logits
-        return out
+        tokens, fetch = self.sample(logits, inp.sampling)
+        return Launched(inp, tokens, at, fetch, all_logits)
+
+    def execute(self, inp: StepInput) -> ModelOutput:
+        """The forward and batched sampling; the results reach the host in one copy."""
+        return self.launch(inp).result()
 
     @staticmethod
-    def sample(logits: Tensor, sampling: SamplingBatch) -> ModelOutput:
-        """logits [B, V] -> each row's token, logprob and top alternatives, brought to the host in one copy."""
+    def sample(logits: Tensor, sampling: SamplingBatch) -> tuple[Tensor, Callable[[], ModelOutput]]:
+        """logits [B, V] -> each row's token on the device [B], and a call that returns every row's token, logprob
+        and top alternatives on the host, brought there in one copy (waiting for it)."""
         # one fused pass (CPU logsumexp is ~3x slower), only when some row wants a logprob
         logprobs = torch.log_softmax(logits.float(), dim=-1) if sampling.logprobs else None
         tokens, alive, errors = sample_batch(logits, sampling)
         k = sampling.num_top
-        host = _to_host(tokens, alive, logprobs, torch.topk(logprobs, k) if k and logprobs is not None else None)
+        to_host = _to_host(tokens, alive, logprobs, torch.topk(logprobs, k) if k and logprobs is not None else None)
         failed = {b: f"sampling failed: {type(e).__name__}: {e}" for b, e in errors.items()}
-        for b, ok in enumerate(host.alive):
-            if not ok and b not in failed:
-                failed[b] = f"sampling failed: ValueError: row {b} has no token with a finite logit (all are -inf or NaN)"
-        top = [dict(zip(i, v)) for i, v in zip(host.top_ids, host.top_logprobs)] if k else [{} for _ in host.alive]
-        return ModelOutput(token_ids=host.token_ids, logprobs=host.logprobs, top=top, errors=failed)
+
+        def fetch() -> ModelOutput:
+            host = to_host()
+            for b, ok in enumerate(host.alive):
+                if not ok and b not in failed:
+                    failed[b] = (f"sampling failed: ValueError: row {b} has no token with a finite logit (all are -inf "
+                                 "or NaN)")
+            top = ([dict(zip(i, v)) for i, v in zip(host.top_ids, host.top_logprobs)] if k
+                   else [{} for _ in host.alive])
+            return ModelOutput(token_ids=host.token_ids, logprobs=host.logprobs, top=top, errors=failed)
+
+        return tokens, fetch
 
     # -- update: tokens, stops, text ------------------------------------------------------------------------------
 
@@ -232,21 +293,49 @@ class Batch:
         self.sequences.extend(new)
         self.update(new, out, t0, prefill=True)
 
+    def decode(self) -> tuple[Request, ...]:
+        """Decode one token for every unfinished row (finished rows leave at `filter`); returns the requests whose
+        token this call read. Overlapped, it queues the next step before it reads the one in flight, so each row's
+        token arrives one call later and the last call only reads (see the module's docstring)."""
+        in_flight, self._in_flight = self._in_flight, None
+        inp = self.decode_input(in_flight)
+        launched = None if inp is None else self.launch(inp)
+        if self.overlap:
+            self._in_flight, launched = launched, in_flight
+        return () if launched is None else self._read(launched)
+
+    def settle(self) -> tuple[Request, ...]:
+        """Read the decode step in flight, if any: afterwards the host holds every token sampled so far (what a
+        rollback needs). Returns the requests whose token it read."""
+        launched, self._in_flight = self._in_flight, None
+        return () if launched is None else self._read(launched)
+
+    def rollback(self, request: Request, n: int) -> None:
+        """Forget `request`'s last n tokens (`KVManager.rollback`), after the step in flight is read."""
+        self.settle()
+        self.kv.rollback(request, n)
+
+    def _read(self, launched: Launched) -> tuple[Request, ...]:
+        out = launched.result()
+        # a step's time: from its launch, or from when the previous step's results were read if that was later
+        self.update(launched.inp.requests, out, max(launched.at, self._read_at), prefill=False)
+        self._read_at = time.perf_counter()
+        return launched.inp.requests
+
     def step(self) -> None:
-        """Decode one token for every unfinished row (finished rows leave at `filter`)."""
-        inp = self.decode_input()
-        if inp is None:
-            return
-        t0 = time.perf_counter()
-        self.update(inp.requests, self.execute(inp), t0, prefill=False)
+        """Decode one token for every unfinished row (`decode`)."""
+        self.decode()
 
     def filter(self) -> list[Request]:
-        """Remove finished requests and free their KV blocks; returns the removed."""
+        """Remove finished requests and free their KV blocks; returns the removed. (A step in flight may still
+        write a removed row's KV: the device runs it before any later step that could reuse those blocks.)"""
         done = [s for s in self.sequences if s.finished]
         if done:
             self.sequences = [s for s in self.sequences if not s.finished]
             for s in done:
                 self.kv.free(s.id)
+        if self._in_flight is not None and all(s.finished for s in self._in_flight.inp.requests):
+            self._in_flight = None  # nothing left to read from it
         return done
 
     def remove(self, request_id: str) -> None:
@@ -293,16 +382,18 @@ class _Host:
     top_logprobs: list[list[float]]
 
 
-def _to_host(tokens: Tensor, alive: Tensor, logprobs: Tensor | None, top: Any) -> _Host:
-    """A step's results as Python lists: on a GPU one device-to-host copy of one packed tensor; on the CPU no copy at
-    all (numpy views of the tensors, and numpy picks each row's logprob: the same values, a tenth of torch's
-    per-op cost right after a forward)."""
+def _to_host(tokens: Tensor, alive: Tensor, logprobs: Tensor | None, top: Any) -> Callable[[], _Host]:
+    """A step's results as Python lists, through a call that waits for them. On a GPU they travel in one
+    device-to-host copy of one packed tensor into pinned memory, queued now (no sync: the host may queue more work
+    before it calls). On the CPU no copy at all (numpy views of the tensors, and numpy picks each row's logprob: the
+    same values, a tenth of torch's per-op cost right after a forward)."""
     B = tokens.shape[0]
     if tokens.device.type == "cpu":
         t = tokens.numpy()
-        return _Host(t.tolist(), alive.numpy().tolist(),
+        host = _Host(t.tolist(), alive.numpy().tolist(),
                      [] if logprobs is None else logprobs.numpy()[np.arange(B), t].tolist(),
                      [] if top is None else top.indices.tolist(), [] if top is None else top.values.tolist())
+        return lambda: host
     chosen = tokens[:, None]
     parts = [chosen, alive[:, None]]  # cat promotes all to one dtype (float64 once logprobs join)
     if logprobs is not None:
@@ -310,9 +401,19 @@ def _to_host(tokens: Tensor, alive: Tensor, logprobs: Tensor | None, top: Any) -
     k = 0 if top is None else top.indices.shape[1]
     if k:
         parts += [top.indices.double(), top.values.double()]
-    host = torch.cat(parts, dim=1).cpu()  # the one copy: [B, 2 + (1 + 2k when logprobs)]
-    return _Host(host[:, 0].long().tolist(), host[:, 1].bool().tolist(), [] if logprobs is None else host[:, 2].tolist(),
-                 host[:, 3 : 3 + k].long().tolist() if k else [], host[:, 3 + k :].tolist() if k else [])
+    packed = torch.cat(parts, dim=1)  # [B, 2 + (1 + 2k when logprobs)]
+    copy = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+    copy.copy_(packed, non_blocking=True)  # the one copy
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(tokens.device))
+
+    def wait() -> _Host:
+        done.synchronize()
+        return _Host(copy[:, 0].long().tolist(), copy[:, 1].bool().tolist(),
+                     [] if logprobs is None else copy[:, 2].tolist(),
+                     copy[:, 3 : 3 + k].long().tolist() if k else [], copy[:, 3 + k :].tolist() if k else [])
+
+    return wait
 
 
 def _score_prompt(s: Request, logits: Tensor, reused: Reused) -> None:
@@ -340,12 +441,14 @@ class Engine:
         self, model: Transformer, tokenizer: Any, *, eos_ids: frozenset[int] = frozenset(), config: Any = None,
         group_mode: GroupMode = "batched", name: str = "model", block_size: int = 16,
         attention: AttentionMode = "auto", graphs: bool | None = None, fuse: bool = False,
+        overlap: bool | None = None,
     ) -> None:
         self.model, self.tokenizer, self.config, self.name = model, tokenizer, config, name
         self.eos_ids, self.group_mode, self.block_size = eos_ids, group_mode, block_size
         self.attention = attention  # how decode attention reads the KV pool, as asked (see server.engine.executor)
         self.graphs = graphs  # captured decode steps (server.engine.graphs); None: on CUDA, off on the CPU
         self.fuse = fuse  # captured steps run the layer math through torch.compile (Transformer.fused)
+        self.overlap = overlap  # decode queues each step before reading the last (Batch); None: on CUDA
         if fuse and graphs is False:
             raise ValueError("fuse needs captured decode steps: leave graphs on (None) or True")
 
@@ -417,7 +520,7 @@ class Engine:
                   prefix_caching: bool = False, prefix_blocks: int | None = None) -> Batch:
         return Batch(self.model, self.tokenizer, max_len=max_len, num_blocks=num_blocks,
                      block_size=block_size or self.block_size, group_mode=self.group_mode, attention=self.attention,
-                     graphs=self.graphs, fuse=self.fuse,
+                     graphs=self.graphs, fuse=self.fuse, overlap=self.overlap,
                      prefix_caching=prefix_caching, prefix_blocks=prefix_blocks)
 
     def generate(

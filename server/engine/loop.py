@@ -2,8 +2,9 @@
 
 HTTP handlers only `submit` requests (with a sink that receives `Output`s) and `abort` them; every tensor is
 touched on this thread. Each step: the scheduler admits (`Scheduler.admit`, plain data); every running request
-decodes one token in one forward pass whatever its policy (`Batch.decode_input` -> `execute` -> `update`), then the
-admitted ones are prefilled (their own call); new tokens and text are emitted. Every request ends through `_end`,
+decodes one token in one forward pass whatever its policy (`Batch.decode`: `decode_input` -> `launch` -> `update`;
+overlapped on CUDA, so the device runs the next step while this thread emits the last), then the admitted ones are
+prefilled (their own call); new tokens and text are emitted. Every request ends through `_end`,
 whatever the reason (finished, stopped, aborted, disconnected, failed, drained): it leaves the scheduler, frees its
 KV, is counted in the metrics and gets its last answer there. A row that fails (its sampling or stop check raised)
 ends alone with an error; a step that fails as a whole fails the requests running in it.
@@ -217,11 +218,7 @@ class EngineLoop:
                 self._end(request, "abort")
         t0 = time.perf_counter()
         batch = self.batch
-        decoding = len(batch.sequences)
-        inp = batch.decode_input()  # schedule: what runs
-        if inp is not None:
-            out = batch.execute(inp)  # execute: tensors in, one host copy out
-            batch.update(inp.requests, out, t0, prefill=False)  # update: tokens, stops, text
+        decoded = batch.decode()  # schedule -> execute -> update; the requests whose token it read
         new = []
         for r in admission.admitted:
             if r.finished:  # aborted between its admission and its prefill
@@ -237,9 +234,9 @@ class EngineLoop:
             self._emit(r)
             if r.finished:
                 self._end(r, r.finish_reason or "abort")
-        if self.metrics and (decoding or new):
+        if self.metrics and (decoded or new):
             sizes: dict[str, int] = {}
-            for r in (*(inp.requests if inp else ()), *new):
+            for r in (*decoded, *new):
                 sizes[r.schedule.policy] = sizes.get(r.schedule.policy, 0) + 1
             for policy, size in sizes.items():
                 self.metrics.observe_step(StepStats(policy, size, duration))
