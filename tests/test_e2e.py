@@ -195,3 +195,36 @@ def test_a_plain_request_given_up_is_not_logged_as_an_error(server, http):
     _wait_aborted(http, before)
     logged = _log_since(server, log_at)
     assert "Exception in ASGI application" not in logged and "Traceback" not in logged, logged[-2000:]
+
+
+def test_overlapped_decoding_serves_the_same_completions(tmp_path, http):
+    """A second server with `--overlap-decode` (the CUDA default, here on the CPU): concurrent mixed-policy
+    completions with stop strings and streams equal the stepwise server's, and the startup log says which it runs."""
+    jobs = [("full", PROMPT, {}), ("skip:10", "Once upon a time", {"stop": ["hath"]}),
+            ("pairs", "def fibonacci(n):", {"max_tokens": 5}), ("full", "The three primary colours are", {}),
+            ("skip:10", PROMPT, {"stream": True}), ("pairs", "Once upon a time", {"stream": True, "stop": [" way"]})]
+
+    def run(client: httpx.Client, job: tuple[str, str, dict]) -> tuple[str, str | None]:
+        policy, prompt, extra = job
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 10, "temperature": 0, "policy": policy, **extra}
+        if not extra.get("stream"):
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            return choice["text"], choice["finish_reason"]
+        text, reason = "", None
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    choice = json.loads(line[6:])["choices"][0]
+                    text += choice["text"]
+                    reason = choice["finish_reason"] or reason
+        return text, reason
+
+    want = [run(http, j) for j in jobs]
+    with painters_server(tmp_path, extra=("--overlap-decode",)) as p, httpx.Client(base_url=p.url, timeout=120) as c:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            got = list(pool.map(lambda j: run(c, j), jobs))
+        assert "overlapped decode on" in p.log.read_text()
+    assert got == want
+    assert [reason for _, reason in want] == ["length", "stop", "length", "length", "length", "stop"]
