@@ -1,10 +1,11 @@
 """The engine loop: a thread that owns the model and the running batch and runs schedule -> execute -> update steps.
 
 HTTP handlers only `submit` requests (with a sink that receives `Output`s) and `abort` them; every tensor is
-touched on this thread. Each step: the scheduler admits (`Scheduler.admit`, plain data); every running request
+touched on this thread. Each step: the scheduler admits (`Scheduler.admit`, plain data); the admitted requests are
+prefilled (their own call) and their first tokens emitted; then every running request, the new ones included,
 decodes one token in one forward pass whatever its policy (`Batch.decode`: `decode_input` -> `launch` -> `update`;
-overlapped on CUDA, so the device runs the next step while this thread emits the last), then the admitted ones are
-prefilled (their own call); new tokens and text are emitted. Every request ends through `_end`,
+overlapped on CUDA, so the device runs this step while this thread emits the last); new tokens and text are
+emitted. Every request ends through `_end`,
 whatever the reason (finished, stopped, aborted, disconnected, failed, drained): it leaves the scheduler, frees its
 KV, is counted in the metrics and gets its last answer there. A row that fails (its sampling or stop check raised)
 ends alone with an error; a step that fails as a whole fails the requests running in it.
@@ -193,7 +194,7 @@ class EngineLoop:
 
     def step(self) -> None:
         """One engine step on the calling thread (the engine thread's loop body; tests drive it directly):
-        end what the drain deadline or a client ended, admit, decode, prefill, emit."""
+        end what the drain deadline or a client ended, admit, prefill, decode, emit."""
         with self._wake:
             ending = self._abort_left
             if not ending:
@@ -218,7 +219,6 @@ class EngineLoop:
                 self._end(request, "abort")
         t0 = time.perf_counter()
         batch = self.batch
-        decoded = batch.decode()  # schedule -> execute -> update; the requests whose token it read
         new = []
         for r in admission.admitted:
             if r.finished:  # aborted between its admission and its prefill
@@ -227,7 +227,13 @@ class EngineLoop:
                 self._probe(r)
                 continue
             new.append(self.engine.start(r))
+        # Prefill first, so that the new rows' first tokens stream now and the rows decode in this step's forward;
+        # overlapped, the emits below then run while that step is on the device.
         batch.add(new)
+        for r in new:
+            if not r.finished:  # a request finished by its first token is answered once, below
+                self._emit(r)
+        decoded = batch.decode()  # schedule -> execute -> update; the requests whose token it read
         duration = time.perf_counter() - t0
         self.steps += 1
         for r in list(batch.sequences):
@@ -236,7 +242,7 @@ class EngineLoop:
                 self._end(r, r.finish_reason or "abort")
         if self.metrics and (decoded or new):
             sizes: dict[str, int] = {}
-            for r in (*decoded, *new):
+            for r in {r.id: r for r in (*new, *decoded)}.values():  # a new request is prefilled and decoded once
                 sizes[r.schedule.policy] = sizes.get(r.schedule.policy, 0) + 1
             for policy, size in sizes.items():
                 self.metrics.observe_step(StepStats(policy, size, duration))
