@@ -101,11 +101,11 @@ def decode_tok_s(engine: Engine, policies: list[str], *, prompt_len: int, new_to
 def weight_reads(model: Any, schedules: list[Any]) -> int:
     """Weight bytes one decode step reads for rows of `schedules`: the engine's plan (each application reads its
     layers' units once, re-reads included) plus the LM head."""
-    from server.policy.planner import Apply, plan_step
+    from server.policy.planner import plan_step
 
     attn, mlp = model.unit_bytes()
-    plan = plan_step(tuple(dict.fromkeys(schedules)), attn_cost=attn, mlp_cost=mlp)
-    units = sum((attn if e.kind == "attn" else mlp) * len(e.layers) for e in plan.entries if isinstance(e, Apply))
+    units = plan_step(tuple(dict.fromkeys(schedules)), attn_cost=attn, mlp_cost=mlp).units_read(attn_cost=attn,
+                                                                                              mlp_cost=mlp)
     return (units + model.lm_head.numel()) * model.lm_head.element_size()
 
 

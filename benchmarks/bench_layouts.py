@@ -11,8 +11,9 @@ with a policy drawn from a mix, a random prompt and a random length, and counts 
                 context_free: the same without the context bucket (attention in place covers every block);
                 application: (kind, layers, bucket of its rows, context bucket for attention), kept without bound
   rule          how the groups are padded (`group_buckets`): own = each group to its own bucket; shared<=N = every
-                group to the largest one's bucket while the step stays within N rows (the engine's default); shared
-                = always
+                group to the largest one's bucket while the step stays within N rows; shared = always;
+                shared<=N+kept = the engine's own layouts: shared<=N, plus a group of padding rows kept for a
+                schedule whose rows left in the last `KEEP_STEPS` steps where the step reads no more weights
   distinct      distinct keys the load produced (captures with no bound)
   captures      keys built with the engine's bound (`MAX_GRAPHS`, least recently used first): captures a GPU pays
   hit rate      graph uses whose key was kept, among all uses (what replays)
@@ -56,6 +57,7 @@ SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_l
 
 # how groups are padded: `group_buckets` with these `shared_up_to` (0: each group its own bucket)
 RULES = {"own": 0, f"shared<={graphs_module.SHARED_UP_TO}": graphs_module.SHARED_UP_TO, "shared": 10**9}
+ENGINE = f"shared<={graphs_module.SHARED_UP_TO}+kept"  # the engine's layouts (`DecodeGraphs.layout`)
 
 
 @dataclass
@@ -94,12 +96,16 @@ def keys(graphs: DecodeGraphs, rows: list[Row]) -> tuple[dict[str, tuple], list[
     for r in rows:
         sizes[r.schedule] = sizes.get(r.schedule, 0) + 1
     order = sorted(sizes, key=lambda s: s.key)
-    nb = graphs.layout(rows).num_blocks
+    engine = graphs.layout(rows)
+    nb = engine.num_blocks
     layouts, padded_rows = {}, {}
     for rule, up_to in RULES.items():
         counts = graphs_module.group_buckets([sizes[s] for s in order], shared_up_to=up_to)
         layouts[rule] = (tuple(s.key for s in order), tuple(counts), nb)
         padded_rows[rule] = sum(counts)
+    # the engine's own layout: shared buckets, and the groups it keeps for schedules whose rows left (KEEP_STEPS)
+    layouts[ENGINE] = (tuple(dict.fromkeys(r.schedule.key for r in engine.padded)), engine.counts, nb)
+    padded_rows[ENGINE] = len(engine.padded)
     plan = graphs.executor.plan([Row(graphs_module.PAD, s, 0, 1) for s in order])
     assert [s.key for s in plan.schedules] == [s.key for s in order]
     apps = []
@@ -124,10 +130,10 @@ def run(mix: str, *, rows: int, steps: int, seed: int, bound: int) -> dict:
                       kv_budget_tokens=rows * 2 * 512 * 30)
     graphs = loop.batch.executor.graphs
     assert graphs is not None
-    layout = {rule: Counter(bound) for rule in RULES}
-    context_free = {rule: Counter(bound) for rule in RULES}  # attention in place: no context bucket in the key
+    layout = {rule: Counter(bound) for rule in (*RULES, ENGINE)}
+    context_free = {rule: Counter(bound) for rule in (*RULES, ENGINE)}  # attention in place: no context bucket
     application = Counter(10**9)
-    padded = dict.fromkeys(RULES, 0)
+    padded = dict.fromkeys((*RULES, ENGINE), 0)
     real_rows: list[int] = []
     real = DecodeGraphs.decode
 

@@ -193,6 +193,58 @@ def test_rows_moving_between_groups_keep_a_shared_layout(shared_up_to, layouts):
     assert stats["layout_hit_rate"] == pytest.approx((3 - layouts) / 3)
 
 
+def test_a_schedule_whose_rows_left_keeps_its_group_where_it_reads_no_more_weights(monkeypatch):
+    """full + skip:2, then the skip:2 row leaves: skip:2 reads a subset of full's layers, so the step keeps an empty
+    skip:2 group and its layout, and a skip:2 row coming back finds it; the full row decodes what it decodes
+    unpadded. pairs beside full re-reads attentions: its group is not kept. A kept group goes after KEEP_STEPS
+    decode steps without rows."""
+    from server.engine import graphs as graphs_module
+
+    monkeypatch.setattr(graphs_module, "KEEP_STEPS", 4)
+    eng = Engine.from_hf(tiny_llama(), CharTokenizer(), device="cpu", graphs=True)
+    full, skip, pairs = (eng.compile(p) for p in ("full", "skip:2", "pairs:1-4"))
+    long, short = SamplingParams(max_tokens=12, ignore_eos=True), SamplingParams(max_tokens=2, ignore_eos=True)
+
+    def run(other, *, comes_back: bool) -> tuple[list[int], list[int]]:
+        batch = eng.new_batch(max_len=64, num_blocks=200)
+        graphs = batch.executor.graphs
+        a = eng.new_sequence([5, 6, 7], long, full)
+        batch.add([a, eng.new_sequence([9, 10], short, other)])
+        layouts = []
+        for i in range(11):  # the prefill's token and 11 more: a finishes at the last step
+            batch.step()
+            batch.filter()
+            if comes_back and i == 2:
+                batch.add([eng.new_sequence([11, 12], short, other)])
+            layouts.append(graphs.stats()["graphs"])
+        return a.output_ids, layouts
+
+    want = eng.generate([[5, 6, 7]], params=long)[0].token_ids
+    ex = eng.new_batch(max_len=64, num_blocks=200).executor
+    assert ex.units_read((full, skip)) == ex.units_read((full,)) < ex.units_read((full, pairs))
+    tokens, layouts = run(skip, comes_back=True)
+    # one layout while skip:2 rows come and go; a new one once its group has gone 4 steps without rows
+    assert tokens == want and layouts == [1] * 8 + [2] * 3, layouts
+    tokens, layouts = run(pairs, comes_back=False)
+    assert tokens == want and layouts == [1] + [2] * 10, layouts  # pairs left: full alone at once
+
+
+def test_remembered_schedules_stay_bounded(monkeypatch):
+    """Schedules that stopped arriving are forgotten (so a stream of distinct schedules cannot grow the state)."""
+    from server.engine import graphs as graphs_module
+
+    monkeypatch.setattr(graphs_module, "KEEP_STEPS", 4)
+    eng = Engine.from_hf(tiny_llama(), CharTokenizer(), device="cpu", graphs=True)
+    batch = eng.new_batch(max_len=64, num_blocks=400)
+    graphs = batch.executor.graphs
+    for i in range(12):
+        batch.add([eng.new_sequence([5, 6], SamplingParams(max_tokens=2, ignore_eos=True),
+                                    eng.compile(f"skip:{1 + i % 4}-{1 + i % 4}"))])
+        batch.step()
+        batch.filter()
+    assert len(graphs._last_seen) <= 4 + 1 and len(graphs._free) <= 4 * 16
+
+
 def test_graph_stats_reach_prometheus():
     from server.metrics import Metrics, QueueStats
 

@@ -110,6 +110,15 @@ def test_the_benchmark_mix_reads_each_layer_once_but_the_pairs_odd_attentions() 
     assert sum(plan.reads("attn", i) for i in range(30)) == 30 + 11  # pairs:4-25 has 11 pairs
 
 
+def test_units_read_counts_each_application_once_with_its_costs() -> None:
+    full, skip, pairs = (compile_schedule(p, 30) for p in ("full", "skip:8", "pairs"))
+    cost = dict(attn_cost=1, mlp_cost=2)
+    assert plan_step((full,)).units_read(**cost) == 30 * 3
+    assert plan_step((skip,)).units_read(**cost) == 22 * 3
+    assert plan_step((full, skip)).units_read(**cost) == 30 * 3  # skip:8 reads a subset of full's units
+    assert plan_step((full, skip, pairs)).units_read(**cost) == 30 * 3 + 11  # the pairs' re-read attentions
+
+
 def test_parallel_rows_alone_run_their_group_as_one_fused_application() -> None:
     plan = plan_step((compile_schedule("parallel:2-9", N),))
     fused = [e for e in plan.entries if isinstance(e, Apply) and len(e.layers) > 1]

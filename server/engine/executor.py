@@ -156,6 +156,11 @@ class Executor:
         distinct = tuple(dict.fromkeys(r.schedule for r in rows))
         return plan_step(distinct, attn_cost=self._attn_cost, mlp_cost=self._mlp_cost, boundaries=boundaries)
 
+    def units_read(self, schedules: tuple[Schedule, ...]) -> int:
+        """Weight bytes of the layer units one step over rows of `schedules` (distinct, in this order) reads."""
+        plan = plan_step(schedules, attn_cost=self._attn_cost, mlp_cost=self._mlp_cost)
+        return plan.units_read(attn_cost=self._attn_cost, mlp_cost=self._mlp_cost)
+
     @torch.inference_mode()
     def forward(self, tokens: Tensor, rows: list[Row], *, logits_at: Tensor | None = None,
                 capture: Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor:

@@ -8,8 +8,10 @@ group to the bucket of the largest while the step stays within `SHARED_UP_TO` ro
 (`group_buckets`); and the context rounded up to a bucket of blocks (1, 2, 4, 8, then multiples of 8) where attention
 gathers it (attention that reads the pool in place, FlexAttention or the Triton kernel, covers every block and needs
 none). Padding rows name the table row that holds only the scratch block: they write and read there, and their
-logits are dropped. A row joining or leaving changes nothing until its group crosses a bucket, and a layout seen once
-is kept: graphs are held least recently used first, up to `MAX_GRAPHS` of them owning up to `MAX_GRAPH_BYTES`
+logits are dropped. A row joining or leaving changes nothing until its group crosses a bucket; a schedule whose last
+row left keeps a group of padding rows for `KEEP_STEPS` decode steps where that reads no more weights (a `skip:k`
+group beside a `full` one: the plan reads no layer more), so rows of it coming back find the layout as it was; and
+a layout seen once is kept: graphs are held least recently used first, up to `MAX_GRAPHS` of them owning up to `MAX_GRAPH_BYTES`
 (their outputs and static inputs), their intermediates in one shared memory pool.
 
 Why a graph per layout rather than per layer application: a step of any policy mix is then one replay (one launch);
@@ -42,6 +44,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from server.engine.executor import Executor, Row, _Program
+    from server.policy.compiler import Schedule
     from server.policy.planner import StepPlan
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,9 @@ MAX_GRAPH_BYTES = 1 << 30
 # step on an H100 or H200 is still bound by streaming its weights (~700 Tflop/s over 4.8 TB/s), so padding rows are
 # nearly free there
 SHARED_UP_TO = 128
+# decode steps a schedule with no rows left keeps its group (padding rows only) where the step reads no more weights
+# with it: a wide mix at ~8 rows makes 76 layouts over 1,500 steps without, fewer with (benchmarks/bench_layouts.py)
+KEEP_STEPS = 256
 PAD = object()  # the `seq` of a padding row
 
 
@@ -115,6 +121,9 @@ class DecodeGraphs:
         self.layouts = self.reuses = 0  # steps that built a new layout / found theirs kept (on the CPU too)
         self.pinned_bytes = 0  # growth of reserved device memory while capturing
         self.capture_s = 0.0  # host seconds spent capturing (each capture's warm-up step included)
+        self._decodes = 0  # decode steps so far
+        self._last_seen: dict[Schedule, int] = {}  # schedule -> the decode step it last had rows in
+        self._free: dict[tuple[tuple[Schedule, ...], Schedule], bool] = {}  # (groups, absent one) -> it reads no more
         cache, model = executor.cache, executor.model
         self._top = cache.max_blocks * cache.block_size
         # grow the rotary tables once, to every position the cache can hold: a graph reads them where they lie, so
@@ -158,26 +167,55 @@ class DecodeGraphs:
         groups: dict = {}
         for b, r in enumerate(rows):
             groups.setdefault(r.schedule, []).append(b)
-        order = sorted(groups, key=lambda s: s.key)
-        counts = group_buckets([len(groups[s]) for s in order], shared_up_to=self.shared_up_to)
+        order = sorted([*groups, *self._kept(groups)], key=lambda s: s.key)
+        counts = group_buckets([len(groups.get(s, ())) or 1 for s in order], shared_up_to=self.shared_up_to)
         padded: list[Row] = []
         where = [0] * len(rows)
         for schedule, n in zip(order, counts):
-            members = groups[schedule]
+            members = groups.get(schedule, [])
             for b in members:
                 where[b] = len(padded)
                 padded.append(rows[b])
-            padded += [replace(rows[members[0]], seq=PAD, start=0, num_new=1)] * (n - len(members))
+            padded += [replace(rows[0], seq=PAD, schedule=schedule, start=0, num_new=1)] * (n - len(members))
         if self.executor.attention in ("in_place", "triton"):  # reads the pool in place: may cover every block
             nb = cache.max_blocks
         else:
             nb = min(bucket(-(-max(r.start + 1 for r in rows) // cache.block_size)), cache.max_blocks)
         return Layout(padded, where, tuple(counts), nb)
 
+    def _remember(self, rows: list[Row]) -> None:
+        """Count a decode step and the schedules in it; forget those past `KEEP_STEPS` (and, now and then, the
+        checks made for them), so that what is remembered stays bounded by the schedules of recent steps."""
+        self._decodes += 1
+        for r in rows:
+            self._last_seen[r.schedule] = self._decodes
+        if self._decodes % KEEP_STEPS == 0:
+            self._last_seen = {s: t for s, t in self._last_seen.items() if self._decodes - t < KEEP_STEPS}
+            self._free.clear()
+
+    def _kept(self, present: dict[Schedule, list[int]]) -> list[Schedule]:
+        """Schedules with no rows in this step but rows in one of the last `KEEP_STEPS`, whose group of padding rows
+        the step carries without reading more weights (checked one by one, in key order, against the groups so far).
+        Plain data, read only: `decode` records which schedules ran."""
+        recent = sorted((s for s, t in self._last_seen.items()
+                         if s not in present and self._decodes - t < KEEP_STEPS), key=lambda s: s.key)
+        kept: list[Schedule] = []
+        for s in recent:
+            groups = tuple(sorted([*present, *kept], key=lambda g: g.key))
+            free = self._free.get((groups, s))
+            if free is None:
+                ex = self.executor
+                with_s = tuple(sorted([*groups, s], key=lambda g: g.key))
+                free = self._free[(groups, s)] = ex.units_read(with_s) <= ex.units_read(groups)
+            if free:
+                kept.append(s)
+        return kept
+
     def decode(self, tokens: Tensor, rows: list[Row]) -> Tensor:
         """tokens [B, 1]; rows decode one token each (their KV blocks reserved) -> logits [B, V]."""
         ex = self.executor
         layout = self.layout(rows)
+        self._remember(rows)
         padded, where, nb = layout.padded, layout.where, layout.num_blocks
         plan = ex.plan(padded)
         key = (id(plan), layout.counts, nb)

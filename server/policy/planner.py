@@ -94,6 +94,12 @@ class StepPlan:
         """How many times the plan reads the weights of (kind, layer)."""
         return sum(1 for e in self.entries if isinstance(e, Apply) and e.kind == kind and layer in e.layers)
 
+    def units_read(self, *, attn_cost: int, mlp_cost: int) -> int:
+        """The weight the plan reads in one step, re-reads included: each application reads its layers' units once,
+        an attention costing attn_cost and an MLP mlp_cost (bytes, or any unit)."""
+        return sum((attn_cost if e.kind == "attn" else mlp_cost) * len(e.layers)
+                   for e in self.entries if isinstance(e, Apply))
+
 
 @dataclass(frozen=True)
 class _Op:
