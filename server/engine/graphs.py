@@ -11,8 +11,8 @@ none). Padding rows name the table row that holds only the scratch block: they w
 logits are dropped. A row joining or leaving changes nothing until its group crosses a bucket; a schedule whose last
 row left keeps a group of padding rows for `KEEP_STEPS` decode steps where that reads no more weights (a `skip:k`
 group beside a `full` one: the plan reads no layer more), so rows of it coming back find the layout as it was; and
-a layout seen once is kept: graphs are held least recently used first, up to `MAX_GRAPHS` of them owning up to `MAX_GRAPH_BYTES`
-(their outputs and static inputs), their intermediates in one shared memory pool.
+a layout seen once is kept: graphs are held least recently used first, up to `MAX_GRAPHS` of them owning up to
+`MAX_GRAPH_BYTES` (their outputs and static inputs), their intermediates in one shared memory pool.
 
 Why a graph per layout rather than per layer application: a step of any policy mix is then one replay (one launch);
 the price is a capture per new layout, counted in `stats()`. Under a churning mix, one bucket per group made the
