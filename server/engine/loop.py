@@ -6,8 +6,9 @@ prefilled (their own call) and their first tokens emitted; then every running re
 decodes one token in one forward pass whatever its policy (`Batch.decode`: `decode_input` -> `launch` -> `update`;
 overlapped on CUDA, so the device runs this step while this thread emits the last); new tokens and text are
 emitted. Every request ends through `_end`, whatever the reason (finished, stopped, aborted, disconnected, failed,
-drained): it leaves the scheduler, frees its KV, is counted in the metrics and gets its last answer there. A row that fails (its sampling or stop check raised)
-ends alone with an error; a step that fails as a whole fails the requests running in it.
+drained): it leaves the scheduler, frees its KV, is counted in the metrics and gets its last answer there. A row
+that fails (its sampling or stop check raised) ends alone with an error; a step that fails as a whole fails the
+requests running in it.
 
 Shutdown: `drain(deadline)` stops admitting, lets queued and running requests finish until the deadline, then ends
 the rest with finish_reason "abort" (their clients get that final answer). If the thread itself dies, `failure`
