@@ -319,7 +319,14 @@ def test_overlapped_decoding_gives_what_stepwise_decoding_gives(tiny_engine, ove
         results[e is overlapped_engine] = [s.result() for s in seqs]
     for got, want in zip(results[True], results[False]):
         assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
-        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-5) and got.top_logprobs == want.top_logprobs
+        # the same alternatives with the same log-probabilities; the values only to float noise, since rows that join
+        # mid-flight share steps of other sizes (torch 2.11's CPU GEMMs differ in the last bit there, 2.13's do not)
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-5)
+        got_top, want_top = got.top_logprobs or [], want.top_logprobs or []
+        assert (got.top_logprobs is None) == (want.top_logprobs is None)
+        assert [list(t) for t in got_top] == [list(t) for t in want_top]
+        assert [v for t in got_top for v in t.values()] == pytest.approx([v for t in want_top for v in t.values()],
+                                                                          abs=1e-5)
     assert [r.finish_reason for r in results[True]] == ["stop", "length", "stop", "length", "stop", "length"]
 
 
