@@ -30,8 +30,12 @@ def test_no_section_starts_past_the_budget(tmp_path: Path) -> None:
     assert not any(k in d for k in FIGURES) and "section_s" not in d
 
 
-def test_smoke_engine_sections(tmp_path: Path) -> None:
-    d = _smoke(tmp_path, "--skip", "attention,reduce_overhead,gathered,triton,in_place,transformers")
+@pytest.mark.slow
+def test_smoke_every_section(tmp_path: Path) -> None:
+    """Attention compiles FlexAttention, the Triton kernel runs in Triton's interpreter (TRITON_INTERPRET=1 from
+    conftest reaches the subprocess), the decode step compiles whole (reduce_overhead) and transformers runs generate
+    twice per batch size: a minute or two. One run checks the engine's sections and the attention's."""
+    d = _smoke(tmp_path)
     assert not d.get("errors"), d.get("errors")
     for key in ("date", "device", *FIGURES, "full_bs1_tok_s", "skip8_bs1_tok_s", "pairs_bs1_tok_s", "mixed12_tok_s",
                 "bs64_tok_s"):
@@ -50,15 +54,6 @@ def test_smoke_engine_sections(tmp_path: Path) -> None:
     # overlapped decoding (the headline, as served on CUDA) against each step read before the next: same tokens
     assert d["bs1_overlapped_equals_stepwise"] is True and d["bs64_overlapped_equals_stepwise"] is True
     assert d["overlap_speedup_bs1"] > 0 and d["overlap_speedup_bs64"] > 0
-
-
-@pytest.mark.slow
-def test_smoke_every_section(tmp_path: Path) -> None:
-    """Attention compiles FlexAttention, the Triton kernel runs in Triton's interpreter (TRITON_INTERPRET=1 from
-    conftest reaches the subprocess), the decode step compiles whole (reduce_overhead) and transformers runs generate
-    twice per batch size: a minute or two."""
-    d = _smoke(tmp_path)
-    assert not d.get("errors"), d.get("errors")
     assert d["attn_4k_over_bound"] > 0 and d["attn_4k_max_abs_err"] < 1e-4 and d["attn_4k_triton_max_abs_err"] < 1e-4
     assert d["attn_4k_path"] in ("gathered", "in_place", "triton") and len(d["attn_4k_triton_tilings_ms"]) == 15
     assert d["attn_4k_triton_tiling"] == "64/4"  # the default off CUDA: nothing is timed there
