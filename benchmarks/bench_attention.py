@@ -1,7 +1,8 @@
 """Decode attention (one query per row) over the paged KV pool: reading it in place (FlexAttention over the block
 table, and on CUDA our Triton kernel over it) against gathering each row's context and running SDPA (the engine's
-default), per call, at 1 and 16 rows and 128-4,096-token contexts. On CUDA also time / (KV bytes / 4.8 TB/s), the
-issue's `attn_4k_over_bound` at 4,096 tokens x 16 rows, and `--sweep` times the Triton kernel's tilings there.
+default), per call, at 1 and 16 rows and 128-4,096-token contexts. On CUDA also time / (KV bytes / the card's peak
+bandwidth, `benchmarks/peaks.py`), the issue's `attn_4k_over_bound` at 4,096 tokens x 16 rows, and `--sweep` times
+the Triton kernel's tilings there.
 Random pools: speed depends on shapes, not values.
 
     python benchmarks/bench_attention.py                      # CPU, SmolLM2's heads (9 q, 3 kv, 64 wide), float32
@@ -19,11 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.peaks import peak_bytes_s  # noqa: E402
 from server.model import triton_attention  # noqa: E402
 from server.model.paged_attention import gathered_attention, paged_attention, paged_layout  # noqa: E402
 
 HEADS = {"smollm2-135m": (9, 3, 64), "llama-2-7b": (32, 32, 128)}  # (query heads, kv heads, head dim)
-PEAK_BYTES_S = 4.8e12  # H200
 
 
 def _sync(device: torch.device) -> None:
@@ -92,7 +93,7 @@ def case(pool: torch.Tensor, *, rows: int, context: int, heads: int, repeats: in
             out["triton_tilings"] = {t.name: _time(lambda t=t: kernel(t), device, repeats) * 1e3
                                      for t in TILINGS}
     if device.type == "cuda":
-        bound_ms = kv_bytes / PEAK_BYTES_S * 1e3
+        bound_ms = kv_bytes / peak_bytes_s(torch.cuda.get_device_name(device))[0] * 1e3
         for path in ("in_place", "gathered", "triton"):
             if f"{path}_ms" in out:
                 out[f"{path}_over_bound"] = out[f"{path}_ms"] / bound_ms

@@ -8,7 +8,7 @@ every section, so a run cut short keeps what it measured.
     python benchmarks/bench_gpu.py                       # on the GPU machine (make bench-gpu runs it)
     python benchmarks/bench_gpu.py --smoke --out /tmp/x.json   # the same code path on the CPU, tiny shapes, seconds
 
-Figures (peak bandwidth 4.8 TB/s, the H200's):
+Figures (peak: the card's memory bandwidth, `benchmarks/peaks.py`; the issue's targets are the H200's 4.8 TB/s):
   full_bs1_bandwidth_fraction  weight bytes x tok/s / peak, `full`, batch 1
   skip8_speedup_over_ideal     (skip:8 tok/s / full tok/s) / ((L + h) / (L - 8 + h)), h = LM head in layers
   pairs_over_full              `pairs` tok/s / `full` tok/s, batch 1
@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import bench_attention, bench_layouts  # noqa: E402
+from benchmarks.peaks import H200_BYTES_S, peak_bytes_s  # noqa: E402
 from server.engine.bench import SHAPES, _IdTokenizer, _time_parts  # noqa: E402
 from server.engine.executor import Executor, Row  # noqa: E402
 from server.engine.generate import Engine  # noqa: E402
@@ -50,7 +51,6 @@ from server.engine.sampling import SamplingParams  # noqa: E402
 from server.model import measure, triton_attention  # noqa: E402
 
 log = logging.getLogger("bench_gpu")
-PEAK_BYTES_S = 4.8e12
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
 SECTIONS = ("batch1", "mixed", "bs64", "churn", "attention", "profile", "fused", "reduce_overhead", "gathered",
@@ -245,11 +245,12 @@ def main(argv: list[str] | None = None) -> dict:
     n1, p64, n64, attn, hf_n = (4, 24, 4, (2, 64), 4) if a.smoke else (128, 480, 32, (16, 4096), 128)
     rows64 = 4 if a.smoke else 64
     out = Path(a.out or Path(__file__).resolve().parents[1] / "docs/results/bench-gpu.json")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)"
+    peak, peak_card = peak_bytes_s(device_name) if device.type == "cuda" else (H200_BYTES_S, "H200 (smoke)")
     run = Run(out, {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)",
-        "torch": torch.__version__, "shape": shape, "dtype": str(dtype).removeprefix("torch."), "smoke": a.smoke,
-        "peak_bytes_s": PEAK_BYTES_S,
+        "device": device_name, "torch": torch.__version__, "shape": shape, "dtype": str(dtype).removeprefix("torch."),
+        "smoke": a.smoke, "peak_bytes_s": peak, "peak_card": peak_card,
     }, deadline=started + a.budget_s if a.budget_s else float("inf"))
     hf = _hf_model(config, device=device, dtype=dtype)
     eager = Engine.from_hf(hf, _IdTokenizer(), device=device, dtype=dtype, name=shape, graphs=False)
@@ -295,13 +296,13 @@ def main(argv: list[str] | None = None) -> dict:
         headline_tokens["bs1"] = got["full"]["tokens"]
         return {"full_bs1_tok_s": tok["full"], "skip8_bs1_tok_s": tok["skip:8"], "pairs_bs1_tok_s": tok["pairs"],
                 "head_layers": h, "skip8_ideal": ideal,
-                "full_bs1_bandwidth_fraction": weight_bytes * tok["full"] / PEAK_BYTES_S,
+                "full_bs1_bandwidth_fraction": weight_bytes * tok["full"] / peak,
                 "skip8_speedup_over_ideal": tok["skip:8"] / tok["full"] / ideal,
                 "pairs_over_full": tok["pairs"] / tok["full"],
-                "skip8_bandwidth_fraction": ((L - 8) * layer_bytes + head_bytes) * tok["skip:8"] / PEAK_BYTES_S,
+                "skip8_bandwidth_fraction": ((L - 8) * layer_bytes + head_bytes) * tok["skip:8"] / peak,
                 "eager_full_bs1_tok_s": eager_got["full"]["tok_s"], "eager_skip8_bs1_tok_s": eager_got["skip:8"]["tok_s"],
                 "eager_pairs_bs1_tok_s": eager_got["pairs"]["tok_s"],
-                "eager_full_bs1_bandwidth_fraction": weight_bytes * eager_got["full"]["tok_s"] / PEAK_BYTES_S,
+                "eager_full_bs1_bandwidth_fraction": weight_bytes * eager_got["full"]["tok_s"] / peak,
                 # greedy tokens of the captured and the eager step agree over the eager run's length
                 "bs1_captured_equals_eager": {p: _same_prefix(got[p]["tokens"], eager_got[p]["tokens"]) for p in got},
                 "bs1_graphs": {p: g["graphs"] for p, g in got.items()},
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
         kv_bytes = rows64 * context * L * 2 * a_.n_kv_heads * a_.head_dim * torch.finfo(dtype).bits // 8
         return {"bs64_rows": rows64, "bs64_context": context, "bs64_tok_s": got["tok_s"],
                 "bs64_step_ms": got["step_s"] * 1e3,
-                "bs64_bandwidth_fraction": (weight_bytes + kv_bytes) / got["step_s"] / PEAK_BYTES_S,
+                "bs64_bandwidth_fraction": (weight_bytes + kv_bytes) / got["step_s"] / peak,
                 "bs64_graphs": got["graphs"], "eager_bs64_tok_s": e["tok_s"], "eager_bs64_step_ms": e["step_s"] * 1e3,
                 "stepwise_bs64_tok_s": step["tok_s"], "overlap_speedup_bs64": got["tok_s"] / step["tok_s"],
                 "bs64_overlapped_equals_stepwise": step["tokens"] == got["tokens"]}
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
         r = bench_attention.run(device=device, shape="smollm2-135m" if a.smoke else "llama-2-7b", rows=(attn[0],),
                                 contexts=(attn[1],), repeats=3 if a.smoke else 20,
                                 sweep=triton_attention.runnable(device))[0]
-        bound_ms = r["kv_bytes"] / PEAK_BYTES_S * 1e3
+        bound_ms = r["kv_bytes"] / peak * 1e3
         paths = {p: r[f"{p}_ms"] for p in ("gathered", "in_place", "triton") if f"{p}_ms" in r}
         best = min(paths, key=paths.get)
         return {"attn_4k_in_place_ms": r["in_place_ms"], "attn_4k_gathered_ms": r["gathered_ms"],
@@ -432,11 +433,11 @@ def main(argv: list[str] | None = None) -> dict:
         a_ = model.args
         kv_bytes = rows64 * (p64 + n64 // 2) * L * 2 * a_.n_kv_heads * a_.head_dim * torch.finfo(dtype).bits // 8
         got = {f"{prefix}_full_bs1_tok_s": full["tok_s"],
-               f"{prefix}_full_bs1_bandwidth_fraction": weight_bytes * full["tok_s"] / PEAK_BYTES_S,
+               f"{prefix}_full_bs1_bandwidth_fraction": weight_bytes * full["tok_s"] / peak,
                # batch-1 calls of every policy in `bs1`, warm-up (captures, compiles) included
                f"{prefix}_bs1_first_s": first_s,
                f"{prefix}_bs64_tok_s": many["tok_s"], f"{prefix}_bs64_step_ms": many["step_s"] * 1e3,
-               f"{prefix}_bs64_bandwidth_fraction": (weight_bytes + kv_bytes) / many["step_s"] / PEAK_BYTES_S,
+               f"{prefix}_bs64_bandwidth_fraction": (weight_bytes + kv_bytes) / many["step_s"] / peak,
                f"{prefix}_mixed12_tok_s": mix["tok_s"], f"{prefix}_full12_tok_s": full12["tok_s"],
                f"{prefix}_p8_mixed_over_full": mix["tok_s"] / full12["tok_s"],
                f"{prefix}_equals_headline": {"bs1": _same_prefix(full["tokens"], headline_greedy("bs1")),
@@ -500,7 +501,8 @@ TARGETS = [  # (key, tok/s behind it, target text)
 
 
 def print_table(d: dict) -> None:
-    print(f"\nbench-gpu {d['date']} on {d['device']} ({d['shape']}, {d['dtype']}, torch {d['torch']})")
+    print(f"\nbench-gpu {d['date']} on {d['device']} ({d['shape']}, {d['dtype']}, torch {d['torch']}; fractions of "
+          f"{d['peak_bytes_s'] / 1e12:.2f} TB/s: {d['peak_card']})")
     print(f"{'figure':38s} {'value':>8s} {'tok/s':>9s}  target")
     for key, tok, target in TARGETS:
         v = d.get(key)

@@ -54,7 +54,7 @@ def test_smoke_every_section(tmp_path: Path) -> None:
                 "bs64_tok_s"):
         assert key in d, key
     assert all(d[k] > 0 for k in FIGURES)
-    assert d["smoke"] is True and d["device"] == "cpu (smoke)"
+    assert d["smoke"] is True and d["device"] == "cpu (smoke)" and d["peak_card"] == "H200 (smoke)"
     # the tiny shape's mix re-reads 3 of 10 attentions (13 attention reads, 10 MLP reads): 0.92 of full's bytes
     assert d["p8_weight_bound"] == pytest.approx(0.9157, abs=1e-3)
     assert d["p8_over_bound"] == pytest.approx(d["p8_mixed_over_full"] / d["p8_weight_bound"])
