@@ -349,19 +349,58 @@ def _launches(monkeypatch) -> list[tuple[str, int]]:
 
 
 def test_overlapped_decode_queues_each_step_before_reading_the_last(overlapped_engine, monkeypatch):
-    """The prefill is read at once; then every decode queues step N before it reads step N-1, and a row that its
-    token in flight ends by length is not queued again: max_tokens=4 queues 3 decode steps, as step by step."""
+    """The first decode step is queued on the prefill's token before the prefill is read; then every decode queues
+    step N before it reads step N-1, and a row that its token in flight ends by length is not queued again:
+    max_tokens=4 queues 3 decode steps, as step by step."""
     events = _launches(monkeypatch)
     r = overlapped_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert len(r.token_ids) == 4 and r.finish_reason == "length"
     L, R = ("launch", 1), ("read", 1)
-    assert events == [L, R, L, L, R, L, R, R]
+    assert events == [L, L, R, L, R, L, R, R]
 
 
-def test_a_row_stopped_by_its_token_in_flight_decodes_once_more_and_drops_it(tiny_engine, overlapped_engine,
+def test_an_echo_prefill_is_read_at_once(overlapped_engine, monkeypatch):
+    """Prompt scoring needs every position's logits on the host before the prompt is published to the prefix
+    cache: an echo prefill is read before anything else is queued."""
+    events = _launches(monkeypatch)
+    r = overlapped_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=2, ignore_eos=True, echo=True,
+                                                                      logprobs=1))[0]
+    assert len(r.token_ids) == 2 and len(r.prompt_logprobs) == 3
+    L, R = ("launch", 1), ("read", 1)
+    assert events == [L, R, L, R]  # the prefill, then one decode step (max_tokens=2), read at once by the last call
+
+
+def test_rows_join_a_step_in_flight_on_their_first_token_still_on_the_device(tiny_engine, overlapped_engine,
                                                                              monkeypatch):
+    """Two rows decode with a step in flight while two more are prefilled: the next step takes its tokens from
+    both queued steps (no read in between), and every row's tokens are those of decoding step by step."""
+    prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14], [15]]
+    policies = ["full", "skip:2", "pairs:1-4", "full"]
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    want = [r.token_ids for r in tiny_engine.generate(prompts, policy=policies, params=params)]
+    e = overlapped_engine
+    seqs = [e.new_sequence(p, params, e.compile(pol)) for p, pol in zip(prompts, policies)]
+    batch = e.new_batch(max_len=32, num_blocks=200)
+    batch.add(seqs[:2])
+    batch.step()  # queues the first decode of rows 0-1, reads their prefill
+    events = _launches(monkeypatch)
+    batch.add(seqs[2:])
+    assert [s.output_ids for s in seqs[2:]] == [[], []]  # queued, not read
+    read = batch.decode()
+    assert events == [("launch", 2), ("launch", 4), ("read", 2), ("read", 2)]
+    assert {s.id for s in read} == {s.id for s in seqs}
+    while batch.sequences:
+        batch.step()
+        batch.filter()
+    assert [s.output_ids for s in seqs] == want
+
+
+@pytest.mark.parametrize("at", [0, 1], ids=["first-token", "decoded-token"])
+def test_a_row_stopped_by_its_token_in_flight_decodes_once_more_and_drops_it(tiny_engine, overlapped_engine,
+                                                                             monkeypatch, at):
+    """Stopped by its prefill's token (read after its first decode step is queued) or by a decoded one."""
     free = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
-    stop_at = free[1]
+    stop_at = free[at]
     want = free[: free.index(stop_at) + 1]
     events = _launches(monkeypatch)
     got = overlapped_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=8, stop_token_ids=(stop_at,)))[0]

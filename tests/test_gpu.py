@@ -168,9 +168,10 @@ def test_cuda_overlapped_decode_equals_stepwise(graphs):
 
 
 def test_cuda_overlapped_decode_queues_a_step_without_waiting_for_the_device(monkeypatch):
-    """Overlap only pays if queuing a decode step never waits for the device: every launch of a steady decode
-    (layouts captured, programs compiled) runs under torch's sync debug mode set to raise, with rows crossing KV
-    block boundaries (new blocks in the table), joining from a prefill and sampling with seeds."""
+    """Overlap only pays if queuing a step never waits for the device: every launch of a steady decode (layouts
+    captured, programs compiled) and every prefill queued while a decode step is in flight runs under torch's sync
+    debug mode set to raise, with rows crossing KV block boundaries (new blocks in the table), joining from a
+    prefill whose token is still on the device, and sampling with seeds."""
     from server.engine.generate import Batch
 
     eng = Engine.from_hf(tiny_llama(), CharTokenizer(), device="cuda", dtype=torch.float32, overlap=True)
@@ -193,19 +194,17 @@ def test_cuda_overlapped_decode_queues_a_step_without_waiting_for_the_device(mon
     launch, checked = Batch.launch, []
 
     def launch_without_sync(self, inp):
-        if inp.tokens.shape[1] != 1:  # a prefill: it reads its results at once anyway
-            return launch(self, inp)
         torch.cuda.set_sync_debug_mode("error")
         try:
             out = launch(self, inp)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        checked.append(len(inp.rows))
+        checked.append(inp.tokens.shape[1])  # 1: a decode step; more: a prefill
         return out
 
     monkeypatch.setattr(Batch, "launch", launch_without_sync)
     assert run() == want
-    assert len(checked) >= 39 and batch.executor.graphs.stats()["failures"] == 0
+    assert checked.count(1) >= 39 and checked.count(3) == 2 and batch.executor.graphs.stats()["failures"] == 0
 
 
 @pytest.mark.parametrize(("attention", "fuse"), [("gathered", False), ("triton", False), ("triton", True)])

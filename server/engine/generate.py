@@ -13,14 +13,17 @@ Overlapped decoding (on by default on CUDA): `decode` queues step N before it re
 device runs N while the host turns N-1 into tokens, stops and text, as SGLang's overlap scheduler and vLLM's async
 scheduling do. Step N's input tokens are step N-1's sampled tokens, still on the device. A row that step N-1 ends by
 its length is known on the host and left out of N; a row that N-1 ends otherwise (a stop token or string, an
-error) decodes one token too many in N, which is dropped: the same tokens as decoding step by step.
+error) decodes one token too many in N, which is dropped: the same tokens as decoding step by step. Prefills
+overlap the same way: `add` queues a prefill without reading it, the next `decode` queues its rows' first decode
+step on the first tokens still on the device and only then reads the prefill, so the device never waits for the
+host between a prefill and the step after it. An echo prefill (prompt scoring) is read at once.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +110,7 @@ class Batch:
         self.sequences: list[Request] = []
         self.overlap = model.device.type == "cuda" if overlap is None else overlap
         self._in_flight: Launched | None = None  # the decode step queued and not yet read (overlap only)
+        self._prefills: list[tuple[Launched, float]] = []  # prefills queued and not yet read, with when `add` began
         self._read_at = 0.0  # when the last decode step's results were read
 
     @property
@@ -116,26 +120,27 @@ class Batch:
 
     # -- schedule: what runs ------------------------------------------------------------------------------------------
 
-    def decode_input(self, in_flight: Launched | None = None) -> StepInput | None:
-        """Every unfinished row decodes its last token. With `in_flight` (a queued step whose results are not read
-        yet), its rows decode the token it sampled for them, still on the device, one position further on; a row
-        that token ends by length (max_tokens or max_len) is left out."""
-        flying = {} if in_flight is None else {s.id: b for b, s in enumerate(in_flight.inp.requests)}
+    def decode_input(self, in_flight: Sequence[Launched] = ()) -> StepInput | None:
+        """Every unfinished row decodes its last token. A row of a step `in_flight` (queued, its results not read
+        yet: the last decode step, prefills) decodes the token that step sampled for it, still on the device, one
+        position further on; a row that token ends by length (max_tokens or max_len) is left out."""
+        flying = {s.id: (f, b) for f, launched in enumerate(in_flight) for b, s in enumerate(launched.inp.requests)}
         live = tuple(s for s in self.sequences if not s.finished and (s.id not in flying or self._goes_on(s)))
         if not live:
             return None
         dev = self.model.device
         rows = tuple(Row(s.id, s.schedule, s.length - 1 + (s.id in flying), 1) for s in live)
-        src = [flying.get(s.id, -1) for s in live]
-        if in_flight is not None and src == list(range(len(in_flight.inp.requests))):  # steady state: no copy
-            tokens = in_flight.tokens[:, None]
+        src = [flying.get(s.id) for s in live]
+        if len(in_flight) == 1 and src == [(0, b) for b in range(len(in_flight[0].inp.requests))]:
+            tokens = in_flight[0].tokens[:, None]  # steady state: no copy
         else:
-            tokens = torch.tensor([s.output_ids[-1] if b < 0 else 0 for s, b in zip(live, src)],
+            tokens = torch.tensor([s.output_ids[-1] if at is None else 0 for s, at in zip(live, src)],
                                   dtype=torch.long)[:, None].to(dev, non_blocking=True)
-            moved = [(i, b) for i, b in enumerate(src) if b >= 0]
-            if moved:
-                at, of = torch.tensor(moved, dtype=torch.long).T.to(dev, non_blocking=True)
-                tokens[at, 0] = in_flight.tokens[of]
+            for f, launched in enumerate(in_flight):
+                moved = [(i, at[1]) for i, at in enumerate(src) if at is not None and at[0] == f]
+                if moved:
+                    to, of = torch.tensor(moved, dtype=torch.long).T.to(dev, non_blocking=True)
+                    tokens[to, 0] = launched.tokens[of]
         return StepInput(live, rows, tokens, torch.zeros(len(live), dtype=torch.long, device=dev),
                          self._sampling(live))
 
@@ -257,7 +262,8 @@ class Batch:
     # -- the ladder -------------------------------------------------------------------------------------------------
 
     def add(self, new: list[Request]) -> None:
-        """Prefill `new` (right-padded together, their own forward call) and choose each one's first token.
+        """Prefill `new` (right-padded together, their own forward call) and choose each one's first token
+        (overlapped, queued here and read by the next `decode`: see the module's docstring).
         With prefix reuse, a prompt whose start is cached under its schedule computes from where the cache ends;
         new requests that share a first block with an earlier one in this call wait for it (a second, cheaper
         call)."""
@@ -283,6 +289,12 @@ class Batch:
         reused = [self.kv.reuse(s) for s in new]
         starts = [r.start for r in reused]
         inp = self.prefill_input(new, starts)
+        if self.overlap and not inp.echo:  # read by the next `decode`, after it queues the rows' first step
+            self._prefills.append((self.launch(inp), t0))
+            for s, p in zip(new, starts):
+                self.kv.register(s, p)
+            self.sequences.extend(new)
+            return
         out = self.execute(inp)
         if out.all_logits is not None:
             for b, (s, p, r) in enumerate(zip(new, starts, reused)):
@@ -296,31 +308,42 @@ class Batch:
     def decode(self) -> tuple[Request, ...]:
         """Decode one token for every unfinished row (finished rows leave at `filter`); returns the requests whose
         token this call read. Overlapped, it queues the next step before it reads the one in flight, so each row's
-        token arrives one call later and the last call only reads (see the module's docstring)."""
+        token arrives one call later and the last call only reads (see the module's docstring). Prefills that
+        `add` queued are read here too, after this step is queued."""
         in_flight, self._in_flight = self._in_flight, None
-        inp = self.decode_input(in_flight)
+        prefills, self._prefills = self._prefills, []
+        inp = self.decode_input([*([] if in_flight is None else [in_flight]), *(p for p, _ in prefills)])
         launched = None if inp is None else self.launch(inp)
         if self.overlap:
             self._in_flight, launched = launched, in_flight
-        return () if launched is None else self._read(launched)
+        return self._read(launched, prefills)
 
     def settle(self) -> tuple[Request, ...]:
-        """Read the decode step in flight, if any: afterwards the host holds every token sampled so far (what a
+        """Read the steps in flight, if any: afterwards the host holds every token sampled so far (what a
         rollback needs). Returns the requests whose token it read."""
         launched, self._in_flight = self._in_flight, None
-        return () if launched is None else self._read(launched)
+        prefills, self._prefills = self._prefills, []
+        return self._read(launched, prefills)
 
     def rollback(self, request: Request, n: int) -> None:
         """Forget `request`'s last n tokens (`KVManager.rollback`), after the step in flight is read."""
         self.settle()
         self.kv.rollback(request, n)
 
-    def _read(self, launched: Launched) -> tuple[Request, ...]:
+    def _read(self, launched: Launched | None, prefills: list[tuple[Launched, float]]) -> tuple[Request, ...]:
+        """Read the prefills, then the decode step: reading a prefill waits for the decode step queued before it,
+        so the next step's time counts from the later read, whichever row it is."""
+        for prefill, t0 in prefills:
+            self.update(prefill.inp.requests, prefill.result(), t0, prefill=True)
+            self._read_at = time.perf_counter()
+        read = tuple(s for prefill, _ in prefills for s in prefill.inp.requests)
+        if launched is None:
+            return read
         out = launched.result()
         # a step's time: from its launch, or from when the previous step's results were read if that was later
         self.update(launched.inp.requests, out, max(launched.at, self._read_at), prefill=False)
         self._read_at = time.perf_counter()
-        return launched.inp.requests
+        return read + launched.inp.requests
 
     def step(self) -> None:
         """Decode one token for every unfinished row (`decode`)."""
@@ -336,6 +359,7 @@ class Batch:
                 self.kv.free(s.id)
         if self._in_flight is not None and all(s.finished for s in self._in_flight.inp.requests):
             self._in_flight = None  # nothing left to read from it
+        self._prefills = [(p, t0) for p, t0 in self._prefills if not all(s.finished for s in p.inp.requests)]
         return done
 
     def remove(self, request_id: str) -> None:

@@ -4,11 +4,12 @@ HTTP handlers only `submit` requests (with a sink that receives `Output`s) and `
 touched on this thread. Each step: the scheduler admits (`Scheduler.admit`, plain data); the admitted requests are
 prefilled (their own call) and their first tokens emitted; then every running request, the new ones included,
 decodes one token in one forward pass whatever its policy (`Batch.decode`: `decode_input` -> `launch` -> `update`;
-overlapped on CUDA, so the device runs this step while this thread emits the last); new tokens and text are
-emitted. Every request ends through `_end`, whatever the reason (finished, stopped, aborted, disconnected, failed,
-drained): it leaves the scheduler, frees its KV, is counted in the metrics and gets its last answer there. A row
-that fails (its sampling or stop check raised) ends alone with an error; a step that fails as a whole fails the
-requests running in it.
+overlapped on CUDA, so the device runs this step while this thread emits the last, and the new requests' first
+tokens are read and emitted after their first decode step is queued); new tokens and text are emitted. Every
+request ends through `_end`, whatever the reason (finished, stopped, aborted, disconnected, failed, drained): it
+leaves the scheduler, frees its KV, is counted in the metrics and gets its last answer there. A row that fails
+(its sampling or stop check raised) ends alone with an error; a step that fails as a whole fails the requests
+running in it.
 
 Shutdown: `drain(deadline)` stops admitting, lets queued and running requests finish until the deadline, then ends
 the rest with finish_reason "abort" (their clients get that final answer). If the thread itself dies, `failure`
@@ -227,8 +228,9 @@ class EngineLoop:
                 self._probe(r)
                 continue
             new.append(self.engine.start(r))
-        # Prefill first, so that the new rows' first tokens stream now and the rows decode in this step's forward;
-        # overlapped, the emits below then run while that step is on the device.
+        # Prefill first, so that the new rows decode in this step's forward and, step by step, their first tokens
+        # stream now. Overlapped, the prefill is only queued here: `decode` reads it after queueing the step, and
+        # every emit below runs while that step is on the device.
         batch.add(new)
         for r in new:
             if not r.finished:  # a request finished by its first token is answered once, below
