@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random-weight models built in memory, the real embedded SmolLM2 (slow), a peak-RSS probe."""
+"""Shared fixtures: tiny random-weight models built in memory, the real embedded SmolLM2 (slow), a peak-RSS probe,
+fake model aliases for the conversion cache."""
 
 from __future__ import annotations
 
@@ -174,6 +175,71 @@ def gemma3_engine(gemma3):
     from server.engine.generate import Engine
 
     return Engine.from_loaded(gemma3, name="gemma3-270m")
+
+
+@pytest.fixture
+def parts_alias(monkeypatch):
+    """An alias `fake-1m` whose GGUF a (fake) package assembles from parts; the conversion is stubbed (it has its own
+    tests). Returns the calls made: assembled paths and converted GGUFs."""
+    import types
+
+    import server.model.loader as loader
+
+    calls: dict[str, list] = {"assembled": [], "converted": []}
+
+    def assemble(path):
+        path.write_bytes(b"GGUF")
+        calls["assembled"].append(path)
+        return path
+
+    def convert(gguf, out):
+        assert gguf.read_bytes() == b"GGUF"
+        calls["converted"].append(gguf)
+        (out / "model.safetensors").write_bytes(b"")
+
+    module = types.ModuleType("fake_gguf_parts")
+    module.EXPECTED_SHA256, module.assemble = "ab" * 32, assemble
+    monkeypatch.setitem(sys.modules, "fake_gguf_parts", module)
+    monkeypatch.setitem(loader.ALIASES, "fake-1m", loader.Alias("fake-gguf", "1.0.0", assembler="fake_gguf_parts",
+                                                                 parts=("fake-gguf-part1", "fake-gguf-part2")))
+    monkeypatch.setattr(loader, "_convert_gguf", convert)
+    return calls
+
+
+@pytest.fixture
+def file_alias(monkeypatch):
+    """An alias `fake-file` whose GGUF is one file of the distribution `fake-gguf-file`, and install(where, *,
+    hashed=True), which installs that distribution into the folder `where` and puts it first on sys.path, as another
+    virtual environment would. The conversion is stubbed. Returns (install, the GGUFs converted)."""
+    import base64
+    import hashlib
+
+    import server.model.loader as loader
+
+    converted: list[Path] = []
+
+    def convert(gguf, out):
+        converted.append(gguf)
+        (out / "model.safetensors").write_bytes(gguf.read_bytes())
+
+    def install(where: Path, *, hashed: bool = True) -> Path:
+        content = b"GGUF fake-file"
+        gguf = where / "fake_gguf_file" / "model.gguf"
+        gguf.parent.mkdir(parents=True)
+        gguf.write_bytes(content)
+        info = where / "fake_gguf_file-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-gguf-file\nVersion: 1.0\n")
+        digest = base64.urlsafe_b64encode(hashlib.sha256(content).digest()).rstrip(b"=").decode()
+        (info / "RECORD").write_text(f"fake_gguf_file/model.gguf,{'sha256=' + digest if hashed else ''},"
+                                     f"{len(content) if hashed else ''}\nfake_gguf_file-1.0.dist-info/RECORD,,\n")
+        monkeypatch.syspath_prepend(str(where))
+        return gguf
+
+    monkeypatch.setitem(loader.ALIASES, "fake-file", loader.Alias("fake-gguf-file", "1.0",
+                                                                  file="fake_gguf_file/model.gguf"))
+    monkeypatch.setattr(loader, "_convert_gguf", convert)
+    return install, converted
 
 
 @pytest.fixture

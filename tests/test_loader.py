@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import sys
 
 import pytest
@@ -136,35 +137,6 @@ def test_gguf_conversion_holds_one_copy(tmp_path):
     assert grew <= 1.9 * size, f"converting grew peak RSS by {grew / size:.2f}x the converted weights"
 
 
-@pytest.fixture
-def parts_alias(monkeypatch):
-    """An alias whose GGUF a (fake) package assembles from parts; the conversion is stubbed (it has its own tests).
-    Returns the calls made: assembled paths and converted GGUFs."""
-    import types
-
-    import server.model.loader as loader
-
-    calls: dict[str, list] = {"assembled": [], "converted": []}
-
-    def assemble(path):
-        path.write_bytes(b"GGUF")
-        calls["assembled"].append(path)
-        return path
-
-    def convert(gguf, out):
-        assert gguf.read_bytes() == b"GGUF"
-        calls["converted"].append(gguf)
-        (out / "model.safetensors").write_bytes(b"")
-
-    module = types.ModuleType("fake_gguf_parts")
-    module.EXPECTED_SHA256, module.assemble = "ab" * 32, assemble
-    monkeypatch.setitem(sys.modules, "fake_gguf_parts", module)
-    monkeypatch.setitem(loader.ALIASES, "fake-1m", loader.Alias("fake-gguf", "1.0.0", assembler="fake_gguf_parts",
-                                                                 parts=("fake-gguf-part1", "fake-gguf-part2")))
-    monkeypatch.setattr(loader, "_convert_gguf", convert)
-    return calls
-
-
 def test_alias_in_parts_is_assembled_once_converted_and_dropped(parts_alias, tmp_path):
     from server.model.loader import local_source
 
@@ -190,6 +162,32 @@ def test_another_transformers_version_converts_afresh(parts_alias, monkeypatch, 
     assert second != first and (first / "model.safetensors").exists() and (second / "model.safetensors").exists()
     assert len(parts_alias["converted"]) == 2
     assert local_source("fake-1m", cache=tmp_path) == first and len(parts_alias["converted"]) == 2
+
+
+def test_an_alias_is_keyed_by_content_so_environments_share_its_conversion(file_alias, tmp_path):
+    """Two virtual environments that install the same package hold the GGUF at two paths: keyed by path, each
+    converted afresh (every fresh clone's venv left another 517 MB of SmolLM2 behind)."""
+    from server.model.loader import local_source, resolve_gguf
+
+    install, converted = file_alias
+    first_env = install(tmp_path / "env-a")
+    first = local_source("fake-file", cache=tmp_path / "cache")
+    second_env = install(tmp_path / "env-b")
+    assert resolve_gguf("fake-file") == second_env != first_env
+    assert local_source("fake-file", cache=tmp_path / "cache") == first and converted == [first_env]
+    record = json.loads((first / "painters-source.json").read_text())
+    assert record["alias"] == "fake-file" and record["gguf"] == str(first_env.resolve())
+
+
+def test_an_alias_without_a_hash_in_record_is_keyed_by_path(file_alias, tmp_path):
+    from server.model.loader import local_source
+
+    install, converted = file_alias
+    install(tmp_path / "env-a", hashed=False)
+    first = local_source("fake-file", cache=tmp_path / "cache")
+    install(tmp_path / "env-b", hashed=False)
+    assert local_source("fake-file", cache=tmp_path / "cache") != first and len(converted) == 2
+    assert json.loads((first / "painters-source.json").read_text())["alias"] is None
 
 
 def test_alias_with_missing_parts_names_every_package(parts_alias, monkeypatch, tmp_path):

