@@ -1,4 +1,4 @@
-"""The `painters` command line: generate, bench (and, from the server issue on, serve)."""
+"""The `painters` command line: generate, bench, serve, the conversion cache, and the HTTP clients."""
 
 from __future__ import annotations
 
@@ -196,6 +196,53 @@ def _serve_on_ray(settings: Settings, *, replicas: int, address: str | None, rou
     gpus = 1.0 if (settings.device or "cuda").startswith("cuda") and torch.cuda.is_available() else 0.0
     return run(settings, RayOptions(replicas=replicas, address=address, num_cpus=ray_cpus, routing=routing,
                                     cpus_per_replica=float(settings.threads or 1), gpus_per_replica=gpus))
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The GGUF conversion cache: list it, prune what this environment "
+                                                   "never reads. Hub downloads live in Hugging Face's cache (hf cache).")
+app.add_typer(cache_app, name="cache")
+CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir",
+                                                     help="default: $PAINTERS_CACHE_DIR, else the user cache")]
+
+
+@cache_app.command("ls")
+def cache_ls(cache_dir: CacheDirOpt = None) -> None:
+    """Every cached conversion: its size, the transformers that made it, and whether this environment reads it."""
+    from rich.table import Table
+
+    from server.model.conversions import scan
+    from server.model.loader import cache_root
+
+    root = cache_dir or cache_root()
+    entries = scan(root)
+    table = Table(title=f"conversions in {root}", title_justify="left")
+    for column in ("conversion", "size", "transformers", "status", "why"):
+        table.add_column(column, justify="right" if column == "size" else "left", no_wrap=column == "conversion")
+    for e in entries:
+        table.add_row(e.path.name, _mib(e.size), e.transformers or "?", e.status, e.reason)
+    console.print(table)
+    stale = [e for e in entries if e.status == "stale"]
+    console.print(f"{len(entries)} entries, {_mib(sum(e.size for e in entries))}; `painters cache prune` removes the "
+                  f"{len(stale)} stale, {_mib(sum(e.size for e in stale))}")
+
+
+@cache_app.command("prune")
+def cache_prune(
+    cache_dir: CacheDirOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would go, remove nothing")] = False,
+) -> None:
+    """Remove the conversions this environment never reads (`painters cache ls` says why each is stale)."""
+    from server.model.conversions import prune
+
+    stale = prune(cache_dir, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for e in stale:
+        console.print(f"{verb} {escape(e.path.name)} ({_mib(e.size)}): {escape(e.reason)}")
+    console.print(f"{verb} {len(stale)} conversions, {_mib(sum(e.size for e in stale))}")
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.0f} MiB"
 
 
 register_client_commands(app)  # loadtest, eval, tradeoff: HTTP clients of a running server
