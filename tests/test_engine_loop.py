@@ -350,6 +350,9 @@ def test_metrics_are_labelled_by_canonical_policy_and_reason(tiny_engine, make_l
     # overlapped, that decode's token is read a step later
     assert sample(m, "painters:batch_size_count", policy="full") == (3 if loop.batch.overlap else 2)
     assert sample(m, "painters:batch_size_sum", policy="full") == sample(m, "painters:batch_size_count", policy="full")
+    # "a" (4 tokens) one step fewer than its tokens, "b" one: its prefill. Overlapped, "b"'s first decode step was in
+    # flight when its first token stopped it; "c"'s first step reads that step, and drops its token: not a step of "b"
+    assert sample(m, "painters:batch_size_count", policy="skip:2-3") == (5 if loop.batch.overlap else 4)
     assert m.registry.get_sample_value("painters:num_requests_running", {"model": MODEL}) == 0
     assert policy_labels(m) == {"skip:2-3", "full"}  # never the policy as the user spelled it
     body, content_type = m.render()

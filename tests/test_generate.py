@@ -422,6 +422,34 @@ def test_overlapped_timings_add_up_to_the_decode_time(overlapped_engine):
     assert tm.prefill_s + tm.decode_s <= wall
 
 
+
+def test_a_step_that_admits_rows_counts_its_wait_for_the_running_rows(engine, monkeypatch):
+    """Every launch takes at least 30 ms (a sleep stands in for the device), so every token of a running row does.
+    Overlapped, the step that admits a row reads its prefill first, and that read waits for the running rows' step:
+    timed from that read, their token took 0 s, and the admission's cost to them vanished from TPOT."""
+    import time
+
+    launch = Batch.launch
+
+    def slow(self, inp):
+        launched = launch(self, inp)
+        time.sleep(0.03)
+        return launched
+
+    monkeypatch.setattr(Batch, "launch", slow)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    running, admitted = (engine.new_sequence(p, params, engine.compile("full")) for p in ([5, 6, 7], [8, 9]))
+    batch = engine.new_batch(max_len=32, num_blocks=200)
+    batch.add([running])
+    batch.decode()
+    batch.decode()
+    batch.add([admitted])
+    while batch.sequences:
+        batch.decode()
+        batch.filter()
+    assert running.finished and len(running.timings.per_token_s) == 5
+    assert min(running.timings.per_token_s) >= 0.03, running.timings.per_token_s
+
 # -- bounded memory ------------------------------------------------------------------------------------------------
 
 

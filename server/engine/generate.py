@@ -331,19 +331,23 @@ class Batch:
         self.kv.rollback(request, n)
 
     def _read(self, launched: Launched | None, prefills: list[tuple[Launched, float]]) -> tuple[Request, ...]:
-        """Read the prefills, then the decode step: reading a prefill waits for the decode step queued before it,
-        so the next step's time counts from the later read, whichever row it is."""
+        """Read the prefills, then the decode step; returns the requests that got a token (a row that finished
+        while its step was in flight gets none: its token is dropped)."""
+        # a step's time: from its launch, or from when the previous step's results were read if that was later. It
+        # is taken before the prefills are read: reading one waits for the decode step queued before it, and that
+        # wait (the admission's cost to the running rows) is the step's.
+        start = 0.0 if launched is None else max(launched.at, self._read_at)
+        read: list[Request] = []
         for prefill, t0 in prefills:
+            read += (s for s in prefill.inp.requests if not s.finished)
             self.update(prefill.inp.requests, prefill.result(), t0, prefill=True)
             self._read_at = time.perf_counter()
-        read = tuple(s for prefill, _ in prefills for s in prefill.inp.requests)
         if launched is None:
-            return read
-        out = launched.result()
-        # a step's time: from its launch, or from when the previous step's results were read if that was later
-        self.update(launched.inp.requests, out, max(launched.at, self._read_at), prefill=False)
+            return tuple(read)
+        read += (s for s in launched.inp.requests if not s.finished)
+        self.update(launched.inp.requests, launched.result(), start, prefill=False)
         self._read_at = time.perf_counter()
-        return read + launched.inp.requests
+        return tuple(read)
 
     def step(self) -> None:
         """Decode one token for every unfinished row (`decode`)."""
