@@ -424,6 +424,51 @@ def test_a_failing_step_fails_the_requests_in_it_and_the_loop_goes_on(tiny_engin
     assert loop.alive and loop.batch.kv_usage() == 0.0
 
 
+def test_a_failing_step_answers_a_request_it_had_already_finished(tiny_engine, loop_engine, monkeypatch):
+    """A scoring request (echo, max_tokens=1) is finished by its prefill; the decode launch after it fails. The
+    failure ends every running request with an error, but the first reason wins: the scoring request stayed
+    "length", and, ended without an answer, its client waited forever. It gets its result now; the other its error."""
+    real_launch = Batch.launch
+
+    def launch(batch: Batch, inp):
+        if inp.tokens.shape[1] == 1 and not inp.echo:  # the decode step
+            raise RuntimeError("out of memory (injected)")
+        return real_launch(batch, inp)
+
+    monkeypatch.setattr(Batch, "launch", launch)
+    loop = EngineLoop(loop_engine, max_num_seqs=4, max_model_len=64, queue_capacity=8, kv_budget_tokens=4096)
+    scored = request(tiny_engine, "scored", [5, 6, 7, 8], "full", max_tokens=1, echo=True, logprobs=0)
+    other = request(tiny_engine, "other", [9, 10, 11], "full", max_tokens=8)
+    sinks = {r.id: Collector() for r in (scored, other)}
+    for r in (scored, other):
+        loop.submit(r, sinks[r.id])
+    loop.step()
+    assert sinks["scored"].done.is_set(), "the finished request was never answered"
+    answer = sinks["scored"].outputs[-1]
+    assert answer.result is not None and answer.result.finish_reason == "length" and answer.error is None
+    assert answer.result.token_ids == alone(tiny_engine, scored).token_ids
+    assert sinks["other"].wait().error == "engine error: RuntimeError: out of memory (injected)"
+    assert loop.num_requests == 0 and loop.batch.kv.reserved == {}
+
+
+def test_a_drain_streams_the_tail_held_back_for_a_stop_string(tiny_engine, loop_engine):
+    """Text that might still begin a stop string is held back from the stream. A drain ends the request: its final
+    output carries that tail, so the streamed text adds up to the result's, as when it finishes."""
+    loop = EngineLoop(loop_engine, max_num_seqs=4, max_model_len=64, queue_capacity=8, kv_budget_tokens=4096)
+    r = request(tiny_engine, "s", [5, 6, 7], "full", max_tokens=20, stop=["qqqqqq"])
+    sink = Collector()
+    loop.submit(r, sink)
+    for _ in range(6):
+        loop.step()
+    loop._abort_left = True  # what drain() sets at its deadline
+    loop.step()
+    assert sink.done.is_set()
+    final = sink.outputs[-1]
+    assert final.result.finish_reason == "abort" and len(final.result.text) >= 5
+    assert "".join(o.text for o in sink.outputs) == final.result.text
+    assert [t for o in sink.outputs for t in o.token_ids] == final.result.token_ids
+
+
 def test_a_raising_sink_does_not_stop_the_loop(tiny_engine, make_loop):
     def explode(c: Collector, out: Output) -> None:
         raise ConnectionError("client went away")
@@ -445,7 +490,8 @@ def test_random_interleavings_leave_no_request_row_or_block_behind(tiny_engine, 
                                                                   monkeypatch):
     """200 seeded random interleavings of submit / abort / disconnect / finish / fail (a poisoned row, a failing
     step) / drain / probe, driven step by step on this thread. After each: no request, row, reservation or KV block is
-    left anywhere, prefix-only blocks are within their cap, and every request got at most one final answer."""
+    left anywhere, prefix-only blocks are within their cap, and every request got one final answer (at most one
+    if its client aborted it)."""
     import random
 
     from server.engine.scheduler import DrainingError
@@ -465,6 +511,7 @@ def test_random_interleavings_leave_no_request_row_or_block_behind(tiny_engine, 
                       kv_block_size=4, prefix_cache_blocks=8, metrics=Metrics(model=MODEL))
     finals: dict[str, int] = {}
     gone: set[str] = set()  # sinks whose client left
+    aborted: set[str] = set()  # by their client: answered at most once
 
     def sink_for(rid: str):
         def sink(out: Output) -> None:
@@ -503,6 +550,7 @@ def test_random_interleavings_leave_no_request_row_or_block_behind(tiny_engine, 
                     pass
             elif event in ("abort", "disconnect") and submitted:
                 rid = rng.choice(submitted)
+                aborted.add(rid)
                 if event == "disconnect":
                     gone.add(rid)
                 loop.abort(rid)
@@ -523,6 +571,8 @@ def test_random_interleavings_leave_no_request_row_or_block_behind(tiny_engine, 
         assert cache.used_blocks == 0 and not cache._rows and not cache._held and not cache._blocks
         assert kv.prefix_only_blocks <= kv.prefix_blocks
         assert all(count == 1 for count in finals.values()), "one final answer per request"
+        unanswered = [rid for rid in submitted if rid not in aborted and rid not in finals]
+        assert not unanswered, f"never answered: {unanswered}"
     m = loop.metrics.registry
     assert m.get_sample_value("painters:num_requests_running", {"model": MODEL}) == 0
     assert m.get_sample_value("painters:num_requests_waiting", {"model": MODEL}) == 0

@@ -339,13 +339,13 @@ class Batch:
         start = 0.0 if launched is None else max(launched.at, self._read_at)
         read: list[Request] = []
         for prefill, t0 in prefills:
-            read += (s for s in prefill.inp.requests if not s.finished)
-            self.update(prefill.inp.requests, prefill.result(), t0, prefill=True)
+            read += _given_a_token(prefill.inp.requests,
+                                   lambda: self.update(prefill.inp.requests, prefill.result(), t0, prefill=True))
             self._read_at = time.perf_counter()
         if launched is None:
             return tuple(read)
-        read += (s for s in launched.inp.requests if not s.finished)
-        self.update(launched.inp.requests, launched.result(), start, prefill=False)
+        read += _given_a_token(launched.inp.requests,
+                               lambda: self.update(launched.inp.requests, launched.result(), start, prefill=False))
         self._read_at = time.perf_counter()
         return tuple(read)
 
@@ -399,6 +399,14 @@ class Batch:
     def kv_usage(self) -> float:
         """Share of the KV pool's blocks in use."""
         return self.kv.usage()
+
+
+def _given_a_token(requests: Sequence[Request], update: Callable[[], None]) -> list[Request]:
+    """Run `update` (a step's read); returns the requests it gave a token. Not the others: a row that finished while
+    its step was in flight (its token is dropped), one that failed sampling, one scored with max_tokens=0."""
+    before = {s.id: len(s.output_ids) for s in requests if not s.finished}
+    update()
+    return [s for s in requests if len(s.output_ids) > before.get(s.id, len(s.output_ids))]
 
 
 @dataclass(frozen=True)

@@ -166,8 +166,8 @@ class EngineLoop:
         if request.finish_reason == "error":
             self._send(request, Output(request.id, [], [], [], "", finished=True,
                                        error=request.error or "generation failed"))
-        elif answer:
-            self._send(request, Output(request.id, [], [], [], "", finished=True, result=request.result()))
+        elif answer:  # what it has not streamed yet (a held-back tail included), and its result
+            self._send_rest(request)
 
     # -- the engine thread -------------------------------------------------------------------------------------
 
@@ -179,8 +179,8 @@ class EngineLoop:
             log.critical("engine thread died: %s", self.failure, exc_info=True)
             with self._lock:
                 everyone = [*self.scheduler.waiting.values(), *self.scheduler.running.values()]
-            for r in everyone:
-                self._end(r, "error", f"engine thread died: {self.failure}")
+            for r in everyone:  # answer=True: one that the dying step had already finished gets its result
+                self._end(r, "error", f"engine thread died: {self.failure}", answer=True)
             raise
 
     def _serve(self) -> None:
@@ -210,8 +210,8 @@ class EngineLoop:
             log.exception("engine step failed")
             with self._lock:
                 running = list(self.scheduler.running.values())
-            for r in running:
-                self._end(r, "error", f"engine error: {type(e).__name__}: {e}")
+            for r in running:  # answer=True: one that the step had already finished gets its result
+                self._end(r, "error", f"engine error: {type(e).__name__}: {e}", answer=True)
 
     def _step(self, admission: Admission, aborts: set[str]) -> None:
         for request_id in aborts:
@@ -252,9 +252,13 @@ class EngineLoop:
             self.metrics.observe_queue(self._queue_stats())
 
     def _emit(self, r: Request) -> None:
-        finished = r.finished
         if r.finish_reason in ("abort", "error"):
             return
+        self._send_rest(r)
+
+    def _send_rest(self, r: Request) -> None:
+        """Stream what `r` has not sent yet; a finished request gets all of it and its result."""
+        finished = r.finished
         # Hold back a tail that may still become a stop string or an incomplete character.
         hold = 0 if finished else max([len(s) - 1 for s in r.params.stop] + [0])
         text_end = max(r.sent_text, len(r.text) - hold)
