@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from server.engine.executor import Row
 from server.engine.generate import Engine
 from server.engine.graphs import bucket, group_buckets
 from server.engine.sampling import SamplingParams
@@ -243,6 +244,51 @@ def test_remembered_schedules_stay_bounded(monkeypatch):
         batch.step()
         batch.filter()
     assert len(graphs._last_seen) <= 4 + 1 and len(graphs._free) <= 4 * 16
+
+
+def test_kept_groups_are_bounded_in_number_and_in_padded_rows(monkeypatch):
+    """Policies are user input: a stream of distinct skip:k beside a full row made every one of them an empty group
+    kept for KEEP_STEPS (28 groups, 112 padded rows for 6 real ones). At most MAX_KEPT are kept, the most recent, and
+    never so many that the step leaves one shared bucket; the full row decodes what it decodes alone."""
+    from server.engine import graphs as graphs_module
+
+    monkeypatch.setattr(graphs_module, "MAX_KEPT", 2)
+    eng = Engine.from_hf(tiny_llama(), CharTokenizer(), device="cpu", graphs=True)
+    long = SamplingParams(max_tokens=16, ignore_eos=True)
+    batch = eng.new_batch(max_len=64, num_blocks=400)
+    graphs = batch.executor.graphs
+    a = eng.new_sequence([5, 6, 7], long, eng.compile("full"))
+    batch.add([a])
+    widths = []
+    for i in range(15):
+        if i % 2 == 0:
+            batch.add([eng.new_sequence([9, 10], SamplingParams(max_tokens=2, ignore_eos=True),
+                                        eng.compile(f"skip:{1 + i // 2 % 4}-{1 + i // 2 % 4}"))])
+        batch.step()
+        batch.filter()
+        widths.append(max(len(schedules) for schedules, _, _ in graphs._steps))
+    assert a.output_ids == eng.generate([[5, 6, 7]], params=long)[0].token_ids
+    assert max(widths) == 1 + 1 + 2, widths  # full, the skip row present, two kept
+
+    assert len(graphs._last_seen) == 5  # full and four skip schedules: recent, each free beside full
+    graphs.shared_up_to = 2  # room for the present group and one kept
+    layout = graphs.layout([Row("x", eng.compile("full"), 0, 1)])
+    assert len(layout.schedules) == 2 and sum(layout.counts) == 2
+
+
+def test_a_layout_outlives_the_cached_plan_it_was_built_with():
+    """Plans are cached least recently used first: the same schedules planned afresh are a new object. Keyed by the
+    plan's id, the layout was built (and on CUDA captured) again; keyed by its schedules, it is found."""
+    from server.policy import planner
+
+    eng = Engine.from_hf(tiny_llama(), CharTokenizer(), device="cpu", graphs=True)
+    batch = eng.new_batch(max_len=64, num_blocks=200)
+    graphs = batch.executor.graphs
+    batch.add([eng.new_sequence([5, 6, 7], SamplingParams(max_tokens=6, ignore_eos=True), eng.compile("full"))])
+    batch.step()
+    planner._plan.cache_clear()
+    batch.step()
+    assert graphs.stats()["graphs"] == 1 and graphs.layouts == 1 and graphs.reuses == 1
 
 
 def test_graph_stats_reach_prometheus():

@@ -59,6 +59,9 @@ SHARED_UP_TO = 128
 # decode steps a schedule with no rows left keeps its group (padding rows only) where the step reads no more weights
 # with it: a wide mix at ~8 rows makes 76 layouts over 1,500 steps without, fewer with (benchmarks/bench_layouts.py)
 KEEP_STEPS = 256
+# empty groups a step keeps at most (the most recently seen schedules): policies are user input, and without a bound a
+# stream of distinct `skip:a-b` beside `full` kept dozens (112 padded rows for 6 real ones, each planned every step)
+MAX_KEPT = 4
 PAD = object()  # the `seq` of a padding row
 
 
@@ -83,7 +86,8 @@ def group_buckets(sizes: list[int], *, shared_up_to: int = SHARED_UP_TO) -> list
 class Layout:
     """A decode step's padded layout: what its graph is captured for."""
 
-    padded: list[Row]  # the rows grouped by schedule (in key order), each group padded with PAD rows to its bucket
+    schedules: tuple[Schedule, ...]  # its groups' (in key order): what the step's plan is made of
+    padded: list[Row]  # the rows grouped by schedule, each group padded with PAD rows to its bucket
     where: list[int]  # where each real row sits among the padded ones
     counts: tuple[int, ...]  # each group's bucket
     num_blocks: int  # KV blocks per row that attention covers
@@ -93,7 +97,7 @@ class Layout:
 class _Step:
     """One padded layout: its plan, program, static inputs and, on CUDA, the graph captured over them."""
 
-    plan: StepPlan  # held so that its id, part of the key, is not reused
+    plan: StepPlan
     program: _Program
     tokens: Tensor  # [Bp, 1]
     inputs: Tensor  # [3 Bp + N] start, new tokens, KV table rows, where each real row sits
@@ -181,7 +185,7 @@ class DecodeGraphs:
             nb = cache.max_blocks
         else:
             nb = min(bucket(-(-max(r.start + 1 for r in rows) // cache.block_size)), cache.max_blocks)
-        return Layout(padded, where, tuple(counts), nb)
+        return Layout(tuple(order), padded, where, tuple(counts), nb)
 
     def _remember(self, rows: list[Row]) -> None:
         """Count a decode step and the schedules in it; forget those past `KEEP_STEPS` (and, now and then, the
@@ -195,12 +199,17 @@ class DecodeGraphs:
 
     def _kept(self, present: dict[Schedule, list[int]]) -> list[Schedule]:
         """Schedules with no rows in this step but rows in one of the last `KEEP_STEPS`, whose group of padding rows
-        the step carries without reading more weights (checked one by one, in key order, against the groups so far).
-        Plain data, read only: `decode` records which schedules ran."""
+        the step carries without reading more weights (checked one by one, the most recently seen first, against the
+        groups so far): at most `MAX_KEPT`, and no more than keep the step within one shared bucket
+        (`group_buckets`). Plain data, read only: `decode` records which schedules ran."""
+        room = min(MAX_KEPT, self.shared_up_to // bucket(max(map(len, present.values()))) - len(present))
         recent = sorted((s for s, t in self._last_seen.items()
-                         if s not in present and self._decodes - t < KEEP_STEPS), key=lambda s: s.key)
+                         if s not in present and self._decodes - t < KEEP_STEPS),
+                        key=lambda s: (-self._last_seen[s], s.key))
         kept: list[Schedule] = []
         for s in recent:
+            if len(kept) >= room:
+                break
             groups = tuple(sorted([*present, *kept], key=lambda g: g.key))
             free = self._free.get((groups, s))
             if free is None:
@@ -217,10 +226,12 @@ class DecodeGraphs:
         layout = self.layout(rows)
         self._remember(rows)
         padded, where, nb = layout.padded, layout.where, layout.num_blocks
-        plan = ex.plan(padded)
-        key = (id(plan), layout.counts, nb)
+        # the layout's value, not its plan's id: plans are cached (least recently used first), and a plan made
+        # afresh for the same schedules would have captured the same graph again
+        key = (layout.schedules, layout.counts, nb)
         step = self._steps.get(key)
         if step is None:
+            plan = ex.plan(padded)
             step = self._new(plan, ex._compile(plan, padded), len(padded), nb)
             self._steps[key] = step
             self.layouts += 1
