@@ -172,7 +172,8 @@ class Executor:
         for r in rows:
             assert r.start + r.num_new <= self.max_len, f"sequence of {r.start + r.num_new} exceeds {self.max_len}"
             self.cache.reserve(r.seq, r.schedule.slots, r.start + r.num_new)
-        if self.graphs is not None and capture is None and logits_at is not None and T == 1:
+        if (self.graphs is not None and capture is None and logits_at is not None and T == 1
+                and all(r.num_new == 1 for r in rows)):  # (a prefill of one token per row is such a step too)
             return self.graphs.decode(tokens, rows)  # every row decodes one token: a captured step
         plan = self.plan(rows, boundaries=capture is not None)
         program = self._compile(plan, rows)
