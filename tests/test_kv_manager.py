@@ -24,27 +24,39 @@ def test_reservation_is_slots_times_blocks_of_prompt_plus_max_tokens():
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["stepwise", "overlapped"])
-def test_rollback_forgets_tokens_and_decoding_resumes_exactly(tiny_engine, overlapped_engine, overlap):
-    """Decode 8 tokens; elsewhere decode 7, roll back 3, decode to 8 again: the same tokens (greedy), and the rolled
-    back request holds only the blocks its tokens use. Overlapped, the rollback first reads the step in flight."""
+@pytest.mark.parametrize("ended", [False, True], ids=["running", "ended-by-its-last-token"])
+def test_rollback_forgets_tokens_and_decoding_resumes_exactly(tiny_engine, overlapped_engine, overlap, ended):
+    """Decode 8 tokens; elsewhere decode 7 (or to the stop string that the 8th completes), roll back 3, decode on:
+    the same tokens (greedy), text and per-token times, and the rolled back request holds only the blocks its tokens
+    use. Overlapped, the rollback first reads the step in flight. An end that a rolled back token brought is undone."""
     params = SamplingParams(max_tokens=8, ignore_eos=True)
-    want = tiny_engine.generate([[5, 6, 7, 8, 9]], params=params)[0].token_ids
+    plain = tiny_engine.generate([[5, 6, 7, 8, 9]], params=params)[0]
+    want = plain.token_ids
+    if ended:  # a stop string that only the 8th token completes: the whole text
+        params = SamplingParams(max_tokens=8, ignore_eos=True, stop=[plain.text])
     engine = overlapped_engine if overlap else tiny_engine
     batch = engine.new_batch(max_len=32, num_blocks=64, block_size=2)
     r = tiny_engine.new_sequence([5, 6, 7, 8, 9], params, tiny_engine.compile("skip:2"))
     batch.add([r])
     full = tiny_engine.new_sequence([5, 6, 7, 8, 9], params, tiny_engine.compile("full"))
     batch.add([full])
-    for _ in range(6):
+    for _ in range(7 if ended else 6):
         batch.step()
-    assert full.output_ids == want[: 7 - overlap]  # overlapped, the 7th is in flight
+    if ended:
+        batch.settle()
+        assert full.finish_reason == "stop" and full.text == "" and full.output_ids == want
+    else:
+        assert full.output_ids == want[: 7 - overlap]  # overlapped, the 7th is in flight
     held = batch.kv.used_blocks
     batch.rollback(full, 3)
-    assert full.output_ids == want[:4] and len(full.logprobs) == 4
+    kept = want[: 5 if ended else 4]
+    assert full.output_ids == kept and len(full.logprobs) == len(kept) and not full.finished
+    assert full.text == tiny_engine.tokenizer.decode(kept) and len(full.timings.per_token_s) == len(kept) - 1
     assert batch.kv.used_blocks < held, "blocks past the kept tokens went back to the pool"
     while not full.finished:
         batch.step()
-    assert full.output_ids == want
+    assert full.output_ids == want and len(full.timings.per_token_s) == len(want) - 1
+    assert full.text == ("" if ended else plain.text) and full.finish_reason == ("stop" if ended else "length")
 
 
 def test_prefix_only_blocks_stay_under_their_bound(tiny_engine):

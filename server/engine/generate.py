@@ -326,9 +326,26 @@ class Batch:
         return self._read(launched, prefills)
 
     def rollback(self, request: Request, n: int) -> None:
-        """Forget `request`'s last n tokens (`KVManager.rollback`), after the step in flight is read."""
+        """Forget `request`'s last n tokens (a verifier rejected them), after the step in flight is read: their KV
+        and outputs (`KVManager.rollback`), the text they added (decoded again from the tokens kept), an end that the
+        last of them brought (a stop, a length: a request ends on its last token), and their entries in the
+        per-token times. Their time stays in decode_s: it was spent. Tokens already streamed cannot be taken back."""
         self.settle()
+        assert len(request.output_ids) - n >= request.sent_tokens, "rolling back tokens already streamed"
         self.kv.rollback(request, n)
+        if not n:
+            return
+        tm = request.timings
+        k = min(n, len(tm.per_token_s))
+        del tm.per_token_s[len(tm.per_token_s) - k:]
+        tm.decode_tokens -= k
+        if request.finish_reason in ("stop", "length"):
+            request.finish_reason = None
+        request.detokenizer, request.text, request.stop_from = IncrementalDetokenizer(self.tokenizer), "", 0
+        for i, token in enumerate(request.output_ids, 1):
+            request.text += request.detokenizer.add(token)
+            if i == request.params.min_tokens:
+                request.stop_from = len(request.text)
 
     def _read(self, launched: Launched | None, prefills: list[tuple[Launched, float]]) -> tuple[Request, ...]:
         """Read the prefills, then the decode step; returns the requests that got a token (a row that finished
