@@ -295,6 +295,23 @@ def test_padded_batch_matches_each_sequence_alone(name: str, policy: str) -> Non
         assert_close(torch.stack([h[b] for h in history]), alone_logits, **TOL)
 
 
+@pytest.mark.parametrize(("max_len", "cached", "new", "wide"), [(32, 28, 2, 8), (1100, 1000, 10, 40)],
+                         ids=["past-the-block-table", "past-the-rotary-table"])
+def test_a_row_near_its_end_beside_a_wider_one_prefills_exactly(max_len, cached, new, wide) -> None:
+    """A prefill that continues a cached prefix near max_len, right-padded to a wider prompt beside it: its padding
+    columns counted positions past the block table (an index error; on CUDA a device assert that ends the process),
+    or past the rotary table. Each row's logits are those of prefilling it alone."""
+    prefix, tail, other = tokens(1, cached, seed=1), tokens(1, new, seed=2), tokens(1, wide, seed=3)
+    ex = executor("llama", "full", max_batch=2, max_len=max_len)
+    ex.forward(prefix, rows=[0], start=[0])
+    ids = torch.cat([torch.cat([tail, torch.zeros(1, wide - new, dtype=torch.long)], 1), other])
+    got = ex.forward(ids, rows=[0, 1], start=[cached, 0], num_new=[new, wide], logits_at=torch.tensor([new, wide]) - 1)
+    alone = executor("llama", "full", max_batch=2, max_len=max_len)
+    alone.forward(prefix, rows=[0], start=[0])
+    assert_close(got[0], alone.forward(tail, rows=[0], start=[cached])[0, -1], **TOL)
+    assert_close(got[1], alone.forward(other, rows=[1], start=[0])[0, -1], **TOL)
+
+
 @pytest.mark.parametrize("policy", ["full", "pairs", "schedule:0,1,1,2-7"])
 def test_rows_leaving_keep_the_others_exact(policy: str) -> None:
     """Sequence 0 finishes and frees its blocks; the others, reordered in the batch, decode on as if alone."""

@@ -210,8 +210,11 @@ class Executor:
         through torch.compile (`Transformer.fused`)."""
         B, T = tokens.shape
         model, cache, dev = self.model, self.cache, self.model.device
-        positions = start[:, None] + torch.arange(T, device=dev)[None, :]  # [B, T]
         padded = num_new is not None and any(n != T for n in num_new)
+        steps = torch.arange(T, device=dev)[None, :]
+        if padded:  # a padding column repeats its row's last position: past it, it could leave the tables
+            steps = torch.minimum(steps, (new - 1).clamp(min=0)[:, None])
+        positions = start[:, None] + steps  # [B, T]
         valid = torch.arange(T, device=dev)[None, :] < new[:, None]
         rope = model.rope(positions, top=top)
         triton_decode = self.attention == "triton" and T == 1  # the kernel masks by position: no mask tensors
