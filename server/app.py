@@ -121,7 +121,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     refusals: dict[int | str, dict[str, Any]] = {
         status: {"model": ErrorResponse, "description": why} for status, why in (
             (400, "invalid request: the message names the parameter and what is allowed"),
-            (401, "missing or wrong API key"), (404, "unknown model"), (413, "body, prompt or probe too large"),
+            (401, "missing or wrong API key"), (404, "unknown model"), (413, "body or probe too large"),
             (429, "queue full; retry after Retry-After seconds"), (500, "internal error"),
             (503, "loading, shutting down, or the engine failed"))}
     for router in (openai.router, native.router, probe.router, misc.tokenizer_router):

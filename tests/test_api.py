@@ -644,6 +644,28 @@ ERRORS = [
     ("logprobs-21", "/v1/completions", {"prompt": "x", "logprobs": 21}, 400, None, "logprobs", ()),
     ("penalty", "/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, None, "presence_penalty",
      ("not supported",)),
+    # what the server cannot do is refused by name, never silently ignored
+    ("logit-bias", "/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, 400, None, "logit_bias",
+     ("not supported",)),
+    ("best-of", "/v1/completions", {"prompt": "x", "best_of": 3}, 400, None, "best_of", ("n",)),
+    ("json-mode", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                           "response_format": {"type": "json_object"}}, 400, None, "response_format",
+     ("json_object", "text")),
+    ("tools", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required",
+                                       "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, None, "tools",
+     ("tool_choice 'none'",)),
+    ("tools-auto", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                            "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, None,
+     "tools", ()),
+    ("top-logprobs-alone", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                    "top_logprobs": 2}, 400, None, "top_logprobs", ("logprobs=true",)),
+    ("stream-options-unstreamed", "/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400,
+     None, "stream_options", ("stream=true",)),
+    ("min-over-max", "/v1/completions", {"prompt": "x", "max_tokens": 2, "min_tokens": 3}, 400, None, "min_tokens",
+     ("max_tokens (2)",)),
+    ("min-over-max-completion", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                         "min_tokens": 3, "max_completion_tokens": 2}, 400, None,
+     "max_completion_tokens", ("min_tokens (3)",)),
     ("out-of-vocab", "/v1/completions", {"prompt": [5, 500]}, 400, None, "prompt", ("500", "0-127")),
     ("negative-id", "/v1/completions", {"prompt": [[5], [-1]]}, 400, None, "prompt", ("-1",)),
     ("empty-prompt-list", "/v1/completions", {"prompt": []}, 400, None, "prompt", ("empty",)),
@@ -655,9 +677,10 @@ ERRORS = [
      "model", ()),
     ("unknown-model-native", "/generate", {"inputs": "x", "model": "nope"}, 404, "model_not_found", "model", ()),
     ("unknown-model-tokenize", "/tokenize", {"prompt": "x", "model": "nope"}, 404, "model_not_found", "model", ()),
-    ("prompt-too-long", "/v1/completions", {"prompt": "x" * 200}, 413, "context_length_exceeded", "prompt",
+    # 400 as OpenAI and vLLM answer it, so that SDKs raise their BadRequestError (413 is for a body too large)
+    ("prompt-too-long", "/v1/completions", {"prompt": "x" * 200}, 400, "context_length_exceeded", "prompt",
      ("200", "128")),
-    ("prompt-too-long-native", "/generate", {"inputs": "x" * 200}, 413, "context_length_exceeded", "prompt", ()),
+    ("prompt-too-long-native", "/generate", {"inputs": "x" * 200}, 400, "context_length_exceeded", "prompt", ()),
     ("prompt-plus-max-tokens", "/v1/completions", {"prompt": "x" * 100, "max_tokens": 50}, 400,
      "context_length_exceeded", "max_tokens", ("128", "150")),
     ("native-max-new-tokens", "/generate", {"inputs": "x" * 100, "parameters": {"max_new_tokens": 50}}, 400,
@@ -679,6 +702,81 @@ def test_errors_are_openai_shaped_and_harmless(client, path, body, status, code,
         r = client.post(path, json=body)
     assert_error(r, status, code=code, param=param, says=says)
     assert_serves(client)
+
+
+def test_validation_messages_drop_pydantics_prefix(client):
+    r = client.post("/v1/completions", json={"prompt": "x", "logit_bias": {"5": 10}})
+    assert assert_error(r, 400)["message"] == "invalid request: logit_bias: logit_bias is not supported; leave it out"
+
+
+def test_explicit_nulls_mean_the_defaults(chat_client):
+    """OpenAI's optional fields are nullable, and clients send null for what they leave unset: each null gets the
+    answer that leaving the field out gets (they were refused: "temperature: Input should be a valid number")."""
+    nulls = dict.fromkeys(["top_p", "top_k", "n", "stream", "min_tokens", "ignore_eos", "seed", "stop",
+                           "presence_penalty", "frequency_penalty", "logit_bias", "best_of", "response_format",
+                           "tools", "tool_choice", "stream_options", "user", "policy"])
+    chat = {"messages": CHAT, "max_tokens": 4}
+    want = complete(chat_client, "/v1/chat/completions", **chat).json()["choices"]
+    got = complete(chat_client, "/v1/chat/completions", **chat, **nulls, logprobs=None, top_logprobs=None,
+                   max_completion_tokens=None).json()["choices"]
+    assert got == want
+    cmpl = {"prompt": "abc", "max_tokens": 4}
+    want = complete(chat_client, **cmpl).json()["choices"]
+    assert complete(chat_client, **cmpl, **nulls, logprobs=None, echo=None, suffix=None).json()["choices"] == want
+    r = chat_client.post("/v1/chat/completions", json={**chat, "temperature": None})  # the default: sampled at 1.0
+    assert r.status_code == 200, r.text
+    r = chat_client.post("/generate", json={"inputs": "abc", "parameters": {"max_new_tokens": 4, "temperature": None,
+                                                                            "do_sample": None, "stop": None}})
+    assert r.status_code == 200, r.text
+
+
+def test_what_asks_for_nothing_unsupported_is_served(chat_client):
+    """tools with tool_choice 'none', response_format text, best_of = n: answered, not refused."""
+    for extra in ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"},
+                  {"response_format": {"type": "text"}}, {"best_of": 2, "n": 2}):
+        r = complete(chat_client, "/v1/chat/completions", messages=CHAT, max_tokens=2, **extra)
+        assert r.status_code == 200 and len(r.json()["choices"]) == extra.get("n", 1), r.text
+
+
+def test_text_parts_of_a_message_are_joined_by_newlines(chat_client):
+    """As vLLM joins them: ["hello", "world"] reads "hello\nworld", not "helloworld"."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]}]
+    joined = [{"role": "user", "content": "hello\nworld"}]
+    got, want = (chat_client.post("/tokenize", json={"messages": m}).json()["tokens"] for m in (parts, joined))
+    assert got == want
+
+
+def test_native_temperature_zero_is_greedy(client):
+    """TGI samples when any sampling parameter is set; temperature 0 beside top_k read as "unset" and sampled at 1.0
+    (a different text per seed). It is greedy, as on the OpenAI routes."""
+    greedy = client.post("/generate", json={"inputs": "abcabc", "parameters": {"max_new_tokens": 6}}).json()
+    for seed in (1, 2, 3):
+        r = client.post("/generate", json={"inputs": "abcabc", "parameters": {
+            "max_new_tokens": 6, "temperature": 0, "top_k": 50, "do_sample": True, "seed": seed}})
+        assert r.json()["generated_text"] == greedy["generated_text"]
+
+
+def test_a_chat_without_max_tokens_fits_the_kv_budget():
+    """max_tokens left out is the rest of the context, but KV is reserved up front: with a budget under one
+    full-length sequence, every chat without max_tokens was refused ("lower max_tokens", which it never sent).
+    It is now capped at what the budget holds under the request's policy."""
+    with serving(settings(kv_budget_tokens=384), tiny_engine(ChatCharTokenizer())) as c:
+        r = c.post("/v1/chat/completions", json={"messages": CHAT, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        slots = 6  # full on 6 layers: one KV slot per layer
+        assert body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] == 384 // slots
+        assert body["choices"][0]["finish_reason"] == "length"
+
+
+def test_streamed_text_offsets_count_the_tokens_held_back(client):
+    """A stop string that may still match holds text back from a chunk whose tokens carry it: offsets advanced by the
+    chunk's text came out [0, 0, 1, 2, 3]. They follow the tokens, as without streaming."""
+    body = {"prompt": "abcabc", "max_tokens": 8, "temperature": 0, "stop": ["bb", "eb"], "logprobs": 0}
+    plain = complete(client, **body).json()["choices"][0]["logprobs"]["text_offset"]
+    chunks = sse_json(stream(client, "/v1/completions", {**body, "stream": True}))
+    streamed = [o for c in chunks for o in (c["choices"][0]["logprobs"] or {}).get("text_offset", [])]
+    assert streamed == plain == list(range(len(plain)))
 
 
 def test_unknown_route_and_method_are_error_shaped(client):

@@ -221,7 +221,8 @@ def test_cli_errors_exit_2(cli: typer.Typer, url: str, tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "'bogus' was rejected" in bad.stderr
     # The built-in prompts are longer than the tiny server's 128-token context: caught before anything runs.
     long = CliRunner().invoke(cli, ["loadtest", "--url", url, "--policies", "full", "--requests", "2"])
-    assert long.exit_code == 2 and "HTTP 413" in long.stderr and "rejected" not in long.stderr
+    assert long.exit_code == 2 and "HTTP 400" in long.stderr and "max_model_len" in long.stderr \
+        and "rejected" not in long.stderr
     none = CliRunner().invoke(cli, ["loadtest", "--url", url])
     assert none.exit_code == 2 and "--policies" in none.stderr
 

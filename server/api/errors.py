@@ -63,7 +63,8 @@ def install(app: FastAPI) -> None:
         for err in errs:
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
             param = param or loc or None
-            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+            msg = str(err.get("msg")).removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+            parts.append(f"{loc}: {msg}" if loc else msg)
         return _response(request, 400, "invalid request: " + "; ".join(parts), param=param, code="invalid_request")
 
     @app.exception_handler(Exception)

@@ -30,12 +30,14 @@ EVENTS = pipeline.sse_responses("JSON, or server-sent events (one GenerateStream
 
 def _params(body: GenerateRequest) -> pipeline.ParamsFor:
     p = body.parameters
-    sampling = p.do_sample or (p.temperature is not None and p.temperature > 0 and p.temperature != 1.0) \
-        or p.top_k is not None or p.top_p is not None
+    # TGI samples when asked to (do_sample, or a temperature, top_k or top_p); temperature 0 is greedy, as on the
+    # OpenAI routes (TGI itself refuses it)
+    sampling = p.temperature != 0 and (p.do_sample or p.temperature not in (None, 1.0)
+                                       or p.top_k is not None or p.top_p is not None)
 
     def params(max_tokens: int, index: int) -> SamplingParams:
         return SamplingParams(
-            max_tokens=max_tokens, temperature=(p.temperature if p.temperature else 1.0) if sampling else 0.0,
+            max_tokens=max_tokens, temperature=(1.0 if p.temperature is None else p.temperature) if sampling else 0.0,
             top_p=p.top_p or 1.0, top_k=p.top_k or 0, seed=p.seed, stop=tuple(p.stop), ignore_eos=p.ignore_eos,
             logprobs=p.top_n_tokens or 0, echo=p.decoder_input_details,
         )

@@ -152,7 +152,8 @@ async def _stream_completion(served: ServedModel, run: Running, *, rid: str, cre
             if want_logprobs:
                 tops: list[dict[int, float] | None] | None = list(out.top_logprobs) if out.top_logprobs else None
                 lp = _completion_logprobs(served, out.token_ids, list(out.logprobs), tops, offsets[i])
-            offsets[i] += len(out.text)
+                # by the tokens' text, as without streaming: a chunk's text may hold back a tail its tokens carry
+                offsets[i] += sum(map(len, lp.tokens))
             final = out.result if out.finished else None
             chunk = CompletionResponse(id=rid, created=created, model=model, choices=[CompletionChoice(
                 index=i, text=out.text, logprobs=lp, finish_reason=final.finish_reason if final else None)])

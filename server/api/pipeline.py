@@ -88,7 +88,7 @@ async def start(state: AppState, job: Job) -> Running:
     prompts = await tokenize(state, job.prompts)
     requests = []
     for prompt in prompts:
-        max_tokens = state.default_max_tokens(len(prompt.ids)) if job.max_tokens is None else job.max_tokens
+        max_tokens = state.default_max_tokens(len(prompt.ids), schedule) if job.max_tokens is None else job.max_tokens
         state.check_length(len(prompt.ids), max_tokens)
         requests += [engine_request(new_request_id(job.prefix), prompt.ids, job.params(max_tokens, i), schedule)
                      for i in range(job.n)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from server.engine.sampling_params import LOGPROBS, SEED, TEMPERATURE, TOP_K, TOP_P, Interval, check_stop
 
@@ -39,9 +39,21 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class _Body(BaseModel):
+    """A request body in which an explicit null means the field's default: OpenAI's API marks its optional fields
+    nullable, and clients (and SDKs) send null for what they leave unset. Unknown fields are ignored."""
+
     model_config = ConfigDict(extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class _Sampling(_Body):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)
     temperature: Temperature = 1.0
@@ -57,6 +69,12 @@ class _Sampling(BaseModel):
     policy: PolicyField = Field(None, description=POLICY_DOC)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # not supported: each refused when asked for, with a 400 naming it, rather than silently ignored
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+    response_format: dict[str, Any] | None = None
+    tool_choice: Any = None
+    tools: list[Any] | None = None
 
     _stop_limits = field_validator("stop")(_check_stop)
 
@@ -65,6 +83,50 @@ class _Sampling(BaseModel):
     def _no_penalties(cls, v: float) -> float:
         if v != 0:
             raise ValueError("presence/frequency penalties are not supported; send 0 or leave them out")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v:
+            raise ValueError("logit_bias is not supported; leave it out")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, v: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if v is not None and v != n:
+            raise ValueError(f"best_of is not supported apart from best_of = n (here {n}); use n for several choices")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v and v.get("type") != "text":
+            raise ValueError(f"{v.get('type')!r} is not supported (no guided decoding); only {{'type': 'text'}}")
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, v: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
+        if v and info.data.get("tool_choice") != "none":
+            raise ValueError("tool calling is not supported; leave tools out or send tool_choice 'none'")
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_streaming(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("only allowed with stream=true")
+        return v
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _within_max_tokens(cls, v: int, info: ValidationInfo) -> int:
+        cap = info.data.get("max_tokens")
+        if cap is not None and v > cap:
+            raise ValueError(f"must be at most max_tokens ({cap})")
         return v
 
     @property
@@ -87,9 +149,7 @@ class CompletionRequest(_Sampling):
         return v
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
 
@@ -101,7 +161,7 @@ class ChatMessage(BaseModel):
             if part.get("type") != "text":
                 raise ValueError(f"only text content parts are supported, got {part.get('type')!r}")
             parts.append(str(part.get("text", "")))
-        return "".join(parts)
+        return "\n".join(parts)  # as vLLM joins text parts
 
 
 class ChatCompletionRequest(_Sampling):
@@ -109,6 +169,20 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: Logprobs | None = None
     max_completion_tokens: int | None = Field(None, ge=0)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs=true")
+        return v
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _at_least_min_tokens(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and v < info.data.get("min_tokens", 0):
+            raise ValueError(f"must be at least min_tokens ({info.data['min_tokens']})")
+        return v
 
 
 class UsageInfo(BaseModel):
@@ -135,9 +209,7 @@ class PaintersInfo(BaseModel):
     timings: Timings | None = None
 
 
-class GenerateParameters(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class GenerateParameters(_Body):
     max_new_tokens: int | None = Field(20, ge=0)
     temperature: Temperature | None = None
     top_p: TopP | None = None
@@ -155,9 +227,7 @@ class GenerateParameters(BaseModel):
     _stop_limits = field_validator("stop")(_check_stop)
 
 
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class GenerateRequest(_Body):
     inputs: str = Field(min_length=1)
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     model: str | None = None

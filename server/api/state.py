@@ -173,12 +173,16 @@ class AppState:
     def check_length(self, prompt_len: int, max_tokens: int) -> None:
         limit = self.max_model_len
         if prompt_len > limit:
-            raise APIError(413, f"prompt has {prompt_len} tokens but this server allows at most {limit} "
+            raise APIError(400, f"prompt has {prompt_len} tokens but this server allows at most {limit} "
                                 f"(max_model_len); shorten the prompt", param="prompt", code="context_length_exceeded")
         if prompt_len + max_tokens > limit:
             raise APIError(400, f"this model's maximum context length is {limit} tokens, but {prompt_len} prompt "
                                 f"tokens + {max_tokens} max_tokens = {prompt_len + max_tokens}; lower max_tokens",
                            param="max_tokens", code="context_length_exceeded")
 
-    def default_max_tokens(self, prompt_len: int) -> int:
-        return max(0, self.max_model_len - prompt_len)
+    def default_max_tokens(self, prompt_len: int, schedule: Schedule) -> int:
+        """max_tokens for a request that leaves it out: the rest of the context, as in vLLM, but no more than the KV
+        budget holds under its policy (tokens are reserved up front: the whole context could exceed the budget,
+        and the request would be refused for a limit its client never set)."""
+        _, loop = self.require()
+        return max(0, min(self.max_model_len, loop.longest(schedule)) - prompt_len)

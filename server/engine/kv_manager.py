@@ -76,12 +76,16 @@ class KVManager:
     def budget_slot_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
+    def longest(self, slots: int) -> int:
+        """The most tokens (prompt + max_tokens) a request whose policy runs `slots` attentions can ever hold."""
+        return (self.num_blocks // slots) * self.block_size
+
     def check(self, request: Request) -> None:
         """Raise KVBudgetError when this request could never be admitted."""
         need = self.reservation(request)
         if need > self.num_blocks:
             slots = request.schedule.num_slots
-            fits = (self.num_blocks // slots) * self.block_size
+            fits = self.longest(slots)
             raise KVBudgetError(
                 f"this request needs {slots} KV slots (its policy's attention runs) x {request.kv_length()} tokens "
                 f"(prompt + max_tokens) = {need * self.block_size} slot-tokens, but the server's KV budget is "

@@ -107,6 +107,10 @@ class EngineLoop:
         """Raise KVBudgetError when this request could never fit the KV budget."""
         self.scheduler.check(request)
 
+    def longest(self, schedule: Schedule) -> int:
+        """The most tokens (prompt + max_tokens) a request under `schedule` can ever hold in the KV budget."""
+        return self.batch.kv.longest(schedule.num_slots)
+
     def submit(self, request: Request, sink: Sink) -> None:
         """Queue a request; raises QueueFullError when the waiting queue is at capacity, KVBudgetError when it could
         never fit the KV budget."""
