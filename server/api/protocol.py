@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -40,8 +40,10 @@ class StreamOptions(BaseModel):
 
 
 class _Body(BaseModel):
-    """A request body in which an explicit null means the field's default: OpenAI's API marks its optional fields
-    nullable, and clients (and SDKs) send null for what they leave unset. Unknown fields are ignored."""
+    """A request body in which an explicit null means the field's default where the field takes no null itself:
+    OpenAI's API marks its optional fields nullable, and clients (and SDKs) send null for what they leave unset.
+    (Where a field takes null, it means what it says: TGI's max_new_tokens null is the rest of the context.)
+    Unknown fields are ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -49,8 +51,14 @@ class _Body(BaseModel):
     @classmethod
     def _null_is_default(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
+            fields = cls.model_fields
+            return {k: v for k, v in data.items()
+                    if v is not None or k not in fields or _takes_null(fields[k].annotation)}
         return data
+
+
+def _takes_null(annotation: Any) -> bool:
+    return annotation is Any or type(None) in get_args(annotation)
 
 
 class _Sampling(_Body):
