@@ -287,14 +287,17 @@ async def _one(client: AsyncPaintersClient, prompt: str, policy: Policy, options
         async for chunk in client.stream_completions(prompt, policy=policy, **options):
             now = time.perf_counter()
             for choice in chunk.get("choices") or ():
-                if choice.get("text"):
-                    chunks += 1
-                    if first is None:
-                        first = now
-                    else:
-                        itl.append(now - last)
-                    last = now
+                # every chunk with a choice brings a token, its text empty or not (held back as a possible stop
+                # string or a partial character, or a special token), as vLLM's benchmark counts them
+                chunks += 1
+                if first is None:
+                    first = now
+                else:
+                    itl.append(now - last)
+                last = now
                 finished = finished or choice.get("finish_reason") is not None
+                if choice.get("finish_reason") == "abort":
+                    raise RuntimeError("the server aborted the request (finish_reason 'abort')")
             usage = chunk.get("usage") or usage
             canonical = (chunk.get("painters") or {}).get("policy", canonical)
         if not finished:
@@ -339,8 +342,14 @@ async def _measure(client: AsyncPaintersClient, policy: Policy, prompts: Sequenc
     random.Random(seed).shuffle(order)  # the same prompt order and arrival times for every policy
     gaps = arrival_gaps(request_rate, seed=seed)
     slots = asyncio.Semaphore(concurrency) if concurrency else None
+    # At a finite rate, arrivals keep their seeded schedule and a request waits for a slot in its own task (as in
+    # vLLM's benchmark): waiting in the issuing loop, or sleeping each gap from the loop's last turn, pushed every
+    # later arrival back (200/s issued 156/s). Without one, the loop itself waits for a slot (a closed loop).
+    paced = request_rate is not None and not math.isinf(request_rate)
 
     async def run(prompt: str) -> RequestResult:
+        if slots and paced:
+            await slots.acquire()
         try:
             result = await _one(client, prompt, policy, options, t0)
         finally:
@@ -351,19 +360,21 @@ async def _measure(client: AsyncPaintersClient, policy: Policy, prompts: Sequenc
 
     tasks: list[asyncio.Task[RequestResult]] = []
     t0 = time.perf_counter()
+    due = 0.0  # when the next request is due, in seconds after t0
     for i, prompt in enumerate(itertools.cycle(order)):
         if requests is not None and i >= requests:
             break
         if i:
-            gap = next(gaps)
+            due += next(gaps)
+            wait = due - (time.perf_counter() - t0)
             if duration is not None:
-                gap = min(gap, max(0.0, duration - (time.perf_counter() - t0)))
-            if gap:
-                await asyncio.sleep(gap)
-        if slots:
+                wait = min(wait, duration - (time.perf_counter() - t0))
+            if wait > 0:
+                await asyncio.sleep(wait)
+        if slots and not paced:
             await slots.acquire()
         if duration is not None and time.perf_counter() - t0 >= duration:
-            if slots:
+            if slots and not paced:
                 slots.release()
             break
         tasks.append(asyncio.create_task(run(prompt)))

@@ -235,3 +235,72 @@ def test_clients_never_import_the_server() -> None:
             "bad = sorted(m for m in sys.modules if m == 'server' or m.startswith('server.'))\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- the client's own timing, against a scripted server (a fixed service time, exact token counts) -------------------
+
+
+def _scripted(*, service_s: float, tokens: int, finish: str = "length", texts: list[str] | None = None):
+    """An httpx transport answering every streamed completion like the server: `tokens` chunks over `service_s`
+    seconds, the last with `finish`, then the usage chunk. texts: each chunk's text (default "x")."""
+    import httpx
+
+    class Stream(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            for i in range(tokens):
+                await asyncio.sleep(service_s / tokens)
+                text = texts[i] if texts else "x"
+                choice = {"index": 0, "text": text, "finish_reason": finish if i == tokens - 1 else None}
+                yield f"data: {json.dumps({'choices': [choice], 'painters': {'policy': 'full'}})}\n\n".encode()
+            usage = {"prompt_tokens": 3, "completion_tokens": tokens}
+            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+    return httpx.MockTransport(lambda request: httpx.Response(
+        200, headers={"content-type": "text/event-stream"}, stream=Stream()))
+
+
+def _measure(transport, **kwargs) -> PolicyResult:
+    from clients.client import AsyncPaintersClient
+    from clients.loadtest import _measure as measure
+
+    async def go() -> PolicyResult:
+        async with AsyncPaintersClient("http://scripted", transport=transport) as client:
+            results, wall = await measure(client, "full", ["a", "b", "c"], options={"max_tokens": 4}, seed=0,
+                                          on_done=lambda r: None, **kwargs)
+        return PolicyResult.from_requests("full", "full", results, wall)
+
+    return asyncio.run(go())
+
+
+def test_a_chunk_with_empty_text_is_a_token() -> None:
+    """The server streams a chunk per token even when its text is empty (held back as a possible stop string, a
+    partial character, a special token). Counting only chunks with text moved TTFT to the first visible text and
+    dropped inter-token gaps: TPOT read low, and a policy faster than it is."""
+    r = _measure(_scripted(service_s=0.08, tokens=8, texts=["", "", "", "a", "b", "c", "d", "e"]),
+                 requests=1, duration=None, concurrency=1, request_rate=None)
+    [q] = r.requests
+    assert q.ttft_s < 0.3 * q.e2e_s and len(q.itl_s) == 7 and q.output_tokens == 8, q  # the 1st of 8 chunks
+
+
+def test_a_request_the_server_aborted_is_a_failure() -> None:
+    r = _measure(_scripted(service_s=0.01, tokens=2, finish="abort"), requests=3, duration=None, concurrency=1,
+                 request_rate=None)
+    assert r.completed == 0 and r.failed == 3 and "abort" in r.requests[0].error
+
+
+def test_paced_arrivals_keep_their_schedule_while_requests_wait_for_a_slot() -> None:
+    """At a rate with a concurrency cap, a request due while every slot is busy waits in its own task: the arrivals
+    after it keep the seeded schedule. Waiting in the issuing loop (and sleeping each gap from the loop's last turn)
+    pushed every later arrival back: the run issued below the asked rate."""
+    rate, service, n = 8.0, 0.1, 24
+    r = _measure(_scripted(service_s=service, tokens=2), requests=n, duration=None, concurrency=1,
+                 request_rate=rate)
+    due = [0.0, *itertools.accumulate(itertools.islice(arrival_gaps(rate, seed=0), n - 1))]
+    ideal, free = [], 0.0  # one slot: each starts when due or when the one before ends
+    for d in due:
+        ideal.append(max(d, free))
+        free = ideal[-1] + service
+    starts = sorted(q.start_s for q in r.requests)
+    assert all(s >= i - 1e-3 for s, i in zip(starts, ideal))
+    assert starts[-1] - ideal[-1] < 0.15, (starts[-1], ideal[-1])
