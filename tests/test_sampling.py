@@ -45,6 +45,34 @@ def test_temperature_sampling_covers_the_distribution_and_seeds_repeat():
     assert a == b
 
 
+@pytest.mark.parametrize("neighbour", [SamplingParams(), SamplingParams(temperature=1.0, top_p=0.9),
+                                       SamplingParams(temperature=0.7, top_k=3), SamplingParams(temperature=1.0)],
+                         ids=["greedy", "top-p", "top-k", "plain"])
+@pytest.mark.parametrize("own", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_k=4),
+                                 SamplingParams(temperature=1.0, top_p=0.8)], ids=["plain", "top-k", "top-p"])
+def test_a_seeded_row_draws_the_same_token_alone_and_beside_any_neighbour(own, neighbour):
+    """A batch in which some row filters used to invert every drawing row's distribution in sorted order: a seeded
+    row drew another token beside a top-p neighbour than alone (17 of 20 seeds). The draw is in vocabulary order."""
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0))
+    for seed in range(20):
+        alone = sample(logits[:1].clone(), [own], [make_generator(seed, CPU)])
+        beside = sample(logits.clone(), [own, neighbour], [make_generator(seed, CPU), make_generator(99, CPU)])
+        assert int(alone[0]) == int(beside[0]), seed
+
+
+def test_top_k_keeps_the_tokens_tied_with_its_last():
+    """As HF's TopKLogitsWarper: a token tied with the k-th logit stays, whatever the batch (keeping the batch's top
+    `cap` by torch.topk dropped ties past it, alone but not beside a wider top_k)."""
+    logits = torch.tensor([5.0, 3.0, 3.0, 3.0, 0.0, 0.0])
+    own = SamplingParams(temperature=1.0, top_k=2)
+    assert draws(logits, own, 0, n=600) == {0, 1, 2, 3}
+    wide = SamplingParams(temperature=1.0, top_k=4)
+    for seed in range(30):
+        alone = sample(logits[None].clone(), [own], [make_generator(seed, CPU)])
+        beside = sample(torch.stack([logits, logits]), [own, wide], [make_generator(seed, CPU), make_generator(1, CPU)])
+        assert int(alone[0]) == int(beside[0]), seed
+
+
 # -- every accepted value samples ------------------------------------------------------------------------------------
 
 INF = float("inf")

@@ -151,27 +151,28 @@ def _draw(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, u: 
           cap: int = 0) -> Tensor:
     """logits [S, V] float32 without NaN; temperature, top_p [S]; top_k [S] (0 off); u [S] in [0, 1) -> tokens [S].
     Shifting each row's maximum to 0 before dividing keeps every scaled logit in [-inf, 0], so softmax never sees
-    inf - inf; +inf logits become 0 and share the draw. With `cap` (every row's top_k <= cap), only the cap most
-    likely tokens are sorted, not the vocabulary."""
+    inf - inf; +inf logits become 0 and share the draw.
+
+    Filtering (top-k, then top-p) finds each row's smallest kept logit on its sorted logits, then keeps every token
+    at or above it, in vocabulary order (a token tied with the last kept one stays, as in HF's warpers). The draw
+    inverts the cumulative distribution in vocabulary order whatever the batch: inverted in sorted order when some
+    row of the batch filtered, a seeded row drew another token beside a top-p neighbour than alone. With `cap`
+    (every row's top_k <= cap), only the cap largest logits are sorted, not the vocabulary."""
     x = torch.nan_to_num(logits - logits.max(-1, keepdim=True).values, nan=0.0, neginf=float("-inf"))
     x = x / temperature[:, None]
-    order = None
     if filtered:
         V = x.shape[-1]
-        if 0 < cap < V:
-            x, order = torch.topk(x, cap, dim=-1)  # sorted, descending
-        else:
-            x, order = torch.sort(x, dim=-1, descending=True)
-        k = torch.where((top_k > 0) & (top_k < x.shape[-1]), top_k, x.shape[-1])
-        kth = x.gather(-1, (k - 1)[:, None])
-        x = x.masked_fill(x < kth, float("-inf"))
-        probs = x.softmax(-1)
+        ranked = torch.topk(x, cap, dim=-1).values if 0 < cap < V else torch.sort(x, dim=-1, descending=True).values
+        k = torch.where((top_k > 0) & (top_k < ranked.shape[-1]), top_k, ranked.shape[-1])
+        ranked = ranked.masked_fill(ranked < ranked.gather(-1, (k - 1)[:, None]), float("-inf"))
+        probs = ranked.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p[:, None]  # keep the smallest prefix reaching top_p
         drop[:, 0] = False  # the most likely token always stays, however small top_p rounds in float32
-        x = x.masked_fill(drop & (top_p < 1.0)[:, None], float("-inf"))
+        ranked = ranked.masked_fill(drop & (top_p < 1.0)[:, None], float("-inf"))
+        lowest = ranked.masked_fill(ranked == float("-inf"), float("inf")).min(-1, keepdim=True).values
+        x = x.masked_fill(x < lowest, float("-inf"))
     probs = x.softmax(-1).double()
     cdf = probs.cumsum(-1)
     at = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
     last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.uint8).argmax(-1)  # the last token with mass
-    at = torch.minimum(at, last)
-    return at if order is None else order.gather(-1, at[:, None])[:, 0]
+    return torch.minimum(at, last)
