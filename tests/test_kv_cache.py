@@ -145,3 +145,15 @@ def test_a_copy_never_evicts_its_own_source():
     c.free(1)
     assert not c.copy(2, SLOTS, entry), "the only free blocks are the source's"
     assert c.lookup_partial("full", 0, [1, 2, 5])[0] is entry and c.used_blocks == 0
+
+
+def test_chains_whose_parents_differ_by_pythons_hash_modulus_do_not_collide():
+    """Python's hash of ints works modulo 2**61 - 1: chains keyed by it collided for every later block once two
+    prompts' chains differed by that modulus, and a lookup checks only a block's own tokens (a prompt could then
+    adopt KV computed after another prompt). The chain is a 128-bit digest of the parent and the block."""
+    from server.engine.kv_cache import chain_hashes, next_chain
+
+    h = next_chain(0, [5, 6, 7, 8])
+    assert next_chain(h, [9, 10]) != next_chain(h + (2**61 - 1), [9, 10])
+    assert chain_hashes([5, 6, 7, 8, 9, 10], 4, 2) == [h, next_chain(h, [9, 10])]
+    assert h.bit_length() > 64

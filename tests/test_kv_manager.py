@@ -74,3 +74,17 @@ def test_prefix_only_blocks_stay_under_their_bound(tiny_engine):
     before = batch.reused_tokens
     batch.add([again])
     assert batch.reused_tokens > before, "the latest prompt survived eviction"
+
+
+def test_rolling_back_every_token_is_refused(tiny_engine):
+    """The next step decodes from the last token kept; with none kept it failed with an IndexError there."""
+    batch = tiny_engine.new_batch(max_len=32, num_blocks=64, block_size=2)
+    r = tiny_engine.new_sequence([5, 6, 7, 8, 9], SamplingParams(max_tokens=8, ignore_eos=True),
+                                 tiny_engine.compile("full"))
+    batch.add([r])
+    batch.step()
+    with pytest.raises(AssertionError, match="keep one"):
+        batch.rollback(r, len(r.output_ids))
+    batch.rollback(r, len(r.output_ids) - 1)
+    batch.step()
+    assert len(r.output_ids) == 2

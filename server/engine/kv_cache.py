@@ -21,6 +21,8 @@ and computes from there, so a context shared by several continuations is compute
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,7 +59,7 @@ def _mem_available() -> int:
 class CachedBlock:
     """A registered prompt block: one physical block per slot of its schedule, in `Schedule.slots` order."""
 
-    tokens: tuple[int, ...]  # the block's tokens (checked on lookup, so a hash collision can never match)
+    tokens: tuple[int, ...]  # the block's tokens (checked on lookup, as a second guard to the chain's digest)
     blocks: tuple[int, ...]
     chain: int  # hash of its tokens and everything before it
     parent: int  # the chain hash of the block before it (0 for a prompt's first)
@@ -69,9 +71,18 @@ def chain_hashes(tokens: list[int], block_size: int, count: int) -> list[int]:
     """Hash of each of the first `count` blocks and everything before it (the last may be partly filled)."""
     out, h = [], 0
     for j in range(count):
-        h = hash((h, tuple(tokens[j * block_size : (j + 1) * block_size])))
+        h = next_chain(h, tokens[j * block_size : (j + 1) * block_size])
         out.append(h)
     return out
+
+
+def next_chain(parent: int, block: list[int]) -> int:
+    """The chain hash of `block` after the chain `parent`: a 128-bit BLAKE2b digest. Python's hash of a tuple of ints
+    is unsalted and works modulo 2**61 - 1, so chains whose parents differed by a multiple of it collided for every
+    later block, and a lookup compares only a block's own tokens: someone could search offline for such a pair of
+    prompts and read or poison another's cached KV (vLLM's CVE-2025-25183 is the same class of bug)."""
+    data = parent.to_bytes(24, "little") + array("q", block).tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=16).digest(), "little")
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:

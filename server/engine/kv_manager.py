@@ -109,8 +109,9 @@ class KVManager:
 
     def rollback(self, request: Request, n: int) -> None:
         """Forget the last `n` tokens of a running request (a verifier rejected them): its outputs shrink and its
-        cache keeps only the blocks the remaining tokens use (rewritten when decoding goes on)."""
-        assert 0 <= n <= len(request.output_ids), (n, len(request.output_ids))
+        cache keeps only the blocks the remaining tokens use (rewritten when decoding goes on). One token at least
+        stays: the next step decodes from it (the first was sampled from the prefill's logits, not kept)."""
+        assert 0 <= n < len(request.output_ids), f"rolling back {n} of {len(request.output_ids)} tokens: keep one"
         if n:
             del request.output_ids[-n:], request.logprobs[-n:]
             del request.top_logprobs[len(request.output_ids):]
