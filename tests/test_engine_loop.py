@@ -451,6 +451,23 @@ def test_a_failing_step_answers_a_request_it_had_already_finished(tiny_engine, l
     assert loop.num_requests == 0 and loop.batch.kv.reserved == {}
 
 
+def test_a_failing_step_leaves_the_queue_gauges_current(tiny_engine, loop_engine, monkeypatch):
+    """The gauges were refreshed only at the end of a step that did not raise: after a failed step the loop idles
+    with the failed requests still counted running (an autoscaler reading them would hold its scale)."""
+    loop = EngineLoop(loop_engine, max_num_seqs=4, max_model_len=64, queue_capacity=8, kv_budget_tokens=4096,
+                      metrics=Metrics(model=MODEL))
+    loop.submit(request(tiny_engine, "a", [5, 6, 7], "full", max_tokens=8), Collector())
+    loop.step()
+    assert sample(loop.metrics, "painters:num_requests_running") == 1
+
+    def fail(batch: Batch, inp):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(Batch, "launch", fail)
+    loop.step()
+    assert loop.num_requests == 0 and sample(loop.metrics, "painters:num_requests_running") == 0
+
+
 def test_a_drain_streams_the_tail_held_back_for_a_stop_string(tiny_engine, loop_engine):
     """Text that might still begin a stop string is held back from the stream. A drain ends the request: its final
     output carries that tail, so the streamed text adds up to the result's, as when it finishes."""

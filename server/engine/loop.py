@@ -216,6 +216,8 @@ class EngineLoop:
                 running = list(self.scheduler.running.values())
             for r in running:  # answer=True: one that the step had already finished gets its result
                 self._end(r, "error", f"engine error: {type(e).__name__}: {e}", answer=True)
+            if self.metrics:  # the step's own refresh did not run: the gauges would hold the failed step's counts
+                self.metrics.observe_queue(self._queue_stats())
 
     def _step(self, admission: Admission, aborts: set[str]) -> None:
         for request_id in aborts:
