@@ -157,6 +157,9 @@ def serve(
     ] = "affinity",
     ray_cpus: Annotated[Optional[int], typer.Option(help="with --replicas and no --address: the local Ray's CPUs")
                         ] = None,
+    gpus_per_replica: Annotated[Optional[float], typer.Option(
+        min=0, help="with --replicas: GPUs each replica asks Ray for (fractions share a GPU); default: this "
+        "machine's GPUs shared evenly, at most 1, or 0 on the CPU")] = None,
     log_level: str = "info",
 ) -> None:
     """Start the HTTP server (OpenAI-compatible and native endpoints, /metrics) with uvicorn, or with --replicas on
@@ -169,15 +172,18 @@ def serve(
                      api_key_file=api_key_file, metrics_require_key=metrics_require_key,
                      max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, threads=threads,
                      attention=attention, fuse_decode=fuse_decode, overlap_decode=overlap_decode)
-    if replicas is None and (address or ray_cpus):
-        raise _fail("--address and --ray-cpus need --replicas N")
+    if replicas is None and (address or ray_cpus or gpus_per_replica is not None):
+        raise _fail("--address, --ray-cpus and --gpus-per-replica need --replicas N")
+    if replicas is not None and device is not None and device.startswith("cuda:"):
+        raise _fail(f"--device {device} with --replicas: Ray gives each replica its own GPU, seen there as cuda; "
+                    "use --device cuda")
     if routing not in ("affinity", "default"):
         raise _fail(f"--routing must be 'affinity' or 'default', got {routing!r}")
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
         if replicas is not None:
             raise typer.Exit(_serve_on_ray(settings, replicas=replicas, address=address, routing=routing,
-                                           ray_cpus=ray_cpus))
+                                           ray_cpus=ray_cpus, gpus_per_replica=gpus_per_replica))
         app_ = create_app(settings)
     except (OSError, ValueError) as e:
         raise _fail(str(e)) from None
@@ -186,14 +192,15 @@ def serve(
         raise typer.Exit(code)
 
 
-def _serve_on_ray(settings: Settings, *, replicas: int, address: str | None, routing: str, ray_cpus: int | None) -> int:
+def _serve_on_ray(settings: Settings, *, replicas: int, address: str | None, routing: str, ray_cpus: int | None,
+                  gpus_per_replica: float | None) -> int:
     try:
         from server.ray_serve import RayOptions, run
     except ImportError as e:
         raise _fail(f"--replicas needs Ray Serve: pip install 'painters[ray]' ({e})") from None
-    import torch
-
-    gpus = 1.0 if (settings.device or "cuda").startswith("cuda") and torch.cuda.is_available() else 0.0
+    gpus = gpus_per_replica
+    if gpus is None:
+        gpus = default_gpus_per_replica(settings.device, replicas=replicas)
     return run(settings, RayOptions(replicas=replicas, address=address, num_cpus=ray_cpus, routing=routing,
                                     cpus_per_replica=float(settings.threads or 1), gpus_per_replica=gpus))
 
@@ -243,6 +250,18 @@ def cache_prune(
 
 def _mib(size: int) -> str:
     return f"{size / 2**20:,.0f} MiB"
+
+
+def default_gpus_per_replica(device: str | None, *, replicas: int, gpus: int | None = None) -> float:
+    """This machine's GPUs shared evenly over the replicas, at most one each (0 on the CPU). One each whatever the
+    count left a second replica on a one-GPU machine waiting for a GPU forever."""
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    if not (device or "cuda").startswith("cuda") or not gpus:
+        return 0.0
+    return min(1.0, gpus / replicas)
 
 
 register_client_commands(app)  # loadtest, eval, tradeoff: HTTP clients of a running server

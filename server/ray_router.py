@@ -2,7 +2,8 @@
 policy, its prompt prefix): a replica's batches are densest, and its prefix cache hits most, when it sees few distinct
 schedules and repeated prefixes. Ray loads this class into its HTTP proxy (`request_router_config`).
 
-Ray's proxy hands the router the request's ASGI scope, not its body, so the routing key travels in headers that
+Ray's HTTP proxy hands the router the request's ASGI scope (pickled, as it sends it to replicas), not its body, so
+the routing key travels in headers that
 Painters' clients set from the body they send (`clients.client.route_headers`): `x-painters-policy` (the policy as
 sent; its canonical form keys the choice, so `skip:5,4` and `skip:4-5` meet) and `x-painters-prefix` (a digest of the
 prompt's start). Each key has a home replica by rendezvous hashing over the live replicas, so a key moves only when
@@ -14,9 +15,11 @@ replicas, as under Ray's default router.
 from __future__ import annotations
 
 import hashlib
+import pickle
 import random
+from typing import Any
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from server.policy.policy import PolicyError, as_policy
 
@@ -31,11 +34,25 @@ def routing_key(headers: list[tuple[bytes, bytes]]) -> str | None:
     if policy is not None:
         try:
             policy = str(as_policy(policy))
-        except PolicyError:  # a preset name or a malformed policy: the server names the error; route it as sent
-            pass
+        except (PolicyError, ValueError, RecursionError):  # a preset name, a malformed or hostile policy (nested
+            pass  # JSON deep enough to exhaust the stack): the server names the error; route it as sent
     if policy is None and prefix is None:
         return None
     return policy if policy is not None else f"prefix:{prefix}"
+
+
+def request_scope(arg: Any) -> dict[str, Any] | None:
+    """The ASGI scope of a request as the router receives it. Ray's HTTP proxy sends a replica the request as a
+    pickled `StreamingHTTPRequest` (raw bytes, to skip cloudpickle), and the router sees those bytes; a handle call
+    passes an object. (The bytes are the proxy's own, made in this process.) Reading only `.asgi_scope` off the
+    argument found nothing on the bytes, and every request went the keyless way."""
+    if isinstance(arg, (bytes, bytearray)):
+        try:
+            arg = pickle.loads(arg)
+        except Exception:  # noqa: BLE001 -- not a request this router knows: route it without a key
+            return None
+    scope = getattr(arg, "asgi_scope", None)
+    return scope if isinstance(scope, dict) else None
 
 
 def rendezvous(key: str, replicas: list[RunningReplica]) -> list[RunningReplica]:
@@ -45,7 +62,10 @@ def rendezvous(key: str, replicas: list[RunningReplica]) -> list[RunningReplica]
     return sorted(replicas, key=score, reverse=True)
 
 
-class ScheduleAffinityRouter(FIFOMixin, RequestRouter):
+class ScheduleAffinityRouter(RequestRouter):
+    """Without Ray's FIFOMixin, as Ray's own key-based routers: it hands each chosen replica to the oldest waiting
+    request whatever key the replica was chosen for, so two requests could swap homes."""
+
     def initialize_state(self, *, imbalance: int = 8) -> None:
         self.imbalance = imbalance
 
@@ -63,7 +83,7 @@ class ScheduleAffinityRouter(FIFOMixin, RequestRouter):
             return []
         key = None
         if pending_request is not None and pending_request.args:
-            scope = getattr(pending_request.args[0], "asgi_scope", None)
+            scope = request_scope(pending_request.args[0])
             if scope is not None:
                 key = routing_key(scope.get("headers", []))
         by_load = sorted(candidate_replicas, key=self._load)

@@ -44,9 +44,16 @@ def router(loads: dict[str, int] | None = None) -> ScheduleAffinityRouter:
     return r
 
 
-def request(**headers: str) -> SimpleNamespace:
+def request(*, handle_call: bool = False, **headers: str) -> SimpleNamespace:
+    """A pending request as the router sees it: from Ray's HTTP proxy, the pickled `StreamingHTTPRequest` it sends
+    replicas (bytes); with `handle_call`, the object a deployment handle passes."""
+    import pickle
+
+    from ray.serve._private.common import StreamingHTTPRequest
+
     scope = {"headers": [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]}
-    return SimpleNamespace(args=[SimpleNamespace(asgi_scope=scope)])
+    arg = StreamingHTTPRequest(asgi_scope=scope, proxy_actor_name="proxy")
+    return SimpleNamespace(args=[arg if handle_call else pickle.dumps(arg)])
 
 
 def choose(r: ScheduleAffinityRouter, replicas: list[Replica], req: SimpleNamespace) -> list[list[str]]:
@@ -55,6 +62,8 @@ def choose(r: ScheduleAffinityRouter, replicas: list[Replica], req: SimpleNamesp
 
 
 def test_key_is_the_canonical_policy_else_the_prefix() -> None:
+    hostile = b'{"kind":' + b"[" * 5000  # nested deep enough to exhaust the parser's stack: routed as sent
+    assert routing_key([(b"x-painters-policy", hostile)]) == hostile.decode()
     assert routing_key([(b"x-painters-policy", b"skip:5,4")]) == routing_key([(b"X-Painters-Policy", b" skip:4-5")])
     assert routing_key([(b"x-painters-policy", b"full"), (b"x-painters-prefix", b"ab")]) == "full"
     assert routing_key([(b"x-painters-prefix", b"ab")]) == "prefix:ab"
@@ -98,3 +107,14 @@ def test_clients_send_policy_and_prefix_headers() -> None:
         '{"kind": "full"}'
     assert route_headers({"messages": [{"role": "user", "content": "hi"}]})["x-painters-prefix"]
     assert route_headers({"prompt": [[1, 2, 3]]})["x-painters-prefix"]
+
+
+def test_the_key_is_read_from_what_rays_proxy_sends_and_from_a_handle_call() -> None:
+    """Ray's HTTP proxy hands the router pickled bytes, not an object with `asgi_scope`: read as an object, every
+    request had no key and went to two random replicas, in production, while tests of hand-made objects passed."""
+    replicas = [Replica("a"), Replica("b"), Replica("c")]
+    home = rendezvous("skip:4", replicas)[0].unique_id
+    for handle_call in (False, True):
+        ranks = choose(router(), replicas, request(handle_call=handle_call, x_painters_policy="skip:4"))
+        assert ranks[0] == [home], (handle_call, ranks)
+    assert choose(router(), replicas, SimpleNamespace(args=[b"not a pickle"]))[0] != []  # keyless, not an error

@@ -1,0 +1,25 @@
+"""The `painters` command's own rules (its subcommands' work has its own tests): what `serve --replicas` asks Ray
+for, and the options it refuses before starting anything."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from server.cli import app, default_gpus_per_replica
+
+
+def test_replicas_share_this_machines_gpus_at_most_one_each():
+    """One GPU each whatever the count left a second replica on a one-GPU machine waiting for a GPU until the
+    start-up timed out (600 s), with no word of why."""
+    assert default_gpus_per_replica(None, replicas=2, gpus=1) == 0.5
+    assert default_gpus_per_replica("cuda", replicas=2, gpus=4) == 1.0
+    assert default_gpus_per_replica("cuda", replicas=3, gpus=2) == 2 / 3
+    assert default_gpus_per_replica("cpu", replicas=2, gpus=4) == 0.0
+    assert default_gpus_per_replica(None, replicas=2, gpus=0) == 0.0
+
+
+def test_serve_refuses_what_cannot_work_before_starting_anything():
+    cuda1 = CliRunner().invoke(app, ["serve", "--replicas", "2", "--device", "cuda:1"])
+    assert cuda1.exit_code == 2 and "use --device cuda" in cuda1.output
+    alone = CliRunner().invoke(app, ["serve", "--gpus-per-replica", "0.5"])
+    assert alone.exit_code == 2 and "need --replicas" in alone.output
