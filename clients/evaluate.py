@@ -101,8 +101,9 @@ def normalized_difference(a: Sequence[float], b: Sequence[float], full: Sequence
 
 
 def normalized_score(accuracy: float | None, full: float | None, random: float) -> float | None:
-    """The paper's normalised score: 0 = random guessing, 1 = the full model."""
-    if accuracy is None or full is None or math.isclose(full, random):
+    """The paper's normalised score: 0 = random guessing, 1 = the full model. None where the full model does not
+    beat chance: below it the scale inverts (a variant worse than the full model would score above 1)."""
+    if accuracy is None or full is None or full - random <= 1e-12:
         return None
     return (accuracy - random) / (full - random)
 

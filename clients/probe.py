@@ -186,8 +186,10 @@ DEFAULT_MAX_LENGTH = 512  # tokens kept per text: enough to see how alike layers
 async def run_probe(url: str, texts: Sequence[str], *, policy: Policy = None, batch_size: int = 16,
                     max_length: int | None = None, model: str | None = None, api_key: str | None = None,
                     timeout: float = 600.0, progress: Progress | None = None) -> Probe:
-    """Probe every text under `policy`, `batch_size` at a time; each text tokenized by the server and cut to its last
-    `max_length` tokens (default: 512, or the server's max_model_len if that is less)."""
+    """Probe every text under `policy`, `batch_size` at a time; each text tokenized by the server and cut to its first
+    `max_length` tokens (default: 512, or the server's max_model_len if that is less). The first, not the last: the
+    tokenizer's BOS (Gemma's `<bos>`, the attention sink) stays in place, as the model always sees it; cut from the
+    left, every long text began mid-sentence without it, and a batch mixed texts with and without one."""
     if not texts:
         raise ValueError("no texts to probe")
     if not 1 <= batch_size <= MAX_PROMPTS:
@@ -202,7 +204,7 @@ async def run_probe(url: str, texts: Sequence[str], *, policy: Policy = None, ba
         task = progress.add_task("probe", total=len(texts)) if progress is not None else None
         responses: list[ProbeResponse] = []
         for batch in batches(texts, batch_size):
-            ids = [(await client.tokenize(t))[-limit:] for t in batch]
+            ids = [(await client.tokenize(t))[:limit] for t in batch]
             responses += await _probe_batch(client, [i for i in ids if i], policy)
             if progress is not None and task is not None:
                 progress.advance(task, len(batch))

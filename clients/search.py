@@ -813,11 +813,12 @@ async def run_search(url: str, splits: Sequence[Splits], *, budget: float, budge
             return {s.name: await session.score(policy, s.part(split), progress=progress) for s in splits}
 
         full = {split: await scores(FULL, split) for split in SPLITS}
-        for t, r in full["select"].items():
-            if r.accuracy is None or math.isinf(item_step(r)):
-                raise SearchError(f"the full model scores {r.accuracy} on the {r.n} selection items of {t}, its "
-                                  f"random baseline {r.random_baseline:.3f}: nothing to keep; use more items "
-                                  f"(--select) or a task with an accuracy")
+        for split in SPLITS:  # below chance the normalised scale inverts: a worse policy would score above 1
+            for t, r in full[split].items():
+                if r.accuracy is None or r.accuracy - r.random_baseline <= 1e-12 or math.isinf(item_step(r)):
+                    raise SearchError(f"the full model scores {r.accuracy} on the {r.n} {split} items of {t}, not "
+                                      f"above its random baseline {r.random_baseline:.3f}: nothing to keep; use more "
+                                      f"items (--{split}) or a task the model can do")
 
         # candidates: the probe's, SLEB's and the paper's
         fams: dict[str, list[Candidate]] = {}

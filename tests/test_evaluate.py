@@ -102,6 +102,8 @@ def test_normalized_score_is_zero_at_random_and_one_at_full():
     assert normalized_score(0.85, 0.85, 0.25) == 1.0
     assert normalized_score(0.10, 0.85, 0.25) == pytest.approx(-0.25)  # worse than guessing
     assert normalized_score(0.5, 0.25, 0.25) is None  # the full model at chance: no scale
+    # below chance the scale inverts: a variant worse than full (0.18 < 0.22) would score 2.33; no score instead
+    assert normalized_score(0.18, 0.22, 0.25) is None
     assert normalized_score(None, 0.8, 0.25) is None and normalized_score(0.5, None, 0.25) is None
 
 

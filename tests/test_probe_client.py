@@ -109,6 +109,24 @@ def url():
         yield u
 
 
+def test_a_long_text_is_cut_to_its_start(url, monkeypatch):
+    """Cut to its last tokens, a long text lost the tokenizer's BOS (Gemma's attention sink) and began mid-sentence;
+    its first tokens are probed, as the model always sees a text."""
+    import clients.probe as probe
+
+    sent: list[list[int]] = []
+    real = probe._probe_batch
+
+    async def spy(client, prompts, policy):
+        sent.extend(prompts)
+        return await real(client, prompts, policy)
+
+    monkeypatch.setattr(probe, "_probe_batch", spy)
+    asyncio.run(run_probe(url, ["abcdefghij"], max_length=4))
+    with PaintersClient(url) as client:
+        assert sent == [client.tokenize("abcdefghij")[:4]]
+
+
 def test_batches_combined_equal_one_request(url):
     whole = asyncio.run(run_probe(url, TEXTS, batch_size=len(TEXTS)))
     pieces = asyncio.run(run_probe(url, TEXTS, batch_size=2))

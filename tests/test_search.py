@@ -417,6 +417,23 @@ def test_search_finds_the_removable_layer_and_checks_it_against_the_papers_polic
             assert client.completions("hello", max_tokens=2).painters.policy
 
 
+def test_a_full_model_below_chance_stops_the_search(url, tmp_path):
+    """Below chance the normalised scale inverts (full 0.22 against random 0.25: a policy at 0.18 scores 2.33 and
+    passes any budget). Gold set to a choice the full model never picks: it scores 0 on every split, and the search
+    stops saying so instead of ranking policies on an inverted scale."""
+    path = tmp_path / "data" / "arc" / "arc_easy_test_olmes.jsonl"
+    path.parent.mkdir(parents=True)
+    label_with_the_full_model(url, path, arc_rows(12, seed=2), task="arc_easy", gold="gold")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**r, "gold": (r["gold"] + 1) % 4}) + "\n" for r in rows))
+    app = typer.Typer()
+    app.command("search")(search_command)
+    app.command("other")(lambda: None)
+    r = CliRunner().invoke(app, ["search", "--url", url, "--tasks", "arc_easy", "--data-dir", str(tmp_path / "data"),
+                                 "--screen", "4", "--select", "4", "--heldout", "4", "--out", str(tmp_path / "p.yaml")])
+    assert r.exit_code != 0 and "not above its random baseline" in r.output, r.output
+
+
 def test_screening_pools_the_tasks_so_one_near_chance_cannot_swing_it():
     full = {"arc": result("full", [1] * 8, soft=[0.6] * 8),
             "hellaswag": result("full", [1] * 8, soft=[0.26] * 8)}  # the full model barely above chance (0.25)
