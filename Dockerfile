@@ -31,7 +31,8 @@ RUN pip install --no-deps -c /tmp/constraints.txt .
 # a container is ready in seconds, needs no network or writable volume to serve the default model, and every
 # container of the image shares one conversion. docker-compose.yml mounts a named volume over ~/.cache; Docker seeds
 # an empty named volume from the image, so the conversion carries into it, and models fetched later persist there.
-USER painters
+USER 10001:10001
+# (the uid of painters, numeric so that Kubernetes' runAsNonRoot can check it)
 RUN mkdir -p "$PAINTERS_CACHE_DIR" \
  && HF_HUB_OFFLINE=1 python -c "from server.model.loader import load_model; load_model('smollm2-135m')"
 
