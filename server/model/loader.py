@@ -228,9 +228,15 @@ def _convert_once(target: Path, gguf: Callable[[Path], Path], *, identity: str, 
                                   alias=alias, gguf=None if source.is_relative_to(tmp) else str(source.resolve()))
         (out / SOURCE_FILE).write_text(json.dumps(asdict(record), indent=1) + "\n")
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
+        if (target / "model.safetensors").exists():  # another process (a replica beside this one) converted it
+            return target  # meanwhile: keep its copy, which it may be reading, and drop this one
+        if target.exists():  # no conversion (a rename is atomic, so never a half-made one): a leftover, replaced
             shutil.rmtree(target)
-        out.rename(target)
+        try:
+            out.rename(target)
+        except OSError:  # the other process's rename came first
+            if not (target / "model.safetensors").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
