@@ -299,10 +299,8 @@ def test_paced_arrivals_keep_their_schedule_while_requests_wait_for_a_slot() -> 
     r = _measure(_scripted(service_s=service, tokens=2), requests=n, duration=None, concurrency=1,
                  request_rate=rate)
     due = [0.0, *itertools.accumulate(itertools.islice(arrival_gaps(rate, seed=0), n - 1))]
-    ideal, free = [], 0.0  # one slot: each starts when due or when the one before ends
-    for d in due:
-        ideal.append(max(d, free))
-        free = ideal[-1] + service
-    starts = sorted(q.start_s for q in r.requests)
-    assert all(s >= i - 1e-3 for s, i in zip(starts, ideal))
-    assert starts[-1] - ideal[-1] < 0.15, (starts[-1], ideal[-1])
+    runs = sorted((q.start_s, q.start_s + q.e2e_s) for q in r.requests)
+    # one slot: each should start when it is due or when the one before it ended, whichever is later
+    late = [start - max(d, prev_end) for d, (start, _), (_, prev_end) in zip(due[1:], runs[1:], runs)]
+    assert all(x >= -1e-3 for x in late)
+    assert sum(late) / len(late) < 0.01, late  # 0.5 ms here; 67 ms when arrivals drifted
