@@ -66,7 +66,8 @@ def _start(state: AppState, factory: EngineFactory, raw_presets: dict) -> None:
         presets = {}
         for name, policy in raw_presets.items():
             presets[name] = engine.compile(as_policy(policy)).policy  # invalid presets fail the start, loudly
-        engine.compile(as_policy(state.settings.default_policy))
+        default = engine.compile(as_policy(state.settings.default_policy)).policy
+        state.metrics.reserve([default, *presets.values()])  # their series survive any client's policy spree
         s = state.settings
         max_len = min(s.max_model_len, engine.max_model_len)
         budget = s.kv_budget_tokens or default_budget_tokens(

@@ -1,8 +1,10 @@
 """Prometheus metrics, in the style of vLLM. The only module that imports prometheus_client.
 
 The engine loop hands plain stats dataclasses (`RequestStats`, `StepStats`, `QueueStats`) to `Metrics`; latency
-histograms and token counters are labelled by `policy` (canonical string) and `model`. At most `max_policies`
-distinct policy labels exist; later ones are folded into `other`, so label cardinality stays bounded. A Ray Serve
+histograms and token counters are labelled by `policy` (canonical string) and `model`. The server's own policies
+(its default and its presets) are reserved labels; beyond them at most `max_policies` distinct policy labels exist,
+and later ones are folded into `other`, so label cardinality stays bounded and no client can take the server's own
+policies' series away by sending many others first. A Ray Serve
 replica adds a constant `replica` label to every series and serves them on a port of its own (`serve_http`).
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import (
     CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest,
@@ -83,6 +85,7 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self._exposed = self.registry if replica is None else _ConstantLabel(self.registry, "replica", replica)
         self._policies: set[str] = set()
+        self._reserved: set[str] = set()
         self._lock = threading.Lock()
         labels = ["model", "policy"]
         r = self.registry
@@ -116,9 +119,14 @@ class Metrics:
         self.errors = Counter("painters:request_errors", "Requests rejected with an error status",
                               ["model", "status"], registry=r)
 
+    def reserve(self, policies: Iterable[str]) -> None:
+        """Labels that are always kept, outside the `max_policies` first come: the server's default and presets."""
+        with self._lock:
+            self._reserved.update(policies)
+
     def policy_label(self, policy: str) -> str:
         with self._lock:
-            if policy in self._policies:
+            if policy in self._policies or policy in self._reserved:
                 return policy
             if len(self._policies) < self.max_policies:
                 self._policies.add(policy)

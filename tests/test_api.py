@@ -779,6 +779,20 @@ def test_streamed_text_offsets_count_the_tokens_held_back(client):
     assert streamed == plain == list(range(len(plain)))
 
 
+def test_the_servers_own_policies_keep_their_metric_labels_whatever_clients_send(presets):
+    """Policy labels beyond the cap fold into `other`, first come first kept: a client sending enough distinct
+    policies first used to fold the default and the presets into `other` until a restart. They are reserved."""
+    with serving(settings(policy_presets=presets, max_policy_labels=1)) as c:
+        for policy in ("pairs", "loop:1-4x2", "full", "tiny@fast"):
+            model = policy if policy.startswith("tiny@") else MODEL
+            body = {"prompt": "ab", "max_tokens": 1, "temperature": 0}
+            body.update({"model": model} if model != MODEL else {"policy": policy})
+            assert c.post("/v1/completions", json=body).status_code == 200
+        text = c.get("/metrics").text
+        for label, n in (("pairs:1-4", 1), ("other", 1), ("full", 1), (SKIP2, 1)):  # pairs came first; loop folded
+            assert metric_value(text, "painters:request_success_total", policy=label) == n, label
+
+
 def test_unknown_route_and_method_are_error_shaped(client):
     assert_error(client.get("/v1/nothing"), 404)
     r = client.get("/v1/completions")
