@@ -451,6 +451,14 @@ def test_a_failing_step_answers_a_request_it_had_already_finished(tiny_engine, l
     assert loop.num_requests == 0 and loop.batch.kv.reserved == {}
 
 
+def test_the_queue_gauges_exist_before_the_first_request(make_loop):
+    """A labelled gauge has no series until it is set: a replica that schedule affinity sent nothing yet reported no
+    queue at all (no series for Prometheus, none for the dashboard's replica list or the HPA)."""
+    loop = make_loop()
+    assert loop.metrics.registry.get_sample_value("painters:num_requests_running", {"model": MODEL}) == 0
+    assert loop.metrics.registry.get_sample_value("painters:num_requests_waiting", {"model": MODEL}) == 0
+
+
 def test_a_failing_step_leaves_the_queue_gauges_current(tiny_engine, loop_engine, monkeypatch):
     """The gauges were refreshed only at the end of a step that did not raise: after a failed step the loop idles
     with the failed requests still counted running (an autoscaler reading them would hold its scale)."""

@@ -110,11 +110,18 @@ def test_prometheus_discovers_and_scrapes_every_replica(ray_url: str, tmp_path: 
     needs no key unless metrics_require_key."""
     if not prometheus_binary():
         pytest.skip("the prometheus binary is missing: apt-get install prometheus (.ci/run installs it)")
-    discovery = {"http_sd_configs": [{"url": f"{ray_url}/metrics/targets", "refresh_interval": "1s"}]}
+    import yaml
+
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy/prometheus/prometheus-ray.yml").read_text())
+    job = shipped["scrape_configs"][0]  # the shipped job, pointed at this Ray proxy and refreshed faster
+    discovery = {k: v for k, v in job.items() if k not in ("job_name", "metrics_path", "scrape_interval")}
+    discovery["http_sd_configs"] = [{"url": f"{ray_url}/metrics/targets", "refresh_interval": "1s"}]
     with prometheus_server(tmp_path, discovery=discovery) as prom:
         def replicas() -> set[str]:
             r = httpx.get(f"{prom.url}/api/v1/query", params={"query": "painters:num_requests_running"}, timeout=5)
-            return {s["metric"].get("replica", "") for s in r.json()["data"]["result"]}
+            series = r.json()["data"]["result"]
+            assert not any("exported_replica" in s["metric"] for s in series), series  # honor_labels: one copy
+            return {s["metric"].get("replica", "") for s in series}
         try:
             wait_until(lambda: replicas() == set(_replica_targets(ray_url)), timeout=60,
                        what="Prometheus scraping both replicas", interval=1)

@@ -73,6 +73,8 @@ class EngineLoop:
                      time.perf_counter() - t)
 
     def start(self) -> None:
+        if self.metrics:  # the gauges exist from the start (0 running, 0 waiting), not from the first request on:
+            self.metrics.observe_queue(self._queue_stats())  # a replica that affinity sends nothing still reports
         self._thread.start()
 
     def stop(self) -> None:
