@@ -80,13 +80,20 @@ def get_settings() -> Settings:
 
 
 def api_keys(settings: Settings) -> tuple[str, ...]:
-    """Every accepted key: those of `api_key` (comma-separated) and of `api_key_file` (one per line)."""
+    """Every accepted key: those of `api_key` (comma-separated) and of `api_key_file` (one per line). A key setting
+    or file that holds no key is an error, not an open server: a blank secret (`PAINTERS_API_KEY=`, `--api-key ""`,
+    a file of comments only) used to turn authentication off without a word."""
     keys = [k.strip() for k in (settings.api_key.get_secret_value() if settings.api_key else "").split(",")]
     if settings.api_key_file is not None:
         for line in Path(settings.api_key_file).read_text().splitlines():
             if not line.strip().startswith("#"):
                 keys.append(line.strip())
-    return tuple(k for k in keys if k)
+    found = tuple(k for k in keys if k)
+    if not found and (settings.api_key is not None or settings.api_key_file is not None):
+        where = "api_key_file " + str(settings.api_key_file) if settings.api_key_file is not None else "api_key"
+        raise ValueError(f"{where} holds no API key (blank, or only commas or comments); give a key, or leave the "
+                         "setting out to serve without keys")
+    return found
 
 
 def load_presets(path: Path | None) -> dict[str, str | dict]:

@@ -864,6 +864,32 @@ def test_api_key():
             assert c.get(open_path).status_code == 200, open_path
 
 
+@pytest.mark.parametrize("keys", [dict(api_key=" , "), dict(api_key="")], ids=["commas", "blank"])
+def test_a_key_setting_without_a_key_refuses_to_start(keys, tmp_path):
+    """A blank secret used to leave the server open without a word; it is an error at start, naming the setting."""
+    from server.app import create_app
+
+    with pytest.raises(ValueError, match="api_key holds no API key"):
+        create_app(settings(**keys), engine_factory=tiny_engine())
+    comments = tmp_path / "keys.txt"
+    comments.write_text("# prod keys go here\n\n")
+    with pytest.raises(ValueError, match="keys.txt holds no API key"):
+        create_app(settings(api_key_file=comments), engine_factory=tiny_engine())
+
+
+def test_a_lone_surrogate_in_a_prompt_is_a_400_naming_it(chat_client):
+    """JSON's "\\ud800" escape decodes to a lone surrogate, which no tokenizer can encode: it was a 500 with the
+    codec's message."""
+    for path, body, param, says in (("/v1/completions", {"prompt": "a\ud800", "max_tokens": 1}, "prompt", "surrogate"),
+                                    ("/tokenize", {"prompt": "a\ud800"}, "prompt", "surrogate"),
+                                    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udfff"}]},
+                                     "messages", "surrogate"),
+                                    ("/generate", {"inputs": "a\udfff"}, "inputs", "unicode")):  # pydantic's own
+        sent = chat_client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+        assert_error(sent, 400, param=param, says=(says,))  # (json.dumps escapes the surrogate, as a client would)
+    assert_serves(chat_client)
+
+
 def test_allowed_policies(presets):
     with serving(settings(allowed_policies=["full", "fast"], policy_presets=presets)) as c:
         body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}

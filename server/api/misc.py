@@ -81,7 +81,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         [prompt] = await pipeline.tokenize(state, Chat(messages, body.add_generation_prompt))
         ids = prompt.ids
     else:
-        text, special = body.prompt, body.add_special_tokens
+        text, special = pipeline.unicode_text(body.prompt, param="prompt"), body.add_special_tokens
         ids = list(await asyncio.to_thread(served.tokenize, text, add_special_tokens=special))
     return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.max_model_len)
 

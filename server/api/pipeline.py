@@ -102,14 +102,26 @@ async def tokenize(state: AppState, prompts: list[str | list[int]] | Chat) -> li
     return await asyncio.to_thread(_tokenize, served, prompts, vocab)
 
 
+def unicode_text(text: str, *, param: str) -> str:
+    """`text`, refused with a 400 when it holds a lone surrogate: JSON's "\\ud800" escapes decode to one, and no
+    tokenizer can encode it (it was a 500 with the codec's message)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{param} holds a lone UTF-16 surrogate at character {e.start}, which is not Unicode "
+                            "text; send valid text", param=param) from None
+    return text
+
+
 def _tokenize(served: ServedModel, prompts: list[str | list[int]] | Chat, vocab: int) -> list[Prompt]:
     if isinstance(prompts, Chat):
         text = render_chat(served, prompts)  # the template writes the special tokens (a BOS) itself, as in vLLM
+        text = unicode_text(text, param="messages")
         return [Prompt(text, _in_vocab(served.encode(text, add_special_tokens=False), vocab, "messages"))]
     out = []
     for item in prompts:
         if isinstance(item, str):
-            out.append(Prompt(item, _in_vocab(served.encode(item), vocab, "prompt")))
+            out.append(Prompt(item, _in_vocab(served.encode(unicode_text(item, param="prompt")), vocab, "prompt")))
             continue
         if not item:
             raise APIError(400, "a token-id prompt must not be empty", param="prompt")
