@@ -159,7 +159,8 @@ def _document_bearer(app: FastAPI, open_paths: frozenset[str]) -> None:
 class Server(uvicorn.Server):
     """uvicorn with a drain. The first SIGTERM (or SIGINT) turns /ready to 503 and refuses new requests with 503;
     running requests finish until `drain_timeout_s`, the rest end with finish_reason "abort", then the server exits
-    (status 0). A second signal exits at once. If the engine thread dies, the server exits with status 3."""
+    (status 0). A second signal exits at once, killed by it (status 128 + its number). If the engine thread dies, the
+    server exits with status 3."""
 
     ENGINE_FAILED = 3
 
@@ -169,7 +170,8 @@ class Server(uvicorn.Server):
         self.exit_code = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.state.draining or self.should_exit:
+        if self.state.draining or self.should_exit:  # a second signal: now, without uvicorn's own graceful wait
+            self.force_exit = True  # (which waited for every running request); killed by it, as usual (128+N)
             super().handle_exit(sig, frame)
             return
         self.state.draining = True
