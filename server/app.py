@@ -58,11 +58,14 @@ def served_name(settings: Settings) -> str:
 
 def _start(state: AppState, factory: EngineFactory, raw_presets: dict) -> None:
     try:
-        if state.settings.threads:
-            import torch
+        import torch
 
+        if state.settings.threads:
             torch.set_num_threads(state.settings.threads)
+        if (state.settings.device or "").startswith("cuda:"):  # load-time timings (CUDA events, Triton) run on
+            torch.cuda.set_device(state.settings.device)  # the current device, not the tensors' one
         engine = factory(state.settings)
+        engine.use_device()
         presets = {}
         for name, policy in raw_presets.items():
             presets[name] = engine.compile(as_policy(policy)).policy  # invalid presets fail the start, loudly

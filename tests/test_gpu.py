@@ -298,3 +298,24 @@ def test_cuda_real_checkpoint_captured_bf16_same_top1(tmp_path, monkeypatch):
         best = sorted(want.top_logprobs[n].values(), reverse=True)
         assert best[0] - best[1] < 0.1, (n, want.token_ids[: n + 1], have.token_ids[: n + 1], best)
     assert parted < len(texts), "no row kept the eager step's tokens"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_model_on_the_second_gpu_serves_what_the_first_serves():
+    """Triton launches, CUDA events and graph capture follow the current device, not the tensors': with the model on
+    cuda:1 and no device set they ran on GPU 0. The engine loop's thread and the load set it (Engine.use_device)."""
+    from server.engine.loop import EngineLoop
+    from server.engine.request import Request
+
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    got = {}
+    for device in ("cuda:0", "cuda:1"):
+        eng = Engine.from_hf(tiny_llama(), CharTokenizer(), device=device, dtype=torch.float32)
+        eng.use_device()
+        loop = EngineLoop(eng, max_num_seqs=4, max_model_len=64, queue_capacity=8, kv_budget_tokens=4096)
+        outs = []
+        loop.submit(Request("r", [5, 6, 7], params, eng.compile("pairs:1-4")), outs.append)
+        while loop.num_requests:
+            loop.step()
+        got[device] = outs[-1].result.token_ids
+    assert got["cuda:1"] == got["cuda:0"]

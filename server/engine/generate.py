@@ -543,6 +543,13 @@ class Engine:
     def max_model_len(self) -> int:
         return self.model.args.max_position
 
+    def use_device(self) -> None:
+        """Make the model's GPU the calling thread's current CUDA device (a no-op off CUDA). Triton launches, CUDA
+        events and graph capture follow the current device, not the tensors': with the model on cuda:1 and no
+        device set, they ran on GPU 0 (the current device is per thread)."""
+        if self.model.device.type == "cuda":
+            torch.cuda.set_device(self.model.device)
+
     def compile(self, policy: Policy | str | dict | None) -> Schedule:
         return compile_schedule(as_policy(policy), self.num_layers)
 

@@ -179,6 +179,7 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
+            self.engine.use_device()  # this thread launches the steps
             self._serve()
         except BaseException as e:  # the thread dies: say why, and answer everyone still waiting on it
             self.failure = f"{type(e).__name__}: {e}"
