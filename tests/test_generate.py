@@ -107,10 +107,38 @@ def test_stop_token_and_min_tokens(tiny_engine, engine):
     first = free.index(stop_at)
     stopped = engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, stop_token_ids=(stop_at,)))[0]
     assert stopped.token_ids == free[: first + 1] and stopped.finish_reason == "stop"
+    # min_tokens=first: the stop token may be token first+1, where greedy decoding chooses it
+    at = engine.generate([[5, 6, 7]], params=SamplingParams(
+        max_tokens=10, stop_token_ids=(stop_at,), min_tokens=first))[0]
+    assert at.token_ids == stopped.token_ids and at.finish_reason == "stop"
+    # one more: it may not be chosen there (masked, as vLLM's min_tokens), so another token comes and the request
+    # goes on; overlapped, that row's token count includes the token in flight
     held = engine.generate([[5, 6, 7]], params=SamplingParams(
         max_tokens=10, stop_token_ids=(stop_at,), min_tokens=first + 1))[0]
+    assert held.token_ids[:first] == free[:first] and held.token_ids[first] != stop_at
     assert len(held.token_ids) > first + 1
-    assert held.token_ids == free[: len(held.token_ids)]
+    want = tiny_engine.generate([[5, 6, 7] + held.token_ids[: first + 1]], params=SamplingParams(
+        max_tokens=10 - first - 1, stop_token_ids=(stop_at,)))[0]
+    assert held.token_ids[first + 1:] == want.token_ids  # afterwards a plain continuation
+
+
+def test_min_tokens_masks_only_its_own_row(tiny_engine, engine):
+    """A row under min_tokens may not choose its stop tokens; its neighbours in the step, greedy or drawing, choose
+    as they would alone."""
+    free = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids
+    rows = [SamplingParams(max_tokens=6, stop_token_ids=tuple(set(free)), min_tokens=6),
+            SamplingParams(max_tokens=6, stop_token_ids=(free[2],)),
+            SamplingParams(max_tokens=6, temperature=0.9, seed=5, ignore_eos=True)]
+    alone = [tiny_engine.generate([[5, 6, 7]], params=p)[0].token_ids for p in rows]
+    seqs = [engine.new_sequence([5, 6, 7], p, engine.compile("full")) for p in rows]
+    batch = engine.new_batch(max_len=32, num_blocks=64)
+    batch.add(seqs)
+    while batch.filter() is not None and batch.sequences:
+        batch.step()
+    got = [s.result().token_ids for s in seqs]
+    assert got == alone
+    assert len(got[0]) == 6 and not set(got[0]) & set(free)  # none of its stop tokens, all six masked
+    assert got[1] == free[: free.index(free[2]) + 1]
 
 
 def test_stop_string_truncates_text(tiny_engine, engine):

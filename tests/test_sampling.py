@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.engine.sampling import (MAX_STOP_LENGTH, MAX_STOP_STRINGS, MIN_TEMPERATURE, SEED, TOP_K, SamplingError,
-                             SamplingParams, make_generator, sample, sample_isolated)
+                             SamplingBatch, SamplingParams, make_generator, sample, sample_batch, sample_isolated)
 
 CPU = torch.device("cpu")
 
@@ -58,6 +58,23 @@ def test_a_seeded_row_draws_the_same_token_alone_and_beside_any_neighbour(own, n
         alone = sample(logits[:1].clone(), [own], [make_generator(seed, CPU)])
         beside = sample(logits.clone(), [own, neighbour], [make_generator(seed, CPU), make_generator(99, CPU)])
         assert int(alone[0]) == int(beside[0]), seed
+
+
+def test_banned_tokens_are_never_chosen_and_leave_the_logits_alone():
+    """min_tokens' mask: a (row, token) pair is -inf for that row's choice, greedy or drawn, filtered or not; other
+    rows and the caller's logits (which logprobs are computed from) are unchanged."""
+    logits = torch.tensor([[9.0, 1.0, 0.5, 0.0], [9.0, 1.0, 0.5, 0.0], [9.0, 8.0, 0.0, 0.0]])
+    before = logits.clone()
+    rows = [SamplingParams(), SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=1.0, top_p=0.5)]
+    for seed in range(40):
+        gens = [make_generator(seed, CPU) for _ in rows]
+        batch = SamplingBatch.of(rows, gens, CPU, banned=[(0, 0), (1, 0), (2, 0), (2, 1)])
+        tokens, alive, errors = sample_batch(logits, batch)
+        assert tokens[0] == 1 and tokens[1] in (1, 2) and tokens[2] in (2, 3), seed
+        assert alive.all() and not errors
+    assert torch.equal(logits, before)
+    plain = sample_batch(logits, SamplingBatch.of(rows[:1] * 3, [None] * 3, CPU))[0]
+    assert plain.tolist() == [0, 0, 0]
 
 
 def test_top_k_keeps_the_tokens_tied_with_its_last():

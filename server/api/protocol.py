@@ -73,7 +73,8 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, description="vLLM's: until this many tokens, the EOS may not be chosen (it is "
+                            "masked) and stop strings do not match")
     policy: PolicyField = Field(None, description=POLICY_DOC)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

@@ -142,7 +142,7 @@ class Batch:
                     to, of = torch.tensor(moved, dtype=torch.long).T.to(dev, non_blocking=True)
                     tokens[to, 0] = launched.tokens[of]
         return StepInput(live, rows, tokens, torch.zeros(len(live), dtype=torch.long, device=dev),
-                         self._sampling(live))
+                         self._sampling(live, [len(s.output_ids) + (s.id in flying) for s in live]))
 
     def _goes_on(self, s: Request) -> bool:
         """Whether `s` may decode past the token in flight for it: that token does not end it by length (as
@@ -158,11 +158,17 @@ class Batch:
         dev = self.model.device
         last = torch.tensor([len(s.prompt_ids) - p - 1 for s, p in zip(new, starts)]).to(dev, non_blocking=True)
         rows = tuple(Row(s.id, s.schedule, p, len(s.prompt_ids) - p) for s, p in zip(new, starts))
-        return StepInput(tuple(new), rows, tokens.to(dev, non_blocking=True), last, self._sampling(new),
-                         echo=any(s.params.echo for s in new))
+        return StepInput(tuple(new), rows, tokens.to(dev, non_blocking=True), last,
+                         self._sampling(new, [0] * len(new)), echo=any(s.params.echo for s in new))
 
-    def _sampling(self, seqs: tuple[Request, ...] | list[Request]) -> SamplingBatch:
-        return SamplingBatch.of([s.params for s in seqs], [s.generator for s in seqs], self.model.device)
+    def _sampling(self, seqs: tuple[Request, ...] | list[Request], made: list[int]) -> SamplingBatch:
+        """Each row's sampling parameters; a row that has `made` tokens (counting one in flight) fewer than its
+        min_tokens may not choose a stop token (vLLM's semantics: the EOS and stop_token_ids are masked, so the
+        request goes on with another token; stop strings only match after min_tokens, see `_check_stop`)."""
+        vocab = self.model.args.vocab_size
+        banned = [(b, t) for b, (s, n) in enumerate(zip(seqs, made)) if n < s.params.min_tokens
+                  for t in sorted(s.stop_ids) if 0 <= t < vocab]
+        return SamplingBatch.of([s.params for s in seqs], [s.generator for s in seqs], self.model.device, banned)
 
     # -- execute: tensor work, one host copy ----------------------------------------------------------------------
 

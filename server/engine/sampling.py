@@ -43,15 +43,22 @@ class SamplingBatch:
     temperature: Tensor | None = None  # [S] float32, per drawing row
     top_k: Tensor | None = None  # [S] long, 0 = off
     top_p: Tensor | None = None  # [S] float32
+    # [2, N] long: (row, token) pairs that row may not choose this step (a stop token before min_tokens, as vLLM's
+    # MinTokensLogitsProcessor); None when no row bans any
+    banned: Tensor | None = None
 
     @classmethod
-    def of(cls, params: list[SamplingParams], generators: list[Any], device: torch.device) -> SamplingBatch:
+    def of(cls, params: list[SamplingParams], generators: list[Any], device: torch.device,
+           banned: list[tuple[int, int]] | None = None) -> SamplingBatch:
+        """banned: (row, token) pairs, each row's tokens it may not choose this step."""
         sampled = tuple(b for b, p in enumerate(params) if not p.greedy)
         tensors: dict[str, Tensor] = {}
+        if banned:
+            tensors["banned"] = torch.tensor(banned, dtype=torch.long).T.to(device, non_blocking=True)
         if sampled:  # one copy: rows and parameters packed together
             packed = torch.tensor([(b, params[b].temperature, params[b].top_k, params[b].top_p) for b in sampled],
                                   dtype=torch.float64).to(device, non_blocking=True)
-            tensors = dict(rows=packed[:, 0].long(), temperature=packed[:, 1].float(), top_k=packed[:, 2].long(),
+            tensors.update(rows=packed[:, 0].long(), temperature=packed[:, 1].float(), top_k=packed[:, 2].long(),
                            top_p=packed[:, 3].float())
         return cls(
             generators=tuple(generators), sampled=sampled,
@@ -90,8 +97,12 @@ def sample_batch(logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor, 
 
     All greedy rows are one argmax. NaN logits are never chosen; a row whose logits are all -inf or NaN is not alive
     (its token is arbitrary). A drawing row takes one uniform number from its own generator (so it draws the same
-    token alone or in any batch) and inverts the cumulative distribution of its filtered, tempered probabilities."""
-    tokens, alive, logits = greedy(logits.float())
+    token alone or in any batch) and inverts the cumulative distribution of its filtered, tempered probabilities.
+    A banned (row, token) pair is -inf for that row's choice, greedy or drawn (the caller's logits are unchanged)."""
+    logits = logits.float()
+    if batch.banned is not None:
+        logits = logits.index_put(tuple(batch.banned), torch.tensor(float("-inf"), device=logits.device))
+    tokens, alive, logits = greedy(logits)
     errors: dict[int, Exception] = {}
     if not batch.sampled:
         return tokens, alive, errors
