@@ -151,6 +151,25 @@ def test_stop_string_truncates_text(tiny_engine, engine):
     assert stop not in got.text
 
 
+def test_a_stop_string_completed_by_the_text_held_back_at_the_end_stops(tiny_engine):
+    """A token can end in part of a character (byte-level BPE): its text waits for the next token, and is released
+    when the request ends by its length. A stop string inside that last text still stops the request."""
+    free = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+    n = next(i for i in range(12, 0, -1) if free[i - 1] not in free[: i - 1])  # its last token appears once
+    last = free[n - 1]
+
+    class PartialLast(CharTokenizer):  # `last` is "XY" and a byte of a character its successor would complete
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(("XY\ufffd" if j == len(ids) - 1 else "XYz") if i == last else CharTokenizer.decode(self, [i])
+                           for j, i in enumerate(ids))
+
+    e = Engine(tiny_engine.model, PartialLast(), eos_ids=tiny_engine.eos_ids, config=tiny_engine.config)
+    plain = e.generate([[5, 6, 7]], params=SamplingParams(max_tokens=n, ignore_eos=True))[0]
+    assert plain.text.endswith("XY\ufffd") and plain.finish_reason == "length"
+    got = e.generate([[5, 6, 7]], params=SamplingParams(max_tokens=n, ignore_eos=True, stop=("Y",)))[0]
+    assert (got.text, got.finish_reason, got.token_ids) == (plain.text[:-2], "stop", plain.token_ids)
+
+
 def test_echo_scores_prompt_like_transformers(tiny_engine):
     hf = tiny_llama()
     prompt = [5, 9, 17, 33, 4, 8, 60]

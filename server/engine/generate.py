@@ -253,17 +253,13 @@ class Batch:
             s.set_finished("stop")
             s.text += s.detokenizer.flush()
             return
-        if s.params.stop and n > s.params.min_tokens:
-            longest = max(len(stop) for stop in s.params.stop)
-            start = max(s.stop_from, previous - longest + 1)  # a new match ends in the new text
-            hits = [i for i in (s.text.find(stop, start) for stop in s.params.stop) if i >= 0]
-            if hits:
-                s.text = s.text[: min(hits)]
-                s.set_finished("stop")
-                return
+        if n > s.params.min_tokens and _cut_at_stop(s, previous):
+            return
         if n >= s.params.max_tokens or s.length >= self.max_len:
-            s.set_finished("length")
-            s.text += s.detokenizer.flush()
+            previous = len(s.text)
+            s.text += s.detokenizer.flush()  # text held back for an incomplete character may complete a stop string
+            if not (n > s.params.min_tokens and _cut_at_stop(s, previous)):
+                s.set_finished("length")
 
     # -- the ladder -------------------------------------------------------------------------------------------------
 
@@ -422,6 +418,21 @@ class Batch:
     def kv_usage(self) -> float:
         """Share of the KV pool's blocks in use."""
         return self.kv.usage()
+
+
+def _cut_at_stop(s: Request, previous: int) -> bool:
+    """If one of `s`'s stop strings ends in its text after `previous` (and starts at or after `stop_from`), cut the
+    text where the first match starts and finish `s` with "stop"; whether it did."""
+    if not s.params.stop:
+        return False
+    longest = max(len(stop) for stop in s.params.stop)
+    start = max(s.stop_from, previous - longest + 1)  # a new match ends in the new text
+    hits = [i for i in (s.text.find(stop, start) for stop in s.params.stop) if i >= 0]
+    if not hits:
+        return False
+    s.text = s.text[: min(hits)]
+    s.set_finished("stop")
+    return True
 
 
 def _given_a_token(requests: Sequence[Request], update: Callable[[], None]) -> list[Request]:
