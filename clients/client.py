@@ -34,7 +34,8 @@ def _raise_for(response: httpx.Response) -> None:
         return
     try:
         body = response.json()
-        message = body.get("error", {}).get("message") or str(body)
+        error = body.get("error")  # OpenAI's shape, or TGI's on /generate: {"error": message, "error_type": ...}
+        message = (error if isinstance(error, str) else error.get("message")) or str(body)
     except (ValueError, AttributeError):
         body, message = response.text, response.text
     raise PaintersError(response.status_code, message, body)
@@ -86,8 +87,11 @@ def _sse_data(data: str) -> dict[str, Any] | None:
         return None
     obj = json.loads(data)
     if "error" in obj and "choices" not in obj:
-        code = obj["error"].get("code")
-        raise PaintersError(code if isinstance(code, int) else 500, obj["error"].get("message", str(obj)), obj)
+        error = obj["error"]
+        if isinstance(error, str):  # TGI's shape (/generate_stream)
+            raise PaintersError(500, error, obj)
+        code = error.get("code")
+        raise PaintersError(code if isinstance(code, int) else 500, error.get("message", str(obj)), obj)
     return obj
 
 

@@ -20,7 +20,7 @@ from fastapi import FastAPI
 
 from server.api import errors, misc, native, openai, playground, probe
 from server.api.guard import ALWAYS_OPEN, Guard
-from server.api.protocol import ErrorResponse
+from server.api.protocol import ErrorResponse, TGIErrorResponse
 from server.api.state import AppState
 from server.engine.loop import EngineLoop
 from server.engine.generate import Engine
@@ -128,8 +128,14 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             (401, "missing or wrong API key"), (404, "unknown model"), (413, "body or probe too large"),
             (429, "queue full; retry after Retry-After seconds"), (500, "internal error"),
             (503, "loading, shutting down, or the engine failed"))}
-    for router in (openai.router, native.router, probe.router, misc.tokenizer_router):
+    for router in (openai.router, probe.router, misc.tokenizer_router):
         app.include_router(router, responses=refusals)
+    app.include_router(native.router, responses={
+        status: {"model": TGIErrorResponse, "description": why} for status, why in (
+            (401, "missing or wrong API key"), (404, "unknown model"), (413, "body too large"),
+            (422, "invalid request (TGI's status): the message names the parameter and what is allowed"),
+            (424, "the generation failed"), (429, "queue full; retry after Retry-After seconds"),
+            (500, "internal error"), (503, "loading, shutting down, or the engine failed"))})
     app.include_router(misc.metrics_router, responses={401: refusals[401]})
     app.include_router(misc.router)
     # /metrics/targets: where Ray Serve replicas serve their metrics (server/ray_serve.py), open or keyed as /metrics.

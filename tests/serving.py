@@ -152,9 +152,10 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 @contextmanager
 def serve_tiny(*, model_factory: Callable[[], object] | None = None, max_model_len: int = 128,
-               **settings: object) -> Iterator[str]:
-    """The Painters app on a tiny in-memory model (default: conftest's 6-layer `tiny_llama`), served by uvicorn in a
-    thread on a port the OS chooses; yields its URL once GET /ready is 200. `settings` go to `Settings`."""
+               tokenizer: object | None = None, **settings: object) -> Iterator[str]:
+    """The Painters app on a tiny in-memory model (default: conftest's 6-layer `tiny_llama` and `CharTokenizer`),
+    served by uvicorn in a thread on a port the OS chooses; yields its URL once GET /ready is 200. `settings` go to
+    `Settings`."""
     import threading
 
     import torch
@@ -167,7 +168,7 @@ def serve_tiny(*, model_factory: Callable[[], object] | None = None, max_model_l
 
     build = model_factory or tiny_llama
     app = create_app(Settings(model="tiny", max_model_len=max_model_len, **settings),
-                     engine_factory=lambda s: Engine.from_hf(build(), CharTokenizer(), device="cpu"))
+                     engine_factory=lambda s: Engine.from_hf(build(), tokenizer or CharTokenizer(), device="cpu"))
     server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, name="uvicorn-tiny", daemon=True)
     # Client, event loop and engine share this process: torch's intra-op threads would fight them for the cores

@@ -108,8 +108,16 @@ def wait_for(check: Callable[[], bool], timeout: float = 30) -> None:
         time.sleep(0.01)
 
 
+# TGI's routes answer in TGI's shape and with its statuses (its router's InferError): OpenAI status -> TGI's
+TGI = {400: (422, "validation"), 401: (401, "authentication"), 404: (404, "validation"), 413: (413, "validation"),
+       429: (429, "overloaded"), 503: (503, "unavailable")}
+
+
 def assert_error(r: httpx.Response, status: int, *, code: str | None = None, param: str | None = None,
                  says: tuple[str, ...] = ()) -> dict[str, Any]:
+    """An error in OpenAI's shape with this status, or, on TGI's routes, TGI's answer to it."""
+    if r.request.url.path in ("/generate", "/generate_stream"):
+        return assert_tgi_error(r, *TGI[status], says=says)
     assert r.status_code == status, r.text
     body = r.json()
     assert set(body) == {"error"}, body
@@ -125,6 +133,16 @@ def assert_error(r: httpx.Response, status: int, *, code: str | None = None, par
     for fragment in says:
         assert fragment in err["message"], (fragment, err["message"])
     return err
+
+
+def assert_tgi_error(r: httpx.Response, status: int, error_type: str, *, says: tuple[str, ...] = ()) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error", "error_type"} and body["error_type"] == error_type, body
+    assert isinstance(body["error"], str) and body["error"], body
+    for fragment in says:
+        assert fragment in body["error"], (fragment, body["error"])
+    return body
 
 
 def assert_serves(c: TestClient, **headers: str) -> None:

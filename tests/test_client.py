@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from clients.client import AsyncPaintersClient, PaintersClient, PaintersError
@@ -108,6 +109,55 @@ def test_errors_carry_status_and_message(client: PaintersClient) -> None:
     with pytest.raises(PaintersError) as e:
         client.detokenize([5, 1000])
     assert e.value.status == 400 and "outside the vocabulary 0-127" in e.value.message
+
+
+def test_tgi_routes_answer_errors_as_tgi_does(client: PaintersClient, url: str) -> None:
+    """/generate and /generate_stream answer in TGI's shape and statuses, so TGI's own client (huggingface_hub's
+    InferenceClient pointed at the route) raises its ValidationError, not a bare HTTP error; ours reads it too."""
+    from huggingface_hub import InferenceClient
+    from huggingface_hub.errors import ValidationError
+
+    hf = InferenceClient(model=f"{url}/generate")
+    out = hf.text_generation(PROMPT, max_new_tokens=4, details=True)
+    assert out.details.generated_tokens == 4 and out.generated_text == client.generate(
+        PROMPT, max_new_tokens=4).generated_text
+    assert "".join(hf.text_generation(PROMPT, max_new_tokens=4, stream=True)) == out.generated_text
+    for stream in (False, True):
+        with pytest.raises(ValidationError, match="at most 128"):
+            list(hf.text_generation("x" * 200, max_new_tokens=4, stream=stream)) if stream else \
+                hf.text_generation("x" * 200, max_new_tokens=4)
+    r = httpx.post(f"{url}/generate", json={"inputs": "x", "parameters": {"policy": "skip:9"}})
+    assert r.status_code == 422 and r.json() == {"error": r.json()["error"], "error_type": "validation"}
+    assert "allowed forms" in r.json()["error"]
+    with pytest.raises(PaintersError) as e:
+        client.generate(PROMPT, policy="skip:9")
+    assert e.value.status == 422 and "skip:9" in e.value.message
+
+
+def test_a_failed_generation_on_tgi_routes_is_tgis_generation_error() -> None:
+    """A request whose generation fails (here its first token cannot be detokenized) is TGI's 424 with error_type
+    "generation", before the stream as after its start: huggingface_hub raises its GenerationError."""
+    from huggingface_hub import InferenceClient
+    from huggingface_hub.errors import GenerationError
+
+    class Poisoned(CharTokenizer):
+        def decode(self, ids, skip_special_tokens=True):
+            if 62 in ids:  # the tiny model's first greedy token after PROMPT
+                raise RuntimeError("poisoned token")
+            return super().decode(ids, skip_special_tokens)
+
+    with serve_tiny(tokenizer=Poisoned()) as url:
+        r = httpx.post(f"{url}/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3}})
+        assert r.status_code == 424 and r.json()["error_type"] == "generation" and "poisoned" in r.json()["error"]
+        hf = InferenceClient(model=f"{url}/generate")
+        for stream in (False, True):
+            with pytest.raises(GenerationError, match="poisoned token"):
+                list(hf.text_generation(PROMPT, max_new_tokens=3, stream=True)) if stream else \
+                    hf.text_generation(PROMPT, max_new_tokens=3)
+        with PaintersClient(url) as c, pytest.raises(PaintersError, match="poisoned token"):
+            list(c.generate_stream(PROMPT, max_new_tokens=3))
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 3})  # OpenAI's answer
+        assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
 
 
 def test_chat_errors_are_painters_errors(client: PaintersClient, url: str) -> None:

@@ -1,4 +1,6 @@
-"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+"""Errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, except on TGI's routes (/generate,
+/generate_stream), which answer in TGI's, {"error": message, "error_type": type}, with TGI's status codes: what TGI's
+clients (huggingface_hub's InferenceClient, text-generation) parse into their ValidationError, OverloadedError, ..."""
 
 from __future__ import annotations
 
@@ -26,17 +28,42 @@ CODES = {400: "bad_request", 401: "invalid_api_key", 404: "not_found", 405: "met
          503: "model_not_ready"}
 
 
+GENERATION_FAILED = "generation_failed"  # the code of an error the engine raised while generating
+
+TGI_PATHS = frozenset({"/generate", "/generate_stream"})
+# TGI's router: a validation error is 422 and a failed generation 424 (its InferError); error_type is what its
+# clients dispatch on. Statuses TGI never sends keep theirs.
+TGI_STATUS = {400: 422}
+TGI_TYPES = {401: "authentication", 404: "validation", 413: "validation", 422: "validation", 424: "generation", 429: "overloaded",
+             499: "cancelled", 500: "incomplete_generation", 503: "unavailable"}
+
+
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
     code = code or CODES.get(status, f"http_{status}")  # OpenAI's schema: code is a string
     return {"error": {"message": message, "type": TYPES.get(status, "error"), "param": param, "code": code}}
 
 
+def tgi_error(status: int, message: str, *, code: str | None = None) -> tuple[int, dict]:
+    """(status, body) of an error on TGI's routes, from the status and code the OpenAI routes would answer with."""
+    status = 424 if code == GENERATION_FAILED else TGI_STATUS.get(status, status)
+    return status, {"error": message, "error_type": TGI_TYPES.get(status, "error")}
+
+
+def shaped(path: str, status: int, message: str, *, param: str | None = None,
+           code: str | None = None) -> tuple[int, dict]:
+    """(status, body) of an error answered on `path`: TGI's shape on its routes, OpenAI's elsewhere."""
+    if path in TGI_PATHS:
+        return tgi_error(status, message, code=code)
+    return status, error_body(status, message, param=param, code=code)
+
+
 def _response(request: Request, status: int, message: str, *, param: str | None = None, code: str | None = None,
               headers: dict[str, str] | None = None) -> JSONResponse:
+    status, body = shaped(request.scope["path"], status, message, param=param, code=code)
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None:
         metrics.observe_error(status)
-    return JSONResponse(error_body(status, message, param=param, code=code), status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def install(app: FastAPI) -> None:

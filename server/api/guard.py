@@ -1,5 +1,5 @@
 """The gate every HTTP request passes before routing (a pure ASGI middleware): the API key, the shutdown drain, and
-the body-size limit, each refused in OpenAI's error shape before any JSON is parsed or any text tokenized. It also
+the body-size limit, each refused in the route's error shape (OpenAI's; TGI's on its routes) before any JSON is parsed or any text tokenized. It also
 counts the requests in flight, so a drain knows when the last answer has been written."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import error_body
+from server.api.errors import shaped
 from server.api.state import AppState
 
 ALWAYS_OPEN = frozenset({"/health", "/ready"})  # liveness and readiness probes carry no key
@@ -29,23 +29,23 @@ class Guard:
             return
         path = scope["path"]
         if self._digests and path not in self.open_paths and not self._authorized(scope):
-            await self._refuse(send, 401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
+            await self._refuse(send, path, 401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             return
         if self.state.draining and path not in self.open_paths | {"/metrics"}:
             e = self.state.draining_error()
-            await self._refuse(send, e.status, e.message, code=e.code, headers=e.headers)
+            await self._refuse(send, path, e.status, e.message, code=e.code, headers=e.headers)
             return
         limit = self.state.settings.max_body_bytes
         declared = _header(scope, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            await self._too_large(send, declared, limit)
+            await self._too_large(send, path, declared, limit)
             return
         self.state.in_flight += 1
         try:
             body = await _read_body(receive, limit)
             if body is None:
-                await self._too_large(send, None, limit)
+                await self._too_large(send, path, None, limit)
                 return
             await self.app(scope, _replay(body, receive), send)
         finally:
@@ -60,16 +60,17 @@ class Guard:
             ok |= hmac.compare_digest(digest, known)
         return ok
 
-    async def _too_large(self, send: Send, declared: str | None, limit: int) -> None:
+    async def _too_large(self, send: Send, path: str, declared: str | None, limit: int) -> None:
         size = f"{declared} bytes" if declared and declared.isdigit() else "larger than that"
-        await self._refuse(send, 413, f"request body is {size}; this server accepts at most {limit} bytes "
+        await self._refuse(send, path, 413, f"request body is {size}; this server accepts at most {limit} bytes "
                                       "(max_body_bytes); send a shorter prompt or split the request",
                            code="request_too_large", headers={"Connection": "close"})
 
-    async def _refuse(self, send: Send, status: int, message: str, *, code: str | None,
+    async def _refuse(self, send: Send, path: str, status: int, message: str, *, code: str | None,
                       headers: dict[str, str] | None = None) -> None:
+        status, shape = shaped(path, status, message, code=code)
         self.state.metrics.observe_error(status)
-        body = json.dumps(error_body(status, message, code=code)).encode()
+        body = json.dumps(shape).encode()
         raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
         await send({"type": "http.response.start", "status": status, "headers": raw})

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from server.api import pipeline
-from server.api.errors import APIError, error_body
+from server.api.errors import APIError, tgi_error
 from server.api.openai import get_state
 from server.api.pipeline import Job, Running, painters_info, timing_headers
 from server.api.protocol import (
@@ -122,7 +122,7 @@ async def _events(served: ServedModel, body: GenerateRequest, run: Running) -> A
             if out.finished and not out.token_ids and out.result is not None:
                 yield _event(GenerateStreamEvent(index=index, token=None, **final(out.result)))
     except APIError as e:
-        yield {"data": json.dumps(error_body(e.status, e.message, param=e.param, code=e.code))}
+        yield {"data": json.dumps(tgi_error(e.status, e.message, code=e.code)[1])}
 
 
 def _event(event: GenerateStreamEvent) -> dict[str, str]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
-from server.api.errors import APIError
+from server.api.errors import GENERATION_FAILED, APIError
 from server.api.protocol import PaintersInfo, PolicyField, Timings
 from server.api.state import AppState
 from server.policy.compiler import Schedule
@@ -177,7 +177,7 @@ class RequestStream:
             out = await self.queue.get()
             if out.error:
                 self.done = True
-                raise APIError(500, out.error)
+                raise APIError(500, out.error, code=GENERATION_FAILED)
             if out.finished:
                 self.done = True
             yield out

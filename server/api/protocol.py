@@ -307,6 +307,14 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class TGIErrorResponse(BaseModel):
+    """Every 4xx and 5xx answer of TGI's routes (/generate, /generate_stream), in TGI's shape."""
+
+    error: str
+    error_type: str = Field(description="validation, generation, overloaded, incomplete_generation, authentication, "
+                                        "cancelled or unavailable")
+
+
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
     token_logprobs: list[float | None]
