@@ -457,6 +457,23 @@ def test_generate_details(client):
     assert all(h in r.headers for h in TIMING_HEADERS)
 
 
+def test_generate_reports_the_seed_it_drew_with(client):
+    """As TGI: a sampling request's details carry its seed, the one chosen for it when it sent none, and that seed
+    draws the same text again; a greedy request's seed is null."""
+    body = {"inputs": "hello", "parameters": {"max_new_tokens": 8, "do_sample": True, "details": True}}
+    drawn = [client.post("/generate", json=body).json() for _ in range(2)]
+    seeds = [d["details"]["seed"] for d in drawn]
+    assert all(isinstance(s, int) and 0 <= s < 2**63 for s in seeds) and seeds[0] != seeds[1]
+    for d, seed in zip(drawn, seeds):
+        again = client.post("/generate", json={**body, "parameters": {**body["parameters"], "seed": seed}}).json()
+        assert again["generated_text"] == d["generated_text"] and again["details"]["seed"] == seed
+    r = client.post("/generate_stream", json=body)
+    assert isinstance([json.loads(d) for d in sse_data(r)][-1]["details"]["seed"], int)
+    greedy = client.post("/generate", json={"inputs": "hello", "parameters": {"max_new_tokens": 2, "details": True,
+                                                                              "seed": 4}}).json()
+    assert greedy["details"]["seed"] is None
+
+
 def test_generate_full_text_stop_sequence_and_eos(client):
     full = client.post("/generate", json={"inputs": "hello", "parameters": {"max_new_tokens": 12}}).json()
     text = full["generated_text"]

@@ -64,8 +64,7 @@ def _finish_reason(served: ServedModel, result: GenerationResult) -> str:
 
 def _details(served: ServedModel, body: GenerateRequest, result: GenerationResult) -> GenerateDetails:
     return GenerateDetails(
-        finish_reason=_finish_reason(served, result), generated_tokens=len(result.token_ids),
-        seed=body.parameters.seed,
+        finish_reason=_finish_reason(served, result), generated_tokens=len(result.token_ids), seed=result.seed,
         tokens=[_token(served, i, lp) for i, lp in zip(result.token_ids, result.logprobs)],
         prefill=([_token(served, i, lp) for i, lp in zip(result.prompt_token_ids, result.prompt_logprobs)]
                  if result.prompt_logprobs is not None else []),
@@ -106,7 +105,7 @@ async def _events(served: ServedModel, body: GenerateRequest, run: Running) -> A
     def final(r: GenerationResult) -> dict[str, Any]:
         return dict(generated_text=_text(body, r), painters=painters_info(run.schedule, r),
                     details=StreamDetails(finish_reason=_finish_reason(served, r), generated_tokens=len(r.token_ids),
-                                          seed=body.parameters.seed))
+                                          seed=r.seed))
 
     try:
         async for _, out in pipeline.merged(run.streams):

@@ -72,6 +72,7 @@ class GenerationResult:
     policy: str
     timings: Timings
     error: str | None = None  # what failed, for finish_reason "error"
+    seed: int | None = None  # what a drawing request drew with, its own or the one chosen for it (None if greedy)
 
 
 @dataclass
@@ -158,4 +159,14 @@ class Request:
             policy=self.schedule.policy,
             timings=self.timings,
             error=self.error,
+            seed=self.seed,
         )
+
+    @property
+    def seed(self) -> int | None:
+        """The seed this request draws with (resending it with this seed draws the same tokens); None if greedy."""
+        if self.params.greedy:
+            return None
+        if self.params.seed is not None or self.generator is None:
+            return self.params.seed
+        return int(self.generator.initial_seed())

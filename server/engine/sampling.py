@@ -3,6 +3,8 @@ Every value `SamplingParams` (in `server.engine.sampling_params`) accepts sample
 
 from __future__ import annotations
 
+import secrets
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -19,11 +21,10 @@ __all__ = ["LOGPROBS", "MAX_STOP_LENGTH", "MAX_STOP_STRINGS", "MIN_TEMPERATURE",
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A generator seeded with `seed`, or without one with a random seed that a request may send (within SEED's
+    range, which `torch.Generator.seed()`'s 64 bits are not), so the seed a result reports draws the same again."""
     g = torch.Generator(device=device)
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(seed)
+    g.manual_seed(secrets.randbelow(int(SEED.hi) + 1) if seed is None else seed)
     return g
 
 
