@@ -4,6 +4,7 @@ the tiny server, resuming from its cache."""
 from __future__ import annotations
 
 import json
+import re
 import math
 import random
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from clients.study import (
     minus,
     plan,
     point,
+    shared_space,
     study_markdown,
     write_outputs,
 )
@@ -187,6 +189,19 @@ def test_a_paper_like_sweep_reproduces_every_claim():
 def test_a_contrary_sweep_reproduces_none():
     r = synthetic(contrary, probe=similarity_probe(0.3, 0.9))
     assert set(verdicts(r).values()) == {"not reproduced"}, verdicts(r)
+
+
+def test_a_similarity_that_only_falls_with_distance_is_no_shared_space():
+    """Cosine similarity falling with distance alone, the same for every layer: the unmatched means (middle pairs
+    are closer on average) read it as a shared space; at equal distances there is no difference."""
+    S = LAYERS
+    i = np.arange(S + 1)
+    decay = similarity_probe(0.0, 0.0)
+    decay = Probe(**{**decay.__dict__, "similarity": np.exp(-np.abs(i[:, None] - i[None, :]) / 4.0)})
+    check = shared_space(synthetic(paper_like, probe=decay))
+    assert check.verdict == "inconclusive", check
+    assert re.search(r"middle-middle minus middle-outer -?0\.00 ± 0\.00", check.evidence), check.evidence
+    assert shared_space(synthetic(paper_like, probe=similarity_probe(0.9, 0.3))).verdict == "reproduced"
 
 
 def test_differences_within_noise_are_inconclusive():
