@@ -653,10 +653,24 @@ def holds_up(f: Finalist, *, budget: float, on: BudgetOn, z: float) -> tuple[boo
     return True, ""
 
 
-def choose(finalists: Sequence[Finalist], *, prefix: str, budget: float, on: BudgetOn, z: float) -> Choice:
+def fallback(finalists: Sequence[Finalist], *, budget: float, on: BudgetOn, z: float) -> Comparison | None:
+    """Where no finalist holds up: the held-out comparison of the fastest finalist scored there, whose equal-speed
+    baseline the preset may fall back to, if that baseline is faster than `full` (or of unknown speed), the held-out
+    items do not refute the budget for it, and it passes selection (see `choose`); else None."""
+    if any(holds_up(f, budget=budget, on=on, z=z)[0] for f in finalists):
+        return None
+    cmp = next((f.heldout for f in finalists if f.heldout is not None), None)
+    if cmp is None or (cmp.baseline_speedup or 2.0) <= 1.0 or contradicts(cmp.base, budget=budget, on=on, z=z):
+        return None
+    return cmp
+
+
+def choose(finalists: Sequence[Finalist], *, prefix: str, budget: float, on: BudgetOn, z: float,
+           fallback_selection: Check | None = None) -> Choice:
     """The fastest finalist the held-out items back, under the plain name; the other backed finalists as
-    `prefix-family`. Where none holds up, the equal-speed baseline of the fastest finalist, if the held-out items do
-    not refute the budget for it; else `full`."""
+    `prefix-family`. Where none holds up, the `fallback` baseline, if it passed selection on its own
+    (`fallback_selection`, its check on the selection items: the bar every finalist cleared) and the held-out items
+    do not refute the budget for it; else `full`. Held-out items only veto: they never pick the preset."""
     backed, notes = [], []
     for f in finalists:  # fastest first
         ok, why = holds_up(f, budget=budget, on=on, z=z)
@@ -675,14 +689,16 @@ def choose(finalists: Sequence[Finalist], *, prefix: str, budget: float, on: Bud
                          + ("no faster searched policy matched or beat its equal-speed baseline on held-out items"
                             if beaten else "no searched policy that passed selection was faster"))
         return Choice(presets, "baseline" if best.candidate.baseline else "winner", best, notes)
-    lost = [f for f in finalists if f.heldout is not None]
-    if lost:
-        cmp = lost[0].heldout
-        assert cmp is not None
-        if not contradicts(cmp.base, budget=budget, on=on, z=z) and (cmp.baseline_speedup or 2.0) > 1.0:
+    cmp = fallback(finalists, budget=budget, on=on, z=z)
+    if cmp is not None:
+        if fallback_selection is not None and fallback_selection.passed:
             notes.insert(0, f"nothing the search found matched or beat the paper's policy of the same speed on "
-                         f"held-out items: the preset is that baseline, `{cmp.baseline}`")
+                         f"held-out items: the preset is that baseline, `{cmp.baseline}`, which passed selection "
+                         f"(bound {_num(fallback_selection.bound, '.3f')})")
             return Choice({preset_name(prefix): cmp.baseline}, "baseline", None, notes)
+        why = ("was not scored on the selection items" if fallback_selection is None
+               else f"missed the budget on the selection items (bound {_num(fallback_selection.bound, '.3f')})")
+        notes.append(f"the equal-speed baseline `{cmp.baseline}` {why}, so it is not the preset either")
     notes.insert(0, f"no policy kept {budget:g} of the full model's score and held up on held-out items: the "
                  f"preset is `full`")
     return Choice({preset_name(prefix): FULL}, "full", None, notes)
@@ -901,8 +917,14 @@ async def run_search(url: str, splits: Sequence[Splits], *, budget: float, budge
                                                        baseline_speedup=base_speed.get(base))))
             tick(heldout_bar)
         finalists = compared
+        # where nothing holds up, the fallback baseline must clear selection as every finalist did
+        fallback_selection = None
+        if (cmp := fallback(finalists, budget=budget, on=budget_on, z=z)) is not None:
+            fallback_selection = await select_check(by_canonical[cmp.baseline].policy if cmp.baseline in by_canonical
+                                                    else cmp.baseline)
         spent = session.spent
-    choice = choose(finalists, prefix=prefix, budget=budget, on=budget_on, z=z)
+    choice = choose(finalists, prefix=prefix, budget=budget, on=budget_on, z=z,
+                    fallback_selection=fallback_selection)
     if not finalists:
         notes.append(f"no candidate passed selection (lower bound at {confidence:g} >= {budget:g})")
     cost = {"wall_s": round(time.perf_counter() - t0, 1), "requests": spent.requests,

@@ -290,9 +290,19 @@ def test_when_nothing_beats_the_baseline_the_file_says_so_and_holds_the_baseline
     assert "nothing the search found beats the paper's equal-speed policy" in text
     assert "lost to the equal-speed baseline" in text
     assert load_presets(path) == {"arc_easy-90": "skip:13-16"}  # the searched policy is not in the file
-    # no baseline passed selection: the lost policy's equal-speed baseline is the preset, if held-out allows
-    c = choose([lost], prefix="arc_easy-90", budget=0.9, on="each", z=1.28)
+    # no baseline among the finalists: the lost policy's equal-speed baseline is the preset, if it passes selection
+    # on its own (held-out items alone never pick a preset) and held-out allows
+    est = {"arc": Estimate(0.95, 0.02, 100)}
+    passed, missed = (check_budget(est | {"arc": Estimate(v, 0.02, 100)}, budget=0.9, on="each", z=1.28)
+                      for v in (0.95, 0.85))
+    c = choose([lost], prefix="arc_easy-90", budget=0.9, on="each", z=1.28, fallback_selection=passed)
     assert c.outcome == "baseline" and c.presets == {"arc_easy-90": "skip:14-15"}
+    assert "which passed selection (bound 0.924)" in c.notes[0]
+    for check, why in ((None, "was not scored on the selection items"), (missed, "missed the budget on the selection "
+                                                                                 "items (bound 0.824)")):
+        c = choose([lost], prefix="arc_easy-90", budget=0.9, on="each", z=1.28, fallback_selection=check)
+        assert c.outcome == "full" and c.presets == {"arc_easy-90": "full"}
+        assert any(f"`skip:14-15` {why}" in n for n in c.notes), c.notes
     # nothing at all: full
     c = choose([], prefix="arc_easy-90", budget=0.9, on="each", z=1.28)
     path.write_text(presets_yaml(search_result(c, [])))
