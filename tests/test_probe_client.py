@@ -146,6 +146,8 @@ def test_the_identity_layer_is_found(url):
     assert p.least_influential(1) == [IDENTITY]
     assert p.block_influence[IDENTITY] == pytest.approx(0.0, abs=1e-6)
     assert p.similarity[IDENTITY, IDENTITY + 1] == pytest.approx(1.0, abs=1e-6)
+    # its input and output are the same vector: the angle between them is 0, not arccos's rounding (~1e-4)
+    assert r.angular_distance[0][IDENTITY] < 1e-6
     assert p.most_alike_blocks()[0].label == str(IDENTITY)
 
 

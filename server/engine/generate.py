@@ -38,7 +38,8 @@ from server.engine.kv_manager import KVManager, Reused
 from server.model.model import GroupMode, Transformer, default_dtype
 from server.policy.policy import Policy, as_policy
 from server.engine.probe import ProbeStats
-from server.engine.probe import reduce as reduce_probe
+from server.engine.probe import Reducer as ProbeReducer
+from server.engine.probe import chunks as probe_chunks
 from server.engine.request import GenerationResult, Request, Timings
 from server.engine.sampling import SamplingBatch, SamplingParams, make_generator, sample_batch
 from server.engine.served import encode
@@ -391,24 +392,30 @@ class Batch:
 
     def probe(self, prompts: list[list[int]], schedule: Schedule) -> ProbeStats:
         """One forward pass of `prompts` under `schedule`, no sampling; returns the layer statistics of
-        `server.engine.probe` (reduced here, on the thread that owns the tensors). Their KV blocks are freed at once."""
-        ids = [f"probe-{next(_ids)}" for _ in prompts]
-        lengths = [len(p) for p in prompts]
-        tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
-        for b, p in enumerate(prompts):
-            tokens[b, : len(p)] = torch.tensor(p)
-        states: list[Tensor] = [tokens] * (len(schedule.steps) + 1)
+        `server.engine.probe` (reduced here, on the thread that owns the tensors). The prompts run in chunks of
+        similar length (`probe_chunks`), each chunk's KV blocks freed once it has run."""
+        reducer = ProbeReducer()
+        for chunk in probe_chunks([len(p) for p in prompts]):
+            part = [prompts[b] for b in chunk]
+            ids = [f"probe-{next(_ids)}" for _ in part]
+            lengths = [len(p) for p in part]
+            tokens = torch.zeros(len(part), max(lengths), dtype=torch.long)
+            for b, p in enumerate(part):
+                tokens[b, : len(p)] = torch.tensor(p)
+            states: list[Tensor] = [tokens] * (len(schedule.steps) + 1)
 
-        def capture(step: int, rows: Tensor, h: Tensor) -> None:
-            states[step] = h  # already a copy (gathered by row)
+            def capture(step: int, rows: Tensor, h: Tensor, states: list[Tensor] = states) -> None:
+                states[step] = h  # already a copy (gathered by row)
 
-        try:
-            self.executor.forward(tokens.to(self.model.device), [Row(q, schedule, 0, n) for q, n in zip(ids, lengths)],
-                                  logits_at=torch.tensor(lengths, device=self.model.device) - 1, capture=capture)
-        finally:
-            for q in ids:
-                self.kv.free(q)
-        return reduce_probe(schedule, states, lengths)
+            try:
+                self.executor.forward(tokens.to(self.model.device),
+                                      [Row(q, schedule, 0, n) for q, n in zip(ids, lengths)],
+                                      logits_at=torch.tensor(lengths, device=self.model.device) - 1, capture=capture)
+            finally:
+                for q in ids:
+                    self.kv.free(q)
+            reducer.add(states, lengths)
+        return reducer.result(schedule)
 
     def warm_up(self, schedule: Schedule) -> None:
         """Capture (and, fused, compile) the decode steps of `schedule` before any request runs
