@@ -171,14 +171,14 @@ def test_cuda_overlapped_decode_queues_a_step_without_waiting_for_the_device(mon
     """Overlap only pays if queuing a step never waits for the device: every launch of a steady decode (layouts
     captured, programs compiled) and every prefill queued while a decode step is in flight runs under torch's sync
     debug mode set to raise, with rows crossing KV block boundaries (new blocks in the table), joining from a
-    prefill whose token is still on the device, and sampling with seeds."""
+    prefill whose token is still on the device, sampling with seeds, and min_tokens masking the EOS."""
     from server.engine.generate import Batch
 
     eng = Engine.from_hf(tiny_llama(), CharTokenizer(), device="cuda", dtype=torch.float32, overlap=True)
     policies = ["full", "skip:2", "full"]
     params = [SamplingParams(max_tokens=40, ignore_eos=True),
               SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True, logprobs=1),
-              SamplingParams(max_tokens=30, ignore_eos=True)]
+              SamplingParams(max_tokens=30, min_tokens=20)]
     batch = eng.new_batch(max_len=64, num_blocks=200)
 
     def run() -> list[list[int]]:

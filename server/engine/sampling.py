@@ -102,7 +102,8 @@ def sample_batch(logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor, 
     A banned (row, token) pair is -inf for that row's choice, greedy or drawn (the caller's logits are unchanged)."""
     logits = logits.float()
     if batch.banned is not None:
-        logits = logits.index_put(tuple(batch.banned), torch.tensor(float("-inf"), device=logits.device))
+        # a fill, not torch.tensor(..., device=...): that is a blocking host-to-device copy, a sync in the step
+        logits = logits.index_put(tuple(batch.banned), torch.full((), float("-inf"), device=logits.device))
     tokens, alive, logits = greedy(logits)
     errors: dict[int, Exception] = {}
     if not batch.sampled:
