@@ -116,7 +116,7 @@ TGI = {400: (422, "validation"), 401: (401, "authentication"), 404: (404, "valid
 def assert_error(r: httpx.Response, status: int, *, code: str | None = None, param: str | None = None,
                  says: tuple[str, ...] = ()) -> dict[str, Any]:
     """An error in OpenAI's shape with this status, or, on TGI's routes, TGI's answer to it."""
-    if r.request.url.path in ("/generate", "/generate_stream"):
+    if r.request.url.path in ("/", "/generate", "/generate_stream"):
         return assert_tgi_error(r, *TGI[status], says=says)
     assert r.status_code == status, r.text
     body = r.json()

@@ -117,15 +117,15 @@ def test_tgi_routes_answer_errors_as_tgi_does(client: PaintersClient, url: str) 
     from huggingface_hub import InferenceClient
     from huggingface_hub.errors import ValidationError
 
-    hf = InferenceClient(model=f"{url}/generate")
-    out = hf.text_generation(PROMPT, max_new_tokens=4, details=True)
-    assert out.details.generated_tokens == 4 and out.generated_text == client.generate(
-        PROMPT, max_new_tokens=4).generated_text
-    assert "".join(hf.text_generation(PROMPT, max_new_tokens=4, stream=True)) == out.generated_text
-    for stream in (False, True):
-        with pytest.raises(ValidationError, match="at most 128"):
-            list(hf.text_generation("x" * 200, max_new_tokens=4, stream=stream)) if stream else \
-                hf.text_generation("x" * 200, max_new_tokens=4)
+    for hf in (InferenceClient(model=url), InferenceClient(model=f"{url}/generate")):  # TGI's root route too
+        out = hf.text_generation(PROMPT, max_new_tokens=4, details=True)
+        assert out.details.generated_tokens == 4 and out.generated_text == client.generate(
+            PROMPT, max_new_tokens=4).generated_text
+        assert "".join(hf.text_generation(PROMPT, max_new_tokens=4, stream=True)) == out.generated_text
+        for stream in (False, True):
+            with pytest.raises(ValidationError, match="at most 128"):
+                list(hf.text_generation("x" * 200, max_new_tokens=4, stream=stream)) if stream else \
+                    hf.text_generation("x" * 200, max_new_tokens=4)
     r = httpx.post(f"{url}/generate", json={"inputs": "x", "parameters": {"policy": "skip:9"}})
     assert r.status_code == 422 and r.json() == {"error": r.json()["error"], "error_type": "validation"}
     assert "allowed forms" in r.json()["error"]
@@ -156,7 +156,7 @@ def test_a_failed_generation_on_tgi_routes_is_tgis_generation_error() -> None:
                     hf.text_generation(PROMPT, max_new_tokens=3)
         with PaintersClient(url) as c, pytest.raises(PaintersError, match="poisoned token"):
             list(c.generate_stream(PROMPT, max_new_tokens=3))
-        r = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 3})  # OpenAI's answer
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0})  # OpenAI shape
         assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
 
 

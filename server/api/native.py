@@ -1,5 +1,5 @@
-"""The native endpoints, shaped like TGI's: POST /generate and POST /generate_stream (SSE). Adapters over the shared
-pipeline."""
+"""The native endpoints, shaped like TGI's: POST /generate, POST /generate_stream (SSE) and TGI's POST / (either, by
+`stream`). Adapters over the shared pipeline."""
 
 from __future__ import annotations
 
@@ -89,6 +89,13 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
                            details=_details(served, body, result) if body.parameters.details else None)
     return JSONResponse(out.model_dump(mode="json", exclude={"details"} if out.details is None else set()),
                         headers=timing_headers(run.schedule, [result]))
+
+
+@router.post("/", response_model=GenerateResponse, responses=EVENTS)
+async def compat_generate(body: GenerateRequest, request: Request) -> Any:
+    """TGI's route at the root: /generate, or /generate_stream when `stream` is true. huggingface_hub's
+    InferenceClient posts here when given the server's URL as its model."""
+    return await generate(body, request)
 
 
 @router.post("/generate_stream", response_class=EventSourceResponse, responses=EVENTS)
