@@ -533,6 +533,21 @@ def _digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+FINGERPRINT_TEXT = "The quick brown fox jumps over the lazy dog, 0123456789 times."
+
+
+async def model_fingerprint(client: AsyncPaintersClient) -> str:
+    """What the served model computes, not what it is called: the full model's log-probabilities of a fixed text,
+    rounded to 2 decimals, hashed. A served name is the alias or directory name, so another checkpoint, or the same
+    one in another dtype, under the same name would read the first one's cached results. Float noise between runs
+    (1e-6) almost never crosses a rounding boundary; where it does, the cost is a cache miss."""
+    r = await client.completions(FINGERPRINT_TEXT, policy="full", max_tokens=0, echo=True, logprobs=0,
+                                 temperature=0)
+    logprobs = r.choices[0].logprobs
+    values = [] if logprobs is None else [None if v is None else round(v, 2) + 0.0 for v in logprobs.token_logprobs]
+    return hashlib.sha256(json.dumps([logprobs.tokens if logprobs else [], values]).encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class ResultCache:
     """One JSON file per (model, policy, task, items, scoring settings) under `root`; what it holds is final, so a
@@ -602,7 +617,8 @@ class EvalSession:
             info = await _server_info(client, max_length=max_length)
             model_id = (await client.models())[0]["id"] if cache_dir is not None else ""
             cache = None if cache_dir is None else ResultCache(
-                cache_dir, {"model": model_id, "max_len": info.max_len, "max_gen_tokens": max_gen_tokens})
+                cache_dir, {"model": model_id, "computes": await model_fingerprint(client), "max_len": info.max_len,
+                            "max_gen_tokens": max_gen_tokens})
             yield cls(client, info, concurrency=concurrency, max_gen_tokens=max_gen_tokens, model_id=model_id,
                       cache=cache)
 

@@ -341,6 +341,29 @@ def test_evaluate_keys_by_canonical_policy(url, tmp_path):
     assert skip.normalized == normalized_score(skip.accuracy, full.accuracy, 0.5)
 
 
+def test_the_result_cache_tells_models_by_what_they_compute_not_their_name(url, tmp_path):
+    """Two servers both calling their model "tiny" (a served name is the alias or directory name: another checkpoint
+    or dtype under the same name) share no cached result; the same server's results are reused."""
+    from clients.evaluate import EvalSession
+    from clients.tasks import load_task
+    from tests.conftest import tiny_llama_with_identity_layer
+
+    path = tmp_path / "piqa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in piqa_rows(4)))
+    task, cache = load_task("piqa", path=path), tmp_path / "cache"
+
+    async def score(u: str) -> tuple[list[float], int]:
+        async with EvalSession.open(u, concurrency=4, cache_dir=cache) as s:
+            return (await s.score("full", task)).soft, s.spent.requests
+
+    first, sent = asyncio.run(score(url))
+    assert sent > 0 and asyncio.run(score(url)) == (first, 0)  # the same model: from the cache
+    with serve_tiny(model_factory=lambda: tiny_llama_with_identity_layer(2, hidden_size=64),
+                    max_model_len=MAX_LEN) as other:
+        theirs, sent = asyncio.run(score(other))
+    assert sent > 0 and theirs != first
+
+
 def test_resolve_policy_rejects_a_bad_policy(url):
     async def go():
         async with AsyncPaintersClient(url) as client:
