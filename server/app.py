@@ -69,7 +69,12 @@ def _start(state: AppState, factory: EngineFactory, raw_presets: dict) -> None:
         presets = {}
         for name, policy in raw_presets.items():
             presets[name] = engine.compile(as_policy(policy)).policy  # invalid presets fail the start, loudly
+        allowed = None if state.settings.allowed_policies is None else frozenset(  # an invalid entry fails the start
+            engine.compile(as_policy(presets.get(p, p))).policy for p in state.settings.allowed_policies)
         default = engine.compile(as_policy(state.settings.default_policy)).policy
+        if allowed is not None and default not in allowed:  # else every request naming no policy would be refused
+            raise ValueError(f"default_policy {default!r} is not among allowed_policies "
+                             f"({', '.join(state.settings.allowed_policies or ())})")
         state.metrics.reserve([default, *presets.values()])  # their series survive any client's policy spree
         s = state.settings
         max_len = min(s.max_model_len, engine.max_model_len)
@@ -83,7 +88,7 @@ def _start(state: AppState, factory: EngineFactory, raw_presets: dict) -> None:
         log.info("KV budget: %d slot-tokens (%.0f MB)", budget, budget * engine.kv_bytes_per_slot_token() / 2**20)
         loop.warm_up(engine.compile(as_policy(s.default_policy)))  # before /ready: captures and compiles
         loop.start()
-        state.presets, state.served, state.loop = presets, ServedModel.of(engine), loop
+        state.presets, state.allowed, state.served, state.loop = presets, allowed, ServedModel.of(engine), loop
         log.info("model %s ready (%d layers; decode attention %s, captured steps %s, overlapped decode %s)",
                  state.model_name, engine.num_layers, engine.decode_attention,
                  "on" if loop.batch.executor.graphs is not None else "off", "on" if loop.batch.overlap else "off")

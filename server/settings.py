@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -65,7 +65,15 @@ class Settings(BaseSettings):
         None, description="if set, only these policies (canonical strings or preset names) are accepted"
     )
     max_policy_labels: int = Field(32, ge=1, description="distinct policy labels in metrics; the rest are 'other'")
-    threads: int | None = Field(None, description="torch CPU threads (default: torch's choice)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _no_policy_suffix(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "@" in v):
+            raise ValueError(f"served_model_name {v!r} must be non-empty and without '@' (clients write "
+                             "NAME@POLICY to choose a policy)")
+        return v
 
     @model_validator(mode="after")
     def _fusing_needs_graphs(self) -> Settings:

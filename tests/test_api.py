@@ -912,6 +912,25 @@ def test_a_key_setting_without_a_key_refuses_to_start(keys, tmp_path):
         create_app(settings(api_key_file=comments), engine_factory=tiny_engine())
 
 
+@pytest.mark.parametrize("bad,says", [(dict(served_model_name="my@model"), "without '@'"),
+                                      (dict(served_model_name=""), "non-empty"),
+                                      (dict(threads=0), "greater than or equal to 1"),
+                                      (dict(threads=-2), "greater than or equal to 1")])
+def test_settings_that_could_never_serve_are_refused_by_name(bad, says, monkeypatch):
+    """A served name with '@' was listed by /v1/models and then not found by any request (the '@' starts a policy
+    suffix); threads=-2 never became ready, threads=0 was ignored. Each is a settings error naming it, from the
+    environment as from arguments."""
+    from pydantic import ValidationError
+
+    (name, value), = bad.items()
+    with pytest.raises(ValidationError, match=says) as e:
+        settings(**bad)
+    assert name in str(e.value)
+    monkeypatch.setenv(f"PAINTERS_{name.upper()}", str(value))
+    with pytest.raises(ValidationError, match=says):
+        Settings()
+
+
 def test_a_lone_surrogate_in_a_prompt_is_a_400_naming_it(chat_client):
     """JSON's "\\ud800" escape decodes to a lone surrogate, which no tokenizer can encode: it was a 500 with the
     codec's message."""
@@ -935,6 +954,17 @@ def test_allowed_policies(presets):
         for ok in ({}, {"policy": "fast"}, {"policy": "skip:2"}, {"model": "tiny@skip:2-3"}, {"policy": "full"}):
             assert c.post("/v1/completions", json={**body, **ok}).status_code == 200, ok
         assert c.get("/policies").json()["allowed_policies"] == ["full", "fast"]
+
+
+@pytest.mark.parametrize("allowed,says", [(["full", "skip:99"], "cannot skip 99 of 6 layers"),
+                                          (["skip:2"], "default_policy 'full' is not among allowed_policies")])
+def test_allowed_policies_that_cannot_serve_fail_the_start(allowed, says):
+    """An entry that does not compile, or a list without the default policy, fails the load with its reason: the
+    server reported ready, then refused every request (naming no policy among them) with a 400 blaming the client."""
+    with serving(settings(allowed_policies=allowed), ready=False) as c:
+        wait_for(lambda: c.app.state.painters.load_error is not None)
+        r = c.get("/ready")
+        assert r.status_code == 503 and says in r.json()["status"], r.json()
 
 
 def test_queue_full_is_429_with_retry_after():

@@ -34,7 +34,7 @@ class AppState:
     load_error: str | None = None
     draining: bool = False  # SIGTERM: /ready is 503 and new requests are refused while running ones finish
     in_flight: int = 0  # HTTP requests being answered (counted by the guard; a drain waits for them)
-    _allowed: set[str] | None = field(default=None, repr=False)
+    allowed: frozenset[str] | None = None  # allowed_policies in canonical form, compiled at start (None: any)
 
     @property
     def max_model_len(self) -> int:
@@ -124,11 +124,9 @@ class AppState:
             raise APIError(400, f"policy {schedule.policy[:80]!r} compiles to {len(schedule.steps)} steps; this server "
                                 f"runs at most {self.settings.max_schedule_steps} (max_schedule_steps)",
                            param="policy", code="schedule_too_long")
-        if self.settings.allowed_policies is not None:
-            canonical = self.allowed_canonical()
-            if schedule.policy not in canonical:
-                raise APIError(400, f"policy {schedule.policy!r} is not allowed on this server; allowed: "
-                                    f"{', '.join(sorted(canonical))}", param="policy", code="policy_not_allowed")
+        if self.allowed is not None and schedule.policy not in self.allowed:
+            raise APIError(400, f"policy {schedule.policy!r} is not allowed on this server; allowed: "
+                                f"{', '.join(sorted(self.allowed))}", param="policy", code="policy_not_allowed")
         return schedule
 
     def _check_policy_size(self, model: str | None, policy: str | dict | None) -> None:
@@ -143,14 +141,6 @@ class AppState:
                 raise APIError(400, f"{param} is {size} characters; a policy may have at most {limit} "
                                     "(max_policy_chars); use a preset or a shorter form such as a range",
                                param=param, code="policy_too_long")
-
-    def allowed_canonical(self) -> set[str]:
-        """The allowed policies in canonical form, compiled once (not on every request)."""
-        if self._allowed is None:
-            served, _ = self.require()
-            self._allowed = {served.compile(self.presets.get(p, p)).policy
-                             for p in self.settings.allowed_policies or ()}
-        return self._allowed
 
     def policies_info(self) -> PoliciesInfo:
         n = self.served.num_layers if self.served else None
