@@ -586,6 +586,11 @@ def test_policies(client):
     assert body["num_layers"] == 6 and body["layer_range"] == "0-5" and body["default_policy"] == "full"
     assert body["presets"] == {"fast": SKIP2}
     assert {k["kind"] for k in body["kinds"]} >= {"full", "skip", "pairs", "parallel", "loop", "schedule"}
+    # the examples (the playground's suggestions) fit this model's 6 layers: they were written for 30
+    assert len(body["examples"]) == 11
+    for example in body["examples"]:
+        r = client.post("/v1/schedule", json={"model": MODEL, "policy": example})
+        assert r.status_code == 200, (example, r.text)
 
 
 def test_tokenize_detokenize_and_tokenizer_info(client):

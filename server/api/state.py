@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.api.errors import APIError
 from server.api.protocol import PoliciesInfo, PolicyKind
-from server.policy.compiler import Schedule, default_span
+from server.policy.compiler import Schedule, default_span, examples
 from server.metrics import Metrics
 from server.policy.policy import KINDS, SYNTAX, PolicyError, allowed_forms
 from server.settings import Settings
@@ -152,8 +152,7 @@ class AppState:
             default_policy=self.settings.default_policy,
             presets=self.presets,
             allowed_policies=self.settings.allowed_policies,
-            examples=["full", "skip:10", "skip:12-17", "pairs", "pairs:4-25", "parallel:8-22", "loop:8-22x3",
-                      "reverse:8-22", "shuffle:8-22:7", "repeat:8-22", "schedule:0-9,10+11/pairs,12-29"],
+            examples=examples(n),
             max_policy_chars=self.settings.max_policy_chars,
             max_schedule_steps=self.settings.max_schedule_steps,
         )

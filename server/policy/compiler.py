@@ -64,6 +64,22 @@ def default_span(num_layers: int) -> tuple[int, int]:
     return edge, num_layers - 1 - edge
 
 
+def examples(num_layers: int | None) -> list[str]:
+    """A policy of each kind that this many layers can run (30 layers: skip:10, skip:12-17, pairs:4-25,
+    parallel:8-22, ..., schedule:0-9,10+11/pairs,12-29); without a count, the kinds that need no range."""
+    if num_layers is None or num_layers < 5:
+        return ["full", "pairs", "parallel", "reverse", "repeat"][: 1 if num_layers is not None and num_layers < 2
+                                                                  else None]
+    n = num_layers
+    a, b = default_span(n)
+    lo, hi = centred_span(n, max(1, n // 5))
+    m1, m2 = n // 4 + 1, n - n // 4 - 1  # the middle half
+    k = n // 3
+    return ["full", f"skip:{n // 3}", f"skip:{lo}-{hi}", "pairs", f"pairs:{a}-{b}", f"parallel:{m1}-{m2}",
+            f"loop:{m1}-{m2}x3", f"reverse:{m1}-{m2}", f"shuffle:{m1}-{m2}:7", f"repeat:{m1}-{m2}",
+            f"schedule:0-{k - 1},{k}+{k + 1}/pairs,{k + 2}-{n - 1}"]
+
+
 def centred_span(num_layers: int, count: int) -> tuple[int, int]:
     """The `count` layers centred in the stack (30 layers, 10 -> 10-19)."""
     start = (num_layers - count) // 2
