@@ -117,6 +117,15 @@ def test_playground_streams_policies_side_by_side(browser, server, tmp_path):
     page.press("#key-input", "Enter")
     page.wait_for_function("document.body.dataset.ready === '1'", timeout=60_000)
     assert page.evaluate("sessionStorage.getItem('painters-api-key')") == KEY
+    # the snippets carry the key header, after a reload too (the key comes back from the tab, with no 401 to say
+    # that one is needed: the copied curl was refused)
+    auth = 'authorization: Bearer $PAINTERS_API_KEY'
+    assert auth in column(page, 0).locator(".curl").text_content()
+    page.reload()
+    page.wait_for_function("document.body.dataset.ready === '1'", timeout=60_000)
+    assert auth in column(page, 0).locator(".curl").text_content()
+    assert 'os.environ["PAINTERS_API_KEY"]' in column(page, 0).locator(".python").text_content()
+    assert page.locator("#key-button").is_visible()
 
     page.fill("#prompt", PROMPT)
     page.fill("#temperature", "0")
@@ -167,6 +176,20 @@ def test_playground_streams_policies_side_by_side(browser, server, tmp_path):
     page.screenshot(path=str(shots / "playground-phone.png"), full_page=False)
     assert all((shots / name).stat().st_size > 10_000 for name in ("playground.png", "playground-phone.png"))
     page.set_viewport_size({"width": 1280, "height": 800})
+
+    # the Run button sends what the server accepts: a temperature off the 0.1 grid, max tokens past 512 (the form
+    # refused both with a tooltip, while Ctrl+Enter sent them)
+    set_policies(page, ["full"])
+    page.fill("#temperature", "0.75")
+    page.fill("#max-tokens", "513")
+    assert page.evaluate("document.querySelector('#run-form').checkValidity()")
+    with page.expect_request(lambda r: r.url.endswith("/v1/completions")) as sent:
+        page.click("#run")
+    assert '"temperature":0.75' in sent.value.post_data and '"max_tokens":513' in sent.value.post_data
+    page.wait_for_function("['done', 'error'].includes(document.querySelector('.column').dataset.state) && "
+                           "document.querySelector('#run').disabled === false", timeout=120_000)
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", str(MAX_TOKENS))
 
     # a bad policy: its column shows the server's 400, the others still run (this time all at once)
     page.uncheck("#one-at-a-time")

@@ -91,6 +91,10 @@ function askForKey(message) {
 }
 
 function setupKeyDialog() {
+  if (state.key) { // kept in this tab from an earlier 401: the server wants one, and the snippets must say so
+    state.keyRequired = true;
+    $("#key-button").hidden = false;
+  }
   $("#key-form").addEventListener("submit", (event) => {
     const key = $("#key-input").value.trim();
     if (!key) { event.preventDefault(); return; }
@@ -627,6 +631,7 @@ async function main() {
   state.info = await loadInfo();
   const info = state.info;
   $("#model-line").textContent = `${info.model} · ${info.num_layers} layers · max ${info.max_model_len} tokens`;
+  $("#max-tokens").max = String(info.max_model_len); // what the server allows, not a fixed guess
   const list = $("#policy-list");
   for (const p of info.presets) {
     const o = document.createElement("option");
