@@ -206,6 +206,8 @@ def test_completion_shape_usage_and_painters_object(client):
     assert set(t) == {"queue_s", "prefill_s", "decode_s", "time_to_first_token_s", "time_per_output_token_s", "e2e_s"}
     assert all(v >= 0 for v in t.values())
     assert t["e2e_s"] >= t["decode_s"] and t["time_to_first_token_s"] >= t["prefill_s"]
+    assert t["e2e_s"] == pytest.approx(t["time_to_first_token_s"] + t["decode_s"])  # arrival -> last token
+    assert t["time_per_output_token_s"] == pytest.approx(t["decode_s"] / 4)
 
 
 def test_every_prompt_form_gives_the_same_greedy_text(client):

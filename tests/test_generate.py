@@ -457,8 +457,8 @@ def test_a_row_stopped_by_its_token_in_flight_decodes_once_more_and_drops_it(tin
 
 
 def test_overlapped_timings_add_up_to_the_decode_time(overlapped_engine):
-    """Each token's time is the step period (from the later of its launch and the previous read), so per-token
-    times sum to the decode wall time rather than counting overlapping steps twice."""
+    """Each token's time is the wall time since the previous one, so per-token times sum to the decode wall time
+    rather than counting overlapping steps twice."""
     import time
 
     t = time.perf_counter()
@@ -471,9 +471,10 @@ def test_overlapped_timings_add_up_to_the_decode_time(overlapped_engine):
 
 
 def test_a_step_that_admits_rows_counts_its_wait_for_the_running_rows(engine, monkeypatch):
-    """Every launch takes at least 30 ms (a sleep stands in for the device), so every token of a running row does.
-    Overlapped, the step that admits a row reads its prefill first, and that read waits for the running rows' step:
-    timed from that read, their token took 0 s, and the admission's cost to them vanished from TPOT."""
+    """Every launch takes at least 30 ms (a sleep stands in for the device), so every token of a running row does,
+    and the one that waited for an admitted prefill's launch too took two: a token's time is the wall time since the
+    row's previous token, as its client sees it (vLLM's inter-token latency). Overlapped, timed from the prefill's
+    read, their token took 0 s; step by step, timed from its own step's launch, it left the prefill out."""
     import time
 
     launch = Batch.launch
@@ -496,6 +497,9 @@ def test_a_step_that_admits_rows_counts_its_wait_for_the_running_rows(engine, mo
         batch.filter()
     assert running.finished and len(running.timings.per_token_s) == 5
     assert min(running.timings.per_token_s) >= 0.03, running.timings.per_token_s
+    assert max(running.timings.per_token_s) >= 0.06, running.timings.per_token_s  # the admission's stall
+    tm = running.timings
+    assert tm.decode_s == pytest.approx(sum(tm.per_token_s)) and tm.total_s == pytest.approx(tm.ttft_s + tm.decode_s)
 
 # -- bounded memory ------------------------------------------------------------------------------------------------
 

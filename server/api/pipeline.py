@@ -300,7 +300,7 @@ def timings(result: GenerationResult) -> Timings:
 
 def timings_of(t: EngineTimings) -> Timings:
     return Timings(queue_s=t.queue_s, prefill_s=t.prefill_s, decode_s=t.decode_s, time_to_first_token_s=t.ttft_s,
-                   time_per_output_token_s=t.tpot_s, e2e_s=t.queue_s + t.prefill_s + t.decode_s)
+                   time_per_output_token_s=t.tpot_s, e2e_s=t.total_s)
 
 
 def timing_headers(schedule: Schedule, results: list[GenerationResult]) -> dict[str, str]:

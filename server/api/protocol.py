@@ -201,12 +201,15 @@ class UsageInfo(BaseModel):
 
 
 class Timings(BaseModel):
-    queue_s: float
+    """Seconds, as the client sees them (vLLM's definitions): decode and time per token count every wait between a
+    request's tokens, another request's prefill included."""
+
+    queue_s: float = Field(description="arrival -> its prefill began")
     prefill_s: float
-    decode_s: float
+    decode_s: float = Field(description="first token -> last token")
     time_to_first_token_s: float
-    time_per_output_token_s: float
-    e2e_s: float
+    time_per_output_token_s: float = Field(description="decode_s / (tokens - 1): the mean inter-token latency")
+    e2e_s: float = Field(description="arrival -> last token")
 
 
 class PaintersInfo(BaseModel):

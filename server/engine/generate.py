@@ -82,7 +82,6 @@ class Launched:
 
     inp: StepInput
     tokens: Tensor  # [B] each row's sampled token, on the device
-    at: float  # time.perf_counter() when it was queued
     fetch: Callable[[], ModelOutput] = field(repr=False)
     all_logits: Tensor | None = None  # [B, T, V] for echo prefills
 
@@ -112,7 +111,6 @@ class Batch:
         self.overlap = model.device.type == "cuda" if overlap is None else overlap
         self._in_flight: Launched | None = None  # the decode step queued and not yet read (overlap only)
         self._prefills: list[tuple[Launched, float]] = []  # prefills queued and not yet read, with when `add` began
-        self._read_at = 0.0  # when the last decode step's results were read
 
     @property
     def reused_tokens(self) -> int:
@@ -175,14 +173,13 @@ class Batch:
 
     def launch(self, inp: StepInput) -> Launched:
         """Queue the forward and batched sampling; the results start their one copy to the host."""
-        at = time.perf_counter()
         logits = self.executor.forward(inp.tokens, list(inp.rows), logits_at=None if inp.echo else inp.logits_at)
         all_logits = None
         if inp.echo:
             all_logits = logits
             logits = logits[torch.arange(len(inp.rows), device=logits.device), inp.logits_at]
         tokens, fetch = self.sample(logits, inp.sampling)
-        return Launched(inp, tokens, at, fetch, all_logits)
+        return Launched(inp, tokens, fetch, all_logits)
 
     def execute(self, inp: StepInput) -> ModelOutput:
         """The forward and batched sampling; the results reach the host in one copy."""
@@ -213,14 +210,17 @@ class Batch:
 
     # -- update: tokens, stops, text ------------------------------------------------------------------------------
 
-    def update(self, seqs: tuple[Request, ...] | list[Request], out: ModelOutput, t0: float, *, prefill: bool) -> None:
+    def update(self, seqs: tuple[Request, ...] | list[Request], out: ModelOutput, *,
+               prefill_from: float | None = None) -> None:
+        """Take a step's results: a prefill's (begun at `prefill_from`: the first tokens) or a decode step's. Each
+        token is timed when it reaches the host (`Timings`)."""
         now = time.perf_counter()
-        elapsed = now - t0
         for b, s in enumerate(seqs):
-            if prefill:
-                s.timings.queue_s = (s.scheduled or t0) - s.arrival
-                s.timings.prefill_s = elapsed
+            if prefill_from is not None:
+                s.timings.queue_s = (s.scheduled or prefill_from) - s.arrival
+                s.timings.prefill_s = now - prefill_from
                 s.timings.ttft_s = now - s.arrival
+                s.timings.first_token(now)
                 if s.params.max_tokens == 0:
                     s.set_finished("length")
             if s.finished:
@@ -229,8 +229,8 @@ class Batch:
                 s.set_finished("error", out.errors[b])
                 continue
             try:
-                if not prefill:
-                    s.timings.add_token(elapsed)
+                if prefill_from is None:
+                    s.timings.add_token(now)
                 token = out.token_ids[b]
                 s.output_ids.append(token)
                 if s.params.logprobs is not None:
@@ -306,7 +306,7 @@ class Batch:
         for s, p in zip(new, starts):
             self.kv.register(s, p)
         self.sequences.extend(new)
-        self.update(new, out, t0, prefill=True)
+        self.update(new, out, prefill_from=t0)
 
     def decode(self) -> tuple[Request, ...]:
         """Decode one token for every unfinished row (finished rows leave at `filter`); returns the requests whose
@@ -353,20 +353,13 @@ class Batch:
     def _read(self, launched: Launched | None, prefills: list[tuple[Launched, float]]) -> tuple[Request, ...]:
         """Read the prefills, then the decode step; returns the requests that got a token (a row that finished
         while its step was in flight gets none: its token is dropped)."""
-        # a step's time: from its launch, or from when the previous step's results were read if that was later. It
-        # is taken before the prefills are read: reading one waits for the decode step queued before it, and that
-        # wait (the admission's cost to the running rows) is the step's.
-        start = 0.0 if launched is None else max(launched.at, self._read_at)
         read: list[Request] = []
         for prefill, t0 in prefills:
             read += _given_a_token(prefill.inp.requests,
-                                   lambda: self.update(prefill.inp.requests, prefill.result(), t0, prefill=True))
-            self._read_at = time.perf_counter()
+                                   lambda: self.update(prefill.inp.requests, prefill.result(), prefill_from=t0))
         if launched is None:
             return tuple(read)
-        read += _given_a_token(launched.inp.requests,
-                               lambda: self.update(launched.inp.requests, launched.result(), start, prefill=False))
-        self._read_at = time.perf_counter()
+        read += _given_a_token(launched.inp.requests, lambda: self.update(launched.inp.requests, launched.result()))
         return tuple(read)
 
     def step(self) -> None:

@@ -32,12 +32,18 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 
 @dataclass
 class Timings:
+    """A request's times, as its client sees them (vLLM's definitions): a token's time is the wall time since the
+    request's previous token reached the host, whatever the engine did meanwhile (another request's prefill, the
+    host's work between steps), so decode_s runs from the first token to the last and TPOT is the mean inter-token
+    latency."""
+
     queue_s: float = 0.0
     prefill_s: float = 0.0
-    decode_s: float = 0.0
+    decode_s: float = 0.0  # first token -> last token
     ttft_s: float = 0.0  # arrival -> first token
-    per_token_s: list[float] = field(default_factory=list)  # decode step time of each token after the first
+    per_token_s: list[float] = field(default_factory=list)  # inter-token latency of each token after the first
     decode_tokens: int = 0  # tokens timed in decode_s (len(per_token_s); a snapshot keeps only this count)
+    last_at: float = 0.0  # time.perf_counter() when the latest token reached the host
 
     @property
     def tpot_s(self) -> float:
@@ -45,10 +51,16 @@ class Timings:
 
     @property
     def total_s(self) -> float:
-        return self.queue_s + self.prefill_s + self.decode_s
+        """Arrival -> the latest token."""
+        return self.ttft_s + self.decode_s
 
-    def add_token(self, elapsed: float) -> None:
-        """One decoded token took `elapsed` seconds (its step's time)."""
+    def first_token(self, now: float) -> None:
+        self.last_at = now
+
+    def add_token(self, now: float) -> None:
+        """A decoded token reached the host at `now` (time.perf_counter())."""
+        elapsed = now - self.last_at
+        self.last_at = now
         self.decode_s += elapsed
         self.decode_tokens += 1
         self.per_token_s.append(elapsed)
