@@ -77,7 +77,8 @@ def decode_tok_s(engine: Engine, policies: list[str], *, prompt_len: int, new_to
     decode tok/s and decode step in seconds, by the wall clock from the last first token to the call's end over
     the new_tokens - 1 decode steps (every host part of a step included: the per-token times leave out each
     step's update, which is a few per cent at 64 rows), greedy tokens, and what the captured steps did in each call
-    (the first captures). `timings_step_s`: the median step by the engine's own per-token times, for comparison."""
+    (the first captures). `timings_step_s`: the median step by the engine's own per-token times (the wall time between a request's tokens),
+    for comparison."""
     prompts = [[10 + (i + j) % 200 for j in range(prompt_len)] for i in range(len(policies))]
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     max_len = prompt_len + new_tokens
