@@ -1058,6 +1058,13 @@ def test_a_request_that_could_never_fit_the_kv_budget_is_a_400_naming_it():
         assert_error(r, 400, code="kv_budget_exceeded", says=("120 KV slots", "512 slot-tokens", "at most 4"))
         r = c.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 100})
         assert_error(r, 400, code="kv_budget_exceeded", says=("6 KV slots", "at most 84"))
+        # at the limit exactly: a request that never decodes (max_tokens 0, prompt scoring) needs its prompt alone
+        # (it was counted as prompt + 1 and refused, "x 85 tokens", against the limit of 84 its message named)
+        score = {"model": MODEL, "prompt": "x" * 84, "max_tokens": 0, "echo": True, "logprobs": 0}
+        r = c.post("/v1/completions", json=score)
+        assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["tokens"]) == 84, r.text
+        assert_error(c.post("/v1/completions", json={**score, "max_tokens": 1}), 400, code="kv_budget_exceeded",
+                     says=("x 85 tokens", "at most 84"))
         # A request that fits runs, even when several of them together do not fit at once (they wait).
         with ThreadPoolExecutor(4) as pool:
             texts = list(pool.map(lambda _: text_of(c, "hello", max_tokens=16, policy="full"), range(4)))

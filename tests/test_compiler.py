@@ -643,3 +643,16 @@ def test_the_examples_fit_every_depth() -> None:
         for example in examples(n):
             compile_schedule(example, n)
     assert examples(None) and all(":" not in e for e in examples(None))
+
+
+def test_a_parallel_group_is_at_most_as_wide_as_the_model() -> None:
+    """A group's members run at once, each with its own buffers: 2,044 members of layer 0 (a 4 KB policy) made one
+    prefill allocate ~66 MiB per prompt token on SmolLM2's width. The widest documented group is `parallel` over
+    every layer."""
+    assert len(compile_schedule("schedule:" + "+".join(["0"] * 30), 30).steps) == 1
+    assert compile_schedule("parallel:0-29", 30).steps[0].layers == tuple(range(30))
+    with pytest.raises(PolicyError, match="31 members; at most 30"):
+        compile_schedule("schedule:" + "+".join(["0"] * 31), 30)
+    assert len(compile_schedule("schedule:0+0+0+0+0+0+0+0", 2).steps) == 1  # a few repeats on a tiny model
+    with pytest.raises(PolicyError, match="9 members; at most 8"):
+        compile_schedule("schedule:" + "+".join(["0"] * 9), 2)

@@ -602,3 +602,10 @@ def test_fuzz_json_objects(obj: object) -> None:
     assert obj is None or isinstance(obj, (dict, str))  # anything else is not a policy
     str(p)
     json.dumps(p.to_json())
+
+
+def test_policy_json_nested_too_deeply_is_a_policy_error() -> None:
+    """json.loads raises RecursionError on ~1,000 levels (a 2 KB string, under max_policy_chars): it escaped as a
+    500."""
+    with pytest.raises(PolicyError, match="nested too deeply"):
+        as_policy('{"kind":' + "[" * 1000 + "]" * 1000 + "}")

@@ -82,6 +82,8 @@ def test_hostile_inputs_get_4xx_or_bounded_cost_and_the_server_stays_healthy(url
     s = result.statuses
     assert s["5 MB prompt"] == 413 and s["probe too many tokens"] == 413
     assert s["huge policy string"] == 400 and s["deeply nested list"] == 400 and s["lone surrogate suffix"] == 400
+    assert s["deep policy JSON in a string"] == 400  # a RecursionError: it was a 500
+    assert s["4 KB parallel group"] == 400  # 2,044 members run at once: ~30 GB at 480 tokens on SmolLM2's width
     assert s["300-step schedule"] in (200, 400) and s["4096-step schedule"] == 400
 
 

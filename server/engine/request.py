@@ -146,10 +146,10 @@ class Request:
 
     def kv_length(self) -> int:
         """Tokens per slot its whole life may need: prompt + max_tokens, or every probe prompt (each in its own
-        blocks: see `KVManager.reservation`)."""
+        blocks: see `KVManager.reservation`). A request with max_tokens 0 never decodes: its prompt is all."""
         if self.probe_prompts is not None:
             return sum(len(p) for p in self.probe_prompts)
-        return len(self.prompt_ids) + max(1, self.params.max_tokens)
+        return len(self.prompt_ids) + self.params.max_tokens
 
     def set_finished(self, reason: str, error: str | None = None) -> None:
         """Mark why it ended (the first reason wins). Only the end function (`Scheduler.finish`) and the step's

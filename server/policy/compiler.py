@@ -86,6 +86,9 @@ def centred_span(num_layers: int, count: int) -> tuple[int, int]:
     return start, start + count - 1
 
 
+MIN_GROUP_CAP = 8  # a parallel group may have max(layers, this) members
+
+
 def resolve(policy: Policy, num_layers: int) -> Policy:
     """Fill in defaults against the model and check every index: the canonical form of the policy."""
     if num_layers < 1:
@@ -130,6 +133,12 @@ def resolve(policy: Policy, num_layers: int) -> Policy:
             bad = [i for i in g.layers if not 0 <= i <= top]
             if bad:
                 raise PolicyError(f"schedule names layers {bad}, outside this model's layers 0-{top}")
+            # a group runs its members at once, its buffers one per member: as wide as the model at most (the
+            # widest documented group, `parallel` over every layer; a few repeats on a tiny model), not a 4 KB
+            # policy's 2,000 (~30 GB at 480 tokens on SmolLM2)
+            if len(g.layers) > max(num_layers, MIN_GROUP_CAP):
+                raise PolicyError(f"a parallel group has {len(g.layers)} members; at most "
+                                  f"{max(num_layers, MIN_GROUP_CAP)} (this model's layers) may run in one group")
         # A one-layer group is the same computation under every combine rule.
         steps = tuple(Group(g.layers) if len(g.layers) == 1 else g for g in policy.steps)
         return Policy("schedule", steps=steps)

@@ -399,13 +399,17 @@ def as_policy(value: str | dict[str, Any] | Policy | None) -> Policy:
         return Policy("full")
     if isinstance(value, Policy):
         return value
-    if isinstance(value, dict):
-        return policy_from_json(value)
-    if isinstance(value, str) and value.strip().startswith("{"):
-        try:
-            return policy_from_json(json.loads(value))
-        except json.JSONDecodeError as e:
-            raise PolicyError(f"policy looks like JSON but does not parse: {e}") from None
+    try:
+        if isinstance(value, dict):
+            return policy_from_json(value)
+        if isinstance(value, str) and value.strip().startswith("{"):
+            try:
+                return policy_from_json(json.loads(value))
+            except json.JSONDecodeError as e:
+                raise PolicyError(f"policy looks like JSON but does not parse: {e}") from None
+    except RecursionError:  # JSON nested past what the parser (or the walk over it) can follow
+        raise PolicyError("policy JSON is nested too deeply: a policy object holds at most a list of steps, "
+                          '{"kind": "schedule", "steps": [0, {"layers": [1, 2]}]}') from None
     if isinstance(value, str):
         return parse_policy(value)
     raise PolicyError(f"a policy is a string or an object, got {type(value).__name__}")
