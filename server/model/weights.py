@@ -218,6 +218,16 @@ def rope_parameters(config: Any, layer_type: str | None = None) -> Rotary:
         raise CheckpointError(
             f"rope_type {kind!r} is not one transformers knows; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}"
         )
+    original = params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings",
+                                                                         None)
+    if kind == "longrope" and original and original < config.max_position_embeddings:
+        # transformers switches every position to the long factors once a sequence passes the original length: no
+        # fixed table computes that
+        raise CheckpointError(
+            f"rope_type 'longrope' with original_max_position_embeddings {original} < max_position_embeddings "
+            f"{config.max_position_embeddings} changes its frequencies with the sequence's length; Painters' "
+            "rotary tables are fixed, so this checkpoint is not supported"
+        )
     inv_freq, scale = ROPE_INIT_FUNCTIONS[kind](config, **({} if layer_type is None else {"layer_type": layer_type}))
     return inv_freq.float(), float(scale)
 
