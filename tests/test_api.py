@@ -606,6 +606,29 @@ def test_tokenize_detokenize_and_tokenizer_info(client):
     assert info["chat_template"] is None
 
 
+def test_chat_can_continue_the_final_assistant_message():
+    """vLLM's continue_final_message: the prompt ends inside the last (assistant) message, so the model continues it.
+    The fields were dropped: the prompt closed that message and opened a new one."""
+    tok = bos_word_tokenizer()
+    chat = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello world"}]
+    continued = tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=False,
+                                        continue_final_message=True)["input_ids"]
+    opened = tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)["input_ids"]
+    assert continued != opened and tok.decode(continued).endswith("hello world")
+    with serving(settings(), tiny_engine(tok)) as c:
+        body = {"model": MODEL, "messages": chat, "max_tokens": 1, "temperature": 0}
+        assert chat_usage(c, body) == len(opened)
+        assert chat_usage(c, {**body, "add_generation_prompt": False, "continue_final_message": True}) == len(continued)
+        assert_error(c.post("/v1/chat/completions", json={**body, "continue_final_message": True}), 400,
+                     param="continue_final_message", says=("add_generation_prompt=false",))
+
+
+def chat_usage(c: TestClient, body: dict[str, Any]) -> int:
+    r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["usage"]["prompt_tokens"]
+
+
 def test_prompt_ids_are_the_tokenizers_with_its_default_special_tokens():
     """A tokenizer that adds <bos> by default (Gemma's): completions, /generate and /tokenize run the ids the tokenizer
     gives; chat and /tokenize of messages run its template's ids, whose <bos> is not added twice."""
@@ -690,6 +713,10 @@ ERRORS = [
     ("logit-bias", "/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, 400, None, "logit_bias",
      ("not supported",)),
     ("best-of", "/v1/completions", {"prompt": "x", "best_of": 3}, 400, None, "best_of", ("n",)),
+    ("suffix", "/v1/completions", {"prompt": "x", "suffix": "y"}, 400, None, "suffix", ("fill-in-the-middle",)),
+    ("functions", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                           "functions": [{"name": "f"}]}, 400, None, "functions",
+     ("function_call 'none'",)),
     ("json-mode", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                            "response_format": {"type": "json_object"}}, 400, None, "response_format",
      ("json_object", "text")),

@@ -152,3 +152,31 @@ def test_smollm2_tokenizer(smollm2_tokenizer, data):
     parts = assert_incremental(smollm2_tokenizer, smollm2_tokenizer.encode(text, add_special_tokens=False))
     assert "".join(parts) == text
 
+
+
+@pytest.mark.parametrize("name", ["byte_level", "sentencepiece_style", "smollm2_tokenizer"])
+def test_token_bytes_join_into_the_text_and_offsets_count_characters(request, name):
+    """A token holding part of a character decoded alone to U+FFFD: logprobs' `bytes` were that sign's UTF-8, so
+    joining them gave garbage; alternatives all keyed "\ufffd" collided; text_offset counted each piece as a
+    character. Its bytes are now the real ones, its `token` OpenAI's "bytes:\\x.." form, and offsets count over
+    the bytes, across a stream's chunks too."""
+    from server.api.openai import _Offsets
+    from server.engine.served import ServedModel
+
+    tok = request.getfixturevalue(name)
+    served = ServedModel(name="t", num_layers=1, vocab_size=len(tok), max_model_len=64, eos_ids=frozenset(),
+                         special_ids=frozenset(), tokenizer=tok)
+    partial = 0
+    for text in [*CORPUS, MULTIBYTE, "a " + MULTIBYTE]:
+        ids = tok.encode(text, add_special_tokens=False)
+        joined = b"".join(served.token_bytes(i) for i in ids).decode()
+        decoded = tok.decode(ids)
+        assert joined.lstrip(" ") == decoded.lstrip(" ")  # SentencePiece's decoder drops the first space
+        strings = [served.token_string(i) for i in ids]
+        assert "\ufffd" not in "".join(strings)
+        partial += sum(s.startswith("bytes:\\x") for s in strings)
+        whole = _Offsets().of(served, ids)
+        split = _Offsets()
+        halves = split.of(served, ids[: len(ids) // 2]) + split.of(served, ids[len(ids) // 2:])  # two chunks
+        assert whole == halves == sorted(whole) and split.pos == len(joined)
+    assert partial > 0  # the texts did split characters over tokens

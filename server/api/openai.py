@@ -3,6 +3,8 @@ becomes a `pipeline.Job`, and results or stream outputs become its response mode
 
 from __future__ import annotations
 
+import codecs
+
 import json
 import time
 from collections.abc import AsyncIterator
@@ -54,8 +56,21 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str 
     return list(prompt)  # type: ignore[arg-type]
 
 
-def _token_text(served: ServedModel, ids: list[int]) -> list[str]:
-    return [served.token_text(i) for i in ids]
+class _Offsets:
+    """Where each token starts in the text, in characters, counted over the tokens' bytes: a character split over
+    tokens counts once (each piece alone reads U+FFFD, one character each). Kept across a stream's chunks, as the
+    text runs on; the tokens' text, not a chunk's, which may hold back a tail its tokens carry."""
+
+    def __init__(self) -> None:
+        self.pos = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def of(self, served: ServedModel, ids: list[int]) -> list[int]:
+        out = []
+        for i in ids:
+            out.append(self.pos)
+            self.pos += len(self._decoder.decode(served.token_bytes(i)))
+        return out
 
 
 def _finite(x: float | None) -> float | None:
@@ -63,18 +78,13 @@ def _finite(x: float | None) -> float | None:
 
 
 def _completion_logprobs(served: ServedModel, ids: list[int], lps: list[float | None],
-                         tops: list[dict[int, float] | None] | None, offset: int) -> CompletionLogprobs:
-    tokens = _token_text(served, ids)
-    offsets, pos = [], offset
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t)
+                         tops: list[dict[int, float] | None] | None, offsets: _Offsets) -> CompletionLogprobs:
     top = None
     if tops is not None:
-        top = [None if d is None else {served.token_text(i): _finite(v)
+        top = [None if d is None else {served.token_string(i): _finite(v)
                                        for i, v in d.items()} for d in tops]
-    return CompletionLogprobs(tokens=tokens, token_logprobs=[_finite(x) for x in lps], top_logprobs=top,
-                              text_offset=offsets)
+    return CompletionLogprobs(tokens=[served.token_string(i) for i in ids], token_logprobs=[_finite(x) for x in lps],
+                              top_logprobs=top, text_offset=offsets.of(served, ids))
 
 
 def _usage(prompt_lens: list[int], results: list[GenerationResult]) -> UsageInfo:
@@ -130,7 +140,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                 lps = list(result.prompt_logprobs or [None] * len(prompt.ids)) + lps
                 if logprobs:
                     tops = list(result.prompt_top_logprobs or [None] * len(prompt.ids)) + (tops or [])
-            lp = _completion_logprobs(served, ids, lps, tops if logprobs else None, 0)
+            lp = _completion_logprobs(served, ids, lps, tops if logprobs else None, _Offsets())
         choices.append(CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=result.finish_reason))
     out = CompletionResponse(id=rid, created=created, model=model, choices=choices,
                              usage=_usage([len(p.ids) for p in run.prompts], results),
@@ -145,15 +155,13 @@ def _json(model: Any, headers: dict[str, str]) -> JSONResponse:
 async def _stream_completion(served: ServedModel, run: Running, *, rid: str, created: int, model: str,
                              want_logprobs: bool, include_usage: bool) -> AsyncIterator[dict[str, str]]:
     results: list[GenerationResult] = []
-    offsets = [0] * len(run.streams)
+    offsets = [_Offsets() for _ in run.streams]
     try:
         async for i, out in pipeline.merged(run.streams):
             lp = None
             if want_logprobs:
                 tops: list[dict[int, float] | None] | None = list(out.top_logprobs) if out.top_logprobs else None
                 lp = _completion_logprobs(served, out.token_ids, list(out.logprobs), tops, offsets[i])
-                # by the tokens' text, as without streaming: a chunk's text may hold back a tail its tokens carry
-                offsets[i] += sum(map(len, lp.tokens))
             final = out.result if out.finished else None
             chunk = CompletionResponse(id=rid, created=created, model=model, choices=[CompletionChoice(
                 index=i, text=out.text, logprobs=lp, finish_reason=final.finish_reason if final else None)])
@@ -190,7 +198,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     except ValueError as e:
         raise APIError(400, f"{e}; send text content", param="messages") from None
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    job = Job("chatcmpl", body.model, body.policy, Chat(messages), n=body.n, max_tokens=limit,
+    job = Job("chatcmpl", body.model, body.policy, Chat(messages, body.add_generation_prompt, body.continue_final_message), n=body.n, max_tokens=limit,
               params=_params(body, logprobs=(body.top_logprobs or 0) if body.logprobs else None, echo=False))
     run = await pipeline.start(state, job)
     rid, created, model = pipeline.new_request_id("chatcmpl"), int(time.time()), body.model or state.model_name
@@ -216,14 +224,13 @@ def _chat_logprobs(served: ServedModel, ids: list[int], lps: list[float], tops: 
                    ) -> ChatLogprobs:
     content = []
     for n, (i, lp) in enumerate(zip(ids, lps)):
-        token = served.token_text(i)
         alternatives = []
         if tops:
             for j, v in tops[n].items():
-                t = served.token_text(j)
-                alternatives.append(ChatTopLogprob(token=t, logprob=_finite(v), bytes=list(t.encode())))
-        content.append(ChatTokenLogprob(token=token, logprob=_finite(lp), bytes=list(token.encode()),
-                                        top_logprobs=alternatives))
+                alternatives.append(ChatTopLogprob(token=served.token_string(j), logprob=_finite(v),
+                                                   bytes=list(served.token_bytes(j))))
+        content.append(ChatTokenLogprob(token=served.token_string(i), logprob=_finite(lp),
+                                        bytes=list(served.token_bytes(i)), top_logprobs=alternatives))
     return ChatLogprobs(content=content)
 
 

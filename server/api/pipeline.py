@@ -46,6 +46,7 @@ class Chat:
 
     messages: list[dict[str, str]]
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,8 @@ def _in_vocab(ids: list[int], vocab: int, param: str) -> list[int]:
 
 def render_chat(served: ServedModel, chat: Chat) -> str:
     try:
-        return served.render_chat(chat.messages, add_generation_prompt=chat.add_generation_prompt)
+        return served.render_chat(chat.messages, add_generation_prompt=chat.add_generation_prompt,
+                                  continue_final_message=chat.continue_final_message)
     except Exception as e:  # noqa: BLE001 - no template, bad roles, template errors: all the client's to fix
         raise APIError(400, f"cannot apply this model's chat template ({type(e).__name__}: {e}); "
                             "use /v1/completions with a plain prompt", param="messages") from None

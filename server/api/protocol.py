@@ -149,6 +149,14 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: Logprobs | None = None
     echo: bool = False
+    suffix: str | None = Field(None, description="not supported (no fill-in-the-middle): refused when not empty")
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("suffix (fill-in-the-middle) is not supported; leave it out")
+        return v
 
     @field_validator("prompt")
     @classmethod
@@ -178,6 +186,27 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: Logprobs | None = None
     max_completion_tokens: int | None = Field(None, ge=0)
+    # vLLM's extensions: end the prompt inside the last (assistant) message, to continue it
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    # OpenAI's deprecated form of tools: refused as tools are
+    function_call: Any = None
+    functions: list[Any] | None = None
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _continue_or_open(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("add_generation_prompt", True):
+            raise ValueError("continue_final_message needs add_generation_prompt=false (a prompt cannot both "
+                             "continue the last message and open a new one)")
+        return v
+
+    @field_validator("functions")
+    @classmethod
+    def _no_functions(cls, v: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
+        if v and info.data.get("function_call") != "none":
+            raise ValueError("function calling is not supported; leave functions out or send function_call 'none'")
+        return v
 
     @field_validator("top_logprobs")
     @classmethod

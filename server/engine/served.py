@@ -7,6 +7,8 @@ per request at the edge; the engine runs the `Schedule` it is given.
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,12 +63,52 @@ class ServedModel:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_text(self, token_id: int) -> str:
-        """One token's own text, special tokens included."""
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        """One token's own text, special tokens included (U+FFFD where it holds part of a character). A SentencePiece
+        word piece keeps its space: Llama-2-style decoders strip a text's first space, which alone is the token's."""
+        text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        if not text.startswith(" ") and isinstance(piece := self._piece(token_id), str) and piece.startswith("\u2581"):
+            return " " + text
+        return text
 
-    def render_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
+    def _piece(self, token_id: int) -> str | None:
+        """The token as the vocabulary spells it (None for a tokenizer without one)."""
+        convert = getattr(self.tokenizer, "convert_ids_to_tokens", None)
+        return None if convert is None else convert(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes a token stands for: its text's, or, for a token holding part of a character (an emoji's
+        first bytes in byte-level BPE, SentencePiece's <0xF0>), those bytes themselves, which decode to U+FFFD alone
+        but join with their neighbours' into the text (OpenAI's `bytes`)."""
+        text = self.token_text(token_id)
+        if REPLACEMENT not in text:
+            return text.encode()
+        piece = self._piece(token_id)
+        if isinstance(piece, str):
+            if (byte := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)) is not None:  # SentencePiece's byte fallback
+                return bytes([int(byte[1], 16)])
+            alphabet = _byte_level()  # GPT-2's byte-level BPE: each byte is one printable character
+            if all(c in alphabet for c in piece):
+                return bytes(alphabet[c] for c in piece)
+        return text.encode()
+
+    def token_string(self, token_id: int) -> str:
+        """A token as the logprobs' `token` field shows it: its text, or, for bytes that are not whole characters,
+        OpenAI's form "bytes:\\xf0\\x9f" (so alternatives stay distinct, where each would read U+FFFD)."""
+        text = self.token_text(token_id)
+        if REPLACEMENT not in text:
+            return text
+        raw = self.token_bytes(token_id)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+    def render_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool,
+                    continue_final_message: bool = False) -> str:
         """The prompt text of chat messages under the model's template (which writes its own special tokens)."""
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        extra = {"continue_final_message": True} if continue_final_message else {}  # transformers' (vLLM's) option
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  **extra)
 
     def tokenizer_facts(self) -> TokenizerFacts:
         tok = self.tokenizer
@@ -83,6 +125,17 @@ class ServedModel:
             tokenizer_class=type(tok).__name__, eos_token=text("eos_token"), eos_token_id=ident("eos_token_id"),
             bos_token=text("bos_token"), bos_token_id=ident("bos_token_id"), pad_token=text("pad_token"),
             pad_token_id=ident("pad_token_id"), chat_template=text("chat_template"))
+
+
+REPLACEMENT = "\ufffd"
+
+
+@functools.cache
+def _byte_level() -> dict[str, int]:
+    """GPT-2 byte-level BPE's character -> the byte it stands for."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def encode(tokenizer: Any, prompt: str | list[int], *, add_special_tokens: bool = True) -> list[int]:
