@@ -120,9 +120,12 @@ def test_playground_streams_policies_side_by_side(browser, server, tmp_path):
     # the snippets carry the key header, after a reload too (the key comes back from the tab, with no 401 to say
     # that one is needed: the copied curl was refused)
     auth = 'authorization: Bearer $PAINTERS_API_KEY'
+    snippet = "document.querySelector('.column .curl').textContent.length > 0"  # written once the column is set up
+    page.wait_for_function(snippet, timeout=60_000)
     assert auth in column(page, 0).locator(".curl").text_content()
     page.reload()
     page.wait_for_function("document.body.dataset.ready === '1'", timeout=60_000)
+    page.wait_for_function(snippet, timeout=60_000)
     assert auth in column(page, 0).locator(".curl").text_content()
     assert 'os.environ["PAINTERS_API_KEY"]' in column(page, 0).locator(".python").text_content()
     assert page.locator("#key-button").is_visible()
