@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,6 +332,23 @@ def shared_space(r: StudyResult) -> ClaimCheck:
                       f"{_fmt(value, se)} of the full model (threshold {GRACEFUL_START})")
 
 
+def gentle_slopes(slopes: Sequence[tuple[float | None, float | None]], limit: float) -> Verdict:
+    """Whether the score never falls faster than `limit` per layer, from each step's slope and its standard error.
+    Gentle everywhere needs every slope below the limit by Z standard errors (an intersection: no correction). Too
+    steep somewhere needs one slope above it by a margin corrected for picking the steepest of several (Bonferroni:
+    the steepest of k noisy slopes exceeds Z of its errors more often than one slope does); else inconclusive."""
+    known = [(x, se) for x, se in slopes if x is not None]
+    if not known:
+        return "reproduced" if not slopes else "inconclusive"
+    tail = 1 - statistics.NormalDist().cdf(Z)
+    z_any = statistics.NormalDist().inv_cdf(1 - tail / len(known))
+    if any(x - limit > max(z_any * (se or 0.0), 1e-9) for x, se in known):
+        return "not reproduced"
+    if len(known) == len(slopes) and all(_compare(limit - x, se) == "reproduced" for x, se in known):
+        return "reproduced"
+    return "inconclusive"
+
+
 def graceful_skip(r: StudyResult) -> ClaimCheck:
     """Skipping the fewest layers keeps most of the score, and the score never falls much faster than a straight
     line to chance at the whole middle (GRACEFUL_SLOPE times it)."""
@@ -346,7 +364,7 @@ def graceful_skip(r: StudyResult) -> ClaimCheck:
         slopes.append((slope, se, r.counts[i], r.counts[i + 1]))
     steepest = max(slopes, key=lambda x: x[0], default=None)  # type: ignore[arg-type, return-value]
     keeps = _compare(start - GRACEFUL_START, start_se)
-    gentle = _compare(limit - steepest[0], steepest[1]) if steepest else "reproduced"  # type: ignore[operator]
+    gentle = gentle_slopes([(s, se) for s, se, _, _ in slopes], limit)
     verdict: Verdict = ("not reproduced" if "not reproduced" in (keeps, gentle)
                         else "reproduced" if keeps == gentle == "reproduced" else "inconclusive")
     path = ", ".join(f"{p.n}: {p.normalized:.2f}" for p in r.mean_curve("skip"))

@@ -25,6 +25,7 @@ from clients.study import (
     check_claims,
     combination,
     default_counts,
+    gentle_slopes,
     middle_size,
     minus,
     plan,
@@ -238,6 +239,20 @@ def test_a_graceful_slope_and_a_cliff():
     assert verdicts(cliff)["Skipping middle layers degrades gracefully"] == "not reproduced"
     evidence = next(c.evidence for c in check_claims(cliff) if c.claim.startswith("Skipping"))
     assert "falls at most 0.42" in evidence and "(n = 4 to 6)" in evidence and "<= 0.250" in evidence
+
+
+def test_gentle_slopes_correct_for_picking_the_steepest():
+    """The verdict took the steepest of several noisy slopes and tested it as if it were the only one (a winner's
+    curse toward "too steep"), and called the curve gentle when that one slope was, whatever the others' errors."""
+    limit = 0.2
+    assert gentle_slopes([(0.10, 0.01), (0.05, 0.01)], limit) == "reproduced"
+    assert gentle_slopes([(0.30, 0.01), (0.05, 0.01)], limit) == "not reproduced"
+    # 2.2 errors above the limit: past Z = 2 for one slope, within the 2.39 that the steepest of three needs
+    assert gentle_slopes([(0.222, 0.01), (0.05, 0.01), (0.05, 0.01)], limit) == "inconclusive"
+    assert gentle_slopes([(0.222, 0.01)], limit) == "not reproduced"
+    # the steepest is surely gentle, another slope is too uncertain to say
+    assert gentle_slopes([(0.10, 0.001), (0.09, 0.1)], limit) == "inconclusive"
+    assert gentle_slopes([], limit) == "reproduced"
 
 
 def test_outputs_plots_json_and_markdown(tmp_path):
