@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -33,6 +34,15 @@ def _check_stop(v: str | list[str] | None) -> str | list[str] | None:
     if v is not None:
         check_stop([v] if isinstance(v, str) else v)
     return v
+
+
+def _calls_refused(calls: str, choice: str) -> Callable[[list[Any] | None, ValidationInfo], list[Any] | None]:
+    """A validator refusing `calls` (tools, or the older functions) unless `choice` is "none"."""
+    def check(v: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
+        if v and info.data.get(choice) != "none":
+            raise ValueError(f"{calls[:-1]} calling is not supported; leave {calls} out or send {choice} 'none'")
+        return v
+    return check
 
 
 class StreamOptions(BaseModel):
@@ -116,12 +126,7 @@ class _Sampling(_Body):
             raise ValueError(f"{v.get('type')!r} is not supported (no guided decoding); only {{'type': 'text'}}")
         return v
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
-        if v and info.data.get("tool_choice") != "none":
-            raise ValueError("tool calling is not supported; leave tools out or send tool_choice 'none'")
-        return v
+    _no_tools = field_validator("tools")(_calls_refused("tools", "tool_choice"))
 
     @field_validator("stream_options")
     @classmethod
@@ -201,12 +206,7 @@ class ChatCompletionRequest(_Sampling):
                              "continue the last message and open a new one)")
         return v
 
-    @field_validator("functions")
-    @classmethod
-    def _no_functions(cls, v: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
-        if v and info.data.get("function_call") != "none":
-            raise ValueError("function calling is not supported; leave functions out or send function_call 'none'")
-        return v
+    _no_functions = field_validator("functions")(_calls_refused("functions", "function_call"))
 
     @field_validator("top_logprobs")
     @classmethod
