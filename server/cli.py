@@ -149,7 +149,7 @@ def serve(
         "--overlap-decode/--no-overlap-decode", help="queue each decode step before reading the last one's tokens "
         "(default: on for CUDA, off on the CPU)")] = None,
     replicas: Annotated[Optional[int], typer.Option(
-        min=1, help="serve N replicas on Ray Serve (needs painters[ray]); default: one process, no Ray")] = None,
+        min=1, help="serve N replicas on Ray Serve (needs painters\\[ray]); default: one process, no Ray")] = None,
     address: Annotated[Optional[str], typer.Option(
         help="with --replicas: join this Ray cluster (e.g. ray://head:10001 or auto); default: a local Ray")] = None,
     routing: Annotated[str, typer.Option(

@@ -291,6 +291,24 @@ def test_eos_ignore_eos_and_min_tokens(client):
     assert held["usage"]["completion_tokens"] >= used + 2
 
 
+def test_stop_token_ids_end_the_request_and_neutral_values_of_refused_fields_pass(client):
+    """vLLM's stop_token_ids (documented, and silently dropped): the request ends at the first of them, which is
+    kept; min_tokens holds it off. Refused fields at their neutral value are no refusal."""
+    free = client.post("/generate", json={"inputs": "hello", "parameters": {
+        "max_new_tokens": 8, "ignore_eos": True, "details": True}}).json()
+    ids = [t["id"] for t in free["details"]["tokens"]]
+    stop_at = ids[3]
+    got = complete(client, prompt="hello", max_tokens=8, stop_token_ids=[stop_at], logprobs=0).json()
+    assert got["choices"][0]["finish_reason"] == "stop" and got["usage"]["completion_tokens"] == ids.index(stop_at) + 1
+    held = complete(client, prompt="hello", max_tokens=8, stop_token_ids=[stop_at],
+                    min_tokens=ids.index(stop_at) + 1).json()
+    assert held["usage"]["completion_tokens"] > ids.index(stop_at) + 1
+    assert complete(client, prompt="hello", max_tokens=2, repetition_penalty=1.0, stop_token_ids=None).status_code == 200
+    r = client.post("/generate", json={"inputs": "hello", "parameters": {
+        "max_new_tokens": 2, "repetition_penalty": 1.0, "watermark": False, "best_of": 1, "truncate": None}})
+    assert r.status_code == 200, r.text
+
+
 def test_finish_reason_length(client):
     body = complete(client, prompt="hello", max_tokens=3, ignore_eos=True).json()
     assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 3
@@ -714,6 +732,18 @@ ERRORS = [
      ("not supported",)),
     ("best-of", "/v1/completions", {"prompt": "x", "best_of": 3}, 400, None, "best_of", ("n",)),
     ("suffix", "/v1/completions", {"prompt": "x", "suffix": "y"}, 400, None, "suffix", ("fill-in-the-middle",)),
+    ("repetition-penalty", "/v1/completions", {"prompt": "x", "repetition_penalty": 1.5}, 400, None,
+     "repetition_penalty", ("not supported",)),
+    ("stop-token-ids-negative", "/v1/completions", {"prompt": "x", "stop_token_ids": [-1]}, 400, None, None,
+     ("stop_token_ids",)),
+    ("tgi-repetition-penalty", "/generate", {"inputs": "x", "parameters": {"repetition_penalty": 1.3}}, 400, None,
+     None, ("repetition_penalty is not supported",)),
+    ("tgi-grammar", "/generate", {"inputs": "x", "parameters": {"grammar": {"type": "json", "value": {}}}}, 400,
+     None, None, ("grammar is not supported",)),
+    ("tgi-truncate", "/generate", {"inputs": "x", "parameters": {"truncate": 1}}, 400, None, None,
+     ("truncate is not supported",)),
+    ("tgi-typical-p", "/generate", {"inputs": "x", "parameters": {"typical_p": 0.5}}, 400, None, None,
+     ("typical_p is not supported",)),
     ("functions", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                            "functions": [{"name": "f"}]}, 400, None, "functions",
      ("function_call 'none'",)),
@@ -751,7 +781,7 @@ ERRORS = [
      ("200", "128")),
     ("prompt-too-long-native", "/generate", {"inputs": "x" * 200}, 400, "context_length_exceeded", "prompt", ()),
     ("prompt-plus-max-tokens", "/v1/completions", {"prompt": "x" * 100, "max_tokens": 50}, 400,
-     "context_length_exceeded", "max_tokens", ("128", "150")),
+     "context_length_exceeded", "max_tokens", ("128", "150", "(max_model_len)")),
     ("native-max-new-tokens", "/generate", {"inputs": "x" * 100, "parameters": {"max_new_tokens": 50}}, 400,
      "context_length_exceeded", "max_tokens", ()),
     ("empty-inputs", "/generate", {"inputs": ""}, 400, None, "inputs", ()),
@@ -1084,7 +1114,7 @@ def test_a_request_that_could_never_fit_the_kv_budget_is_a_400_naming_it():
         r = c.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 8, "policy": hostile})
         assert_error(r, 400, code="kv_budget_exceeded", says=("120 KV slots", "512 slot-tokens", "at most 4"))
         r = c.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 100})
-        assert_error(r, 400, code="kv_budget_exceeded", says=("6 KV slots", "at most 84"))
+        assert_error(r, 400, code="kv_budget_exceeded", says=("6 KV slots", "at most 84", "(kv_budget_tokens)"))
         # at the limit exactly: a request that never decodes (max_tokens 0, prompt scoring) needs its prompt alone
         # (it was counted as prompt + 1 and refused, "x 85 tokens", against the limit of 84 its message named)
         score = {"model": MODEL, "prompt": "x" * 84, "max_tokens": 0, "echo": True, "logprobs": 0}

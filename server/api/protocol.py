@@ -86,8 +86,11 @@ class _Sampling(_Body):
     min_tokens: int = Field(0, ge=0, description="vLLM's: until this many tokens, the EOS may not be chosen (it is "
                             "masked) and stop strings do not match")
     policy: PolicyField = Field(None, description=POLICY_DOC)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, max_length=256, description="vLLM's: token ids that end the request (the token is kept)")
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = Field(1.0, description="vLLM's; not supported: refused unless 1")
     # not supported: each refused when asked for, with a 400 naming it, rather than silently ignored
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
@@ -102,6 +105,13 @@ class _Sampling(_Body):
     def _no_penalties(cls, v: float) -> float:
         if v != 0:
             raise ValueError("presence/frequency penalties are not supported; send 0 or leave them out")
+        return v
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _no_repetition_penalty(cls, v: float) -> float:
+        if v != 1:
+            raise ValueError("repetition_penalty is not supported; send 1 or leave it out")
         return v
 
     @field_validator("logit_bias")
@@ -264,8 +274,26 @@ class GenerateParameters(_Body):
     return_full_text: bool = False
     ignore_eos: bool = False
     policy: PolicyField = Field(None, description=POLICY_DOC)
+    # TGI's parameters this server cannot honour: refused (422) when set to anything but their neutral value
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    typical_p: float | None = None
+    best_of: int | None = None
+    watermark: bool = False
+    truncate: int | None = None
+    grammar: Any = None
+    adapter_id: str | None = None
 
     _stop_limits = field_validator("stop")(_check_stop)
+
+    @field_validator("repetition_penalty", "frequency_penalty", "typical_p", "best_of", "watermark", "truncate",
+                     "grammar", "adapter_id")
+    @classmethod
+    def _neutral(cls, v: Any, info: ValidationInfo) -> Any:
+        neutral = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "typical_p": 1.0, "best_of": 1}
+        if v is not None and v is not False and v != neutral.get(info.field_name or "", object()):
+            raise ValueError(f"{info.field_name} is not supported; leave it out")
+        return v
 
 
 class GenerateRequest(_Body):

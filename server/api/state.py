@@ -165,8 +165,9 @@ class AppState:
             raise APIError(400, f"prompt has {prompt_len} tokens but this server allows at most {limit} "
                                 f"(max_model_len); shorten the prompt", param="prompt", code="context_length_exceeded")
         if prompt_len + max_tokens > limit:
-            raise APIError(400, f"this model's maximum context length is {limit} tokens, but {prompt_len} prompt "
-                                f"tokens + {max_tokens} max_tokens = {prompt_len + max_tokens}; lower max_tokens",
+            raise APIError(400, f"this model's maximum context length is {limit} tokens (max_model_len), but "
+                                f"{prompt_len} prompt tokens + {max_tokens} max_tokens = {prompt_len + max_tokens}; "
+                                "lower max_tokens",
                            param="max_tokens", code="context_length_exceeded")
 
     def default_max_tokens(self, prompt_len: int, schedule: Schedule) -> int:

@@ -13,7 +13,7 @@ String forms (layer indices 0-based, ranges inclusive, never an ``@``):
     parallel[:A-B]           every layer of the range reads the same input; deltas averaged
     loop[:A-B]xR             that parallel step applied R times
     reverse[:A-B]            the range in reverse order
-    shuffle[:A-B][:SEED]     the range in a seeded random order
+    shuffle[:A-B[:SEED]]     the range in a seeded random order
     repeat[:A-B]             every layer of the range replaced by the range's centre layer
     schedule:STEP,STEP,...   explicit: a layer ``7``, a run ``3-9``, or a group ``4+5+6[/mean|/sum|/pairs]``
 """
