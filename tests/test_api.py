@@ -303,7 +303,8 @@ def test_stop_token_ids_end_the_request_and_neutral_values_of_refused_fields_pas
     held = complete(client, prompt="hello", max_tokens=8, stop_token_ids=[stop_at],
                     min_tokens=ids.index(stop_at) + 1).json()
     assert held["usage"]["completion_tokens"] > ids.index(stop_at) + 1
-    assert complete(client, prompt="hello", max_tokens=2, repetition_penalty=1.0, stop_token_ids=None).status_code == 200
+    neutral = complete(client, prompt="hello", max_tokens=2, repetition_penalty=1.0, stop_token_ids=None)
+    assert neutral.status_code == 200
     r = client.post("/generate", json={"inputs": "hello", "parameters": {
         "max_new_tokens": 2, "repetition_penalty": 1.0, "watermark": False, "best_of": 1, "truncate": None}})
     assert r.status_code == 200, r.text

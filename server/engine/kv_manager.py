@@ -89,7 +89,8 @@ class KVManager:
             raise KVBudgetError(
                 f"this request needs {slots} KV slots (its policy's attention runs) x {request.kv_length()} tokens "
                 f"(prompt + max_tokens) = {need * self.block_size} slot-tokens, but the server's KV budget is "
-                f"{self.budget_slot_tokens} slot-tokens (kv_budget_tokens); under this policy prompt + max_tokens must be at most {fits}"
+                f"{self.budget_slot_tokens} slot-tokens (kv_budget_tokens); under this policy prompt + max_tokens "
+                f"must be at most {fits}"
             )
 
     def can_reserve(self, request: Request) -> bool:
