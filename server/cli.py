@@ -103,8 +103,8 @@ def generate(
 def bench(
     model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = None,  # type: ignore[assignment]
-    new_tokens: int = 128,
-    repeats: Annotated[int, typer.Option(help="timed runs per policy (median)")] = 3,
+    new_tokens: Annotated[int, typer.Option(min=2, help="decoded tokens per timed run")] = 128,
+    repeats: Annotated[int, typer.Option(min=1, help="timed runs per policy (median)")] = 3,
     random_weights: Annotated[bool, typer.Option(help="random weights of a named shape instead of a real model")] = False,
     baseline: Annotated[bool, typer.Option(help="also time transformers generate")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object with P1, P2, P3")] = False,

@@ -26,3 +26,20 @@ def test_random_weight_bench_reports_the_ratios(monkeypatch, capsys):
     assert set(result["P2"]) == {"6", "10", "15"} and result["P1"] > 0 and result["P3"] > 0
     assert result["runs"]["skip:10"]["policy"] == "skip:10-19" and result["runs"]["skip:10"]["layer_runs"] == 20
     assert result["runs"]["pairs"]["policy"] == "pairs:4-25" and result["head_layers"] > 0
+
+
+def test_a_warmed_batch_replays_every_step_of_the_timed_run():
+    """The benchmarks warmed one batch and timed another (Engine.generate makes one per call): on CUDA every timed
+    run captured its decode steps again, one per context bucket, inside the clock. Counted on the CPU, which runs
+    the same captured-step bookkeeping with graphs on."""
+    from server.engine.generate import Engine
+    from server.engine.sampling import SamplingParams
+    from tests.conftest import CharTokenizer, tiny_llama
+
+    engine = Engine.from_hf(tiny_llama(), CharTokenizer(), device="cpu", graphs=True)
+    prompts, policies = [[5, 6, 7], [8, 9]], ["full", "skip:2"]
+    batch = bench.warmed_batch(engine, prompts, policies, 40)
+    graphs = batch.executor.graphs
+    built, reused = graphs.layouts, graphs.reuses  # layouts built (on CUDA: captured) and kept ones used again
+    engine.generate(prompts, policy=policies, params=SamplingParams(max_tokens=40, ignore_eos=True), batch=batch)
+    assert graphs.layouts == built > 0 and graphs.reuses > reused

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from server.engine.generate import Engine
+from server.engine.generate import Batch, Engine
 from server.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -79,14 +79,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def warmed_batch(engine: Engine, prompts: list[list[int]], policies: list[str], new_tokens: int) -> Batch:
+    """A batch for `prompts` under `policies` that has already run them to `new_tokens`: on CUDA its captured decode
+    steps (one per context bucket the decode passes through) are all in it, so a timed run replays and never
+    captures. `Engine.generate` without a batch makes a new one per call, whose captures a warm-up throws away."""
+    schedules = [engine.compile(p) for p in policies]
+    max_len = max(map(len, prompts)) + new_tokens
+    blocks = sum(-(-max_len // engine.block_size) * s.num_slots for s in schedules)
+    batch = engine.new_batch(max_len=max_len, num_blocks=blocks + 1)
+    engine.generate(prompts, policy=policies, params=SamplingParams(max_tokens=new_tokens, ignore_eos=True),
+                    batch=batch)
+    return batch
+
+
 def _time_decode(engine: Engine, prompt_ids: list[int], policy: str, new_tokens: int, repeats: int) -> float:
     """Median seconds per decoded token (prefill excluded) under `policy`, batch 1, greedy."""
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    engine.generate([prompt_ids], policy=policy, params=SamplingParams(max_tokens=4, ignore_eos=True))
+    batch = warmed_batch(engine, [prompt_ids], [policy], new_tokens)
     per_token = []
     for _ in range(repeats):
         _sync(engine.model.device)
-        result = engine.generate([prompt_ids], policy=policy, params=params)[0]
+        result = engine.generate([prompt_ids], policy=policy, params=params, batch=batch)[0]
         _sync(engine.model.device)
         per_token.append(result.timings.decode_s / max(1, len(result.timings.per_token_s)))
     return statistics.median(per_token)
@@ -125,16 +138,23 @@ def _time_parts(engine: Engine, prompt_ids: list[int], new_tokens: int, repeats:
     return (out[0] - out[1]) / len(schedule.steps), out[1]
 
 
-def _hf_generate_tok_s(hf_model: Any, prompt_ids: list[int], new_tokens: int) -> float:
+def _hf_generate_tok_s(hf_model: Any, prompt_ids: list[int], new_tokens: int, repeats: int) -> float:
+    """transformers' decode tok/s, as the engine's is timed: the median of `repeats` runs (one stalled run decided P1
+    alone), each over its tokens after the first, (T(N) - T(1)) / (N - 1), so the prefill stays out."""
     ids = torch.tensor([prompt_ids], device=hf_model.device)
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    with torch.inference_mode():
-        hf_model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+
+    def seconds(n: int) -> float:
+        kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         _sync(hf_model.device)
         t = time.perf_counter()
         hf_model.generate(ids, **kwargs)
         _sync(hf_model.device)
-    return new_tokens / (time.perf_counter() - t)
+        return time.perf_counter() - t
+
+    with torch.inference_mode():
+        seconds(4)
+        per_token = [(seconds(new_tokens) - seconds(1)) / (new_tokens - 1) for _ in range(repeats)]
+    return 1 / statistics.median(per_token)
 
 
 def random_model(shape: str, *, device: torch.device, dtype: torch.dtype) -> Any:
@@ -172,7 +192,7 @@ def run_bench(
             from transformers import AutoModelForCausalLM
 
             hf_model = AutoModelForCausalLM.from_pretrained(str(loaded.source), dtype=engine.model.dtype).to(dev)
-        hf_tok_s = _hf_generate_tok_s(hf_model, prompt_ids, new_tokens)
+        hf_tok_s = _hf_generate_tok_s(hf_model, prompt_ids, new_tokens, repeats)
     hf_model = None  # the engine holds its own stacked copy
     layer_s, head_s = _time_parts(engine, prompt_ids, new_tokens)
     result = BenchResult(
