@@ -183,10 +183,13 @@ def test_client_disconnect_aborts_the_stream(server, http):
 
 def test_client_that_gives_up_on_a_plain_request_aborts_it(http):
     before = _abort_count(http)
+    errors = metric_value(_metrics(http), "painters:request_errors_total", model=MODEL)
     _abandon_plain_request(http)
     _wait_aborted(http, before)
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 3, "temperature": 0})
     assert r.status_code == 200
+    # Counted once, as an abort: the 499 answered to nobody is not also an error (two series on the Errors panel).
+    assert metric_value(_metrics(http), "painters:request_errors_total", model=MODEL) == errors
 
 
 def test_a_plain_request_given_up_is_not_logged_as_an_error(server, http):

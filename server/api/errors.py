@@ -28,6 +28,7 @@ CODES = {400: "bad_request", 401: "invalid_api_key", 404: "not_found", 405: "met
          503: "model_not_ready"}
 
 
+CLIENT_CLOSED = 499  # nginx's status for a client that left before its answer (which nobody reads)
 GENERATION_FAILED = "generation_failed"  # the code of an error the engine raised while generating
 
 TGI_PATHS = frozenset({"/", "/generate", "/generate_stream"})
@@ -61,7 +62,7 @@ def _response(request: Request, status: int, message: str, *, param: str | None 
               headers: dict[str, str] | None = None) -> JSONResponse:
     status, body = shaped(request.scope["path"], status, message, param=param, code=code)
     metrics = getattr(request.app.state, "metrics", None)
-    if metrics is not None:
+    if metrics is not None and status != CLIENT_CLOSED:  # a client that left is counted once, as an abort
         metrics.observe_error(status)
     return JSONResponse(body, status_code=status, headers=headers)
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
-from server.api.errors import GENERATION_FAILED, APIError
+from server.api.errors import CLIENT_CLOSED, GENERATION_FAILED, APIError
 from server.api.protocol import PaintersInfo, PolicyField, Timings
 from server.api.state import AppState
 from server.policy.compiler import Schedule
@@ -240,7 +240,7 @@ async def _finals(streams: list[RequestStream], request: Request) -> list[Output
             if not pending:
                 return [t.result() for t in tasks]
             if await request.is_disconnected():  # nobody to answer: free the work, answer the void quietly
-                raise APIError(499, "client closed the request")
+                raise APIError(CLIENT_CLOSED, "client closed the request")
     except BaseException:
         for s in streams:
             s.abort()
