@@ -15,6 +15,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from server.app import create_app
 from server.engine.generate import Engine
 from server.settings import Settings
 from tests.conftest import CharTokenizer, bos_word_tokenizer, tiny_llama
@@ -948,6 +949,21 @@ def test_out_of_range_sampling_values_are_400s_naming_the_range(client, path, bo
 # -- settings-driven statuses ----------------------------------------------------------------------------------------
 
 
+def test_a_mounted_app_answers_each_route_in_its_shape():
+    """Behind a proxy that mounts the app under a prefix (uvicorn's --root-path: the prefix is in both `root_path`
+    and `path`), TGI's routes still answer in TGI's shape, and the probes stay open without a key."""
+    app = create_app(settings(api_key="k"), engine_factory=tiny_engine())
+    with TestClient(app, root_path="/api", raise_server_exceptions=False) as c:
+        wait_ready(c)
+        assert_tgi_error(c.post("/api/generate", json={"inputs": "hi"}), 401, "authentication")
+        key = {"Authorization": "Bearer k"}
+        r = c.post("/api/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": -1}}, headers=key)
+        assert_tgi_error(r, 422, "validation", says=("max_new_tokens",))
+        assert_tgi_error(c.post("/api", json={"inputs": "hi"}), 401, "authentication")
+        assert set(c.post("/api/v1/completions", json={"model": MODEL, "prompt": "hi"}).json()) == {"error"}
+        assert c.get("/api/health").status_code == 200 and c.get("/api/ready").status_code == 200
+
+
 def test_api_key():
     with serving(settings(api_key="k")) as c:
         body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
@@ -967,7 +983,6 @@ def test_api_key():
 @pytest.mark.parametrize("keys", [dict(api_key=" , "), dict(api_key="")], ids=["commas", "blank"])
 def test_a_key_setting_without_a_key_refuses_to_start(keys, tmp_path):
     """A blank secret used to leave the server open without a word; it is an error at start, naming the setting."""
-    from server.app import create_app
 
     with pytest.raises(ValueError, match="api_key holds no API key"):
         create_app(settings(**keys), engine_factory=tiny_engine())

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from server.policy.policy import PolicyError
 from server.engine.sampling_params import SamplingError
@@ -50,9 +51,18 @@ def tgi_error(status: int, message: str, *, code: str | None = None) -> tuple[in
     return status, {"error": message, "error_type": TGI_TYPES.get(status, "error")}
 
 
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: `scope["path"]` less the `root_path` a proxy mounted it under (uvicorn's
+    --root-path and ASGI mounts put the prefix in both)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
+        return path[len(root):] or "/"
+    return path
+
+
 def shaped(path: str, status: int, message: str, *, param: str | None = None,
            code: str | None = None) -> tuple[int, dict]:
-    """(status, body) of an error answered on `path`: TGI's shape on its routes, OpenAI's elsewhere."""
+    """(status, body) of an error answered on `path` (a route path): TGI's shape on its routes, OpenAI's elsewhere."""
     if path in TGI_PATHS:
         return tgi_error(status, message, code=code)
     return status, error_body(status, message, param=param, code=code)
@@ -60,7 +70,7 @@ def shaped(path: str, status: int, message: str, *, param: str | None = None,
 
 def _response(request: Request, status: int, message: str, *, param: str | None = None, code: str | None = None,
               headers: dict[str, str] | None = None) -> JSONResponse:
-    status, body = shaped(request.scope["path"], status, message, param=param, code=code)
+    status, body = shaped(route_path(request.scope), status, message, param=param, code=code)
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None and status != CLIENT_CLOSED:  # a client that left is counted once, as an abort
         metrics.observe_error(status)

@@ -10,7 +10,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import shaped
+from server.api.errors import route_path, shaped
 from server.api.state import AppState
 
 ALWAYS_OPEN = frozenset({"/health", "/ready"})  # liveness and readiness probes carry no key
@@ -27,7 +27,7 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
+        path = route_path(scope)
         if self._digests and path not in self.open_paths and not self._authorized(scope):
             await self._refuse(send, path, 401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
