@@ -15,7 +15,8 @@ Each task's items are cut into three disjoint runs: screening items, selection i
    row miss the budget.
 4. Selection: per family, the most aggressive screened candidates are scored on the selection items; one passes when
    a lower confidence bound of its normalised accuracy (paired with `full` on the same items) clears the budget, on
-   every task or on their mean. The first to pass is the family's finalist.
+   every task or on their mean. The first to pass is the family's finalist. Any test that passes can make the
+   preset, so the confidence holds for all of them together (Bonferroni over the tests selection may make).
 5. Speed: every finalist and the centred skips up to the finalists' size are load-tested beside `full`
    (`clients/loadtest.py`); nothing about speed is modelled.
 6. Held-out: each finalist, fastest first, is scored on the held-out items beside the baseline policy of the closest
@@ -488,20 +489,38 @@ async def scan(families: dict[str, list[Candidate]], check: Callable[[str], Awai
     return out
 
 
+def to_select(screened: Sequence[Scored], *, tries: int) -> dict[str, list[Scored]]:
+    """Per family, the screen-passing candidates selection may score, in its order: the most aggressive first, at
+    most `tries`."""
+    passing: dict[str, list[Scored]] = {}
+    for s in screened:
+        if s.passed:
+            passing.setdefault(s.candidate.family, []).append(s)
+    return {family: sorted(members, key=lambda m: -m.candidate.size)[:tries] for family, members in passing.items()}
+
+
+def selection_tests(screened: Sequence[Scored], *, tries: int) -> int:
+    """How many tests selection may make: each distinct policy `select` may score, and the fallback baseline's check
+    (see `choose`). Any of them passing by chance can become the preset, so they share the error."""
+    return len({s.candidate.policy for members in to_select(screened, tries=tries).values() for s in members}) + 1
+
+
+def selection_z(confidence: float, tests: int) -> float:
+    """The one-sided z of each selection test, so that all `tests` together pass a policy that misses the budget
+    with probability at most 1 - confidence (Bonferroni: each test at (1 - confidence) / tests)."""
+    return statistics.NormalDist().inv_cdf(1 - (1 - confidence) / max(tests, 1))
+
+
 async def select(screened: Sequence[Scored], check: Callable[[str], Awaitable[Check]], *, tries: int
                  ) -> tuple[list[Scored], list[Scored]]:
     """Per family, its screen-passing candidates from the most aggressive down, at most `tries`, checked on the
     selection items until one passes: (every selection check, the finalists, one per policy, a baseline family's
     entry kept where a searched family found the same policy)."""
-    passing: dict[str, list[Scored]] = {}
-    for s in screened:
-        if s.passed:
-            passing.setdefault(s.candidate.family, []).append(s)
     memo: dict[str, Check] = {}
     checked: list[Scored] = []
     finalists: list[Scored] = []
-    for family, members in passing.items():
-        for s in sorted(members, key=lambda m: -m.candidate.size)[:tries]:
+    for members in to_select(screened, tries=tries).values():
+        for s in members:
             if s.candidate.policy not in memo:
                 memo[s.candidate.policy] = await check(s.candidate.policy)
             got = Scored(s.candidate, memo[s.candidate.policy])
@@ -743,10 +762,12 @@ class SearchResult:
     choice: Choice
     cost: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    select_tests: int = 1  # the selection tests that share 1 - confidence
 
     @property
     def z(self) -> float:
-        return statistics.NormalDist().inv_cdf(self.confidence)
+        """Each selection test's z (Bonferroni over `select_tests`)."""
+        return selection_z(self.confidence, self.select_tests)
 
     @property
     def winner(self) -> Finalist | None:
@@ -766,7 +787,8 @@ class SearchResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "model": self.model, "num_layers": self.num_layers, "tasks": self.tasks, "budget": self.budget,
-            "budget_on": self.budget_on, "confidence": self.confidence, "z": self.z, "items": self.splits,
+            "budget_on": self.budget_on, "confidence": self.confidence, "select_tests": self.select_tests,
+            "z": self.z, "items": self.splits,
             "data": self.sources,
             "full": {split: {t: {"accuracy": r.accuracy, "stderr": r.stderr, "random_baseline": r.random_baseline,
                                  "n": r.n} for t, r in per.items()} for split, per in self.full.items()},
@@ -799,7 +821,8 @@ async def run_search(url: str, splits: Sequence[Splits], *, budget: float, budge
     if not 0 < budget <= 1.5:
         raise ValueError(f"budget is a share of the full model's normalised score, e.g. 0.9; got {budget}")
     if not 0.5 <= confidence < 1:
-        raise ValueError(f"confidence is the one-sided level of the selection bound, 0.5-0.999; got {confidence}")
+        raise ValueError(f"confidence is the selection's one-sided level over all its tests, 0.5-0.999; got "
+                         f"{confidence}")
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         raise ValueError(f"unknown famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; known: "
@@ -873,13 +896,16 @@ async def run_search(url: str, splits: Sequence[Splits], *, budget: float, budge
             tick(screen_bar)
             return screen_budget(got, full["screen"], budget=budget, on=budget_on)
 
+        screened = await scan(fams, screen_check, patience=patience)
+        tests = selection_tests(screened, tries=tries)
+        select_z = selection_z(confidence, tests)
+
         async def select_check(policy: str) -> Check:
             got = await scores(policy, "select")
             tick(select_bar)
             return check_budget({t: normalized_estimate(r, full["select"][t]) for t, r in got.items()},
-                                budget=budget, on=budget_on, z=z)
+                                budget=budget, on=budget_on, z=select_z)
 
-        screened = await scan(fams, screen_check, patience=patience)
         selected, chosen = await select(screened, select_check, tries=tries)
         screen_of = {s.candidate.policy: s.check for s in screened}
         finalists = [Finalist(s.candidate, await session.canonical(s.candidate.policy),
@@ -926,7 +952,8 @@ async def run_search(url: str, splits: Sequence[Splits], *, budget: float, budge
     choice = choose(finalists, prefix=prefix, budget=budget, on=budget_on, z=z,
                     fallback_selection=fallback_selection)
     if not finalists:
-        notes.append(f"no candidate passed selection (lower bound at {confidence:g} >= {budget:g})")
+        notes.append(f"no candidate passed selection (lower bound at {confidence:g} over {tests} tests >= "
+                     f"{budget:g})")
     cost = {"wall_s": round(time.perf_counter() - t0, 1), "requests": spent.requests,
             "prompt_tokens": spent.prompt_tokens,
             "loadtest_tokens": rounds * (len(policies) + 1) * (requests + 1) * max_tokens if measured else 0}
@@ -936,7 +963,7 @@ async def run_search(url: str, splits: Sequence[Splits], *, budget: float, budge
                         confidence=confidence, splits={s.name: s.ranges() for s in splits},
                         sources={s.name: s.screen.source for s in splits}, full=full, screened=screened,
                         selected=selected, finalists=finalists, speeds=speeds, sleb=order, full_loss=full_loss,
-                        choice=choice, cost=cost, notes=notes)
+                        choice=choice, cost=cost, notes=notes, select_tests=tests)
 
 
 def cumulative_cost(cache: ResultCache, key: dict[str, Any], cost: dict[str, float]) -> dict[str, float]:
@@ -994,7 +1021,8 @@ def presets_yaml(result: SearchResult) -> str:
     tasks = ", ".join(result.tasks)
     lines = [f"# painters search: the fastest policy keeping >= {result.budget:g} of {result.model}'s normalised "
              f"score ({'on each task' if result.budget_on == 'each' else 'on the mean over the tasks'}: {tasks})",
-             f"# selection: lower {result.confidence:g} confidence bound (paired with full) >= the budget; items per "
+             f"# selection: lower {result.confidence:g} confidence bound over its {result.select_tests} tests "
+             f"(z = {result.z:.2f} each, paired with full) >= the budget; items per "
              "task (screen/select/held-out): " + "; ".join(
                  f"{t} {'/'.join(f'{a}-{b}' for a, b in r.values())}" for t, r in result.splits.items()),
              "# held-out: the preset must match or beat the paper's policy of the closest measured speed-up there",
@@ -1039,8 +1067,9 @@ def report_markdown(result: SearchResult, *, command: str | None = None) -> str:
         f"{r['heldout'][0]}-{r['heldout'][1]} of `{result.sources[t]}`" for t, r in result.splits.items()) + ".", ""]
     res = result.resolution()
     lines += ["## Resolution", "",
-              f"Selection passes when estimate - {result.z:.2f} x stderr (one-sided {result.confidence:g}) clears "
-              f"{result.budget:g}. One item on the normalised scale:", "",
+              f"Selection passes when estimate - {result.z:.2f} x stderr clears {result.budget:g}: one-sided "
+              f"{result.confidence:g} over its {result.select_tests} tests together (Bonferroni). One item on the "
+              "normalised scale:", "",
               "| task | full acc (select) | random | select items | one item | median margin z·SE | held-out items | "
               "one item |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for t in tasks:
@@ -1164,8 +1193,9 @@ def search_command(
     budget: Annotated[float, typer.Option(help="the normalised score to keep (0 = random, 1 = full model)")] = 0.9,
     budget_on: Annotated[str, typer.Option(help="'each': every task keeps the budget; 'mean': their mean does")
                          ] = "each",
-    confidence: Annotated[float, typer.Option(help="one-sided level of the selection's lower bound (0.9: estimate "
-                                              "- 1.28 stderr must clear the budget)")] = 0.9,
+    confidence: Annotated[float, typer.Option(help="one-sided level of the selection's lower bounds, over all its "
+                                              "tests together (Bonferroni: 0.9 over 9 tests is estimate - 2.29 "
+                                              "stderr each)")] = 0.9,
     screen: Annotated[int, typer.Option(help="screening items per task (the first N)", min=1)] = 50,
     select_items: Annotated[int, typer.Option("--select", help="selection items per task (the next N)", min=2)
                             ] = 200,
@@ -1245,7 +1275,8 @@ def print_result(result: SearchResult) -> None:
     res = result.resolution()
     t = TextTable([Column("task"), Column("select items", "right"), Column("one item", "right"),
                    Column("bound margin", "right"), Column("held-out items", "right"), Column("one item ", "right")],
-                  title=f"resolution: selection bound at {result.confidence:g} (z = {result.z:.2f}), normalised scale")
+                  title=f"resolution: selection bound at {result.confidence:g} over {result.select_tests} tests "
+                        f"(z = {result.z:.2f} each), normalised scale")
     for task, r in res.items():
         t.add_row(task, str(r["select_items"]), _num(r["select_item"], ".3f"), _num(r["select_margin"], ".3f"),
                   str(r["heldout_items"]), _num(r["heldout_item"], ".3f"))

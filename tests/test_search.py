@@ -47,6 +47,8 @@ from clients.search import (
     screen_budget,
     search_command,
     select,
+    selection_tests,
+    selection_z,
     skip_policy,
     sleb_family,
     sleb_order,
@@ -155,6 +157,29 @@ def test_selection_tries_the_most_aggressive_screened_first_and_keeps_one_finali
     assert [(f.candidate.family, f.candidate.policy) for f in finalists] == [("centred skip", "skip:1-2")]
     _, none = asyncio.run(select(screened, score, tries=1))  # only skip:1-3, which fails
     assert [f.candidate.family for f in none] == ["centred skip"]
+
+
+def test_selection_holds_its_confidence_over_all_its_tests():
+    """Any selection test that passes can become the preset, so 1 - confidence is shared among them. Nine policies
+    that sit exactly at the budget, each tested at the plain 0.9 bound, put one through in most searches."""
+    screened = [Scored(candidate("a", k), check(1.0)) for k in (1, 2, 3)] + [
+        Scored(candidate("b", 2), check(1.0)), Scored(candidate("b", 5), check(0.5))]
+    # a: its 2 most aggressive (skip:1-3, skip:1-2); b: skip:1-2 alone (5 failed screening), scored once: 2 + the
+    # fallback's check
+    assert selection_tests(screened, tries=2) == 3 and selection_tests(screened, tries=3) == 4
+    assert selection_z(0.9, 1) == pytest.approx(1.2816, abs=1e-4)
+    assert selection_z(0.9, 4) == pytest.approx(1.96, abs=1e-3)
+
+    rng = np.random.default_rng(0)
+    se, budget, tests, searches = 0.03, 0.9, 9, 4000
+    values = rng.normal(budget, se, size=(searches, tests))  # every policy truly at the budget: a pass is false
+
+    def any_passes(z: float) -> float:
+        return float(np.mean([any(check_budget({"t": Estimate(v, se, 100)}, budget=budget, on="each", z=z).passed
+                                  for v in row) for row in values]))
+
+    assert any_passes(selection_z(0.9, 1)) > 0.5
+    assert any_passes(selection_z(0.9, tests)) <= 0.1 + 3 * (0.1 * 0.9 / searches) ** 0.5
 
 
 def test_the_paper_baselines_are_centred():
@@ -356,16 +381,17 @@ def test_search_finds_the_removable_layer_and_checks_it_against_the_papers_polic
     data = tmp_path / "data"
     (data / "arc").mkdir(parents=True)
     (data / "piqa").mkdir()
-    label_with_the_full_model(url, data / "arc" / "arc_easy_test_olmes.jsonl", arc_rows(60, seed=0),
+    # 60 selection items: an exact no-op's bound is 1 - z / (60 (full - random)), and z is ~2.4 over ~12 tests
+    label_with_the_full_model(url, data / "arc" / "arc_easy_test_olmes.jsonl", arc_rows(90, seed=0),
                               task="arc_easy", gold="gold")
-    label_with_the_full_model(url, data / "piqa" / "piqa_validation.jsonl", piqa_rows(60, seed=1), task="piqa",
+    label_with_the_full_model(url, data / "piqa" / "piqa_validation.jsonl", piqa_rows(90, seed=1), task="piqa",
                               gold="label")
     out = tmp_path / "presets.yaml"
     app = typer.Typer()
     app.command("search")(search_command)
     app.command("other")(lambda: None)
     args = ["search", "--url", url, "--tasks", "arc_easy,piqa", "--data-dir", str(data), "--budget", "0.9",
-            "--screen", "10", "--select", "30", "--heldout", "20", "--sleb-steps", "2", "--out", str(out),
+            "--screen", "10", "--select", "60", "--heldout", "20", "--sleb-steps", "2", "--out", str(out),
             "--requests", "3", "--concurrency", "2", "--max-tokens", "4", "--rounds", "2", "--json",
             "--cache", str(tmp_path / "cache")]
     r = CliRunner().invoke(app, args)
@@ -384,10 +410,11 @@ def test_search_finds_the_removable_layer_and_checks_it_against_the_papers_polic
     assert second["cost"]["total_requests"] == report["cost"]["requests"]  # what the whole search spent
     assert second["cost"]["total_wall_s"] >= report["cost"]["wall_s"]
     assert {k: v for k, v in second.items() if k != "cost"} == {k: v for k, v in report.items() if k != "cost"}
-    assert report["items"] == {t: {"screen": [0, 9], "select": [10, 39], "heldout": [40, 59]}
+    assert report["items"] == {t: {"screen": [0, 9], "select": [10, 69], "heldout": [70, 89]}
                                for t in ("arc_easy", "piqa")}
     assert all(report["full"][split][t]["accuracy"] == 1.0 for split in SPLITS for t in ("arc_easy", "piqa"))
     assert report["sleb_order"] and report["full_gold_loss"] > 0
+    assert report["select_tests"] > 1 and report["z"] == pytest.approx(selection_z(0.9, report["select_tests"]))
     families = {s["family"] for s in report["screened"]}
     assert {"centred skip", "centred pairs", "centred parallel", "SLEB"} <= families  # the baselines always run
     finalists = {f["policy"]: f for f in report["finalists"]}
