@@ -389,6 +389,30 @@ def test_streams_match_batched(name: str, policy: str) -> None:
     assert_close(results["streams"], reference_logits(tiny_model(name), schedule(policy), ids), **TOL)
 
 
+@pytest.mark.parametrize("policy", ["parallel", "pairs:1-5", "schedule:0,5+2+2/sum,1,3-7", "loop:2-4x2"])
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_a_wide_group_runs_a_few_members_at_a_time_exactly(name: str, policy: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above `MAX_GROUP_TOKENS` (layer, position) pairs a fused group runs in chunks of members: 1 at a time in this
+    prefill (2 rows x 6 tokens), at most 2 in its decode steps (2 rows); the logits are the reference's."""
+    from server.engine import executor as executor_module
+
+    monkeypatch.setattr(executor_module, "MAX_GROUP_TOKENS", 5)
+    widest = []
+    mlp = Transformer.mlp
+    monkeypatch.setattr(Transformer, "mlp", lambda self, x, *a, **k: widest.append(x.shape[:3]) or mlp(self, x, *a, **k))
+    ids = tokens(2, 9, seed=41)
+    ex = executor(name, policy, max_batch=2)
+    prefill = ex.forward(ids[:, :6], rows=slice(0, 2), start=[0, 0])
+    assert max(g for g, _, _ in widest) == 1
+    widest.clear()
+    steps = [ex.forward(ids[:, t : t + 1], rows=slice(0, 2), start=[t, t]) for t in range(6, 9)]
+    assert all(g == 1 or g * m * t <= 5 for g, m, t in widest)
+    if policy == "parallel":  # 6 members over 2 rows: 3 calls of 2
+        assert max(g for g, _, _ in widest) == 2
+    assert_close(torch.cat([prefill, *steps], dim=1), reference_logits(tiny_model(name), schedule(policy), ids), **TOL)
+
+
 # -- decode attention read in place == gathered ----------------------------------------------------------------------
 
 
