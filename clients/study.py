@@ -44,6 +44,7 @@ from clients.evaluate import (
     mean,
     mean_stderr,
     normalized_score,
+    ratio_estimate,
 )
 from clients.probe import Probe, ProbeError, run_probe, task_texts
 from clients.tasks import DataError, Task, task_names
@@ -129,18 +130,31 @@ class Point:
 
 
 def point(n: int, results: Sequence[TaskResult], full: TaskResult) -> Point:
-    """Average the seeds per item, then normalise; the stderr is the accuracy's scaled by 1 / (full - random)."""
+    """Average the seeds per item, then normalise; the stderr is paired with the full model on the same items
+    (`paired_stderr`)."""
     policies = tuple(r.policy for r in results)
     per_item: list[float] = []
     if any(not r.scores for r in results) or len({len(r.scores) for r in results}) != 1:
         acc = mean([r.accuracy for r in results if r.accuracy is not None])
-        se = None
     else:
         per_item = [sum(s) / len(s) for s in zip(*(r.scores for r in results))]
-        acc, se = mean(per_item), mean_stderr(per_item)
+        acc = mean(per_item)
     norm = normalized_score(acc, full.accuracy, full.random_baseline)
-    scale = None if norm is None else abs(full.accuracy - full.random_baseline)  # type: ignore[operator]
-    return Point(n, acc, norm, None if se is None or not scale else se / scale, policies, tuple(per_item))
+    se = None if norm is None else paired_stderr(per_item, full)
+    return Point(n, acc, norm, se, policies, tuple(per_item))
+
+
+def paired_stderr(combined: Sequence[float], full: TaskResult, *, total: float = 1.0) -> float | None:
+    """The standard error of a normalised score, or of a weighted sum of them whose weights add up to `total`, from
+    its per-item values `combined` (the weighted sum of the variants' item scores) and the full model's scores on the
+    same items: the ratio's linearisation per item, so what a variant shares with the full model cancels and the full
+    model's own noise counts. A score's error is never below one item's step (times `total`): n items none of which
+    changed say only that fewer than about one in n would. None without per-item scores."""
+    r, scale = full.random_baseline, (full.accuracy or 0.0) - full.random_baseline
+    if len(combined) < 2 or len(full.scores) != len(combined) or scale <= 1e-12:
+        return None
+    _, se = ratio_estimate([x - total * r for x in combined], [f - r for f in full.scores])
+    return None if se is None else max(se, abs(total) / (len(combined) * scale))
 
 
 def quadrature_mean(ses: Sequence[float | None]) -> float | None:
@@ -235,9 +249,10 @@ Weights = dict[tuple[str, int], float]  # (variant, index of the count) -> weigh
 
 def combination(r: StudyResult, weights: Weights, tasks: Sequence[str] | None = None
                 ) -> tuple[float | None, float | None]:
-    """sum of weight x normalised score, averaged over tasks, and its standard error. Every variant ran on the same
-    items, so the error comes from each item's own weighted sum (paired): much tighter than treating the points as
-    independent, and right. Tasks have different items: their errors add in quadrature."""
+    """sum of weight x normalised score, averaged over tasks, and its standard error. Every variant and the full
+    model ran on the same items, so the error comes from each item's own weighted sum, paired with the full model's
+    score (`paired_stderr`): much tighter than treating the points as independent, and right. Tasks have different
+    items: their errors add in quadrature."""
     values, ses = [], []
     for t in tasks if tasks is not None else r.normalized_tasks():
         full = r.full[t]
@@ -246,10 +261,11 @@ def combination(r: StudyResult, weights: Weights, tasks: Sequence[str] | None = 
         if any(p.normalized is None for p in pts.values()) or not scale:
             return None, None
         values.append(sum(w * pts[k].normalized for k, w in weights.items()))  # type: ignore[operator]
-        lengths = {len(p.items) for p in pts.values()}
+        lengths = {len(p.items) for p in pts.values()} | {len(full.scores)}
         if len(lengths) == 1 and 0 not in lengths:
             n = lengths.pop()
-            ses.append(mean_stderr([sum(w * pts[k].items[i] for k, w in weights.items()) / scale for i in range(n)]))
+            combined = [sum(w * pts[k].items[i] for k, w in weights.items()) for i in range(n)]
+            ses.append(paired_stderr(combined, full, total=sum(weights.values())))
         else:  # no per-item scores: as if independent
             ses.append(math.sqrt(sum((w * pts[k].stderr) ** 2 for k, w in weights.items()))
                        if all(p.stderr is not None for p in pts.values()) else None)
@@ -537,14 +553,14 @@ def study_markdown(r: StudyResult, *, images: dict[str, str], command: str | Non
     lines += [f"Tasks: {', '.join(r.tasks)} (first {s.get('limit')} items each). Affected layers n = {_counts(r)}, "
               f"centred in the stack; random order averaged over {r.seeds} seeds; looped parallel runs the parallel "
               f"block {LOOP_TIMES} times. Scores are normalised per task (0 = random baseline, 1 = full model), ± one "
-              f"standard error (the accuracy's, scaled by 1 / (full - random)).", "",
+              f"standard error paired with the full model on the same items (never below one item's step).", "",
               "## The paper's claims on this model", "",
               "| claim | verdict | evidence |", "| --- | --- | --- |"]
     lines += [f"| {c.claim} | **{c.verdict}** | {c.evidence} |" for c in check_claims(r)]
     lines += ["", f"Verdicts are computed from the measurements (`clients/study.py`, `CLAIMS`): a comparison is "
                   f"*reproduced* or *not reproduced* when the difference exceeds {Z:g} standard errors, else "
                   f"*inconclusive*. Curves are compared by their mean normalised score over the counts; every "
-                  f"variant ran on the same items, so a difference's standard error comes from each item's own "
+                  f"variant and the full model ran on the same items, so a standard error comes from each item's own "
                   f"difference (paired). Graceful means keeping {GRACEFUL_START} at the fewest skipped layers and "
                   f"never falling faster than {GRACEFUL_SLOPE:g} times the straight line from 1 (nothing skipped) to "
                   f"0 (the whole middle).", ""]

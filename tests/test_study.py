@@ -78,14 +78,19 @@ def task_result(policy: str, task: str, scores: list[float], random: float = 0.2
                       stderr=mean_stderr(scores), random_baseline=random, scores=tuple(scores))
 
 
-def test_point_normalises_and_scales_the_stderr():
+def test_point_normalises_with_a_stderr_paired_with_full():
     full = task_result("full", "arc_easy", [1.0] * 65 + [0.0] * 35)
-    skip = task_result("skip:5-6", "arc_easy", [1.0] * 45 + [0.0] * 55)
+    skip = task_result("skip:5-6", "arc_easy", [1.0] * 45 + [0.0] * 55)  # right on 45 of full's 65
     p = point(2, [skip], full)
     assert p.accuracy == pytest.approx(0.45)
     assert p.normalized == pytest.approx((0.45 - 0.25) / (0.65 - 0.25))
-    assert p.stderr == pytest.approx(mean_stderr(skip.scores) / 0.4)
-    assert point(2, [full], full).normalized == pytest.approx(1.0)
+    # the ratio's linearisation per item: u_i = ((skip_i - r) - R (full_i - r)) / (full - r)
+    R = p.normalized
+    u = [((a - 0.25) - R * (f - 0.25)) / 0.4 for a, f in zip(skip.scores, full.scores)]
+    assert p.stderr == pytest.approx(mean_stderr(u))
+    assert p.stderr < mean_stderr(skip.scores) / 0.4  # the items skip shares with full cancel
+    same = point(2, [full], full)
+    assert same.normalized == pytest.approx(1.0) and same.stderr == pytest.approx(1 / (100 * 0.4))  # one item
     at_chance = task_result("full", "arc_easy", [1.0] * 25 + [0.0] * 75)
     assert point(2, [skip], at_chance).normalized is None  # no scale: the full model is at chance
 
@@ -97,7 +102,7 @@ def test_seeds_are_averaged_item_by_item():
     p = point(2, seeds, full)
     per_item = [1.0, 0.5, 0.5, 0.0]
     assert p.accuracy == pytest.approx(0.5) and p.normalized == pytest.approx(0.0)
-    assert p.stderr == pytest.approx(mean_stderr(per_item) / 0.25)
+    assert p.stderr == pytest.approx(1 / (4 * 0.25))  # 4 items: one item's step is the whole scale
     assert p.policies == ("shuffle:1-2:0", "shuffle:1-2:1")
 
 
@@ -223,6 +228,20 @@ def test_differences_are_paired_over_items():
     independent = math.hypot(r.curves["arc_easy"]["parallel"][0].stderr, r.curves["arc_easy"]["skip"][0].stderr)
     assert Z * independent > diff > Z * se  # within noise as independent points, clear as paired items
     assert verdicts(r)["Parallel beats skip"] == "reproduced"
+
+
+def test_scores_are_paired_with_full_over_items():
+    """Skipping the fewest layers right on the full model's items but a few: its score is near 1 with a small error,
+    since the items it shares with the full model cancel. Scaling the accuracy's own error instead read a wide one
+    (the committed studies' "the fewest keep 1.00 +- 0.19" on 50 items)."""
+    r = synthetic(lambda task, variant, n: 0.97 if n == COUNTS[0] else 0.5, tasks=("arc_easy",))
+    kept, se = combination(r, {("skip", 0): 1.0})
+    assert kept == pytest.approx(0.97, abs=0.003)
+    unpaired = r.curves["arc_easy"]["skip"][0]
+    full = r.full["arc_easy"]
+    assert se == pytest.approx(unpaired.stderr) and se < 0.4 * mean_stderr(unpaired.items) / (
+        full.accuracy - full.random_baseline)
+    assert next(c for c in check_claims(r) if c.claim.startswith("Skipping")).evidence.count("0.97 ± 0.0") == 1
 
 
 def test_claims_that_cannot_be_measured_say_so():
