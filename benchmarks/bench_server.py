@@ -170,11 +170,12 @@ def hostile(url: str, model: str, pid: int) -> dict[str, float | int]:
     return out
 
 
-def start_server(port: int, model: str, max_num_seqs: int) -> subprocess.Popen:
-    # No prefix cache: the in-process side of P5 computes its whole prompt, and P8's all-full run would read from the
-    # cache what the mixed run's new policies compute (a review measured 41 against 101 ms TTFT, 12 against 50
-    # prompt tokens computed)
-    env = {**os.environ, "PAINTERS_MAX_NUM_SEQS": str(max_num_seqs), "PAINTERS_ENABLE_PREFIX_CACHING": "false"}
+def start_server(port: int, model: str, max_num_seqs: int, *, prefix_caching: bool = False) -> subprocess.Popen:
+    # No prefix cache by default: the in-process side of P5 computes its whole prompt, and P8's all-full run would
+    # read from the cache what the mixed run's new policies compute (a review measured 41 against 101 ms TTFT, 12
+    # against 50 prompt tokens computed)
+    env = {**os.environ, "PAINTERS_MAX_NUM_SEQS": str(max_num_seqs),
+           "PAINTERS_ENABLE_PREFIX_CACHING": "true" if prefix_caching else "false"}
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", model, "--port", str(port),
                              "--log-level", "warning"], env=env)
     deadline = time.time() + 180

@@ -56,7 +56,7 @@ def main(policy: str = "skip:4", limit: int = 100, data: Path = DEFAULT_DATA, ur
     if url is None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = start_server(port, "smollm2-135m", max_num_seqs=16)
+        proc = start_server(port, "smollm2-135m", max_num_seqs=16, prefix_caching=True)  # as `make serve`
     try:
         with tempfile.TemporaryDirectory() as tmp:
             Path(tmp, "arc_easy_painters.yaml").write_text(task_yaml(data))
