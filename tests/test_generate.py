@@ -151,6 +151,16 @@ def test_stop_string_truncates_text(tiny_engine, engine):
     assert stop not in got.text
 
 
+def test_of_two_stop_strings_completed_by_one_token_the_earlier_match_cuts(tiny_engine, engine):
+    """Stops "ab" and "b" both end at the token that writes "b": the text is cut where the first match starts
+    (before "a"), not where the last one does."""
+    free = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, ignore_eos=True))[0].text
+    k = next(i for i in range(1, len(free)) if free[i] not in free[:i] and free[i - 1 : i + 1] not in free[: i])
+    stops = (free[k - 1 : k + 1], free[k])
+    got = engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, ignore_eos=True, stop=stops))[0]
+    assert got.finish_reason == "stop" and got.text == free[: k - 1]
+
+
 def test_a_stop_string_completed_by_the_text_held_back_at_the_end_stops(tiny_engine):
     """A token can end in part of a character (byte-level BPE): its text waits for the next token, and is released
     when the request ends by its length. A stop string inside that last text still stops the request."""
