@@ -416,6 +416,22 @@ def test_overlapped_decode_queues_each_step_before_reading_the_last(overlapped_e
     assert events == [L, L, R, L, R, L, R, R]
 
 
+def test_overlapped_decode_does_not_queue_a_row_past_the_batchs_max_len(overlapped_engine, monkeypatch):
+    """As max_tokens above, max_len: a row whose token in flight fills the context is not queued again (its next
+    token would be dropped), so a 3-token prompt in a 7-token context queues 3 decode steps."""
+    events = _launches(monkeypatch)
+    e = overlapped_engine
+    r = e.new_sequence([5, 6, 7], SamplingParams(max_tokens=20, ignore_eos=True), e.compile("full"))
+    batch = e.new_batch(max_len=7, num_blocks=64)
+    batch.add([r])
+    while batch.sequences:
+        batch.step()
+        batch.filter()
+    assert len(r.output_ids) == 4 and r.finish_reason == "length"
+    L, R = ("launch", 1), ("read", 1)
+    assert events == [L, L, R, L, R, L, R, R]
+
+
 def test_an_echo_prefill_is_read_at_once(overlapped_engine, monkeypatch):
     """Prompt scoring needs every position's logits on the host before the prompt is published to the prefix
     cache: an echo prefill is read before anything else is queued."""
