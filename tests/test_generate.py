@@ -180,6 +180,26 @@ def test_a_stop_string_completed_by_the_text_held_back_at_the_end_stops(tiny_eng
     assert (got.text, got.finish_reason, got.token_ids) == (plain.text[:-2], "stop", plain.token_ids)
 
 
+def test_a_stop_token_releases_the_text_held_back_before_it(tiny_engine):
+    """A stop token that decodes to nothing (a special token, as an EOS is) after a token that ends in part of a
+    character: the request ends, and its text is the decode of all its tokens, the incomplete character included
+    (as when it ends by length above)."""
+    free = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+    k = next(i for i in range(1, 12) if free[i] not in free[:i])  # stop at free[k], its first occurrence
+    last, stop_at = free[k - 1], free[k]
+
+    class PartialBeforeStop(CharTokenizer):  # `last` as in the test above; `stop_at` decodes to nothing
+        def decode(self, ids, skip_special_tokens=True):
+            ids = [i for i in ids if i != stop_at]
+            return "".join(("XY\ufffd" if j == len(ids) - 1 else "XYz") if i == last else CharTokenizer.decode(self, [i])
+                           for j, i in enumerate(ids))
+
+    e = Engine(tiny_engine.model, PartialBeforeStop(), eos_ids=tiny_engine.eos_ids, config=tiny_engine.config)
+    got = e.generate([[5, 6, 7]], params=SamplingParams(max_tokens=12, stop_token_ids=(stop_at,)))[0]
+    assert got.finish_reason == "stop" and got.token_ids == free[: k + 1]
+    assert got.text == e.tokenizer.decode(got.token_ids) and got.text.endswith("XY\ufffd")
+
+
 def test_echo_scores_prompt_like_transformers(tiny_engine):
     hf = tiny_llama()
     prompt = [5, 9, 17, 33, 4, 8, 60]
