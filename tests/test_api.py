@@ -281,6 +281,18 @@ def test_seeded_sampling_is_reproducible(client):
     assert len({sample(7), sample(8), sample(9)}) > 1
 
 
+def test_seeded_choices_draw_with_their_own_seeds(client):
+    """With n > 1 and a seed, choice i draws as a request seeded seed + i (modulo 2**63): the choices differ, and each
+    one can be reproduced alone."""
+    def texts(seed: int, n: int) -> list[str]:
+        body = complete(client, prompt="hello", max_tokens=12, temperature=1.0, seed=seed, n=n).json()
+        return [ch["text"] for ch in body["choices"]]
+
+    drawn = texts(7, 3)
+    assert drawn == [texts(7 + i, 1)[0] for i in range(3)] and len(set(drawn)) > 1
+    assert texts(2**63 - 1, 2) == [texts(2**63 - 1, 1)[0], texts(0, 1)[0]]
+
+
 def test_eos_ignore_eos_and_min_tokens(client):
     prompt, used = eos_prompt(client)
     stopped = complete(client, prompt=prompt, max_tokens=used + 4).json()

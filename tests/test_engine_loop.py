@@ -253,6 +253,9 @@ def test_abort_running_request_stops_it_and_frees_its_slot(tiny_engine, make_loo
     assert not victim.done.is_set()
     loop.stop()
     assert sample(loop.metrics, "painters:request_success_total", policy="pairs:1-4", finished_reason="abort") == 1
+    # an aborted request is counted, but its latencies are not observed: only "follow" has them
+    for name in ("e2e_request_latency", "time_to_first_token", "request_prefill_time"):
+        assert sample(loop.metrics, f"painters:{name}_seconds_count", policy="pairs:1-4") == 1, name
 
 
 def test_abort_waiting_request_removes_it(tiny_engine, make_loop, make_gate):
@@ -346,6 +349,13 @@ def test_metrics_are_labelled_by_canonical_policy_and_reason(tiny_engine, make_l
     assert sample(m, "painters:request_success_total", policy="full", finished_reason="length") == 1
     assert sample(m, "painters:generation_tokens_total", policy="skip:2-3") == 5
     assert sample(m, "painters:prompt_tokens_total", policy="full") == 5
+    # the latency histograms hold each request's own figures ("c" is the only full request)
+    t = results["c"].timings
+    for name, want in (("request_queue_time", t.queue_s), ("request_prefill_time", t.prefill_s),
+                       ("request_decode_time", t.decode_s), ("time_to_first_token", t.ttft_s),
+                       ("time_per_output_token", sum(t.per_token_s))):
+        assert sample(m, f"painters:{name}_seconds_sum", policy="full") == pytest.approx(want), name
+    assert sample(m, "painters:e2e_request_latency_seconds_sum", policy="full") >= t.total_s > t.ttft_s
     # steps that ran "c" (3 tokens): its prefill and first decode share one, the second decode is another;
     # overlapped, that decode's token is read a step later
     assert sample(m, "painters:batch_size_count", policy="full") == (3 if loop.batch.overlap else 2)

@@ -151,6 +151,16 @@ def test_stop_string_truncates_text(tiny_engine, engine):
     assert stop not in got.text
 
 
+def test_of_two_stop_strings_completed_by_one_token_the_earlier_match_cuts(tiny_engine, engine):
+    """Stops "ab" and "b" both end at the token that writes "b": the text is cut where the first match starts
+    (before "a"), not where the last one does."""
+    free = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, ignore_eos=True))[0].text
+    k = next(i for i in range(1, len(free)) if free[i] not in free[:i] and free[i - 1 : i + 1] not in free[: i])
+    stops = (free[k - 1 : k + 1], free[k])
+    got = engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, ignore_eos=True, stop=stops))[0]
+    assert got.finish_reason == "stop" and got.text == free[: k - 1]
+
+
 def test_a_stop_string_completed_by_the_text_held_back_at_the_end_stops(tiny_engine):
     """A token can end in part of a character (byte-level BPE): its text waits for the next token, and is released
     when the request ends by its length. A stop string inside that last text still stops the request."""
@@ -168,6 +178,26 @@ def test_a_stop_string_completed_by_the_text_held_back_at_the_end_stops(tiny_eng
     assert plain.text.endswith("XY\ufffd") and plain.finish_reason == "length"
     got = e.generate([[5, 6, 7]], params=SamplingParams(max_tokens=n, ignore_eos=True, stop=("Y",)))[0]
     assert (got.text, got.finish_reason, got.token_ids) == (plain.text[:-2], "stop", plain.token_ids)
+
+
+def test_a_stop_token_releases_the_text_held_back_before_it(tiny_engine):
+    """A stop token that decodes to nothing (a special token, as an EOS is) after a token that ends in part of a
+    character: the request ends, and its text is the decode of all its tokens, the incomplete character included
+    (as when it ends by length above)."""
+    free = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+    k = next(i for i in range(1, 12) if free[i] not in free[:i])  # stop at free[k], its first occurrence
+    last, stop_at = free[k - 1], free[k]
+
+    class PartialBeforeStop(CharTokenizer):  # `last` as in the test above; `stop_at` decodes to nothing
+        def decode(self, ids, skip_special_tokens=True):
+            ids = [i for i in ids if i != stop_at]
+            return "".join(("XY\ufffd" if j == len(ids) - 1 else "XYz") if i == last else CharTokenizer.decode(self, [i])
+                           for j, i in enumerate(ids))
+
+    e = Engine(tiny_engine.model, PartialBeforeStop(), eos_ids=tiny_engine.eos_ids, config=tiny_engine.config)
+    got = e.generate([[5, 6, 7]], params=SamplingParams(max_tokens=12, stop_token_ids=(stop_at,)))[0]
+    assert got.finish_reason == "stop" and got.token_ids == free[: k + 1]
+    assert got.text == e.tokenizer.decode(got.token_ids) and got.text.endswith("XY\ufffd")
 
 
 def test_echo_scores_prompt_like_transformers(tiny_engine):
@@ -402,6 +432,22 @@ def test_overlapped_decode_queues_each_step_before_reading_the_last(overlapped_e
     events = _launches(monkeypatch)
     r = overlapped_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert len(r.token_ids) == 4 and r.finish_reason == "length"
+    L, R = ("launch", 1), ("read", 1)
+    assert events == [L, L, R, L, R, L, R, R]
+
+
+def test_overlapped_decode_does_not_queue_a_row_past_the_batchs_max_len(overlapped_engine, monkeypatch):
+    """As max_tokens above, max_len: a row whose token in flight fills the context is not queued again (its next
+    token would be dropped), so a 3-token prompt in a 7-token context queues 3 decode steps."""
+    events = _launches(monkeypatch)
+    e = overlapped_engine
+    r = e.new_sequence([5, 6, 7], SamplingParams(max_tokens=20, ignore_eos=True), e.compile("full"))
+    batch = e.new_batch(max_len=7, num_blocks=64)
+    batch.add([r])
+    while batch.sequences:
+        batch.step()
+        batch.filter()
+    assert len(r.output_ids) == 4 and r.finish_reason == "length"
     L, R = ("launch", 1), ("read", 1)
     assert events == [L, L, R, L, R, L, R, R]
 

@@ -43,7 +43,8 @@ def test_writes_land_in_their_own_blocks_and_read_back_in_order():
     keys, values = c.read(c.block_ids(rows, 2))  # [2, kv, 8, hd]
     assert torch.equal(keys[0, :, :6].transpose(0, 1), k[:6])
     assert torch.equal(values[0, :, :6].transpose(0, 1), -k[:6])
-    assert torch.equal(keys[1, :, :3].transpose(0, 1), k[6:9]), "padding went to the scratch block, not row 2"
+    assert torch.equal(keys[1, :, :3].transpose(0, 1), k[6:9])
+    assert not keys[1, :, 3].any() and not values[1, :, 3].any(), "padding went to the scratch block, not row 2"
     other = c.read(c.block_ids(torch.tensor([c.table_row(1, (0, 0))]), 2))[0]
     assert not other.any(), "another slot of the same sequence is untouched"
 

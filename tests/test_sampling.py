@@ -127,12 +127,15 @@ def test_infinite_and_nan_logits():
     assert sample(torch.tensor([[float("nan"), 1.0, 2.0]]), [SamplingParams()], [make_generator(0, CPU)]).item() == 2
 
 
-def test_temperature_one_follows_the_softmax():
-    logits = torch.log(torch.tensor([0.6, 0.3, 0.1]))
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_sampling_follows_the_softmax_of_the_tempered_logits(temperature):
+    """p_i^(1/t), normalised: at 0.5 [0.78, 0.20, 0.02], at 2 [0.47, 0.33, 0.19] (each 0.1 or more from 1.0's)."""
+    p = torch.tensor([0.6, 0.3, 0.1])
+    want = p ** (1 / temperature) / (p ** (1 / temperature)).sum()
     g = make_generator(3, CPU)
-    counts = torch.bincount(torch.stack([sample(logits[None], [SamplingParams(temperature=1.0)], [g])[0]
+    counts = torch.bincount(torch.stack([sample(p.log()[None], [SamplingParams(temperature=temperature)], [g])[0]
                                          for _ in range(3000)]), minlength=3)
-    assert torch.allclose(counts / 3000, torch.tensor([0.6, 0.3, 0.1]), atol=0.04), counts
+    assert torch.allclose(counts / 3000, want, atol=0.04), counts
 
 
 def finite_logit_rows(max_vocab: int = 64) -> st.SearchStrategy[list[float]]:

@@ -241,6 +241,8 @@ def test_the_budget_on_each_task_or_on_their_mean():
     assert not each.passed and each.bound == pytest.approx(0.69)  # LAMBADA lost: keeping ARC does not save it
     assert mean.passed and mean.bound == pytest.approx(0.85 - np.sqrt(2 * 0.01 ** 2) / 2)
     assert contradicts(est, budget=0.8, on="each", z=1.0) and not contradicts(est, budget=0.8, on="mean", z=1.0)
+    # a policy that keeps exactly the budget keeps it
+    assert check_budget({"arc": Estimate(0.75, 0.0, 100)}, budget=0.75, on="each", z=1.0).passed
 
 
 def test_screening_selection_and_heldout_items_are_disjoint(tmp_path):
@@ -293,9 +295,10 @@ def test_the_preset_is_the_fastest_finalist_that_holds_up_on_heldout_items():
 
 def test_a_finalist_no_faster_than_full_is_never_the_preset():
     """SmolLM2's 2026-12-04 search wrote `pairs:14-15`, measured at 0.97x: slower than the model it replaces."""
-    slow = finalist("pairs:14-15", "centred pairs", 0.97, 0.0)
-    c = choose([slow], prefix="p", budget=0.8, on="mean", z=1.28)
-    assert c.presets == {"p": "full"} and c.outcome == "full"
+    for speedup in (0.97, 1.0):  # 1.0x: exactly as fast, no faster
+        slow = finalist("pairs:14-15", "centred pairs", speedup, 0.0)
+        c = choose([slow], prefix="p", budget=0.8, on="mean", z=1.28)
+        assert c.presets == {"p": "full"} and c.outcome == "full", speedup
     assert any("no faster than `full`" in n for n in c.notes)
     lost = finalist("skip:14,17", "block influence", 1.05, -0.05, baseline="pairs:14-15")
     lost = replace_heldout(lost, replace(lost.heldout, baseline_speedup=0.97))
