@@ -331,6 +331,24 @@ def unread_stream(url: str, *, wait_s: float) -> UnreadResult:
     return UnreadResult(len(seen), b"[DONE]" in seen, closed)
 
 
+def slow_body(url: str, *, wait_s: float) -> tuple[bytes, bool]:
+    """Send a completion's headers and the first bytes of its 1,000-byte body, then nothing: (what the server answered
+    within `wait_s`, whether it closed the connection)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.socket() as sock:
+        sock.connect((host, int(port)))
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     'Content-Length: 1000\r\n\r\n{"prompt": "'.encode())
+        sock.settimeout(wait_s)
+        seen = b""
+        try:
+            while chunk := sock.recv(65536):
+                seen += chunk
+            return seen, True
+        except TimeoutError:
+            return seen, False
+
+
 # -- hostile inputs -------------------------------------------------------------------------------------------------
 
 

@@ -118,6 +118,17 @@ def test_body_size_is_refused_before_the_body_is_read(url):
     assert completion(url, prompt="ok", max_tokens=2).status_code == 200
 
 
+def test_a_body_that_never_arrives_is_a_408_and_its_connection_closed():
+    """A client trickling its body held the connection (and a file descriptor) for ever: 20,200 of them used up the
+    server's 20,000 descriptors, and every other client was refused until they left."""
+    with serve_tiny(body_timeout_s=1) as u:
+        t0 = time.perf_counter()
+        answer, closed = rel.slow_body(u, wait_s=10)
+        assert answer.startswith(b"HTTP/1.1 408") and closed, answer
+        assert b"body_timeout_s" in answer and time.perf_counter() - t0 < 5
+        assert completion(u, prompt="ok", max_tokens=2).status_code == 200
+
+
 def test_a_long_prompt_is_tokenized_off_the_event_loop():
     """While a slow tokenizer works on one prompt, /health still answers at once."""
     started = threading.Event()
