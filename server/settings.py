@@ -56,8 +56,13 @@ class Settings(BaseSettings):
     metrics_require_key: bool = Field(False, description="also require a key on GET /metrics (scrapers send one)")
     max_body_bytes: int = Field(2 * 2**20, ge=1024, description="request body size; larger bodies get 413 before "
                                 "they are read whole")
+    body_timeout_s: float = Field(60.0, gt=0, description="how long a request body may take to arrive; a slower one "
+                                  "gets 408 and its connection is closed (a body trickled in held it forever)")
     max_policy_chars: int = Field(4096, ge=16, description="characters in a policy string (or model@policy suffix)")
     max_schedule_steps: int = Field(1024, ge=1, description="steps in a compiled schedule (explicit schedules, loops)")
+    stream_send_timeout_s: float = Field(
+        60.0, gt=0, description="a streamed answer whose client takes no data for this long is closed and its "
+        "requests aborted (its unread frames were held in memory for as long as the connection stayed open)")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: how long running requests may finish "
                                    "before the rest end with finish_reason 'abort'")
     policy_presets: Path | None = Field(None, description="YAML or JSON file: name -> policy")

@@ -301,6 +301,54 @@ def disconnect(url: str, *, max_tokens: int = 100) -> DisconnectResult:
                             seconds_to_free=time.perf_counter() - t0, freed=freed)
 
 
+@dataclass
+class UnreadResult:
+    read: int  # bytes the client got when it finally read
+    done: bool  # the stream's "[DONE]" was among them: the server held every frame for the client
+    closed: bool  # the server had closed the connection
+
+
+def unread_stream(url: str, *, wait_s: float) -> UnreadResult:
+    """Start a large streamed completion (16 choices with top-20 logprobs) on a socket with a tiny receive buffer,
+    read nothing for `wait_s`, then read what is there until the server closes it or 3 s pass without data."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": MODEL, "prompt": "x", "n": 16, "max_tokens": 200, "logprobs": 20, "ignore_eos": True,
+                       "stream": True})
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+        time.sleep(wait_s)
+        sock.settimeout(3)
+        seen, closed = b"", False
+        try:
+            while chunk := sock.recv(1 << 20):
+                seen += chunk
+            closed = True
+        except (TimeoutError, ConnectionResetError) as e:
+            closed = isinstance(e, ConnectionResetError)
+    return UnreadResult(len(seen), b"[DONE]" in seen, closed)
+
+
+def slow_body(url: str, *, wait_s: float) -> tuple[bytes, bool]:
+    """Send a completion's headers and the first bytes of its 1,000-byte body, then nothing: (what the server answered
+    within `wait_s`, whether it closed the connection)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.socket() as sock:
+        sock.connect((host, int(port)))
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     'Content-Length: 1000\r\n\r\n{"prompt": "'.encode())
+        sock.settimeout(wait_s)
+        seen = b""
+        try:
+            while chunk := sock.recv(65536):
+                seen += chunk
+            return seen, True
+        except TimeoutError:
+            return seen, False
+
+
 # -- hostile inputs -------------------------------------------------------------------------------------------------
 
 

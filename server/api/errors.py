@@ -13,7 +13,8 @@ from starlette.types import Scope
 from server.policy.policy import PolicyError
 from server.engine.sampling_params import SamplingError
 
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 408: "invalid_request_error",
+         413: "invalid_request_error",
          429: "rate_limit_error", 500: "internal_server_error", 503: "service_unavailable"}
 
 
@@ -24,7 +25,7 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
-CODES = {400: "bad_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
+CODES = {400: "bad_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
          413: "context_length_exceeded", 429: "queue_full", 499: "client_closed_request", 500: "internal_error",
          503: "model_not_ready"}
 
@@ -36,7 +37,8 @@ TGI_PATHS = frozenset({"/", "/generate", "/generate_stream"})
 # TGI's router: a validation error is 422 and a failed generation 424 (its InferError); error_type is what its
 # clients dispatch on. Statuses TGI never sends keep theirs.
 TGI_STATUS = {400: 422}
-TGI_TYPES = {401: "authentication", 404: "validation", 413: "validation", 422: "validation", 424: "generation", 429: "overloaded",
+TGI_TYPES = {401: "authentication", 404: "validation", 408: "validation", 413: "validation", 422: "validation",
+             424: "generation", 429: "overloaded",
              499: "cancelled", 500: "incomplete_generation", 503: "unavailable"}
 
 

@@ -1,9 +1,11 @@
 """The gate every HTTP request passes before routing (a pure ASGI middleware): the API key, the shutdown drain, and
-the body-size limit, each refused in the route's error shape (OpenAI's; TGI's on its routes) before any JSON is parsed or any text tokenized. It also
-counts the requests in flight, so a drain knows when the last answer has been written."""
+the body's size and arrival time limits, each refused in the route's error shape (OpenAI's; TGI's on its routes)
+before any JSON is parsed or any text tokenized. It also counts the requests in flight, so a drain knows when the last
+answer has been written."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -43,7 +45,15 @@ class Guard:
             return
         self.state.in_flight += 1
         try:
-            body = await _read_body(receive, limit)
+            timeout = self.state.settings.body_timeout_s
+            try:  # a body trickled in a byte at a time held its connection, and a file descriptor, for ever
+                async with asyncio.timeout(timeout):
+                    body = await _read_body(receive, limit)
+            except TimeoutError:
+                await self._refuse(send, path, 408, f"the request body did not arrive within {timeout:g} s "
+                                   "(body_timeout_s); send it at once", code="request_timeout",
+                                   headers={"Connection": "close"})
+                return
             if body is None:
                 await self._too_large(send, path, None, limit)
                 return

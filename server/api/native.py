@@ -103,7 +103,7 @@ async def generate_stream(body: GenerateRequest, request: Request) -> EventSourc
     state = get_state(request)
     served, _ = state.require()
     run = await pipeline.start(state, _job(body))
-    return EventSourceResponse(_events(served, body, run), ping=15, headers={"x-painters-policy": run.schedule.policy})
+    return pipeline.event_source(state, _events(served, body, run), policy=run.schedule.policy)
 
 
 async def _events(served: ServedModel, body: GenerateRequest, run: Running) -> AsyncIterator[dict[str, str]]:

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse
 
 from server.api import pipeline
 from server.api.errors import APIError, error_body
@@ -120,10 +119,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     rid, created, model = pipeline.new_request_id("cmpl"), int(time.time()), body.model or state.model_name
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(
-            _stream_completion(served, run, rid=rid, created=created, model=model, want_logprobs=want_logprobs,
-                               include_usage=include_usage),
-            headers={"x-painters-policy": run.schedule.policy}, ping=15)
+        return pipeline.event_source(state, _stream_completion(
+            served, run, rid=rid, created=created, model=model, want_logprobs=want_logprobs,
+            include_usage=include_usage), policy=run.schedule.policy)
     results = await pipeline.collect(run.streams, request)
     choices = []
     for index, result in enumerate(results):
@@ -205,10 +203,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     rid, created, model = pipeline.new_request_id("chatcmpl"), int(time.time()), body.model or state.model_name
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(
-            _stream_chat(served, run, rid=rid, created=created, model=model, logprobs=body.logprobs,
-                         include_usage=include_usage),
-            headers={"x-painters-policy": run.schedule.policy}, ping=15)
+        return pipeline.event_source(state, _stream_chat(
+            served, run, rid=rid, created=created, model=model, logprobs=body.logprobs, include_usage=include_usage),
+            policy=run.schedule.policy)
     results = await pipeline.collect(run.streams, request)
     choices = [ChatChoice(
         index=i, message=ChatResponseMessage(content=r.text),

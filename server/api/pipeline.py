@@ -5,6 +5,7 @@ their API shape to a `Job`, and from results or `Output`s back to their response
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -12,6 +13,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
+from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
+from starlette.types import Receive, Scope, Send
 
 from server.api.errors import CLIENT_CLOSED, GENERATION_FAILED, APIError
 from server.api.protocol import PaintersInfo, PolicyField, Timings
@@ -27,6 +31,8 @@ from server.engine.scheduler import DrainingError, KVBudgetError, QueueFullError
 if TYPE_CHECKING:
     from server.engine.loop import EngineLoop
     from server.engine.served import ServedModel
+
+log = logging.getLogger(__name__)
 
 # (max_tokens, choice index) -> that choice's sampling parameters
 ParamsFor = Callable[[int, int], SamplingParams]
@@ -206,6 +212,23 @@ def submit_all(state: AppState, requests: list[EngineRequest]) -> list[RequestSt
                 raise state.draining_error() from None
             raise state.busy_error(str(e)) from None
     return streams
+
+
+class EventSource(EventSourceResponse):
+    """A streamed answer, pinged every 15 s. A client that takes no data for `send_timeout` seconds is dropped and its
+    requests aborted: the engine runs on whether or not it reads, and the frames it left unread were held until it
+    did, for as long as it kept the connection open."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:  # its stream is closed, which aborted its requests
+            log.warning("dropped a streamed answer whose client took no data for %.0f s", self.send_timeout)
+
+
+def event_source(state: AppState, events: AsyncIterator[dict[str, str]], *, policy: str) -> EventSource:
+    return EventSource(events, ping=15, send_timeout=state.settings.stream_send_timeout_s,
+                       headers={"x-painters-policy": policy})
 
 
 def _check_sequences(state: AppState, count: int) -> None:

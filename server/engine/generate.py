@@ -285,8 +285,12 @@ class Batch:
                 waves[1 if shares else 0].append(s)
                 firsts.add(first)
         for wave in waves:
-            if wave:
-                self._prefill(wave, t0)
+            # An echo prefill keeps every position's logits ([B, T, V], padded): each echo prompt runs alone, so at
+            # most one prompt's are held (16 echoed 2,000-token prompts held 6 GB at SmolLM2's vocabulary).
+            plain = [s for s in wave if not s.params.echo]
+            for group in (plain, *([s] for s in wave if s.params.echo)):
+                if group:
+                    self._prefill(group, t0)
 
     def _prefill(self, new: list[Request], t0: float) -> None:
         reused = [self.kv.reuse(s) for s in new]
