@@ -452,9 +452,13 @@ def test_overlapped_decode_does_not_queue_a_row_past_the_batchs_max_len(overlapp
     assert events == [L, L, R, L, R, L, R, R]
 
 
-def test_echo_prompts_are_prefilled_one_at_a_time(tiny_engine, monkeypatch):
+def test_echo_prompts_are_prefilled_apart_within_a_logits_budget(tiny_engine, monkeypatch):
     """Scoring a prompt keeps every position's logits, [B, T, V] padded to the longest: 4 echoed 2,000-token prompts
-    admitted together took 2.9 GB at SmolLM2's vocabulary. Each echo prompt runs alone; plain ones still together."""
+    admitted together took 2.9 GB at SmolLM2's vocabulary. Echo prompts run apart from plain ones (which keep one
+    position each), as many together as ECHO_LOGITS_BYTES holds."""
+    from server.engine import generate
+
+    monkeypatch.setattr(generate, "ECHO_LOGITS_BYTES", 60 * 4 * tiny_engine.model.args.vocab_size)  # 60 positions
     schedule = tiny_engine.compile("full")
     batch = tiny_engine.new_batch(max_len=64, num_blocks=256)
     shapes = []
@@ -469,9 +473,9 @@ def test_echo_prompts_are_prefilled_one_at_a_time(tiny_engine, monkeypatch):
     seqs = [tiny_engine.new_sequence([5 + i] * (10 + 10 * i), p, schedule)
             for i, p in enumerate([echo, plain, echo, plain, echo])]
     batch.add(seqs)
-    assert sorted(shapes) == [(False, (2,)), (True, (1, 10)), (True, (1, 30)), (True, (1, 50))]
+    # echo prompts of 10, 30 and 50 tokens: 2 x 30 positions fit, 3 x 50 do not
+    assert sorted(shapes) == [(False, (2,)), (True, (1, 50)), (True, (2, 30))]
     assert all(len(s.prompt_logprobs) == len(s.prompt_ids) for s in seqs if s.params.echo)
-
 
 
 def test_an_echo_prefill_is_read_at_once(overlapped_engine, monkeypatch):

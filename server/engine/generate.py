@@ -47,6 +47,9 @@ from server.engine.served import encode
 __all__ = ["Batch", "Engine", "GenerationResult", "Launched", "ModelOutput", "Request", "StepInput", "Timings"]
 
 _ids = itertools.count()
+# An echo prefill's logits at most, [rows, longest prompt, vocabulary] in float32 (a prompt over it runs alone):
+# SmolLM2's vocabulary gives 1,365 positions, 16 HellaSwag scoring prompts in one call; Gemma 3's, 256.
+ECHO_LOGITS_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -285,12 +288,29 @@ class Batch:
                 waves[1 if shares else 0].append(s)
                 firsts.add(first)
         for wave in waves:
-            # An echo prefill keeps every position's logits ([B, T, V], padded): each echo prompt runs alone, so at
-            # most one prompt's are held (16 echoed 2,000-token prompts held 6 GB at SmolLM2's vocabulary).
+            # An echo prefill keeps every position's logits ([B, T, V], padded), so echo prompts run apart from the
+            # others, as few at a time as keep them within ECHO_LOGITS_BYTES (4 echoed 2,000-token prompts admitted
+            # together held 2.9 GB at SmolLM2's vocabulary; 16 short scoring prompts still run as one call)
             plain = [s for s in wave if not s.params.echo]
-            for group in (plain, *([s] for s in wave if s.params.echo)):
+            for group in (plain, *self._echo_groups([s for s in wave if s.params.echo])):
                 if group:
                     self._prefill(group, t0)
+
+    def _echo_groups(self, echo: list[Request]) -> list[list[Request]]:
+        """`echo` in order, cut where a prefill's float32 logits (rows x longest prompt x vocabulary) would pass
+        ECHO_LOGITS_BYTES; a prompt over it alone runs alone."""
+        per_position = 4 * self.model.args.vocab_size
+        groups: list[list[Request]] = []
+        longest = 0
+        for s in echo:
+            n = len(s.prompt_ids)
+            if groups and groups[-1] and (len(groups[-1]) + 1) * max(longest, n) * per_position <= ECHO_LOGITS_BYTES:
+                groups[-1].append(s)
+                longest = max(longest, n)
+            else:
+                groups.append([s])
+                longest = n
+        return groups
 
     def _prefill(self, new: list[Request], t0: float) -> None:
         reused = [self.kv.reuse(s) for s in new]
