@@ -150,6 +150,30 @@ def test_a_long_prompt_is_tokenized_off_the_event_loop():
             assert slow.result(timeout=30).status_code == 200
 
 
+def test_metrics_render_off_the_event_loop(monkeypatch):
+    """A scrape renders every series (thousands of lines with many policy labels): while one renders, /health still
+    answers at once."""
+    from server.metrics import Metrics
+
+    started = threading.Event()
+    render = Metrics.render
+
+    def slow(self):
+        started.set()
+        time.sleep(2)
+        return render(self)
+
+    monkeypatch.setattr(Metrics, "render", slow)
+    with serving(settings()) as c:
+        with ThreadPoolExecutor(1) as pool:
+            scrape = pool.submit(c.get, "/metrics")
+            assert started.wait(10)
+            t0 = time.perf_counter()
+            assert c.get("/health").status_code == 200
+            assert time.perf_counter() - t0 < 1.0
+            assert scrape.result(timeout=30).status_code == 200
+
+
 # -- overload, disconnects, poisoned sampling -----------------------------------------------------------------------
 
 
