@@ -244,6 +244,20 @@ def test_scores_are_paired_with_full_over_items():
     assert next(c for c in check_claims(r) if c.claim.startswith("Skipping")).evidence.count("0.97 ± 0.0") == 1
 
 
+def test_the_mean_over_tasks_adds_their_errors_in_quadrature():
+    """Tasks have different items, so their errors are independent: the mean of three has sqrt(sum se^2) / 3, less
+    than their plain mean (which `combination` and the mean curve would report if they averaged them)."""
+    r = synthetic(paper_like)
+    per_task = [combination(r, {("skip", 1): 1.0}, [t]) for t in r.tasks]
+    value, se = combination(r, {("skip", 1): 1.0})
+    assert value == pytest.approx(sum(v for v, _ in per_task) / 3)
+    assert se == pytest.approx(math.sqrt(sum(e * e for _, e in per_task)) / 3)
+    assert se < sum(e for _, e in per_task) / 3
+    curve = r.mean_curve("skip")[1]
+    points = [r.curves[t]["skip"][1].stderr for t in r.tasks]
+    assert curve.stderr == pytest.approx(math.sqrt(sum(e * e for e in points)) / 3)
+
+
 def test_claims_that_cannot_be_measured_say_so():
     r = synthetic(paper_like, tasks=("hellaswag", "lambada_openai"))
     got = verdicts(r)
