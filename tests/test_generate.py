@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 import torch
 
 from server.engine.generate import Batch, Engine, Launched
+from server.engine.request import Request
 from server.engine.sampling import SamplingError, SamplingParams
 from tests.conftest import CharTokenizer, bos_word_tokenizer, tiny_llama
 
@@ -452,30 +453,39 @@ def test_overlapped_decode_does_not_queue_a_row_past_the_batchs_max_len(overlapp
     assert events == [L, L, R, L, R, L, R, R]
 
 
-def test_echo_prompts_are_prefilled_apart_within_a_logits_budget(tiny_engine, monkeypatch):
-    """Scoring a prompt keeps every position's logits, [B, T, V] padded to the longest: 4 echoed 2,000-token prompts
-    admitted together took 2.9 GB at SmolLM2's vocabulary. Echo prompts run apart from plain ones (which keep one
-    position each), as many together as ECHO_LOGITS_BYTES holds."""
+def test_prompt_scoring_computes_its_logits_a_few_positions_at_a_time(tiny_engine, monkeypatch):
+    """Scoring a prompt (echo) reads every position's logits: all at once, one 2,000-token prompt added ~900 MB on
+    SmolLM2. The prefill returns the final hidden states, and the logits are computed from them within
+    SCORE_LOGITS_BYTES; the scores are those of computing them at once, and echo prompts prefill together."""
     from server.engine import generate
 
-    monkeypatch.setattr(generate, "ECHO_LOGITS_BYTES", 60 * 4 * tiny_engine.model.args.vocab_size)  # 60 positions
-    schedule = tiny_engine.compile("full")
-    batch = tiny_engine.new_batch(max_len=64, num_blocks=256)
-    shapes = []
-    forward = batch.executor.forward
-
-    def recorded(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        shapes.append((kwargs.get("logits_at") is None, tuple(out.shape[:-1])))
-        return out
-    monkeypatch.setattr(batch.executor, "forward", recorded)
+    schedule = tiny_engine.compile("skip:2")
     echo, plain = SamplingParams(max_tokens=1, echo=True, logprobs=2), SamplingParams(max_tokens=1)
-    seqs = [tiny_engine.new_sequence([5 + i] * (10 + 10 * i), p, schedule)
-            for i, p in enumerate([echo, plain, echo, plain, echo])]
-    batch.add(seqs)
-    # echo prompts of 10, 30 and 50 tokens: 2 x 30 positions fit, 3 x 50 do not
-    assert sorted(shapes) == [(False, (2,)), (True, (1, 50)), (True, (2, 30))]
-    assert all(len(s.prompt_logprobs) == len(s.prompt_ids) for s in seqs if s.params.echo)
+
+    def scored(budget: int) -> tuple[list[Request], list[int], list[tuple[int, ...]]]:
+        monkeypatch.setattr(generate, "SCORE_LOGITS_BYTES", budget)
+        batch = tiny_engine.new_batch(max_len=64, num_blocks=256)
+        rows, forward = [], batch.executor.forward
+        monkeypatch.setattr(batch.executor, "forward",
+                            lambda tokens, *a, **k: rows.append(len(tokens)) or forward(tokens, *a, **k))
+        shapes, logits = [], tiny_engine.model.logits
+        monkeypatch.setattr(tiny_engine.model, "logits", lambda h: shapes.append(tuple(h.shape[:-1])) or logits(h))
+        seqs = [tiny_engine.new_sequence([5 + i] * (10 + 10 * i), p, schedule)
+                for i, p in enumerate([echo, plain, echo, plain, echo])]
+        batch.add(seqs)
+        monkeypatch.undo()
+        return seqs, rows, shapes
+
+    seqs, rows, shapes = scored(7 * 4 * tiny_engine.model.args.vocab_size)  # 7 positions
+    assert sorted(rows) == [2, 3]  # the plain prompts, then the echo prompts together
+    assert all(len(shape) == 1 and shape[0] <= 7 for shape in shapes)
+    at_once, _, _ = scored(2**40)
+    for s, want in zip(seqs, at_once):
+        if s.params.echo:
+            assert len(s.prompt_logprobs) == len(s.prompt_ids) and s.prompt_logprobs[0] is None
+            assert s.prompt_logprobs[1:] == pytest.approx(want.prompt_logprobs[1:], abs=1e-5)
+            assert [sorted(t) for t in s.prompt_top_logprobs[1:]] == [sorted(t) for t in want.prompt_top_logprobs[1:]]
+        assert s.output_ids == want.output_ids
 
 
 def test_an_echo_prefill_is_read_at_once(overlapped_engine, monkeypatch):

@@ -168,13 +168,16 @@ class Executor:
         return plan.units_read(attn_cost=self._attn_cost, mlp_cost=self._mlp_cost)
 
     @torch.inference_mode()
-    def forward(self, tokens: Tensor, rows: list[Row], *, logits_at: Tensor | None = None,
+    def forward(self, tokens: Tensor, rows: list[Row], *, logits_at: Tensor | None = None, hidden: bool = False,
                 capture: Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor:
         """tokens [B, T]; rows[b] describes batch row b. logits_at: [B] index in T whose logits to return ([B, V]);
-        None returns all positions ([B, T, V]). capture(step, rows [m], h [m, T, d]) is called with the state
+        None returns all positions ([B, T, V]). hidden: return the final hidden states instead ([B, T, d], before
+        the final norm; padding positions hold what their padding computed), for a caller that reads many
+        positions' logits a few at a time (`Transformer.logits`). capture(step, rows [m], h [m, T, d]) is called with the state
         entering every schedule step of those rows (step = number of steps done), for probes."""
         B, T = tokens.shape
         assert len(rows) == B
+        assert not (hidden and logits_at is not None), "hidden returns every position"
         for r in rows:
             assert r.start + r.num_new <= self.max_len, f"sequence of {r.start + r.num_new} exceeds {self.max_len}"
             self.cache.reserve(r.seq, r.schedule.slots, r.start + r.num_new)
@@ -186,7 +189,7 @@ class Executor:
         kv_len = max(r.start + r.num_new for r in rows)
         inputs = self.step_inputs(program, rows)
         return self.run(plan, program, tokens, *inputs, top=kv_len, num_blocks=-(-kv_len // self.cache.block_size),
-                        num_new=[r.num_new for r in rows], logits_at=logits_at, capture=capture)
+                        num_new=[r.num_new for r in rows], logits_at=logits_at, hidden=hidden, capture=capture)
 
     def step_inputs(self, program: _Program, rows: list[Row]) -> tuple[Tensor, Tensor, Tensor]:
         """What a step's tensor work reads from the rows, on the device, in one copy: where each row starts [B], how
@@ -207,13 +210,13 @@ class Executor:
                 for b, slot in program.kv_pairs]
 
     def run(self, plan: StepPlan, program: _Program, tokens: Tensor, start: Tensor, new: Tensor, kv_rows: Tensor, *,
-            top: int, num_blocks: int, num_new: list[int] | None, logits_at: Tensor | None,
+            top: int, num_blocks: int, num_new: list[int] | None, logits_at: Tensor | None, hidden: bool = False,
             capture: Callable[[int, Tensor, Tensor], None] | None = None, fused: bool = False) -> Tensor:
         """The step's tensor work, with no host sync: every shape comes from plain data. start, new [B] and
         kv_rows [N] as `step_inputs` makes them; top bounds the positions + 1; num_blocks: the KV blocks that
         gathered attention reads per row (covering every row's length); num_new: each row's new tokens on the host
-        when some are padding (None: every row appends all T, as every decode row does); fused: the layer math
-        through torch.compile (`Transformer.fused`)."""
+        when some are padding (None: every row appends all T, as every decode row does); logits_at, hidden: what
+        to return, as in `forward`; fused: the layer math through torch.compile (`Transformer.fused`)."""
         B, T = tokens.shape
         model, cache, dev = self.model, self.cache, self.model.device
         padded = num_new is not None and any(n != T for n in num_new)
@@ -314,6 +317,8 @@ class Executor:
 
             self._run(buffers, op, attend)
         h = buffers[0]
+        if hidden:
+            return h.clone() if plan.num_buffers > 1 else h  # not holding the other buffers
         if logits_at is not None:
             return model.logits(h[torch.arange(B, device=dev), logits_at])  # [B, V]
         if not padded:

@@ -47,9 +47,10 @@ from server.engine.served import encode
 __all__ = ["Batch", "Engine", "GenerationResult", "Launched", "ModelOutput", "Request", "StepInput", "Timings"]
 
 _ids = itertools.count()
-# An echo prefill's logits at most, [rows, longest prompt, vocabulary] in float32 (a prompt over it runs alone):
-# SmolLM2's vocabulary gives 1,365 positions, 16 HellaSwag scoring prompts in one call; Gemma 3's, 256.
-ECHO_LOGITS_BYTES = 256 * 2**20
+# Prompt scoring (echo) reads every prompt position's logits: it computes them from the final hidden states, as many
+# positions at a time as keep their float32 logits within this (341 at SmolLM2's vocabulary, 64 at Gemma 3's). All
+# at once, one 2,000-token echo prompt added ~900 MB of peak memory on SmolLM2 (`benchmarks/bench_prefill_memory.py`).
+SCORE_LOGITS_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class ModelOutput:
     logprobs: list[float]  # empty when no row asked for logprobs
     top: list[dict[int, float]]  # the num_top most likely tokens -> logprob (empty when none asked)
     errors: dict[int, str]
-    all_logits: Tensor | None = None  # [B, T, V] for echo prefills
+    hidden: Tensor | None = None  # [B, T, d] final hidden states of echo prefills (their prompt logits come from it)
 
 
 @dataclass
@@ -86,11 +87,11 @@ class Launched:
     inp: StepInput
     tokens: Tensor  # [B] each row's sampled token, on the device
     fetch: Callable[[], ModelOutput] = field(repr=False)
-    all_logits: Tensor | None = None  # [B, T, V] for echo prefills
+    hidden: Tensor | None = None  # [B, T, d] final hidden states of echo prefills
 
     def result(self) -> ModelOutput:
         out = self.fetch()
-        out.all_logits = self.all_logits
+        out.hidden = self.hidden
         return out
 
 
@@ -176,13 +177,14 @@ class Batch:
 
     def launch(self, inp: StepInput) -> Launched:
         """Queue the forward and batched sampling; the results start their one copy to the host."""
-        logits = self.executor.forward(inp.tokens, list(inp.rows), logits_at=None if inp.echo else inp.logits_at)
-        all_logits = None
-        if inp.echo:
-            all_logits = logits
-            logits = logits[torch.arange(len(inp.rows), device=logits.device), inp.logits_at]
+        hidden = None
+        if inp.echo:  # every position's hidden state, for prompt scoring (`_score_prompt`)
+            hidden = self.executor.forward(inp.tokens, list(inp.rows), hidden=True)
+            logits = self.model.logits(hidden[torch.arange(len(inp.rows), device=hidden.device), inp.logits_at])
+        else:
+            logits = self.executor.forward(inp.tokens, list(inp.rows), logits_at=inp.logits_at)
         tokens, fetch = self.sample(logits, inp.sampling)
-        return Launched(inp, tokens, fetch, all_logits)
+        return Launched(inp, tokens, fetch, hidden)
 
     def execute(self, inp: StepInput) -> ModelOutput:
         """The forward and batched sampling; the results reach the host in one copy."""
@@ -288,29 +290,10 @@ class Batch:
                 waves[1 if shares else 0].append(s)
                 firsts.add(first)
         for wave in waves:
-            # An echo prefill keeps every position's logits ([B, T, V], padded), so echo prompts run apart from the
-            # others, as few at a time as keep them within ECHO_LOGITS_BYTES (4 echoed 2,000-token prompts admitted
-            # together held 2.9 GB at SmolLM2's vocabulary; 16 short scoring prompts still run as one call)
-            plain = [s for s in wave if not s.params.echo]
-            for group in (plain, *self._echo_groups([s for s in wave if s.params.echo])):
+            # echo prompts apart: their prefill is read at once (see the module's docstring), the others' overlap
+            for group in ([s for s in wave if not s.params.echo], [s for s in wave if s.params.echo]):
                 if group:
                     self._prefill(group, t0)
-
-    def _echo_groups(self, echo: list[Request]) -> list[list[Request]]:
-        """`echo` in order, cut where a prefill's float32 logits (rows x longest prompt x vocabulary) would pass
-        ECHO_LOGITS_BYTES; a prompt over it alone runs alone."""
-        per_position = 4 * self.model.args.vocab_size
-        groups: list[list[Request]] = []
-        longest = 0
-        for s in echo:
-            n = len(s.prompt_ids)
-            if groups and groups[-1] and (len(groups[-1]) + 1) * max(longest, n) * per_position <= ECHO_LOGITS_BYTES:
-                groups[-1].append(s)
-                longest = max(longest, n)
-            else:
-                groups.append([s])
-                longest = n
-        return groups
 
     def _prefill(self, new: list[Request], t0: float) -> None:
         reused = [self.kv.reuse(s) for s in new]
@@ -323,10 +306,10 @@ class Batch:
             self.sequences.extend(new)
             return
         out = self.execute(inp)
-        if out.all_logits is not None:
+        if out.hidden is not None:
             for b, (s, p, r) in enumerate(zip(new, starts, reused)):
                 if s.params.echo:
-                    _score_prompt(s, out.all_logits[b, : len(s.prompt_ids) - p], r)
+                    _score_prompt(s, out.hidden[b, : len(s.prompt_ids) - p], r, self.model)
         for s, p in zip(new, starts):
             self.kv.register(s, p)
         self.sequences.extend(new)
@@ -510,21 +493,26 @@ def _to_host(tokens: Tensor, alive: Tensor, logprobs: Tensor | None, top: Any) -
     return wait
 
 
-def _score_prompt(s: Request, logits: Tensor, reused: Reused) -> None:
-    """logits [T', V] over the prompt from position p = reused.start on -> logprob of each prompt token given its
-    prefix (None for the first). Tokens up to p come from the cache (`reused`)."""
+def _score_prompt(s: Request, hidden: Tensor, reused: Reused, model: Transformer) -> None:
+    """hidden [T', d], the final hidden states over the prompt from position p = reused.start on -> logprob of each
+    prompt token given its prefix (None for the first). Tokens up to p come from the cache (`reused`). The logits
+    are computed a few positions at a time, within SCORE_LOGITS_BYTES."""
     n = s.params.logprobs or 0
     values: list[float | None] = list(reused.logprobs) if reused.logprobs else [None]
     tops: list[dict[int, float] | None] = list(reused.tops) if reused.tops else [None]
     p = len(values) - 1
     assert p == reused.start
-    logprobs = torch.log_softmax(logits[:-1], dim=-1)
-    ids = torch.tensor(s.prompt_ids[p + 1 :], device=logits.device)
-    values += logprobs.gather(-1, ids[:, None])[:, 0].tolist() if len(ids) else []
+    ids = torch.tensor(s.prompt_ids[p + 1 :], dtype=torch.long, device=hidden.device)  # position i predicts ids[i]
+    step = max(1, SCORE_LOGITS_BYTES // (4 * model.args.vocab_size))
+    for i in range(0, len(ids), step):
+        chosen = ids[i : i + step]
+        logprobs = torch.log_softmax(model.logits(hidden[i : i + len(chosen)]), dim=-1)
+        values += logprobs.gather(-1, chosen[:, None])[:, 0].tolist()
+        if n:
+            top = torch.topk(logprobs, n)
+            tops += [dict(zip(t.tolist(), v.tolist())) for t, v in zip(top.indices, top.values)]
     s.prompt_logprobs = values
     if n:
-        top = torch.topk(logprobs, n)
-        tops += [dict(zip(i.tolist(), v.tolist())) for i, v in zip(top.indices, top.values)]
         s.prompt_top_logprobs = tops
 
 
