@@ -243,6 +243,27 @@ def test_cuda_triton_attention_matches_gathered():
                 torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
 
 
+def test_cuda_triton_attention_past_int32_offsets():
+    """A pool of more than 2**31 elements (4.4 GB in bf16; a 7B server's pool is larger) read where its element
+    offsets pass int32: a row on the pool's last blocks gets what gathering gives (the CPU suite checks FlexAttention
+    the same way)."""
+    from server.model.paged_attention import gathered_attention
+    from server.model.triton_attention import paged_decode_attention
+
+    kv, hd, n_blocks = 2, 64, 540_000
+    pool = torch.empty(n_blocks, 16, 2 * kv, hd, device="cuda", dtype=torch.bfloat16)
+    tables = torch.tensor([[n_blocks - 1 - i for i in range(8)], [1 + i for i in range(8)]], device="cuda")
+    pool[tables.flatten()] = torch.randn(16, 16, 2 * kv, hd, device="cuda").to(torch.bfloat16)
+    lens = torch.tensor([120, 120], device="cuda")
+    positions = (lens - 1)[:, None]
+    q = torch.randn(2, 8, 1, hd, device="cuda").to(torch.bfloat16)
+    want = gathered_attention(q.float(), pool[tables.flatten()].float().view(16, 16, 2 * kv, hd),
+                              torch.arange(16, device="cuda").view(2, 8), positions, lens)
+    got = paged_decode_attention(q, pool, tables, positions, lens)
+    del pool
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
 def test_cuda_engine_runs_the_kernel_at_its_fastest_tiling():
     """At load the kernel is timed at every candidate tiling, once per shape; the engine runs the fastest."""
     from server.model import triton_attention

@@ -62,3 +62,23 @@ def test_a_wrong_block_column_changes_the_result() -> None:
     col[tables[0, 2]] = 0  # the row's last block claims to be its first: outside the 8-token window
     bad = paged_attention(q, pool, layout, slice(0, 1), window=8)
     assert not torch.allclose(good, bad)
+
+
+def test_a_pool_past_int32_offsets() -> None:
+    """A pool of more than 2**31 elements (a server's pool easily is, on a GPU) is read in place where its element
+    offsets pass int32: a row whose blocks lie at the pool's end gets what gathering gives. Only the blocks the rows
+    use are written, so the pool costs their pages, not its 8.8 GB."""
+    kv, hd, block_size, n_blocks = 2, 64, 16, 540_000
+    pool = torch.empty(n_blocks, block_size, 2 * kv, hd)
+    assert pool[-1].data_ptr() - pool.data_ptr() > 2**31 * pool.element_size()
+    g = torch.Generator().manual_seed(3)
+    tables = torch.tensor([[n_blocks - 1 - i for i in range(8)], [1 + i for i in range(8)]])
+    for b in tables.flatten().tolist():
+        pool[b] = torch.randn(block_size, 2 * kv, hd, generator=g)
+    lens = torch.tensor([100, 100])
+    positions = (lens - 1)[:, None]
+    q = torch.randn(2, 4, 1, hd, generator=g)
+    layout = paged_layout(tables, positions, lens, block_size=block_size,
+                          block_col=torch.zeros(n_blocks, dtype=torch.int32))
+    got = paged_attention(q, pool, layout, slice(0, 2))
+    torch.testing.assert_close(got, gathered_attention(q, pool, tables[:, :7], positions, lens), atol=1e-5, rtol=1e-5)
