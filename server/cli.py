@@ -197,7 +197,7 @@ def _serve_on_ray(settings: Settings, *, replicas: int, address: str | None, rou
     try:
         from server.ray_serve import RayOptions, run
     except ImportError as e:
-        raise _fail(f"--replicas needs Ray Serve: pip install 'painters[ray]' ({e})") from None
+        raise _fail(f"--replicas needs Ray Serve: `make setup`, or pip install -e '.[ray]' from the checkout ({e})") from None
     gpus = gpus_per_replica
     if gpus is None:
         gpus = default_gpus_per_replica(settings.device, replicas=replicas)

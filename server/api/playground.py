@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.api.protocol import POLICY_DOC, PolicyField
-from server.policy.layer_strip import Strip, strip
+from server.policy.layer_strip import CellKind, Strip, strip
 
 if TYPE_CHECKING:
     from server.api.state import AppState
@@ -49,7 +49,7 @@ class ScheduleRequest(BaseModel):
 
 
 class StripCell(BaseModel):
-    kind: str = Field(description="'layer' (one layer run), 'group' (layers run in parallel on one input) or "
+    kind: CellKind = Field(description="'run' (one layer run), 'group' (layers run in parallel on one input) or "
                                   "'skipped' (layers never run, placed where they would have run)")
     layers: list[int]
     combine: str | None = Field(None, description="a group's rule: mean, sum or pairs")

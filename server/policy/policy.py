@@ -11,7 +11,7 @@ String forms (layer indices 0-based, ranges inclusive, never an ``@``):
     skip:A-B | skip:3,5,9-11 drop an explicit range or set
     pairs[:A-B]              consecutive pairs share their input (two-stage sum, arXiv 2502.02790)
     parallel[:A-B]           every layer of the range reads the same input; deltas averaged
-    loop[:A-B]xR             that parallel step applied R times
+    loop:[A-B]xR             that parallel step applied R times (loop:x3, loop:8-22x3)
     reverse[:A-B]            the range in reverse order
     shuffle[:A-B[:SEED]]     the range in a seeded random order
     repeat[:A-B]             every layer of the range replaced by the range's centre layer
