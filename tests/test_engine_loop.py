@@ -486,6 +486,36 @@ def test_a_failing_step_leaves_the_queue_gauges_current(tiny_engine, loop_engine
     assert loop.num_requests == 0 and sample(loop.metrics, "painters:num_requests_running") == 0
 
 
+def test_a_drain_waits_for_a_request_being_admitted(make_loop, make_gate, loop_engine, monkeypatch):
+    """Admission moves a request from the queue to the running set under the loop's lock: a drain that counted
+    outside it could see neither, end its wait at once and abort the request with its drain time unspent."""
+    loop = make_loop(max_num_seqs=1)
+    gate = make_gate(1)
+    first, second = Collector(gate), Collector()
+    loop.submit(request(loop_engine, "a", [5, 6, 7], "full", max_tokens=3), first)
+    gate.wait()  # "a" runs; "b" waits for its slot
+    loop.submit(request(loop_engine, "b", [8, 9], "full", max_tokens=3), second)
+    admitting, go_on = threading.Event(), threading.Event()
+    reserve = loop.scheduler.kv.reserve
+
+    def slow(r: Request) -> None:  # admission of "b", between the queue and the running set
+        admitting.set()
+        assert go_on.wait(TIMEOUT)
+        reserve(r)
+    monkeypatch.setattr(loop.scheduler.kv, "reserve", slow)
+    aborted: list[int] = []
+    drain = threading.Thread(target=lambda: aborted.append(loop.drain(time.monotonic() + TIMEOUT)))
+    drain.start()
+    wait_until(lambda: loop.draining, "the drain began")
+    gate.release.set()  # "a" finishes and "b" is admitted, slowly
+    assert admitting.wait(TIMEOUT)
+    time.sleep(0.1)  # the drain counts (every 20 ms) while admission holds "b"
+    go_on.set()
+    drain.join(TIMEOUT)
+    assert first.wait().result.finish_reason == "length"
+    assert aborted == [0] and second.wait().result.finish_reason == "length"
+
+
 def test_a_drain_streams_the_tail_held_back_for_a_stop_string(tiny_engine, loop_engine):
     """Text that might still begin a stop string is held back from the stream. A drain ends the request: its final
     output carries that tail, so the streamed text adds up to the result's, as when it finishes."""

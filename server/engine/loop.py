@@ -85,8 +85,10 @@ class EngineLoop:
 
     @property
     def num_requests(self) -> int:
-        """Requests here, waiting or running."""
-        return self.scheduler.num_waiting + self.scheduler.num_running
+        """Requests here, waiting or running (counted under the lock: admission moves them from one to the other,
+        and a drain that counted in between would see none left and abort the request at once)."""
+        with self._lock:
+            return self.scheduler.num_waiting + self.scheduler.num_running
 
     def drain(self, deadline: float) -> int:
         """Stop admitting new requests; wait until the queued and running ones finish or `deadline` (time.monotonic())
