@@ -345,6 +345,29 @@ def test_sigterm_drains_running_requests_then_aborts_the_rest(tmp_path):
     assert "ended with finish_reason 'abort'" in p.log.read_text()
 
 
+def test_a_probe_still_waiting_at_the_drain_deadline_gets_503(tmp_path):
+    """One slot, held past a 1 s drain by a long request: the probe queued behind it ends at the deadline without
+    running, and its client gets the drain's 503 (it was a 500, "probe ended without statistics")."""
+    env = {"PAINTERS_DRAIN_TIMEOUT_S": "1", "PAINTERS_MAX_NUM_SEQS": "1"}
+    with rel.tiny_process(tmp_path, step_delay=0.02, env=env) as p:
+        got: dict[str, object] = {}
+        long = threading.Thread(target=_stream, args=(p.url, {"prompt": "long", "max_tokens": 110,
+                                                              "ignore_eos": True}, got, "long"))
+        long.start()
+        wait_until(lambda: rel.gauges(p.url)[0] == 1, timeout=30, what="the long request running")
+        probe: dict[str, httpx.Response] = {}
+        waiting = threading.Thread(target=lambda: probe.setdefault("r", httpx.post(
+            f"{p.url}/v1/probe", json={"model": MODEL, "prompts": ["waits"]}, timeout=30)))
+        waiting.start()
+        wait_until(lambda: rel.gauges(p.url)[1] == 1, timeout=30, what="the probe waiting")
+        p.proc.send_signal(signal.SIGTERM)
+        for t in (long, waiting):
+            t.join(timeout=30)
+        assert p.proc.wait(timeout=30) == 0
+    assert got == {"long": "abort"}
+    assert_error(probe["r"], 503, "shutting_down")
+
+
 def test_a_second_sigterm_exits_at_once(tmp_path):
     """During a 30 s drain a second SIGTERM ends the process now (0.2 s): uvicorn's own graceful shutdown used to
     wait up to 5 s more for the open connection of a non-streamed request (5.3 s)."""

@@ -251,7 +251,9 @@ async def collect_probe(stream: RequestStream, request: Request) -> ProbeStats:
     """Wait for a probe's statistics; abort it if the client disconnects."""
     [out] = await _finals([stream], request)
     if out.probe is None:
-        raise APIError(500, "probe ended without statistics")
+        if out.error is None:  # ended before it ran: the drain deadline passed while it waited
+            raise AppState.draining_error()
+        raise APIError(500, f"probe failed: {out.error}")
     return out.probe
 
 
