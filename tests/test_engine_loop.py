@@ -469,6 +469,30 @@ def test_the_queue_gauges_exist_before_the_first_request(make_loop):
     assert loop.metrics.registry.get_sample_value("painters:num_requests_waiting", {"model": MODEL}) == 0
 
 
+def test_a_waiting_request_aborted_leaves_the_waiting_gauge_current(make_loop, loop_engine, monkeypatch):
+    """A waiting request that its client leaves ends at once, off the engine thread, and the next step refreshes the
+    gauges. Left just after a step had counted it (the step that freed its slot), no step followed: the engine idled
+    with the gauge counting it."""
+    loop = make_loop(max_num_seqs=1)
+    counted, go_on = threading.Event(), threading.Event()
+    observe = loop.metrics.observe_queue
+
+    def holding(stats) -> None:  # hold the engine thread just after the step that ends "a" counts "b" waiting
+        observe(stats)
+        if stats.running == 0 and stats.waiting == 1 and not counted.is_set():
+            counted.set()
+            assert go_on.wait(TIMEOUT)
+    monkeypatch.setattr(loop.metrics, "observe_queue", holding)
+    running, waiting = Collector(), Collector()
+    loop.submit(request(loop_engine, "a", [5, 6, 7], "full", max_tokens=3), running)
+    loop.submit(request(loop_engine, "b", [8, 9], "full", max_tokens=3), waiting)
+    assert counted.wait(TIMEOUT)
+    loop.abort("b")  # its client left: it ends now (unanswered: nobody is there)
+    assert loop.num_waiting == 0 and sample(loop.metrics, "painters:num_requests_waiting") == 1
+    go_on.set()
+    wait_until(lambda: sample(loop.metrics, "painters:num_requests_waiting") == 0, "the gauge counts none waiting")
+
+
 def test_a_failing_step_leaves_the_queue_gauges_current(tiny_engine, loop_engine, monkeypatch):
     """The gauges were refreshed only at the end of a step that did not raise: after a failed step the loop idles
     with the failed requests still counted running (an autoscaler reading them would hold its scale)."""

@@ -45,7 +45,7 @@ class EngineLoop:
         self.batch = engine.new_batch(max_len=max_model_len, num_blocks=blocks + 1, block_size=kv_block_size,
                                       prefix_caching=prefix_caching, prefix_blocks=prefix_cache_blocks)
         self.scheduler = Scheduler(max_running=max_num_seqs, queue_capacity=queue_capacity, kv=self.batch.kv)
-        self._aborts: set[str] = set()  # running requests whose client left (ended at the next step)
+        self._aborts: set[str] = set()  # requests whose client left: running ones end at the next step
         self._lock = threading.RLock()  # re-entered when abort() ends a waiting request under it
         self._wake = threading.Condition(self._lock)
         self._stop = False
@@ -131,11 +131,11 @@ class EngineLoop:
             request = self.scheduler.get(request_id)
             if request is None:
                 return
-            if request.status is Status.RUNNING:
-                self._aborts.add(request_id)
-                self._wake.notify()
-            else:
+            if request.status is not Status.RUNNING:
                 self._end(request, "abort")  # waiting: it holds no KV, so ending it here touches no engine state
+            # a running one ends at the engine thread's next step; either way that step refreshes the queue gauges
+            self._aborts.add(request_id)
+            self._wake.notify()
 
     @property
     def num_running(self) -> int:
