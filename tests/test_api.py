@@ -1104,6 +1104,31 @@ def test_queue_full_is_429_with_retry_after():
         assert metric_value(c.get("/metrics").text, "painters:request_errors_total", status="429") == 7
 
 
+def test_a_request_the_queue_cannot_take_whole_is_refused_whole():
+    """n = 2 with one waiting place left: a 429 and nothing queued. Its first choice used to be queued, then aborted
+    when the second found the queue full, and counted as a request ended by 'abort' beside the 429."""
+    gate = threading.Event()
+    with serving(settings(queue_capacity=2, max_num_seqs=1), gated(gate)) as c:
+        loop = c.app.state.painters.loop
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 4, "temperature": 0}
+        with ThreadPoolExecutor(2) as pool:
+            try:
+                running = pool.submit(c.post, "/v1/completions", json=body)  # admitted, then held at the gate
+                wait_for(lambda: loop.num_running == 1)
+                waiting = pool.submit(c.post, "/v1/completions", json=body)  # one of the two waiting places
+                wait_for(lambda: loop.num_waiting == 1)
+                r = c.post("/v1/completions", json={**body, "n": 2})
+                assert_error(r, 429, code="queue_full", says=("1 requests already waiting", "brings 2"))
+                assert loop.num_waiting == 1
+            finally:
+                gate.set()
+            assert running.result(timeout=60).status_code == 200
+            assert waiting.result(timeout=60).status_code == 200
+        text = c.get("/metrics").text
+        assert metric_value(text, "painters:request_success_total", finished_reason="abort") == 0
+        assert metric_value(text, "painters:request_success_total") == 2
+
+
 def test_a_request_larger_than_the_queue_is_a_400_not_a_429():
     """Retrying could never help, so it must not say 'retry later'."""
     gate = threading.Event()

@@ -169,11 +169,8 @@ class RequestStream:
         self.engine_loop, self.request = loop, request
         self.queue: asyncio.Queue[Output] = asyncio.Queue()
         event_loop = asyncio.get_running_loop()
-        self._sink = lambda out: event_loop.call_soon_threadsafe(self.queue.put_nowait, out)
+        self.sink = lambda out: event_loop.call_soon_threadsafe(self.queue.put_nowait, out)
         self.done = False
-
-    def submit(self) -> None:
-        self.engine_loop.submit(self.request, self._sink)
 
     def abort(self) -> None:
         if not self.done:
@@ -192,7 +189,7 @@ class RequestStream:
 
 
 def submit_all(state: AppState, requests: list[EngineRequest]) -> list[RequestStream]:
-    """Queue every request or none: on a full queue the ones already queued are aborted and 429 is raised."""
+    """Queue every request or none: 429 when the queue cannot take them all, 503 while draining."""
     _, loop = state.require()
     _check_sequences(state, len(requests))
     for r in requests:  # a request that could never fit the KV budget is refused whole, before any is queued
@@ -202,15 +199,12 @@ def submit_all(state: AppState, requests: list[EngineRequest]) -> list[RequestSt
             raise APIError(400, f"{e}; lower max_tokens or choose a policy that runs fewer layers", param="max_tokens",
                            code="kv_budget_exceeded") from None
     streams = [RequestStream(loop, r) for r in requests]
-    for i, s in enumerate(streams):
-        try:
-            s.submit()
-        except (QueueFullError, DrainingError) as e:
-            for earlier in streams[:i]:
-                earlier.abort()
-            if isinstance(e, DrainingError):
-                raise state.draining_error() from None
-            raise state.busy_error(str(e)) from None
+    try:
+        loop.submit_all([(s.request, s.sink) for s in streams])
+    except DrainingError:
+        raise state.draining_error() from None
+    except QueueFullError as e:
+        raise state.busy_error(str(e)) from None
     return streams
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 
 from server.engine.generate import Engine
 from server.policy.compiler import Schedule
@@ -116,13 +117,19 @@ class EngineLoop:
         return self.batch.kv.longest(schedule.num_slots)
 
     def submit(self, request: Request, sink: Sink) -> None:
-        """Queue a request; raises QueueFullError when the waiting queue is at capacity, KVBudgetError when it could
-        never fit the KV budget."""
-        request.sink = sink
+        """Queue a request (`submit_all`)."""
+        self.submit_all([(request, sink)])
+
+    def submit_all(self, requests: Sequence[tuple[Request, Sink]]) -> None:
+        """Queue requests that belong together (a request's prompts and choices), all or none: raises
+        QueueFullError when the waiting queue cannot take them all, KVBudgetError when one could never fit the KV
+        budget, DrainingError once a drain began. Nothing is queued when it raises, so nothing is counted."""
+        for request, sink in requests:
+            request.sink = sink
         with self._wake:
             if self._draining:
                 raise DrainingError("the server is shutting down")
-            self.scheduler.enqueue(request)
+            self.scheduler.enqueue(*(request for request, _ in requests))
             self._wake.notify()
 
     def abort(self, request_id: str) -> None:

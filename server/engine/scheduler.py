@@ -60,13 +60,19 @@ class Scheduler:
         """Raise KVBudgetError when a request of this shape could never be admitted."""
         self.kv.check(request)
 
-    def enqueue(self, request: Request) -> None:
-        self.check(request)
-        if len(self.waiting) >= self.queue_capacity:
-            raise QueueFullError(f"{len(self.waiting)} requests already waiting (capacity {self.queue_capacity})")
-        assert self.get(request.id) is None, f"duplicate id {request.id}"
-        request.status = Status.WAITING
-        self.waiting[request.id] = request
+    def enqueue(self, *requests: Request) -> None:
+        """Queue `requests` (one request's prompts and choices), all or none: QueueFullError when they do not all
+        fit the queue."""
+        for request in requests:
+            self.check(request)
+        if len(self.waiting) + len(requests) > self.queue_capacity:
+            brings = f"; this request brings {len(requests)}" if len(requests) > 1 else ""
+            raise QueueFullError(f"{len(self.waiting)} requests already waiting (capacity {self.queue_capacity})"
+                                 f"{brings}")
+        for request in requests:
+            assert self.get(request.id) is None, f"duplicate id {request.id}"
+            request.status = Status.WAITING
+            self.waiting[request.id] = request
 
     def admit(self) -> Admission:
         """Move the oldest waiting requests that fit to running, reserving their KV."""
