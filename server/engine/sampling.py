@@ -177,8 +177,10 @@ def _draw(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, u: 
         V = x.shape[-1]
         ranked = torch.topk(x, cap, dim=-1).values if 0 < cap < V else torch.sort(x, dim=-1, descending=True).values
         k = torch.where((top_k > 0) & (top_k < ranked.shape[-1]), top_k, ranked.shape[-1])
-        ranked = ranked.masked_fill(ranked < ranked.gather(-1, (k - 1)[:, None]), float("-inf"))
-        probs = ranked.softmax(-1)
+        kth = ranked.gather(-1, (k - 1)[:, None])
+        ranked = ranked.masked_fill(ranked < kth, float("-inf"))
+        # top-p's mass is that of every token top-k keeps: ties with the k-th past `cap` are not in `ranked`
+        probs = (ranked - x.masked_fill(x < kth, float("-inf")).logsumexp(-1, keepdim=True)).exp()
         drop = probs.cumsum(-1) - probs >= top_p[:, None]  # keep the smallest prefix reaching top_p
         drop[:, 0] = False  # the most likely token always stays, however small top_p rounds in float32
         ranked = ranked.masked_fill(drop & (top_p < 1.0)[:, None], float("-inf"))
