@@ -924,6 +924,23 @@ def test_error_code_is_a_string_or_null(client):
     assert code is None or isinstance(code, str)
 
 
+@pytest.mark.parametrize("neutral", [{"top_p": 1.0}, {"top_k": 0}, {"temperature": 1.0}, {"top_p": 1.0, "top_k": 0}])
+def test_native_neutral_sampling_parameters_stay_greedy(client, neutral):
+    """As TGI's has_warpers: without do_sample, only a parameter that changes the distribution turns sampling on.
+    top_p 1 or top_k 0 (no filter) sampled at temperature 1, a different text per request, while temperature 1 did
+    not."""
+    body = {"inputs": "abcabc", "parameters": {"max_new_tokens": 6, "ignore_eos": True, "details": True}}
+    greedy = client.post("/generate", json=body).json()
+    for seed in (1, 2, 3):
+        r = client.post("/generate", json={**body, "parameters": {**body["parameters"], **neutral, "seed": seed}})
+        assert r.status_code == 200, r.text
+        assert r.json()["details"]["seed"] is None  # a greedy request draws with no seed
+        assert r.json()["generated_text"] == greedy["generated_text"]
+    sampled = client.post("/generate", json={**body, "parameters": {**body["parameters"], **neutral, "seed": 1,
+                                                                     "do_sample": True}}).json()
+    assert sampled["details"]["seed"] == 1
+
+
 def test_native_top_p_that_rounds_to_zero_keeps_the_most_likely_token(client):
     body = {"inputs": "hello", "parameters": {"max_new_tokens": 4, "ignore_eos": True}}
     greedy = client.post("/generate", json=body)

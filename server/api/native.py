@@ -30,10 +30,11 @@ EVENTS = pipeline.sse_responses("JSON, or server-sent events (one GenerateStream
 
 def _params(body: GenerateRequest) -> pipeline.ParamsFor:
     p = body.parameters
-    # TGI samples when asked to (do_sample, or a temperature, top_k or top_p); temperature 0 is greedy, as on the
-    # OpenAI routes (TGI itself refuses it)
+    # TGI samples when asked to: do_sample, or a parameter that changes the distribution (its NextTokenChooser's
+    # has_warpers: temperature not 1, top_k not 0, top_p below 1); temperature 0 is greedy, as on the OpenAI routes
+    # (TGI itself refuses it)
     sampling = p.temperature != 0 and (p.do_sample or p.temperature not in (None, 1.0)
-                                       or p.top_k is not None or p.top_p is not None)
+                                       or (p.top_k or 0) != 0 or (p.top_p or 1.0) < 1.0)
 
     def params(max_tokens: int, index: int) -> SamplingParams:
         return SamplingParams(
