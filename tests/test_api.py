@@ -748,6 +748,7 @@ ERRORS = [
     ("suffix", "/v1/completions", {"prompt": "x", "suffix": "y"}, 400, None, "suffix", ("fill-in-the-middle",)),
     ("repetition-penalty", "/v1/completions", {"prompt": "x", "repetition_penalty": 1.5}, 400, None,
      "repetition_penalty", ("not supported",)),
+    ("min-p", "/v1/completions", {"prompt": "x", "min_p": 0.1}, 400, None, "min_p", ("not supported",)),
     ("stop-token-ids-negative", "/v1/completions", {"prompt": "x", "stop_token_ids": [-1]}, 400, None, None,
      ("stop_token_ids",)),
     ("tgi-repetition-penalty", "/generate", {"inputs": "x", "parameters": {"repetition_penalty": 1.3}}, 400, None,
@@ -844,9 +845,9 @@ def test_explicit_nulls_mean_the_defaults(chat_client):
 
 
 def test_what_asks_for_nothing_unsupported_is_served(chat_client):
-    """tools with tool_choice 'none', response_format text, best_of = n: answered, not refused."""
+    """tools with tool_choice 'none', response_format text, best_of = n, min_p 0: answered, not refused."""
     for extra in ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"},
-                  {"response_format": {"type": "text"}}, {"best_of": 2, "n": 2}):
+                  {"response_format": {"type": "text"}}, {"best_of": 2, "n": 2}, {"min_p": 0.0}):
         r = complete(chat_client, "/v1/chat/completions", messages=CHAT, max_tokens=2, **extra)
         assert r.status_code == 200 and len(r.json()["choices"]) == extra.get("n", 1), r.text
 

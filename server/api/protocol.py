@@ -97,6 +97,7 @@ class _Sampling(_Body):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = Field(1.0, description="vLLM's; not supported: refused unless 1")
+    min_p: float = Field(0.0, description="vLLM's; not supported: refused unless 0")
     # not supported: each refused when asked for, with a 400 naming it, rather than silently ignored
     logit_bias: dict[str, Any] | None = None  # its values unchecked: a bad one is no error of its own
     best_of: int | None = None
@@ -118,6 +119,13 @@ class _Sampling(_Body):
     def _no_repetition_penalty(cls, v: float) -> float:
         if v != 1:
             raise ValueError("repetition_penalty is not supported; send 1 or leave it out")
+        return v
+
+    @field_validator("min_p")
+    @classmethod
+    def _no_min_p(cls, v: float) -> float:
+        if v != 0:
+            raise ValueError("min_p is not supported; send 0 or leave it out (top_p and top_k are)")
         return v
 
     @field_validator("logit_bias")
