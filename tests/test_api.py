@@ -749,6 +749,19 @@ ERRORS = [
     ("repetition-penalty", "/v1/completions", {"prompt": "x", "repetition_penalty": 1.5}, 400, None,
      "repetition_penalty", ("not supported",)),
     ("min-p", "/v1/completions", {"prompt": "x", "min_p": 0.1}, 400, None, "min_p", ("not supported",)),
+    ("vllm-skip-special-tokens", "/v1/completions", {"prompt": "x", "skip_special_tokens": False}, 400, None,
+     "skip_special_tokens", ("not supported", "send true")),
+    ("vllm-guided-json", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                  "guided_json": {"type": "object"}}, 400, None, "guided_json",
+     ("not supported",)),
+    ("vllm-beam-search", "/v1/completions", {"prompt": "x", "use_beam_search": True}, 400, None, "use_beam_search",
+     ("not supported", "send false")),
+    ("vllm-prompt-logprobs", "/v1/completions", {"prompt": "x", "prompt_logprobs": 1}, 400, None, "prompt_logprobs",
+     ("not supported",)),
+    ("vllm-bad-words", "/v1/completions", {"prompt": "x", "bad_words": ["x"]}, 400, None, "bad_words",
+     ("not supported",)),
+    ("chat-echo", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, 400, None,
+     "echo", ("/v1/completions takes echo",)),
     ("stop-token-ids-negative", "/v1/completions", {"prompt": "x", "stop_token_ids": [-1]}, 400, None, None,
      ("stop_token_ids",)),
     ("tgi-repetition-penalty", "/generate", {"inputs": "x", "parameters": {"repetition_penalty": 1.3}}, 400, None,
@@ -845,9 +858,12 @@ def test_explicit_nulls_mean_the_defaults(chat_client):
 
 
 def test_what_asks_for_nothing_unsupported_is_served(chat_client):
-    """tools with tool_choice 'none', response_format text, best_of = n, min_p 0: answered, not refused."""
+    """tools with tool_choice 'none', response_format text, best_of = n, min_p 0, vLLM's extensions at the values that
+    ask for nothing: answered, not refused."""
+    neutral = {"skip_special_tokens": True, "use_beam_search": False, "bad_words": [], "guided_json": None,
+               "include_stop_str_in_output": False, "length_penalty": 1.0, "echo": False}
     for extra in ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"},
-                  {"response_format": {"type": "text"}}, {"best_of": 2, "n": 2}, {"min_p": 0.0}):
+                  {"response_format": {"type": "text"}}, {"best_of": 2, "n": 2}, {"min_p": 0.0}, neutral):
         r = complete(chat_client, "/v1/chat/completions", messages=CHAT, max_tokens=2, **extra)
         assert r.status_code == 200 and len(r.json()["choices"]) == extra.get("n", 1), r.text
 

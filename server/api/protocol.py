@@ -51,6 +51,26 @@ def _calls_refused(calls: str, choice: str) -> Callable[[list[Any] | None, Valid
     return check
 
 
+# vLLM's sampling extensions that Painters does not implement and that would change the answer, with the value that
+# asks for nothing: each is a 400 naming it when sent otherwise, not an answer that silently ignored it (unknown
+# fields are ignored, and these are what vLLM's clients send).
+VLLM_REFUSED: dict[str, Any] = {
+    "use_beam_search": False, "length_penalty": 1.0, "include_stop_str_in_output": False,
+    "skip_special_tokens": True, "spaces_between_special_tokens": True, "truncate_prompt_tokens": None,
+    "allowed_token_ids": None, "bad_words": None, "prompt_logprobs": None, "logits_processors": None,
+    "return_tokens_as_token_ids": False, "guided_json": None, "guided_regex": None, "guided_choice": None,
+    "guided_grammar": None, "structured_outputs": None,
+}
+
+
+def _refused_unless_neutral(v: Any, info: ValidationInfo) -> Any:
+    neutral = VLLM_REFUSED[info.field_name]
+    if v is not None and v != neutral and not (neutral is None and v in ([], {}, "")):
+        send = "" if neutral is None else f"send {str(neutral).lower()} or "
+        raise ValueError(f"{info.field_name} (vLLM's) is not supported here; {send}leave it out")
+    return v
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -98,6 +118,24 @@ class _Sampling(_Body):
     frequency_penalty: float = 0.0
     repetition_penalty: float = Field(1.0, description="vLLM's; not supported: refused unless 1")
     min_p: float = Field(0.0, description="vLLM's; not supported: refused unless 0")
+    # VLLM_REFUSED, each refused unless it asks for nothing
+    use_beam_search: Any = Field(False, description="vLLM's; not supported: refused unless false")
+    length_penalty: Any = Field(1.0, description="vLLM's (beam search); not supported: refused unless 1")
+    include_stop_str_in_output: Any = Field(False, description="vLLM's; not supported: refused unless false")
+    skip_special_tokens: Any = Field(True, description="vLLM's; special tokens are always skipped: refused unless true")
+    spaces_between_special_tokens: Any = Field(True, description="vLLM's; not supported: refused unless true")
+    truncate_prompt_tokens: Any = Field(None, description="vLLM's; not supported: refused when set")
+    allowed_token_ids: Any = Field(None, description="vLLM's; not supported: refused when not empty")
+    bad_words: Any = Field(None, description="vLLM's; not supported: refused when not empty")
+    prompt_logprobs: Any = Field(None, description="vLLM's; not supported (completions take echo with logprobs): "
+                                 "refused when set")
+    logits_processors: Any = Field(None, description="vLLM's; not supported: refused when set")
+    return_tokens_as_token_ids: Any = Field(False, description="vLLM's; not supported: refused unless false")
+    guided_json: Any = Field(None, description="vLLM's structured output; not supported: refused when set")
+    guided_regex: Any = Field(None, description="vLLM's structured output; not supported: refused when set")
+    guided_choice: Any = Field(None, description="vLLM's structured output; not supported: refused when set")
+    guided_grammar: Any = Field(None, description="vLLM's structured output; not supported: refused when set")
+    structured_outputs: Any = Field(None, description="vLLM's structured output; not supported: refused when set")
     # not supported: each refused when asked for, with a 400 naming it, rather than silently ignored
     logit_bias: dict[str, Any] | None = None  # its values unchecked: a bad one is no error of its own
     best_of: int | None = None
@@ -106,6 +144,7 @@ class _Sampling(_Body):
     tools: list[Any] | None = None
 
     _stop_limits = field_validator("stop")(_check_stop)
+    _vllm_refused = field_validator(*VLLM_REFUSED)(_refused_unless_neutral)
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -221,6 +260,8 @@ class ChatCompletionRequest(_Sampling):
     # OpenAI's deprecated form of tools: refused as tools are
     function_call: Any = None
     functions: list[Any] | None = None
+    echo: bool = Field(False, description="vLLM's chat echo; not supported: refused unless false (completions take "
+                       "echo)")
 
     @field_validator("continue_final_message")
     @classmethod
@@ -231,6 +272,14 @@ class ChatCompletionRequest(_Sampling):
         return v
 
     _no_functions = field_validator("functions")(_calls_refused("functions", "function_call"))
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported on chat completions; send false or leave it out (POST "
+                             "/v1/completions takes echo)")
+        return v
 
     @field_validator("top_logprobs")
     @classmethod
