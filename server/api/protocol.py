@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, get_args
 
@@ -55,18 +56,25 @@ def _calls_refused(calls: str, choice: str) -> Callable[[list[Any] | None, Valid
 # asks for nothing: each is a 400 naming it when sent otherwise, not an answer that silently ignored it (unknown
 # fields are ignored, and these are what vLLM's clients send).
 VLLM_REFUSED: dict[str, Any] = {
-    "use_beam_search": False, "length_penalty": 1.0, "include_stop_str_in_output": False,
-    "skip_special_tokens": True, "spaces_between_special_tokens": True, "truncate_prompt_tokens": None,
-    "allowed_token_ids": None, "bad_words": None, "prompt_logprobs": None, "logits_processors": None,
-    "return_tokens_as_token_ids": False, "guided_json": None, "guided_regex": None, "guided_choice": None,
-    "guided_grammar": None, "structured_outputs": None,
+    "repetition_penalty": 1.0, "min_p": 0.0, "use_beam_search": False, "length_penalty": 1.0,
+    "include_stop_str_in_output": False, "skip_special_tokens": True, "spaces_between_special_tokens": True,
+    "truncate_prompt_tokens": None, "allowed_token_ids": None, "bad_words": None, "prompt_logprobs": None,
+    "logits_processors": None, "return_tokens_as_token_ids": False, "guided_json": None, "guided_regex": None,
+    "guided_choice": None, "guided_grammar": None, "structured_outputs": None,
 }
+
+
+def _vllm(name: str) -> Any:
+    """The declaration of VLLM_REFUSED's field `name`: its neutral value as the default, and the schema says so."""
+    neutral = VLLM_REFUSED[name]
+    return Field(neutral, description="vLLM's; not supported: refused "
+                                      + ("when set" if neutral is None else f"unless {json.dumps(neutral)}"))
 
 
 def _refused_unless_neutral(v: Any, info: ValidationInfo) -> Any:
     neutral = VLLM_REFUSED[info.field_name]
     if v is not None and v != neutral and not (neutral is None and v in ([], {}, "")):
-        send = "" if neutral is None else f"send {str(neutral).lower()} or "
+        send = "" if neutral is None else f"send {json.dumps(neutral)} or "
         raise ValueError(f"{info.field_name} (vLLM's) is not supported here; {send}leave it out")
     return v
 
@@ -116,26 +124,25 @@ class _Sampling(_Body):
         None, max_length=256, description="vLLM's: token ids that end the request (the token is kept)")
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    repetition_penalty: float = Field(1.0, description="vLLM's; not supported: refused unless 1")
-    min_p: float = Field(0.0, description="vLLM's; not supported: refused unless 0")
-    # VLLM_REFUSED, each refused unless it asks for nothing
-    use_beam_search: Any = Field(False, description="vLLM's; not supported: refused unless false")
-    length_penalty: Any = Field(1.0, description="vLLM's (beam search); not supported: refused unless 1")
-    include_stop_str_in_output: Any = Field(False, description="vLLM's; not supported: refused unless false")
-    skip_special_tokens: Any = Field(True, description="vLLM's; special tokens are always skipped: refused unless true")
-    spaces_between_special_tokens: Any = Field(True, description="vLLM's; not supported: refused unless true")
-    truncate_prompt_tokens: Any = Field(None, description="vLLM's; not supported: refused when set")
-    allowed_token_ids: Any = Field(None, description="vLLM's; not supported: refused when not empty")
-    bad_words: Any = Field(None, description="vLLM's; not supported: refused when not empty")
-    prompt_logprobs: Any = Field(None, description="vLLM's; not supported (completions take echo with logprobs): "
-                                 "refused when set")
-    logits_processors: Any = Field(None, description="vLLM's; not supported: refused when set")
-    return_tokens_as_token_ids: Any = Field(False, description="vLLM's; not supported: refused unless false")
-    guided_json: Any = Field(None, description="vLLM's structured output; not supported: refused when set")
-    guided_regex: Any = Field(None, description="vLLM's structured output; not supported: refused when set")
-    guided_choice: Any = Field(None, description="vLLM's structured output; not supported: refused when set")
-    guided_grammar: Any = Field(None, description="vLLM's structured output; not supported: refused when set")
-    structured_outputs: Any = Field(None, description="vLLM's structured output; not supported: refused when set")
+    # VLLM_REFUSED: each refused unless it asks for nothing
+    repetition_penalty: Any = _vllm("repetition_penalty")
+    min_p: Any = _vllm("min_p")
+    use_beam_search: Any = _vllm("use_beam_search")
+    length_penalty: Any = _vllm("length_penalty")
+    include_stop_str_in_output: Any = _vllm("include_stop_str_in_output")
+    skip_special_tokens: Any = _vllm("skip_special_tokens")
+    spaces_between_special_tokens: Any = _vllm("spaces_between_special_tokens")
+    truncate_prompt_tokens: Any = _vllm("truncate_prompt_tokens")
+    allowed_token_ids: Any = _vllm("allowed_token_ids")
+    bad_words: Any = _vllm("bad_words")
+    prompt_logprobs: Any = _vllm("prompt_logprobs")
+    logits_processors: Any = _vllm("logits_processors")
+    return_tokens_as_token_ids: Any = _vllm("return_tokens_as_token_ids")
+    guided_json: Any = _vllm("guided_json")
+    guided_regex: Any = _vllm("guided_regex")
+    guided_choice: Any = _vllm("guided_choice")
+    guided_grammar: Any = _vllm("guided_grammar")
+    structured_outputs: Any = _vllm("structured_outputs")
     # not supported: each refused when asked for, with a 400 naming it, rather than silently ignored
     logit_bias: dict[str, Any] | None = None  # its values unchecked: a bad one is no error of its own
     best_of: int | None = None
@@ -151,20 +158,6 @@ class _Sampling(_Body):
     def _no_penalties(cls, v: float) -> float:
         if v != 0:
             raise ValueError("presence/frequency penalties are not supported; send 0 or leave them out")
-        return v
-
-    @field_validator("repetition_penalty")
-    @classmethod
-    def _no_repetition_penalty(cls, v: float) -> float:
-        if v != 1:
-            raise ValueError("repetition_penalty is not supported; send 1 or leave it out")
-        return v
-
-    @field_validator("min_p")
-    @classmethod
-    def _no_min_p(cls, v: float) -> float:
-        if v != 0:
-            raise ValueError("min_p is not supported; send 0 or leave it out (top_p and top_k are)")
         return v
 
     @field_validator("logit_bias")
