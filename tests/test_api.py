@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.engine.generate import Engine
+from server.engine.loop import EngineLoop
 from server.settings import Settings
 from tests.conftest import CharTokenizer, bos_word_tokenizer, tiny_llama
 from tests.serving import MAX_LEN, MODEL, metric_value, serving, settings, tiny_engine, wait_ready
@@ -1114,26 +1116,34 @@ def test_allowed_policies_that_cannot_serve_fail_the_start(allowed, says):
         assert r.status_code == 503 and says in r.json()["status"], r.json()
 
 
+@contextmanager
+def one_running_one_waiting(c: TestClient, gate: threading.Event, body: dict) -> Iterator[EngineLoop]:
+    """`body` twice: one admitted and held at `gate` (max_num_seqs 1), one waiting behind it. On leaving, the gate
+    opens and both must be answered."""
+    loop = c.app.state.painters.loop
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            running = pool.submit(c.post, "/v1/completions", json=body)
+            wait_for(lambda: loop.num_running == 1)
+            waiting = pool.submit(c.post, "/v1/completions", json=body)
+            wait_for(lambda: loop.num_waiting == 1)
+            yield loop
+        finally:
+            gate.set()  # before the pool waits for the held requests
+        assert running.result(timeout=60).status_code == 200
+        assert waiting.result(timeout=60).status_code == 200
+
+
 def test_queue_full_is_429_with_retry_after():
     gate = threading.Event()
     with serving(settings(queue_capacity=1, max_num_seqs=1), gated(gate)) as c:
-        loop = c.app.state.painters.loop
         body = {"model": MODEL, "prompt": "hello", "max_tokens": 4, "temperature": 0}
-        with ThreadPoolExecutor(8) as pool:
-            try:
-                running = pool.submit(c.post, "/v1/completions", json=body)  # admitted, then held at the gate
-                wait_for(lambda: loop.num_running == 1)
-                waiting = pool.submit(c.post, "/v1/completions", json=body)  # fills the one waiting slot
-                wait_for(lambda: loop.num_waiting == 1)
-                rejected = list(pool.map(lambda _: c.post("/v1/completions", json=body), range(6)))
-                for r in rejected:
-                    assert_error(r, 429, code="queue_full", says=("retry",))
-                    assert r.headers["retry-after"] == "1"
-                assert_error(c.post("/generate", json={"inputs": "hi"}), 429)
-            finally:
-                gate.set()  # before the pool waits for the held requests
-            assert running.result(timeout=60).status_code == 200
-            assert waiting.result(timeout=60).status_code == 200
+        with one_running_one_waiting(c, gate, body), ThreadPoolExecutor(6) as pool:  # the one waiting place taken
+            rejected = list(pool.map(lambda _: c.post("/v1/completions", json=body), range(6)))
+            for r in rejected:
+                assert_error(r, 429, code="queue_full", says=("retry",))
+                assert r.headers["retry-after"] == "1"
+            assert_error(c.post("/generate", json={"inputs": "hi"}), 429)
         assert_serves(c)
         assert metric_value(c.get("/metrics").text, "painters:request_errors_total", status="429") == 7
 
@@ -1143,21 +1153,11 @@ def test_a_request_the_queue_cannot_take_whole_is_refused_whole():
     when the second found the queue full, and counted as a request ended by 'abort' beside the 429."""
     gate = threading.Event()
     with serving(settings(queue_capacity=2, max_num_seqs=1), gated(gate)) as c:
-        loop = c.app.state.painters.loop
         body = {"model": MODEL, "prompt": "hello", "max_tokens": 4, "temperature": 0}
-        with ThreadPoolExecutor(2) as pool:
-            try:
-                running = pool.submit(c.post, "/v1/completions", json=body)  # admitted, then held at the gate
-                wait_for(lambda: loop.num_running == 1)
-                waiting = pool.submit(c.post, "/v1/completions", json=body)  # one of the two waiting places
-                wait_for(lambda: loop.num_waiting == 1)
-                r = c.post("/v1/completions", json={**body, "n": 2})
-                assert_error(r, 429, code="queue_full", says=("1 requests already waiting", "brings 2"))
-                assert loop.num_waiting == 1
-            finally:
-                gate.set()
-            assert running.result(timeout=60).status_code == 200
-            assert waiting.result(timeout=60).status_code == 200
+        with one_running_one_waiting(c, gate, body) as loop:  # one of the two waiting places taken
+            r = c.post("/v1/completions", json={**body, "n": 2})
+            assert_error(r, 429, code="queue_full", says=("1 requests already waiting", "brings 2"))
+            assert loop.num_waiting == 1
         text = c.get("/metrics").text
         assert metric_value(text, "painters:request_success_total", finished_reason="abort") == 0
         assert metric_value(text, "painters:request_success_total") == 2

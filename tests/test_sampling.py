@@ -77,11 +77,15 @@ def test_banned_tokens_are_never_chosen_and_leave_the_logits_alone():
     assert plain.tolist() == [0, 0, 0]
 
 
-def test_top_k_keeps_the_tokens_tied_with_its_last():
+@pytest.mark.parametrize("own", [SamplingParams(temperature=1.0, top_k=2),
+                                 SamplingParams(temperature=1.0, top_k=2, top_p=0.8)], ids=["top_k", "then_top_p"])
+def test_top_k_keeps_the_tokens_tied_with_its_last(own: SamplingParams):
     """As HF's TopKLogitsWarper: a token tied with the k-th logit stays, whatever the batch (keeping the batch's top
-    `cap` by torch.topk dropped ties past it, alone but not beside a wider top_k)."""
+    `cap` by torch.topk dropped ties past it, alone but not beside a wider top_k). Top-p then measures the mass of
+    what top-k keeps, ties included: [5, 3, 3, 3] has 0.71 on token 0, so top_p=0.8 keeps the next tokens too
+    (sorting only the batch's `cap` left the ties out of that mass: alone the row saw [5, 3], 0.88 on token 0, and
+    drew token 0 only)."""
     logits = torch.tensor([5.0, 3.0, 3.0, 3.0, 0.0, 0.0])
-    own = SamplingParams(temperature=1.0, top_k=2)
     assert draws(logits, own, 0, n=600) == {0, 1, 2, 3}
     wide = SamplingParams(temperature=1.0, top_k=4)
     for seed in range(30):
@@ -89,20 +93,6 @@ def test_top_k_keeps_the_tokens_tied_with_its_last():
         beside = sample(torch.stack([logits, logits]), [own, wide], [make_generator(seed, CPU), make_generator(1, CPU)])
         assert int(alone[0]) == int(beside[0]), seed
 
-
-
-def test_top_p_after_top_k_counts_the_tokens_tied_with_its_last():
-    """Top-p measures the mass of what top-k keeps, ties with the k-th included: [5, 3, 3, 3] has 0.71 on token 0, so
-    top_p=0.8 keeps the next tokens too. Sorting only the batch's largest top_k (`cap`) left the ties past it out of
-    that mass: alone the row saw [5, 3] (0.88 on token 0) and drew token 0 only, beside a wider top_k all four."""
-    logits = torch.tensor([5.0, 3.0, 3.0, 3.0, 0.0, 0.0])
-    own = SamplingParams(temperature=1.0, top_k=2, top_p=0.8)
-    assert draws(logits, own, 0, n=400) == {0, 1, 2, 3}
-    wide = SamplingParams(temperature=1.0, top_k=4)
-    for seed in range(30):
-        alone = sample(logits[None].clone(), [own], [make_generator(seed, CPU)])
-        beside = sample(torch.stack([logits, logits]), [own, wide], [make_generator(seed, CPU), make_generator(1, CPU)])
-        assert int(alone[0]) == int(beside[0]), seed
 
 # -- every accepted value samples ------------------------------------------------------------------------------------
 
