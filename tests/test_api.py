@@ -655,6 +655,23 @@ def test_chat_can_continue_the_final_assistant_message():
                      param="continue_final_message", says=("add_generation_prompt=false",))
 
 
+def test_tokenize_messages_can_continue_the_final_assistant_message():
+    """/tokenize of messages counts what chat runs: with vLLM's continue_final_message too (it was ignored, and the
+    ids closed the final message)."""
+    tok = bos_word_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"  # closes each
+    chat = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello world"}]
+    continued = tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=False,
+                                        continue_final_message=True)["input_ids"]
+    closed = tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=False)["input_ids"]
+    assert closed == [*continued, tok.eos_token_id]
+    with serving(settings(), tiny_engine(tok)) as c:
+        body = {"messages": chat, "add_generation_prompt": False, "continue_final_message": True}
+        assert c.post("/tokenize", json=body).json()["tokens"] == continued
+        assert_error(c.post("/tokenize", json={"messages": chat, "continue_final_message": True}), 400,
+                     param="continue_final_message", says=("add_generation_prompt=false",))
+
+
 def chat_usage(c: TestClient, body: dict[str, Any]) -> int:
     r = c.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text

@@ -51,6 +51,14 @@ def _calls_refused(calls: str, choice: str) -> Callable[[list[Any] | None, Valid
     return check
 
 
+def _continue_or_open(v: bool, info: ValidationInfo) -> bool:
+    """vLLM's continue_final_message, which only a prompt that opens no new message can take."""
+    if v and info.data.get("add_generation_prompt", True):
+        raise ValueError("continue_final_message needs add_generation_prompt=false (a prompt cannot both "
+                         "continue the last message and open a new one)")
+    return v
+
+
 # vLLM's sampling extensions that Painters does not implement and that would change the answer, with the value that
 # asks for nothing: each is a 400 naming it when sent otherwise, not an answer that silently ignored it (unknown
 # fields are ignored, and these are what vLLM's clients send).
@@ -263,13 +271,7 @@ class ChatCompletionRequest(_Sampling):
     echo: bool = Field(False, description="vLLM's chat echo; not supported: refused unless false (completions take "
                        "echo)")
 
-    @field_validator("continue_final_message")
-    @classmethod
-    def _continue_or_open(cls, v: bool, info: ValidationInfo) -> bool:
-        if v and info.data.get("add_generation_prompt", True):
-            raise ValueError("continue_final_message needs add_generation_prompt=false (a prompt cannot both "
-                             "continue the last message and open a new one)")
-        return v
+    _continues = field_validator("continue_final_message")(_continue_or_open)
 
     _no_functions = field_validator("functions")(_calls_refused("functions", "function_call"))
 
@@ -375,6 +377,9 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool = Field(True, description="prompt: add the special tokens the tokenizer adds by default, "
                                      "as completions do; messages never get them (their chat template writes them)")
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # as chat's
+
+    _continues = field_validator("continue_final_message")(_continue_or_open)
 
 
 class DetokenizeRequest(BaseModel):
