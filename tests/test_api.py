@@ -874,11 +874,25 @@ def test_explicit_nulls_mean_the_defaults(chat_client):
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize("field,value,says", [
+    ("chat_template", "{{ messages[0]['content'] }}", ()),
+    ("chat_template_kwargs", {"enable_thinking": False}, ()),
+    ("add_special_tokens", True, ("send false",)),
+    ("documents", [{"title": "t", "text": "x"}], ()),
+])
+def test_vllms_prompt_changing_chat_extensions_are_refused(chat_client, field, value, says):
+    """A request's own template, its template variables, special tokens on top of the template's, documents: each
+    would change the prompt, and each was ignored, the model's template rendering the messages as if never sent."""
+    r = chat_client.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 1, field: value})
+    assert_error(r, 400, param=field, says=("not supported", *says))
+
+
 def test_what_asks_for_nothing_unsupported_is_served(chat_client):
     """tools with tool_choice 'none', response_format text, best_of = n, min_p 0, vLLM's extensions at the values that
     ask for nothing: answered, not refused."""
     neutral = {"skip_special_tokens": True, "use_beam_search": False, "bad_words": [], "guided_json": None,
-               "include_stop_str_in_output": False, "length_penalty": 1.0, "echo": False}
+               "include_stop_str_in_output": False, "length_penalty": 1.0, "echo": False, "chat_template": None,
+               "chat_template_kwargs": {}, "add_special_tokens": False, "documents": None}
     for extra in ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"},
                   {"response_format": {"type": "text"}}, {"best_of": 2, "n": 2}, {"min_p": 0.0}, neutral):
         r = complete(chat_client, "/v1/chat/completions", messages=CHAT, max_tokens=2, **extra)

@@ -71,8 +71,16 @@ VLLM_REFUSED: dict[str, Any] = {
 }
 
 
+# vLLM's chat extensions that would change the prompt, likewise: a request's own template (vLLM refuses it too unless
+# started with --trust-request-chat-template), variables for the template, documents, and special tokens added on top
+# of those the template writes.
+VLLM_CHAT_REFUSED: dict[str, Any] = {
+    "chat_template": None, "chat_template_kwargs": None, "documents": None, "add_special_tokens": False,
+}
+
+
 def _refused_unless_neutral(v: Any, info: ValidationInfo) -> Any:
-    neutral = VLLM_REFUSED[info.field_name]
+    neutral = (VLLM_REFUSED | VLLM_CHAT_REFUSED)[info.field_name]
     if v is not None and v != neutral and not (neutral is None and v in ([], {}, "")):
         send = "" if neutral is None else f"send {str(neutral).lower()} or "
         raise ValueError(f"{info.field_name} (vLLM's) is not supported here; {send}leave it out")
@@ -270,8 +278,15 @@ class ChatCompletionRequest(_Sampling):
     functions: list[Any] | None = None
     echo: bool = Field(False, description="vLLM's chat echo; not supported: refused unless false (completions take "
                        "echo)")
+    # VLLM_CHAT_REFUSED, each refused unless it asks for nothing: the model's own template renders the messages
+    chat_template: Any = Field(None, description="vLLM's; not supported: refused when set")
+    chat_template_kwargs: Any = Field(None, description="vLLM's; not supported: refused when not empty")
+    documents: Any = Field(None, description="vLLM's; not supported: refused when not empty")
+    add_special_tokens: Any = Field(False, description="vLLM's; the template writes the special tokens: refused "
+                                    "unless false")
 
     _continues = field_validator("continue_final_message")(_continue_or_open)
+    _vllm_chat_refused = field_validator(*VLLM_CHAT_REFUSED)(_refused_unless_neutral)
 
     _no_functions = field_validator("functions")(_calls_refused("functions", "function_call"))
 
