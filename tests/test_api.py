@@ -657,6 +657,23 @@ def test_chat_can_continue_the_final_assistant_message():
                      param="continue_final_message", says=("add_generation_prompt=false",))
 
 
+def test_tokenize_messages_can_continue_the_final_assistant_message():
+    """/tokenize of messages counts what chat runs: with vLLM's continue_final_message too (it was ignored, and the
+    ids closed the final message)."""
+    tok = bos_word_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"  # closes each
+    chat = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello world"}]
+    continued = tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=False,
+                                        continue_final_message=True)["input_ids"]
+    closed = tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=False)["input_ids"]
+    assert closed == [*continued, tok.eos_token_id]
+    with serving(settings(), tiny_engine(tok)) as c:
+        body = {"messages": chat, "add_generation_prompt": False, "continue_final_message": True}
+        assert c.post("/tokenize", json=body).json()["tokens"] == continued
+        assert_error(c.post("/tokenize", json={"messages": chat, "continue_final_message": True}), 400,
+                     param="continue_final_message", says=("add_generation_prompt=false",))
+
+
 def chat_usage(c: TestClient, body: dict[str, Any]) -> int:
     r = c.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
@@ -859,11 +876,57 @@ def test_explicit_nulls_mean_the_defaults(chat_client):
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize("field,value,says", [
+    ("chat_template", "{{ messages[0]['content'] }}", ()),
+    ("add_special_tokens", True, ("send false",)),
+    ("documents", [{"title": "t", "text": "x"}], ()),
+])
+def test_vllms_prompt_changing_chat_extensions_are_refused(chat_client, field, value, says):
+    """A request's own template, special tokens on top of the template's, documents: each would change the prompt,
+    and each was ignored, the model's template rendering the messages as if never sent."""
+    r = chat_client.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 1, field: value})
+    assert_error(r, 400, param=field, says=("not supported", *says))
+
+
+class JinjaChatTokenizer(CharTokenizer):
+    """A chat template in Jinja, rendered as transformers renders it: keyword arguments become its variables."""
+
+    chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                     "{% if enable_thinking is defined and not enable_thinking %}/nothink{% endif %}"
+                     "{% if tools %}/tools{% endif %}")
+
+    def apply_chat_template(self, messages: list[dict[str, str]], *, tokenize: bool = False,
+                            add_generation_prompt: bool = False, **kwargs: Any) -> str:
+        import jinja2
+
+        return jinja2.Template(self.chat_template).render(messages=messages, **kwargs)
+
+
+def test_chat_template_kwargs_reach_the_template_that_reads_them():
+    """vLLM's chat_template_kwargs: a variable the template reads changes the prompt, one it does not read is
+    ignored (clients send enable_thinking to every server), and one that would set what the request sets (tools) is
+    a 400 naming the field."""
+    with serving(settings(), tiny_engine(JinjaChatTokenizer())) as c:
+        def tokens(**kwargs: Any) -> httpx.Response:
+            return c.post("/tokenize", json={"messages": CHAT, **kwargs})
+
+        plain = tokens().json()["tokens"]
+        assert tokens(chat_template_kwargs={"unread": 1}).json()["tokens"] == plain
+        assert tokens(chat_template_kwargs={"enable_thinking": False}).json()["tokens"] == \
+            plain + CharTokenizer().encode("/nothink", add_special_tokens=False)
+        assert_error(tokens(chat_template_kwargs={"tools": [{"type": "function"}]}), 400,
+                     param="chat_template_kwargs", says=("may not set tools",))
+        r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 1,
+                                                 "chat_template_kwargs": {"enable_thinking": False}})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(plain) + len("/nothink"), r.text
+
+
 def test_what_asks_for_nothing_unsupported_is_served(chat_client):
     """tools with tool_choice 'none', response_format text, best_of = n, min_p 0, vLLM's extensions at the values that
     ask for nothing: answered, not refused."""
     neutral = {"skip_special_tokens": True, "use_beam_search": False, "bad_words": [], "guided_json": None,
-               "include_stop_str_in_output": False, "length_penalty": 1.0, "echo": False}
+               "include_stop_str_in_output": False, "length_penalty": 1.0, "echo": False, "chat_template": None,
+               "chat_template_kwargs": {}, "add_special_tokens": False, "documents": None}
     for extra in ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"},
                   {"response_format": {"type": "text"}}, {"best_of": 2, "n": 2}, {"min_p": 0.0}, neutral):
         r = complete(chat_client, "/v1/chat/completions", messages=CHAT, max_tokens=2, **extra)

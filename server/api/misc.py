@@ -80,7 +80,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         except ValueError as e:
             raise APIError(400, f"cannot apply this model's chat template ({e})", param="messages") from None
-        [prompt] = await pipeline.tokenize(state, Chat(messages, body.add_generation_prompt))
+        chat = Chat(messages, body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs)
+        [prompt] = await pipeline.tokenize(state, chat)
         ids = prompt.ids
     else:
         text, special = pipeline.unicode_text(body.prompt, param="prompt"), body.add_special_tokens

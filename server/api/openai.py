@@ -197,7 +197,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     except ValueError as e:
         raise APIError(400, f"{e}; send text content", param="messages") from None
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    job = Job("chatcmpl", body.model, body.policy, Chat(messages, body.add_generation_prompt, body.continue_final_message), n=body.n, max_tokens=limit,
+    chat = Chat(messages, body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs)
+    job = Job("chatcmpl", body.model, body.policy, chat, n=body.n, max_tokens=limit,
               params=_params(body, logprobs=(body.top_logprobs or 0) if body.logprobs else None, echo=False))
     run = await pipeline.start(state, job)
     rid, created, model = pipeline.new_request_id("chatcmpl"), int(time.time()), body.model or state.model_name

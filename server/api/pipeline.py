@@ -27,6 +27,7 @@ from server.engine.request import Timings as EngineTimings
 from server.engine.request import Request as EngineRequest  # fastapi.Request is the HTTP one
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import DrainingError, KVBudgetError, QueueFullError
+from server.engine.served import TemplateKwargsError
 
 if TYPE_CHECKING:
     from server.engine.loop import EngineLoop
@@ -53,6 +54,7 @@ class Chat:
     messages: list[dict[str, str]]
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    template_kwargs: dict[str, Any] | None = None  # vLLM's chat_template_kwargs
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,10 @@ def _in_vocab(ids: list[int], vocab: int, param: str) -> list[int]:
 def render_chat(served: ServedModel, chat: Chat) -> str:
     try:
         return served.render_chat(chat.messages, add_generation_prompt=chat.add_generation_prompt,
-                                  continue_final_message=chat.continue_final_message)
+                                  continue_final_message=chat.continue_final_message,
+                                  template_kwargs=chat.template_kwargs)
+    except TemplateKwargsError as e:
+        raise APIError(400, str(e), param="chat_template_kwargs") from None
     except Exception as e:  # noqa: BLE001 - no template, bad roles, template errors: all the client's to fix
         raise APIError(400, f"cannot apply this model's chat template ({type(e).__name__}: {e}); "
                             "use /v1/completions with a plain prompt", param="messages") from None

@@ -52,6 +52,14 @@ def _calls_refused(calls: str, choice: str) -> Callable[[list[Any] | None, Valid
     return check
 
 
+def _continue_or_open(v: bool, info: ValidationInfo) -> bool:
+    """vLLM's continue_final_message, which only a prompt that opens no new message can take."""
+    if v and info.data.get("add_generation_prompt", True):
+        raise ValueError("continue_final_message needs add_generation_prompt=false (a prompt cannot both "
+                         "continue the last message and open a new one)")
+    return v
+
+
 # vLLM's sampling extensions that Painters does not implement and that would change the answer, with the value that
 # asks for nothing: each is a 400 naming it when sent otherwise, not an answer that silently ignored it (unknown
 # fields are ignored, and these are what vLLM's clients send).
@@ -64,15 +72,22 @@ VLLM_REFUSED: dict[str, Any] = {
 }
 
 
+# vLLM's chat extensions that would change the prompt, likewise: a request's own template (vLLM refuses it too unless
+# started with --trust-request-chat-template), documents, and special tokens added on top of those the template
+# writes. (chat_template_kwargs are served: `ChatCompletionRequest`.)
+VLLM_CHAT_REFUSED: dict[str, Any] = {"chat_template": None, "documents": None, "add_special_tokens": False}
+
+
 def _vllm(name: str) -> Any:
-    """The declaration of VLLM_REFUSED's field `name`: its neutral value as the default, and the schema says so."""
-    neutral = VLLM_REFUSED[name]
+    """The declaration of a refused vLLM field (VLLM_REFUSED, VLLM_CHAT_REFUSED): its neutral value as the default,
+    and the schema says so."""
+    neutral = (VLLM_REFUSED | VLLM_CHAT_REFUSED)[name]
     return Field(neutral, description="vLLM's; not supported: refused "
                                       + ("when set" if neutral is None else f"unless {json.dumps(neutral)}"))
 
 
 def _refused_unless_neutral(v: Any, info: ValidationInfo) -> Any:
-    neutral = VLLM_REFUSED[info.field_name]
+    neutral = (VLLM_REFUSED | VLLM_CHAT_REFUSED)[info.field_name]
     if v is not None and v != neutral and not (neutral is None and v in ([], {}, "")):
         send = "" if neutral is None else f"send {json.dumps(neutral)} or "
         raise ValueError(f"{info.field_name} (vLLM's) is not supported here; {send}leave it out")
@@ -255,14 +270,16 @@ class ChatCompletionRequest(_Sampling):
     functions: list[Any] | None = None
     echo: bool = Field(False, description="vLLM's chat echo; not supported: refused unless false (completions take "
                        "echo)")
+    # VLLM_CHAT_REFUSED, each refused unless it asks for nothing: the model's own template renders the messages
+    chat_template: Any = _vllm("chat_template")
+    documents: Any = _vllm("documents")
+    add_special_tokens: Any = _vllm("add_special_tokens")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="vLLM's: variables for the model's chat template (e.g. enable_thinking); those it does not "
+        "read are ignored, as in vLLM")
 
-    @field_validator("continue_final_message")
-    @classmethod
-    def _continue_or_open(cls, v: bool, info: ValidationInfo) -> bool:
-        if v and info.data.get("add_generation_prompt", True):
-            raise ValueError("continue_final_message needs add_generation_prompt=false (a prompt cannot both "
-                             "continue the last message and open a new one)")
-        return v
+    _continues = field_validator("continue_final_message")(_continue_or_open)
+    _vllm_chat_refused = field_validator(*VLLM_CHAT_REFUSED)(_refused_unless_neutral)
 
     _no_functions = field_validator("functions")(_calls_refused("functions", "function_call"))
 
@@ -368,6 +385,10 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool = Field(True, description="prompt: add the special tokens the tokenizer adds by default, "
                                      "as completions do; messages never get them (their chat template writes them)")
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # as chat's
+    chat_template_kwargs: dict[str, Any] | None = None  # as chat's
+
+    _continues = field_validator("continue_final_message")(_continue_or_open)
 
 
 class DetokenizeRequest(BaseModel):

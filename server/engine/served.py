@@ -16,6 +16,30 @@ from server.policy.compiler import Schedule, compile_schedule
 from server.policy.policy import Policy, as_policy
 
 
+class TemplateKwargsError(ValueError):
+    """chat_template_kwargs that would set what the request or the tokenizer sets."""
+
+
+# A chat template's variables that the render call or the tokenizer set: chat_template_kwargs may not override them.
+TEMPLATE_OWN = frozenset({"messages", "conversation", "add_generation_prompt", "continue_final_message", "tools",
+                          "documents", "chat_template", "bos_token", "eos_token", "unk_token", "pad_token",
+                          "raise_exception", "strftime_now"})
+
+
+@functools.cache
+def template_variables(template: Any) -> frozenset[str]:
+    """The variables a Jinja chat template reads (none for a template that is not one string, or does not parse)."""
+    if not isinstance(template, str):
+        return frozenset()
+    import jinja2
+    from jinja2 import meta
+
+    try:
+        return frozenset(meta.find_undeclared_variables(jinja2.Environment().parse(template)))
+    except jinja2.TemplateError:
+        return frozenset()
+
+
 @dataclass(frozen=True)
 class TokenizerFacts:
     """The tokenizer's special tokens and template, for /tokenizer_info."""
@@ -104,11 +128,21 @@ class ServedModel:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
     def render_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool,
-                    continue_final_message: bool = False) -> str:
-        """The prompt text of chat messages under the model's template (which writes its own special tokens)."""
-        extra = {"continue_final_message": True} if continue_final_message else {}  # transformers' (vLLM's) option
+                    continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None) -> str:
+        """The prompt text of chat messages under the model's template (which writes its own special tokens).
+        template_kwargs (vLLM's chat_template_kwargs, e.g. enable_thinking): those the template reads are passed to
+        it, the others ignored, as vLLM does; one that would set what the call or the tokenizer sets (the messages,
+        tools, the special tokens, ...) raises TemplateKwargsError."""
+        variables = template_variables(self.tokenizer.chat_template)
+        kwargs = {k: v for k, v in (template_kwargs or {}).items() if k in variables}
+        taken = sorted(set(kwargs) & TEMPLATE_OWN)
+        if taken:
+            raise TemplateKwargsError(f"chat_template_kwargs may not set {', '.join(taken)}: the request or the "
+                                      "tokenizer sets them")
+        if continue_final_message:
+            kwargs["continue_final_message"] = True  # transformers' (vLLM's) option
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                                  **extra)
+                                                  **kwargs)
 
     def tokenizer_facts(self) -> TokenizerFacts:
         tok = self.tokenizer
