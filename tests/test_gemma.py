@@ -30,7 +30,7 @@ def test_the_alias_loads_gemma_3_as_its_config_says(gemma3, gemma3_engine):
     w = gemma3.weights
     assert w.lm_head.data_ptr() == w.embed.data_ptr()  # tied: one copy of the 262k-token embedding
     assert w.local_inv_freq is not None and not torch.equal(w.local_inv_freq, w.inv_freq)  # bases 10k and 1M
-    assert gemma3.eos_token_ids == {1}
+    assert gemma3.eos_token_ids == {1, 106}  # <eos> and <end_of_turn>, as llama.cpp and its generation_config.json
     ids = gemma3_engine.encode(PROMPT)
     assert ids == gemma3.tokenizer(PROMPT).input_ids and ids[0] == gemma3.tokenizer.bos_token_id == 2
 

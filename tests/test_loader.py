@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from server.model.loader import ModelLoadError, load_model
+from server.model.loader import ModelLoadError, gguf_eog_ids, load_model, names_gguf
 from server.model.model import UnsupportedModelError
 from server.model.weights import weights_from_hf_model
 from tests.conftest import assert_same_weights, peak_rss_growth, tiny_llama
@@ -18,7 +18,7 @@ from tests.conftest import assert_same_weights, peak_rss_growth, tiny_llama
 @pytest.fixture
 def model_dir(tmp_path):
     """A tiny Llama saved as transformers saves it, with a word-level tokenizer whose eos (3) differs from the
-    config's (2), and a generation_config.json that adds 7."""
+    config's (2), a generation_config.json that adds 7, and a special <|im_end|> (14) that no config names."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GenerationConfig, PreTrainedTokenizerFast
 
@@ -28,8 +28,8 @@ def model_dir(tmp_path):
     vocab = {"<pad>": 0, "<s>": 1, "<eos>": 2, "</s>": 3, **{c: i + 4 for i, c in enumerate("abcdefghij")}}
     words = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(
-        tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            additional_special_tokens=["<|im_end|>"]).save_pretrained(tmp_path)
     return tmp_path, hf
 
 
@@ -38,7 +38,8 @@ def test_directory_loads_weights_tokenizer_and_eos(model_dir):
     loaded = load_model(str(path))
     assert loaded.source == path and loaded.config.num_hidden_layers == 6
     assert loaded.tokenizer.encode("a b") == [4, 5]
-    assert loaded.eos_token_ids == {2, 3, 7}
+    assert loaded.tokenizer.convert_tokens_to_ids("<|im_end|>") == 14
+    assert loaded.eos_token_ids == {2, 3, 7}  # a directory's configs say what ends generation, as in transformers
     assert_same_weights(loaded.weights, weights_from_hf_model(hf, dtype=torch.float32, device="cpu"))
     assert not hasattr(loaded, "hf_model")
 
@@ -82,6 +83,18 @@ def test_missing_gguf_file(tmp_path):
         load_model(str(tmp_path / "nope.gguf"))
 
 
+def test_a_gguf_ends_generation_at_special_tokens_llama_cpp_ends_at():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<|end|>": 2, "a": 3}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),
+                                  eos_token="<eos>", additional_special_tokens=["<end_of_turn>", "<start_of_turn>"])
+    assert names_gguf("smollm2-135m") and names_gguf("/m/x.gguf") and not names_gguf("/m/dir")
+    # special <end_of_turn> (added as 4) ends; <|end|> is an ordinary word here, <start_of_turn> no end
+    assert gguf_eog_ids(tok) == {tok.convert_tokens_to_ids("<end_of_turn>")} == {4}
+
+
 def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="not an alias"):
@@ -93,7 +106,8 @@ def test_alias_loads_from_cache_with_tokenizer(smollm2):
     assert smollm2.config.num_hidden_layers == 30 and smollm2.weights.layers.wqkv.shape[0] == 30
     assert (smollm2.source / "model.safetensors").exists()
     assert smollm2.tokenizer.decode(smollm2.tokenizer.encode("Hello world")) .strip() == "Hello world"
-    assert smollm2.eos_token_ids == {2}
+    # the GGUF's EOS, <|im_end|>, and <|endoftext|>, which llama.cpp also ends generation at
+    assert smollm2.eos_token_ids == {2, 0}
     assert smollm2.weights.lm_head.data_ptr() == smollm2.weights.embed.data_ptr()  # tied: one copy
     assert not smollm2.weights.embed.requires_grad
 

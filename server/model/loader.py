@@ -71,6 +71,13 @@ class ModelLoadError(RuntimeError):
     pass
 
 
+# End-of-generation tokens by their text, as llama.cpp finds them in a GGUF's vocabulary (`special_eog_ids` in
+# llama-vocab.cpp): a GGUF names one EOS, while a chat model ends its turn with another token that only a
+# generation_config.json would list (Gemma 3's `<end_of_turn>`: [1, 106] there; the conversion sees only 1).
+GGUF_EOG_TEXTS = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
+    "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
+})
 SOURCE_FILE = "painters-source.json"  # in each conversion: its ConversionSource
 CONVERTING_PREFIX = ".convert-"  # a conversion under way (or interrupted) in the cache root
 
@@ -92,7 +99,7 @@ class LoadedModel:
     tokenizer: Any
     source: Path  # directory the weights were read from
     weights: ModelWeights
-    eos_token_ids: frozenset[int]  # generation_config.json's, the config's and the tokenizer's
+    eos_token_ids: frozenset[int]  # generation_config.json's, the config's and the tokenizer's; a GGUF's EOG tokens
 
 
 def cache_root() -> Path:
@@ -103,6 +110,11 @@ def cache_root() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("painters"))
+
+
+def names_gguf(name: str) -> bool:
+    """Whether `name` is served from a GGUF file (an alias or a .gguf path; see `resolve_gguf`)."""
+    return name in ALIASES or name.endswith(".gguf")
 
 
 def resolve_gguf(name: str, *, workdir: Path | None = None) -> Path | None:
@@ -299,8 +311,9 @@ def load_model(
         raise ModelLoadError(f"cannot load the weights of model {name!r}: {e}") from None
     log.info("loaded %s from %s: %.0f MB of %s weights on %s", name, source, weights.nbytes() / 2**20,
              str(weights.embed.dtype).removeprefix("torch."), weights.embed.device)
+    eos = _eos_token_ids(source, config, tokenizer) | (gguf_eog_ids(tokenizer) if names_gguf(name) else frozenset())
     return LoadedModel(name=name, config=config, tokenizer=tokenizer, source=source, weights=weights,
-                       eos_token_ids=_eos_token_ids(source, config, tokenizer))
+                       eos_token_ids=eos)
 
 
 def local_source(name: str, *, cache: Path | None = None) -> Path:
@@ -328,6 +341,11 @@ def local_source(name: str, *, cache: Path | None = None) -> Path:
         ) from None
 
 
+def gguf_eog_ids(tokenizer: Any) -> frozenset[int]:
+    """The tokenizer's special tokens that llama.cpp ends generation at by their text (`GGUF_EOG_TEXTS`)."""
+    return frozenset(i for i, t in tokenizer.added_tokens_decoder.items() if t.special and t.content in GGUF_EOG_TEXTS)
+
+
 def _eos_token_ids(source: Path, config: Any, tokenizer: Any) -> frozenset[int]:
     from transformers import GenerationConfig
 
@@ -349,6 +367,7 @@ __all__ = [
     "CONVERTING_PREFIX",
     "ConversionSource",
     "DEFAULT_MODEL",
+    "GGUF_EOG_TEXTS",
     "LoadedModel",
     "ModelLoadError",
     "SUPPORTED_ARCHITECTURES",
@@ -360,6 +379,8 @@ __all__ = [
     "conversion_target",
     "converted_dir",
     "file_identity",
+    "gguf_eog_ids",
     "load_model",
     "local_source",
+    "names_gguf",
 ]
