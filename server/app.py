@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -192,19 +191,7 @@ class Server(uvicorn.Server):
         threading.Thread(target=self._drain, name="painters-drain", daemon=True).start()
 
     def _drain(self) -> None:
-        timeout = self.state.settings.drain_timeout_s
-        loop = self.state.loop
-        log.warning("shutdown: refusing new requests; %d running or waiting may finish within %.0f s",
-                    loop.num_running + loop.num_waiting if loop else 0, timeout)
-        if loop is not None:
-            aborted = loop.drain(time.monotonic() + timeout)
-            if aborted:
-                log.warning("shutdown: %d request(s) did not finish within %.0f s and ended with finish_reason "
-                            "'abort'", aborted, timeout)
-        grace = time.monotonic() + 5  # their handlers write the last answers
-        while self.state.in_flight and time.monotonic() < grace:
-            time.sleep(0.02)
-        log.info("shutdown: drained")
+        self.state.drain(self.state.settings.drain_timeout_s)
         self.should_exit = True
 
     async def on_tick(self, counter: int) -> bool:

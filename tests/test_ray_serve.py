@@ -21,7 +21,7 @@ pytest.importorskip("ray.serve", reason="needs painters[ray] (make test installs
 
 from server.app import create_app  # noqa: E402
 from server.settings import Settings  # noqa: E402
-from tests.serving import painters_server, prometheus_binary, prometheus_server, wait_until, wait_ready  # noqa: E402
+from tests.serving import Process, painters_server, prometheus_binary, prometheus_server, wait_until, wait_ready  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -32,12 +32,17 @@ PROMPTS = ("The capital of France is", "Once upon a time, a painter", "def fibon
 
 
 @pytest.fixture(scope="module")
-def ray_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def ray_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
     tmp = tmp_path_factory.mktemp("ray")
     extra = ("--replicas", "2", "--ray-cpus", "2", "--threads", "1", "--api-key", KEY, "--drain-timeout", "5")
     with painters_server(tmp, extra=extra, env={"RAY_DEDUP_LOGS": "0"}, timeout=300) as p:
-        yield p.url
+        yield p
     assert p.proc.returncode is not None
+
+
+@pytest.fixture(scope="module")
+def ray_url(ray_server: Process) -> str:
+    return ray_server.url
 
 
 @pytest.fixture(scope="module")
@@ -130,19 +135,20 @@ def test_prometheus_discovers_and_scrapes_every_replica(ray_url: str, tmp_path: 
                                  f"{httpx.get(f'{prom.url}/api/v1/targets').text[:1500]}") from None
 
 
-def _stream(url: str, policy: str, progress: dict[int, tuple[str, str, int]] | None = None, key: int = 0
-            ) -> tuple[str, str, str]:
-    """(replica, pid, outcome): outcome 'ok' (128 tokens and [DONE]) or 'error: ...'; never hangs past 90 s.
-    `progress[key]` follows (replica, pid, chunks so far) while it streams."""
+def _stream(url: str, policy: str, progress: dict[int, tuple[str, str, int]] | None = None, key: int = 0, *,
+            max_tokens: int = 128) -> tuple[str, str, str]:
+    """(replica, pid, outcome): outcome 'ok' (max_tokens tokens and [DONE]), 'abort' (ended by a drain: its
+    finish_reason, then [DONE]) or 'error: ...'; never hangs past 90 s. `progress[key]` follows (replica, pid,
+    chunks so far) while it streams."""
     replica = pid = "?"
     try:
         with httpx.stream("POST", f"{url}/v1/completions", headers=AUTH, timeout=90,
-                          json={"prompt": "Tell me a long story.", "max_tokens": 128, "ignore_eos": True,
+                          json={"prompt": "Tell me a long story.", "max_tokens": max_tokens, "ignore_eos": True,
                                 "policy": policy, "stream": True}) as r:
             replica, pid = r.headers.get("x-painters-replica", "?"), r.headers.get("x-painters-replica-pid", "?")
             if r.status_code != 200:
                 return replica, pid, f"error: HTTP {r.status_code}"
-            tokens, done = 0, False
+            tokens, done, finish = 0, False, None
             for line in r.iter_lines():
                 if line == "data: [DONE]":
                     done = True
@@ -151,9 +157,12 @@ def _stream(url: str, policy: str, progress: dict[int, tuple[str, str, int]] | N
                     if "error" in obj:
                         return replica, pid, f"error: {obj['error']}"
                     tokens += 1
+                    finish = obj["choices"][0]["finish_reason"] or finish
                     if progress is not None:
                         progress[key] = (replica, pid, tokens)
-            return replica, pid, "ok" if done and tokens >= 128 else f"error: cut after {tokens} chunks"
+            if done and (tokens >= max_tokens or finish == "abort"):
+                return replica, pid, "ok" if tokens >= max_tokens else "abort"
+            return replica, pid, f"error: cut after {tokens} chunks"
     except httpx.HTTPError as e:
         return replica, pid, f"error: {type(e).__name__}"
 
@@ -211,3 +220,23 @@ def test_serve_without_replicas_never_imports_ray() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_sigterm_drains_every_replica_as_one_server_does(ray_server: Process) -> None:
+    """Last of the module's Ray tests: it stops the server. Streams still running at the drain timeout (5 s) end
+    on both replicas with finish_reason "abort" and [DONE], as on a single server, rather than being cut when Ray
+    stops the replica; the server then exits with status 0."""
+    progress: dict[int, tuple[str, str, int]] = {}
+    with ThreadPoolExecutor(6) as pool:
+        futures = []
+        for i in range(6):  # one by one, so that the router sees each replica's load (sent at once, all six
+            # could go to one replica before it counts any)
+            futures.append(pool.submit(_stream, ray_server.url, POLICIES[i % 3], progress, i, max_tokens=1500))
+            wait_until(lambda: i in progress, timeout=120, what=f"stream {i} answering", interval=0.05)
+        wait_until(lambda: all(n >= 2 for _, _, n in progress.values()), timeout=120,
+                   what="all 6 streams decoding", interval=0.05)
+        assert len({replica for replica, _, _ in progress.values()}) == 2, f"all on one replica: {progress}"
+        ray_server.proc.send_signal(signal.SIGTERM)
+        results = [f.result(timeout=120) for f in futures]
+    assert [outcome for _, _, outcome in results] == ["abort"] * 6, results
+    assert ray_server.proc.wait(timeout=60) == 0

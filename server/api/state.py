@@ -8,6 +8,8 @@ A request's policy comes from (1) its `policy` field, (2) a model-name suffix `m
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +23,9 @@ from server.settings import Settings
 if TYPE_CHECKING:
     from server.engine.loop import EngineLoop
     from server.engine.served import ServedModel
+
+log = logging.getLogger(__name__)
+HANDLER_GRACE_S = 5.0  # after a drain, for the handlers of ended requests to write their last answers
 
 
 @dataclass
@@ -58,6 +63,23 @@ class AppState:
     def vocab_size(self) -> int:
         served, _ = self.require()
         return served.vocab_size
+
+    def drain(self, timeout: float) -> None:
+        """Shut down gently: refuse new requests (503, `/ready` too), let running and waiting ones finish for
+        `timeout` seconds, end the rest with finish_reason "abort", and wait briefly for their handlers to answer."""
+        self.draining = True
+        loop = self.loop
+        log.warning("shutdown: refusing new requests; %d running or waiting may finish within %.0f s",
+                    loop.num_running + loop.num_waiting if loop else 0, timeout)
+        if loop is not None:
+            aborted = loop.drain(time.monotonic() + timeout)
+            if aborted:
+                log.warning("shutdown: %d request(s) did not finish within %.0f s and ended with finish_reason "
+                            "'abort'", aborted, timeout)
+        grace = time.monotonic() + HANDLER_GRACE_S
+        while self.in_flight and time.monotonic() < grace:
+            time.sleep(0.02)
+        log.info("shutdown: drained")
 
     def check_admitting(self) -> None:
         """Refuse early, before any tokenizing: 503 while draining, 429 while the waiting queue is full."""
