@@ -152,6 +152,39 @@ def test_stop_string_truncates_text(tiny_engine, engine):
     assert stop not in got.text
 
 
+def test_include_stop_str_in_output_cuts_after_the_stop_string(tiny_engine, engine):
+    """vLLM's include_stop_str_in_output: the text ends with the stop string (cut after the first match, not before
+    it). A stop token's text is left out, as vLLM leaves it out, unless include_stop_str_in_output keeps it."""
+    free = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    stop = free.text[3:5]
+    got = engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, ignore_eos=True, stop=(stop,),
+                                                              include_stop_str_in_output=True))[0]
+    assert (got.finish_reason, got.text) == ("stop", free.text[: free.text.find(stop) + len(stop)])
+    stop_at = free.token_ids[3]
+    first = free.token_ids.index(stop_at)
+    left, kept = (engine.generate([[5, 6, 7]], params=SamplingParams(
+        max_tokens=10, stop_token_ids=(stop_at,), include_stop_str_in_output=keep))[0] for keep in (False, True))
+    assert left.token_ids == kept.token_ids == free.token_ids[: first + 1]
+    assert (left.text, kept.text) == (free.text[:first], free.text[: first + 1])
+
+
+def test_of_two_stop_strings_kept_from_one_place_the_shorter_is(tiny_engine):
+    """Stops "XYZ" and "XY" both start in the text one token writes ("XYZ"): with include_stop_str_in_output the text
+    ends where it first holds a stop string, after "XY"."""
+    free = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, ignore_eos=True))[0].token_ids
+    k = next(i for i in range(1, 10) if free[i] not in free[:i])
+    wide = free[k]
+
+    class Wide(CharTokenizer):  # `wide` is "XYZ"
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join("XYZ" if i == wide else CharTokenizer.decode(self, [i]) for i in ids)
+
+    e = Engine(tiny_engine.model, Wide(), eos_ids=tiny_engine.eos_ids, config=tiny_engine.config)
+    got = e.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, ignore_eos=True, stop=("XYZ", "XY"),
+                                                         include_stop_str_in_output=True))[0]
+    assert got.token_ids == free[: k + 1] and got.text == Wide().decode(free[:k]) + "XY"
+
+
 def test_of_two_stop_strings_completed_by_one_token_the_earlier_match_cuts(tiny_engine, engine):
     """Stops "ab" and "b" both end at the token that writes "b": the text is cut where the first match starts
     (before "a"), not where the last one does."""

@@ -251,14 +251,16 @@ class Batch:
         eos = token in s.stop_ids and n > s.params.min_tokens
         previous = len(s.text)
         if s.detokenizer is None:
-            s.detokenizer = IncrementalDetokenizer(self.tokenizer)
-        s.text += s.detokenizer.add(token)  # O(1) per token: only the new tail is decoded
-        if n == s.params.min_tokens:
-            s.stop_from = len(s.text)
-        if eos:
+            s.detokenizer = _detokenizer(self.tokenizer, s.params)
+        if eos:  # the stop token's text is the request's only with include_stop_str_in_output, as in vLLM
+            if s.params.include_stop_str_in_output:
+                s.text += s.detokenizer.add(token)
             s.set_finished("stop")
             s.text += s.detokenizer.flush()
             return
+        s.text += s.detokenizer.add(token)  # O(1) per token: only the new tail is decoded
+        if n == s.params.min_tokens:
+            s.stop_from = len(s.text)
         if n > s.params.min_tokens and _cut_at_stop(s, previous):
             return
         if n >= s.params.max_tokens or s.length >= self.max_len:
@@ -351,7 +353,7 @@ class Batch:
         tm.decode_tokens -= k
         if request.finish_reason in ("stop", "length"):
             request.finish_reason = None
-        request.detokenizer, request.text, request.stop_from = IncrementalDetokenizer(self.tokenizer), "", 0
+        request.detokenizer, request.text, request.stop_from = _detokenizer(self.tokenizer, request.params), "", 0
         for i, token in enumerate(request.output_ids, 1):
             request.text += request.detokenizer.add(token)
             if i == request.params.min_tokens:
@@ -427,17 +429,24 @@ class Batch:
         return self.kv.usage()
 
 
+def _detokenizer(tokenizer: Any, params: SamplingParams) -> IncrementalDetokenizer:
+    return IncrementalDetokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens,
+                                  spaces_between_special_tokens=params.spaces_between_special_tokens)
+
+
 def _cut_at_stop(s: Request, previous: int) -> bool:
     """If one of `s`'s stop strings ends in its text after `previous` (and starts at or after `stop_from`), cut the
-    text where the first match starts and finish `s` with "stop"; whether it did."""
+    text where the first match starts (after it, with include_stop_str_in_output) and finish `s` with "stop"; whether
+    it did."""
     if not s.params.stop:
         return False
     longest = max(len(stop) for stop in s.params.stop)
     start = max(s.stop_from, previous - longest + 1)  # a new match ends in the new text
-    hits = [i for i in (s.text.find(stop, start) for stop in s.params.stop) if i >= 0]
+    hits = [(i, len(stop)) for stop in s.params.stop if (i := s.text.find(stop, start)) >= 0]
     if not hits:
         return False
-    s.text = s.text[: min(hits)]
+    at, length = min(hits)  # the first match; of two there, the shorter, which the text held first
+    s.text = s.text[: at + length if s.params.include_stop_str_in_output else at]
     s.set_finished("stop")
     return True
 

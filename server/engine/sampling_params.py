@@ -75,6 +75,11 @@ class SamplingParams:
     # token's (vLLM's None; OpenAI requests without `logprobs` skip a pass over the vocabulary every step)
     logprobs: int | None = 0
     echo: bool = False  # also score the prompt (prompt-token logprobs)
+    # vLLM's output shaping: a stop string (or stop token) that ends the request stays in its text; special tokens'
+    # text left out of the output; spaces around added tokens (a slow tokenizer's option; fast ones write none)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         for name, value in (("max_tokens", self.max_tokens), ("min_tokens", self.min_tokens)):
