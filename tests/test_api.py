@@ -860,7 +860,7 @@ def test_explicit_nulls_mean_the_defaults(chat_client):
     answer that leaving the field out gets (they were refused: "temperature: Input should be a valid number")."""
     nulls = dict.fromkeys(["top_p", "top_k", "n", "stream", "min_tokens", "ignore_eos", "seed", "stop",
                            "presence_penalty", "frequency_penalty", "logit_bias", "best_of", "response_format",
-                           "tools", "tool_choice", "stream_options", "user", "policy"])
+                           "tools", "tool_choice", "stream_options", "user", "policy", "return_tokens_as_token_ids"])
     chat = {"messages": CHAT, "max_tokens": 4}
     want = complete(chat_client, "/v1/chat/completions", **chat).json()["choices"]
     got = complete(chat_client, "/v1/chat/completions", **chat, **nulls, logprobs=None, top_logprobs=None,

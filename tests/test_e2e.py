@@ -231,3 +231,40 @@ def test_overlapped_decoding_serves_the_same_completions(tmp_path, http):
         assert "overlapped decode on" in p.log.read_text()
     assert got == want
     assert [reason for _, reason in want] == ["length", "stop", "length", "length", "length", "stop"]
+
+
+# -- vLLM's output shaping -------------------------------------------------------------------------------------------
+HI = [{"role": "user", "content": "Hi"}]
+
+
+def test_return_tokens_as_token_ids_names_every_token_by_its_id(client, http):
+    """Completions (echo included) and chat, streamed and not: every token and alternative is "token_id:<id>", the
+    ids are the tokens the text decodes from, the logprobs those of the plain request."""
+    as_ids = {"return_tokens_as_token_ids": True}
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    plain = client.completions.create(**body).choices[0].logprobs
+    named = client.completions.create(**body, extra_body=as_ids).choices[0]
+    ids = [int(t.removeprefix("token_id:")) for t in named.logprobs.tokens]
+    assert http.post("/detokenize", json={"tokens": ids}).json()["prompt"] == named.text
+    # the same logprobs (to rounding: a request repeated reads its prompt's KV from the prefix cache)
+    assert named.logprobs.token_logprobs == pytest.approx(plain.token_logprobs, abs=1e-4)
+    for got, want in zip(named.logprobs.top_logprobs, plain.top_logprobs, strict=True):
+        assert sorted(got.values()) == pytest.approx(sorted(want.values()), abs=1e-4)
+    assert all(k.startswith("token_id:") for d in named.logprobs.top_logprobs for k in d)
+    streamed = [t for c in client.completions.create(**body, stream=True, extra_body=as_ids) if c.choices
+                for t in (c.choices[0].logprobs.tokens if c.choices[0].logprobs else [])]
+    assert streamed == named.logprobs.tokens
+    echoed = client.completions.create(**body, echo=True, extra_body=as_ids).choices[0].logprobs.tokens
+    prompt_ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    assert echoed == [f"token_id:{i}" for i in prompt_ids] + named.logprobs.tokens
+
+    chat = {"model": MODEL, "messages": HI, "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    plain_chat = client.chat.completions.create(**chat).choices[0].logprobs.content
+    named_chat = client.chat.completions.create(**chat, extra_body=as_ids).choices[0].logprobs.content
+    assert [t.bytes for t in named_chat] == [t.bytes for t in plain_chat]
+    assert [t.logprob for t in named_chat] == pytest.approx([t.logprob for t in plain_chat], abs=1e-4)
+    assert all(t.token.startswith("token_id:") and all(a.token.startswith("token_id:") for a in t.top_logprobs)
+               for t in named_chat)
+    streamed_chat = [t.token for c in client.chat.completions.create(**chat, stream=True, extra_body=as_ids)
+                     if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert streamed_chat == [t.token for t in named_chat]

@@ -7,7 +7,7 @@ import codecs
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -77,13 +77,20 @@ def _finite(x: float | None) -> float | None:
     return x if x is None or abs(x) != float("inf") else None
 
 
+def _token_name(served: ServedModel, as_ids: bool) -> Callable[[int], str]:
+    """How logprobs name a token: its text (`ServedModel.token_string`), or with vLLM's return_tokens_as_token_ids
+    "token_id:<id>", which names tokens whose texts are alike (or not text at all) apart."""
+    return (lambda i: f"token_id:{i}") if as_ids else served.token_string
+
+
 def _completion_logprobs(served: ServedModel, ids: list[int], lps: list[float | None],
-                         tops: list[dict[int, float] | None] | None, offsets: _Offsets) -> CompletionLogprobs:
+                         tops: list[dict[int, float] | None] | None, offsets: _Offsets, *, as_ids: bool
+                         ) -> CompletionLogprobs:
+    name = _token_name(served, as_ids)
     top = None
     if tops is not None:
-        top = [None if d is None else {served.token_string(i): _finite(v)
-                                       for i, v in d.items()} for d in tops]
-    return CompletionLogprobs(tokens=[served.token_string(i) for i in ids], token_logprobs=[_finite(x) for x in lps],
+        top = [None if d is None else {name(i): _finite(v) for i, v in d.items()} for d in tops]
+    return CompletionLogprobs(tokens=[name(i) for i in ids], token_logprobs=[_finite(x) for x in lps],
                               top_logprobs=top, text_offset=offsets.of(served, ids))
 
 
@@ -121,7 +128,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return pipeline.event_source(state, _stream_completion(
             served, run, rid=rid, created=created, model=model, want_logprobs=want_logprobs,
-            include_usage=include_usage), policy=run.schedule.policy)
+            as_ids=body.return_tokens_as_token_ids, include_usage=include_usage), policy=run.schedule.policy)
     results = await pipeline.collect(run.streams, request)
     choices = []
     for index, result in enumerate(results):
@@ -139,7 +146,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                 lps = list(result.prompt_logprobs or [None] * len(prompt.ids)) + lps
                 if logprobs:
                     tops = list(result.prompt_top_logprobs or [None] * len(prompt.ids)) + (tops or [])
-            lp = _completion_logprobs(served, ids, lps, tops if logprobs else None, _Offsets())
+            lp = _completion_logprobs(served, ids, lps, tops if logprobs else None, _Offsets(),
+                                      as_ids=body.return_tokens_as_token_ids)
         choices.append(CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=result.finish_reason))
     out = CompletionResponse(id=rid, created=created, model=model, choices=choices,
                              usage=_usage([len(p.ids) for p in run.prompts], results),
@@ -152,7 +160,8 @@ def _json(model: Any, headers: dict[str, str]) -> JSONResponse:
 
 
 async def _stream_completion(served: ServedModel, run: Running, *, rid: str, created: int, model: str,
-                             want_logprobs: bool, include_usage: bool) -> AsyncIterator[dict[str, str]]:
+                             want_logprobs: bool, as_ids: bool, include_usage: bool
+                             ) -> AsyncIterator[dict[str, str]]:
     results: list[GenerationResult] = []
     offsets = [_Offsets() for _ in run.streams]
     try:
@@ -160,7 +169,7 @@ async def _stream_completion(served: ServedModel, run: Running, *, rid: str, cre
             lp = None
             if want_logprobs:
                 tops: list[dict[int, float] | None] | None = list(out.top_logprobs) if out.top_logprobs else None
-                lp = _completion_logprobs(served, out.token_ids, list(out.logprobs), tops, offsets[i])
+                lp = _completion_logprobs(served, out.token_ids, list(out.logprobs), tops, offsets[i], as_ids=as_ids)
             final = out.result if out.finished else None
             chunk = CompletionResponse(id=rid, created=created, model=model, choices=[CompletionChoice(
                 index=i, text=out.text, logprobs=lp, finish_reason=final.finish_reason if final else None)])
@@ -205,12 +214,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return pipeline.event_source(state, _stream_chat(
-            served, run, rid=rid, created=created, model=model, logprobs=body.logprobs, include_usage=include_usage),
-            policy=run.schedule.policy)
+            served, run, rid=rid, created=created, model=model, logprobs=body.logprobs,
+            as_ids=body.return_tokens_as_token_ids, include_usage=include_usage), policy=run.schedule.policy)
     results = await pipeline.collect(run.streams, request)
+    as_ids = body.return_tokens_as_token_ids
     choices = [ChatChoice(
         index=i, message=ChatResponseMessage(content=r.text),
-        logprobs=_chat_logprobs(served, r.token_ids, r.logprobs, r.top_logprobs) if body.logprobs else None,
+        logprobs=_chat_logprobs(served, r.token_ids, r.logprobs, r.top_logprobs, as_ids=as_ids) if body.logprobs
+        else None,
         finish_reason=r.finish_reason,
     ) for i, r in enumerate(results)]
     out = ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
@@ -219,22 +230,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     return _json(out, timing_headers(run.schedule, results))
 
 
-def _chat_logprobs(served: ServedModel, ids: list[int], lps: list[float], tops: list[dict[int, float]] | None
-                   ) -> ChatLogprobs:
+def _chat_logprobs(served: ServedModel, ids: list[int], lps: list[float], tops: list[dict[int, float]] | None, *,
+                   as_ids: bool) -> ChatLogprobs:
+    name = _token_name(served, as_ids)  # `bytes` stay the token's own, as vLLM's do
     content = []
     for n, (i, lp) in enumerate(zip(ids, lps)):
         alternatives = []
         if tops:
             for j, v in tops[n].items():
-                alternatives.append(ChatTopLogprob(token=served.token_string(j), logprob=_finite(v),
+                alternatives.append(ChatTopLogprob(token=name(j), logprob=_finite(v),
                                                    bytes=list(served.token_bytes(j))))
-        content.append(ChatTokenLogprob(token=served.token_string(i), logprob=_finite(lp),
+        content.append(ChatTokenLogprob(token=name(i), logprob=_finite(lp),
                                         bytes=list(served.token_bytes(i)), top_logprobs=alternatives))
     return ChatLogprobs(content=content)
 
 
 async def _stream_chat(served: ServedModel, run: Running, *, rid: str, created: int, model: str, logprobs: bool,
-                       include_usage: bool) -> AsyncIterator[dict[str, str]]:
+                       as_ids: bool, include_usage: bool) -> AsyncIterator[dict[str, str]]:
     def chunk(choices: list[ChatChunkChoice], **extra: Any) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, **extra)
 
@@ -243,7 +255,8 @@ async def _stream_chat(served: ServedModel, run: Running, *, rid: str, created: 
     results: list[GenerationResult] = []
     try:
         async for i, out in pipeline.merged(run.streams):
-            lp = _chat_logprobs(served, out.token_ids, out.logprobs, out.top_logprobs or None) if logprobs else None
+            lp = (_chat_logprobs(served, out.token_ids, out.logprobs, out.top_logprobs or None, as_ids=as_ids)
+                  if logprobs else None)
             delta = ChatDelta(content=out.text) if out.text or not out.finished else ChatDelta()
             final = out.result if out.finished else None
             c = chunk([ChatChunkChoice(index=i, delta=delta, logprobs=lp,

@@ -67,7 +67,7 @@ VLLM_REFUSED: dict[str, Any] = {
     "repetition_penalty": 1.0, "min_p": 0.0, "use_beam_search": False, "length_penalty": 1.0,
     "include_stop_str_in_output": False, "skip_special_tokens": True, "spaces_between_special_tokens": True,
     "truncate_prompt_tokens": None, "allowed_token_ids": None, "bad_words": None, "prompt_logprobs": None,
-    "logits_processors": None, "return_tokens_as_token_ids": False, "guided_json": None, "guided_regex": None,
+    "logits_processors": None, "guided_json": None, "guided_regex": None,
     "guided_choice": None, "guided_grammar": None, "structured_outputs": None,
 }
 
@@ -139,6 +139,8 @@ class _Sampling(_Body):
         None, max_length=256, description="vLLM's: token ids that end the request (the token is kept)")
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # vLLM's output shaping
+    return_tokens_as_token_ids: bool = Field(False, description="vLLM's: logprobs name tokens 'token_id:<id>'")
     # VLLM_REFUSED: each refused unless it asks for nothing
     repetition_penalty: Any = _vllm("repetition_penalty")
     min_p: Any = _vllm("min_p")
@@ -152,7 +154,6 @@ class _Sampling(_Body):
     bad_words: Any = _vllm("bad_words")
     prompt_logprobs: Any = _vllm("prompt_logprobs")
     logits_processors: Any = _vllm("logits_processors")
-    return_tokens_as_token_ids: Any = _vllm("return_tokens_as_token_ids")
     guided_json: Any = _vllm("guided_json")
     guided_regex: Any = _vllm("guided_regex")
     guided_choice: Any = _vllm("guided_choice")
