@@ -768,8 +768,10 @@ ERRORS = [
     ("repetition-penalty", "/v1/completions", {"prompt": "x", "repetition_penalty": 1.5}, 400, None,
      "repetition_penalty", ("not supported",)),
     ("min-p", "/v1/completions", {"prompt": "x", "min_p": 0.1}, 400, None, "min_p", ("not supported",)),
-    ("vllm-skip-special-tokens", "/v1/completions", {"prompt": "x", "skip_special_tokens": False}, 400, None,
-     "skip_special_tokens", ("not supported", "send true")),
+    ("vllm-length-penalty", "/v1/completions", {"prompt": "x", "length_penalty": 0.5}, 400, None,
+     "length_penalty", ("not supported", "send 1.0")),
+    ("vllm-skip-special-tokens-type", "/v1/completions", {"prompt": "x", "skip_special_tokens": "maybe"}, 400, None,
+     "skip_special_tokens", ()),
     ("vllm-guided-json", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                                   "guided_json": {"type": "object"}}, 400, None, "guided_json",
      ("not supported",)),
@@ -860,7 +862,8 @@ def test_explicit_nulls_mean_the_defaults(chat_client):
     answer that leaving the field out gets (they were refused: "temperature: Input should be a valid number")."""
     nulls = dict.fromkeys(["top_p", "top_k", "n", "stream", "min_tokens", "ignore_eos", "seed", "stop",
                            "presence_penalty", "frequency_penalty", "logit_bias", "best_of", "response_format",
-                           "tools", "tool_choice", "stream_options", "user", "policy", "return_tokens_as_token_ids"])
+                           "tools", "tool_choice", "stream_options", "user", "policy", "include_stop_str_in_output",
+                           "skip_special_tokens", "spaces_between_special_tokens", "return_tokens_as_token_ids"])
     chat = {"messages": CHAT, "max_tokens": 4}
     want = complete(chat_client, "/v1/chat/completions", **chat).json()["choices"]
     got = complete(chat_client, "/v1/chat/completions", **chat, **nulls, logprobs=None, top_logprobs=None,

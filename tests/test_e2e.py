@@ -234,7 +234,72 @@ def test_overlapped_decoding_serves_the_same_completions(tmp_path, http):
 
 
 # -- vLLM's output shaping -------------------------------------------------------------------------------------------
+# SmolLM2 answers "Hi" with "Hello! How can I assist you today?", then <|im_end|> (its EOS); past it (ignore_eos) come
+# "\n<|im_start|>user\n...": special tokens inside the text.
 HI = [{"role": "user", "content": "Hi"}]
+
+
+def _completion(client: openai.OpenAI, **body) -> tuple[str, str, list[str]]:
+    """(text, finish_reason, concatenated deltas of the same request streamed)."""
+    body = {"model": MODEL, "temperature": 0, **body}
+    whole = client.completions.create(**body).choices[0]
+    deltas = [c.choices[0].text for c in client.completions.create(**body, stream=True) if c.choices]
+    return whole.text, whole.finish_reason, "".join(deltas)
+
+
+def _chat(client: openai.OpenAI, **body) -> tuple[str, str, str]:
+    body = {"model": MODEL, "temperature": 0, "messages": HI, **body}
+    whole = client.chat.completions.create(**body).choices[0]
+    deltas = [c.choices[0].delta.content or "" for c in client.chat.completions.create(**body, stream=True)
+              if c.choices]
+    return whole.message.content, whole.finish_reason, "".join(deltas)
+
+
+@pytest.mark.parametrize("stop,cut", [("answer", "answer"), ("ans", "ans"), ("\n\n", "\n\n")])
+def test_include_stop_str_in_output_keeps_the_stop_string_streamed_or_not(client, stop, cut):
+    """vLLM cuts the text after the stop string instead of before it, also where the stop string ends inside a
+    token (" answer" for "ans"); the streamed deltas add up to the same text (nothing held back is lost or doubled)."""
+    free, _, _ = _completion(client, prompt="The capital of France is", max_tokens=12, extra_body={"ignore_eos": True})
+    assert stop in free, free  # " Paris.\n\nThe answer is: ..."
+    before = free[: free.index(stop)]
+    plain = _completion(client, prompt="The capital of France is", max_tokens=12, stop=[stop])
+    kept = _completion(client, prompt="The capital of France is", max_tokens=12, stop=[stop],
+                       extra_body={"include_stop_str_in_output": True})
+    assert plain == (before, "stop", before)
+    assert kept == (before + cut, "stop", before + cut)
+
+
+def test_include_stop_str_in_output_keeps_the_eos_text_only_when_it_is_shown(client):
+    """A stop token ends the request with its text left out, as vLLM does; include_stop_str_in_output keeps it, which
+    shows for a special token only with skip_special_tokens=false."""
+    shown = {"skip_special_tokens": False}
+    answer, reason, _ = _chat(client, max_tokens=30)
+    assert reason == "stop" and answer == "Hello! How can I assist you today?"
+    assert _chat(client, max_tokens=30, extra_body=shown) == (answer, "stop", answer)
+    kept = answer + "<|im_end|>"
+    both = {**shown, "include_stop_str_in_output": True}
+    assert _chat(client, max_tokens=30, extra_body=both) == (kept, "stop", kept)
+    assert _chat(client, max_tokens=30, extra_body={"include_stop_str_in_output": True}) == (answer, "stop", answer)
+
+
+@pytest.mark.parametrize("spaces", [True, False])
+def test_skip_special_tokens_false_shows_them_streamed_or_not(client, http, spaces):
+    """Past the EOS, the text holds <|im_end|><|im_start|> side by side. Kept, the text is the one-shot decode of the
+    tokens, streamed or not; skipped, the same text without them. (SmolLM2's tokenizer is a fast one, which writes no
+    spaces around special tokens: spaces_between_special_tokens changes nothing here, as in transformers and vLLM.)"""
+    body = {"messages": [{"role": "user", "content": "What is 2+2? Answer with a number only."}], "max_tokens": 16,
+            "logprobs": True}
+    shown = {"ignore_eos": True, "skip_special_tokens": False, "spaces_between_special_tokens": spaces,
+             "return_tokens_as_token_ids": True}
+    text, reason, streamed = _chat(client, **body, extra_body=shown)
+    r = client.chat.completions.create(model=MODEL, temperature=0, **body, extra_body=shown)
+    ids = [int(t.token.removeprefix("token_id:")) for t in r.choices[0].logprobs.content]
+    assert reason == "length" and streamed == text
+    assert text == http.post("/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert "4<|im_end|>\n<|im_end|><|im_start|>" in text, text
+    skipped, _, streamed = _chat(client, **body, extra_body={"ignore_eos": True,
+                                                             "spaces_between_special_tokens": spaces})
+    assert skipped == streamed == text.replace("<|im_end|>", "").replace("<|im_start|>", "")
 
 
 def test_return_tokens_as_token_ids_names_every_token_by_its_id(client, http):
