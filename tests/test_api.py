@@ -325,6 +325,17 @@ def test_stop_token_ids_end_the_request_and_neutral_values_of_refused_fields_pas
     assert r.status_code == 200, r.text
 
 
+def test_truncate_prompt_tokens_lets_a_prompt_longer_than_the_context_in(client):
+    """The prompt is cut before its length is checked, as in vLLM: a prompt past max_model_len is answered from its
+    last k tokens, which usage counts."""
+    long = "ab" * MAX_LEN
+    assert_error(client.post("/v1/completions", json={"prompt": long, "max_tokens": 1}), 400,
+                 code="context_length_exceeded")
+    body = complete(client, prompt=long, max_tokens=3, truncate_prompt_tokens=10).json()
+    assert body["usage"]["prompt_tokens"] == 10
+    assert body["choices"][0]["text"] == text_of(client, CharTokenizer().encode(long)[-10:], max_tokens=3)
+
+
 def test_finish_reason_length(client):
     body = complete(client, prompt="hello", max_tokens=3, ignore_eos=True).json()
     assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 3
@@ -770,6 +781,13 @@ ERRORS = [
     ("min-p", "/v1/completions", {"prompt": "x", "min_p": 0.1}, 400, None, "min_p", ("not supported",)),
     ("vllm-length-penalty", "/v1/completions", {"prompt": "x", "length_penalty": 0.5}, 400, None,
      "length_penalty", ("not supported", "send 1.0")),
+    ("vllm-truncate-zero", "/v1/completions", {"prompt": "x", "truncate_prompt_tokens": 0}, 400, None,
+     "truncate_prompt_tokens", ("greater than or equal to 1",)),
+    ("vllm-truncate-type", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                    "truncate_prompt_tokens": "all"}, 400, None,
+     "truncate_prompt_tokens", ()),
+    ("vllm-truncate-past-context", "/v1/completions", {"prompt": "x", "truncate_prompt_tokens": MAX_LEN + 1}, 400,
+     None, "truncate_prompt_tokens", (f"[1, {MAX_LEN}]",)),
     ("vllm-skip-special-tokens-type", "/v1/completions", {"prompt": "x", "skip_special_tokens": "maybe"}, 400, None,
      "skip_special_tokens", ()),
     ("vllm-guided-json", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
@@ -863,7 +881,8 @@ def test_explicit_nulls_mean_the_defaults(chat_client):
     nulls = dict.fromkeys(["top_p", "top_k", "n", "stream", "min_tokens", "ignore_eos", "seed", "stop",
                            "presence_penalty", "frequency_penalty", "logit_bias", "best_of", "response_format",
                            "tools", "tool_choice", "stream_options", "user", "policy", "include_stop_str_in_output",
-                           "skip_special_tokens", "spaces_between_special_tokens", "return_tokens_as_token_ids"])
+                           "skip_special_tokens", "spaces_between_special_tokens", "truncate_prompt_tokens",
+                           "return_tokens_as_token_ids"])
     chat = {"messages": CHAT, "max_tokens": 4}
     want = complete(chat_client, "/v1/chat/completions", **chat).json()["choices"]
     got = complete(chat_client, "/v1/chat/completions", **chat, **nulls, logprobs=None, top_logprobs=None,

@@ -302,6 +302,27 @@ def test_skip_special_tokens_false_shows_them_streamed_or_not(client, http, spac
     assert skipped == streamed == text.replace("<|im_end|>", "").replace("<|im_start|>", "")
 
 
+def test_truncate_prompt_tokens_keeps_the_last_tokens(client, http):
+    """vLLM's left truncation: the answer is the one to the prompt's last k tokens, usage counts k, and an echo
+    echoes what was kept."""
+    ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    k = 6
+    cut = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, echo=True,
+                                    extra_body={"truncate_prompt_tokens": k})
+    tail = client.completions.create(model=MODEL, prompt=ids[-k:], max_tokens=6, temperature=0, echo=True)
+    kept = http.post("/detokenize", json={"tokens": ids[-k:]}).json()["prompt"]
+    assert cut.usage.prompt_tokens == k and cut.choices[0].text == tail.choices[0].text
+    assert cut.choices[0].text.startswith(kept) and not cut.choices[0].text.startswith(PROMPT)
+    longer = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
+                                       extra_body={"truncate_prompt_tokens": len(ids) + 5})
+    assert longer.usage.prompt_tokens == len(ids)
+    chat = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=2, temperature=0,
+                                          extra_body={"truncate_prompt_tokens": 4})
+    assert chat.usage.prompt_tokens == 4
+    with pytest.raises(openai.BadRequestError, match=r"truncate_prompt_tokens.*greater than or equal to 1"):
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"truncate_prompt_tokens": 0})
+
+
 def test_return_tokens_as_token_ids_names_every_token_by_its_id(client, http):
     """Completions (echo included) and chat, streamed and not: every token and alternative is "token_id:<id>", the
     ids are the tokens the text decodes from, the logprobs those of the plain request."""

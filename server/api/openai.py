@@ -123,6 +123,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     logprobs = body.logprobs
     job = Job("cmpl", body.model, body.policy, _prompts(body.prompt), n=body.n,
               max_tokens=16 if body.max_tokens is None else body.max_tokens,
+              truncate_prompt_tokens=body.truncate_prompt_tokens,
               params=_params(body, logprobs=logprobs, echo=body.echo and want_logprobs))
     run = await pipeline.start(state, job)
     rid, created, model = pipeline.new_request_id("cmpl"), int(time.time()), body.model or state.model_name
@@ -210,6 +211,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     chat = Chat(messages, body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs)
     job = Job("chatcmpl", body.model, body.policy, chat, n=body.n, max_tokens=limit,
+              truncate_prompt_tokens=body.truncate_prompt_tokens,
               params=_params(body, logprobs=(body.top_logprobs or 0) if body.logprobs else None, echo=False))
     run = await pipeline.start(state, job)
     rid, created, model = pipeline.new_request_id("chatcmpl"), int(time.time()), body.model or state.model_name

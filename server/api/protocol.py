@@ -65,9 +65,9 @@ def _continue_or_open(v: bool, info: ValidationInfo) -> bool:
 # fields are ignored, and these are what vLLM's clients send).
 VLLM_REFUSED: dict[str, Any] = {
     "repetition_penalty": 1.0, "min_p": 0.0, "use_beam_search": False, "length_penalty": 1.0,
-    "truncate_prompt_tokens": None, "allowed_token_ids": None, "bad_words": None, "prompt_logprobs": None,
-    "logits_processors": None, "guided_json": None, "guided_regex": None,
-    "guided_choice": None, "guided_grammar": None, "structured_outputs": None,
+    "allowed_token_ids": None, "bad_words": None, "prompt_logprobs": None, "logits_processors": None,
+    "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
+    "structured_outputs": None,
 }
 
 
@@ -144,13 +144,14 @@ class _Sampling(_Body):
     skip_special_tokens: bool = Field(True, description="vLLM's: false keeps special tokens' text in the output")
     spaces_between_special_tokens: bool = Field(True, description="vLLM's: false joins added tokens without spaces "
                                                 "(a slow tokenizer's option; fast tokenizers write none either way)")
+    truncate_prompt_tokens: int | None = Field(None, ge=1, description="vLLM's: keep only the last k prompt tokens "
+                                               "(at most the context length); usage counts what is kept")
     return_tokens_as_token_ids: bool = Field(False, description="vLLM's: logprobs name tokens 'token_id:<id>'")
     # VLLM_REFUSED: each refused unless it asks for nothing
     repetition_penalty: Any = _vllm("repetition_penalty")
     min_p: Any = _vllm("min_p")
     use_beam_search: Any = _vllm("use_beam_search")
     length_penalty: Any = _vllm("length_penalty")
-    truncate_prompt_tokens: Any = _vllm("truncate_prompt_tokens")
     allowed_token_ids: Any = _vllm("allowed_token_ids")
     bad_words: Any = _vllm("bad_words")
     prompt_logprobs: Any = _vllm("prompt_logprobs")
