@@ -161,8 +161,9 @@ class Batch:
         dev = self.model.device
         last = torch.tensor([len(s.prompt_ids) - p - 1 for s, p in zip(new, starts)]).to(dev, non_blocking=True)
         rows = tuple(Row(s.id, s.schedule, p, len(s.prompt_ids) - p) for s, p in zip(new, starts))
+        scored = any(s.params.prompt_alternatives is not None for s in new)
         return StepInput(tuple(new), rows, tokens.to(dev, non_blocking=True), last,
-                         self._sampling(new, [0] * len(new)), echo=any(s.params.echo for s in new))
+                         self._sampling(new, [0] * len(new)), echo=scored)
 
     def _sampling(self, seqs: tuple[Request, ...] | list[Request], made: list[int]) -> SamplingBatch:
         """Each row's sampling parameters; a row that has `made` tokens (counting one in flight) fewer than its
@@ -292,8 +293,9 @@ class Batch:
                 waves[1 if shares else 0].append(s)
                 firsts.add(first)
         for wave in waves:
-            # echo prompts apart: their prefill is read at once (see the module's docstring), the others' overlap
-            for group in ([s for s in wave if not s.params.echo], [s for s in wave if s.params.echo]):
+            # scored prompts apart: their prefill is read at once (see the module's docstring), the others' overlap
+            scored = [s.params.prompt_alternatives is not None for s in wave]
+            for group in ([s for s, x in zip(wave, scored) if not x], [s for s, x in zip(wave, scored) if x]):
                 if group:
                     self._prefill(group, t0)
 
@@ -310,7 +312,7 @@ class Batch:
         out = self.execute(inp)
         if out.hidden is not None:
             for b, (s, p, r) in enumerate(zip(new, starts, reused)):
-                if s.params.echo:
+                if s.params.prompt_alternatives is not None:
                     _score_prompt(s, out.hidden[b, : len(s.prompt_ids) - p], r, self.model)
         for s, p in zip(new, starts):
             self.kv.register(s, p)
@@ -504,23 +506,27 @@ def _to_host(tokens: Tensor, alive: Tensor, logprobs: Tensor | None, top: Any) -
 
 def _score_prompt(s: Request, hidden: Tensor, reused: Reused, model: Transformer) -> None:
     """hidden [T', d], the final hidden states over the prompt from position p = reused.start on -> logprob of each
-    prompt token given its prefix (None for the first). Tokens up to p come from the cache (`reused`). The logits
-    are computed a few positions at a time, within SCORE_LOGITS_BYTES."""
-    n = s.params.logprobs or 0
+    prompt token given its prefix (None for the first), its rank there (1 + how many tokens are likelier) and the n
+    likeliest tokens. Tokens up to p come from the cache (`reused`). The logits are computed a few positions at a
+    time, within SCORE_LOGITS_BYTES."""
+    n = s.params.prompt_alternatives or 0
     values: list[float | None] = list(reused.logprobs) if reused.logprobs else [None]
     tops: list[dict[int, float] | None] = list(reused.tops) if reused.tops else [None]
+    ranks: list[int | None] = list(reused.ranks) if reused.ranks else [None]
     p = len(values) - 1
-    assert p == reused.start
+    assert p == reused.start == len(ranks) - 1
     ids = torch.tensor(s.prompt_ids[p + 1 :], dtype=torch.long, device=hidden.device)  # position i predicts ids[i]
     step = max(1, SCORE_LOGITS_BYTES // (4 * model.args.vocab_size))
     for i in range(0, len(ids), step):
         chosen = ids[i : i + step]
         logprobs = torch.log_softmax(model.logits(hidden[i : i + len(chosen)]), dim=-1)
-        values += logprobs.gather(-1, chosen[:, None])[:, 0].tolist()
+        value = logprobs.gather(-1, chosen[:, None])  # [t, 1]
+        values += value[:, 0].tolist()
+        ranks += ((logprobs > value).sum(-1) + 1).tolist()
         if n:
             top = torch.topk(logprobs, n)
             tops += [dict(zip(t.tolist(), v.tolist())) for t, v in zip(top.indices, top.values)]
-    s.prompt_logprobs = values
+    s.prompt_logprobs, s.prompt_ranks = values, ranks
     if n:
         s.prompt_top_logprobs = tops
 
