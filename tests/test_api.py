@@ -266,6 +266,17 @@ def test_echo_with_generation_prepends_the_prompt(client):
     assert echoed["logprobs"]["token_logprobs"][0] is None
 
 
+def test_echo_beside_prompt_logprobs_keeps_its_own_count_of_alternatives(client):
+    """One scoring of the prompt serves both, with the larger count: the echo's logprobs still list `logprobs`
+    alternatives, prompt_logprobs its own."""
+    body = complete(client, prompt="hello", max_tokens=0, echo=True, logprobs=1, prompt_logprobs=3).json()
+    choice = body["choices"][0]
+    assert [len(d) for d in choice["logprobs"]["top_logprobs"][1:]] == [1] * 4
+    assert [sum(e["rank"] <= 3 for e in d.values()) for d in choice["prompt_logprobs"][1:]] == [3] * 4
+    alone = complete(client, prompt="hello", max_tokens=0, echo=True, logprobs=1).json()["choices"][0]
+    assert choice["logprobs"] == alone["logprobs"] and "prompt_logprobs" not in alone
+
+
 def test_stop_strings_cut_the_text(client):
     full = text_of(client, "hello", max_tokens=12)
     stop = full[4:6]
@@ -795,8 +806,11 @@ ERRORS = [
      ("not supported",)),
     ("vllm-beam-search", "/v1/completions", {"prompt": "x", "use_beam_search": True}, 400, None, "use_beam_search",
      ("not supported", "send false")),
-    ("vllm-prompt-logprobs", "/v1/completions", {"prompt": "x", "prompt_logprobs": 1}, 400, None, "prompt_logprobs",
-     ("not supported",)),
+    ("vllm-prompt-logprobs-streamed", "/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True}, 400,
+     None, "prompt_logprobs", ("stream=true",)),
+    ("vllm-prompt-logprobs-21", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                         "prompt_logprobs": 21}, 400, None, "prompt_logprobs",
+     ("[0, 20]",)),
     ("vllm-bad-words", "/v1/completions", {"prompt": "x", "bad_words": ["x"]}, 400, None, "bad_words",
      ("not supported",)),
     ("chat-echo", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, 400, None,
@@ -882,7 +896,7 @@ def test_explicit_nulls_mean_the_defaults(chat_client):
                            "presence_penalty", "frequency_penalty", "logit_bias", "best_of", "response_format",
                            "tools", "tool_choice", "stream_options", "user", "policy", "include_stop_str_in_output",
                            "skip_special_tokens", "spaces_between_special_tokens", "truncate_prompt_tokens",
-                           "return_tokens_as_token_ids"])
+                           "return_tokens_as_token_ids", "prompt_logprobs"])
     chat = {"messages": CHAT, "max_tokens": 4}
     want = complete(chat_client, "/v1/chat/completions", **chat).json()["choices"]
     got = complete(chat_client, "/v1/chat/completions", **chat, **nulls, logprobs=None, top_logprobs=None,

@@ -354,3 +354,47 @@ def test_return_tokens_as_token_ids_names_every_token_by_its_id(client, http):
     streamed_chat = [t.token for c in client.chat.completions.create(**chat, stream=True, extra_body=as_ids)
                      if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert streamed_chat == [t.token for t in named_chat]
+
+
+def _assert_prompt_logprobs(got: list, ids: list[int], k: int) -> None:
+    """vLLM's shape: null, then per token a dict led by the token itself (its logprob and rank), then the k likeliest
+    ranked 1..k; the token among them is listed once."""
+    assert got[0] is None and len(got) == len(ids)
+    for token, entries in zip(ids[1:], got[1:]):
+        own = entries[str(token)]
+        assert next(iter(entries)) == str(token) and own["rank"] >= 1
+        ranked = [e for t, e in entries.items() if t != str(token)]
+        assert len(entries) == k + (own["rank"] > k)
+        assert [e["rank"] for e in ranked] == [r for r in range(1, k + 1) if r != own["rank"]]
+        assert all(e["decoded_token"] for e in ranked)
+        if k:  # the likeliest listed is the token itself exactly when it ranks first
+            assert (own["rank"] == 1) == (own["logprob"] == max(e["logprob"] for e in entries.values()))
+
+
+def test_prompt_logprobs_score_the_prompt_as_vllm_answers(http):
+    """Completions (each choice) and chat (the response): the prompt tokens' logprobs equal an echo's, with their
+    ranks and k alternatives; the generated tokens are the plain request's."""
+    ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
+    plain = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert "prompt_logprobs" not in plain
+    got = http.post("/v1/completions", json={**body, "n": 2, "prompt_logprobs": 3}).json()
+    echo = http.post("/v1/completions", json={**body, "max_tokens": 0, "echo": True, "logprobs": 3}).json()
+    echoed = echo["choices"][0]["logprobs"]
+    for choice in got["choices"]:
+        assert choice["text"] == plain["text"]
+        _assert_prompt_logprobs(choice["prompt_logprobs"], ids, 3)
+        own = [e[str(t)]["logprob"] for t, e in zip(ids[1:], choice["prompt_logprobs"][1:])]
+        assert own == pytest.approx(echoed["token_logprobs"][1:], abs=1e-4)
+        top3 = [{x["decoded_token"] for x in e.values() if x["rank"] <= 3} for e in choice["prompt_logprobs"][1:]]
+        assert top3 == [set(d) for d in echoed["top_logprobs"][1:]]
+    only = http.post("/v1/completions", json={**body, "prompt_logprobs": 0}).json()["choices"][0]["prompt_logprobs"]
+    _assert_prompt_logprobs(only, ids, 0)
+
+    messages = {"model": MODEL, "messages": HI, "max_tokens": 2, "temperature": 0}
+    chat_ids = http.post("/tokenize", json={"messages": HI}).json()["tokens"]
+    chat = http.post("/v1/chat/completions", json={**messages, "prompt_logprobs": 2}).json()
+    _assert_prompt_logprobs(chat["prompt_logprobs"], chat_ids, 2)
+    assert chat["usage"]["prompt_tokens"] == len(chat_ids)
+    assert "prompt_logprobs" not in http.post("/v1/chat/completions", json=messages).json()
+

@@ -4,7 +4,7 @@ becomes a `pipeline.Job`, and results or stream outputs become its response mode
 from __future__ import annotations
 
 import codecs
-
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,7 +19,7 @@ from server.api.pipeline import Chat, Job, Running, painters_chunk, painters_inf
 from server.api.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
     ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob, CompletionChoice, CompletionLogprobs,
-    CompletionRequest, CompletionResponse, ModelCard, ModelList, UsageInfo,
+    CompletionRequest, CompletionResponse, ModelCard, ModelList, PromptLogprob, PromptLogprobs, UsageInfo,
 )
 from server.api.state import AppState
 from server.engine.request import GenerationResult
@@ -44,7 +44,7 @@ def _params(body: CompletionRequest | ChatCompletionRequest, *, logprobs: int | 
             ignore_eos=body.ignore_eos, min_tokens=body.min_tokens, logprobs=logprobs, echo=echo,
             stop_token_ids=tuple(body.stop_token_ids or ()), include_stop_str_in_output=body.include_stop_str_in_output,
             skip_special_tokens=body.skip_special_tokens,
-            spaces_between_special_tokens=body.spaces_between_special_tokens,
+            spaces_between_special_tokens=body.spaces_between_special_tokens, prompt_logprobs=body.prompt_logprobs,
         )
     return params
 
@@ -94,6 +94,22 @@ def _completion_logprobs(served: ServedModel, ids: list[int], lps: list[float | 
         top = [None if d is None else {name(i): _finite(v) for i, v in d.items()} for d in tops]
     return CompletionLogprobs(tokens=[name(i) for i in ids], token_logprobs=[_finite(x) for x in lps],
                               top_logprobs=top, text_offset=offsets.of(served, ids))
+
+
+def _prompt_logprobs(served: ServedModel, result: GenerationResult, k: int | None) -> PromptLogprobs | None:
+    """vLLM's prompt_logprobs of a scored prompt: per token after the first, its own logprob and rank, then the k
+    likeliest tokens ranked 1..k (one entry where the token is among them)."""
+    if k is None or result.prompt_logprobs is None or result.prompt_ranks is None:
+        return None
+    tops = result.prompt_top_logprobs or [None] * len(result.prompt_token_ids)
+    out: PromptLogprobs = [None]
+    for token, value, rank, top in zip(result.prompt_token_ids[1:], result.prompt_logprobs[1:],
+                                       result.prompt_ranks[1:], tops[1:], strict=True):
+        entries = {token: PromptLogprob(logprob=_finite(value), rank=rank, decoded_token=served.token_string(token))}
+        for r, (t, v) in enumerate(itertools.islice((top or {}).items(), k), 1):
+            entries.setdefault(t, PromptLogprob(logprob=_finite(v), rank=r, decoded_token=served.token_string(t)))
+        out.append(entries)
+    return out
 
 
 def _usage(prompt_lens: list[int], results: list[GenerationResult]) -> UsageInfo:
@@ -147,11 +163,13 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             if body.echo:
                 ids = prompt.ids + ids
                 lps = list(result.prompt_logprobs or [None] * len(prompt.ids)) + lps
-                if logprobs:
-                    tops = list(result.prompt_top_logprobs or [None] * len(prompt.ids)) + (tops or [])
+                if logprobs:  # the prompt may be scored with more alternatives, for prompt_logprobs
+                    tops = [None if d is None else dict(itertools.islice(d.items(), logprobs))
+                            for d in result.prompt_top_logprobs or [None] * len(prompt.ids)] + (tops or [])
             lp = _completion_logprobs(served, ids, lps, tops if logprobs else None, _Offsets(),
                                       as_ids=body.return_tokens_as_token_ids)
-        choices.append(CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=result.finish_reason))
+        choices.append(CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=result.finish_reason,
+                                        prompt_logprobs=_prompt_logprobs(served, result, body.prompt_logprobs)))
     out = CompletionResponse(id=rid, created=created, model=model, choices=choices,
                              usage=_usage([len(p.ids) for p in run.prompts], results),
                              painters=painters_info(run.schedule, slowest(results)))
@@ -230,7 +248,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     ) for i, r in enumerate(results)]
     out = ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
                                  usage=_usage([len(run.prompts[0].ids)], results),
-                                 painters=painters_info(run.schedule, slowest(results)))
+                                 painters=painters_info(run.schedule, slowest(results)),
+                                 prompt_logprobs=_prompt_logprobs(served, results[0], body.prompt_logprobs))
     return _json(out, timing_headers(run.schedule, results))
 
 

@@ -65,9 +65,8 @@ def _continue_or_open(v: bool, info: ValidationInfo) -> bool:
 # fields are ignored, and these are what vLLM's clients send).
 VLLM_REFUSED: dict[str, Any] = {
     "repetition_penalty": 1.0, "min_p": 0.0, "use_beam_search": False, "length_penalty": 1.0,
-    "allowed_token_ids": None, "bad_words": None, "prompt_logprobs": None, "logits_processors": None,
-    "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
-    "structured_outputs": None,
+    "allowed_token_ids": None, "bad_words": None, "logits_processors": None, "guided_json": None,
+    "guided_regex": None, "guided_choice": None, "guided_grammar": None, "structured_outputs": None,
 }
 
 
@@ -147,6 +146,8 @@ class _Sampling(_Body):
     truncate_prompt_tokens: int | None = Field(None, ge=1, description="vLLM's: keep only the last k prompt tokens "
                                                "(at most the context length); usage counts what is kept")
     return_tokens_as_token_ids: bool = Field(False, description="vLLM's: logprobs name tokens 'token_id:<id>'")
+    prompt_logprobs: Logprobs | None = Field(None, description="vLLM's: each prompt token's logprob and rank, with "
+                                             "this many alternatives (not with stream=true)")
     # VLLM_REFUSED: each refused unless it asks for nothing
     repetition_penalty: Any = _vllm("repetition_penalty")
     min_p: Any = _vllm("min_p")
@@ -154,7 +155,6 @@ class _Sampling(_Body):
     length_penalty: Any = _vllm("length_penalty")
     allowed_token_ids: Any = _vllm("allowed_token_ids")
     bad_words: Any = _vllm("bad_words")
-    prompt_logprobs: Any = _vllm("prompt_logprobs")
     logits_processors: Any = _vllm("logits_processors")
     guided_json: Any = _vllm("guided_json")
     guided_regex: Any = _vllm("guided_regex")
@@ -207,6 +207,14 @@ class _Sampling(_Body):
     def _only_streaming(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
         if v is not None and not info.data.get("stream"):
             raise ValueError("only allowed with stream=true")
+        return v
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _not_streamed(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("stream"):
+            raise ValueError("prompt_logprobs are not available with stream=true (as in vLLM); send stream=false or "
+                             "leave prompt_logprobs out")
         return v
 
     @field_validator("min_tokens")
@@ -434,6 +442,10 @@ class ProbeResponse(BaseModel):
 # sent as null.
 
 
+def _absent_when_none(v: Any) -> bool:
+    return v is None
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -462,11 +474,25 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's `Logprob`, one entry of a prompt position's `prompt_logprobs`."""
+
+    logprob: float | None
+    rank: int | None = Field(description="1 + how many tokens were likelier at that position")
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: per prompt token, null for the first (nothing predicts it), then token id -> its Logprob,
+# the prompt's own token first, then the likeliest alternatives
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=_absent_when_none)
 
 
 class CompletionResponse(BaseModel):
@@ -513,10 +539,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     painters: PaintersInfo
-
-
-def _absent_when_none(v: Any) -> bool:
-    return v is None
+    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=_absent_when_none)  # vLLM's, as on completions
 
 
 class ChatDelta(BaseModel):
