@@ -266,6 +266,17 @@ def test_echo_with_generation_prepends_the_prompt(client):
     assert echoed["logprobs"]["token_logprobs"][0] is None
 
 
+def test_echo_beside_prompt_logprobs_keeps_its_own_count_of_alternatives(client):
+    """One scoring of the prompt serves both, with the larger count: the echo's logprobs still list `logprobs`
+    alternatives, prompt_logprobs its own."""
+    body = complete(client, prompt="hello", max_tokens=0, echo=True, logprobs=1, prompt_logprobs=3).json()
+    choice = body["choices"][0]
+    assert [len(d) for d in choice["logprobs"]["top_logprobs"][1:]] == [1] * 4
+    assert [sum(e["rank"] <= 3 for e in d.values()) for d in choice["prompt_logprobs"][1:]] == [3] * 4
+    alone = complete(client, prompt="hello", max_tokens=0, echo=True, logprobs=1).json()["choices"][0]
+    assert choice["logprobs"] == alone["logprobs"] and "prompt_logprobs" not in alone
+
+
 def test_stop_strings_cut_the_text(client):
     full = text_of(client, "hello", max_tokens=12)
     stop = full[4:6]
@@ -323,6 +334,17 @@ def test_stop_token_ids_end_the_request_and_neutral_values_of_refused_fields_pas
     r = client.post("/generate", json={"inputs": "hello", "parameters": {
         "max_new_tokens": 2, "repetition_penalty": 1.0, "watermark": False, "best_of": 1, "truncate": None}})
     assert r.status_code == 200, r.text
+
+
+def test_truncate_prompt_tokens_lets_a_prompt_longer_than_the_context_in(client):
+    """The prompt is cut before its length is checked, as in vLLM: a prompt past max_model_len is answered from its
+    last k tokens, which usage counts."""
+    long = "ab" * MAX_LEN
+    assert_error(client.post("/v1/completions", json={"prompt": long, "max_tokens": 1}), 400,
+                 code="context_length_exceeded")
+    body = complete(client, prompt=long, max_tokens=3, truncate_prompt_tokens=10).json()
+    assert body["usage"]["prompt_tokens"] == 10
+    assert body["choices"][0]["text"] == text_of(client, CharTokenizer().encode(long)[-10:], max_tokens=3)
 
 
 def test_finish_reason_length(client):
@@ -768,15 +790,27 @@ ERRORS = [
     ("repetition-penalty", "/v1/completions", {"prompt": "x", "repetition_penalty": 1.5}, 400, None,
      "repetition_penalty", ("not supported",)),
     ("min-p", "/v1/completions", {"prompt": "x", "min_p": 0.1}, 400, None, "min_p", ("not supported",)),
-    ("vllm-skip-special-tokens", "/v1/completions", {"prompt": "x", "skip_special_tokens": False}, 400, None,
-     "skip_special_tokens", ("not supported", "send true")),
+    ("vllm-length-penalty", "/v1/completions", {"prompt": "x", "length_penalty": 0.5}, 400, None,
+     "length_penalty", ("not supported", "send 1.0")),
+    ("vllm-truncate-zero", "/v1/completions", {"prompt": "x", "truncate_prompt_tokens": 0}, 400, None,
+     "truncate_prompt_tokens", ("greater than or equal to 1",)),
+    ("vllm-truncate-type", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                    "truncate_prompt_tokens": "all"}, 400, None,
+     "truncate_prompt_tokens", ()),
+    ("vllm-truncate-past-context", "/v1/completions", {"prompt": "x", "truncate_prompt_tokens": MAX_LEN + 1}, 400,
+     None, "truncate_prompt_tokens", (f"[1, {MAX_LEN}]",)),
+    ("vllm-skip-special-tokens-type", "/v1/completions", {"prompt": "x", "skip_special_tokens": "maybe"}, 400, None,
+     "skip_special_tokens", ()),
     ("vllm-guided-json", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                                   "guided_json": {"type": "object"}}, 400, None, "guided_json",
      ("not supported",)),
     ("vllm-beam-search", "/v1/completions", {"prompt": "x", "use_beam_search": True}, 400, None, "use_beam_search",
      ("not supported", "send false")),
-    ("vllm-prompt-logprobs", "/v1/completions", {"prompt": "x", "prompt_logprobs": 1}, 400, None, "prompt_logprobs",
-     ("not supported",)),
+    ("vllm-prompt-logprobs-streamed", "/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True}, 400,
+     None, "prompt_logprobs", ("stream=true",)),
+    ("vllm-prompt-logprobs-21", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                         "prompt_logprobs": 21}, 400, None, "prompt_logprobs",
+     ("[0, 20]",)),
     ("vllm-bad-words", "/v1/completions", {"prompt": "x", "bad_words": ["x"]}, 400, None, "bad_words",
      ("not supported",)),
     ("chat-echo", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, 400, None,
@@ -860,7 +894,9 @@ def test_explicit_nulls_mean_the_defaults(chat_client):
     answer that leaving the field out gets (they were refused: "temperature: Input should be a valid number")."""
     nulls = dict.fromkeys(["top_p", "top_k", "n", "stream", "min_tokens", "ignore_eos", "seed", "stop",
                            "presence_penalty", "frequency_penalty", "logit_bias", "best_of", "response_format",
-                           "tools", "tool_choice", "stream_options", "user", "policy"])
+                           "tools", "tool_choice", "stream_options", "user", "policy", "include_stop_str_in_output",
+                           "skip_special_tokens", "spaces_between_special_tokens", "truncate_prompt_tokens",
+                           "return_tokens_as_token_ids", "prompt_logprobs"])
     chat = {"messages": CHAT, "max_tokens": 4}
     want = complete(chat_client, "/v1/chat/completions", **chat).json()["choices"]
     got = complete(chat_client, "/v1/chat/completions", **chat, **nulls, logprobs=None, top_logprobs=None,

@@ -62,18 +62,23 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(converted_dir(gguf, alias="smollm2-135m")))
 
 
-def pieces(tokenizer: Any, ids: list[int], *, skip_special_tokens: bool = True) -> tuple[list[str], str]:
+def pieces(tokenizer: Any, ids: list[int], *, skip_special_tokens: bool = True,
+           spaces_between_special_tokens: bool = True) -> tuple[list[str], str]:
     """What `add` returned for each id, and what `flush` returned at the end."""
-    d = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+    d = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens,
+                               spaces_between_special_tokens=spaces_between_special_tokens)
     parts = [d.add(i) for i in ids]
     tail = d.flush()
     assert d.text == "".join(parts) + tail
     return parts, tail
 
 
-def assert_incremental(tokenizer: Any, ids: list[int], *, skip_special_tokens: bool = True) -> list[str]:
-    parts, tail = pieces(tokenizer, ids, skip_special_tokens=skip_special_tokens)
-    assert "".join(parts) + tail == tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+def assert_incremental(tokenizer: Any, ids: list[int], *, skip_special_tokens: bool = True,
+                       spaces_between_special_tokens: bool = True) -> list[str]:
+    parts, tail = pieces(tokenizer, ids, skip_special_tokens=skip_special_tokens,
+                         spaces_between_special_tokens=spaces_between_special_tokens)
+    spaces = {} if spaces_between_special_tokens else {"spaces_between_special_tokens": False}
+    assert "".join(parts) + tail == tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **spaces)
     assert not any(p.endswith(REPLACEMENT) for p in parts), parts  # incomplete tails are held back
     return parts
 
@@ -142,12 +147,31 @@ def test_each_step_decodes_a_window_not_the_whole_output(byte_level):
     assert max(counting.sizes) <= 2  # the previous token for context, and the new one
 
 
+class SpacedTokenizer(CharTokenizer):
+    """Like a slow (Python) tokenizer: its special tokens read "<s>", with a space either side unless
+    spaces_between_special_tokens=False."""
+
+    def decode(self, ids, skip_special_tokens=True, spaces_between_special_tokens=True) -> str:
+        special = " <s> " if spaces_between_special_tokens else "<s>"
+        return "".join(special if i < 3 else CharTokenizer.decode(self, [i]) for i in ids
+                       if i >= 3 or not skip_special_tokens)
+
+
+@given(ids=st.lists(st.integers(0, 40), max_size=30), spaces=st.booleans())
+def test_spaces_between_special_tokens_reach_a_slow_tokenizer(ids, spaces):
+    assert_incremental(SpacedTokenizer(), ids, skip_special_tokens=False, spaces_between_special_tokens=spaces)
+    assert "".join(pieces(SpacedTokenizer(), [5, 1, 1, 6], skip_special_tokens=False,
+                          spaces_between_special_tokens=spaces)[0]) == ("c <s>  <s> d" if spaces else "c<s><s>d")
+
+
 @pytest.mark.slow
 @settings(max_examples=200, deadline=None)
-@given(data=st.data())
-def test_smollm2_tokenizer(smollm2_tokenizer, data):
-    ids = data.draw(st.lists(st.integers(0, len(smollm2_tokenizer) - 1), max_size=40))
-    assert_incremental(smollm2_tokenizer, ids)
+@given(data=st.data(), skip=st.booleans())
+def test_smollm2_tokenizer(smollm2_tokenizer, data, skip):
+    """Any ids, its special tokens (ids 0-16: <|endoftext|>, <|im_start|>, <|im_end|>, ...) drawn often, shown or
+    skipped; and any text."""
+    ids = data.draw(st.lists(st.one_of(st.integers(0, 16), st.integers(0, len(smollm2_tokenizer) - 1)), max_size=40))
+    assert_incremental(smollm2_tokenizer, ids, skip_special_tokens=skip)
     text = data.draw(st.text(alphabet=MULTIBYTE + "abc \n.,'", max_size=40))
     parts = assert_incremental(smollm2_tokenizer, smollm2_tokenizer.encode(text, add_special_tokens=False))
     assert "".join(parts) == text

@@ -231,3 +231,170 @@ def test_overlapped_decoding_serves_the_same_completions(tmp_path, http):
         assert "overlapped decode on" in p.log.read_text()
     assert got == want
     assert [reason for _, reason in want] == ["length", "stop", "length", "length", "length", "stop"]
+
+
+# -- vLLM's output shaping -------------------------------------------------------------------------------------------
+# SmolLM2 answers "Hi" with "Hello! How can I assist you today?", then <|im_end|> (its EOS); past it (ignore_eos) come
+# "\n<|im_start|>user\n...": special tokens inside the text.
+HI = [{"role": "user", "content": "Hi"}]
+
+
+def _completion(client: openai.OpenAI, **body) -> tuple[str, str, list[str]]:
+    """(text, finish_reason, concatenated deltas of the same request streamed)."""
+    body = {"model": MODEL, "temperature": 0, **body}
+    whole = client.completions.create(**body).choices[0]
+    deltas = [c.choices[0].text for c in client.completions.create(**body, stream=True) if c.choices]
+    return whole.text, whole.finish_reason, "".join(deltas)
+
+
+def _chat(client: openai.OpenAI, **body) -> tuple[str, str, str]:
+    body = {"model": MODEL, "temperature": 0, "messages": HI, **body}
+    whole = client.chat.completions.create(**body).choices[0]
+    deltas = [c.choices[0].delta.content or "" for c in client.chat.completions.create(**body, stream=True)
+              if c.choices]
+    return whole.message.content, whole.finish_reason, "".join(deltas)
+
+
+@pytest.mark.parametrize("stop,cut", [("answer", "answer"), ("ans", "ans"), ("\n\n", "\n\n")])
+def test_include_stop_str_in_output_keeps_the_stop_string_streamed_or_not(client, stop, cut):
+    """vLLM cuts the text after the stop string instead of before it, also where the stop string ends inside a
+    token (" answer" for "ans"); the streamed deltas add up to the same text (nothing held back is lost or doubled)."""
+    free, _, _ = _completion(client, prompt="The capital of France is", max_tokens=12, extra_body={"ignore_eos": True})
+    assert stop in free, free  # " Paris.\n\nThe answer is: ..."
+    before = free[: free.index(stop)]
+    plain = _completion(client, prompt="The capital of France is", max_tokens=12, stop=[stop])
+    kept = _completion(client, prompt="The capital of France is", max_tokens=12, stop=[stop],
+                       extra_body={"include_stop_str_in_output": True})
+    assert plain == (before, "stop", before)
+    assert kept == (before + cut, "stop", before + cut)
+
+
+def test_include_stop_str_in_output_keeps_the_eos_text_only_when_it_is_shown(client):
+    """A stop token ends the request with its text left out, as vLLM does; include_stop_str_in_output keeps it, which
+    shows for a special token only with skip_special_tokens=false."""
+    shown = {"skip_special_tokens": False}
+    answer, reason, _ = _chat(client, max_tokens=30)
+    assert reason == "stop" and answer == "Hello! How can I assist you today?"
+    assert _chat(client, max_tokens=30, extra_body=shown) == (answer, "stop", answer)
+    kept = answer + "<|im_end|>"
+    both = {**shown, "include_stop_str_in_output": True}
+    assert _chat(client, max_tokens=30, extra_body=both) == (kept, "stop", kept)
+    assert _chat(client, max_tokens=30, extra_body={"include_stop_str_in_output": True}) == (answer, "stop", answer)
+
+
+@pytest.mark.parametrize("spaces", [True, False])
+def test_skip_special_tokens_false_shows_them_streamed_or_not(client, http, spaces):
+    """Past the EOS, the text holds <|im_end|><|im_start|> side by side. Kept, the text is the one-shot decode of the
+    tokens, streamed or not; skipped, the same text without them. (SmolLM2's tokenizer is a fast one, which writes no
+    spaces around special tokens: spaces_between_special_tokens changes nothing here, as in transformers and vLLM.)"""
+    body = {"messages": [{"role": "user", "content": "What is 2+2? Answer with a number only."}], "max_tokens": 16,
+            "logprobs": True}
+    shown = {"ignore_eos": True, "skip_special_tokens": False, "spaces_between_special_tokens": spaces,
+             "return_tokens_as_token_ids": True}
+    text, reason, streamed = _chat(client, **body, extra_body=shown)
+    r = client.chat.completions.create(model=MODEL, temperature=0, **body, extra_body=shown)
+    ids = [int(t.token.removeprefix("token_id:")) for t in r.choices[0].logprobs.content]
+    assert reason == "length" and streamed == text
+    assert text == http.post("/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert "4<|im_end|>\n<|im_end|><|im_start|>" in text, text
+    skipped, _, streamed = _chat(client, **body, extra_body={"ignore_eos": True,
+                                                             "spaces_between_special_tokens": spaces})
+    assert skipped == streamed == text.replace("<|im_end|>", "").replace("<|im_start|>", "")
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(client, http):
+    """vLLM's left truncation: the answer is the one to the prompt's last k tokens, usage counts k, and an echo
+    echoes what was kept."""
+    ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    k = 6
+    cut = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, echo=True,
+                                    extra_body={"truncate_prompt_tokens": k})
+    tail = client.completions.create(model=MODEL, prompt=ids[-k:], max_tokens=6, temperature=0, echo=True)
+    kept = http.post("/detokenize", json={"tokens": ids[-k:]}).json()["prompt"]
+    assert cut.usage.prompt_tokens == k and cut.choices[0].text == tail.choices[0].text
+    assert cut.choices[0].text.startswith(kept) and not cut.choices[0].text.startswith(PROMPT)
+    longer = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
+                                       extra_body={"truncate_prompt_tokens": len(ids) + 5})
+    assert longer.usage.prompt_tokens == len(ids)
+    chat = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=2, temperature=0,
+                                          extra_body={"truncate_prompt_tokens": 4})
+    assert chat.usage.prompt_tokens == 4
+    with pytest.raises(openai.BadRequestError, match=r"truncate_prompt_tokens.*greater than or equal to 1"):
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"truncate_prompt_tokens": 0})
+
+
+def test_return_tokens_as_token_ids_names_every_token_by_its_id(client, http):
+    """Completions (echo included) and chat, streamed and not: every token and alternative is "token_id:<id>", the
+    ids are the tokens the text decodes from, the logprobs those of the plain request."""
+    as_ids = {"return_tokens_as_token_ids": True}
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    plain = client.completions.create(**body).choices[0].logprobs
+    named = client.completions.create(**body, extra_body=as_ids).choices[0]
+    ids = [int(t.removeprefix("token_id:")) for t in named.logprobs.tokens]
+    assert http.post("/detokenize", json={"tokens": ids}).json()["prompt"] == named.text
+    # the same logprobs (to rounding: a request repeated reads its prompt's KV from the prefix cache)
+    assert named.logprobs.token_logprobs == pytest.approx(plain.token_logprobs, abs=1e-4)
+    for got, want in zip(named.logprobs.top_logprobs, plain.top_logprobs, strict=True):
+        assert sorted(got.values()) == pytest.approx(sorted(want.values()), abs=1e-4)
+    assert all(k.startswith("token_id:") for d in named.logprobs.top_logprobs for k in d)
+    streamed = [t for c in client.completions.create(**body, stream=True, extra_body=as_ids) if c.choices
+                for t in (c.choices[0].logprobs.tokens if c.choices[0].logprobs else [])]
+    assert streamed == named.logprobs.tokens
+    echoed = client.completions.create(**body, echo=True, extra_body=as_ids).choices[0].logprobs.tokens
+    prompt_ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    assert echoed == [f"token_id:{i}" for i in prompt_ids] + named.logprobs.tokens
+
+    chat = {"model": MODEL, "messages": HI, "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    plain_chat = client.chat.completions.create(**chat).choices[0].logprobs.content
+    named_chat = client.chat.completions.create(**chat, extra_body=as_ids).choices[0].logprobs.content
+    assert [t.bytes for t in named_chat] == [t.bytes for t in plain_chat]
+    assert [t.logprob for t in named_chat] == pytest.approx([t.logprob for t in plain_chat], abs=1e-4)
+    assert all(t.token.startswith("token_id:") and all(a.token.startswith("token_id:") for a in t.top_logprobs)
+               for t in named_chat)
+    streamed_chat = [t.token for c in client.chat.completions.create(**chat, stream=True, extra_body=as_ids)
+                     if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert streamed_chat == [t.token for t in named_chat]
+
+
+def _assert_prompt_logprobs(got: list, ids: list[int], k: int) -> None:
+    """vLLM's shape: null, then per token a dict led by the token itself (its logprob and rank), then the k likeliest
+    ranked 1..k; the token among them is listed once."""
+    assert got[0] is None and len(got) == len(ids)
+    for token, entries in zip(ids[1:], got[1:]):
+        own = entries[str(token)]
+        assert next(iter(entries)) == str(token) and own["rank"] >= 1
+        ranked = [e for t, e in entries.items() if t != str(token)]
+        assert len(entries) == k + (own["rank"] > k)
+        assert [e["rank"] for e in ranked] == [r for r in range(1, k + 1) if r != own["rank"]]
+        assert all(e["decoded_token"] for e in ranked)
+        if k:  # the likeliest listed is the token itself exactly when it ranks first
+            assert (own["rank"] == 1) == (own["logprob"] == max(e["logprob"] for e in entries.values()))
+
+
+def test_prompt_logprobs_score_the_prompt_as_vllm_answers(http):
+    """Completions (each choice) and chat (the response): the prompt tokens' logprobs equal an echo's, with their
+    ranks and k alternatives; the generated tokens are the plain request's."""
+    ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
+    plain = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert "prompt_logprobs" not in plain
+    got = http.post("/v1/completions", json={**body, "n": 2, "prompt_logprobs": 3}).json()
+    echo = http.post("/v1/completions", json={**body, "max_tokens": 0, "echo": True, "logprobs": 3}).json()
+    echoed = echo["choices"][0]["logprobs"]
+    for choice in got["choices"]:
+        assert choice["text"] == plain["text"]
+        _assert_prompt_logprobs(choice["prompt_logprobs"], ids, 3)
+        own = [e[str(t)]["logprob"] for t, e in zip(ids[1:], choice["prompt_logprobs"][1:])]
+        assert own == pytest.approx(echoed["token_logprobs"][1:], abs=1e-4)
+        top3 = [{x["decoded_token"] for x in e.values() if x["rank"] <= 3} for e in choice["prompt_logprobs"][1:]]
+        assert top3 == [set(d) for d in echoed["top_logprobs"][1:]]
+    only = http.post("/v1/completions", json={**body, "prompt_logprobs": 0}).json()["choices"][0]["prompt_logprobs"]
+    _assert_prompt_logprobs(only, ids, 0)
+
+    messages = {"model": MODEL, "messages": HI, "max_tokens": 2, "temperature": 0}
+    chat_ids = http.post("/tokenize", json={"messages": HI}).json()["tokens"]
+    chat = http.post("/v1/chat/completions", json={**messages, "prompt_logprobs": 2}).json()
+    _assert_prompt_logprobs(chat["prompt_logprobs"], chat_ids, 2)
+    assert chat["usage"]["prompt_tokens"] == len(chat_ids)
+    assert "prompt_logprobs" not in http.post("/v1/chat/completions", json=messages).json()
+

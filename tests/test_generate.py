@@ -152,6 +152,39 @@ def test_stop_string_truncates_text(tiny_engine, engine):
     assert stop not in got.text
 
 
+def test_include_stop_str_in_output_cuts_after_the_stop_string(tiny_engine, engine):
+    """vLLM's include_stop_str_in_output: the text ends with the stop string (cut after the first match, not before
+    it). A stop token's text is left out, as vLLM leaves it out, unless include_stop_str_in_output keeps it."""
+    free = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    stop = free.text[3:5]
+    got = engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, ignore_eos=True, stop=(stop,),
+                                                              include_stop_str_in_output=True))[0]
+    assert (got.finish_reason, got.text) == ("stop", free.text[: free.text.find(stop) + len(stop)])
+    stop_at = free.token_ids[3]
+    first = free.token_ids.index(stop_at)
+    left, kept = (engine.generate([[5, 6, 7]], params=SamplingParams(
+        max_tokens=10, stop_token_ids=(stop_at,), include_stop_str_in_output=keep))[0] for keep in (False, True))
+    assert left.token_ids == kept.token_ids == free.token_ids[: first + 1]
+    assert (left.text, kept.text) == (free.text[:first], free.text[: first + 1])
+
+
+def test_of_two_stop_strings_kept_from_one_place_the_shorter_is(tiny_engine):
+    """Stops "XYZ" and "XY" both start in the text one token writes ("XYZ"): with include_stop_str_in_output the text
+    ends where it first holds a stop string, after "XY"."""
+    free = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, ignore_eos=True))[0].token_ids
+    k = next(i for i in range(1, 10) if free[i] not in free[:i])
+    wide = free[k]
+
+    class Wide(CharTokenizer):  # `wide` is "XYZ"
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join("XYZ" if i == wide else CharTokenizer.decode(self, [i]) for i in ids)
+
+    e = Engine(tiny_engine.model, Wide(), eos_ids=tiny_engine.eos_ids, config=tiny_engine.config)
+    got = e.generate([[5, 6, 7]], params=SamplingParams(max_tokens=10, ignore_eos=True, stop=("XYZ", "XY"),
+                                                         include_stop_str_in_output=True))[0]
+    assert got.token_ids == free[: k + 1] and got.text == Wide().decode(free[:k]) + "XY"
+
+
 def test_of_two_stop_strings_completed_by_one_token_the_earlier_match_cuts(tiny_engine, engine):
     """Stops "ab" and "b" both end at the token that writes "b": the text is cut where the first match starts
     (before "a"), not where the last one does."""
@@ -212,6 +245,22 @@ def test_echo_scores_prompt_like_transformers(tiny_engine):
     assert result.prompt_logprobs[0] is None
     torch.testing.assert_close(torch.tensor(result.prompt_logprobs[1:]), torch.tensor(expected), rtol=1e-4, atol=1e-4)
     assert len(result.prompt_top_logprobs) == len(prompt) and len(result.prompt_top_logprobs[1]) == 3
+    ranks = [int((ref[t - 1] > ref[t - 1, prompt[t]]).sum()) + 1 for t in range(1, len(prompt))]
+    assert result.prompt_ranks == [None, *ranks] and max(ranks) > 1
+
+
+def test_prompt_logprobs_score_the_prompt_with_their_own_alternatives(tiny_engine):
+    """vLLM's prompt_logprobs: the prompt is scored with that many alternatives, whatever `logprobs` asks of the
+    generated tokens; beside an echo, each is served from one scoring with the larger count."""
+    prompt = [5, 9, 17, 33, 4, 8, 60]
+    echo = tiny_engine.generate([prompt], params=SamplingParams(max_tokens=0, echo=True, logprobs=3))[0]
+    got = tiny_engine.generate([prompt], params=SamplingParams(max_tokens=2, prompt_logprobs=3, logprobs=None))[0]
+    assert got.prompt_logprobs == echo.prompt_logprobs and got.prompt_ranks == echo.prompt_ranks
+    assert got.prompt_top_logprobs == echo.prompt_top_logprobs and got.logprobs == []
+    both = tiny_engine.generate([prompt], params=SamplingParams(max_tokens=0, echo=True, logprobs=1,
+                                                                 prompt_logprobs=3))[0]
+    assert both.prompt_top_logprobs == echo.prompt_top_logprobs
+    assert SamplingParams(prompt_logprobs=0).prompt_alternatives == 0 and SamplingParams().prompt_alternatives is None
 
 
 def test_echo_mixed_with_plain_requests_in_one_batch(tiny_engine):
@@ -640,6 +689,7 @@ def test_prefix_reuse_gives_the_same_scores_and_tokens(tiny_engine):
         [(context + [70, 71], "full", score), (context + [40, 41], "pairs", score), (context[:8] + [1, 2], "full", gen)],
         [(context + [40, 41], "full", SamplingParams(max_tokens=0, echo=True, logprobs=3))],  # wants more top-n
         [(context + [80], "full", gen), (context + [80, 81, 82, 83, 84, 85], "full", score)],
+        [(context + [40, 41], "full", SamplingParams(max_tokens=1, prompt_logprobs=1, logprobs=None))],  # vLLM's
     ]
     plain, _ = _run(tiny_engine, waves, prefix_caching=False)
     reused, batch = _run(tiny_engine, waves, prefix_caching=True)
@@ -652,6 +702,7 @@ def test_prefix_reuse_gives_the_same_scores_and_tokens(tiny_engine):
                                        rtol=1e-5, atol=1e-5)
             for ta, tb in zip(a.prompt_top_logprobs[1:], b.prompt_top_logprobs[1:]):
                 assert list(ta) == list(tb)
+            assert a.prompt_ranks == b.prompt_ranks
         torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=1e-5, atol=1e-5)
     assert batch.kv_usage() == 0.0, "registered blocks that no one holds are not counted as used"
 
@@ -674,4 +725,5 @@ def test_prefix_reuse_shares_a_context_to_the_token_not_to_the_block(tiny_engine
             torch.testing.assert_close(torch.tensor(b.prompt_logprobs[1:]), torch.tensor(a.prompt_logprobs[1:]),
                                        rtol=1e-5, atol=1e-5)
             assert [list(t) for t in a.prompt_top_logprobs[1:]] == [list(t) for t in b.prompt_top_logprobs[1:]]
+            assert a.prompt_ranks == b.prompt_ranks
         torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=1e-5, atol=1e-5)

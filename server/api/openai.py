@@ -4,10 +4,10 @@ becomes a `pipeline.Job`, and results or stream outputs become its response mode
 from __future__ import annotations
 
 import codecs
-
+import itertools
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -19,7 +19,7 @@ from server.api.pipeline import Chat, Job, Running, painters_chunk, painters_inf
 from server.api.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
     ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob, CompletionChoice, CompletionLogprobs,
-    CompletionRequest, CompletionResponse, ModelCard, ModelList, UsageInfo,
+    CompletionRequest, CompletionResponse, ModelCard, ModelList, PromptLogprob, PromptLogprobs, UsageInfo,
 )
 from server.api.state import AppState
 from server.engine.request import GenerationResult
@@ -42,7 +42,9 @@ def _params(body: CompletionRequest | ChatCompletionRequest, *, logprobs: int | 
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k),
             seed=None if body.seed is None else (body.seed + index) % 2**63, stop=body.stops,
             ignore_eos=body.ignore_eos, min_tokens=body.min_tokens, logprobs=logprobs, echo=echo,
-            stop_token_ids=tuple(body.stop_token_ids or ()),
+            stop_token_ids=tuple(body.stop_token_ids or ()), include_stop_str_in_output=body.include_stop_str_in_output,
+            skip_special_tokens=body.skip_special_tokens,
+            spaces_between_special_tokens=body.spaces_between_special_tokens, prompt_logprobs=body.prompt_logprobs,
         )
     return params
 
@@ -77,14 +79,37 @@ def _finite(x: float | None) -> float | None:
     return x if x is None or abs(x) != float("inf") else None
 
 
+def _token_name(served: ServedModel, as_ids: bool) -> Callable[[int], str]:
+    """How logprobs name a token: its text (`ServedModel.token_string`), or with vLLM's return_tokens_as_token_ids
+    "token_id:<id>", which names tokens whose texts are alike (or not text at all) apart."""
+    return (lambda i: f"token_id:{i}") if as_ids else served.token_string
+
+
 def _completion_logprobs(served: ServedModel, ids: list[int], lps: list[float | None],
-                         tops: list[dict[int, float] | None] | None, offsets: _Offsets) -> CompletionLogprobs:
+                         tops: list[dict[int, float] | None] | None, offsets: _Offsets, *, as_ids: bool
+                         ) -> CompletionLogprobs:
+    name = _token_name(served, as_ids)
     top = None
     if tops is not None:
-        top = [None if d is None else {served.token_string(i): _finite(v)
-                                       for i, v in d.items()} for d in tops]
-    return CompletionLogprobs(tokens=[served.token_string(i) for i in ids], token_logprobs=[_finite(x) for x in lps],
+        top = [None if d is None else {name(i): _finite(v) for i, v in d.items()} for d in tops]
+    return CompletionLogprobs(tokens=[name(i) for i in ids], token_logprobs=[_finite(x) for x in lps],
                               top_logprobs=top, text_offset=offsets.of(served, ids))
+
+
+def _prompt_logprobs(served: ServedModel, result: GenerationResult, k: int | None) -> PromptLogprobs | None:
+    """vLLM's prompt_logprobs of a scored prompt: per token after the first, its own logprob and rank, then the k
+    likeliest tokens ranked 1..k (one entry where the token is among them)."""
+    if k is None or result.prompt_logprobs is None or result.prompt_ranks is None:
+        return None
+    tops = result.prompt_top_logprobs or [None] * len(result.prompt_token_ids)
+    out: PromptLogprobs = [None]
+    for token, value, rank, top in zip(result.prompt_token_ids[1:], result.prompt_logprobs[1:],
+                                       result.prompt_ranks[1:], tops[1:], strict=True):
+        entries = {token: PromptLogprob(logprob=_finite(value), rank=rank, decoded_token=served.token_string(token))}
+        for r, (t, v) in enumerate(itertools.islice((top or {}).items(), k), 1):
+            entries.setdefault(t, PromptLogprob(logprob=_finite(v), rank=r, decoded_token=served.token_string(t)))
+        out.append(entries)
+    return out
 
 
 def _usage(prompt_lens: list[int], results: list[GenerationResult]) -> UsageInfo:
@@ -114,6 +139,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     logprobs = body.logprobs
     job = Job("cmpl", body.model, body.policy, _prompts(body.prompt), n=body.n,
               max_tokens=16 if body.max_tokens is None else body.max_tokens,
+              truncate_prompt_tokens=body.truncate_prompt_tokens,
               params=_params(body, logprobs=logprobs, echo=body.echo and want_logprobs))
     run = await pipeline.start(state, job)
     rid, created, model = pipeline.new_request_id("cmpl"), int(time.time()), body.model or state.model_name
@@ -121,7 +147,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return pipeline.event_source(state, _stream_completion(
             served, run, rid=rid, created=created, model=model, want_logprobs=want_logprobs,
-            include_usage=include_usage), policy=run.schedule.policy)
+            as_ids=body.return_tokens_as_token_ids, include_usage=include_usage), policy=run.schedule.policy)
     results = await pipeline.collect(run.streams, request)
     choices = []
     for index, result in enumerate(results):
@@ -137,10 +163,13 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             if body.echo:
                 ids = prompt.ids + ids
                 lps = list(result.prompt_logprobs or [None] * len(prompt.ids)) + lps
-                if logprobs:
-                    tops = list(result.prompt_top_logprobs or [None] * len(prompt.ids)) + (tops or [])
-            lp = _completion_logprobs(served, ids, lps, tops if logprobs else None, _Offsets())
-        choices.append(CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=result.finish_reason))
+                if logprobs:  # the prompt may be scored with more alternatives, for prompt_logprobs
+                    tops = [None if d is None else dict(itertools.islice(d.items(), logprobs))
+                            for d in result.prompt_top_logprobs or [None] * len(prompt.ids)] + (tops or [])
+            lp = _completion_logprobs(served, ids, lps, tops if logprobs else None, _Offsets(),
+                                      as_ids=body.return_tokens_as_token_ids)
+        choices.append(CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=result.finish_reason,
+                                        prompt_logprobs=_prompt_logprobs(served, result, body.prompt_logprobs)))
     out = CompletionResponse(id=rid, created=created, model=model, choices=choices,
                              usage=_usage([len(p.ids) for p in run.prompts], results),
                              painters=painters_info(run.schedule, slowest(results)))
@@ -152,7 +181,8 @@ def _json(model: Any, headers: dict[str, str]) -> JSONResponse:
 
 
 async def _stream_completion(served: ServedModel, run: Running, *, rid: str, created: int, model: str,
-                             want_logprobs: bool, include_usage: bool) -> AsyncIterator[dict[str, str]]:
+                             want_logprobs: bool, as_ids: bool, include_usage: bool
+                             ) -> AsyncIterator[dict[str, str]]:
     results: list[GenerationResult] = []
     offsets = [_Offsets() for _ in run.streams]
     try:
@@ -160,7 +190,7 @@ async def _stream_completion(served: ServedModel, run: Running, *, rid: str, cre
             lp = None
             if want_logprobs:
                 tops: list[dict[int, float] | None] | None = list(out.top_logprobs) if out.top_logprobs else None
-                lp = _completion_logprobs(served, out.token_ids, list(out.logprobs), tops, offsets[i])
+                lp = _completion_logprobs(served, out.token_ids, list(out.logprobs), tops, offsets[i], as_ids=as_ids)
             final = out.result if out.finished else None
             chunk = CompletionResponse(id=rid, created=created, model=model, choices=[CompletionChoice(
                 index=i, text=out.text, logprobs=lp, finish_reason=final.finish_reason if final else None)])
@@ -199,42 +229,47 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     chat = Chat(messages, body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs)
     job = Job("chatcmpl", body.model, body.policy, chat, n=body.n, max_tokens=limit,
+              truncate_prompt_tokens=body.truncate_prompt_tokens,
               params=_params(body, logprobs=(body.top_logprobs or 0) if body.logprobs else None, echo=False))
     run = await pipeline.start(state, job)
     rid, created, model = pipeline.new_request_id("chatcmpl"), int(time.time()), body.model or state.model_name
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return pipeline.event_source(state, _stream_chat(
-            served, run, rid=rid, created=created, model=model, logprobs=body.logprobs, include_usage=include_usage),
-            policy=run.schedule.policy)
+            served, run, rid=rid, created=created, model=model, logprobs=body.logprobs,
+            as_ids=body.return_tokens_as_token_ids, include_usage=include_usage), policy=run.schedule.policy)
     results = await pipeline.collect(run.streams, request)
+    as_ids = body.return_tokens_as_token_ids
     choices = [ChatChoice(
         index=i, message=ChatResponseMessage(content=r.text),
-        logprobs=_chat_logprobs(served, r.token_ids, r.logprobs, r.top_logprobs) if body.logprobs else None,
+        logprobs=_chat_logprobs(served, r.token_ids, r.logprobs, r.top_logprobs, as_ids=as_ids) if body.logprobs
+        else None,
         finish_reason=r.finish_reason,
     ) for i, r in enumerate(results)]
     out = ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
                                  usage=_usage([len(run.prompts[0].ids)], results),
-                                 painters=painters_info(run.schedule, slowest(results)))
+                                 painters=painters_info(run.schedule, slowest(results)),
+                                 prompt_logprobs=_prompt_logprobs(served, results[0], body.prompt_logprobs))
     return _json(out, timing_headers(run.schedule, results))
 
 
-def _chat_logprobs(served: ServedModel, ids: list[int], lps: list[float], tops: list[dict[int, float]] | None
-                   ) -> ChatLogprobs:
+def _chat_logprobs(served: ServedModel, ids: list[int], lps: list[float], tops: list[dict[int, float]] | None, *,
+                   as_ids: bool) -> ChatLogprobs:
+    name = _token_name(served, as_ids)  # `bytes` stay the token's own, as vLLM's do
     content = []
     for n, (i, lp) in enumerate(zip(ids, lps)):
         alternatives = []
         if tops:
             for j, v in tops[n].items():
-                alternatives.append(ChatTopLogprob(token=served.token_string(j), logprob=_finite(v),
+                alternatives.append(ChatTopLogprob(token=name(j), logprob=_finite(v),
                                                    bytes=list(served.token_bytes(j))))
-        content.append(ChatTokenLogprob(token=served.token_string(i), logprob=_finite(lp),
+        content.append(ChatTokenLogprob(token=name(i), logprob=_finite(lp),
                                         bytes=list(served.token_bytes(i)), top_logprobs=alternatives))
     return ChatLogprobs(content=content)
 
 
 async def _stream_chat(served: ServedModel, run: Running, *, rid: str, created: int, model: str, logprobs: bool,
-                       include_usage: bool) -> AsyncIterator[dict[str, str]]:
+                       as_ids: bool, include_usage: bool) -> AsyncIterator[dict[str, str]]:
     def chunk(choices: list[ChatChunkChoice], **extra: Any) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, **extra)
 
@@ -243,7 +278,8 @@ async def _stream_chat(served: ServedModel, run: Running, *, rid: str, created: 
     results: list[GenerationResult] = []
     try:
         async for i, out in pipeline.merged(run.streams):
-            lp = _chat_logprobs(served, out.token_ids, out.logprobs, out.top_logprobs or None) if logprobs else None
+            lp = (_chat_logprobs(served, out.token_ids, out.logprobs, out.top_logprobs or None, as_ids=as_ids)
+                  if logprobs else None)
             delta = ChatDelta(content=out.text) if out.text or not out.finished else ChatDelta()
             final = out.result if out.finished else None
             c = chunk([ChatChunkChoice(index=i, delta=delta, logprobs=lp,

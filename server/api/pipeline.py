@@ -74,6 +74,7 @@ class Job:
     params: ParamsFor
     max_tokens: int | None = None  # None: whatever the context leaves after the prompt
     n: int = 1
+    truncate_prompt_tokens: int | None = None  # keep only each prompt's last k tokens (vLLM's left truncation)
 
 
 @dataclass
@@ -95,6 +96,8 @@ async def start(state: AppState, job: Job) -> Running:
     _check_sequences(state, job.n * (1 if isinstance(job.prompts, Chat) else len(job.prompts)))
     schedule = state.resolve_policy(job.model, job.policy)
     prompts = await tokenize(state, job.prompts)
+    if job.truncate_prompt_tokens is not None:
+        prompts = [_keep_last(p, job.truncate_prompt_tokens, state.max_model_len) for p in prompts]
     requests = []
     for prompt in prompts:
         max_tokens = state.default_max_tokens(len(prompt.ids), schedule) if job.max_tokens is None else job.max_tokens
@@ -139,6 +142,14 @@ def _tokenize(served: ServedModel, prompts: list[str | list[int]] | Chat, vocab:
             raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary 0-{vocab - 1}", param="prompt")
         out.append(Prompt(None, list(item)))
     return out
+
+
+def _keep_last(prompt: Prompt, k: int, limit: int) -> Prompt:
+    """The prompt's last k tokens (vLLM's truncate_prompt_tokens); a cut prompt has no text of its own any more."""
+    if not 1 <= k <= limit:
+        raise APIError(400, f"truncate_prompt_tokens must be an integer in [1, {limit}] (this server's max_model_len), "
+                            f"got {k}; send a smaller size or leave it out", param="truncate_prompt_tokens")
+    return prompt if len(prompt.ids) <= k else Prompt(None, prompt.ids[-k:])
 
 
 def _in_vocab(ids: list[int], vocab: int, param: str) -> list[int]:

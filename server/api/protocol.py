@@ -65,10 +65,8 @@ def _continue_or_open(v: bool, info: ValidationInfo) -> bool:
 # fields are ignored, and these are what vLLM's clients send).
 VLLM_REFUSED: dict[str, Any] = {
     "repetition_penalty": 1.0, "min_p": 0.0, "use_beam_search": False, "length_penalty": 1.0,
-    "include_stop_str_in_output": False, "skip_special_tokens": True, "spaces_between_special_tokens": True,
-    "truncate_prompt_tokens": None, "allowed_token_ids": None, "bad_words": None, "prompt_logprobs": None,
-    "logits_processors": None, "return_tokens_as_token_ids": False, "guided_json": None, "guided_regex": None,
-    "guided_choice": None, "guided_grammar": None, "structured_outputs": None,
+    "allowed_token_ids": None, "bad_words": None, "logits_processors": None, "guided_json": None,
+    "guided_regex": None, "guided_choice": None, "guided_grammar": None, "structured_outputs": None,
 }
 
 
@@ -139,20 +137,25 @@ class _Sampling(_Body):
         None, max_length=256, description="vLLM's: token ids that end the request (the token is kept)")
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # vLLM's output shaping
+    include_stop_str_in_output: bool = Field(False, description="vLLM's: a stop string (or stop token) that ends "
+                                             "the request stays at the end of its text")
+    skip_special_tokens: bool = Field(True, description="vLLM's: false keeps special tokens' text in the output")
+    spaces_between_special_tokens: bool = Field(True, description="vLLM's: false joins added tokens without spaces "
+                                                "(a slow tokenizer's option; fast tokenizers write none either way)")
+    truncate_prompt_tokens: int | None = Field(None, ge=1, description="vLLM's: keep only the last k prompt tokens "
+                                               "(at most the context length); usage counts what is kept")
+    return_tokens_as_token_ids: bool = Field(False, description="vLLM's: logprobs name tokens 'token_id:<id>'")
+    prompt_logprobs: Logprobs | None = Field(None, description="vLLM's: each prompt token's logprob and rank, with "
+                                             "this many alternatives (not with stream=true)")
     # VLLM_REFUSED: each refused unless it asks for nothing
     repetition_penalty: Any = _vllm("repetition_penalty")
     min_p: Any = _vllm("min_p")
     use_beam_search: Any = _vllm("use_beam_search")
     length_penalty: Any = _vllm("length_penalty")
-    include_stop_str_in_output: Any = _vllm("include_stop_str_in_output")
-    skip_special_tokens: Any = _vllm("skip_special_tokens")
-    spaces_between_special_tokens: Any = _vllm("spaces_between_special_tokens")
-    truncate_prompt_tokens: Any = _vllm("truncate_prompt_tokens")
     allowed_token_ids: Any = _vllm("allowed_token_ids")
     bad_words: Any = _vllm("bad_words")
-    prompt_logprobs: Any = _vllm("prompt_logprobs")
     logits_processors: Any = _vllm("logits_processors")
-    return_tokens_as_token_ids: Any = _vllm("return_tokens_as_token_ids")
     guided_json: Any = _vllm("guided_json")
     guided_regex: Any = _vllm("guided_regex")
     guided_choice: Any = _vllm("guided_choice")
@@ -204,6 +207,14 @@ class _Sampling(_Body):
     def _only_streaming(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
         if v is not None and not info.data.get("stream"):
             raise ValueError("only allowed with stream=true")
+        return v
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _not_streamed(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("stream"):
+            raise ValueError("prompt_logprobs are not available with stream=true (as in vLLM); send stream=false or "
+                             "leave prompt_logprobs out")
         return v
 
     @field_validator("min_tokens")
@@ -431,6 +442,10 @@ class ProbeResponse(BaseModel):
 # sent as null.
 
 
+def _absent_when_none(v: Any) -> bool:
+    return v is None
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -459,11 +474,25 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's `Logprob`, one entry of a prompt position's `prompt_logprobs`."""
+
+    logprob: float | None
+    rank: int | None = Field(description="1 + how many tokens were likelier at that position")
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: per prompt token, null for the first (nothing predicts it), then token id -> its Logprob,
+# the prompt's own token first, then the likeliest alternatives
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=_absent_when_none)
 
 
 class CompletionResponse(BaseModel):
@@ -510,10 +539,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     painters: PaintersInfo
-
-
-def _absent_when_none(v: Any) -> bool:
-    return v is None
+    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=_absent_when_none)  # vLLM's, as on completions
 
 
 class ChatDelta(BaseModel):

@@ -17,11 +17,18 @@ class IncrementalDetokenizer:
     `tokenizer.decode(ids, skip_special_tokens=...)` for decoders where decode(a + b) starts with decode(a) at
     character boundaries (byte-level BPE, SentencePiece); a `clean_up_tokenization_spaces=True` tokenizer can differ
     where the clean-up joins across a step.
+
+    spaces_between_special_tokens=False is passed to a slow (Python) tokenizer's `decode`, the one kind that writes
+    spaces around added tokens; a fast tokenizer's decoder writes none either way (transformers ignores the option
+    there), so it changes nothing on those.
     """
 
-    def __init__(self, tokenizer: Any, *, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Any, *, skip_special_tokens: bool = True,
+                 spaces_between_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        # only when asked: the option's default is the tokenizer's own, and a tokenizer without it takes no such kwarg
+        self._options = {} if spaces_between_special_tokens else {"spaces_between_special_tokens": False}
         self._backend = _backend(tokenizer)
         self.ids: list[int] = []
         self.text = ""  # all text returned so far
@@ -55,7 +62,7 @@ class IncrementalDetokenizer:
             return ""
         if self._backend is not None:
             return self._backend.decode(ids, skip_special_tokens=self.skip_special_tokens)
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens, **self._options)
 
 
 def _backend(tokenizer: Any) -> Any:

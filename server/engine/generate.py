@@ -161,8 +161,9 @@ class Batch:
         dev = self.model.device
         last = torch.tensor([len(s.prompt_ids) - p - 1 for s, p in zip(new, starts)]).to(dev, non_blocking=True)
         rows = tuple(Row(s.id, s.schedule, p, len(s.prompt_ids) - p) for s, p in zip(new, starts))
+        scored = any(s.params.prompt_alternatives is not None for s in new)
         return StepInput(tuple(new), rows, tokens.to(dev, non_blocking=True), last,
-                         self._sampling(new, [0] * len(new)), echo=any(s.params.echo for s in new))
+                         self._sampling(new, [0] * len(new)), echo=scored)
 
     def _sampling(self, seqs: tuple[Request, ...] | list[Request], made: list[int]) -> SamplingBatch:
         """Each row's sampling parameters; a row that has `made` tokens (counting one in flight) fewer than its
@@ -251,14 +252,16 @@ class Batch:
         eos = token in s.stop_ids and n > s.params.min_tokens
         previous = len(s.text)
         if s.detokenizer is None:
-            s.detokenizer = IncrementalDetokenizer(self.tokenizer)
-        s.text += s.detokenizer.add(token)  # O(1) per token: only the new tail is decoded
-        if n == s.params.min_tokens:
-            s.stop_from = len(s.text)
-        if eos:
+            s.detokenizer = _detokenizer(self.tokenizer, s.params)
+        if eos:  # the stop token's text is the request's only with include_stop_str_in_output, as in vLLM
+            if s.params.include_stop_str_in_output:
+                s.text += s.detokenizer.add(token)
             s.set_finished("stop")
             s.text += s.detokenizer.flush()
             return
+        s.text += s.detokenizer.add(token)  # O(1) per token: only the new tail is decoded
+        if n == s.params.min_tokens:
+            s.stop_from = len(s.text)
         if n > s.params.min_tokens and _cut_at_stop(s, previous):
             return
         if n >= s.params.max_tokens or s.length >= self.max_len:
@@ -290,8 +293,9 @@ class Batch:
                 waves[1 if shares else 0].append(s)
                 firsts.add(first)
         for wave in waves:
-            # echo prompts apart: their prefill is read at once (see the module's docstring), the others' overlap
-            for group in ([s for s in wave if not s.params.echo], [s for s in wave if s.params.echo]):
+            # scored prompts apart: their prefill is read at once (see the module's docstring), the others' overlap
+            scored = [s.params.prompt_alternatives is not None for s in wave]
+            for group in ([s for s, x in zip(wave, scored) if not x], [s for s, x in zip(wave, scored) if x]):
                 if group:
                     self._prefill(group, t0)
 
@@ -308,7 +312,7 @@ class Batch:
         out = self.execute(inp)
         if out.hidden is not None:
             for b, (s, p, r) in enumerate(zip(new, starts, reused)):
-                if s.params.echo:
+                if s.params.prompt_alternatives is not None:
                     _score_prompt(s, out.hidden[b, : len(s.prompt_ids) - p], r, self.model)
         for s, p in zip(new, starts):
             self.kv.register(s, p)
@@ -351,7 +355,7 @@ class Batch:
         tm.decode_tokens -= k
         if request.finish_reason in ("stop", "length"):
             request.finish_reason = None
-        request.detokenizer, request.text, request.stop_from = IncrementalDetokenizer(self.tokenizer), "", 0
+        request.detokenizer, request.text, request.stop_from = _detokenizer(self.tokenizer, request.params), "", 0
         for i, token in enumerate(request.output_ids, 1):
             request.text += request.detokenizer.add(token)
             if i == request.params.min_tokens:
@@ -427,17 +431,24 @@ class Batch:
         return self.kv.usage()
 
 
+def _detokenizer(tokenizer: Any, params: SamplingParams) -> IncrementalDetokenizer:
+    return IncrementalDetokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens,
+                                  spaces_between_special_tokens=params.spaces_between_special_tokens)
+
+
 def _cut_at_stop(s: Request, previous: int) -> bool:
     """If one of `s`'s stop strings ends in its text after `previous` (and starts at or after `stop_from`), cut the
-    text where the first match starts and finish `s` with "stop"; whether it did."""
+    text where the first match starts (after it, with include_stop_str_in_output) and finish `s` with "stop"; whether
+    it did."""
     if not s.params.stop:
         return False
     longest = max(len(stop) for stop in s.params.stop)
     start = max(s.stop_from, previous - longest + 1)  # a new match ends in the new text
-    hits = [i for i in (s.text.find(stop, start) for stop in s.params.stop) if i >= 0]
+    hits = [(i, len(stop)) for stop in s.params.stop if (i := s.text.find(stop, start)) >= 0]
     if not hits:
         return False
-    s.text = s.text[: min(hits)]
+    at, length = min(hits)  # the first match; of two there, the shorter, which the text held first
+    s.text = s.text[: at + length if s.params.include_stop_str_in_output else at]
     s.set_finished("stop")
     return True
 
@@ -495,23 +506,27 @@ def _to_host(tokens: Tensor, alive: Tensor, logprobs: Tensor | None, top: Any) -
 
 def _score_prompt(s: Request, hidden: Tensor, reused: Reused, model: Transformer) -> None:
     """hidden [T', d], the final hidden states over the prompt from position p = reused.start on -> logprob of each
-    prompt token given its prefix (None for the first). Tokens up to p come from the cache (`reused`). The logits
-    are computed a few positions at a time, within SCORE_LOGITS_BYTES."""
-    n = s.params.logprobs or 0
+    prompt token given its prefix (None for the first), its rank there (1 + how many tokens are likelier) and the n
+    likeliest tokens. Tokens up to p come from the cache (`reused`). The logits are computed a few positions at a
+    time, within SCORE_LOGITS_BYTES."""
+    n = s.params.prompt_alternatives or 0
     values: list[float | None] = list(reused.logprobs) if reused.logprobs else [None]
     tops: list[dict[int, float] | None] = list(reused.tops) if reused.tops else [None]
+    ranks: list[int | None] = list(reused.ranks) if reused.ranks else [None]
     p = len(values) - 1
-    assert p == reused.start
+    assert p == reused.start == len(ranks) - 1
     ids = torch.tensor(s.prompt_ids[p + 1 :], dtype=torch.long, device=hidden.device)  # position i predicts ids[i]
     step = max(1, SCORE_LOGITS_BYTES // (4 * model.args.vocab_size))
     for i in range(0, len(ids), step):
         chosen = ids[i : i + step]
         logprobs = torch.log_softmax(model.logits(hidden[i : i + len(chosen)]), dim=-1)
-        values += logprobs.gather(-1, chosen[:, None])[:, 0].tolist()
+        value = logprobs.gather(-1, chosen[:, None])  # [t, 1]
+        values += value[:, 0].tolist()
+        ranks += ((logprobs > value).sum(-1) + 1).tolist()
         if n:
             top = torch.topk(logprobs, n)
             tops += [dict(zip(t.tolist(), v.tolist())) for t, v in zip(top.indices, top.values)]
-    s.prompt_logprobs = values
+    s.prompt_logprobs, s.prompt_ranks = values, ranks
     if n:
         s.prompt_top_logprobs = tops
 

@@ -35,12 +35,13 @@ class KVBudgetError(ValueError):
 
 @dataclass(frozen=True)
 class Reused:
-    """What a prompt took from the prefix cache: its KV up to `start` (computing resumes there) and, for an echo
-    request, the prompt logprobs and top alternatives of tokens 0 .. start (the first is None)."""
+    """What a prompt took from the prefix cache: its KV up to `start` (computing resumes there) and, for a request
+    that scores its prompt, the prompt logprobs, top alternatives and ranks of tokens 0 .. start (the first None)."""
 
     start: int
     logprobs: list[float | None] | None = None
     tops: list[dict[int, float] | None] | None = None
+    ranks: list[int | None] | None = None
 
 
 class KVManager:
@@ -145,7 +146,7 @@ class KVManager:
             return Reused(0)
         cache, size, ids = self.cache, self.block_size, s.prompt_ids
         assert cache is not None
-        key, n = s.schedule.key, (s.params.logprobs or 0) if s.params.echo else None
+        key, n = s.schedule.key, s.params.prompt_alternatives
         entries = cache.lookup(key, ids, (len(ids) - 1) // size)
         if n is not None:
             entries = list(itertools.takewhile(lambda e: e.scores is not None and e.scores[0] >= n, entries))
@@ -176,20 +177,24 @@ class KVManager:
         self.reused_tokens += start
         if n is None:
             return Reused(start)
-        logprobs, tops = [], []
-        for e in entries:  # payloads: (alternatives kept, logprobs, top dicts)
+        logprobs, tops, ranks = [], [], []
+        for e in entries:  # payloads: (alternatives kept, logprobs, top dicts, ranks)
             logprobs += e.scores[1]
             tops += e.scores[2]
+            ranks += e.scores[3]
         if take:  # tokens j*size .. start, all agreeing with the copied block's
             logprobs += partial[0].scores[1][: take + 1]
             tops += partial[0].scores[2][: take + 1]
+            ranks += partial[0].scores[3][: take + 1]
         elif entries:
             logprobs.append(boundary[1])
             tops.append(boundary[2])
+            ranks.append(boundary[3])
         else:
             logprobs.append(None)
             tops.append(None)
-        return Reused(start, logprobs, [None if t is None else dict(list(t.items())[:n]) for t in tops])
+            ranks.append(None)
+        return Reused(start, logprobs, [None if t is None else dict(list(t.items())[:n]) for t in tops], ranks)
 
     def register(self, s: Request, start: int) -> None:
         """Make `s`'s prompt blocks findable (the last one even if partly filled), with their prompt logprobs when
@@ -200,15 +205,15 @@ class KVManager:
         assert cache is not None
         L = len(s.prompt_ids)
         entries = cache.register(s.id, s.schedule.key, s.schedule.slots, s.prompt_ids, start // size, self.blocks_for(L))
-        if not s.params.echo or s.prompt_logprobs is None:
+        n = s.params.prompt_alternatives
+        if n is None or s.prompt_logprobs is None or s.prompt_ranks is None:
             return
-        n = s.params.logprobs or 0
         tops = s.prompt_top_logprobs or [None] * L
         for j, e in enumerate(entries):
             if e.scores is None or e.scores[0] < n:
                 part = slice(j * size, (j + 1) * size)
-                e.scores = (n, s.prompt_logprobs[part], tops[part])
+                e.scores = (n, s.prompt_logprobs[part], tops[part], s.prompt_ranks[part])
             after = (j + 1) * size
             known = e.next.get(s.prompt_ids[after]) if after < L else None
             if after < L and (known is None or known[0] < n):
-                e.next[s.prompt_ids[after]] = (n, s.prompt_logprobs[after], tops[after])
+                e.next[s.prompt_ids[after]] = (n, s.prompt_logprobs[after], tops[after], s.prompt_ranks[after])

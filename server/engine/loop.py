@@ -277,8 +277,10 @@ class EngineLoop:
     def _send_rest(self, r: Request) -> None:
         """Stream what `r` has not sent yet; a finished request gets all of it and its result."""
         finished = r.finished
-        # Hold back a tail that may still become a stop string or an incomplete character.
-        hold = 0 if finished else max([len(s) - 1 for s in r.params.stop] + [0])
+        # Hold back a tail that may still become a stop string or an incomplete character. A stop string kept in the
+        # text (include_stop_str_in_output) needs none: the text is only cut after a match, never before what it sent.
+        keeps = finished or r.params.include_stop_str_in_output
+        hold = 0 if keeps else max([len(s) - 1 for s in r.params.stop] + [0])
         text_end = max(r.sent_text, len(r.text) - hold)
         if not finished and r.text.endswith("\ufffd"):
             text_end = r.sent_text

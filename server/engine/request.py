@@ -78,13 +78,14 @@ class GenerationResult:
     token_ids: list[int]
     logprobs: list[float]
     top_logprobs: list[dict[int, float]] | None
-    prompt_logprobs: list[float | None] | None  # with echo: logprob of each prompt token (None for the first)
+    prompt_logprobs: list[float | None] | None  # a scored prompt: logprob of each prompt token (None for the first)
     prompt_top_logprobs: list[dict[int, float] | None] | None
     finish_reason: str  # "stop" | "length" | "abort" | "error"
     policy: str
     timings: Timings
     error: str | None = None  # what failed, for finish_reason "error"
     seed: int | None = None  # what a drawing request drew with, its own or the one chosen for it (None if greedy)
+    prompt_ranks: list[int | None] | None = None  # a scored prompt: each token's rank among its position's (1: top)
 
 
 @dataclass
@@ -125,6 +126,7 @@ class Request:
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    prompt_ranks: list[int | None] | None = None
     text: str = ""
     finish_reason: str | None = None
     error: str | None = None
@@ -172,6 +174,7 @@ class Request:
             timings=self.timings,
             error=self.error,
             seed=self.seed,
+            prompt_ranks=self.prompt_ranks,
         )
 
     @property

@@ -74,7 +74,13 @@ class SamplingParams:
     # the logprob of each chosen token and its top-n alternatives; None: no logprobs at all, not even the chosen
     # token's (vLLM's None; OpenAI requests without `logprobs` skip a pass over the vocabulary every step)
     logprobs: int | None = 0
-    echo: bool = False  # also score the prompt (prompt-token logprobs)
+    echo: bool = False  # also score the prompt (prompt-token logprobs), with `logprobs` alternatives
+    prompt_logprobs: int | None = None  # vLLM's: score the prompt with this many alternatives (None: not asked)
+    # vLLM's output shaping: a stop string (or stop token) that ends the request stays in its text; special tokens'
+    # text left out of the output; spaces around added tokens (a slow tokenizer's option; fast ones write none)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         for name, value in (("max_tokens", self.max_tokens), ("min_tokens", self.min_tokens)):
@@ -85,9 +91,19 @@ class SamplingParams:
         TOP_K.check("top_k", self.top_k)
         if self.logprobs is not None:
             LOGPROBS.check("logprobs", self.logprobs)
+        if self.prompt_logprobs is not None:
+            LOGPROBS.check("prompt_logprobs", self.prompt_logprobs)
         if self.seed is not None:
             SEED.check("seed", self.seed)
         check_stop(self.stop)
+
+    @property
+    def prompt_alternatives(self) -> int | None:
+        """How many alternatives each prompt token is scored with (echo's `logprobs`, prompt_logprobs, the larger
+        when both are asked); None: the prompt is not scored."""
+        if not self.echo and self.prompt_logprobs is None:
+            return None
+        return max((self.logprobs or 0) if self.echo else 0, self.prompt_logprobs or 0)
 
     @property
     def greedy(self) -> bool:
