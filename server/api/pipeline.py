@@ -99,8 +99,10 @@ async def start(state: AppState, job: Job) -> Running:
     for prompt in prompts:
         max_tokens = state.default_max_tokens(len(prompt.ids), schedule) if job.max_tokens is None else job.max_tokens
         state.check_length(len(prompt.ids), max_tokens)
-        requests += [engine_request(new_request_id(job.prefix), prompt.ids, job.params(max_tokens, i), schedule)
-                     for i in range(job.n)]
+        params = [job.params(max_tokens, i) for i in range(job.n)]
+        for p in params:
+            p.check_vocab(state.vocab_size)  # a SamplingError: a 400 naming the ids
+        requests += [engine_request(new_request_id(job.prefix), prompt.ids, p, schedule) for p in params]
     return Running(schedule, prompts, submit_all(state, requests), job.n)
 
 
