@@ -831,6 +831,8 @@ ERRORS = [
      ("allowed_token_ids", "greater than or equal to 0")),
     ("allowed-token-ids-out-of-vocab", "/v1/completions", {"prompt": "x", "allowed_token_ids": [5, 500]}, 400,
      "invalid_sampling_parameters", None, ("allowed_token_ids", "[500]", "0-127")),
+    ("allowed-token-ids-only-eos", "/v1/completions", {"prompt": "x", "allowed_token_ids": [2], "min_tokens": 3}, 400,
+     "invalid_sampling_parameters", None, ("only stop tokens", "min_tokens (3)")),
     ("tgi-repetition-penalty", "/generate", {"inputs": "x", "parameters": {"repetition_penalty": 0}}, 400, None,
      None, ("repetition_penalty", "(0, inf)")),
     ("tgi-frequency-penalty", "/generate", {"inputs": "x", "parameters": {"frequency_penalty": 2.5}}, 400, None,

@@ -314,12 +314,23 @@ def test_the_bounds_themselves_are_accepted():
                    logit_bias=tuple((i, 100.0 if i % 2 else -100.0) for i in range(300)), allowed_token_ids=(0,))
 
 
-def test_token_ids_outside_the_vocabulary_name_it():
-    SamplingParams(logit_bias=((127, 1.0),), allowed_token_ids=(0, 127)).check_vocab(128)
+def test_what_needs_the_model_is_checked_against_it():
+    """Token ids outside the vocabulary are named; allowed_token_ids that are all stop tokens under min_tokens
+    would leave nothing to choose (every logit -inf: a failed request)."""
+    eos = frozenset({2})
+    SamplingParams(logit_bias=((127, 1.0),), allowed_token_ids=(0, 127)).check_model(128, eos)
     for bad, name in ((dict(logit_bias=((128, 1.0),)), "logit_bias"), (dict(allowed_token_ids=(5, 128)),
                                                                         "allowed_token_ids")):
         with pytest.raises(SamplingError, match=rf"{name}: token ids \[128\] are outside the vocabulary 0-127"):
-            SamplingParams(**bad).check_vocab(128)
+            SamplingParams(**bad).check_model(128, eos)
+    for only_stops in (SamplingParams(allowed_token_ids=(2,), min_tokens=3),
+                       SamplingParams(allowed_token_ids=(2, 7), min_tokens=3, stop_token_ids=(7,)),
+                       SamplingParams(allowed_token_ids=(7,), min_tokens=3, stop_token_ids=(7,), ignore_eos=True)):
+        with pytest.raises(SamplingError, match=r"only stop tokens, which min_tokens \(3\)"):
+            only_stops.check_model(128, eos)
+    SamplingParams(allowed_token_ids=(2,), min_tokens=3, ignore_eos=True).check_model(128, eos)
+    SamplingParams(allowed_token_ids=(2, 5), min_tokens=3).check_model(128, eos)
+    SamplingParams(allowed_token_ids=(2,)).check_model(128, eos)
 
 
 @pytest.mark.parametrize("V", [1000, 2048, 49152, 49153, 50000])

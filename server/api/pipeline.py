@@ -94,6 +94,7 @@ async def start(state: AppState, job: Job) -> Running:
     state.check_admitting()
     _check_sequences(state, job.n * (1 if isinstance(job.prompts, Chat) else len(job.prompts)))
     schedule = state.resolve_policy(job.model, job.policy)
+    served, _ = state.require()
     prompts = await tokenize(state, job.prompts)
     requests = []
     for prompt in prompts:
@@ -101,7 +102,7 @@ async def start(state: AppState, job: Job) -> Running:
         state.check_length(len(prompt.ids), max_tokens)
         params = [job.params(max_tokens, i) for i in range(job.n)]
         for p in params:
-            p.check_vocab(state.vocab_size)  # a SamplingError: a 400 naming the ids
+            p.check_model(served.vocab_size, served.eos_ids)  # a SamplingError: a 400 naming what was wrong
         requests += [engine_request(new_request_id(job.prefix), prompt.ids, p, schedule) for p in params]
     return Running(schedule, prompts, submit_all(state, requests), job.n)
 

@@ -611,7 +611,7 @@ class Engine:
     def start(self, request: Request) -> Request:
         """Give a request what running needs: its stop tokens and its own seeded generator on the model's device."""
         params = request.params
-        request.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        request.stop_ids = params.stop_ids(self.eos_ids)
         request.generator = make_generator(params.seed, self.model.device)
         return request
 

@@ -138,13 +138,22 @@ class SamplingParams:
         """Whether some penalty is on (each row that is not costs the step nothing)."""
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
-    def check_vocab(self, vocab_size: int) -> None:
-        """The token ids this asks about exist in a vocabulary of `vocab_size` (known only once the model is)."""
+    def stop_ids(self, eos_ids: frozenset[int]) -> frozenset[int]:
+        """The tokens that end this request, given the model's EOS tokens."""
+        return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else eos_ids)
+
+    def check_model(self, vocab_size: int, eos_ids: frozenset[int]) -> None:
+        """What can only be checked once the model is known: the token ids this names exist in its vocabulary, and
+        allowed_token_ids leave a token to choose while min_tokens holds the stop tokens off."""
         for name, ids in (("logit_bias", [t for t, _ in self.logit_bias]),
                           ("allowed_token_ids", self.allowed_token_ids or ())):
             bad = [t for t in ids if not 0 <= t < vocab_size]
             if bad:
                 raise SamplingError(f"{name}: token ids {bad[:5]} are outside the vocabulary 0-{vocab_size - 1}")
+        stops = self.stop_ids(eos_ids)
+        if self.min_tokens and self.allowed_token_ids is not None and set(self.allowed_token_ids) <= stops:
+            raise SamplingError(f"allowed_token_ids holds only stop tokens, which min_tokens ({self.min_tokens}) "
+                                "forbids until then: allow another token, or send min_tokens 0")
 
 
 def _check_token(name: str, token: Any) -> None:
