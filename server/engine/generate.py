@@ -144,9 +144,8 @@ class Batch:
                 if moved:
                     to, of = torch.tensor(moved, dtype=torch.long).T.to(dev, non_blocking=True)
                     tokens[to, 0] = launched.tokens[of]
-        # each row's input token is its latest output token, maybe still in flight: what its penalties count last
         return StepInput(live, rows, tokens, torch.zeros(len(live), dtype=torch.long, device=dev),
-                         self._sampling(live, [len(s.output_ids) + (s.id in flying) for s in live], tokens[:, 0]))
+                         self._sampling(live, [len(s.output_ids) + (s.id in flying) for s in live], tokens))
 
     def _goes_on(self, s: Request) -> bool:
         """Whether `s` may decode past the token in flight for it: that token does not end it by length (as
@@ -166,22 +165,23 @@ class Batch:
                          self._sampling(new, [0] * len(new)), echo=any(s.params.echo for s in new))
 
     def _sampling(self, seqs: tuple[Request, ...] | list[Request], made: list[int],
-                  latest: Tensor | None = None) -> SamplingBatch:
+                  inputs: Tensor | None = None) -> SamplingBatch:
         """Each row's sampling parameters; a row that has `made` tokens (counting one in flight) fewer than its
         min_tokens may not choose a stop token (vLLM's semantics: the EOS and stop_token_ids are masked, so the
         request goes on with another token; stop strings only match after min_tokens, see `_check_stop`).
-        latest [B]: in a decode step, each row's latest output token on the device (its input token); a penalized
-        row's earlier ones come from the host."""
+        inputs [B, 1]: a decode step's input tokens, each row's latest output token, on the device (overlapped,
+        maybe still in flight): what a penalized row counts last; its earlier ones come from the host."""
         vocab = self.model.args.vocab_size
         banned = [(b, t) for b, (s, n) in enumerate(zip(seqs, made)) if n < s.params.min_tokens
                   for t in sorted(s.stop_ids) if 0 <= t < vocab]
         histories = None
         if any(s.params.penalized for s in seqs):  # only then: no row pays for a history it does not use
-            known = [n - (latest is not None) for n in made]
+            known = [n - (inputs is not None) for n in made]
             histories = [(s.prompt_ids, s.output_ids[:k]) if s.params.penalized else ((), ())
                          for s, k in zip(seqs, known)]
+        recent = None if histories is None or inputs is None else inputs[:, 0]
         return SamplingBatch.of([s.params for s in seqs], [s.generator for s in seqs], self.model.device, banned,
-                                histories=histories, recent=latest if histories is not None else None)
+                                histories=histories, recent=recent)
 
     # -- execute: tensor work, one host copy ----------------------------------------------------------------------
 
