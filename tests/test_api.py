@@ -347,6 +347,52 @@ def test_truncate_prompt_tokens_lets_a_prompt_longer_than_the_context_in(client)
     assert body["choices"][0]["text"] == text_of(client, CharTokenizer().encode(long)[-10:], max_tokens=3)
 
 
+def test_logit_bias_and_allowed_token_ids_are_served(client, chat_client):
+    """CharTokenizer writes token i >= 3 as chr(97 + (i - 3) % 26): token 10 is "h", 11 "i". A +100 bias makes every
+    greedy token that one; allowed_token_ids restrict every token, drawn or greedy, on both OpenAI routes."""
+    biased = complete(client, prompt="hello", max_tokens=4, ignore_eos=True, logit_bias={"10": 100}).json()
+    assert biased["choices"][0]["text"] == "hhhh"
+    for c, path, prompt in ((client, "/v1/completions", {"prompt": "hello"}),
+                            (chat_client, "/v1/chat/completions", {"messages": CHAT})):
+        body = complete(c, path, **prompt, max_tokens=8, ignore_eos=True, temperature=1.0, seed=3, n=2,
+                        allowed_token_ids=[10, 11], min_p=0.0, presence_penalty=0.5).json()
+        texts = [ch["text"] if "text" in ch else ch["message"]["content"] for ch in body["choices"]]
+        assert all(len(t) == 8 and set(t) <= {"h", "i"} for t in texts), texts
+
+
+def test_penalties_are_served_and_each_choice_counts_its_own_output(client):
+    """n choices draw with seed, seed + 1, ...: with penalties on, each is still the answer of its own seed alone,
+    so no choice counts another's tokens."""
+    def texts(seed: int, n: int) -> list[str]:
+        body = complete(client, prompt="hello", max_tokens=12, ignore_eos=True, temperature=1.0, seed=seed, n=n,
+                        frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.5, min_p=0.05).json()
+        return [ch["text"] for ch in body["choices"]]
+
+    assert texts(11, 3) == [texts(11 + i, 1)[0] for i in range(3)]
+    plain = complete(client, prompt="abababab", max_tokens=12, ignore_eos=True).json()["choices"][0]["text"]
+    fresh = complete(client, prompt="abababab", max_tokens=12, ignore_eos=True, frequency_penalty=2,
+                     presence_penalty=2).json()["choices"][0]["text"]
+    assert fresh != plain and max(map(fresh.count, fresh)) < max(map(plain.count, plain)), (plain, fresh)
+
+
+def test_tgi_penalties_are_the_engines_own(client):
+    """/generate's repetition_penalty and frequency_penalty (TGI's: the share of prompt and output that is the
+    token) give what the engine gives for the same prompt ids, and change the answer."""
+    from server.engine.sampling import SamplingParams
+
+    def generate(**parameters: Any) -> tuple[list[int], list[int]]:
+        body = client.post("/generate", json={"inputs": "abcabc", "parameters": {
+            "max_new_tokens": 10, "ignore_eos": True, "details": True, "decoder_input_details": True,
+            **parameters}}).json()["details"]
+        return [t["id"] for t in body["prefill"]], [t["id"] for t in body["tokens"]]
+
+    prompt, plain = generate()
+    _, penalized = generate(repetition_penalty=3.0, frequency_penalty=2.0)
+    want = Engine.from_hf(tiny_llama(), CharTokenizer()).generate([prompt], params=SamplingParams(
+        max_tokens=10, ignore_eos=True, repetition_penalty=3.0, frequency_penalty=2.0, frequency_of="sequence"))[0]
+    assert penalized == want.token_ids and penalized != plain
+
+
 def test_finish_reason_length(client):
     body = complete(client, prompt="hello", max_tokens=3, ignore_eos=True).json()
     assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 3
@@ -780,16 +826,40 @@ ERRORS = [
     ("temperature-type", "/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, None, "temperature", ()),
     ("top-p-zero", "/v1/completions", {"prompt": "x", "top_p": 0}, 400, None, "top_p", ()),
     ("logprobs-21", "/v1/completions", {"prompt": "x", "logprobs": 21}, 400, None, "logprobs", ()),
-    ("penalty", "/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, None, "presence_penalty",
-     ("not supported",)),
+    # the sampling fields served: a bad value names what is allowed
+    ("presence-penalty", "/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 400, None, "presence_penalty",
+     ("[-2, 2]",)),
+    ("frequency-penalty", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                   "frequency_penalty": -3}, 400, None, "frequency_penalty",
+     ("[-2, 2]",)),
+    ("repetition-penalty", "/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 400, None,
+     "repetition_penalty", ("(0, inf)",)),
+    ("min-p", "/v1/completions", {"prompt": "x", "min_p": 1.5}, 400, None, "min_p", ("[0, 1]",)),
+    ("logit-bias-value", "/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, 400, None, None,
+     ("logit_bias", "[-100, 100]")),
+    ("logit-bias-key", "/v1/completions", {"prompt": "x", "logit_bias": {"five": 1}}, 400, None, "logit_bias",
+     ("token ids", "'five'")),
+    ("logit-bias-negative-key", "/v1/completions", {"prompt": "x", "logit_bias": {"-1": 1}}, 400, None, "logit_bias",
+     ("token ids",)),
+    ("logit-bias-out-of-vocab", "/v1/completions", {"prompt": "x", "logit_bias": {"5": 1, "128": 1}}, 400,
+     "invalid_sampling_parameters", None, ("logit_bias", "[128]", "0-127")),
+    ("logit-bias-too-many", "/v1/completions", {"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, 400,
+     None, "logit_bias", ("at most 300",)),
+    ("allowed-token-ids-empty", "/v1/completions", {"prompt": "x", "allowed_token_ids": []}, 400, None,
+     "allowed_token_ids", ("at least 1",)),
+    ("allowed-token-ids-negative", "/v1/completions", {"prompt": "x", "allowed_token_ids": [5, -1]}, 400, None, None,
+     ("allowed_token_ids", "greater than or equal to 0")),
+    ("allowed-token-ids-out-of-vocab", "/v1/completions", {"prompt": "x", "allowed_token_ids": [5, 500]}, 400,
+     "invalid_sampling_parameters", None, ("allowed_token_ids", "[500]", "0-127")),
+    ("allowed-token-ids-only-eos", "/v1/completions", {"prompt": "x", "allowed_token_ids": [2], "min_tokens": 3}, 400,
+     "invalid_sampling_parameters", None, ("only stop tokens", "min_tokens (3)")),
+    ("tgi-repetition-penalty", "/generate", {"inputs": "x", "parameters": {"repetition_penalty": 0}}, 400, None,
+     None, ("repetition_penalty", "(0, inf)")),
+    ("tgi-frequency-penalty", "/generate", {"inputs": "x", "parameters": {"frequency_penalty": 2.5}}, 400, None,
+     None, ("frequency_penalty", "[-2, 2]")),
     # what the server cannot do is refused by name, never silently ignored
-    ("logit-bias", "/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, 400, None, "logit_bias",
-     ("not supported",)),
     ("best-of", "/v1/completions", {"prompt": "x", "best_of": 3}, 400, None, "best_of", ("n",)),
     ("suffix", "/v1/completions", {"prompt": "x", "suffix": "y"}, 400, None, "suffix", ("fill-in-the-middle",)),
-    ("repetition-penalty", "/v1/completions", {"prompt": "x", "repetition_penalty": 1.5}, 400, None,
-     "repetition_penalty", ("not supported",)),
-    ("min-p", "/v1/completions", {"prompt": "x", "min_p": 0.1}, 400, None, "min_p", ("not supported",)),
     ("vllm-length-penalty", "/v1/completions", {"prompt": "x", "length_penalty": 0.5}, 400, None,
      "length_penalty", ("not supported", "send 1.0")),
     ("vllm-truncate-zero", "/v1/completions", {"prompt": "x", "truncate_prompt_tokens": 0}, 400, None,
@@ -817,8 +887,6 @@ ERRORS = [
      "echo", ("/v1/completions takes echo",)),
     ("stop-token-ids-negative", "/v1/completions", {"prompt": "x", "stop_token_ids": [-1]}, 400, None, None,
      ("stop_token_ids",)),
-    ("tgi-repetition-penalty", "/generate", {"inputs": "x", "parameters": {"repetition_penalty": 1.3}}, 400, None,
-     None, ("repetition_penalty is not supported",)),
     ("tgi-grammar", "/generate", {"inputs": "x", "parameters": {"grammar": {"type": "json", "value": {}}}}, 400,
      None, None, ("grammar is not supported",)),
     ("tgi-truncate", "/generate", {"inputs": "x", "parameters": {"truncate": 1}}, 400, None, None,
@@ -885,8 +953,8 @@ def test_errors_are_openai_shaped_and_harmless(client, path, body, status, code,
 
 
 def test_validation_messages_drop_pydantics_prefix(client):
-    r = client.post("/v1/completions", json={"prompt": "x", "logit_bias": {"5": 10}})
-    assert assert_error(r, 400)["message"] == "invalid request: logit_bias: logit_bias is not supported; leave it out"
+    r = client.post("/v1/completions", json={"prompt": "x", "min_p": 2})
+    assert assert_error(r, 400)["message"] == "invalid request: min_p: min_p must be a finite number in [0, 1], got 2.0"
 
 
 def test_explicit_nulls_mean_the_defaults(chat_client):
@@ -958,8 +1026,8 @@ def test_chat_template_kwargs_reach_the_template_that_reads_them():
 
 
 def test_what_asks_for_nothing_unsupported_is_served(chat_client):
-    """tools with tool_choice 'none', response_format text, best_of = n, min_p 0, vLLM's extensions at the values that
-    ask for nothing: answered, not refused."""
+    """tools with tool_choice 'none', response_format text, best_of = n, vLLM's extensions at the values that ask for
+    nothing: answered, not refused."""
     neutral = {"skip_special_tokens": True, "use_beam_search": False, "bad_words": [], "guided_json": None,
                "include_stop_str_in_output": False, "length_penalty": 1.0, "echo": False, "chat_template": None,
                "chat_template_kwargs": {}, "add_special_tokens": False, "documents": None}

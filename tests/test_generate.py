@@ -123,6 +123,77 @@ def test_stop_token_and_min_tokens(tiny_engine, engine):
     assert held.token_ids[first + 1:] == want.token_ids  # afterwards a plain continuation
 
 
+def penalized_greedy(hf, prompt: list[int], n: int, *, presence: float = 0.0, frequency: float = 0.0,
+                     repetition: float = 1.0, sequence: bool = False) -> list[int]:
+    """Greedy decoding with vLLM's penalties (TGI's frequency when `sequence`), written out token by token over
+    transformers' logits: the reference for the batched, overlapped implementation."""
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            x = hf(torch.tensor([prompt + out])).logits[0, -1].clone()
+            for t in set(prompt) | set(out):
+                x[t] = x[t] / repetition if x[t] > 0 else x[t] * repetition
+            counted = prompt + out if sequence else out
+            for t in set(counted):
+                x[t] -= frequency * counted.count(t) / (len(counted) if sequence else 1) + presence
+            out.append(int(x.argmax()))
+    return out
+
+
+# about the spread of the tiny model's top logits (0.44, 0.35, 0.29, ...): a count off by one changes the tokens
+@pytest.mark.parametrize("penalties", [dict(repetition=1.3), dict(frequency=0.06, presence=0.03),
+                                       dict(repetition=1.2, frequency=-0.04, presence=0.1),
+                                       dict(frequency=1.0, repetition=1.2, sequence=True)],
+                         ids=["repetition", "frequency+presence", "all", "tgi"])
+def test_penalties_count_every_token_so_far(tiny_engine, engine, penalties):
+    """Each step's penalties count the prompt (repetition; TGI's frequency) and every output token so far,
+    overlapped too, where the latest is still on the device: the tokens equal a step-by-step reference, and
+    differ from plain greedy decoding (the test is not vacuous)."""
+    prompt = [5, 9, 17, 5, 9, 17]
+    params = SamplingParams(max_tokens=20, ignore_eos=True, repetition_penalty=penalties.get("repetition", 1.0),
+                            frequency_penalty=penalties.get("frequency", 0.0),
+                            presence_penalty=penalties.get("presence", 0.0),
+                            frequency_of="sequence" if penalties.get("sequence") else "output")
+    got = engine.generate([prompt], params=params)[0].token_ids
+    assert got == penalized_greedy(tiny_llama(), prompt, 20, **penalties)
+    assert got != tiny_engine.generate([prompt], params=SamplingParams(max_tokens=20, ignore_eos=True))[0].token_ids
+
+
+def test_processors_apply_to_their_own_rows_only(tiny_engine, engine):
+    """One step holds penalized, biased, restricted and min-p rows beside plain greedy and plain drawing ones, and
+    two drawing choices of one prompt with their own seeds: every row's tokens are those it gets alone, so no row
+    counts, biases or restricts a neighbour, and each choice counts its own output."""
+    rows = [SamplingParams(max_tokens=8, ignore_eos=True, frequency_penalty=1.5, repetition_penalty=1.5),
+            SamplingParams(max_tokens=8, ignore_eos=True),
+            SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.9, seed=5),
+            SamplingParams(max_tokens=8, ignore_eos=True, logit_bias=((40, 5.0), (41, -100.0)), min_p=0.2,
+                           temperature=1.0, seed=6),
+            SamplingParams(max_tokens=8, ignore_eos=True, allowed_token_ids=(20, 30, 40), temperature=1.0, seed=7),
+            SamplingParams(max_tokens=8, ignore_eos=True, temperature=1.0, seed=8, presence_penalty=2.0),
+            SamplingParams(max_tokens=8, ignore_eos=True, temperature=1.0, seed=9, presence_penalty=2.0)]
+    prompt = [5, 6, 7]
+    alone = [tiny_engine.generate([prompt], params=p)[0].token_ids for p in rows]
+    seqs = [engine.new_sequence(prompt, p, engine.compile("full")) for p in rows]
+    batch = engine.new_batch(max_len=32, num_blocks=64)
+    batch.add(seqs[:3])
+    batch.step()
+    batch.add(seqs[3:])  # they join while a step is in flight (overlapped)
+    while batch.filter() is not None and batch.sequences:
+        batch.step()
+    assert [s.result().token_ids for s in seqs] == alone
+    assert set(alone[4]) <= {20, 30, 40} and alone[5] != alone[6]
+
+
+def test_logprobs_stay_the_raw_models(tiny_engine):
+    """As vLLM's default (and min_tokens' mask): the logprobs returned are the model's, before any processor, so a
+    token the bias made certain has the logprob the model gives it."""
+    plain = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(max_tokens=1, logprobs=3))[0]
+    forced = tiny_engine.generate([[5, 6, 7]], params=SamplingParams(
+        max_tokens=1, logprobs=3, logit_bias=((50, 100.0),), repetition_penalty=2.0, frequency_penalty=2.0))[0]
+    assert forced.token_ids == [50] and forced.top_logprobs == plain.top_logprobs
+    assert forced.logprobs[0] < plain.logprobs[0]  # 50 is not the model's own choice
+
+
 def test_min_tokens_masks_only_its_own_row(tiny_engine, engine):
     """A row under min_tokens may not choose its stop tokens; its neighbours in the step, greedy or drawing, choose
     as they would alone."""

@@ -35,6 +35,46 @@ def test_greedy_generation_equals_transformers_generate(smollm2, smollm2_hf, smo
     assert "Rome" in ours.text
 
 
+def test_repetition_penalty_equals_transformers_generate(smollm2, smollm2_hf, smollm2_engine):
+    """vLLM's repetition_penalty is CTRL's, as transformers' RepetitionPenaltyLogitsProcessor: a token of prompt or
+    output has its logit divided by the penalty when positive, multiplied when negative."""
+    ids = smollm2.tokenizer.encode(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        ref = smollm2_hf.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, repetition_penalty=1.3)
+    ours = smollm2_engine.generate([ids[0].tolist()], params=SamplingParams(max_tokens=24, ignore_eos=True,
+                                                                            repetition_penalty=1.3))[0]
+    plain = smollm2_engine.generate([ids[0].tolist()], params=SamplingParams(max_tokens=24, ignore_eos=True))[0]
+    assert ours.token_ids == ref[0, ids.shape[1]:].tolist() and ours.token_ids != plain.token_ids
+
+
+def test_logit_bias_and_allowed_token_ids_steer_greedy_decoding(smollm2, smollm2_engine):
+    """-100 on the greedy token removes it; +100 on a token makes it every token; allowed_token_ids restrict every
+    token to them."""
+    def greedy(**kwargs) -> list[int]:
+        return smollm2_engine.generate([PROMPT], params=SamplingParams(max_tokens=8, ignore_eos=True,
+                                                                       **kwargs))[0].token_ids
+
+    plain = greedy()
+    assert greedy(logit_bias=((plain[0], -100.0),))[0] != plain[0]
+    banana = smollm2.tokenizer.encode(" banana", add_special_tokens=False)[0]
+    assert greedy(logit_bias=((banana, 100.0),)) == [banana] * 8
+    cities = tuple(smollm2.tokenizer.encode(" Rome Paris Milan", add_special_tokens=False))
+    restricted = greedy(allowed_token_ids=cities)
+    assert set(restricted) <= set(cities) and restricted != plain
+
+
+def test_a_frequency_penalty_breaks_a_loop(smollm2, smollm2_engine):
+    """Greedy decoding repeats "red" twelve times in sixteen tokens; with frequency_penalty 2 no token comes more
+    than three times."""
+    prompt = "red red red red red red"
+    counts = {}
+    for penalty in (0.0, 2.0):
+        out = smollm2_engine.generate([prompt], params=SamplingParams(max_tokens=16, ignore_eos=True,
+                                                                      frequency_penalty=penalty))[0].token_ids
+        counts[penalty] = max(out.count(t) for t in out)
+    assert counts[0.0] >= 10 and counts[2.0] <= 3, counts
+
+
 @pytest.mark.parametrize("policy", ["skip:10", "pairs", "parallel:8-22", "loop:8-22x3", "reverse:8-22",
                                     "shuffle:8-22:7", "repeat:8-22"])
 def test_every_policy_generates_on_the_real_model(smollm2_engine, policy):

@@ -215,6 +215,12 @@ def test_poisoned_sampling_values_beside_a_long_request_leave_it_unharmed(url):
         ("/v1/completions", {"prompt": "x", "temperature": 5e-324, "top_k": 1, "max_tokens": 8}),
         ("/v1/completions", {"prompt": "x", "temperature": 1, "seed": 2**63 - 1, "n": 4, "max_tokens": 8}),
         ("/v1/completions", {"prompt": "x", "temperature": 1e-5, "logprobs": 20, "echo": True, "max_tokens": 8}),
+        ("/v1/completions", {"prompt": "x", "temperature": 100, "min_p": 1, "repetition_penalty": 5e-324,
+                             "frequency_penalty": -2, "presence_penalty": 2, "n": 2, "max_tokens": 8}),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 100, "6": -100}, "allowed_token_ids": [6, 7],
+                             "min_tokens": 4, "max_tokens": 8}),
+        ("/generate", {"inputs": "x", "parameters": {"repetition_penalty": 1e308, "frequency_penalty": -2,
+                                                     "max_new_tokens": 8}}),
         ("/v1/completions", {"prompt": "x", "top_p": 5e-324, "temperature": 1e300}),  # refused: out of range
     ]
     out: dict[str, httpx.Response] = {}

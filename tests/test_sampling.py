@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.engine.sampling import (MAX_STOP_LENGTH, MAX_STOP_STRINGS, MIN_TEMPERATURE, SEED, TOP_K, SamplingError,
-                             SamplingBatch, SamplingParams, make_generator, sample, sample_batch, sample_isolated)
+                             SamplingBatch, SamplingParams, make_generator, process_logits, sample, sample_batch,
+                             sample_isolated)
 
 CPU = torch.device("cpu")
 
@@ -94,6 +95,98 @@ def test_top_k_keeps_the_tokens_tied_with_its_last(own: SamplingParams):
         assert int(alone[0]) == int(beside[0]), seed
 
 
+# -- logit processors: allowed tokens, logit bias, penalties, min-p ---------------------------------------------------
+
+
+def processed(logits: torch.Tensor, params: list[SamplingParams], **history) -> torch.Tensor:
+    """What greedy choice and temperature see (a copy: `logits` itself must stay as it was)."""
+    before = logits.clone()
+    out = process_logits(logits, SamplingBatch.of(params, [None] * len(params), CPU, **history))
+    assert torch.equal(logits, before), "the caller's logits (logprobs come from them) are unchanged"
+    return out
+
+
+def test_allowed_token_ids_leave_every_other_token_out_of_its_own_row():
+    logits = torch.tensor([[9.0, 1.0, 0.5, 0.0], [9.0, 1.0, 0.5, 0.0]])
+    own = SamplingParams(allowed_token_ids=(2, 3))
+    got = processed(logits, [own, SamplingParams()])
+    assert got.tolist() == [[-INF, -INF, 0.5, 0.0], [9.0, 1.0, 0.5, 0.0]]
+    assert sample(logits, [own, SamplingParams()], [None, None]).tolist() == [2, 0]
+    assert draws(logits[0], SamplingParams(temperature=1.0, allowed_token_ids=(1, 3)), 0, n=200) == {1, 3}
+
+
+def test_logit_bias_adds_to_its_own_rows_logits():
+    logits = torch.tensor([[3.0, 1.0, 0.5, 0.0], [3.0, 1.0, 0.5, 0.0]])
+    own = SamplingParams(logit_bias=((0, -100.0), (2, 2.75), (2, 2.25)))  # a token given twice: the last
+    got = processed(logits, [own, SamplingParams()])
+    assert got.tolist() == [[-97.0, 1.0, 2.75, 0.0], [3.0, 1.0, 0.5, 0.0]]
+    assert sample(logits, [own, SamplingParams()], [None, None]).tolist() == [2, 0]
+    # beside the allowed ones and a banned token (min_tokens' mask), as vLLM applies them all to the raw logits
+    both = SamplingBatch.of([SamplingParams(allowed_token_ids=(0, 1), logit_bias=((1, 3.0), (3, 9.0)))], [None], CPU,
+                            banned=[(0, 0)])
+    assert process_logits(logits[:1], both).tolist() == [[-INF, 4.0, -INF, -INF]]
+
+
+def test_penalties_arithmetic_as_vllm():
+    """Output tokens [4, 1, 1] (the last 1 still on the device, in flight), prompt [2, 3]: repetition divides a seen
+    token's positive logit and multiplies its negative one (CTRL's rule, prompt and output); frequency subtracts per
+    occurrence in the output, presence once; unseen tokens and the neighbour row are untouched."""
+    logits = torch.tensor([[2.0, 3.0, -1.0, 0.0, -2.0, 1.0], [2.0, 3.0, -1.0, 0.0, -2.0, 1.0]])
+    history = dict(histories=[([2, 3], [4, 1]), ([2, 3], [4, 1])], recent=torch.tensor([1, 1]))
+    one = processed(logits, [SamplingParams(repetition_penalty=2.0), SamplingParams()], **history)
+    assert one.tolist() == [[2.0, 1.5, -2.0, 0.0, -4.0, 1.0], logits[1].tolist()]
+    freq = processed(logits[:1], [SamplingParams(frequency_penalty=0.5, presence_penalty=0.25)], **{
+        k: v[:1] for k, v in history.items()})
+    assert freq.tolist() == [[2.0, 3.0 - 1.0 - 0.25, -1.0, 0.0, -2.0 - 0.5 - 0.25, 1.0]]  # the prompt is not counted
+    every = processed(logits[:1], [SamplingParams(repetition_penalty=2.0, frequency_penalty=-0.5,
+                                                  presence_penalty=1.0)], **{k: v[:1] for k, v in history.items()})
+    assert every.tolist() == [[2.0, 1.5 + 1.0 - 1.0, -2.0, 0.0, -4.0 + 0.5 - 1.0, 1.0]]
+    # after the logit bias: (1 + 3) / 2, not 1 / 2 + 3
+    biased = processed(logits[:1, :4], [SamplingParams(repetition_penalty=2.0, logit_bias=((3, 3.0),))],
+                       histories=[([3], [])])
+    assert biased.tolist() == [[2.0, 3.0, -1.0, 1.5]]
+
+
+def test_tgi_frequency_penalty_counts_the_share_of_the_whole_sequence():
+    """TGI's frequency_penalty: penalty x count / length over prompt and output (4 tokens here, one in flight)."""
+    logits = torch.zeros(1, 4)
+    got = processed(logits, [SamplingParams(frequency_penalty=1.0, frequency_of="sequence")],
+                    histories=[([1, 1], [2])], recent=torch.tensor([1]))
+    assert got.tolist() == [[0.0, -0.75, -0.25, 0.0]]
+
+
+def test_the_neutral_values_carry_no_tensors():
+    """A batch in which no row asks for a processor takes the plain path: no tensor for any of them (histories
+    handed in or not)."""
+    rows = [SamplingParams(), SamplingParams(temperature=1.0, top_p=0.5, min_p=0.0, repetition_penalty=1.0)]
+    batch = SamplingBatch.of(rows, [None, None], CPU, histories=[([1], [2]), ([1], [2])], recent=torch.tensor([3, 3]))
+    assert (batch.allowed, batch.bias, batch.bias_at, batch.penalties, batch.min_p) == (None,) * 5
+    logits = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert process_logits(logits, batch) is logits
+    greedy_min_p = SamplingBatch.of([SamplingParams(min_p=0.5)], [None], CPU)
+    assert greedy_min_p.min_p is None  # a greedy row's choice is the most likely token whatever min_p keeps
+
+
+def test_min_p_keeps_what_is_at_least_min_p_times_the_most_likely_after_temperature():
+    """[0.5, 0.26, 0.14, 0.1]: min_p 0.5 keeps 0.25 and above, min_p 0.25 keeps 0.125 and above; at temperature 2 the
+    ratios are the square roots (0.72, 0.53, 0.45), so min_p 0.5 keeps three."""
+    logits = torch.tensor([0.5, 0.26, 0.14, 0.1]).log()
+    assert draws(logits, SamplingParams(temperature=1.0, min_p=0.5), 0) == {0, 1}
+    assert draws(logits, SamplingParams(temperature=1.0, min_p=0.25), 0) == {0, 1, 2}
+    assert draws(logits, SamplingParams(temperature=2.0, min_p=0.5), 0) == {0, 1, 2}
+    assert draws(logits, SamplingParams(temperature=1.0, min_p=1.0), 0) == {0}
+    # with top-k and top-p: each filter cuts what the others left (top-p's mass over min-p's survivors)
+    assert draws(logits, SamplingParams(temperature=2.0, min_p=0.5, top_k=2), 0) == {0, 1}
+    assert draws(logits, SamplingParams(temperature=1.0, min_p=0.25, top_p=0.6), 0) == {0, 1}
+    # a neighbour without min-p is not cut
+    for seed in range(20):
+        plain = SamplingParams(temperature=1.0)
+        alone = sample(logits[None], [plain], [make_generator(seed, CPU)])
+        beside = sample(torch.stack([logits, logits]), [SamplingParams(temperature=1.0, min_p=1.0), plain],
+                        [make_generator(0, CPU), make_generator(seed, CPU)])
+        assert int(alone[0]) == int(beside[1]), seed
+
+
 # -- every accepted value samples ------------------------------------------------------------------------------------
 
 INF = float("inf")
@@ -157,6 +250,7 @@ accepted_params = st.builds(
     top_p=st.one_of(st.sampled_from([5e-324, 1e-9, 0.5, 1.0]), st.floats(0, 1, exclude_min=True)),
     top_k=st.one_of(st.sampled_from([0, 1, 2, TOP_K.hi]), st.integers(0, TOP_K.hi)),
     seed=st.integers(SEED.lo, SEED.hi),
+    min_p=st.one_of(st.sampled_from([0.0, 5e-324, 1.0]), st.floats(0, 1)),
 )
 
 
@@ -200,6 +294,12 @@ def test_a_failing_row_does_not_fail_the_others():
     (dict(seed=-1), "[0, 9223372036854775807]"), (dict(seed=2**63), "[0, 9223372036854775807]"),
     (dict(logprobs=21), "[0, 20]"), (dict(max_tokens=-1), ">= 0"),
     (dict(stop=("a",) * 17), "at most 16"), (dict(stop=("a" * 257,)), "1-256"), (dict(stop=("",)), "1-256"),
+    (dict(presence_penalty=2.5), "[-2, 2]"), (dict(frequency_penalty=-2.01), "[-2, 2]"),
+    (dict(repetition_penalty=0.0), "(0, inf)"), (dict(repetition_penalty=float("nan")), "(0, inf)"),
+    (dict(min_p=1.5), "[0, 1]"), (dict(min_p=-0.1), "[0, 1]"),
+    (dict(logit_bias=((5, 100.5),)), "[-100, 100]"), (dict(logit_bias=tuple((i, 1.0) for i in range(301))), "300"),
+    (dict(logit_bias=((-1, 1.0),)), ">= 0"), (dict(allowed_token_ids=()), "at least one"),
+    (dict(allowed_token_ids=(3, -1)), ">= 0"),
 ])
 def test_out_of_range_params_name_the_range(bad, says):
     with pytest.raises(SamplingError) as e:
@@ -210,6 +310,27 @@ def test_out_of_range_params_name_the_range(bad, says):
 def test_the_bounds_themselves_are_accepted():
     SamplingParams(temperature=100.0, top_p=5e-324, top_k=TOP_K.hi, seed=2**63 - 1, logprobs=20,
                    stop=("s" * MAX_STOP_LENGTH,) * MAX_STOP_STRINGS)
+    SamplingParams(presence_penalty=-2.0, frequency_penalty=2.0, repetition_penalty=2.0, min_p=1.0,
+                   logit_bias=tuple((i, 100.0 if i % 2 else -100.0) for i in range(300)), allowed_token_ids=(0,))
+
+
+def test_what_needs_the_model_is_checked_against_it():
+    """Token ids outside the vocabulary are named; allowed_token_ids that are all stop tokens under min_tokens
+    would leave nothing to choose (every logit -inf: a failed request)."""
+    eos = frozenset({2})
+    SamplingParams(logit_bias=((127, 1.0),), allowed_token_ids=(0, 127)).check_model(128, eos)
+    for bad, name in ((dict(logit_bias=((128, 1.0),)), "logit_bias"), (dict(allowed_token_ids=(5, 128)),
+                                                                        "allowed_token_ids")):
+        with pytest.raises(SamplingError, match=rf"{name}: token ids \[128\] are outside the vocabulary 0-127"):
+            SamplingParams(**bad).check_model(128, eos)
+    for only_stops in (SamplingParams(allowed_token_ids=(2,), min_tokens=3),
+                       SamplingParams(allowed_token_ids=(2, 7), min_tokens=3, stop_token_ids=(7,)),
+                       SamplingParams(allowed_token_ids=(7,), min_tokens=3, stop_token_ids=(7,), ignore_eos=True)):
+        with pytest.raises(SamplingError, match=r"only stop tokens, which min_tokens \(3\)"):
+            only_stops.check_model(128, eos)
+    SamplingParams(allowed_token_ids=(2,), min_tokens=3, ignore_eos=True).check_model(128, eos)
+    SamplingParams(allowed_token_ids=(2, 5), min_tokens=3).check_model(128, eos)
+    SamplingParams(allowed_token_ids=(2,)).check_model(128, eos)
 
 
 @pytest.mark.parametrize("V", [1000, 2048, 49152, 49153, 50000])

@@ -41,6 +41,8 @@ def _params(body: GenerateRequest) -> pipeline.ParamsFor:
             max_tokens=max_tokens, temperature=(1.0 if p.temperature is None else p.temperature) if sampling else 0.0,
             top_p=p.top_p or 1.0, top_k=p.top_k or 0, seed=p.seed, stop=tuple(p.stop), ignore_eos=p.ignore_eos,
             logprobs=p.top_n_tokens or 0, echo=p.decoder_input_details,
+            repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,
+            frequency_penalty=p.frequency_penalty or 0.0, frequency_of="sequence",
         )
     return params
 

@@ -42,8 +42,11 @@ def _params(body: CompletionRequest | ChatCompletionRequest, *, logprobs: int | 
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k),
             seed=None if body.seed is None else (body.seed + index) % 2**63, stop=body.stops,
             ignore_eos=body.ignore_eos, min_tokens=body.min_tokens, logprobs=logprobs, echo=echo,
-            stop_token_ids=tuple(body.stop_token_ids or ()), include_stop_str_in_output=body.include_stop_str_in_output,
-            skip_special_tokens=body.skip_special_tokens,
+            stop_token_ids=tuple(body.stop_token_ids or ()), presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty, min_p=body.min_p,
+            logit_bias=tuple((int(t), v) for t, v in (body.logit_bias or {}).items()),
+            allowed_token_ids=None if body.allowed_token_ids is None else tuple(body.allowed_token_ids),
+            include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens,
             spaces_between_special_tokens=body.spaces_between_special_tokens, prompt_logprobs=body.prompt_logprobs,
         )
     return params

@@ -95,6 +95,7 @@ async def start(state: AppState, job: Job) -> Running:
     state.check_admitting()
     _check_sequences(state, job.n * (1 if isinstance(job.prompts, Chat) else len(job.prompts)))
     schedule = state.resolve_policy(job.model, job.policy)
+    served, _ = state.require()
     prompts = await tokenize(state, job.prompts)
     if job.truncate_prompt_tokens is not None:
         prompts = [_keep_last(p, job.truncate_prompt_tokens, state.max_model_len) for p in prompts]
@@ -102,8 +103,10 @@ async def start(state: AppState, job: Job) -> Running:
     for prompt in prompts:
         max_tokens = state.default_max_tokens(len(prompt.ids), schedule) if job.max_tokens is None else job.max_tokens
         state.check_length(len(prompt.ids), max_tokens)
-        requests += [engine_request(new_request_id(job.prefix), prompt.ids, job.params(max_tokens, i), schedule)
-                     for i in range(job.n)]
+        params = [job.params(max_tokens, i) for i in range(job.n)]
+        for p in params:
+            p.check_model(served.vocab_size, served.eos_ids)  # a SamplingError: a 400 naming what was wrong
+        requests += [engine_request(new_request_id(job.prefix), prompt.ids, p, schedule) for p in params]
     return Running(schedule, prompts, submit_all(state, requests), job.n)
 
 

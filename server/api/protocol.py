@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator,
+)
 
-from server.engine.sampling_params import LOGPROBS, SEED, TEMPERATURE, TOP_K, TOP_P, Interval, check_stop
+from server.engine.sampling_params import (
+    LOGIT_BIAS, LOGPROBS, MAX_LOGIT_BIAS, MIN_P, PENALTY, POSITIVE, SEED, TEMPERATURE, TOP_K, TOP_P,
+    Interval, check_stop,
+)
 
 PolicyField = str | dict[str, Any] | None
 POLICY_DOC = "layer policy: string form (e.g. 'skip:10') or JSON object; overrides a model-name suffix"
@@ -29,6 +35,10 @@ OpenAITopK = _within(int, Interval(-1, TOP_K.hi, integer=True))  # -1 = off, as 
 Seed = _within(int, SEED)
 Logprobs = _within(int, LOGPROBS)
 N = _within(int, Interval(1, 16, integer=True))
+Penalty = _within(float, PENALTY)
+Positive = _within(float, POSITIVE)
+MinP = _within(float, MIN_P)
+Bias = _within(float, LOGIT_BIAS)
 
 # Lists stop at their first bad item: every bad item was an error of its own, and a 1.6 MB body of them became an
 # 85 MB message built in 17 s on the event loop (pydantic validates a whole list, and FastAPI expands every error).
@@ -52,6 +62,27 @@ def _calls_refused(calls: str, choice: str) -> Callable[[list[Any] | None, Valid
     return check
 
 
+def _at_most_biases(v: Any) -> Any:
+    """MAX_LOGIT_BIAS entries, counted before any is validated (a dict's bad values are each an error of their own;
+    see FAIL_FAST)."""
+    if isinstance(v, dict) and len(v) > MAX_LOGIT_BIAS:
+        raise ValueError(f"at most {MAX_LOGIT_BIAS} entries (token id -> bias), got {len(v)}")
+    return v
+
+
+TOKEN_ID_KEY = "^[0-9]{1,10}$"  # a token id as a JSON object's key
+
+
+def _token_id_keys(v: dict[str, float] | None) -> dict[str, float] | None:
+    """logit_bias's keys are token ids written as JSON strings: decimal digits only (int() would also take " 5",
+    "+5" and "5_0", and fail on more than 4,300 digits)."""
+    for key in v or {}:
+        if not re.fullmatch(TOKEN_ID_KEY, key):
+            raise ValueError("keys must be token ids, decimal integers from 0 to the vocabulary size - 1; got "
+                             f"{key[:24]!r}")
+    return v
+
+
 def _continue_or_open(v: bool, info: ValidationInfo) -> bool:
     """vLLM's continue_final_message, which only a prompt that opens no new message can take."""
     if v and info.data.get("add_generation_prompt", True):
@@ -64,9 +95,9 @@ def _continue_or_open(v: bool, info: ValidationInfo) -> bool:
 # asks for nothing: each is a 400 naming it when sent otherwise, not an answer that silently ignored it (unknown
 # fields are ignored, and these are what vLLM's clients send).
 VLLM_REFUSED: dict[str, Any] = {
-    "repetition_penalty": 1.0, "min_p": 0.0, "use_beam_search": False, "length_penalty": 1.0,
-    "allowed_token_ids": None, "bad_words": None, "logits_processors": None, "guided_json": None,
-    "guided_regex": None, "guided_choice": None, "guided_grammar": None, "structured_outputs": None,
+    "use_beam_search": False, "length_penalty": 1.0, "bad_words": None, "logits_processors": None,
+    "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
+    "structured_outputs": None,
 }
 
 
@@ -135,8 +166,21 @@ class _Sampling(_Body):
     policy: PolicyField = Field(None, description=POLICY_DOC)
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
         None, max_length=256, description="vLLM's: token ids that end the request (the token is kept)")
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: Penalty = Field(0.0, description="subtracted once from the logit of every token the output "
+                                      "holds so far (the prompt's are not counted, as in vLLM)")
+    frequency_penalty: Penalty = Field(0.0, description="subtracted from the logit of every token the output holds "
+                                       "so far, once per occurrence")
+    logit_bias: Annotated[dict[str, Bias], Field(json_schema_extra={
+                              "propertyNames": {"pattern": TOKEN_ID_KEY}, "maxProperties": MAX_LOGIT_BIAS}),
+                          BeforeValidator(_at_most_biases), AfterValidator(_token_id_keys)] | None = (
+        Field(None, description=f"token id (a JSON string) -> added to that token's logit, in {LOGIT_BIAS}; at most "
+              f"{MAX_LOGIT_BIAS} entries, ids within the vocabulary"))
+    repetition_penalty: Positive = Field(1.0, description="vLLM's: a token seen in prompt or output has its "
+                                                  "logit divided by this when positive, multiplied when not; 1: off")
+    min_p: MinP = Field(0.0, description="vLLM's: when sampling, tokens less likely than min_p x the most likely "
+                        "one (after temperature) are dropped; 0: off")
+    allowed_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], FAIL_FAST] | None = Field(
+        None, min_length=1, description="vLLM's: only these token ids may be chosen (each within the vocabulary)")
     # vLLM's output shaping
     include_stop_str_in_output: bool = Field(False, description="vLLM's: a stop string (or stop token) that ends "
                                              "the request stays at the end of its text")
@@ -149,11 +193,8 @@ class _Sampling(_Body):
     prompt_logprobs: Logprobs | None = Field(None, description="vLLM's: each prompt token's logprob and rank, with "
                                              "this many alternatives (not with stream=true)")
     # VLLM_REFUSED: each refused unless it asks for nothing
-    repetition_penalty: Any = _vllm("repetition_penalty")
-    min_p: Any = _vllm("min_p")
     use_beam_search: Any = _vllm("use_beam_search")
     length_penalty: Any = _vllm("length_penalty")
-    allowed_token_ids: Any = _vllm("allowed_token_ids")
     bad_words: Any = _vllm("bad_words")
     logits_processors: Any = _vllm("logits_processors")
     guided_json: Any = _vllm("guided_json")
@@ -162,7 +203,6 @@ class _Sampling(_Body):
     guided_grammar: Any = _vllm("guided_grammar")
     structured_outputs: Any = _vllm("structured_outputs")
     # not supported: each refused when asked for, with a 400 naming it, rather than silently ignored
-    logit_bias: dict[str, Any] | None = None  # its values unchecked: a bad one is no error of its own
     best_of: int | None = None
     response_format: dict[str, Any] | None = None
     tool_choice: Any = None
@@ -170,20 +210,6 @@ class _Sampling(_Body):
 
     _stop_limits = field_validator("stop")(_check_stop)
     _vllm_refused = field_validator(*VLLM_REFUSED)(_refused_unless_neutral)
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, v: float) -> float:
-        if v != 0:
-            raise ValueError("presence/frequency penalties are not supported; send 0 or leave them out")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v:
-            raise ValueError("logit_bias is not supported; leave it out")
-        return v
 
     @field_validator("best_of")
     @classmethod
@@ -358,9 +384,11 @@ class GenerateParameters(_Body):
     return_full_text: bool = False
     ignore_eos: bool = False
     policy: PolicyField = Field(None, description=POLICY_DOC)
+    repetition_penalty: Positive | None = Field(None, description="TGI's: a token seen in prompt or output has its "
+                                                "logit divided by this when positive, multiplied when not; 1: off")
+    frequency_penalty: Penalty | None = Field(None, description="TGI's: subtracted from each token's logit, times "
+                                              "the share of prompt and output so far that is that token")
     # TGI's parameters this server cannot honour: refused (422) when set to anything but their neutral value
-    repetition_penalty: float | None = None
-    frequency_penalty: float | None = None
     typical_p: float | None = None
     best_of: int | None = None
     watermark: bool = False
@@ -370,11 +398,10 @@ class GenerateParameters(_Body):
 
     _stop_limits = field_validator("stop")(_check_stop)
 
-    @field_validator("repetition_penalty", "frequency_penalty", "typical_p", "best_of", "watermark", "truncate",
-                     "grammar", "adapter_id")
+    @field_validator("typical_p", "best_of", "watermark", "truncate", "grammar", "adapter_id")
     @classmethod
     def _neutral(cls, v: Any, info: ValidationInfo) -> Any:
-        neutral = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "typical_p": 1.0, "best_of": 1}
+        neutral = {"typical_p": 1.0, "best_of": 1}
         if v is not None and v is not False and v != neutral.get(info.field_name or "", object()):
             raise ValueError(f"{info.field_name} is not supported; leave it out")
         return v

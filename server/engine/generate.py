@@ -145,7 +145,7 @@ class Batch:
                     to, of = torch.tensor(moved, dtype=torch.long).T.to(dev, non_blocking=True)
                     tokens[to, 0] = launched.tokens[of]
         return StepInput(live, rows, tokens, torch.zeros(len(live), dtype=torch.long, device=dev),
-                         self._sampling(live, [len(s.output_ids) + (s.id in flying) for s in live]))
+                         self._sampling(live, [len(s.output_ids) + (s.id in flying) for s in live], tokens))
 
     def _goes_on(self, s: Request) -> bool:
         """Whether `s` may decode past the token in flight for it: that token does not end it by length (as
@@ -165,14 +165,24 @@ class Batch:
         return StepInput(tuple(new), rows, tokens.to(dev, non_blocking=True), last,
                          self._sampling(new, [0] * len(new)), echo=scored)
 
-    def _sampling(self, seqs: tuple[Request, ...] | list[Request], made: list[int]) -> SamplingBatch:
+    def _sampling(self, seqs: tuple[Request, ...] | list[Request], made: list[int],
+                  inputs: Tensor | None = None) -> SamplingBatch:
         """Each row's sampling parameters; a row that has `made` tokens (counting one in flight) fewer than its
         min_tokens may not choose a stop token (vLLM's semantics: the EOS and stop_token_ids are masked, so the
-        request goes on with another token; stop strings only match after min_tokens, see `_check_stop`)."""
+        request goes on with another token; stop strings only match after min_tokens, see `_check_stop`).
+        inputs [B, 1]: a decode step's input tokens, each row's latest output token, on the device (overlapped,
+        maybe still in flight): what a penalized row counts last; its earlier ones come from the host."""
         vocab = self.model.args.vocab_size
         banned = [(b, t) for b, (s, n) in enumerate(zip(seqs, made)) if n < s.params.min_tokens
                   for t in sorted(s.stop_ids) if 0 <= t < vocab]
-        return SamplingBatch.of([s.params for s in seqs], [s.generator for s in seqs], self.model.device, banned)
+        histories = None
+        if any(s.params.penalized for s in seqs):  # only then: no row pays for a history it does not use
+            known = [n - (inputs is not None) for n in made]
+            histories = [(s.prompt_ids, s.output_ids[:k]) if s.params.penalized else ((), ())
+                         for s, k in zip(seqs, known)]
+        recent = None if histories is None or inputs is None else inputs[:, 0]
+        return SamplingBatch.of([s.params for s in seqs], [s.generator for s in seqs], self.model.device, banned,
+                                histories=histories, recent=recent)
 
     # -- execute: tensor work, one host copy ----------------------------------------------------------------------
 
@@ -616,7 +626,7 @@ class Engine:
     def start(self, request: Request) -> Request:
         """Give a request what running needs: its stop tokens and its own seeded generator on the model's device."""
         params = request.params
-        request.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        request.stop_ids = params.stop_ids(self.eos_ids)
         request.generator = make_generator(params.seed, self.model.device)
         return request
 

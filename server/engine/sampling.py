@@ -1,5 +1,7 @@
-"""Next-token choice for a whole batch at once: greedy, temperature, top-k, top-p, per-request seeded generators.
-Every value `SamplingParams` (in `server.engine.sampling_params`) accepts samples without inf or NaN reaching the draw."""
+"""Next-token choice for a whole batch at once: greedy, temperature, top-k, top-p, min-p, per-request seeded
+generators, and the logit processors before them (allowed tokens, logit bias, min_tokens' mask, penalties), in
+vLLM's order. Every value `SamplingParams` (in `server.engine.sampling_params`) accepts samples without inf or NaN
+reaching the draw."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +19,9 @@ from server.engine.sampling_params import (
     LOGPROBS, MAX_STOP_LENGTH, MAX_STOP_STRINGS, MIN_TEMPERATURE, SEED, TEMPERATURE, TOP_K, TOP_P, Interval, SamplingError, SamplingParams, check_stop,
 )
 
-__all__ = ["LOGPROBS", "MAX_STOP_LENGTH", "MAX_STOP_STRINGS", "MIN_TEMPERATURE", "SEED", "TEMPERATURE", "TOP_K", "TOP_P", "Interval", "SamplingError",
-           "SamplingParams", "check_stop", "make_generator", "sample", "sample_batch", "sample_isolated", "SamplingBatch"]
+__all__ = ["LOGPROBS", "MAX_STOP_LENGTH", "MAX_STOP_STRINGS", "MIN_TEMPERATURE", "SEED", "TEMPERATURE", "TOP_K",
+           "TOP_P", "Interval", "Penalties", "SamplingBatch", "SamplingError", "SamplingParams", "check_stop",
+           "make_generator", "process_logits", "sample", "sample_batch", "sample_isolated"]
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -26,6 +30,77 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(secrets.randbelow(int(SEED.hi) + 1) if seed is None else seed)
     return g
+
+
+@dataclass(frozen=True)
+class Penalties:
+    """The penalized rows' penalties and what they have seen, on the device (vLLM's apply_penalties): counts of the
+    output tokens (presence and frequency), and the prompt's tokens too (repetition)."""
+
+    rows: Tensor  # [P] long: the rows with some penalty on
+    presence: Tensor  # [P] float32
+    frequency: Tensor  # [P] float32, per occurrence counted (a "sequence" row's already divided by its length)
+    repetition: Tensor  # [P] float32 (1 = off)
+    counted: Tensor  # [2, N] long: (index into rows, token), one per occurrence counted and known on the host
+    seen: Tensor | None  # [2, M] long: (index into rows, token) seen, not counted: the prompt, for repetition
+    # [P] long: each row's latest output token, which the host may not hold yet (overlapped decoding: a decode
+    # step's input token is the one in flight); None in a prefill (no output yet)
+    recent: Tensor | None
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], histories: Sequence[tuple[Sequence[int], Sequence[int]]],
+           device: torch.device, recent: Tensor | None) -> Penalties | None:
+        """histories: per row (prompt ids, output ids on the host, not counting `recent`); recent [B]: each row's
+        latest output token. None when no row has a penalty on."""
+        rows = [b for b, p in enumerate(params) if p.penalized]
+        if not rows:
+            return None
+        counted: list[np.ndarray] = []
+        seen: list[np.ndarray] = []
+        packed = []
+        for i, b in enumerate(rows):
+            p, (prompt, output) = params[b], histories[b]
+            made = len(output) + (recent is not None)
+            if p.frequency_of == "sequence":  # TGI's: the share of the whole sequence that is the token
+                counted += [_pairs(i, output), _pairs(i, prompt)]
+                frequency = p.frequency_penalty / max(1, len(prompt) + made)
+            else:
+                counted.append(_pairs(i, output))
+                frequency = p.frequency_penalty
+                if p.repetition_penalty != 1:
+                    seen.append(_pairs(i, prompt))
+            packed.append((b, p.presence_penalty, frequency, p.repetition_penalty))
+        ids = np.concatenate(counted + seen, axis=1)
+        n = sum(c.shape[1] for c in counted)
+        ids_d = torch.from_numpy(ids).to(device, non_blocking=True)  # one copy each: pairs, then parameters
+        values = torch.tensor(packed, dtype=torch.float64).to(device, non_blocking=True)
+        return cls(rows=values[:, 0].long(), presence=values[:, 1].float(), frequency=values[:, 2].float(),
+                   repetition=values[:, 3].float(), counted=ids_d[:, :n], seen=ids_d[:, n:] if seen else None,
+                   recent=None if recent is None else recent[values[:, 0].long()])
+
+    def apply(self, logits: Tensor) -> Tensor:
+        """logits [B, V] float32 -> a copy with the penalized rows penalized (vLLM's arithmetic): a token seen in
+        prompt or output has its logit divided by `repetition` when positive, multiplied when not; then minus
+        `frequency` x its count and `presence` once if counted at all."""
+        x = logits[self.rows]  # [P, V]
+        (P, V), dev = x.shape, x.device
+        at = self.counted[0] * V + self.counted[1]  # [N] into the flattened [P, V]
+        if self.recent is not None:
+            at = torch.cat([at, torch.arange(P, device=dev) * V + self.recent])
+        # index_add, not index_put(accumulate=True): a plain atomic add on CUDA, no sorting of the indices
+        counts = torch.zeros(P * V, device=dev).index_add_(0, at, torch.ones(at.shape[0], device=dev)).view(P, V)
+        counted = counts > 0
+        seen = counted if self.seen is None else (
+            counted.flatten().index_fill(0, self.seen[0] * V + self.seen[1], True).view(P, V))
+        r = self.repetition[:, None]
+        x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)
+        x = x - self.frequency[:, None] * counts - self.presence[:, None] * counted
+        return logits.index_copy(0, self.rows, x)
+
+
+def _pairs(row: int, tokens: Sequence[int]) -> np.ndarray:
+    """[2, len(tokens)]: (row, token) for each token."""
+    return np.stack([np.full(len(tokens), row, dtype=np.int64), np.asarray(tokens, dtype=np.int64).reshape(-1)])
 
 
 @dataclass(frozen=True)
@@ -47,20 +122,40 @@ class SamplingBatch:
     # [2, N] long: (row, token) pairs that row may not choose this step (a stop token before min_tokens, as vLLM's
     # MinTokensLogitsProcessor); None when no row bans any
     banned: Tensor | None = None
+    allowed: Tensor | None = None  # [2, N] long: (row, token) pairs a row limited by allowed_token_ids may choose
+    bias_at: Tensor | None = None  # [2, N] long: (row, token) pairs with a logit bias
+    bias: Tensor | None = None  # [N] float32: their biases
+    penalties: Penalties | None = None  # None when no row has a penalty on
+    min_p: Tensor | None = None  # [S] float32, per drawing row (None when every drawing row's is 0)
 
     @classmethod
     def of(cls, params: list[SamplingParams], generators: list[Any], device: torch.device,
-           banned: list[tuple[int, int]] | None = None) -> SamplingBatch:
-        """banned: (row, token) pairs, each row's tokens it may not choose this step."""
+           banned: list[tuple[int, int]] | None = None,
+           histories: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
+           recent: Tensor | None = None) -> SamplingBatch:
+        """banned: (row, token) pairs, each row's tokens it may not choose this step. histories and recent: what
+        the penalties count (`Penalties.of`); without them, no row has seen any token. A batch whose rows use none of
+        allowed_token_ids, logit_bias, penalties and min_p carries no tensor for them."""
         sampled = tuple(b for b, p in enumerate(params) if not p.greedy)
-        tensors: dict[str, Tensor] = {}
+        tensors: dict[str, Any] = {}
         if banned:
             tensors["banned"] = torch.tensor(banned, dtype=torch.long).T.to(device, non_blocking=True)
+        allowed = [(b, t) for b, p in enumerate(params) if p.allowed_token_ids is not None
+                   for t in p.allowed_token_ids]
+        if allowed:
+            tensors["allowed"] = torch.tensor(allowed, dtype=torch.long).T.to(device, non_blocking=True)
+        bias = [(b, t, v) for b, p in enumerate(params) for t, v in p.logit_bias]
+        if bias:  # one copy: token ids are exact in float64
+            packed = torch.tensor(bias, dtype=torch.float64).T.to(device, non_blocking=True)
+            tensors.update(bias_at=packed[:2].long(), bias=packed[2].float())
+        tensors["penalties"] = Penalties.of(params, histories or [((), ())] * len(params), device, recent)
+        min_p = any(params[b].min_p > 0 for b in sampled)
         if sampled:  # one copy: rows and parameters packed together
-            packed = torch.tensor([(b, params[b].temperature, params[b].top_k, params[b].top_p) for b in sampled],
+            packed = torch.tensor([(b, params[b].temperature, params[b].top_k, params[b].top_p)
+                                   + ((params[b].min_p,) if min_p else ()) for b in sampled],
                                   dtype=torch.float64).to(device, non_blocking=True)
             tensors.update(rows=packed[:, 0].long(), temperature=packed[:, 1].float(), top_k=packed[:, 2].long(),
-                           top_p=packed[:, 3].float())
+                           top_p=packed[:, 3].float(), min_p=packed[:, 4].float() if min_p else None)
         return cls(
             generators=tuple(generators), sampled=sampled,
             filtered=any(params[b].top_k > 0 or params[b].top_p < 1.0 for b in sampled),
@@ -99,12 +194,10 @@ def sample_batch(logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor, 
     All greedy rows are one argmax. NaN logits are never chosen; a row whose logits are all -inf or NaN is not alive
     (its token is arbitrary). A drawing row takes one uniform number from its own generator (so it draws the same
     token alone or in any batch) and inverts the cumulative distribution of its filtered, tempered probabilities.
-    A banned (row, token) pair is -inf for that row's choice, greedy or drawn (the caller's logits are unchanged)."""
-    logits = logits.float()
-    if batch.banned is not None:
-        # a fill, not torch.tensor(..., device=...): that is a blocking host-to-device copy, a sync in the step
-        logits = logits.index_put(tuple(batch.banned), torch.full((), float("-inf"), device=logits.device))
-    tokens, alive, logits = greedy(logits)
+
+    Before either, the logit processors (`process_logits`); the caller's logits (which logprobs are computed
+    from) are unchanged."""
+    tokens, alive, logits = greedy(process_logits(logits, batch))
     errors: dict[int, Exception] = {}
     if not batch.sampled:
         return tokens, alive, errors
@@ -119,8 +212,31 @@ def sample_batch(logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor, 
     assert batch.rows is not None and batch.temperature is not None and batch.top_k is not None
     assert batch.top_p is not None
     drawn = _draw(logits[batch.rows], batch.temperature, batch.top_k, batch.top_p, torch.stack(draws),
-                  filtered=batch.filtered, cap=batch.top_k_cap)
+                  filtered=batch.filtered, cap=batch.top_k_cap, min_p=batch.min_p)
     return tokens.index_copy(0, batch.rows, drawn), alive, errors
+
+
+def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """logits [B, V] -> float32 logits for greedy choice and temperature, as vLLM's sampler processes them: a row's
+    tokens outside its allowed ones, and a banned (row, token) pair, are -inf; logit biases are added; then the
+    penalties (`Penalties.apply`). A copy wherever anything applies: the caller's logits are unchanged."""
+    logits = logits.float()
+    # fills, not torch.tensor(..., device=...): that is a blocking host-to-device copy, a sync in the step
+    if batch.allowed is not None:
+        (B, V), dev = logits.shape, logits.device
+        row, token = batch.allowed
+        keep = torch.zeros(B * V, dtype=torch.bool, device=dev).index_fill_(0, row * V + token, True).view(B, V)
+        limited = torch.zeros(B, dtype=torch.bool, device=dev).index_fill_(0, row, True)  # rows with a list
+        logits = logits.masked_fill(limited[:, None] & ~keep, float("-inf"))
+    if batch.bias is not None:
+        assert batch.bias_at is not None
+        V = logits.shape[1]
+        logits = logits.flatten().index_add(0, batch.bias_at[0] * V + batch.bias_at[1], batch.bias).view(logits.shape)
+    if batch.banned is not None:
+        logits = logits.index_put(tuple(batch.banned), torch.full((), float("-inf"), device=logits.device))
+    if batch.penalties is not None:
+        logits = batch.penalties.apply(logits)
+    return logits
 
 
 def greedy(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -161,10 +277,13 @@ def _uniform(g: Any, device: torch.device) -> Tensor:
 
 
 def _draw(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, u: Tensor, *, filtered: bool,
-          cap: int = 0) -> Tensor:
-    """logits [S, V] float32 without NaN; temperature, top_p [S]; top_k [S] (0 off); u [S] in [0, 1) -> tokens [S].
-    Shifting each row's maximum to 0 before dividing keeps every scaled logit in [-inf, 0], so softmax never sees
-    inf - inf; +inf logits become 0 and share the draw.
+          cap: int = 0, min_p: Tensor | None = None) -> Tensor:
+    """logits [S, V] float32 without NaN; temperature, top_p [S]; top_k [S] (0 off); u [S] in [0, 1); min_p [S] or
+    None -> tokens [S]. Shifting each row's maximum to 0 before dividing keeps every scaled logit in [-inf, 0], so
+    softmax never sees inf - inf; +inf logits become 0 and share the draw.
+
+    min_p (vLLM's, after temperature) drops a token whose probability is below min_p x the largest: with the
+    maximum at 0, exp(x) is that ratio, so the most likely token always stays.
 
     Filtering (top-k, then top-p) finds each row's smallest kept logit on its sorted logits, then keeps every token
     at or above it, in vocabulary order (a token tied with the last kept one stays, as in HF's warpers). The draw
@@ -173,6 +292,8 @@ def _draw(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, u: 
     (every row's top_k <= cap), only the cap largest logits are sorted, not the vocabulary."""
     x = torch.nan_to_num(logits - logits.max(-1, keepdim=True).values, nan=0.0, neginf=float("-inf"))
     x = x / temperature[:, None]
+    if min_p is not None:
+        x = x.masked_fill(x.exp() < min_p[:, None], float("-inf"))
     if filtered:
         V = x.shape[-1]
         ranked = torch.topk(x, cap, dim=-1).values if 0 < cap < V else torch.sort(x, dim=-1, descending=True).values

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 MIN_TEMPERATURE = 1e-5  # below this, temperature sampling is argmax (vLLM's _SAMPLING_EPS)
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256  # characters
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI's API
 
 
 class SamplingError(ValueError):
@@ -30,7 +31,7 @@ class Interval:
         return math.isfinite(x) and above and x <= self.hi
 
     def __str__(self) -> str:
-        return f"{'(' if self.lo_open else '['}{self.lo}, {self.hi}]"
+        return f"{'(' if self.lo_open else '['}{self.lo}, " + ("inf)" if self.hi == math.inf else f"{self.hi}]")
 
     def check(self, name: str, value: Any) -> Any:
         """`value` unchanged if allowed; else a SamplingError naming `name` and the range."""
@@ -41,7 +42,8 @@ class Interval:
         return value
 
     def json_schema(self) -> dict[str, int | float]:
-        return {"exclusiveMinimum" if self.lo_open else "minimum": self.lo, "maximum": self.hi}
+        bounds = {"exclusiveMinimum" if self.lo_open else "minimum": self.lo, "maximum": self.hi}
+        return {k: v for k, v in bounds.items() if v != math.inf}  # JSON has no inf
 
 
 TEMPERATURE = Interval(0, 100)  # 0 (or below MIN_TEMPERATURE) = greedy
@@ -49,6 +51,10 @@ TOP_P = Interval(0, 1, lo_open=True)
 TOP_K = Interval(0, 1_000_000, integer=True)  # 0 = off; above the vocabulary size = off
 SEED = Interval(0, 2**63 - 1, integer=True)
 LOGPROBS = Interval(0, 20, integer=True)
+PENALTY = Interval(-2, 2)  # presence and frequency (OpenAI's; TGI's frequency_penalty too)
+POSITIVE = Interval(0, math.inf, lo_open=True)  # repetition_penalty, vLLM's and TGI's (1 = off)
+MIN_P = Interval(0, 1)  # 0 = off
+LOGIT_BIAS = Interval(-100, 100)
 
 
 def check_stop(stop: tuple[str, ...] | list[str]) -> None:
@@ -62,6 +68,9 @@ def check_stop(stop: tuple[str, ...] | list[str]) -> None:
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """One request's (one choice's) sampling. The logit processors run as vLLM's do: allowed_token_ids, logit_bias
+    and min_tokens' mask on the raw logits, then the penalties, then temperature, then min_p, top-k and top-p."""
+
     max_tokens: int = 16  # the server bounds it by the context length
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
@@ -81,6 +90,17 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # subtracted from the logit of each token the output holds so far: presence once, frequency per occurrence
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # "output": frequency_penalty x the token's count in the output (OpenAI's, vLLM's); "sequence": x its share of
+    # prompt and output together, count / length (TGI's)
+    frequency_of: Literal["output", "sequence"] = "output"
+    # a token seen in prompt or output has its logit divided by this when positive, multiplied when not (CTRL's)
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0  # drawing rows drop tokens less likely than min_p x the most likely one (after temperature)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit); a token given twice: the last
+    allowed_token_ids: tuple[int, ...] | None = None  # only these may be chosen
 
     def __post_init__(self) -> None:
         for name, value in (("max_tokens", self.max_tokens), ("min_tokens", self.min_tokens)):
@@ -96,6 +116,25 @@ class SamplingParams:
         if self.seed is not None:
             SEED.check("seed", self.seed)
         check_stop(self.stop)
+        PENALTY.check("presence_penalty", self.presence_penalty)
+        PENALTY.check("frequency_penalty", self.frequency_penalty)
+        POSITIVE.check("repetition_penalty", self.repetition_penalty)
+        MIN_P.check("min_p", self.min_p)
+        if self.frequency_of not in ("output", "sequence"):
+            raise SamplingError(f"frequency_of must be 'output' or 'sequence', got {self.frequency_of!r}")
+        # a presence penalty counts the output only: counting the prompt (TGI's frequency) would make it another rule
+        assert self.frequency_of == "output" or self.presence_penalty == 0, "presence_penalty with a sequence frequency"
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise SamplingError(f"logit_bias must hold at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}")
+        for token, bias in self.logit_bias:
+            _check_token("logit_bias", token)
+            LOGIT_BIAS.check("logit_bias", bias)
+        object.__setattr__(self, "logit_bias", tuple(dict(self.logit_bias).items()))
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise SamplingError("allowed_token_ids must hold at least one token id (or be left out)")
+            for token in self.allowed_token_ids:
+                _check_token("allowed_token_ids", token)
 
     @property
     def prompt_alternatives(self) -> int | None:
@@ -108,3 +147,30 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        """Whether some penalty is on (each row that is not costs the step nothing)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    def stop_ids(self, eos_ids: frozenset[int]) -> frozenset[int]:
+        """The tokens that end this request, given the model's EOS tokens."""
+        return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else eos_ids)
+
+    def check_model(self, vocab_size: int, eos_ids: frozenset[int]) -> None:
+        """What can only be checked once the model is known: the token ids this names exist in its vocabulary, and
+        allowed_token_ids leave a token to choose while min_tokens holds the stop tokens off."""
+        for name, ids in (("logit_bias", [t for t, _ in self.logit_bias]),
+                          ("allowed_token_ids", self.allowed_token_ids or ())):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise SamplingError(f"{name}: token ids {bad[:5]} are outside the vocabulary 0-{vocab_size - 1}")
+        stops = self.stop_ids(eos_ids)
+        if self.min_tokens and self.allowed_token_ids is not None and set(self.allowed_token_ids) <= stops:
+            raise SamplingError(f"allowed_token_ids holds only stop tokens, which min_tokens ({self.min_tokens}) "
+                                "forbids until then: allow another token, or send min_tokens 0")
+
+
+def _check_token(name: str, token: Any) -> None:
+    if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+        raise SamplingError(f"{name} takes token ids, integers >= 0 (below the vocabulary size), got {token!r}")
