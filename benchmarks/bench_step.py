@@ -41,6 +41,9 @@ KINDS = {  # what each row asks: an OpenAI request without `logprobs`; one with 
     "greedy": dict(temperature=0.0, logprobs=None),
     "greedy+lp": dict(temperature=0.0, logprobs=0),
     "sampled": dict(temperature=0.8, top_p=0.9, top_k=50, logprobs=2),
+    # the logit processors besides: penalties (counts over prompt and output each step), a bias, min_p
+    "processed": dict(temperature=0.8, top_p=0.9, top_k=50, logprobs=2, presence_penalty=0.5, frequency_penalty=0.5,
+                      repetition_penalty=1.2, min_p=0.05, logit_bias=((13, -5.0),)),
 }
 
 

@@ -81,21 +81,24 @@ class Penalties:
     def apply(self, logits: Tensor) -> Tensor:
         """logits [B, V] float32 -> a copy with the penalized rows penalized (vLLM's arithmetic): a token seen in
         prompt or output has its logit divided by `repetition` when positive, multiplied when not; then minus
-        `frequency` x its count and `presence` once if counted at all."""
-        x = logits[self.rows]  # [P, V]
-        (P, V), dev = x.shape, x.device
-        at = self.counted[0] * V + self.counted[1]  # [N] into the flattened [P, V]
+        `frequency` x its count and `presence` once if counted at all. Only the positions seen are computed: every
+        occurrence of a token gets the same new logit, so writing them all is exact (a dense pass per operation over
+        [P, V] cost 5 ms a step at 16 rows on the CPU)."""
+        (B, V), dev = logits.shape, logits.device
+        P = self.rows.shape[0]
+        local = self.counted[0] * V + self.counted[1]  # [N] into a flattened [P, V]
         if self.recent is not None:
-            at = torch.cat([at, torch.arange(P, device=dev) * V + self.recent])
+            local = torch.cat([local, torch.arange(P, device=dev) * V + self.recent])
         # index_add, not index_put(accumulate=True): a plain atomic add on CUDA, no sorting of the indices
-        counts = torch.zeros(P * V, device=dev).index_add_(0, at, torch.ones(at.shape[0], device=dev)).view(P, V)
-        counted = counts > 0
-        seen = counted if self.seen is None else (
-            counted.flatten().index_fill(0, self.seen[0] * V + self.seen[1], True).view(P, V))
-        r = self.repetition[:, None]
-        x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)
-        x = x - self.frequency[:, None] * counts - self.presence[:, None] * counted
-        return logits.index_copy(0, self.rows, x)
+        counts = torch.zeros(P * V, device=dev).index_add_(0, local, torch.ones(local.shape[0], device=dev))
+        if self.seen is not None:
+            local = torch.cat([local, self.seen[0] * V + self.seen[1]])
+        which = torch.div(local, V, rounding_mode="floor")  # [M] index into rows
+        at = self.rows[which] * V + local % V  # [M] into the flattened [B, V]
+        flat = logits.flatten()
+        x, count, r = flat[at], counts[local], self.repetition[which]
+        x = torch.where(x > 0, x / r, x * r) - self.frequency[which] * count - self.presence[which] * (count > 0)
+        return flat.index_put((at,), x).view(B, V)
 
 
 def _pairs(row: int, tokens: Sequence[int]) -> np.ndarray:
