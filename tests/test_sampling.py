@@ -117,7 +117,8 @@ def test_allowed_token_ids_leave_every_other_token_out_of_its_own_row():
 
 def test_a_grammar_mask_leaves_out_what_its_row_may_not_choose_and_no_other_row():
     """xgrammar's bitmask (bit t % 32 of word t // 32: token t allowed) over 40 tokens, for row 1 of 3: its other
-    tokens are -inf, first, before allowed_token_ids (which intersect) and logit_bias; rows 0 and 2 are untouched."""
+    tokens are -inf, whatever allowed_token_ids allow (the two intersect) and however logit_bias raises them (a bias
+    added to -inf stays -inf); rows 0 and 2 are untouched."""
     V = 40
     logits = torch.arange(3 * V, dtype=torch.float32).view(3, V)
     allowed = [0, 5, 31, 32, 39]
@@ -125,7 +126,7 @@ def test_a_grammar_mask_leaves_out_what_its_row_may_not_choose_and_no_other_row(
     for t in allowed:
         mask[0, t // 32] |= 1 << (t % 32)
     mask[0, 0] |= torch.tensor(-2**31, dtype=torch.int32)  # bit 31 is the sign bit: token 31, twice set is set
-    batch = SamplingBatch.of([SamplingParams(), SamplingParams(allowed_token_ids=(5, 31, 32), logit_bias=((5, 30.0),)),
+    batch = SamplingBatch.of([SamplingParams(), SamplingParams(allowed_token_ids=(5, 6, 31, 32), logit_bias=((6, 50.0), (5, 30.0))),
                               SamplingParams()], [None] * 3, CPU, grammar=([1], mask))
     before = logits.clone()
     got = process_logits(logits, batch)
