@@ -917,6 +917,9 @@ ERRORS = [
     ("json-mode-without-a-readable-tokenizer", "/v1/completions", {"prompt": "x",
                                                                    "response_format": {"type": "json_object"}}, 400,
      "structured_outputs_unavailable", "response_format", ("structured outputs are not available",)),
+    ("json-schema-empty-is-still-a-schema", "/v1/completions", {"prompt": "x", "response_format": {
+        "type": "json_schema", "json_schema": {"name": "any", "schema": {}}}}, 400, "structured_outputs_unavailable",
+     "response_format", ()),
     ("tools", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required",
                                        "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, None, "tools",
      ("tool_choice 'none'",)),
@@ -1044,13 +1047,16 @@ def test_chat_template_kwargs_reach_the_template_that_reads_them():
 
 
 def test_what_asks_for_nothing_unsupported_is_served(chat_client):
-    """tools with tool_choice 'none', response_format text, best_of = n, vLLM's extensions at the values that ask for
-    nothing: answered, not refused."""
+    """tools with tool_choice 'none', response_format text (whatever json_schema it carries), best_of = n, vLLM's
+    extensions at the values that ask for nothing (empty structured outputs too, as vLLM reads them): answered, not
+    refused (the tiny model's tokenizer serves no structured output: one asked for would be a 400)."""
     neutral = {"skip_special_tokens": True, "use_beam_search": False, "bad_words": [], "guided_json": None,
                "include_stop_str_in_output": False, "length_penalty": 1.0, "echo": False, "chat_template": None,
                "chat_template_kwargs": {}, "add_special_tokens": False, "documents": None}
     for extra in ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"},
-                  {"response_format": {"type": "text"}}, {"best_of": 2, "n": 2}, {"min_p": 0.0}, neutral):
+                  {"response_format": {"type": "text"}}, {"best_of": 2, "n": 2}, {"min_p": 0.0}, neutral,
+                  {"response_format": {"type": "text", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+                  {"guided_choice": [], "guided_regex": "", "structured_outputs": {}}):
         r = complete(chat_client, "/v1/chat/completions", messages=CHAT, max_tokens=2, **extra)
         assert r.status_code == 200 and len(r.json()["choices"]) == extra.get("n", 1), r.text
 

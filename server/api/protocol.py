@@ -309,10 +309,13 @@ class _Sampling(_Body):
     @model_validator(mode="after")
     def _one_structured_output(self) -> _Sampling:
         asked = []
-        if self.response_format is not None and self.response_format.type == "json_object":
+        form = self.response_format
+        if form is not None and form.type == "json_object":
             asked.append(StructuredOutput("json_object", param="response_format"))
-        elif self.response_format is not None and self.response_format.json_schema is not None:
-            asked.append(_structured("json", self.response_format.json_schema.schema_, "response_format"))
+        elif form is not None and form.type == "json_schema":
+            assert form.json_schema is not None  # ResponseFormat's check
+            # compiled even when empty: {} is the schema every JSON value is valid against
+            asked.append(StructuredOutput("json", json.dumps(form.json_schema.schema_), param="response_format"))
         asked += [_structured(kind, getattr(self, f"guided_{kind}"), f"guided_{kind}")
                   for kind in ("json", "regex", "choice", "grammar")]
         if self.structured_outputs is not None:
