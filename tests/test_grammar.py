@@ -79,6 +79,22 @@ def test_what_does_not_compile_is_a_grammar_error_naming_it(grammars, kind, spec
         assert fragment in str(e.value), (fragment, str(e.value))
 
 
+@pytest.mark.slow
+def test_compiled_grammars_are_cached_within_a_bound(smollm2):
+    """The same spec compiles once (a second request reuses it); distinct ones past the bound evict the oldest, so
+    the cache holds at most the bound and the newest grammar (here a dozen would be ~30 MB)."""
+    tok = smollm2.tokenizer
+    grammars = Grammars(tok, vocab_size=len(tok), stop_ids=smollm2.eos_token_ids, cache_bytes=4 * 2**20)
+    grammars.compile(StructuredOutput("regex", "[a-z]{1,3000}"))
+    one = grammars.cached_bytes
+    assert one > 2**20
+    grammars.compile(StructuredOutput("regex", "[a-z]{1,3000}"))
+    assert grammars.cached_bytes == one
+    for n in range(3001, 3013):
+        grammars.compile(StructuredOutput("regex", f"[a-z]{{1,{n}}}"))
+        assert grammars.cached_bytes <= 4 * 2**20 + one
+
+
 def test_without_xgrammar_a_structured_output_is_unavailable_naming_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "xgrammar", None)  # import fails
     grammars = Grammars(CharTokenizer(), vocab_size=128, stop_ids=frozenset({2}))

@@ -111,6 +111,11 @@ class Grammars:
     def matcher(self, spec: StructuredOutput) -> Matcher:
         return self.compile(spec).matcher()
 
+    @property
+    def cached_bytes(self) -> int:
+        """What xgrammar's cache of compiled grammars holds (0 before the first compile)."""
+        return 0 if self._compiler is None else int(self._compiler.get_cache_size_bytes())
+
     def _get_compiler(self) -> Any:
         with self._lock:
             if self._compiler is None and self._unavailable is None:
