@@ -234,6 +234,24 @@ def test_overlapped_decoding_reads_each_step_before_a_structured_row_needs_its_m
 
 
 @pytest.mark.slow
+def test_min_tokens_past_a_complete_grammar_fails_that_row_saying_so(smollm2_engine):
+    """The grammar ends after "Rome" (its only continuation is the EOS, which min_tokens forbids): that row fails
+    naming min_tokens; its structured neighbour is unaffected."""
+    e = smollm2_engine
+    rome = StructuredOutput("choice", ("Rome",))
+    [failed] = e.generate([PLAIN], params=SamplingParams(max_tokens=10, structured=rome, min_tokens=5))
+    assert failed.finish_reason == "error" and "before min_tokens (5)" in failed.error, failed.error
+    seqs = [e.new_sequence(PLAIN, SamplingParams(max_tokens=10, structured=rome, min_tokens=m), e.compile("full"))
+            for m in (5, 0)]
+    batch = e.new_batch(max_len=128, num_blocks=128)
+    batch.add(seqs)
+    while batch.sequences:
+        batch.step()
+        batch.filter()
+    assert seqs[0].finish_reason == "error" and (seqs[1].text, seqs[1].finish_reason) == ("Rome", "stop")
+
+
+@pytest.mark.slow
 def test_a_rollback_takes_the_matcher_back_with_the_tokens(smollm2_engine):
     """Tokens a verifier rejects leave the grammar too: decoding on after a rollback gives the same JSON."""
     e = smollm2_engine

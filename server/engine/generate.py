@@ -251,7 +251,7 @@ class Batch:
             if s.finished:
                 continue
             if b in out.errors:
-                s.set_finished("error", out.errors[b])
+                s.set_finished("error", _why_failed(s, out.errors[b]))
                 continue
             try:
                 if prefill_from is None:
@@ -461,6 +461,15 @@ class Batch:
 def _detokenizer(tokenizer: Any, params: SamplingParams) -> IncrementalDetokenizer:
     return IncrementalDetokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens,
                                   spaces_between_special_tokens=params.spaces_between_special_tokens)
+
+
+def _why_failed(s: Request, error: str) -> str:
+    """A row's sampling error, said as its cause where that is known: a structured output whose grammar is complete
+    allows only a stop token, which min_tokens forbids, so no token was left to choose."""
+    if s.grammar is not None and len(s.output_ids) < s.params.min_tokens:
+        return (f"the structured output was complete after {len(s.output_ids)} tokens, before min_tokens "
+                f"({s.params.min_tokens}), which forbids ending it there: lower min_tokens")
+    return error
 
 
 def _grammar_ends(s: Request, token: int) -> bool:
