@@ -871,9 +871,27 @@ ERRORS = [
      None, "truncate_prompt_tokens", (f"[1, {MAX_LEN}]",)),
     ("vllm-skip-special-tokens-type", "/v1/completions", {"prompt": "x", "skip_special_tokens": "maybe"}, 400, None,
      "skip_special_tokens", ()),
-    ("vllm-guided-json", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                                  "guided_json": {"type": "object"}}, 400, None, "guided_json",
-     ("not supported",)),
+    # structured outputs: what is wrong with the request itself, before any compiling (tests/test_e2e.py compiles)
+    ("structured-two-kinds", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                      "guided_json": {"type": "object"}, "guided_regex": "a+"}, 400,
+     None, None, ("at most one structured output", "guided_json and guided_regex")),
+    ("structured-two-fields", "/v1/completions", {"prompt": "x", "response_format": {"type": "json_object"},
+                                                  "structured_outputs": {"choice": ["a"]}}, 400, None, None,
+     ("response_format and structured_outputs.choice",)),
+    ("structured-two-in-one", "/v1/completions", {"prompt": "x", "structured_outputs": {"regex": "a", "grammar": "b"}},
+     400, None, None, ("structured_outputs.regex and structured_outputs.grammar",)),
+    ("structured-unknown-option", "/v1/completions", {"prompt": "x", "structured_outputs": {"structural_tag": "{}"}},
+     400, None, "structured_outputs", ("structural_tag is not supported", "json, regex, choice, grammar")),
+    ("guided-json-not-json", "/v1/completions", {"prompt": "x", "guided_json": "{'type': 'object'}"}, 400, None,
+     "guided_json", ("must be JSON text",)),
+    ("json-schema-without-schema", "/v1/completions", {"prompt": "x", "response_format": {"type": "json_schema"}},
+     400, None, "response_format", ("needs json_schema",)),
+    ("response-format-structural-tag", "/v1/completions", {"prompt": "x",
+                                                           "response_format": {"type": "structural_tag"}}, 400, None,
+     "response_format.type", ("json_object", "json_schema")),
+    # the tiny model's tokenizer is no Hugging Face one: xgrammar cannot read it, and the request is refused
+    ("structured-without-a-readable-tokenizer", "/v1/completions", {"prompt": "x", "guided_json": {"type": "object"}},
+     400, "structured_outputs_unavailable", "guided_json", ("xgrammar cannot read its tokenizer",)),
     ("vllm-beam-search", "/v1/completions", {"prompt": "x", "use_beam_search": True}, 400, None, "use_beam_search",
      ("not supported", "send false")),
     ("vllm-prompt-logprobs-streamed", "/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True}, 400,
@@ -896,9 +914,12 @@ ERRORS = [
     ("functions", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                            "functions": [{"name": "f"}]}, 400, None, "functions",
      ("function_call 'none'",)),
-    ("json-mode", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                           "response_format": {"type": "json_object"}}, 400, None, "response_format",
-     ("json_object", "text")),
+    ("json-mode-without-a-readable-tokenizer", "/v1/completions", {"prompt": "x",
+                                                                   "response_format": {"type": "json_object"}}, 400,
+     "structured_outputs_unavailable", "response_format", ("structured outputs are not available",)),
+    ("json-schema-empty-is-still-a-schema", "/v1/completions", {"prompt": "x", "response_format": {
+        "type": "json_schema", "json_schema": {"name": "any", "schema": {}}}}, 400, "structured_outputs_unavailable",
+     "response_format", ()),
     ("tools", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required",
                                        "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, None, "tools",
      ("tool_choice 'none'",)),
@@ -1026,13 +1047,16 @@ def test_chat_template_kwargs_reach_the_template_that_reads_them():
 
 
 def test_what_asks_for_nothing_unsupported_is_served(chat_client):
-    """tools with tool_choice 'none', response_format text, best_of = n, vLLM's extensions at the values that ask for
-    nothing: answered, not refused."""
+    """tools with tool_choice 'none', response_format text (whatever json_schema it carries), best_of = n, vLLM's
+    extensions at the values that ask for nothing (empty structured outputs too, as vLLM reads them): answered, not
+    refused (the tiny model's tokenizer serves no structured output: one asked for would be a 400)."""
     neutral = {"skip_special_tokens": True, "use_beam_search": False, "bad_words": [], "guided_json": None,
                "include_stop_str_in_output": False, "length_penalty": 1.0, "echo": False, "chat_template": None,
                "chat_template_kwargs": {}, "add_special_tokens": False, "documents": None}
     for extra in ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"},
-                  {"response_format": {"type": "text"}}, {"best_of": 2, "n": 2}, {"min_p": 0.0}, neutral):
+                  {"response_format": {"type": "text"}}, {"best_of": 2, "n": 2}, {"min_p": 0.0}, neutral,
+                  {"response_format": {"type": "text", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+                  {"guided_choice": [], "guided_regex": "", "structured_outputs": {}}):
         r = complete(chat_client, "/v1/chat/completions", messages=CHAT, max_tokens=2, **extra)
         assert r.status_code == 200 and len(r.json()["choices"]) == extra.get("n", 1), r.text
 
@@ -1455,8 +1479,9 @@ def test_the_http_layer_holds_the_served_model_not_the_engine(client):
     assert (served.num_layers, served.vocab_size, served.max_model_len, served.eos_ids) == (
         engine.num_layers, engine.vocab_size, engine.max_model_len, engine.eos_ids)
     for f in dataclasses.fields(served):
-        if f.name != "tokenizer":
+        if f.name not in ("tokenizer", "grammars"):
             assert isinstance(getattr(served, f.name), (int, str, frozenset)), f.name
+    assert served.grammars is engine.grammars  # structured outputs compile for the tokenizer: host objects, no tensors
     for policy in ("full", "skip:2", "pairs:1-4", {"kind": "skip", "count": 1}):
         assert served.compile(policy) == engine.compile(policy)
     for prompt in ("hello world", "", [3, 4, 5]):

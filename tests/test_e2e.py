@@ -4,11 +4,13 @@ official `openai` client and by httpx (concurrent mixed-policy exactness, client
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -18,6 +20,18 @@ pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
 PROMPT = "The capital of France is Paris. The capital of Italy is"
 CANONICAL = {"full": "full", "skip:10": "skip:10-19", "pairs": "pairs:4-25"}
+# structured outputs: SmolLM2 answers these asks with a small JSON object under the PERSON schema, greedy and at
+# temperature 0.7 (seed 1)
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"]}
+ASKS = ["Describe a person as JSON with a name and an age.",
+        "Give me a JSON object about a famous scientist: name and age."]
+SAMPLED = {"temperature": 0.7, "seed": 1}
+
+
+def _chat_prompt(text: str) -> str:
+    """SmolLM2's chat template around one user message, as a completions prompt."""
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.fixture(scope="module")
@@ -202,10 +216,13 @@ def test_a_plain_request_given_up_is_not_logged_as_an_error(server, http):
 
 def test_overlapped_decoding_serves_the_same_completions(tmp_path, http):
     """A second server with `--overlap-decode` (the CUDA default, here on the CPU): concurrent mixed-policy
-    completions with stop strings and streams equal the stepwise server's, and the startup log says which it runs."""
+    completions with stop strings, streams and structured outputs (whose steps do not overlap) equal the stepwise
+    server's, and the startup log says which it runs."""
     jobs = [("full", PROMPT, {}), ("skip:10", "Once upon a time", {"stop": ["hath"]}),
             ("pairs", "def fibonacci(n):", {"max_tokens": 5}), ("full", "The three primary colours are", {}),
-            ("skip:10", PROMPT, {"stream": True}), ("pairs", "Once upon a time", {"stream": True, "stop": [" way"]})]
+            ("skip:10", PROMPT, {"stream": True}), ("pairs", "Once upon a time", {"stream": True, "stop": [" way"]}),
+            ("full", _chat_prompt(ASKS[0]), {"max_tokens": 60, "guided_json": PERSON}),
+            ("full", PROMPT, {"stream": True, "guided_choice": ["Rome", "Milan"], **SAMPLED})]
 
     def run(client: httpx.Client, job: tuple[str, str, dict]) -> tuple[str, str | None]:
         policy, prompt, extra = job
@@ -230,7 +247,9 @@ def test_overlapped_decoding_serves_the_same_completions(tmp_path, http):
             got = list(pool.map(lambda j: run(c, j), jobs))
         assert "overlapped decode on" in p.log.read_text()
     assert got == want
-    assert [reason for _, reason in want] == ["length", "stop", "length", "length", "length", "stop"]
+    assert [reason for _, reason in want] == ["length", "stop", "length", "length", "length", "stop", "stop", "stop"]
+    jsonschema.validate(json.loads(want[6][0]), PERSON)
+    assert want[7][0] in ("Rome", "Milan")
 
 
 # -- vLLM's output shaping -------------------------------------------------------------------------------------------
@@ -398,3 +417,137 @@ def test_prompt_logprobs_score_the_prompt_as_vllm_answers(http):
     assert chat["usage"]["prompt_tokens"] == len(chat_ids)
     assert "prompt_logprobs" not in http.post("/v1/chat/completions", json=messages).json()
 
+
+
+# -- structured outputs ----------------------------------------------------------------------------------------------
+
+
+def _structured(http: httpx.Client, path: str, body: dict) -> tuple[list[str], list[str], list[str]]:
+    """(texts, finish reasons, the same request's streamed deltas joined per choice)."""
+    r = http.post(path, json={"model": MODEL, "temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    chat = path.endswith("chat/completions")
+    choices = r.json()["choices"]
+    texts = [c["message"]["content"] if chat else c["text"] for c in choices]
+    streamed = [""] * len(choices)
+    with http.stream("POST", path, json={"model": MODEL, "temperature": 0, **body, "stream": True}) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for c in json.loads(line[6:])["choices"]:
+                    streamed[c["index"]] += (c["delta"].get("content") or "") if chat else c["text"]
+    return texts, [c["finish_reason"] for c in choices], streamed
+
+
+@pytest.mark.parametrize("sampling", [{}, SAMPLED], ids=["greedy", "sampled"])
+def test_json_schema_answers_are_valid_against_it_streamed_or_not(http, sampling):
+    """OpenAI's response_format json_schema on chat, vLLM's guided_json (as JSON text) on completions."""
+    schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    for ask in ASKS:
+        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": ask}],
+                                                     "response_format": schema_format}),
+                           ("/v1/completions", {"prompt": _chat_prompt(ask), "guided_json": json.dumps(PERSON)})):
+            texts, reasons, streamed = _structured(http, path, {**body, "max_tokens": 60, **sampling})
+            assert reasons == ["stop"], (texts, reasons)  # the grammar's end: the model chose the EOS there
+            jsonschema.validate(json.loads(texts[0]), PERSON)
+            assert streamed == texts
+
+
+def test_json_object_answers_are_json_objects(http):
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": ASKS[1]}],
+                                                 "response_format": {"type": "json_object"}}),
+                       ("/v1/completions", {"prompt": _chat_prompt(ASKS[0]), "structured_outputs": {
+                           "json_object": True}})):
+        texts, reasons, _ = _structured(http, path, {**body, "max_tokens": 60})
+        assert reasons == ["stop"] and isinstance(json.loads(texts[0]), dict), texts
+
+
+@pytest.mark.parametrize("field", ["guided_choice", "structured_outputs"])
+def test_a_choice_answer_is_exactly_one_of_the_choices(http, field):
+    choices = ["Rome", "Milan", "Naples", "Turin"]
+    spec = {"guided_choice": choices} if field == "guided_choice" else {"structured_outputs": {"choice": choices}}
+    for sampling in ({}, SAMPLED):
+        texts, reasons, streamed = _structured(http, "/v1/completions", {"prompt": PROMPT, "max_tokens": 20,
+                                                                         **spec, **sampling})
+        assert texts[0] in choices and reasons == ["stop"] and streamed == texts, texts
+        texts, _, _ = _structured(http, "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "Which is the capital of Italy?"}], "max_tokens": 20, **spec,
+            **sampling})
+        assert texts[0] in choices, texts
+
+
+@pytest.mark.parametrize("field", ["guided_regex", "structured_outputs"])
+def test_a_regex_answer_fully_matches_it(http, field):
+    regex = r" [A-Z][a-z]+ \(\d{4}\)\."
+    spec = {"guided_regex": regex} if field == "guided_regex" else {"structured_outputs": {"regex": regex}}
+    for sampling in ({}, SAMPLED):
+        texts, reasons, streamed = _structured(http, "/v1/completions", {"prompt": PROMPT, "max_tokens": 30,
+                                                                         **spec, **sampling})
+        assert re.fullmatch(regex, texts[0]) and reasons == ["stop"] and streamed == texts, texts
+
+
+def test_a_grammar_answer_is_one_of_its_sentences(http):
+    grammar = 'root ::= " " city " is in " country "."\ncity ::= "Rome" | "Milan"\ncountry ::= "Italy" | "France"'
+    texts, reasons, _ = _structured(http, "/v1/completions", {"prompt": PROMPT, "max_tokens": 30,
+                                                              "guided_grammar": grammar})
+    assert re.fullmatch(r" (Rome|Milan) is in (Italy|France)\.", texts[0]) and reasons == ["stop"], texts
+
+
+def test_each_of_n_choices_follows_the_schema_on_its_own(http):
+    """n=2 sampled: each choice has its own matcher and draws as a request with its seed alone (seed + index)."""
+    body = {"messages": [{"role": "user", "content": ASKS[0]}], "max_tokens": 60, "temperature": 1.0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}}
+    texts, reasons, streamed = _structured(http, "/v1/chat/completions", {**body, "n": 2, "seed": 4})
+    alone = [_structured(http, "/v1/chat/completions", {**body, "seed": seed})[0][0] for seed in (4, 5)]
+    assert texts == alone and streamed == texts and texts[0] != texts[1]
+    for text, reason in zip(texts, reasons):
+        if reason == "stop":  # sampled at 1.0, a choice may run to max_tokens; what it wrote still follows
+            jsonschema.validate(json.loads(text), PERSON)
+    assert "stop" in reasons
+
+
+def test_structured_requests_beside_free_ones_leave_them_as_alone(http):
+    """Free requests batched with structured ones (of each kind) answer as alone, and so do the structured."""
+    jobs = [{"prompt": PROMPT, "max_tokens": 12, "ignore_eos": True},
+            {"prompt": _chat_prompt(ASKS[0]), "max_tokens": 60, "guided_json": PERSON},
+            {"prompt": "Once upon a time", "max_tokens": 12, "ignore_eos": True, **SAMPLED},
+            {"prompt": PROMPT, "max_tokens": 20, "guided_choice": ["Rome", "Milan"], **SAMPLED},
+            {"prompt": PROMPT, "max_tokens": 30, "guided_regex": r" [A-Z][a-z]+\."}]
+
+    def run(body: dict) -> str:
+        r = http.post("/v1/completions", json={"model": MODEL, "temperature": 0, **body})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    alone = [run(j) for j in jobs]
+    before = _batched_steps(_metrics(http))
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(run, jobs))
+    assert together == alone
+    assert _batched_steps(_metrics(http)) > before, "no engine step ran more than one sequence: nothing was batched"
+    jsonschema.validate(json.loads(alone[1]), PERSON)
+
+
+@pytest.mark.parametrize("body,param,says", [
+    ({"guided_json": {"type": "foo"}}, "guided_json", ('the JSON schema does not compile: Unsupported type "foo"',)),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object",
+                                                                                          "required": 3}}}},
+     "response_format", ("the JSON schema does not compile",)),
+    ({"guided_regex": "(ab"}, "guided_regex", ("the regular expression does not compile",
+                                               "parenthesis is not closed")),
+    ({"structured_outputs": {"grammar": 'root ::= "a" rest'}}, "structured_outputs.grammar",
+     ('the EBNF grammar does not compile', 'Rule "rest" is not defined')),
+])
+def test_what_does_not_compile_is_a_400_naming_it(http, body, param, says):
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["code"] == "invalid_structured_output", err
+    for fragment in says:
+        assert fragment in err["message"], (fragment, err["message"])
+
+
+def test_two_structured_outputs_at_once_are_a_400(client):
+    with pytest.raises(openai.BadRequestError, match="at most one structured output.*guided_regex and "
+                                                     "guided_choice"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2,
+                                  extra_body={"guided_choice": ["a"], "guided_regex": "a"})

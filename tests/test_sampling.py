@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from server.engine.sampling import (MAX_STOP_LENGTH, MAX_STOP_STRINGS, MIN_TEMPERATURE, SEED, TOP_K, SamplingError,
                              SamplingBatch, SamplingParams, make_generator, process_logits, sample, sample_batch,
-                             sample_isolated)
+                             sample_isolated, unpack_bitmask)
 
 CPU = torch.device("cpu")
 
@@ -113,6 +113,39 @@ def test_allowed_token_ids_leave_every_other_token_out_of_its_own_row():
     assert got.tolist() == [[-INF, -INF, 0.5, 0.0], [9.0, 1.0, 0.5, 0.0]]
     assert sample(logits, [own, SamplingParams()], [None, None]).tolist() == [2, 0]
     assert draws(logits[0], SamplingParams(temperature=1.0, allowed_token_ids=(1, 3)), 0, n=200) == {1, 3}
+
+
+def test_a_grammar_mask_leaves_out_what_its_row_may_not_choose_and_no_other_row():
+    """xgrammar's bitmask (bit t % 32 of word t // 32: token t allowed) over 40 tokens, for row 1 of 3: its other
+    tokens are -inf, whatever allowed_token_ids allow (the two intersect) and however logit_bias raises them (a bias
+    added to -inf stays -inf); rows 0 and 2 are untouched."""
+    V = 40
+    logits = torch.arange(3 * V, dtype=torch.float32).view(3, V)
+    allowed = [0, 5, 31, 32, 39]
+    mask = torch.zeros(1, 2, dtype=torch.int32)
+    for t in allowed:
+        mask[0, t // 32] |= 1 << (t % 32)
+    mask[0, 0] |= torch.tensor(-2**31, dtype=torch.int32)  # bit 31 is the sign bit: token 31, twice set is set
+    batch = SamplingBatch.of([SamplingParams(), SamplingParams(allowed_token_ids=(5, 6, 31, 32), logit_bias=((6, 50.0), (5, 30.0))),
+                              SamplingParams()], [None] * 3, CPU, grammar=([1], mask))
+    before = logits.clone()
+    got = process_logits(logits, batch)
+    assert torch.equal(logits, before)
+    want = torch.full((V,), -INF)
+    want[[5, 31, 32]] = logits[1, [5, 31, 32]] + torch.tensor([30.0, 0.0, 0.0])
+    assert got[1].tolist() == want.tolist() and torch.equal(got[[0, 2]], logits[[0, 2]])
+    assert sample_batch(logits, batch)[0].tolist() == [V - 1, 5, V - 1]
+
+
+def test_unpack_bitmask_reads_xgrammars_layout():
+    """The mask as xgrammar's own kernel applies it, on random bits over a vocabulary that is no multiple of 32."""
+    import xgrammar as xgr
+
+    V = 100
+    mask = torch.randint(-2**31, 2**31 - 1, (4, 4), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    logits = torch.zeros(4, V)
+    xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=V)
+    assert torch.equal(unpack_bitmask(mask, V), logits == 0)
 
 
 def test_logit_bias_adds_to_its_own_rows_logits():

@@ -48,6 +48,7 @@ def _params(body: CompletionRequest | ChatCompletionRequest, *, logprobs: int | 
             allowed_token_ids=None if body.allowed_token_ids is None else tuple(body.allowed_token_ids),
             include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens,
             spaces_between_special_tokens=body.spaces_between_special_tokens, prompt_logprobs=body.prompt_logprobs,
+            structured=body.structured_output,
         )
     return params
 

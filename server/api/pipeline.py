@@ -21,11 +21,12 @@ from server.api.errors import CLIENT_CLOSED, GENERATION_FAILED, APIError
 from server.api.protocol import PaintersInfo, PolicyField, Timings
 from server.api.state import AppState
 from server.policy.compiler import Schedule
+from server.engine.grammar import Grammar, GrammarError, GrammarUnavailable
 from server.engine.probe import ProbeStats
 from server.engine.request import GenerationResult, Output
 from server.engine.request import Timings as EngineTimings
 from server.engine.request import Request as EngineRequest  # fastapi.Request is the HTTP one
-from server.engine.sampling_params import SamplingParams
+from server.engine.sampling_params import SamplingParams, StructuredOutput
 from server.engine.scheduler import DrainingError, KVBudgetError, QueueFullError
 from server.engine.served import TemplateKwargsError
 
@@ -91,7 +92,8 @@ class Running:
 
 
 async def start(state: AppState, job: Job) -> Running:
-    """Resolve, tokenize, check and submit `job`; every refusal is an APIError naming what was wrong."""
+    """Resolve, tokenize, check and submit `job`; every refusal is an APIError naming what was wrong. A structured
+    output is compiled here, before anything is queued, and each request (each choice) gets its own matcher."""
     state.check_admitting()
     _check_sequences(state, job.n * (1 if isinstance(job.prompts, Chat) else len(job.prompts)))
     schedule = state.resolve_policy(job.model, job.policy)
@@ -100,14 +102,30 @@ async def start(state: AppState, job: Job) -> Running:
     if job.truncate_prompt_tokens is not None:
         prompts = [_keep_last(p, job.truncate_prompt_tokens, state.max_model_len) for p in prompts]
     requests = []
+    grammars: dict[StructuredOutput, Grammar] = {}
     for prompt in prompts:
         max_tokens = state.default_max_tokens(len(prompt.ids), schedule) if job.max_tokens is None else job.max_tokens
         state.check_length(len(prompt.ids), max_tokens)
         params = [job.params(max_tokens, i) for i in range(job.n)]
         for p in params:
             p.check_model(served.vocab_size, served.eos_ids)  # a SamplingError: a 400 naming what was wrong
-        requests += [engine_request(new_request_id(job.prefix), prompt.ids, p, schedule) for p in params]
+            if p.structured is not None and p.structured not in grammars:
+                grammars[p.structured] = await compile_grammar(served, p.structured)
+        requests += [engine_request(new_request_id(job.prefix), prompt.ids, p, schedule,
+                                    grammar=None if p.structured is None else grammars[p.structured])
+                     for p in params]
     return Running(schedule, prompts, submit_all(state, requests), job.n)
+
+
+async def compile_grammar(served: ServedModel, spec: StructuredOutput) -> Grammar:
+    """`spec` compiled on a worker thread (a large schema takes a while); a 400 naming what failed when it does not
+    compile, or when this server cannot serve structured outputs."""
+    try:
+        return await asyncio.to_thread(served.compile_grammar, spec)
+    except GrammarError as e:
+        raise APIError(400, str(e), param=spec.param, code="invalid_structured_output") from None
+    except GrammarUnavailable as e:
+        raise APIError(400, f"{spec.param}: {e}", param=spec.param, code="structured_outputs_unavailable") from None
 
 
 async def tokenize(state: AppState, prompts: list[str | list[int]] | Chat) -> list[Prompt]:
@@ -330,8 +348,11 @@ def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def engine_request(rid: str, prompt_ids: list[int], params: SamplingParams, schedule: Schedule) -> EngineRequest:
-    return EngineRequest(id=rid, prompt_ids=prompt_ids, params=params, schedule=schedule, arrival=time.perf_counter())
+def engine_request(rid: str, prompt_ids: list[int], params: SamplingParams, schedule: Schedule, *,
+                   grammar: Grammar | None = None) -> EngineRequest:
+    """A request to submit; with `grammar` (its structured output compiled), a matcher of its own."""
+    return EngineRequest(id=rid, prompt_ids=prompt_ids, params=params, schedule=schedule, arrival=time.perf_counter(),
+                         grammar=None if grammar is None else grammar.matcher())
 
 
 def timings(result: GenerationResult) -> Timings:

@@ -8,12 +8,13 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
-    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator,
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator,
+    model_validator,
 )
 
 from server.engine.sampling_params import (
     LOGIT_BIAS, LOGPROBS, MAX_LOGIT_BIAS, MIN_P, PENALTY, POSITIVE, SEED, TEMPERATURE, TOP_K, TOP_P,
-    Interval, check_stop,
+    Interval, StructuredOutput, check_stop,
 )
 
 PolicyField = str | dict[str, Any] | None
@@ -93,11 +94,10 @@ def _continue_or_open(v: bool, info: ValidationInfo) -> bool:
 
 # vLLM's sampling extensions that Painters does not implement and that would change the answer, with the value that
 # asks for nothing: each is a 400 naming it when sent otherwise, not an answer that silently ignored it (unknown
-# fields are ignored, and these are what vLLM's clients send).
+# fields are ignored, and these are what vLLM's clients send). Its structured outputs (guided_json, guided_regex,
+# guided_choice, guided_grammar, structured_outputs) are served: `_Sampling.structured_output`.
 VLLM_REFUSED: dict[str, Any] = {
     "use_beam_search": False, "length_penalty": 1.0, "bad_words": None, "logits_processors": None,
-    "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
-    "structured_outputs": None,
 }
 
 
@@ -127,6 +127,22 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _json_schema(v: dict[str, Any] | str | None) -> dict[str, Any] | None:
+    """A JSON schema sent as an object or as JSON text (vLLM's guided_json takes both) -> the object."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"a JSON schema sent as a string must be JSON text ({e})") from None
+        if not isinstance(v, dict):
+            raise ValueError(f"a JSON schema must be a JSON object, got {type(v).__name__}")
+    return v
+
+
+JsonSchema = Annotated[dict[str, Any] | str, AfterValidator(_json_schema)]
+Choices = Annotated[list[str], FAIL_FAST, Field(max_length=1024)]
+
+
 class _Body(BaseModel):
     """A request body in which an explicit null means the field's default where the field takes no null itself:
     OpenAI's API marks its optional fields nullable, and clients (and SDKs) send null for what they leave unset.
@@ -147,6 +163,73 @@ class _Body(BaseModel):
 
 def _takes_null(annotation: Any) -> bool:
     return annotation is Any or type(None) in get_args(annotation)
+
+
+# -- structured outputs: OpenAI's response_format, vLLM's guided_* and structured_outputs ------------------------------
+
+
+class JsonSchemaFormat(_Body):
+    """OpenAI's response_format.json_schema."""
+
+    name: str = ""
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="the JSON schema the output is valid against")
+    strict: bool | None = Field(None, description="accepted; the output always follows the schema strictly (no "
+                                "property the schema does not name)")
+
+
+class ResponseFormat(_Body):
+    """OpenAI's response_format: text, any JSON object, or JSON valid against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs json_schema: {\"name\": ..., \"schema\": {...}}")
+        return self
+
+
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+class StructuredOutputs(_Body):
+    """vLLM's structured_outputs (its StructuredOutputsParams): one kind, with the meaning of the guided_* fields."""
+
+    json_: JsonSchema | None = Field(None, alias="json", description="a JSON schema, or its JSON text")
+    regex: str | None = None
+    choice: Choices | None = None
+    grammar: str | None = Field(None, description="an EBNF grammar (xgrammar's, GBNF-like) whose rule root is the "
+                                "whole output")
+    json_object: bool | None = Field(None, description="true: any JSON object")
+    disable_fallback: bool = Field(False, description="accepted: one backend (xgrammar), nothing to fall back to")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(k for k in data if k not in (*STRUCTURED_KINDS, "disable_fallback"))
+            if unknown:
+                raise ValueError(f"{', '.join(map(str, unknown))} {'is' if len(unknown) == 1 else 'are'} not "
+                                 f"supported; structured_outputs takes one of {', '.join(STRUCTURED_KINDS)}")
+        return data
+
+    def asked(self) -> list[StructuredOutput]:
+        out = [_structured(kind, getattr(self, "json_" if kind == "json" else kind), f"structured_outputs.{kind}")
+               for kind in STRUCTURED_KINDS]
+        return [s for s in out if s is not None]
+
+
+def _structured(kind: str, value: Any, param: str) -> StructuredOutput | None:
+    """The structured output a field asks for; None when it asks for none (unset, or empty: vLLM's test)."""
+    if not value:
+        return None
+    if kind == "json":
+        return StructuredOutput("json", json.dumps(value), param=param)
+    if kind == "json_object":
+        return StructuredOutput("json_object", param=param)
+    return StructuredOutput(kind, tuple(value) if kind == "choice" else value, param=param)  # type: ignore[arg-type]
 
 
 class _Sampling(_Body):
@@ -197,14 +280,18 @@ class _Sampling(_Body):
     length_penalty: Any = _vllm("length_penalty")
     bad_words: Any = _vllm("bad_words")
     logits_processors: Any = _vllm("logits_processors")
-    guided_json: Any = _vllm("guided_json")
-    guided_regex: Any = _vllm("guided_regex")
-    guided_choice: Any = _vllm("guided_choice")
-    guided_grammar: Any = _vllm("guided_grammar")
-    structured_outputs: Any = _vllm("structured_outputs")
+    # structured outputs, at most one per request: the output matches it, and the request ends where it does
+    response_format: ResponseFormat | None = Field(None, description="OpenAI's: json_object (any JSON object) or "
+                                                   "json_schema (JSON valid against json_schema.schema)")
+    guided_json: JsonSchema | None = Field(None, description="vLLM's: JSON valid against this schema (or its text)")
+    guided_regex: str | None = Field(None, description="vLLM's: text that fully matches this regular expression")
+    guided_choice: Choices | None = Field(None, description="vLLM's: exactly one of these strings")
+    guided_grammar: str | None = Field(None, description="vLLM's: text of this EBNF grammar (xgrammar's, GBNF-like; "
+                                       "rule root is the whole output)")
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's newer form of the guided_* fields")
+    _structured: StructuredOutput | None = PrivateAttr(None)
     # not supported: each refused when asked for, with a 400 naming it, rather than silently ignored
     best_of: int | None = None
-    response_format: dict[str, Any] | None = None
     tool_choice: Any = None
     tools: list[Any] | None = None
 
@@ -219,12 +306,31 @@ class _Sampling(_Body):
             raise ValueError(f"best_of is not supported apart from best_of = n (here {n}); use n for several choices")
         return v
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v and v.get("type") != "text":
-            raise ValueError(f"{v.get('type')!r} is not supported (no guided decoding); only {{'type': 'text'}}")
-        return v
+    @model_validator(mode="after")
+    def _one_structured_output(self) -> _Sampling:
+        asked = []
+        form = self.response_format
+        if form is not None and form.type == "json_object":
+            asked.append(StructuredOutput("json_object", param="response_format"))
+        elif form is not None and form.type == "json_schema":
+            assert form.json_schema is not None  # ResponseFormat's check
+            # compiled even when empty: {} is the schema every JSON value is valid against
+            asked.append(StructuredOutput("json", json.dumps(form.json_schema.schema_), param="response_format"))
+        asked += [_structured(kind, getattr(self, f"guided_{kind}"), f"guided_{kind}")
+                  for kind in ("json", "regex", "choice", "grammar")]
+        if self.structured_outputs is not None:
+            asked += self.structured_outputs.asked()
+        asked = [s for s in asked if s is not None]
+        if len(asked) > 1:
+            raise ValueError(f"at most one structured output per request, got {' and '.join(s.param for s in asked)}; "
+                             "send one")
+        self._structured = asked[0] if asked else None
+        return self
+
+    @property
+    def structured_output(self) -> StructuredOutput | None:
+        """What the output must match (response_format, guided_*, structured_outputs), if anything."""
+        return self._structured
 
     _no_tools = field_validator("tools")(_calls_refused("tools", "tool_choice"))
 

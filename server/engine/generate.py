@@ -16,7 +16,9 @@ its length is known on the host and left out of N; a row that N-1 ends otherwise
 error) decodes one token too many in N, which is dropped: the same tokens as decoding step by step. Prefills
 overlap the same way: `add` queues a prefill without reading it, the next `decode` queues its rows' first decode
 step on the first tokens still on the device and only then reads the prefill, so the device never waits for the
-host between a prefill and the step after it. An echo prefill (prompt scoring) is read at once.
+host between a prefill and the step after it. An echo prefill (prompt scoring) is read at once. A step with a
+structured row (a grammar constrains its output) does not overlap: that row's mask of allowed tokens needs its
+latest token accepted by its matcher, on the host, so `decode` reads what is in flight before it queues the step.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch import Tensor
 from server.policy.compiler import Schedule, compile_schedule
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.executor import AttentionMode, Executor, Row, resolve_attention
+from server.engine.grammar import Grammars, bitmask
 from server.engine.kv_manager import KVManager, Reused
 from server.model.model import GroupMode, Transformer, default_dtype
 from server.policy.policy import Policy, as_policy
@@ -131,6 +134,7 @@ class Batch:
         live = tuple(s for s in self.sequences if not s.finished and (s.id not in flying or self._goes_on(s)))
         if not live:
             return None
+        assert not any(s.grammar is not None and s.id in flying for s in live), "a structured row's token in flight"
         dev = self.model.device
         rows = tuple(Row(s.id, s.schedule, s.length - 1 + (s.id in flying), 1) for s in live)
         src = [flying.get(s.id) for s in live]
@@ -171,8 +175,13 @@ class Batch:
         min_tokens may not choose a stop token (vLLM's semantics: the EOS and stop_token_ids are masked, so the
         request goes on with another token; stop strings only match after min_tokens, see `_check_stop`).
         inputs [B, 1]: a decode step's input tokens, each row's latest output token, on the device (overlapped,
-        maybe still in flight): what a penalized row counts last; its earlier ones come from the host."""
+        maybe still in flight): what a penalized row counts last; its earlier ones come from the host. A structured
+        row's allowed tokens come from its matcher, which has accepted every token it made (they are on the host)."""
         vocab = self.model.args.vocab_size
+        structured = [b for b, s in enumerate(seqs) if s.grammar is not None]
+        grammar = None
+        if structured:  # only then: a batch without a structured row does no grammar work
+            grammar = (structured, bitmask([seqs[b].grammar for b in structured], vocab))
         banned = [(b, t) for b, (s, n) in enumerate(zip(seqs, made)) if n < s.params.min_tokens
                   for t in sorted(s.stop_ids) if 0 <= t < vocab]
         histories = None
@@ -182,7 +191,7 @@ class Batch:
                          for s, k in zip(seqs, known)]
         recent = None if histories is None or inputs is None else inputs[:, 0]
         return SamplingBatch.of([s.params for s in seqs], [s.generator for s in seqs], self.model.device, banned,
-                                histories=histories, recent=recent)
+                                histories=histories, recent=recent, grammar=grammar)
 
     # -- execute: tensor work, one host copy ----------------------------------------------------------------------
 
@@ -242,7 +251,7 @@ class Batch:
             if s.finished:
                 continue
             if b in out.errors:
-                s.set_finished("error", out.errors[b])
+                s.set_finished("error", _why_failed(s, out.errors[b]))
                 continue
             try:
                 if prefill_from is None:
@@ -259,7 +268,9 @@ class Batch:
 
     def _check_stop(self, s: Request, token: int) -> None:
         n = len(s.output_ids)
-        eos = token in s.stop_ids and n > s.params.min_tokens
+        # a structured row ends where its grammar does: on a stop token, which the grammar allows only at its end
+        ended = s.grammar is not None and _grammar_ends(s, token)
+        eos = ended or (token in s.stop_ids and n > s.params.min_tokens)
         previous = len(s.text)
         if s.detokenizer is None:
             s.detokenizer = _detokenizer(self.tokenizer, s.params)
@@ -336,11 +347,15 @@ class Batch:
         `add` queued are read here too, after this step is queued."""
         in_flight, self._in_flight = self._in_flight, None
         prefills, self._prefills = self._prefills, []
+        overlap = self.overlap and not any(s.grammar is not None and not s.finished for s in self.sequences)
+        read: tuple[Request, ...] = ()
+        if not overlap:  # a structured row's mask needs its latest token on the host (see the module's docstring)
+            read, in_flight, prefills = self._read(in_flight, prefills), None, []
         inp = self.decode_input([*([] if in_flight is None else [in_flight]), *(p for p, _ in prefills)])
         launched = None if inp is None else self.launch(inp)
-        if self.overlap:
+        if overlap:
             self._in_flight, launched = launched, in_flight
-        return self._read(launched, prefills)
+        return read + self._read(launched, prefills)
 
     def settle(self) -> tuple[Request, ...]:
         """Read the steps in flight, if any: afterwards the host holds every token sampled so far (what a
@@ -359,6 +374,8 @@ class Batch:
         self.kv.rollback(request, n)
         if not n:
             return
+        if request.grammar is not None:
+            request.grammar.rollback(n)
         tm = request.timings
         k = min(n, len(tm.per_token_s))
         del tm.per_token_s[len(tm.per_token_s) - k:]
@@ -444,6 +461,23 @@ class Batch:
 def _detokenizer(tokenizer: Any, params: SamplingParams) -> IncrementalDetokenizer:
     return IncrementalDetokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens,
                                   spaces_between_special_tokens=params.spaces_between_special_tokens)
+
+
+def _why_failed(s: Request, error: str) -> str:
+    """A row's sampling error, said as its cause where that is known: a structured output whose grammar is complete
+    allows only a stop token, which min_tokens forbids, so no token was left to choose."""
+    if s.grammar is not None and len(s.output_ids) < s.params.min_tokens:
+        return (f"the structured output was complete after {len(s.output_ids)} tokens, before min_tokens "
+                f"({s.params.min_tokens}), which forbids ending it there: lower min_tokens")
+    return error
+
+
+def _grammar_ends(s: Request, token: int) -> bool:
+    """Advance `s`'s matcher by its new token; whether that ended the grammar (it accepted a stop token there)."""
+    assert s.grammar is not None
+    if not s.grammar.accept(token):  # the mask allowed only what it accepts: a bug, this row's alone
+        raise ValueError(f"the structured output's grammar does not accept token {token} here")
+    return s.grammar.terminated
 
 
 def _cut_at_stop(s: Request, previous: int) -> bool:
@@ -556,6 +590,9 @@ class Engine:
         self.graphs = graphs  # captured decode steps (server.engine.graphs); None: on CUDA, off on the CPU
         self.fuse = fuse  # captured steps run the layer math through torch.compile (Transformer.fused)
         self.overlap = overlap  # decode queues each step before reading the last (Batch); None: on CUDA
+        # structured outputs: compiled for the tokenizer, allowing the model's whole vocabulary (padded past the
+        # tokenizer's: those tokens are never allowed) and ending on its EOS tokens
+        self.grammars = Grammars(tokenizer, vocab_size=model.args.vocab_size, stop_ids=eos_ids)
         if fuse and graphs is False:
             raise ValueError("fuse needs captured decode steps: leave graphs on (None) or True")
 
@@ -624,10 +661,13 @@ class Engine:
         return self.start(request)
 
     def start(self, request: Request) -> Request:
-        """Give a request what running needs: its stop tokens and its own seeded generator on the model's device."""
+        """Give a request what running needs: its stop tokens, its own seeded generator on the model's device, and a
+        structured output's matcher unless it came with one (the server compiles at admission, off this thread)."""
         params = request.params
         request.stop_ids = params.stop_ids(self.eos_ids)
         request.generator = make_generator(params.seed, self.model.device)
+        if params.structured is not None and request.grammar is None:
+            request.grammar = self.grammars.matcher(params.structured)
         return request
 
     def new_batch(self, *, max_len: int, num_blocks: int, block_size: int | None = None,

@@ -18,6 +18,7 @@ from server.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from server.engine.detokenizer import IncrementalDetokenizer
+    from server.engine.grammar import Matcher
     from server.engine.probe import ProbeStats
 
 
@@ -121,6 +122,7 @@ class Request:
     status: Status = Status.WAITING
     stop_ids: frozenset[int] = frozenset()
     generator: Any = None  # its torch.Generator, made when it starts running
+    grammar: Matcher | None = None  # a structured output's matcher: where its tokens so far leave it in the grammar
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)

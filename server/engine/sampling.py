@@ -1,7 +1,7 @@
 """Next-token choice for a whole batch at once: greedy, temperature, top-k, top-p, min-p, per-request seeded
-generators, and the logit processors before them (allowed tokens, logit bias, min_tokens' mask, penalties), in
-vLLM's order. Every value `SamplingParams` (in `server.engine.sampling_params`) accepts samples without inf or NaN
-reaching the draw."""
+generators, and the logit processors before them (a structured output's grammar, allowed tokens, logit bias,
+min_tokens' mask, penalties), in vLLM's order. Every value `SamplingParams` (in `server.engine.sampling_params`)
+accepts samples without inf or NaN reaching the draw."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from server.engine.sampling_params import (
 
 __all__ = ["LOGPROBS", "MAX_STOP_LENGTH", "MAX_STOP_STRINGS", "MIN_TEMPERATURE", "SEED", "TEMPERATURE", "TOP_K",
            "TOP_P", "Interval", "Penalties", "SamplingBatch", "SamplingError", "SamplingParams", "check_stop",
-           "make_generator", "process_logits", "sample", "sample_batch", "sample_isolated"]
+           "make_generator", "process_logits", "sample", "sample_batch", "sample_isolated", "unpack_bitmask"]
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -125,6 +125,8 @@ class SamplingBatch:
     # [2, N] long: (row, token) pairs that row may not choose this step (a stop token before min_tokens, as vLLM's
     # MinTokensLogitsProcessor); None when no row bans any
     banned: Tensor | None = None
+    grammar_rows: Tensor | None = None  # [G] long: the structured rows (None when the batch has none)
+    grammar: Tensor | None = None  # [G, ceil(V / 32)] int32: each one's allowed tokens as bits (`unpack_bitmask`)
     allowed: Tensor | None = None  # [2, N] long: (row, token) pairs a row limited by allowed_token_ids may choose
     bias_at: Tensor | None = None  # [2, N] long: (row, token) pairs with a logit bias
     bias: Tensor | None = None  # [N] float32: their biases
@@ -135,14 +137,19 @@ class SamplingBatch:
     def of(cls, params: list[SamplingParams], generators: list[Any], device: torch.device,
            banned: list[tuple[int, int]] | None = None,
            histories: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
-           recent: Tensor | None = None) -> SamplingBatch:
+           recent: Tensor | None = None, grammar: tuple[Sequence[int], Tensor] | None = None) -> SamplingBatch:
         """banned: (row, token) pairs, each row's tokens it may not choose this step. histories and recent: what
-        the penalties count (`Penalties.of`); without them, no row has seen any token. A batch whose rows use none of
-        allowed_token_ids, logit_bias, penalties and min_p carries no tensor for them."""
+        the penalties count (`Penalties.of`); without them, no row has seen any token. grammar: the structured rows
+        and their bitmask on the host (`server.engine.grammar.bitmask`). A batch whose rows use none of
+        allowed_token_ids, logit_bias, penalties, min_p and structured outputs carries no tensor for them."""
         sampled = tuple(b for b, p in enumerate(params) if not p.greedy)
         tensors: dict[str, Any] = {}
         if banned:
             tensors["banned"] = torch.tensor(banned, dtype=torch.long).T.to(device, non_blocking=True)
+        if grammar is not None:
+            rows, mask = grammar
+            tensors.update(grammar_rows=torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True),
+                           grammar=mask.to(device, non_blocking=True))
         allowed = [(b, t) for b, p in enumerate(params) if p.allowed_token_ids is not None
                    for t in p.allowed_token_ids]
         if allowed:
@@ -221,9 +228,15 @@ def sample_batch(logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor, 
 
 def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
     """logits [B, V] -> float32 logits for greedy choice and temperature, as vLLM's sampler processes them: a row's
-    tokens outside its allowed ones, and a banned (row, token) pair, are -inf; logit biases are added; then the
-    penalties (`Penalties.apply`). A copy wherever anything applies: the caller's logits are unchanged."""
+    tokens outside its grammar's allowed ones, outside its allowed_token_ids, and a banned (row, token) pair, are
+    -inf; logit biases are added; then the penalties (`Penalties.apply`). A copy wherever anything applies: the
+    caller's logits are unchanged."""
     logits = logits.float()
+    if batch.grammar is not None:
+        assert batch.grammar_rows is not None
+        rows = batch.grammar_rows
+        masked = logits[rows].masked_fill(~unpack_bitmask(batch.grammar, logits.shape[1]), float("-inf"))
+        logits = logits.index_copy(0, rows, masked)
     # fills, not torch.tensor(..., device=...): that is a blocking host-to-device copy, a sync in the step
     if batch.allowed is not None:
         (B, V), dev = logits.shape, logits.device
@@ -240,6 +253,13 @@ def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
     if batch.penalties is not None:
         logits = batch.penalties.apply(logits)
     return logits
+
+
+def unpack_bitmask(mask: Tensor, V: int) -> Tensor:
+    """mask [R, ceil(V / 32)] int32, bit t % 32 of word t // 32 set when token t is allowed (xgrammar's layout) ->
+    allowed [R, V] bool."""
+    bits = torch.arange(32, dtype=torch.int32, device=mask.device)
+    return ((mask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :V]
 
 
 def greedy(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

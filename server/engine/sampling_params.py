@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
 MIN_TEMPERATURE = 1e-5  # below this, temperature sampling is argmax (vLLM's _SAMPLING_EPS)
 MAX_STOP_STRINGS = 16
@@ -14,6 +14,24 @@ MAX_LOGIT_BIAS = 300  # entries, as OpenAI's API
 
 class SamplingError(ValueError):
     """Sampling parameters out of range; the message names the allowed range."""
+
+
+StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What a request's output must match (vLLM's StructuredOutputsParams, one kind): a JSON schema, any JSON object,
+    a regular expression it fully matches, one of some strings, or an EBNF grammar (xgrammar's, GBNF-like, whose rule
+    `root` is the whole output). `server.engine.grammar` compiles it."""
+
+    kind: StructuredKind
+    spec: str | tuple[str, ...] = ""  # json: the schema as JSON text; regex; grammar: its EBNF; choice: the strings
+    param: str = field(default="structured_outputs", compare=False)  # the request field it came from (messages)
+
+    def __post_init__(self) -> None:
+        assert self.kind in get_args(StructuredKind), self.kind
+        assert isinstance(self.spec, tuple) == (self.kind == "choice"), (self.kind, type(self.spec))
 
 
 @dataclass(frozen=True)
@@ -101,6 +119,7 @@ class SamplingParams:
     min_p: float = 0.0  # drawing rows drop tokens less likely than min_p x the most likely one (after temperature)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit); a token given twice: the last
     allowed_token_ids: tuple[int, ...] | None = None  # only these may be chosen
+    structured: StructuredOutput | None = None  # the output must match it (the request ends when it is complete)
 
     def __post_init__(self) -> None:
         for name, value in (("max_tokens", self.max_tokens), ("min_tokens", self.min_tokens)):

@@ -1,4 +1,5 @@
-"""What the HTTP layer sees of the served model: plain facts and text <-> token ids. No tensors, no engine, no torch.
+"""What the HTTP layer sees of the served model: plain facts, text <-> token ids, structured outputs compiled. No
+tensors, no engine, no torch.
 
 The routers hold a `ServedModel` and the `EngineLoop` (submit / abort) and nothing else of the engine: they never
 reach the `Engine`, its weights or its cache. Policies compile here with the pure compiler of `server.policy`, once
@@ -12,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from server.engine.grammar import Grammar, Grammars, GrammarUnavailable
+from server.engine.sampling_params import StructuredOutput
 from server.policy.compiler import Schedule, compile_schedule
 from server.policy.policy import Policy, as_policy
 
@@ -63,6 +66,7 @@ class ServedModel:
     eos_ids: frozenset[int]
     special_ids: frozenset[int]  # every special token (EOS among them): TGI's `special` flag
     tokenizer: Any  # read only through the methods below
+    grammars: Grammars | None = None  # the engine's compiler of structured outputs (None: none served)
 
     @classmethod
     def of(cls, engine: Any) -> ServedModel:
@@ -70,7 +74,15 @@ class ServedModel:
         ids = frozenset(getattr(engine.tokenizer, "all_special_ids", ()) or ())
         return cls(name=engine.name, num_layers=engine.num_layers, vocab_size=engine.vocab_size,
                    max_model_len=engine.max_model_len, eos_ids=frozenset(engine.eos_ids),
-                   special_ids=ids | frozenset(engine.eos_ids), tokenizer=engine.tokenizer)
+                   special_ids=ids | frozenset(engine.eos_ids), tokenizer=engine.tokenizer, grammars=engine.grammars)
+
+    def compile_grammar(self, spec: StructuredOutput) -> Grammar:
+        """A structured output compiled for this model's tokenizer (cached), whose matchers its requests carry.
+        Raises GrammarError naming what failed, GrammarUnavailable where none can be served. Slow for a large
+        schema: call it off the event loop."""
+        if self.grammars is None:
+            raise GrammarUnavailable("this server serves no structured outputs")
+        return self.grammars.compile(spec)
 
     def compile(self, policy: Policy | str | dict | None) -> Schedule:
         """Parse and compile a policy for this model's depth (raises `PolicyError` naming what is allowed)."""

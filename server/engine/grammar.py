@@ -1,0 +1,166 @@
+"""Structured outputs through xgrammar (the library vLLM and SGLang use): a `StructuredOutput` compiled for the model's
+tokenizer (`Grammars`; xgrammar caches what it compiled, within a byte bound, as vLLM configures it), the matcher that
+follows one request's tokens (`Matcher`: host state that lives with its `Request`), and the bitmask of the tokens each
+structured row may choose next (`bitmask`), which `server.engine.sampling` applies on the device.
+
+xgrammar is imported on first use: a server without it starts and serves, and a structured request is refused with
+`GrammarUnavailable` naming the package.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from server.engine.sampling_params import StructuredOutput
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+GRAMMAR_CACHE_BYTES = 256 * 2**20  # compiled grammars kept for reuse (vLLM's VLLM_XGRAMMAR_CACHE_MB: 512)
+COMPILE_THREADS = 2  # xgrammar's threads per compile (vLLM's 8; this serves beside the model on the same cores)
+WHAT = {"json": "the JSON schema", "json_object": "the JSON object grammar", "regex": "the regular expression",
+        "choice": "the choices", "grammar": "the EBNF grammar"}
+
+
+class GrammarError(ValueError):
+    """A structured output that does not compile; the message names what failed (the client's to fix)."""
+
+
+class GrammarUnavailable(RuntimeError):
+    """Structured outputs cannot be served here: xgrammar is missing, or cannot read this model's tokenizer."""
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A compiled structured output: one matcher per request (per choice) that follows it."""
+
+    compiled: Any  # xgrammar.CompiledGrammar
+
+    def matcher(self) -> Matcher:
+        return Matcher(self.compiled)
+
+
+class Matcher:
+    """One request's place in its grammar (xgrammar's GrammarMatcher), advanced by each token it chooses. It ends
+    (`terminated`) when it accepts a stop token the grammar allows at its end: the model chooses when to stop there,
+    as in vLLM."""
+
+    def __init__(self, compiled: Any) -> None:
+        import xgrammar as xgr
+
+        self._matcher = xgr.GrammarMatcher(compiled)
+
+    def accept(self, token: int) -> bool:
+        """Advance by `token`; False (and unmoved) when the grammar does not allow it here."""
+        return bool(self._matcher.accept_token(token))
+
+    @property
+    def terminated(self) -> bool:
+        return bool(self._matcher.is_terminated())
+
+    def rollback(self, n: int) -> None:
+        """Forget the last n tokens accepted."""
+        self._matcher.rollback(n)
+
+    def fill(self, mask: Tensor, row: int) -> None:
+        """Write the tokens allowed next into row `row` of `mask` (see `bitmask`)."""
+        self._matcher.fill_next_token_bitmask(mask, row)
+
+
+def bitmask(matchers: Sequence[Matcher], vocab_size: int) -> Tensor:
+    """[R, ceil(vocab_size / 32)] int32 on the host: bit t % 32 of word t // 32 in row r is set when matchers[r]
+    allows token t next (xgrammar's layout; tokens the tokenizer lacks, past its vocabulary, are never set)."""
+    import xgrammar as xgr
+
+    mask = xgr.allocate_token_bitmask(len(matchers), vocab_size)
+    for r, m in enumerate(matchers):
+        m.fill(mask, r)
+    return mask
+
+
+class Grammars:
+    """Compiles structured outputs for one model's tokenizer. Thread-safe: the HTTP pipeline compiles on worker
+    threads, at admission, and the engine offline."""
+
+    def __init__(self, tokenizer: Any, *, vocab_size: int, stop_ids: frozenset[int],
+                 cache_bytes: int = GRAMMAR_CACHE_BYTES) -> None:
+        """vocab_size: the model's (its embedding may be padded past the tokenizer's). stop_ids: the tokens that end
+        a request, which the grammar allows at its end."""
+        self._tokenizer, self.vocab_size, self._stop_ids = tokenizer, vocab_size, stop_ids
+        self._cache_bytes = cache_bytes
+        self._compiler: Any = None
+        self._unavailable: str | None = None  # why no compiler can be made (found once)
+        self._lock = threading.Lock()
+
+    def compile(self, spec: StructuredOutput) -> Grammar:
+        """Raises GrammarError naming what failed, GrammarUnavailable where nothing can compile."""
+        compiler = self._get_compiler()
+        if any("\x00" in s for s in ((spec.spec,) if isinstance(spec.spec, str) else spec.spec)):
+            # as vLLM: xgrammar's native parsers do not handle a NUL, and no output could hold one meaningfully
+            raise GrammarError(f"{spec.param}: {WHAT[spec.kind]} must not contain a NUL character ('\\x00')")
+        try:
+            return Grammar(_compile(compiler, spec))
+        except (RuntimeError, ValueError) as e:
+            raise GrammarError(f"{spec.param}: {WHAT[spec.kind]} does not compile: {_reason(e)}") from None
+
+    def matcher(self, spec: StructuredOutput) -> Matcher:
+        return self.compile(spec).matcher()
+
+    @property
+    def cached_bytes(self) -> int:
+        """What xgrammar's cache of compiled grammars holds (0 before the first compile)."""
+        return 0 if self._compiler is None else int(self._compiler.get_cache_size_bytes())
+
+    def _get_compiler(self) -> Any:
+        with self._lock:
+            if self._compiler is None and self._unavailable is None:
+                self._compiler = self._make_compiler()
+            if self._unavailable is not None:
+                raise GrammarUnavailable(self._unavailable)
+            return self._compiler
+
+    def _make_compiler(self) -> Any:
+        try:
+            import xgrammar as xgr
+        except ImportError as e:
+            self._unavailable = (f"structured outputs need the xgrammar package, which this server cannot import "
+                                 f"({e}); install it (pip install xgrammar) and restart")
+            return None
+        try:
+            info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size,
+                                                      stop_token_ids=sorted(self._stop_ids) or None)
+        except Exception as e:  # noqa: BLE001 - any tokenizer xgrammar cannot read
+            self._unavailable = (f"structured outputs are not available for this model: xgrammar cannot read its "
+                                 f"tokenizer ({type(e).__name__}: {e})")
+            return None
+        return xgr.GrammarCompiler(info, max_threads=COMPILE_THREADS, cache_enabled=True,
+                                   cache_limit_bytes=self._cache_bytes)
+
+
+def _compile(compiler: Any, spec: StructuredOutput) -> Any:
+    if spec.kind == "json":
+        return compiler.compile_json_schema(spec.spec)
+    if spec.kind == "json_object":  # any JSON object, as vLLM compiles it
+        return compiler.compile_json_schema('{"type": "object"}')
+    if spec.kind == "regex":
+        return compiler.compile_regex(spec.spec)
+    if spec.kind == "choice":
+        return compiler.compile_grammar(choice_grammar(spec.spec))
+    return compiler.compile_grammar(spec.spec)
+
+
+def choice_grammar(choices: Sequence[str]) -> str:
+    """The EBNF grammar whose outputs are exactly `choices` (JSON's string escapes are EBNF's too)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def _reason(e: Exception) -> str:
+    """xgrammar's message without its log prefix ("[12:31:48] /project/cpp/x.cc:94: ", "Check failed: ... is
+    false: ")."""
+    text = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).strip())
+    return re.sub(r"^Check failed: .*? is false: ", "", text)

@@ -1,0 +1,283 @@
+"""Structured outputs (server/engine/grammar.py) through the real xgrammar: what compiles and what is refused, the
+matcher and the bitmask on SmolLM2's tokenizer, a server without xgrammar; and the engine decoding the real SmolLM2
+under a grammar: JSON valid against its schema, one of the choices, a full match of the regex, greedy and sampled,
+beside unconstrained rows (which decode as alone), overlapped or not."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import jsonschema
+import pytest
+
+from server.engine.generate import Batch, Engine, Launched
+from server.engine.grammar import GrammarError, Grammars, GrammarUnavailable, bitmask
+from server.engine.sampling import unpack_bitmask
+from server.engine.sampling_params import SamplingParams, StructuredOutput
+from tests.conftest import CharTokenizer
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"]}
+
+def chat(text: str) -> str:
+    """SmolLM2's chat template around one user message (which its answer follows)."""
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+ASK = chat("Describe a person as JSON with a name and an age.")
+ASKS = [ASK, chat("Give me a JSON object about a famous scientist: name and age."),
+        chat("Who are you? Answer in JSON.")]
+PLAIN = "The capital of France is Paris. The capital of Italy is"
+
+
+def person() -> StructuredOutput:
+    return StructuredOutput("json", json.dumps(PERSON))
+
+
+@pytest.fixture(scope="module")
+def grammars(smollm2) -> Grammars:
+    return Grammars(smollm2.tokenizer, vocab_size=smollm2.config.vocab_size, stop_ids=smollm2.eos_token_ids)
+
+
+def _accepts(grammars: Grammars, spec: StructuredOutput, text: str, *, tokenizer) -> bool:
+    """Whether `text`'s tokens, then an EOS, take a fresh matcher to its end."""
+    m = grammars.matcher(spec)
+    return all(m.accept(t) for t in tokenizer.encode(text, add_special_tokens=False)) and m.accept(2) and m.terminated
+
+
+# -- compiling ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_choices_match_exactly_themselves_whatever_they_hold(smollm2, grammars):
+    """Quotes, backslashes, newlines, non-ASCII and the empty string are each a choice of their own; a choice's
+    prefix or extension is not one."""
+    choices = ('say "hi"', "back\\slash", "two\nlines", "café ☕", "", "yes", "yes sir")
+    spec = StructuredOutput("choice", choices)
+    for c in choices:
+        assert _accepts(grammars, spec, c, tokenizer=smollm2.tokenizer), c
+    for other in ("ye", "yes si", "no", 'say "hi" ', "café"):
+        assert not _accepts(grammars, spec, other, tokenizer=smollm2.tokenizer), other
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,spec,says", [
+    ("json", '{"type": "foo"}', ('the JSON schema does not compile: Unsupported type "foo"',)),
+    ("json", '{"type": "object"', ("the JSON schema does not compile", "Failed to parse JSON")),
+    ("regex", "(ab", ("the regular expression does not compile", "parenthesis is not closed")),
+    ("regex", "a\x00b", ("must not contain a NUL character",)),
+    ("grammar", 'root ::= "a" rest', ("the EBNF grammar does not compile", 'Rule "rest" is not defined')),
+    ("grammar", 'start ::= "a"', ('root rule with name "root" is not found',)),
+])
+def test_what_does_not_compile_is_a_grammar_error_naming_it(grammars, kind, spec, says):
+    with pytest.raises(GrammarError) as e:
+        grammars.compile(StructuredOutput(kind, spec, param="guided_x"))
+    assert str(e.value).startswith("guided_x: ") and "/project/" not in str(e.value), e.value  # no log prefix
+    for fragment in says:
+        assert fragment in str(e.value), (fragment, str(e.value))
+
+
+@pytest.mark.slow
+def test_compiled_grammars_are_cached_within_a_bound(smollm2):
+    """The same spec compiles once (a second request reuses it); distinct ones past the bound evict the oldest, so
+    the cache holds at most the bound and the newest grammar (here a dozen would be ~30 MB)."""
+    tok = smollm2.tokenizer
+    grammars = Grammars(tok, vocab_size=len(tok), stop_ids=smollm2.eos_token_ids, cache_bytes=4 * 2**20)
+    grammars.compile(StructuredOutput("regex", "[a-z]{1,3000}"))
+    one = grammars.cached_bytes
+    assert one > 2**20
+    grammars.compile(StructuredOutput("regex", "[a-z]{1,3000}"))
+    assert grammars.cached_bytes == one
+    for n in range(3001, 3013):
+        grammars.compile(StructuredOutput("regex", f"[a-z]{{1,{n}}}"))
+        assert grammars.cached_bytes <= 4 * 2**20 + one
+
+
+def test_without_xgrammar_a_structured_output_is_unavailable_naming_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # import fails
+    grammars = Grammars(CharTokenizer(), vocab_size=128, stop_ids=frozenset({2}))
+    with pytest.raises(GrammarUnavailable, match=r"need the xgrammar package.*pip install xgrammar"):
+        grammars.compile(StructuredOutput("json_object"))
+
+
+def test_a_tokenizer_xgrammar_cannot_read_makes_structured_outputs_unavailable():
+    grammars = Grammars(CharTokenizer(), vocab_size=128, stop_ids=frozenset({2}))
+    for _ in range(2):  # found once, answered alike every time
+        with pytest.raises(GrammarUnavailable, match="xgrammar cannot read its tokenizer"):
+            grammars.compile(StructuredOutput("regex", "a+"))
+
+
+@pytest.mark.slow
+def test_the_bitmask_never_allows_tokens_past_the_tokenizer(smollm2):
+    """A model's embedding padded past its tokenizer (as many are): the mask spans the model's vocabulary, and the
+    padding is never allowed, not even where the grammar allows almost anything (inside a JSON string)."""
+    tok = smollm2.tokenizer
+    grammars = Grammars(tok, vocab_size=len(tok) + 100, stop_ids=smollm2.eos_token_ids)
+    m = grammars.matcher(StructuredOutput("json_object"))
+    assert all(m.accept(t) for t in tok.encode('{"a": "', add_special_tokens=False))
+    allowed = unpack_bitmask(bitmask([m], len(tok) + 100), len(tok) + 100)[0]
+    assert allowed.shape == (len(tok) + 100,)
+    assert allowed[: len(tok)].sum() > 1000 and not allowed[len(tok):].any()
+    assert not allowed[2]  # no EOS inside an open string
+
+
+# -- decoding ----------------------------------------------------------------------------------------------------
+
+
+def _overlapped(e: Engine) -> Engine:
+    return Engine(e.model, e.tokenizer, eos_ids=e.eos_ids, config=e.config, overlap=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_json_output_is_valid_against_its_schema(smollm2_engine, sampled):
+    params = SamplingParams(max_tokens=60, structured=person(), **(dict(temperature=0.7, seed=1) if sampled else {}))
+    for r in smollm2_engine.generate(ASKS, params=params):
+        assert r.finish_reason == "stop", r.text  # the grammar's end: the model chose the EOS there
+        jsonschema.validate(json.loads(r.text), PERSON)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec,check", [
+    (StructuredOutput("choice", ("Rome", "Milan", "Naples")), lambda t: t in ("Rome", "Milan", "Naples")),
+    (StructuredOutput("regex", r"[A-Z][a-z]+, \d{4}"), lambda t: re.fullmatch(r"[A-Z][a-z]+, \d{4}", t)),
+    (StructuredOutput("grammar", 'root ::= "The answer is " ("yes" | "no") "."'),
+     lambda t: t in ("The answer is yes.", "The answer is no.")),
+    (StructuredOutput("json_object"), lambda t: isinstance(json.loads(t), dict)),
+], ids=["choice", "regex", "grammar", "json_object"])
+def test_each_kind_constrains_greedy_and_sampled_output(smollm2_engine, spec, check):
+    for params in (SamplingParams(max_tokens=60, structured=spec),
+                   SamplingParams(max_tokens=60, structured=spec, temperature=1.2, seed=11)):
+        r = smollm2_engine.generate([PLAIN], params=params)[0]
+        assert r.finish_reason == "stop" and check(r.text), (r.text, r.finish_reason)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overlap", [False, True], ids=["stepwise", "overlapped"])
+def test_structured_rows_beside_free_rows_leave_them_as_alone(smollm2_engine, overlap):
+    """A batch of free rows and structured rows, the structured ones joining mid-way: each free row's tokens are
+    its own alone, each structured row's those of decoding it alone, overlapped or not."""
+    e = _overlapped(smollm2_engine) if overlap else smollm2_engine
+    free = SamplingParams(max_tokens=24, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.8, seed=3)
+    jobs = [(PLAIN, free), (ASK, SamplingParams(max_tokens=60, structured=person())), ("Once upon a time", sampled),
+            (PLAIN, SamplingParams(max_tokens=20, structured=StructuredOutput("choice", ("Rome", "Milan")),
+                                   temperature=1.0, seed=9))]
+    alone = [smollm2_engine.generate([p], params=sp)[0].token_ids for p, sp in jobs]
+    seqs = [e.new_sequence(p, sp, e.compile("full")) for p, sp in jobs]
+    batch = e.new_batch(max_len=256, num_blocks=256)
+    batch.add(seqs[:1])
+    batch.step()
+    batch.add(seqs[1:])  # joining a step in flight (overlapped)
+    while batch.sequences:
+        batch.step()
+        batch.filter()
+    assert [s.output_ids for s in seqs] == alone
+    assert [s.finish_reason for s in seqs] == ["length", "stop", "length", "stop"]
+    jsonschema.validate(json.loads(seqs[1].text), PERSON)
+
+
+def _unread_at_launch(monkeypatch) -> list[int]:
+    """For each step queued (`Batch.launch`), how many steps queued before it were not read yet."""
+    counts: list[int] = []
+    unread: set[int] = set()
+    launch, result = Batch.launch, Launched.result
+
+    def launch_(batch: Batch, inp):
+        counts.append(len(unread))
+        launched = launch(batch, inp)
+        unread.add(id(launched))
+        return launched
+
+    def result_(launched: Launched):
+        unread.discard(id(launched))
+        return result(launched)
+
+    monkeypatch.setattr(Batch, "launch", launch_)
+    monkeypatch.setattr(Launched, "result", result_)
+    return counts
+
+
+@pytest.mark.slow
+def test_overlapped_decoding_reads_each_step_before_a_structured_row_needs_its_mask(smollm2_engine, monkeypatch):
+    """Overlapped, a free row's steps are queued while the last is unread; once a structured row runs, every step is
+    read before the next decode step is queued (its mask needs the token), and when it ends the steps overlap
+    again. The tokens are those of decoding each alone."""
+    e = _overlapped(smollm2_engine)
+    free = e.new_sequence(PLAIN, SamplingParams(max_tokens=30, ignore_eos=True), e.compile("full"))
+    city = " Rome, the eternal city of Italy."
+    choice = e.new_sequence(PLAIN, SamplingParams(max_tokens=20, structured=StructuredOutput("choice", (city,))),
+                            e.compile("full"))
+    batch = e.new_batch(max_len=256, num_blocks=256)
+    unread = _unread_at_launch(monkeypatch)
+    batch.add([free])
+    batch.step()
+    batch.step()
+    assert unread == [0, 1, 1]  # the prefill, then each decode step queued while the last is in flight
+    del unread[:]
+    batch.add([choice])  # its prefill is queued while the free row's step is in flight: it needs no token yet
+    while not choice.finished:
+        batch.step()
+    batch.filter()
+    assert unread[0] == 1 and len(unread) > 2 and set(unread[1:]) == {0}, unread
+    del unread[:]
+    batch.step()
+    batch.step()
+    assert unread == [0, 1]  # overlapped again
+    while batch.sequences:
+        batch.step()
+        batch.filter()
+    assert free.output_ids == smollm2_engine.generate([PLAIN], params=free.params)[0].token_ids
+    assert choice.text == city and choice.finish_reason == "stop"
+
+
+@pytest.mark.slow
+def test_min_tokens_past_a_complete_grammar_fails_that_row_saying_so(smollm2_engine):
+    """The grammar ends after "Rome" (its only continuation is the EOS, which min_tokens forbids): that row fails
+    naming min_tokens; its structured neighbour is unaffected."""
+    e = smollm2_engine
+    rome = StructuredOutput("choice", ("Rome",))
+    [failed] = e.generate([PLAIN], params=SamplingParams(max_tokens=10, structured=rome, min_tokens=5))
+    assert failed.finish_reason == "error" and "before min_tokens (5)" in failed.error, failed.error
+    seqs = [e.new_sequence(PLAIN, SamplingParams(max_tokens=10, structured=rome, min_tokens=m), e.compile("full"))
+            for m in (5, 0)]
+    batch = e.new_batch(max_len=128, num_blocks=128)
+    batch.add(seqs)
+    while batch.sequences:
+        batch.step()
+        batch.filter()
+    assert seqs[0].finish_reason == "error" and (seqs[1].text, seqs[1].finish_reason) == ("Rome", "stop")
+
+
+@pytest.mark.slow
+def test_a_rollback_takes_the_matcher_back_with_the_tokens(smollm2_engine):
+    """Tokens a verifier rejects leave the grammar too: decoding on after a rollback gives the same JSON."""
+    e = smollm2_engine
+    want = e.generate([ASK], params=SamplingParams(max_tokens=60, structured=person()))[0]
+    s = e.new_sequence(ASK, SamplingParams(max_tokens=60, structured=person()), e.compile("full"))
+    batch = e.new_batch(max_len=256, num_blocks=256)
+    batch.add([s])
+    for _ in range(8):
+        batch.step()
+    batch.rollback(s, 3)
+    while batch.sequences:
+        batch.step()
+        batch.filter()
+    assert (s.output_ids, s.text) == (want.token_ids, want.text)
+
+
+def test_a_batch_without_structured_rows_does_no_grammar_work(tiny_engine, monkeypatch):
+    """No bitmask, no mask tensor: the path of a batch before structured outputs existed."""
+    from server.engine import generate
+
+    def no_bitmask(*args, **kwargs):
+        raise AssertionError("a batch without structured rows built a bitmask")
+
+    monkeypatch.setattr(generate, "bitmask", no_bitmask)
+    batches = []
+    of = generate.SamplingBatch.of
+    monkeypatch.setattr(generate.SamplingBatch, "of", lambda *a, **k: batches.append(of(*a, **k)) or batches[-1])
+    tiny_engine.generate([[5, 6, 7], [8]], params=SamplingParams(max_tokens=4, temperature=1.0, ignore_eos=True))
+    assert batches and all(b.grammar is None and b.grammar_rows is None for b in batches)
