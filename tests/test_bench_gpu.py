@@ -17,7 +17,7 @@ FIGURES = ("full_bs1_bandwidth_fraction", "skip8_speedup_over_ideal", "pairs_ove
 # What the GPU image lacks (the device notes' package list): `make bench-gpu` runs the benchmark without them, and
 # carries them as wheels only for the checkpoint test and the HTTP runs.
 NOT_ON_THE_GPU_IMAGE = ("fastapi", "starlette", "pydantic", "pydantic_settings", "uvicorn", "sse_starlette",
-                        "httpx_sse", "platformdirs", "gguf")
+                        "httpx_sse", "platformdirs", "gguf", "xgrammar")
 
 
 def _smoke(tmp_path: Path, *extra: str) -> dict:
