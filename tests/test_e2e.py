@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import jsonschema
@@ -129,12 +130,18 @@ def test_concurrent_mixed_policies_equal_one_at_a_time(http):
         assert body["painters"]["policy"] == CANONICAL[policy]
         return body["choices"][0]["text"], body["choices"][0]["logprobs"]["tokens"]
 
+    _alone_then_together(http, run, jobs)
+
+
+def _alone_then_together(http: httpx.Client, run: Callable[[Any], Any], jobs: list[Any]) -> list[Any]:
+    """Each job's answer alone, then all at once: the same answers, and some engine step ran several sequences."""
     alone = [run(j) for j in jobs]
     before = _batched_steps(_metrics(http))
     with ThreadPoolExecutor(len(jobs)) as pool:
         together = list(pool.map(run, jobs))
     assert together == alone
     assert _batched_steps(_metrics(http)) > before, "no engine step ran more than one sequence: nothing was batched"
+    return alone
 
 
 def _batched_steps(text: str) -> float:
@@ -518,12 +525,7 @@ def test_structured_requests_beside_free_ones_leave_them_as_alone(http):
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["text"]
 
-    alone = [run(j) for j in jobs]
-    before = _batched_steps(_metrics(http))
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        together = list(pool.map(run, jobs))
-    assert together == alone
-    assert _batched_steps(_metrics(http)) > before, "no engine step ran more than one sequence: nothing was batched"
+    alone = _alone_then_together(http, run, jobs)
     jsonschema.validate(json.loads(alone[1]), PERSON)
 
 
