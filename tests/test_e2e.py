@@ -459,6 +459,29 @@ def test_json_schema_answers_are_valid_against_it_streamed_or_not(http, sampling
             assert streamed == texts
 
 
+def test_tgi_grammar_constrains_generate_as_tgi_does(http):
+    """TGI's `grammar` on /generate (a JSON schema, as an object or its text; a regular expression), streamed and
+    not; one that does not compile is TGI's 422."""
+    def generate(grammar: dict[str, Any], stream: bool = False) -> str:
+        body = {"inputs": _chat_prompt(ASKS[0]), "parameters": {"max_new_tokens": 60, "grammar": grammar}}
+        if not stream:
+            r = http.post("/generate", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["generated_text"]
+        with http.stream("POST", "/generate_stream", json=body) as s:
+            events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
+        return events[-1]["generated_text"]
+
+    for value in (PERSON, json.dumps(PERSON)):
+        text = generate({"type": "json", "value": value})
+        jsonschema.validate(json.loads(text), PERSON)
+        assert generate({"type": "json", "value": value}, stream=True) == text
+    assert re.fullmatch(r"[A-Z][a-z]+ is [0-9]{2}\.", generate({"type": "regex", "value": r"[A-Z][a-z]+ is [0-9]{2}\."}))
+    r = http.post("/generate", json={"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "("}}})
+    assert r.status_code == 422 and r.json()["error_type"] == "validation", r.text
+    assert "regular expression does not compile" in r.json()["error"], r.text
+
+
 def test_json_object_answers_are_json_objects(http):
     for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": ASKS[1]}],
                                                  "response_format": {"type": "json_object"}}),

@@ -43,6 +43,7 @@ def _params(body: GenerateRequest) -> pipeline.ParamsFor:
             logprobs=p.top_n_tokens or 0, echo=p.decoder_input_details,
             repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,
             frequency_penalty=p.frequency_penalty or 0.0, frequency_of="sequence",
+            structured=None if p.grammar is None else p.grammar.structured_output,
         )
     return params
 

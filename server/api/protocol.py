@@ -476,6 +476,37 @@ class PaintersInfo(BaseModel):
     timings: Timings | None = None
 
 
+class TGIGrammar(BaseModel):
+    """TGI's `grammar` parameter: output valid against a JSON schema (`value` the schema, or its JSON text) or fully
+    matching a regular expression (`value` the expression)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json", "regex"]
+    value: dict[str, Any] | str
+
+    @model_validator(mode="after")
+    def _value_fits_type(self) -> TGIGrammar:
+        if self.type == "regex" and not isinstance(self.value, str):
+            raise ValueError("a regex grammar's value is the regular expression, a string")
+        if self.type == "json" and isinstance(self.value, str):
+            try:
+                schema = json.loads(self.value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"a json grammar's value is a JSON schema, an object or its JSON text: {e}") from None
+            if not isinstance(schema, dict):
+                raise ValueError("a json grammar's value is a JSON schema, an object or its JSON text")
+            self.value = schema
+        return self
+
+    @property
+    def structured_output(self) -> StructuredOutput:
+        if self.type == "json":
+            return StructuredOutput("json", json.dumps(self.value), param="grammar")
+        assert isinstance(self.value, str)
+        return StructuredOutput("regex", self.value, param="grammar")
+
+
 class GenerateParameters(_Body):
     max_new_tokens: int | None = Field(20, ge=0)
     temperature: Temperature | None = None
@@ -494,17 +525,18 @@ class GenerateParameters(_Body):
                                                 "logit divided by this when positive, multiplied when not; 1: off")
     frequency_penalty: Penalty | None = Field(None, description="TGI's: subtracted from each token's logit, times "
                                               "the share of prompt and output so far that is that token")
+    grammar: TGIGrammar | None = Field(None, description="TGI's: {\"type\": \"json\", \"value\": <JSON schema>} or "
+                                       "{\"type\": \"regex\", \"value\": <regular expression>}, compiled by xgrammar")
     # TGI's parameters this server cannot honour: refused (422) when set to anything but their neutral value
     typical_p: float | None = None
     best_of: int | None = None
     watermark: bool = False
     truncate: int | None = None
-    grammar: Any = None
     adapter_id: str | None = None
 
     _stop_limits = field_validator("stop")(_check_stop)
 
-    @field_validator("typical_p", "best_of", "watermark", "truncate", "grammar", "adapter_id")
+    @field_validator("typical_p", "best_of", "watermark", "truncate", "adapter_id")
     @classmethod
     def _neutral(cls, v: Any, info: ValidationInfo) -> Any:
         neutral = {"typical_p": 1.0, "best_of": 1}
