@@ -459,9 +459,11 @@ def test_json_schema_answers_are_valid_against_it_streamed_or_not(http, sampling
             assert streamed == texts
 
 
-def test_tgi_grammar_constrains_generate_as_tgi_does(http):
+def test_tgi_grammar_constrains_generate_as_tgi_does(http, server):
     """TGI's `grammar` on /generate (a JSON schema, as an object or its text; a regular expression), streamed and
-    not; one that does not compile is TGI's 422."""
+    not, as TGI's own client sends it; one that does not compile is TGI's 422."""
+    from huggingface_hub import InferenceClient
+
     def generate(grammar: dict[str, Any], stream: bool = False) -> str:
         body = {"inputs": _chat_prompt(ASKS[0]), "parameters": {"max_new_tokens": 60, "grammar": grammar}}
         if not stream:
@@ -477,6 +479,9 @@ def test_tgi_grammar_constrains_generate_as_tgi_does(http):
         jsonschema.validate(json.loads(text), PERSON)
         assert generate({"type": "json", "value": value}, stream=True) == text
     assert re.fullmatch(r"[A-Z][a-z]+ is [0-9]{2}\.", generate({"type": "regex", "value": r"[A-Z][a-z]+ is [0-9]{2}\."}))
+    hf = InferenceClient(model=f"{server.url}/generate")
+    answer = hf.text_generation(_chat_prompt(ASKS[1]), max_new_tokens=60, grammar={"type": "json", "value": PERSON})
+    jsonschema.validate(json.loads(answer), PERSON)
     r = http.post("/generate", json={"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "("}}})
     assert r.status_code == 422 and r.json()["error_type"] == "validation", r.text
     assert "regular expression does not compile" in r.json()["error"], r.text
