@@ -165,7 +165,7 @@ def test_penalties_arithmetic_as_vllm():
     token's positive logit and multiplies its negative one (CTRL's rule, prompt and output); frequency subtracts per
     occurrence in the output, presence once; unseen tokens and the neighbour row are untouched."""
     logits = torch.tensor([[2.0, 3.0, -1.0, 0.0, -2.0, 1.0], [2.0, 3.0, -1.0, 0.0, -2.0, 1.0]])
-    history = dict(histories=[([2, 3], [4, 1]), ([2, 3], [4, 1])], recent=torch.tensor([1, 1]))
+    history = dict(prompts=[torch.tensor([2, 3])] * 2, outputs=[[4, 1]] * 2, recent=torch.tensor([1, 1]))
     one = processed(logits, [SamplingParams(repetition_penalty=2.0), SamplingParams()], **history)
     assert one.tolist() == [[2.0, 1.5, -2.0, 0.0, -4.0, 1.0], logits[1].tolist()]
     freq = processed(logits[:1], [SamplingParams(frequency_penalty=0.5, presence_penalty=0.25)], **{
@@ -176,7 +176,7 @@ def test_penalties_arithmetic_as_vllm():
     assert every.tolist() == [[2.0, 1.5 + 1.0 - 1.0, -2.0, 0.0, -4.0 + 0.5 - 1.0, 1.0]]
     # after the logit bias: (1 + 3) / 2, not 1 / 2 + 3
     biased = processed(logits[:1, :4], [SamplingParams(repetition_penalty=2.0, logit_bias=((3, 3.0),))],
-                       histories=[([3], [])])
+                       prompts=[torch.tensor([3])], outputs=[[]])
     assert biased.tolist() == [[2.0, 3.0, -1.0, 1.5]]
 
 
@@ -184,7 +184,7 @@ def test_tgi_frequency_penalty_counts_the_share_of_the_whole_sequence():
     """TGI's frequency_penalty: penalty x count / length over prompt and output (4 tokens here, one in flight)."""
     logits = torch.zeros(1, 4)
     got = processed(logits, [SamplingParams(frequency_penalty=1.0, frequency_of="sequence")],
-                    histories=[([1, 1], [2])], recent=torch.tensor([1]))
+                    prompts=[torch.tensor([1, 1])], outputs=[[2]], recent=torch.tensor([1]))
     assert got.tolist() == [[0.0, -0.75, -0.25, 0.0]]
 
 
@@ -192,7 +192,8 @@ def test_the_neutral_values_carry_no_tensors():
     """A batch in which no row asks for a processor takes the plain path: no tensor for any of them (histories
     handed in or not)."""
     rows = [SamplingParams(), SamplingParams(temperature=1.0, top_p=0.5, min_p=0.0, repetition_penalty=1.0)]
-    batch = SamplingBatch.of(rows, [None, None], CPU, histories=[([1], [2]), ([1], [2])], recent=torch.tensor([3, 3]))
+    batch = SamplingBatch.of(rows, [None, None], CPU, prompts=[torch.tensor([1])] * 2, outputs=[[2], [2]],
+                             recent=torch.tensor([3, 3]))
     assert (batch.allowed, batch.bias, batch.bias_at, batch.penalties, batch.min_p) == (None,) * 5
     logits = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     assert process_logits(logits, batch) is logits
@@ -218,6 +219,42 @@ def test_min_p_keeps_what_is_at_least_min_p_times_the_most_likely_after_temperat
         beside = sample(torch.stack([logits, logits]), [SamplingParams(temperature=1.0, min_p=1.0), plain],
                         [make_generator(0, CPU), make_generator(seed, CPU)])
         assert int(alone[0]) == int(beside[1]), seed
+
+
+# -- the penalties' prompts on the device ----------------------------------------------------------------------
+
+
+def test_penalties_read_each_requests_own_prompt_copied_once(tiny_engine):
+    """The penalties' prompts stay on the device for as long as their request runs (`PromptCache`): requests with
+    other prompts, joining and leaving, each read their own (their tokens equal their solo runs, and differ from an
+    unpenalized run), only the rows that read a prompt hold one, the same tensor from step to step, and none is
+    left once they have all left, by finishing or by being removed."""
+    rows = [([5, 9, 17, 5, 9, 17], SamplingParams(max_tokens=12, ignore_eos=True, repetition_penalty=1.5)),
+            ([30, 31, 30, 31], SamplingParams(max_tokens=6, ignore_eos=True, repetition_penalty=2.0)),
+            ([5, 9, 17, 5, 9, 17], SamplingParams(max_tokens=12, ignore_eos=True, frequency_penalty=1.0,
+                                                   frequency_of="sequence")),
+            ([40, 41], SamplingParams(max_tokens=12, ignore_eos=True, presence_penalty=1.0))]
+    alone = [tiny_engine.generate([p], params=params)[0].token_ids for p, params in rows]
+    unpenalized = tiny_engine.generate([rows[0][0]], params=SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert alone[0] != unpenalized.token_ids
+    seqs = [tiny_engine.new_sequence(p, params, tiny_engine.compile("full")) for p, params in rows]
+    batch = tiny_engine.new_batch(max_len=32, num_blocks=64)
+    batch.add(seqs[1:])
+    batch.step()
+    held = batch.prompts.get(seqs[1].id, ())
+    assert len(batch.prompts) == 2 and held.tolist() == rows[1][0]  # not the presence row: it reads no prompt
+    batch.add(seqs[:1])
+    while batch.filter() is not None and batch.sequences:
+        batch.step()
+        if not seqs[1].finished:
+            assert batch.prompts.get(seqs[1].id, ()) is held
+    assert [s.result().token_ids for s in seqs] == alone and len(batch.prompts) == 0
+    gone = tiny_engine.new_sequence(rows[0][0], rows[0][1], tiny_engine.compile("full"))
+    batch.add([gone])
+    batch.step()
+    assert len(batch.prompts) == 1
+    batch.remove(gone.id)
+    assert len(batch.prompts) == 0
 
 
 # -- every accepted value samples ------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ from server.engine.sampling_params import (
 )
 
 __all__ = ["LOGPROBS", "MAX_STOP_LENGTH", "MAX_STOP_STRINGS", "MIN_TEMPERATURE", "SEED", "TEMPERATURE", "TOP_K",
-           "TOP_P", "Interval", "Penalties", "SamplingBatch", "SamplingError", "SamplingParams", "check_stop",
-           "make_generator", "process_logits", "sample", "sample_batch", "sample_isolated", "unpack_bitmask"]
+           "TOP_P", "Interval", "Penalties", "PromptCache", "SamplingBatch", "SamplingError", "SamplingParams",
+           "check_stop", "make_generator", "process_logits", "sample", "sample_batch", "sample_isolated",
+           "unpack_bitmask"]
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -30,6 +31,29 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(secrets.randbelow(int(SEED.hi) + 1) if seed is None else seed)
     return g
+
+
+class PromptCache:
+    """The prompts that penalties read (`SamplingParams.reads_prompt`), on the device: a request's is copied there
+    when it first samples, not at every step. One per batch, which drops a request's when the request leaves it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._held: dict[str, Tensor] = {}
+
+    def get(self, request_id: str, prompt: Sequence[int]) -> Tensor:
+        """[L] long on the device: the prompt's tokens (copied the first time)."""
+        held = self._held.get(request_id)
+        if held is None:
+            held = torch.tensor(list(prompt), dtype=torch.long).to(self.device, non_blocking=True)
+            self._held[request_id] = held
+        return held
+
+    def drop(self, request_id: str) -> None:
+        self._held.pop(request_id, None)
+
+    def __len__(self) -> int:
+        return len(self._held)
 
 
 @dataclass(frozen=True)
@@ -48,34 +72,48 @@ class Penalties:
     recent: Tensor | None
 
     @classmethod
-    def of(cls, params: list[SamplingParams], histories: Sequence[tuple[Sequence[int], Sequence[int]]],
+    def of(cls, params: list[SamplingParams], prompts: Sequence[Tensor | None], outputs: Sequence[Sequence[int]],
            device: torch.device, recent: Tensor | None) -> Penalties | None:
-        """histories: per row (prompt ids, output ids on the host, not counting `recent`); recent [B]: each row's
-        latest output token. None when no row has a penalty on."""
+        """prompts: per row its prompt's tokens on the device where its penalties read them (`PromptCache`), else
+        None; outputs: per row its output tokens known on the host, not counting `recent`; recent [B]: each row's
+        latest output token. None when no row has a penalty on. The host copies the output's tokens and the
+        parameters; the prompts are on the device already."""
         rows = [b for b, p in enumerate(params) if p.penalized]
         if not rows:
             return None
         counted: list[np.ndarray] = []
-        seen: list[np.ndarray] = []
         packed = []
+        in_counted: list[Tensor] = []  # "sequence" rows' prompts, counted
+        in_seen: list[Tensor] = []  # the other rows' prompts, seen for repetition
         for i, b in enumerate(rows):
-            p, (prompt, output) = params[b], histories[b]
+            p, prompt, output = params[b], prompts[b], outputs[b]
+            counted.append(_pairs(i, output))
             made = len(output) + (recent is not None)
-            if p.frequency_of == "sequence":  # TGI's: the share of the whole sequence that is the token
-                counted += [_pairs(i, output), _pairs(i, prompt)]
-                frequency = p.frequency_penalty / max(1, len(prompt) + made)
-            else:
-                counted.append(_pairs(i, output))
-                frequency = p.frequency_penalty
-                if p.repetition_penalty != 1:
-                    seen.append(_pairs(i, prompt))
-            packed.append((b, p.presence_penalty, frequency, p.repetition_penalty))
-        ids = np.concatenate(counted + seen, axis=1)
-        n = sum(c.shape[1] for c in counted)
-        ids_d = torch.from_numpy(ids).to(device, non_blocking=True)  # one copy each: pairs, then parameters
-        values = torch.tensor(packed, dtype=torch.float64).to(device, non_blocking=True)
+            frequency, counts, sees = p.frequency_penalty, 0, 0
+            if p.reads_prompt:
+                assert prompt is not None, "a penalty that reads the prompt without it"
+                if p.frequency_of == "sequence":  # TGI's: the share of the whole sequence that is the token
+                    frequency = p.frequency_penalty / max(1, prompt.shape[0] + made)
+                    in_counted.append(prompt)
+                    counts = prompt.shape[0]
+                else:
+                    in_seen.append(prompt)
+                    sees = prompt.shape[0]
+            packed.append((b, p.presence_penalty, frequency, p.repetition_penalty, counts, sees))
+        ids = torch.from_numpy(np.concatenate(counted, axis=1)).to(device, non_blocking=True)  # one copy each:
+        values = torch.tensor(packed, dtype=torch.float64).to(device, non_blocking=True)  # pairs, then parameters
+        index = torch.arange(len(rows), device=device)
+
+        def prompt_pairs(column: int, prompts: list[Tensor]) -> Tensor:
+            """[2, sum of lengths]: (index into rows, token) for each prompt token, no host sync (output_size)."""
+            total = sum(t.shape[0] for t in prompts)
+            which = torch.repeat_interleave(index, values[:, column].long(), output_size=total)
+            return torch.stack([which, torch.cat(prompts)])
+
+        if in_counted:
+            ids = torch.cat([ids, prompt_pairs(4, in_counted)], dim=1)
         return cls(rows=values[:, 0].long(), presence=values[:, 1].float(), frequency=values[:, 2].float(),
-                   repetition=values[:, 3].float(), counted=ids_d[:, :n], seen=ids_d[:, n:] if seen else None,
+                   repetition=values[:, 3].float(), counted=ids, seen=prompt_pairs(5, in_seen) if in_seen else None,
                    recent=None if recent is None else recent[values[:, 0].long()])
 
     def apply(self, logits: Tensor) -> Tensor:
@@ -135,13 +173,14 @@ class SamplingBatch:
 
     @classmethod
     def of(cls, params: list[SamplingParams], generators: list[Any], device: torch.device,
-           banned: list[tuple[int, int]] | None = None,
-           histories: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
-           recent: Tensor | None = None, grammar: tuple[Sequence[int], Tensor] | None = None) -> SamplingBatch:
-        """banned: (row, token) pairs, each row's tokens it may not choose this step. histories and recent: what
-        the penalties count (`Penalties.of`); without them, no row has seen any token. grammar: the structured rows
-        and their bitmask on the host (`server.engine.grammar.bitmask`). A batch whose rows use none of
-        allowed_token_ids, logit_bias, penalties, min_p and structured outputs carries no tensor for them."""
+           banned: list[tuple[int, int]] | None = None, outputs: Sequence[Sequence[int]] | None = None,
+           prompts: Sequence[Tensor | None] | None = None, recent: Tensor | None = None,
+           grammar: tuple[Sequence[int], Tensor] | None = None) -> SamplingBatch:
+        """banned: (row, token) pairs, each row's tokens it may not choose this step. outputs, prompts and recent:
+        what the penalties count (`Penalties.of`); without them, no row has made or read any token. grammar: the
+        structured rows and their bitmask on the host (`server.engine.grammar.bitmask`). A batch whose rows use
+        none of allowed_token_ids, logit_bias, penalties, min_p and structured outputs carries no tensor for
+        them."""
         sampled = tuple(b for b, p in enumerate(params) if not p.greedy)
         tensors: dict[str, Any] = {}
         if banned:
@@ -158,7 +197,8 @@ class SamplingBatch:
         if bias:  # one copy: token ids are exact in float64
             packed = torch.tensor(bias, dtype=torch.float64).T.to(device, non_blocking=True)
             tensors.update(bias_at=packed[:2].long(), bias=packed[2].float())
-        tensors["penalties"] = Penalties.of(params, histories or [((), ())] * len(params), device, recent)
+        outputs = outputs or [()] * len(params)
+        tensors["penalties"] = Penalties.of(params, prompts or [None] * len(params), outputs, device, recent)
         min_p = any(params[b].min_p > 0 for b in sampled)
         if sampled:  # one copy: rows and parameters packed together
             packed = torch.tensor([(b, params[b].temperature, params[b].top_k, params[b].top_p)

@@ -172,6 +172,11 @@ class SamplingParams:
         """Whether some penalty is on (each row that is not costs the step nothing)."""
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
+    @property
+    def reads_prompt(self) -> bool:
+        """Whether the penalties read the prompt's tokens (repetition's seen tokens, TGI's frequency counts)."""
+        return self.repetition_penalty != 1 or (self.frequency_of == "sequence" and self.frequency_penalty != 0)
+
     def stop_ids(self, eos_ids: frozenset[int]) -> frozenset[int]:
         """The tokens that end this request, given the model's EOS tokens."""
         return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else eos_ids)
