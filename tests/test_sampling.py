@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from server.engine.sampling import (MAX_STOP_LENGTH, MAX_STOP_STRINGS, MIN_TEMPERATURE, SEED, TOP_K, SamplingError,
                              SamplingBatch, SamplingParams, make_generator, process_logits, sample, sample_batch,
                              sample_isolated, unpack_bitmask)
+from server.engine.sampling_params import MAX_BAD_WORD_SEQUENCES, MAX_BAD_WORD_TOKENS, bad_word_ids
 
 CPU = torch.device("cpu")
 
@@ -194,7 +195,7 @@ def test_the_neutral_values_carry_no_tensors():
     rows = [SamplingParams(), SamplingParams(temperature=1.0, top_p=0.5, min_p=0.0, repetition_penalty=1.0)]
     batch = SamplingBatch.of(rows, [None, None], CPU, prompts=[torch.tensor([1])] * 2, outputs=[[2], [2]],
                              recent=torch.tensor([3, 3]))
-    assert (batch.allowed, batch.bias, batch.bias_at, batch.penalties, batch.min_p) == (None,) * 5
+    assert (batch.allowed, batch.bias, batch.bias_at, batch.bad_words, batch.penalties, batch.min_p) == (None,) * 6
     logits = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     assert process_logits(logits, batch) is logits
     greedy_min_p = SamplingBatch.of([SamplingParams(min_p=0.5)], [None], CPU)
@@ -221,7 +222,109 @@ def test_min_p_keeps_what_is_at_least_min_p_times_the_most_likely_after_temperat
         assert int(alone[0]) == int(beside[1]), seed
 
 
-# -- the penalties' prompts on the device ----------------------------------------------------------------------
+# -- bad words (vLLM's bad_words) -------------------------------------------------------------------------------------
+
+
+def vllm_bad_words(logits: torch.Tensor, words: tuple[tuple[int, ...], ...], past: list[int]) -> torch.Tensor:
+    """vLLM v1's `_apply_bad_words_single_batch` (vllm/v1/sample/ops/bad_words.py), on one row's copy: a word longer
+    than the output + 1 is skipped; otherwise its last token is -inf where the output ends with its other tokens."""
+    logits = logits.clone()
+    for word in words:
+        if len(word) > len(past) + 1:
+            continue
+        prefix = list(word[:-1])
+        if (past[-len(prefix):] if prefix else []) == prefix:
+            logits[word[-1]] = -INF
+    return logits
+
+
+def test_bad_words_mask_the_end_of_a_word_the_output_ends_in():
+    """Row 0's words: (4,) always; (1, 2, 3) where the output ends [1, 2]; (0, 3) where it ends [0]. Its output is
+    [5, 1] on the host and its latest token on the device (in flight). Row 1 has no words and is untouched; a word
+    longer than the output made so far is not matched in the prompt."""
+    logits = torch.arange(12, dtype=torch.float32).view(2, 6)
+    words = SamplingParams(bad_words_ids=((4,), (1, 2, 3), (0, 3)))
+    rows = [words, SamplingParams()]
+
+    def masked(recent: list[int], output: list[int] = [5, 1]) -> list[int]:
+        got = processed(logits, rows, outputs=[output, [7, 7]], recent=torch.tensor(recent))
+        assert torch.equal(got[1], logits[1])
+        return [t for t in range(6) if got[0, t] == -INF]
+
+    assert masked([2, 9]) == [3, 4]  # [.., 1, 2]: the end of (1, 2, 3)
+    assert masked([0, 9]) == [3, 4]  # [.., 0]: (0, 3)
+    assert masked([5, 2]) == [4]  # a neighbour's latest token is not this row's
+    assert masked([2, 9], output=[]) == [4]  # [2] alone: (1, 2, 3) needs two tokens made, the prompt is not read
+    host = processed(logits, rows, outputs=[[5, 1, 2], []])  # every token on the host (no step in flight)
+    assert [t for t in range(6) if host[0, t] == -INF] == [3, 4]
+    first = processed(logits, rows)  # a prefill: no output yet, one-token words only
+    assert [t for t in range(6) if first[0, t] == -INF] == [4]
+
+
+@settings(max_examples=300, deadline=None)
+@given(words=st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=3).map(tuple), min_size=1, max_size=4),
+       past=st.lists(st.integers(0, 4), max_size=5), in_flight=st.booleans())
+def test_bad_words_equal_vllms_rule(words, past, in_flight):
+    """Any words over 5 tokens (two ending in one token, repeats) and any output, its last token on the host or in
+    flight: the masked logits are vLLM's."""
+    logits = torch.randn(2, 5, generator=torch.Generator().manual_seed(len(past)))
+    want = vllm_bad_words(logits[0], tuple(words), past)
+    split = in_flight and bool(past)
+    history = dict(outputs=[past[:-1], []], recent=torch.tensor([past[-1], 0])) if split else dict(outputs=[past, []])
+    got = processed(logits, [SamplingParams(bad_words_ids=tuple(words)), SamplingParams()], **history)
+    assert torch.equal(got[0], want) and torch.equal(got[1], logits[1])
+
+
+def test_bad_words_encode_as_vllm():
+    """vLLM's update_from_tokenizer: each word stripped of leading spaces, encoded alone and after a space; the second
+    form kept where it is another sequence of the same length (a word-start token, as byte-level BPE's 'Ġ' ones)."""
+    vocab = {"Rome": [10], " Rome": [11], "capital of": [12, 13], " capital of": [14, 13], "xy": [15, 16],
+             " xy": [17], "ab": [18], " ab": [18], " ": [19], "": []}
+    encode = vocab.__getitem__
+    assert bad_word_ids(("Rome", "  capital of", "xy", "ab"), encode) == ((10,), (11,), (12, 13), (14, 13), (15, 16),
+                                                                          (18,))
+    with pytest.raises(SamplingError, match="'   ' encodes to no token"):
+        bad_word_ids(("   ",), encode)
+    many = {f"w{i}": [i] for i in range(129)} | {f" w{i}": [] for i in range(129)}
+    with pytest.raises(SamplingError, match=f"129 token sequences.*at most {MAX_BAD_WORD_SEQUENCES}"):
+        bad_word_ids(tuple(f"w{i}" for i in range(129)), many.__getitem__)
+    long = {"w": list(range(MAX_BAD_WORD_TOKENS + 1)), " w": []}
+    with pytest.raises(SamplingError, match=f"1025 tokens in all; at most {MAX_BAD_WORD_TOKENS}"):
+        bad_word_ids(("w",), long.__getitem__)
+    params = SamplingParams(bad_words=("Rome", "Rome", "ab"))  # repeats dropped, as vLLM's
+    assert params.bad_words == ("Rome", "ab")
+    assert params.with_bad_words_ids(encode).bad_words_ids == ((10,), (11,), (18,))
+    assert SamplingParams().with_bad_words_ids(encode).bad_words_ids is None  # no words: nothing encoded
+    with pytest.raises(SamplingError, match=r"bad_words: token ids \[200\] are outside the vocabulary 0-127"):
+        SamplingParams(bad_words=("w",), bad_words_ids=((3, 200),)).check_model(128, frozenset())
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["stepwise", "overlapped"])
+def test_bad_words_rows_in_a_batch_equal_their_solo_runs(tiny_engine, overlapped_engine, overlap):
+    """Rows with a three-token word, a one-token word, both with a repetition penalty, and plain neighbours, decoded
+    together (some joining while a step is in flight): each row's tokens are those it gets alone (step by step), its
+    words never end in its output, and it differs from its plain run (the words were there to be masked)."""
+    engine = overlapped_engine if overlap else tiny_engine
+    prompt = [5, 6, 7]
+    plain = tiny_engine.generate([prompt], params=SamplingParams(max_tokens=16, ignore_eos=True))[0].token_ids
+    three, one = tuple(plain[4:7]), (plain[2],)
+    rows = [SamplingParams(max_tokens=16, ignore_eos=True, bad_words_ids=(three,)),
+            SamplingParams(max_tokens=16, ignore_eos=True),
+            SamplingParams(max_tokens=16, ignore_eos=True, bad_words_ids=(one, three), repetition_penalty=1.3),
+            SamplingParams(max_tokens=16, ignore_eos=True, temperature=1.0, seed=3, bad_words_ids=(three,)),
+            SamplingParams(max_tokens=16, ignore_eos=True, temperature=1.0, seed=4)]
+    alone = [tiny_engine.generate([prompt], params=p)[0].token_ids for p in rows]
+    seqs = [engine.new_sequence(prompt, p, engine.compile("full")) for p in rows]
+    batch = engine.new_batch(max_len=32, num_blocks=64)
+    batch.add(seqs[:2])
+    batch.step()
+    batch.add(seqs[2:])
+    while batch.filter() is not None and batch.sequences:
+        batch.step()
+    assert [s.result().token_ids for s in seqs] == alone
+    ngrams = lambda ids, n: {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}  # noqa: E731
+    assert three not in ngrams(alone[0], 3) | ngrams(alone[2], 3) | ngrams(alone[3], 3)
+    assert one[0] not in alone[2] and alone[0] != plain and alone[1] == plain
 
 
 def test_penalties_read_each_requests_own_prompt_copied_once(tiny_engine):
@@ -370,6 +473,8 @@ def test_a_failing_row_does_not_fail_the_others():
     (dict(logit_bias=((5, 100.5),)), "[-100, 100]"), (dict(logit_bias=tuple((i, 1.0) for i in range(301))), "300"),
     (dict(logit_bias=((-1, 1.0),)), ">= 0"), (dict(allowed_token_ids=()), "at least one"),
     (dict(allowed_token_ids=(3, -1)), ">= 0"),
+    (dict(bad_words=("",)), "1-256"), (dict(bad_words=("w" * 257,)), "1-256"),
+    (dict(bad_words=tuple(f"w{i}" for i in range(129))), "at most 128 words"),
 ])
 def test_out_of_range_params_name_the_range(bad, says):
     with pytest.raises(SamplingError) as e:

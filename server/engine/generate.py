@@ -23,6 +23,7 @@ latest token accepted by its matcher, on the host, so `decode` reads what is in 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -45,7 +46,7 @@ from server.engine.probe import Reducer as ProbeReducer
 from server.engine.probe import chunks as probe_chunks
 from server.engine.request import GenerationResult, Request, Timings
 from server.engine.sampling import PromptCache, SamplingBatch, SamplingParams, make_generator, sample_batch
-from server.engine.served import encode
+from server.engine.served import encode, encode_word
 
 __all__ = ["Batch", "Engine", "GenerationResult", "Launched", "ModelOutput", "Request", "StepInput", "Timings"]
 
@@ -176,8 +177,8 @@ class Batch:
         min_tokens may not choose a stop token (vLLM's semantics: the EOS and stop_token_ids are masked, so the
         request goes on with another token; stop strings only match after min_tokens, see `_check_stop`).
         inputs [B, 1]: a decode step's input tokens, each row's latest output token, on the device (overlapped,
-        maybe still in flight): what a penalized row counts last; its earlier ones come from the host, and its prompt
-        from the device (copied once: `PromptCache`). A structured
+        maybe still in flight): what a penalized row counts last and a bad word's match ends on; its earlier ones
+        come from the host, and its prompt from the device (copied once: `PromptCache`). A structured
         row's allowed tokens come from its matcher, which has accepted every token it made (they are on the host)."""
         vocab = self.model.args.vocab_size
         structured = [b for b, s in enumerate(seqs) if s.grammar is not None]
@@ -187,9 +188,10 @@ class Batch:
         banned = [(b, t) for b, (s, n) in enumerate(zip(seqs, made)) if n < s.params.min_tokens
                   for t in sorted(s.stop_ids) if 0 <= t < vocab]
         outputs = prompts = recent = None
-        if any(s.params.penalized for s in seqs):  # only then: no row pays for a history it does not use
-            known = [n - (inputs is not None) for n in made]
-            outputs = [s.output_ids[:k] if s.params.penalized else () for s, k in zip(seqs, known)]
+        if any(s.params.penalized or s.params.bad_words_ids for s in seqs):  # only then: no row pays for a history
+            known = [n - (inputs is not None) for n in made]  # it does not use
+            outputs = [s.output_ids[:k] if s.params.penalized or s.params.bad_words_ids else ()
+                       for s, k in zip(seqs, known)]
             prompts = [self.prompts.get(s.id, s.prompt_ids) if s.params.reads_prompt else None for s in seqs]
             recent = None if inputs is None else inputs[:, 0]
         return SamplingBatch.of([s.params for s in seqs], [s.generator for s in seqs], self.model.device, banned,
@@ -665,9 +667,10 @@ class Engine:
         return self.start(request)
 
     def start(self, request: Request) -> Request:
-        """Give a request what running needs: its stop tokens, its own seeded generator on the model's device, and a
-        structured output's matcher unless it came with one (the server compiles at admission, off this thread)."""
-        params = request.params
+        """Give a request what running needs: its stop tokens, its own seeded generator on the model's device, its
+        bad words' tokens and a structured output's matcher unless it came with them (the server encodes and
+        compiles at admission, off this thread)."""
+        params = request.params = request.params.with_bad_words_ids(functools.partial(encode_word, self.tokenizer))
         request.stop_ids = params.stop_ids(self.eos_ids)
         request.generator = make_generator(params.seed, self.model.device)
         if params.structured is not None and request.grammar is None:

@@ -1,6 +1,6 @@
 """Next-token choice for a whole batch at once: greedy, temperature, top-k, top-p, min-p, per-request seeded
-generators, and the logit processors before them (a structured output's grammar, allowed tokens, logit bias,
-min_tokens' mask, penalties), in vLLM's order. Every value `SamplingParams` (in `server.engine.sampling_params`)
+generators, and the logit processors before them (a structured output's grammar, allowed tokens, bad words, logit
+bias, min_tokens' mask, penalties), in vLLM's order. Every value `SamplingParams` (in `server.engine.sampling_params`)
 accepts samples without inf or NaN reaching the draw."""
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from server.engine.sampling_params import (
 )
 
 __all__ = ["LOGPROBS", "MAX_STOP_LENGTH", "MAX_STOP_STRINGS", "MIN_TEMPERATURE", "SEED", "TEMPERATURE", "TOP_K",
-           "TOP_P", "Interval", "Penalties", "PromptCache", "SamplingBatch", "SamplingError", "SamplingParams",
-           "check_stop", "make_generator", "process_logits", "sample", "sample_batch", "sample_isolated",
-           "unpack_bitmask"]
+           "TOP_P", "BadWords", "Interval", "Penalties", "PromptCache", "SamplingBatch", "SamplingError",
+           "SamplingParams", "check_stop", "make_generator", "process_logits", "sample", "sample_batch",
+           "sample_isolated", "unpack_bitmask"]
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -139,6 +139,53 @@ class Penalties:
         return flat.index_put((at,), x).view(B, V)
 
 
+@dataclass(frozen=True)
+class BadWords:
+    """vLLM's bad_words (v1's `apply_bad_words`): a row may not choose the last token of a word whose other tokens
+    its output ends with; a one-token word's token never. The prompt does not count: a word is matched in the output
+    alone. A decode step's latest output token may be on the device only (in flight, overlapped): a word whose
+    tokens before its next-to-last end the output on the host is a candidate, masked on the device where the
+    latest token is that next-to-last one. (Not a structured row's way, reading the step in flight first: that
+    stops overlap for the whole batch, and a one-token comparison needs no host.)"""
+
+    at: Tensor  # [2, N] long: (row, token) pairs that may be masked
+    hit: Tensor  # [N] bool: whether each is masked this step
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], outputs: Sequence[Sequence[int]], device: torch.device,
+           recent: Tensor | None) -> BadWords | None:
+        """outputs: per row its output tokens known on the host, not counting `recent`; recent [B]: each row's
+        latest output token (None in a prefill: no output yet). None when no word can end here."""
+        pairs: list[tuple[int, int, int]] = []  # (row, token, the latest token it needs; -1: none)
+        for b, p in enumerate(params):
+            for *prefix, last in p.bad_words_ids or ():
+                output = outputs[b]
+                if len(prefix) > len(output) + (recent is not None):
+                    continue  # the output is shorter than the word's other tokens
+                if recent is None or not prefix:
+                    if not prefix or list(output[len(output) - len(prefix):]) == prefix:
+                        pairs.append((b, last, -1))
+                elif len(prefix) == 1 or list(output[len(output) - len(prefix) + 1:]) == prefix[:-1]:
+                    pairs.append((b, last, prefix[-1]))
+        if not pairs:
+            return None
+        packed = torch.tensor(pairs, dtype=torch.long).T.to(device, non_blocking=True)  # one copy
+        at, needs = packed[:2], packed[2]
+        hit = needs < 0
+        if recent is not None:
+            hit = hit | (recent[at[0]] == needs)
+        return cls(at=at, hit=hit)
+
+    def apply(self, logits: Tensor) -> Tensor:
+        """logits [B, V] -> a copy with the masked pairs at -inf. A pair may appear more than once (two words
+        ending in one token), masked or not: the smallest of -inf (masked) and +inf (not) and the logit is written,
+        so the order of duplicates does not matter."""
+        B, V = logits.shape
+        inf = torch.full((), float("inf"), device=logits.device)
+        mask = torch.where(self.hit, -inf, inf)
+        return logits.flatten().scatter_reduce(0, self.at[0] * V + self.at[1], mask, "amin").view(B, V)
+
+
 def _pairs(row: int, tokens: Sequence[int]) -> np.ndarray:
     """[2, len(tokens)]: (row, token) for each token."""
     return np.stack([np.full(len(tokens), row, dtype=np.int64), np.asarray(tokens, dtype=np.int64).reshape(-1)])
@@ -168,6 +215,7 @@ class SamplingBatch:
     allowed: Tensor | None = None  # [2, N] long: (row, token) pairs a row limited by allowed_token_ids may choose
     bias_at: Tensor | None = None  # [2, N] long: (row, token) pairs with a logit bias
     bias: Tensor | None = None  # [N] float32: their biases
+    bad_words: BadWords | None = None  # None when no row's bad word can end this step
     penalties: Penalties | None = None  # None when no row has a penalty on
     min_p: Tensor | None = None  # [S] float32, per drawing row (None when every drawing row's is 0)
 
@@ -177,10 +225,10 @@ class SamplingBatch:
            prompts: Sequence[Tensor | None] | None = None, recent: Tensor | None = None,
            grammar: tuple[Sequence[int], Tensor] | None = None) -> SamplingBatch:
         """banned: (row, token) pairs, each row's tokens it may not choose this step. outputs, prompts and recent:
-        what the penalties count (`Penalties.of`); without them, no row has made or read any token. grammar: the
-        structured rows and their bitmask on the host (`server.engine.grammar.bitmask`). A batch whose rows use
-        none of allowed_token_ids, logit_bias, penalties, min_p and structured outputs carries no tensor for
-        them."""
+        what the penalties count and bad words match (`Penalties.of`, `BadWords.of`); without them, no row has
+        made or read any token. grammar: the structured rows and their bitmask on the host
+        (`server.engine.grammar.bitmask`). A batch whose rows use none of allowed_token_ids, bad_words, logit_bias,
+        penalties, min_p and structured outputs carries no tensor for them."""
         sampled = tuple(b for b, p in enumerate(params) if not p.greedy)
         tensors: dict[str, Any] = {}
         if banned:
@@ -198,6 +246,7 @@ class SamplingBatch:
             packed = torch.tensor(bias, dtype=torch.float64).T.to(device, non_blocking=True)
             tensors.update(bias_at=packed[:2].long(), bias=packed[2].float())
         outputs = outputs or [()] * len(params)
+        tensors["bad_words"] = BadWords.of(params, outputs, device, recent)
         tensors["penalties"] = Penalties.of(params, prompts or [None] * len(params), outputs, device, recent)
         min_p = any(params[b].min_p > 0 for b in sampled)
         if sampled:  # one copy: rows and parameters packed together
@@ -268,9 +317,9 @@ def sample_batch(logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor, 
 
 def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
     """logits [B, V] -> float32 logits for greedy choice and temperature, as vLLM's sampler processes them: a row's
-    tokens outside its grammar's allowed ones, outside its allowed_token_ids, and a banned (row, token) pair, are
-    -inf; logit biases are added; then the penalties (`Penalties.apply`). A copy wherever anything applies: the
-    caller's logits are unchanged."""
+    tokens outside its grammar's allowed ones, outside its allowed_token_ids, the end of a bad word
+    (`BadWords.apply`) and a banned (row, token) pair are -inf; logit biases are added; then the penalties
+    (`Penalties.apply`). A copy wherever anything applies: the caller's logits are unchanged."""
     logits = logits.float()
     if batch.grammar is not None:
         assert batch.grammar_rows is not None
@@ -284,6 +333,8 @@ def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
         keep = torch.zeros(B * V, dtype=torch.bool, device=dev).index_fill_(0, row * V + token, True).view(B, V)
         limited = torch.zeros(B, dtype=torch.bool, device=dev).index_fill_(0, row, True)  # rows with a list
         logits = logits.masked_fill(limited[:, None] & ~keep, float("-inf"))
+    if batch.bad_words is not None:
+        logits = batch.bad_words.apply(logits)
     if batch.bias is not None:
         assert batch.bias_at is not None
         V = logits.shape[1]
