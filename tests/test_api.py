@@ -3,6 +3,7 @@ streaming frames, policy selection, service endpoints and every error status in 
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -899,8 +900,20 @@ ERRORS = [
     ("vllm-prompt-logprobs-21", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                                          "prompt_logprobs": 21}, 400, None, "prompt_logprobs",
      ("[0, 20]",)),
-    ("vllm-bad-words", "/v1/completions", {"prompt": "x", "bad_words": ["x"]}, 400, None, "bad_words",
-     ("not supported",)),
+    # vLLM's bad_words: a list of words, each of 1-256 characters, at most 128, encoding to some token, to at most
+    # 128 token sequences and 1,024 tokens in all (the tiny server's tokenizer: a token per byte)
+    ("bad-words-type", "/v1/completions", {"prompt": "x", "bad_words": "x"}, 400, None, "bad_words", ()),
+    ("bad-words-empty-word", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                      "bad_words": ["a", ""]}, 400, None, "bad_words",
+     ("1-256 characters",)),
+    ("bad-words-long-word", "/v1/completions", {"prompt": "x", "bad_words": ["w" * 257]}, 400, None, "bad_words",
+     ("1-256 characters",)),
+    ("bad-words-129", "/v1/completions", {"prompt": "x", "bad_words": [f"w{i}" for i in range(129)]}, 400, None,
+     "bad_words", ("at most 128",)),
+    ("bad-words-blank", "/v1/completions", {"prompt": "x", "bad_words": ["   "]}, 400, "invalid_sampling_parameters",
+     None, ("encodes to no token",)),
+    ("bad-words-1025-tokens", "/v1/completions", {"prompt": "x", "bad_words": [c * 205 for c in "abcde"]}, 400,
+     "invalid_sampling_parameters", None, ("1025 tokens in all", "at most 1024")),
     ("chat-echo", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, 400, None,
      "echo", ("/v1/completions takes echo",)),
     ("stop-token-ids-negative", "/v1/completions", {"prompt": "x", "stop_token_ids": [-1]}, 400, None, None,
@@ -1436,26 +1449,35 @@ def test_a_request_that_could_never_fit_the_kv_budget_is_a_400_naming_it():
 
 
 def test_kv_usage_gauge_reports_real_use_while_running():
-    gate = threading.Event()
+    """The gauge is set at the end of each engine step. The engine thread is held between two steps of a running
+    request: a scrape then reads the blocks it holds (above 0, and exactly the batch's own figure); once it has
+    ended, 0. (A second thread scraping while the request ran was a race: on a loaded CPU its first scrape could
+    land after all 48 tokens, and a scrape between the request's end and the end of its step, which reports it,
+    still read the step before's value.)"""
     with serving(settings(kv_budget_tokens=1024, kv_block_size=4), tiny_engine()) as c:
         loop = c.app.state.painters.loop
-        seen: list[float] = []
+        between_steps, resume = threading.Event(), threading.Event()
+        decode, calls = loop.batch.decode, itertools.count()
 
-        def scrape_while_running() -> None:
-            while not gate.is_set():
-                value = metric_value(c.get("/metrics").text, "painters:kv_slots_usage_perc", model=MODEL)
-                if value:
-                    seen.append(value)
-                time.sleep(0.001)
+        def held() -> Any:  # the engine thread: waits once, in the request's second step (the first one has ended)
+            if loop.batch.sequences and next(calls) == 1:
+                between_steps.set()
+                assert resume.wait(60), "the test never let the engine go on"
+            return decode()
 
-        with ThreadPoolExecutor(2) as pool:
-            watcher = pool.submit(scrape_while_running)
-            text_of(c, "hello there", max_tokens=48, policy="full")
-            gate.set()
-            watcher.result()
-        wait_for(lambda: loop.num_running == 0)
-        assert seen and max(seen) > 0, "usage was never above 0 while a request held KV blocks"
-        assert metric_value(c.get("/metrics").text, "painters:kv_slots_usage_perc", model=MODEL) == 0.0
+        loop.batch.decode = held
+        gauge = lambda: metric_value(c.get("/metrics").text, "painters:kv_slots_usage_perc", model=MODEL)  # noqa: E731
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(text_of, c, "hello there", max_tokens=48, policy="full")
+            try:
+                assert between_steps.wait(60), "the request never reached its second step"
+                held_blocks, scraped = loop.batch.kv_usage(), gauge()
+            finally:
+                resume.set()
+            assert answer.result()
+        assert 0 < held_blocks and scraped == held_blocks, "usage while a request held KV blocks"
+        wait_for(lambda: loop.num_running == 0 and gauge() == 0.0)  # the end of the request's last step reports it
+        assert loop.batch.kv_usage() == 0.0
 
 
 def test_the_http_layer_imports_no_torch():

@@ -581,3 +581,30 @@ def test_two_structured_outputs_at_once_are_a_400(client):
                                                      "guided_choice"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=2,
                                   extra_body={"guided_choice": ["a"], "guided_regex": "a"})
+
+
+# -- vLLM's bad_words --------------------------------------------------------------------------------------------------
+# SmolLM2's greedy answer to PROMPT: " Rome. The capital of Spain is Madrid.\n\nThe answer is: ..." (" Rome" one
+# token; " capital of Spain" three); to COLOSSEUM: " Colosseum, which was built ..." (" Col", "os", "seum").
+COLOSSEUM = "The most famous ancient amphitheatre in Rome is the"
+
+
+def test_bad_words_keep_their_words_out_of_the_answer(client, http):
+    """As vLLM's clients send them (extra_body): a one-token word, a phrase (its last token masked only after the
+    others) and a three-token word leave the greedy answer that held them, and nothing else is refused: "Rome"
+    answers Florence, "capital of Spain" lets "capital of" through to another country, and "Colosseum" ends another
+    way after " Colos". Several at once, beside plain requests, answer as each alone."""
+    def answer(job: tuple[str, list[str]]) -> str:
+        prompt, words = job
+        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
+                                         extra_body={"bad_words": words} if words else None).choices[0].text
+
+    plain, colosseum = answer((PROMPT, [])), answer((COLOSSEUM, []))
+    assert plain.startswith(" Rome.") and "capital of Spain" in plain and colosseum.startswith(" Colosseum")
+    jobs = [(PROMPT, ["Rome"]), (PROMPT, ["capital of Spain"]), (COLOSSEUM, ["Colosseum"]), (PROMPT, []),
+            (PROMPT, ["Rome", " capital of Spain"])]
+    rome, spain, colos, same, both = _alone_then_together(http, answer, jobs)
+    assert "Rome" not in rome and rome.startswith(" Florence")
+    assert "capital of Spain" not in spain and spain.startswith(" Rome. The capital of") and spain != plain
+    assert "Colosseum" not in colos and colos.startswith(" Colos") and same == plain
+    assert "Rome" not in both and "capital of Spain" not in both

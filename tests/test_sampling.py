@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from server.engine.sampling import (MAX_STOP_LENGTH, MAX_STOP_STRINGS, MIN_TEMPERATURE, SEED, TOP_K, SamplingError,
                              SamplingBatch, SamplingParams, make_generator, process_logits, sample, sample_batch,
                              sample_isolated, unpack_bitmask)
+from server.engine.sampling_params import MAX_BAD_WORD_SEQUENCES, MAX_BAD_WORD_TOKENS, bad_word_ids
 
 CPU = torch.device("cpu")
 
@@ -165,7 +166,7 @@ def test_penalties_arithmetic_as_vllm():
     token's positive logit and multiplies its negative one (CTRL's rule, prompt and output); frequency subtracts per
     occurrence in the output, presence once; unseen tokens and the neighbour row are untouched."""
     logits = torch.tensor([[2.0, 3.0, -1.0, 0.0, -2.0, 1.0], [2.0, 3.0, -1.0, 0.0, -2.0, 1.0]])
-    history = dict(histories=[([2, 3], [4, 1]), ([2, 3], [4, 1])], recent=torch.tensor([1, 1]))
+    history = dict(prompts=[torch.tensor([2, 3])] * 2, outputs=[[4, 1]] * 2, recent=torch.tensor([1, 1]))
     one = processed(logits, [SamplingParams(repetition_penalty=2.0), SamplingParams()], **history)
     assert one.tolist() == [[2.0, 1.5, -2.0, 0.0, -4.0, 1.0], logits[1].tolist()]
     freq = processed(logits[:1], [SamplingParams(frequency_penalty=0.5, presence_penalty=0.25)], **{
@@ -176,7 +177,7 @@ def test_penalties_arithmetic_as_vllm():
     assert every.tolist() == [[2.0, 1.5 + 1.0 - 1.0, -2.0, 0.0, -4.0 + 0.5 - 1.0, 1.0]]
     # after the logit bias: (1 + 3) / 2, not 1 / 2 + 3
     biased = processed(logits[:1, :4], [SamplingParams(repetition_penalty=2.0, logit_bias=((3, 3.0),))],
-                       histories=[([3], [])])
+                       prompts=[torch.tensor([3])], outputs=[[]])
     assert biased.tolist() == [[2.0, 3.0, -1.0, 1.5]]
 
 
@@ -184,7 +185,7 @@ def test_tgi_frequency_penalty_counts_the_share_of_the_whole_sequence():
     """TGI's frequency_penalty: penalty x count / length over prompt and output (4 tokens here, one in flight)."""
     logits = torch.zeros(1, 4)
     got = processed(logits, [SamplingParams(frequency_penalty=1.0, frequency_of="sequence")],
-                    histories=[([1, 1], [2])], recent=torch.tensor([1]))
+                    prompts=[torch.tensor([1, 1])], outputs=[[2]], recent=torch.tensor([1]))
     assert got.tolist() == [[0.0, -0.75, -0.25, 0.0]]
 
 
@@ -192,8 +193,9 @@ def test_the_neutral_values_carry_no_tensors():
     """A batch in which no row asks for a processor takes the plain path: no tensor for any of them (histories
     handed in or not)."""
     rows = [SamplingParams(), SamplingParams(temperature=1.0, top_p=0.5, min_p=0.0, repetition_penalty=1.0)]
-    batch = SamplingBatch.of(rows, [None, None], CPU, histories=[([1], [2]), ([1], [2])], recent=torch.tensor([3, 3]))
-    assert (batch.allowed, batch.bias, batch.bias_at, batch.penalties, batch.min_p) == (None,) * 5
+    batch = SamplingBatch.of(rows, [None, None], CPU, prompts=[torch.tensor([1])] * 2, outputs=[[2], [2]],
+                             recent=torch.tensor([3, 3]))
+    assert (batch.allowed, batch.bias, batch.bias_at, batch.bad_words, batch.penalties, batch.min_p) == (None,) * 6
     logits = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     assert process_logits(logits, batch) is logits
     greedy_min_p = SamplingBatch.of([SamplingParams(min_p=0.5)], [None], CPU)
@@ -218,6 +220,144 @@ def test_min_p_keeps_what_is_at_least_min_p_times_the_most_likely_after_temperat
         beside = sample(torch.stack([logits, logits]), [SamplingParams(temperature=1.0, min_p=1.0), plain],
                         [make_generator(0, CPU), make_generator(seed, CPU)])
         assert int(alone[0]) == int(beside[1]), seed
+
+
+# -- bad words (vLLM's bad_words) -------------------------------------------------------------------------------------
+
+
+def vllm_bad_words(logits: torch.Tensor, words: tuple[tuple[int, ...], ...], past: list[int]) -> torch.Tensor:
+    """vLLM v1's `_apply_bad_words_single_batch` (vllm/v1/sample/ops/bad_words.py), on one row's copy: a word longer
+    than the output + 1 is skipped; otherwise its last token is -inf where the output ends with its other tokens."""
+    logits = logits.clone()
+    for word in words:
+        if len(word) > len(past) + 1:
+            continue
+        prefix = list(word[:-1])
+        if (past[-len(prefix):] if prefix else []) == prefix:
+            logits[word[-1]] = -INF
+    return logits
+
+
+def test_bad_words_mask_the_end_of_a_word_the_output_ends_in():
+    """Row 0's words: (4,) always; (1, 2, 3) where the output ends [1, 2]; (0, 3) where it ends [0]. Its output is
+    [5, 1] on the host and its latest token on the device (in flight). Row 1 has no words and is untouched; a word
+    longer than the output made so far is not matched in the prompt."""
+    logits = torch.arange(12, dtype=torch.float32).view(2, 6)
+    words = SamplingParams(bad_words_ids=((4,), (1, 2, 3), (0, 3)))
+    rows = [words, SamplingParams()]
+
+    def masked(recent: list[int], output: list[int] = [5, 1]) -> list[int]:
+        got = processed(logits, rows, outputs=[output, [7, 7]], recent=torch.tensor(recent))
+        assert torch.equal(got[1], logits[1])
+        return [t for t in range(6) if got[0, t] == -INF]
+
+    assert masked([2, 9]) == [3, 4]  # [.., 1, 2]: the end of (1, 2, 3)
+    assert masked([0, 9]) == [3, 4]  # [.., 0]: (0, 3)
+    assert masked([5, 2]) == [4]  # a neighbour's latest token is not this row's
+    assert masked([2, 9], output=[]) == [4]  # [2] alone: (1, 2, 3) needs two tokens made, the prompt is not read
+    host = processed(logits, rows, outputs=[[5, 1, 2], []])  # every token on the host (no step in flight)
+    assert [t for t in range(6) if host[0, t] == -INF] == [3, 4]
+    first = processed(logits, rows)  # a prefill: no output yet, one-token words only
+    assert [t for t in range(6) if first[0, t] == -INF] == [4]
+
+
+@settings(max_examples=300, deadline=None)
+@given(words=st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=3).map(tuple), min_size=1, max_size=4),
+       past=st.lists(st.integers(0, 4), max_size=5), in_flight=st.booleans())
+def test_bad_words_equal_vllms_rule(words, past, in_flight):
+    """Any words over 5 tokens (two ending in one token, repeats) and any output, its last token on the host or in
+    flight: the masked logits are vLLM's."""
+    logits = torch.randn(2, 5, generator=torch.Generator().manual_seed(len(past)))
+    want = vllm_bad_words(logits[0], tuple(words), past)
+    split = in_flight and bool(past)
+    history = dict(outputs=[past[:-1], []], recent=torch.tensor([past[-1], 0])) if split else dict(outputs=[past, []])
+    got = processed(logits, [SamplingParams(bad_words_ids=tuple(words)), SamplingParams()], **history)
+    assert torch.equal(got[0], want) and torch.equal(got[1], logits[1])
+
+
+def test_bad_words_encode_as_vllm():
+    """vLLM's update_from_tokenizer: each word stripped of leading spaces, encoded alone and after a space; the second
+    form kept where it is another sequence of the same length (a word-start token, as byte-level BPE's 'Ġ' ones)."""
+    vocab = {"Rome": [10], " Rome": [11], "capital of": [12, 13], " capital of": [14, 13], "xy": [15, 16],
+             " xy": [17], "ab": [18], " ab": [18], " ": [19], "": []}
+    encode = vocab.__getitem__
+    assert bad_word_ids(("Rome", "  capital of", "xy", "ab"), encode) == ((10,), (11,), (12, 13), (14, 13), (15, 16),
+                                                                          (18,))
+    with pytest.raises(SamplingError, match="'   ' encodes to no token"):
+        bad_word_ids(("   ",), encode)
+    many = {f"w{i}": [i] for i in range(129)} | {f" w{i}": [] for i in range(129)}
+    with pytest.raises(SamplingError, match=f"129 token sequences.*at most {MAX_BAD_WORD_SEQUENCES}"):
+        bad_word_ids(tuple(f"w{i}" for i in range(129)), many.__getitem__)
+    long = {"w": list(range(MAX_BAD_WORD_TOKENS + 1)), " w": []}
+    with pytest.raises(SamplingError, match=f"1025 tokens in all; at most {MAX_BAD_WORD_TOKENS}"):
+        bad_word_ids(("w",), long.__getitem__)
+    params = SamplingParams(bad_words=("Rome", "Rome", "ab"))  # repeats dropped, as vLLM's
+    assert params.bad_words == ("Rome", "ab")
+    assert params.with_bad_words_ids(encode).bad_words_ids == ((10,), (11,), (18,))
+    assert SamplingParams().with_bad_words_ids(encode).bad_words_ids is None  # no words: nothing encoded
+    with pytest.raises(SamplingError, match=r"bad_words: token ids \[200\] are outside the vocabulary 0-127"):
+        SamplingParams(bad_words=("w",), bad_words_ids=((3, 200),)).check_model(128, frozenset())
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["stepwise", "overlapped"])
+def test_bad_words_rows_in_a_batch_equal_their_solo_runs(tiny_engine, overlapped_engine, overlap):
+    """Rows with a three-token word, a one-token word, both with a repetition penalty, and plain neighbours, decoded
+    together (some joining while a step is in flight): each row's tokens are those it gets alone (step by step), its
+    words never end in its output, and it differs from its plain run (the words were there to be masked)."""
+    engine = overlapped_engine if overlap else tiny_engine
+    prompt = [5, 6, 7]
+    plain = tiny_engine.generate([prompt], params=SamplingParams(max_tokens=16, ignore_eos=True))[0].token_ids
+    three, one = tuple(plain[4:7]), (plain[2],)
+    rows = [SamplingParams(max_tokens=16, ignore_eos=True, bad_words_ids=(three,)),
+            SamplingParams(max_tokens=16, ignore_eos=True),
+            SamplingParams(max_tokens=16, ignore_eos=True, bad_words_ids=(one, three), repetition_penalty=1.3),
+            SamplingParams(max_tokens=16, ignore_eos=True, temperature=1.0, seed=3, bad_words_ids=(three,)),
+            SamplingParams(max_tokens=16, ignore_eos=True, temperature=1.0, seed=4)]
+    alone = [tiny_engine.generate([prompt], params=p)[0].token_ids for p in rows]
+    seqs = [engine.new_sequence(prompt, p, engine.compile("full")) for p in rows]
+    batch = engine.new_batch(max_len=32, num_blocks=64)
+    batch.add(seqs[:2])
+    batch.step()
+    batch.add(seqs[2:])
+    while batch.filter() is not None and batch.sequences:
+        batch.step()
+    assert [s.result().token_ids for s in seqs] == alone
+    ngrams = lambda ids, n: {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}  # noqa: E731
+    assert three not in ngrams(alone[0], 3) | ngrams(alone[2], 3) | ngrams(alone[3], 3)
+    assert one[0] not in alone[2] and alone[0] != plain and alone[1] == plain
+
+
+def test_penalties_read_each_requests_own_prompt_copied_once(tiny_engine):
+    """The penalties' prompts stay on the device for as long as their request runs (`PromptCache`): requests with
+    other prompts, joining and leaving, each read their own (their tokens equal their solo runs, and differ from an
+    unpenalized run), only the rows that read a prompt hold one, the same tensor from step to step, and none is
+    left once they have all left, by finishing or by being removed."""
+    rows = [([5, 9, 17, 5, 9, 17], SamplingParams(max_tokens=12, ignore_eos=True, repetition_penalty=1.5)),
+            ([30, 31, 30, 31], SamplingParams(max_tokens=6, ignore_eos=True, repetition_penalty=2.0)),
+            ([5, 9, 17, 5, 9, 17], SamplingParams(max_tokens=12, ignore_eos=True, frequency_penalty=1.0,
+                                                   frequency_of="sequence")),
+            ([40, 41], SamplingParams(max_tokens=12, ignore_eos=True, presence_penalty=1.0))]
+    alone = [tiny_engine.generate([p], params=params)[0].token_ids for p, params in rows]
+    unpenalized = tiny_engine.generate([rows[0][0]], params=SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert alone[0] != unpenalized.token_ids
+    seqs = [tiny_engine.new_sequence(p, params, tiny_engine.compile("full")) for p, params in rows]
+    batch = tiny_engine.new_batch(max_len=32, num_blocks=64)
+    batch.add(seqs[1:])
+    batch.step()
+    held = batch.prompts.get(seqs[1].id, ())
+    assert len(batch.prompts) == 2 and held.tolist() == rows[1][0]  # not the presence row: it reads no prompt
+    batch.add(seqs[:1])
+    while batch.filter() is not None and batch.sequences:
+        batch.step()
+        if not seqs[1].finished:
+            assert batch.prompts.get(seqs[1].id, ()) is held
+    assert [s.result().token_ids for s in seqs] == alone and len(batch.prompts) == 0
+    gone = tiny_engine.new_sequence(rows[0][0], rows[0][1], tiny_engine.compile("full"))
+    batch.add([gone])
+    batch.step()
+    assert len(batch.prompts) == 1
+    batch.remove(gone.id)
+    assert len(batch.prompts) == 0
 
 
 # -- every accepted value samples ------------------------------------------------------------------------------------
@@ -333,6 +473,8 @@ def test_a_failing_row_does_not_fail_the_others():
     (dict(logit_bias=((5, 100.5),)), "[-100, 100]"), (dict(logit_bias=tuple((i, 1.0) for i in range(301))), "300"),
     (dict(logit_bias=((-1, 1.0),)), ">= 0"), (dict(allowed_token_ids=()), "at least one"),
     (dict(allowed_token_ids=(3, -1)), ">= 0"),
+    (dict(bad_words=("",)), "1-256"), (dict(bad_words=("w" * 257,)), "1-256"),
+    (dict(bad_words=tuple(f"w{i}" for i in range(129))), "at most 128 words"),
 ])
 def test_out_of_range_params_name_the_range(bad, says):
     with pytest.raises(SamplingError) as e:

@@ -46,6 +46,7 @@ def _params(body: CompletionRequest | ChatCompletionRequest, *, logprobs: int | 
             frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty, min_p=body.min_p,
             logit_bias=tuple((int(t), v) for t, v in (body.logit_bias or {}).items()),
             allowed_token_ids=None if body.allowed_token_ids is None else tuple(body.allowed_token_ids),
+            bad_words=tuple(body.bad_words or ()),
             include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens,
             spaces_between_special_tokens=body.spaces_between_special_tokens, prompt_logprobs=body.prompt_logprobs,
             structured=body.structured_output,

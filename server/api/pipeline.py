@@ -106,7 +106,7 @@ async def start(state: AppState, job: Job) -> Running:
     for prompt in prompts:
         max_tokens = state.default_max_tokens(len(prompt.ids), schedule) if job.max_tokens is None else job.max_tokens
         state.check_length(len(prompt.ids), max_tokens)
-        params = [job.params(max_tokens, i) for i in range(job.n)]
+        params = served.with_bad_words_ids([job.params(max_tokens, i) for i in range(job.n)])  # or a SamplingError
         for p in params:
             p.check_model(served.vocab_size, served.eos_ids)  # a SamplingError: a 400 naming what was wrong
             if p.structured is not None and p.structured not in grammars:

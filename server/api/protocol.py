@@ -13,8 +13,9 @@ from pydantic import (
 )
 
 from server.engine.sampling_params import (
-    LOGIT_BIAS, LOGPROBS, MAX_LOGIT_BIAS, MIN_P, PENALTY, POSITIVE, SEED, TEMPERATURE, TOP_K, TOP_P,
-    Interval, StructuredOutput, check_stop,
+    LOGIT_BIAS, LOGPROBS, MAX_BAD_WORD_LENGTH, MAX_BAD_WORD_SEQUENCES, MAX_BAD_WORD_TOKENS, MAX_BAD_WORDS,
+    MAX_LOGIT_BIAS, MIN_P, PENALTY, POSITIVE, SEED, TEMPERATURE, TOP_K, TOP_P, Interval, StructuredOutput,
+    check_bad_words, check_stop,
 )
 
 PolicyField = str | dict[str, Any] | None
@@ -51,6 +52,11 @@ TokenIds = Annotated[list[int], FAIL_FAST]
 def _check_stop(v: str | list[str] | None) -> str | list[str] | None:
     if v is not None:
         check_stop([v] if isinstance(v, str) else v)
+    return v
+
+
+def _check_bad_words(v: list[str] | None) -> list[str] | None:
+    check_bad_words(v or [])
     return v
 
 
@@ -97,7 +103,7 @@ def _continue_or_open(v: bool, info: ValidationInfo) -> bool:
 # fields are ignored, and these are what vLLM's clients send). Its structured outputs (guided_json, guided_regex,
 # guided_choice, guided_grammar, structured_outputs) are served: `_Sampling.structured_output`.
 VLLM_REFUSED: dict[str, Any] = {
-    "use_beam_search": False, "length_penalty": 1.0, "bad_words": None, "logits_processors": None,
+    "use_beam_search": False, "length_penalty": 1.0, "logits_processors": None,
 }
 
 
@@ -264,6 +270,11 @@ class _Sampling(_Body):
                         "one (after temperature) are dropped; 0: off")
     allowed_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], FAIL_FAST] | None = Field(
         None, min_length=1, description="vLLM's: only these token ids may be chosen (each within the vocabulary)")
+    bad_words: Annotated[Texts, Field(max_length=MAX_BAD_WORDS)] | None = Field(
+        None, description=f"vLLM's: words the output may not complete (a word's last token is never chosen where the "
+        "output ends with its other tokens), as written and after a space; at most "
+        f"{MAX_BAD_WORDS} words of 1-{MAX_BAD_WORD_LENGTH} characters, encoding to at most {MAX_BAD_WORD_SEQUENCES} "
+        f"token sequences and {MAX_BAD_WORD_TOKENS} tokens")
     # vLLM's output shaping
     include_stop_str_in_output: bool = Field(False, description="vLLM's: a stop string (or stop token) that ends "
                                              "the request stays at the end of its text")
@@ -278,7 +289,6 @@ class _Sampling(_Body):
     # VLLM_REFUSED: each refused unless it asks for nothing
     use_beam_search: Any = _vllm("use_beam_search")
     length_penalty: Any = _vllm("length_penalty")
-    bad_words: Any = _vllm("bad_words")
     logits_processors: Any = _vllm("logits_processors")
     # structured outputs, at most one per request: the output matches it, and the request ends where it does
     response_format: ResponseFormat | None = Field(None, description="OpenAI's: json_object (any JSON object) or "
@@ -296,6 +306,7 @@ class _Sampling(_Body):
     tools: list[Any] | None = None
 
     _stop_limits = field_validator("stop")(_check_stop)
+    _bad_words_limits = field_validator("bad_words")(_check_bad_words)
     _vllm_refused = field_validator(*VLLM_REFUSED)(_refused_unless_neutral)
 
     @field_validator("best_of")

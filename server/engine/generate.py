@@ -23,6 +23,7 @@ latest token accepted by its matcher, on the host, so `decode` reads what is in 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -44,8 +45,8 @@ from server.engine.probe import ProbeStats
 from server.engine.probe import Reducer as ProbeReducer
 from server.engine.probe import chunks as probe_chunks
 from server.engine.request import GenerationResult, Request, Timings
-from server.engine.sampling import SamplingBatch, SamplingParams, make_generator, sample_batch
-from server.engine.served import encode
+from server.engine.sampling import PromptCache, SamplingBatch, SamplingParams, make_generator, sample_batch
+from server.engine.served import encode, encode_word
 
 __all__ = ["Batch", "Engine", "GenerationResult", "Launched", "ModelOutput", "Request", "StepInput", "Timings"]
 
@@ -118,6 +119,7 @@ class Batch:
         self.overlap = model.device.type == "cuda" if overlap is None else overlap
         self._in_flight: Launched | None = None  # the decode step queued and not yet read (overlap only)
         self._prefills: list[tuple[Launched, float]] = []  # prefills queued and not yet read, with when `add` began
+        self.prompts = PromptCache(model.device)  # the penalties' prompts on the device, of requests in the batch
 
     @property
     def reused_tokens(self) -> int:
@@ -175,7 +177,8 @@ class Batch:
         min_tokens may not choose a stop token (vLLM's semantics: the EOS and stop_token_ids are masked, so the
         request goes on with another token; stop strings only match after min_tokens, see `_check_stop`).
         inputs [B, 1]: a decode step's input tokens, each row's latest output token, on the device (overlapped,
-        maybe still in flight): what a penalized row counts last; its earlier ones come from the host. A structured
+        maybe still in flight): what a penalized row counts last and a bad word's match ends on; its earlier ones
+        come from the host, and its prompt from the device (copied once: `PromptCache`). A structured
         row's allowed tokens come from its matcher, which has accepted every token it made (they are on the host)."""
         vocab = self.model.args.vocab_size
         structured = [b for b, s in enumerate(seqs) if s.grammar is not None]
@@ -184,14 +187,15 @@ class Batch:
             grammar = (structured, bitmask([seqs[b].grammar for b in structured], vocab))
         banned = [(b, t) for b, (s, n) in enumerate(zip(seqs, made)) if n < s.params.min_tokens
                   for t in sorted(s.stop_ids) if 0 <= t < vocab]
-        histories = None
-        if any(s.params.penalized for s in seqs):  # only then: no row pays for a history it does not use
-            known = [n - (inputs is not None) for n in made]
-            histories = [(s.prompt_ids, s.output_ids[:k]) if s.params.penalized else ((), ())
-                         for s, k in zip(seqs, known)]
-        recent = None if histories is None or inputs is None else inputs[:, 0]
+        outputs = prompts = recent = None
+        if any(s.params.penalized or s.params.bad_words_ids for s in seqs):  # only then: no row pays for a history
+            known = [n - (inputs is not None) for n in made]  # it does not use
+            outputs = [s.output_ids[:k] if s.params.penalized or s.params.bad_words_ids else ()
+                       for s, k in zip(seqs, known)]
+            prompts = [self.prompts.get(s.id, s.prompt_ids) if s.params.reads_prompt else None for s in seqs]
+            recent = None if inputs is None else inputs[:, 0]
         return SamplingBatch.of([s.params for s in seqs], [s.generator for s in seqs], self.model.device, banned,
-                                histories=histories, recent=recent, grammar=grammar)
+                                outputs=outputs, prompts=prompts, recent=recent, grammar=grammar)
 
     # -- execute: tensor work, one host copy ----------------------------------------------------------------------
 
@@ -412,6 +416,7 @@ class Batch:
             self.sequences = [s for s in self.sequences if not s.finished]
             for s in done:
                 self.kv.free(s.id)
+                self.prompts.drop(s.id)
         if self._in_flight is not None and all(s.finished for s in self._in_flight.inp.requests):
             self._in_flight = None  # nothing left to read from it
         self._prefills = [(p, t0) for p, t0 in self._prefills if not all(s.finished for s in p.inp.requests)]
@@ -420,6 +425,7 @@ class Batch:
     def remove(self, request_id: str) -> None:
         """A request left (ended by its owner): it leaves the batch; its KV is freed by whoever ended it."""
         self.sequences = [s for s in self.sequences if s.id != request_id]
+        self.prompts.drop(request_id)
 
     def probe(self, prompts: list[list[int]], schedule: Schedule) -> ProbeStats:
         """One forward pass of `prompts` under `schedule`, no sampling; returns the layer statistics of
@@ -661,9 +667,10 @@ class Engine:
         return self.start(request)
 
     def start(self, request: Request) -> Request:
-        """Give a request what running needs: its stop tokens, its own seeded generator on the model's device, and a
-        structured output's matcher unless it came with one (the server compiles at admission, off this thread)."""
-        params = request.params
+        """Give a request what running needs: its stop tokens, its own seeded generator on the model's device, its
+        bad words' tokens and a structured output's matcher unless it came with them (the server encodes and
+        compiles at admission, off this thread)."""
+        params = request.params = request.params.with_bad_words_ids(functools.partial(encode_word, self.tokenizer))
         request.stop_ids = params.stop_ids(self.eos_ids)
         request.generator = make_generator(params.seed, self.model.device)
         if params.structured is not None and request.grammar is None:

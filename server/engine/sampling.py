@@ -1,6 +1,6 @@
 """Next-token choice for a whole batch at once: greedy, temperature, top-k, top-p, min-p, per-request seeded
-generators, and the logit processors before them (a structured output's grammar, allowed tokens, logit bias,
-min_tokens' mask, penalties), in vLLM's order. Every value `SamplingParams` (in `server.engine.sampling_params`)
+generators, and the logit processors before them (a structured output's grammar, allowed tokens, bad words, logit
+bias, min_tokens' mask, penalties), in vLLM's order. Every value `SamplingParams` (in `server.engine.sampling_params`)
 accepts samples without inf or NaN reaching the draw."""
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from server.engine.sampling_params import (
 )
 
 __all__ = ["LOGPROBS", "MAX_STOP_LENGTH", "MAX_STOP_STRINGS", "MIN_TEMPERATURE", "SEED", "TEMPERATURE", "TOP_K",
-           "TOP_P", "Interval", "Penalties", "SamplingBatch", "SamplingError", "SamplingParams", "check_stop",
-           "make_generator", "process_logits", "sample", "sample_batch", "sample_isolated", "unpack_bitmask"]
+           "TOP_P", "BadWords", "Interval", "Penalties", "PromptCache", "SamplingBatch", "SamplingError",
+           "SamplingParams", "check_stop", "make_generator", "process_logits", "sample", "sample_batch",
+           "sample_isolated", "unpack_bitmask"]
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -30,6 +31,29 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(secrets.randbelow(int(SEED.hi) + 1) if seed is None else seed)
     return g
+
+
+class PromptCache:
+    """The prompts that penalties read (`SamplingParams.reads_prompt`), on the device: a request's is copied there
+    when it first samples, not at every step. One per batch, which drops a request's when the request leaves it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._held: dict[str, Tensor] = {}
+
+    def get(self, request_id: str, prompt: Sequence[int]) -> Tensor:
+        """[L] long on the device: the prompt's tokens (copied the first time)."""
+        held = self._held.get(request_id)
+        if held is None:
+            held = torch.tensor(list(prompt), dtype=torch.long).to(self.device, non_blocking=True)
+            self._held[request_id] = held
+        return held
+
+    def drop(self, request_id: str) -> None:
+        self._held.pop(request_id, None)
+
+    def __len__(self) -> int:
+        return len(self._held)
 
 
 @dataclass(frozen=True)
@@ -48,34 +72,48 @@ class Penalties:
     recent: Tensor | None
 
     @classmethod
-    def of(cls, params: list[SamplingParams], histories: Sequence[tuple[Sequence[int], Sequence[int]]],
+    def of(cls, params: list[SamplingParams], prompts: Sequence[Tensor | None], outputs: Sequence[Sequence[int]],
            device: torch.device, recent: Tensor | None) -> Penalties | None:
-        """histories: per row (prompt ids, output ids on the host, not counting `recent`); recent [B]: each row's
-        latest output token. None when no row has a penalty on."""
+        """prompts: per row its prompt's tokens on the device where its penalties read them (`PromptCache`), else
+        None; outputs: per row its output tokens known on the host, not counting `recent`; recent [B]: each row's
+        latest output token. None when no row has a penalty on. The host copies the output's tokens and the
+        parameters; the prompts are on the device already."""
         rows = [b for b, p in enumerate(params) if p.penalized]
         if not rows:
             return None
         counted: list[np.ndarray] = []
-        seen: list[np.ndarray] = []
         packed = []
+        in_counted: list[Tensor] = []  # "sequence" rows' prompts, counted
+        in_seen: list[Tensor] = []  # the other rows' prompts, seen for repetition
         for i, b in enumerate(rows):
-            p, (prompt, output) = params[b], histories[b]
+            p, prompt, output = params[b], prompts[b], outputs[b]
+            counted.append(_pairs(i, output))
             made = len(output) + (recent is not None)
-            if p.frequency_of == "sequence":  # TGI's: the share of the whole sequence that is the token
-                counted += [_pairs(i, output), _pairs(i, prompt)]
-                frequency = p.frequency_penalty / max(1, len(prompt) + made)
-            else:
-                counted.append(_pairs(i, output))
-                frequency = p.frequency_penalty
-                if p.repetition_penalty != 1:
-                    seen.append(_pairs(i, prompt))
-            packed.append((b, p.presence_penalty, frequency, p.repetition_penalty))
-        ids = np.concatenate(counted + seen, axis=1)
-        n = sum(c.shape[1] for c in counted)
-        ids_d = torch.from_numpy(ids).to(device, non_blocking=True)  # one copy each: pairs, then parameters
-        values = torch.tensor(packed, dtype=torch.float64).to(device, non_blocking=True)
+            frequency, counts, sees = p.frequency_penalty, 0, 0
+            if p.reads_prompt:
+                assert prompt is not None, "a penalty that reads the prompt without it"
+                if p.frequency_of == "sequence":  # TGI's: the share of the whole sequence that is the token
+                    frequency = p.frequency_penalty / max(1, prompt.shape[0] + made)
+                    in_counted.append(prompt)
+                    counts = prompt.shape[0]
+                else:
+                    in_seen.append(prompt)
+                    sees = prompt.shape[0]
+            packed.append((b, p.presence_penalty, frequency, p.repetition_penalty, counts, sees))
+        ids = torch.from_numpy(np.concatenate(counted, axis=1)).to(device, non_blocking=True)  # one copy each:
+        values = torch.tensor(packed, dtype=torch.float64).to(device, non_blocking=True)  # pairs, then parameters
+        index = torch.arange(len(rows), device=device)
+
+        def prompt_pairs(column: int, prompts: list[Tensor]) -> Tensor:
+            """[2, sum of lengths]: (index into rows, token) for each prompt token, no host sync (output_size)."""
+            total = sum(t.shape[0] for t in prompts)
+            which = torch.repeat_interleave(index, values[:, column].long(), output_size=total)
+            return torch.stack([which, torch.cat(prompts)])
+
+        if in_counted:
+            ids = torch.cat([ids, prompt_pairs(4, in_counted)], dim=1)
         return cls(rows=values[:, 0].long(), presence=values[:, 1].float(), frequency=values[:, 2].float(),
-                   repetition=values[:, 3].float(), counted=ids_d[:, :n], seen=ids_d[:, n:] if seen else None,
+                   repetition=values[:, 3].float(), counted=ids, seen=prompt_pairs(5, in_seen) if in_seen else None,
                    recent=None if recent is None else recent[values[:, 0].long()])
 
     def apply(self, logits: Tensor) -> Tensor:
@@ -99,6 +137,53 @@ class Penalties:
         x, count, r = flat[at], counts[local], self.repetition[which]
         x = torch.where(x > 0, x / r, x * r) - self.frequency[which] * count - self.presence[which] * (count > 0)
         return flat.index_put((at,), x).view(B, V)
+
+
+@dataclass(frozen=True)
+class BadWords:
+    """vLLM's bad_words (v1's `apply_bad_words`): a row may not choose the last token of a word whose other tokens
+    its output ends with; a one-token word's token never. The prompt does not count: a word is matched in the output
+    alone. A decode step's latest output token may be on the device only (in flight, overlapped): a word whose
+    tokens before its next-to-last end the output on the host is a candidate, masked on the device where the
+    latest token is that next-to-last one. (Not a structured row's way, reading the step in flight first: that
+    stops overlap for the whole batch, and a one-token comparison needs no host.)"""
+
+    at: Tensor  # [2, N] long: (row, token) pairs that may be masked
+    hit: Tensor  # [N] bool: whether each is masked this step
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], outputs: Sequence[Sequence[int]], device: torch.device,
+           recent: Tensor | None) -> BadWords | None:
+        """outputs: per row its output tokens known on the host, not counting `recent`; recent [B]: each row's
+        latest output token (None in a prefill: no output yet). None when no word can end here."""
+        pairs: list[tuple[int, int, int]] = []  # (row, token, the latest token it needs; -1: none)
+        for b, p in enumerate(params):
+            for *prefix, last in p.bad_words_ids or ():
+                output = outputs[b]
+                if len(prefix) > len(output) + (recent is not None):
+                    continue  # the output is shorter than the word's other tokens
+                if recent is None or not prefix:
+                    if not prefix or list(output[len(output) - len(prefix):]) == prefix:
+                        pairs.append((b, last, -1))
+                elif len(prefix) == 1 or list(output[len(output) - len(prefix) + 1:]) == prefix[:-1]:
+                    pairs.append((b, last, prefix[-1]))
+        if not pairs:
+            return None
+        packed = torch.tensor(pairs, dtype=torch.long).T.to(device, non_blocking=True)  # one copy
+        at, needs = packed[:2], packed[2]
+        hit = needs < 0
+        if recent is not None:
+            hit = hit | (recent[at[0]] == needs)
+        return cls(at=at, hit=hit)
+
+    def apply(self, logits: Tensor) -> Tensor:
+        """logits [B, V] -> a copy with the masked pairs at -inf. A pair may appear more than once (two words
+        ending in one token), masked or not: the smallest of -inf (masked) and +inf (not) and the logit is written,
+        so the order of duplicates does not matter."""
+        B, V = logits.shape
+        inf = torch.full((), float("inf"), device=logits.device)
+        mask = torch.where(self.hit, -inf, inf)
+        return logits.flatten().scatter_reduce(0, self.at[0] * V + self.at[1], mask, "amin").view(B, V)
 
 
 def _pairs(row: int, tokens: Sequence[int]) -> np.ndarray:
@@ -130,18 +215,20 @@ class SamplingBatch:
     allowed: Tensor | None = None  # [2, N] long: (row, token) pairs a row limited by allowed_token_ids may choose
     bias_at: Tensor | None = None  # [2, N] long: (row, token) pairs with a logit bias
     bias: Tensor | None = None  # [N] float32: their biases
+    bad_words: BadWords | None = None  # None when no row's bad word can end this step
     penalties: Penalties | None = None  # None when no row has a penalty on
     min_p: Tensor | None = None  # [S] float32, per drawing row (None when every drawing row's is 0)
 
     @classmethod
     def of(cls, params: list[SamplingParams], generators: list[Any], device: torch.device,
-           banned: list[tuple[int, int]] | None = None,
-           histories: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
-           recent: Tensor | None = None, grammar: tuple[Sequence[int], Tensor] | None = None) -> SamplingBatch:
-        """banned: (row, token) pairs, each row's tokens it may not choose this step. histories and recent: what
-        the penalties count (`Penalties.of`); without them, no row has seen any token. grammar: the structured rows
-        and their bitmask on the host (`server.engine.grammar.bitmask`). A batch whose rows use none of
-        allowed_token_ids, logit_bias, penalties, min_p and structured outputs carries no tensor for them."""
+           banned: list[tuple[int, int]] | None = None, outputs: Sequence[Sequence[int]] | None = None,
+           prompts: Sequence[Tensor | None] | None = None, recent: Tensor | None = None,
+           grammar: tuple[Sequence[int], Tensor] | None = None) -> SamplingBatch:
+        """banned: (row, token) pairs, each row's tokens it may not choose this step. outputs, prompts and recent:
+        what the penalties count and bad words match (`Penalties.of`, `BadWords.of`); without them, no row has
+        made or read any token. grammar: the structured rows and their bitmask on the host
+        (`server.engine.grammar.bitmask`). A batch whose rows use none of allowed_token_ids, bad_words, logit_bias,
+        penalties, min_p and structured outputs carries no tensor for them."""
         sampled = tuple(b for b, p in enumerate(params) if not p.greedy)
         tensors: dict[str, Any] = {}
         if banned:
@@ -158,7 +245,9 @@ class SamplingBatch:
         if bias:  # one copy: token ids are exact in float64
             packed = torch.tensor(bias, dtype=torch.float64).T.to(device, non_blocking=True)
             tensors.update(bias_at=packed[:2].long(), bias=packed[2].float())
-        tensors["penalties"] = Penalties.of(params, histories or [((), ())] * len(params), device, recent)
+        outputs = outputs or [()] * len(params)
+        tensors["bad_words"] = BadWords.of(params, outputs, device, recent)
+        tensors["penalties"] = Penalties.of(params, prompts or [None] * len(params), outputs, device, recent)
         min_p = any(params[b].min_p > 0 for b in sampled)
         if sampled:  # one copy: rows and parameters packed together
             packed = torch.tensor([(b, params[b].temperature, params[b].top_k, params[b].top_p)
@@ -228,9 +317,9 @@ def sample_batch(logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor, 
 
 def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
     """logits [B, V] -> float32 logits for greedy choice and temperature, as vLLM's sampler processes them: a row's
-    tokens outside its grammar's allowed ones, outside its allowed_token_ids, and a banned (row, token) pair, are
-    -inf; logit biases are added; then the penalties (`Penalties.apply`). A copy wherever anything applies: the
-    caller's logits are unchanged."""
+    tokens outside its grammar's allowed ones, outside its allowed_token_ids, the end of a bad word
+    (`BadWords.apply`) and a banned (row, token) pair are -inf; logit biases are added; then the penalties
+    (`Penalties.apply`). A copy wherever anything applies: the caller's logits are unchanged."""
     logits = logits.float()
     if batch.grammar is not None:
         assert batch.grammar_rows is not None
@@ -244,6 +333,8 @@ def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
         keep = torch.zeros(B * V, dtype=torch.bool, device=dev).index_fill_(0, row * V + token, True).view(B, V)
         limited = torch.zeros(B, dtype=torch.bool, device=dev).index_fill_(0, row, True)  # rows with a list
         logits = logits.masked_fill(limited[:, None] & ~keep, float("-inf"))
+    if batch.bad_words is not None:
+        logits = batch.bad_words.apply(logits)
     if batch.bias is not None:
         assert batch.bias_at is not None
         V = logits.shape[1]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -10,6 +12,13 @@ MIN_TEMPERATURE = 1e-5  # below this, temperature sampling is argmax (vLLM's _SA
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256  # characters
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI's API
+# bad_words: vLLM bounds their token sequences (VLLM_MAX_NUM_BAD_WORDS, 128: each word gives one or two) and, in its
+# GPU runner, their tokens in all (VLLM_MAX_BAD_WORDS_TOTAL_TOKENS, 1,024); the words and their lengths are bounded
+# here before any is encoded
+MAX_BAD_WORDS = 128
+MAX_BAD_WORD_LENGTH = 256  # characters
+MAX_BAD_WORD_SEQUENCES = 128
+MAX_BAD_WORD_TOKENS = 1024
 
 
 class SamplingError(ValueError):
@@ -75,6 +84,38 @@ MIN_P = Interval(0, 1)  # 0 = off
 LOGIT_BIAS = Interval(-100, 100)
 
 
+def bad_word_ids(words: tuple[str, ...], encode: Callable[[str], Sequence[int]]) -> tuple[tuple[int, ...], ...]:
+    """vLLM's bad_words as token sequences (`SamplingParams.update_from_tokenizer`): each word, stripped of leading
+    spaces, encoded alone (the word at the start of a text) and after a space (inside one); the second form is kept
+    only where it is another token sequence of the same length. encode: text -> ids without special tokens."""
+    out: list[tuple[int, ...]] = []
+    for word in words:
+        alone = tuple(encode(word.lstrip()))
+        if not alone:
+            raise SamplingError(f"bad_words: {word!r} encodes to no token; send words with some text")
+        out.append(alone)
+        spaced = tuple(encode(" " + word.lstrip()))
+        if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
+            out.append(spaced)
+    if len(out) > MAX_BAD_WORD_SEQUENCES:
+        raise SamplingError(f"bad_words encode to {len(out)} token sequences (a word to one, or two where it also "
+                            f"has a form after a space); at most {MAX_BAD_WORD_SEQUENCES} are allowed: send fewer "
+                            "words")
+    if sum(map(len, out)) > MAX_BAD_WORD_TOKENS:
+        raise SamplingError(f"bad_words encode to {sum(map(len, out))} tokens in all; at most {MAX_BAD_WORD_TOKENS} "
+                            "are allowed: send fewer or shorter words")
+    return tuple(out)
+
+
+def check_bad_words(words: tuple[str, ...] | list[str]) -> None:
+    if len(words) > MAX_BAD_WORDS:
+        raise SamplingError(f"bad_words must hold at most {MAX_BAD_WORDS} words, got {len(words)}")
+    for w in words:
+        if not isinstance(w, str) or not 0 < len(w) <= MAX_BAD_WORD_LENGTH:
+            got = f"{len(w)} characters" if isinstance(w, str) else type(w).__name__
+            raise SamplingError(f"each of bad_words must be a string of 1-{MAX_BAD_WORD_LENGTH} characters, got {got}")
+
+
 def check_stop(stop: tuple[str, ...] | list[str]) -> None:
     if len(stop) > MAX_STOP_STRINGS:
         raise SamplingError(f"stop must hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
@@ -86,8 +127,9 @@ def check_stop(stop: tuple[str, ...] | list[str]) -> None:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """One request's (one choice's) sampling. The logit processors run as vLLM's do: allowed_token_ids, logit_bias
-    and min_tokens' mask on the raw logits, then the penalties, then temperature, then min_p, top-k and top-p."""
+    """One request's (one choice's) sampling. The logit processors run as vLLM's do: allowed_token_ids, bad_words,
+    logit_bias and min_tokens' mask on the raw logits, then the penalties, then temperature, then min_p, top-k and
+    top-p."""
 
     max_tokens: int = 16  # the server bounds it by the context length
     temperature: float = 0.0  # 0 = greedy
@@ -119,6 +161,11 @@ class SamplingParams:
     min_p: float = 0.0  # drawing rows drop tokens less likely than min_p x the most likely one (after temperature)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit); a token given twice: the last
     allowed_token_ids: tuple[int, ...] | None = None  # only these may be chosen
+    # vLLM's: words the output may not complete (a word's last token is masked where the output ends with the
+    # tokens before it; a one-token word's token always); bad_words_ids: their token sequences (`bad_word_ids`),
+    # None until they are encoded (the server does it at admission, `Engine.start` otherwise)
+    bad_words: tuple[str, ...] = ()
+    bad_words_ids: tuple[tuple[int, ...], ...] | None = None
     structured: StructuredOutput | None = None  # the output must match it (the request ends when it is complete)
 
     def __post_init__(self) -> None:
@@ -154,6 +201,17 @@ class SamplingParams:
                 raise SamplingError("allowed_token_ids must hold at least one token id (or be left out)")
             for token in self.allowed_token_ids:
                 _check_token("allowed_token_ids", token)
+        check_bad_words(self.bad_words)
+        object.__setattr__(self, "bad_words", tuple(dict.fromkeys(self.bad_words)))  # vLLM drops repeats
+        if self.bad_words_ids is not None:
+            assert all(word and all(isinstance(t, int) for t in word) for word in self.bad_words_ids), "bad_words_ids"
+
+    def with_bad_words_ids(self, encode: Callable[[str], Sequence[int]]) -> SamplingParams:
+        """These parameters with bad_words encoded by `encode` (text -> ids without special tokens); raises a
+        SamplingError naming the bound they pass."""
+        if self.bad_words_ids is not None or not self.bad_words:
+            return self
+        return dataclasses.replace(self, bad_words_ids=bad_word_ids(self.bad_words, encode))
 
     @property
     def prompt_alternatives(self) -> int | None:
@@ -172,6 +230,11 @@ class SamplingParams:
         """Whether some penalty is on (each row that is not costs the step nothing)."""
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
+    @property
+    def reads_prompt(self) -> bool:
+        """Whether the penalties read the prompt's tokens (repetition's seen tokens, TGI's frequency counts)."""
+        return self.repetition_penalty != 1 or (self.frequency_of == "sequence" and self.frequency_penalty != 0)
+
     def stop_ids(self, eos_ids: frozenset[int]) -> frozenset[int]:
         """The tokens that end this request, given the model's EOS tokens."""
         return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else eos_ids)
@@ -180,7 +243,8 @@ class SamplingParams:
         """What can only be checked once the model is known: the token ids this names exist in its vocabulary, and
         allowed_token_ids leave a token to choose while min_tokens holds the stop tokens off."""
         for name, ids in (("logit_bias", [t for t, _ in self.logit_bias]),
-                          ("allowed_token_ids", self.allowed_token_ids or ())):
+                          ("allowed_token_ids", self.allowed_token_ids or ()),
+                          ("bad_words", [t for word in self.bad_words_ids or () for t in word])):
             bad = [t for t in ids if not 0 <= t < vocab_size]
             if bad:
                 raise SamplingError(f"{name}: token ids {bad[:5]} are outside the vocabulary 0-{vocab_size - 1}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.engine.grammar import Grammar, Grammars, GrammarUnavailable
-from server.engine.sampling_params import StructuredOutput
+from server.engine.sampling_params import SamplingParams, StructuredOutput
 from server.policy.compiler import Schedule, compile_schedule
 from server.policy.policy import Policy, as_policy
 
@@ -83,6 +83,12 @@ class ServedModel:
         if self.grammars is None:
             raise GrammarUnavailable("this server serves no structured outputs")
         return self.grammars.compile(spec)
+
+    def with_bad_words_ids(self, params: list[SamplingParams]) -> list[SamplingParams]:
+        """`params` (a request's choices) with their bad_words encoded (vLLM's `update_from_tokenizer`), each text
+        once; a SamplingError naming the bound they pass."""
+        encoded = functools.cache(functools.partial(encode_word, self.tokenizer))
+        return [p.with_bad_words_ids(encoded) for p in params]
 
     def compile(self, policy: Policy | str | dict | None) -> Schedule:
         """Parse and compile a policy for this model's depth (raises `PolicyError` naming what is allowed)."""
@@ -195,3 +201,8 @@ def encode(tokenizer: Any, prompt: str | list[int], *, add_special_tokens: bool 
         bos = getattr(tokenizer, "bos_token_id", None)
         return [bos if bos is not None else 0]
     return list(prompt)
+
+
+def encode_word(tokenizer: Any, text: str) -> tuple[int, ...]:
+    """A text's own token ids, no special tokens: a bad word's forms (`bad_word_ids`)."""
+    return tuple(tokenizer.encode(text, add_special_tokens=False))
