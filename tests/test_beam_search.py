@@ -100,6 +100,16 @@ def test_echo_with_logprobs_is_refused_and_length_penalty_needs_beams(tiny):
     assert r.status_code == 400 and "[-10, 10]" in r.json()["error"]["message"]
 
 
+def test_a_search_whose_last_step_could_never_fit_the_kv_budget_is_refused_before_it_starts():
+    """384 slot-tokens hold 64 tokens of the full 6-layer model: each step fits, the last one would not."""
+    with serving(settings(kv_budget_tokens=384), tiny_engine(bos_word_tokenizer())) as c:
+        r = c.post("/v1/completions", json=_beams(max_tokens=70))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "kv_budget_exceeded", r.text
+        assert "64 tokens" in r.json()["error"]["message"]
+        assert c.app.state.painters.loop.num_requests == 0
+        assert c.post("/v1/completions", json=_beams(max_tokens=40)).status_code == 200
+
+
 def test_beam_searches_leave_nothing_behind(tiny):
     for body in (_beams(), _beams(prompt=["hello world", "the cat sat"], n=3, logprobs=2), _beams(stream=True)):
         r = tiny.post("/v1/completions", json=body)

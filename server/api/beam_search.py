@@ -140,8 +140,8 @@ async def start(state: AppState, job: Job, *, length_penalty: float) -> Running:
     shape = _Shape(params.logprobs, params.include_stop_str_in_output, params.skip_special_tokens)
     task = asyncio.ensure_future(_run(state, job.prefix, ready, searches, step, first, shape, began))
     task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read by the beams; never "never retrieved"
-    beams = [BeamStream(task, p, i) for p in range(len(searches)) for i in range(job.n)]
-    return Running(ready.schedule, ready.prompts, beams, job.n)  # type: ignore[arg-type]
+    beams: list[pipeline.Stream] = [BeamStream(task, p, i) for p in range(len(searches)) for i in range(job.n)]
+    return Running(ready.schedule, ready.prompts, beams, job.n)
 
 
 def _check(params: SamplingParams, *, width: int) -> None:
