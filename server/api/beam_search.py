@@ -78,7 +78,7 @@ class Search:
         """tops[i]: live beam i's next-token logprobs (at least its 2 x width likeliest). Every EOS among a beam's
         2 x width likeliest ends a copy of it; of the other continuations, the `width` likeliest live on."""
         assert len(tops) == len(self.live) and not self.done
-        candidates: list[tuple[float, int, Beam, dict[int, float]]] = []
+        candidates: list[tuple[float, int, float, Beam, dict[int, float]]] = []  # (cum, token, its logprob, ...)
         for beam, top in zip(self.live, tops, strict=True):
             likeliest = sorted(top.items(), key=lambda kv: -kv[1])[:2 * self.width]
             for token, logprob in likeliest:
@@ -86,10 +86,10 @@ class Search:
                 if token in self.eos_ids and not self.ignore_eos:
                     self.ended.append(_extend(beam, token, logprob, cum, top, finish_reason="stop"))
                 else:
-                    candidates.append((cum, token, beam, top))
-        candidates.sort(key=lambda c: -c[0])  # stable: ties keep the beams' order, as vLLM's argsort
-        self.live = [_extend(beam, token, cum - beam.cum_logprob, cum, top)
-                     for cum, token, beam, top in candidates[:self.width]]
+                    candidates.append((cum, token, logprob, beam, top))
+        candidates.sort(key=lambda c: -c[0])  # stable: ties keep the beams' order
+        self.live = [_extend(beam, token, logprob, cum, top)
+                     for cum, token, logprob, beam, top in candidates[:self.width]]
         self.steps += 1
 
     def best(self) -> list[Beam]:
