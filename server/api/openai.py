@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from server.api import pipeline
+from server.api import beam_search, pipeline
 from server.api.errors import APIError, error_body
 from server.api.pipeline import Chat, Job, Running, painters_chunk, painters_info, slowest, sse, timing_headers
 from server.api.protocol import (
@@ -52,6 +52,13 @@ def _params(body: CompletionRequest | ChatCompletionRequest, *, logprobs: int | 
             structured=body.structured_output,
         )
     return params
+
+
+async def _start(state: AppState, job: Job, body: CompletionRequest | ChatCompletionRequest) -> Running:
+    """Submit `job`: its choices sampled, or with use_beam_search the n best beams (answered as choices)."""
+    if body.use_beam_search:
+        return await beam_search.start(state, job, length_penalty=body.length_penalty)
+    return await pipeline.start(state, job)
 
 
 def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -146,7 +153,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
               max_tokens=16 if body.max_tokens is None else body.max_tokens,
               truncate_prompt_tokens=body.truncate_prompt_tokens,
               params=_params(body, logprobs=logprobs, echo=body.echo and want_logprobs))
-    run = await pipeline.start(state, job)
+    run = await _start(state, job, body)
     rid, created, model = pipeline.new_request_id("cmpl"), int(time.time()), body.model or state.model_name
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -236,7 +243,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     job = Job("chatcmpl", body.model, body.policy, chat, n=body.n, max_tokens=limit,
               truncate_prompt_tokens=body.truncate_prompt_tokens,
               params=_params(body, logprobs=(body.top_logprobs or 0) if body.logprobs else None, echo=False))
-    run = await pipeline.start(state, job)
+    run = await _start(state, job, body)
     rid, created, model = pipeline.new_request_id("chatcmpl"), int(time.time()), body.model or state.model_name
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

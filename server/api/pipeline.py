@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import Request
 from sse_starlette import EventSourceResponse
@@ -84,28 +84,48 @@ class Running:
 
     schedule: Schedule
     prompts: list[Prompt]
-    streams: list[RequestStream]
+    streams: list[Stream]
     n: int
 
     def prompt_of(self, index: int) -> Prompt:
         return self.prompts[index // self.n]
 
 
-async def start(state: AppState, job: Job) -> Running:
-    """Resolve, tokenize, check and submit `job`; every refusal is an APIError naming what was wrong. A structured
-    output is compiled here, before anything is queued, and each request (each choice) gets its own matcher."""
+@dataclass(frozen=True)
+class Prepared:
+    """A job resolved, tokenized and checked against the context, before anything is submitted."""
+
+    schedule: Schedule
+    prompts: list[Prompt]
+    max_tokens: list[int]  # per prompt
+
+
+async def prepare(state: AppState, job: Job) -> Prepared:
+    """Resolve `job`'s policy, tokenize its prompts and check their lengths; every refusal is an APIError naming what
+    was wrong."""
     state.check_admitting()
     _check_sequences(state, job.n * (1 if isinstance(job.prompts, Chat) else len(job.prompts)))
     schedule = state.resolve_policy(job.model, job.policy)
-    served, _ = state.require()
     prompts = await tokenize(state, job.prompts)
     if job.truncate_prompt_tokens is not None:
         prompts = [_keep_last(p, job.truncate_prompt_tokens, state.max_model_len) for p in prompts]
-    requests = []
-    grammars: dict[StructuredOutput, Grammar] = {}
+    limits = []
     for prompt in prompts:
         max_tokens = state.default_max_tokens(len(prompt.ids), schedule) if job.max_tokens is None else job.max_tokens
         state.check_length(len(prompt.ids), max_tokens)
+        limits.append(max_tokens)
+    return Prepared(schedule, prompts, limits)
+
+
+async def start(state: AppState, job: Job) -> Running:
+    """Prepare and submit `job`; every refusal is an APIError naming what was wrong. A structured output is compiled
+    here, before anything is queued, and each request (each choice) gets its own matcher."""
+    ready = await prepare(state, job)
+    schedule, prompts = ready.schedule, ready.prompts
+    served, _ = state.require()
+    requests = []
+    grammars: dict[StructuredOutput, Grammar] = {}
+    for prompt, max_tokens in zip(prompts, ready.max_tokens, strict=True):
         params = served.with_bad_words_ids([job.params(max_tokens, i) for i in range(job.n)])  # or a SamplingError
         for p in params:
             p.check_model(served.vocab_size, served.eos_ids)  # a SamplingError: a 400 naming what was wrong
@@ -199,6 +219,15 @@ def render_chat(served: ServedModel, chat: Chat) -> str:
 # -- streams ------------------------------------------------------------------------------------------------------------
 
 
+class Stream(Protocol):
+    """One choice of a running job, read from the event loop: its outputs as they come (the last one finished, with
+    its result), and a way to stop it. An engine request's `RequestStream`, or a returned beam of a beam search."""
+
+    def abort(self) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[Output]: ...
+
+
 class RequestStream:
     """One engine request seen from the event loop: outputs arrive on an asyncio queue."""
 
@@ -270,7 +299,7 @@ def _check_sequences(state: AppState, count: int) -> None:
                             f"{capacity} at once; split it", param="prompt", code="too_many_sequences")
 
 
-async def collect(streams: list[RequestStream], request: Request) -> list[GenerationResult]:
+async def collect(streams: list[Stream], request: Request) -> list[GenerationResult]:
     """Wait for every stream's final result; abort them all if the client disconnects."""
     results = [out.result for out in await _finals(streams, request)]
     if any(r is None for r in results):
@@ -288,7 +317,7 @@ async def collect_probe(stream: RequestStream, request: Request) -> ProbeStats:
     return out.probe
 
 
-async def _finals(streams: list[RequestStream], request: Request) -> list[Output]:
+async def _finals(streams: list[Stream], request: Request) -> list[Output]:
     tasks = [asyncio.ensure_future(_final(s)) for s in streams]
     try:
         while True:
@@ -305,19 +334,19 @@ async def _finals(streams: list[RequestStream], request: Request) -> list[Output
         raise
 
 
-async def _final(stream: RequestStream) -> Output:
+async def _final(stream: Stream) -> Output:
     async for out in stream:
         if out.finished:
             return out
     raise APIError(500, "request ended without a result")
 
 
-async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Output]]:
+async def merged(streams: list[Stream]) -> AsyncIterator[tuple[int, Output]]:
     """Outputs of several streams as they come, tagged with the stream's index; closing it aborts them all (the
     client went away), which frees their rows and KV at the next engine step."""
     queue: asyncio.Queue[tuple[int, Output | BaseException]] = asyncio.Queue()
 
-    async def pump(i: int, s: RequestStream) -> None:
+    async def pump(i: int, s: Stream) -> None:
         try:
             async for out in s:
                 await queue.put((i, out))

@@ -41,6 +41,8 @@ Penalty = _within(float, PENALTY)
 Positive = _within(float, POSITIVE)
 MinP = _within(float, MIN_P)
 Bias = _within(float, LOGIT_BIAS)
+LengthPenalty = _within(float, Interval(-10, 10))  # bounded: length ** penalty stays a float for any context
+BEAM_WIDTH = LOGPROBS.hi // 2  # each beam search step asks for 2 x width logprobs (vLLM's)
 
 # Lists stop at their first bad item: every bad item was an error of its own, and a 1.6 MB body of them became an
 # 85 MB message built in 17 s on the event loop (pydantic validates a whole list, and FastAPI expands every error).
@@ -101,9 +103,10 @@ def _continue_or_open(v: bool, info: ValidationInfo) -> bool:
 # vLLM's sampling extensions that Painters does not implement and that would change the answer, with the value that
 # asks for nothing: each is a 400 naming it when sent otherwise, not an answer that silently ignored it (unknown
 # fields are ignored, and these are what vLLM's clients send). Its structured outputs (guided_json, guided_regex,
-# guided_choice, guided_grammar, structured_outputs) are served: `_Sampling.structured_output`.
+# guided_choice, guided_grammar, structured_outputs) are served: `_Sampling.structured_output`; so is its beam search
+# (use_beam_search, length_penalty: `server/api/beam_search.py`).
 VLLM_REFUSED: dict[str, Any] = {
-    "use_beam_search": False, "length_penalty": 1.0, "logits_processors": None,
+    "logits_processors": None,
 }
 
 
@@ -286,9 +289,13 @@ class _Sampling(_Body):
     return_tokens_as_token_ids: bool = Field(False, description="vLLM's: logprobs name tokens 'token_id:<id>'")
     prompt_logprobs: Logprobs | None = Field(None, description="vLLM's: each prompt token's logprob and rank, with "
                                              "this many alternatives (not with stream=true)")
+    # vLLM's beam search (server/api/beam_search.py)
+    use_beam_search: bool = Field(False, description=f"vLLM's: n (the beam width, up to {BEAM_WIDTH}) beams, kept "
+                                  "by cumulative logprob, ended at an EOS and ranked with length_penalty; answered "
+                                  "whole (a stream carries the final result only)")
+    length_penalty: LengthPenalty = Field(1.0, description="vLLM's, with use_beam_search: beams rank by cumulative "
+                                          "logprob / length ** length_penalty, the length counting the prompt")
     # VLLM_REFUSED: each refused unless it asks for nothing
-    use_beam_search: Any = _vllm("use_beam_search")
-    length_penalty: Any = _vllm("length_penalty")
     logits_processors: Any = _vllm("logits_processors")
     # structured outputs, at most one per request: the output matches it, and the request ends where it does
     response_format: ResponseFormat | None = Field(None, description="OpenAI's: json_object (any JSON object) or "
@@ -308,6 +315,14 @@ class _Sampling(_Body):
     _stop_limits = field_validator("stop")(_check_stop)
     _bad_words_limits = field_validator("bad_words")(_check_bad_words)
     _vllm_refused = field_validator(*VLLM_REFUSED)(_refused_unless_neutral)
+
+    @field_validator("length_penalty")
+    @classmethod
+    def _only_beams(cls, v: float, info: ValidationInfo) -> float:
+        if v != 1.0 and not info.data.get("use_beam_search"):
+            raise ValueError("only applies with use_beam_search=true; send use_beam_search true, or leave "
+                             "length_penalty out")
+        return v
 
     @field_validator("best_of")
     @classmethod

@@ -1,0 +1,249 @@
+"""Beam search (vLLM's `use_beam_search`), served above the engine as vLLM v1 serves it (`BeamSearchOnlineMixin.
+beam_search` in vllm/entrypoints, `get_beam_search_score` in vllm/beam_search.py).
+
+Each step asks the engine for one token per live beam, with 2 x width logprobs, as ordinary requests through the
+pipeline: under the request's layer policy, and the prefix cache computes each beam's repeated prompt once. The best
+`width` continuations by cumulative logprob live on; one that chooses an EOS ends its beam (unless `ignore_eos`); after
+`max_tokens` steps the ended and the live beams are ranked by cumulative logprob / length ** length_penalty, the length
+counting the prompt (vLLM's). The `width` best are the choices. The search is one task per API request; each returned
+beam is a `pipeline.Stream` whose single output is its final result, so the routes answer (and stream: the final
+result only, as vLLM does) as for any request, and aborting a beam's stream cancels the search and its in-flight
+steps."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
+
+from server.api import pipeline
+from server.api.errors import GENERATION_FAILED, APIError
+from server.api.pipeline import Job, Prompt, Running
+from server.api.protocol import BEAM_WIDTH
+from server.api.state import AppState
+from server.engine.request import GenerationResult, Output, Timings
+from server.engine.sampling_params import LOGPROBS, SamplingParams
+
+if TYPE_CHECKING:
+    from server.engine.served import ServedModel
+
+# Sampling fields that would change which tokens a beam may take, or what is scored: beam search ranks the model's
+# own logprobs, and vLLM's passes none of these to its steps (it ignores them silently; here they are a 400).
+# temperature, top_p, top_k, min_p and seed are accepted and change nothing: no step draws.
+_REFUSED = ("stop", "stop_token_ids", "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty",
+            "logit_bias", "allowed_token_ids", "bad_words", "echo", "prompt_logprobs", "structured")
+_NEUTRAL = {f.name: f.default for f in fields(SamplingParams)}
+
+
+@dataclass
+class Beam:
+    """One hypothesis: the tokens generated so far (prompt excluded; an EOS that ended it is the last)."""
+
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # each token's
+    tops: list[dict[int, float]] = field(default_factory=list)  # each step's likeliest tokens, likeliest first
+    cum_logprob: float = 0.0
+    finish_reason: str | None = None  # "stop" once it chose an EOS
+
+
+def score(beam: Beam, *, prompt_len: int, eos_ids: frozenset[int], length_penalty: float) -> float:
+    """vLLM's get_beam_search_score: cumulative logprob / length ** length_penalty, the length counting the prompt
+    and not a final EOS."""
+    length = prompt_len + len(beam.tokens) - (1 if beam.tokens and beam.tokens[-1] in eos_ids else 0)
+    return beam.cum_logprob / max(length, 1) ** length_penalty
+
+
+@dataclass
+class Search:
+    """One prompt's beam search as plain data: `advance` takes a step's logprobs, `best` ranks the beams."""
+
+    prompt_len: int
+    max_tokens: int
+    width: int
+    eos_ids: frozenset[int]
+    length_penalty: float = 1.0
+    ignore_eos: bool = False
+    live: list[Beam] = field(default_factory=lambda: [Beam()])
+    ended: list[Beam] = field(default_factory=list)
+    steps: int = 0
+
+    @property
+    def done(self) -> bool:
+        return not self.live or self.steps >= self.max_tokens
+
+    def advance(self, tops: list[dict[int, float]]) -> None:
+        """tops[i]: live beam i's next-token logprobs (at least its 2 x width likeliest). Every EOS among a beam's
+        2 x width likeliest ends a copy of it; of the other continuations, the `width` likeliest live on."""
+        assert len(tops) == len(self.live) and not self.done
+        candidates: list[tuple[float, int, float, Beam, dict[int, float]]] = []  # (cum, token, its logprob, ...)
+        for beam, top in zip(self.live, tops, strict=True):
+            likeliest = sorted(top.items(), key=lambda kv: -kv[1])[:2 * self.width]
+            for token, logprob in likeliest:
+                cum = beam.cum_logprob + logprob
+                if token in self.eos_ids and not self.ignore_eos:
+                    self.ended.append(_extend(beam, token, logprob, cum, top, finish_reason="stop"))
+                else:
+                    candidates.append((cum, token, logprob, beam, top))
+        candidates.sort(key=lambda c: -c[0])  # stable: ties keep the beams' order
+        self.live = [_extend(beam, token, logprob, cum, top)
+                     for cum, token, logprob, beam, top in candidates[:self.width]]
+        self.steps += 1
+
+    def best(self) -> list[Beam]:
+        """The `width` best of the ended and live beams, best first."""
+        return sorted(self.ended + self.live, reverse=True, key=lambda b: score(
+            b, prompt_len=self.prompt_len, eos_ids=self.eos_ids, length_penalty=self.length_penalty))[:self.width]
+
+
+def _extend(beam: Beam, token: int, logprob: float, cum: float, top: dict[int, float], *,
+            finish_reason: str | None = None) -> Beam:
+    return Beam(beam.tokens + [token], beam.logprobs + [logprob], beam.tops + [top], cum, finish_reason)
+
+
+# -- serving --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What the request asks of the returned beams, beyond the search."""
+
+    logprobs: int | None  # alternatives per token to return (None: no logprobs)
+    include_stop_str_in_output: bool
+    skip_special_tokens: bool
+
+
+async def start(state: AppState, job: Job, *, length_penalty: float) -> Running:
+    """Check and prepare `job` as a beam search of width job.n, submit its first step (so that a refusal, 429 or 503
+    comes before any answer), and run the rest in a task. The returned job's streams are its beams, prompt-major."""
+    params = job.params(1, 0)
+    _check(params, width=job.n)
+    ready = await pipeline.prepare(state, job)
+    served, loop = state.require()
+    longest = loop.longest(ready.schedule)
+    for prompt, max_tokens in zip(ready.prompts, ready.max_tokens, strict=True):
+        if max_tokens < 1:
+            raise APIError(400, "use_beam_search needs max_tokens >= 1", param="max_tokens")
+        if len(prompt.ids) + max_tokens > longest:  # the last step's request must fit, as a whole request would
+            raise APIError(400, f"prompt ({len(prompt.ids)} tokens) + max_tokens ({max_tokens}) is more than the "
+                                f"{longest} tokens the KV budget holds for a request under policy "
+                                f"{ready.schedule.policy}; lower max_tokens or choose a policy that runs fewer "
+                                "layers", param="max_tokens", code="kv_budget_exceeded")
+    searches = [Search(len(p.ids), m, job.n, served.eos_ids, length_penalty, params.ignore_eos)
+                for p, m in zip(ready.prompts, ready.max_tokens, strict=True)]
+    # one token, with the 2 x width likeliest (or as many as the answer returns, if more) and their logprobs
+    step = SamplingParams(max_tokens=1, temperature=0.0, logprobs=max(2 * job.n, params.logprobs or 0), ignore_eos=True)
+    began = time.perf_counter()
+    first = _submit(state, job.prefix, ready, searches, step)
+    shape = _Shape(params.logprobs, params.include_stop_str_in_output, params.skip_special_tokens)
+    task = asyncio.ensure_future(_run(state, job.prefix, ready, searches, step, first, shape, began))
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read by the beams; never "never retrieved"
+    beams: list[pipeline.Stream] = [BeamStream(task, p, i) for p in range(len(searches)) for i in range(job.n)]
+    return Running(ready.schedule, ready.prompts, beams, job.n)
+
+
+def _check(params: SamplingParams, *, width: int) -> None:
+    if width > BEAM_WIDTH:
+        raise APIError(400, f"use_beam_search takes n (the beam width) up to {BEAM_WIDTH}: each step asks for 2 x n "
+                            f"logprobs, and at most {int(LOGPROBS.hi)} are served (as vLLM's max_logprobs); got "
+                            f"n={width}", param="n")
+    for name in _REFUSED:
+        value = getattr(params, name)
+        if value != _NEUTRAL[name]:
+            param = value.param if name == "structured" else name
+            raise APIError(400, f"{param} is not supported with use_beam_search (beam search ranks the model's own "
+                                "logprobs); leave it out, or send use_beam_search false", param=param)
+
+
+def _submit(state: AppState, prefix: str, ready: pipeline.Prepared, searches: list[Search], step: SamplingParams
+            ) -> list[pipeline.RequestStream]:
+    """One step: a one-token request for each live beam of each unfinished search, in that order."""
+    requests = [pipeline.engine_request(pipeline.new_request_id(f"{prefix}-beam"), prompt.ids + beam.tokens, step,
+                                        ready.schedule)
+                for prompt, search in zip(ready.prompts, searches, strict=True) if not search.done
+                for beam in search.live]
+    return pipeline.submit_all(state, requests)
+
+
+async def _run(state: AppState, prefix: str, ready: pipeline.Prepared, searches: list[Search], step: SamplingParams,
+               streams: list[pipeline.RequestStream], shape: _Shape, began: float) -> list[list[GenerationResult]]:
+    """The search from its first step on (already submitted: `streams`): the searches' best beams as results, per
+    prompt. Timed as a request whose tokens are the steps: the first step's queue and prefill, then one token per
+    step."""
+    served, _ = state.require()
+    timings: list[Timings] = []
+    while True:
+        results = await _step(streams)
+        now = time.perf_counter()
+        if not timings:  # the first step is one request per prompt
+            timings = [Timings(queue_s=r.timings.queue_s, prefill_s=r.timings.prefill_s, ttft_s=now - began)
+                       for r in results]
+            for t in timings:
+                t.first_token(now)
+        at = 0
+        for search, t in zip(searches, timings, strict=True):
+            if search.done:  # it had no request in this step
+                continue
+            n = len(search.live)
+            search.advance([r.top_logprobs[0] for r in results[at:at + n]])  # type: ignore[index]
+            at += n
+            if search.steps > 1:
+                t.add_token(now)
+        if all(s.done for s in searches):
+            break
+        streams = _submit(state, prefix, ready, searches, step)
+    return [[_result(served, prompt, beam, shape, policy=ready.schedule.policy, timings=t) for beam in search.best()]
+            for prompt, search, t in zip(ready.prompts, searches, timings, strict=True)]
+
+
+async def _step(streams: list[pipeline.RequestStream]) -> list[GenerationResult]:
+    """Each step request's result; all aborted if this is cancelled (the client went away) or one fails."""
+    try:
+        results = [out.result for s in streams async for out in s if out.finished]
+    except BaseException:
+        for s in streams:
+            s.abort()
+        raise
+    for r in results:
+        if r is None or not r.top_logprobs:
+            why = "it was aborted" if r is None or r.finish_reason == "abort" else r.error or r.finish_reason
+            raise APIError(500, f"a beam search step ended without a token: {why}", code=GENERATION_FAILED)
+    return results  # type: ignore[return-value]
+
+
+def _result(served: ServedModel, prompt: Prompt, beam: Beam, shape: _Shape, *, policy: str,
+            timings: Timings) -> GenerationResult:
+    """A beam as a choice. An EOS that ended it is left out of its tokens, logprobs and usage unless
+    include_stop_str_in_output (vLLM's beam search); its text is the tokens' (special tokens' text as
+    skip_special_tokens says)."""
+    n = len(beam.tokens)
+    if beam.finish_reason == "stop" and not shape.include_stop_str_in_output:
+        n -= 1
+    tokens = beam.tokens[:n]
+    tops = None
+    if shape.logprobs:
+        tops = [dict(itertools.islice(top.items(), shape.logprobs)) for top in beam.tops[:n]]
+    return GenerationResult(
+        text=served.decode(tokens, skip_special_tokens=shape.skip_special_tokens), prompt_token_ids=prompt.ids,
+        token_ids=tokens, logprobs=beam.logprobs[:n], top_logprobs=tops, prompt_logprobs=None,
+        prompt_top_logprobs=None, finish_reason=beam.finish_reason or "length", policy=policy, timings=timings)
+
+
+class BeamStream:
+    """One returned beam as a `pipeline.Stream`: a single, finished output once the search is over. Aborting it
+    cancels the whole search (its beams are answered together, or not at all)."""
+
+    def __init__(self, search: asyncio.Future[list[list[GenerationResult]]], prompt: int, index: int) -> None:
+        self.search, self.prompt, self.index = search, prompt, index
+
+    def abort(self) -> None:
+        self.search.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[Output]:
+        # shielded: one beam's reader going away must not cancel the search the others wait for (abort does)
+        result = (await asyncio.shield(self.search))[self.prompt][self.index]
+        yield Output(request_id=f"beam-{self.prompt}-{self.index}", token_ids=result.token_ids,
+                     logprobs=result.logprobs, top_logprobs=result.top_logprobs or [], text=result.text,
+                     finished=True, result=result)

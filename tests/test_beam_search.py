@@ -1,0 +1,300 @@
+"""Beam search (server/api/beam_search.py): the search as plain data with hand-made logprobs; refusals and "nothing
+left behind" on the tiny in-process server; and on the real SmolLM2 over HTTP, with the `openai` client's extra_body,
+against an independent beam search over transformers' own logits, under the full model and a skip policy."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+
+from server.api.beam_search import Beam, Search, score
+from server.policy.compiler import compile_schedule
+from tests.conftest import bos_word_tokenizer
+from tests.reference import reference_logits
+from tests.serving import Process, metric_value, painters_server, serving, settings, tiny_engine, wait_until
+
+MODEL = "smollm2-135m"
+EOS = frozenset({2})
+
+
+def _chat_prompt(text: str) -> str:
+    """SmolLM2's chat template around one user message, as a completions prompt."""
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+# -- the search, with hand-made logprobs --------------------------------------------------------------------------
+
+
+def test_an_eos_among_the_likeliest_ends_a_copy_and_the_width_likeliest_others_live_on():
+    s = Search(prompt_len=4, max_tokens=3, width=2, eos_ids=EOS)
+    s.advance([{7: -0.1, 2: -0.5, 8: -1.0, 9: -3.0, 10: -4.0}])  # 2 x width = 4 looked at: 10 is not
+    assert [b.tokens for b in s.live] == [[7], [8]] and [b.tokens for b in s.ended] == [[2]]
+    assert s.ended[0].finish_reason == "stop" and s.ended[0].cum_logprob == -0.5
+    s.advance([{5: -2.0, 6: -2.1}, {5: -0.2, 6: -0.3}])  # beam [8] overtakes beam [7]
+    assert [b.tokens for b in s.live] == [[8, 5], [8, 6]]
+    assert [b.cum_logprob for b in s.live] == pytest.approx([-1.2, -1.3])
+    assert not s.done
+    s.advance([{1: -0.1}, {1: -0.1}])
+    assert s.done and s.steps == 3
+
+
+def test_ignore_eos_makes_the_eos_a_token_like_any_other():
+    s = Search(prompt_len=4, max_tokens=2, width=1, eos_ids=EOS, ignore_eos=True)
+    s.advance([{2: -0.1, 7: -0.5}])
+    assert [b.tokens for b in s.live] == [[2]] and s.ended == []
+
+
+def test_length_penalty_ranks_as_vllms_score_counting_the_prompt_and_not_the_eos():
+    short = Beam([5, 2], [-1.0, -1.0], [{}, {}], -2.0, "stop")  # length 10 + 1 (the EOS is not counted)
+    long = Beam([5, 6, 7, 8], [-0.7] * 4, [{}] * 4, -2.8)  # length 14
+    for lp, best in ((0.0, short), (1.0, short), (2.0, long)):
+        assert score(short, prompt_len=10, eos_ids=EOS, length_penalty=lp) == pytest.approx(-2.0 / 11 ** lp)
+        assert score(long, prompt_len=10, eos_ids=EOS, length_penalty=lp) == pytest.approx(-2.8 / 14 ** lp)
+        search = Search(prompt_len=10, max_tokens=4, width=2, eos_ids=EOS, length_penalty=lp, live=[long],
+                        ended=[short])
+        assert search.best()[0] is best
+
+
+# -- the tiny in-process server: refusals, nothing left behind -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Iterator[Any]:
+    """The tiny model with a word-level tokenizer that has a chat template."""
+    with serving(settings(), tiny_engine(bos_word_tokenizer())) as c:
+        yield c
+
+
+def _beams(**body: Any) -> dict[str, Any]:
+    return {"model": "tiny", "prompt": "hello world", "max_tokens": 4, "use_beam_search": True, "n": 2, **body}
+
+
+@pytest.mark.parametrize("field, value, param", [
+    ("stop", ["x"], "stop"), ("stop_token_ids", [5], "stop_token_ids"), ("min_tokens", 1, "min_tokens"),
+    ("presence_penalty", 0.5, "presence_penalty"), ("frequency_penalty", 0.5, "frequency_penalty"),
+    ("repetition_penalty", 1.2, "repetition_penalty"), ("logit_bias", {"5": 1}, "logit_bias"),
+    ("allowed_token_ids", [5, 6], "allowed_token_ids"), ("bad_words", ["hello"], "bad_words"),
+    ("guided_regex", "a+", "guided_regex"),
+    ("response_format", {"type": "json_object"}, "response_format"), ("prompt_logprobs", 1, "prompt_logprobs"),
+    ("n", 11, "n"), ("max_tokens", 0, "max_tokens"),
+])
+def test_what_beam_search_cannot_honour_is_a_400_naming_it(tiny, field, value, param):
+    r = tiny.post("/v1/completions", json=_beams(**{field: value}))
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and "use_beam_search" in error["message"]
+
+
+def test_echo_with_logprobs_is_refused_and_length_penalty_needs_beams(tiny):
+    r = tiny.post("/v1/completions", json=_beams(echo=True, logprobs=1))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+    r = tiny.post("/v1/completions", json={"model": "tiny", "prompt": "hello world", "length_penalty": 2.0})
+    assert r.status_code == 400 and "use_beam_search" in r.json()["error"]["message"]
+    r = tiny.post("/v1/completions", json=_beams(length_penalty=11))
+    assert r.status_code == 400 and "[-10, 10]" in r.json()["error"]["message"]
+
+
+def test_a_search_whose_last_step_could_never_fit_the_kv_budget_is_refused_before_it_starts():
+    """384 slot-tokens hold 64 tokens of the full 6-layer model: each step fits, the last one would not."""
+    with serving(settings(kv_budget_tokens=384), tiny_engine(bos_word_tokenizer())) as c:
+        r = c.post("/v1/completions", json=_beams(max_tokens=70))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "kv_budget_exceeded", r.text
+        assert "64 tokens" in r.json()["error"]["message"]
+        assert c.app.state.painters.loop.num_requests == 0
+        assert c.post("/v1/completions", json=_beams(max_tokens=40)).status_code == 200
+
+
+def test_beam_searches_leave_nothing_behind(tiny):
+    for body in (_beams(), _beams(prompt=["hello world", "the cat sat"], n=3, logprobs=2), _beams(stream=True)):
+        r = tiny.post("/v1/completions", json=body)
+        assert r.status_code == 200 and "choices" in r.text, r.text
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "use_beam_search": True, "n": 2,
+            "max_tokens": 4, "logprobs": True, "top_logprobs": 3}
+    r = tiny.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
+    loop = tiny.app.state.painters.loop
+    wait_until(lambda: loop.num_requests == 0, timeout=10, what="every step request ended")
+    assert loop.batch.kv.reserved == {}
+
+
+# -- the real SmolLM2 over HTTP ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+    with painters_server(Path(tmp_path_factory.mktemp("beam"))) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def client(server: Process) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="any", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def http(server: Process) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=300) as c:
+        yield c
+
+
+def _answer(client: openai.OpenAI, prompt: str | list[int], *, policy: str = "full", **extra: Any
+            ) -> list[tuple[list[int], float, str, str]]:
+    """Each choice's (token ids, summed logprob, finish_reason, text); with include_stop_str_in_output an EOS that
+    ended a beam is among its tokens, so the sum is the beam's cumulative logprob."""
+    r = client.completions.create(model=MODEL, prompt=prompt, logprobs=0, extra_body={
+        "policy": policy, "return_tokens_as_token_ids": True, **extra})
+    return [([int(t.split(":")[1]) for t in c.logprobs.tokens], sum(c.logprobs.token_logprobs), c.finish_reason,
+             c.text) for c in r.choices]
+
+
+def _reference(hf: Any, policy: str, prompt: list[int], *, width: int, max_tokens: int, length_penalty: float,
+               ignore_eos: bool = False) -> list[tuple[list[int], float]]:
+    """vLLM's beam search written out over transformers' logits of the whole sequence (no cache, no server code)."""
+    schedule = compile_schedule(policy, hf.config.num_hidden_layers)
+    live: list[tuple[list[int], float]] = [([], 0.0)]
+    ended: list[tuple[list[int], float]] = []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            ids = torch.tensor([prompt + tokens for tokens, _ in live])
+            logprobs = torch.log_softmax(reference_logits(hf, schedule, ids)[:, -1].float(), -1)
+            top = logprobs.topk(2 * width)
+            candidates = []
+            for (tokens, cum), values, indices in zip(live, top.values.tolist(), top.indices.tolist()):
+                for v, t in zip(values, indices):
+                    if t in EOS and not ignore_eos:
+                        ended.append((tokens + [t], cum + v))
+                    else:
+                        candidates.append((tokens + [t], cum + v))
+            live = sorted(candidates, key=lambda c: -c[1])[:width]
+
+    def rank(beam: tuple[list[int], float]) -> float:
+        tokens, cum = beam
+        return cum / (len(prompt) + len(tokens) - (tokens[-1] in EOS)) ** length_penalty
+    return sorted(ended + live, key=rank, reverse=True)[:width]
+
+
+def _ids(http: httpx.Client, text: str) -> list[int]:
+    return http.post("/tokenize", json={"prompt": text}).json()["tokens"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["full", "skip:10"])
+def test_width_one_is_greedy(client, policy):
+    """With ignore_eos (else an EOS second likeliest would end a beam greedy never chose), under any policy."""
+    prompt = "The capital of France is Paris. The capital of Italy is"
+    beams = _answer(client, prompt, policy=policy, max_tokens=12, n=1, use_beam_search=True, ignore_eos=True)
+    greedy = _answer(client, prompt, policy=policy, max_tokens=12, temperature=0, ignore_eos=True)
+    assert [(b[0], b[3]) for b in beams] == [(g[0], g[3]) for g in greedy]
+    assert beams[0][1] == pytest.approx(greedy[0][1], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_the_best_of_four_beams_is_at_least_as_likely_as_greedy(client):
+    prompt = "Once upon a time, in a small village,"
+    beams = _answer(client, prompt, max_tokens=10, n=4, use_beam_search=True, ignore_eos=True)
+    greedy = _answer(client, prompt, max_tokens=10, temperature=0, ignore_eos=True)
+    assert len(beams) == 4 and all(len(b[0]) == 10 for b in beams)
+    assert [b[1] for b in beams] == sorted((b[1] for b in beams), reverse=True)  # same lengths: by cum logprob
+    assert beams[0][1] >= greedy[0][1] - 1e-4 and beams[0][0] != greedy[0][0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy, question, length_penalty", [
+    ("full", "Say hi.", 1.0), ("full", "Is the sky blue? Answer yes or no.", 3.0), ("skip:10", "Say hi.", 0.5)])
+def test_beams_are_the_reference_search_over_transformers_logits(client, http, smollm2_hf, policy, question,
+                                                                  length_penalty):
+    """Tokens, order and cumulative logprobs of every returned beam, EOS-ended ones among them."""
+    prompt = _chat_prompt(question)
+    got = _answer(client, prompt, policy=policy, max_tokens=6, n=3, use_beam_search=True,
+                  length_penalty=length_penalty, include_stop_str_in_output=True)
+    want = _reference(smollm2_hf, policy, _ids(http, prompt), width=3, max_tokens=6, length_penalty=length_penalty)
+    assert [g[0] for g in got] == [w[0] for w in want]
+    assert [g[1] for g in got] == pytest.approx([w[1] for w in want], abs=2e-3)
+    assert [g[2] for g in got] == ["stop" if w[0][-1] in EOS else "length" for w in want]
+
+
+@pytest.mark.slow
+def test_length_penalty_reorders_the_beams_as_the_score_says(client, http):
+    prompt = _chat_prompt("Say hi.")
+    prompt_len = len(_ids(http, prompt))
+    firsts = []
+    for lp in (0.0, 1.0, 3.0):
+        beams = _answer(client, prompt, max_tokens=8, n=3, use_beam_search=True, length_penalty=lp,
+                        include_stop_str_in_output=True)
+        scores = [cum / (prompt_len + len(ids) - (reason == "stop")) ** lp for ids, cum, reason, _ in beams]
+        assert scores == sorted(scores, reverse=True), lp
+        firsts.append(beams[0])
+    # no penalty favours the likelier short answer that ended; a length penalty, the longer one
+    assert firsts[0][2] == "stop" and firsts[1][2] == firsts[2][2] == "length"
+    assert len(firsts[1][0]) > len(firsts[0][0])
+
+
+@pytest.mark.slow
+def test_chat_and_a_stream_answer_the_same_beams(client, http):
+    messages = [{"role": "user", "content": "Is the sky blue? Answer yes or no."}]
+    extra = {"use_beam_search": True, "length_penalty": 3.0}
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, n=3, extra_body=extra)
+    rendered = http.post("/tokenize", json={"messages": messages}).json()["tokens"]  # the template's own prompt
+    plain = _answer(client, rendered, max_tokens=6, n=3, **extra)
+    assert [c.message.content for c in chat.choices] == [p[3] for p in plain]
+    assert chat.usage.completion_tokens == sum(len(p[0]) for p in plain)  # an ended beam's EOS is not counted
+    streamed = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, n=3, stream=True,
+                                                   stream_options={"include_usage": True}, extra_body=extra))
+    texts = ["" for _ in chat.choices]
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == [c.message.content for c in chat.choices]
+    assert streamed[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+
+def _finished(http: httpx.Client) -> float:
+    return metric_value(http.get("/metrics").text, "painters:request_success_total", model=MODEL)
+
+
+def _idle(http: httpx.Client) -> bool:
+    text = http.get("/metrics").text
+    return (metric_value(text, "painters:num_requests_running", model=MODEL) == 0
+            and metric_value(text, "painters:num_requests_waiting", model=MODEL) == 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_goes_away_stops_the_search(http, stream):
+    """No step runs after the client left: the engine settles and stays idle (a search left running would submit
+    a step per token for 300 tokens, a few a second)."""
+    body = {"model": MODEL, "prompt": "Once upon a time,", "max_tokens": 300, "ignore_eos": True, "n": 4,
+            "use_beam_search": True, "stream": stream}
+    with pytest.raises(httpx.ReadTimeout):  # a beam search streams its final result only: nothing comes before
+        with http.stream("POST", "/v1/completions", json=body, timeout=httpx.Timeout(60, read=3)) as r:
+            for _ in r.iter_lines():
+                pass
+
+    def settled() -> bool:
+        before = _finished(http)
+        time.sleep(1)
+        return _idle(http) and _finished(http) == before
+    wait_until(settled, timeout=60, what="the engine settles once the client left")
+    done = _finished(http)
+    with pytest.raises(TimeoutError):  # nothing more finishes: the search is not running on
+        wait_until(lambda: _finished(http) != done, timeout=3, what="another step")
+    r = http.post("/v1/completions", json={**body, "max_tokens": 2, "stream": False})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 4
+
+
+def test_a_beam_answer_has_openais_shape_and_painters_timings(tiny):
+    r = tiny.post("/v1/completions", json=_beams(n=3, logprobs=2, policy="skip:2", return_tokens_as_token_ids=True))
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert all(len(top) == 2 for c in body["choices"] for top in c["logprobs"]["top_logprobs"])
+    assert body["usage"]["completion_tokens"] == sum(len(c["logprobs"]["tokens"]) for c in body["choices"])
+    assert r.headers["x-painters-policy"] == body["painters"]["policy"] == "skip:2-3"
+    timings = body["painters"]["timings"]
+    assert 0 < timings["time_to_first_token_s"] <= timings["e2e_s"] and timings["decode_s"] > 0
