@@ -15,6 +15,9 @@ import jsonschema
 import openai
 import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
+from typer.testing import CliRunner
+
+from server.cli import app
 
 from tests.conftest import bos_word_tokenizer
 from tests.serving import Process, painters_server, serve_tiny
@@ -160,6 +163,17 @@ def test_auto_reads_hermes_calls_and_leaves_plain_answers_alone(client):
     assert choice.message.tool_calls is None and choice.message.content and choice.finish_reason == "length"
 
 
+def test_auto_reads_several_calls_and_parallel_tool_calls_false_keeps_the_first(client):
+    twice = {"extra_body": {"guided_regex": f"{HERMES}\n{HERMES}"}, "max_tokens": 150}
+    both = _create(client, **twice)
+    assert [t.function.name for t in both.choices[0].message.tool_calls] == ["get_weather"] * 2
+    _valid_calls(both.choices[0].message.tool_calls)
+    assert _answer(_streamed(client, **twice)) == _answer(both)
+    first = _create(client, parallel_tool_calls=False, **twice)
+    assert _answer(first) == [(None, _answer(both)[0][1][:1], "tool_calls")]
+    assert _answer(_streamed(client, parallel_tool_calls=False, **twice)) == _answer(first)
+
+
 def test_tool_call_history_renders(client):
     """An assistant message with tool_calls and null content, then the tool's answer: SmolLM2's template renders it
     (its content as ""), and the conversation goes on."""
@@ -171,15 +185,40 @@ def test_tool_call_history_renders(client):
     assert out.choices[0].message.content and out.choices[0].message.tool_calls is None
 
 
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    with painters_server(Path(tmp_path_factory.mktemp("gemma")), model="gemma3-270m") as p, \
+            httpx.Client(base_url=p.url, timeout=120) as c:
+        yield c
+
+
+def test_gemma_base_model_answers_tool_chats_with_a_clear_400(gemma):
+    """The embedded Gemma 3 270M is a base model: its tokenizer has no chat template, so every chat, tool calls
+    and history among them, is a 400 naming the template (not a 500)."""
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [{
+        "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    for body in ({"messages": history}, {"messages": ASK, "tools": TOOLS, "tool_choice": "required"}):
+        r = gemma.post("/v1/chat/completions", json={"max_tokens": 4, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        assert "chat template" in r.json()["error"]["message"]
+
+
+def test_serve_takes_only_known_tool_call_parsers():
+    out = CliRunner().invoke(app, ["serve", "--tool-call-parser", "xml"])
+    assert out.exit_code == 2 and "hermes" in out.output
+
+
 # -- bad requests ----------------------------------------------------------------------------------------------------
 
 def _tool(name: str, parameters: Any = None) -> dict[str, Any]:
-    return {"type": "function", "function": {"name": name, **({} if parameters is None else {"parameters": parameters})}}
+    function = {"name": name} if parameters is None else {"name": name, "parameters": parameters}
+    return {"type": "function", "function": function}
 
 
 BAD: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
-    ("name-with-a-space", {"tools": [_tool("get weather")]}, ("a-zA-Z0-9_-",)),
-    ("name-too-long", {"tools": [_tool("f" * 65)]}, ("a-zA-Z0-9_-",)),
+    ("name-with-a-space", {"tools": [_tool("get weather")]}, ("1 to 64 letters, digits, '_' or '-'",)),
+    ("name-too-long", {"tools": [_tool("f" * 65)]}, ("1 to 64 letters, digits, '_' or '-'",)),
     ("names-twice", {"tools": [_tool("f"), _tool("g"), _tool("f")], "tool_choice": "required"}, ("unique", "f")),
     ("not-a-function-tool", {"tools": [{"type": "retrieval", "function": {"name": "f"}}], "tool_choice": "none"},
      ("function",)),
@@ -198,9 +237,8 @@ BAD: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
      ("JSON text",)),
     ("old-functions", {"functions": [{"name": "f"}]}, ("send tools",)),
     ("defs-that-disagree", {"tool_choice": "required", "tools": [
-        _tool("f", {"type": "object", "$defs": {"d": {"type": "string"}}, "properties": {"a": {"$ref": "#/$defs/d"}}}),
-        _tool("g", {"type": "object", "$defs": {"d": {"type": "integer"}}, "properties": {"a": {"$ref": "#/$defs/d"}}})]},
-     ("$defs", "'d'")),
+        _tool(name, {"type": "object", "$defs": {"d": {"type": kind}}, "properties": {"a": {"$ref": "#/$defs/d"}}})
+        for name, kind in (("f", "string"), ("g", "integer"))]}, ("$defs", "'d'")),
 ]
 
 

@@ -234,7 +234,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     except ValueError as e:
         raise APIError(400, f"{e}; send text content", param="messages") from None
     try:  # named and required choices constrain the output, through the structured-output path (vLLM's)
-        tool_plan = plan(body.tools, body.tool_choice, parser=state.settings.tool_call_parser)
+        tool_plan = plan(body.tools, body.tool_choice, parser=state.settings.tool_call_parser,
+                         parallel=body.parallel_tool_calls)
         structured = tool_plan.structured or body.structured_output
     except ValueError as e:
         raise APIError(400, str(e), param="tool_choice") from None

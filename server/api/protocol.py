@@ -13,7 +13,8 @@ from pydantic import (
 )
 
 from server.api.tools import (
-    FUNCTION_NAME, ChatTool, DeltaToolCall, SentToolCall, ToolCall, ToolChoice, check_choice, check_tools,
+    FUNCTION_NAME, ChatTool, DeltaToolCall, SentToolCall, ToolCall, ToolChoice, check_choice, check_one_constraint,
+    check_tools,
 )
 from server.engine.sampling_params import (
     LOGIT_BIAS, LOGPROBS, MAX_LOGIT_BIAS, MIN_P, PENALTY, POSITIVE, SEED, TEMPERATURE, TOP_K, TOP_P,
@@ -437,7 +438,7 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: ToolChoice | None = Field(None, description='"none", "auto" (the default with tools; needs the '
                                            'server\'s --tool-call-parser), "required" or {"type": "function", '
                                            '"function": {"name": ...}}')
-    parallel_tool_calls: bool | None = Field(None, description="accepted and ignored, as in vLLM")
+    parallel_tool_calls: bool | None = Field(None, description="false: only the first call is answered (vLLM's)")
     # OpenAI's deprecated form of tools: refused, pointing at tools
     function_call: Any = None
     functions: list[Any] | None = None
@@ -456,10 +457,17 @@ class ChatCompletionRequest(_Sampling):
 
     _no_functions = field_validator("functions")(_calls_refused("functions", "function_call"))
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(cls, v: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        if "tools" in info.data:  # (tools that failed are an error of their own)
+            check_choice(info.data["tools"], v)
+        return v
+
     @model_validator(mode="after")
-    def _tool_choice_fits(self) -> ChatCompletionRequest:
+    def _one_constraint(self) -> ChatCompletionRequest:
         structured = self.structured_output
-        check_choice(self.tools, self.tool_choice, structured=None if structured is None else structured.param)
+        check_one_constraint(self.tool_choice, structured=None if structured is None else structured.param)
         return self
 
     @field_validator("echo")

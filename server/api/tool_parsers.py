@@ -39,6 +39,13 @@ class Delta:
 
 
 def parse(plan: ToolPlan, text: str) -> Parsed:
+    parsed = _parse(plan, text)
+    if plan.single:
+        parsed.calls = parsed.calls[:1]
+    return parsed
+
+
+def _parse(plan: ToolPlan, text: str) -> Parsed:
     if plan.mode == "named":
         assert plan.name is not None
         return Parsed("", [ToolCall(id=new_tool_call_id(), function=FunctionCall(name=plan.name, arguments=text))])
@@ -197,6 +204,8 @@ class StreamReader:
             out = Delta(tool_calls=_pieces(self._required.calls, flush=finished))
         else:
             out = self._hermes(finished)
+        if self.plan.single:
+            out.tool_calls = [t for t in out.tool_calls if t.index == 0]
         self.called = self.called or bool(out.tool_calls)
         return out
 

@@ -6,15 +6,24 @@ data and JSON; no tensors."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from server.engine.sampling_params import StructuredOutput
 
 FUNCTION_NAME = "^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+def _function_name(v: str) -> str:
+    if not re.fullmatch(FUNCTION_NAME, v):
+        raise ValueError(f"a function name is 1 to 64 letters, digits, '_' or '-' (OpenAI's rule), got {v[:80]!r}")
+    return v
+
+
 TOOL_PARSERS = ("hermes",)  # `painters serve --tool-call-parser`
 WORKING_CHOICES = '"none", "required" or a named function ({"type": "function", "function": {"name": ...}})'
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}  # a function that declares none (vLLM's)
@@ -23,7 +32,8 @@ EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}  # a fun
 class FunctionDefinition(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    name: str = Field(pattern=FUNCTION_NAME, description="letters, digits, _ and -, at most 64 (OpenAI's rule)")
+    name: Annotated[str, AfterValidator(_function_name)] = Field(
+        description="letters, digits, _ and -, at most 64 (OpenAI's rule)", json_schema_extra={"pattern": FUNCTION_NAME})
     description: str | None = None
     parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments (an object)")
     strict: bool | None = Field(None, description="accepted; arguments always follow the schema strictly when the "
@@ -101,7 +111,7 @@ class DeltaFunctionCall(BaseModel):
 
 class DeltaToolCall(BaseModel):
     """A streamed piece of a tool call: the first of each call carries its id, type and name (and any arguments so
-    far), the later ones more argument text; `index` says which call of the choice (OpenAI's client joins them by it)."""
+    far), the later ones more argument text; `index` says which call of the choice (the openai client joins by it)."""
 
     index: int
     id: str | None = Field(None, exclude_if=lambda v: v is None)
@@ -125,6 +135,7 @@ class ToolPlan:
     tools: tuple[ChatTool, ...] = ()
     name: str | None = None  # named: the function
     parser: str | None = None  # auto: the --tool-call-parser
+    single: bool = False  # parallel_tool_calls false: only the first call is answered (vLLM's filter)
 
     @property
     def structured(self) -> StructuredOutput | None:
@@ -139,7 +150,8 @@ class ToolPlan:
         return next(t for t in self.tools if t.function.name == name)
 
 
-def plan(tools: list[ChatTool] | None, choice: ToolChoice | None, *, parser: str | None) -> ToolPlan:
+def plan(tools: list[ChatTool] | None, choice: ToolChoice | None, *, parser: str | None,
+         parallel: bool | None = None) -> ToolPlan:
     """The request's tools and tool_choice (already checked against each other: `check_choice`) and the server's
     tool-call parser -> its plan. OpenAI's default choice is "auto" when tools are given, else "none"; "auto" needs
     the server started with a parser, as vLLM's needs --enable-auto-tool-choice --tool-call-parser."""
@@ -147,15 +159,16 @@ def plan(tools: list[ChatTool] | None, choice: ToolChoice | None, *, parser: str
         choice = "auto" if tools else "none"
     if choice == "none" or not tools:
         return ToolPlan("none")
+    single = parallel is False
     if isinstance(choice, NamedToolChoice):
         return ToolPlan("named", tuple(tools), name=choice.function.name)
     if choice == "required":
-        return ToolPlan("required", tuple(tools))
+        return ToolPlan("required", tuple(tools), single=single)
     if parser is None:
         raise ValueError('tool_choice "auto" (the default when tools are given) needs the server started with '
                          f"--tool-call-parser ({', '.join(TOOL_PARSERS)}); this one was not. Send tool_choice "
                          f"{WORKING_CHOICES}")
-    return ToolPlan("auto", tuple(tools), parser=parser)
+    return ToolPlan("auto", tuple(tools), parser=parser, single=single)
 
 
 def check_tools(tools: list[ChatTool] | None) -> list[ChatTool] | None:
@@ -172,18 +185,23 @@ def check_tools(tools: list[ChatTool] | None) -> list[ChatTool] | None:
     return tools
 
 
-def check_choice(tools: list[ChatTool] | None, choice: ToolChoice | None, *, structured: str | None) -> None:
-    """tool_choice against tools and any other structured output (`structured`: the field that asks for one)."""
+def check_choice(tools: list[ChatTool] | None, choice: ToolChoice | None) -> None:
+    """tool_choice against the tools it chooses among."""
     if choice is None or choice == "none":
         return
     if tools is None:
-        raise ValueError(f"tool_choice {_shown(choice)} needs tools (the functions the model may call); send tools "
+        raise ValueError(f"{_shown(choice)} needs tools (the functions the model may call); send tools "
                          "or leave tool_choice out")
     if isinstance(choice, NamedToolChoice):
         names = [t.function.name for t in tools]
         if choice.function.name not in names:
-            raise ValueError(f"tool_choice names the function {choice.function.name!r}, which is not among tools ("
+            raise ValueError(f"names the function {choice.function.name!r}, which is not among tools ("
                              f"{', '.join(names) or 'none given'}); name one of them")
+
+
+def check_one_constraint(choice: ToolChoice | None, *, structured: str | None) -> None:
+    """A named or required choice is a structured output of its own: not beside another (`structured`: the field
+    that asks for one)."""
     if structured is not None and (isinstance(choice, NamedToolChoice) or choice == "required"):
         raise ValueError(f"tool_choice {_shown(choice)} constrains the output to tool calls, and {structured} "
                          "constrains it too; send one of them")
