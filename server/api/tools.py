@@ -33,7 +33,8 @@ class FunctionDefinition(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     name: Annotated[str, AfterValidator(_function_name)] = Field(
-        description="letters, digits, _ and -, at most 64 (OpenAI's rule)", json_schema_extra={"pattern": FUNCTION_NAME})
+        description="letters, digits, _ and -, at most 64 (OpenAI's rule)",
+        json_schema_extra={"pattern": FUNCTION_NAME})
     description: str | None = None
     parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments (an object)")
     strict: bool | None = Field(None, description="accepted; arguments always follow the schema strictly when the "

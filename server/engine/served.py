@@ -154,8 +154,10 @@ class ServedModel:
                                       "tokenizer sets them")
         if continue_final_message:
             kwargs["continue_final_message"] = True  # transformers' (vLLM's) option
-        if tools:
-            kwargs["tools"] = tools  # as vLLM passes a request's tools; templates that describe none ignore them
+        template = self.tokenizer.chat_template
+        if tools and (not isinstance(template, str) or "tools" in variables):
+            # as vLLM passes a request's tools (to a template that reads them; a set of templates picks tool_use)
+            kwargs["tools"] = tools
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                                   **kwargs)
 
