@@ -4,6 +4,7 @@ becomes a `pipeline.Job`, and results or stream outputs become its response mode
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import itertools
 import json
 import time
@@ -37,8 +38,7 @@ def get_state(request: Request) -> AppState:
     return request.app.state.painters
 
 
-def _params(body: CompletionRequest | ChatCompletionRequest, *, logprobs: int | None, echo: bool,
-            structured: StructuredOutput | None) -> pipeline.ParamsFor:
+def _params(body: CompletionRequest | ChatCompletionRequest, *, logprobs: int | None, echo: bool) -> pipeline.ParamsFor:
     def params(max_tokens: int, index: int) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k),
@@ -50,9 +50,16 @@ def _params(body: CompletionRequest | ChatCompletionRequest, *, logprobs: int | 
             allowed_token_ids=None if body.allowed_token_ids is None else tuple(body.allowed_token_ids),
             include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens,
             spaces_between_special_tokens=body.spaces_between_special_tokens, prompt_logprobs=body.prompt_logprobs,
-            structured=structured,
+            structured=body.structured_output,
         )
     return params
+
+
+def _constrained(params: pipeline.ParamsFor, structured: StructuredOutput | None) -> pipeline.ParamsFor:
+    """`params` whose output follows `structured` (a named or required tool_choice's schema) when one is given."""
+    if structured is None:
+        return params
+    return lambda max_tokens, index: dataclasses.replace(params(max_tokens, index), structured=structured)
 
 
 def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -146,8 +153,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     job = Job("cmpl", body.model, body.policy, _prompts(body.prompt), n=body.n,
               max_tokens=16 if body.max_tokens is None else body.max_tokens,
               truncate_prompt_tokens=body.truncate_prompt_tokens,
-              params=_params(body, logprobs=logprobs, echo=body.echo and want_logprobs,
-                             structured=body.structured_output))
+              params=_params(body, logprobs=logprobs, echo=body.echo and want_logprobs))
     run = await pipeline.start(state, job)
     rid, created, model = pipeline.new_request_id("cmpl"), int(time.time()), body.model or state.model_name
     if body.stream:
@@ -236,7 +242,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     try:  # named and required choices constrain the output, through the structured-output path (vLLM's)
         tool_plan = plan(body.tools, body.tool_choice, parser=state.settings.tool_call_parser,
                          parallel=body.parallel_tool_calls)
-        structured = tool_plan.structured or body.structured_output
+        structured = tool_plan.structured  # (a request that also asks for another structured output was a 400)
     except ValueError as e:
         raise APIError(400, str(e), param="tool_choice") from None
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -244,8 +250,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                 tools=[t.model_dump() for t in body.tools] if body.tools else None)
     job = Job("chatcmpl", body.model, body.policy, chat, n=body.n, max_tokens=limit,
               truncate_prompt_tokens=body.truncate_prompt_tokens,
-              params=_params(body, logprobs=(body.top_logprobs or 0) if body.logprobs else None, echo=False,
-                             structured=structured))
+              params=_constrained(_params(body, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                                          echo=False), structured))
     run = await pipeline.start(state, job)
     rid, created, model = pipeline.new_request_id("chatcmpl"), int(time.time()), body.model or state.model_name
     if body.stream:
