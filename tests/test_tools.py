@@ -17,6 +17,8 @@ import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from typer.testing import CliRunner
 
+from server.api.tool_parsers import Parsed, parse, stream_reader
+from server.api.tools import ChatTool, ToolPlan
 from server.cli import app
 
 from tests.conftest import bos_word_tokenizer
@@ -290,3 +292,72 @@ def test_tools_and_calls_reach_the_chat_template():
         # tools "the" and "hi"; the call "sat" with its argument "cat" (null content as ""); the tool message (its
         # role is no word here: <pad>) with its tool_call_id "there"
         assert " ".join(prompt) == "the hi user : hello assistant : sat cat <pad> : world there assistant :"
+
+
+# -- reading calls out of text, whole or in pieces (no model) --------------------------------------------------------
+
+PLANS = {mode: ToolPlan(mode, tuple(ChatTool.model_validate(t) for t in TOOLS), name="get_weather" if mode == "named"
+                        else None, parser="hermes" if mode == "auto" else None) for mode in ("named", "required", "auto")}
+TEXTS = {
+    "named": ['{"city": "Paris", "unit": "celsius"}', '{\n  "city": "Q\\"uo\\\\te}{",\n  "unit": "fahrenheit"\n}', ""],
+    "required": ['[{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}]',
+                 '[ {"name":"get_time","parameters":{"timezone":"UTC"}} ,\n {"name": "web_search", "parameters": '
+                 '{"query": "a, b] {c}", "limit": 3}}]',
+                 r'[{"name": "web_search", "parameters": {"query": "say \"}]\" \\"}}, {"name": "get_time", '
+                 r'"parameters": {"timezone": "\u00e9"}}]',
+                 '[{"name": "web_search", "parameters": {"query": "cut sh'],  # cut by max_tokens
+    "auto": ['plain words, no call', 'let me look <tool_call>{"name": "get_time", "arguments": {"timezone": "UTC"}}'
+             '</tool_call>\n<tool_call>{"name": "web_search", "arguments": {"query": "x"}}</tool_call>',
+             '<tool_call>{"name": "get_time", "arguments": {"timezone": "UTC"}}</tool_call>',
+             'half a <tool_call>{"name": "get_time", "argu', 'a <tool_call> that is not JSON </tool_call>', 'a <tool_'],
+}
+
+
+def _pieced(mode: str, text: str, size: int) -> tuple[str | None, list[tuple[str, str]], bool]:
+    reader = stream_reader(PLANS[mode])
+    content, calls = None, {}
+    pieces = [text[i:i + size] for i in range(0, len(text), size)] or [""]
+    for n, piece in enumerate(pieces):
+        delta = reader.feed(piece, finished=n == len(pieces) - 1)
+        if delta.content is not None:
+            content = (content or "") + delta.content
+        for t in delta.tool_calls:
+            if t.index not in calls:  # a call's first piece names it
+                assert t.id and t.type == "function" and t.function.name, t
+                calls[t.index] = [t.function.name, ""]
+            else:
+                assert t.id is None and t.function.name is None, t
+            calls[t.index][1] += t.function.arguments or ""
+    return content, [tuple(calls[i]) for i in sorted(calls)], reader.called
+
+
+@pytest.mark.parametrize("mode", list(TEXTS))
+def test_pieces_of_any_size_add_up_to_the_whole_answer(mode):
+    for text in TEXTS[mode]:
+        whole = parse(PLANS[mode], text)
+        calls = [(c.function.name, c.function.arguments) for c in whole.calls]
+        for size in (1, 2, 3, 7, len(text) or 1):
+            content, pieced, called = _pieced(mode, text, size)
+            assert pieced == calls and called == bool(calls), (text, size)
+            assert (content or None) == (whole.content or None), (text, size)
+
+
+def test_required_arguments_are_each_calls_parameters():
+    whole = parse(PLANS["required"], TEXTS["required"][1])
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in whole.calls] == [
+        ("get_time", {"timezone": "UTC"}), ("web_search", {"query": "a, b] {c}", "limit": 3})]
+    escaped = parse(PLANS["required"], TEXTS["required"][2])
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in escaped.calls] == [
+        ("web_search", {"query": 'say "}]" \\'}), ("get_time", {"timezone": "\u00e9"})]
+
+
+def test_hermes_reads_as_vllms_parser():
+    """Content before the first block (null when none), calls' arguments re-serialized; text whose blocks are not
+    calls stays content."""
+    called = parse(PLANS["auto"], TEXTS["auto"][1])
+    assert called.content == "let me look "
+    assert [(c.function.name, c.function.arguments) for c in called.calls] == [
+        ("get_time", '{"timezone": "UTC"}'), ("web_search", '{"query": "x"}')]
+    assert parse(PLANS["auto"], TEXTS["auto"][2]).content is None
+    for text in (TEXTS["auto"][0], TEXTS["auto"][4], TEXTS["auto"][5]):
+        assert parse(PLANS["auto"], text) == Parsed(text, [])
