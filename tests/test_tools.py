@@ -176,6 +176,15 @@ def test_auto_reads_several_calls_and_parallel_tool_calls_false_keeps_the_first(
     assert _answer(_streamed(client, parallel_tool_calls=False, **twice)) == _answer(first)
 
 
+def test_required_among_no_tools_is_none(http):
+    """OpenAI's (and vLLM's) reading: "required" with an empty tools list asks for no call."""
+    r = http.post("/v1/chat/completions", json={"messages": ASK, "tools": [], "tool_choice": "required",
+                                                "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200, r.text
+    message = r.json()["choices"][0]["message"]
+    assert message["content"] and "tool_calls" not in message
+
+
 def test_tool_call_history_renders(client):
     """An assistant message with tool_calls and null content, then the tool's answer: SmolLM2's template renders it
     (its content as ""), and the conversation goes on."""

@@ -234,7 +234,8 @@ def stream_reader(plan: ToolPlan) -> StreamReader:
 
 def _pieces(calls: list[_Call], *, flush: bool) -> list[DeltaToolCall]:
     """The new pieces of `calls`: a call's first once its arguments begin (or at the end, `flush`), with id, type
-    and name; then whatever its arguments grew by."""
+    and name; then whatever its arguments grew by. `index` counts calls within the choice, as OpenAI's client joins
+    them (vLLM's named stream writes the choice's index there, which breaks n > 1)."""
     out = []
     for i, call in enumerate(calls):
         if call.name is None:
