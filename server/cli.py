@@ -138,6 +138,9 @@ def serve(
     drain_timeout: Annotated[Optional[float], typer.Option(
         help="seconds running requests may finish after SIGTERM before they are aborted")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (per replica under --replicas)")] = None,
+    tool_call_parser: Annotated[Optional[str], typer.Option(
+        help="serve tool_choice 'auto' by reading the model's tool calls in this format: hermes "
+        "(<tool_call>{...}</tool_call>); without it 'auto' is refused")] = None,
     attention: Annotated[Optional[str], typer.Option(
         help="decode attention over the KV cache: auto (default: triton on CUDA where it measures faster, else "
         "gathered), gathered, in_place (FlexAttention) or triton (CUDA)")
@@ -171,7 +174,8 @@ def serve(
                      device=device, max_num_seqs=max_num_seqs, api_key=",".join(api_key) if api_key else None,
                      api_key_file=api_key_file, metrics_require_key=metrics_require_key,
                      max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, threads=threads,
-                     attention=attention, fuse_decode=fuse_decode, overlap_decode=overlap_decode)
+                     attention=attention, fuse_decode=fuse_decode, overlap_decode=overlap_decode,
+                     tool_call_parser=tool_call_parser)
     if replicas is None and (address or ray_cpus or gpus_per_replica is not None):
         raise _fail("--address, --ray-cpus and --gpus-per-replica need --replicas N")
     if replicas is not None and device is not None and device.startswith("cuda:"):

@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     )
     max_policy_labels: int = Field(32, ge=1, description="distinct policy labels in metrics; the rest are 'other'")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    tool_call_parser: Literal["hermes"] | None = Field(
+        None, description="how chat answers write tool calls, read for tool_choice 'auto' (the default when a request "
+        "sends tools): 'hermes' (<tool_call>{...}</tool_call>, vLLM's parser of that name); unset: 'auto' is refused, "
+        "as vLLM refuses it without --enable-auto-tool-choice --tool-call-parser")
 
     @field_validator("served_model_name")
     @classmethod

@@ -937,12 +937,12 @@ ERRORS = [
     ("json-schema-empty-is-still-a-schema", "/v1/completions", {"prompt": "x", "response_format": {
         "type": "json_schema", "json_schema": {"name": "any", "schema": {}}}}, 400, "structured_outputs_unavailable",
      "response_format", ()),
-    ("tools", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required",
-                                       "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, None, "tools",
-     ("tool_choice 'none'",)),
-    ("tools-auto", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                            "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, None,
-     "tools", ()),
+    ("tools-on-completions", "/v1/completions", {"prompt": "x", "tool_choice": "required",
+                                                 "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     None, "tools", ("/v1/chat/completions",)),
+    ("tools-auto-without-a-parser", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+     400, None, "tool_choice", ("--tool-call-parser", '"required"')),
     ("top-logprobs-alone", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                                     "top_logprobs": 2}, 400, None, "top_logprobs", ("logprobs=true",)),
     ("stream-options-unstreamed", "/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400,

@@ -77,7 +77,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         raise APIError(400, "send exactly one of 'prompt' (text) or 'messages' (chat)", param="prompt")
     if body.messages is not None:
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            messages = [m.for_template() for m in body.messages]
         except ValueError as e:
             raise APIError(400, f"cannot apply this model's chat template ({e})", param="messages") from None
         chat = Chat(messages, body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs)

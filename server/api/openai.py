@@ -4,6 +4,7 @@ becomes a `pipeline.Job`, and results or stream outputs become its response mode
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import itertools
 import json
 import time
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from server.api import beam_search, pipeline
+from server.api import beam_search, pipeline, tool_parsers
 from server.api.errors import APIError, error_body
 from server.api.pipeline import Chat, Job, Running, painters_chunk, painters_info, slowest, sse, timing_headers
 from server.api.protocol import (
@@ -22,8 +23,9 @@ from server.api.protocol import (
     CompletionRequest, CompletionResponse, ModelCard, ModelList, PromptLogprob, PromptLogprobs, UsageInfo,
 )
 from server.api.state import AppState
+from server.api.tools import ToolPlan, plan
 from server.engine.request import GenerationResult
-from server.engine.sampling_params import SamplingParams
+from server.engine.sampling_params import SamplingParams, StructuredOutput
 
 if TYPE_CHECKING:
     from server.engine.served import ServedModel
@@ -59,6 +61,13 @@ async def _start(state: AppState, job: Job, body: CompletionRequest | ChatComple
     if body.use_beam_search:
         return await beam_search.start(state, job, length_penalty=body.length_penalty)
     return await pipeline.start(state, job)
+
+
+def _constrained(params: pipeline.ParamsFor, structured: StructuredOutput | None) -> pipeline.ParamsFor:
+    """`params` whose output follows `structured` (a named or required tool_choice's schema) when one is given."""
+    if structured is None:
+        return params
+    return lambda max_tokens, index: dataclasses.replace(params(max_tokens, index), structured=structured)
 
 
 def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -235,29 +244,41 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     state = get_state(request)
     served, _ = state.require()
     try:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [m.for_template() for m in body.messages]
     except ValueError as e:
         raise APIError(400, f"{e}; send text content", param="messages") from None
+    try:  # named and required choices constrain the output, through the structured-output path (vLLM's)
+        tool_plan = plan(body.tools, body.tool_choice, parser=state.settings.tool_call_parser,
+                         parallel=body.parallel_tool_calls)
+        structured = tool_plan.structured  # (a request that also asks for another structured output was a 400)
+    except ValueError as e:
+        raise APIError(400, str(e), param="tool_choice") from None
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    chat = Chat(messages, body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs)
+    chat = Chat(messages, body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs,
+                tools=[t.model_dump() for t in body.tools] if body.tools else None)
     job = Job("chatcmpl", body.model, body.policy, chat, n=body.n, max_tokens=limit,
               truncate_prompt_tokens=body.truncate_prompt_tokens,
-              params=_params(body, logprobs=(body.top_logprobs or 0) if body.logprobs else None, echo=False))
+              params=_constrained(_params(body, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                                          echo=False), structured))
     run = await _start(state, job, body)
     rid, created, model = pipeline.new_request_id("chatcmpl"), int(time.time()), body.model or state.model_name
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return pipeline.event_source(state, _stream_chat(
             served, run, rid=rid, created=created, model=model, logprobs=body.logprobs,
-            as_ids=body.return_tokens_as_token_ids, include_usage=include_usage), policy=run.schedule.policy)
+            as_ids=body.return_tokens_as_token_ids, include_usage=include_usage, tool_plan=tool_plan),
+            policy=run.schedule.policy)
     results = await pipeline.collect(run.streams, request)
     as_ids = body.return_tokens_as_token_ids
-    choices = [ChatChoice(
-        index=i, message=ChatResponseMessage(content=r.text),
-        logprobs=_chat_logprobs(served, r.token_ids, r.logprobs, r.top_logprobs, as_ids=as_ids) if body.logprobs
-        else None,
-        finish_reason=r.finish_reason,
-    ) for i, r in enumerate(results)]
+    choices = []
+    for i, r in enumerate(results):
+        parsed = tool_parsers.parse(tool_plan, r.text)
+        choices.append(ChatChoice(
+            index=i, message=ChatResponseMessage(content=parsed.content, tool_calls=parsed.calls or None),
+            logprobs=_chat_logprobs(served, r.token_ids, r.logprobs, r.top_logprobs, as_ids=as_ids) if body.logprobs
+            else None,
+            finish_reason=tool_parsers.finish_reason(tool_plan, r.finish_reason, called=bool(parsed.calls)),
+        ))
     out = ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
                                  usage=_usage([len(run.prompts[0].ids)], results),
                                  painters=painters_info(run.schedule, slowest(results)),
@@ -281,21 +302,30 @@ def _chat_logprobs(served: ServedModel, ids: list[int], lps: list[float], tops: 
 
 
 async def _stream_chat(served: ServedModel, run: Running, *, rid: str, created: int, model: str, logprobs: bool,
-                       as_ids: bool, include_usage: bool) -> AsyncIterator[dict[str, str]]:
+                       as_ids: bool, include_usage: bool, tool_plan: ToolPlan) -> AsyncIterator[dict[str, str]]:
     def chunk(choices: list[ChatChunkChoice], **extra: Any) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, **extra)
 
     for i in range(len(run.streams)):
         yield _chunk(chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))]), include_usage)
     results: list[GenerationResult] = []
+    # with tools, each choice's text goes through a reader that turns it into content and tool-call pieces
+    readers = [tool_parsers.stream_reader(tool_plan) for _ in run.streams] if tool_plan.mode != "none" else None
     try:
         async for i, out in pipeline.merged(run.streams):
             lp = (_chat_logprobs(served, out.token_ids, out.logprobs, out.top_logprobs or None, as_ids=as_ids)
                   if logprobs else None)
-            delta = ChatDelta(content=out.text) if out.text or not out.finished else ChatDelta()
             final = out.result if out.finished else None
-            c = chunk([ChatChunkChoice(index=i, delta=delta, logprobs=lp,
-                                       finish_reason=final.finish_reason if final else None)])
+            reason = final.finish_reason if final else None
+            if readers is None:
+                delta = ChatDelta(content=out.text) if out.text or not out.finished else ChatDelta()
+            else:
+                piece = readers[i].feed(out.text, finished=out.finished)
+                if piece.content is None and not piece.tool_calls and lp is None and final is None:
+                    continue  # nothing to say yet (a call's name, or what may begin a call, is still coming)
+                delta = ChatDelta(content=piece.content, tool_calls=piece.tool_calls or None)
+                reason = tool_parsers.finish_reason(tool_plan, reason, called=readers[i].called)
+            c = chunk([ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=reason)])
             if final is not None:
                 results.append(final)
             c.painters = painters_chunk(run.schedule, out)

@@ -52,10 +52,11 @@ def sse_responses(description: str) -> dict[int | str, dict[str, Any]]:
 class Chat:
     """A prompt given as chat messages, rendered by the model's chat template."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     template_kwargs: dict[str, Any] | None = None  # vLLM's chat_template_kwargs
+    tools: list[dict[str, Any]] | None = None  # the request's tools, which the template may describe to the model
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ def render_chat(served: ServedModel, chat: Chat) -> str:
     try:
         return served.render_chat(chat.messages, add_generation_prompt=chat.add_generation_prompt,
                                   continue_final_message=chat.continue_final_message,
-                                  template_kwargs=chat.template_kwargs)
+                                  template_kwargs=chat.template_kwargs, tools=chat.tools)
     except TemplateKwargsError as e:
         raise APIError(400, str(e), param="chat_template_kwargs") from None
     except Exception as e:  # noqa: BLE001 - no template, bad roles, template errors: all the client's to fix

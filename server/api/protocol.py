@@ -12,6 +12,10 @@ from pydantic import (
     model_validator,
 )
 
+from server.api.tools import (
+    FUNCTION_NAME, ChatTool, DeltaToolCall, SentToolCall, ToolCall, ToolChoice, check_choice, check_one_constraint,
+    check_tools,
+)
 from server.engine.sampling_params import (
     LOGIT_BIAS, LOGPROBS, MAX_BAD_WORD_LENGTH, MAX_BAD_WORD_SEQUENCES, MAX_BAD_WORD_TOKENS, MAX_BAD_WORDS,
     MAX_LOGIT_BIAS, MIN_P, PENALTY, POSITIVE, SEED, TEMPERATURE, TOP_K, TOP_P, Interval, StructuredOutput,
@@ -63,10 +67,13 @@ def _check_bad_words(v: list[str] | None) -> list[str] | None:
 
 
 def _calls_refused(calls: str, choice: str) -> Callable[[list[Any] | None, ValidationInfo], list[Any] | None]:
-    """A validator refusing `calls` (tools, or the older functions) unless `choice` is "none"."""
+    """A validator refusing `calls` (completions' tools, chat's older functions) unless `choice` is "none"."""
+    where = ("is not supported on /v1/completions (send tools to /v1/chat/completions)" if calls == "tools" else
+             "(OpenAI's deprecated form of tools) is not supported; send tools and tool_choice instead")
+
     def check(v: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
         if v and info.data.get(choice) != "none":
-            raise ValueError(f"{calls[:-1]} calling is not supported; leave {calls} out or send {choice} 'none'")
+            raise ValueError(f"{calls} {where}, or leave {calls} out or send {choice} 'none'")
         return v
     return check
 
@@ -309,8 +316,6 @@ class _Sampling(_Body):
     _structured: StructuredOutput | None = PrivateAttr(None)
     # not supported: each refused when asked for, with a 400 naming it, rather than silently ignored
     best_of: int | None = None
-    tool_choice: Any = None
-    tools: list[Any] | None = None
 
     _stop_limits = field_validator("stop")(_check_stop)
     _bad_words_limits = field_validator("bad_words")(_check_bad_words)
@@ -358,8 +363,6 @@ class _Sampling(_Body):
         """What the output must match (response_format, guided_*, structured_outputs), if anything."""
         return self._structured
 
-    _no_tools = field_validator("tools")(_calls_refused("tools", "tool_choice"))
-
     @field_validator("stream_options")
     @classmethod
     def _only_streaming(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
@@ -395,6 +398,11 @@ class CompletionRequest(_Sampling):
     logprobs: Logprobs | None = None
     echo: bool = False
     suffix: str | None = Field(None, description="not supported (no fill-in-the-middle): refused when not empty")
+    # tool calling is chat's (ChatCompletionRequest)
+    tool_choice: Any = None
+    tools: list[Any] | None = None
+
+    _no_tools = field_validator("tools")(_calls_refused("tools", "tool_choice"))
 
     @field_validator("suffix")
     @classmethod
@@ -414,6 +422,22 @@ class CompletionRequest(_Sampling):
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | Annotated[list[dict[str, Any]], FAIL_FAST] | None = None
+    name: str | None = None
+    tool_calls: Annotated[list[SentToolCall], FAIL_FAST] | None = Field(
+        None, description="an assistant message's calls (content may then be null)")
+    tool_call_id: str | None = Field(None, description="a tool message's: the call it answers")
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as the chat template reads it (vLLM's): content text ("" for null), an assistant's calls with
+        their arguments as objects, a tool message's tool_call_id, a name. Raises ValueError for non-text content."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.role == "assistant" and self.tool_calls is not None:
+            out["tool_calls"] = [c.for_template() for c in self.tool_calls]
+        if self.role == "tool" and self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -434,7 +458,14 @@ class ChatCompletionRequest(_Sampling):
     # vLLM's extensions: end the prompt inside the last (assistant) message, to continue it
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    # OpenAI's deprecated form of tools: refused as tools are
+    # OpenAI's tool calling (server/api/tools.py): the functions the model may call, and whether it must
+    tools: Annotated[list[ChatTool], FAIL_FAST, AfterValidator(check_tools)] | None = Field(
+        None, max_length=128, description="OpenAI's function tools; names unique, each matching " + FUNCTION_NAME)
+    tool_choice: ToolChoice | None = Field(None, description='"none", "auto" (the default with tools; needs the '
+                                           'server\'s --tool-call-parser), "required" or {"type": "function", '
+                                           '"function": {"name": ...}}')
+    parallel_tool_calls: bool | None = Field(None, description="false: only the first call is answered (vLLM's)")
+    # OpenAI's deprecated form of tools: refused, pointing at tools
     function_call: Any = None
     functions: list[Any] | None = None
     echo: bool = Field(False, description="vLLM's chat echo; not supported: refused unless false (completions take "
@@ -451,6 +482,19 @@ class ChatCompletionRequest(_Sampling):
     _vllm_chat_refused = field_validator(*VLLM_CHAT_REFUSED)(_refused_unless_neutral)
 
     _no_functions = field_validator("functions")(_calls_refused("functions", "function_call"))
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(cls, v: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        if "tools" in info.data:  # (tools that failed are an error of their own)
+            check_choice(info.data["tools"], v)
+        return v
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> ChatCompletionRequest:
+        structured = self.structured_output
+        check_one_constraint(self.tool_choice, structured=None if structured is None else structured.param)
+        return self
 
     @field_validator("echo")
     @classmethod
@@ -698,7 +742,8 @@ class CompletionResponse(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=_absent_when_none)
 
 
 class ChatTopLogprob(BaseModel):
@@ -738,6 +783,7 @@ class ChatDelta(BaseModel):
 
     role: Literal["assistant"] | None = Field(None, exclude_if=_absent_when_none)
     content: str | None = Field(None, exclude_if=_absent_when_none)
+    tool_calls: list[DeltaToolCall] | None = Field(None, exclude_if=_absent_when_none)
 
 
 class ChatChunkChoice(BaseModel):

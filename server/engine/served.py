@@ -145,8 +145,9 @@ class ServedModel:
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
-    def render_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool,
-                    continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool,
+                    continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
+                    tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt text of chat messages under the model's template (which writes its own special tokens).
         template_kwargs (vLLM's chat_template_kwargs, e.g. enable_thinking): those the template reads are passed to
         it, the others ignored, as vLLM does; one that would set what the call or the tokenizer sets (the messages,
@@ -159,6 +160,10 @@ class ServedModel:
                                       "tokenizer sets them")
         if continue_final_message:
             kwargs["continue_final_message"] = True  # transformers' (vLLM's) option
+        template = self.tokenizer.chat_template
+        if tools and (not isinstance(template, str) or "tools" in variables):
+            # as vLLM passes a request's tools (to a template that reads them; a set of templates picks tool_use)
+            kwargs["tools"] = tools
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                                   **kwargs)
 
