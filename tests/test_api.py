@@ -882,6 +882,10 @@ ERRORS = [
      400, None, None, ("structured_outputs.regex and structured_outputs.grammar",)),
     ("structured-unknown-option", "/v1/completions", {"prompt": "x", "structured_outputs": {"structural_tag": "{}"}},
      400, None, "structured_outputs", ("structural_tag is not supported", "json, regex, choice, grammar")),
+    ("guided-backend-other", "/v1/completions", {"prompt": "x", "guided_decoding_backend": "outlines"}, 400, None,
+     "guided_decoding_backend", ("one structured-output backend is xgrammar", "'xgrammar:disable-any-whitespace'")),
+    ("guided-backend-option", "/v1/completions", {"prompt": "x", "guided_decoding_backend": "xgrammar:no-whitespace"},
+     400, None, "guided_decoding_backend", ("unknown option no-whitespace", "disable-any-whitespace, no-fallback")),
     ("guided-json-not-json", "/v1/completions", {"prompt": "x", "guided_json": "{'type': 'object'}"}, 400, None,
      "guided_json", ("must be JSON text",)),
     ("json-schema-without-schema", "/v1/completions", {"prompt": "x", "response_format": {"type": "json_schema"}},
@@ -1060,7 +1064,9 @@ def test_what_asks_for_nothing_unsupported_is_served(chat_client):
     for extra in ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"},
                   {"response_format": {"type": "text"}}, {"best_of": 2, "n": 2}, {"min_p": 0.0}, neutral,
                   {"response_format": {"type": "text", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
-                  {"guided_choice": [], "guided_regex": "", "structured_outputs": {}}):
+                  {"guided_choice": [], "guided_regex": "", "structured_outputs": {}},
+                  {"structured_outputs": {"disable_any_whitespace": True, "disable_fallback": True},
+                   "guided_decoding_backend": "auto:disable-any-whitespace,no-fallback"}):
         r = complete(chat_client, "/v1/chat/completions", messages=CHAT, max_tokens=2, **extra)
         assert r.status_code == 200 and len(r.json()["choices"]) == extra.get("n", 1), r.text
 

@@ -3,8 +3,18 @@ tokenizer (`Grammars`; xgrammar caches what it compiled, within a byte bound, as
 follows one request's tokens (`Matcher`: host state that lives with its `Request`), and the bitmask of the tokens each
 structured row may choose next (`bitmask`), which `server.engine.sampling` applies on the device.
 
-xgrammar is imported on first use: a server without it starts and serves, and a structured request is refused with
-`GrammarUnavailable` naming the package.
+xgrammar is imported on first use, or ahead of it on a background thread (`Grammars.warm`, at server start): a
+server without it starts and serves, and a structured request is refused with `GrammarUnavailable` naming the package.
+
+Compiles are not bounded in time. xgrammar compiles in native code that cannot be interrupted: a thread given up on
+at a deadline would run on (and hold a core) until the compile ends, and a bound that cannot stop the work is no bound.
+vLLM bounds only regular expressions, by compiling them in a pool of processes it SIGKILLs at
+VLLM_REGEX_COMPILATION_TIMEOUT_S (vllm/v1/structured_output/utils.py, compile_regex_with_timeout); its schema and
+grammar compiles are unbounded too. A process per compile here would re-import xgrammar and rebuild the tokenizer's
+tables (seconds, and the memory of a second interpreter) beside the model on the same cores, and move each compiled
+grammar (megabytes) between processes. What bounds a compile today: the request body's size (2 MB), xgrammar's
+handling of repetition (`[a-z]{1,100000}` and nested counts compile in well under a second on SmolLM2's vocabulary),
+and the cache (a spec compiles once).
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ if TYPE_CHECKING:
 GRAMMAR_CACHE_BYTES = 256 * 2**20  # compiled grammars kept for reuse (vLLM's VLLM_XGRAMMAR_CACHE_MB: 512)
 COMPILE_THREADS = 2  # xgrammar's threads per compile (vLLM's 8; this serves beside the model on the same cores)
 WHAT = {"json": "the JSON schema", "json_object": "the JSON object grammar", "regex": "the regular expression",
-        "choice": "the choices", "grammar": "the EBNF grammar"}
+        "choice": "the choices", "grammar": "the EBNF grammar", "lark": "the Lark grammar"}
 
 
 class GrammarError(ValueError):
@@ -48,15 +58,20 @@ class Grammar:
 class Matcher:
     """One request's place in its grammar (xgrammar's GrammarMatcher), advanced by each token it chooses. It ends
     (`terminated`) when it accepts a stop token the grammar allows at its end: the model chooses when to stop there,
-    as in vLLM."""
+    as in vLLM. Past its end (a request with ignore_eos decodes on) it constrains nothing and takes every token, as
+    vLLM's XgrammarGrammar does."""
 
     def __init__(self, compiled: Any) -> None:
         import xgrammar as xgr
 
         self._matcher = xgr.GrammarMatcher(compiled)
+        self._past_end = 0  # tokens taken after it terminated (the grammar never saw them)
 
     def accept(self, token: int) -> bool:
         """Advance by `token`; False (and unmoved) when the grammar does not allow it here."""
+        if self.terminated:
+            self._past_end += 1
+            return True
         return bool(self._matcher.accept_token(token))
 
     @property
@@ -64,8 +79,11 @@ class Matcher:
         return bool(self._matcher.is_terminated())
 
     def rollback(self, n: int) -> None:
-        """Forget the last n tokens accepted."""
-        self._matcher.rollback(n)
+        """Forget the last n tokens accepted (those past its end first)."""
+        past = min(n, self._past_end)
+        self._past_end -= past
+        if n > past:
+            self._matcher.rollback(n - past)
 
     def fill(self, mask: Tensor, row: int) -> None:
         """Write the tokens allowed next into row `row` of `mask` (see `bitmask`)."""
@@ -100,13 +118,26 @@ class Grammars:
     def compile(self, spec: StructuredOutput) -> Grammar:
         """Raises GrammarError naming what failed, GrammarUnavailable where nothing can compile."""
         compiler = self._get_compiler()
+        what = WHAT["lark" if spec.kind == "grammar" and is_lark(str(spec.spec)) else spec.kind]
         if any("\x00" in s for s in ((spec.spec,) if isinstance(spec.spec, str) else spec.spec)):
             # as vLLM: xgrammar's native parsers do not handle a NUL, and no output could hold one meaningfully
-            raise GrammarError(f"{spec.param}: {WHAT[spec.kind]} must not contain a NUL character ('\\x00')")
+            raise GrammarError(f"{spec.param}: {what} must not contain a NUL character ('\\x00')")
         try:
             return Grammar(_compile(compiler, spec))
         except (RuntimeError, ValueError) as e:
-            raise GrammarError(f"{spec.param}: {WHAT[spec.kind]} does not compile: {_reason(e)}") from None
+            raise GrammarError(f"{spec.param}: {what} does not compile: {_reason(e)}") from None
+
+    def warm(self) -> threading.Thread:
+        """Import xgrammar and build the compiler on a daemon thread (what a first structured request would
+        otherwise wait for); a request that comes first waits for it. Whether it worked, `compile` says."""
+        def build() -> None:
+            with self._lock:
+                if self._compiler is None and self._unavailable is None:
+                    self._compiler = self._make_compiler()
+
+        thread = threading.Thread(target=build, name="xgrammar-warm", daemon=True)
+        thread.start()
+        return thread
 
     def matcher(self, spec: StructuredOutput) -> Matcher:
         return self.compile(spec).matcher()
@@ -143,15 +174,25 @@ class Grammars:
 
 
 def _compile(compiler: Any, spec: StructuredOutput) -> Any:
+    # any_whitespace=False as vLLM's disable_any_whitespace compiles it (backend_xgrammar.py): xgrammar's default
+    # separators, ", " and ": ", and no other whitespace outside strings
     if spec.kind == "json":
-        return compiler.compile_json_schema(spec.spec)
+        return compiler.compile_json_schema(spec.spec, any_whitespace=spec.any_whitespace)
     if spec.kind == "json_object":  # any JSON object, as vLLM compiles it
-        return compiler.compile_json_schema('{"type": "object"}')
+        return compiler.compile_json_schema('{"type": "object"}', any_whitespace=spec.any_whitespace)
     if spec.kind == "regex":
         return compiler.compile_regex(spec.spec)
     if spec.kind == "choice":
         return compiler.compile_grammar(choice_grammar(spec.spec))
+    if is_lark(spec.spec):  # as vLLM: xgrammar's own Lark reader (its compile_lark), rule `start` the whole output
+        return compiler.compile_lark(spec.spec)
     return compiler.compile_grammar(spec.spec)
+
+
+def is_lark(grammar: str) -> bool:
+    """Whether a grammar is Lark rather than EBNF: no line (comments aside) defines a rule with `::=` (vLLM's
+    grammar_is_likely_lark, vllm/v1/structured_output/utils.py)."""
+    return not any("::=" in re.sub(r"(#|//).*$", "", line) for line in grammar.split("\n"))
 
 
 def choice_grammar(choices: Sequence[str]) -> str:
@@ -162,5 +203,7 @@ def choice_grammar(choices: Sequence[str]) -> str:
 def _reason(e: Exception) -> str:
     """xgrammar's message without its log prefix ("[12:31:48] /project/cpp/x.cc:94: ", "Check failed: ... is
     false: ")."""
-    text = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).strip())
+    text = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", str(e).strip())  # also inside a Lark error, for its regexes
+    if text.startswith("Lark error"):  # its first line says where and what; the rest quotes the line with a caret
+        text = text.split("\n", 1)[0]
     return re.sub(r"^Check failed: .*? is false: ", "", text)

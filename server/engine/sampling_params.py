@@ -22,16 +22,18 @@ StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]
 @dataclass(frozen=True)
 class StructuredOutput:
     """What a request's output must match (vLLM's StructuredOutputsParams, one kind): a JSON schema, any JSON object,
-    a regular expression it fully matches, one of some strings, or an EBNF grammar (xgrammar's, GBNF-like, whose rule
-    `root` is the whole output). `server.engine.grammar` compiles it."""
+    a regular expression it fully matches, one of some strings, or a grammar (EBNF in xgrammar's GBNF-like dialect,
+    whose rule `root` is the whole output, or Lark, whose rule `start` is). `server.engine.grammar` compiles it."""
 
     kind: StructuredKind
-    spec: str | tuple[str, ...] = ""  # json: the schema as JSON text; regex; grammar: its EBNF; choice: the strings
+    spec: str | tuple[str, ...] = ""  # json: the schema as JSON text; regex; grammar: EBNF or Lark; choice: strings
+    any_whitespace: bool = True  # json, json_object: False puts no whitespace but ", " and ": " between tokens
     param: str = field(default="structured_outputs", compare=False)  # the request field it came from (messages)
 
     def __post_init__(self) -> None:
         assert self.kind in get_args(StructuredKind), self.kind
         assert isinstance(self.spec, tuple) == (self.kind == "choice"), (self.kind, type(self.spec))
+        assert self.any_whitespace or self.kind in ("json", "json_object"), self.kind
 
 
 @dataclass(frozen=True)
