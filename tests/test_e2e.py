@@ -564,6 +564,30 @@ def test_json_without_whitespace_as_vllm_asks_for_it(http):
                 jsonschema.validate(value, PERSON)
 
 
+def test_structural_tags_as_vllm_takes_them(http):
+    """response_format type structural_tag (xgrammar's format: here one tag, JSON between its begin and end) on chat,
+    and structured_outputs.structural_tag (its JSON text, vLLM's older structures and triggers) on completions: the
+    JSON between the tags is valid against its schema."""
+    tag = {"type": "tag", "begin": "<person>", "content": {"type": "json_schema", "json_schema": PERSON},
+           "end": "</person>"}
+    for sampling in ({}, SAMPLED):
+        texts, reasons, streamed = _structured(http, "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": ASKS[0]}], "max_tokens": 60, **sampling,
+            "response_format": {"type": "structural_tag", "format": tag}})
+        inside = re.fullmatch(r"<person>(.*)</person>", texts[0], re.DOTALL)
+        assert inside and reasons == ["stop"] and streamed == texts, (texts, reasons)
+        jsonschema.validate(json.loads(inside.group(1)), PERSON)
+    older = {"type": "structural_tag", "triggers": ["<person"],
+             "structures": [{"begin": "<person>", "schema": PERSON, "end": "</person>"}]}
+    # free text, but a trigger starts a structure whose JSON must follow (tests/test_grammar.py checks which texts)
+    texts, reasons, _ = _structured(http, "/v1/completions", {
+        "prompt": _chat_prompt(ASKS[1]), "max_tokens": 60,
+        "structured_outputs": {"structural_tag": json.dumps(older)}})
+    assert reasons[0] in ("stop", "length") and texts[0], (texts, reasons)
+    for part in re.findall(r"<person>(.*?)</person>", texts[0], re.DOTALL):
+        jsonschema.validate(json.loads(part), PERSON)
+
+
 def test_ignore_eos_goes_on_past_a_structured_outputs_end_as_vllm_does(http):
     """With ignore_eos a structured request runs to max_tokens: the grammar's output, then free text."""
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "guided_choice": ["Rome"]}
@@ -617,6 +641,8 @@ def test_structured_requests_beside_free_ones_leave_them_as_alone(http):
      ("the Lark grammar does not compile", "line 1, column 12: unknown name 'rest'")),
     ({"structured_outputs": {"grammar": 'start: "unterminated'}}, "structured_outputs.grammar",
      ("the Lark grammar does not compile", "line 1, column 8: unterminated string literal")),
+    ({"response_format": {"type": "structural_tag", "format": {"type": "bogus"}}}, "response_format",
+     ("the structural tag does not compile", "Format type not recognized: bogus")),
 ])
 def test_what_does_not_compile_is_a_400_naming_it(http, body, param, says):
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2, **body})

@@ -5,18 +5,21 @@ beside unconstrained rows (which decode as alone), overlapped or not."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sys
+import threading
 
 import jsonschema
 import pytest
 
 from server.engine.generate import Batch, Engine, Launched
-from server.engine.grammar import GrammarError, Grammars, GrammarUnavailable, bitmask, is_lark
+from server.engine.grammar import COMPILE_SLOTS, GrammarBusy, GrammarError, Grammars, GrammarUnavailable, bitmask, is_lark
 from server.engine.sampling import unpack_bitmask
 from server.engine.sampling_params import SamplingParams, StructuredOutput
 from tests.conftest import CharTokenizer
+from tests.serving import wait_until
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
           "required": ["name", "age"]}
@@ -77,6 +80,10 @@ def test_choices_match_exactly_themselves_whatever_they_hold(smollm2, grammars):
     ("grammar", 'start: ("a"', ("the Lark grammar does not compile", "expected ')' after group")),
     ("grammar", 'greeting: "hi"', ("the Lark grammar does not compile", "no start rule found")),
     ("grammar", "start: /[a-/", ("the Lark grammar does not compile", "failed to compile regular expression")),
+    ("structural_tag", '{"type": "structural_tag", "format": {"type": "bogus"}}',
+     ("the structural tag does not compile", "Format type not recognized: bogus")),
+    ("structural_tag", '{"type": "structural_tag", "structures": [{"begin": "<a>"}], "triggers": ["<a"]}',
+     ("the structural tag does not compile", "'schema'")),
 ])
 def test_what_does_not_compile_is_a_grammar_error_naming_it(grammars, kind, spec, says):
     with pytest.raises(GrammarError) as e:
@@ -100,6 +107,90 @@ def test_compiled_grammars_are_cached_within_a_bound(smollm2):
     for n in range(3001, 3013):
         grammars.compile(StructuredOutput("regex", f"[a-z]{{1,{n}}}"))
         assert grammars.cached_bytes <= 4 * 2**20 + one
+
+
+def _slow_schema(n: int) -> StructuredOutput:
+    """A JSON schema that takes a while to compile on SmolLM2's vocabulary (optional properties are costly: 300 take
+    ~0.7 s here, 1000 take ~10 s), each n its own (nothing cached)."""
+    return StructuredOutput("json", json.dumps({"type": "object", "properties": {
+        f"p{n}_{i}": {"type": "string"} for i in range(300)}}), param="guided_json")
+
+
+@pytest.mark.slow
+def test_a_compile_past_its_deadline_is_refused_and_finishes_in_its_slot(smollm2):
+    """A compile not done by its deadline is a GrammarError saying so; it runs on to its end in its slot (native code
+    cannot be stopped) and its grammar is cached, so the same spec asked again is at once. No thread is left
+    behind: the compiles run on at most COMPILE_SLOTS threads."""
+    tok = smollm2.tokenizer
+    grammars = Grammars(tok, vocab_size=smollm2.config.vocab_size, stop_ids=smollm2.eos_token_ids,
+                        compile_timeout=0.02)
+    grammars.warm().join()
+
+    def compile_threads() -> int:
+        return sum(t.name.startswith("xgrammar-compile") for t in threading.enumerate())
+
+    before = compile_threads()
+    with pytest.raises(GrammarError, match=r"^guided_json: the JSON schema does not compile within 0.02 s: make it "):
+        grammars.compile_within(_slow_schema(0))
+    grammars.compile_timeout = 0.05  # ~1/15 of the compile: only a cached grammar is answered in time
+
+    got = []
+
+    def answered() -> bool:
+        try:
+            got.append(grammars.compile_within(_slow_schema(0)))
+        except (GrammarError, GrammarBusy):
+            return False
+        return True
+
+    wait_until(answered, timeout=60, what="the compile given up on to end, and its grammar to be cached")
+    m = got[0].matcher()
+    assert all(m.accept(t) for t in tok.encode('{"p0_1": "x"}', add_special_tokens=False)) and m.accept(2)
+    grammars.compile_timeout = 0.02
+    for n in range(1, 4):  # more than the slots: the last ones wait for one (and may be dropped unstarted)
+        with pytest.raises((GrammarError, GrammarBusy)):
+            grammars.compile_within(_slow_schema(n))
+    assert compile_threads() - before <= COMPILE_SLOTS
+
+
+@pytest.mark.slow
+def test_a_compile_that_finds_every_slot_busy_past_its_deadline_is_told_to_retry(smollm2):
+    """The slots all hold slow compiles (requests that gave up on them): a request queued behind them past its
+    deadline is dropped unstarted, as GrammarBusy; once they end, it compiles."""
+    tok = smollm2.tokenizer
+    grammars = Grammars(tok, vocab_size=smollm2.config.vocab_size, stop_ids=smollm2.eos_token_ids,
+                        compile_timeout=0.02)
+    grammars.warm().join()
+    for n in range(COMPILE_SLOTS):
+        with pytest.raises(GrammarError, match="does not compile within"):
+            grammars.compile_within(_slow_schema(10 + n))
+    with pytest.raises(GrammarBusy, match=r"every structured-output compile slot \(2\) stayed busy for 0.02 s; retry"):
+        grammars.compile_within(StructuredOutput("regex", "[a-z]+"))
+    grammars.compile_timeout = 60
+    assert grammars.compile_within(StructuredOutput("regex", "[a-z]+")) is not None
+
+
+@pytest.mark.slow
+def test_the_pipeline_answers_a_compile_past_its_deadline_with_a_400_and_busy_slots_with_a_503(smollm2):
+    """What the HTTP layer makes of them (server/api/pipeline.py's compile_grammar)."""
+    from server.api.errors import APIError
+    from server.api.pipeline import compile_grammar
+    from server.engine.served import ServedModel
+
+    tok = smollm2.tokenizer
+    grammars = Grammars(tok, vocab_size=smollm2.config.vocab_size, stop_ids=smollm2.eos_token_ids,
+                        compile_timeout=0.02)
+    served = ServedModel(name="m", num_layers=30, vocab_size=smollm2.config.vocab_size, max_model_len=8192,
+                         eos_ids=smollm2.eos_token_ids, special_ids=smollm2.eos_token_ids, tokenizer=tok,
+                         grammars=grammars)
+    grammars.warm().join()
+    answers = []
+    for spec in [*(_slow_schema(20 + n) for n in range(COMPILE_SLOTS)), StructuredOutput("regex", "a+")]:
+        with pytest.raises(APIError) as e:
+            asyncio.run(compile_grammar(served, spec))
+        answers.append((e.value.status, e.value.code, e.value.param))
+    assert answers == [*[(400, "invalid_structured_output", "guided_json")] * COMPILE_SLOTS,
+                       (503, "structured_outputs_busy", "structured_outputs")], answers
 
 
 @pytest.mark.parametrize("warm", [False, True], ids=["on-first-use", "warmed"])
@@ -197,6 +288,36 @@ def test_each_kind_constrains_greedy_and_sampled_output(smollm2_engine, spec, ch
                    SamplingParams(max_tokens=60, structured=spec, temperature=1.2, seed=11)):
         r = smollm2_engine.generate([PLAIN], params=params)[0]
         assert r.finish_reason == "stop" and check(r.text), (r.text, r.finish_reason)
+
+
+@pytest.mark.slow
+def test_a_structural_tag_constrains_what_is_between_its_tags_and_nothing_else(smollm2, grammars):
+    """vLLM's older form (structures and triggers): free text, and JSON valid against its schema between each begin
+    and end that a trigger starts; the newer form's plain tag: exactly begin, JSON, end."""
+    tok = smollm2.tokenizer
+    city = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    legacy = StructuredOutput("structural_tag", json.dumps({"type": "structural_tag", "triggers": ["<city"],
+                                                            "structures": [{"begin": "<city>", "schema": city,
+                                                                            "end": "</city>"}]}))
+    assert _accepts(grammars, legacy, 'Some text. <city>{"name": "Rome"}</city> More, freely.', tokenizer=tok)
+    assert _accepts(grammars, legacy, "No city at all.", tokenizer=tok)
+    for bad in ('<city>{"nom": "Rome"}</city>', "<city>Rome</city>", '<city>{"name": "Rome"}</town>'):
+        assert not _accepts(grammars, legacy, bad, tokenizer=tok), bad
+    tag = StructuredOutput("structural_tag", json.dumps({"type": "structural_tag", "format": {
+        "type": "tag", "begin": "<city>", "content": {"type": "json_schema", "json_schema": city}, "end": "</city>"}}))
+    assert _accepts(grammars, tag, '<city>{"name": "Rome"}</city>', tokenizer=tok)
+    assert not _accepts(grammars, tag, 'Text <city>{"name": "Rome"}</city>', tokenizer=tok)
+
+
+@pytest.mark.slow
+def test_a_structural_tags_json_is_valid_between_its_tags(smollm2_engine):
+    tag = StructuredOutput("structural_tag", json.dumps({"type": "structural_tag", "format": {
+        "type": "tag", "begin": "<person>", "content": {"type": "json_schema", "json_schema": PERSON},
+        "end": "</person>"}}))
+    for r in smollm2_engine.generate(ASKS[:2], params=SamplingParams(max_tokens=60, structured=tag)):
+        inside = re.fullmatch(r"<person>(.*)</person>", r.text, re.DOTALL)
+        assert inside and r.finish_reason == "stop", (r.text, r.finish_reason)
+        jsonschema.validate(json.loads(inside.group(1)), PERSON)
 
 
 @pytest.mark.slow

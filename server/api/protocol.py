@@ -179,20 +179,46 @@ class JsonSchemaFormat(_Body):
                                 "property the schema does not name)")
 
 
-class ResponseFormat(_Body):
-    """OpenAI's response_format: text, any JSON object, or JSON valid against a schema."""
+class StructureFormat(_Body):
+    """One structure of vLLM's older structural_tag response_format: JSON valid against `schema` between `begin`
+    and `end`."""
 
-    type: Literal["text", "json_object", "json_schema"]
+    begin: str
+    schema_: dict[str, Any] = Field(alias="schema", description="the JSON schema of what comes between begin and end")
+    end: str
+
+
+class ResponseFormat(_Body):
+    """OpenAI's response_format: text, any JSON object, or JSON valid against a schema; and vLLM's structural_tag
+    (xgrammar's structural tag: its `format`, or the older `structures` and `triggers`)."""
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
+    format: dict[str, Any] | None = Field(None, description="structural_tag: xgrammar's structural tag format")
+    structures: list[StructureFormat] | None = Field(None, description="structural_tag (older form): each a begin, "
+                                                     "a JSON schema and an end")
+    triggers: list[str] | None = Field(None, description="structural_tag (older form): the text that begins a "
+                                       "structure (a prefix of its begin)")
 
     @model_validator(mode="after")
     def _schema_given(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("type 'json_schema' needs json_schema: {\"name\": ..., \"schema\": {...}}")
+        if self.type == "structural_tag" and self.format is None and (self.structures is None or self.triggers is None):
+            raise ValueError("type 'structural_tag' needs format: {\"type\": ...} (xgrammar's structural tag), or "
+                             "structures: [{\"begin\": ..., \"schema\": {...}, \"end\": ...}] and triggers: [...]")
         return self
 
+    def structural_tag(self) -> str:
+        """The structural tag as JSON text, as vLLM hands it to xgrammar."""
+        if self.format is not None:
+            return json.dumps({"type": "structural_tag", "format": self.format})
+        assert self.structures is not None and self.triggers is not None  # _schema_given
+        return json.dumps({"type": "structural_tag", "triggers": self.triggers, "structures": [
+            {"begin": s.begin, "schema": s.schema_, "end": s.end} for s in self.structures]})
 
-STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 STRUCTURED_OPTIONS = ("disable_any_whitespace", "disable_fallback")
 # vLLM's older per-request option string, "<backend>[:<option>,...]" (its GuidedDecodingParams' backend options)
 GUIDED_BACKENDS = ("xgrammar", "auto")
@@ -225,6 +251,8 @@ class StructuredOutputs(_Body):
     choice: Choices | None = None
     grammar: str | None = Field(None, description=GRAMMAR_DOC)
     json_object: bool | None = Field(None, description="true: any JSON object")
+    structural_tag: str | None = Field(None, description="xgrammar's structural tag as JSON text, as vLLM takes it "
+                                      "(what response_format type structural_tag holds, type included)")
     disable_any_whitespace: bool = Field(False, description="true: JSON (json, json_object, or response_format's) "
                                          "with no whitespace between its tokens but xgrammar's separators ', ' and "
                                          "': '")
@@ -255,6 +283,13 @@ def _structured(kind: str, value: Any, param: str) -> StructuredOutput | None:
         return StructuredOutput("json", json.dumps(value), param=param)
     if kind == "json_object":
         return StructuredOutput("json_object", param=param)
+    if kind == "structural_tag":
+        try:
+            tag = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{param} must be JSON text ({e})") from None
+        if not isinstance(tag, dict):
+            raise ValueError(f"{param} must be a JSON object, got {type(tag).__name__}")
     return StructuredOutput(kind, tuple(value) if kind == "choice" else value, param=param)  # type: ignore[arg-type]
 
 
@@ -340,6 +375,8 @@ class _Sampling(_Body):
         form = self.response_format
         if form is not None and form.type == "json_object":
             asked.append(StructuredOutput("json_object", param="response_format"))
+        elif form is not None and form.type == "structural_tag":
+            asked.append(StructuredOutput("structural_tag", form.structural_tag(), param="response_format"))
         elif form is not None and form.type == "json_schema":
             assert form.json_schema is not None  # ResponseFormat's check
             # compiled even when empty: {} is the schema every JSON value is valid against

@@ -6,15 +6,17 @@ structured row may choose next (`bitmask`), which `server.engine.sampling` appli
 xgrammar is imported on first use, or ahead of it on a background thread (`Grammars.warm`, at server start): a
 server without it starts and serves, and a structured request is refused with `GrammarUnavailable` naming the package.
 
-Compiles are not bounded in time. xgrammar compiles in native code that cannot be interrupted: a thread given up on
-at a deadline would run on (and hold a core) until the compile ends, and a bound that cannot stop the work is no bound.
-vLLM bounds only regular expressions, by compiling them in a pool of processes it SIGKILLs at
-VLLM_REGEX_COMPILATION_TIMEOUT_S (vllm/v1/structured_output/utils.py, compile_regex_with_timeout); its schema and
-grammar compiles are unbounded too. A process per compile here would re-import xgrammar and rebuild the tokenizer's
-tables (seconds, and the memory of a second interpreter) beside the model on the same cores, and move each compiled
-grammar (megabytes) between processes. What bounds a compile today: the request body's size (2 MB), xgrammar's
-handling of repetition (`[a-z]{1,100000}` and nested counts compile in well under a second on SmolLM2's vocabulary),
-and the cache (a spec compiles once).
+A request's compile is bounded in time (`Grammars.compile_within`): it runs on one of COMPILE_SLOTS threads, and a
+request whose grammar is not compiled by its deadline is refused (a 400, as vLLM refuses a regex that does not compile
+within VLLM_REGEX_COMPILATION_TIMEOUT_S). xgrammar compiles in native code that cannot be interrupted, so a compile
+past its deadline runs on to its end in its slot (its grammar then cached: the same spec asked again is at once); the
+slots bound how many cores such compiles hold, and a request that finds them all busy past its deadline is told to
+retry (`GrammarBusy`). vLLM kills its regex compiles instead (a pool of processes it SIGKILLs,
+vllm/v1/structured_output/utils.py, compile_regex_with_timeout) and leaves schema and grammar compiles unbounded; a
+process here would re-import xgrammar and rebuild the tokenizer's tables (seconds, and a second interpreter's memory)
+beside the model on the same cores, and ship each compiled grammar (megabytes) between processes. Measured on
+SmolLM2's vocabulary: repetition is cheap (`[a-z]{1,100000}`, nested counts: well under a second), size is not (a
+schema of 5000 properties, ~100 KB, takes ~2.5 s; the 2 MB body allows far more).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from __future__ import annotations
 import json
 import re
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,8 +37,11 @@ if TYPE_CHECKING:
 
 GRAMMAR_CACHE_BYTES = 256 * 2**20  # compiled grammars kept for reuse (vLLM's VLLM_XGRAMMAR_CACHE_MB: 512)
 COMPILE_THREADS = 2  # xgrammar's threads per compile (vLLM's 8; this serves beside the model on the same cores)
+COMPILE_SLOTS = 2  # requests' compiles at once (each up to COMPILE_THREADS threads)
+COMPILE_TIMEOUT_S = 10.0  # a request's wait for its compile, a slot included
 WHAT = {"json": "the JSON schema", "json_object": "the JSON object grammar", "regex": "the regular expression",
-        "choice": "the choices", "grammar": "the EBNF grammar", "lark": "the Lark grammar"}
+        "choice": "the choices", "grammar": "the EBNF grammar", "lark": "the Lark grammar",
+        "structural_tag": "the structural tag"}
 
 
 class GrammarError(ValueError):
@@ -43,6 +50,10 @@ class GrammarError(ValueError):
 
 class GrammarUnavailable(RuntimeError):
     """Structured outputs cannot be served here: xgrammar is missing, or cannot read this model's tokenizer."""
+
+
+class GrammarBusy(RuntimeError):
+    """Every compile slot stayed busy (with other requests' compiles) past a request's deadline: retry."""
 
 
 @dataclass(frozen=True)
@@ -106,11 +117,12 @@ class Grammars:
     threads, at admission, and the engine offline."""
 
     def __init__(self, tokenizer: Any, *, vocab_size: int, stop_ids: frozenset[int],
-                 cache_bytes: int = GRAMMAR_CACHE_BYTES) -> None:
+                 cache_bytes: int = GRAMMAR_CACHE_BYTES, compile_timeout: float = COMPILE_TIMEOUT_S) -> None:
         """vocab_size: the model's (its embedding may be padded past the tokenizer's). stop_ids: the tokens that end
-        a request, which the grammar allows at its end."""
+        a request, which the grammar allows at its end. compile_timeout: `compile_within`'s deadline, seconds."""
         self._tokenizer, self.vocab_size, self._stop_ids = tokenizer, vocab_size, stop_ids
-        self._cache_bytes = cache_bytes
+        self._cache_bytes, self.compile_timeout = cache_bytes, compile_timeout
+        self._slots = ThreadPoolExecutor(COMPILE_SLOTS, thread_name_prefix="xgrammar-compile")  # threads made on use
         self._compiler: Any = None
         self._unavailable: str | None = None  # why no compiler can be made (found once)
         self._lock = threading.Lock()
@@ -124,8 +136,22 @@ class Grammars:
             raise GrammarError(f"{spec.param}: {what} must not contain a NUL character ('\\x00')")
         try:
             return Grammar(_compile(compiler, spec))
-        except (RuntimeError, ValueError) as e:
+        except (RuntimeError, ValueError, TypeError) as e:
             raise GrammarError(f"{spec.param}: {what} does not compile: {_reason(e)}") from None
+
+    def compile_within(self, spec: StructuredOutput) -> Grammar:
+        """`compile` in a compile slot, within `compile_timeout` seconds (see the module's docstring). Raises
+        GrammarError (its deadline passed too: the spec is too large to serve), GrammarBusy, GrammarUnavailable."""
+        future: Future[Grammar] = self._slots.submit(self.compile, spec)
+        try:
+            return future.result(timeout=self.compile_timeout)
+        except FutureTimeout:
+            if future.cancel():  # it never started
+                raise GrammarBusy(f"every structured-output compile slot ({COMPILE_SLOTS}) stayed busy for "
+                                  f"{self.compile_timeout:g} s; retry") from None
+            what = WHAT["lark" if spec.kind == "grammar" and is_lark(str(spec.spec)) else spec.kind]
+            raise GrammarError(f"{spec.param}: {what} does not compile within {self.compile_timeout:g} s: make it "
+                               "smaller or simpler") from None
 
     def warm(self) -> threading.Thread:
         """Import xgrammar and build the compiler on a daemon thread (what a first structured request would
@@ -184,9 +210,29 @@ def _compile(compiler: Any, spec: StructuredOutput) -> Any:
         return compiler.compile_regex(spec.spec)
     if spec.kind == "choice":
         return compiler.compile_grammar(choice_grammar(spec.spec))
+    if spec.kind == "structural_tag":
+        return _compile_structural_tag(compiler, spec.spec)
     if is_lark(spec.spec):  # as vLLM: xgrammar's own Lark reader (its compile_lark), rule `start` the whole output
         return compiler.compile_lark(spec.spec)
     return compiler.compile_grammar(spec.spec)
+
+
+def _compile_structural_tag(compiler: Any, spec: str) -> Any:
+    """As vLLM's backend_xgrammar.py: the older form (structures and triggers) through xgrammar's deprecated
+    (tags, triggers) call, the newer one ({"format": ...}) as it is."""
+    import xgrammar as xgr
+
+    tag = json.loads(spec)
+    if "structures" not in tag:
+        return compiler.compile_structural_tag(spec)
+    try:
+        items = [xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(s["schema"]), end=s["end"])
+                 for s in tag["structures"]]
+        triggers = list(tag["triggers"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"the older form takes structures: [{{\"begin\": ..., \"schema\": {{...}}, \"end\": ...}}] "
+                         f"and triggers: [...] (missing {e})") from None
+    return compiler.compile_structural_tag(items, triggers)
 
 
 def is_lark(grammar: str) -> bool:
