@@ -15,7 +15,9 @@ import jsonschema
 import pytest
 
 from server.engine.generate import Batch, Engine, Launched
-from server.engine.grammar import COMPILE_SLOTS, GrammarBusy, GrammarError, Grammars, GrammarUnavailable, bitmask, is_lark
+from server.engine.grammar import (
+    COMPILE_SLOTS, GrammarBusy, GrammarError, Grammars, GrammarUnavailable, bitmask, is_lark,
+)
 from server.engine.sampling import unpack_bitmask
 from server.engine.sampling_params import SamplingParams, StructuredOutput
 from tests.conftest import CharTokenizer

@@ -30,8 +30,8 @@ class StructuredOutput:
     spec: str | tuple[str, ...] = ""  # json: the schema as JSON text; regex; grammar: EBNF or Lark; choice: strings;
     # structural_tag: xgrammar's structural tag as JSON text ({"type": "structural_tag", "format": ...}, or vLLM's
     # older {"type": "structural_tag", "structures": [{"begin", "schema", "end"}], "triggers": [...]})
-    any_whitespace: bool = True  # json, json_object: False puts no whitespace but ", " and ": " between tokens
     param: str = field(default="structured_outputs", compare=False)  # the request field it came from (messages)
+    any_whitespace: bool = True  # json, json_object: False puts no whitespace but ", " and ": " between tokens
 
     def __post_init__(self) -> None:
         assert self.kind in get_args(StructuredKind), self.kind
