@@ -65,6 +65,7 @@ def _start(state: AppState, factory: EngineFactory, raw_presets: dict) -> None:
             torch.cuda.set_device(state.settings.device)  # the current device, not the tensors' one
         engine = factory(state.settings)
         engine.use_device()
+        engine.grammars.warm()  # xgrammar imported and its compiler built beside the rest of the start, not in the way
         presets = {}
         for name, policy in raw_presets.items():
             presets[name] = engine.compile(as_policy(policy)).policy  # invalid presets fail the start, loudly

@@ -881,15 +881,24 @@ ERRORS = [
      ("response_format and structured_outputs.choice",)),
     ("structured-two-in-one", "/v1/completions", {"prompt": "x", "structured_outputs": {"regex": "a", "grammar": "b"}},
      400, None, None, ("structured_outputs.regex and structured_outputs.grammar",)),
-    ("structured-unknown-option", "/v1/completions", {"prompt": "x", "structured_outputs": {"structural_tag": "{}"}},
-     400, None, "structured_outputs", ("structural_tag is not supported", "json, regex, choice, grammar")),
+    ("structured-unknown-option", "/v1/completions", {"prompt": "x", "structured_outputs": {"whitespace_pattern": " "}},
+     400, None, "structured_outputs", ("whitespace_pattern is not supported", "json, regex, choice, grammar",
+                                       "disable_any_whitespace")),
+    ("structural-tag-not-json", "/v1/completions", {"prompt": "x", "structured_outputs": {"structural_tag": "{'a'"}},
+     400, None, None, ("structured_outputs.structural_tag must be JSON text",)),
+    ("guided-backend-other", "/v1/completions", {"prompt": "x", "guided_decoding_backend": "outlines"}, 400, None,
+     "guided_decoding_backend", ("one structured-output backend is xgrammar", "'xgrammar:disable-any-whitespace'")),
+    ("guided-backend-option", "/v1/completions", {"prompt": "x", "guided_decoding_backend": "xgrammar:no-whitespace"},
+     400, None, "guided_decoding_backend", ("unknown option no-whitespace", "disable-any-whitespace, no-fallback")),
     ("guided-json-not-json", "/v1/completions", {"prompt": "x", "guided_json": "{'type': 'object'}"}, 400, None,
      "guided_json", ("must be JSON text",)),
     ("json-schema-without-schema", "/v1/completions", {"prompt": "x", "response_format": {"type": "json_schema"}},
      400, None, "response_format", ("needs json_schema",)),
     ("response-format-structural-tag", "/v1/completions", {"prompt": "x",
                                                            "response_format": {"type": "structural_tag"}}, 400, None,
-     "response_format.type", ("json_object", "json_schema")),
+     "response_format", ("'structural_tag' needs format", "structures", "triggers")),
+    ("response-format-unknown", "/v1/completions", {"prompt": "x", "response_format": {"type": "xml"}}, 400, None,
+     "response_format.type", ("json_object", "json_schema", "structural_tag")),
     # the tiny model's tokenizer is no Hugging Face one: xgrammar cannot read it, and the request is refused
     ("structured-without-a-readable-tokenizer", "/v1/completions", {"prompt": "x", "guided_json": {"type": "object"}},
      400, "structured_outputs_unavailable", "guided_json", ("xgrammar cannot read its tokenizer",)),
@@ -1073,7 +1082,9 @@ def test_what_asks_for_nothing_unsupported_is_served(chat_client):
     for extra in ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"},
                   {"response_format": {"type": "text"}}, {"best_of": 2, "n": 2}, {"min_p": 0.0}, neutral,
                   {"response_format": {"type": "text", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
-                  {"guided_choice": [], "guided_regex": "", "structured_outputs": {}}):
+                  {"guided_choice": [], "guided_regex": "", "structured_outputs": {}},
+                  {"structured_outputs": {"disable_any_whitespace": True, "disable_fallback": True},
+                   "guided_decoding_backend": "auto:disable-any-whitespace,no-fallback"}):
         r = complete(chat_client, "/v1/chat/completions", messages=CHAT, max_tokens=2, **extra)
         assert r.status_code == 200 and len(r.json()["choices"]) == extra.get("n", 1), r.text
 

@@ -527,6 +527,77 @@ def test_a_grammar_answer_is_one_of_its_sentences(http):
     assert re.fullmatch(r" (Rome|Milan) is in (Italy|France)\.", texts[0]) and reasons == ["stop"], texts
 
 
+def test_a_lark_grammar_answers_as_its_ebnf_twin(http):
+    """vLLM's guided_grammar (and structured_outputs.grammar) take Lark too: the same grammar in Lark answers as in
+    EBNF, greedy and sampled, streamed or not."""
+    ebnf = 'root ::= " " city " is in " country "."\ncity ::= "Rome" | "Milan"\ncountry ::= "Italy" | "France"'
+    lark = 'start: " " city " is in " country "."\n// the cities\ncity: "Rome" | "Milan"\ncountry: /Italy|France/'
+    for sampling in ({}, {"temperature": 1.0, "seed": 3}):
+        answers = [_structured(http, "/v1/completions", {"prompt": PROMPT, "max_tokens": 30, **sampling, **spec})
+                   for spec in ({"guided_grammar": ebnf}, {"guided_grammar": lark},
+                                {"structured_outputs": {"grammar": lark}})]
+        assert answers[1] == answers[0] == answers[2], answers
+        assert re.fullmatch(r" (Rome|Milan) is in (Italy|France)\.", answers[0][0][0]), answers
+
+
+def test_json_without_whitespace_as_vllm_asks_for_it(http):
+    """structured_outputs.disable_any_whitespace (alone or beside response_format) and the older
+    guided_decoding_backend 'xgrammar:disable-any-whitespace': JSON valid against its schema with no whitespace
+    outside strings but the separators ', ' and ': ', streamed or not."""
+    schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": ASKS[0]}],
+                                                 "response_format": schema_format,
+                                                 "structured_outputs": {"disable_any_whitespace": True}}),
+                       ("/v1/completions", {"prompt": _chat_prompt(ASKS[1]), "structured_outputs": {
+                           "json": PERSON, "disable_any_whitespace": True}}),
+                       ("/v1/completions", {"prompt": _chat_prompt(ASKS[0]), "guided_json": PERSON,
+                                            "guided_decoding_backend": "xgrammar:disable-any-whitespace"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": ASKS[1]}],
+                                                 "response_format": {"type": "json_object"},
+                                                 "guided_decoding_backend": "xgrammar:disable-any-whitespace"})):
+        for sampling in ({}, SAMPLED):
+            texts, reasons, streamed = _structured(http, path, {**body, "max_tokens": 60, **sampling})
+            value = json.loads(texts[0])
+            assert reasons == ["stop"] and streamed == texts, (texts, reasons)
+            assert texts[0] == json.dumps(value, ensure_ascii=False), texts  # Python's separators are xgrammar's
+            if "json_object" not in json.dumps(body):
+                jsonschema.validate(value, PERSON)
+
+
+def test_structural_tags_as_vllm_takes_them(http):
+    """response_format type structural_tag (xgrammar's format: here one tag, JSON between its begin and end) on chat,
+    and structured_outputs.structural_tag (its JSON text, vLLM's older structures and triggers) on completions: the
+    JSON between the tags is valid against its schema."""
+    tag = {"type": "tag", "begin": "<person>", "content": {"type": "json_schema", "json_schema": PERSON},
+           "end": "</person>"}
+    for sampling in ({}, SAMPLED):
+        texts, reasons, streamed = _structured(http, "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": ASKS[0]}], "max_tokens": 60, **sampling,
+            "response_format": {"type": "structural_tag", "format": tag}})
+        inside = re.fullmatch(r"<person>(.*)</person>", texts[0], re.DOTALL)
+        assert inside and reasons == ["stop"] and streamed == texts, (texts, reasons)
+        jsonschema.validate(json.loads(inside.group(1)), PERSON)
+    older = {"type": "structural_tag", "triggers": ["<person"],
+             "structures": [{"begin": "<person>", "schema": PERSON, "end": "</person>"}]}
+    # free text, but a trigger starts a structure whose JSON must follow (tests/test_grammar.py checks which texts)
+    texts, reasons, _ = _structured(http, "/v1/completions", {
+        "prompt": _chat_prompt(ASKS[1]), "max_tokens": 60,
+        "structured_outputs": {"structural_tag": json.dumps(older)}})
+    assert reasons[0] in ("stop", "length") and texts[0], (texts, reasons)
+    for part in re.findall(r"<person>(.*?)</person>", texts[0], re.DOTALL):
+        jsonschema.validate(json.loads(part), PERSON)
+
+
+def test_ignore_eos_goes_on_past_a_structured_outputs_end_as_vllm_does(http):
+    """With ignore_eos a structured request runs to max_tokens: the grammar's output, then free text."""
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "guided_choice": ["Rome"]}
+    ended = http.post("/v1/completions", json=body).json()
+    on = http.post("/v1/completions", json={**body, "ignore_eos": True}).json()
+    assert (ended["choices"][0]["text"], ended["choices"][0]["finish_reason"]) == ("Rome", "stop"), ended
+    assert on["choices"][0]["finish_reason"] == "length" and on["usage"]["completion_tokens"] == 10, on
+    assert on["choices"][0]["text"].startswith("Rome") and len(on["choices"][0]["text"]) > 4, on
+
+
 def test_each_of_n_choices_follows_the_schema_on_its_own(http):
     """n=2 sampled: each choice has its own matcher and draws as a request with its seed alone (seed + index)."""
     body = {"messages": [{"role": "user", "content": ASKS[0]}], "max_tokens": 60, "temperature": 1.0,
@@ -566,6 +637,12 @@ def test_structured_requests_beside_free_ones_leave_them_as_alone(http):
                                                "parenthesis is not closed")),
     ({"structured_outputs": {"grammar": 'root ::= "a" rest'}}, "structured_outputs.grammar",
      ('the EBNF grammar does not compile', 'Rule "rest" is not defined')),
+    ({"guided_grammar": 'start: "a" rest'}, "guided_grammar",
+     ("the Lark grammar does not compile", "line 1, column 12: unknown name 'rest'")),
+    ({"structured_outputs": {"grammar": 'start: "unterminated'}}, "structured_outputs.grammar",
+     ("the Lark grammar does not compile", "line 1, column 8: unterminated string literal")),
+    ({"response_format": {"type": "structural_tag", "format": {"type": "bogus"}}}, "response_format",
+     ("the structural tag does not compile", "Format type not recognized: bogus")),
 ])
 def test_what_does_not_compile_is_a_400_naming_it(http, body, param, says):
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2, **body})

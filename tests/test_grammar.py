@@ -5,18 +5,23 @@ beside unconstrained rows (which decode as alone), overlapped or not."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sys
+import threading
 
 import jsonschema
 import pytest
 
 from server.engine.generate import Batch, Engine, Launched
-from server.engine.grammar import GrammarError, Grammars, GrammarUnavailable, bitmask
+from server.engine.grammar import (
+    COMPILE_SLOTS, GrammarBusy, GrammarError, Grammars, GrammarUnavailable, bitmask, is_lark,
+)
 from server.engine.sampling import unpack_bitmask
 from server.engine.sampling_params import SamplingParams, StructuredOutput
 from tests.conftest import CharTokenizer
+from tests.serving import wait_until
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
           "required": ["name", "age"]}
@@ -30,6 +35,9 @@ ASK = chat("Describe a person as JSON with a name and an age.")
 ASKS = [ASK, chat("Give me a JSON object about a famous scientist: name and age."),
         chat("Who are you? Answer in JSON.")]
 PLAIN = "The capital of France is Paris. The capital of Italy is"
+# one grammar twice: EBNF (rule root) and Lark (rule start)
+CITY_EBNF = 'root ::= " " city " is in " country "."\ncity ::= "Rome" | "Milan"\ncountry ::= "Italy" | "France"'
+CITY_LARK = 'start: " " city " is in " country "."\ncity: "Rome" | "Milan"  // a comment\ncountry: "Italy" | "France"'
 
 
 def person() -> StructuredOutput:
@@ -70,6 +78,14 @@ def test_choices_match_exactly_themselves_whatever_they_hold(smollm2, grammars):
     ("regex", "a\x00b", ("must not contain a NUL character",)),
     ("grammar", 'root ::= "a" rest', ("the EBNF grammar does not compile", 'Rule "rest" is not defined')),
     ("grammar", 'start ::= "a"', ('root rule with name "root" is not found',)),
+    ("grammar", 'start: "a" rest', ("the Lark grammar does not compile", "line 1, column 12: unknown name 'rest'")),
+    ("grammar", 'start: ("a"', ("the Lark grammar does not compile", "expected ')' after group")),
+    ("grammar", 'greeting: "hi"', ("the Lark grammar does not compile", "no start rule found")),
+    ("grammar", "start: /[a-/", ("the Lark grammar does not compile", "failed to compile regular expression")),
+    ("structural_tag", '{"type": "structural_tag", "format": {"type": "bogus"}}',
+     ("the structural tag does not compile", "Format type not recognized: bogus")),
+    ("structural_tag", '{"type": "structural_tag", "structures": [{"begin": "<a>"}], "triggers": ["<a"]}',
+     ("the structural tag does not compile", "'schema'")),
 ])
 def test_what_does_not_compile_is_a_grammar_error_naming_it(grammars, kind, spec, says):
     with pytest.raises(GrammarError) as e:
@@ -95,11 +111,133 @@ def test_compiled_grammars_are_cached_within_a_bound(smollm2):
         assert grammars.cached_bytes <= 4 * 2**20 + one
 
 
-def test_without_xgrammar_a_structured_output_is_unavailable_naming_the_package(monkeypatch):
+def _slow_schema(n: int) -> StructuredOutput:
+    """A JSON schema that takes a while to compile on SmolLM2's vocabulary (optional properties are costly: 300 take
+    ~0.7 s here, 1000 take ~10 s), each n its own (nothing cached)."""
+    return StructuredOutput("json", json.dumps({"type": "object", "properties": {
+        f"p{n}_{i}": {"type": "string"} for i in range(300)}}), param="guided_json")
+
+
+@pytest.mark.slow
+def test_a_compile_past_its_deadline_is_refused_and_finishes_in_its_slot(smollm2):
+    """A compile not done by its deadline is a GrammarError saying so; it runs on to its end in its slot (native code
+    cannot be stopped) and its grammar is cached, so the same spec asked again is at once. No thread is left
+    behind: the compiles run on at most COMPILE_SLOTS threads."""
+    tok = smollm2.tokenizer
+    grammars = Grammars(tok, vocab_size=smollm2.config.vocab_size, stop_ids=smollm2.eos_token_ids,
+                        compile_timeout=0.02)
+    grammars.warm().join()
+
+    def compile_threads() -> int:
+        return sum(t.name.startswith("xgrammar-compile") for t in threading.enumerate())
+
+    before = compile_threads()
+    with pytest.raises(GrammarError, match=r"^guided_json: the JSON schema does not compile within 0.02 s: make it "):
+        grammars.compile_within(_slow_schema(0))
+    grammars.compile_timeout = 0.05  # ~1/15 of the compile: only a cached grammar is answered in time
+
+    got = []
+
+    def answered() -> bool:
+        try:
+            got.append(grammars.compile_within(_slow_schema(0)))
+        except (GrammarError, GrammarBusy):
+            return False
+        return True
+
+    wait_until(answered, timeout=60, what="the compile given up on to end, and its grammar to be cached")
+    m = got[0].matcher()
+    assert all(m.accept(t) for t in tok.encode('{"p0_1": "x"}', add_special_tokens=False)) and m.accept(2)
+    grammars.compile_timeout = 0.02
+    for n in range(1, 4):  # more than the slots: the last ones wait for one (and may be dropped unstarted)
+        with pytest.raises((GrammarError, GrammarBusy)):
+            grammars.compile_within(_slow_schema(n))
+    assert compile_threads() - before <= COMPILE_SLOTS
+
+
+@pytest.mark.slow
+def test_a_compile_that_finds_every_slot_busy_past_its_deadline_is_told_to_retry(smollm2):
+    """The slots all hold slow compiles (requests that gave up on them): a request queued behind them past its
+    deadline is dropped unstarted, as GrammarBusy; once they end, it compiles."""
+    tok = smollm2.tokenizer
+    grammars = Grammars(tok, vocab_size=smollm2.config.vocab_size, stop_ids=smollm2.eos_token_ids,
+                        compile_timeout=0.02)
+    grammars.warm().join()
+    for n in range(COMPILE_SLOTS):
+        with pytest.raises(GrammarError, match="does not compile within"):
+            grammars.compile_within(_slow_schema(10 + n))
+    with pytest.raises(GrammarBusy, match=r"every structured-output compile slot \(2\) stayed busy for 0.02 s; retry"):
+        grammars.compile_within(StructuredOutput("regex", "[a-z]+"))
+    grammars.compile_timeout = 60
+    assert grammars.compile_within(StructuredOutput("regex", "[a-z]+")) is not None
+
+
+@pytest.mark.slow
+def test_the_pipeline_answers_a_compile_past_its_deadline_with_a_400_and_busy_slots_with_a_503(smollm2):
+    """What the HTTP layer makes of them (server/api/pipeline.py's compile_grammar)."""
+    from server.api.errors import APIError
+    from server.api.pipeline import compile_grammar
+    from server.engine.served import ServedModel
+
+    tok = smollm2.tokenizer
+    grammars = Grammars(tok, vocab_size=smollm2.config.vocab_size, stop_ids=smollm2.eos_token_ids,
+                        compile_timeout=0.02)
+    served = ServedModel(name="m", num_layers=30, vocab_size=smollm2.config.vocab_size, max_model_len=8192,
+                         eos_ids=smollm2.eos_token_ids, special_ids=smollm2.eos_token_ids, tokenizer=tok,
+                         grammars=grammars)
+    grammars.warm().join()
+    answers = []
+    for spec in [*(_slow_schema(20 + n) for n in range(COMPILE_SLOTS)), StructuredOutput("regex", "a+")]:
+        with pytest.raises(APIError) as e:
+            asyncio.run(compile_grammar(served, spec))
+        answers.append((e.value.status, e.value.code, e.value.param))
+    assert answers == [*[(400, "invalid_structured_output", "guided_json")] * COMPILE_SLOTS,
+                       (503, "structured_outputs_busy", "structured_outputs")], answers
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["on-first-use", "warmed"])
+def test_without_xgrammar_a_structured_output_is_unavailable_naming_the_package(monkeypatch, warm):
     monkeypatch.setitem(sys.modules, "xgrammar", None)  # import fails
     grammars = Grammars(CharTokenizer(), vocab_size=128, stop_ids=frozenset({2}))
+    if warm:
+        grammars.warm().join()  # the server's start: the import fails on its thread, and nothing else does
     with pytest.raises(GrammarUnavailable, match=r"need the xgrammar package.*pip install xgrammar"):
         grammars.compile(StructuredOutput("json_object"))
+
+
+@pytest.mark.slow
+def test_a_compile_while_warming_waits_for_it_and_compiles(smollm2):
+    """The server's start warms in the background; a request that comes first waits for the compiler, then
+    compiles (the compiler is the one the warming built)."""
+    tok = smollm2.tokenizer
+    grammars = Grammars(tok, vocab_size=smollm2.config.vocab_size, stop_ids=smollm2.eos_token_ids)
+    thread = grammars.warm()
+    m = grammars.matcher(StructuredOutput("choice", ("Rome",)))
+    thread.join()
+    assert all(m.accept(t) for t in tok.encode("Rome", add_special_tokens=False)) and m.accept(2) and m.terminated
+    assert grammars.cached_bytes > 0
+
+
+def test_lark_is_told_from_ebnf_as_vllm_tells_it():
+    """EBNF defines a rule with '::=' on some line (comments aside); a grammar with none is Lark."""
+    assert not is_lark(CITY_EBNF) and is_lark(CITY_LARK)
+    assert is_lark('start: "a" // root ::= "b"') and is_lark('start: "a"  # x ::= y')
+    assert not is_lark('# a comment\nroot ::= "a"')
+
+
+@pytest.mark.slow
+def test_compact_json_allows_no_whitespace_but_the_separators(smollm2, grammars):
+    """any_whitespace=False (vLLM's disable_any_whitespace): xgrammar's separators ', ' and ': ' and nothing else
+    outside strings; the default allows any."""
+    tok = smollm2.tokenizer
+    compact = StructuredOutput("json", json.dumps(PERSON), any_whitespace=False)
+    assert _accepts(grammars, compact, '{"name": "Ada ,  Lovelace : 1", "age": 36}', tokenizer=tok)  # strings: any
+    for spaced in ('{ "name": "Ada", "age": 36}', '{"name":"Ada","age":36}', '{"name": "Ada",\n "age": 36}',
+                   '{"name" : "Ada", "age": 36}'):
+        assert not _accepts(grammars, compact, spaced, tokenizer=tok), spaced
+        assert _accepts(grammars, person(), spaced, tokenizer=tok), spaced
+    assert not _accepts(grammars, StructuredOutput("json_object", any_whitespace=False), '{ }', tokenizer=tok)
+    assert _accepts(grammars, StructuredOutput("json_object"), '{ }', tokenizer=tok)
 
 
 def test_a_tokenizer_xgrammar_cannot_read_makes_structured_outputs_unavailable():
@@ -152,6 +290,88 @@ def test_each_kind_constrains_greedy_and_sampled_output(smollm2_engine, spec, ch
                    SamplingParams(max_tokens=60, structured=spec, temperature=1.2, seed=11)):
         r = smollm2_engine.generate([PLAIN], params=params)[0]
         assert r.finish_reason == "stop" and check(r.text), (r.text, r.finish_reason)
+
+
+@pytest.mark.slow
+def test_a_structural_tag_constrains_what_is_between_its_tags_and_nothing_else(smollm2, grammars):
+    """vLLM's older form (structures and triggers): free text, and JSON valid against its schema between each begin
+    and end that a trigger starts; the newer form's plain tag: exactly begin, JSON, end."""
+    tok = smollm2.tokenizer
+    city = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    legacy = StructuredOutput("structural_tag", json.dumps({"type": "structural_tag", "triggers": ["<city"],
+                                                            "structures": [{"begin": "<city>", "schema": city,
+                                                                            "end": "</city>"}]}))
+    assert _accepts(grammars, legacy, 'Some text. <city>{"name": "Rome"}</city> More, freely.', tokenizer=tok)
+    assert _accepts(grammars, legacy, "No city at all.", tokenizer=tok)
+    for bad in ('<city>{"nom": "Rome"}</city>', "<city>Rome</city>", '<city>{"name": "Rome"}</town>'):
+        assert not _accepts(grammars, legacy, bad, tokenizer=tok), bad
+    tag = StructuredOutput("structural_tag", json.dumps({"type": "structural_tag", "format": {
+        "type": "tag", "begin": "<city>", "content": {"type": "json_schema", "json_schema": city}, "end": "</city>"}}))
+    assert _accepts(grammars, tag, '<city>{"name": "Rome"}</city>', tokenizer=tok)
+    assert not _accepts(grammars, tag, 'Text <city>{"name": "Rome"}</city>', tokenizer=tok)
+
+
+@pytest.mark.slow
+def test_a_structural_tags_json_is_valid_between_its_tags(smollm2_engine):
+    tag = StructuredOutput("structural_tag", json.dumps({"type": "structural_tag", "format": {
+        "type": "tag", "begin": "<person>", "content": {"type": "json_schema", "json_schema": PERSON},
+        "end": "</person>"}}))
+    for r in smollm2_engine.generate(ASKS[:2], params=SamplingParams(max_tokens=60, structured=tag)):
+        inside = re.fullmatch(r"<person>(.*)</person>", r.text, re.DOTALL)
+        assert inside and r.finish_reason == "stop", (r.text, r.finish_reason)
+        jsonschema.validate(json.loads(inside.group(1)), PERSON)
+
+
+@pytest.mark.slow
+def test_compact_json_output_is_valid_and_has_no_other_whitespace(smollm2_engine):
+    for params in (SamplingParams(max_tokens=60, structured=StructuredOutput("json", json.dumps(PERSON),
+                                                                              any_whitespace=False)),
+                   SamplingParams(max_tokens=60, structured=StructuredOutput("json", json.dumps(PERSON),
+                                                                              any_whitespace=False),
+                                  temperature=0.9, seed=2)):
+        for r in smollm2_engine.generate(ASKS, params=params):
+            assert r.finish_reason == "stop", r.text
+            value = json.loads(r.text)
+            jsonschema.validate(value, PERSON)
+            assert r.text == json.dumps(value, ensure_ascii=False), r.text  # Python's separators are xgrammar's
+
+
+@pytest.mark.slow
+def test_a_lark_grammar_decodes_as_its_ebnf_twin(smollm2_engine):
+    for sampling in ({}, dict(temperature=1.0, seed=5)):
+        ebnf, lark = (smollm2_engine.generate([PLAIN], params=SamplingParams(
+            max_tokens=30, structured=StructuredOutput("grammar", g), **sampling))[0] for g in (CITY_EBNF, CITY_LARK))
+        assert ebnf.token_ids == lark.token_ids and lark.finish_reason == "stop", (ebnf.text, lark.text)
+        assert re.fullmatch(r" (Rome|Milan) is in (Italy|France)\.", lark.text), lark.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overlap", [False, True], ids=["stepwise", "overlapped"])
+def test_ignore_eos_decodes_on_past_the_grammars_end_unconstrained(smollm2_engine, overlap):
+    """As vLLM: ignore_eos keeps a structured request going where its grammar ends (the grammar takes the EOS
+    there, and past it allows every token), to max_tokens; the tokens up to the EOS are those without
+    ignore_eos."""
+    e = _overlapped(smollm2_engine) if overlap else smollm2_engine
+    rome = StructuredOutput("choice", ("Rome",))
+    ended = smollm2_engine.generate([PLAIN], params=SamplingParams(max_tokens=12, structured=rome))[0]
+    assert (ended.text, ended.finish_reason) == ("Rome", "stop")
+    on = e.generate([PLAIN], params=SamplingParams(max_tokens=12, structured=rome, ignore_eos=True))[0]
+    n = len(ended.token_ids)
+    assert on.finish_reason == "length" and len(on.token_ids) == 12, (on.text, on.finish_reason)
+    assert on.token_ids[:n] == ended.token_ids and ended.token_ids[-1] in smollm2_engine.eos_ids  # to the EOS
+    assert on.text.startswith("Rome") and len(on.text) > 4  # the EOS's text is skipped; free text follows
+
+
+@pytest.mark.slow
+def test_a_rollback_past_the_grammars_end_takes_the_matcher_back_into_it(smollm2, grammars):
+    tok = smollm2.tokenizer
+    m = grammars.matcher(StructuredOutput("choice", ("Rome",)))
+    rome = tok.encode("Rome", add_special_tokens=False)
+    assert all(m.accept(t) for t in [*rome, 2, 100, 200]) and m.terminated  # past the end: anything
+    m.rollback(2)
+    assert m.terminated
+    m.rollback(1)  # the EOS
+    assert not m.terminated and not m.accept(100) and m.accept(2) and m.terminated
 
 
 @pytest.mark.slow

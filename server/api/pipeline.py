@@ -21,7 +21,7 @@ from server.api.errors import CLIENT_CLOSED, GENERATION_FAILED, APIError
 from server.api.protocol import PaintersInfo, PolicyField, Timings
 from server.api.state import AppState
 from server.policy.compiler import Schedule
-from server.engine.grammar import Grammar, GrammarError, GrammarUnavailable
+from server.engine.grammar import Grammar, GrammarBusy, GrammarError, GrammarUnavailable
 from server.engine.probe import ProbeStats
 from server.engine.request import GenerationResult, Output
 from server.engine.request import Timings as EngineTimings
@@ -139,14 +139,18 @@ async def start(state: AppState, job: Job) -> Running:
 
 
 async def compile_grammar(served: ServedModel, spec: StructuredOutput) -> Grammar:
-    """`spec` compiled on a worker thread (a large schema takes a while); a 400 naming what failed when it does not
-    compile, or when this server cannot serve structured outputs."""
+    """`spec` compiled on a worker thread (a large schema takes a while, within the grammars' compile_timeout); a 400
+    naming what failed when it does not compile (in time), or when this server cannot serve structured outputs; a
+    503 to retry when every compile slot stayed busy."""
     try:
         return await asyncio.to_thread(served.compile_grammar, spec)
     except GrammarError as e:
         raise APIError(400, str(e), param=spec.param, code="invalid_structured_output") from None
     except GrammarUnavailable as e:
         raise APIError(400, f"{spec.param}: {e}", param=spec.param, code="structured_outputs_unavailable") from None
+    except GrammarBusy as e:
+        raise APIError(503, f"{spec.param}: {e}", param=spec.param, code="structured_outputs_busy",
+                       headers={"Retry-After": "1"}) from None
 
 
 async def tokenize(state: AppState, prompts: list[str | list[int]] | Chat) -> list[Prompt]:

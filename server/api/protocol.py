@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
@@ -194,20 +195,68 @@ class JsonSchemaFormat(_Body):
                                 "property the schema does not name)")
 
 
-class ResponseFormat(_Body):
-    """OpenAI's response_format: text, any JSON object, or JSON valid against a schema."""
+class StructureFormat(_Body):
+    """One structure of vLLM's older structural_tag response_format: JSON valid against `schema` between `begin`
+    and `end`."""
 
-    type: Literal["text", "json_object", "json_schema"]
+    begin: str
+    schema_: dict[str, Any] = Field(alias="schema", description="the JSON schema of what comes between begin and end")
+    end: str
+
+
+class ResponseFormat(_Body):
+    """OpenAI's response_format: text, any JSON object, or JSON valid against a schema; and vLLM's structural_tag
+    (xgrammar's structural tag: its `format`, or the older `structures` and `triggers`)."""
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
+    format: dict[str, Any] | None = Field(None, description="structural_tag: xgrammar's structural tag format")
+    structures: list[StructureFormat] | None = Field(None, description="structural_tag (older form): each a begin, "
+                                                     "a JSON schema and an end")
+    triggers: list[str] | None = Field(None, description="structural_tag (older form): the text that begins a "
+                                       "structure (a prefix of its begin)")
 
     @model_validator(mode="after")
     def _schema_given(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("type 'json_schema' needs json_schema: {\"name\": ..., \"schema\": {...}}")
+        if self.type == "structural_tag" and self.format is None and (self.structures is None or self.triggers is None):
+            raise ValueError("type 'structural_tag' needs format: {\"type\": ...} (xgrammar's structural tag), or "
+                             "structures: [{\"begin\": ..., \"schema\": {...}, \"end\": ...}] and triggers: [...]")
         return self
 
+    def structural_tag(self) -> str:
+        """The structural tag as JSON text, as vLLM hands it to xgrammar."""
+        if self.format is not None:
+            return json.dumps({"type": "structural_tag", "format": self.format})
+        assert self.structures is not None and self.triggers is not None  # _schema_given
+        return json.dumps({"type": "structural_tag", "triggers": self.triggers, "structures": [
+            {"begin": s.begin, "schema": s.schema_, "end": s.end} for s in self.structures]})
 
-STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+STRUCTURED_OPTIONS = ("disable_any_whitespace", "disable_fallback")
+# vLLM's older per-request option string, "<backend>[:<option>,...]" (its GuidedDecodingParams' backend options)
+GUIDED_BACKENDS = ("xgrammar", "auto")
+GUIDED_BACKEND_OPTIONS = ("disable-any-whitespace", "no-fallback")
+
+
+GRAMMAR_DOC = ("a grammar whose outputs are the whole output: EBNF (xgrammar's GBNF-like dialect; rule root) or, "
+               "when no line defines a rule with '::=', Lark (rule start)")
+
+
+def _guided_backend(v: str | None) -> str | None:
+    """vLLM's guided_decoding_backend, "<backend>[:<option>,...]": the one backend here, and its known options."""
+    if v is None:
+        return v
+    name, _, options = v.partition(":")
+    if name.strip() not in GUIDED_BACKENDS:
+        raise ValueError(f"this server's one structured-output backend is xgrammar; send {' or '.join(GUIDED_BACKENDS)}"
+                         f" (with options, e.g. 'xgrammar:disable-any-whitespace'), or leave it out")
+    unknown = sorted({o.strip() for o in options.split(",") if o.strip()} - set(GUIDED_BACKEND_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option {', '.join(unknown)}; the options are {', '.join(GUIDED_BACKEND_OPTIONS)}")
+    return v
 
 
 class StructuredOutputs(_Body):
@@ -216,19 +265,24 @@ class StructuredOutputs(_Body):
     json_: JsonSchema | None = Field(None, alias="json", description="a JSON schema, or its JSON text")
     regex: str | None = None
     choice: Choices | None = None
-    grammar: str | None = Field(None, description="an EBNF grammar (xgrammar's, GBNF-like) whose rule root is the "
-                                "whole output")
+    grammar: str | None = Field(None, description=GRAMMAR_DOC)
     json_object: bool | None = Field(None, description="true: any JSON object")
+    structural_tag: str | None = Field(None, description="xgrammar's structural tag as JSON text, as vLLM takes it "
+                                      "(what response_format type structural_tag holds, type included)")
+    disable_any_whitespace: bool = Field(False, description="true: JSON (json, json_object, or response_format's) "
+                                         "with no whitespace between its tokens but xgrammar's separators ', ' and "
+                                         "': '")
     disable_fallback: bool = Field(False, description="accepted: one backend (xgrammar), nothing to fall back to")
 
     @model_validator(mode="before")
     @classmethod
     def _known_keys(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            unknown = sorted(k for k in data if k not in (*STRUCTURED_KINDS, "disable_fallback"))
+            unknown = sorted(k for k in data if k not in (*STRUCTURED_KINDS, *STRUCTURED_OPTIONS))
             if unknown:
                 raise ValueError(f"{', '.join(map(str, unknown))} {'is' if len(unknown) == 1 else 'are'} not "
-                                 f"supported; structured_outputs takes one of {', '.join(STRUCTURED_KINDS)}")
+                                 f"supported; structured_outputs takes one of {', '.join(STRUCTURED_KINDS)} (and "
+                                 f"the options {', '.join(STRUCTURED_OPTIONS)})")
         return data
 
     def asked(self) -> list[StructuredOutput]:
@@ -245,6 +299,13 @@ def _structured(kind: str, value: Any, param: str) -> StructuredOutput | None:
         return StructuredOutput("json", json.dumps(value), param=param)
     if kind == "json_object":
         return StructuredOutput("json_object", param=param)
+    if kind == "structural_tag":
+        try:
+            tag = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{param} must be JSON text ({e})") from None
+        if not isinstance(tag, dict):
+            raise ValueError(f"{param} must be a JSON object, got {type(tag).__name__}")
     return StructuredOutput(kind, tuple(value) if kind == "choice" else value, param=param)  # type: ignore[arg-type]
 
 
@@ -310,9 +371,11 @@ class _Sampling(_Body):
     guided_json: JsonSchema | None = Field(None, description="vLLM's: JSON valid against this schema (or its text)")
     guided_regex: str | None = Field(None, description="vLLM's: text that fully matches this regular expression")
     guided_choice: Choices | None = Field(None, description="vLLM's: exactly one of these strings")
-    guided_grammar: str | None = Field(None, description="vLLM's: text of this EBNF grammar (xgrammar's, GBNF-like; "
-                                       "rule root is the whole output)")
+    guided_grammar: str | None = Field(None, description=f"vLLM's: {GRAMMAR_DOC}")
     structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's newer form of the guided_* fields")
+    guided_decoding_backend: Annotated[str | None, AfterValidator(_guided_backend)] = Field(
+        None, description="vLLM's older per-request options: 'xgrammar' (or 'auto'), optionally with "
+        "':disable-any-whitespace' (as structured_outputs.disable_any_whitespace) and 'no-fallback', comma-separated")
     _structured: StructuredOutput | None = PrivateAttr(None)
     # not supported: each refused when asked for, with a 400 naming it, rather than silently ignored
     best_of: int | None = None
@@ -343,6 +406,8 @@ class _Sampling(_Body):
         form = self.response_format
         if form is not None and form.type == "json_object":
             asked.append(StructuredOutput("json_object", param="response_format"))
+        elif form is not None and form.type == "structural_tag":
+            asked.append(StructuredOutput("structural_tag", form.structural_tag(), param="response_format"))
         elif form is not None and form.type == "json_schema":
             assert form.json_schema is not None  # ResponseFormat's check
             # compiled even when empty: {} is the schema every JSON value is valid against
@@ -356,7 +421,19 @@ class _Sampling(_Body):
             raise ValueError(f"at most one structured output per request, got {' and '.join(s.param for s in asked)}; "
                              "send one")
         self._structured = asked[0] if asked else None
+        if self._structured is not None and self._structured.kind in ("json", "json_object") and self._compact_json:
+            self._structured = replace(self._structured, any_whitespace=False)
         return self
+
+    @property
+    def _compact_json(self) -> bool:
+        """Whether JSON is asked for without whitespace: vLLM's per-request structured_outputs.disable_any_whitespace
+        (its server-wide --structured-outputs-config.disable_any_whitespace, per request; it applies to whichever
+        field asks for JSON, as vLLM merges response_format into structured_outputs), or its older
+        guided_decoding_backend option string."""
+        options = (self.guided_decoding_backend or "").partition(":")[2]
+        return (self.structured_outputs is not None and self.structured_outputs.disable_any_whitespace) or (
+            "disable-any-whitespace" in {o.strip() for o in options.split(",")})
 
     @property
     def structured_output(self) -> StructuredOutput | None:

@@ -136,7 +136,7 @@ class Batch:
         live = tuple(s for s in self.sequences if not s.finished and (s.id not in flying or self._goes_on(s)))
         if not live:
             return None
-        assert not any(s.grammar is not None and s.id in flying for s in live), "a structured row's token in flight"
+        assert not any(_constrained(s) and s.id in flying for s in live), "a structured row's token in flight"
         dev = self.model.device
         rows = tuple(Row(s.id, s.schedule, s.length - 1 + (s.id in flying), 1) for s in live)
         src = [flying.get(s.id) for s in live]
@@ -181,7 +181,7 @@ class Batch:
         come from the host, and its prompt from the device (copied once: `PromptCache`). A structured
         row's allowed tokens come from its matcher, which has accepted every token it made (they are on the host)."""
         vocab = self.model.args.vocab_size
-        structured = [b for b, s in enumerate(seqs) if s.grammar is not None]
+        structured = [b for b, s in enumerate(seqs) if _constrained(s)]
         grammar = None
         if structured:  # only then: a batch without a structured row does no grammar work
             grammar = (structured, bitmask([seqs[b].grammar for b in structured], vocab))
@@ -272,8 +272,9 @@ class Batch:
 
     def _check_stop(self, s: Request, token: int) -> None:
         n = len(s.output_ids)
-        # a structured row ends where its grammar does: on a stop token, which the grammar allows only at its end
-        ended = s.grammar is not None and _grammar_ends(s, token)
+        # a structured row ends where its grammar does: on a stop token, which the grammar allows only at its end;
+        # with ignore_eos it decodes on, unconstrained, as in vLLM (whose mask past a grammar's end allows all)
+        ended = s.grammar is not None and _grammar_ends(s, token) and not s.params.ignore_eos
         eos = ended or (token in s.stop_ids and n > s.params.min_tokens)
         previous = len(s.text)
         if s.detokenizer is None:
@@ -351,7 +352,7 @@ class Batch:
         `add` queued are read here too, after this step is queued."""
         in_flight, self._in_flight = self._in_flight, None
         prefills, self._prefills = self._prefills, []
-        overlap = self.overlap and not any(s.grammar is not None and not s.finished for s in self.sequences)
+        overlap = self.overlap and not any(_constrained(s) and not s.finished for s in self.sequences)
         read: tuple[Request, ...] = ()
         if not overlap:  # a structured row's mask needs its latest token on the host (see the module's docstring)
             read, in_flight, prefills = self._read(in_flight, prefills), None, []
@@ -478,12 +479,18 @@ def _why_failed(s: Request, error: str) -> str:
     return error
 
 
+def _constrained(s: Request) -> bool:
+    """Whether a row's grammar still constrains its next token (it has one, and has not reached its end)."""
+    return s.grammar is not None and not s.grammar.terminated
+
+
 def _grammar_ends(s: Request, token: int) -> bool:
     """Advance `s`'s matcher by its new token; whether that ended the grammar (it accepted a stop token there)."""
     assert s.grammar is not None
+    before = s.grammar.terminated
     if not s.grammar.accept(token):  # the mask allowed only what it accepts: a bug, this row's alone
         raise ValueError(f"the structured output's grammar does not accept token {token} here")
-    return s.grammar.terminated
+    return not before and s.grammar.terminated
 
 
 def _cut_at_stop(s: Request, previous: int) -> bool:

@@ -25,22 +25,27 @@ class SamplingError(ValueError):
     """Sampling parameters out of range; the message names the allowed range."""
 
 
-StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar", "structural_tag"]
 
 
 @dataclass(frozen=True)
 class StructuredOutput:
     """What a request's output must match (vLLM's StructuredOutputsParams, one kind): a JSON schema, any JSON object,
-    a regular expression it fully matches, one of some strings, or an EBNF grammar (xgrammar's, GBNF-like, whose rule
-    `root` is the whole output). `server.engine.grammar` compiles it."""
+    a regular expression it fully matches, one of some strings, a grammar (EBNF in xgrammar's GBNF-like dialect,
+    whose rule `root` is the whole output, or Lark, whose rule `start` is), or a structural tag (xgrammar's: text
+    with structured parts, such as JSON between tags). `server.engine.grammar` compiles it."""
 
     kind: StructuredKind
-    spec: str | tuple[str, ...] = ""  # json: the schema as JSON text; regex; grammar: its EBNF; choice: the strings
+    spec: str | tuple[str, ...] = ""  # json: the schema as JSON text; regex; grammar: EBNF or Lark; choice: strings;
+    # structural_tag: xgrammar's structural tag as JSON text ({"type": "structural_tag", "format": ...}, or vLLM's
+    # older {"type": "structural_tag", "structures": [{"begin", "schema", "end"}], "triggers": [...]})
     param: str = field(default="structured_outputs", compare=False)  # the request field it came from (messages)
+    any_whitespace: bool = True  # json, json_object: False puts no whitespace but ", " and ": " between tokens
 
     def __post_init__(self) -> None:
         assert self.kind in get_args(StructuredKind), self.kind
         assert isinstance(self.spec, tuple) == (self.kind == "choice"), (self.kind, type(self.spec))
+        assert self.any_whitespace or self.kind in ("json", "json_object"), self.kind
 
 
 @dataclass(frozen=True)

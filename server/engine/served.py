@@ -78,11 +78,11 @@ class ServedModel:
 
     def compile_grammar(self, spec: StructuredOutput) -> Grammar:
         """A structured output compiled for this model's tokenizer (cached), whose matchers its requests carry.
-        Raises GrammarError naming what failed, GrammarUnavailable where none can be served. Slow for a large
-        schema: call it off the event loop."""
+        Raises GrammarError naming what failed (or that it took too long), GrammarBusy, GrammarUnavailable where
+        none can be served. Waits up to the grammars' compile_timeout: call it off the event loop."""
         if self.grammars is None:
             raise GrammarUnavailable("this server serves no structured outputs")
-        return self.grammars.compile(spec)
+        return self.grammars.compile_within(spec)
 
     def with_bad_words_ids(self, params: list[SamplingParams]) -> list[SamplingParams]:
         """`params` (a request's choices) with their bad_words encoded (vLLM's `update_from_tokenizer`), each text
