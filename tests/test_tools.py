@@ -243,6 +243,11 @@ BAD: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
         "name": "f"}}, "response_format": {"type": "json_object"}}, ("response_format", "send one")),
     ("required-and-guided-json", {"tools": [_tool("f")], "tool_choice": "required", "guided_json": {"type": "object"}},
      ("guided_json", "send one")),
+    # ignore_eos decoded on past the call's JSON, unconstrained: its arguments were the JSON and more text
+    ("named-and-ignore-eos", {"tools": [_tool("f")], "tool_choice": {"type": "function", "function": {"name": "f"}},
+                              "ignore_eos": True}, ("ignore_eos", "arguments' JSON")),
+    ("required-and-ignore-eos", {"tools": [_tool("f")], "tool_choice": "required", "ignore_eos": True},
+     ("ignore_eos", "leave ignore_eos out")),
     ("history-arguments-not-json", {"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [{
         "id": "c", "type": "function", "function": {"name": "f", "arguments": "{city: Paris"}}]}]},
      ("JSON text",)),

@@ -14,8 +14,8 @@ from pydantic import (
 )
 
 from server.api.tools import (
-    FUNCTION_NAME, ChatTool, DeltaToolCall, SentToolCall, ToolCall, ToolChoice, check_choice, check_one_constraint,
-    check_tools,
+    FUNCTION_NAME, ChatTool, DeltaToolCall, SentToolCall, ToolCall, ToolChoice, check_choice, check_ends_at_call,
+    check_one_constraint, check_tools,
 )
 from server.engine.sampling_params import (
     LOGIT_BIAS, LOGPROBS, MAX_BAD_WORD_LENGTH, MAX_BAD_WORD_SEQUENCES, MAX_BAD_WORD_TOKENS, MAX_BAD_WORDS,
@@ -571,6 +571,7 @@ class ChatCompletionRequest(_Sampling):
     def _one_constraint(self) -> ChatCompletionRequest:
         structured = self.structured_output
         check_one_constraint(self.tool_choice, structured=None if structured is None else structured.param)
+        check_ends_at_call(self.tool_choice, ignore_eos=self.ignore_eos)
         return self
 
     @field_validator("echo")
