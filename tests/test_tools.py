@@ -306,6 +306,10 @@ def test_tools_and_calls_reach_the_chat_template():
         # tools "the" and "hi"; the call "sat" with its argument "cat" (null content as ""); the tool message (its
         # role is no word here: <pad>) with its tool_call_id "there"
         assert " ".join(prompt) == "the hi user : hello assistant : sat cat <pad> : world there assistant :"
+        # /tokenize renders the same prompt, tools included (vLLM's takes them): its count is the chat's
+        tokenized = http.post("/tokenize", json={"messages": history, "tools": [_tool("the"), _tool("hi")]})
+        assert tokenized.status_code == 200, tokenized.text
+        assert tokenized.json()["count"] == r.json()["usage"]["prompt_tokens"] == len(prompt) + 1
 
 
 # -- reading calls out of text, whole or in pieces (no model) --------------------------------------------------------

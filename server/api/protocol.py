@@ -711,6 +711,9 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # as chat's
     chat_template_kwargs: dict[str, Any] | None = None  # as chat's
+    tools: Annotated[list[ChatTool], FAIL_FAST, AfterValidator(check_tools)] | None = Field(
+        None, max_length=128, description="messages: the tools the chat template describes, as chat's (vLLM's "
+        "tokenize takes them), so the count is the chat's prompt_tokens")
 
     _continues = field_validator("continue_final_message")(_continue_or_open)
 
