@@ -309,7 +309,7 @@ class EngineLoop:
             log.debug("sink for %s failed", r.id, exc_info=True)
 
     def _record(self, r: Request) -> None:
-        if not self.metrics or r.probe_prompts is not None:
+        if not self.metrics or r.probe_prompts is not None or not r.counted:
             return
         tm = r.timings
         if r.scheduled is None:  # ended before it ran

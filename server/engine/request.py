@@ -117,6 +117,8 @@ class Request:
     params: SamplingParams
     schedule: Schedule
     arrival: float = field(default_factory=time.perf_counter)
+    # observed in the metrics as a request of its own; a beam search's one-token steps are not (the search is, once)
+    counted: bool = True
     probe_prompts: list[list[int]] | None = None  # a probe: one forward pass of these, statistics instead of tokens
     sink: Sink | None = None  # receives its `Output`s (the engine loop's requests)
     status: Status = Status.WAITING
