@@ -253,6 +253,8 @@ class RequestStream:
             out = await self.queue.get()
             if out.error:
                 self.done = True
+                if out.error_code is not None:  # the request's own parameters left it nothing to generate
+                    raise APIError(400, out.error, code=out.error_code)
                 raise APIError(500, out.error, code=GENERATION_FAILED)
             if out.finished:
                 self.done = True

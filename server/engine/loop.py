@@ -180,7 +180,7 @@ class EngineLoop:
         self._record(request)
         if request.finish_reason == "error":
             self._send(request, Output(request.id, [], [], [], "", finished=True,
-                                       error=request.error or "generation failed"))
+                                       error=request.error or "generation failed", error_code=request.error_code))
         elif answer:  # what it has not streamed yet (a held-back tail included), and its result
             self._send_rest(request)
 
