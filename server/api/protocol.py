@@ -367,7 +367,8 @@ class _Sampling(_Body):
     logits_processors: Any = _vllm("logits_processors")
     # structured outputs, at most one per request: the output matches it, and the request ends where it does
     response_format: ResponseFormat | None = Field(None, description="OpenAI's: json_object (any JSON object) or "
-                                                   "json_schema (JSON valid against json_schema.schema)")
+                                                   "json_schema (JSON valid against json_schema.schema); vLLM's "
+                                                   "structural_tag (format, or structures and triggers)")
     guided_json: JsonSchema | None = Field(None, description="vLLM's: JSON valid against this schema (or its text)")
     guided_regex: str | None = Field(None, description="vLLM's: text that fully matches this regular expression")
     guided_choice: Choices | None = Field(None, description="vLLM's: exactly one of these strings")
@@ -476,8 +477,9 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: str | None = Field(None, description="not supported (no fill-in-the-middle): refused when not empty")
     # tool calling is chat's (ChatCompletionRequest)
-    tool_choice: Any = None
-    tools: list[Any] | None = None
+    tool_choice: Any = Field(None, description="chat's: not supported here (only 'none', with tools)")
+    tools: list[Any] | None = Field(None, description="chat's (send them to /v1/chat/completions): refused here "
+                                    "unless tool_choice is 'none'")
 
     _no_tools = field_validator("tools")(_calls_refused("tools", "tool_choice"))
 
