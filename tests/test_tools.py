@@ -107,6 +107,20 @@ def test_required_calls_one_or_more_of_the_tools(client):
         assert {t.function.name for t in choice.message.tool_calls} <= set(SCHEMAS)
 
 
+def test_a_stop_string_that_cuts_the_calls_leaves_finish_reason_stop(client):
+    """A required call cut by a stop string ("Paris", inside its arguments) is not a finished call: its arguments are
+    not JSON, and finish_reason "tool_calls" said it was (vLLM's required path fails to parse the cut array). It is
+    "stop", streamed and not; uncut, "tool_calls"."""
+    body = {"tool_choice": "required", "stop": ["Paris"]}
+    for out in (_create(client, **body), _streamed(client, **body)):
+        [choice] = out.choices
+        [call] = choice.message.tool_calls
+        assert choice.finish_reason == "stop" and call.function.arguments.rstrip().endswith('"'), choice
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(call.function.arguments)
+    assert _create(client, tool_choice="required").choices[0].finish_reason == "tool_calls"
+
+
 def test_streams_accumulate_to_the_unstreamed_answer(client):
     """Greedy, each tool_choice streamed and accumulated by the openai client equals the unstreamed answer."""
     for body in ({"tool_choice": NAMED}, {"tool_choice": "required"},
