@@ -392,7 +392,41 @@ def hostile_inputs() -> list[tuple[str, str, str | dict[str, Any]]]:
         ("temperature 1e-300", "/v1/completions", {"prompt": "x", "max_tokens": 2, "temperature": 1e-300}),
         ("probe too many tokens", "/v1/probe", {"prompts": ["x" * 100] * 64}),
         ("detokenize a million ids", "/detokenize", {"tokens": [5] * 400_000}),
+        # the newer fields, each at its bounds (tiny's CharTokenizer: "a" is token 100; no chat template, no xgrammar)
+        ("bad_words forbid the one allowed token", "/v1/completions",
+         {"prompt": "x", "max_tokens": 2, "allowed_token_ids": [100], "bad_words": ["a"]}),
+        ("bad_words at every bound", "/v1/completions",
+         {"prompt": "x", "max_tokens": 2, "bad_words": [f"{i:03d}" + "a" * 253 for i in range(128)]}),
+        ("129 bad words", "/v1/completions", {"prompt": "x", "bad_words": [str(i) for i in range(129)]}),
+        ("bad_words beside penalties, streamed", "/v1/completions",
+         {"prompt": "x" * 100, "max_tokens": 8, "bad_words": [chr(33 + i) for i in range(90)],
+          "repetition_penalty": 2.0, "frequency_penalty": 2.0, "stream": True}),
+        ("widest beam search, streamed, 20 logprobs", "/v1/completions",
+         {"prompt": "x", "max_tokens": 8, "n": 10, "use_beam_search": True, "logprobs": 20, "stream": True,
+          "length_penalty": -10, "ignore_eos": True}),
+        ("beam search over many prompts", "/v1/completions",
+         {"prompt": ["x"] * 64, "max_tokens": 2, "n": 10, "use_beam_search": True}),
+        ("beam search and bad_words", "/v1/completions",
+         {"prompt": "x", "max_tokens": 2, "n": 2, "use_beam_search": True, "bad_words": ["a"]}),
+        ("128 tools of deep schemas, required", "/v1/chat/completions",
+         {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required", "tools": _tools(128)}),
+        ("128 tools on /tokenize", "/tokenize", {"messages": [{"role": "user", "content": "x"}], "tools": _tools(128)}),
+        ("10000 structural tags", "/v1/completions",
+         {"prompt": "x", "max_tokens": 2, "response_format": {"type": "structural_tag", "triggers": ["<a"],
+                                                              "structures": [{"begin": "<a>", "schema": {},
+                                                                              "end": "</a>"}] * 10_000}}),
+        ("10000-rule Lark grammar", "/v1/completions",
+         {"prompt": "x", "max_tokens": 2, "guided_grammar": "\n".join(
+             ["start: r0"] + [f"r{i}: \"a\" r{i + 1} | \"b\"" for i in range(10_000)] + ['r10000: "c"'])}),
     ]
+
+
+def _tools(count: int) -> list[dict[str, Any]]:
+    """`count` function tools, each with a schema nested 20 objects deep."""
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(20):
+        schema = {"type": "object", "properties": {"x": schema}, "required": ["x"]}
+    return [{"type": "function", "function": {"name": f"f{i}", "parameters": schema}} for i in range(count)]
 
 
 @dataclass

@@ -779,6 +779,27 @@ def test_health_ready_openapi(client):
             "/detokenize", "/tokenizer_info", "/policies", "/health", "/ready", "/metrics"} <= set(paths)
 
 
+def test_openapi_describes_the_newer_fields(client):
+    """Tool calling, bad_words, beam search and structured outputs' additions, as a client generated from
+    /openapi.json sees them: each field present where it is taken, typed, and described (what it does, or where it
+    is refused)."""
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    fields = {"ChatCompletionRequest": ("tools", "tool_choice", "parallel_tool_calls", "bad_words", "use_beam_search",
+                                        "length_penalty", "response_format", "structured_outputs",
+                                        "guided_decoding_backend"),
+              "CompletionRequest": ("tools", "tool_choice", "bad_words", "use_beam_search", "length_penalty",
+                                    "response_format", "guided_decoding_backend"),
+              "TokenizeRequest": ("tools",)}
+    for model, names in fields.items():
+        properties = schemas[model]["properties"]
+        for name in names:
+            assert properties.get(name, {}).get("description"), (model, name, properties.get(name))
+        assert "structural_tag" in properties.get("response_format", {}).get("description", "structural_tag")
+    assert schemas["ResponseFormat"]["properties"]["type"]["enum"] == ["text", "json_object", "json_schema",
+                                                                       "structural_tag"]
+    assert "$ref" in str(schemas["ChatCompletionRequest"]["properties"]["tools"])  # typed, not "any"
+
+
 def test_metrics_count_requests_by_policy_and_errors(client):
     def scrape() -> str:
         r = client.get("/metrics")

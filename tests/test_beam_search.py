@@ -255,8 +255,9 @@ def test_chat_and_a_stream_answer_the_same_beams(client, http):
     assert streamed[-1].usage.completion_tokens == chat.usage.completion_tokens
 
 
-def _finished(http: httpx.Client) -> float:
-    return metric_value(http.get("/metrics").text, "painters:request_success_total", model=MODEL)
+def _steps(http: httpx.Client) -> float:
+    """Engine steps that ran (a search's steps are not requests in the metrics: it is, once)."""
+    return metric_value(http.get("/metrics").text, "painters:step_duration_seconds_count", model=MODEL)
 
 
 def _idle(http: httpx.Client) -> bool:
@@ -278,15 +279,37 @@ def test_a_client_that_goes_away_stops_the_search(http, stream):
                 pass
 
     def settled() -> bool:
-        before = _finished(http)
+        before = _steps(http)
         time.sleep(1)
-        return _idle(http) and _finished(http) == before
+        return _idle(http) and _steps(http) == before
     wait_until(settled, timeout=60, what="the engine settles once the client left")
-    done = _finished(http)
+    done = _steps(http)
     with pytest.raises(TimeoutError):  # nothing more finishes: the search is not running on
-        wait_until(lambda: _finished(http) != done, timeout=3, what="another step")
+        wait_until(lambda: _steps(http) != done, timeout=3, what="another step")
     r = http.post("/v1/completions", json={**body, "max_tokens": 2, "stream": False})
     assert r.status_code == 200 and len(r.json()["choices"]) == 4
+
+
+def test_a_search_is_one_request_per_prompt_in_the_metrics(tiny):
+    """Its one-token steps are not requests a Prometheus user sent: each prompt's search is counted once, with its
+    prompt once, the tokens generated for its beams, one latency sample, and its best beam's finish reason."""
+    def seen() -> dict[str, float]:
+        text = tiny.get("/metrics").text
+        return {name: metric_value(text, f"painters:{name}", policy="full") for name in (
+            "request_success_total", "prompt_tokens_total", "generation_tokens_total",
+            "e2e_request_latency_seconds_count", "time_to_first_token_seconds_count",
+            "time_per_output_token_seconds_count")}
+    before = seen()
+    r = tiny.post("/v1/completions", json=_beams(prompt=["hello world", "the cat sat"], n=3, max_tokens=5,
+                                                 ignore_eos=True))
+    assert r.status_code == 200, r.text
+    after = seen()
+    grew = {name: after[name] - before[name] for name in after}
+    # 2 prompts of 3 and 4 tokens (BOS included); steps 1 + 3 + 3 + 3 + 3 beams each; 4 inter-step times each
+    assert grew == {"request_success_total": 2, "prompt_tokens_total": 7, "generation_tokens_total": 2 * 13,
+                    "e2e_request_latency_seconds_count": 2, "time_to_first_token_seconds_count": 2,
+                    "time_per_output_token_seconds_count": 2 * 4}, grew
+    assert r.json()["usage"]["prompt_tokens"] == 7
 
 
 def test_a_beam_answer_has_openais_shape_and_painters_timings(tiny):

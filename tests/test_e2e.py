@@ -653,6 +653,27 @@ def test_what_does_not_compile_is_a_400_naming_it(http, body, param, says):
         assert fragment in err["message"], (fragment, err["message"])
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_words_that_leave_a_grammar_no_token_are_a_400_naming_them(http, stream):
+    """guided_choice ["Rome"] allows " Rome" and its other spellings' first tokens; bad_words masks each ("Rome", as
+    written and after a space, and "R", "Ro", "Rom"): no token is left. vLLM samples from the all -inf row; this was
+    a 500 "sampling failed". A 400 (an error frame when streamed) naming the masks, and the server goes on."""
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "guided_choice": ["Rome"],
+            "bad_words": ["Rome", "R", "Ro", "Rom"], "stream": stream}
+    r = http.post("/v1/completions", json=body)
+    if stream:
+        assert r.status_code == 200
+        [frame] = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        err = frame["error"]
+    else:
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+    assert err["code"] == "no_token_allowed", err
+    assert "the structured output and bad_words together forbid every token" in err["message"], err
+    ok = http.post("/v1/completions", json={**body, "bad_words": ["Rome"], "stream": False})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] != "", ok.text
+
+
 def test_two_structured_outputs_at_once_are_a_400(client):
     with pytest.raises(openai.BadRequestError, match="at most one structured output.*guided_regex and "
                                                      "guided_choice"):

@@ -111,11 +111,11 @@ def test_compiled_grammars_are_cached_within_a_bound(smollm2):
         assert grammars.cached_bytes <= 4 * 2**20 + one
 
 
-def _slow_schema(n: int) -> StructuredOutput:
+def _slow_schema(n: int, *, size: int = 300) -> StructuredOutput:
     """A JSON schema that takes a while to compile on SmolLM2's vocabulary (optional properties are costly: 300 take
-    ~0.7 s here, 1000 take ~10 s), each n its own (nothing cached)."""
+    ~0.3-0.7 s here, 500 ~1 s, 1000 ~10 s), each n its own (nothing cached)."""
     return StructuredOutput("json", json.dumps({"type": "object", "properties": {
-        f"p{n}_{i}": {"type": "string"} for i in range(300)}}), param="guided_json")
+        f"p{n}_{i}": {"type": "string"} for i in range(size)}}), param="guided_json")
 
 
 @pytest.mark.slow
@@ -170,6 +170,25 @@ def test_a_compile_that_finds_every_slot_busy_past_its_deadline_is_told_to_retry
         grammars.compile_within(StructuredOutput("regex", "[a-z]+"))
     grammars.compile_timeout = 60
     assert grammars.compile_within(StructuredOutput("regex", "[a-z]+")) is not None
+
+
+@pytest.mark.slow
+def test_a_compile_that_waited_most_of_its_deadline_for_a_slot_is_told_to_retry_not_that_it_is_too_large(smollm2):
+    """Both slots hold slow compiles (~1 s each); a third as slow waits for one (or past its deadline: never
+    started), then runs past its 1.2 s deadline. It was a GrammarError, "make it smaller or simpler" (a 400 its
+    client cannot fix, for a compile given a fraction of its time); it is GrammarBusy (a 503 to retry)."""
+    tok = smollm2.tokenizer
+    grammars = Grammars(tok, vocab_size=smollm2.config.vocab_size, stop_ids=smollm2.eos_token_ids,
+                        compile_timeout=0.02)
+    grammars.warm().join()
+    for n in range(COMPILE_SLOTS):
+        with pytest.raises(GrammarError, match="does not compile within"):
+            grammars.compile_within(_slow_schema(30 + n, size=500))
+    grammars.compile_timeout = 1.2
+    with pytest.raises(GrammarBusy, match="retry"):
+        grammars.compile_within(_slow_schema(40, size=500))
+    grammars.compile_timeout = 60
+    assert grammars.compile_within(_slow_schema(41)) is not None
 
 
 @pytest.mark.slow

@@ -85,6 +85,11 @@ def test_hostile_inputs_get_4xx_or_bounded_cost_and_the_server_stays_healthy(url
     assert s["deep policy JSON in a string"] == 400  # a RecursionError: it was a 500
     assert s["4 KB parallel group"] == 400  # 2,044 members run at once: ~30 GB at 480 tokens on SmolLM2's width
     assert s["300-step schedule"] in (200, 400) and s["4096-step schedule"] == 400
+    # the newer fields: a mask that leaves no token is the request's own conflict (it was a 500); bounds are 400s
+    assert s["bad_words forbid the one allowed token"] == 400
+    assert s["bad_words at every bound"] == 400 and s["129 bad words"] == 400
+    assert s["widest beam search, streamed, 20 logprobs"] == 200 and s["beam search and bad_words"] == 400
+    assert s["bad_words beside penalties, streamed"] == 200
 
 
 @pytest.mark.parametrize("body,code,says", [

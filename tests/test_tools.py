@@ -107,6 +107,20 @@ def test_required_calls_one_or_more_of_the_tools(client):
         assert {t.function.name for t in choice.message.tool_calls} <= set(SCHEMAS)
 
 
+def test_a_stop_string_that_cuts_the_calls_leaves_finish_reason_stop(client):
+    """A required call cut by a stop string ("Paris", inside its arguments) is not a finished call: its arguments are
+    not JSON, and finish_reason "tool_calls" said it was (vLLM's required path fails to parse the cut array). It is
+    "stop", streamed and not; uncut, "tool_calls"."""
+    body = {"tool_choice": "required", "stop": ["Paris"]}
+    for out in (_create(client, **body), _streamed(client, **body)):
+        [choice] = out.choices
+        [call] = choice.message.tool_calls
+        assert choice.finish_reason == "stop" and call.function.arguments.rstrip().endswith('"'), choice
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(call.function.arguments)
+    assert _create(client, tool_choice="required").choices[0].finish_reason == "tool_calls"
+
+
 def test_streams_accumulate_to_the_unstreamed_answer(client):
     """Greedy, each tool_choice streamed and accumulated by the openai client equals the unstreamed answer."""
     for body in ({"tool_choice": NAMED}, {"tool_choice": "required"},
@@ -243,6 +257,11 @@ BAD: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
         "name": "f"}}, "response_format": {"type": "json_object"}}, ("response_format", "send one")),
     ("required-and-guided-json", {"tools": [_tool("f")], "tool_choice": "required", "guided_json": {"type": "object"}},
      ("guided_json", "send one")),
+    # ignore_eos decoded on past the call's JSON, unconstrained: its arguments were the JSON and more text
+    ("named-and-ignore-eos", {"tools": [_tool("f")], "tool_choice": {"type": "function", "function": {"name": "f"}},
+                              "ignore_eos": True}, ("ignore_eos", "arguments' JSON")),
+    ("required-and-ignore-eos", {"tools": [_tool("f")], "tool_choice": "required", "ignore_eos": True},
+     ("ignore_eos", "leave ignore_eos out")),
     ("history-arguments-not-json", {"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [{
         "id": "c", "type": "function", "function": {"name": "f", "arguments": "{city: Paris"}}]}]},
      ("JSON text",)),
@@ -301,6 +320,10 @@ def test_tools_and_calls_reach_the_chat_template():
         # tools "the" and "hi"; the call "sat" with its argument "cat" (null content as ""); the tool message (its
         # role is no word here: <pad>) with its tool_call_id "there"
         assert " ".join(prompt) == "the hi user : hello assistant : sat cat <pad> : world there assistant :"
+        # /tokenize renders the same prompt, tools included (vLLM's takes them): its count is the chat's
+        tokenized = http.post("/tokenize", json={"messages": history, "tools": [_tool("the"), _tool("hi")]})
+        assert tokenized.status_code == 200, tokenized.text
+        assert tokenized.json()["count"] == r.json()["usage"]["prompt_tokens"] == len(prompt) + 1
 
 
 # -- reading calls out of text, whole or in pieces (no model) --------------------------------------------------------

@@ -26,6 +26,7 @@ from server.api.protocol import BEAM_WIDTH
 from server.api.state import AppState
 from server.engine.request import GenerationResult, Output, Timings
 from server.engine.sampling_params import LOGPROBS, SamplingParams
+from server.metrics import RequestStats
 
 if TYPE_CHECKING:
     from server.engine.served import ServedModel
@@ -69,6 +70,7 @@ class Search:
     live: list[Beam] = field(default_factory=lambda: [Beam()])
     ended: list[Beam] = field(default_factory=list)
     steps: int = 0
+    generated: int = 0  # tokens the engine generated for it: one per live beam per step
 
     @property
     def done(self) -> bool:
@@ -78,6 +80,7 @@ class Search:
         """tops[i]: live beam i's next-token logprobs (at least its 2 x width likeliest). Every EOS among a beam's
         2 x width likeliest ends a copy of it; of the other continuations, the `width` likeliest live on."""
         assert len(tops) == len(self.live) and not self.done
+        self.generated += len(tops)
         candidates: list[tuple[float, int, float, Beam, dict[int, float]]] = []  # (cum, token, its logprob, ...)
         for beam, top in zip(self.live, tops, strict=True):
             likeliest = sorted(top.items(), key=lambda kv: -kv[1])[:2 * self.width]
@@ -161,7 +164,7 @@ def _submit(state: AppState, prefix: str, ready: pipeline.Prepared, searches: li
             ) -> list[pipeline.RequestStream]:
     """One step: a one-token request for each live beam of each unfinished search, in that order."""
     requests = [pipeline.engine_request(pipeline.new_request_id(f"{prefix}-beam"), prompt.ids + beam.tokens, step,
-                                        ready.schedule)
+                                        ready.schedule, counted=False)
                 for prompt, search in zip(ready.prompts, searches, strict=True) if not search.done
                 for beam in search.live]
     return pipeline.submit_all(state, requests)
@@ -171,15 +174,45 @@ async def _run(state: AppState, prefix: str, ready: pipeline.Prepared, searches:
                streams: list[pipeline.RequestStream], shape: _Shape, began: float) -> list[list[GenerationResult]]:
     """The search from its first step on (already submitted: `streams`): the searches' best beams as results, per
     prompt. Timed as a request whose tokens are the steps: the first step's queue and prefill, then one token per
-    step."""
-    served, _ = state.require()
+    step. Each prompt's search is observed in the metrics as one request (`_observe`), its steps as none."""
     timings: list[Timings] = []
+    try:
+        results = await _search(state, prefix, ready, searches, step, streams, shape, began, timings)
+    except BaseException as e:
+        _observe(state, ready, searches, timings, began, "abort" if isinstance(e, asyncio.CancelledError) else "error")
+        raise
+    _observe(state, ready, searches, timings, began, None)
+    return results
+
+
+def _observe(state: AppState, ready: pipeline.Prepared, searches: list[Search], timings: list[Timings],
+             began: float, reason: str | None) -> None:
+    """Each prompt's search as one request in the metrics, as a client sees it: its prompt once, the tokens the
+    engine generated for it, the first step's queue and prefill, one inter-token time per step, and the best beam's
+    finish reason (or `reason`: abort, error). vLLM counts every step of every beam as a request of its own (its
+    beam search calls generate per beam per step), as these steps were: a width-3 search of 10 tokens after a 5-token
+    prompt was 28 one-token requests and 275 prompt tokens in its policy's request, token and latency series."""
+    now = time.perf_counter()
+    for prompt, search, t in itertools.zip_longest(ready.prompts, searches, timings):
+        t = t or Timings(queue_s=now - began)
+        best = search.best()[0].finish_reason or "length" if reason is None else reason
+        state.metrics.observe_request(RequestStats(
+            policy=ready.schedule.policy, finished_reason=best, prompt_tokens=len(prompt.ids),
+            generation_tokens=search.generated, queue_s=t.queue_s, prefill_s=t.prefill_s, decode_s=t.decode_s,
+            ttft_s=t.ttft_s, e2e_s=now - began, per_token_s=tuple(t.per_token_s)))
+
+
+async def _search(state: AppState, prefix: str, ready: pipeline.Prepared, searches: list[Search], step: SamplingParams,
+                  streams: list[pipeline.RequestStream], shape: _Shape, began: float, timings: list[Timings]
+                  ) -> list[list[GenerationResult]]:
+    """`_run`'s search; `timings` (empty) gets each prompt's once its first step is in."""
+    served, _ = state.require()
     while True:
         results = await _step(streams)
         now = time.perf_counter()
         if not timings:  # the first step is one request per prompt
-            timings = [Timings(queue_s=r.timings.queue_s, prefill_s=r.timings.prefill_s, ttft_s=now - began)
-                       for r in results]
+            timings += [Timings(queue_s=r.timings.queue_s, prefill_s=r.timings.prefill_s, ttft_s=now - began)
+                        for r in results]
             for t in timings:
                 t.first_token(now)
         at = 0

@@ -80,7 +80,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
             messages = [m.for_template() for m in body.messages]
         except ValueError as e:
             raise APIError(400, f"cannot apply this model's chat template ({e})", param="messages") from None
-        chat = Chat(messages, body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs)
+        chat = Chat(messages, body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs,
+                    tools=[t.model_dump() for t in body.tools] if body.tools else None)
         [prompt] = await pipeline.tokenize(state, chat)
         ids = prompt.ids
     else:

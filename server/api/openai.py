@@ -277,7 +277,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             index=i, message=ChatResponseMessage(content=parsed.content, tool_calls=parsed.calls or None),
             logprobs=_chat_logprobs(served, r.token_ids, r.logprobs, r.top_logprobs, as_ids=as_ids) if body.logprobs
             else None,
-            finish_reason=tool_parsers.finish_reason(tool_plan, r.finish_reason, called=bool(parsed.calls)),
+            finish_reason=tool_parsers.finish_reason(tool_plan, r.finish_reason,
+                                                     called=bool(parsed.calls) and parsed.complete),
         ))
     out = ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
                                  usage=_usage([len(run.prompts[0].ids)], results),
@@ -324,7 +325,7 @@ async def _stream_chat(served: ServedModel, run: Running, *, rid: str, created: 
                 if piece.content is None and not piece.tool_calls and lp is None and final is None:
                     continue  # nothing to say yet (a call's name, or what may begin a call, is still coming)
                 delta = ChatDelta(content=piece.content, tool_calls=piece.tool_calls or None)
-                reason = tool_parsers.finish_reason(tool_plan, reason, called=readers[i].called)
+                reason = tool_parsers.finish_reason(tool_plan, reason, called=readers[i].called and readers[i].complete)
             c = chunk([ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=reason)])
             if final is not None:
                 results.append(final)

@@ -253,6 +253,8 @@ class RequestStream:
             out = await self.queue.get()
             if out.error:
                 self.done = True
+                if out.error_code is not None:  # the request's own parameters left it nothing to generate
+                    raise APIError(400, out.error, code=out.error_code)
                 raise APIError(500, out.error, code=GENERATION_FAILED)
             if out.finished:
                 self.done = True
@@ -383,10 +385,11 @@ def new_request_id(prefix: str) -> str:
 
 
 def engine_request(rid: str, prompt_ids: list[int], params: SamplingParams, schedule: Schedule, *,
-                   grammar: Grammar | None = None) -> EngineRequest:
-    """A request to submit; with `grammar` (its structured output compiled), a matcher of its own."""
+                   grammar: Grammar | None = None, counted: bool = True) -> EngineRequest:
+    """A request to submit; with `grammar` (its structured output compiled), a matcher of its own. counted: whether
+    the metrics observe it as a request (`EngineRequest.counted`)."""
     return EngineRequest(id=rid, prompt_ids=prompt_ids, params=params, schedule=schedule, arrival=time.perf_counter(),
-                         grammar=None if grammar is None else grammar.matcher())
+                         grammar=None if grammar is None else grammar.matcher(), counted=counted)
 
 
 def timings(result: GenerationResult) -> Timings:

@@ -14,8 +14,8 @@ from pydantic import (
 )
 
 from server.api.tools import (
-    FUNCTION_NAME, ChatTool, DeltaToolCall, SentToolCall, ToolCall, ToolChoice, check_choice, check_one_constraint,
-    check_tools,
+    FUNCTION_NAME, ChatTool, DeltaToolCall, SentToolCall, ToolCall, ToolChoice, check_choice, check_ends_at_call,
+    check_one_constraint, check_tools,
 )
 from server.engine.sampling_params import (
     LOGIT_BIAS, LOGPROBS, MAX_BAD_WORD_LENGTH, MAX_BAD_WORD_SEQUENCES, MAX_BAD_WORD_TOKENS, MAX_BAD_WORDS,
@@ -367,7 +367,8 @@ class _Sampling(_Body):
     logits_processors: Any = _vllm("logits_processors")
     # structured outputs, at most one per request: the output matches it, and the request ends where it does
     response_format: ResponseFormat | None = Field(None, description="OpenAI's: json_object (any JSON object) or "
-                                                   "json_schema (JSON valid against json_schema.schema)")
+                                                   "json_schema (JSON valid against json_schema.schema); vLLM's "
+                                                   "structural_tag (format, or structures and triggers)")
     guided_json: JsonSchema | None = Field(None, description="vLLM's: JSON valid against this schema (or its text)")
     guided_regex: str | None = Field(None, description="vLLM's: text that fully matches this regular expression")
     guided_choice: Choices | None = Field(None, description="vLLM's: exactly one of these strings")
@@ -476,8 +477,9 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: str | None = Field(None, description="not supported (no fill-in-the-middle): refused when not empty")
     # tool calling is chat's (ChatCompletionRequest)
-    tool_choice: Any = None
-    tools: list[Any] | None = None
+    tool_choice: Any = Field(None, description="chat's: not supported here (only 'none', with tools)")
+    tools: list[Any] | None = Field(None, description="chat's (send them to /v1/chat/completions): refused here "
+                                    "unless tool_choice is 'none'")
 
     _no_tools = field_validator("tools")(_calls_refused("tools", "tool_choice"))
 
@@ -571,6 +573,7 @@ class ChatCompletionRequest(_Sampling):
     def _one_constraint(self) -> ChatCompletionRequest:
         structured = self.structured_output
         check_one_constraint(self.tool_choice, structured=None if structured is None else structured.param)
+        check_ends_at_call(self.tool_choice, ignore_eos=self.ignore_eos)
         return self
 
     @field_validator("echo")
@@ -710,6 +713,9 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # as chat's
     chat_template_kwargs: dict[str, Any] | None = None  # as chat's
+    tools: Annotated[list[ChatTool], FAIL_FAST, AfterValidator(check_tools)] | None = Field(
+        None, max_length=128, description="messages: the tools the chat template describes, as chat's (vLLM's "
+        "tokenize takes them), so the count is the chat's prompt_tokens")
 
     _continues = field_validator("continue_final_message")(_continue_or_open)
 

@@ -28,6 +28,7 @@ class Parsed:
 
     content: str | None
     calls: list[ToolCall]
+    complete: bool = True  # the calls' text ended (required: its array closed; a stop string may cut it first)
 
 
 @dataclass
@@ -53,7 +54,7 @@ def _parse(plan: ToolPlan, text: str) -> Parsed:
         reader = RequiredCalls()
         reader.feed(text)
         return Parsed("", [ToolCall(id=new_tool_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
-                           for c in reader.calls if c.name is not None])
+                           for c in reader.calls if c.name is not None], complete=reader.closed)
     if plan.mode == "auto":
         content, calls = hermes_calls(text)
         return Parsed(content, [ToolCall(id=new_tool_call_id(), function=f) for f in calls])
@@ -62,7 +63,8 @@ def _parse(plan: ToolPlan, text: str) -> Parsed:
 
 def finish_reason(plan: ToolPlan, engine_reason: str | None, *, called: bool) -> str | None:
     """OpenAI's: "tool_calls" where the model chose to call (required, auto) and stopped of itself; a named call
-    keeps the engine's reason ("stop"), as in vLLM."""
+    keeps the engine's reason ("stop"), as in vLLM. called: calls were made and their text is whole (a stop string
+    that cut a required array leaves "stop": its last arguments are not JSON)."""
     if called and plan.mode in ("required", "auto") and engine_reason == "stop":
         return "tool_calls"
     return engine_reason
@@ -90,6 +92,12 @@ class RequiredCalls:
         self._key: str | None = None
         self._after_colon = False
         self._capturing = False  # inside a call's "parameters" value
+        self._opened = False  # the array began
+
+    @property
+    def closed(self) -> bool:
+        """Whether the array began and ended."""
+        return self._opened and self._depth == 0
 
     def feed(self, text: str) -> None:
         for c in text:
@@ -141,6 +149,7 @@ class RequiredCalls:
             self._in_string, self._buf = True, ""
         elif c in "{[":
             self._depth += 1
+            self._opened = True
             if self._depth == 2:
                 self.calls.append(_Call())
                 self._key, self._after_colon = None, False
@@ -193,6 +202,11 @@ class StreamReader:
         self._sent = 0  # content characters sent (hermes)
         self._named = _Call(name=plan.name)
         self._required = RequiredCalls()
+
+    @property
+    def complete(self) -> bool:
+        """Whether the calls' text is whole so far (`Parsed.complete`)."""
+        return self.plan.mode != "required" or self._required.closed
 
     def feed(self, text: str, *, finished: bool) -> Delta:
         self._text += text

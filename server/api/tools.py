@@ -208,6 +208,16 @@ def check_one_constraint(choice: ToolChoice | None, *, structured: str | None) -
                          "constrains it too; send one of them")
 
 
+def check_ends_at_call(choice: ToolChoice | None, *, ignore_eos: bool) -> None:
+    """A named or required choice's answer is its calls' JSON, which ends where its grammar does; ignore_eos decodes
+    on past that end, unconstrained, and the arguments would be that JSON followed by whatever came next (vLLM hands
+    the whole text over as the arguments: broken JSON). Refused, as a call cannot be both."""
+    if ignore_eos and (isinstance(choice, NamedToolChoice) or choice == "required"):
+        raise ValueError(f"tool_choice {_shown(choice)} ends the answer where its calls' JSON ends, and ignore_eos "
+                         "would decode on past it, breaking the arguments' JSON; leave ignore_eos out (or send "
+                         'tool_choice "none" or "auto")')
+
+
 def _shown(choice: ToolChoice) -> str:
     return f"{{function: {choice.function.name}}}" if isinstance(choice, NamedToolChoice) else json.dumps(choice)
 

@@ -48,6 +48,8 @@ from server.engine.request import GenerationResult, Request, Timings
 from server.engine.sampling import PromptCache, SamplingBatch, SamplingParams, make_generator, sample_batch
 from server.engine.served import encode, encode_word
 
+NO_TOKEN_ALLOWED = "no_token_allowed"  # a row's own masks left it nothing to choose (`_why_failed`)
+
 __all__ = ["Batch", "Engine", "GenerationResult", "Launched", "ModelOutput", "Request", "StepInput", "Timings"]
 
 _ids = itertools.count()
@@ -80,6 +82,7 @@ class ModelOutput:
     top: list[dict[int, float]]  # the num_top most likely tokens -> logprob (empty when none asked)
     errors: dict[int, str]
     hidden: Tensor | None = None  # [B, T, d] final hidden states of echo prefills (their prompt logits come from it)
+    stuck: frozenset[int] = frozenset()  # failed rows whose every token was -inf or NaN (no token to choose)
 
 
 @dataclass
@@ -227,13 +230,13 @@ class Batch:
 
         def fetch() -> ModelOutput:
             host = to_host()
-            for b, ok in enumerate(host.alive):
-                if not ok and b not in failed:
-                    failed[b] = (f"sampling failed: ValueError: row {b} has no token with a finite logit (all are -inf "
-                                 "or NaN)")
+            stuck = frozenset(b for b, ok in enumerate(host.alive) if not ok and b not in failed)
+            for b in stuck:
+                failed[b] = (f"sampling failed: ValueError: row {b} has no token with a finite logit (all are -inf "
+                             "or NaN)")
             top = ([dict(zip(i, v)) for i, v in zip(host.top_ids, host.top_logprobs)] if k
                    else [{} for _ in host.alive])
-            return ModelOutput(token_ids=host.token_ids, logprobs=host.logprobs, top=top, errors=failed)
+            return ModelOutput(token_ids=host.token_ids, logprobs=host.logprobs, top=top, errors=failed, stuck=stuck)
 
         return tokens, fetch
 
@@ -255,7 +258,7 @@ class Batch:
             if s.finished:
                 continue
             if b in out.errors:
-                s.set_finished("error", _why_failed(s, out.errors[b]))
+                s.set_finished("error", *_why_failed(s, out.errors[b], stuck=b in out.stuck))
                 continue
             try:
                 if prefill_from is None:
@@ -470,13 +473,23 @@ def _detokenizer(tokenizer: Any, params: SamplingParams) -> IncrementalDetokeniz
                                   spaces_between_special_tokens=params.spaces_between_special_tokens)
 
 
-def _why_failed(s: Request, error: str) -> str:
-    """A row's sampling error, said as its cause where that is known: a structured output whose grammar is complete
-    allows only a stop token, which min_tokens forbids, so no token was left to choose."""
+def _why_failed(s: Request, error: str, *, stuck: bool) -> tuple[str, str | None]:
+    """A row's sampling error and its code, said as its cause where that is the request's own (code
+    NO_TOKEN_ALLOWED: a client error, not the server's): a structured output whose grammar is complete allows only a
+    stop token, which min_tokens forbids; or (`stuck`: every token was -inf) the masks it asked for together forbid
+    every token (bad_words over what its grammar or allowed_token_ids allow; vLLM samples from the all -inf row)."""
     if s.grammar is not None and len(s.output_ids) < s.params.min_tokens:
         return (f"the structured output was complete after {len(s.output_ids)} tokens, before min_tokens "
-                f"({s.params.min_tokens}), which forbids ending it there: lower min_tokens")
-    return error
+                f"({s.params.min_tokens}), which forbids ending it there: lower min_tokens", NO_TOKEN_ALLOWED)
+    p = s.params
+    masks = [name for name, used in (("the structured output", _constrained(s)),
+                                     ("allowed_token_ids", p.allowed_token_ids is not None),
+                                     ("bad_words", bool(p.bad_words_ids))) if used]
+    if stuck and len(masks) > 1:
+        return (f"no token was left to choose after {len(s.output_ids)} output tokens: {' and '.join(masks)} "
+                "together forbid every token there; send bad_words (or allowed_token_ids) that leave it a way on",
+                NO_TOKEN_ALLOWED)
+    return error, None
 
 
 def _constrained(s: Request) -> bool:

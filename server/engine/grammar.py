@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import Sequence
@@ -141,14 +142,26 @@ class Grammars:
 
     def compile_within(self, spec: StructuredOutput) -> Grammar:
         """`compile` in a compile slot, within `compile_timeout` seconds (see the module's docstring). Raises
-        GrammarError (its deadline passed too: the spec is too large to serve), GrammarBusy, GrammarUnavailable."""
-        future: Future[Grammar] = self._slots.submit(self.compile, spec)
+        GrammarError (its deadline passed too: the spec is too large to serve), GrammarBusy (it waited for a slot
+        past its deadline, or most of it: a compile given less than half its time is not judged too large),
+        GrammarUnavailable."""
+        submitted, started = time.monotonic(), []
+
+        def run() -> Grammar:
+            started.append(time.monotonic())
+            return self.compile(spec)
+
+        future: Future[Grammar] = self._slots.submit(run)
         try:
             return future.result(timeout=self.compile_timeout)
         except FutureTimeout:
             if future.cancel():  # it never started
                 raise GrammarBusy(f"every structured-output compile slot ({COMPILE_SLOTS}) stayed busy for "
                                   f"{self.compile_timeout:g} s; retry") from None
+            waited = started[0] - submitted if started else self.compile_timeout
+            if waited > self.compile_timeout / 2:  # its grammar is cached once done: a retry is quick
+                raise GrammarBusy(f"the structured-output compile slots ({COMPILE_SLOTS}) were busy for {waited:.2g} "
+                                  f"of its {self.compile_timeout:g} s; retry") from None
             what = WHAT["lark" if spec.kind == "grammar" and is_lark(str(spec.spec)) else spec.kind]
             raise GrammarError(f"{spec.param}: {what} does not compile within {self.compile_timeout:g} s: make it "
                                "smaller or simpler") from None

@@ -180,7 +180,7 @@ class EngineLoop:
         self._record(request)
         if request.finish_reason == "error":
             self._send(request, Output(request.id, [], [], [], "", finished=True,
-                                       error=request.error or "generation failed"))
+                                       error=request.error or "generation failed", error_code=request.error_code))
         elif answer:  # what it has not streamed yet (a held-back tail included), and its result
             self._send_rest(request)
 
@@ -309,7 +309,7 @@ class EngineLoop:
             log.debug("sink for %s failed", r.id, exc_info=True)
 
     def _record(self, r: Request) -> None:
-        if not self.metrics or r.probe_prompts is not None:
+        if not self.metrics or r.probe_prompts is not None or not r.counted:
             return
         tm = r.timings
         if r.scheduled is None:  # ended before it ran

@@ -101,6 +101,7 @@ class Output:
     finished: bool = False
     result: GenerationResult | None = None
     error: str | None = None
+    error_code: str | None = None  # the request's own failure (`Request.error_code`): a 400, not a 500
     probe: ProbeStats | None = None
     timings: Timings | None = None  # the request's timings so far, on every output before the last
 
@@ -117,6 +118,8 @@ class Request:
     params: SamplingParams
     schedule: Schedule
     arrival: float = field(default_factory=time.perf_counter)
+    # observed in the metrics as a request of its own; a beam search's one-token steps are not (the search is, once)
+    counted: bool = True
     probe_prompts: list[list[int]] | None = None  # a probe: one forward pass of these, statistics instead of tokens
     sink: Sink | None = None  # receives its `Output`s (the engine loop's requests)
     status: Status = Status.WAITING
@@ -132,6 +135,7 @@ class Request:
     text: str = ""
     finish_reason: str | None = None
     error: str | None = None
+    error_code: str | None = None  # set where the error is the request's own (its parameters conflict): a 400
     timings: Timings = field(default_factory=Timings)
     scheduled: float | None = None  # when it entered the batch
     stop_from: int = 0  # stop strings match only text from here on (text after min_tokens)
@@ -155,12 +159,12 @@ class Request:
             return sum(len(p) for p in self.probe_prompts)
         return len(self.prompt_ids) + self.params.max_tokens
 
-    def set_finished(self, reason: str, error: str | None = None) -> None:
-        """Mark why it ended (the first reason wins). Only the end function (`Scheduler.finish`) and the step's
-        update call this: a request is ended in one place."""
+    def set_finished(self, reason: str, error: str | None = None, code: str | None = None) -> None:
+        """Mark why it ended (the first reason wins); `code`: a failure that is the request's own. Only the end
+        function (`Scheduler.finish`) and the step's update call this: a request is ended in one place."""
         assert reason in FINISH_REASONS, reason
         if self.finish_reason is None:
-            self.finish_reason, self.error = reason, error
+            self.finish_reason, self.error, self.error_code = reason, error, code
 
     def result(self) -> GenerationResult:
         return GenerationResult(
