@@ -10,6 +10,8 @@ import json
 import re
 import sys
 import threading
+import time
+from typing import Any
 
 import jsonschema
 import pytest
@@ -111,6 +113,18 @@ def test_compiled_grammars_are_cached_within_a_bound(smollm2):
         assert grammars.cached_bytes <= 4 * 2**20 + one
 
 
+def _slots_held(smollm2: Any, *, first: int, size: int = 300) -> Grammars:
+    """SmolLM2's grammars with every compile slot holding a slow compile that its request gave up on (0.02 s
+    deadline); the compiles are schemas `first`, `first` + 1, ..."""
+    grammars = Grammars(smollm2.tokenizer, vocab_size=smollm2.config.vocab_size, stop_ids=smollm2.eos_token_ids,
+                        compile_timeout=0.02)
+    grammars.warm().join()
+    for n in range(COMPILE_SLOTS):
+        with pytest.raises(GrammarError, match="does not compile within"):
+            grammars.compile_within(_slow_schema(first + n, size=size))
+    return grammars
+
+
 def _slow_schema(n: int, *, size: int = 300) -> StructuredOutput:
     """A JSON schema that takes a while to compile on SmolLM2's vocabulary (optional properties are costly: 300 take
     ~0.3-0.7 s here, 500 ~1 s, 1000 ~10 s), each n its own (nothing cached)."""
@@ -159,13 +173,7 @@ def test_a_compile_past_its_deadline_is_refused_and_finishes_in_its_slot(smollm2
 def test_a_compile_that_finds_every_slot_busy_past_its_deadline_is_told_to_retry(smollm2):
     """The slots all hold slow compiles (requests that gave up on them): a request queued behind them past its
     deadline is dropped unstarted, as GrammarBusy; once they end, it compiles."""
-    tok = smollm2.tokenizer
-    grammars = Grammars(tok, vocab_size=smollm2.config.vocab_size, stop_ids=smollm2.eos_token_ids,
-                        compile_timeout=0.02)
-    grammars.warm().join()
-    for n in range(COMPILE_SLOTS):
-        with pytest.raises(GrammarError, match="does not compile within"):
-            grammars.compile_within(_slow_schema(10 + n))
+    grammars = _slots_held(smollm2, first=10)
     with pytest.raises(GrammarBusy, match=r"every structured-output compile slot \(2\) stayed busy for 0.02 s; retry"):
         grammars.compile_within(StructuredOutput("regex", "[a-z]+"))
     grammars.compile_timeout = 60
@@ -174,21 +182,32 @@ def test_a_compile_that_finds_every_slot_busy_past_its_deadline_is_told_to_retry
 
 @pytest.mark.slow
 def test_a_compile_that_waited_most_of_its_deadline_for_a_slot_is_told_to_retry_not_that_it_is_too_large(smollm2):
-    """Both slots hold slow compiles (~1 s each); a third as slow waits for one (or past its deadline: never
-    started), then runs past its 1.2 s deadline. It was a GrammarError, "make it smaller or simpler" (a 400 its
-    client cannot fix, for a compile given a fraction of its time); it is GrammarBusy (a 503 to retry)."""
-    tok = smollm2.tokenizer
-    grammars = Grammars(tok, vocab_size=smollm2.config.vocab_size, stop_ids=smollm2.eos_token_ids,
+    """Both slots hold compiles until 0.7 s in; a third starts then and runs past its 1 s deadline. It was a
+    GrammarError, "make it smaller or simpler" (a 400 its client cannot fix, for a compile given a fraction of its
+    time); it is GrammarBusy (a 503 to retry). The compiles' times are set by hand (real compiles' vary with the
+    machine's load), the classification is compile_within's own."""
+    grammars = Grammars(smollm2.tokenizer, vocab_size=smollm2.config.vocab_size, stop_ids=smollm2.eos_token_ids,
                         compile_timeout=0.02)
     grammars.warm().join()
-    for n in range(COMPILE_SLOTS):
+    real, gate = grammars.compile, threading.Event()
+
+    def compile(spec: StructuredOutput) -> Any:
+        if spec.spec == "held":
+            gate.wait(30)
+        else:
+            time.sleep(1.0)  # runs past the third's deadline from wherever it starts
+        return real(spec)
+
+    grammars.compile = compile  # type: ignore[method-assign]
+    for _ in range(COMPILE_SLOTS):
         with pytest.raises(GrammarError, match="does not compile within"):
-            grammars.compile_within(_slow_schema(30 + n, size=500))
-    grammars.compile_timeout = 1.2
+            grammars.compile_within(StructuredOutput("regex", "held"))
+    grammars.compile_timeout = 1.0
+    threading.Timer(0.7, gate.set).start()
     with pytest.raises(GrammarBusy, match="retry"):
-        grammars.compile_within(_slow_schema(40, size=500))
+        grammars.compile_within(StructuredOutput("regex", "[a-z]+"))
     grammars.compile_timeout = 60
-    assert grammars.compile_within(_slow_schema(41)) is not None
+    assert grammars.compile_within(StructuredOutput("regex", "[a-z]+")) is not None
 
 
 @pytest.mark.slow
