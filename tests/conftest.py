@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random-weight models built in memory, the real embedded SmolLM2 (slow), a peak-RSS probe,
-fake model aliases for the conversion cache."""
+"""Shared fixtures: tiny random-weight models built in memory, the real embedded SmolLM2 (slow), clients of a real
+server, a peak-RSS probe, fake model aliases for the conversion cache."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import httpx
+import openai
 import pytest
 import torch
 
@@ -257,3 +260,18 @@ def poisoned_seed(monkeypatch):
 
     monkeypatch.setattr(sampling, "_uniform", poisoned)
     return 666
+
+
+# -- clients of a real server: a module that starts one (its own `server` fixture, a tests.serving.Process, e.g.
+# `painters_server`) gets the official openai client and plain HTTP on it.
+
+
+@pytest.fixture(scope="module")
+def client(server: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="any", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def http(server: Any) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=300) as c:
+        yield c

@@ -133,16 +133,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
         yield p
 
 
-@pytest.fixture(scope="module")
-def client(server: Process) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="any", max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def http(server: Process) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=300) as c:
-        yield c
-
 
 def _answer(client: openai.OpenAI, prompt: str | list[int], *, policy: str = "full", **extra: Any
             ) -> list[tuple[list[int], float, str, str]]:

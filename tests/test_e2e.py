@@ -41,16 +41,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
         yield p
 
 
-@pytest.fixture(scope="module")
-def client(server: Process) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="any", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(server: Process) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-
 
 def test_models_list(client):
     assert MODEL in {m.id for m in client.models.list().data}

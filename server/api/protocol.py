@@ -146,14 +146,18 @@ class StreamOptions(BaseModel):
 
 def _json_schema(v: dict[str, Any] | str | None) -> dict[str, Any] | None:
     """A JSON schema sent as an object or as JSON text (vLLM's guided_json takes both) -> the object."""
-    if isinstance(v, str):
-        try:
-            v = json.loads(v)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"a JSON schema sent as a string must be JSON text ({e})") from None
-        if not isinstance(v, dict):
-            raise ValueError(f"a JSON schema must be a JSON object, got {type(v).__name__}")
-    return v
+    return _json_object(v, what="a JSON schema sent as a string") if isinstance(v, str) else v
+
+
+def _json_object(text: str, *, what: str) -> dict[str, Any]:
+    """`text` parsed as JSON, which must be an object; else a ValueError saying so of `what`."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} must be JSON text ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 JsonSchema = Annotated[dict[str, Any] | str, AfterValidator(_json_schema)]
@@ -300,12 +304,7 @@ def _structured(kind: str, value: Any, param: str) -> StructuredOutput | None:
     if kind == "json_object":
         return StructuredOutput("json_object", param=param)
     if kind == "structural_tag":
-        try:
-            tag = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{param} must be JSON text ({e})") from None
-        if not isinstance(tag, dict):
-            raise ValueError(f"{param} must be a JSON object, got {type(tag).__name__}")
+        _json_object(value, what=param)
     return StructuredOutput(kind, tuple(value) if kind == "choice" else value, param=param)  # type: ignore[arg-type]
 
 

@@ -110,12 +110,7 @@ class RequiredCalls:
         call = self.calls[-1]
         if self._in_string:
             call.arguments += c
-            if self._escape:
-                self._escape = False
-            elif c == "\\":
-                self._escape = True
-            elif c == '"':
-                self._in_string = False
+            if self._closes_string(c):
                 self._capturing = self._depth > 2
             return True
         if not call.arguments and c.isspace():
@@ -135,15 +130,10 @@ class RequiredCalls:
 
     def _structure(self, c: str) -> None:
         if self._in_string:
-            if self._escape:
-                self._escape = False
-            elif c == "\\":
-                self._escape = True
-            elif c == '"':
-                self._in_string = False
+            if self._closes_string(c):
                 self._string_done()
-                return
-            self._buf += c
+            else:
+                self._buf += c
             return
         if c == '"':
             self._in_string, self._buf = True, ""
@@ -160,6 +150,17 @@ class RequiredCalls:
             self._capturing = self._key == "parameters"
         elif self._depth == 2 and c == ",":
             self._after_colon = False
+
+    def _closes_string(self, c: str) -> bool:
+        """One character inside a string (escapes followed): whether it is the closing quote."""
+        if self._escape:
+            self._escape = False
+        elif c == "\\":
+            self._escape = True
+        elif c == '"':
+            self._in_string = False
+            return True
+        return False
 
     def _string_done(self) -> None:
         if self._depth != 2:

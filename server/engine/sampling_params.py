@@ -113,21 +113,24 @@ def bad_word_ids(words: tuple[str, ...], encode: Callable[[str], Sequence[int]])
 
 
 def check_bad_words(words: tuple[str, ...] | list[str]) -> None:
-    if len(words) > MAX_BAD_WORDS:
-        raise SamplingError(f"bad_words must hold at most {MAX_BAD_WORDS} words, got {len(words)}")
-    for w in words:
-        if not isinstance(w, str) or not 0 < len(w) <= MAX_BAD_WORD_LENGTH:
-            got = f"{len(w)} characters" if isinstance(w, str) else type(w).__name__
-            raise SamplingError(f"each of bad_words must be a string of 1-{MAX_BAD_WORD_LENGTH} characters, got {got}")
+    _check_strings(words, field="bad_words", each="each of bad_words", most=MAX_BAD_WORDS, noun="words",
+                   longest=MAX_BAD_WORD_LENGTH)
 
 
 def check_stop(stop: tuple[str, ...] | list[str]) -> None:
-    if len(stop) > MAX_STOP_STRINGS:
-        raise SamplingError(f"stop must hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
-    for s in stop:
-        if not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_LENGTH:
-            got = f"{len(s)} characters" if isinstance(s, str) else type(s).__name__
-            raise SamplingError(f"each stop string must be a string of 1-{MAX_STOP_LENGTH} characters, got {got}")
+    _check_strings(stop, field="stop", each="each stop string", most=MAX_STOP_STRINGS, noun="strings",
+                   longest=MAX_STOP_LENGTH)
+
+
+def _check_strings(values: tuple[str, ...] | list[str], *, field: str, each: str, most: int, noun: str,
+                   longest: int) -> None:
+    """At most `most` strings of 1 to `longest` characters, or a SamplingError naming `field` and the bounds."""
+    if len(values) > most:
+        raise SamplingError(f"{field} must hold at most {most} {noun}, got {len(values)}")
+    for v in values:
+        if not isinstance(v, str) or not 0 < len(v) <= longest:
+            got = f"{len(v)} characters" if isinstance(v, str) else type(v).__name__
+            raise SamplingError(f"{each} must be a string of 1-{longest} characters, got {got}")
 
 
 @dataclass(frozen=True)
