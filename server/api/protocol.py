@@ -923,7 +923,27 @@ class GenerateStreamEvent(BaseModel):
     painters: PaintersInfo | None = None
 
 
+class ModelPermission(BaseModel):
+    """vLLM's model permission, with vLLM's values: a client may sample, read logprobs and view the model."""
+
+    id: str
+    object: Literal["model_permission"] = "model_permission"
+    created: int
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
+
 class ModelCard(BaseModel):
+    """OpenAI's model object with vLLM's fields (max_model_len, root: the weights' path, parent: the base model of a
+    derived name, permission) and the policy the name runs."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -932,6 +952,7 @@ class ModelCard(BaseModel):
     max_model_len: int | None = None
     root: str | None = None
     parent: str | None = None
+    permission: list[ModelPermission] = Field(default_factory=list)
 
 
 class ModelList(BaseModel):
