@@ -656,6 +656,9 @@ class TGIGrammar(BaseModel):
         return StructuredOutput("regex", self.value, param="grammar")
 
 
+TGI_NEUTRAL: dict[str, Any] = {"typical_p": 1.0, "best_of": 1}
+
+
 class GenerateParameters(_Body):
     max_new_tokens: int | None = Field(20, ge=0)
     temperature: Temperature | None = None
@@ -677,6 +680,7 @@ class GenerateParameters(_Body):
     grammar: TGIGrammar | None = Field(None, description="TGI's: {\"type\": \"json\", \"value\": <JSON schema>} or "
                                        "{\"type\": \"regex\", \"value\": <regular expression>}, compiled by xgrammar")
     # TGI's parameters this server cannot honour: refused (422) when set to anything but their neutral value
+    # (TGI_NEUTRAL; best_of's is /info's max_best_of)
     typical_p: float | None = None
     best_of: int | None = None
     watermark: bool = False
@@ -688,8 +692,7 @@ class GenerateParameters(_Body):
     @field_validator("typical_p", "best_of", "watermark", "truncate", "adapter_id")
     @classmethod
     def _neutral(cls, v: Any, info: ValidationInfo) -> Any:
-        neutral = {"typical_p": 1.0, "best_of": 1}
-        if v is not None and v is not False and v != neutral.get(info.field_name or "", object()):
+        if v is not None and v is not False and v != TGI_NEUTRAL.get(info.field_name or "", object()):
             raise ValueError(f"{info.field_name} is not supported; leave it out")
         return v
 
@@ -958,6 +961,34 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TGIInfo(BaseModel):
+    """TGI's GET /info (its router's `Info`, router/src/lib.rs, as of TGI 3: model_dtype and model_device_type left it
+    in 2.3), filled with the limits this server enforces."""
+
+    model_id: str = Field(description="the served model name, as /v1/models lists it")
+    model_sha: str | None = Field(description="the weights' revision: null, this server loads files, not hub revisions")
+    model_pipeline_tag: str | None
+    max_concurrent_requests: int = Field(description="sequences held at once before a 429: max_num_seqs decoding "
+                                         "plus queue_capacity waiting")
+    max_best_of: int = Field(description="TGI's best_of: 1, the only value /generate takes")
+    max_stop_sequences: int = Field(description="stop strings per request")
+    max_input_tokens: int = Field(description="prompt tokens per request (max_model_len)")
+    max_total_tokens: int = Field(description="prompt + generated tokens per request (max_model_len)")
+    validation_workers: int = Field(description="threads that tokenize and check requests")
+    max_client_batch_size: int = Field(description="prompts in one request (times n, on completions): "
+                                       "queue_capacity")
+    router: str = Field(description="the server: painters")
+    version: str
+    sha: str | None
+    docker_label: str | None
+
+
+class VersionInfo(BaseModel):
+    """vLLM's GET /version."""
+
+    version: str
 
 
 class PolicyKind(BaseModel):
