@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 from huggingface_hub import InferenceClient
 
 from server import __version__
-from tests.serving import Process, painters_server, serving, settings, wait_until
+from tests.serving import Process, metric_value, painters_server, serving, settings, wait_until
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
@@ -70,7 +71,6 @@ def test_info_through_huggingface_hub(info):
         "max_input_tokens": MAX_LEN, "max_total_tokens": MAX_LEN, "max_client_batch_size": QUEUE,
         "router": "painters", "version": version("painters"), "sha": None, "docker_label": None}
     # the requests' checks run on asyncio.to_thread's pool, a ThreadPoolExecutor of its default size
-    from concurrent.futures import ThreadPoolExecutor
     assert info["validation_workers"] == ThreadPoolExecutor()._max_workers
 
 
@@ -126,7 +126,6 @@ def test_info_concurrent_requests_is_the_enforced_one(info, http, server):
 
 
 def _idle(http: httpx.Client) -> bool:
-    from tests.serving import metric_value
     text = http.get("/metrics").text
     return (metric_value(text, "painters:num_requests_running") == 0
             and metric_value(text, "painters:num_requests_waiting") == 0)
