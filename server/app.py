@@ -17,6 +17,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from server import __version__
 from server.api import errors, misc, native, openai, playground, probe
 from server.api.guard import ALWAYS_OPEN, Guard
 from server.api.protocol import ErrorResponse, TGIErrorResponse
@@ -122,7 +123,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             state.loop.stop()
 
     keys = api_keys(settings)
-    app = FastAPI(title="Painters", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="Painters", version=__version__, lifespan=lifespan,
                   description="Per-request layer-execution policies for frozen LLMs (OpenAI-compatible).")
     app.state.painters = state
     app.state.metrics = state.metrics
@@ -141,6 +142,8 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             (422, "invalid request (TGI's status): the message names the parameter and what is allowed"),
             (424, "the generation failed"), (429, "queue full; retry after Retry-After seconds"),
             (500, "internal error"), (503, "loading, shutting down, or the engine failed"))})
+    app.include_router(native.info_router, responses={401: {"model": TGIErrorResponse,
+                                                            "description": "missing or wrong API key"}})
     app.include_router(misc.metrics_router, responses={401: refusals[401]})
     app.include_router(misc.router)
     # /metrics/targets: where Ray Serve replicas serve their metrics (server/ray_serve.py), open or keyed as /metrics.

@@ -77,10 +77,18 @@ def test_same_greedy_text_as_one_server_each_policy_at_its_home(ray_url: str, si
 
 def test_models_streaming_keys_and_errors_as_one_server(ray_url: str, single: TestClient) -> None:
     with httpx.Client(base_url=ray_url, timeout=120) as c:
-        def models(answer: httpx.Response) -> list[dict]:  # `created` is the second each answer was made
-            return [{k: v for k, v in card.items() if k != "created"} for card in answer.json()["data"]]
+        def card(entry: dict) -> dict:  # `created` is the second each server started
+            return {k: v for k, v in entry.items() if k != "created"} | {
+                "permission": [{k: v for k, v in p.items() if k != "created"} for p in entry["permission"]]}
+
+        def models(answer: httpx.Response) -> list[dict]:
+            return [card(entry) for entry in answer.json()["data"]]
 
         assert models(c.get("/v1/models", headers=AUTH)) == models(single.get("/v1/models", headers=AUTH))
+        retrieve = "/v1/models/smollm2-135m@skip:4"
+        assert card(c.get(retrieve, headers=AUTH).json()) == card(single.get(retrieve, headers=AUTH).json())
+        for path in ("/info", "/version"):  # the discovery routes, through Ray's proxy as on one server
+            assert c.get(path, headers=AUTH).json() == single.get(path, headers=AUTH).json(), path
         text = ""
         body = {"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0, "policy": "skip:4", "stream": True}
         with c.stream("POST", "/v1/completions", headers=AUTH, json=body) as r:

@@ -67,7 +67,9 @@ def test_every_endpoint_documents_its_answer(url):
             assert ok and all(c.get("schema") for c in ok.values()), (method, path, ok)
             if path in ("/", "/generate", "/generate_stream"):  # TGI's status and shape
                 assert "TGIErrorResponse" in json.dumps(op["responses"]["422"]), (method, path)
-            elif path not in ("/health", "/ready", "/metrics", "/policies", "/v1/models"):
+            elif path == "/info":  # TGI's too; only a missing key refuses it
+                assert "TGIErrorResponse" in json.dumps(op["responses"]["401"]), (method, path)
+            elif path not in ("/health", "/ready", "/metrics", "/policies", "/v1/models", "/version"):
                 assert "$ref" in json.dumps(op["responses"]["400"]), (method, path)  # the error shape
     schemas = spec["components"]["schemas"]
     assert {"CompletionResponse", "ChatCompletionResponse", "GenerateResponse", "ModelList", "TokenizeResponse",

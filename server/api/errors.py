@@ -1,6 +1,7 @@
 """Errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, except on TGI's routes (/, /generate,
-/generate_stream), which answer in TGI's, {"error": message, "error_type": type}, with TGI's status codes: what TGI's
-clients (huggingface_hub's InferenceClient, text-generation) parse into their ValidationError, OverloadedError, ..."""
+/generate_stream, /info), which answer in TGI's, {"error": message, "error_type": type}, with TGI's status codes:
+what TGI's clients (huggingface_hub's InferenceClient, text-generation) parse into their ValidationError,
+OverloadedError, ..."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ CODES = {400: "bad_request", 401: "invalid_api_key", 404: "not_found", 405: "met
 CLIENT_CLOSED = 499  # nginx's status for a client that left before its answer (which nobody reads)
 GENERATION_FAILED = "generation_failed"  # the code of an error the engine raised while generating
 
-TGI_PATHS = frozenset({"/", "/generate", "/generate_stream"})
+TGI_PATHS = frozenset({"/", "/generate", "/generate_stream", "/info"})
 # TGI's router: a validation error is 422 and a failed generation 424 (its InferError); error_type is what its
 # clients dispatch on. Statuses TGI never sends keep theirs.
 TGI_STATUS = {400: 422}

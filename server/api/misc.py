@@ -1,4 +1,5 @@
-"""Operational and tokenizer endpoints: health, readiness, metrics, policies, tokenize/detokenize, tokenizer_info."""
+"""Operational and tokenizer endpoints: health, readiness, metrics, version, policies, tokenize/detokenize,
+tokenizer_info."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import dataclasses
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from server import __version__
 from server.api import pipeline
 from server.api.errors import APIError
 from server.api.openai import get_state
 from server.api.pipeline import Chat
 from server.api.protocol import (
     DetokenizeRequest, DetokenizeResponse, HealthStatus, PoliciesInfo, ReadyStatus, TokenizeRequest,
-    TokenizeResponse, TokenizerInfo,
+    TokenizeResponse, TokenizerInfo, VersionInfo,
 )
 
 router = APIRouter(tags=["service"])
@@ -56,6 +58,12 @@ async def metrics(request: Request) -> Response:
     # back every other client's request on the event loop (a small completion 0.4 -> 1-2 s)
     body, content_type = await asyncio.to_thread(get_state(request).metrics.render)
     return Response(body, media_type=content_type)
+
+
+@router.get("/version", response_model=VersionInfo)
+async def version() -> VersionInfo:
+    """vLLM's /version: the server's package version."""
+    return VersionInfo(version=__version__)
 
 
 @router.get("/policies", response_model=PoliciesInfo)

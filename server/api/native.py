@@ -1,9 +1,10 @@
 """The native endpoints, shaped like TGI's: POST /generate, POST /generate_stream (SSE) and TGI's POST / (either, by
-`stream`). Adapters over the shared pipeline."""
+`stream`), adapters over the shared pipeline; and GET /info, TGI's description of the server and its limits."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -11,20 +12,23 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
+from server import __version__
 from server.api import pipeline
 from server.api.errors import APIError, tgi_error
 from server.api.openai import get_state
 from server.api.pipeline import Job, Running, painters_info, timing_headers
 from server.api.protocol import (
-    GenerateDetails, GenerateRequest, GenerateResponse, GenerateStreamEvent, StreamDetails, TokenInfo,
+    TGI_NEUTRAL, GenerateDetails, GenerateRequest, GenerateResponse, GenerateStreamEvent, StreamDetails, TGIInfo,
+    TokenInfo,
 )
 from server.engine.request import GenerationResult
-from server.engine.sampling_params import SamplingParams
+from server.engine.sampling_params import MAX_STOP_STRINGS, SamplingParams
 
 if TYPE_CHECKING:
     from server.engine.served import ServedModel
 
 router = APIRouter(tags=["native"])
+info_router = APIRouter(tags=["native"])
 EVENTS = pipeline.sse_responses("JSON, or server-sent events (one GenerateStreamEvent per token) when streaming")
 
 
@@ -140,3 +144,29 @@ def _event(event: GenerateStreamEvent) -> dict[str, str]:
     they have a value."""
     exclude = {k for k in ("top_tokens", "painters") if getattr(event, k) is None}
     return {"data": event.model_dump_json(exclude=exclude)}
+
+
+@info_router.get("/info", response_model=TGIInfo)
+async def info(request: Request) -> TGIInfo:
+    """TGI's /info (its router's `get_model_info`; huggingface_hub's `InferenceClient.get_endpoint_info()` reads it),
+    each limit the one this server enforces."""
+    state = get_state(request)
+    s = state.settings
+    return TGIInfo(
+        model_id=state.model_name, model_sha=None, model_pipeline_tag="text-generation",
+        # running sequences (max_num_seqs) and waiting ones (queue_capacity, `AppState.check_admitting`'s 429)
+        max_concurrent_requests=s.max_num_seqs + s.queue_capacity,
+        max_best_of=TGI_NEUTRAL["best_of"], max_stop_sequences=MAX_STOP_STRINGS,
+        # `AppState.check_length`: a prompt of up to max_model_len tokens, and with max_new_tokens no more in all
+        max_input_tokens=state.max_model_len, max_total_tokens=state.max_model_len,
+        validation_workers=_worker_threads(),
+        max_client_batch_size=s.queue_capacity,  # `pipeline._check_sequences`: prompts x n, a 400 beyond
+        router="painters", version=__version__, sha=None, docker_label=None,
+    )
+
+
+def _worker_threads() -> int:
+    """The threads requests are tokenized and checked on: asyncio.to_thread's, the event loop's default executor,
+    a ThreadPoolExecutor of its default size (Python's rule)."""
+    cpus = getattr(os, "process_cpu_count", os.cpu_count)() or 1
+    return min(32, cpus + 4)

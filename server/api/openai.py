@@ -1,5 +1,5 @@
-"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models. Each is an adapter: its request
-becomes a `pipeline.Job`, and results or stream outputs become its response models."""
+"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models and /v1/models/{model}. Each is an
+adapter: its request becomes a `pipeline.Job`, and results or stream outputs become its response models."""
 
 from __future__ import annotations
 
@@ -141,13 +141,14 @@ def _usage(prompt_lens: list[int], results: list[GenerationResult]) -> UsageInfo
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    state = get_state(request)
-    created = int(time.time())
-    data = [ModelCard(id=state.model_name, created=created, max_model_len=state.max_model_len,
-                      policy=state.settings.default_policy)]
-    data += [ModelCard(id=f"{state.model_name}@{name}", created=created, root=state.model_name,
-                       parent=state.model_name, policy=policy) for name, policy in state.presets.items()]
-    return ModelList(data=data)
+    return ModelList(data=get_state(request).model_cards())
+
+
+@router.get("/v1/models/{model:path}", response_model=ModelCard)
+async def retrieve_model(model: str, request: Request) -> ModelCard:
+    """OpenAI's model retrieve (`client.models.retrieve(name)`): a listed name's entry, or NAME@POLICY's; an unknown
+    name is a 404 with code model_not_found. `:path`: a served name may hold '/' (a hub id), sent as %2F."""
+    return get_state(request).model_card(model)
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=SSE)

@@ -656,6 +656,9 @@ class TGIGrammar(BaseModel):
         return StructuredOutput("regex", self.value, param="grammar")
 
 
+TGI_NEUTRAL: dict[str, Any] = {"typical_p": 1.0, "best_of": 1}
+
+
 class GenerateParameters(_Body):
     max_new_tokens: int | None = Field(20, ge=0)
     temperature: Temperature | None = None
@@ -677,6 +680,7 @@ class GenerateParameters(_Body):
     grammar: TGIGrammar | None = Field(None, description="TGI's: {\"type\": \"json\", \"value\": <JSON schema>} or "
                                        "{\"type\": \"regex\", \"value\": <regular expression>}, compiled by xgrammar")
     # TGI's parameters this server cannot honour: refused (422) when set to anything but their neutral value
+    # (TGI_NEUTRAL; best_of's is /info's max_best_of)
     typical_p: float | None = None
     best_of: int | None = None
     watermark: bool = False
@@ -688,8 +692,7 @@ class GenerateParameters(_Body):
     @field_validator("typical_p", "best_of", "watermark", "truncate", "adapter_id")
     @classmethod
     def _neutral(cls, v: Any, info: ValidationInfo) -> Any:
-        neutral = {"typical_p": 1.0, "best_of": 1}
-        if v is not None and v is not False and v != neutral.get(info.field_name or "", object()):
+        if v is not None and v is not False and v != TGI_NEUTRAL.get(info.field_name or "", object()):
             raise ValueError(f"{info.field_name} is not supported; leave it out")
         return v
 
@@ -923,7 +926,27 @@ class GenerateStreamEvent(BaseModel):
     painters: PaintersInfo | None = None
 
 
+class ModelPermission(BaseModel):
+    """vLLM's model permission, with vLLM's values: a client may sample, read logprobs and view the model."""
+
+    id: str
+    object: Literal["model_permission"] = "model_permission"
+    created: int
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
+
 class ModelCard(BaseModel):
+    """OpenAI's model object with vLLM's fields (max_model_len, root: the weights' path, parent: the base model of a
+    derived name, permission) and the policy the name runs."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -932,11 +955,40 @@ class ModelCard(BaseModel):
     max_model_len: int | None = None
     root: str | None = None
     parent: str | None = None
+    permission: list[ModelPermission] = Field(default_factory=list)
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TGIInfo(BaseModel):
+    """TGI's GET /info (its router's `Info`, router/src/lib.rs, as of TGI 3: model_dtype and model_device_type left it
+    in 2.3), filled with the limits this server enforces."""
+
+    model_id: str = Field(description="the served model name, as /v1/models lists it")
+    model_sha: str | None = Field(description="the weights' revision: null, this server loads files, not hub revisions")
+    model_pipeline_tag: str | None
+    max_concurrent_requests: int = Field(description="sequences held at once before a 429: max_num_seqs decoding "
+                                         "plus queue_capacity waiting")
+    max_best_of: int = Field(description="TGI's best_of: 1, the only value /generate takes")
+    max_stop_sequences: int = Field(description="stop strings per request")
+    max_input_tokens: int = Field(description="prompt tokens per request (max_model_len)")
+    max_total_tokens: int = Field(description="prompt + generated tokens per request (max_model_len)")
+    validation_workers: int = Field(description="threads that tokenize and check requests")
+    max_client_batch_size: int = Field(description="prompts in one request (times n, on completions): "
+                                       "queue_capacity")
+    router: str = Field(description="the server: painters")
+    version: str
+    sha: str | None
+    docker_label: str | None
+
+
+class VersionInfo(BaseModel):
+    """vLLM's GET /version."""
+
+    version: str
 
 
 class PolicyKind(BaseModel):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from server.api.errors import APIError
-from server.api.protocol import PoliciesInfo, PolicyKind
+from server.api.protocol import ModelCard, ModelPermission, PoliciesInfo, PolicyKind
 from server.policy.compiler import Schedule, default_span, examples
 from server.metrics import Metrics
 from server.policy.policy import KINDS, SYNTAX, PolicyError, allowed_forms
@@ -40,6 +40,7 @@ class AppState:
     draining: bool = False  # SIGTERM: /ready is 503 and new requests are refused while running ones finish
     in_flight: int = 0  # HTTP requests being answered (counted by the guard; a drain waits for them)
     allowed: frozenset[str] | None = None  # allowed_policies in canonical form, compiled at start (None: any)
+    started: int = field(default_factory=lambda: int(time.time()))  # the models' `created`, the same on every call
 
     @property
     def max_model_len(self) -> int:
@@ -178,6 +179,42 @@ class AppState:
             max_policy_chars=self.settings.max_policy_chars,
             max_schedule_steps=self.settings.max_schedule_steps,
         )
+
+    # -- model names -------------------------------------------------------------------------------------------
+
+    def model_cards(self) -> list[ModelCard]:
+        """/v1/models: the served name and one NAME@PRESET per preset (vLLM's cards: root is what --model loaded,
+        parent the base name of a derived one)."""
+        cards = [self._card(self.model_name, self.settings.default_policy, parent=None)]
+        cards += [self._card(f"{self.model_name}@{name}", policy, parent=self.model_name)
+                  for name, policy in self.presets.items()]
+        return cards
+
+    def model_card(self, name: str) -> ModelCard:
+        """OpenAI's model retrieve: a listed name's card, or NAME@POLICY's for a policy this server runs; else
+        OpenAI's 404 (code model_not_found), naming the served names."""
+        for card in self.model_cards():
+            if card.id == name:
+                return card
+        base, at, _ = name.partition("@")
+        why = ""
+        if base == self.model_name and at:
+            try:
+                schedule = self.resolve_policy(name, None)
+            except APIError as e:
+                if e.status != 400:  # 503: not loaded yet
+                    raise
+                why = f" ({e.message})"
+            else:
+                return self._card(name, schedule.policy, parent=self.model_name)
+        served = ", ".join(repr(c.id) for c in self.model_cards())
+        raise APIError(404, f"model {name!r} not found{why}; this server serves {served}, and "
+                            f"{self.model_name}@POLICY for any policy it runs", param="model", code="model_not_found")
+
+    def _card(self, name: str, policy: str, *, parent: str | None) -> ModelCard:
+        return ModelCard(id=name, created=self.started, max_model_len=self.max_model_len, policy=policy,
+                         root=self.settings.model, parent=parent,
+                         permission=[ModelPermission(id=f"modelperm-{name}", created=self.started)])
 
     # -- prompts -----------------------------------------------------------------------------------------------
 
