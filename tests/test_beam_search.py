@@ -4,6 +4,9 @@ against an independent beam search over transformers' own logits, under the full
 
 from __future__ import annotations
 
+import json
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,7 @@ import torch
 
 from server.api.beam_search import Beam, Search, score
 from server.policy.compiler import compile_schedule
+from tests import reliability as rel
 from tests.conftest import bos_word_tokenizer
 from tests.reference import reference_logits
 from tests.serving import Process, metric_value, painters_server, serving, settings, tiny_engine, wait_until
@@ -60,6 +64,16 @@ def test_length_penalty_ranks_as_vllms_score_counting_the_prompt_and_not_the_eos
         search = Search(prompt_len=10, max_tokens=4, width=2, eos_ids=EOS, length_penalty=lp, live=[long],
                         ended=[short])
         assert search.best()[0] is best
+
+
+def test_an_aborted_search_ends_its_live_beams_as_they_are_and_keeps_the_ended_ones():
+    """vLLM's `_beam_search_step` on an aborted step: the live beams join the ended ones with finish_reason
+    "abort"; the ranking is the usual one."""
+    s = Search(prompt_len=4, max_tokens=5, width=2, eos_ids=EOS)
+    s.advance([{7: -0.1, 2: -0.2, 8: -3.0}])
+    s.abort()
+    assert s.done and s.aborted and s.live == []
+    assert [(b.tokens, b.finish_reason) for b in s.best()] == [([7], "abort"), ([2], "stop")]
 
 
 # -- the tiny in-process server: refusals, nothing left behind -------------------------------------------------------
@@ -121,7 +135,7 @@ def test_beam_searches_leave_nothing_behind(tiny):
     assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
     loop = tiny.app.state.painters.loop
     wait_until(lambda: loop.num_requests == 0, timeout=10, what="every step request ended")
-    assert loop.batch.kv.reserved == {}
+    assert loop.batch.kv.reserved == {} and loop.num_series == 0
 
 
 # -- the real SmolLM2 over HTTP ----------------------------------------------------------------------------------------
@@ -311,3 +325,60 @@ def test_a_beam_answer_has_openais_shape_and_painters_timings(tiny):
     assert r.headers["x-painters-policy"] == body["painters"]["policy"] == "skip:2-3"
     timings = body["painters"]["timings"]
     assert 0 < timings["time_to_first_token_s"] <= timings["e2e_s"] and timings["decode_s"] > 0
+
+
+# -- a drain that begins mid-search (a real server process, SIGTERM) ----------------------------------------------------
+
+
+def _search_in_thread(url: str, *, stream: bool, into: dict[str, Any]) -> threading.Thread:
+    """A width-2, 60-token search (ignore_eos: no beam ends early) from a client thread; `into[stream]` gets each
+    choice's (finish_reason, token count), or the status / error that ended it otherwise."""
+    body = {"model": "tiny", "prompt": "long", "max_tokens": 60, "n": 2, "use_beam_search": True, "ignore_eos": True,
+            "logprobs": 0, "stream": stream}
+
+    def run() -> None:
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+                if r.status_code != 200:
+                    into[stream] = r.status_code
+                    return
+                if stream:
+                    frames = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+                else:
+                    frames = [json.loads(r.read())]
+            if any("error" in f for f in frames):
+                into[stream] = [f["error"] for f in frames if "error" in f]
+                return
+            choices = [c for f in frames for c in f["choices"]]
+            into[stream] = sorted((c["index"], c["finish_reason"], len(c["logprobs"]["tokens"])) for c in choices)
+        except httpx.HTTPError as e:
+            into[stream] = type(e).__name__
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drain_s, finished", [(60, "length"), (1, "abort")])
+def test_a_search_begun_before_a_drain_runs_on_as_a_running_request(tmp_path, drain_s, finished):
+    """20 ms per forward: a search's 60 steps take seconds, and SIGTERM comes mid-search. Between two steps the engine
+    holds none of its requests; the drain still waits for it and admits its next steps (they were a 503). A long
+    drain lets it finish; at a short one's deadline it ends as running requests do, its beams so far with
+    finish_reason "abort". Streamed and not; the server exits 0 either way."""
+    with rel.tiny_process(tmp_path, step_delay=0.02, env={"PAINTERS_DRAIN_TIMEOUT_S": str(drain_s)}) as p:
+        got: dict[bool, Any] = {}
+        steps = rel.engine_steps(p.url)
+        clients = [_search_in_thread(p.url, stream=stream, into=got) for stream in (False, True)]
+        wait_until(lambda: rel.engine_steps(p.url) >= steps + 12, timeout=60, what="both searches under way")
+        p.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: httpx.get(f"{p.url}/ready", timeout=2).status_code == 503, timeout=5, what="/ready 503")
+        assert httpx.post(f"{p.url}/v1/completions", json=_beams(model="tiny"), timeout=10).status_code == 503
+        for t in clients:
+            t.join(timeout=120)
+        assert p.proc.wait(timeout=30) == 0
+    assert ("series (beam searches) cut" in p.log.read_text()) == (finished == "abort")
+    for stream in (False, True):
+        answer = got[stream]
+        assert isinstance(answer, list) and [a[:2] for a in answer] == [(0, finished), (1, finished)], (stream, answer)
+        lengths = {n for _, _, n in answer}
+        assert lengths == {60} if finished == "length" else 0 < max(lengths) < 60, (stream, answer)
