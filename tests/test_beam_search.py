@@ -5,6 +5,7 @@ against an independent beam search over transformers' own logits, under the full
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 import time
@@ -47,6 +48,13 @@ def test_an_eos_among_the_likeliest_ends_a_copy_and_the_width_likeliest_others_l
     assert not s.done
     s.advance([{1: -0.1}, {1: -0.1}])
     assert s.done and s.steps == 3
+
+
+def test_tokens_a_beam_may_not_take_are_no_candidates():
+    """A step limited to fewer allowed tokens than 2 x width returns the rest at -inf (`top_from_allowed`)."""
+    s = Search(prompt_len=4, max_tokens=3, width=2, eos_ids=EOS)
+    s.advance([{7: -2.0, 8: -3.0, 9: -math.inf, 10: -math.inf}])
+    assert [b.tokens for b in s.live] == [[7], [8]] and all(-math.inf not in b.tops[0].values() for b in s.live)
 
 
 def test_ignore_eos_makes_the_eos_a_token_like_any_other():
@@ -94,7 +102,7 @@ def _beams(**body: Any) -> dict[str, Any]:
     ("stop", ["x"], "stop"), ("stop_token_ids", [5], "stop_token_ids"), ("min_tokens", 1, "min_tokens"),
     ("presence_penalty", 0.5, "presence_penalty"), ("frequency_penalty", 0.5, "frequency_penalty"),
     ("repetition_penalty", 1.2, "repetition_penalty"), ("logit_bias", {"5": 1}, "logit_bias"),
-    ("allowed_token_ids", [5, 6], "allowed_token_ids"), ("bad_words", ["hello"], "bad_words"),
+    ("bad_words", ["hello"], "bad_words"),
     ("guided_regex", "a+", "guided_regex"),
     ("response_format", {"type": "json_object"}, "response_format"), ("prompt_logprobs", 1, "prompt_logprobs"),
     ("n", 11, "n"), ("max_tokens", 0, "max_tokens"),
@@ -104,6 +112,33 @@ def test_what_beam_search_cannot_honour_is_a_400_naming_it(tiny, field, value, p
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and "use_beam_search" in error["message"]
+
+
+@pytest.mark.parametrize("allowed, says", [([5, 5, 6], "at least n (3) distinct token ids, got 2"),
+                                           ([5, 6, 128], "outside the vocabulary")])
+def test_allowed_token_ids_that_cannot_fill_the_beams_or_are_outside_the_vocabulary_are_a_400(tiny, allowed, says):
+    r = tiny.post("/v1/completions", json=_beams(n=3, allowed_token_ids=allowed))
+    assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+    assert "allowed_token_ids" in r.json()["error"]["message"] + str(r.json()["error"]["param"])
+
+
+def test_every_beam_takes_only_allowed_tokens(tiny):
+    """The tiny model's own choices are elsewhere: every token, and every returned alternative, is one of the
+    allowed; the EOS (2) among them ends beams, and left out none does (ignore_eos off: every beam runs on)."""
+    for allowed, eos in (([7, 9, 11, 2], True), ([7, 9, 11], False)):
+        r = tiny.post("/v1/completions", json=_beams(n=3, max_tokens=6, logprobs=5, allowed_token_ids=allowed,
+                                                     return_tokens_as_token_ids=True))
+        assert r.status_code == 200, r.text
+        choices = r.json()["choices"]
+        assert len(choices) == 3
+        for c in choices:
+            tokens = [int(t.split(":")[1]) for t in c["logprobs"]["tokens"]]
+            alternatives = {int(t.split(":")[1]) for top in c["logprobs"]["top_logprobs"] or [] for t in top}
+            assert set(tokens) | alternatives <= set(allowed), (allowed, c)
+            assert all(len(top) <= len(allowed) for top in c["logprobs"]["top_logprobs"] or [])
+            assert c["finish_reason"] == "length" or eos
+        if not eos:
+            assert all(len(c["logprobs"]["tokens"]) == 6 for c in choices)
 
 
 def test_echo_with_logprobs_is_refused_and_length_penalty_needs_beams(tiny):
@@ -159,8 +194,10 @@ def _answer(client: openai.OpenAI, prompt: str | list[int], *, policy: str = "fu
 
 
 def _reference(hf: Any, policy: str, prompt: list[int], *, width: int, max_tokens: int, length_penalty: float,
-               ignore_eos: bool = False) -> list[tuple[list[int], float]]:
-    """vLLM's beam search written out over transformers' logits of the whole sequence (no cache, no server code)."""
+               ignore_eos: bool = False, allowed: list[int] | None = None) -> list[tuple[list[int], float]]:
+    """vLLM's beam search written out over transformers' logits of the whole sequence (no cache, no server code);
+    with `allowed`, every other token's logprob is -inf (masked, not renormalized: a transformers logits processor
+    on the log-softmax, as its beam search applies them)."""
     schedule = compile_schedule(policy, hf.config.num_hidden_layers)
     live: list[tuple[list[int], float]] = [([], 0.0)]
     ended: list[tuple[list[int], float]] = []
@@ -168,10 +205,16 @@ def _reference(hf: Any, policy: str, prompt: list[int], *, width: int, max_token
         for _ in range(max_tokens):
             ids = torch.tensor([prompt + tokens for tokens, _ in live])
             logprobs = torch.log_softmax(reference_logits(hf, schedule, ids)[:, -1].float(), -1)
+            if allowed is not None:
+                mask = torch.full_like(logprobs, float("-inf"))
+                mask[:, allowed] = 0.0
+                logprobs = logprobs + mask
             top = logprobs.topk(2 * width)
             candidates = []
             for (tokens, cum), values, indices in zip(live, top.values.tolist(), top.indices.tolist()):
                 for v, t in zip(values, indices):
+                    if v == float("-inf"):  # fewer allowed tokens than 2 x width
+                        continue
                     if t in EOS and not ignore_eos:
                         ended.append((tokens + [t], cum + v))
                     else:
@@ -222,6 +265,28 @@ def test_beams_are_the_reference_search_over_transformers_logits(client, http, s
     assert [g[0] for g in got] == [w[0] for w in want]
     assert [g[1] for g in got] == pytest.approx([w[1] for w in want], abs=2e-3)
     assert [g[2] for g in got] == ["stop" if w[0][-1] in EOS else "length" for w in want]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("eos", [True, False])
+def test_beams_limited_to_allowed_token_ids_are_the_reference_search_over_the_masked_logits(client, http, smollm2_hf,
+                                                                                           eos):
+    """The allowed words leave out the model's own answer ("No"), so the search differs from the free one; with the
+    EOS allowed, beams end on it, and without, none does."""
+    prompt = _chat_prompt("Is the sky blue? Answer yes or no.")
+    words = ["Yes", " no", "Maybe", ".", " blue", " sky", "!"]
+    allowed = sorted({t for w in words for t in _ids(http, w)} | ({2} if eos else set()))
+    [(own, _, _, _)] = _answer(client, prompt, max_tokens=1, temperature=0)
+    assert own[0] not in allowed  # the mask matters from the first step on
+    got = _answer(client, prompt, max_tokens=4, n=3, use_beam_search=True, allowed_token_ids=allowed,
+                  include_stop_str_in_output=True)
+    want = _reference(smollm2_hf, "full", _ids(http, prompt), width=3, max_tokens=4, length_penalty=1.0,
+                      allowed=allowed)
+    assert [g[0] for g in got] == [w[0] for w in want]
+    assert [g[1] for g in got] == pytest.approx([w[1] for w in want], abs=2e-3)
+    assert [g[2] for g in got] == ["stop" if w[0][-1] in EOS else "length" for w in want]
+    assert all(t in allowed for g in got for t in g[0])
+    assert any(g[2] == "stop" for g in got) == eos
 
 
 @pytest.mark.slow

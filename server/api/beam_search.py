@@ -1,8 +1,9 @@
 """Beam search (vLLM's `use_beam_search`), served above the engine as vLLM v1 serves it (`BeamSearchOnlineMixin.
 beam_search` in vllm/entrypoints, `get_beam_search_score` in vllm/beam_search.py).
 
-Each step asks the engine for one token per live beam, with 2 x width logprobs, as ordinary requests through the
-pipeline: under the request's layer policy, and the prefix cache computes each beam's repeated prompt once. The best
+Each step asks the engine for one token per live beam, with 2 x width logprobs (of the allowed_token_ids, when the
+request limits them), as ordinary requests through the pipeline: under the request's layer policy, and the prefix
+cache computes each beam's repeated prompt once. The best
 `width` continuations by cumulative logprob live on; one that chooses an EOS ends its beam (unless `ignore_eos`); after
 `max_tokens` steps the ended and the live beams are ranked by cumulative logprob / length ** length_penalty, the length
 counting the prompt (vLLM's). The `width` best are the choices. The search is one task per API request; each returned
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, fields, replace
@@ -37,9 +39,12 @@ if TYPE_CHECKING:
 
 # Sampling fields that would change which tokens a beam may take, or what is scored: beam search ranks the model's
 # own logprobs, and vLLM's passes none of these to its steps (it ignores them silently; here they are a 400).
-# temperature, top_p, top_k, min_p and seed are accepted and change nothing: no step draws.
+# temperature, top_p, top_k, min_p and seed are accepted and change nothing: no step draws. allowed_token_ids is
+# served: each step's candidates are the likeliest allowed tokens (vLLM's beam search restricts its steps so for
+# structured outputs: `_build_online_so_params` gives each step `allowed_token_ids`, and `_beam_search_step` keeps
+# the allowed tokens among the returned logprobs).
 _REFUSED = ("stop", "stop_token_ids", "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty",
-            "logit_bias", "allowed_token_ids", "bad_words", "echo", "prompt_logprobs", "structured")
+            "logit_bias", "bad_words", "echo", "prompt_logprobs", "structured")
 _NEUTRAL = {f.name: f.default for f in fields(SamplingParams)}
 
 
@@ -82,12 +87,14 @@ class Search:
         return not self.live or self.steps >= self.max_tokens
 
     def advance(self, tops: list[dict[int, float]]) -> None:
-        """tops[i]: live beam i's next-token logprobs (at least its 2 x width likeliest). Every EOS among a beam's
-        2 x width likeliest ends a copy of it; of the other continuations, the `width` likeliest live on."""
+        """tops[i]: live beam i's next-token logprobs (at least its 2 x width likeliest, of the tokens it may take:
+        -inf for one it may not). Every EOS among a beam's 2 x width likeliest ends a copy of it; of the other
+        continuations, the `width` likeliest live on."""
         assert len(tops) == len(self.live) and not self.done
         self.generated += len(tops)
         candidates: list[tuple[float, int, float, Beam, dict[int, float]]] = []  # (cum, token, its logprob, ...)
         for beam, top in zip(self.live, tops, strict=True):
+            top = {token: logprob for token, logprob in top.items() if logprob > -math.inf}  # fewer allowed tokens
             likeliest = sorted(top.items(), key=lambda kv: -kv[1])[:2 * self.width]
             for token, logprob in likeliest:
                 cum = beam.cum_logprob + logprob
@@ -135,6 +142,7 @@ async def start(state: AppState, job: Job, *, length_penalty: float) -> Running:
     _check(params, width=job.n)
     ready = await pipeline.prepare(state, job)
     served, loop = state.require()
+    params.check_model(served.vocab_size, served.eos_ids)  # allowed_token_ids within the vocabulary, or a 400
     longest = loop.longest(ready.schedule)
     for prompt, max_tokens in zip(ready.prompts, ready.max_tokens, strict=True):
         if max_tokens < 1:
@@ -146,8 +154,11 @@ async def start(state: AppState, job: Job, *, length_penalty: float) -> Running:
                                 "layers", param="max_tokens", code="kv_budget_exceeded")
     searches = [Search(len(p.ids), m, job.n, served.eos_ids, length_penalty, params.ignore_eos)
                 for p, m in zip(ready.prompts, ready.max_tokens, strict=True)]
-    # one token, with the 2 x width likeliest (or as many as the answer returns, if more) and their logprobs
-    step = SamplingParams(max_tokens=1, temperature=0.0, logprobs=max(2 * job.n, params.logprobs or 0), ignore_eos=True)
+    # one token, with the 2 x width likeliest (or as many as the answer returns, if more) of those it may take, and
+    # their logprobs
+    allowed = params.allowed_token_ids
+    step = SamplingParams(max_tokens=1, temperature=0.0, logprobs=max(2 * job.n, params.logprobs or 0), ignore_eos=True,
+                          allowed_token_ids=allowed, top_from_allowed=allowed is not None)
     began = time.perf_counter()
     try:  # from here on a drain counts the search as running, between its steps too
         series = loop.open_series()
@@ -177,6 +188,11 @@ def _check(params: SamplingParams, *, width: int) -> None:
             param = value.param if name == "structured" else name
             raise APIError(400, f"{param} is not supported with use_beam_search (beam search ranks the model's own "
                                 "logprobs); leave it out, or send use_beam_search false", param=param)
+    allowed = params.allowed_token_ids
+    if allowed is not None and len(set(allowed)) < width:
+        raise APIError(400, f"use_beam_search with allowed_token_ids needs at least n ({width}) distinct token ids, "
+                            f"got {len(set(allowed))}: each step keeps the n likeliest continuations, and fewer ids leave "
+                            "fewer beams; allow more tokens or lower n", param="allowed_token_ids")
 
 
 def _submit(state: AppState, prefix: str, ready: pipeline.Prepared, searches: list[Search], step: SamplingParams,
