@@ -118,8 +118,9 @@ class EngineLoop:
             self._draining = True
         while time.monotonic() < deadline and (self.num_requests or self.num_series) and self.alive:
             time.sleep(0.02)
-        with self._wake:  # under the lock: a series' submit comes before the cut (and its request is ended below),
-            cut, self._series = self._series, set()  # or after it, refused
+        with self._wake:
+            # under the lock: a series' submit comes before its cut (and the request is ended below) or after, refused
+            cut, self._series = self._series, set()
             for series in cut:
                 series.cut = True
             if cut:
