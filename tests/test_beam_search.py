@@ -4,6 +4,10 @@ against an independent beam search over transformers' own logits, under the full
 
 from __future__ import annotations
 
+import json
+import math
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +20,7 @@ import torch
 
 from server.api.beam_search import Beam, Search, score
 from server.policy.compiler import compile_schedule
+from tests import reliability as rel
 from tests.conftest import bos_word_tokenizer
 from tests.reference import reference_logits
 from tests.serving import Process, metric_value, painters_server, serving, settings, tiny_engine, wait_until
@@ -45,6 +50,13 @@ def test_an_eos_among_the_likeliest_ends_a_copy_and_the_width_likeliest_others_l
     assert s.done and s.steps == 3
 
 
+def test_tokens_a_beam_may_not_take_are_no_candidates():
+    """A step limited to fewer allowed tokens than 2 x width returns the rest at -inf (`top_from_allowed`)."""
+    s = Search(prompt_len=4, max_tokens=3, width=2, eos_ids=EOS)
+    s.advance([{7: -2.0, 8: -3.0, 9: -math.inf, 10: -math.inf}])
+    assert [b.tokens for b in s.live] == [[7], [8]] and all(-math.inf not in b.tops[0].values() for b in s.live)
+
+
 def test_ignore_eos_makes_the_eos_a_token_like_any_other():
     s = Search(prompt_len=4, max_tokens=2, width=1, eos_ids=EOS, ignore_eos=True)
     s.advance([{2: -0.1, 7: -0.5}])
@@ -60,6 +72,16 @@ def test_length_penalty_ranks_as_vllms_score_counting_the_prompt_and_not_the_eos
         search = Search(prompt_len=10, max_tokens=4, width=2, eos_ids=EOS, length_penalty=lp, live=[long],
                         ended=[short])
         assert search.best()[0] is best
+
+
+def test_an_aborted_search_ends_its_live_beams_as_they_are_and_keeps_the_ended_ones():
+    """vLLM's `_beam_search_step` on an aborted step: the live beams join the ended ones with finish_reason
+    "abort"; the ranking is the usual one."""
+    s = Search(prompt_len=4, max_tokens=5, width=2, eos_ids=EOS)
+    s.advance([{7: -0.1, 2: -0.2, 8: -3.0}])
+    s.abort()
+    assert s.done and s.aborted and s.live == []
+    assert [(b.tokens, b.finish_reason) for b in s.best()] == [([7], "abort"), ([2], "stop")]
 
 
 # -- the tiny in-process server: refusals, nothing left behind -------------------------------------------------------
@@ -80,7 +102,7 @@ def _beams(**body: Any) -> dict[str, Any]:
     ("stop", ["x"], "stop"), ("stop_token_ids", [5], "stop_token_ids"), ("min_tokens", 1, "min_tokens"),
     ("presence_penalty", 0.5, "presence_penalty"), ("frequency_penalty", 0.5, "frequency_penalty"),
     ("repetition_penalty", 1.2, "repetition_penalty"), ("logit_bias", {"5": 1}, "logit_bias"),
-    ("allowed_token_ids", [5, 6], "allowed_token_ids"), ("bad_words", ["hello"], "bad_words"),
+    ("bad_words", ["hello"], "bad_words"),
     ("guided_regex", "a+", "guided_regex"),
     ("response_format", {"type": "json_object"}, "response_format"), ("prompt_logprobs", 1, "prompt_logprobs"),
     ("n", 11, "n"), ("max_tokens", 0, "max_tokens"),
@@ -90,6 +112,33 @@ def test_what_beam_search_cannot_honour_is_a_400_naming_it(tiny, field, value, p
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and "use_beam_search" in error["message"]
+
+
+@pytest.mark.parametrize("allowed, says", [([5, 5, 6], "at least n (3) distinct token ids, got 2"),
+                                           ([5, 6, 128], "outside the vocabulary")])
+def test_allowed_token_ids_that_cannot_fill_the_beams_or_are_outside_the_vocabulary_are_a_400(tiny, allowed, says):
+    r = tiny.post("/v1/completions", json=_beams(n=3, allowed_token_ids=allowed))
+    assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+    assert "allowed_token_ids" in r.json()["error"]["message"] + str(r.json()["error"]["param"])
+
+
+def test_every_beam_takes_only_allowed_tokens(tiny):
+    """The tiny model's own choices are elsewhere: every token, and every returned alternative, is one of the
+    allowed; the EOS (2) among them ends beams, and left out none does (ignore_eos off: every beam runs on)."""
+    for allowed, eos in (([7, 9, 11, 2], True), ([7, 9, 11], False)):
+        r = tiny.post("/v1/completions", json=_beams(n=3, max_tokens=6, logprobs=5, allowed_token_ids=allowed,
+                                                     return_tokens_as_token_ids=True))
+        assert r.status_code == 200, r.text
+        choices = r.json()["choices"]
+        assert len(choices) == 3
+        for c in choices:
+            tokens = [int(t.split(":")[1]) for t in c["logprobs"]["tokens"]]
+            alternatives = {int(t.split(":")[1]) for top in c["logprobs"]["top_logprobs"] or [] for t in top}
+            assert set(tokens) | alternatives <= set(allowed), (allowed, c)
+            assert all(len(top) <= len(allowed) for top in c["logprobs"]["top_logprobs"] or [])
+            assert c["finish_reason"] == "length" or eos
+        if not eos:
+            assert all(len(c["logprobs"]["tokens"]) == 6 for c in choices)
 
 
 def test_echo_with_logprobs_is_refused_and_length_penalty_needs_beams(tiny):
@@ -121,7 +170,7 @@ def test_beam_searches_leave_nothing_behind(tiny):
     assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
     loop = tiny.app.state.painters.loop
     wait_until(lambda: loop.num_requests == 0, timeout=10, what="every step request ended")
-    assert loop.batch.kv.reserved == {}
+    assert loop.batch.kv.reserved == {} and loop.num_series == 0
 
 
 # -- the real SmolLM2 over HTTP ----------------------------------------------------------------------------------------
@@ -145,8 +194,10 @@ def _answer(client: openai.OpenAI, prompt: str | list[int], *, policy: str = "fu
 
 
 def _reference(hf: Any, policy: str, prompt: list[int], *, width: int, max_tokens: int, length_penalty: float,
-               ignore_eos: bool = False) -> list[tuple[list[int], float]]:
-    """vLLM's beam search written out over transformers' logits of the whole sequence (no cache, no server code)."""
+               ignore_eos: bool = False, allowed: list[int] | None = None) -> list[tuple[list[int], float]]:
+    """vLLM's beam search written out over transformers' logits of the whole sequence (no cache, no server code);
+    with `allowed`, every other token's logprob is -inf (masked, not renormalized: a transformers logits processor
+    on the log-softmax, as its beam search applies them)."""
     schedule = compile_schedule(policy, hf.config.num_hidden_layers)
     live: list[tuple[list[int], float]] = [([], 0.0)]
     ended: list[tuple[list[int], float]] = []
@@ -154,10 +205,16 @@ def _reference(hf: Any, policy: str, prompt: list[int], *, width: int, max_token
         for _ in range(max_tokens):
             ids = torch.tensor([prompt + tokens for tokens, _ in live])
             logprobs = torch.log_softmax(reference_logits(hf, schedule, ids)[:, -1].float(), -1)
+            if allowed is not None:
+                mask = torch.full_like(logprobs, float("-inf"))
+                mask[:, allowed] = 0.0
+                logprobs = logprobs + mask
             top = logprobs.topk(2 * width)
             candidates = []
             for (tokens, cum), values, indices in zip(live, top.values.tolist(), top.indices.tolist()):
                 for v, t in zip(values, indices):
+                    if v == float("-inf"):  # fewer allowed tokens than 2 x width
+                        continue
                     if t in EOS and not ignore_eos:
                         ended.append((tokens + [t], cum + v))
                     else:
@@ -208,6 +265,28 @@ def test_beams_are_the_reference_search_over_transformers_logits(client, http, s
     assert [g[0] for g in got] == [w[0] for w in want]
     assert [g[1] for g in got] == pytest.approx([w[1] for w in want], abs=2e-3)
     assert [g[2] for g in got] == ["stop" if w[0][-1] in EOS else "length" for w in want]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("eos", [True, False])
+def test_beams_limited_to_allowed_token_ids_are_the_reference_search_over_the_masked_logits(client, http, smollm2_hf,
+                                                                                           eos):
+    """The allowed words leave out the model's own answer ("No"), so the search differs from the free one; with the
+    EOS allowed, beams end on it, and without, none does."""
+    prompt = _chat_prompt("Is the sky blue? Answer yes or no.")
+    words = ["Yes", " no", "Maybe", ".", " blue", " sky", "!"]
+    allowed = sorted({t for w in words for t in _ids(http, w)} | ({2} if eos else set()))
+    [(own, _, _, _)] = _answer(client, prompt, max_tokens=1, temperature=0)
+    assert own[0] not in allowed  # the mask matters from the first step on
+    got = _answer(client, prompt, max_tokens=4, n=3, use_beam_search=True, allowed_token_ids=allowed,
+                  include_stop_str_in_output=True)
+    want = _reference(smollm2_hf, "full", _ids(http, prompt), width=3, max_tokens=4, length_penalty=1.0,
+                      allowed=allowed)
+    assert [g[0] for g in got] == [w[0] for w in want]
+    assert [g[1] for g in got] == pytest.approx([w[1] for w in want], abs=2e-3)
+    assert [g[2] for g in got] == ["stop" if w[0][-1] in EOS else "length" for w in want]
+    assert all(t in allowed for g in got for t in g[0])
+    assert any(g[2] == "stop" for g in got) == eos
 
 
 @pytest.mark.slow
@@ -311,3 +390,60 @@ def test_a_beam_answer_has_openais_shape_and_painters_timings(tiny):
     assert r.headers["x-painters-policy"] == body["painters"]["policy"] == "skip:2-3"
     timings = body["painters"]["timings"]
     assert 0 < timings["time_to_first_token_s"] <= timings["e2e_s"] and timings["decode_s"] > 0
+
+
+# -- a drain that begins mid-search (a real server process, SIGTERM) ----------------------------------------------------
+
+
+def _search_in_thread(url: str, *, stream: bool, into: dict[str, Any]) -> threading.Thread:
+    """A width-2, 60-token search (ignore_eos: no beam ends early) from a client thread; `into[stream]` gets each
+    choice's (finish_reason, token count), or the status / error that ended it otherwise."""
+    body = {"model": "tiny", "prompt": "long", "max_tokens": 60, "n": 2, "use_beam_search": True, "ignore_eos": True,
+            "logprobs": 0, "stream": stream}
+
+    def run() -> None:
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+                if r.status_code != 200:
+                    into[stream] = r.status_code
+                    return
+                if stream:
+                    frames = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+                else:
+                    frames = [json.loads(r.read())]
+            if any("error" in f for f in frames):
+                into[stream] = [f["error"] for f in frames if "error" in f]
+                return
+            choices = [c for f in frames for c in f["choices"]]
+            into[stream] = sorted((c["index"], c["finish_reason"], len(c["logprobs"]["tokens"])) for c in choices)
+        except httpx.HTTPError as e:
+            into[stream] = type(e).__name__
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drain_s, finished", [(60, "length"), (1, "abort")])
+def test_a_search_begun_before_a_drain_runs_on_as_a_running_request(tmp_path, drain_s, finished):
+    """20 ms per forward: a search's 60 steps take seconds, and SIGTERM comes mid-search. Between two steps the engine
+    holds none of its requests; the drain still waits for it and admits its next steps (they were a 503). A long
+    drain lets it finish; at a short one's deadline it ends as running requests do, its beams so far with
+    finish_reason "abort". Streamed and not; the server exits 0 either way."""
+    with rel.tiny_process(tmp_path, step_delay=0.02, env={"PAINTERS_DRAIN_TIMEOUT_S": str(drain_s)}) as p:
+        got: dict[bool, Any] = {}
+        steps = rel.engine_steps(p.url)
+        clients = [_search_in_thread(p.url, stream=stream, into=got) for stream in (False, True)]
+        wait_until(lambda: rel.engine_steps(p.url) >= steps + 12, timeout=60, what="both searches under way")
+        p.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: httpx.get(f"{p.url}/ready", timeout=2).status_code == 503, timeout=5, what="/ready 503")
+        assert httpx.post(f"{p.url}/v1/completions", json=_beams(model="tiny"), timeout=10).status_code == 503
+        for t in clients:
+            t.join(timeout=120)
+        assert p.proc.wait(timeout=30) == 0
+    assert ("series (beam searches) cut" in p.log.read_text()) == (finished == "abort")
+    for stream in (False, True):
+        answer = got[stream]
+        assert isinstance(answer, list) and [a[:2] for a in answer] == [(0, finished), (1, finished)], (stream, answer)
+        lengths = {n for _, _, n in answer}
+        assert lengths == {60} if finished == "length" else 0 < max(lengths) < 60, (stream, answer)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from server.engine.loop import EngineLoop, Output, QueueFullError
+from server.engine.loop import DrainingError, EngineLoop, Output, QueueFullError
 from server.engine.request import Request
 from server.engine.generate import Batch, Engine, GenerationResult
 from server.metrics import Metrics
@@ -538,6 +538,41 @@ def test_a_drain_waits_for_a_request_being_admitted(make_loop, make_gate, loop_e
     drain.join(TIMEOUT)
     assert first.wait().result.finish_reason == "length"
     assert aborted == [0] and second.wait().result.finish_reason == "length"
+
+
+def test_a_drain_waits_for_an_open_series_admits_its_requests_and_cuts_it_at_the_deadline(make_loop, make_gate,
+                                                                                           loop_engine):
+    """A series (a beam search's steps) begun before the drain is running between its requests too: the drain waits
+    for it and admits its next request, refused to anyone else; at the deadline it is cut, its request running
+    then ends with "abort", and it may submit nothing more. One closed in time no longer holds the drain."""
+    loop = make_loop()
+    done, cut = loop.open_series(), loop.open_series()
+    aborted: list[int] = []
+    drain = threading.Thread(target=lambda: aborted.append(loop.drain(time.monotonic() + 1.0)))
+    drain.start()  # nothing is here: the two series alone hold it
+    wait_until(lambda: loop.draining, "the drain began")
+    with pytest.raises(DrainingError):
+        loop.open_series()
+    with pytest.raises(DrainingError):
+        loop.submit_all([(request(loop_engine, "x", [5], "full", max_tokens=1), Collector())])
+    finishes = Collector()
+    loop.submit_all([(request(loop_engine, "a", [5, 6, 7], "full", max_tokens=2), finishes)], series=done)
+    assert finishes.wait().result.finish_reason == "length"
+    loop.close_series(done)
+    with pytest.raises(DrainingError):  # closed: it runs no more
+        loop.submit_all([(request(loop_engine, "y", [5], "full", max_tokens=1), Collector())], series=done)
+    gate = make_gate(1)
+    held = Collector(gate)
+    loop.submit_all([(request(loop_engine, "b", [8, 9], "full", max_tokens=30), held)], series=cut)
+    gate.wait()  # "b" runs, held, past the deadline
+    wait_until(lambda: cut.cut, "the deadline cut the series")
+    assert drain.is_alive() and not done.cut and loop.num_series == 0
+    with pytest.raises(DrainingError):
+        loop.submit_all([(request(loop_engine, "c", [5], "full", max_tokens=1), Collector())], series=cut)
+    gate.release.set()
+    drain.join(TIMEOUT)
+    assert aborted == [1] and held.wait().result.finish_reason == "abort"
+    assert loop.num_requests == 0
 
 
 def test_a_drain_streams_the_tail_held_back_for_a_stop_string(tiny_engine, loop_engine):

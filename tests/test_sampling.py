@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.engine.sampling import (MAX_STOP_LENGTH, MAX_STOP_STRINGS, MIN_TEMPERATURE, SEED, TOP_K, SamplingError,
-                             SamplingBatch, SamplingParams, make_generator, process_logits, sample, sample_batch,
-                             sample_isolated, unpack_bitmask)
+                             SamplingBatch, SamplingParams, alternatives, make_generator, process_logits, sample,
+                             sample_batch, sample_isolated, unpack_bitmask)
 from server.engine.sampling_params import MAX_BAD_WORD_SEQUENCES, MAX_BAD_WORD_TOKENS, bad_word_ids
 
 CPU = torch.device("cpu")
@@ -114,6 +114,19 @@ def test_allowed_token_ids_leave_every_other_token_out_of_its_own_row():
     assert got.tolist() == [[-INF, -INF, 0.5, 0.0], [9.0, 1.0, 0.5, 0.0]]
     assert sample(logits, [own, SamplingParams()], [None, None]).tolist() == [2, 0]
     assert draws(logits[0], SamplingParams(temperature=1.0, allowed_token_ids=(1, 3)), 0, n=200) == {1, 3}
+
+
+def test_top_from_allowed_ranks_a_rows_alternatives_among_its_allowed_tokens_only():
+    """A beam search's candidates: the row that asks ranks only its allowed tokens (their logprobs as they are); a
+    row limited the same way that does not ask, and a free row, rank every token (vLLM's raw top logprobs)."""
+    logprobs = torch.log_softmax(torch.tensor([[9.0, 1.0, 0.5, 0.0]] * 3), -1)
+    rows = [SamplingParams(allowed_token_ids=(2, 3), top_from_allowed=True), SamplingParams(allowed_token_ids=(2, 3)),
+            SamplingParams()]
+    batch = SamplingBatch.of(rows, [None] * 3, CPU)
+    got = alternatives(logprobs, batch)
+    assert got[0].tolist() == [-INF, -INF, *logprobs[0, 2:].tolist()]
+    assert torch.equal(got[1:], logprobs[1:])
+    assert SamplingBatch.of(rows[1:], [None] * 2, CPU).top_from_allowed is None  # nobody asks: nothing to mask
 
 
 def test_a_grammar_mask_leaves_out_what_its_row_may_not_choose_and_no_other_row():

@@ -1,22 +1,26 @@
 """Beam search (vLLM's `use_beam_search`), served above the engine as vLLM v1 serves it (`BeamSearchOnlineMixin.
 beam_search` in vllm/entrypoints, `get_beam_search_score` in vllm/beam_search.py).
 
-Each step asks the engine for one token per live beam, with 2 x width logprobs, as ordinary requests through the
-pipeline: under the request's layer policy, and the prefix cache computes each beam's repeated prompt once. The best
+Each step asks the engine for one token per live beam, with 2 x width logprobs (of the allowed_token_ids, when the
+request limits them), as ordinary requests through the pipeline: under the request's layer policy, and the prefix
+cache computes each beam's repeated prompt once. The best
 `width` continuations by cumulative logprob live on; one that chooses an EOS ends its beam (unless `ignore_eos`); after
 `max_tokens` steps the ended and the live beams are ranked by cumulative logprob / length ** length_penalty, the length
 counting the prompt (vLLM's). The `width` best are the choices. The search is one task per API request; each returned
 beam is a `pipeline.Stream` whose single output is its final result, so the routes answer (and stream: the final
 result only, as vLLM does) as for any request, and aborting a beam's stream cancels the search and its in-flight
-steps."""
+steps. The search is an engine `Series`: a drain that begins mid-search lets it run on, and at the drain's deadline
+it ends with its beams so far, the live ones with finish_reason "abort" (vLLM's `_beam_search_step` on an aborted
+step)."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
 from server.api import pipeline
@@ -26,16 +30,21 @@ from server.api.protocol import BEAM_WIDTH
 from server.api.state import AppState
 from server.engine.request import GenerationResult, Output, Timings
 from server.engine.sampling_params import LOGPROBS, SamplingParams
+from server.engine.scheduler import DrainingError
 from server.metrics import RequestStats
 
 if TYPE_CHECKING:
+    from server.engine.loop import EngineLoop, Series
     from server.engine.served import ServedModel
 
 # Sampling fields that would change which tokens a beam may take, or what is scored: beam search ranks the model's
 # own logprobs, and vLLM's passes none of these to its steps (it ignores them silently; here they are a 400).
-# temperature, top_p, top_k, min_p and seed are accepted and change nothing: no step draws.
+# temperature, top_p, top_k, min_p and seed are accepted and change nothing: no step draws. allowed_token_ids is
+# served: each step's candidates are the likeliest allowed tokens (vLLM's beam search restricts its steps so for
+# structured outputs: `_build_online_so_params` gives each step `allowed_token_ids`, and `_beam_search_step` keeps
+# the allowed tokens among the returned logprobs).
 _REFUSED = ("stop", "stop_token_ids", "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty",
-            "logit_bias", "allowed_token_ids", "bad_words", "echo", "prompt_logprobs", "structured")
+            "logit_bias", "bad_words", "echo", "prompt_logprobs", "structured")
 _NEUTRAL = {f.name: f.default for f in fields(SamplingParams)}
 
 
@@ -71,18 +80,21 @@ class Search:
     ended: list[Beam] = field(default_factory=list)
     steps: int = 0
     generated: int = 0  # tokens the engine generated for it: one per live beam per step
+    aborted: bool = False  # cut short by the drain's deadline (`abort`)
 
     @property
     def done(self) -> bool:
         return not self.live or self.steps >= self.max_tokens
 
     def advance(self, tops: list[dict[int, float]]) -> None:
-        """tops[i]: live beam i's next-token logprobs (at least its 2 x width likeliest). Every EOS among a beam's
-        2 x width likeliest ends a copy of it; of the other continuations, the `width` likeliest live on."""
+        """tops[i]: live beam i's next-token logprobs (at least its 2 x width likeliest, of the tokens it may take:
+        -inf for one it may not). Every EOS among a beam's 2 x width likeliest ends a copy of it; of the other
+        continuations, the `width` likeliest live on."""
         assert len(tops) == len(self.live) and not self.done
         self.generated += len(tops)
         candidates: list[tuple[float, int, float, Beam, dict[int, float]]] = []  # (cum, token, its logprob, ...)
         for beam, top in zip(self.live, tops, strict=True):
+            top = {token: logprob for token, logprob in top.items() if logprob > -math.inf}  # fewer allowed tokens
             likeliest = sorted(top.items(), key=lambda kv: -kv[1])[:2 * self.width]
             for token, logprob in likeliest:
                 cum = beam.cum_logprob + logprob
@@ -94,6 +106,11 @@ class Search:
         self.live = [_extend(beam, token, logprob, cum, top)
                      for cum, token, logprob, beam, top in candidates[:self.width]]
         self.steps += 1
+
+    def abort(self) -> None:
+        """End the live beams as they are, with finish_reason "abort" (the drain's deadline passed)."""
+        self.ended += [replace(beam, finish_reason="abort") for beam in self.live]
+        self.live, self.aborted = [], True
 
     def best(self) -> list[Beam]:
         """The `width` best of the ended and live beams, best first."""
@@ -125,6 +142,7 @@ async def start(state: AppState, job: Job, *, length_penalty: float) -> Running:
     _check(params, width=job.n)
     ready = await pipeline.prepare(state, job)
     served, loop = state.require()
+    params.check_model(served.vocab_size, served.eos_ids)  # allowed_token_ids within the vocabulary, or a 400
     longest = loop.longest(ready.schedule)
     for prompt, max_tokens in zip(ready.prompts, ready.max_tokens, strict=True):
         if max_tokens < 1:
@@ -136,12 +154,24 @@ async def start(state: AppState, job: Job, *, length_penalty: float) -> Running:
                                 "layers", param="max_tokens", code="kv_budget_exceeded")
     searches = [Search(len(p.ids), m, job.n, served.eos_ids, length_penalty, params.ignore_eos)
                 for p, m in zip(ready.prompts, ready.max_tokens, strict=True)]
-    # one token, with the 2 x width likeliest (or as many as the answer returns, if more) and their logprobs
-    step = SamplingParams(max_tokens=1, temperature=0.0, logprobs=max(2 * job.n, params.logprobs or 0), ignore_eos=True)
+    # one token, with the 2 x width likeliest (or as many as the answer returns, if more) of those it may take, and
+    # their logprobs
+    allowed = params.allowed_token_ids
+    step = SamplingParams(max_tokens=1, temperature=0.0, logprobs=max(2 * job.n, params.logprobs or 0), ignore_eos=True,
+                          allowed_token_ids=allowed, top_from_allowed=allowed is not None)
     began = time.perf_counter()
-    first = _submit(state, job.prefix, ready, searches, step)
+    try:  # from here on a drain counts the search as running, between its steps too
+        series = loop.open_series()
+    except DrainingError:
+        raise state.draining_error() from None
+    try:
+        first = _submit(state, job.prefix, ready, searches, step, series)
+    except BaseException:
+        loop.close_series(series)
+        raise
     shape = _Shape(params.logprobs, params.include_stop_str_in_output, params.skip_special_tokens)
-    task = asyncio.ensure_future(_run(state, job.prefix, ready, searches, step, first, shape, began))
+    task = asyncio.ensure_future(_run(state, job.prefix, ready, searches, step, first, shape, began,
+                                      (loop, series)))
     task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read by the beams; never "never retrieved"
     beams: list[pipeline.Stream] = [BeamStream(task, p, i) for p in range(len(searches)) for i in range(job.n)]
     return Running(ready.schedule, ready.prompts, beams, job.n)
@@ -158,29 +188,39 @@ def _check(params: SamplingParams, *, width: int) -> None:
             param = value.param if name == "structured" else name
             raise APIError(400, f"{param} is not supported with use_beam_search (beam search ranks the model's own "
                                 "logprobs); leave it out, or send use_beam_search false", param=param)
+    allowed = params.allowed_token_ids
+    if allowed is not None and len(set(allowed)) < width:
+        raise APIError(400, f"use_beam_search with allowed_token_ids needs at least n ({width}) distinct token ids, "
+                            f"got {len(set(allowed))}: each step keeps the n likeliest continuations, and fewer ids leave "
+                            "fewer beams; allow more tokens or lower n", param="allowed_token_ids")
 
 
-def _submit(state: AppState, prefix: str, ready: pipeline.Prepared, searches: list[Search], step: SamplingParams
-            ) -> list[pipeline.RequestStream]:
+def _submit(state: AppState, prefix: str, ready: pipeline.Prepared, searches: list[Search], step: SamplingParams,
+            series: Series) -> list[pipeline.RequestStream]:
     """One step: a one-token request for each live beam of each unfinished search, in that order."""
     requests = [pipeline.engine_request(pipeline.new_request_id(f"{prefix}-beam"), prompt.ids + beam.tokens, step,
                                         ready.schedule, counted=False)
                 for prompt, search in zip(ready.prompts, searches, strict=True) if not search.done
                 for beam in search.live]
-    return pipeline.submit_all(state, requests)
+    return pipeline.submit_all(state, requests, series=series)
 
 
 async def _run(state: AppState, prefix: str, ready: pipeline.Prepared, searches: list[Search], step: SamplingParams,
-               streams: list[pipeline.RequestStream], shape: _Shape, began: float) -> list[list[GenerationResult]]:
+               streams: list[pipeline.RequestStream], shape: _Shape, began: float,
+               held: tuple[EngineLoop, Series]) -> list[list[GenerationResult]]:
     """The search from its first step on (already submitted: `streams`): the searches' best beams as results, per
     prompt. Timed as a request whose tokens are the steps: the first step's queue and prefill, then one token per
-    step. Each prompt's search is observed in the metrics as one request (`_observe`), its steps as none."""
+    step. Each prompt's search is observed in the metrics as one request (`_observe`), its steps as none. The
+    series (`held`) closes when the search ends, however it ends."""
+    loop, series = held
     timings: list[Timings] = []
     try:
-        results = await _search(state, prefix, ready, searches, step, streams, shape, began, timings)
+        results = await _search(state, prefix, ready, searches, step, streams, shape, began, timings, series)
     except BaseException as e:
         _observe(state, ready, searches, timings, began, "abort" if isinstance(e, asyncio.CancelledError) else "error")
         raise
+    finally:
+        loop.close_series(series)
     _observe(state, ready, searches, timings, began, None)
     return results
 
@@ -195,7 +235,7 @@ def _observe(state: AppState, ready: pipeline.Prepared, searches: list[Search], 
     now = time.perf_counter()
     for prompt, search, t in itertools.zip_longest(ready.prompts, searches, timings):
         t = t or Timings(queue_s=now - began)
-        best = search.best()[0].finish_reason or "length" if reason is None else reason
+        best = reason or ("abort" if search.aborted else search.best()[0].finish_reason or "length")
         state.metrics.observe_request(RequestStats(
             policy=ready.schedule.policy, finished_reason=best, prompt_tokens=len(prompt.ids),
             generation_tokens=search.generated, queue_s=t.queue_s, prefill_s=t.prefill_s, decode_s=t.decode_s,
@@ -203,13 +243,17 @@ def _observe(state: AppState, ready: pipeline.Prepared, searches: list[Search], 
 
 
 async def _search(state: AppState, prefix: str, ready: pipeline.Prepared, searches: list[Search], step: SamplingParams,
-                  streams: list[pipeline.RequestStream], shape: _Shape, began: float, timings: list[Timings]
-                  ) -> list[list[GenerationResult]]:
-    """`_run`'s search; `timings` (empty) gets each prompt's once its first step is in."""
+                  streams: list[pipeline.RequestStream], shape: _Shape, began: float, timings: list[Timings],
+                  series: Series) -> list[list[GenerationResult]]:
+    """`_run`'s search; `timings` (empty) gets each prompt's once its first step is in. At the drain's deadline
+    (its step ended with "abort", or its series was cut before the next step) the unfinished searches end with
+    their beams so far (`Search.abort`)."""
     served, _ = state.require()
     while True:
         results = await _step(streams)
         now = time.perf_counter()
+        if results is None:  # the drain's deadline ended the step: it counts for nothing
+            break
         if not timings:  # the first step is one request per prompt
             timings += [Timings(queue_s=r.timings.queue_s, prefill_s=r.timings.prefill_s, ttft_s=now - began)
                         for r in results]
@@ -226,19 +270,39 @@ async def _search(state: AppState, prefix: str, ready: pipeline.Prepared, search
                 t.add_token(now)
         if all(s.done for s in searches):
             break
-        streams = _submit(state, prefix, ready, searches, step)
-    return [[_result(served, prompt, beam, shape, policy=ready.schedule.policy, timings=t) for beam in search.best()]
-            for prompt, search, t in zip(ready.prompts, searches, timings, strict=True)]
+        try:
+            streams = _submit(state, prefix, ready, searches, step, series)
+        except APIError:
+            if not series.cut:  # a 429, a 400: the search fails; a 503 only once the drain's deadline cut it
+                raise
+            break
+    now = time.perf_counter()
+    timings += [Timings(queue_s=now - began) for _ in range(len(searches) - len(timings))]  # cut before a step
+    answers = []
+    for prompt, search, t in zip(ready.prompts, searches, timings, strict=True):
+        if not search.done:
+            search.abort()
+        beams = search.best()
+        # only a search cut before it had `width` beams has fewer: the rest answer as choices cut before their
+        # first token do
+        assert search.aborted or len(beams) == search.width, (len(beams), search.width)
+        beams += [Beam(finish_reason="abort") for _ in range(search.width - len(beams))]
+        answers.append([_result(served, prompt, beam, shape, policy=ready.schedule.policy, timings=t)
+                        for beam in beams])
+    return answers
 
 
-async def _step(streams: list[pipeline.RequestStream]) -> list[GenerationResult]:
-    """Each step request's result; all aborted if this is cancelled (the client went away) or one fails."""
+async def _step(streams: list[pipeline.RequestStream]) -> list[GenerationResult] | None:
+    """Each step request's result, or None when the drain's deadline ended the step (its requests ended with
+    "abort"; a client's going away cancels this instead); all aborted if this is cancelled or one fails."""
     try:
         results = [out.result for s in streams async for out in s if out.finished]
     except BaseException:
         for s in streams:
             s.abort()
         raise
+    if any(r is not None and r.finish_reason == "abort" for r in results):
+        return None
     for r in results:
         if r is None or not r.top_logprobs:
             why = "it was aborted" if r is None or r.finish_reason == "abort" else r.error or r.finish_reason

@@ -31,7 +31,7 @@ from server.engine.scheduler import DrainingError, KVBudgetError, QueueFullError
 from server.engine.served import TemplateKwargsError
 
 if TYPE_CHECKING:
-    from server.engine.loop import EngineLoop
+    from server.engine.loop import EngineLoop, Series
     from server.engine.served import ServedModel
 
 log = logging.getLogger(__name__)
@@ -261,8 +261,10 @@ class RequestStream:
             yield out
 
 
-def submit_all(state: AppState, requests: list[EngineRequest]) -> list[RequestStream]:
-    """Queue every request or none: 429 when the queue cannot take them all, 503 while draining."""
+def submit_all(state: AppState, requests: list[EngineRequest], *, series: Series | None = None
+               ) -> list[RequestStream]:
+    """Queue every request or none: 429 when the queue cannot take them all, 503 while draining (unless they are
+    an open `series`' requests, which the drain lets run on until its deadline cuts the series)."""
     _, loop = state.require()
     _check_sequences(state, len(requests))
     for r in requests:  # a request that could never fit the KV budget is refused whole, before any is queued
@@ -273,7 +275,7 @@ def submit_all(state: AppState, requests: list[EngineRequest]) -> list[RequestSt
                            code="kv_budget_exceeded") from None
     streams = [RequestStream(loop, r) for r in requests]
     try:
-        loop.submit_all([(s.request, s.sink) for s in streams])
+        loop.submit_all([(s.request, s.sink) for s in streams], series=series)
     except DrainingError:
         raise state.draining_error() from None
     except QueueFullError as e:

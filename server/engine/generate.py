@@ -45,7 +45,8 @@ from server.engine.probe import ProbeStats
 from server.engine.probe import Reducer as ProbeReducer
 from server.engine.probe import chunks as probe_chunks
 from server.engine.request import GenerationResult, Request, Timings
-from server.engine.sampling import PromptCache, SamplingBatch, SamplingParams, make_generator, sample_batch
+from server.engine.sampling import (PromptCache, SamplingBatch, SamplingParams, alternatives, make_generator,
+                                    sample_batch)
 from server.engine.served import encode, encode_word
 
 NO_TOKEN_ALLOWED = "no_token_allowed"  # a row's own masks left it nothing to choose (`_why_failed`)
@@ -225,7 +226,8 @@ class Batch:
         logprobs = torch.log_softmax(logits.float(), dim=-1) if sampling.logprobs else None
         tokens, alive, errors = sample_batch(logits, sampling)
         k = sampling.num_top
-        to_host = _to_host(tokens, alive, logprobs, torch.topk(logprobs, k) if k and logprobs is not None else None)
+        top = torch.topk(alternatives(logprobs, sampling), k) if k and logprobs is not None else None
+        to_host = _to_host(tokens, alive, logprobs, top)
         failed = {b: f"sampling failed: {type(e).__name__}: {e}" for b, e in errors.items()}
 
         def fetch() -> ModelOutput:

@@ -12,8 +12,10 @@ leaves the scheduler, frees its KV, is counted in the metrics and gets its last 
 running in it.
 
 Shutdown: `drain(deadline)` stops admitting, lets queued and running requests finish until the deadline, then ends
-the rest with finish_reason "abort" (their clients get that final answer). If the thread itself dies, `failure`
-says why and every request still here fails, so a watchdog can restart the process.
+the rest with finish_reason "abort" (their clients get that final answer). A `Series` (a beam search: one client
+request whose engine requests come in turn) begun before the drain is running too, between its requests as well: the
+drain admits its requests and waits for it, and at the deadline cuts it. If the thread itself dies, `failure` says
+why and every request still here fails, so a watchdog can restart the process.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from server.engine.generate import Engine
 from server.policy.compiler import Schedule
@@ -31,7 +34,16 @@ from server.engine.scheduler import Admission, DrainingError, KVBudgetError, Que
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DrainingError", "EngineLoop", "KVBudgetError", "Output", "QueueFullError", "Request"]
+__all__ = ["DrainingError", "EngineLoop", "KVBudgetError", "Output", "QueueFullError", "Request", "Series"]
+
+
+@dataclass(eq=False)
+class Series:
+    """One client request served as engine requests submitted in turn (a beam search's steps), open from before its
+    first request until after its last (`EngineLoop.open_series`, `close_series`). A drain counts it as running even
+    while none of its requests is here."""
+
+    cut: bool = False  # the drain deadline passed: its requests there ended with "abort", and new ones are refused
 
 
 class EngineLoop:
@@ -52,6 +64,7 @@ class EngineLoop:
         self._stop = False
         self._draining = False
         self._abort_left = False  # set at the drain deadline: the engine thread ends every request still here
+        self._series: set[Series] = set()  # open series: running, whether or not one of their requests is here
         self.failure: str | None = None  # why the engine thread died, if it did
         self._thread = threading.Thread(target=self._run, name="painters-engine", daemon=True)
         self.steps = 0
@@ -91,14 +104,27 @@ class EngineLoop:
         with self._lock:
             return self.scheduler.num_waiting + self.scheduler.num_running
 
+    @property
+    def num_series(self) -> int:
+        """Open series (`Series`)."""
+        with self._lock:
+            return len(self._series)
+
     def drain(self, deadline: float) -> int:
-        """Stop admitting new requests; wait until the queued and running ones finish or `deadline` (time.monotonic())
-        passes; then end the rest with finish_reason "abort". Returns how many were aborted."""
+        """Stop admitting new requests; wait until the queued and running ones, and the open series, finish or
+        `deadline` (time.monotonic()) passes; then cut the series and end the requests left with finish_reason
+        "abort". Returns how many requests were aborted."""
         with self._wake:
             self._draining = True
-        while time.monotonic() < deadline and self.num_requests and self.alive:
+        while time.monotonic() < deadline and (self.num_requests or self.num_series) and self.alive:
             time.sleep(0.02)
         with self._wake:
+            # under the lock: a series' submit comes before its cut (and the request is ended below) or after, refused
+            cut, self._series = self._series, set()
+            for series in cut:
+                series.cut = True
+            if cut:
+                log.warning("drain deadline passed: %d series (beam searches) cut", len(cut))
             left = self.num_requests
             if not left or not self.alive:
                 return left
@@ -120,17 +146,33 @@ class EngineLoop:
         """Queue a request (`submit_all`)."""
         self.submit_all([(request, sink)])
 
-    def submit_all(self, requests: Sequence[tuple[Request, Sink]]) -> None:
+    def submit_all(self, requests: Sequence[tuple[Request, Sink]], *, series: Series | None = None) -> None:
         """Queue requests that belong together (a request's prompts and choices), all or none: raises
         QueueFullError when the waiting queue cannot take them all, KVBudgetError when one could never fit the KV
-        budget, DrainingError once a drain began. Nothing is queued when it raises, so nothing is counted."""
+        budget, DrainingError once a drain began (unless they are an open `series`' requests: it began before).
+        Nothing is queued when it raises, so nothing is counted."""
         for request, sink in requests:
             request.sink = sink
         with self._wake:
-            if self._draining:
+            if self._draining and series not in self._series:
                 raise DrainingError("the server is shutting down")
             self.scheduler.enqueue(*(request for request, _ in requests))
             self._wake.notify()
+
+    def open_series(self) -> Series:
+        """A series whose requests `submit_all` takes until `close_series`, through a drain begun meanwhile (until
+        its deadline cuts it); DrainingError once a drain began."""
+        with self._wake:
+            if self._draining:
+                raise DrainingError("the server is shutting down")
+            series = Series()
+            self._series.add(series)
+            return series
+
+    def close_series(self, series: Series) -> None:
+        """The series submits nothing more: a drain no longer waits for it."""
+        with self._wake:
+            self._series.discard(series)
 
     def abort(self, request_id: str) -> None:
         """Stop a request (client gone): a waiting one ends now, a running one within one step."""

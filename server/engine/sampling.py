@@ -213,6 +213,7 @@ class SamplingBatch:
     grammar_rows: Tensor | None = None  # [G] long: the structured rows (None when the batch has none)
     grammar: Tensor | None = None  # [G, ceil(V / 32)] int32: each one's allowed tokens as bits (`unpack_bitmask`)
     allowed: Tensor | None = None  # [2, N] long: (row, token) pairs a row limited by allowed_token_ids may choose
+    top_from_allowed: Tensor | None = None  # [B] bool: rows whose alternatives are chosen from those (`alternatives`)
     bias_at: Tensor | None = None  # [2, N] long: (row, token) pairs with a logit bias
     bias: Tensor | None = None  # [N] float32: their biases
     bad_words: BadWords | None = None  # None when no row's bad word can end this step
@@ -241,6 +242,9 @@ class SamplingBatch:
                    for t in p.allowed_token_ids]
         if allowed:
             tensors["allowed"] = torch.tensor(allowed, dtype=torch.long).T.to(device, non_blocking=True)
+        if any(p.top_from_allowed for p in params):
+            tensors["top_from_allowed"] = torch.tensor([p.top_from_allowed for p in params]).to(device,
+                                                                                               non_blocking=True)
         bias = [(b, t, v) for b, p in enumerate(params) for t, v in p.logit_bias]
         if bias:  # one copy: token ids are exact in float64
             packed = torch.tensor(bias, dtype=torch.float64).T.to(device, non_blocking=True)
@@ -328,10 +332,7 @@ def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
         logits = logits.index_copy(0, rows, masked)
     # fills, not torch.tensor(..., device=...): that is a blocking host-to-device copy, a sync in the step
     if batch.allowed is not None:
-        (B, V), dev = logits.shape, logits.device
-        row, token = batch.allowed
-        keep = torch.zeros(B * V, dtype=torch.bool, device=dev).index_fill_(0, row * V + token, True).view(B, V)
-        limited = torch.zeros(B, dtype=torch.bool, device=dev).index_fill_(0, row, True)  # rows with a list
+        keep, limited = _allowed(batch.allowed, logits)
         logits = logits.masked_fill(limited[:, None] & ~keep, float("-inf"))
     if batch.bad_words is not None:
         logits = batch.bad_words.apply(logits)
@@ -344,6 +345,26 @@ def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
     if batch.penalties is not None:
         logits = batch.penalties.apply(logits)
     return logits
+
+
+def alternatives(logprobs: Tensor, batch: SamplingBatch) -> Tensor:
+    """logprobs [B, V] -> what each row's top alternatives are chosen from: for a row that asks
+    (`SamplingParams.top_from_allowed`) its allowed_token_ids' logprobs, the others' -inf; for the rest every
+    token's. The caller's logprobs are unchanged."""
+    if batch.top_from_allowed is None:
+        return logprobs
+    assert batch.allowed is not None, "top_from_allowed rows have allowed_token_ids"
+    keep, _ = _allowed(batch.allowed, logprobs)
+    return logprobs.masked_fill(batch.top_from_allowed[:, None] & ~keep, float("-inf"))
+
+
+def _allowed(pairs: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """(row, token) pairs [2, N] -> (keep [B, V] bool: the tokens each row may choose, limited [B] bool: the rows
+    with a list), shaped as `like` [B, V]; by fills on its device (no host copy, no sync)."""
+    (B, V), dev = like.shape, like.device
+    row, token = pairs
+    keep = torch.zeros(B * V, dtype=torch.bool, device=dev).index_fill_(0, row * V + token, True).view(B, V)
+    return keep, torch.zeros(B, dtype=torch.bool, device=dev).index_fill_(0, row, True)
 
 
 def unpack_bitmask(mask: Tensor, V: int) -> Tensor:
