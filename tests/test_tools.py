@@ -185,24 +185,17 @@ TIME_CALL = (r'<tool_call>\{"name": "get_time", "arguments": \{"timezone": "[A-Z
 TWO_CALLS = rf"Checking\. {HERMES}\n{TIME_CALL}"
 
 
-def _sse(http: httpx.Client, **body: Any) -> list[dict[str, Any]]:
-    """A streamed chat's chunk choices, raw."""
-    out = []
-    with http.stream("POST", "/v1/chat/completions", json={"messages": ASK, "tools": TOOLS, "temperature": 0,
-                                                            "max_tokens": 150, "stream": True, **body}) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                out += json.loads(line[6:])["choices"]
-    return out
-
-
-def test_hermes_calls_stream_their_arguments_as_generated(http, client):
-    """The real SmolLM2 writes text and two calls (a regular expression makes it): the text streams as content and
-    none of the markup does; each call opens with a delta of index, id, type and name (arguments ""), then its
-    arguments come in many deltas before the next call opens; the official client's `.stream()` sees argument
-    deltas as they come and ends with the unstreamed answer, finish_reason "tool_calls"."""
+def test_hermes_calls_stream_their_arguments_as_generated(client):
+    """The real SmolLM2 writes text and two calls (a regular expression makes it), streamed through the official
+    client's `.stream()`: the text streams as content and none of the markup does; each call opens with a delta of
+    index, id, type and name (arguments ""), then its arguments come in many deltas before the next call opens; the
+    client ends with the unstreamed answer, finish_reason "tool_calls"."""
     body = {"guided_regex": TWO_CALLS}
-    choices = _sse(http, **body)
+    with client.chat.completions.stream(model=MODEL, messages=ASK, tools=TOOLS, temperature=0, max_tokens=150,
+                                        extra_body=body) as stream:
+        events = list(stream)
+        final = stream.get_final_completion()
+    choices = [e.chunk.choices[0].model_dump(exclude_unset=True) for e in events if e.type == "chunk"]
     content = "".join(c["delta"].get("content") or "" for c in choices)
     pieces = [t for c in choices for t in c["delta"].get("tool_calls", [])]
     assert content == "Checking. " and [c["finish_reason"] for c in choices if c["finish_reason"]] == ["tool_calls"]
@@ -212,12 +205,9 @@ def test_hermes_calls_stream_their_arguments_as_generated(http, client):
     assert [pieces[n]["index"] for n in opens] == [0, 1] and opens[0] == 0 and opens[1] > 5
     assert all(t["index"] == 0 and set(t) == {"index", "function"} for t in pieces[1:opens[1]])
     assert all(t["index"] == 1 for t in pieces[opens[1]:])
-    whole = _create(client, extra_body=body, max_tokens=150)
-    with client.chat.completions.stream(model=MODEL, messages=ASK, tools=TOOLS, temperature=0, max_tokens=150,
-                                        extra_body=body) as stream:
-        deltas = [e.index for e in stream if e.type == "tool_calls.function.arguments.delta"]
-        final = stream.get_final_completion()
+    deltas = [e.index for e in events if e.type == "tool_calls.function.arguments.delta"]
     assert deltas.count(0) > 5 and deltas.count(1) > 5
+    whole = _create(client, extra_body=body, max_tokens=150)
     assert _answer(final) == _answer(whole) and whole.choices[0].message.content == "Checking. "
     assert [t.function.name for t in whole.choices[0].message.tool_calls] == ["get_weather", "get_time"]
     _valid_calls(whole.choices[0].message.tool_calls)
@@ -253,25 +243,24 @@ def test_malformed_hermes_blocks_read_alike_streamed_or_not(client, regex, conte
     assert _answer(_streamed(client, **body)) == _answer(whole)
 
 
-def test_hermes_streams_with_n_and_logprobs(client, http):
+def test_hermes_streams_with_n_and_logprobs(client):
     """n = 3, sampled with a seed: each choice streams its own calls from index 0 and adds up to its unstreamed
     answer; with logprobs the calls are the same and every token's logprob comes (none lost to held-back text)."""
-    body = {"n": 3, "temperature": 1.0, "seed": 5, "logprobs": True, "top_logprobs": 2,
-            "guided_regex": rf"(Checking\. )?{HERMES}(\n{TIME_CALL})?"}
-    raw = _sse(http, **body)
-    for i in range(3):
-        opens = [t["index"] for c in raw if c["index"] == i for t in c["delta"].get("tool_calls", []) if "id" in t]
-        assert opens == list(range(len(opens))) and opens, (i, opens)
-    extra = {k: v for k, v in body.items() if k not in ("n", "temperature", "seed", "logprobs", "top_logprobs")}
-    kw = {"n": 3, "temperature": 1.0, "seed": 5, "logprobs": True, "top_logprobs": 2, "max_tokens": 150,
-          "extra_body": extra}
-    whole, streamed = _create(client, **kw), _streamed(client, **kw)
+    body = {"n": 3, "temperature": 1.0, "seed": 5, "logprobs": True, "top_logprobs": 2, "max_tokens": 150,
+            "extra_body": {"guided_regex": rf"(Checking\. )?{HERMES}(\n{TIME_CALL})?"}}
+    state, opens = ChatCompletionStreamState(), {i: [] for i in range(3)}
+    for chunk in _create(client, stream=True, **body):
+        state.handle_chunk(chunk)
+        for c in chunk.choices:
+            opens[c.index] += [t.index for t in c.delta.tool_calls or () if t.id]
+    streamed, whole = state.current_completion_snapshot, _create(client, **body)
     assert _answer(streamed) == _answer(whole)
     assert {len(c.message.tool_calls) for c in whole.choices} <= {1, 2}
+    assert any(len(c.message.tool_calls) == 2 for c in whole.choices)
+    assert [opens[c.index] for c in whole.choices] == [list(range(len(c.message.tool_calls))) for c in whole.choices]
     for w, s in zip(sorted(whole.choices, key=lambda c: c.index), sorted(streamed.choices, key=lambda c: c.index)):
         assert [t.token for t in s.logprobs.content] == [t.token for t in w.logprobs.content]
     assert sum(len(w.logprobs.content) for w in whole.choices) == whole.usage.completion_tokens
-    assert any(len(c.message.tool_calls) == 2 for c in whole.choices)
 
 
 def test_required_among_no_tools_is_none(http):
