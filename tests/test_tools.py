@@ -493,6 +493,8 @@ HERMES_TEXTS = {
                               [("get_time", '{"timezone": ')], False),
     "a later block not a call": ('<tool_call>{"name": "get_time", "arguments": {"timezone": "UTC"}}</tool_call>'
                                  '<tool_call>oops</tool_call>', None, [("get_time", '{"timezone": "UTC"}')], True),
+    "name not writable": ('<tool_call>{"name": "a\\ud800", "arguments": {}}</tool_call>',
+                          '<tool_call>{"name": "a\\ud800", "arguments": {}}</tool_call>', [], True),
     "no arguments": ('<tool_call>{"name": "get_time"}</tool_call>', None, [("get_time", "{}")], True),
     "arguments before the name": ('<tool_call>{"arguments": {"timezone": "UTC"}, "name": "get_time"}</tool_call>',
                                   None, [("get_time", '{"timezone": "UTC"}')], True),

@@ -188,7 +188,7 @@ class HermesCalls:
 
     - Content is the text before the first `<tool_call>` (a tail that may begin one waits for the next piece).
     - A block is the text up to `</tool_call>` (or to the end), read as JSON (`PartialJson`). Its call begins once
-      its "name" is whole, a non-empty string; the "arguments" value streams from then on, as far as it is certain,
+      its "name" is whole, a non-empty string of printable characters; the "arguments" value streams from then on, as far as it is certain,
       in json.dumps' text (what vLLM's whole answer writes: `json.dumps(arguments, ensure_ascii=False)`). An object
       that closes without "arguments" has "{}" (vLLM's stream).
     - A first block that turns out not to be a call before its name is read (not JSON, not an object, no name) makes
@@ -249,7 +249,7 @@ class HermesCalls:
             name = block.members.get("name")
             if name is not None and name.whole:  # read before anything broke: reading stops at a break
                 value = json.loads(name.text)
-                if not (isinstance(value, str) and value):
+                if not (isinstance(value, str) and value and value.isprintable()):  # (a lone \ud800: no UTF-8)
                     self._not_a_call()
                     return
                 self._call = _Call(name=value)
