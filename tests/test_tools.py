@@ -180,6 +180,89 @@ def test_auto_reads_several_calls_and_parallel_tool_calls_false_keeps_the_first(
     assert _answer(_streamed(client, parallel_tool_calls=False, **twice)) == _answer(first)
 
 
+TIME_CALL = (r'<tool_call>\{"name": "get_time", "arguments": \{"timezone": "[A-Z][a-z]{2,8}/[A-Z][a-z]{2,8}"\}\}'
+             r'</tool_call>')
+TWO_CALLS = rf"Checking\. {HERMES}\n{TIME_CALL}"
+
+
+def test_hermes_calls_stream_their_arguments_as_generated(client):
+    """The real SmolLM2 writes text and two calls (a regular expression makes it), streamed through the official
+    client's `.stream()`: the text streams as content and none of the markup does; each call opens with a delta of
+    index, id, type and name (arguments ""), then its arguments come in many deltas before the next call opens; the
+    client ends with the unstreamed answer, finish_reason "tool_calls"."""
+    body = {"guided_regex": TWO_CALLS}
+    with client.chat.completions.stream(model=MODEL, messages=ASK, tools=TOOLS, temperature=0, max_tokens=150,
+                                        extra_body=body) as stream:
+        events = list(stream)
+        final = stream.get_final_completion()
+    choices = [e.chunk.choices[0].model_dump(exclude_unset=True) for e in events if e.type == "chunk"]
+    content = "".join(c["delta"].get("content") or "" for c in choices)
+    pieces = [t for c in choices for t in c["delta"].get("tool_calls", [])]
+    assert content == "Checking. " and [c["finish_reason"] for c in choices if c["finish_reason"]] == ["tool_calls"]
+    opens = [n for n, t in enumerate(pieces) if "id" in t]
+    assert [pieces[n]["function"] for n in opens] == [{"name": "get_weather", "arguments": ""},
+                                                      {"name": "get_time", "arguments": ""}]
+    assert [pieces[n]["index"] for n in opens] == [0, 1] and opens[0] == 0 and opens[1] > 5
+    assert all(t["index"] == 0 and set(t) == {"index", "function"} for t in pieces[1:opens[1]])
+    assert all(t["index"] == 1 for t in pieces[opens[1]:])
+    deltas = [e.index for e in events if e.type == "tool_calls.function.arguments.delta"]
+    assert deltas.count(0) > 5 and deltas.count(1) > 5
+    whole = _create(client, extra_body=body, max_tokens=150)
+    assert _answer(final) == _answer(whole) and whole.choices[0].message.content == "Checking. "
+    assert [t.function.name for t in whole.choices[0].message.tool_calls] == ["get_weather", "get_time"]
+    _valid_calls(whole.choices[0].message.tool_calls)
+
+
+def test_a_hermes_call_cut_by_max_tokens_keeps_what_was_written(client):
+    """Cut mid-arguments, the call stands with its arguments as far as written (vLLM's stream keeps it too, closed
+    with text the model never wrote; its whole answer makes it content): finish_reason "length", streamed or not."""
+    full = _create(client, extra_body={"guided_regex": HERMES}, logprobs=True)
+    tokens = [t.token for t in full.choices[0].logprobs.content]
+    cut = next(n for n in range(len(tokens)) if '"city": "' in "".join(tokens[:n]))  # the city's value has begun
+    body = {"extra_body": {"guided_regex": HERMES}, "max_tokens": cut}
+    whole = _create(client, **body)
+    [(content, [(kind, name, arguments)], reason)] = _answer(whole)
+    assert content is None and name == "get_weather" and reason == "length"
+    assert full.choices[0].message.tool_calls[0].function.arguments.startswith(arguments) and '"city": "' in arguments
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(arguments)
+    assert _answer(_streamed(client, **body)) == _answer(whole)
+
+
+@pytest.mark.parametrize("regex,content,calls", [
+    # not JSON before its name is read: the whole answer is content (vLLM's fallback), streamed alike
+    (r'<tool_call>\{"name": get_weather\}</tool_call>', '<tool_call>{"name": get_weather}</tool_call>', []),
+    # breaks after its name went out: the call stands as far as it was JSON, and is not whole ("stop")
+    (r'<tool_call>\{"name": "get_weather", "arguments": \{"city": Paris\}\}</tool_call>', None,
+     [("function", "get_weather", '{"city": ')]),
+], ids=["not-json", "breaks-in-arguments"])
+def test_malformed_hermes_blocks_read_alike_streamed_or_not(client, regex, content, calls):
+    body = {"extra_body": {"guided_regex": regex}}
+    whole = _create(client, **body)
+    assert _answer(whole) == [(content, calls, "stop")]
+    assert _answer(_streamed(client, **body)) == _answer(whole)
+
+
+def test_hermes_streams_with_n_and_logprobs(client):
+    """n = 3, sampled with a seed: each choice streams its own calls from index 0 and adds up to its unstreamed
+    answer; with logprobs the calls are the same and every token's logprob comes (none lost to held-back text)."""
+    body = {"n": 3, "temperature": 1.0, "seed": 5, "logprobs": True, "top_logprobs": 2, "max_tokens": 150,
+            "extra_body": {"guided_regex": rf"(Checking\. )?{HERMES}(\n{TIME_CALL})?"}}
+    state, opens = ChatCompletionStreamState(), {i: [] for i in range(3)}
+    for chunk in _create(client, stream=True, **body):
+        state.handle_chunk(chunk)
+        for c in chunk.choices:
+            opens[c.index] += [t.index for t in c.delta.tool_calls or () if t.id]
+    streamed, whole = state.current_completion_snapshot, _create(client, **body)
+    assert _answer(streamed) == _answer(whole)
+    assert {len(c.message.tool_calls) for c in whole.choices} <= {1, 2}
+    assert any(len(c.message.tool_calls) == 2 for c in whole.choices)
+    assert [opens[c.index] for c in whole.choices] == [list(range(len(c.message.tool_calls))) for c in whole.choices]
+    for w, s in zip(sorted(whole.choices, key=lambda c: c.index), sorted(streamed.choices, key=lambda c: c.index)):
+        assert [t.token for t in s.logprobs.content] == [t.token for t in w.logprobs.content]
+    assert sum(len(w.logprobs.content) for w in whole.choices) == whole.usage.completion_tokens
+
+
 def test_required_among_no_tools_is_none(http):
     """OpenAI's (and vLLM's) reading: "required" with an empty tools list asks for no call."""
     r = http.post("/v1/chat/completions", json={"messages": ASK, "tools": [], "tool_choice": "required",
@@ -335,10 +418,11 @@ TEXTS = {
 }
 
 
-def _pieced(mode: str, text: str, size: int) -> tuple[str | None, list[tuple[str, str]], bool]:
+def _fed(mode: str, pieces: list[str]) -> tuple[str | None, list[tuple[str, str]], bool, bool]:
+    """A stream reader fed `pieces` (the last finished): the content and calls its deltas add up to, as the openai
+    client joins them, whether a call went out, and whether the calls are whole."""
     reader = stream_reader(PLANS[mode])
     content, calls = None, {}
-    pieces = [text[i:i + size] for i in range(0, len(text), size)] or [""]
     for n, piece in enumerate(pieces):
         delta = reader.feed(piece, finished=n == len(pieces) - 1)
         if delta.content is not None:
@@ -350,7 +434,12 @@ def _pieced(mode: str, text: str, size: int) -> tuple[str | None, list[tuple[str
             else:
                 assert t.id is None and t.function.name is None, t
             calls[t.index][1] += t.function.arguments or ""
-    return content, [tuple(calls[i]) for i in sorted(calls)], reader.called
+    return content, [tuple(calls[i]) for i in sorted(calls)], reader.called, reader.complete
+
+
+def _pieced(mode: str, text: str, size: int) -> tuple[str | None, list[tuple[str, str]], bool]:
+    pieces = [text[i:i + size] for i in range(0, len(text), size)] or [""]
+    return _fed(mode, pieces)[:3]
 
 
 @pytest.mark.parametrize("mode", list(TEXTS))
@@ -383,3 +472,74 @@ def test_hermes_reads_as_vllms_parser():
     assert parse(PLANS["auto"], TEXTS["auto"][2]).content is None
     for text in (TEXTS["auto"][0], TEXTS["auto"][4], TEXTS["auto"][5]):
         assert parse(PLANS["auto"], text) == Parsed(text, [])
+
+
+# hermes answers, and what both readings make of them: content, calls, and whether the calls are whole
+CALL = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+HERMES_TEXTS = {
+    "text then two calls, re-serialized": (
+        'Let me check. <tool_call>\n' + CALL + '\n</tool_call>\n<tool_call>{"name":"web_search","arguments":'
+        '{"query":"caf\\u00e9 \\"best\\"\\n","limit":3.50e0}}</tool_call>\n',
+        "Let me check. ", [("get_weather", '{"city": "Paris", "unit": "celsius"}'),
+                           ("web_search", '{"query": "café \\"best\\"\\n", "limit": 3.5}')], True),
+    "cut mid-arguments": ('<tool_call>{"name": "get_weather", "arguments": {"city": "Pa', None,
+                          [("get_weather", '{"city": "Pa')], False),
+    "cut before its name": ('hm <tool_call>{"name": "get_wea', 'hm <tool_call>{"name": "get_wea', [], True),
+    "not JSON": ('a <tool_call> that is not JSON </tool_call> b', 'a <tool_call> that is not JSON </tool_call> b',
+                 [], True),
+    "name not a string": ('<tool_call>{"name": 7, "arguments": {}}</tool_call>',
+                          '<tool_call>{"name": 7, "arguments": {}}</tool_call>', [], True),
+    "breaks after its name": ('<tool_call>{"name": "get_time", "arguments": {"timezone": UTC}}</tool_call>', None,
+                              [("get_time", '{"timezone": ')], False),
+    "a later block not a call": ('<tool_call>{"name": "get_time", "arguments": {"timezone": "UTC"}}</tool_call>'
+                                 '<tool_call>oops</tool_call>', None, [("get_time", '{"timezone": "UTC"}')], True),
+    "name not writable": ('<tool_call>{"name": "a\\ud800", "arguments": {}}</tool_call>',
+                          '<tool_call>{"name": "a\\ud800", "arguments": {}}</tool_call>', [], True),
+    "no arguments": ('<tool_call>{"name": "get_time"}</tool_call>', None, [("get_time", "{}")], True),
+    "arguments before the name": ('<tool_call>{"arguments": {"timezone": "UTC"}, "name": "get_time"}</tool_call>',
+                                  None, [("get_time", '{"timezone": "UTC"}')], True),
+    "no end tag": ('<tool_call>' + CALL, None, [("get_weather", '{"city": "Paris", "unit": "celsius"}')], True),
+    "markup inside a string": ('<tool_call>{"name": "web_search", "arguments": {"query": "<tool_call>"}}</tool_call>',
+                               None, [("web_search", '{"query": "<tool_call>"}')], True),
+    "what only looks like markup": ("a <tool_ca b <", "a <tool_ca b <", [], True),
+}
+
+
+def _splits(text: str) -> Iterator[list[str]]:
+    """The text in two pieces at every boundary (with an empty step between), and a character at a time."""
+    for at in range(len(text) + 1):
+        yield [text[:at], "", text[at:]]
+    yield list(text)
+
+
+@pytest.mark.parametrize("text,content,calls,whole", HERMES_TEXTS.values(), ids=HERMES_TEXTS)
+def test_hermes_streams_at_every_split_as_it_reads_whole(text, content, calls, whole):
+    """The whole answer is read as decided (`HermesCalls`), and the stream, cut anywhere, adds up to it."""
+    parsed = parse(PLANS["auto"], text)
+    assert (parsed.content, [(c.function.name, c.function.arguments) for c in parsed.calls], parsed.complete) == (
+        content, calls, whole)
+    for pieces in _splits(text):
+        assert _fed("auto", pieces) == (content if calls else text, calls, bool(calls), whole), pieces
+
+
+def test_hermes_arguments_stream_as_they_are_written():
+    """vLLM's stream: content up to the block, none of its markup; the call's first delta once its name is read
+    (id, type, name, arguments ""), then its arguments a few characters at a time, never more than is certain."""
+    text = "Sure. <tool_call>" + CALL + "</tool_call>"
+    reader = stream_reader(PLANS["auto"])
+    content, arguments, named_at, steps = "", "", None, 0
+    for n, c in enumerate(text):
+        delta = reader.feed(c, finished=n == len(text) - 1)
+        content += delta.content or ""
+        for t in delta.tool_calls:
+            if t.function.name is not None:
+                assert named_at is None and t.index == 0 and t.function.arguments == ""
+                named_at = n
+            else:
+                steps += 1
+            arguments += t.function.arguments or ""
+        assert '{"city": "Paris", "unit": "celsius"}'.startswith(arguments)
+        if text[:n + 1].endswith('"Pa'):
+            assert arguments == '{"city": "Pa'
+    assert content == "Sure. " and named_at == text.index('"get_weather"') + len('"get_weather"') - 1
+    assert arguments == '{"city": "Paris", "unit": "celsius"}' and steps > 20

@@ -5,21 +5,22 @@
 - required: the text is a JSON array of {"name", "parameters"}; each entry is a call, its arguments the raw JSON text
   of its parameters (streamed as generated, so the streamed and whole answers agree); content "".
 - auto, parser "hermes": `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Hermes, Qwen, SmolLM3
-  style); content is the text before the first block (null when empty); text whose blocks do not parse is content.
-  Streamed, the content before a block streams as it comes, and the calls come whole when the answer ends.
+  style); content is the text before the first block (null when empty); an answer whose first block is not a call
+  is content. Streamed, the content streams up to a block, and each call as it is written: its name, then its
+  arguments (`HermesCalls` says how, and where it parts from vLLM).
 
 Plain text and JSON; no tensors."""
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
+from typing import Literal
 
+from server.api.partial_json import PartialJson
 from server.api.tools import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall, ToolPlan, new_tool_call_id
 
 HERMES_START, HERMES_END = "<tool_call>", "</tool_call>"
-HERMES_CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)  # vLLM's tool_call_regex
 
 
 @dataclass
@@ -56,8 +57,12 @@ def _parse(plan: ToolPlan, text: str) -> Parsed:
         return Parsed("", [ToolCall(id=new_tool_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
                            for c in reader.calls if c.name is not None], complete=reader.closed)
     if plan.mode == "auto":
-        content, calls = hermes_calls(text)
-        return Parsed(content, [ToolCall(id=new_tool_call_id(), function=f) for f in calls])
+        reader = HermesCalls()
+        reader.feed(text, finished=True)
+        calls = reader.calls[:1] if plan.single else reader.calls
+        return Parsed((reader.content or None) if calls else reader.content,
+                      [ToolCall(id=new_tool_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
+                       for c in calls if c.name is not None], complete=all(c.whole for c in calls))
     return Parsed(text, [])
 
 
@@ -78,6 +83,7 @@ class _Call:
     name: str | None = None
     arguments: str = ""  # the raw JSON text of its parameters, so far
     sent: int = -1  # streamed: -1 before its first piece, then how much of `arguments` went out
+    whole: bool = False  # hermes: its arguments' JSON ended
 
 
 class RequiredCalls:
@@ -176,18 +182,102 @@ class RequiredCalls:
 # -- hermes: <tool_call>{"name": ..., "arguments": ...}</tool_call> ---------------------------------------------------
 
 
-def hermes_calls(text: str) -> tuple[str | None, list[FunctionCall]]:
-    """vLLM's Hermes2ProToolParser.extract_tool_calls: the calls, and the content before the first; text with no
-    block, or a block that is not a call, is all content."""
-    if HERMES_START not in text:
-        return text, []
-    try:
-        raw = [json.loads(a or b) for a, b in HERMES_CALL.findall(text)]
-        calls = [FunctionCall(name=c["name"], arguments=json.dumps(c["arguments"], ensure_ascii=False)) for c in raw]
-    except (ValueError, KeyError, TypeError):
-        return text, []
-    content = text[:text.find(HERMES_START)]
-    return content or None, calls
+class HermesCalls:
+    """Reads `<tool_call>` blocks as they stream (vLLM's Hermes2ProToolParser.extract_tool_calls_streaming), and a
+    whole answer the same way, so that the streamed and whole answers agree however the text came in pieces:
+
+    - Content is the text before the first `<tool_call>` (a tail that may begin one waits for the next piece).
+    - A block is the text up to `</tool_call>` (or to the end), read as JSON (`PartialJson`). Its call begins once
+      its "name" is whole, a non-empty string of printable characters; the "arguments" value streams from then on, as far as it is certain,
+      in json.dumps' text (what vLLM's whole answer writes: `json.dumps(arguments, ensure_ascii=False)`). An object
+      that closes without "arguments" has "{}" (vLLM's stream).
+    - A first block that turns out not to be a call before its name is read (not JSON, not an object, no name) makes
+      the whole answer content, markup and all, as vLLM's whole answer does; once a call has gone out, such a block
+      is passed over.
+    - A call whose arguments break off (the answer cut by max_tokens or a stop string, or text that stops being
+      JSON) keeps its name and the arguments as far as they were written, and is not `whole`: finish_reason is then
+      the engine's ("length"), not "tool_calls". vLLM's stream keeps such a call too, but closes its arguments with
+      text the model never wrote (partial_json_parser's completion) and says "tool_calls"; its whole answer drops
+      the call and makes everything content. Ours say the same streamed or not.
+    - Text between and after blocks is not content (vLLM's whole answer reads only the blocks)."""
+
+    def __init__(self) -> None:
+        self.calls: list[_Call] = []
+        self.content = ""  # so far
+        self._text = ""  # all of the answer so far
+        self._held = ""  # the end of the text, which may begin a marker
+        self._mode: Literal["content", "block", "between", "content only"] = "content"
+        self._block = PartialJson()  # the block being read
+        self._call: _Call | None = None  # its call, once named
+
+    def feed(self, text: str, *, finished: bool) -> None:
+        self._text += text
+        if self._mode == "content only":
+            self.content += text
+            return
+        rest, self._held = self._held + text, ""
+        while self._mode != "content only":
+            marker = HERMES_END if self._mode == "block" else HERMES_START
+            at = rest.find(marker)
+            if at < 0:
+                keep = 0 if finished else _partial_tail(rest, marker)
+                self._held = rest[len(rest) - keep:]
+                self._read(rest[:len(rest) - keep])
+                break
+            self._read(rest[:at])
+            rest = rest[at + len(marker):]
+            if self._mode == "block":
+                self._block_ends()
+            elif self._mode != "content only":
+                self._mode, self._block, self._call = "block", PartialJson(), None
+        if finished and self._mode == "block":
+            self._block_ends()
+        if self._mode == "content only":
+            self.content = self._text
+
+    def _read(self, text: str) -> None:
+        if self._mode == "content":
+            self.content += text
+        elif self._mode == "block":
+            self._block.feed(text)
+            self._follow()
+
+    def _follow(self) -> None:
+        """The block's call, as far as the block has been read."""
+        block = self._block
+        if self._call is None:
+            name = block.members.get("name")
+            if name is not None and name.whole:  # read before anything broke: reading stops at a break
+                value = json.loads(name.text)
+                if not (isinstance(value, str) and value and value.isprintable()):  # (a lone \ud800: no UTF-8)
+                    self._not_a_call()
+                    return
+                self._call = _Call(name=value)
+                self.calls.append(self._call)
+            elif block.broken:
+                self._not_a_call()
+                return
+            else:
+                return
+        arguments = block.members.get("arguments")
+        if arguments is not None:
+            self._call.arguments, self._call.whole = arguments.text, arguments.whole
+
+    def _block_ends(self) -> None:
+        self._block.end()
+        self._follow()
+        if self._mode != "block":
+            return
+        if self._call is None:
+            self._not_a_call()
+        elif "arguments" not in self._block.members and self._block.whole:
+            self._call.arguments, self._call.whole = "{}", True
+        if self._mode == "block":
+            self._mode = "between"
+
+    def _not_a_call(self) -> None:
+        if not self.calls:  # vLLM's fallback: the whole answer is content
+            self._mode = "content only"
 
 
 # -- streams -----------------------------------------------------------------------------------------------------------
@@ -199,18 +289,21 @@ class StreamReader:
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
         self.called = False  # a tool call went out
-        self._text = ""
         self._sent = 0  # content characters sent (hermes)
         self._named = _Call(name=plan.name)
         self._required = RequiredCalls()
+        self._hermes = HermesCalls()
 
     @property
     def complete(self) -> bool:
         """Whether the calls' text is whole so far (`Parsed.complete`)."""
-        return self.plan.mode != "required" or self._required.closed
+        if self.plan.mode == "required":
+            return self._required.closed
+        if self.plan.mode == "auto":
+            return all(c.whole for c in self._hermes.calls[:1 if self.plan.single else None])
+        return True
 
     def feed(self, text: str, *, finished: bool) -> Delta:
-        self._text += text
         if self.plan.mode == "named":
             self._named.arguments += text
             out = Delta(tool_calls=_pieces([self._named], flush=finished))
@@ -218,29 +311,13 @@ class StreamReader:
             self._required.feed(text)
             out = Delta(tool_calls=_pieces(self._required.calls, flush=finished))
         else:
-            out = self._hermes(finished)
+            self._hermes.feed(text, finished=finished)
+            content, self._sent = self._hermes.content[self._sent:], len(self._hermes.content)
+            out = Delta(content=content or None, tool_calls=_pieces(self._hermes.calls, flush=True))
         if self.plan.single:
             out.tool_calls = [t for t in out.tool_calls if t.index == 0]
         self.called = self.called or bool(out.tool_calls)
         return out
-
-    def _hermes(self, finished: bool) -> Delta:
-        start = self._text.find(HERMES_START)
-        if not finished:  # content up to a block (or to what may begin one); the blocks wait for the end
-            end = start if start >= 0 else len(self._text) - _partial_tail(self._text, HERMES_START)
-            return self._content(end)
-        content, calls = hermes_calls(self._text)
-        if not calls:
-            return self._content(len(self._text))
-        return Delta(content=self._content(len(content or "")).content,
-                     tool_calls=[DeltaToolCall(index=i, id=new_tool_call_id(), type="function",
-                                               function=DeltaFunctionCall(name=c.name, arguments=c.arguments))
-                                 for i, c in enumerate(calls)])
-
-    def _content(self, end: int) -> Delta:
-        piece = self._text[self._sent:end] if end > self._sent else ""
-        self._sent = max(self._sent, end)
-        return Delta(content=piece or None)
 
 
 def stream_reader(plan: ToolPlan) -> StreamReader:
@@ -248,7 +325,7 @@ def stream_reader(plan: ToolPlan) -> StreamReader:
 
 
 def _pieces(calls: list[_Call], *, flush: bool) -> list[DeltaToolCall]:
-    """The new pieces of `calls`: a call's first once its arguments begin (or at the end, `flush`), with id, type
+    """The new pieces of `calls`: a call's first once its arguments begin (or at once, `flush`), with id, type
     and name; then whatever its arguments grew by. `index` counts calls within the choice, as OpenAI's client joins
     them (vLLM's named stream writes the choice's index there, which breaks n > 1)."""
     out = []
