@@ -239,10 +239,9 @@ def _error_json(e: APIError) -> str:
     return json.dumps(error_body(e.status, e.message, param=e.param, code=e.code))
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=SSE)
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-    state = get_state(request)
-    served, _ = state.require()
+async def start_chat(state: AppState, body: ChatCompletionRequest) -> tuple[Running, ToolPlan]:
+    """Render, plan and submit a chat request: its running choices, and how their text reads as tool calls. Shared by
+    /v1/chat/completions and /v1/responses (server/api/responses.py), whose conversation is a chat."""
     try:
         messages = [m.for_template() for m in body.messages]
     except ValueError as e:
@@ -260,7 +259,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
               truncate_prompt_tokens=body.truncate_prompt_tokens,
               params=_constrained(_params(body, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                                           echo=False), structured))
-    run = await _start(state, job, body)
+    return await _start(state, job, body), tool_plan
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=SSE)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    state = get_state(request)
+    served, _ = state.require()
+    run, tool_plan = await start_chat(state, body)
     rid, created, model = pipeline.new_request_id("chatcmpl"), int(time.time()), body.model or state.model_name
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
