@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from server.api import errors, misc, native, openai, playground, probe, responses
 from server.api.guard import ALWAYS_OPEN, Guard
 from server.api.protocol import ErrorResponse, TGIErrorResponse
+from server.api.responses_store import ResponseStore
 from server.api.state import AppState
 from server.engine.loop import EngineLoop
 from server.engine.generate import Engine
@@ -105,7 +106,10 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     raw_presets = load_presets(settings.policy_presets)
     name = served_name(settings)
     state = AppState(settings=settings, model_name=name,
-                     metrics=Metrics(model=name, max_policies=settings.max_policy_labels, replica=replica))
+                     metrics=Metrics(model=name, max_policies=settings.max_policy_labels, replica=replica),
+                     responses=ResponseStore(max_responses=settings.responses_store_max,
+                                             max_bytes=settings.responses_store_max_bytes)
+                     if settings.responses_store else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

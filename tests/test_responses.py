@@ -12,11 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import openai
 import pytest
 
-from tests.serving import Process, metric_value, painters_server, wait_until
+from tests.serving import Process, metric_value, painters_server, serve_tiny, wait_until
 
 MODEL = "smollm2-135m"
 ASK = "What is 2+2? Reply with just the number."
@@ -31,9 +32,14 @@ TEXT_EVENTS = ["response.created", "response.in_progress", "response.output_item
 CLOSING = ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
 
 
+STORE_MAX = 3  # the server keeps this many responses
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    with painters_server(Path(tmp_path_factory.mktemp("responses")), extra=("--tool-call-parser", "hermes")) as p:
+    env = {"PAINTERS_RESPONSES_STORE": "true", "PAINTERS_RESPONSES_STORE_MAX": str(STORE_MAX)}
+    with painters_server(Path(tmp_path_factory.mktemp("responses")), extra=("--tool-call-parser", "hermes"),
+                         env=env) as p:
         yield p
 
 
@@ -211,7 +217,6 @@ def test_a_client_that_leaves_a_stream_aborts_it(http):
 
 @pytest.mark.parametrize("body,param,says", [
     ({"tools": [{"type": "web_search"}]}, "tools", ("only function tools", "web_search")),
-    ({"previous_response_id": "resp_1"}, "previous_response_id", ("stores no responses",)),
     ({"background": True}, "background", ("not supported",)),
     ({"reasoning": {"effort": "high"}}, "reasoning", ("does not reason",)),
     ({"include": ["message.output_text.logprobs"]}, "include", ("none of its values applies",)),
@@ -246,3 +251,38 @@ def test_the_openapi_schema_describes_responses(http):
     assert "/v1/responses" in spec["paths"]
     properties = spec["components"]["schemas"]["ResponsesRequest"]["properties"]
     assert {"input", "instructions", "max_output_tokens", "text", "tools", "tool_choice", "policy"} <= set(properties)
+
+
+def test_a_stored_response_is_continued_got_and_deleted(client, http):
+    """With the server's store (PAINTERS_RESPONSES_STORE), previous_response_id continues a kept conversation as if
+    it were sent whole (its instructions do not carry over, OpenAI's rule); GET answers the kept response, DELETE
+    forgets it; store=false keeps nothing; beyond the bound the least recently used go."""
+    first = _create(client, input=[{"role": "user", "content": "My name is Ada."}], instructions="Be terse.",
+                    max_output_tokens=12)
+    assert first.store is True
+    follow = _create(client, input="What is my name?", previous_response_id=first.id, max_output_tokens=12)
+    whole = _create(client, max_output_tokens=12, input=[
+        {"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "What is my name?"}])
+    assert follow.output_text == whole.output_text and follow.usage.input_tokens == whole.usage.input_tokens
+    assert follow.previous_response_id == first.id and follow.instructions is None
+    got = client.responses.retrieve(first.id)
+    assert got.model_dump() == first.model_dump()
+    client.responses.delete(first.id)
+    for r in (http.get(f"/v1/responses/{first.id}"), http.delete(f"/v1/responses/{first.id}"),
+              http.post("/v1/responses", json={"input": "x", "previous_response_id": first.id})):
+        assert r.status_code == 404 and "not found" in r.json()["error"]["message"], r.text
+    streamed = _events(client, max_output_tokens=2)[-1].response
+    assert streamed.store is True and client.responses.retrieve(streamed.id).output_text == streamed.output_text
+    unkept = _create(client, store=False, max_output_tokens=1)
+    assert unkept.store is False and http.get(f"/v1/responses/{unkept.id}").status_code == 404
+    kept = [_create(client, max_output_tokens=1).id for _ in range(STORE_MAX + 1)]
+    assert http.get(f"/v1/responses/{kept[0]}").status_code == 404  # evicted
+    assert all(http.get(f"/v1/responses/{k}").status_code == 200 for k in kept[1:])
+
+
+def test_a_server_without_a_store_refuses_previous_response_id():
+    with serve_tiny() as url:
+        r = httpx.post(f"{url}/v1/responses", json={"input": "x", "previous_response_id": "resp_1"})
+        assert r.status_code == 400 and "PAINTERS_RESPONSES_STORE" in r.json()["error"]["message"], r.text
+        assert httpx.get(f"{url}/v1/responses/resp_1").status_code == 404

@@ -23,10 +23,12 @@ from server.api.errors import APIError, CODES
 from server.api.pipeline import Running, painters_info, timing_headers
 from server.api.protocol import ChatCompletionRequest
 from server.api.responses_protocol import (
-    ArgumentsDeltaEvent, ArgumentsDoneEvent, ContentPartEvent, ErrorEvent, IncompleteDetails, LifecycleEvent,
-    OutputFunctionCall, OutputItemEvent, OutputMessage, OutputText, ResponseObject, ResponsesRequest, ResponseUsage,
-    Status, StreamEvent, TextDeltaEvent, TextDoneEvent,
+    ArgumentsDeltaEvent, ArgumentsDoneEvent, ContentPartEvent, DeletedResponse, ErrorEvent, IncompleteDetails,
+    LifecycleEvent, OutputFunctionCall, OutputItemEvent, OutputMessage, OutputText, ResponseObject, ResponsesRequest,
+    ResponseUsage, Status, StreamEvent, TextDeltaEvent, TextDoneEvent, as_items, chat_messages,
 )
+from server.api.responses_store import ResponseStore, Stored
+from server.api.state import AppState
 from server.api.tools import DeltaToolCall, ToolPlan
 from server.engine.request import GenerationResult
 
@@ -34,10 +36,10 @@ router = APIRouter(tags=["openai"])
 EVENTS = pipeline.sse_responses("JSON, or server-sent events (`event:` the type, `data:` the event) when stream=true")
 
 
-def _chat(body: ResponsesRequest) -> ChatCompletionRequest:
+def _chat(body: ResponsesRequest, conversation: list[dict[str, Any]]) -> ChatCompletionRequest:
     """The request as chat's; a value chat refuses is a 400 in this request's terms (its input, its text.format)."""
     try:
-        return body.chat_request()
+        return body.chat_request(conversation)
     except ValidationError as e:
         errors = []
         for err in e.errors():
@@ -45,6 +47,29 @@ def _chat(body: ResponsesRequest) -> ChatCompletionRequest:
             errors.append({**err, "loc": ("body", *loc), "msg": str(err.get("msg")).replace("response_format",
                                                                                           "text.format")})
         raise RequestValidationError(errors) from None
+
+
+def _history(state: AppState, previous_response_id: str | None) -> list[dict[str, Any]]:
+    """The conversation a previous response ended (its input and output, as chat messages); [] without one."""
+    if previous_response_id is None:
+        return []
+    if state.responses is None:
+        raise APIError(400, "previous_response_id needs the server to keep responses, and this one keeps none (start "
+                            "it with PAINTERS_RESPONSES_STORE=true); send the whole conversation as input instead",
+                       param="previous_response_id")
+    stored = state.responses.get(previous_response_id)
+    if stored is None:  # vLLM's answer: 404
+        raise APIError(404, f"Response with id {previous_response_id[:100]!r} not found (never stored, deleted, or "
+                            "evicted: the server keeps a bounded number)", param="previous_response_id")
+    return stored.messages
+
+
+def _stored(state: AppState, response_id: str) -> Stored:
+    stored = state.responses.get(response_id) if state.responses is not None else None
+    if stored is None:
+        why = "" if state.responses is not None else " (this server keeps none: PAINTERS_RESPONSES_STORE)"
+        raise APIError(404, f"Response with id {response_id[:100]!r} not found{why}", param="response_id")
+    return stored
 
 
 def _new_id(prefix: str) -> str:
@@ -63,10 +88,21 @@ def _item_status(status: Status) -> Any:
 class _Answer:
     """What one answer says so far, as output items, and the response object around them."""
 
-    def __init__(self, body: ResponsesRequest, run: Running, *, model: str) -> None:
-        self.body, self.run, self.model = body, run, model
+    def __init__(self, body: ResponsesRequest, run: Running, *, model: str, conversation: list[dict[str, Any]],
+                 store: ResponseStore | None) -> None:
+        self.body, self.run, self.model, self.conversation = body, run, model, conversation
+        self.store = store if body.store else None  # where it is kept when done
         self.id, self.created = _new_id("resp"), int(time.time())
         self.output: list[OutputMessage | OutputFunctionCall] = []
+
+    def done(self, status: Status, result: GenerationResult) -> ResponseObject:
+        """The finished response, kept where the request and the server keep responses."""
+        response = self.response(status, result)
+        if self.store is not None:
+            response.store = True
+            messages = chat_messages(as_items(self.output), after=self.conversation)
+            response.store = self.store.put(response, messages)
+        return response
 
     def response(self, status: Status, result: GenerationResult | None = None) -> ResponseObject:
         body = self.body
@@ -80,6 +116,7 @@ class _Answer:
             if status == "incomplete" else None, instructions=body.instructions,
             max_output_tokens=body.max_output_tokens, max_tool_calls=body.max_tool_calls, metadata=body.metadata or {},
             model=self.model, output=list(self.output), parallel_tool_calls=body.parallel_tool_calls,
+            previous_response_id=body.previous_response_id,
             temperature=body.temperature, text=body.text, tool_choice=body.tool_choice or "auto", tools=body.tools,
             top_p=body.top_p, usage=usage, user=body.user,
             painters=painters_info(self.run.schedule, result) if result is not None else None)
@@ -89,8 +126,10 @@ class _Answer:
 async def create_response(body: ResponsesRequest, request: Request) -> Any:
     state = openai.get_state(request)
     state.require()
-    run, plan = await openai.start_chat(state, _chat(body))
-    answer = _Answer(body, run, model=body.model or state.model_name)
+    conversation = chat_messages(body.items(), after=_history(state, body.previous_response_id))
+    run, plan = await openai.start_chat(state, _chat(body, conversation))
+    answer = _Answer(body, run, model=body.model or state.model_name, conversation=conversation,
+                     store=state.responses)
     if body.stream:
         return pipeline.event_source(state, _stream(answer, plan), policy=run.schedule.policy)
     [result] = await pipeline.collect(run.streams, request)
@@ -103,8 +142,24 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
                                          arguments=c.function.arguments, status="completed") for c in parsed.calls]
     if answer.output:
         answer.output[-1].status = _item_status(status)
-    response = answer.response(status, result).model_dump(mode="json", by_alias=True)
+    response = answer.done(status, result).model_dump(mode="json", by_alias=True)
     return JSONResponse(response, headers=timing_headers(run.schedule, [result]))
+
+
+@router.get("/v1/responses/{response_id}", response_model=ResponseObject)
+async def get_response(response_id: str, request: Request) -> Any:
+    """A kept response (PAINTERS_RESPONSES_STORE), as it was answered; 404 when not kept."""
+    stored = _stored(openai.get_state(request), response_id)
+    return JSONResponse(stored.response.model_dump(mode="json", by_alias=True))
+
+
+@router.delete("/v1/responses/{response_id}", response_model=DeletedResponse)
+async def delete_response(response_id: str, request: Request) -> DeletedResponse:
+    state = openai.get_state(request)
+    _stored(state, response_id)
+    assert state.responses is not None  # _stored
+    state.responses.delete(response_id)
+    return DeletedResponse(id=response_id)
 
 
 class _Events:
@@ -218,4 +273,4 @@ async def _stream(answer: _Answer, plan: ToolPlan) -> AsyncIterator[dict[str, st
     for frame in events.close(_item_status(status)):
         yield frame
     final = "response.incomplete" if status == "incomplete" else "response.completed"
-    yield events.frame(LifecycleEvent(type=final, response=answer.response(status, result)))
+    yield events.frame(LifecycleEvent(type=final, response=answer.done(status, result)))

@@ -5,6 +5,7 @@ response object, its output items, and the server-sent events a stream is made o
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Annotated, Any, Literal
 
@@ -82,7 +83,28 @@ class FunctionCallOutputItem(_Body):
     output: Content
 
 
-InputItem = Annotated[MessageItem | FunctionCallItem | FunctionCallOutputItem, Field(discriminator="type")]
+Item = MessageItem | FunctionCallItem | FunctionCallOutputItem
+InputItem = Annotated[Item, Field(discriminator="type")]
+
+
+def chat_messages(items: list[Item], *, after: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`after` (an earlier conversation, left as it is) and then `items` as chat messages (vLLM's
+    construct_input_messages): a function_call joins the assistant message before it (or opens one), a
+    function_call_output is a tool message."""
+    out = copy.deepcopy(after)
+    for item in items:
+        if isinstance(item, MessageItem):
+            out.append({"role": item.role, "content": _text(item.content)})
+        elif isinstance(item, FunctionCallItem):
+            call = {"id": item.call_id, "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments}}
+            if out and out[-1]["role"] == "assistant":
+                out[-1].setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        else:
+            out.append({"role": "tool", "tool_call_id": item.call_id, "content": _text(item.output)})
+    return out
 
 
 def _typed_items(v: Any) -> Any:
@@ -209,8 +231,9 @@ class ResponsesRequest(_Body):
     tool_choice: Annotated[Literal["none", "auto", "required"] | FunctionChoice,
                            BeforeValidator(_served_choice)] | None = Field(None, description=TOOL_CHOICES)
     parallel_tool_calls: bool = True
-    store: bool = Field(True, description="accepted; responses are not stored (as vLLM's default), so nothing can "
-                        "refer to one later")
+    store: bool = Field(True, description="keep the response for previous_response_id and GET /v1/responses/{id}, "
+                        "where the server keeps responses (PAINTERS_RESPONSES_STORE; off by default, as vLLM's: then "
+                        "ignored)")
     truncation: Literal["disabled"] | None = Field(None, description="only disabled: a conversation too long for the "
                                                    "context is a 400")
     max_tool_calls: int | None = Field(None, ge=1, description="limits built-in tools' calls, of which there are none")
@@ -229,8 +252,9 @@ class ResponsesRequest(_Body):
     include_stop_str_in_output: bool = False
     structured_outputs: dict[str, Any] | None = Field(None, description="vLLM's, as on chat (not beside text.format)")
     # not served: refused unless they ask for nothing
-    previous_response_id: Annotated[str | None, _nothing("previous_response_id (this server stores no responses)", "")
-                                    ] = Field(None, description="not served: send the whole conversation as input")
+    previous_response_id: str | None = Field(None, description="continue a stored response's conversation (needs "
+                                             "the server's store: PAINTERS_RESPONSES_STORE); its instructions do not "
+                                             "carry over")
     conversation: Annotated[Any, _nothing("conversation", "")] = None
     background: Annotated[bool, _nothing("background", "")] = False
     reasoning: Annotated[Any, _nothing("reasoning (this model does not reason)", "")] = None
@@ -247,36 +271,18 @@ class ResponsesRequest(_Body):
             raise ValueError("text.format and structured_outputs both constrain the output; send one")
         return self
 
-    def messages(self) -> list[dict[str, Any]]:
-        """The conversation as chat messages (vLLM's construct_input_messages): instructions first as a system
-        message; a function_call joins the assistant message before it (or opens one), a function_call_output is a
-        tool message."""
-        out: list[dict[str, Any]] = []
-        if self.instructions:
-            out.append({"role": "system", "content": self.instructions})
-        if isinstance(self.input, str):
-            return [*out, {"role": "user", "content": self.input}]
-        for item in self.input:
-            if isinstance(item, MessageItem):
-                out.append({"role": item.role, "content": _text(item.content)})
-            elif isinstance(item, FunctionCallItem):
-                call = {"id": item.call_id, "type": "function",
-                        "function": {"name": item.name, "arguments": item.arguments}}
-                if out and out[-1]["role"] == "assistant":
-                    out[-1].setdefault("tool_calls", []).append(call)
-                else:
-                    out.append({"role": "assistant", "content": None, "tool_calls": [call]})
-            else:
-                out.append({"role": "tool", "tool_call_id": item.call_id, "content": _text(item.output)})
-        return out
+    def items(self) -> list[Item]:
+        return [MessageItem(role="user", content=self.input)] if isinstance(self.input, str) else list(self.input)
 
-    def chat_request(self) -> ChatCompletionRequest:
-        """The same request as a chat completion: what runs. Raises pydantic's ValidationError where the chat path
-        refuses a value (its messages are this request's input)."""
+    def chat_request(self, conversation: list[dict[str, Any]]) -> ChatCompletionRequest:
+        """The same request as a chat completion of `conversation` (`chat_messages`; the instructions go first, as a
+        system message): what runs. Raises pydantic's ValidationError where the chat path refuses a value."""
         form = self.text.format
+        instructions = [{"role": "system", "content": self.instructions}] if self.instructions else []
         body: dict[str, Any] = {
-            "model": self.model, "messages": self.messages(), "max_completion_tokens": self.max_output_tokens,
-            "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
+            "model": self.model, "messages": instructions + conversation,
+            "max_completion_tokens": self.max_output_tokens, "temperature": self.temperature, "top_p": self.top_p,
+            "top_k": self.top_k, "seed": self.seed,
             "stop": self.stop, "ignore_eos": self.ignore_eos, "repetition_penalty": self.repetition_penalty,
             "logit_bias": self.logit_bias, "skip_special_tokens": self.skip_special_tokens,
             "include_stop_str_in_output": self.include_stop_str_in_output,
@@ -374,9 +380,9 @@ class ResponseObject(BaseModel):
     model: str
     output: list[OutputItem]
     parallel_tool_calls: bool
-    previous_response_id: None = None
+    previous_response_id: str | None
     reasoning: None = None
-    store: bool = False
+    store: bool = Field(False, description="whether the server kept it (for previous_response_id and GET)")
     temperature: float
     text: TextConfig
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice
@@ -391,6 +397,20 @@ class ResponseObject(BaseModel):
     @property
     def output_text(self) -> str:
         return "".join(part.text for item in self.output if isinstance(item, OutputMessage) for part in item.content)
+
+
+def as_items(output: list[OutputMessage | OutputFunctionCall]) -> list[Item]:
+    """Output items as the input items that would send them back (a next turn's history)."""
+    return [MessageItem(role="assistant", content=[TextPart(type="output_text", text=p.text) for p in i.content])
+            if isinstance(i, OutputMessage) else FunctionCallItem(type="function_call", call_id=i.call_id,
+                                                                  name=i.name, arguments=i.arguments)
+            for i in output]
+
+
+class DeletedResponse(BaseModel):
+    id: str
+    object: Literal["response.deleted"] = "response.deleted"
+    deleted: bool = True
 
 
 # -- stream events: each `data:` frame of a streamed response, its `event:` its type ----------------------------------

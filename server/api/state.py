@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.api.errors import APIError
 from server.api.protocol import PoliciesInfo, PolicyKind
+from server.api.responses_store import ResponseStore
 from server.policy.compiler import Schedule, default_span, examples
 from server.metrics import Metrics
 from server.policy.policy import KINDS, SYNTAX, PolicyError, allowed_forms
@@ -40,6 +41,7 @@ class AppState:
     draining: bool = False  # SIGTERM: /ready is 503 and new requests are refused while running ones finish
     in_flight: int = 0  # HTTP requests being answered (counted by the guard; a drain waits for them)
     allowed: frozenset[str] | None = None  # allowed_policies in canonical form, compiled at start (None: any)
+    responses: ResponseStore | None = None  # kept /v1/responses answers, where settings.responses_store
 
     @property
     def max_model_len(self) -> int:
