@@ -394,10 +394,6 @@ class ResponseObject(BaseModel):
     user: str | None
     painters: PaintersInfo | None = None
 
-    @property
-    def output_text(self) -> str:
-        return "".join(part.text for item in self.output if isinstance(item, OutputMessage) for part in item.content)
-
 
 def as_items(output: list[OutputMessage | OutputFunctionCall]) -> list[Item]:
     """Output items as the input items that would send them back (a next turn's history)."""
