@@ -122,6 +122,25 @@ def test_the_clients_stream_helper_accumulates_the_response(client):
     assert final.output_text == snapshots[-1] == _create(client).output_text
 
 
+def test_include_logprobs_answers_chats_logprobs(client):
+    """include message.output_text.logprobs (with top_logprobs alternatives): each token's entry is chat's for the
+    same conversation; streamed, the deltas carry the same entries, and output_text.done all of them."""
+    def entries(logprobs: Any) -> list[tuple[Any, ...]]:
+        return [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in logprobs]
+
+    include = ["message.output_text.logprobs"]
+    out = _create(client, include=include, top_logprobs=2, max_output_tokens=8)
+    chat = _chat(client, [{"role": "user", "content": ASK}], logprobs=True, top_logprobs=2, max_tokens=8)
+    [part] = out.output[0].content
+    want = entries(chat.choices[0].logprobs.content)
+    assert entries(part.logprobs) == want and len(want) == out.usage.output_tokens and out.top_logprobs == 2
+    assert all(len(e[2]) == 2 for e in want)
+    events = _events(client, include=include, top_logprobs=2, max_output_tokens=8)
+    assert entries(e for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs) == want
+    assert entries(next(e for e in events if e.type == "response.output_text.done").logprobs) == want
+    assert _create(client).output[0].content[0].logprobs == []  # not asked for
+
+
 def test_text_format_json_schema_answers_valid_json(client):
     schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"],
               "additionalProperties": False}
@@ -219,7 +238,10 @@ def test_a_client_that_leaves_a_stream_aborts_it(http):
     ({"tools": [{"type": "web_search"}]}, "tools", ("only function tools", "web_search")),
     ({"background": True}, "background", ("not supported",)),
     ({"reasoning": {"effort": "high"}}, "reasoning", ("does not reason",)),
-    ({"include": ["message.output_text.logprobs"]}, "include", ("none of its values applies",)),
+    ({"include": ["reasoning.encrypted_content"]}, "include", ("does not apply", "message.output_text.logprobs")),
+    ({"top_logprobs": 2}, None, ("needs include",)),
+    ({"top_logprobs": 21, "include": ["message.output_text.logprobs"]}, "top_logprobs", ("[0, 20]",)),
+    ({"include": ["message.output_text.logprobs"], "tools": [TOOL], "tool_choice": NAMED}, None, ("not with tools",)),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input", ("message, function_call, "
                                                                         "function_call_output",)),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input",

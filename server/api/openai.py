@@ -281,7 +281,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         parsed = tool_parsers.parse(tool_plan, r.text)
         choices.append(ChatChoice(
             index=i, message=ChatResponseMessage(content=parsed.content, tool_calls=parsed.calls or None),
-            logprobs=_chat_logprobs(served, r.token_ids, r.logprobs, r.top_logprobs, as_ids=as_ids) if body.logprobs
+            logprobs=chat_logprobs(served, r.token_ids, r.logprobs, r.top_logprobs, as_ids=as_ids) if body.logprobs
             else None,
             finish_reason=tool_parsers.finish_reason(tool_plan, r.finish_reason,
                                                      called=bool(parsed.calls) and parsed.complete),
@@ -293,7 +293,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     return _json(out, timing_headers(run.schedule, results))
 
 
-def _chat_logprobs(served: ServedModel, ids: list[int], lps: list[float], tops: list[dict[int, float]] | None, *,
+def chat_logprobs(served: ServedModel, ids: list[int], lps: list[float], tops: list[dict[int, float]] | None, *,
                    as_ids: bool) -> ChatLogprobs:
     name = _token_name(served, as_ids)  # `bytes` stay the token's own, as vLLM's do
     content = []
@@ -320,7 +320,7 @@ async def _stream_chat(served: ServedModel, run: Running, *, rid: str, created: 
     readers = [tool_parsers.stream_reader(tool_plan) for _ in run.streams] if tool_plan.mode != "none" else None
     try:
         async for i, out in pipeline.merged(run.streams):
-            lp = (_chat_logprobs(served, out.token_ids, out.logprobs, out.top_logprobs or None, as_ids=as_ids)
+            lp = (chat_logprobs(served, out.token_ids, out.logprobs, out.top_logprobs or None, as_ids=as_ids)
                   if logprobs else None)
             final = out.result if out.finished else None
             reason = final.finish_reason if final else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,6 +31,9 @@ from server.api.responses_store import ResponseStore, Stored
 from server.api.state import AppState
 from server.api.tools import DeltaToolCall, ToolPlan
 from server.engine.request import GenerationResult
+
+if TYPE_CHECKING:
+    from server.engine.served import ServedModel
 
 router = APIRouter(tags=["openai"])
 EVENTS = pipeline.sse_responses("JSON, or server-sent events (`event:` the type, `data:` the event) when stream=true")
@@ -88,12 +91,19 @@ def _item_status(status: Status) -> Any:
 class _Answer:
     """What one answer says so far, as output items, and the response object around them."""
 
-    def __init__(self, body: ResponsesRequest, run: Running, *, model: str, conversation: list[dict[str, Any]],
-                 store: ResponseStore | None) -> None:
-        self.body, self.run, self.model, self.conversation = body, run, model, conversation
+    def __init__(self, body: ResponsesRequest, run: Running, *, served: ServedModel, model: str,
+                 conversation: list[dict[str, Any]], store: ResponseStore | None) -> None:
+        self.body, self.run, self.served, self.model, self.conversation = body, run, served, model, conversation
         self.store = store if body.store else None  # where it is kept when done
         self.id, self.created = _new_id("resp"), int(time.time())
         self.output: list[OutputMessage | OutputFunctionCall] = []
+
+    def logprobs(self, ids: list[int], lps: list[float], tops: list[dict[int, float]] | None) -> list[Any]:
+        """With include message.output_text.logprobs, the tokens' logprobs: chat's entries, which are Responses'
+        (token, logprob, bytes, top_logprobs); else none."""
+        if not self.body.logprobs:
+            return []
+        return list(openai.chat_logprobs(self.served, ids, lps, tops or None, as_ids=False).content)
 
     def done(self, status: Status, result: GenerationResult) -> ResponseObject:
         """The finished response, kept where the request and the server keep responses."""
@@ -118,17 +128,17 @@ class _Answer:
             model=self.model, output=list(self.output), parallel_tool_calls=body.parallel_tool_calls,
             previous_response_id=body.previous_response_id,
             temperature=body.temperature, text=body.text, tool_choice=body.tool_choice or "auto", tools=body.tools,
-            top_p=body.top_p, usage=usage, user=body.user,
+            top_logprobs=body.top_logprobs or 0, top_p=body.top_p, usage=usage, user=body.user,
             painters=painters_info(self.run.schedule, result) if result is not None else None)
 
 
 @router.post("/v1/responses", response_model=ResponseObject, responses=EVENTS)
 async def create_response(body: ResponsesRequest, request: Request) -> Any:
     state = openai.get_state(request)
-    state.require()
+    served, _ = state.require()
     conversation = chat_messages(body.items(), after=_history(state, body.previous_response_id))
     run, plan = await openai.start_chat(state, _chat(body, conversation))
-    answer = _Answer(body, run, model=body.model or state.model_name, conversation=conversation,
+    answer = _Answer(body, run, served=served, model=body.model or state.model_name, conversation=conversation,
                      store=state.responses)
     if body.stream:
         return pipeline.event_source(state, _stream(answer, plan), policy=run.schedule.policy)
@@ -137,7 +147,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     parsed = tool_parsers.parse(plan, result.text)
     if plan.mode == "none" or parsed.content:  # vLLM's: with tools, a message only where there is content
         answer.output.append(OutputMessage(id=_new_id("msg"), status="completed",
-                                           content=[OutputText(text=parsed.content or "")]))
+                                           content=[OutputText(text=parsed.content or "", logprobs=answer.logprobs(
+                                               result.token_ids, result.logprobs, result.top_logprobs))]))
     answer.output += [OutputFunctionCall(id=_new_id("fc"), call_id=c.id, name=c.function.name,
                                          arguments=c.function.arguments, status="completed") for c in parsed.calls]
     if answer.output:
@@ -171,6 +182,7 @@ class _Events:
         self.message: OutputMessage | None = None  # open, growing
         self.call: OutputFunctionCall | None = None
         self.calls: dict[int, OutputFunctionCall] = {}  # by the call's index in the chat path's deltas
+        self.pending: list[Any] = []  # logprobs of tokens whose text has not come out yet (a held-back tail)
 
     def frame(self, event: StreamEvent) -> dict[str, str]:
         event.sequence_number = self.count
@@ -180,7 +192,7 @@ class _Events:
     def _index(self) -> int:
         return len(self.answer.output) - 1
 
-    def text(self, delta: str) -> list[dict[str, str]]:
+    def text(self, delta: str, logprobs: list[Any] = ()) -> list[dict[str, str]]:  # type: ignore[assignment]
         out = self.close_call("completed") if self.call is not None else []
         if self.message is None:
             self.message = OutputMessage(id=_new_id("msg"), status="in_progress", content=[])
@@ -190,9 +202,14 @@ class _Events:
             self.message.content.append(OutputText(text=""))
             out.append(self.frame(ContentPartEvent(type="response.content_part.added", item_id=self.message.id,
                                                    output_index=self._index(), part=OutputText(text=""))))
+        part = self.message.content[0]
+        part.logprobs += logprobs
+        self.pending += logprobs
         if delta:
-            self.message.content[0].text += delta
-            out.append(self.frame(TextDeltaEvent(item_id=self.message.id, output_index=self._index(), delta=delta)))
+            part.text += delta
+            out.append(self.frame(TextDeltaEvent(item_id=self.message.id, output_index=self._index(), delta=delta,
+                                                 logprobs=self.pending)))
+            self.pending = []
         return out
 
     def call_piece(self, piece: DeltaToolCall) -> list[dict[str, str]]:
@@ -219,7 +236,11 @@ class _Events:
         self.message = None
         part = message.content[0]
         message.status = status
-        return [self.frame(TextDoneEvent(item_id=message.id, output_index=index, text=part.text)),
+        tail = [self.frame(TextDeltaEvent(item_id=message.id, output_index=index, delta="", logprobs=self.pending))
+                ] if self.pending else []  # tokens without text of their own (an EOS) have their logprobs too
+        self.pending = []
+        return tail + [self.frame(TextDoneEvent(item_id=message.id, output_index=index, text=part.text,
+                                         logprobs=part.logprobs)),
                 self.frame(ContentPartEvent(type="response.content_part.done", item_id=message.id,
                                             output_index=index, part=part)),
                 self.frame(OutputItemEvent(type="response.output_item.done", output_index=index,
@@ -255,7 +276,8 @@ async def _stream(answer: _Answer, plan: ToolPlan) -> AsyncIterator[dict[str, st
                 yield frame
         async for _, out in pipeline.merged(answer.run.streams):
             if reader is None:
-                frames = events.text(out.text) if out.text else []
+                logprobs = answer.logprobs(out.token_ids, out.logprobs, out.top_logprobs)
+                frames = events.text(out.text, logprobs) if out.text or logprobs else []
             else:
                 piece = reader.feed(out.text, finished=out.finished)
                 frames = events.text(piece.content) if piece.content else []

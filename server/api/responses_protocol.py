@@ -14,7 +14,7 @@ from pydantic import (
 )
 
 from server.api.protocol import (
-    FAIL_FAST, POLICY_DOC, ChatCompletionRequest, OpenAITopK, PaintersInfo, PolicyField, Positive, Seed,
+    FAIL_FAST, POLICY_DOC, ChatCompletionRequest, Logprobs, OpenAITopK, PaintersInfo, PolicyField, Positive, Seed,
     Temperature, Texts, TopP, _Body, _check_stop,
 )
 from server.api.tools import FUNCTION_NAME, _function_name
@@ -199,6 +199,17 @@ def _metadata(v: dict[str, str] | None) -> dict[str, str] | None:
     return v
 
 
+LOGPROBS = "message.output_text.logprobs"  # the one `include` value that applies here
+
+
+def _served_includes(v: list[str]) -> list[str]:
+    for value in v:
+        if value != LOGPROBS:
+            raise ValueError(f"{value[:60]!r} does not apply here (no reasoning, no built-in tools, no images or "
+                             f"files); the one value served is {LOGPROBS!r}")
+    return v
+
+
 def _nothing(what: str, allowed: str) -> Any:
     """A validator refusing what this server does not serve, unless sent at the value that asks for nothing."""
     def check(v: Any) -> Any:
@@ -258,9 +269,10 @@ class ResponsesRequest(_Body):
     conversation: Annotated[Any, _nothing("conversation", "")] = None
     background: Annotated[bool, _nothing("background", "")] = False
     reasoning: Annotated[Any, _nothing("reasoning (this model does not reason)", "")] = None
-    include: Annotated[list[str] | None, _nothing("include (none of its values applies: no reasoning, no built-in "
-                                                  "tools, no logprobs in answers)", "")] = None
-    top_logprobs: Annotated[int | None, _nothing("top_logprobs", "")] = None
+    include: Annotated[list[str], FAIL_FAST, AfterValidator(_served_includes)] | None = Field(
+        None, description=f"only {LOGPROBS!r}: each output token's logprob (and top_logprobs alternatives)")
+    top_logprobs: Logprobs | None = Field(None, description=f"with include {LOGPROBS!r}: this many alternatives "
+                                          "per token")
     prompt: Annotated[Any, _nothing("prompt (stored prompt templates)", "")] = None
 
     _stop_limits = field_validator("stop")(_check_stop)
@@ -269,7 +281,16 @@ class ResponsesRequest(_Body):
     def _format_or_structured(self) -> ResponsesRequest:
         if self.structured_outputs and self.text.format.type != "text":
             raise ValueError("text.format and structured_outputs both constrain the output; send one")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError(f"top_logprobs needs include [{LOGPROBS!r}] (the logprobs it adds alternatives to)")
+        if self.logprobs and self.tools and self.tool_choice != "none":
+            raise ValueError(f"include {LOGPROBS!r} is served on text answers: not with tools (unless tool_choice "
+                             "is 'none')")
         return self
+
+    @property
+    def logprobs(self) -> bool:
+        return LOGPROBS in (self.include or ())
 
     def items(self) -> list[Item]:
         return [MessageItem(role="user", content=self.input)] if isinstance(self.input, str) else list(self.input)
@@ -289,6 +310,8 @@ class ResponsesRequest(_Body):
             "structured_outputs": self.structured_outputs, "policy": self.policy, "stream": self.stream,
             "parallel_tool_calls": self.parallel_tool_calls,
         }
+        if self.logprobs:
+            body.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
         if form.type == "json_object":
             body["response_format"] = {"type": "json_object"}
         elif form.type == "json_schema":
