@@ -308,3 +308,12 @@ def test_a_server_without_a_store_refuses_previous_response_id():
         r = httpx.post(f"{url}/v1/responses", json={"input": "x", "previous_response_id": "resp_1"})
         assert r.status_code == 400 and "PAINTERS_RESPONSES_STORE" in r.json()["error"]["message"], r.text
         assert httpx.get(f"{url}/v1/responses/resp_1").status_code == 404
+
+
+def test_fields_sent_at_a_value_that_asks_for_nothing_are_accepted(http):
+    """Clients send OpenAI's fields at their neutral values (a reasoning object of nulls, background false, include
+    empty, truncation disabled): those are not refusals."""
+    r = http.post("/v1/responses", json={"input": ASK, "max_output_tokens": 1, "reasoning": {"effort": None},
+                                         "background": False, "include": [], "truncation": "disabled",
+                                         "service_tier": "auto", "store": False, "stream_options": None})
+    assert r.status_code == 200, r.text

@@ -294,7 +294,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 
 
 def chat_logprobs(served: ServedModel, ids: list[int], lps: list[float], tops: list[dict[int, float]] | None, *,
-                   as_ids: bool) -> ChatLogprobs:
+                  as_ids: bool) -> ChatLogprobs:
     name = _token_name(served, as_ids)  # `bytes` stay the token's own, as vLLM's do
     content = []
     for n, (i, lp) in enumerate(zip(ids, lps)):

@@ -210,10 +210,13 @@ def _served_includes(v: list[str]) -> list[str]:
     return v
 
 
-def _nothing(what: str, allowed: str) -> Any:
-    """A validator refusing what this server does not serve, unless sent at the value that asks for nothing."""
+def _nothing(what: str) -> Any:
+    """A validator refusing what this server does not serve, unless sent at a value that asks for nothing (false,
+    empty, or an object of nulls: clients send {"effort": null} for no reasoning)."""
     def check(v: Any) -> Any:
-        if v not in (None, False, [], {}, "") and v != allowed:
+        if isinstance(v, dict) and all(x is None for x in v.values()):
+            return v
+        if v not in (None, False, [], {}, ""):
             raise ValueError(f"{what} is not supported here; leave it out")
         return v
     return AfterValidator(check)
@@ -262,18 +265,18 @@ class ResponsesRequest(_Body):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: dict[str, Any] | None = Field(None, description="vLLM's, as on chat (not beside text.format)")
-    # not served: refused unless they ask for nothing
     previous_response_id: str | None = Field(None, description="continue a stored response's conversation (needs "
                                              "the server's store: PAINTERS_RESPONSES_STORE); its instructions do not "
                                              "carry over")
-    conversation: Annotated[Any, _nothing("conversation", "")] = None
-    background: Annotated[bool, _nothing("background", "")] = False
-    reasoning: Annotated[Any, _nothing("reasoning (this model does not reason)", "")] = None
+    # not served: refused unless they ask for nothing
+    conversation: Annotated[Any, _nothing("conversation")] = None
+    background: Annotated[bool, _nothing("background")] = False
+    reasoning: Annotated[Any, _nothing("reasoning (this model does not reason)")] = None
     include: Annotated[list[str], FAIL_FAST, AfterValidator(_served_includes)] | None = Field(
         None, description=f"only {LOGPROBS!r}: each output token's logprob (and top_logprobs alternatives)")
     top_logprobs: Logprobs | None = Field(None, description=f"with include {LOGPROBS!r}: this many alternatives "
                                           "per token")
-    prompt: Annotated[Any, _nothing("prompt (stored prompt templates)", "")] = None
+    prompt: Annotated[Any, _nothing("prompt (stored prompt templates)")] = None
 
     _stop_limits = field_validator("stop")(_check_stop)
 
