@@ -18,9 +18,10 @@ import uvicorn
 from fastapi import FastAPI
 
 from server import __version__
-from server.api import errors, misc, native, openai, playground, probe
+from server.api import errors, misc, native, openai, playground, probe, responses
 from server.api.guard import ALWAYS_OPEN, Guard
 from server.api.protocol import ErrorResponse, TGIErrorResponse
+from server.api.responses_store import ResponseStore
 from server.api.state import AppState
 from server.engine.loop import EngineLoop
 from server.engine.generate import Engine
@@ -106,7 +107,10 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     raw_presets = load_presets(settings.policy_presets)
     name = served_name(settings)
     state = AppState(settings=settings, model_name=name,
-                     metrics=Metrics(model=name, max_policies=settings.max_policy_labels, replica=replica))
+                     metrics=Metrics(model=name, max_policies=settings.max_policy_labels, replica=replica),
+                     responses=ResponseStore(max_responses=settings.responses_store_max,
+                                             max_bytes=settings.responses_store_max_bytes)
+                     if settings.responses_store else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -134,7 +138,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             (401, "missing or wrong API key"), (404, "unknown model"), (413, "body or probe too large"),
             (429, "queue full; retry after Retry-After seconds"), (500, "internal error"),
             (503, "loading, shutting down, or the engine failed"))}
-    for router in (openai.router, probe.router, misc.tokenizer_router):
+    for router in (openai.router, responses.router, probe.router, misc.tokenizer_router):
         app.include_router(router, responses=refusals)
     app.include_router(native.router, responses={
         status: {"model": TGIErrorResponse, "description": why} for status, why in (

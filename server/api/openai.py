@@ -240,10 +240,9 @@ def _error_json(e: APIError) -> str:
     return json.dumps(error_body(e.status, e.message, param=e.param, code=e.code))
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=SSE)
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-    state = get_state(request)
-    served, _ = state.require()
+async def start_chat(state: AppState, body: ChatCompletionRequest) -> tuple[Running, ToolPlan]:
+    """Render, plan and submit a chat request: its running choices, and how their text reads as tool calls. Shared by
+    /v1/chat/completions and /v1/responses (server/api/responses.py), whose conversation is a chat."""
     try:
         messages = [m.for_template() for m in body.messages]
     except ValueError as e:
@@ -261,7 +260,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
               truncate_prompt_tokens=body.truncate_prompt_tokens,
               params=_constrained(_params(body, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                                           echo=False), structured))
-    run = await _start(state, job, body)
+    return await _start(state, job, body), tool_plan
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=SSE)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    state = get_state(request)
+    served, _ = state.require()
+    run, tool_plan = await start_chat(state, body)
     rid, created, model = pipeline.new_request_id("chatcmpl"), int(time.time()), body.model or state.model_name
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -276,7 +282,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         parsed = tool_parsers.parse(tool_plan, r.text)
         choices.append(ChatChoice(
             index=i, message=ChatResponseMessage(content=parsed.content, tool_calls=parsed.calls or None),
-            logprobs=_chat_logprobs(served, r.token_ids, r.logprobs, r.top_logprobs, as_ids=as_ids) if body.logprobs
+            logprobs=chat_logprobs(served, r.token_ids, r.logprobs, r.top_logprobs, as_ids=as_ids) if body.logprobs
             else None,
             finish_reason=tool_parsers.finish_reason(tool_plan, r.finish_reason,
                                                      called=bool(parsed.calls) and parsed.complete),
@@ -288,8 +294,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     return _json(out, timing_headers(run.schedule, results))
 
 
-def _chat_logprobs(served: ServedModel, ids: list[int], lps: list[float], tops: list[dict[int, float]] | None, *,
-                   as_ids: bool) -> ChatLogprobs:
+def chat_logprobs(served: ServedModel, ids: list[int], lps: list[float], tops: list[dict[int, float]] | None, *,
+                  as_ids: bool) -> ChatLogprobs:
     name = _token_name(served, as_ids)  # `bytes` stay the token's own, as vLLM's do
     content = []
     for n, (i, lp) in enumerate(zip(ids, lps)):
@@ -315,7 +321,7 @@ async def _stream_chat(served: ServedModel, run: Running, *, rid: str, created: 
     readers = [tool_parsers.stream_reader(tool_plan) for _ in run.streams] if tool_plan.mode != "none" else None
     try:
         async for i, out in pipeline.merged(run.streams):
-            lp = (_chat_logprobs(served, out.token_ids, out.logprobs, out.top_logprobs or None, as_ids=as_ids)
+            lp = (chat_logprobs(served, out.token_ids, out.logprobs, out.top_logprobs or None, as_ids=as_ids)
                   if logprobs else None)
             final = out.result if out.finished else None
             reason = final.finish_reason if final else None

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.api.errors import APIError
 from server.api.protocol import ModelCard, ModelPermission, PoliciesInfo, PolicyKind
+from server.api.responses_store import ResponseStore
 from server.policy.compiler import Schedule, default_span, examples
 from server.metrics import Metrics
 from server.policy.policy import KINDS, SYNTAX, PolicyError, allowed_forms
@@ -41,6 +42,7 @@ class AppState:
     in_flight: int = 0  # HTTP requests being answered (counted by the guard; a drain waits for them)
     allowed: frozenset[str] | None = None  # allowed_policies in canonical form, compiled at start (None: any)
     started: int = field(default_factory=lambda: int(time.time()))  # the models' `created`, the same on every call
+    responses: ResponseStore | None = None  # kept /v1/responses answers, where settings.responses_store
 
     @property
     def max_model_len(self) -> int:

@@ -1,0 +1,298 @@
+"""POST /v1/responses: OpenAI's Responses API, as vLLM serves it (vllm/entrypoints/openai/responses/serving.py). A
+thin adapter over the chat path (`openai.start_chat`): the request becomes a chat completion, and the chat answer (its
+text read as tool calls by the request's tool plan) becomes output items: a `message` of `output_text`, then a
+`function_call` per call. Streamed, OpenAI's event sequence, each event numbered: response.created,
+response.in_progress, then per item output_item.added, its content (content_part.added, output_text.delta...,
+output_text.done, content_part.done) or arguments (function_call_arguments.delta..., .done), output_item.done, and
+last response.completed (response.incomplete when max_output_tokens cut it, as OpenAI sends it)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from server.api import openai, pipeline, tool_parsers
+from server.api.errors import APIError, CODES
+from server.api.pipeline import Running, painters_info, timing_headers
+from server.api.protocol import ChatCompletionRequest
+from server.api.responses_protocol import (
+    ArgumentsDeltaEvent, ArgumentsDoneEvent, ContentPartEvent, DeletedResponse, ErrorEvent, IncompleteDetails,
+    LifecycleEvent, OutputFunctionCall, OutputItemEvent, OutputMessage, OutputText, ResponseObject, ResponsesRequest,
+    ResponseUsage, Status, StreamEvent, TextDeltaEvent, TextDoneEvent, as_items, chat_messages,
+)
+from server.api.responses_store import ResponseStore, Stored
+from server.api.state import AppState
+from server.api.tools import DeltaToolCall, ToolPlan
+from server.engine.request import GenerationResult
+
+if TYPE_CHECKING:
+    from server.engine.served import ServedModel
+
+router = APIRouter(tags=["openai"])
+EVENTS = pipeline.sse_responses("JSON, or server-sent events (`event:` the type, `data:` the event) when stream=true")
+
+
+def _chat(body: ResponsesRequest, conversation: list[dict[str, Any]]) -> ChatCompletionRequest:
+    """The request as chat's; a value chat refuses is a 400 in this request's terms (its input, its text.format)."""
+    try:
+        return body.chat_request(conversation)
+    except ValidationError as e:
+        errors = []
+        for err in e.errors():
+            loc = tuple("input" if part == "messages" else part for part in err.get("loc", ()))
+            errors.append({**err, "loc": ("body", *loc), "msg": str(err.get("msg")).replace("response_format",
+                                                                                          "text.format")})
+        raise RequestValidationError(errors) from None
+
+
+def _history(state: AppState, previous_response_id: str | None) -> list[dict[str, Any]]:
+    """The conversation a previous response ended (its input and output, as chat messages); [] without one."""
+    if previous_response_id is None:
+        return []
+    if state.responses is None:
+        raise APIError(400, "previous_response_id needs the server to keep responses, and this one keeps none (start "
+                            "it with PAINTERS_RESPONSES_STORE=true); send the whole conversation as input instead",
+                       param="previous_response_id")
+    stored = state.responses.get(previous_response_id)
+    if stored is None:  # vLLM's answer: 404
+        raise APIError(404, f"Response with id {previous_response_id[:100]!r} not found (never stored, deleted, or "
+                            "evicted: the server keeps a bounded number)", param="previous_response_id")
+    return stored.messages
+
+
+def _stored(state: AppState, response_id: str) -> Stored:
+    stored = state.responses.get(response_id) if state.responses is not None else None
+    if stored is None:
+        why = "" if state.responses is not None else " (this server keeps none: PAINTERS_RESPONSES_STORE)"
+        raise APIError(404, f"Response with id {response_id[:100]!r} not found{why}", param="response_id")
+    return stored
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _status(finish_reason: str) -> Status:
+    """An answer cut by max_output_tokens is incomplete; one the server aborted (a drain) is cancelled."""
+    return {"length": "incomplete", "abort": "cancelled"}.get(finish_reason, "completed")  # type: ignore[return-value]
+
+
+def _item_status(status: Status) -> Any:
+    return "completed" if status == "completed" else "incomplete"
+
+
+class _Answer:
+    """What one answer says so far, as output items, and the response object around them."""
+
+    def __init__(self, body: ResponsesRequest, run: Running, *, served: ServedModel, model: str,
+                 conversation: list[dict[str, Any]], store: ResponseStore | None) -> None:
+        self.body, self.run, self.served, self.model, self.conversation = body, run, served, model, conversation
+        self.store = store if body.store else None  # where it is kept when done
+        self.id, self.created = _new_id("resp"), int(time.time())
+        self.output: list[OutputMessage | OutputFunctionCall] = []
+
+    def logprobs(self, ids: list[int], lps: list[float], tops: list[dict[int, float]] | None) -> list[Any]:
+        """With include message.output_text.logprobs, the tokens' logprobs: chat's entries, which are Responses'
+        (token, logprob, bytes, top_logprobs); else none."""
+        if not self.body.logprobs:
+            return []
+        return list(openai.chat_logprobs(self.served, ids, lps, tops or None, as_ids=False).content)
+
+    def done(self, status: Status, result: GenerationResult) -> ResponseObject:
+        """The finished response, kept where the request and the server keep responses."""
+        response = self.response(status, result)
+        if self.store is not None:
+            response.store = True
+            messages = chat_messages(as_items(self.output), after=self.conversation)
+            response.store = self.store.put(response, messages)
+        return response
+
+    def response(self, status: Status, result: GenerationResult | None = None) -> ResponseObject:
+        body = self.body
+        usage = None
+        if result is not None:
+            prompt, generated = len(self.run.prompts[0].ids), len(result.token_ids)
+            usage = ResponseUsage(input_tokens=prompt, output_tokens=generated, total_tokens=prompt + generated)
+        return ResponseObject(
+            id=self.id, created_at=self.created, completed_at=int(time.time()) if status == "completed" else None,
+            status=status, incomplete_details=IncompleteDetails(reason="max_output_tokens")
+            if status == "incomplete" else None, instructions=body.instructions,
+            max_output_tokens=body.max_output_tokens, max_tool_calls=body.max_tool_calls, metadata=body.metadata or {},
+            model=self.model, output=list(self.output), parallel_tool_calls=body.parallel_tool_calls,
+            previous_response_id=body.previous_response_id,
+            temperature=body.temperature, text=body.text, tool_choice=body.tool_choice or "auto", tools=body.tools,
+            top_logprobs=body.top_logprobs or 0, top_p=body.top_p, usage=usage, user=body.user,
+            painters=painters_info(self.run.schedule, result) if result is not None else None)
+
+
+@router.post("/v1/responses", response_model=ResponseObject, responses=EVENTS)
+async def create_response(body: ResponsesRequest, request: Request) -> Any:
+    state = openai.get_state(request)
+    served, _ = state.require()
+    conversation = chat_messages(body.items(), after=_history(state, body.previous_response_id))
+    run, plan = await openai.start_chat(state, _chat(body, conversation))
+    answer = _Answer(body, run, served=served, model=body.model or state.model_name, conversation=conversation,
+                     store=state.responses)
+    if body.stream:
+        return pipeline.event_source(state, _stream(answer, plan), policy=run.schedule.policy)
+    [result] = await pipeline.collect(run.streams, request)
+    status = _status(result.finish_reason)
+    parsed = tool_parsers.parse(plan, result.text)
+    if plan.mode == "none" or parsed.content:  # vLLM's: with tools, a message only where there is content
+        answer.output.append(OutputMessage(id=_new_id("msg"), status="completed",
+                                           content=[OutputText(text=parsed.content or "", logprobs=answer.logprobs(
+                                               result.token_ids, result.logprobs, result.top_logprobs))]))
+    answer.output += [OutputFunctionCall(id=_new_id("fc"), call_id=c.id, name=c.function.name,
+                                         arguments=c.function.arguments, status="completed") for c in parsed.calls]
+    if answer.output:
+        answer.output[-1].status = _item_status(status)
+    response = answer.done(status, result).model_dump(mode="json", by_alias=True)
+    return JSONResponse(response, headers=timing_headers(run.schedule, [result]))
+
+
+@router.get("/v1/responses/{response_id}", response_model=ResponseObject)
+async def get_response(response_id: str, request: Request) -> Any:
+    """A kept response (PAINTERS_RESPONSES_STORE), as it was answered; 404 when not kept."""
+    stored = _stored(openai.get_state(request), response_id)
+    return JSONResponse(stored.response.model_dump(mode="json", by_alias=True))
+
+
+@router.delete("/v1/responses/{response_id}", response_model=DeletedResponse)
+async def delete_response(response_id: str, request: Request) -> DeletedResponse:
+    state = openai.get_state(request)
+    _stored(state, response_id)
+    assert state.responses is not None  # _stored
+    state.responses.delete(response_id)
+    return DeletedResponse(id=response_id)
+
+
+class _Events:
+    """The stream's events as the answer's items open, grow and close; each numbered in order."""
+
+    def __init__(self, answer: _Answer) -> None:
+        self.answer = answer
+        self.count = 0
+        self.message: OutputMessage | None = None  # open, growing
+        self.call: OutputFunctionCall | None = None
+        self.calls: dict[int, OutputFunctionCall] = {}  # by the call's index in the chat path's deltas
+        self.pending: list[Any] = []  # logprobs of tokens whose text has not come out yet (a held-back tail)
+
+    def frame(self, event: StreamEvent) -> dict[str, str]:
+        event.sequence_number = self.count
+        self.count += 1
+        return {"event": event.type, "data": event.model_dump_json(by_alias=True)}
+
+    def _index(self) -> int:
+        return len(self.answer.output) - 1
+
+    def text(self, delta: str, logprobs: list[Any] = ()) -> list[dict[str, str]]:  # type: ignore[assignment]
+        out = self.close_call("completed") if self.call is not None else []
+        if self.message is None:
+            self.message = OutputMessage(id=_new_id("msg"), status="in_progress", content=[])
+            self.answer.output.append(self.message)
+            out.append(self.frame(OutputItemEvent(type="response.output_item.added", output_index=self._index(),
+                                                  item=self.message.model_copy(deep=True))))
+            self.message.content.append(OutputText(text=""))
+            out.append(self.frame(ContentPartEvent(type="response.content_part.added", item_id=self.message.id,
+                                                   output_index=self._index(), part=OutputText(text=""))))
+        part = self.message.content[0]
+        part.logprobs += logprobs
+        self.pending += logprobs
+        if delta:
+            part.text += delta
+            out.append(self.frame(TextDeltaEvent(item_id=self.message.id, output_index=self._index(), delta=delta,
+                                                 logprobs=self.pending)))
+            self.pending = []
+        return out
+
+    def call_piece(self, piece: DeltaToolCall) -> list[dict[str, str]]:
+        out = self.close_message("completed") if self.message is not None else []
+        call = self.calls.get(piece.index)
+        if call is None:
+            if self.call is not None:
+                out += self.close_call("completed")
+            assert piece.id is not None and piece.function.name is not None  # a call's first piece names it
+            call = self.call = self.calls[piece.index] = OutputFunctionCall(
+                id=_new_id("fc"), call_id=piece.id, name=piece.function.name, arguments="", status="in_progress")
+            self.answer.output.append(call)
+            out.append(self.frame(OutputItemEvent(type="response.output_item.added", output_index=self._index(),
+                                                  item=call.model_copy())))
+        if piece.function.arguments:
+            call.arguments += piece.function.arguments
+            out.append(self.frame(ArgumentsDeltaEvent(item_id=call.id, output_index=self.answer.output.index(call),
+                                                      delta=piece.function.arguments)))
+        return out
+
+    def close_message(self, status: Any) -> list[dict[str, str]]:
+        message, index = self.message, self._index()
+        assert message is not None
+        self.message = None
+        part = message.content[0]
+        message.status = status
+        tail = [self.frame(TextDeltaEvent(item_id=message.id, output_index=index, delta="", logprobs=self.pending))
+                ] if self.pending else []  # tokens without text of their own (an EOS) have their logprobs too
+        self.pending = []
+        return tail + [self.frame(TextDoneEvent(item_id=message.id, output_index=index, text=part.text,
+                                         logprobs=part.logprobs)),
+                self.frame(ContentPartEvent(type="response.content_part.done", item_id=message.id,
+                                            output_index=index, part=part)),
+                self.frame(OutputItemEvent(type="response.output_item.done", output_index=index,
+                                           item=message.model_copy(deep=True)))]
+
+    def close_call(self, status: Any) -> list[dict[str, str]]:
+        call, index = self.call, self._index()
+        assert call is not None
+        self.call = None
+        call.status = status
+        return [self.frame(ArgumentsDoneEvent(item_id=call.id, output_index=index, name=call.name,
+                                              arguments=call.arguments)),
+                self.frame(OutputItemEvent(type="response.output_item.done", output_index=index,
+                                           item=call.model_copy()))]
+
+    def close(self, status: Any) -> list[dict[str, str]]:
+        if self.message is not None:
+            return self.close_message(status)
+        if self.call is not None:
+            return self.close_call(status)
+        return []
+
+
+async def _stream(answer: _Answer, plan: ToolPlan) -> AsyncIterator[dict[str, str]]:
+    events = _Events(answer)
+    yield events.frame(LifecycleEvent(type="response.created", response=answer.response("in_progress")))
+    yield events.frame(LifecycleEvent(type="response.in_progress", response=answer.response("in_progress")))
+    reader = tool_parsers.stream_reader(plan) if plan.mode != "none" else None
+    result = None
+    try:
+        if reader is None:  # plain text: the message opens at once, as OpenAI's does, whatever the answer
+            for frame in events.text(""):
+                yield frame
+        async for _, out in pipeline.merged(answer.run.streams):
+            if reader is None:
+                logprobs = answer.logprobs(out.token_ids, out.logprobs, out.top_logprobs)
+                frames = events.text(out.text, logprobs) if out.text or logprobs else []
+            else:
+                piece = reader.feed(out.text, finished=out.finished)
+                frames = events.text(piece.content) if piece.content else []
+                for call in piece.tool_calls:
+                    frames += events.call_piece(call)
+            for frame in frames:
+                yield frame
+            if out.finished:
+                result = out.result
+    except APIError as e:
+        yield events.frame(ErrorEvent(code=e.code or CODES.get(e.status), message=e.message, param=e.param))
+        return
+    assert result is not None  # the stream's last output is its finished one
+    status = _status(result.finish_reason)
+    for frame in events.close(_item_status(status)):
+        yield frame
+    final = "response.incomplete" if status == "incomplete" else "response.completed"
+    yield events.frame(LifecycleEvent(type=final, response=answer.done(status, result)))

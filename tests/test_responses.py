@@ -1,0 +1,319 @@
+"""OpenAI's Responses API (server/api/responses.py, server/api/responses_protocol.py): the real SmolLM2 served over
+HTTP, called by the official `openai` client (`responses.create`, `responses.stream`). A response is the chat answer to
+the same conversation (greedy: equal text and usage); streamed deltas join to the unstreamed text, in OpenAI's event
+order with numbered events; max_output_tokens cuts to status incomplete; text.format, function tools and function
+call history go through chat's structured outputs and tool path; policies apply; bad requests are 400s naming what is
+allowed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.serving import Process, metric_value, painters_server, serve_tiny, wait_until
+
+MODEL = "smollm2-135m"
+ASK = "What is 2+2? Reply with just the number."
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string",
+           "enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"]}
+TOOL = {"type": "function", "name": "get_weather", "description": "get weather", "parameters": WEATHER}
+CHAT_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "get weather",
+                                              "parameters": WEATHER}}
+NAMED = {"type": "function", "name": "get_weather"}
+TEXT_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",
+               "response.content_part.added"]
+CLOSING = ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+
+
+STORE_MAX = 3  # the server keeps this many responses
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+    env = {"PAINTERS_RESPONSES_STORE": "true", "PAINTERS_RESPONSES_STORE_MAX": str(STORE_MAX)}
+    with painters_server(Path(tmp_path_factory.mktemp("responses")), extra=("--tool-call-parser", "hermes"),
+                         env=env) as p:
+        yield p
+
+
+def _create(client: openai.OpenAI, **body: Any) -> Any:
+    return client.responses.create(model=MODEL, input=body.pop("input", ASK), temperature=body.pop("temperature", 0),
+                                   max_output_tokens=body.pop("max_output_tokens", 24), **body)
+
+
+def _chat(client: openai.OpenAI, messages: list[dict[str, Any]], **body: Any) -> Any:
+    return client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
+                                          max_tokens=body.pop("max_tokens", 24), **body)
+
+
+def _items(response: Any) -> list[tuple[Any, ...]]:
+    """What a response's output says, ids aside."""
+    return [(i.type, i.status, [(p.type, p.text) for p in i.content]) if i.type == "message" else
+            (i.type, i.status, i.name, i.arguments) for i in response.output]
+
+
+def test_a_response_is_the_chat_answer_to_the_same_conversation(client):
+    """Greedy, input items (instructions, input_text parts, an earlier assistant turn) answer what chat answers to
+    the same messages, with the same token counts; the response object is OpenAI's, its settings echoed."""
+    conversation = [{"role": "user", "content": [{"type": "input_text", "text": "Hi!"}]},
+                    {"role": "assistant", "content": [{"type": "output_text", "text": "Hello! How can I help?"}]},
+                    {"type": "message", "role": "user", "content": ASK}]
+    out = _create(client, input=conversation, instructions="Answer briefly.", metadata={"k": "v"}, user="u1")
+    chat = _chat(client, [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi!"},
+                          {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": ASK}])
+    assert out.output_text == chat.choices[0].message.content and "4" in out.output_text
+    assert out.id.startswith("resp_") and out.object == "response" and out.status == "completed"
+    assert out.incomplete_details is None and out.completed_at is not None
+    [message] = out.output
+    assert message.type == "message" and message.role == "assistant" and message.status == "completed"
+    assert message.id.startswith("msg_") and [p.type for p in message.content] == ["output_text"]
+    usage = out.usage
+    assert (usage.input_tokens, usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+    assert usage.input_tokens_details.cached_tokens == 0 and usage.output_tokens_details.reasoning_tokens == 0
+    assert (out.model, out.instructions, out.metadata, out.user, out.temperature, out.top_p, out.max_output_tokens,
+            out.tool_choice, out.tools, out.text.format.type) == (
+        MODEL, "Answer briefly.", {"k": "v"}, "u1", 0, 1, 24, "auto", [], "text")
+
+
+def test_max_output_tokens_cuts_the_response_to_incomplete(client):
+    out = _create(client, input="Tell me a long story about a dragon.", max_output_tokens=5)
+    assert out.status == "incomplete" and out.incomplete_details.reason == "max_output_tokens"
+    assert out.usage.output_tokens == 5 and out.output[0].status == "incomplete" and out.completed_at is None
+
+
+def _events(client: openai.OpenAI, **body: Any) -> list[Any]:
+    with client.responses.create(model=MODEL, input=body.pop("input", ASK), temperature=0, stream=True,
+                                 max_output_tokens=body.pop("max_output_tokens", 24), **body) as stream:
+        return list(stream)
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["completed", "incomplete"])
+def test_a_stream_is_openais_event_sequence_and_joins_to_the_unstreamed_answer(client, cut):
+    body = {"input": "Tell me a long story about a dragon.", "max_output_tokens": 6} if cut else {}
+    whole = _create(client, **body)
+    events = _events(client, **body)
+    kinds = [e.type for e in events]
+    deltas = kinds.count("response.output_text.delta")
+    final = "response.incomplete" if cut else "response.completed"
+    assert kinds == TEXT_EVENTS + ["response.output_text.delta"] * deltas + CLOSING + [final] and deltas >= 1
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == whole.output_text == events[-4].text
+    done = events[-1].response
+    assert done.status == whole.status and done.output_text == text and _items(done) == _items(whole)
+    assert done.id == events[0].response.id and events[0].response.status == "in_progress"
+    item_ids = {e.item.id for e in events if e.type.startswith("response.output_item")}
+    assert item_ids == {e.item_id for e in events if e.type.startswith("response.output_text")} == {done.output[0].id}
+    assert done.usage.output_tokens == whole.usage.output_tokens
+
+
+def test_the_clients_stream_helper_accumulates_the_response(client):
+    with client.responses.stream(model=MODEL, input=ASK, temperature=0, max_output_tokens=24) as stream:
+        snapshots = [e.snapshot for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert final.output_text == snapshots[-1] == _create(client).output_text
+
+
+def test_include_logprobs_answers_chats_logprobs(client):
+    """include message.output_text.logprobs (with top_logprobs alternatives): each token's entry is chat's for the
+    same conversation; streamed, the deltas carry the same entries, and output_text.done all of them."""
+    def entries(logprobs: Any) -> list[tuple[Any, ...]]:
+        return [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in logprobs]
+
+    include = ["message.output_text.logprobs"]
+    out = _create(client, include=include, top_logprobs=2, max_output_tokens=8)
+    chat = _chat(client, [{"role": "user", "content": ASK}], logprobs=True, top_logprobs=2, max_tokens=8)
+    [part] = out.output[0].content
+    want = entries(chat.choices[0].logprobs.content)
+    assert entries(part.logprobs) == want and len(want) == out.usage.output_tokens and out.top_logprobs == 2
+    assert all(len(e[2]) == 2 for e in want)
+    events = _events(client, include=include, top_logprobs=2, max_output_tokens=8)
+    assert entries(e for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs) == want
+    assert entries(next(e for e in events if e.type == "response.output_text.done").logprobs) == want
+    assert _create(client).output[0].content[0].logprobs == []  # not asked for
+
+
+def test_text_format_json_schema_answers_valid_json(client):
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"],
+              "additionalProperties": False}
+    text = {"format": {"type": "json_schema", "name": "sum", "schema": schema, "strict": True}}
+    out = _create(client, max_output_tokens=40, text=text)
+    assert out.status == "completed"
+    jsonschema.validate(json.loads(out.output_text), schema)
+    assert out.text.format.type == "json_schema" and out.text.format.name == "sum"
+    assert _events(client, max_output_tokens=40, text=text)[-1].response.output_text == out.output_text
+    # json_object: any JSON object (SmolLM2's run on past a short budget, so its opening is what is checked)
+    assert _create(client, max_output_tokens=3, text={"format": {"type": "json_object"}}).output_text.startswith("{")
+    assert not _create(client, max_output_tokens=3).output_text.startswith("{")
+
+
+def test_a_named_function_tool_answers_a_function_call_item(client):
+    """Responses' flat tool, named in tool_choice: one function_call item whose arguments follow its schema, as chat's
+    tool_calls say (ids aside); streamed, the arguments' deltas join to the same call."""
+    ask = "What is the weather like in Paris today?"
+    out = _create(client, input=ask, tools=[TOOL], tool_choice=NAMED, max_output_tokens=60)
+    [call] = out.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.status == "completed"
+    assert call.id.startswith("fc_") and call.call_id
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+    chat = _chat(client, [{"role": "user", "content": ask}], tools=[CHAT_TOOL], max_tokens=60,
+                 tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert call.arguments == chat.choices[0].message.tool_calls[0].function.arguments
+    assert out.tool_choice.name == "get_weather" and out.tools[0].name == "get_weather"
+    events = _events(client, input=ask, tools=[TOOL], tool_choice=NAMED, max_output_tokens=60)
+    kinds = [e.type for e in events]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert kinds[-3:] == ["response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    joined = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert joined == events[-3].arguments == call.arguments and _items(events[-1].response) == _items(out)
+    assert events[-1].response.output[0].call_id == events[2].item.call_id
+
+
+def test_a_function_call_output_continues_the_conversation_as_chat(client):
+    """function_call and function_call_output items are chat's assistant tool_calls and tool message."""
+    args = '{"city": "Paris", "unit": "celsius"}'
+    items = [{"role": "user", "content": "What is the weather like in Paris today?"},
+             {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": args},
+             {"type": "function_call_output", "call_id": "call_1", "output": "22 degrees and sunny"}]
+    out = _create(client, input=items, tools=[TOOL], tool_choice="none", max_output_tokens=20)
+    chat = _chat(client, [items[0], {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": args}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "22 degrees and sunny"}], tools=[CHAT_TOOL],
+        tool_choice="none", max_tokens=20)
+    assert out.output_text == chat.choices[0].message.content
+    assert out.usage.input_tokens == chat.usage.prompt_tokens
+    without = _create(client, input=items[:1], tools=[TOOL], tool_choice="none", max_output_tokens=20)
+    assert without.usage.input_tokens < out.usage.input_tokens  # the call and its output reached the prompt
+
+
+def test_policy_applies_as_on_chat(client, http):
+    messages = [{"role": "user", "content": ASK}]
+    for policy in ("skip:8-11", "pairs"):
+        out = _create(client, extra_body={"policy": policy})
+        chat = _chat(client, messages, extra_body={"policy": policy})
+        assert out.output_text == chat.choices[0].message.content, policy
+        r = http.post("/v1/responses", json={"model": f"{MODEL}@{policy}", "input": ASK, "temperature": 0,
+                                             "max_output_tokens": 24})
+        assert r.json()["output"][0]["content"][0]["text"] == out.output_text
+        assert r.headers["x-painters-policy"] == r.json()["painters"]["policy"] == chat.painters["policy"]
+        assert r.json()["painters"]["schedule"] != _create(client).painters["schedule"]  # not the full model
+
+
+def test_a_response_counts_in_the_metrics_under_its_policy(http):
+    def success() -> float:
+        return metric_value(http.get("/metrics").text, "painters:request_success_total", model=MODEL,
+                            policy="skip:12-16")
+    before = success()
+    r = http.post("/v1/responses", json={"input": ASK, "max_output_tokens": 2, "temperature": 0, "policy": "skip:5"})
+    assert r.status_code == 200 and r.json()["painters"]["policy"] == "skip:12-16"  # canonical
+    wait_until(lambda: success() == before + 1, timeout=10, what="the response counted")
+
+
+def test_a_client_that_leaves_a_stream_aborts_it(http):
+    def counts() -> tuple[float, float]:
+        text = http.get("/metrics").text
+        return (metric_value(text, "painters:request_success_total", model=MODEL, finished_reason="abort"),
+                metric_value(text, "painters:num_requests_running", model=MODEL))
+    before, _ = counts()
+    body = {"input": "Tell me a long story.", "max_output_tokens": 400, "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/v1/responses", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        deltas = 0
+        for line in r.iter_lines():
+            deltas += line == "event: response.output_text.delta"
+            if deltas == 2:
+                break
+    wait_until(lambda: counts() == (before + 1, 0), timeout=60, what="the abandoned response is aborted")
+
+
+@pytest.mark.parametrize("body,param,says", [
+    ({"tools": [{"type": "web_search"}]}, "tools", ("only function tools", "web_search")),
+    ({"background": True}, "background", ("not supported",)),
+    ({"reasoning": {"effort": "high"}}, "reasoning", ("does not reason",)),
+    ({"include": ["reasoning.encrypted_content"]}, "include", ("does not apply", "message.output_text.logprobs")),
+    ({"top_logprobs": 2}, None, ("needs include",)),
+    ({"top_logprobs": 21, "include": ["message.output_text.logprobs"]}, "top_logprobs", ("[0, 20]",)),
+    ({"include": ["message.output_text.logprobs"], "tools": [TOOL], "tool_choice": NAMED}, None, ("not with tools",)),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input", ("message, function_call, "
+                                                                        "function_call_output",)),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input",
+     ("'input_text' or 'output_text'",)),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice", ("not among tools",)),
+    ({"tool_choice": {"type": "allowed_tools", "tools": []}}, "tool_choice", ('"required" or {"type": "function"',)),
+    ({"tools": [TOOL], "tool_choice": NAMED, "text": {"format": {"type": "json_object"}}}, None, ("text.format",)),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text", ("needs schema",)),
+    ({"temperature": -1}, "temperature", ("[0, 100]",)),
+    ({"max_output_tokens": 0}, "max_output_tokens", ("greater than or equal to 1",)),
+    ({"metadata": {str(i): "v" for i in range(17)}}, "metadata", ("at most 16",)),
+    ({"truncation": "auto"}, "truncation", ("'disabled'",)),
+    ({"policy": "bogus"}, "policy", ("allowed forms",)),
+    ({"input": []}, "input", ("at least 1",)),
+])
+def test_bad_requests_are_400s_naming_what_is_allowed(http, body, param, says):
+    r = http.post("/v1/responses", json={"model": MODEL, "input": ASK, "max_output_tokens": 4, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error"
+    if param is not None:
+        assert (err["param"] or "").startswith(param), err
+    for fragment in says:
+        assert fragment in err["message"], (fragment, err["message"])
+
+
+def test_the_openapi_schema_describes_responses(http):
+    spec = http.get("/openapi.json").json()
+    assert "/v1/responses" in spec["paths"]
+    properties = spec["components"]["schemas"]["ResponsesRequest"]["properties"]
+    assert {"input", "instructions", "max_output_tokens", "text", "tools", "tool_choice", "policy"} <= set(properties)
+
+
+def test_a_stored_response_is_continued_got_and_deleted(client, http):
+    """With the server's store (PAINTERS_RESPONSES_STORE), previous_response_id continues a kept conversation as if
+    it were sent whole (its instructions do not carry over, OpenAI's rule); GET answers the kept response, DELETE
+    forgets it; store=false keeps nothing; beyond the bound the least recently used go."""
+    first = _create(client, input=[{"role": "user", "content": "My name is Ada."}], instructions="Be terse.",
+                    max_output_tokens=12)
+    assert first.store is True
+    follow = _create(client, input="What is my name?", previous_response_id=first.id, max_output_tokens=12)
+    whole = _create(client, max_output_tokens=12, input=[
+        {"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "What is my name?"}])
+    assert follow.output_text == whole.output_text and follow.usage.input_tokens == whole.usage.input_tokens
+    assert follow.previous_response_id == first.id and follow.instructions is None
+    got = client.responses.retrieve(first.id)
+    assert got.model_dump() == first.model_dump()
+    client.responses.delete(first.id)
+    for r in (http.get(f"/v1/responses/{first.id}"), http.delete(f"/v1/responses/{first.id}"),
+              http.post("/v1/responses", json={"input": "x", "previous_response_id": first.id})):
+        assert r.status_code == 404 and "not found" in r.json()["error"]["message"], r.text
+    streamed = _events(client, max_output_tokens=2)[-1].response
+    assert streamed.store is True and client.responses.retrieve(streamed.id).output_text == streamed.output_text
+    unkept = _create(client, store=False, max_output_tokens=1)
+    assert unkept.store is False and http.get(f"/v1/responses/{unkept.id}").status_code == 404
+    kept = [_create(client, max_output_tokens=1).id for _ in range(STORE_MAX + 1)]
+    assert http.get(f"/v1/responses/{kept[0]}").status_code == 404  # evicted
+    assert all(http.get(f"/v1/responses/{k}").status_code == 200 for k in kept[1:])
+
+
+def test_a_server_without_a_store_refuses_previous_response_id():
+    with serve_tiny() as url:
+        r = httpx.post(f"{url}/v1/responses", json={"input": "x", "previous_response_id": "resp_1"})
+        assert r.status_code == 400 and "PAINTERS_RESPONSES_STORE" in r.json()["error"]["message"], r.text
+        assert httpx.get(f"{url}/v1/responses/resp_1").status_code == 404
+
+
+def test_fields_sent_at_a_value_that_asks_for_nothing_are_accepted(http):
+    """Clients send OpenAI's fields at their neutral values (a reasoning object of nulls, background false, include
+    empty, truncation disabled): those are not refusals."""
+    r = http.post("/v1/responses", json={"input": ASK, "max_output_tokens": 1, "reasoning": {"effort": None},
+                                         "background": False, "include": [], "truncation": "disabled",
+                                         "service_tier": "auto", "store": False, "stream_options": None})
+    assert r.status_code == 200, r.text
