@@ -15,8 +15,9 @@ import torch
 
 from server.policy.compiler import compile_schedule
 from server.policy.policy import as_policy
+from tests.conftest import bos_word_tokenizer
 from tests.reference import reference_hidden
-from tests.serving import Process, metric_value, painters_server
+from tests.serving import Process, metric_value, painters_server, serving, settings, tiny_engine
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
@@ -146,3 +147,18 @@ def test_counted_in_metrics_by_policy_and_nothing_left_in_the_cache(client, http
     text = http.get("/metrics").text
     assert metric_value(text, "painters:kv_slots_usage_perc") == 0
     assert metric_value(text, "painters:num_requests_running") == 0
+
+
+def test_add_special_tokens_decides_whether_a_text_gets_its_tokenizers_bos():
+    """On a tokenizer that adds <bos> by default (as Gemma's): a text is embedded with it unless
+    add_special_tokens is false."""
+    with serving(settings(), tiny_engine(bos_word_tokenizer())) as c:
+        def embed(**body) -> tuple[list[float], int]:
+            r = c.post("/v1/embeddings", json={"model": "tiny", "encoding_format": "float", **body})
+            assert r.status_code == 200, r.text
+            return r.json()["data"][0]["embedding"], r.json()["usage"]["prompt_tokens"]
+
+        with_bos, without = embed(input="hello world"), embed(input="hello world", add_special_tokens=False)
+        assert with_bos == embed(input=[1, 3, 4]) and with_bos[1] == 3
+        assert without == embed(input=[3, 4]) and without[1] == 2
+        assert with_bos[0] != without[0]

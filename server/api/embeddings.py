@@ -36,7 +36,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingRespo
     truncate = limit if truncate == -1 else truncate
     schedule, prompts = await pipeline.prepare_prompt_only(
         state, _prompts(body.input), model=body.model, policy=body.policy, param="input",
-        truncate_prompt_tokens=truncate)
+        truncate_prompt_tokens=truncate, add_special_tokens=body.add_special_tokens)
     engine_request = pipeline.prompt_only_request("embd", [p.ids for p in prompts], schedule, embed=True)
     vectors = await pipeline.collect_embeddings(pipeline.submit_all(state, [engine_request])[0], request)
     tokens = sum(len(p.ids) for p in prompts)

@@ -119,8 +119,8 @@ async def prepare(state: AppState, job: Job) -> Prepared:
 
 
 async def prepare_prompt_only(state: AppState, prompts: list[str | list[int]], *, model: str | None,
-                              policy: PolicyField, param: str, truncate_prompt_tokens: int | None = None
-                              ) -> tuple[Schedule, list[Prompt]]:
+                              policy: PolicyField, param: str, truncate_prompt_tokens: int | None = None,
+                              add_special_tokens: bool = True) -> tuple[Schedule, list[Prompt]]:
     """Resolve, tokenize and bound the prompts of one forward pass (a probe, an embedding request): at most
     probe_max_prompts prompts (a 400) and probe_max_tokens tokens over all of them (a 413), each within the context;
     every refusal an APIError naming what is allowed."""
@@ -130,7 +130,7 @@ async def prepare_prompt_only(state: AppState, prompts: list[str | list[int]], *
                             "(probe_max_prompts)", param=param, code="too_many_prompts")
     state.check_admitting()
     schedule = state.resolve_policy(model, policy)
-    tokenized = await tokenize(state, prompts)
+    tokenized = await tokenize(state, prompts, add_special_tokens=add_special_tokens)
     if truncate_prompt_tokens is not None:
         tokenized = [_keep_last(p, truncate_prompt_tokens, state.max_model_len) for p in tokenized]
     for p in tokenized:
@@ -177,11 +177,13 @@ async def compile_grammar(served: ServedModel, spec: StructuredOutput) -> Gramma
                        headers={"Retry-After": "1"}) from None
 
 
-async def tokenize(state: AppState, prompts: list[str | list[int]] | Chat) -> list[Prompt]:
-    """Texts, token-id lists or chat messages -> prompts, encoded on a worker thread (a long text takes seconds)."""
+async def tokenize(state: AppState, prompts: list[str | list[int]] | Chat, *,
+                   add_special_tokens: bool = True) -> list[Prompt]:
+    """Texts, token-id lists or chat messages -> prompts, encoded on a worker thread (a long text takes seconds).
+    add_special_tokens: texts get the special tokens their tokenizer adds by default (chat messages never do)."""
     served, _ = state.require()
     vocab = state.vocab_size
-    return await asyncio.to_thread(_tokenize, served, prompts, vocab)
+    return await asyncio.to_thread(_tokenize, served, prompts, vocab, add_special_tokens)
 
 
 def unicode_text(text: str, *, param: str) -> str:
@@ -195,7 +197,8 @@ def unicode_text(text: str, *, param: str) -> str:
     return text
 
 
-def _tokenize(served: ServedModel, prompts: list[str | list[int]] | Chat, vocab: int) -> list[Prompt]:
+def _tokenize(served: ServedModel, prompts: list[str | list[int]] | Chat, vocab: int,
+              add_special_tokens: bool = True) -> list[Prompt]:
     if isinstance(prompts, Chat):
         text = render_chat(served, prompts)  # the template writes the special tokens (a BOS) itself, as in vLLM
         text = unicode_text(text, param="messages")
@@ -203,7 +206,8 @@ def _tokenize(served: ServedModel, prompts: list[str | list[int]] | Chat, vocab:
     out = []
     for item in prompts:
         if isinstance(item, str):
-            out.append(Prompt(item, _in_vocab(served.encode(unicode_text(item, param="prompt")), vocab, "prompt")))
+            ids = served.encode(unicode_text(item, param="prompt"), add_special_tokens=add_special_tokens)
+            out.append(Prompt(item, _in_vocab(ids, vocab, "prompt")))
             continue
         if not item:
             raise APIError(400, "a token-id prompt must not be empty", param="prompt")

@@ -772,6 +772,8 @@ class EmbeddingRequest(_Body):
     user: str | None = None
     truncate_prompt_tokens: int | None = Field(None, description="vLLM's: keep only the last k tokens of each input "
                                                "(1 to the context length); -1: the context length")
+    add_special_tokens: bool = Field(True, description="vLLM's: texts get the special tokens their tokenizer adds by "
+                                     "default (Gemma's <bos>; none for SmolLM2); false: only their own tokens")
     policy: PolicyField = Field(None, description=POLICY_DOC)
 
     @field_validator("input")
