@@ -162,3 +162,12 @@ def test_add_special_tokens_decides_whether_a_text_gets_its_tokenizers_bos():
         assert with_bos == embed(input=[1, 3, 4]) and with_bos[1] == 3
         assert without == embed(input=[3, 4]) and without[1] == 2
         assert with_bos[0] != without[0]
+
+
+@pytest.mark.parametrize("policy", ["full", "skip:6"])
+def test_gemma_embeddings_equal_transformers(gemma3, gemma3_hf, gemma3_engine, policy):
+    """Gemma 3's final norm (its weight offset by one) and scaled embeddings pool as transformers' do, in one batch."""
+    got = gemma3_engine.embed(TEXTS, policy=policy)
+    for text, vector in zip(TEXTS, got, strict=True):
+        np.testing.assert_allclose(np.asarray(vector), _reference(gemma3_hf, gemma3.tokenizer, text, policy),
+                                   atol=TOL, rtol=0)
