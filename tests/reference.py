@@ -159,6 +159,13 @@ def _layer_window(cfg: Any, i: int) -> int | None:
 @torch.no_grad()
 def reference_logits(hf_model: Any, schedule: Schedule, input_ids: Tensor) -> Tensor:
     """Logits [B, T, V] of `schedule` over whole sequences input_ids [B, T], recomputed from scratch."""
+    return hf_model.lm_head(reference_hidden(hf_model, schedule, input_ids))
+
+
+@torch.no_grad()
+def reference_hidden(hf_model: Any, schedule: Schedule, input_ids: Tensor) -> Tensor:
+    """The final hidden states [B, T, d] of `schedule` (after the model's final norm: what its LM head reads) over
+    whole sequences input_ids [B, T], recomputed from scratch with transformers' own modules."""
     inner, cfg = hf_model.model, hf_model.config
     assert schedule.num_layers == len(inner.layers)
     B, T = input_ids.shape
@@ -192,4 +199,4 @@ def reference_logits(hf_model: Any, schedule: Schedule, input_ids: Tensor) -> Te
             deltas = [whole(i, h) - h for i in step.layers]
             total = sum(deltas)
             h = h + (total / len(deltas) if step.combine == "mean" else total)
-    return hf_model.lm_head(inner.norm(h))
+    return inner.norm(h)

@@ -391,6 +391,9 @@ def hostile_inputs() -> list[tuple[str, str, str | dict[str, Any]]]:
         ("top_p 5e-324", "/generate", {"inputs": "x", "parameters": {"do_sample": True, "top_p": 5e-324}}),
         ("temperature 1e-300", "/v1/completions", {"prompt": "x", "max_tokens": 2, "temperature": 1e-300}),
         ("probe too many tokens", "/v1/probe", {"prompts": ["x" * 100] * 64}),
+        ("embeddings of too many tokens", "/v1/embeddings", {"input": ["x" * 100] * 64}),
+        ("many embedding inputs", "/v1/embeddings", {"input": ["x"] * 10_000}),
+        ("embeddings of many bad ids", "/v1/embeddings", {"input": [[0.5] * 20_000]}),
         ("detokenize a million ids", "/detokenize", {"tokens": [5] * 400_000}),
         # the newer fields, each at its bounds (tiny's CharTokenizer: "a" is token 100; no chat template, no xgrammar)
         ("bad_words forbid the one allowed token", "/v1/completions",

@@ -118,6 +118,30 @@ async def prepare(state: AppState, job: Job) -> Prepared:
     return Prepared(schedule, prompts, limits)
 
 
+async def prepare_prompt_only(state: AppState, prompts: list[str | list[int]], *, model: str | None,
+                              policy: PolicyField, param: str, truncate_prompt_tokens: int | None = None,
+                              add_special_tokens: bool = True) -> tuple[Schedule, list[Prompt]]:
+    """Resolve, tokenize and bound the prompts of one forward pass (a probe, an embedding request): at most
+    probe_max_prompts prompts (a 400) and probe_max_tokens tokens over all of them (a 413), each within the context;
+    every refusal an APIError naming what is allowed."""
+    s = state.settings
+    if len(prompts) > s.probe_max_prompts:
+        raise APIError(400, f"{len(prompts)} prompts; one request takes at most {s.probe_max_prompts} "
+                            "(probe_max_prompts)", param=param, code="too_many_prompts")
+    state.check_admitting()
+    schedule = state.resolve_policy(model, policy)
+    tokenized = await tokenize(state, prompts, add_special_tokens=add_special_tokens)
+    if truncate_prompt_tokens is not None:
+        tokenized = [_keep_last(p, truncate_prompt_tokens, state.max_model_len) for p in tokenized]
+    for p in tokenized:
+        state.check_length(len(p.ids), 0)
+    total = sum(len(p.ids) for p in tokenized)
+    if total > s.probe_max_tokens:
+        raise APIError(413, f"the prompts have {total} tokens; one request takes at most {s.probe_max_tokens} "
+                            "(probe_max_tokens)", param=param, code="prompts_too_large")
+    return schedule, tokenized
+
+
 async def start(state: AppState, job: Job) -> Running:
     """Prepare and submit `job`; every refusal is an APIError naming what was wrong. A structured output is compiled
     here, before anything is queued, and each request (each choice) gets its own matcher."""
@@ -153,11 +177,13 @@ async def compile_grammar(served: ServedModel, spec: StructuredOutput) -> Gramma
                        headers={"Retry-After": "1"}) from None
 
 
-async def tokenize(state: AppState, prompts: list[str | list[int]] | Chat) -> list[Prompt]:
-    """Texts, token-id lists or chat messages -> prompts, encoded on a worker thread (a long text takes seconds)."""
+async def tokenize(state: AppState, prompts: list[str | list[int]] | Chat, *,
+                   add_special_tokens: bool = True) -> list[Prompt]:
+    """Texts, token-id lists or chat messages -> prompts, encoded on a worker thread (a long text takes seconds).
+    add_special_tokens: texts get the special tokens their tokenizer adds by default (chat messages never do)."""
     served, _ = state.require()
     vocab = state.vocab_size
-    return await asyncio.to_thread(_tokenize, served, prompts, vocab)
+    return await asyncio.to_thread(_tokenize, served, prompts, vocab, add_special_tokens)
 
 
 def unicode_text(text: str, *, param: str) -> str:
@@ -171,7 +197,8 @@ def unicode_text(text: str, *, param: str) -> str:
     return text
 
 
-def _tokenize(served: ServedModel, prompts: list[str | list[int]] | Chat, vocab: int) -> list[Prompt]:
+def _tokenize(served: ServedModel, prompts: list[str | list[int]] | Chat, vocab: int,
+              add_special_tokens: bool = True) -> list[Prompt]:
     if isinstance(prompts, Chat):
         text = render_chat(served, prompts)  # the template writes the special tokens (a BOS) itself, as in vLLM
         text = unicode_text(text, param="messages")
@@ -179,7 +206,8 @@ def _tokenize(served: ServedModel, prompts: list[str | list[int]] | Chat, vocab:
     out = []
     for item in prompts:
         if isinstance(item, str):
-            out.append(Prompt(item, _in_vocab(served.encode(unicode_text(item, param="prompt")), vocab, "prompt")))
+            ids = served.encode(unicode_text(item, param="prompt"), add_special_tokens=add_special_tokens)
+            out.append(Prompt(item, _in_vocab(ids, vocab, "prompt")))
             continue
         if not item:
             raise APIError(400, "a token-id prompt must not be empty", param="prompt")
@@ -318,12 +346,36 @@ async def collect(streams: list[Stream], request: Request) -> list[GenerationRes
 
 async def collect_probe(stream: RequestStream, request: Request) -> ProbeStats:
     """Wait for a probe's statistics; abort it if the client disconnects."""
+    out = await _prompt_only(stream, request, answered=lambda o: o.probe is not None, what="probe")
+    assert out.probe is not None
+    return out.probe
+
+
+async def collect_embeddings(stream: RequestStream, request: Request) -> list[list[float]]:
+    """Wait for an embedding request's vectors (one per prompt, in order); abort it if the client disconnects."""
+    out = await _prompt_only(stream, request, answered=lambda o: o.embeddings is not None, what="embedding")
+    assert out.embeddings is not None
+    return out.embeddings
+
+
+async def _prompt_only(stream: RequestStream, request: Request, *, answered: Callable[[Output], bool],
+                       what: str) -> Output:
+    """The one final output of a prompt-only request (a probe, an embedding request)."""
     [out] = await _finals([stream], request)
-    if out.probe is None:
+    if not answered(out):
         if out.error is None:  # ended before it ran: the drain deadline passed while it waited
             raise AppState.draining_error()
-        raise APIError(500, f"probe failed: {out.error}")
-    return out.probe
+        raise APIError(500, f"{what} failed: {out.error}")
+    return out
+
+
+def prompt_only_request(prefix: str, prompts: list[list[int]], schedule: Schedule, *,
+                        embed: bool = False) -> EngineRequest:
+    """One engine request that runs `prompts` through one forward pass (a probe's statistics, or with `embed` their
+    embeddings): nothing is sampled, and its KV is reserved for every prompt and freed in the same step."""
+    r = engine_request(new_request_id(prefix), prompts[0], SamplingParams(max_tokens=0), schedule)
+    r.probe_prompts, r.embed = prompts, embed
+    return r
 
 
 async def _finals(streams: list[Stream], request: Request) -> list[Output]:

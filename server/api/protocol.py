@@ -757,6 +757,52 @@ class ProbeResponse(BaseModel):
         description="row n-1, n = 1..S//2: arccos(cos(x_i, x_{i+n}))/pi on the last token, averaged over sequences")
 
 
+class EmbeddingRequest(_Body):
+    """POST /v1/embeddings (OpenAI's; vLLM's EmbeddingCompletionRequest): one vector per input, from one forward pass
+    under `policy`."""
+
+    model: str | None = None
+    input: str | Texts | TokenIds | Annotated[list[TokenIds], FAIL_FAST] = Field(
+        description="a text, texts, token ids or lists of token ids (bounded by the server's probe_max_prompts and "
+        "probe_max_tokens settings)")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="'float': lists of numbers; 'base64': each vector's little-endian float32 bytes")
+    dimensions: int | None = Field(None, description="only the model's hidden size (vLLM refuses other sizes for a "
+                                   "model without matryoshka training)")
+    user: str | None = None
+    truncate_prompt_tokens: int | None = Field(None, description="vLLM's: keep only the last k tokens of each input "
+                                               "(1 to the context length); -1: the context length")
+    add_special_tokens: bool = Field(True, description="vLLM's: texts get the special tokens their tokenizer adds by "
+                                     "default (Gemma's <bos>; none for SmolLM2); false: only their own tokens")
+    policy: PolicyField = Field(None, description=POLICY_DOC)
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        # OpenAI refuses an empty input (vLLM would embed the BOS token alone); a 400 naming what is allowed
+        if v == "" or v == [] or (isinstance(v, list) and any(x == "" or x == [] for x in v)):
+            raise ValueError("input must be a non-empty text, a non-empty list of non-empty texts, or token ids")
+        return v
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int = Field(description="the input's position in `input`")
+    embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32 (encoding_format)")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 # -- responses ---------------------------------------------------------------------------------------------------------
 # Logprobs are `float | None`: a token the model gives probability 0 has logprob -inf, which JSON cannot carry; it is
 # sent as null.

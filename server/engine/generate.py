@@ -460,6 +460,32 @@ class Batch:
             reducer.add(states, lengths)
         return reducer.result(schedule)
 
+    def embed(self, prompts: list[list[int]], schedule: Schedule) -> list[list[float]]:
+        """One forward pass of `prompts` under `schedule`, no sampling; each prompt's embedding: its last token's
+        final hidden state after the final norm, L2-normalized (vLLM's default pooling of a causal LM: LAST, with
+        normalize=True; `vllm/model_executor/layers/pooler.py`, `models/adapters.py` `as_embedding_model`). In the
+        probes' chunks, each chunk's KV blocks freed once it has run; only plain lists leave this thread."""
+        out: list[list[float]] = [[] for _ in prompts]
+        dev = self.model.device
+        for chunk in probe_chunks([len(p) for p in prompts]):
+            part = [prompts[b] for b in chunk]
+            ids = [f"embed-{next(_ids)}" for _ in part]
+            lengths = [len(p) for p in part]
+            tokens = torch.zeros(len(part), max(lengths), dtype=torch.long)
+            for b, p in enumerate(part):
+                tokens[b, : len(p)] = torch.tensor(p)
+            try:
+                h = self.executor.forward(tokens.to(dev), [Row(q, schedule, 0, n) for q, n in zip(ids, lengths)],
+                                          hidden=True)  # [n, T, d], before the final norm
+            finally:
+                for q in ids:
+                    self.kv.free(q)
+            last = h[torch.arange(len(part), device=dev), torch.tensor(lengths, device=dev) - 1]  # [n, d]
+            pooled = torch.nn.functional.normalize(self.model.final_normed(last).float(), dim=-1)
+            for b, row in zip(chunk, pooled.cpu().tolist()):
+                out[b] = row
+        return out
+
     def warm_up(self, schedule: Schedule) -> None:
         """Capture (and, fused, compile) the decode steps of `schedule` before any request runs
         (`Executor.warm_up`)."""
@@ -659,6 +685,10 @@ class Engine:
         return self.model.args.vocab_size
 
     @property
+    def hidden_size(self) -> int:
+        return self.model.args.dim
+
+    @property
     def max_model_len(self) -> int:
         return self.model.args.max_position
 
@@ -739,6 +769,15 @@ class Engine:
         blocks = sum(-(-len(p) // self.block_size) for p in ids) * schedule.num_slots
         batch = self.new_batch(max_len=max(len(p) for p in ids), num_blocks=blocks + 1)
         return batch.probe(ids, schedule)
+
+    def embed(self, prompts: list[str | list[int]], *, policy: Policy | str | dict | None = None
+              ) -> list[list[float]]:
+        """Each prompt's embedding under `policy` (`Batch.embed`)."""
+        schedule = self.compile(policy)
+        ids = [self.encode(p) for p in prompts]
+        blocks = sum(-(-len(p) // self.block_size) for p in ids) * schedule.num_slots
+        batch = self.new_batch(max_len=max(len(p) for p in ids), num_blocks=blocks + 1)
+        return batch.embed(ids, schedule)
 
 
 def _eos_ids(hf_model: Any, tokenizer: Any) -> frozenset[int]:

@@ -351,30 +351,38 @@ class EngineLoop:
             log.debug("sink for %s failed", r.id, exc_info=True)
 
     def _record(self, r: Request) -> None:
-        if not self.metrics or r.probe_prompts is not None or not r.counted:
-            return
+        if not self.metrics or (r.probe_prompts is not None and not r.embed) or not r.counted:
+            return  # a probe is a measurement, not a request served; an embedding request is one
         tm = r.timings
+        prompt_tokens = len(r.prompt_ids) if r.probe_prompts is None else sum(map(len, r.probe_prompts))
         if r.scheduled is None:  # ended before it ran
             waited = time.perf_counter() - r.arrival
             self.metrics.observe_request(RequestStats(r.schedule.policy, r.finish_reason or "abort",
-                                                      len(r.prompt_ids), 0, waited, 0, 0, 0, waited, ()))
+                                                      prompt_tokens, 0, waited, 0, 0, 0, waited, ()))
             return
         self.metrics.observe_request(RequestStats(
             policy=r.schedule.policy, finished_reason=r.finish_reason or "abort",
-            prompt_tokens=len(r.prompt_ids), generation_tokens=len(r.output_ids), queue_s=tm.queue_s,
+            prompt_tokens=prompt_tokens, generation_tokens=len(r.output_ids), queue_s=tm.queue_s,
             prefill_s=tm.prefill_s, decode_s=tm.decode_s, ttft_s=tm.ttft_s,
             e2e_s=time.perf_counter() - r.arrival, per_token_s=tuple(tm.per_token_s),
         ))
 
     def _probe(self, r: Request) -> None:
-        """Run a probe request at once (one forward pass); it ends in the same step."""
+        """Run a probe or embedding request at once (one forward pass); it ends in the same step."""
         assert r.probe_prompts is not None
+        what = "embedding" if r.embed else "probe"
+        r.scheduled = t0 = time.perf_counter()
+        r.timings.queue_s = t0 - r.arrival
         try:
-            stats = self.batch.probe(r.probe_prompts, r.schedule)
-            out = Output(r.id, [], [], [], "", finished=True, probe=stats)
+            if r.embed:
+                out = Output(r.id, [], [], [], "", finished=True,
+                             embeddings=self.batch.embed(r.probe_prompts, r.schedule))
+            else:
+                out = Output(r.id, [], [], [], "", finished=True, probe=self.batch.probe(r.probe_prompts, r.schedule))
         except Exception as e:  # this request alone fails
-            log.exception("probe failed")
-            out = Output(r.id, [], [], [], "", finished=True, error=f"probe failed: {type(e).__name__}: {e}")
+            log.exception("%s failed", what)
+            out = Output(r.id, [], [], [], "", finished=True, error=f"{what} failed: {type(e).__name__}: {e}")
+        r.timings.prefill_s = time.perf_counter() - t0
         r.sink, sink = None, r.sink  # its answer is the probe output, not a generation result
         self._end(r, "stop" if out.error is None else "error", out.error)
         r.sink = sink

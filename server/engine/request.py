@@ -103,6 +103,7 @@ class Output:
     error: str | None = None
     error_code: str | None = None  # the request's own failure (`Request.error_code`): a 400, not a 500
     probe: ProbeStats | None = None
+    embeddings: list[list[float]] | None = None  # an embedding request's answer: one vector per prompt
     timings: Timings | None = None  # the request's timings so far, on every output before the last
 
 
@@ -111,7 +112,7 @@ Sink = Callable[[Output], None]
 
 @dataclass
 class Request:
-    """A request: what was asked (fields up to `probe_prompts`), then what has happened to it so far."""
+    """A request: what was asked (fields up to `embed`), then what has happened to it so far."""
 
     id: str
     prompt_ids: list[int]
@@ -121,6 +122,7 @@ class Request:
     # observed in the metrics as a request of its own; a beam search's one-token steps are not (the search is, once)
     counted: bool = True
     probe_prompts: list[list[int]] | None = None  # a probe: one forward pass of these, statistics instead of tokens
+    embed: bool = False  # with probe_prompts: their embeddings instead of statistics (POST /v1/embeddings)
     sink: Sink | None = None  # receives its `Output`s (the engine loop's requests)
     status: Status = Status.WAITING
     stop_ids: frozenset[int] = frozenset()

@@ -67,6 +67,7 @@ class ServedModel:
     special_ids: frozenset[int]  # every special token (EOS among them): TGI's `special` flag
     tokenizer: Any  # read only through the methods below
     grammars: Grammars | None = None  # the engine's compiler of structured outputs (None: none served)
+    hidden_size: int | None = None  # the size of its hidden states, and so of its embeddings (None: not known)
 
     @classmethod
     def of(cls, engine: Any) -> ServedModel:
@@ -74,7 +75,8 @@ class ServedModel:
         ids = frozenset(getattr(engine.tokenizer, "all_special_ids", ()) or ())
         return cls(name=engine.name, num_layers=engine.num_layers, vocab_size=engine.vocab_size,
                    max_model_len=engine.max_model_len, eos_ids=frozenset(engine.eos_ids),
-                   special_ids=ids | frozenset(engine.eos_ids), tokenizer=engine.tokenizer, grammars=engine.grammars)
+                   special_ids=ids | frozenset(engine.eos_ids), tokenizer=engine.tokenizer, grammars=engine.grammars,
+                   hidden_size=engine.hidden_size)
 
     def compile_grammar(self, spec: StructuredOutput) -> Grammar:
         """A structured output compiled for this model's tokenizer (cached), whose matchers its requests carry.

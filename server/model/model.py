@@ -368,9 +368,13 @@ class Transformer:
         h = self.embed[tokens]
         return h if self._embed_scale is None else h * self._embed_scale
 
+    def final_normed(self, h: Tensor) -> Tensor:
+        """h [..., d] -> the final norm of h [..., d]: what the LM head reads (and an embedding pools)."""
+        return F.rms_norm(h, (self.args.dim,), self.final_norm, self.args.norm_eps)
+
     def logits(self, h: Tensor) -> Tensor:
         """h [..., d] -> float32 logits [..., V]."""
-        return torch.matmul(F.rms_norm(h, (self.args.dim,), self.final_norm, self.args.norm_eps), self.lm_head).float()
+        return torch.matmul(self.final_normed(h), self.lm_head).float()
 
 
 PLAIN_MM_ROWS = 8  # rows up to which one layer's matmul may go to torch.mm instead of torch.bmm
