@@ -149,6 +149,23 @@ def test_counted_in_metrics_by_policy_and_nothing_left_in_the_cache(client, http
     assert metric_value(text, "painters:num_requests_running") == 0
 
 
+def test_a_batch_beyond_the_kv_budget_is_a_400_naming_the_inputs():
+    """A batch of inputs that could never fit the KV budget at once (each in blocks of its own) is refused before it
+    runs, naming input and how many tokens the policy's budget holds, not max_tokens (which these requests have not);
+    a batch that fits runs. The probe's prompts are refused alike."""
+    with serving(settings(kv_budget_tokens=6 * 64)) as c:  # the tiny model's 6 slots x 64 tokens
+        r = c.post("/v1/embeddings", json={"model": "tiny", "input": ["a" * 40] * 3})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "input" and error["code"] == "kv_budget_exceeded", error
+        assert "max_tokens" not in error["message"] and "3 prompts" in error["message"], error
+        assert "at most 64 tokens" in error["message"] and "fewer or shorter input" in error["message"], error
+        assert c.post("/v1/embeddings", json={"model": "tiny", "input": ["a" * 20] * 2}).status_code == 200
+        r = c.post("/v1/probe", json={"model": "tiny", "prompts": ["a" * 40] * 3})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompts", r.text
+        assert "max_tokens" not in r.json()["error"]["message"], r.text
+
+
 def test_add_special_tokens_decides_whether_a_text_gets_its_tokenizers_bos():
     """On a tokenizer that adds <bos> by default (as Gemma's): a text is embedded with it unless
     add_special_tokens is false."""

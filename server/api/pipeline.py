@@ -289,17 +289,19 @@ class RequestStream:
             yield out
 
 
-def submit_all(state: AppState, requests: list[EngineRequest], *, series: Series | None = None
-               ) -> list[RequestStream]:
+def submit_all(state: AppState, requests: list[EngineRequest], *, series: Series | None = None,
+               param: str = "max_tokens") -> list[RequestStream]:
     """Queue every request or none: 429 when the queue cannot take them all, 503 while draining (unless they are
-    an open `series`' requests, which the drain lets run on until its deadline cuts the series)."""
+    an open `series`' requests, which the drain lets run on until its deadline cuts the series). A request that
+    could never fit the KV budget is a 400 naming `param`: max_tokens, or a prompt-only request's prompts."""
     _, loop = state.require()
     _check_sequences(state, len(requests))
     for r in requests:  # a request that could never fit the KV budget is refused whole, before any is queued
         try:
             loop.check(r)
         except KVBudgetError as e:
-            raise APIError(400, f"{e}; lower max_tokens or choose a policy that runs fewer layers", param="max_tokens",
+            lower = "lower max_tokens" if r.probe_prompts is None else f"send fewer or shorter {param}"
+            raise APIError(400, f"{e}; {lower} or choose a policy that runs fewer layers", param=param,
                            code="kv_budget_exceeded") from None
     streams = [RequestStream(loop, r) for r in requests]
     try:
