@@ -166,6 +166,18 @@ def test_a_batch_beyond_the_kv_budget_is_a_400_naming_the_inputs():
         assert "max_tokens" not in r.json()["error"]["message"], r.text
 
 
+def test_the_answer_names_the_model_as_asked_as_completions_do():
+    """model "tiny@skip:2" is answered as "tiny@skip:2", as /v1/completions, chat and responses answer it (vLLM
+    echoes the request's model); no model, the served one."""
+    with serving(settings()) as c:
+        for model in ("tiny@skip:2", "tiny"):
+            body = {"model": model, "input": "hello"}
+            assert c.post("/v1/embeddings", json=body).json()["model"] == model
+            assert c.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 1}).json()[
+                "model"] == model
+        assert c.post("/v1/embeddings", json={"input": "hello"}).json()["model"] == "tiny"
+
+
 def test_add_special_tokens_decides_whether_a_text_gets_its_tokenizers_bos():
     """On a tokenizer that adds <bos> by default (as Gemma's): a text is embedded with it unless
     add_special_tokens is false."""

@@ -43,7 +43,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingRespo
     return EmbeddingResponse(
         data=[Embedding(index=i, embedding=_encode(v) if body.encoding_format == "base64" else v)
               for i, v in enumerate(vectors)],
-        model=state.model_name, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
+        model=body.model or state.model_name, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
 
 
 def _encode(vector: list[float]) -> str:
