@@ -5,6 +5,7 @@ same checkpoint, under `full` and under a policy that skips layers."""
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -176,6 +177,16 @@ def test_the_answer_names_the_model_as_asked_as_completions_do():
             assert c.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 1}).json()[
                 "model"] == model
         assert c.post("/v1/embeddings", json={"input": "hello"}).json()["model"] == "tiny"
+
+
+@pytest.mark.parametrize("bad", [[-1], [[5], [10**6]], ["ok", "\ud800"]], ids=["id", "ids", "surrogate"])
+def test_a_bad_input_is_a_400_naming_input(bad):
+    """Token ids outside the vocabulary, or text that is not Unicode, are refused naming the embeddings' own field,
+    input (not completions' prompt)."""
+    with serving(settings()) as c:
+        r = c.post("/v1/embeddings", content=json.dumps({"model": "tiny", "input": bad}),  # escapes a surrogate
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
 
 
 def test_add_special_tokens_decides_whether_a_text_gets_its_tokenizers_bos():
