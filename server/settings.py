@@ -46,8 +46,10 @@ class Settings(BaseSettings):
     prefix_cache_blocks: int | None = Field(
         None, ge=0, description="KV blocks kept only for prefix reuse (held by no request); least recently used ones "
         "beyond it are evicted; default: a quarter of the KV budget's blocks")
-    probe_max_prompts: int = Field(64, ge=1, description="prompts in one POST /v1/probe")
-    probe_max_tokens: int = Field(4096, ge=1, description="tokens over all prompts of one POST /v1/probe")
+    probe_max_prompts: int = Field(64, ge=1, description="prompts in one POST /v1/probe or inputs in one "
+                                   "POST /v1/embeddings")
+    probe_max_tokens: int = Field(4096, ge=1, description="tokens over all prompts of one POST /v1/probe "
+                                  "or /v1/embeddings")
     default_policy: str = "full"
     api_key: SecretStr | None = Field(
         None, description="require 'Authorization: Bearer KEY' on every endpoint but /health and /ready; several keys "

@@ -4,6 +4,7 @@ against an independent beam search over transformers' own logits, under the full
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import signal
@@ -18,7 +19,11 @@ import openai
 import pytest
 import torch
 
+from server.api import beam_search
+from server.api import openai as openai_api
 from server.api.beam_search import Beam, Search, score
+from server.api.pipeline import Job
+from server.api.protocol import CompletionRequest
 from server.policy.compiler import compile_schedule
 from tests import reliability as rel
 from tests.conftest import bos_word_tokenizer
@@ -171,6 +176,26 @@ def test_beam_searches_leave_nothing_behind(tiny):
     loop = tiny.app.state.painters.loop
     wait_until(lambda: loop.num_requests == 0, timeout=10, what="every step request ended")
     assert loop.batch.kv.reserved == {} and loop.num_series == 0
+
+
+def test_a_search_its_client_left_before_it_began_leaves_no_series_open(tiny):
+    """Beams aborted before the search task's first step (the client gone at once) cancel a task whose body never
+    ran: its series closes all the same, or a later drain would wait for it until the deadline."""
+    state = tiny.app.state.painters
+
+    async def leave_at_once() -> None:
+        body = CompletionRequest(**_beams(n=2, max_tokens=30, ignore_eos=True))
+        job = Job("cmpl", body.model, body.policy, openai_api._prompts(body.prompt), n=body.n,
+                  max_tokens=body.max_tokens, params=openai_api._params(body, logprobs=None, echo=False))
+        run = await beam_search.start(state, job, length_penalty=1.0)
+        assert state.loop.num_series == 1
+        for beam in run.streams:
+            beam.abort()
+        await asyncio.sleep(0.1)
+
+    asyncio.run(leave_at_once())
+    wait_until(lambda: state.loop.num_requests == 0, timeout=10, what="the first step ended")
+    assert state.loop.num_series == 0 and state.loop.batch.kv.reserved == {}
 
 
 # -- the real SmolLM2 over HTTP ----------------------------------------------------------------------------------------
@@ -424,13 +449,14 @@ def _search_in_thread(url: str, *, stream: bool, into: dict[str, Any]) -> thread
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("drain_s, finished", [(60, "length"), (1, "abort")])
+@pytest.mark.parametrize("drain_s, finished", [(60, "length"), (3, "abort")])
 def test_a_search_begun_before_a_drain_runs_on_as_a_running_request(tmp_path, drain_s, finished):
-    """20 ms per forward: a search's 60 steps take seconds, and SIGTERM comes mid-search. Between two steps the engine
-    holds none of its requests; the drain still waits for it and admits its next steps (they were a 503). A long
-    drain lets it finish; at a short one's deadline it ends as running requests do, its beams so far with
+    """100 ms per forward: a search's 60 steps take 6 s, and SIGTERM comes mid-search with more than the short
+    drain's 3 s left (time, on a loaded machine too, to see the refusals below before the server exits; at 20 ms and
+    1 s it failed once beside a CI run). Between two steps the engine holds none of its requests; the drain still
+    waits for it and admits its next steps (they were a 503). A long drain lets it finish; at a short one's deadline it ends as running requests do, its beams so far with
     finish_reason "abort". Streamed and not; the server exits 0 either way."""
-    with rel.tiny_process(tmp_path, step_delay=0.02, env={"PAINTERS_DRAIN_TIMEOUT_S": str(drain_s)}) as p:
+    with rel.tiny_process(tmp_path, step_delay=0.1, env={"PAINTERS_DRAIN_TIMEOUT_S": str(drain_s)}) as p:
         got: dict[bool, Any] = {}
         steps = rel.engine_steps(p.url)
         clients = [_search_in_thread(p.url, stream=stream, into=got) for stream in (False, True)]

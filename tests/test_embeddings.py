@@ -5,6 +5,7 @@ same checkpoint, under `full` and under a policy that skips layers."""
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,6 +148,45 @@ def test_counted_in_metrics_by_policy_and_nothing_left_in_the_cache(client, http
     text = http.get("/metrics").text
     assert metric_value(text, "painters:kv_slots_usage_perc") == 0
     assert metric_value(text, "painters:num_requests_running") == 0
+
+
+def test_a_batch_beyond_the_kv_budget_is_a_400_naming_the_inputs():
+    """A batch of inputs that could never fit the KV budget at once (each in blocks of its own) is refused before it
+    runs, naming input and how many tokens the policy's budget holds, not max_tokens (which these requests have not);
+    a batch that fits runs. The probe's prompts are refused alike."""
+    with serving(settings(kv_budget_tokens=6 * 64)) as c:  # the tiny model's 6 slots x 64 tokens
+        r = c.post("/v1/embeddings", json={"model": "tiny", "input": ["a" * 40] * 3})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "input" and error["code"] == "kv_budget_exceeded", error
+        assert "max_tokens" not in error["message"] and "3 prompts" in error["message"], error
+        assert "at most 64 tokens" in error["message"] and "fewer or shorter input" in error["message"], error
+        assert c.post("/v1/embeddings", json={"model": "tiny", "input": ["a" * 20] * 2}).status_code == 200
+        r = c.post("/v1/probe", json={"model": "tiny", "prompts": ["a" * 40] * 3})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompts", r.text
+        assert "max_tokens" not in r.json()["error"]["message"], r.text
+
+
+def test_the_answer_names_the_model_as_asked_as_completions_do():
+    """model "tiny@skip:2" is answered as "tiny@skip:2", as /v1/completions, chat and responses answer it (vLLM
+    echoes the request's model); no model, the served one."""
+    with serving(settings()) as c:
+        for model in ("tiny@skip:2", "tiny"):
+            body = {"model": model, "input": "hello"}
+            assert c.post("/v1/embeddings", json=body).json()["model"] == model
+            assert c.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 1}).json()[
+                "model"] == model
+        assert c.post("/v1/embeddings", json={"input": "hello"}).json()["model"] == "tiny"
+
+
+@pytest.mark.parametrize("bad", [[-1], [[5], [10**6]], ["ok", "\ud800"]], ids=["id", "ids", "surrogate"])
+def test_a_bad_input_is_a_400_naming_input(bad):
+    """Token ids outside the vocabulary, or text that is not Unicode, are refused naming the embeddings' own field,
+    input (not completions' prompt)."""
+    with serving(settings()) as c:
+        r = c.post("/v1/embeddings", content=json.dumps({"model": "tiny", "input": bad}),  # escapes a surrogate
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
 
 
 def test_add_special_tokens_decides_whether_a_text_gets_its_tokenizers_bos():

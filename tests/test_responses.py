@@ -177,6 +177,43 @@ def test_a_named_function_tool_answers_a_function_call_item(client):
     assert events[-1].response.output[0].call_id == events[2].item.call_id
 
 
+TIME = {"type": "object", "properties": {"timezone": {"type": "string"}}, "required": ["timezone"]}
+# SmolLM2 writes no Hermes blocks of itself: a regular expression makes it write text, then two calls
+TEXT_AND_TWO_CALLS = (r'Checking\. <tool_call>\{"name": "get_weather", "arguments": \{"city": "[A-Z][a-z]{2,10}", '
+                      r'"unit": "(celsius|fahrenheit)"\}\}</tool_call>\n<tool_call>\{"name": "get_time", '
+                      r'"arguments": \{"timezone": "[A-Z][a-z]{2,8}/[A-Z][a-z]{2,8}"\}\}</tool_call>')
+
+
+def test_hermes_calls_stream_as_items_whose_deltas_join_to_the_unstreamed_response(client):
+    """tool_choice "auto" with --tool-call-parser hermes, where chat streams each call's arguments as written: the
+    text before the calls is a message item, closed before the first call opens; each call's item is added with
+    its call_id and name, its arguments come in many deltas at its own output_index, and join to its .done and to
+    the unstreamed response's call."""
+    body = {"input": "What is the weather like in Paris today?", "max_output_tokens": 150,
+            "tools": [TOOL, {"type": "function", "name": "get_time", "parameters": TIME}],
+            "extra_body": {"structured_outputs": {"regex": TEXT_AND_TWO_CALLS}}}
+    whole = _create(client, **body)
+    assert [i.type for i in whole.output] == ["message", "function_call", "function_call"], whole.output
+    assert whole.output[0].content[0].text == "Checking. " and whole.status == "completed"
+    events = _events(client, **body)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    items = [(e.type, e.output_index) for e in events if e.type.startswith("response.output_item")]
+    assert items == [("response.output_item.added", 0), ("response.output_item.done", 0),
+                     ("response.output_item.added", 1), ("response.output_item.done", 1),
+                     ("response.output_item.added", 2), ("response.output_item.done", 2)]
+    done = events[-1].response
+    assert events[-1].type == "response.completed" and _items(done) == _items(whole)
+    for index in (1, 2):
+        [added] = [e for e in events if e.type == "response.output_item.added" and e.output_index == index]
+        assert added.item.call_id == done.output[index].call_id and added.item.name == whole.output[index].name
+        deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"
+                  and e.output_index == index]
+        [end] = [e for e in events if e.type == "response.function_call_arguments.done" and e.output_index == index]
+        assert len(deltas) > 5 and "".join(deltas) == end.arguments == whole.output[index].arguments
+        assert {e.item_id for e in events if getattr(e, "output_index", None) == index and hasattr(e, "item_id")} \
+            == {done.output[index].id}
+
+
 def test_a_function_call_output_continues_the_conversation_as_chat(client):
     """function_call and function_call_output items are chat's assistant tool_calls and tool message."""
     args = '{"city": "Paris", "unit": "celsius"}'

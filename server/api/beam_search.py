@@ -34,7 +34,7 @@ from server.engine.scheduler import DrainingError
 from server.metrics import RequestStats
 
 if TYPE_CHECKING:
-    from server.engine.loop import EngineLoop, Series
+    from server.engine.loop import Series
     from server.engine.served import ServedModel
 
 # Sampling fields that would change which tokens a beam may take, or what is scored: beam search ranks the model's
@@ -170,9 +170,18 @@ async def start(state: AppState, job: Job, *, length_penalty: float) -> Running:
         loop.close_series(series)
         raise
     shape = _Shape(params.logprobs, params.include_stop_str_in_output, params.skip_special_tokens)
-    task = asyncio.ensure_future(_run(state, job.prefix, ready, searches, step, first, shape, began,
-                                      (loop, series)))
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read by the beams; never "never retrieved"
+    task = asyncio.ensure_future(_run(state, job.prefix, ready, searches, step, first, shape, began, series))
+
+    def ended(t: asyncio.Future[list[list[GenerationResult]]]) -> None:
+        # however the search ended; a task cancelled before its first step never ran `_run`, so its first step
+        # ends here too
+        loop.close_series(series)
+        if t.cancelled():
+            for s in first:
+                s.abort()
+        else:
+            t.exception()  # read by the beams; never "never retrieved"
+    task.add_done_callback(ended)
     beams: list[pipeline.Stream] = [BeamStream(task, p, i) for p in range(len(searches)) for i in range(job.n)]
     return Running(ready.schedule, ready.prompts, beams, job.n)
 
@@ -207,20 +216,17 @@ def _submit(state: AppState, prefix: str, ready: pipeline.Prepared, searches: li
 
 async def _run(state: AppState, prefix: str, ready: pipeline.Prepared, searches: list[Search], step: SamplingParams,
                streams: list[pipeline.RequestStream], shape: _Shape, began: float,
-               held: tuple[EngineLoop, Series]) -> list[list[GenerationResult]]:
+               series: Series) -> list[list[GenerationResult]]:
     """The search from its first step on (already submitted: `streams`): the searches' best beams as results, per
     prompt. Timed as a request whose tokens are the steps: the first step's queue and prefill, then one token per
     step. Each prompt's search is observed in the metrics as one request (`_observe`), its steps as none. The
-    series (`held`) closes when the search ends, however it ends."""
-    loop, series = held
+    series closes when the task ends, however it ends (`start`'s done callback)."""
     timings: list[Timings] = []
     try:
         results = await _search(state, prefix, ready, searches, step, streams, shape, began, timings, series)
     except BaseException as e:
         _observe(state, ready, searches, timings, began, "abort" if isinstance(e, asyncio.CancelledError) else "error")
         raise
-    finally:
-        loop.close_series(series)
     _observe(state, ready, searches, timings, began, None)
     return results
 

@@ -38,12 +38,12 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingRespo
         state, _prompts(body.input), model=body.model, policy=body.policy, param="input",
         truncate_prompt_tokens=truncate, add_special_tokens=body.add_special_tokens)
     engine_request = pipeline.prompt_only_request("embd", [p.ids for p in prompts], schedule, embed=True)
-    vectors = await pipeline.collect_embeddings(pipeline.submit_all(state, [engine_request])[0], request)
+    vectors = await pipeline.collect_embeddings(pipeline.submit_all(state, [engine_request], param="input")[0], request)
     tokens = sum(len(p.ids) for p in prompts)
     return EmbeddingResponse(
         data=[Embedding(index=i, embedding=_encode(v) if body.encoding_format == "base64" else v)
               for i, v in enumerate(vectors)],
-        model=state.model_name, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
+        model=body.model or state.model_name, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
 
 
 def _encode(vector: list[float]) -> str:

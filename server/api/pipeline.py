@@ -130,7 +130,7 @@ async def prepare_prompt_only(state: AppState, prompts: list[str | list[int]], *
                             "(probe_max_prompts)", param=param, code="too_many_prompts")
     state.check_admitting()
     schedule = state.resolve_policy(model, policy)
-    tokenized = await tokenize(state, prompts, add_special_tokens=add_special_tokens)
+    tokenized = await tokenize(state, prompts, add_special_tokens=add_special_tokens, param=param)
     if truncate_prompt_tokens is not None:
         tokenized = [_keep_last(p, truncate_prompt_tokens, state.max_model_len) for p in tokenized]
     for p in tokenized:
@@ -178,12 +178,13 @@ async def compile_grammar(served: ServedModel, spec: StructuredOutput) -> Gramma
 
 
 async def tokenize(state: AppState, prompts: list[str | list[int]] | Chat, *,
-                   add_special_tokens: bool = True) -> list[Prompt]:
+                   add_special_tokens: bool = True, param: str = "prompt") -> list[Prompt]:
     """Texts, token-id lists or chat messages -> prompts, encoded on a worker thread (a long text takes seconds).
-    add_special_tokens: texts get the special tokens their tokenizer adds by default (chat messages never do)."""
+    add_special_tokens: texts get the special tokens their tokenizer adds by default (chat messages never do);
+    param: the field a refusal names (a chat's is messages)."""
     served, _ = state.require()
     vocab = state.vocab_size
-    return await asyncio.to_thread(_tokenize, served, prompts, vocab, add_special_tokens)
+    return await asyncio.to_thread(_tokenize, served, prompts, vocab, add_special_tokens, param)
 
 
 def unicode_text(text: str, *, param: str) -> str:
@@ -198,7 +199,7 @@ def unicode_text(text: str, *, param: str) -> str:
 
 
 def _tokenize(served: ServedModel, prompts: list[str | list[int]] | Chat, vocab: int,
-              add_special_tokens: bool = True) -> list[Prompt]:
+              add_special_tokens: bool = True, param: str = "prompt") -> list[Prompt]:
     if isinstance(prompts, Chat):
         text = render_chat(served, prompts)  # the template writes the special tokens (a BOS) itself, as in vLLM
         text = unicode_text(text, param="messages")
@@ -206,14 +207,14 @@ def _tokenize(served: ServedModel, prompts: list[str | list[int]] | Chat, vocab:
     out = []
     for item in prompts:
         if isinstance(item, str):
-            ids = served.encode(unicode_text(item, param="prompt"), add_special_tokens=add_special_tokens)
-            out.append(Prompt(item, _in_vocab(ids, vocab, "prompt")))
+            ids = served.encode(unicode_text(item, param=param), add_special_tokens=add_special_tokens)
+            out.append(Prompt(item, _in_vocab(ids, vocab, param)))
             continue
         if not item:
-            raise APIError(400, "a token-id prompt must not be empty", param="prompt")
+            raise APIError(400, "a token-id prompt must not be empty", param=param)
         bad = [t for t in item if not 0 <= t < vocab]
         if bad:
-            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary 0-{vocab - 1}", param="prompt")
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary 0-{vocab - 1}", param=param)
         out.append(Prompt(None, list(item)))
     return out
 
@@ -289,17 +290,19 @@ class RequestStream:
             yield out
 
 
-def submit_all(state: AppState, requests: list[EngineRequest], *, series: Series | None = None
-               ) -> list[RequestStream]:
+def submit_all(state: AppState, requests: list[EngineRequest], *, series: Series | None = None,
+               param: str = "max_tokens") -> list[RequestStream]:
     """Queue every request or none: 429 when the queue cannot take them all, 503 while draining (unless they are
-    an open `series`' requests, which the drain lets run on until its deadline cuts the series)."""
+    an open `series`' requests, which the drain lets run on until its deadline cuts the series). A request that
+    could never fit the KV budget is a 400 naming `param`: max_tokens, or a prompt-only request's prompts."""
     _, loop = state.require()
     _check_sequences(state, len(requests))
     for r in requests:  # a request that could never fit the KV budget is refused whole, before any is queued
         try:
             loop.check(r)
         except KVBudgetError as e:
-            raise APIError(400, f"{e}; lower max_tokens or choose a policy that runs fewer layers", param="max_tokens",
+            lower = "lower max_tokens" if r.probe_prompts is None else f"send fewer or shorter {param}"
+            raise APIError(400, f"{e}; {lower} or choose a policy that runs fewer layers", param=param,
                            code="kv_budget_exceeded") from None
     streams = [RequestStream(loop, r) for r in requests]
     try:

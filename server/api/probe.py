@@ -19,7 +19,7 @@ async def probe(body: ProbeRequest, request: Request) -> ProbeResponse:
     schedule, prompts = await pipeline.prepare_prompt_only(state, body.prompts, model=body.model, policy=body.policy,
                                                            param="prompts")
     engine_request = pipeline.prompt_only_request("probe", [p.ids for p in prompts], schedule)
-    stats = await pipeline.collect_probe(pipeline.submit_all(state, [engine_request])[0], request)
+    stats = await pipeline.collect_probe(pipeline.submit_all(state, [engine_request], param="prompts")[0], request)
     return ProbeResponse(model=state.model_name, policy=stats.policy, schedule=stats.schedule, steps=stats.steps,
                          num_sequences=stats.num_sequences, num_tokens=stats.num_tokens,
                          similarity=stats.similarity, block_influence=stats.block_influence,

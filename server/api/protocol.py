@@ -1023,8 +1023,9 @@ class TGIInfo(BaseModel):
     max_input_tokens: int = Field(description="prompt tokens per request (max_model_len)")
     max_total_tokens: int = Field(description="prompt + generated tokens per request (max_model_len)")
     validation_workers: int = Field(description="threads that tokenize and check requests")
-    max_client_batch_size: int = Field(description="prompts in one request (times n, on completions): "
-                                       "queue_capacity")
+    max_client_batch_size: int = Field(description="prompts in one generation request (times n, on completions): "
+                                       "queue_capacity; /v1/embeddings and /v1/probe take at most "
+                                       "probe_max_prompts inputs")
     router: str = Field(description="the server: painters")
     version: str
     sha: str | None

@@ -87,6 +87,14 @@ class KVManager:
         if need > self.num_blocks:
             slots = request.schedule.num_slots
             fits = self.longest(slots)
+            if request.probe_prompts is not None:  # one forward pass of its prompts, each in blocks of its own
+                raise KVBudgetError(
+                    f"this request's {len(request.probe_prompts)} prompts need {slots} KV slots (its policy's "
+                    f"attention runs) x {need // slots * self.block_size} tokens (each prompt in whole blocks of "
+                    f"{self.block_size}) = {need * self.block_size} slot-tokens, but the server's KV budget is "
+                    f"{self.budget_slot_tokens} slot-tokens (kv_budget_tokens); under this policy one request's "
+                    f"prompts must hold at most {fits} tokens"
+                )
             raise KVBudgetError(
                 f"this request needs {slots} KV slots (its policy's attention runs) x {request.kv_length()} tokens "
                 f"(prompt + max_tokens) = {need * self.block_size} slot-tokens, but the server's KV budget is "
@@ -217,3 +225,4 @@ class KVManager:
             known = e.next.get(s.prompt_ids[after]) if after < L else None
             if after < L and (known is None or known[0] < n):
                 e.next[s.prompt_ids[after]] = (n, s.prompt_logprobs[after], tops[after], s.prompt_ranks[after])
+
