@@ -17,7 +17,7 @@ from server.api.protocol import (
     FAIL_FAST, POLICY_DOC, ChatCompletionRequest, Logprobs, OpenAITopK, PaintersInfo, PolicyField, Positive, Seed,
     Temperature, Texts, TopP, _Body, _check_stop,
 )
-from server.api.tools import FUNCTION_NAME, _function_name
+from server.api.tools import FunctionDefinition, _function_name
 
 # -- the request -------------------------------------------------------------------------------------------------------
 
@@ -126,17 +126,11 @@ def _typed_items(v: Any) -> Any:
     return out
 
 
-class FunctionTool(_Body):
-    """Responses' function tool: name, description and parameters at the top level (chat nests them in `function`)."""
+class FunctionTool(_Body, FunctionDefinition):
+    """Responses' function tool: chat's function definition (name, description, parameters, strict) at the top
+    level, beside its type (chat nests it in `function`)."""
 
     type: Literal["function"]
-    name: Annotated[str, AfterValidator(_function_name)] = Field(
-        description="letters, digits, _ and -, at most 64 (OpenAI's rule)",
-        json_schema_extra={"pattern": FUNCTION_NAME})
-    description: str | None = None
-    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments (an object)")
-    strict: bool | None = Field(None, description="accepted; arguments always follow the schema strictly when the "
-                                "output is constrained (named or required tool_choice)")
 
 
 def _function_tools(v: Any) -> Any:
@@ -462,22 +456,23 @@ class ContentPartEvent(_Event):
     part: OutputText
 
 
-class TextDeltaEvent(_Event):
+class _TextEvent(_Event):
+    """Where in the output a text event belongs, and the logprobs of its tokens."""
+
+    item_id: str
+    output_index: int
+    content_index: int = 0
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+class TextDeltaEvent(_TextEvent):
     type: Literal["response.output_text.delta"] = "response.output_text.delta"
-    item_id: str
-    output_index: int
-    content_index: int = 0
     delta: str
-    logprobs: list[Any] = Field(default_factory=list)
 
 
-class TextDoneEvent(_Event):
+class TextDoneEvent(_TextEvent):
     type: Literal["response.output_text.done"] = "response.output_text.done"
-    item_id: str
-    output_index: int
-    content_index: int = 0
     text: str
-    logprobs: list[Any] = Field(default_factory=list)
 
 
 class ArgumentsDeltaEvent(_Event):

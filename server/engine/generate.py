@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -435,56 +435,55 @@ class Batch:
 
     def probe(self, prompts: list[list[int]], schedule: Schedule) -> ProbeStats:
         """One forward pass of `prompts` under `schedule`, no sampling; returns the layer statistics of
-        `server.engine.probe` (reduced here, on the thread that owns the tensors). The prompts run in chunks of
-        similar length (`probe_chunks`), each chunk's KV blocks freed once it has run."""
+        `server.engine.probe` (reduced here, on the thread that owns the tensors)."""
         reducer = ProbeReducer()
-        for chunk in probe_chunks([len(p) for p in prompts]):
-            part = [prompts[b] for b in chunk]
-            ids = [f"probe-{next(_ids)}" for _ in part]
-            lengths = [len(p) for p in part]
-            tokens = torch.zeros(len(part), max(lengths), dtype=torch.long)
-            for b, p in enumerate(part):
-                tokens[b, : len(p)] = torch.tensor(p)
+        for _, tokens, lengths, forward in self._prompt_chunks(prompts, "probe"):
             states: list[Tensor] = [tokens] * (len(schedule.steps) + 1)
 
             def capture(step: int, rows: Tensor, h: Tensor, states: list[Tensor] = states) -> None:
                 states[step] = h  # already a copy (gathered by row)
 
-            try:
-                self.executor.forward(tokens.to(self.model.device),
-                                      [Row(q, schedule, 0, n) for q, n in zip(ids, lengths)],
-                                      logits_at=torch.tensor(lengths, device=self.model.device) - 1, capture=capture)
-            finally:
-                for q in ids:
-                    self.kv.free(q)
+            forward(schedule, logits_at=torch.tensor(lengths, device=self.model.device) - 1, capture=capture)
             reducer.add(states, lengths)
         return reducer.result(schedule)
 
     def embed(self, prompts: list[list[int]], schedule: Schedule) -> list[list[float]]:
         """One forward pass of `prompts` under `schedule`, no sampling; each prompt's embedding: its last token's
         final hidden state after the final norm, L2-normalized (vLLM's default pooling of a causal LM: LAST, with
-        normalize=True; `vllm/model_executor/layers/pooler.py`, `models/adapters.py` `as_embedding_model`). In the
-        probes' chunks, each chunk's KV blocks freed once it has run; only plain lists leave this thread."""
+        normalize=True; `vllm/model_executor/layers/pooler.py`, `models/adapters.py` `as_embedding_model`). Only
+        plain lists leave this thread."""
         out: list[list[float]] = [[] for _ in prompts]
         dev = self.model.device
-        for chunk in probe_chunks([len(p) for p in prompts]):
-            part = [prompts[b] for b in chunk]
-            ids = [f"embed-{next(_ids)}" for _ in part]
-            lengths = [len(p) for p in part]
-            tokens = torch.zeros(len(part), max(lengths), dtype=torch.long)
-            for b, p in enumerate(part):
-                tokens[b, : len(p)] = torch.tensor(p)
-            try:
-                h = self.executor.forward(tokens.to(dev), [Row(q, schedule, 0, n) for q, n in zip(ids, lengths)],
-                                          hidden=True)  # [n, T, d], before the final norm
-            finally:
-                for q in ids:
-                    self.kv.free(q)
-            last = h[torch.arange(len(part), device=dev), torch.tensor(lengths, device=dev) - 1]  # [n, d]
+        for chunk, _, lengths, forward in self._prompt_chunks(prompts, "embed"):
+            h = forward(schedule, hidden=True)  # [n, T, d], before the final norm
+            last = h[torch.arange(len(chunk), device=dev), torch.tensor(lengths, device=dev) - 1]  # [n, d]
             pooled = torch.nn.functional.normalize(self.model.final_normed(last).float(), dim=-1)
             for b, row in zip(chunk, pooled.cpu().tolist()):
                 out[b] = row
         return out
+
+    def _prompt_chunks(self, prompts: list[list[int]], prefix: str
+                       ) -> Iterator[tuple[list[int], Tensor, list[int], Callable[..., Tensor]]]:
+        """Prompt-only work (probes, embeddings) in chunks of similar length (`probe_chunks`): for each, the indices
+        of its prompts, their tokens padded [n, T] (on the host), their lengths, and a forward over them under a
+        schedule (`Executor.forward`'s keywords) that frees the chunk's KV blocks once it has run."""
+        for chunk in probe_chunks([len(p) for p in prompts]):
+            ids = [f"{prefix}-{next(_ids)}" for _ in chunk]
+            lengths = [len(prompts[b]) for b in chunk]
+            tokens = torch.zeros(len(chunk), max(lengths), dtype=torch.long)
+            for row, b in enumerate(chunk):
+                tokens[row, : lengths[row]] = torch.tensor(prompts[b])
+
+            def forward(schedule: Schedule, *, ids: list[str] = ids, lengths: list[int] = lengths,
+                        tokens: Tensor = tokens, **options: Any) -> Tensor:
+                try:
+                    return self.executor.forward(tokens.to(self.model.device),
+                                                 [Row(q, schedule, 0, n) for q, n in zip(ids, lengths)], **options)
+                finally:
+                    for q in ids:
+                        self.kv.free(q)
+
+            yield chunk, tokens, lengths, forward
 
     def warm_up(self, schedule: Schedule) -> None:
         """Capture (and, fused, compile) the decode steps of `schedule` before any request runs
