@@ -726,6 +726,32 @@ def test_chat_can_continue_the_final_assistant_message():
                      param="continue_final_message", says=("add_generation_prompt=false",))
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_structured_output_no_token_can_write_is_a_400_naming_it(stream):
+    """The word tokenizer has no token that writes "{" or a digit: JSON, a required tool call or a digits regex cannot
+    start. That was a 500 "sampling failed" (the grammar left every logit -inf); it is the request's own: a 400
+    no_token_allowed (an error frame when streamed), and the server answers the next request."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    asks = [("/v1/completions", {"prompt": "hello world", "response_format": {"type": "json_object"}}),
+            ("/v1/completions", {"prompt": "hello world", "structured_outputs": {"regex": "[0-9]+"}}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": tools,
+                                      "tool_choice": "required"})]
+    with serving(settings(), tiny_engine(bos_word_tokenizer())) as c:
+        for path, ask in asks:
+            r = c.post(path, json={"model": MODEL, "max_tokens": 4, "stream": stream, **ask})
+            if stream:
+                assert r.status_code == 200, r.text
+                frames = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+                assert "error" not in frames[0] or len(frames) == 1, frames  # chat's role chunk may come first
+                err = frames[-1]["error"]
+            else:
+                assert r.status_code == 400, (path, r.text)
+                err = r.json()["error"]
+            assert err["code"] == "no_token_allowed", err
+            assert "the structured output allows no token of this model's vocabulary" in err["message"], err
+        assert complete(c, prompt="hello world", max_tokens=2).status_code == 200
+
+
 def test_tokenize_messages_can_continue_the_final_assistant_message():
     """/tokenize of messages counts what chat runs: with vLLM's continue_final_message too (it was ignored, and the
     ids closed the final message)."""

@@ -504,7 +504,8 @@ def _why_failed(s: Request, error: str, *, stuck: bool) -> tuple[str, str | None
     """A row's sampling error and its code, said as its cause where that is the request's own (code
     NO_TOKEN_ALLOWED: a client error, not the server's): a structured output whose grammar is complete allows only a
     stop token, which min_tokens forbids; or (`stuck`: every token was -inf) the masks it asked for together forbid
-    every token (bad_words over what its grammar or allowed_token_ids allow; vLLM samples from the all -inf row)."""
+    every token (bad_words over what its grammar or allowed_token_ids allow; vLLM samples from the all -inf row), or
+    its grammar alone does (it needs text that no token of the vocabulary writes)."""
     if s.grammar is not None and len(s.output_ids) < s.params.min_tokens:
         return (f"the structured output was complete after {len(s.output_ids)} tokens, before min_tokens "
                 f"({s.params.min_tokens}), which forbids ending it there: lower min_tokens", NO_TOKEN_ALLOWED)
@@ -516,6 +517,10 @@ def _why_failed(s: Request, error: str, *, stuck: bool) -> tuple[str, str | None
         return (f"no token was left to choose after {len(s.output_ids)} output tokens: {' and '.join(masks)} "
                 "together forbid every token there; send bad_words (or allowed_token_ids) that leave it a way on",
                 NO_TOKEN_ALLOWED)
+    if stuck and masks == ["the structured output"]:  # the grammar needs text no token of this vocabulary writes
+        return (f"no token was left to choose after {len(s.output_ids)} output tokens: the structured output allows "
+                "no token of this model's vocabulary there (its grammar needs text that no token writes); send a "
+                "structured output this model's tokens can write", NO_TOKEN_ALLOWED)
     return error, None
 
 
