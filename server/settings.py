@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     responses_store_max: int = Field(1000, ge=1, description="responses kept at most; the least recently used go")
     responses_store_max_bytes: int = Field(64 * 2**20, ge=1024, description="bytes (their JSON) the kept responses "
                                            "and conversations take at most; the least recently used go")
+    responses_background_max: int = Field(64, ge=1, description="background responses (background: true) running at "
+                                          "once, queued or in progress; more is a 429, as a full queue's")
 
     @field_validator("served_model_name")
     @classmethod
