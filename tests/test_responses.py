@@ -233,6 +233,10 @@ def test_a_function_call_output_continues_the_conversation_as_chat(client):
     assert out.usage.input_tokens == chat.usage.prompt_tokens
     without = _create(client, input=items[:1], tools=[TOOL], tool_choice="none", max_output_tokens=20)
     assert without.usage.input_tokens < out.usage.input_tokens  # the call and its output reached the prompt
+    _, call, result = client.responses.input_items.list(out.id, order="asc").data  # listed as sent, with ids
+    assert (call.type, call.call_id, call.name, call.arguments) == ("function_call", "call_1", "get_weather", args)
+    assert (result.type, result.call_id, result.output) == ("function_call_output", "call_1", "22 degrees and sunny")
+    assert call.id.startswith("fc_") and result.id and result.id != call.id
 
 
 def test_policy_applies_as_on_chat(client, http):
@@ -313,7 +317,16 @@ def test_the_openapi_schema_describes_responses(http):
     spec = http.get("/openapi.json").json()
     assert "/v1/responses" in spec["paths"]
     properties = spec["components"]["schemas"]["ResponsesRequest"]["properties"]
-    assert {"input", "instructions", "max_output_tokens", "text", "tools", "tool_choice", "policy"} <= set(properties)
+    assert {"input", "instructions", "max_output_tokens", "text", "tools", "tool_choice", "policy",
+            "background"} <= set(properties)
+    assert "queued" in spec["components"]["schemas"]["ResponseObject"]["properties"]["status"]["enum"]
+    paths = spec["paths"]
+    assert "post" in paths["/v1/responses/{response_id}/cancel"]
+    listing = paths["/v1/responses/{response_id}/input_items"]["get"]
+    assert {p["name"] for p in listing["parameters"]} == {"response_id", "limit", "order", "after", "include"}
+    assert {p["name"] for p in paths["/v1/responses/{response_id}"]["get"]["parameters"]} == {
+        "response_id", "stream", "starting_after"}
+    assert "no response kept" in listing["responses"]["404"]["description"]
 
 
 def test_a_stored_response_is_continued_got_and_deleted(client, http):

@@ -4,7 +4,9 @@ text read as tool calls by the request's tool plan) becomes output items: a `mes
 `function_call` per call. Streamed, OpenAI's event sequence, each event numbered: response.created,
 response.in_progress, then per item output_item.added, its content (content_part.added, output_text.delta...,
 output_text.done, content_part.done) or arguments (function_call_arguments.delta..., .done), output_item.done, and
-last response.completed (response.incomplete when max_output_tokens cut it, as OpenAI sends it)."""
+last response.completed (response.incomplete when max_output_tokens cut it, as OpenAI sends it). Kept responses
+(PAINTERS_RESPONSES_STORE) are got, deleted, listed by input item, and with background: true run on after the answer,
+polled, cancelled, and streamed again (responses_background.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pydantic import ValidationError
 from server.api import openai, pipeline, tool_parsers
 from server.api.errors import APIError, CODES
 from server.api.pipeline import Running, painters_info, timing_headers
-from server.api.protocol import ChatCompletionRequest
+from server.api.protocol import ChatCompletionRequest, ErrorResponse
 from server.api.responses_background import Recording
 from server.api.responses_protocol import (
     INCLUDABLE, LIVE, ArgumentsDeltaEvent, ArgumentsDoneEvent, ContentPartEvent, DeletedResponse, ErrorEvent,
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
 EVENTS = pipeline.sse_responses("JSON, or server-sent events (`event:` the type, `data:` the event) when stream=true")
+NOT_KEPT = {404: {"model": ErrorResponse, "description": "no response kept under that id (never stored, deleted, "
+                  "evicted, or the server keeps none: PAINTERS_RESPONSES_STORE)"}}
 
 
 def _chat(body: ResponsesRequest, conversation: list[dict[str, Any]]) -> ChatCompletionRequest:
@@ -276,9 +280,15 @@ def _failed(answer: _Answer, code: str, message: str) -> ResponseObject:
     return response
 
 
-@router.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=EVENTS)
-async def get_response(response_id: str, request: Request, stream: bool = False,
-                       starting_after: Annotated[int | None, Query(ge=-1)] = None) -> Any:
+Stream = Annotated[bool, Query(description="vLLM's: stream a background stream's events (background and stream "
+                                           "were true)")]
+StartingAfter = Annotated[int | None, Query(ge=-1, description="with stream: only the events whose sequence_number "
+                                            "is greater")]
+
+
+@router.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=EVENTS | NOT_KEPT)
+async def get_response(response_id: str, request: Request, stream: Stream = False,
+                       starting_after: StartingAfter = None) -> Any:
     """A kept response (PAINTERS_RESPONSES_STORE), as it was answered or, in the background, as it stands; 404 when
     not kept. stream=true (vLLM's): a streamed background response's events, those numbered after starting_after,
     then the rest as they come."""
@@ -300,7 +310,7 @@ async def get_response(response_id: str, request: Request, stream: bool = False,
                                  if stored.response.painters else state.settings.default_policy)
 
 
-@router.post("/v1/responses/{response_id}/cancel", response_model=ResponseObject)
+@router.post("/v1/responses/{response_id}/cancel", response_model=ResponseObject, responses=NOT_KEPT)
 async def cancel_response(response_id: str, request: Request) -> Any:
     """Cancel a background response while it is queued or in progress (vLLM's cancel_responses): its engine request
     is aborted and it is kept as cancelled. A response answered in the foreground, or one that already finished, is
@@ -328,7 +338,7 @@ Include = Annotated[list[str] | None, Query(description="OpenAI's includables (s
                                             "adds to these items")]
 
 
-@router.get("/v1/responses/{response_id}/input_items", response_model=InputItemList)
+@router.get("/v1/responses/{response_id}/input_items", response_model=InputItemList, responses=NOT_KEPT)
 async def list_input_items(response_id: str, request: Request, limit: Limit = 20, order: Order = "desc",
                            after: After = None, include: Include = None) -> Any:
     """The items a kept response was answered from (OpenAI's input_items): its input, after a previous response's
@@ -353,7 +363,7 @@ async def list_input_items(response_id: str, request: Request, limit: Limit = 20
     return JSONResponse(out.model_dump(mode="json", by_alias=True))
 
 
-@router.delete("/v1/responses/{response_id}", response_model=DeletedResponse)
+@router.delete("/v1/responses/{response_id}", response_model=DeletedResponse, responses=NOT_KEPT)
 async def delete_response(response_id: str, request: Request) -> DeletedResponse:
     state = openai.get_state(request)
     _stored(state, response_id)
