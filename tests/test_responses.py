@@ -435,6 +435,10 @@ def test_cancelling_a_running_background_response_aborts_its_engine_request(clie
         assert client.responses.retrieve(rid).status == "completed"
     r = http.post("/v1/responses/resp_nope/cancel")
     assert r.status_code == 404 and "not found" in r.json()["error"]["message"]
+    deleted = _create(client, background=True, **LONG)  # deleting a running one cancels it: it is not kept again
+    client.responses.delete(deleted.id)
+    wait_until(lambda: _idle(http) and aborted() == before + 2, timeout=10, what="the deleted one aborted")
+    assert http.get(f"/v1/responses/{deleted.id}").status_code == 404
 
 
 def test_a_background_stream_streams_and_streams_again_from_any_event(client, http):

@@ -220,13 +220,19 @@ def _in_background(state: AppState, answer: _Answer, plan: ToolPlan) -> Any:
     """Keep the response queued and answer it at once (streamed: its events as they come), while a background task
     reads its engine request and keeps its end."""
     assert state.background is not None
-    queued = answer.keep(answer.response("queued"))
-    if not queued.store:  # larger than the whole store: nothing to poll
+    try:
+        state.background.check_room()  # again: others may have started while this one was tokenized
+        queued = answer.keep(answer.response("queued"))
+        if not queued.store:  # larger than the whole store: nothing to poll
+            raise APIError(400, "this request is larger than the server keeps (responses_store_max_bytes), so it "
+                                "cannot run in the background; send background false", param="background")
+    except APIError:
         for s in answer.run.streams:
             s.abort()
-        raise APIError(400, "this request is larger than the server keeps (responses_store_max_bytes), so it cannot "
-                            "run in the background; send background false", param="background")
-    recording = Recording() if answer.body.stream else None
+        raise
+    recording = Recording(policy=answer.run.schedule.policy) if answer.body.stream else None
+    if recording is not None:
+        answer.events = recording.events  # kept with the response as they come
 
     def cancelled() -> None:
         answer.cancelled()
@@ -235,7 +241,7 @@ def _in_background(state: AppState, answer: _Answer, plan: ToolPlan) -> Any:
     state.background.start(answer.id, _run_in_background(answer, plan, recording), on_cancel=cancelled,
                            recording=recording)
     if recording is not None:
-        return pipeline.event_source(state, recording.replay(), policy=answer.run.schedule.policy)
+        return pipeline.event_source(state, recording.replay(), policy=recording.policy)
     return JSONResponse(queued.model_dump(mode="json", by_alias=True))
 
 
@@ -255,7 +261,6 @@ async def _run_in_background(answer: _Answer, plan: ToolPlan, recording: Recordi
             _collected(answer, plan, result)
         else:
             async for event in _stream(answer, plan):
-                answer.events.append(event)
                 recording.add(event)
                 if event["event"] == "response.in_progress":
                     answer.keep(answer.response("in_progress"))
@@ -302,12 +307,12 @@ async def get_response(response_id: str, request: Request, stream: Stream = Fals
         raise APIError(400, f"Response {response_id[:100]!r} was not streamed in the background (background and "
                             "stream true), so it has no events to stream; GET it without stream", param="stream")
     if recording is None:  # finished: what it recorded
-        recording = Recording()
+        painters = stored.response.painters
+        recording = Recording(policy=painters.policy if painters else state.settings.default_policy)
         for event in stored.events:
             recording.add(event)
         recording.close()
-    return pipeline.event_source(state, recording.replay(after=starting_after), policy=stored.response.painters.policy
-                                 if stored.response.painters else state.settings.default_policy)
+    return pipeline.event_source(state, recording.replay(after=starting_after), policy=recording.policy)
 
 
 @router.post("/v1/responses/{response_id}/cancel", response_model=ResponseObject, responses=NOT_KEPT)
@@ -365,8 +370,12 @@ async def list_input_items(response_id: str, request: Request, limit: Limit = 20
 
 @router.delete("/v1/responses/{response_id}", response_model=DeletedResponse, responses=NOT_KEPT)
 async def delete_response(response_id: str, request: Request) -> DeletedResponse:
+    """Forget a kept response; a background one still running is cancelled first (else its end would keep it
+    again)."""
     state = openai.get_state(request)
-    _stored(state, response_id)
+    if _stored(state, response_id).response.status in LIVE:
+        assert state.background is not None
+        await state.background.cancel(response_id)
     assert state.responses is not None  # _stored
     state.responses.delete(response_id)
     return DeletedResponse(id=response_id)

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 class Recording:
     """A background stream's events (server-sent event dicts) as they come, read by any number of readers."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, policy: str) -> None:
+        self.policy = policy  # the canonical policy it runs under (the stream's x-painters-policy)
         self.events: list[dict[str, str]] = []
         self.closed = False
         self._grew = asyncio.Event()
