@@ -187,7 +187,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
         _check_background(state, body)
     previous = _previous(state, body.previous_response_id)
     conversation = chat_messages(body.items(), after=previous.messages if previous is not None else [])
-    # OpenAI lists a continued response's input as its whole context: the previous ones' items and output, then its own
+    # OpenAI lists a continued response's input as its whole context: the previous ones' items and output, then its
+    # own (as llama-stack stores them: ogx-ai/ogx#2299)
     before = [*previous.items, *previous.response.output] if previous is not None else []
     run, plan = await openai.start_chat(state, _chat(body, conversation))
     answer = _Answer(body, run, served=served, model=body.model or state.model_name, conversation=conversation,
