@@ -21,6 +21,7 @@ from server import __version__
 from server.api import embeddings, errors, misc, native, openai, playground, probe, responses
 from server.api.guard import ALWAYS_OPEN, Guard
 from server.api.protocol import ErrorResponse, TGIErrorResponse
+from server.api.responses_background import BackgroundTasks
 from server.api.responses_store import ResponseStore
 from server.api.state import AppState
 from server.engine.loop import EngineLoop
@@ -110,7 +111,8 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
                      metrics=Metrics(model=name, max_policies=settings.max_policy_labels, replica=replica),
                      responses=ResponseStore(max_responses=settings.responses_store_max,
                                              max_bytes=settings.responses_store_max_bytes)
-                     if settings.responses_store else None)
+                     if settings.responses_store else None,
+                     background=BackgroundTasks(limit=settings.responses_background_max))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -122,6 +124,8 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             if state.load_error:
                 raise RuntimeError(f"model failed to load: {state.load_error}")
         yield
+        assert state.background is not None
+        await state.background.close()  # before the engine stops: their requests are aborted, not left behind
         loader.join(timeout=60)
         if state.loop is not None:
             state.loop.stop()

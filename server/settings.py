@@ -78,11 +78,14 @@ class Settings(BaseSettings):
         "sends tools): 'hermes' (<tool_call>{...}</tool_call>, vLLM's parser of that name); unset: 'auto' is refused, "
         "as vLLM refuses it without --enable-auto-tool-choice --tool-call-parser")
     responses_store: bool = Field(
-        False, description="keep /v1/responses answers sent with store=true in memory, for previous_response_id and "
-        "GET/DELETE /v1/responses/{id} (vLLM's VLLM_ENABLE_RESPONSES_API_STORE); off: store is ignored, as vLLM's")
+        False, description="keep /v1/responses answers sent with store=true in memory, for previous_response_id, "
+        "GET/DELETE /v1/responses/{id}, its input_items and background responses (vLLM's "
+        "VLLM_ENABLE_RESPONSES_API_STORE); off: store is ignored, as vLLM's, and background refused")
     responses_store_max: int = Field(1000, ge=1, description="responses kept at most; the least recently used go")
     responses_store_max_bytes: int = Field(64 * 2**20, ge=1024, description="bytes (their JSON) the kept responses "
                                            "and conversations take at most; the least recently used go")
+    responses_background_max: int = Field(64, ge=1, description="background responses (background: true) running at "
+                                          "once, queued or in progress; more is a 429, as a full queue's")
 
     @field_validator("served_model_name")
     @classmethod

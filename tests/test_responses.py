@@ -8,6 +8,8 @@ allowed."""
 from __future__ import annotations
 
 import json
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,11 +35,13 @@ CLOSING = ["response.output_text.done", "response.content_part.done", "response.
 
 
 STORE_MAX = 3  # the server keeps this many responses
+BACKGROUND_MAX = 2  # and runs this many background responses at once
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    env = {"PAINTERS_RESPONSES_STORE": "true", "PAINTERS_RESPONSES_STORE_MAX": str(STORE_MAX)}
+    env = {"PAINTERS_RESPONSES_STORE": "true", "PAINTERS_RESPONSES_STORE_MAX": str(STORE_MAX),
+           "PAINTERS_RESPONSES_BACKGROUND_MAX": str(BACKGROUND_MAX)}
     with painters_server(Path(tmp_path_factory.mktemp("responses")), extra=("--tool-call-parser", "hermes"),
                          env=env) as p:
         yield p
@@ -229,6 +233,10 @@ def test_a_function_call_output_continues_the_conversation_as_chat(client):
     assert out.usage.input_tokens == chat.usage.prompt_tokens
     without = _create(client, input=items[:1], tools=[TOOL], tool_choice="none", max_output_tokens=20)
     assert without.usage.input_tokens < out.usage.input_tokens  # the call and its output reached the prompt
+    _, call, result = client.responses.input_items.list(out.id, order="asc").data  # listed as sent, with ids
+    assert (call.type, call.call_id, call.name, call.arguments) == ("function_call", "call_1", "get_weather", args)
+    assert (result.type, result.call_id, result.output) == ("function_call_output", "call_1", "22 degrees and sunny")
+    assert call.id.startswith("fc_") and result.id and result.id != call.id
 
 
 def test_policy_applies_as_on_chat(client, http):
@@ -273,7 +281,7 @@ def test_a_client_that_leaves_a_stream_aborts_it(http):
 
 @pytest.mark.parametrize("body,param,says", [
     ({"tools": [{"type": "web_search"}]}, "tools", ("only function tools", "web_search")),
-    ({"background": True}, "background", ("not supported",)),
+    ({"background": True, "store": False}, "background", ("needs store true",)),
     ({"reasoning": {"effort": "high"}}, "reasoning", ("does not reason",)),
     ({"include": ["reasoning.encrypted_content"]}, "include", ("does not apply", "message.output_text.logprobs")),
     ({"top_logprobs": 2}, None, ("needs include",)),
@@ -309,7 +317,16 @@ def test_the_openapi_schema_describes_responses(http):
     spec = http.get("/openapi.json").json()
     assert "/v1/responses" in spec["paths"]
     properties = spec["components"]["schemas"]["ResponsesRequest"]["properties"]
-    assert {"input", "instructions", "max_output_tokens", "text", "tools", "tool_choice", "policy"} <= set(properties)
+    assert {"input", "instructions", "max_output_tokens", "text", "tools", "tool_choice", "policy",
+            "background"} <= set(properties)
+    assert "queued" in spec["components"]["schemas"]["ResponseObject"]["properties"]["status"]["enum"]
+    paths = spec["paths"]
+    assert "post" in paths["/v1/responses/{response_id}/cancel"]
+    listing = paths["/v1/responses/{response_id}/input_items"]["get"]
+    assert {p["name"] for p in listing["parameters"]} == {"response_id", "limit", "order", "after", "include"}
+    assert {p["name"] for p in paths["/v1/responses/{response_id}"]["get"]["parameters"]} == {
+        "response_id", "stream", "starting_after"}
+    assert "no response kept" in listing["responses"]["404"]["description"]
 
 
 def test_a_stored_response_is_continued_got_and_deleted(client, http):
@@ -340,11 +357,16 @@ def test_a_stored_response_is_continued_got_and_deleted(client, http):
     assert all(http.get(f"/v1/responses/{k}").status_code == 200 for k in kept[1:])
 
 
-def test_a_server_without_a_store_refuses_previous_response_id():
+def test_a_server_without_a_store_refuses_previous_response_id_and_background():
     with serve_tiny() as url:
         r = httpx.post(f"{url}/v1/responses", json={"input": "x", "previous_response_id": "resp_1"})
         assert r.status_code == 400 and "PAINTERS_RESPONSES_STORE" in r.json()["error"]["message"], r.text
-        assert httpx.get(f"{url}/v1/responses/resp_1").status_code == 404
+        r = httpx.post(f"{url}/v1/responses", json={"input": "x", "background": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "background", r.text
+        assert "PAINTERS_RESPONSES_STORE" in r.json()["error"]["message"]
+        for path in ("", "/input_items"):
+            assert httpx.get(f"{url}/v1/responses/resp_1{path}").status_code == 404
+        assert httpx.post(f"{url}/v1/responses/resp_1/cancel").status_code == 404
 
 
 def test_fields_sent_at_a_value_that_asks_for_nothing_are_accepted(http):
@@ -354,3 +376,155 @@ def test_fields_sent_at_a_value_that_asks_for_nothing_are_accepted(http):
                                          "background": False, "include": [], "truncation": "disabled",
                                          "service_tier": "auto", "store": False, "stream_options": None})
     assert r.status_code == 200, r.text
+
+
+# -- background responses, cancel, input items -------------------------------------------------------------------------
+
+LONG = {"input": "Tell me a long story.", "max_output_tokens": 400, "extra_body": {"ignore_eos": True}}
+
+
+def _finished(client: openai.OpenAI, rid: str, timeout: float = 60) -> Any:
+    """The background response `rid` polled until it is no longer queued or in progress."""
+    got: list[Any] = []
+    wait_until(lambda: got.append(client.responses.retrieve(rid)) or got[-1].status not in ("queued", "in_progress"),
+               timeout=timeout, what="the background response finished", interval=0.1)
+    return got[-1]
+
+
+def _idle(http: httpx.Client) -> bool:
+    text = http.get("/metrics").text
+    return (metric_value(text, "painters:num_requests_running", model=MODEL) == 0
+            and metric_value(text, "painters:num_requests_waiting", model=MODEL) == 0)
+
+
+def test_a_background_response_is_answered_at_once_and_polled_to_the_foreground_answer(client):
+    queued = _create(client, background=True)
+    assert queued.background is True and queued.status in ("queued", "in_progress") and queued.output == []
+    assert queued.store is True and queued.usage is None
+    done = _finished(client, queued.id)
+    whole = _create(client)
+    assert done.status == "completed" and done.background is True and done.id == queued.id
+    assert done.output_text == whole.output_text and "4" in done.output_text and _items(done) == _items(whole)
+    assert done.usage.output_tokens == whole.usage.output_tokens and done.completed_at is not None
+    cut = _finished(client, _create(client, background=True, input="Tell me a long story.", max_output_tokens=5).id)
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+
+
+def test_cancelling_a_running_background_response_aborts_its_engine_request(client, http):
+    """Cancel while in progress: the response is cancelled (and stays so), its engine request aborted (nothing
+    left running or waiting); cancelling it again answers it again (OpenAI's cancel is idempotent); a finished
+    background response, a foreground one and an unknown id are refused."""
+    def aborted() -> float:
+        return metric_value(http.get("/metrics").text, "painters:request_success_total", model=MODEL,
+                            finished_reason="abort")
+    before = aborted()
+    running = _create(client, background=True, **LONG)
+    wait_until(lambda: client.responses.retrieve(running.id).status == "in_progress", timeout=30,
+               what="the background response runs", interval=0.05)
+    cancelled = client.responses.cancel(running.id)
+    assert cancelled.status == "cancelled" and cancelled.id == running.id and cancelled.background is True
+    wait_until(lambda: _idle(http) and aborted() == before + 1, timeout=10, what="its engine request aborted")
+    time.sleep(0.3)  # nothing overwrites it later
+    assert client.responses.retrieve(running.id).status == "cancelled"
+    assert client.responses.cancel(running.id).status == "cancelled"
+    finished = _finished(client, _create(client, background=True).id)
+    foreground = _create(client)
+    for rid, says in ((finished.id, "already completed"), (foreground.id, "only a background response")):
+        r = http.post(f"/v1/responses/{rid}/cancel")
+        assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+        assert client.responses.retrieve(rid).status == "completed"
+    r = http.post("/v1/responses/resp_nope/cancel")
+    assert r.status_code == 404 and "not found" in r.json()["error"]["message"]
+    deleted = _create(client, background=True, **LONG)  # deleting a running one cancels it: it is not kept again
+    client.responses.delete(deleted.id)
+    wait_until(lambda: _idle(http) and aborted() == before + 2, timeout=10, what="the deleted one aborted")
+    assert http.get(f"/v1/responses/{deleted.id}").status_code == 404
+
+
+def test_a_background_stream_streams_and_streams_again_from_any_event(client, http):
+    """background with stream (vLLM's): the events as a foreground stream's, opening queued; GET ?stream=true
+    replays them, from after starting_after; a response not streamed in the background has none to stream."""
+    events = _events(client, background=True)
+    kinds = [e.type for e in events]
+    assert kinds[:4] == TEXT_EVENTS and kinds[-1] == "response.completed"
+    assert events[0].response.status == "queued" and events[0].response.background is True
+    done = events[-1].response
+    assert done.output_text == _create(client).output_text == client.responses.retrieve(done.id).output_text
+    with client.responses.retrieve(done.id, stream=True, starting_after=3) as again:
+        replayed = list(again)
+    assert [e.sequence_number for e in replayed] == list(range(4, len(events)))
+    assert [e.model_dump() for e in replayed] == [e.model_dump() for e in events[4:]]
+    r = http.get(f"/v1/responses/{_create(client, max_output_tokens=1).id}", params={"stream": "true"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
+
+
+def test_input_items_page_what_was_sent_and_a_chains_whole_context(client, http):
+    """OpenAI's list: newest first by default, `limit` per page, `after` an item id, has_more, first_id/last_id;
+    items as OpenAI lists them (text as input_text parts; instructions are none). A continued response lists the
+    previous one's items and output, then its own input."""
+    sent = [{"role": "user", "content": "My name is Ada."},
+            {"role": "assistant", "content": [{"type": "output_text", "text": "Hello Ada."}]},
+            {"role": "user", "content": [{"type": "input_text", "text": "Remember it."}]}]
+    first = _create(client, input=sent, instructions="Be terse.", max_output_tokens=4)
+    asc = client.responses.input_items.list(first.id, order="asc")
+    assert [(i.type, i.role, [p.text for p in i.content]) for i in asc.data] == [
+        ("message", "user", ["My name is Ada."]), ("message", "assistant", ["Hello Ada."]),
+        ("message", "user", ["Remember it."])]
+    assert [p.type for i in asc.data for p in i.content] == ["input_text", "output_text", "input_text"]
+    assert len({i.id for i in asc.data}) == 3 and not asc.has_more
+    assert (asc.first_id, asc.last_id) == (asc.data[0].id, asc.data[-1].id)
+    desc = client.responses.input_items.list(first.id)  # OpenAI's default order: desc
+    assert [i.id for i in desc.data] == [i.id for i in reversed(asc.data)]
+    page = client.responses.input_items.list(first.id, order="asc", limit=2)
+    assert [i.id for i in page.data] == [i.id for i in asc.data[:2]] and page.has_more
+    rest = client.responses.input_items.list(first.id, order="asc", limit=2, after=page.last_id)
+    assert [i.id for i in rest.data] == [asc.data[2].id] and not rest.has_more
+    assert [i.id for i in client.responses.input_items.list(first.id, limit=1, after=desc.data[0].id).data] == \
+        [asc.data[1].id]
+    follow = _create(client, input="What is my name?", previous_response_id=first.id, max_output_tokens=4)
+    chain = client.responses.input_items.list(follow.id, order="asc")
+    assert [i.id for i in chain.data] == [*(i.id for i in asc.data), first.output[0].id, chain.data[-1].id]
+    assert chain.data[3].content[0].text == first.output_text and chain.data[4].content[0].text == "What is my name?"
+    assert client.responses.input_items.list(follow.id, include=["message.output_text.logprobs"]).data
+    for params, param in (({"limit": 0}, "limit"), ({"limit": 101}, "limit"), ({"order": "up"}, "order"),
+                          ({"after": "msg_nope"}, "after"), ({"include": "bogus"}, "include")):
+        r = http.get(f"/v1/responses/{first.id}/input_items", params=params)
+        assert r.status_code == 400 and param in r.json()["error"]["param"], (params, r.text)
+    assert http.get("/v1/responses/resp_nope/input_items").status_code == 404
+
+
+
+def test_background_responses_are_bounded_and_never_evicted_while_running(client, http):
+    """At most responses_background_max run at once (beyond, a 429 as a full queue's); running ones outlast the
+    store's bound (STORE_MAX kept) however many finished ones come after them."""
+    running = [_create(client, background=True, **LONG) for _ in range(BACKGROUND_MAX)]
+    r = http.post("/v1/responses", json={"input": ASK, "background": True, "max_output_tokens": 2})
+    assert r.status_code == 429 and "responses_background_max 2" in r.json()["error"]["message"], r.text
+    assert r.headers["retry-after"] == "1"
+    for _ in range(STORE_MAX + 1):
+        _create(client, max_output_tokens=1)
+    assert all(client.responses.retrieve(b.id).status in ("queued", "in_progress") for b in running)
+    for b in running:
+        assert client.responses.cancel(b.id).status == "cancelled"
+    assert _finished(client, _create(client, background=True, max_output_tokens=2).id).status == "incomplete"
+    wait_until(lambda: _idle(http), timeout=10, what="nothing left running")
+
+
+def test_a_drain_cancels_background_responses_and_the_server_exits_cleanly(tmp_path):
+    """SIGTERM: a background response still running at the drain deadline ends cancelled (its stream's last event
+    says so) and its engine request with it; the server exits 0, leaving no task behind."""
+    env = {"PAINTERS_RESPONSES_STORE": "true", "PAINTERS_DRAIN_TIMEOUT_S": "1"}
+    with painters_server(tmp_path, env=env) as p:
+        body = {"model": MODEL, "input": "Tell me a long story.", "max_output_tokens": 400, "ignore_eos": True,
+                "background": True, "stream": True}
+        with httpx.stream("POST", f"{p.url}/v1/responses", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            for line in lines:
+                if line == "event: response.output_text.delta":
+                    break
+            p.proc.send_signal(signal.SIGTERM)
+            last = [json.loads(line[6:]) for line in lines if line.startswith("data: ")][-1]
+        assert last["response"]["status"] == "cancelled" and last["response"]["background"] is True, last
+        assert p.proc.wait(timeout=30) == 0
+        log = p.log.read_text()
+        assert "Traceback" not in log and "was destroyed but it is pending" not in log, log[-3000:]

@@ -242,6 +242,10 @@ class ResponsesRequest(_Body):
     store: bool = Field(True, description="keep the response for previous_response_id and GET /v1/responses/{id}, "
                         "where the server keeps responses (PAINTERS_RESPONSES_STORE; off by default, as vLLM's: then "
                         "ignored)")
+    background: bool = Field(False, description="answer at once (status queued) and run on: poll GET "
+                             "/v1/responses/{id}, or POST /v1/responses/{id}/cancel; needs store and the server's "
+                             "store (PAINTERS_RESPONSES_STORE). With stream, the events stream as they come, and GET "
+                             "/v1/responses/{id}?stream=true&starting_after=N streams them again")
     truncation: Literal["disabled"] | None = Field(None, description="only disabled: a conversation too long for the "
                                                    "context is a 400")
     max_tool_calls: int | None = Field(None, ge=1, description="limits built-in tools' calls, of which there are none")
@@ -264,7 +268,6 @@ class ResponsesRequest(_Body):
                                              "carry over")
     # not served: refused unless they ask for nothing
     conversation: Annotated[Any, _nothing("conversation")] = None
-    background: Annotated[bool, _nothing("background")] = False
     reasoning: Annotated[Any, _nothing("reasoning (this model does not reason)")] = None
     include: Annotated[list[str], FAIL_FAST, AfterValidator(_served_includes)] | None = Field(
         None, description=f"only {LOGPROBS!r}: each output token's logprob (and top_logprobs alternatives)")
@@ -379,7 +382,15 @@ class IncompleteDetails(BaseModel):
     reason: Literal["max_output_tokens"]
 
 
-Status = Literal["completed", "incomplete", "in_progress", "cancelled", "failed"]
+Status = Literal["completed", "incomplete", "in_progress", "cancelled", "failed", "queued"]
+LIVE: tuple[Status, ...] = ("queued", "in_progress")  # a background response still running: cancellable
+
+
+class ResponseError(BaseModel):
+    """Why a response failed (OpenAI's ResponseError)."""
+
+    code: str
+    message: str
 
 
 class ResponseObject(BaseModel):
@@ -390,9 +401,9 @@ class ResponseObject(BaseModel):
     created_at: int
     completed_at: int | None = None
     status: Status
-    error: None = None
+    error: ResponseError | None = None
     incomplete_details: IncompleteDetails | None = None
-    background: bool = False
+    background: bool = Field(False, description="run on after the answer (POST with background: true)")
     instructions: str | None
     max_output_tokens: int | None
     max_tool_calls: int | None
@@ -421,6 +432,73 @@ def as_items(output: list[OutputMessage | OutputFunctionCall]) -> list[Item]:
             if isinstance(i, OutputMessage) else FunctionCallItem(type="function_call", call_id=i.call_id,
                                                                   name=i.name, arguments=i.arguments)
             for i in output]
+
+
+# -- input items: what GET /v1/responses/{id}/input_items lists ------------------------------------------------------
+
+
+class InputText(BaseModel):
+    type: Literal["input_text"] = "input_text"
+    text: str
+
+
+class InputMessage(BaseModel):
+    """A message sent as input (OpenAI's ResponseInputMessageItem); an assistant one is listed as an output message."""
+
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer"]
+    status: Literal["completed"] = "completed"
+    content: list[InputText]
+
+
+class FunctionCallOutput(BaseModel):
+    """A function's result sent as input (OpenAI's ResponseFunctionToolCallOutputItem)."""
+
+    id: str
+    type: Literal["function_call_output"] = "function_call_output"
+    call_id: str
+    output: str | list[InputText]
+    status: Literal["completed"] = "completed"
+
+
+ListedItem = InputMessage | OutputMessage | OutputFunctionCall | FunctionCallOutput
+INCLUDABLE = ("file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+              "message.input_image.image_url", "computer_call_output.output.image_url", "code_interpreter_call.outputs",
+              "reasoning.encrypted_content", LOGPROBS)  # OpenAI's ResponseIncludable
+
+
+def listed_items(items: list[Item], *, new_id: Any) -> list[ListedItem]:
+    """Input items as OpenAI lists them, each given an id by `new_id(prefix)`: text content as input_text parts, an
+    assistant message as an output message."""
+    def parts(content: Content) -> list[InputText]:
+        return [InputText(text=content)] if isinstance(content, str) else [InputText(text=p.text) for p in content]
+
+    out: list[ListedItem] = []
+    for item in items:
+        if isinstance(item, MessageItem) and item.role == "assistant":
+            out.append(OutputMessage(id=new_id("msg"), status="completed",
+                                     content=[OutputText(text=p.text) for p in parts(item.content)]))
+        elif isinstance(item, MessageItem):
+            out.append(InputMessage(id=new_id("msg"), role=item.role, content=parts(item.content)))
+        elif isinstance(item, FunctionCallItem):
+            out.append(OutputFunctionCall(id=new_id("fc"), call_id=item.call_id, name=item.name,
+                                          arguments=item.arguments, status="completed"))
+        else:
+            out.append(FunctionCallOutput(id=new_id("fco"), call_id=item.call_id, output=item.output
+                                          if isinstance(item.output, str) else parts(item.output)))
+    return out
+
+
+class InputItemList(BaseModel):
+    """GET /v1/responses/{id}/input_items: a page of the items the response was answered from (OpenAI's
+    ResponseItemList)."""
+
+    object: Literal["list"] = "list"
+    data: list[ListedItem]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
 
 
 class DeletedResponse(BaseModel):

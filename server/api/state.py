@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.api.errors import APIError
 from server.api.protocol import ModelCard, ModelPermission, PoliciesInfo, PolicyKind
+from server.api.responses_background import BackgroundTasks
 from server.api.responses_store import ResponseStore
 from server.policy.compiler import Schedule, default_span, examples
 from server.metrics import Metrics
@@ -43,6 +44,7 @@ class AppState:
     allowed: frozenset[str] | None = None  # allowed_policies in canonical form, compiled at start (None: any)
     started: int = field(default_factory=lambda: int(time.time()))  # the models' `created`, the same on every call
     responses: ResponseStore | None = None  # kept /v1/responses answers, where settings.responses_store
+    background: BackgroundTasks | None = None  # background /v1/responses running (create_app's)
 
     @property
     def max_model_len(self) -> int:
