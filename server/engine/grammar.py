@@ -97,6 +97,13 @@ class Matcher:
         if n > past:
             self._matcher.rollback(n - past)
 
+    def fork(self) -> Matcher:
+        """A matcher of its own at this one's place (xgrammar's fork: a copy of the parse state, not a replay of
+        the tokens; ~2 us and ~13 KB on SmolLM2 after 25 tokens of a JSON schema, where replaying them was ~26 us)."""
+        twin = object.__new__(Matcher)
+        twin._matcher, twin._past_end = self._matcher.fork(), self._past_end
+        return twin
+
     def fill(self, mask: Tensor, row: int) -> None:
         """Write the tokens allowed next into row `row` of `mask` (see `bitmask`)."""
         self._matcher.fill_next_token_bitmask(mask, row)
