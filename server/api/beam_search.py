@@ -3,20 +3,23 @@ beam_search` in vllm/entrypoints, `get_beam_search_score` in vllm/beam_search.py
 
 Each step asks the engine for one token per live beam, with 2 x width logprobs (of the tokens the beam may take, when
 the request limits them), as ordinary requests through the pipeline: under the request's layer policy, and the prefix
-cache computes each beam's repeated prompt once. A structured output (vLLM's beam search honours it:
-`_build_online_so_params`, `get_beam_allowed_token_ids` in vllm/entrypoints) is compiled once, as any request's; each
-live beam holds a matcher of its own at its place in the grammar, forked for each continuation it spawns (xgrammar's
-`fork`, where vLLM replays a fresh grammar over each beam's tokens at every step), and each step's request follows a
-fork of it, so the engine's grammar mask limits its candidates; a beam ends "stop" on the EOS its grammar allows at
-its end. The best
-`width` continuations by cumulative logprob live on; one that chooses an EOS ends its beam (unless `ignore_eos`); after
-`max_tokens` steps the ended and the live beams are ranked by cumulative logprob / length ** length_penalty, the length
-counting the prompt (vLLM's). The `width` best are the choices. The search is one task per API request; each returned
-beam is a `pipeline.Stream` whose single output is its final result, so the routes answer (and stream: the final
-result only, as vLLM does) as for any request, and aborting a beam's stream cancels the search and its in-flight
-steps. The search is an engine `Series`: a drain that begins mid-search lets it run on, and at the drain's deadline
-it ends with its beams so far, the live ones with finish_reason "abort" (vLLM's `_beam_search_step` on an aborted
-step)."""
+cache computes each beam's repeated prompt once. The best `width` continuations by cumulative logprob live on; one
+that chooses an EOS ends its beam (unless `ignore_eos`); after `max_tokens` steps the ended and the live beams are
+ranked by cumulative logprob / length ** length_penalty, the length counting the prompt (vLLM's). The `width` best
+are the choices. The search is one task per API request; each returned beam is a `pipeline.Stream` whose single
+output is its final result, so the routes answer (and stream: the final result only, as vLLM does) as for any
+request, and aborting a beam's stream cancels the search and its in-flight steps. The search is an engine `Series`:
+a drain that begins mid-search lets it run on, and at the drain's deadline it ends with its beams so far, the live
+ones with finish_reason "abort" (vLLM's `_beam_search_step` on an aborted step).
+
+A structured output limits each step to what the beam may take (vLLM's beam search honours it:
+`_build_online_so_params`, `get_beam_allowed_token_ids` in vllm/entrypoints), scored by the model's logprobs over the
+whole vocabulary. It is checked and compiled once, as any request's. Each live beam holds an xgrammar matcher of its
+own at its place in the grammar, forked for each continuation it spawns (xgrammar's `fork`, where vLLM replays a
+fresh grammar over each beam's tokens at every step); each step's request follows a fork of it, so the engine's
+grammar mask limits its candidates. A guided_choice's beams follow its choices' own token sequences instead (vLLM's
+`ChoiceTrie`: `server.api.choice_trie`), so that they are distinct choices. A structured beam ends "stop" on the EOS
+it may take where its output is complete."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
 from server.api import pipeline
+from server.api.choice_trie import ChoiceTrie
 from server.api.errors import GENERATION_FAILED, APIError
 from server.api.pipeline import Job, Prompt, Running
 from server.api.protocol import BEAM_WIDTH
@@ -85,6 +89,8 @@ class Search:
     eos_ids: frozenset[int]
     length_penalty: float = 1.0
     ignore_eos: bool = False
+    structured: bool = False  # its beams follow a structured output: an EOS they take ends them, ignore_eos or not
+    choices: ChoiceTrie | None = None  # a guided_choice's token sequences, which its beams' steps are limited to
     live: list[Beam] = field(default_factory=lambda: [Beam()])
     ended: list[Beam] = field(default_factory=list)
     steps: int = 0
@@ -97,25 +103,39 @@ class Search:
 
     def advance(self, tops: list[dict[int, float]]) -> None:
         """tops[i]: live beam i's next-token logprobs (at least its 2 x width likeliest, of the tokens it may take:
-        -inf for one it may not). Every EOS among a beam's 2 x width likeliest ends a copy of it (under a grammar,
-        ignore_eos or not: its grammar allows the EOS only where it is complete, and ends there); of the other
-        continuations, the `width` likeliest live on, each with its own fork of its beam's grammar."""
+        -inf for one it may not). The likeliest EOS among a beam's 2 x width likeliest ends a copy of it, once: a
+        model with several EOS tokens (SmolLM2's <|endoftext|> and <|im_end|>) would otherwise end the same text
+        twice, as a grammar that allows them all where it is complete would at every beam (vLLM knows one EOS). A
+        structured beam ends there whether or not ignore_eos (vLLM's beam whose grammar terminated is completed). Of
+        the other continuations, the `width` likeliest live on, each with its own fork of its beam's grammar."""
         assert len(tops) == len(self.live) and not self.done
         self.generated += len(tops)
         candidates: list[tuple[float, int, float, Beam, dict[int, float]]] = []  # (cum, token, its logprob, ...)
         for beam, top in zip(self.live, tops, strict=True):
             top = {token: logprob for token, logprob in top.items() if logprob > -math.inf}  # fewer allowed tokens
             likeliest = sorted(top.items(), key=lambda kv: -kv[1])[:2 * self.width]
+            ends = not self.ignore_eos or self.structured
+            ended = False
             for token, logprob in likeliest:
                 cum = beam.cum_logprob + logprob
-                if token in self.eos_ids and (not self.ignore_eos or beam.grammar is not None):
-                    self.ended.append(_extend(beam, token, logprob, cum, top, finish_reason="stop"))
+                if token in self.eos_ids and ends:
+                    if not ended:
+                        self.ended.append(_extend(beam, token, logprob, cum, top, finish_reason="stop"))
+                    ended = True
                 else:
                     candidates.append((cum, token, logprob, beam, top))
         candidates.sort(key=lambda c: -c[0])  # stable: ties keep the beams' order
         self.live = [_extend(beam, token, logprob, cum, top, grammar=_follow(beam.grammar, token))
                      for cum, token, logprob, beam, top in candidates[:self.width]]
         self.steps += 1
+
+    def params(self, beam: Beam, step: SamplingParams) -> SamplingParams:
+        """A live beam's step: `step`, limited to the tokens that continue or end its choice under a guided_choice."""
+        if self.choices is None:
+            return step
+        allowed = self.choices.allowed(beam.tokens)
+        assert allowed, beam.tokens  # it took only tokens the tree allowed
+        return replace(step, allowed_token_ids=allowed, top_from_allowed=True)
 
     def abort(self) -> None:
         """End the live beams as they are, with finish_reason "abort" (the drain's deadline passed)."""
@@ -173,18 +193,23 @@ async def start(state: AppState, job: Job, *, length_penalty: float) -> Running:
                                 f"{longest} tokens the KV budget holds for a request under policy "
                                 f"{ready.schedule.policy}; lower max_tokens or choose a policy that runs fewer "
                                 "layers", param="max_tokens", code="kv_budget_exceeded")
-    # compiled as any request's structured output (its deadline and slots; a 400 where it does not compile)
+    # checked and compiled as any request's structured output (its deadline and slots; a 400 where it does not
+    # compile); a guided_choice's beams follow its token sequences instead (vLLM's ChoiceTrie): distinct choices
     spec = params.structured
     grammar = None if spec is None else await pipeline.compile_grammar(served, spec)
-    searches = [Search(len(p.ids), m, job.n, served.eos_ids, length_penalty, params.ignore_eos,
-                       live=[Beam(grammar=None if grammar is None else grammar.matcher())])
+    choices = None
+    if spec is not None and spec.kind == "choice":
+        choices, grammar = ChoiceTrie.build(spec.spec, lambda text: served.tokenize(text, add_special_tokens=False),
+                                            stop_ids=served.eos_ids), None
+    searches = [Search(len(p.ids), m, job.n, served.eos_ids, length_penalty, params.ignore_eos, spec is not None,
+                       choices, live=[Beam(grammar=None if grammar is None else grammar.matcher())])
                 for p, m in zip(ready.prompts, ready.max_tokens, strict=True)]
     # one token, with the 2 x width likeliest (or as many as the answer returns, if more) of those it may take, and
     # their logprobs
     allowed = params.allowed_token_ids
     step = SamplingParams(max_tokens=1, temperature=0.0, logprobs=max(2 * job.n, params.logprobs or 0), ignore_eos=True,
-                          allowed_token_ids=allowed, structured=spec,
-                          top_from_allowed=allowed is not None or spec is not None)
+                          allowed_token_ids=allowed, structured=None if grammar is None else spec,
+                          top_from_allowed=allowed is not None or grammar is not None)
     began = time.perf_counter()
     try:  # from here on a drain counts the search as running, between its steps too
         series = loop.open_series()
@@ -228,19 +253,23 @@ def _check(params: SamplingParams, *, width: int) -> None:
                             f"got {len(set(allowed))}: each step keeps the n likeliest continuations, and fewer ids leave "
                             "fewer beams; allow more tokens or lower n", param="allowed_token_ids")
     spec = params.structured
-    if spec is not None and spec.kind == "choice" and len(set(spec.spec)) < width:
-        raise APIError(400, f"use_beam_search with {spec.param} needs at least n ({width}) distinct choices, got "
-                            f"{len(set(spec.spec))}: each beam is one of them; send more choices or lower n",
-                       param=spec.param)
+    if spec is not None and spec.kind == "choice":
+        if len(set(spec.spec)) < width:
+            raise APIError(400, f"use_beam_search with {spec.param} needs at least n ({width}) distinct choices, "
+                                f"got {len(set(spec.spec))}: each beam is one of them; send more choices or lower n",
+                           param=spec.param)
+        if allowed is not None:
+            raise APIError(400, f"use_beam_search with {spec.param} takes no allowed_token_ids: its beams take the "
+                                "choices' own tokens; leave allowed_token_ids out", param="allowed_token_ids")
 
 
 def _submit(state: AppState, prefix: str, ready: pipeline.Prepared, searches: list[Search], step: SamplingParams,
             series: Series) -> list[pipeline.RequestStream]:
     """One step: a one-token request for each live beam of each unfinished search, in that order; a structured
     beam's follows a fork of its grammar (the engine advances it by the token it draws: the beam's stays put)."""
-    requests = [pipeline.engine_request(pipeline.new_request_id(f"{prefix}-beam"), prompt.ids + beam.tokens, step,
-                                        ready.schedule, grammar=None if beam.grammar is None else beam.grammar.fork(),
-                                        counted=False)
+    requests = [pipeline.engine_request(pipeline.new_request_id(f"{prefix}-beam"), prompt.ids + beam.tokens,
+                                        search.params(beam, step), ready.schedule,
+                                        grammar=None if beam.grammar is None else beam.grammar.fork(), counted=False)
                 for prompt, search in zip(ready.prompts, searches, strict=True) if not search.done
                 for beam in search.live]
     return pipeline.submit_all(state, requests, series=series)
@@ -376,6 +405,14 @@ class BeamStream:
 
     def __init__(self, search: asyncio.Future[list[list[GenerationResult]]], prompt: int, index: int) -> None:
         self.search, self.prompt, self.index = search, prompt, index
+
+    def params(self, beam: Beam, step: SamplingParams) -> SamplingParams:
+        """A live beam's step: `step`, limited to the tokens that continue or end its choice under a guided_choice."""
+        if self.choices is None:
+            return step
+        allowed = self.choices.allowed(beam.tokens)
+        assert allowed, beam.tokens  # it took only tokens the tree allowed
+        return replace(step, allowed_token_ids=allowed, top_from_allowed=True)
 
     def abort(self) -> None:
         self.search.cancel()
