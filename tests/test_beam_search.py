@@ -164,6 +164,7 @@ def test_what_beam_search_cannot_honour_is_a_400_naming_it(tiny, field, value, p
     ({"guided_choice": ["hello", "cat", "hello"], "n": 3}, "guided_choice", "at least n (3) distinct choices, got 2"),
     # two outputs only, as tokens: found once the search ends
     ({"guided_regex": "hello|cat", "n": 3}, "guided_regex", "admits only 2 outputs"),
+    ({"guided_choice": ["hello", "cat"], "allowed_token_ids": [3, 6]}, "allowed_token_ids", "takes no allowed"),
     ({"guided_regex": "hello", "bad_words": ["cat"]}, "bad_words", "use_beam_search"),
 ])
 def test_a_structured_output_beam_search_cannot_serve_is_a_400_naming_it(tiny, body, param, says):
@@ -530,6 +531,23 @@ def test_a_structured_chat_streamed_and_not_answers_the_same_beams(client, http)
             texts[c.index] += c.delta.content or ""
     assert texts == [c.message.content for c in chat.choices]
     assert [c.finish_reason for c in chat.choices] == ["stop", "stop"]
+
+
+@pytest.mark.slow
+def test_a_named_tool_choice_constrains_every_beam_to_its_call(client):
+    """A named tool_choice is a structured output (vLLM's): every beam is a call of that function whose arguments
+    follow its parameters' schema."""
+    city = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+            "required": ["city"]}
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}], max_tokens=30, n=2,
+        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": city}}],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, extra_body={"use_beam_search": True})
+    assert len(chat.choices) == 2
+    for c in chat.choices:
+        [call] = c.message.tool_calls
+        assert call.function.name == "get_weather" and c.finish_reason == "stop"
+        jsonschema.validate(json.loads(call.function.arguments), city)
 
 
 def _steps(http: httpx.Client) -> float:

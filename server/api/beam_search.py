@@ -201,8 +201,9 @@ async def start(state: AppState, job: Job, *, length_penalty: float) -> Running:
     if spec is not None and spec.kind == "choice":
         choices, grammar = ChoiceTrie.build(spec.spec, lambda text: served.tokenize(text, add_special_tokens=False),
                                             stop_ids=served.eos_ids), None
-    searches = [Search(len(p.ids), m, job.n, served.eos_ids, length_penalty, params.ignore_eos, spec is not None,
-                       choices, live=[Beam(grammar=None if grammar is None else grammar.matcher())])
+    searches = [Search(len(p.ids), m, job.n, served.eos_ids, length_penalty, params.ignore_eos,
+                       structured=spec is not None, choices=choices,
+                       live=[Beam(grammar=None if grammar is None else grammar.matcher())])
                 for p, m in zip(ready.prompts, ready.max_tokens, strict=True)]
     # one token, with the 2 x width likeliest (or as many as the answer returns, if more) of those it may take, and
     # their logprobs
@@ -405,14 +406,6 @@ class BeamStream:
 
     def __init__(self, search: asyncio.Future[list[list[GenerationResult]]], prompt: int, index: int) -> None:
         self.search, self.prompt, self.index = search, prompt, index
-
-    def params(self, beam: Beam, step: SamplingParams) -> SamplingParams:
-        """A live beam's step: `step`, limited to the tokens that continue or end its choice under a guided_choice."""
-        if self.choices is None:
-            return step
-        allowed = self.choices.allowed(beam.tokens)
-        assert allowed, beam.tokens  # it took only tokens the tree allowed
-        return replace(step, allowed_token_ids=allowed, top_from_allowed=True)
 
     def abort(self) -> None:
         self.search.cancel()
