@@ -99,7 +99,9 @@ class Matcher:
 
     def fork(self) -> Matcher:
         """A matcher of its own at this one's place (xgrammar's fork: a copy of the parse state, not a replay of
-        the tokens; ~2 us and ~13 KB on SmolLM2 after 25 tokens of a JSON schema, where replaying them was ~26 us)."""
+        the tokens). Measured on SmolLM2 under a JSON schema: ~2 us after 25 tokens (replaying them: ~26 us), ~14 us
+        after 900; its memory is that of any matcher, whose history grows ~0.4 KB a token (~18 KB after 20 tokens,
+        ~380 KB after 900: xgrammar 0.2.9 keeps it whatever max_rollback_tokens says)."""
         twin = object.__new__(Matcher)
         twin._matcher, twin._past_end = self._matcher.fork(), self._past_end
         return twin
