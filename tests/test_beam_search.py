@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import signal
 import threading
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import torch
@@ -24,6 +26,9 @@ from server.api import openai as openai_api
 from server.api.beam_search import Beam, Search, score
 from server.api.pipeline import Job
 from server.api.protocol import CompletionRequest
+from server.engine.grammar import Grammars, bitmask
+from server.engine.sampling import unpack_bitmask
+from server.engine.sampling_params import StructuredOutput
 from server.policy.compiler import compile_schedule
 from tests import reliability as rel
 from tests.conftest import bos_word_tokenizer
@@ -53,6 +58,42 @@ def test_an_eos_among_the_likeliest_ends_a_copy_and_the_width_likeliest_others_l
     assert not s.done
     s.advance([{1: -0.1}, {1: -0.1}])
     assert s.done and s.steps == 3
+
+
+def test_a_beam_ends_once_on_its_likeliest_eos():
+    """A model with several EOS tokens (SmolLM2's 0 and 2): two among a beam's likeliest end one copy of it, on the
+    likelier, not the same text twice; the other is no candidate either."""
+    s = Search(prompt_len=4, max_tokens=3, width=2, eos_ids=frozenset({0, 2}))
+    s.advance([{0: -0.4, 7: -0.1, 2: -0.3, 8: -1.0}])
+    assert [(b.tokens, b.cum_logprob) for b in s.ended] == [([2], -0.3)]
+    assert [b.tokens for b in s.live] == [[7], [8]]
+
+
+def test_each_continuation_follows_a_grammar_of_its_own_and_ends_where_it_is_complete():
+    """A choice of "hello" and "catsat" on the word tokenizer (hello 3, cat 6, sat 7; EOS 2): each live beam
+    holds its own fork of its parent's matcher, advanced by its token (the parent's stays put); once complete, its
+    grammar allows the EOS alone, which ends it "stop" though ignore_eos is on (a grammar ends there)."""
+    grammar = Grammars(bos_word_tokenizer(), vocab_size=128, stop_ids=EOS).compile(
+        StructuredOutput("choice", ("hello", "catsat")))
+    root = grammar.matcher()
+    s = Search(prompt_len=4, max_tokens=4, width=2, eos_ids=EOS, ignore_eos=True, structured=True,
+               live=[Beam(grammar=root)])
+    s.advance([{3: -0.5, 6: -0.1}])  # what the engine's mask leaves
+    assert [b.tokens for b in s.live] == [[6], [3]]
+    cat, hello = (b.grammar for b in s.live)
+    assert len({id(root), id(cat), id(hello)}) == 3
+    assert [_allowed(m) for m in (root, cat, hello)] == [[3, 6], [7], [2]]
+    s.advance([{7: -0.2}, {2: -0.3}])
+    assert [(b.tokens, b.finish_reason) for b in s.ended] == [([3, 2], "stop")]
+    assert [b.tokens for b in s.live] == [[6, 7]] and _allowed(s.live[0].grammar) == [2]
+    assert _allowed(cat) == [7] and _allowed(root) == [3, 6]  # a child's token moved its own fork only
+    s.advance([{2: -0.1}])
+    assert s.done and [(b.tokens, b.finish_reason) for b in s.best()] == [([6, 7, 2], "stop"), ([3, 2], "stop")]
+
+
+def _allowed(matcher: Any) -> list[int]:
+    """The tokens a matcher allows next."""
+    return unpack_bitmask(bitmask([matcher], 128), 128)[0].nonzero().flatten().tolist()
 
 
 def test_tokens_a_beam_may_not_take_are_no_candidates():
@@ -107,9 +148,7 @@ def _beams(**body: Any) -> dict[str, Any]:
     ("stop", ["x"], "stop"), ("stop_token_ids", [5], "stop_token_ids"), ("min_tokens", 1, "min_tokens"),
     ("presence_penalty", 0.5, "presence_penalty"), ("frequency_penalty", 0.5, "frequency_penalty"),
     ("repetition_penalty", 1.2, "repetition_penalty"), ("logit_bias", {"5": 1}, "logit_bias"),
-    ("bad_words", ["hello"], "bad_words"),
-    ("guided_regex", "a+", "guided_regex"),
-    ("response_format", {"type": "json_object"}, "response_format"), ("prompt_logprobs", 1, "prompt_logprobs"),
+    ("bad_words", ["hello"], "bad_words"), ("prompt_logprobs", 1, "prompt_logprobs"),
     ("n", 11, "n"), ("max_tokens", 0, "max_tokens"),
 ])
 def test_what_beam_search_cannot_honour_is_a_400_naming_it(tiny, field, value, param):
@@ -117,6 +156,21 @@ def test_what_beam_search_cannot_honour_is_a_400_naming_it(tiny, field, value, p
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and "use_beam_search" in error["message"]
+
+
+@pytest.mark.parametrize("body, param, says", [
+    ({"guided_regex": "hello("}, "guided_regex", "does not compile"),  # as any request's compile error
+    ({"structured_outputs": {"grammar": "root ::= nope"}}, "structured_outputs.grammar", "does not compile"),
+    ({"guided_choice": ["hello", "cat", "hello"], "n": 3}, "guided_choice", "at least n (3) distinct choices, got 2"),
+    # two outputs only, as tokens: found once the search ends
+    ({"guided_regex": "hello|cat", "n": 3}, "guided_regex", "admits only 2 outputs"),
+    ({"guided_choice": ["hello", "cat"], "allowed_token_ids": [3, 6]}, "allowed_token_ids", "takes no allowed"),
+    ({"guided_regex": "hello", "bad_words": ["cat"]}, "bad_words", "use_beam_search"),
+])
+def test_a_structured_output_beam_search_cannot_serve_is_a_400_naming_it(tiny, body, param, says):
+    r = tiny.post("/v1/completions", json=_beams(**body))
+    assert r.status_code == 400 and r.json()["error"]["param"] == param and says in r.json()["error"]["message"], \
+        r.text
 
 
 @pytest.mark.parametrize("allowed, says", [([5, 5, 6], "at least n (3) distinct token ids, got 2"),
@@ -166,7 +220,9 @@ def test_a_search_whose_last_step_could_never_fit_the_kv_budget_is_refused_befor
 
 
 def test_beam_searches_leave_nothing_behind(tiny):
-    for body in (_beams(), _beams(prompt=["hello world", "the cat sat"], n=3, logprobs=2), _beams(stream=True)):
+    for body in (_beams(), _beams(prompt=["hello world", "the cat sat"], n=3, logprobs=2), _beams(stream=True),
+                 _beams(guided_choice=["hello", "cat", "catsat"], prompt=["hello world", "the cat sat"]),
+                 _beams(guided_regex="(hello|cat)+", ignore_eos=True, max_tokens=6, stream=True)):
         r = tiny.post("/v1/completions", json=body)
         assert r.status_code == 200 and "choices" in r.text, r.text
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "use_beam_search": True, "n": 2,
@@ -219,10 +275,15 @@ def _answer(client: openai.OpenAI, prompt: str | list[int], *, policy: str = "fu
 
 
 def _reference(hf: Any, policy: str, prompt: list[int], *, width: int, max_tokens: int, length_penalty: float,
-               ignore_eos: bool = False, allowed: list[int] | None = None) -> list[tuple[list[int], float]]:
+               ignore_eos: bool = False, allowed: list[int] | None = None, grammar: Any = None,
+               eos: frozenset[int] = EOS) -> list[tuple[list[int], float]]:
     """vLLM's beam search written out over transformers' logits of the whole sequence (no cache, no server code);
     with `allowed`, every other token's logprob is -inf (masked, not renormalized: a transformers logits processor
-    on the log-softmax, as its beam search applies them)."""
+    on the log-softmax, as its beam search applies them); with `grammar` (an xgrammar CompiledGrammar), so is every
+    token it does not allow, by a fresh matcher over each beam's tokens at each step (vLLM's replay) and xgrammar's
+    own mask kernel. A beam ends once per step, on the likeliest of the `eos` tokens among its candidates."""
+    import xgrammar as xgr
+
     schedule = compile_schedule(policy, hf.config.num_hidden_layers)
     live: list[tuple[list[int], float]] = [([], 0.0)]
     ended: list[tuple[list[int], float]] = []
@@ -234,21 +295,33 @@ def _reference(hf: Any, policy: str, prompt: list[int], *, width: int, max_token
                 mask = torch.full_like(logprobs, float("-inf"))
                 mask[:, allowed] = 0.0
                 logprobs = logprobs + mask
+            if grammar is not None:
+                for row, (tokens, _) in enumerate(live):
+                    matcher = xgr.GrammarMatcher(grammar)
+                    assert all(matcher.accept_token(t) for t in tokens)
+                    bits = xgr.allocate_token_bitmask(1, logprobs.shape[1])
+                    matcher.fill_next_token_bitmask(bits)
+                    xgr.apply_token_bitmask_inplace(logprobs[row:row + 1], bits)
             top = logprobs.topk(2 * width)
             candidates = []
             for (tokens, cum), values, indices in zip(live, top.values.tolist(), top.indices.tolist()):
+                done = False
                 for v, t in zip(values, indices):
                     if v == float("-inf"):  # fewer allowed tokens than 2 x width
                         continue
-                    if t in EOS and not ignore_eos:
-                        ended.append((tokens + [t], cum + v))
+                    if t in eos and (not ignore_eos or grammar is not None):
+                        if not done:
+                            ended.append((tokens + [t], cum + v))
+                        done = True
                     else:
                         candidates.append((tokens + [t], cum + v))
             live = sorted(candidates, key=lambda c: -c[1])[:width]
+            if not live:
+                break
 
     def rank(beam: tuple[list[int], float]) -> float:
         tokens, cum = beam
-        return cum / (len(prompt) + len(tokens) - (tokens[-1] in EOS)) ** length_penalty
+        return cum / (len(prompt) + len(tokens) - (tokens[-1] in eos)) ** length_penalty
     return sorted(ended + live, key=rank, reverse=True)[:width]
 
 
@@ -347,6 +420,134 @@ def test_chat_and_a_stream_answer_the_same_beams(client, http):
             texts[c.index] += c.delta.content or ""
     assert texts == [c.message.content for c in chat.choices]
     assert streamed[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+
+SMOL_EOS = frozenset({0, 2})  # SmolLM2's <|endoftext|> and <|im_end|>: the server's EOS tokens, which grammars end on
+AGE = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 999}}, "required": ["age"],
+       "additionalProperties": False}
+LEGS = "[0-9]{1,3} legs"
+# kind: (question, the request's structured output, its xgrammar compile for the reference, what a valid text is)
+STRUCTURED: dict[str, tuple[str, dict[str, Any], Any, Any]] = {
+    "regex": ("How many legs does a spider have?", {"guided_regex": LEGS}, lambda c: c.compile_regex(LEGS),
+              lambda text: re.fullmatch(LEGS, text)),
+    "json_schema": ("How old is the Eiffel Tower? Answer in JSON with its age.",
+                    {"response_format": {"type": "json_schema", "json_schema": {"name": "age", "schema": AGE}}},
+                    lambda c: c.compile_json_schema(json.dumps(AGE)),
+                    lambda text: jsonschema.validate(json.loads(text), AGE) is None),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(STRUCTURED))
+def test_every_structured_beam_is_valid_and_ends_where_its_grammar_does(client, http, kind):
+    """Every returned beam is a valid output that ended where its grammar did ("stop"), ranked by vLLM's score."""
+    question, structured, _, valid = STRUCTURED[kind]
+    prompt = _chat_prompt(question)
+    got = _answer(client, prompt, max_tokens=16, n=3, use_beam_search=True, include_stop_str_in_output=True,
+                  **structured)
+    assert len(got) == 3 and all(g[2] == "stop" and valid(g[3]) for g in got), got
+    prompt_len = len(_ids(http, prompt))
+    scores = [cum / (prompt_len + len(ids) - 1) for ids, cum, _, _ in got]
+    assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.slow
+def test_structured_beams_are_the_reference_search_under_the_grammars_mask(client, http, smollm2, smollm2_hf):
+    """The beams (tokens, order, cumulative logprobs: the model's over the whole vocabulary) are the independent
+    beam search over transformers' logits masked by xgrammar itself (a fresh matcher over each beam's tokens at
+    each step, as vLLM's; its own mask kernel)."""
+    import xgrammar as xgr
+
+    question, structured, compile_reference, _ = STRUCTURED["regex"]
+    prompt = _chat_prompt(question)
+    got = _answer(client, prompt, max_tokens=8, n=2, use_beam_search=True, include_stop_str_in_output=True,
+                  **structured)
+    info = xgr.TokenizerInfo.from_huggingface(smollm2.tokenizer, vocab_size=smollm2_hf.config.vocab_size,
+                                              stop_token_ids=sorted(SMOL_EOS))
+    want = _reference(smollm2_hf, "full", _ids(http, prompt), width=2, max_tokens=8, length_penalty=1.0,
+                      grammar=compile_reference(xgr.GrammarCompiler(info)), eos=SMOL_EOS)
+    assert [g[0] for g in got] == [w[0] for w in want]
+    assert [g[1] for g in got] == pytest.approx([w[1] for w in want], abs=2e-3)
+
+
+@pytest.mark.slow
+def test_a_choice_search_ranks_the_choices_as_their_own_logprobs_do(client, http, smollm2, smollm2_hf):
+    """Width 4 over four choices keeps every choice (as vLLM's ChoiceTrie, each is its own token sequence: no beam
+    writes one choice another way), each ending on its likelier EOS: the beams are the choices ranked by their
+    summed logprobs under the prompt, EOS included, over their length (vLLM's score), from transformers' logits
+    of each whole sequence."""
+    capitals = ["Paris", "London", "Berlin", "Madrid"]
+    prompt = _chat_prompt("What is the capital of France?")
+    got = _answer(client, prompt, max_tokens=6, n=4, use_beam_search=True, include_stop_str_in_output=True,
+                  guided_choice=capitals)
+    ids = _ids(http, prompt)
+    want = []
+    with torch.no_grad():
+        for choice in capitals:
+            tokens = smollm2.tokenizer.encode(choice, add_special_tokens=False)
+            logits = smollm2_hf(torch.tensor([ids + tokens])).logits[0, len(ids) - 1:].float()
+            logprobs = torch.log_softmax(logits, -1)
+            eos = max(SMOL_EOS, key=lambda t: logprobs[-1, t])
+            cum = sum(logprobs[i, t].item() for i, t in enumerate(tokens + [eos]))
+            want.append((choice, tokens + [eos], cum, cum / (len(ids) + len(tokens))))
+    want.sort(key=lambda w: -w[3])
+    assert [(g[3], g[0], g[2]) for g in got] == [(w[0], w[1], "stop") for w in want]
+    assert [g[1] for g in got] == pytest.approx([w[2] for w in want], abs=2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(STRUCTURED))
+def test_width_one_is_greedy_structured_decoding(client, kind):
+    """Where the grammar allows the EOS only once it is complete and then nothing else (after " legs"; a JSON
+    object after its closing brace), a width-1 search keeps the likeliest allowed token at every step: greedy
+    decoding under the same structured output, token for token."""
+    question, structured, _, _ = STRUCTURED[kind]
+    prompt = _chat_prompt(question)
+    beam = _answer(client, prompt, max_tokens=20, n=1, use_beam_search=True, include_stop_str_in_output=True,
+                   **structured)
+    greedy = _answer(client, prompt, max_tokens=20, temperature=0, include_stop_str_in_output=True, **structured)
+    assert [(b[0], b[2], b[3]) for b in beam] == [(g[0], g[2], g[3]) for g in greedy]
+    assert beam[0][1] == pytest.approx(greedy[0][1], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_a_structured_chat_streamed_and_not_answers_the_same_beams(client, http):
+    """response_format json_schema on chat, streamed and not, is the completions search over the template's own
+    prompt; every beam is valid JSON under the schema."""
+    messages = [{"role": "user", "content": STRUCTURED["json_schema"][0]}]
+    structured = STRUCTURED["json_schema"][1]
+    extra = {"use_beam_search": True}
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, n=2, extra_body=extra,
+                                          **structured)
+    rendered = http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    plain = _answer(client, rendered, max_tokens=12, n=2, **extra, **structured)
+    assert [c.message.content for c in chat.choices] == [p[3] for p in plain]
+    assert all(jsonschema.validate(json.loads(c.message.content), AGE) is None for c in chat.choices)
+    streamed = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, n=2, stream=True,
+                                                   extra_body=extra, **structured))
+    texts = ["" for _ in chat.choices]
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == [c.message.content for c in chat.choices]
+    assert [c.finish_reason for c in chat.choices] == ["stop", "stop"]
+
+
+@pytest.mark.slow
+def test_a_named_tool_choice_constrains_every_beam_to_its_call(client):
+    """A named tool_choice is a structured output (vLLM's): every beam is a call of that function whose arguments
+    follow its parameters' schema."""
+    city = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+            "required": ["city"]}
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}], max_tokens=30, n=2,
+        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": city}}],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, extra_body={"use_beam_search": True})
+    assert len(chat.choices) == 2
+    for c in chat.choices:
+        [call] = c.message.tool_calls
+        assert call.function.name == "get_weather" and c.finish_reason == "stop"
+        jsonschema.validate(json.loads(call.function.arguments), city)
 
 
 def _steps(http: httpx.Client) -> float:

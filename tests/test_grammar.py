@@ -413,6 +413,23 @@ def test_a_rollback_past_the_grammars_end_takes_the_matcher_back_into_it(smollm2
 
 
 @pytest.mark.slow
+def test_a_fork_goes_on_from_its_matchers_place_on_its_own(smollm2, grammars):
+    """A beam search's continuations: forks of one matcher take different tokens without moving it or each other,
+    and one forked past the grammar's end is past it too (its rollback gives back those tokens first)."""
+    tok = smollm2.tokenizer
+    rome, paris = (tok.encode(c, add_special_tokens=False) for c in ("Rome", "Paris"))
+    m = grammars.matcher(StructuredOutput("choice", ("Rome", "Paris")))
+    a, b = m.fork(), m.fork()
+    assert all(a.accept(t) for t in [*rome, 2]) and a.terminated
+    assert all(b.accept(t) for t in paris) and not b.terminated and not b.accept(rome[0])
+    assert not m.terminated and m.accept(rome[0]) and not m.accept(paris[0])
+    assert a.accept(100)  # past its end
+    late = a.fork()
+    late.rollback(2)  # 100, then the EOS
+    assert not late.terminated and a.terminated and late.accept(2)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("overlap", [False, True], ids=["stepwise", "overlapped"])
 def test_structured_rows_beside_free_rows_leave_them_as_alone(smollm2_engine, overlap):
     """A batch of free rows and structured rows, the structured ones joining mid-way: each free row's tokens are

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from server.engine.sampling import (MAX_STOP_LENGTH, MAX_STOP_STRINGS, MIN_TEMPERATURE, SEED, TOP_K, SamplingError,
                              SamplingBatch, SamplingParams, alternatives, make_generator, process_logits, sample,
                              sample_batch, sample_isolated, unpack_bitmask)
-from server.engine.sampling_params import MAX_BAD_WORD_SEQUENCES, MAX_BAD_WORD_TOKENS, bad_word_ids
+from server.engine.sampling_params import MAX_BAD_WORD_SEQUENCES, MAX_BAD_WORD_TOKENS, StructuredOutput, bad_word_ids
 
 CPU = torch.device("cpu")
 
@@ -127,6 +127,25 @@ def test_top_from_allowed_ranks_a_rows_alternatives_among_its_allowed_tokens_onl
     assert got[0].tolist() == [-INF, -INF, *logprobs[0, 2:].tolist()]
     assert torch.equal(got[1:], logprobs[1:])
     assert SamplingBatch.of(rows[1:], [None] * 2, CPU).top_from_allowed is None  # nobody asks: nothing to mask
+
+
+def test_top_from_allowed_ranks_a_structured_rows_alternatives_among_its_grammars_tokens_only():
+    """A structured beam's candidates: the structured rows that ask rank only what their grammar's mask allows (and
+    their allowed_token_ids, where they have a list too: both limit them); a structured row that does not ask ranks
+    every token, as does a row the grammar batch does not hold."""
+    V = 40
+    logprobs = torch.log_softmax(torch.arange(4 * V, dtype=torch.float32).view(4, V) % 7, -1)
+    mask = torch.zeros(3, 2, dtype=torch.int32)
+    for t in (1, 5, 33):
+        mask[:, t // 32] |= 1 << (t % 32)
+    json = StructuredOutput("json_object")
+    rows = [SamplingParams(structured=json, top_from_allowed=True), SamplingParams(structured=json),
+            SamplingParams(structured=json, allowed_token_ids=(5, 33, 34), top_from_allowed=True),
+            SamplingParams(allowed_token_ids=(1, 2), top_from_allowed=True)]
+    got = alternatives(logprobs, SamplingBatch.of(rows, [None] * 4, CPU, grammar=([0, 1, 2], mask)))
+    kept = [[t for t in range(V) if got[b, t] > -INF] for b in range(4)]
+    assert kept == [[1, 5, 33], list(range(V)), [5, 33], [1, 2]]
+    assert all(torch.equal(got[b, kept[b]], logprobs[b, kept[b]]) for b in range(4))  # as they are: not renormalized
 
 
 def test_a_grammar_mask_leaves_out_what_its_row_may_not_choose_and_no_other_row():

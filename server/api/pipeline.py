@@ -21,7 +21,7 @@ from server.api.errors import CLIENT_CLOSED, GENERATION_FAILED, APIError
 from server.api.protocol import PaintersInfo, PolicyField, Timings
 from server.api.state import AppState
 from server.policy.compiler import Schedule
-from server.engine.grammar import Grammar, GrammarBusy, GrammarError, GrammarUnavailable
+from server.engine.grammar import Grammar, GrammarBusy, GrammarError, GrammarUnavailable, Matcher
 from server.engine.probe import ProbeStats
 from server.engine.request import GenerationResult, Output
 from server.engine.request import Timings as EngineTimings
@@ -442,11 +442,13 @@ def new_request_id(prefix: str) -> str:
 
 
 def engine_request(rid: str, prompt_ids: list[int], params: SamplingParams, schedule: Schedule, *,
-                   grammar: Grammar | None = None, counted: bool = True) -> EngineRequest:
-    """A request to submit; with `grammar` (its structured output compiled), a matcher of its own. counted: whether
-    the metrics observe it as a request (`EngineRequest.counted`)."""
+                   grammar: Grammar | Matcher | None = None, counted: bool = True) -> EngineRequest:
+    """A request to submit; with `grammar` (its structured output compiled), a matcher of its own (or the matcher
+    given, at its place: a beam search step's, whose output follows the beam's tokens). counted: whether the
+    metrics observe it as a request (`EngineRequest.counted`)."""
+    matcher = grammar.matcher() if isinstance(grammar, Grammar) else grammar
     return EngineRequest(id=rid, prompt_ids=prompt_ids, params=params, schedule=schedule, arrival=time.perf_counter(),
-                         grammar=None if grammar is None else grammar.matcher(), counted=counted)
+                         grammar=matcher, counted=counted)
 
 
 def timings(result: GenerationResult) -> Timings:

@@ -97,6 +97,15 @@ class Matcher:
         if n > past:
             self._matcher.rollback(n - past)
 
+    def fork(self) -> Matcher:
+        """A matcher of its own at this one's place (xgrammar's fork: a copy of the parse state, not a replay of
+        the tokens). Measured on SmolLM2 under a JSON schema: ~2 us after 25 tokens (replaying them: ~26 us), ~14 us
+        after 900; its memory is that of any matcher, whose history grows ~0.4 KB a token (~18 KB after 20 tokens,
+        ~380 KB after 900: xgrammar 0.2.9 keeps it whatever max_rollback_tokens says)."""
+        twin = object.__new__(Matcher)
+        twin._matcher, twin._past_end = self._matcher.fork(), self._past_end
+        return twin
+
     def fill(self, mask: Tensor, row: int) -> None:
         """Write the tokens allowed next into row `row` of `mask` (see `bitmask`)."""
         self._matcher.fill_next_token_bitmask(mask, row)

@@ -349,13 +349,20 @@ def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
 
 def alternatives(logprobs: Tensor, batch: SamplingBatch) -> Tensor:
     """logprobs [B, V] -> what each row's top alternatives are chosen from: for a row that asks
-    (`SamplingParams.top_from_allowed`) its allowed_token_ids' logprobs, the others' -inf; for the rest every
-    token's. The caller's logprobs are unchanged."""
+    (`SamplingParams.top_from_allowed`) the logprobs of the tokens it may choose, those of its allowed_token_ids and
+    its grammar's mask, the others' -inf; for the rest every token's. The caller's logprobs are unchanged."""
     if batch.top_from_allowed is None:
         return logprobs
-    assert batch.allowed is not None, "top_from_allowed rows have allowed_token_ids"
-    keep, _ = _allowed(batch.allowed, logprobs)
-    return logprobs.masked_fill(batch.top_from_allowed[:, None] & ~keep, float("-inf"))
+    asks = batch.top_from_allowed
+    if batch.allowed is not None:
+        keep, limited = _allowed(batch.allowed, logprobs)
+        logprobs = logprobs.masked_fill((asks & limited)[:, None] & ~keep, float("-inf"))
+    if batch.grammar is not None:
+        assert batch.grammar_rows is not None
+        rows = batch.grammar_rows
+        keep = unpack_bitmask(batch.grammar, logprobs.shape[1]) | ~asks[rows][:, None]
+        logprobs = logprobs.index_copy(0, rows, logprobs[rows].masked_fill(~keep, float("-inf")))
+    return logprobs
 
 
 def _allowed(pairs: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:

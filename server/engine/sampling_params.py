@@ -169,8 +169,9 @@ class SamplingParams:
     min_p: float = 0.0  # drawing rows drop tokens less likely than min_p x the most likely one (after temperature)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit); a token given twice: the last
     allowed_token_ids: tuple[int, ...] | None = None  # only these may be chosen
-    # the top `logprobs` alternatives are the likeliest of allowed_token_ids (each with its logprob over the whole
-    # vocabulary, as any), not of every token: a beam search's candidates (vLLM's raw top logprobs hold any token)
+    # the top `logprobs` alternatives are the likeliest of the tokens the row may choose, those of allowed_token_ids
+    # and of its structured output's grammar (each with its logprob over the whole vocabulary, as any), not of every
+    # token: a beam search's candidates (vLLM's raw top logprobs hold any token)
     top_from_allowed: bool = False
     # vLLM's: words the output may not complete (a word's last token is masked where the output ends with the
     # tokens before it; a one-token word's token always); bad_words_ids: their token sequences (`bad_word_ids`),
@@ -212,7 +213,8 @@ class SamplingParams:
                 raise SamplingError("allowed_token_ids must hold at least one token id (or be left out)")
             for token in self.allowed_token_ids:
                 _check_token("allowed_token_ids", token)
-        assert not self.top_from_allowed or self.allowed_token_ids is not None, "top_from_allowed without a list"
+        assert not self.top_from_allowed or self.allowed_token_ids is not None or self.structured is not None, \
+            "top_from_allowed without a list or a grammar"
         check_bad_words(self.bad_words)
         object.__setattr__(self, "bad_words", tuple(dict.fromkeys(self.bad_words)))  # vLLM drops repeats
         if self.bad_words_ids is not None:
