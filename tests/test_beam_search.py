@@ -650,14 +650,16 @@ def _search_in_thread(url: str, *, stream: bool, into: dict[str, Any]) -> thread
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("drain_s, finished", [(60, "length"), (3, "abort")])
-def test_a_search_begun_before_a_drain_runs_on_as_a_running_request(tmp_path, drain_s, finished):
-    """100 ms per forward: a search's 60 steps take 6 s, and SIGTERM comes mid-search with more than the short
-    drain's 3 s left (time, on a loaded machine too, to see the refusals below before the server exits; at 20 ms and
-    1 s it failed once beside a CI run). Between two steps the engine holds none of its requests; the drain still
-    waits for it and admits its next steps (they were a 503). A long drain lets it finish; at a short one's deadline it ends as running requests do, its beams so far with
-    finish_reason "abort". Streamed and not; the server exits 0 either way."""
-    with rel.tiny_process(tmp_path, step_delay=0.1, env={"PAINTERS_DRAIN_TIMEOUT_S": str(drain_s)}) as p:
+@pytest.mark.parametrize("drain_s, step_s, finished", [(60, 0.05, "length"), (3, 0.1, "abort")])
+def test_a_search_begun_before_a_drain_runs_on_as_a_running_request(tmp_path, drain_s, step_s, finished):
+    """100 ms per forward against the short drain: a search's 60 steps take 6 s or more, and SIGTERM comes
+    mid-search with more than the drain's 3 s left (time, on a loaded machine too, to see the refusals below before
+    the server exits; at 20 ms and 1 s it failed once beside a CI run); 50 ms against the long one, which waits for
+    the searches to finish anyway. Between two steps the engine holds none of its requests; the drain still waits for
+    it and admits its next steps (they were a 503). A long drain lets it finish; at a short one's deadline it ends as
+    running requests do, its beams so far with finish_reason "abort". Streamed and not; the server exits 0 either
+    way."""
+    with rel.tiny_process(tmp_path, step_delay=step_s, env={"PAINTERS_DRAIN_TIMEOUT_S": str(drain_s)}) as p:
         got: dict[bool, Any] = {}
         steps = rel.engine_steps(p.url)
         clients = [_search_in_thread(p.url, stream=stream, into=got) for stream in (False, True)]

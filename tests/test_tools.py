@@ -116,10 +116,10 @@ def test_streams_accumulate_to_the_unstreamed_answer(client):
     for body in ({"tool_choice": NAMED}, {"tool_choice": "required"},
                  {"tool_choice": "auto", "extra_body": {"guided_regex": HERMES}},
                  {"tool_choice": "auto", "max_tokens": 16}, {"tool_choice": "none", "max_tokens": 16}):
-        whole = _create(client, **body)
-        assert _answer(_streamed(client, **body)) == _answer(whole), body
+        whole, streamed = _create(client, **body), _streamed(client, **body)
+        assert _answer(streamed) == _answer(whole), body
         if body["tool_choice"] != "none" and whole.choices[0].message.tool_calls:
-            _valid_calls(_streamed(client, **body).choices[0].message.tool_calls)
+            _valid_calls(streamed.choices[0].message.tool_calls)
 
 
 def test_n_choices_each_call_and_stream_alike(client):
