@@ -172,13 +172,17 @@ class Metrics:
         self.step_duration.labels(**labels).observe(s.duration_s)
 
     def observe_queue(self, s: QueueStats) -> None:
-        self.running.labels(model=self.model).set(s.running)
-        self.waiting.labels(model=self.model).set(s.waiting)
+        self.observe_counts(s.running, s.waiting)
         self.kv_usage.labels(model=self.model).set(s.kv_usage)
         self.prefix_blocks.labels(model=self.model).set(s.prefix_cache_blocks)
         self.prefix_limit.labels(model=self.model).set(s.prefix_cache_limit)
         for stat, value in (s.decode_graphs or {}).items():
             self.graphs.labels(model=self.model, stat=stat).set(value)
+
+    def observe_counts(self, running: int, waiting: int) -> None:
+        """The running and waiting gauges alone: what a submit or a waiting request's end changes."""
+        self.running.labels(model=self.model).set(running)
+        self.waiting.labels(model=self.model).set(waiting)
 
     def observe_error(self, status: int) -> None:
         self.errors.labels(model=self.model, status=str(status)).inc()

@@ -469,28 +469,32 @@ def test_the_queue_gauges_exist_before_the_first_request(make_loop):
     assert loop.metrics.registry.get_sample_value("painters:num_requests_waiting", {"model": MODEL}) == 0
 
 
-def test_a_waiting_request_aborted_leaves_the_waiting_gauge_current(make_loop, loop_engine, monkeypatch):
-    """A waiting request that its client leaves ends at once, off the engine thread, and the next step refreshes the
-    gauges. Left just after a step had counted it (the step that freed its slot), no step followed: the engine idled
-    with the gauge counting it."""
-    loop = make_loop(max_num_seqs=1)
-    counted, go_on = threading.Event(), threading.Event()
-    observe = loop.metrics.observe_queue
+def test_the_queue_gauges_count_a_request_from_its_submit_to_its_end(tiny_engine, monkeypatch):
+    """The gauges were refreshed only at the end of a step: a request submitted or admitted during a step went
+    uncounted until that step ended (a long prefill's seconds), and a waiting one its client left stayed counted
+    until the next. An idle check reading them (the HPA's, a test's) saw an idle server where one was running."""
+    loop = EngineLoop(tiny_engine, max_num_seqs=1, max_model_len=64, queue_capacity=8, kv_budget_tokens=4096,
+                      metrics=Metrics(model=MODEL))
 
-    def holding(stats) -> None:  # hold the engine thread just after the step that ends "a" counts "b" waiting
-        observe(stats)
-        if stats.running == 0 and stats.waiting == 1 and not counted.is_set():
-            counted.set()
-            assert go_on.wait(TIMEOUT)
-    monkeypatch.setattr(loop.metrics, "observe_queue", holding)
-    running, waiting = Collector(), Collector()
-    loop.submit(request(loop_engine, "a", [5, 6, 7], "full", max_tokens=3), running)
-    loop.submit(request(loop_engine, "b", [8, 9], "full", max_tokens=3), waiting)
-    assert counted.wait(TIMEOUT)
-    loop.abort("b")  # its client left: it ends now (unanswered: nobody is there)
-    assert loop.num_waiting == 0 and sample(loop.metrics, "painters:num_requests_waiting") == 1
-    go_on.set()
-    wait_until(lambda: sample(loop.metrics, "painters:num_requests_waiting") == 0, "the gauge counts none waiting")
+    def gauges() -> tuple[float, float]:
+        return (sample(loop.metrics, "painters:num_requests_running"),
+                sample(loop.metrics, "painters:num_requests_waiting"))
+
+    loop.submit(request(tiny_engine, "a", [5, 6, 7], "full", max_tokens=3), Collector())
+    loop.submit(request(tiny_engine, "b", [8, 9], "full", max_tokens=3), Collector())
+    assert gauges() == (0, 2)
+    during: list[tuple[float, float]] = []
+    real_launch = Batch.launch
+
+    def launch(batch: Batch, inp):
+        during.append(gauges())
+        return real_launch(batch, inp)
+
+    monkeypatch.setattr(Batch, "launch", launch)
+    loop.step()  # admits "a" (one slot): it counts as running from the step's start
+    assert during and set(during) == {(1, 1)}
+    loop.abort("b")  # its client left while it waited: it ends now, and the gauge says so now
+    assert gauges() == (1, 0)
 
 
 def test_a_failing_step_leaves_the_queue_gauges_current(tiny_engine, loop_engine, monkeypatch):

@@ -87,8 +87,8 @@ class EngineLoop:
                      time.perf_counter() - t)
 
     def start(self) -> None:
-        if self.metrics:  # the gauges exist from the start (0 running, 0 waiting), not from the first request on:
-            self.metrics.observe_queue(self._queue_stats())  # a replica that affinity sends nothing still reports
+        self._refresh_gauges()  # they exist from the start (0 running, 0 waiting), not from the first request on:
+        # a replica that affinity sends nothing still reports
         self._thread.start()
 
     def stop(self) -> None:
@@ -157,6 +157,7 @@ class EngineLoop:
             if self._draining and series not in self._series:
                 raise DrainingError("the server is shutting down")
             self.scheduler.enqueue(*(request for request, _ in requests))
+            self._refresh_gauges(counts_only=True)  # now, not at the end of a step that may be long under way
             self._wake.notify()
 
     def open_series(self) -> Series:
@@ -182,7 +183,8 @@ class EngineLoop:
                 return
             if request.status is not Status.RUNNING:
                 self._end(request, "abort")  # waiting: it holds no KV, so ending it here touches no engine state
-            # a running one ends at the engine thread's next step; either way that step refreshes the queue gauges
+                self._refresh_gauges(counts_only=True)
+            # a running one ends at the engine thread's next step, which refreshes the gauges
             self._aborts.add(request_id)
             self._wake.notify()
 
@@ -259,6 +261,8 @@ class EngineLoop:
             if not ending:
                 admission = self.scheduler.admit()
                 aborts, self._aborts = self._aborts, set()
+                if admission.admitted:  # they count as running for the whole step (a long prefill, say)
+                    self._refresh_gauges(counts_only=True)
         if ending:
             self._end_left()
             return
@@ -270,8 +274,7 @@ class EngineLoop:
                 running = list(self.scheduler.running.values())
             for r in running:  # answer=True: one that the step had already finished gets its result
                 self._end(r, "error", f"engine error: {type(e).__name__}: {e}", answer=True)
-            if self.metrics:  # the step's own refresh did not run: the gauges would hold the failed step's counts
-                self.metrics.observe_queue(self._queue_stats())
+            self._refresh_gauges()  # the step's own refresh did not run: they would hold the failed step's counts
 
     def _step(self, admission: Admission, aborts: set[str]) -> None:
         for request_id in aborts:
@@ -308,8 +311,7 @@ class EngineLoop:
                 sizes[r.schedule.policy] = sizes.get(r.schedule.policy, 0) + 1
             for policy, size in sizes.items():
                 self.metrics.observe_step(StepStats(policy, size, duration))
-        if self.metrics:
-            self.metrics.observe_queue(self._queue_stats())
+        self._refresh_gauges()
 
     def _emit(self, r: Request) -> None:
         if r.finish_reason in ("abort", "error"):
@@ -388,6 +390,18 @@ class EngineLoop:
         r.sink = sink
         self._send(r, out)
 
+    def _refresh_gauges(self, *, counts_only: bool = False) -> None:
+        """Set the queue gauges. The counts are read and set under the lock, so that a refresh from a submitting
+        thread and one from the engine thread cannot land an older count over a newer one; the rest (KV, graphs) is
+        the engine thread's state, read only there (`counts_only` elsewhere)."""
+        if not self.metrics:
+            return
+        with self._lock:
+            if counts_only:
+                self.metrics.observe_counts(self.scheduler.num_running, self.scheduler.num_waiting)
+            else:
+                self.metrics.observe_queue(self._queue_stats())
+
     def _queue_stats(self) -> QueueStats:
         kv, graphs = self.batch.kv, self.batch.executor.graphs
         return QueueStats(self.scheduler.num_running, self.scheduler.num_waiting, kv.usage(),
@@ -401,6 +415,5 @@ class EngineLoop:
             self._end(r, "abort", answer=True)
         log.warning("drain deadline passed: %d request(s) ended with finish_reason 'abort': %s", len(left),
                     ", ".join(r.id for r in left))
-        if self.metrics:
-            self.metrics.observe_queue(self._queue_stats())
+        self._refresh_gauges()
         self._abort_left = False
