@@ -497,6 +497,24 @@ def test_the_queue_gauges_count_a_request_from_its_submit_to_its_end(tiny_engine
     assert gauges() == (1, 0)
 
 
+def test_a_request_is_counted_before_it_is_answered(make_loop, loop_engine):
+    """Its answer was sent, then it was counted: a client that read /metrics on its answer could miss it (a test
+    that counted requests after their 200s failed so when the machine was loaded)."""
+    loop = make_loop()
+    at_answer: list[tuple[float, float]] = []
+
+    def on_output(c: Collector, out: Output) -> None:
+        if out.finished:
+            at_answer.append((sample(loop.metrics, "painters:request_success_total", policy="full",
+                                     finished_reason="length"),
+                              sample(loop.metrics, "painters:generation_tokens_total", policy="full")))
+
+    sink = Collector(on_output)
+    loop.submit(request(loop_engine, "a", [5, 6, 7], "full", max_tokens=3), sink)
+    sink.wait()
+    assert at_answer == [(1, 3)]
+
+
 def test_a_failing_step_leaves_the_queue_gauges_current(tiny_engine, loop_engine, monkeypatch):
     """The gauges were refreshed only at the end of a step that did not raise: after a failed step the loop idles
     with the failed requests still counted running (an autoscaler reading them would hold its scale)."""

@@ -302,9 +302,9 @@ class EngineLoop:
         duration = time.perf_counter() - t0
         self.steps += 1
         for r in list(batch.sequences):
-            self._emit(r)
-            if r.finished:
+            if r.finished:  # counted before it is answered: a client that reads /metrics after its answer finds it
                 self._end(r, r.finish_reason or "abort")
+            self._emit(r)
         if self.metrics and (decoded or new):
             sizes: dict[str, int] = {}
             for r in {r.id: r for r in (*new, *decoded)}.values():  # a new request is prefilled and decoded once
