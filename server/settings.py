@@ -52,7 +52,7 @@ class Settings(BaseSettings):
                                   "or /v1/embeddings")
     default_policy: str = "full"
     api_key: SecretStr | None = Field(
-        None, description="require 'Authorization: Bearer KEY' on every endpoint but /health and /ready; several keys "
+        None, description="require 'Authorization: Bearer KEY' on every endpoint but /health, /ready and /version; several keys "
         "separated by commas")
     api_key_file: Path | None = Field(None, description="file of accepted API keys, one per line ('#' comments)")
     metrics_require_key: bool = Field(False, description="also require a key on GET /metrics (scrapers send one)")

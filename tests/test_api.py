@@ -26,7 +26,7 @@ from tests.serving import MAX_LEN, MODEL, metric_value, serving, settings, tiny_
 
 TIMING_HEADERS = ("x-queue-time", "x-prefill-time", "x-decode-time", "x-time-to-first-token", "x-time-per-token",
                   "x-total-time")
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
 SKIP2 = "skip:2-3"  # canonical form of skip:2 on 6 layers
 
@@ -1290,7 +1290,7 @@ def test_api_key():
         assert_error(c.get("/v1/models"), 401)
         assert_serves(c, Authorization="Bearer k")
         assert c.post("/v1/completions", json=body, headers={"x-api-key": "k"}).status_code == 200
-        for open_path in ("/health", "/ready", "/metrics"):
+        for open_path in ("/health", "/ready", "/metrics", "/version"):
             assert c.get(open_path).status_code == 200, open_path
 
 

@@ -162,6 +162,7 @@ def test_retrieve_unknown_is_openais_404(client, name, says):
         client.models.retrieve(name)
     error = e.value.body
     assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert error["type"] == "invalid_request_error"  # OpenAI's type for its 404s (as for its 400s)
     assert f"model {name!r} not found" in error["message"] and says in error["message"]
     assert f"'{MODEL}', '{MODEL}@fast'" in error["message"]  # the served names
 
@@ -189,14 +190,14 @@ def _policy_series(http: httpx.Client) -> list[str]:
 
 
 def test_discovery_routes_keyed_documented_and_shaped():
-    """With keys, the new routes want one as /v1/models does; /info refuses in TGI's shape (its route), the others in
-    OpenAI's. OpenAPI lists all three."""
+    """With keys, /info and /v1/models/{model} want one as /v1/models does; /info refuses in TGI's shape (its route),
+    the other in OpenAI's. /version is open, as vLLM leaves it (it says nothing of the model). OpenAPI lists all three."""
     with serving(settings(api_key="k")) as c:
         r = c.get("/info")
         assert r.status_code == 401 and r.json()["error_type"] == "authentication"
-        for path in ("/version", "/v1/models/tiny"):
-            r = c.get(path)
-            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+        r = c.get("/v1/models/tiny")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert c.get("/version").json() == {"version": __version__}
         key = {"Authorization": "Bearer k"}
         assert c.get("/info", headers=key).json()["model_id"] == "tiny"
         assert c.get("/version", headers=key).json() == {"version": __version__}

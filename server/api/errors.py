@@ -14,7 +14,7 @@ from starlette.types import Scope
 from server.policy.policy import PolicyError
 from server.engine.sampling_params import SamplingError
 
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 408: "invalid_request_error",
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error", 408: "invalid_request_error",
          413: "invalid_request_error",
          429: "rate_limit_error", 500: "internal_server_error", 503: "service_unavailable"}
 

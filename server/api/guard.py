@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.api.errors import route_path, shaped
 from server.api.state import AppState
 
-ALWAYS_OPEN = frozenset({"/health", "/ready"})  # liveness and readiness probes carry no key
+ALWAYS_OPEN = frozenset({"/health", "/ready", "/version"})  # probes carry no key; nor does a version check (as vLLM)
 
 
 class Guard:
