@@ -22,6 +22,7 @@ from torch import Tensor
 from server.policy.compiler import Schedule, Slot
 from server.engine.graphs import PAD, DecodeGraphs
 from server.engine.kv_cache import PagedKVCache
+from server.engine.transfer import to_device
 from server.model.model import GroupMode, Transformer
 from server.model.paged_attention import paged_attention, paged_layout
 from server.model import triton_attention
@@ -196,9 +197,7 @@ class Executor:
         many tokens it appends [B], and the KV table row of every (attention application, layer, row) [N]."""
         host = torch.tensor([r.start for r in rows] + [r.num_new for r in rows] + self.kv_table_rows(program, rows),
                             dtype=torch.long)
-        if self.model.device.type == "cuda":
-            host = host.pin_memory()  # so that the copy is asynchronous (torch caches pinned buffers)
-        host = host.to(self.model.device, non_blocking=True)
+        host = to_device(host, self.model.device)
         B = len(rows)
         return host[:B], host[B : 2 * B], host[2 * B :]
 
@@ -242,8 +241,8 @@ class Executor:
         def real_positions(op: _Apply) -> Tensor:
             """Flat indices of the real tokens among the application's rows x T, from the rows (no host sync)."""
             members = range(B) if op.whole else op.members
-            return torch.tensor([i * T + t for i, b in enumerate(members) for t in range(num_new[b])],
-                                dtype=torch.long).to(dev, non_blocking=True)
+            return to_device(torch.tensor([i * T + t for i, b in enumerate(members) for t in range(num_new[b])],
+                                          dtype=torch.long), dev)
 
         views: dict[int, tuple[dict[bool, Tensor | None], dict[bool, tuple[Tensor, Tensor]], Tensor | None]] = {}
 

@@ -48,6 +48,7 @@ from server.engine.request import GenerationResult, Request, Timings
 from server.engine.sampling import (PromptCache, SamplingBatch, SamplingParams, alternatives, make_generator,
                                     sample_batch)
 from server.engine.served import encode, encode_word
+from server.engine.transfer import to_device
 
 NO_TOKEN_ALLOWED = "no_token_allowed"  # a row's own masks left it nothing to choose (`_why_failed`)
 
@@ -147,12 +148,12 @@ class Batch:
         if len(in_flight) == 1 and src == [(0, b) for b in range(len(in_flight[0].inp.requests))]:
             tokens = in_flight[0].tokens[:, None]  # steady state: no copy
         else:
-            tokens = torch.tensor([s.output_ids[-1] if at is None else 0 for s, at in zip(live, src)],
-                                  dtype=torch.long)[:, None].to(dev, non_blocking=True)
+            tokens = to_device(torch.tensor([s.output_ids[-1] if at is None else 0 for s, at in zip(live, src)],
+                                            dtype=torch.long)[:, None], dev)
             for f, launched in enumerate(in_flight):
                 moved = [(i, at[1]) for i, at in enumerate(src) if at is not None and at[0] == f]
                 if moved:
-                    to, of = torch.tensor(moved, dtype=torch.long).T.to(dev, non_blocking=True)
+                    to, of = to_device(torch.tensor(moved, dtype=torch.long).T, dev)
                     tokens[to, 0] = launched.tokens[of]
         return StepInput(live, rows, tokens, torch.zeros(len(live), dtype=torch.long, device=dev),
                          self._sampling(live, [len(s.output_ids) + (s.id in flying) for s in live], tokens))
@@ -169,10 +170,10 @@ class Batch:
         for b, (s, p) in enumerate(zip(new, starts)):
             tokens[b, : len(s.prompt_ids) - p] = torch.tensor(s.prompt_ids[p:])
         dev = self.model.device
-        last = torch.tensor([len(s.prompt_ids) - p - 1 for s, p in zip(new, starts)]).to(dev, non_blocking=True)
+        last = to_device(torch.tensor([len(s.prompt_ids) - p - 1 for s, p in zip(new, starts)]), dev)
         rows = tuple(Row(s.id, s.schedule, p, len(s.prompt_ids) - p) for s, p in zip(new, starts))
         scored = any(s.params.prompt_alternatives is not None for s in new)
-        return StepInput(tuple(new), rows, tokens.to(dev, non_blocking=True), last,
+        return StepInput(tuple(new), rows, to_device(tokens, dev), last,
                          self._sampling(new, [0] * len(new)), echo=scored)
 
     def _sampling(self, seqs: tuple[Request, ...] | list[Request], made: list[int],

@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from server.engine.transfer import pinned
+
 if TYPE_CHECKING:
     from server.engine.executor import Executor, Row, _Program
     from server.policy.compiler import Schedule
@@ -242,9 +244,7 @@ class DecodeGraphs:
         Bp, B = len(padded), len(rows)
         host = torch.tensor([r.start for r in padded] + [1] * Bp + ex.kv_table_rows(step.program, padded)
                             + where + [0] * (Bp - B), dtype=torch.long)
-        if tokens.device.type == "cuda":
-            host = host.pin_memory()
-        step.inputs.copy_(host, non_blocking=True)
+        step.inputs.copy_(pinned(host, tokens.device), non_blocking=True)
         at = step.inputs[-Bp:][:B]
         step.tokens.index_copy_(0, at, tokens)
         hit = step.graph is not None

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from server.engine.transfer import to_device
 from server.policy.compiler import Slot
 
 
@@ -348,9 +349,7 @@ class PagedKVCache:
         """One asynchronous copy: a decode step queued while the last one runs (overlapped decoding) must not wait
         for the device, as `torch.tensor(..., device="cuda")` does."""
         host = torch.tensor([rows, cols, blocks], dtype=torch.long)
-        if self.tables.is_cuda:
-            host = host.pin_memory()
-        rows_, cols_, blocks_ = host.to(self.tables.device, non_blocking=True)
+        rows_, cols_, blocks_ = to_device(host, self.tables.device)
         self.tables[rows_, cols_] = blocks_
 
     def table_row(self, seq: int, slot: Slot) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 from server.engine.sampling_params import (
     LOGPROBS, MAX_STOP_LENGTH, MAX_STOP_STRINGS, MIN_TEMPERATURE, SEED, TEMPERATURE, TOP_K, TOP_P, Interval, SamplingError, SamplingParams, check_stop,
 )
+from server.engine.transfer import to_device
 
 __all__ = ["LOGPROBS", "MAX_STOP_LENGTH", "MAX_STOP_STRINGS", "MIN_TEMPERATURE", "SEED", "TEMPERATURE", "TOP_K",
            "TOP_P", "BadWords", "Interval", "Penalties", "PromptCache", "SamplingBatch", "SamplingError",
@@ -45,7 +46,7 @@ class PromptCache:
         """[L] long on the device: the prompt's tokens (copied the first time)."""
         held = self._held.get(request_id)
         if held is None:
-            held = torch.tensor(list(prompt), dtype=torch.long).to(self.device, non_blocking=True)
+            held = to_device(torch.tensor(list(prompt), dtype=torch.long), self.device)
             self._held[request_id] = held
         return held
 
@@ -100,8 +101,8 @@ class Penalties:
                     in_seen.append(prompt)
                     sees = prompt.shape[0]
             packed.append((b, p.presence_penalty, frequency, p.repetition_penalty, counts, sees))
-        ids = torch.from_numpy(np.concatenate(counted, axis=1)).to(device, non_blocking=True)  # one copy each:
-        values = torch.tensor(packed, dtype=torch.float64).to(device, non_blocking=True)  # pairs, then parameters
+        ids = to_device(torch.from_numpy(np.concatenate(counted, axis=1)), device)  # one copy each:
+        values = to_device(torch.tensor(packed, dtype=torch.float64), device)  # pairs, then parameters
         index = torch.arange(len(rows), device=device)
 
         def prompt_pairs(column: int, prompts: list[Tensor]) -> Tensor:
@@ -169,7 +170,7 @@ class BadWords:
                     pairs.append((b, last, prefix[-1]))
         if not pairs:
             return None
-        packed = torch.tensor(pairs, dtype=torch.long).T.to(device, non_blocking=True)  # one copy
+        packed = to_device(torch.tensor(pairs, dtype=torch.long).T, device)  # one copy
         at, needs = packed[:2], packed[2]
         hit = needs < 0
         if recent is not None:
@@ -233,30 +234,29 @@ class SamplingBatch:
         sampled = tuple(b for b, p in enumerate(params) if not p.greedy)
         tensors: dict[str, Any] = {}
         if banned:
-            tensors["banned"] = torch.tensor(banned, dtype=torch.long).T.to(device, non_blocking=True)
+            tensors["banned"] = to_device(torch.tensor(banned, dtype=torch.long).T, device)
         if grammar is not None:
             rows, mask = grammar
-            tensors.update(grammar_rows=torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True),
-                           grammar=mask.to(device, non_blocking=True))
+            tensors.update(grammar_rows=to_device(torch.tensor(rows, dtype=torch.long), device),
+                           grammar=to_device(mask, device))
         allowed = [(b, t) for b, p in enumerate(params) if p.allowed_token_ids is not None
                    for t in p.allowed_token_ids]
         if allowed:
-            tensors["allowed"] = torch.tensor(allowed, dtype=torch.long).T.to(device, non_blocking=True)
+            tensors["allowed"] = to_device(torch.tensor(allowed, dtype=torch.long).T, device)
         if any(p.top_from_allowed for p in params):
-            tensors["top_from_allowed"] = torch.tensor([p.top_from_allowed for p in params]).to(device,
-                                                                                               non_blocking=True)
+            tensors["top_from_allowed"] = to_device(torch.tensor([p.top_from_allowed for p in params]), device)
         bias = [(b, t, v) for b, p in enumerate(params) for t, v in p.logit_bias]
         if bias:  # one copy: token ids are exact in float64
-            packed = torch.tensor(bias, dtype=torch.float64).T.to(device, non_blocking=True)
+            packed = to_device(torch.tensor(bias, dtype=torch.float64).T, device)
             tensors.update(bias_at=packed[:2].long(), bias=packed[2].float())
         outputs = outputs or [()] * len(params)
         tensors["bad_words"] = BadWords.of(params, outputs, device, recent)
         tensors["penalties"] = Penalties.of(params, prompts or [None] * len(params), outputs, device, recent)
         min_p = any(params[b].min_p > 0 for b in sampled)
         if sampled:  # one copy: rows and parameters packed together
-            packed = torch.tensor([(b, params[b].temperature, params[b].top_k, params[b].top_p)
-                                   + ((params[b].min_p,) if min_p else ()) for b in sampled],
-                                  dtype=torch.float64).to(device, non_blocking=True)
+            packed = to_device(torch.tensor([(b, params[b].temperature, params[b].top_k, params[b].top_p)
+                                             + ((params[b].min_p,) if min_p else ()) for b in sampled],
+                                            dtype=torch.float64), device)
             tensors.update(rows=packed[:, 0].long(), temperature=packed[:, 1].float(), top_k=packed[:, 2].long(),
                            top_p=packed[:, 3].float(), min_p=packed[:, 4].float() if min_p else None)
         return cls(
