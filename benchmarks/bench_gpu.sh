@@ -18,7 +18,7 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 # cut 60 s later.
 tests_s=${GPU_TEST_S:-120} bench_s=${GPU_BENCH_S:-220} http_s=${GPU_HTTP_S:-140}
 if [ "$tests_s" != 0 ]; then
-    timeout "$tests_s" $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_weights.py -k "gpu or cuda" 2>&1 | tee "$out/gpu-tests.log"
+    timeout "$tests_s" $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_weights.py tests/test_transfer.py -k "gpu or cuda" 2>&1 | tee "$out/gpu-tests.log"
 fi
 # SmolLM2's real checkpoint, where both parts and the checksum reached this machine (benchmarks/fetch_gpu_wheels.sh):
 # captured bf16 decode steps against eager ones on trained weights; it reads the GGUF through the `gguf` wheel.
