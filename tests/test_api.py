@@ -455,6 +455,27 @@ def test_streamed_usage_equals_non_streamed_usage_with_n(client):
     assert streamed == plain
 
 
+def test_continuous_usage_counts_each_choices_tokens_so_far(client):
+    """vLLM's stream_options.continuous_usage_stats: with include_usage every chunk carries its choice's usage so
+    far, and the closing usage chunk is the request's, as without it. Alone it adds nothing (vLLM reads it only with
+    include_usage)."""
+    body = {"prompt": "hello", "max_tokens": 5, "n": 2, "ignore_eos": True, "logprobs": 0, "stream": True}
+    chunks = sse_json(stream(client, "/v1/completions", {**body, "stream_options": {
+        "include_usage": True, "continuous_usage_stats": True}}))
+    *content, last = chunks
+    for index in (0, 1):
+        seen = 0
+        for c in content:
+            if c["choices"][0]["index"] == index:
+                seen += len(c["choices"][0]["logprobs"]["tokens"])
+                assert c["usage"] == {"prompt_tokens": 5, "completion_tokens": seen, "total_tokens": 5 + seen}
+        assert seen == 5
+    assert last["choices"] == [] and last["usage"] == {"prompt_tokens": 5, "completion_tokens": 10,
+                                                       "total_tokens": 15}
+    alone = sse_json(stream(client, "/v1/completions", {**body, "stream_options": {"continuous_usage_stats": True}}))
+    assert alone and all("usage" not in c for c in alone)
+
+
 def test_stream_honours_stop_strings(client):
     full = text_of(client, "hello", max_tokens=12)
     stop = full[4:6]
@@ -518,6 +539,21 @@ def test_chat_max_completion_tokens_and_n(chat_client):
     body = complete(chat_client, "/v1/chat/completions", messages=CHAT, max_completion_tokens=3, n=2).json()
     assert [ch["index"] for ch in body["choices"]] == [0, 1]
     assert body["usage"]["completion_tokens"] == 6
+
+
+def test_chat_continuous_usage_counts_from_the_role_chunk(chat_client):
+    chunks = sse_json(stream(chat_client, "/v1/chat/completions", {
+        "messages": CHAT, "max_tokens": 6, "ignore_eos": True, "logprobs": True, "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True}}))
+    *content, last = chunks
+    prompt = last["usage"]["prompt_tokens"]
+    assert prompt > 0 and content[0]["usage"] == {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
+    seen = 0
+    for c in content[1:]:
+        logprobs = c["choices"][0]["logprobs"]
+        seen += len(logprobs["content"]) if logprobs else 0
+        assert c["usage"] == {"prompt_tokens": prompt, "completion_tokens": seen, "total_tokens": prompt + seen}
+    assert seen == 6 and last["usage"]["completion_tokens"] == 6
 
 
 def test_chat_stream_frames(chat_client):

@@ -8,7 +8,7 @@ import dataclasses
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -133,9 +133,10 @@ def _prompt_logprobs(served: ServedModel, result: GenerationResult, k: int | Non
     return out
 
 
-def _usage(prompt_lens: list[int], results: list[GenerationResult]) -> UsageInfo:
+def _usage(prompt_lens: list[int], results: Sequence[GenerationResult] = (), *, generated: int = 0) -> UsageInfo:
+    """The prompts' tokens and the results' (or `generated`: a choice's so far, for vLLM's continuous usage)."""
     prompt = sum(prompt_lens)
-    completion = sum(len(r.token_ids) for r in results)
+    completion = sum(len(r.token_ids) for r in results) + generated
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
@@ -166,10 +167,11 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     run = await _start(state, job, body)
     rid, created, model = pipeline.new_request_id("cmpl"), int(time.time()), body.model or state.model_name
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        include_usage, continuous = body.stream_options.usage() if body.stream_options else (False, False)
         return pipeline.event_source(state, _stream_completion(
             served, run, rid=rid, created=created, model=model, want_logprobs=want_logprobs,
-            as_ids=body.return_tokens_as_token_ids, include_usage=include_usage), policy=run.schedule.policy)
+            as_ids=body.return_tokens_as_token_ids, include_usage=include_usage, continuous=continuous),
+            policy=run.schedule.policy)
     results = await pipeline.collect(run.streams, request)
     choices = []
     for index, result in enumerate(results):
@@ -203,12 +205,14 @@ def _json(model: Any, headers: dict[str, str]) -> JSONResponse:
 
 
 async def _stream_completion(served: ServedModel, run: Running, *, rid: str, created: int, model: str,
-                             want_logprobs: bool, as_ids: bool, include_usage: bool
+                             want_logprobs: bool, as_ids: bool, include_usage: bool, continuous: bool
                              ) -> AsyncIterator[dict[str, str]]:
     results: list[GenerationResult] = []
     offsets = [_Offsets() for _ in run.streams]
+    generated = [0] * len(run.streams)  # tokens each choice has streamed
     try:
         async for i, out in pipeline.merged(run.streams):
+            generated[i] += len(out.token_ids)
             lp = None
             if want_logprobs:
                 tops: list[dict[int, float] | None] | None = list(out.top_logprobs) if out.top_logprobs else None
@@ -219,6 +223,8 @@ async def _stream_completion(served: ServedModel, run: Running, *, rid: str, cre
             if final is not None:
                 results.append(final)
             chunk.painters = painters_chunk(run.schedule, out)
+            if continuous:
+                chunk.usage = _usage([len(run.prompt_of(i).ids)], generated=generated[i])
             yield _chunk(chunk, include_usage)
     except APIError as e:
         yield {"data": _error_json(e)}
@@ -270,11 +276,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     run, tool_plan = await start_chat(state, body)
     rid, created, model = pipeline.new_request_id("chatcmpl"), int(time.time()), body.model or state.model_name
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        include_usage, continuous = body.stream_options.usage() if body.stream_options else (False, False)
         return pipeline.event_source(state, _stream_chat(
             served, run, rid=rid, created=created, model=model, logprobs=body.logprobs,
-            as_ids=body.return_tokens_as_token_ids, include_usage=include_usage, tool_plan=tool_plan),
-            policy=run.schedule.policy)
+            as_ids=body.return_tokens_as_token_ids, include_usage=include_usage, continuous=continuous,
+            tool_plan=tool_plan), policy=run.schedule.policy)
     results = await pipeline.collect(run.streams, request)
     as_ids = body.return_tokens_as_token_ids
     choices = []
@@ -310,8 +316,14 @@ def chat_logprobs(served: ServedModel, ids: list[int], lps: list[float], tops: l
 
 
 async def _stream_chat(served: ServedModel, run: Running, *, rid: str, created: int, model: str, logprobs: bool,
-                       as_ids: bool, include_usage: bool, tool_plan: ToolPlan) -> AsyncIterator[dict[str, str]]:
+                       as_ids: bool, include_usage: bool, continuous: bool, tool_plan: ToolPlan
+                       ) -> AsyncIterator[dict[str, str]]:
+    prompt = len(run.prompts[0].ids)
+    generated = [0] * len(run.streams)  # tokens each choice has streamed
+
     def chunk(choices: list[ChatChunkChoice], **extra: Any) -> ChatCompletionChunk:
+        if continuous and choices:
+            extra["usage"] = _usage([prompt], generated=generated[choices[0].index])
         return ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, **extra)
 
     for i in range(len(run.streams)):
@@ -321,6 +333,7 @@ async def _stream_chat(served: ServedModel, run: Running, *, rid: str, created: 
     readers = [tool_parsers.stream_reader(tool_plan) for _ in run.streams] if tool_plan.mode != "none" else None
     try:
         async for i, out in pipeline.merged(run.streams):
+            generated[i] += len(out.token_ids)
             lp = (chat_logprobs(served, out.token_ids, out.logprobs, out.top_logprobs or None, as_ids=as_ids)
                   if logprobs else None)
             final = out.result if out.finished else None
@@ -341,5 +354,5 @@ async def _stream_chat(served: ServedModel, run: Running, *, rid: str, created: 
     except APIError as e:
         yield {"data": _error_json(e)}
     if include_usage:
-        yield _chunk(chunk([], usage=_usage([len(run.prompts[0].ids)], results)), True)
+        yield _chunk(chunk([], usage=_usage([prompt], results)), True)
     yield sse("[DONE]")

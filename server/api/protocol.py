@@ -142,6 +142,12 @@ def _refused_unless_neutral(v: Any, info: ValidationInfo) -> Any:
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="vLLM's: with include_usage, every chunk also carries "
+                                         "the usage so far (its choice's completion tokens)")
+
+    def usage(self) -> tuple[bool, bool]:
+        """(a usage chunk at the end, usage on every chunk): the second only with the first, as vLLM reads them."""
+        return self.include_usage, self.include_usage and self.continuous_usage_stats
 
 
 def _json_schema(v: dict[str, Any] | str | None) -> dict[str, Any] | None:
