@@ -87,7 +87,7 @@ def _start(state: AppState, factory: EngineFactory, raw_presets: dict) -> None:
         loop = EngineLoop(engine, max_num_seqs=s.max_num_seqs, max_model_len=max_len, queue_capacity=s.queue_capacity,
                           kv_budget_tokens=budget, kv_block_size=s.kv_block_size,
                           prefix_caching=s.enable_prefix_caching, prefix_cache_blocks=s.prefix_cache_blocks,
-                          metrics=state.metrics)
+                          metrics=state.metrics, scheduling_policy=s.scheduling_policy)
         log.info("KV budget: %d slot-tokens (%.0f MB)", budget, budget * engine.kv_bytes_per_slot_token() / 2**20)
         loop.warm_up(engine.compile(as_policy(s.default_policy)))  # before /ready: captures and compiles
         loop.start()

@@ -129,6 +129,9 @@ def serve(
     default_policy: Annotated[Optional[str], typer.Option(help="policy for requests that name none")] = None,
     device: DeviceOpt = None,  # type: ignore[assignment]
     max_num_seqs: Annotated[Optional[int], typer.Option(help="sequences decoded at once")] = None,
+    scheduling_policy: Annotated[Optional[str], typer.Option(
+        help="which waiting request goes first: fcfs (default; every priority must be 0) or priority (lower "
+        "values first, as vLLM's)")] = None,
     api_key: Annotated[Optional[list[str]], typer.Option(
         help="require 'Authorization: Bearer KEY' (repeatable; or PAINTERS_API_KEY=k1,k2)")] = None,
     api_key_file: Annotated[Optional[Path], typer.Option(help="file of accepted API keys, one per line")] = None,
@@ -171,7 +174,7 @@ def serve(
     from server.settings import Settings
 
     overrides = dict(model=model, host=host, port=port, policy_presets=policy_presets, default_policy=default_policy,
-                     device=device, max_num_seqs=max_num_seqs, api_key=",".join(api_key) if api_key else None,
+                     device=device, max_num_seqs=max_num_seqs, scheduling_policy=scheduling_policy, api_key=",".join(api_key) if api_key else None,
                      api_key_file=api_key_file, metrics_require_key=metrics_require_key,
                      max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, threads=threads,
                      attention=attention, fuse_decode=fuse_decode, overlap_decode=overlap_decode,

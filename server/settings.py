@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(16, ge=1, description="sequences decoded at once, over all policies")
     max_model_len: int = Field(2048, ge=16, description="prompt + generated tokens per sequence")
     queue_capacity: int = Field(256, ge=1, description="waiting requests before 429")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "fcfs", description="which waiting request is admitted first: 'fcfs', the oldest (a request's priority must "
+        "be 0); 'priority', the lowest priority value, then the oldest (vLLM's --scheduling-policy; running requests "
+        "are never preempted)")
     kv_budget_tokens: int | None = Field(
         None, ge=1, description="KV cache size in slot-tokens (one token in one attention slot); default: what "
         "max_num_seqs full-length sequences of the full model need, capped by a quarter of free memory")

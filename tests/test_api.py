@@ -1465,6 +1465,67 @@ def test_a_request_the_queue_cannot_take_whole_is_refused_whole():
         assert metric_value(text, "painters:request_success_total") == 2
 
 
+def test_priority_scheduling_admits_a_later_urgent_request_first():
+    """vLLM's --scheduling-policy priority: behind a running request, one of priority 5 waits, then one of -1 comes.
+    The later, urgent one is admitted first, so it waited less than the earlier one (first come, first served, the
+    earlier one would have); every answer is served."""
+    gate = threading.Event()
+    with serving(settings(scheduling_policy="priority", max_num_seqs=1), gated(gate)) as c:
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 4, "temperature": 0}
+        loop = c.app.state.painters.loop
+        with ThreadPoolExecutor(3) as pool:
+            try:
+                running = pool.submit(c.post, "/v1/completions", json=body)
+                wait_for(lambda: loop.num_running == 1)
+                late = pool.submit(c.post, "/v1/completions", json={**body, "priority": 5})
+                wait_for(lambda: loop.num_waiting == 1)
+                urgent = pool.submit(c.post, "/v1/completions", json={**body, "priority": -1})
+                wait_for(lambda: loop.num_waiting == 2)
+            finally:
+                gate.set()
+            answers = [f.result(timeout=60) for f in (running, late, urgent)]
+        assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
+        queued = [r.json()["painters"]["timings"]["queue_s"] for r in answers[1:]]
+        assert queued[0] > queued[1], f"the priority-5 request waited {queued[0]:.4f} s, the urgent one {queued[1]:.4f}"
+
+
+def test_a_priority_under_first_come_first_served_is_a_400_naming_the_policy(chat_client):
+    """As vLLM: any priority but 0 is refused where the server does not schedule by it (and 0 is served)."""
+    for route, extra in (("/v1/completions", {"prompt": "hi"}),
+                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                         ("/v1/embeddings", {"input": "hi"}),
+                         ("/v1/responses", {"input": "hi"})):
+        body = {"model": MODEL, "max_tokens": 2, **extra}
+        assert_error(chat_client.post(route, json={**body, "priority": 2}), 400, param="priority",
+                     says=("priority 2", "--scheduling-policy priority"))
+        r = chat_client.post(route, json={**body, "priority": 0})
+        assert r.status_code == 200, (route, r.text)
+
+
+def test_a_cache_salt_must_be_a_non_empty_string(client):
+    for salt in ("", 7, ["a"]):
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "cache_salt": salt})
+        assert r.status_code == 400, r.text
+        assert "cache_salt" in r.text
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "cache_salt": "t1"})
+    assert r.status_code == 200, r.text
+
+
+def test_a_cache_salt_keeps_a_prompt_from_others_cached_blocks(client):
+    """The same long prompt under another salt (or none) computes again; under its own salt it reuses its blocks
+    (the engine's reused-token count, which HTTP cannot see otherwise)."""
+    batch = client.app.state.painters.loop.batch
+    prompt = "a context that every request in this test shares, long enough for several blocks"  # 80 tokens
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    reused = []
+    for salt in (None, "tenant-a", "tenant-b", "tenant-a"):
+        before = batch.reused_tokens
+        extra = {} if salt is None else {"cache_salt": salt}
+        assert client.post("/v1/completions", json={**body, **extra}).status_code == 200
+        reused.append(batch.reused_tokens - before)
+    assert reused[1] == reused[2] == 0 and reused[3] >= 64, reused
+
+
 def test_a_request_larger_than_the_queue_is_a_400_not_a_429():
     """Retrying could never help, so it must not say 'retry later'."""
     gate = threading.Event()

@@ -778,6 +778,26 @@ def test_prefix_reuse_gives_the_same_scores_and_tokens(tiny_engine):
     assert batch.kv_usage() == 0.0, "registered blocks that no one holds are not counted as used"
 
 
+def test_a_cache_salt_shares_cached_prompt_blocks_only_with_the_same_salt(tiny_engine):
+    """vLLM's cache_salt: a salted prompt reuses nothing an unsalted one or another salt cached, and reuses what its
+    own salt cached, with the same answers as without reuse."""
+    batch = tiny_engine.new_batch(max_len=64, num_blocks=800, block_size=4, prefix_caching=True)
+    context = [5, 9, 17, 33, 4, 8, 60, 7, 11, 12, 13]  # 2 full blocks of 4, and 3 tokens
+    gen = SamplingParams(max_tokens=3, ignore_eos=True, logprobs=1)
+    reused, results = [], []
+    for salt in (None, "tenant-a", "tenant-b", "tenant-a", None):
+        seq = tiny_engine.new_sequence(context + [40], gen, tiny_engine.compile("full"))
+        seq.cache_salt = salt
+        before = batch.reused_tokens
+        batch.add([seq])
+        while batch.filter() is not None and batch.sequences:
+            batch.step()
+        reused.append(batch.reused_tokens - before)
+        results.append(seq.result())
+    assert reused == [0, 0, 0, 11, 11], "each salt (and no salt) reuses only its own blocks"
+    assert all(r.token_ids == results[0].token_ids for r in results)
+
+
 def test_prefix_reuse_shares_a_context_to_the_token_not_to_the_block(tiny_engine):
     """Blocks of 4: a 10-token context ends 2 tokens into its third block. A continuation computes from the
     context's last token (a generation) or the one before it (echo: its logprob comes from the cache), not from the

@@ -12,18 +12,20 @@ from server.engine.kv_manager import KVManager
 from server.policy.policy import as_policy
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import KVBudgetError, QueueFullError, Scheduler
+from server.engine.scheduler import KVBudgetError, PriorityError, QueueFullError, Scheduler, SchedulingPolicy
 
 
-def req(id: str, *, slots: int = 4, length: int = 16, t: float = 0.0) -> Request:
+def req(id: str, *, slots: int = 4, length: int = 16, t: float = 0.0, priority: int = 0) -> Request:
     """A request of `length` tokens (prompt + max_tokens) whose schedule has `slots` KV slots (full over `slots`
     layers)."""
     schedule = compile_schedule(as_policy("full"), slots)
-    return Request(id, [0] * (length - 1), SamplingParams(max_tokens=1), schedule, arrival=t)
+    return Request(id, [0] * (length - 1), SamplingParams(max_tokens=1), schedule, arrival=t, priority=priority)
 
 
-def sched(*, running: int = 8, capacity: int = 100, blocks: int = 64, block: int = 16) -> Scheduler:
-    return Scheduler(max_running=running, queue_capacity=capacity, kv=KVManager(num_blocks=blocks, block_size=block))
+def sched(*, running: int = 8, capacity: int = 100, blocks: int = 64, block: int = 16,
+          policy: SchedulingPolicy = "fcfs") -> Scheduler:
+    return Scheduler(max_running=running, queue_capacity=capacity, kv=KVManager(num_blocks=blocks, block_size=block),
+                     policy=policy)
 
 
 def ids(requests) -> tuple[str, ...]:
@@ -115,30 +117,74 @@ def test_has_work():
     assert not s.has_work
 
 
+def test_fcfs_refuses_a_priority_naming_the_policy_that_takes_it():
+    s = sched()
+    s.check_priority(0)
+    with pytest.raises(PriorityError, match=r"priority 3: .*first come, first served.*--scheduling-policy priority"):
+        s.enqueue(req("a", priority=3))
+    assert s.num_waiting == 0
+
+
+def test_priority_admits_lower_values_first_then_the_oldest():
+    s = sched(running=4, policy="priority")
+    for rid, p in (("late", 5), ("a", 0), ("urgent", -1), ("b", 0)):
+        s.enqueue(req(rid, priority=p))
+    assert ids(s.admit().admitted) == ("urgent", "a", "b", "late")
+
+
+def test_priority_head_waits_for_room_and_nothing_behind_it_overtakes():
+    s = sched(blocks=8, policy="priority")
+    s.enqueue(req("big", slots=6))
+    s.admit()
+    s.enqueue(req("tiny", slots=1, priority=1))  # would fit now
+    s.enqueue(req("urgent", slots=4, priority=0))  # does not fit beside "big", and goes before "tiny"
+    assert s.admit().admitted == () and s.has_work  # running "big"
+    s.finish("big", "stop")
+    assert ids(s.admit().admitted) == ("urgent", "tiny")
+
+
+def test_requests_ended_while_waiting_leave_the_order_and_it_stays_bounded():
+    s = sched(running=1, capacity=1000, policy="priority")
+    s.enqueue(req("runner"))
+    s.admit()
+    for i in range(500):  # each waits behind "runner" with a priority below the head's, then is aborted
+        s.enqueue(req(f"w{i}", priority=10 + i % 3))
+        s.finish(f"w{i}", "abort")
+    s.enqueue(req("next", priority=7))
+    assert len(s._order) <= 2 * s.num_waiting + 64 + 1, "ended requests' entries are dropped, not kept"
+    s.finish("runner", "stop")
+    assert ids(s.admit().admitted) == ("next",) and s.num_waiting == 0
+
+
 class SchedulerMachine(RuleBasedStateMachine):
     """Random add / admit / finish / abort sequences against the scheduler's promises: FCFS, limits, budget."""
 
+    policy: SchedulingPolicy = "fcfs"
+
     def __init__(self) -> None:
         super().__init__()
-        self.s = sched(running=3, capacity=5, blocks=12, block=4)
+        self.s = sched(running=3, capacity=5, blocks=12, block=4, policy=self.policy)
         self.n = 0
         self.order: list[str] = []  # arrival order of everything ever added
 
-    @rule(slots=st.integers(1, 6), length=st.integers(1, 12))
-    def add(self, slots: int, length: int) -> None:
+    @rule(slots=st.integers(1, 6), length=st.integers(1, 12), priority=st.integers(-2, 2))
+    def add(self, slots: int, length: int, priority: int) -> None:
         self.n += 1
         rid = f"r{self.n}"
         try:
-            self.s.enqueue(req(rid, slots=slots, length=length, t=self.n))
+            self.s.enqueue(req(rid, slots=slots, length=length, t=self.n,
+                               priority=priority if self.policy == "priority" else 0))
             self.order.append(rid)
         except (QueueFullError, KVBudgetError):
             pass
 
     @rule()
     def schedule(self) -> None:
-        waiting = list(self.s.waiting)
+        waiting = list(self.s.waiting)  # arrival order
+        if self.policy == "priority":  # sorted is stable: the oldest first among equal priorities
+            waiting.sort(key=lambda rid: self.s.waiting[rid].priority)
         out = self.s.admit()
-        assert list(ids(out.admitted)) == waiting[: len(out.admitted)], "first come, first served"
+        assert list(ids(out.admitted)) == waiting[: len(out.admitted)], "the head first, never overtaken"
         if len(out.admitted) < len(waiting):
             head = self.s.waiting[waiting[len(out.admitted)]]
             assert (self.s.num_running == self.s.max_running
@@ -163,5 +209,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert not set(self.s.waiting) & set(self.s.running)
 
 
+class PrioritySchedulerMachine(SchedulerMachine):
+    """The same promises under the priority policy: the lowest priority value, then the oldest, is the head."""
+
+    policy: SchedulingPolicy = "priority"
+
+
 test_scheduler_state_machine = SchedulerMachine.TestCase
 test_scheduler_state_machine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+test_priority_scheduler_state_machine = PrioritySchedulerMachine.TestCase
+test_priority_scheduler_state_machine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)

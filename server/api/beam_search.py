@@ -270,7 +270,8 @@ def _submit(state: AppState, prefix: str, ready: pipeline.Prepared, searches: li
     beam's follows a fork of its grammar (the engine advances it by the token it draws: the beam's stays put)."""
     requests = [pipeline.engine_request(pipeline.new_request_id(f"{prefix}-beam"), prompt.ids + beam.tokens,
                                         search.params(beam, step), ready.schedule,
-                                        grammar=None if beam.grammar is None else beam.grammar.fork(), counted=False)
+                                        grammar=None if beam.grammar is None else beam.grammar.fork(), counted=False,
+                                        priority=ready.priority, cache_salt=ready.cache_salt)
                 for prompt, search in zip(ready.prompts, searches, strict=True) if not search.done
                 for beam in search.live]
     return pipeline.submit_all(state, requests, series=series)

@@ -34,10 +34,12 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingRespo
         raise APIError(400, f"truncate_prompt_tokens must be -1 (the context length) or an integer in [1, {limit}] "
                             f"(this server's max_model_len), got {truncate}", param="truncate_prompt_tokens")
     truncate = limit if truncate == -1 else truncate
+    pipeline.check_priority(state, body.priority)
     schedule, prompts = await pipeline.prepare_prompt_only(
         state, _prompts(body.input), model=body.model, policy=body.policy, param="input",
         truncate_prompt_tokens=truncate, add_special_tokens=body.add_special_tokens)
-    engine_request = pipeline.prompt_only_request("embd", [p.ids for p in prompts], schedule, embed=True)
+    engine_request = pipeline.prompt_only_request("embd", [p.ids for p in prompts], schedule, embed=True,
+                                                  priority=body.priority)
     vectors = await pipeline.collect_embeddings(pipeline.submit_all(state, [engine_request], param="input")[0], request)
     tokens = sum(len(p.ids) for p in prompts)
     return EmbeddingResponse(

@@ -162,7 +162,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     logprobs = body.logprobs
     job = Job("cmpl", body.model, body.policy, _prompts(body.prompt), n=body.n,
               max_tokens=16 if body.max_tokens is None else body.max_tokens,
-              truncate_prompt_tokens=body.truncate_prompt_tokens,
+              truncate_prompt_tokens=body.truncate_prompt_tokens, priority=body.priority, cache_salt=body.cache_salt,
               params=_params(body, logprobs=logprobs, echo=body.echo and want_logprobs))
     run = await _start(state, job, body)
     rid, created, model = pipeline.new_request_id("cmpl"), int(time.time()), body.model or state.model_name
@@ -263,7 +263,7 @@ async def start_chat(state: AppState, body: ChatCompletionRequest) -> tuple[Runn
     chat = Chat(messages, body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs,
                 tools=[t.model_dump() for t in body.tools] if body.tools else None)
     job = Job("chatcmpl", body.model, body.policy, chat, n=body.n, max_tokens=limit,
-              truncate_prompt_tokens=body.truncate_prompt_tokens,
+              truncate_prompt_tokens=body.truncate_prompt_tokens, priority=body.priority, cache_salt=body.cache_salt,
               params=_constrained(_params(body, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                                           echo=False), structured))
     return await _start(state, job, body), tool_plan

@@ -27,7 +27,7 @@ from server.engine.request import GenerationResult, Output
 from server.engine.request import Timings as EngineTimings
 from server.engine.request import Request as EngineRequest  # fastapi.Request is the HTTP one
 from server.engine.sampling_params import SamplingParams, StructuredOutput
-from server.engine.scheduler import DrainingError, KVBudgetError, QueueFullError
+from server.engine.scheduler import DrainingError, KVBudgetError, PriorityError, QueueFullError
 from server.engine.served import TemplateKwargsError
 
 if TYPE_CHECKING:
@@ -77,6 +77,8 @@ class Job:
     max_tokens: int | None = None  # None: whatever the context leaves after the prompt
     n: int = 1
     truncate_prompt_tokens: int | None = None  # keep only each prompt's last k tokens (vLLM's left truncation)
+    priority: int = 0  # lower first where the server schedules by priority (vLLM's)
+    cache_salt: str | None = None  # its prompts share cached KV only with requests of the same salt (vLLM's)
 
 
 @dataclass
@@ -99,6 +101,8 @@ class Prepared:
     schedule: Schedule
     prompts: list[Prompt]
     max_tokens: list[int]  # per prompt
+    priority: int = 0  # the job's, for each engine request it becomes
+    cache_salt: str | None = None
 
 
 async def prepare(state: AppState, job: Job) -> Prepared:
@@ -106,6 +110,7 @@ async def prepare(state: AppState, job: Job) -> Prepared:
     was wrong."""
     state.check_admitting()
     _check_sequences(state, job.n * (1 if isinstance(job.prompts, Chat) else len(job.prompts)))
+    check_priority(state, job.priority)
     schedule = state.resolve_policy(job.model, job.policy)
     prompts = await tokenize(state, job.prompts)
     if job.truncate_prompt_tokens is not None:
@@ -115,7 +120,16 @@ async def prepare(state: AppState, job: Job) -> Prepared:
         max_tokens = state.default_max_tokens(len(prompt.ids), schedule) if job.max_tokens is None else job.max_tokens
         state.check_length(len(prompt.ids), max_tokens)
         limits.append(max_tokens)
-    return Prepared(schedule, prompts, limits)
+    return Prepared(schedule, prompts, limits, job.priority, job.cache_salt)
+
+
+def check_priority(state: AppState, priority: int) -> None:
+    """A 400 naming priority where the scheduler does not order by it (checked before any work is done)."""
+    _, loop = state.require()
+    try:
+        loop.check_priority(priority)
+    except PriorityError as e:
+        raise APIError(400, str(e), param="priority") from None
 
 
 async def prepare_prompt_only(state: AppState, prompts: list[str | list[int]], *, model: str | None,
@@ -157,7 +171,8 @@ async def start(state: AppState, job: Job) -> Running:
             if p.structured is not None and p.structured not in grammars:
                 grammars[p.structured] = await compile_grammar(served, p.structured)
         requests += [engine_request(new_request_id(job.prefix), prompt.ids, p, schedule,
-                                    grammar=None if p.structured is None else grammars[p.structured])
+                                    grammar=None if p.structured is None else grammars[p.structured],
+                                    priority=ready.priority, cache_salt=ready.cache_salt)
                      for p in params]
     return Running(schedule, prompts, submit_all(state, requests), job.n)
 
@@ -300,6 +315,8 @@ def submit_all(state: AppState, requests: list[EngineRequest], *, series: Series
     for r in requests:  # a request that could never fit the KV budget is refused whole, before any is queued
         try:
             loop.check(r)
+        except PriorityError as e:
+            raise APIError(400, str(e), param="priority") from None
         except KVBudgetError as e:
             lower = "lower max_tokens" if r.probe_prompts is None else f"send fewer or shorter {param}"
             raise APIError(400, f"{e}; {lower} or choose a policy that runs fewer layers", param=param,
@@ -373,10 +390,10 @@ async def _prompt_only(stream: RequestStream, request: Request, *, answered: Cal
 
 
 def prompt_only_request(prefix: str, prompts: list[list[int]], schedule: Schedule, *,
-                        embed: bool = False) -> EngineRequest:
+                        embed: bool = False, priority: int = 0) -> EngineRequest:
     """One engine request that runs `prompts` through one forward pass (a probe's statistics, or with `embed` their
     embeddings): nothing is sampled, and its KV is reserved for every prompt and freed in the same step."""
-    r = engine_request(new_request_id(prefix), prompts[0], SamplingParams(max_tokens=0), schedule)
+    r = engine_request(new_request_id(prefix), prompts[0], SamplingParams(max_tokens=0), schedule, priority=priority)
     r.probe_prompts, r.embed = prompts, embed
     return r
 
@@ -442,13 +459,14 @@ def new_request_id(prefix: str) -> str:
 
 
 def engine_request(rid: str, prompt_ids: list[int], params: SamplingParams, schedule: Schedule, *,
-                   grammar: Grammar | Matcher | None = None, counted: bool = True) -> EngineRequest:
+                   grammar: Grammar | Matcher | None = None, counted: bool = True, priority: int = 0,
+                   cache_salt: str | None = None) -> EngineRequest:
     """A request to submit; with `grammar` (its structured output compiled), a matcher of its own (or the matcher
     given, at its place: a beam search step's, whose output follows the beam's tokens). counted: whether the
-    metrics observe it as a request (`EngineRequest.counted`)."""
+    metrics observe it as a request (`EngineRequest.counted`); priority and cache_salt: `EngineRequest`'s."""
     matcher = grammar.matcher() if isinstance(grammar, Grammar) else grammar
     return EngineRequest(id=rid, prompt_ids=prompt_ids, params=params, schedule=schedule, arrival=time.perf_counter(),
-                         grammar=matcher, counted=counted)
+                         grammar=matcher, counted=counted, priority=priority, cache_salt=cache_salt)
 
 
 def timings(result: GenerationResult) -> Timings:

@@ -140,6 +140,15 @@ def _refused_unless_neutral(v: Any, info: ValidationInfo) -> Any:
     return v
 
 
+Priority = Annotated[int, Field(ge=-2**63, le=2**63 - 1)]
+PRIORITY_DOC = ("vLLM's: where the server schedules by priority (--scheduling-policy priority), waiting requests "
+                "of lower values are admitted first (then the oldest first); any value but 0 is a 400 where it "
+                "schedules first come, first served (the default)")
+CacheSalt = Annotated[str, Field(min_length=1)]
+CACHE_SALT_DOC = ("vLLM's: the prompt's cached KV blocks are shared only with requests sending the same salt (a "
+                  "tenant's prompts cannot be detected by others' cache hits); a non-empty string")
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = Field(False, description="vLLM's: with include_usage, every chunk also carries "
@@ -329,6 +338,8 @@ class _Sampling(_Body):
     min_tokens: int = Field(0, ge=0, description="vLLM's: until this many tokens, the EOS may not be chosen (it is "
                             "masked) and stop strings do not match")
     policy: PolicyField = Field(None, description=POLICY_DOC)
+    priority: Priority = Field(0, description=PRIORITY_DOC)
+    cache_salt: CacheSalt | None = Field(None, description=CACHE_SALT_DOC)
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
         None, max_length=256, description="vLLM's: token ids that end the request (the token is kept)")
     presence_penalty: Penalty = Field(0.0, description="subtracted once from the logit of every token the output "
@@ -781,6 +792,7 @@ class EmbeddingRequest(_Body):
     add_special_tokens: bool = Field(True, description="vLLM's: texts get the special tokens their tokenizer adds by "
                                      "default (Gemma's <bos>; none for SmolLM2); false: only their own tokens")
     policy: PolicyField = Field(None, description=POLICY_DOC)
+    priority: Priority = Field(0, description=PRIORITY_DOC)
 
     @field_validator("input")
     @classmethod

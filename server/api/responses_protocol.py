@@ -14,8 +14,8 @@ from pydantic import (
 )
 
 from server.api.protocol import (
-    FAIL_FAST, POLICY_DOC, ChatCompletionRequest, Logprobs, OpenAITopK, PaintersInfo, PolicyField, Positive, Seed,
-    Temperature, Texts, TopP, _Body, _check_stop,
+    CACHE_SALT_DOC, FAIL_FAST, POLICY_DOC, PRIORITY_DOC, CacheSalt, ChatCompletionRequest, Logprobs, OpenAITopK,
+    PaintersInfo, PolicyField, Positive, Priority, Seed, Temperature, Texts, TopP, _Body, _check_stop,
 )
 from server.api.tools import FunctionDefinition, _function_name
 
@@ -255,6 +255,8 @@ class ResponsesRequest(_Body):
     policy: PolicyField = Field(None, description=POLICY_DOC)
     # vLLM's extensions of ResponsesRequest, which the chat path takes as they are
     top_k: OpenAITopK = Field(0, description="vLLM's: 0 or -1: off")
+    priority: Priority = Field(0, description=PRIORITY_DOC)
+    cache_salt: CacheSalt | None = Field(None, description=CACHE_SALT_DOC)
     seed: Seed | None = None
     stop: str | Texts | None = None
     ignore_eos: bool = False
@@ -308,7 +310,7 @@ class ResponsesRequest(_Body):
             "logit_bias": self.logit_bias, "skip_special_tokens": self.skip_special_tokens,
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "structured_outputs": self.structured_outputs, "policy": self.policy, "stream": self.stream,
-            "parallel_tool_calls": self.parallel_tool_calls,
+            "parallel_tool_calls": self.parallel_tool_calls, "priority": self.priority, "cache_salt": self.cache_salt,
         }
         if self.logprobs:
             body.update(logprobs=True, top_logprobs=self.top_logprobs or 0)

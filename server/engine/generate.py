@@ -320,7 +320,7 @@ class Batch:
             firsts: set[tuple[str, tuple[int, ...]]] = set()
             waves = [[], []]
             for s in new:
-                first = (s.schedule.key, tuple(s.prompt_ids[: self.kv.block_size]))
+                first = (s.prefix_key, tuple(s.prompt_ids[: self.kv.block_size]))
                 shares = len(s.prompt_ids) > self.kv.block_size and first in firsts
                 waves[1 if shares else 0].append(s)
                 firsts.add(first)

@@ -9,7 +9,8 @@ stack and are reused first, so resident memory follows peak use.
 
 Prefix reuse (automatic prefix caching, as in vLLM): a full block of a prompt is found by the hash of its tokens and
 everything before it, per schedule (a schedule key and a block chain name the same keys and values only under the
-same schedule). A registered block outlives its sequence while no one needs the memory: blocks held by no sequence
+same schedule) and per cache salt (`Request.prefix_key`: a tenant's salted prompts share no block with others'). A
+registered block outlives its sequence while no one needs the memory: blocks held by no sequence
 are evicted least recently used when the pool runs out of free ones. A sequence that finds its prompt's first blocks
 adopts them (reference-counted, read only: a sequence writes only past its prompt's full blocks), and each entry
 can carry an opaque payload (the prompt logprobs of its tokens, and of the token after it).

@@ -154,7 +154,7 @@ class KVManager:
             return Reused(0)
         cache, size, ids = self.cache, self.block_size, s.prompt_ids
         assert cache is not None
-        key, n = s.schedule.key, s.params.prompt_alternatives
+        key, n = s.prefix_key, s.params.prompt_alternatives
         entries = cache.lookup(key, ids, (len(ids) - 1) // size)
         if n is not None:
             entries = list(itertools.takewhile(lambda e: e.scores is not None and e.scores[0] >= n, entries))
@@ -212,7 +212,7 @@ class KVManager:
         cache, size = self.cache, self.block_size
         assert cache is not None
         L = len(s.prompt_ids)
-        entries = cache.register(s.id, s.schedule.key, s.schedule.slots, s.prompt_ids, start // size, self.blocks_for(L))
+        entries = cache.register(s.id, s.prefix_key, s.schedule.slots, s.prompt_ids, start // size, self.blocks_for(L))
         n = s.params.prompt_alternatives
         if n is None or s.prompt_logprobs is None or s.prompt_ranks is None:
             return

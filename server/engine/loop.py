@@ -30,11 +30,13 @@ from server.engine.generate import Engine
 from server.policy.compiler import Schedule
 from server.metrics import Metrics, QueueStats, RequestStats, StepStats
 from server.engine.request import Output, Request, Sink, Status
-from server.engine.scheduler import Admission, DrainingError, KVBudgetError, QueueFullError, Scheduler
+from server.engine.scheduler import (Admission, DrainingError, KVBudgetError, PriorityError, QueueFullError, Scheduler,
+                                     SchedulingPolicy)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DrainingError", "EngineLoop", "KVBudgetError", "Output", "QueueFullError", "Request", "Series"]
+__all__ = ["DrainingError", "EngineLoop", "KVBudgetError", "Output", "PriorityError", "QueueFullError", "Request",
+           "Series"]
 
 
 @dataclass(eq=False)
@@ -49,15 +51,18 @@ class Series:
 class EngineLoop:
     def __init__(self, engine: Engine, *, max_num_seqs: int, max_model_len: int, queue_capacity: int,
                  kv_budget_tokens: int, kv_block_size: int = 16, prefix_caching: bool = True,
-                 prefix_cache_blocks: int | None = None, metrics: Metrics | None = None) -> None:
+                 prefix_cache_blocks: int | None = None, metrics: Metrics | None = None,
+                 scheduling_policy: SchedulingPolicy = "fcfs") -> None:
         """kv_budget_tokens: KV cache size in slot-tokens (one token's keys and values in one slot);
-        prefix_cache_blocks: cap on blocks kept only for prefix reuse (default a share of the budget)."""
+        prefix_cache_blocks: cap on blocks kept only for prefix reuse (default a share of the budget);
+        scheduling_policy: which waiting request is admitted first (`Scheduler`)."""
         self.engine, self.metrics = engine, metrics
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         blocks = max(1, kv_budget_tokens // kv_block_size)
         self.batch = engine.new_batch(max_len=max_model_len, num_blocks=blocks + 1, block_size=kv_block_size,
                                       prefix_caching=prefix_caching, prefix_blocks=prefix_cache_blocks)
-        self.scheduler = Scheduler(max_running=max_num_seqs, queue_capacity=queue_capacity, kv=self.batch.kv)
+        self.scheduler = Scheduler(max_running=max_num_seqs, queue_capacity=queue_capacity, kv=self.batch.kv,
+                                   policy=scheduling_policy)
         self._aborts: set[str] = set()  # requests whose client left: running ones end at the next step
         self._lock = threading.RLock()  # re-entered when abort() ends a waiting request under it
         self._wake = threading.Condition(self._lock)
@@ -135,8 +140,13 @@ class EngineLoop:
         return left
 
     def check(self, request: Request) -> None:
-        """Raise KVBudgetError when this request could never fit the KV budget."""
+        """Raise KVBudgetError when this request could never fit the KV budget, PriorityError when the scheduler
+        does not order by its priority."""
         self.scheduler.check(request)
+
+    def check_priority(self, priority: int) -> None:
+        """Raise PriorityError when the scheduler does not order by `priority`."""
+        self.scheduler.check_priority(priority)
 
     def longest(self, schedule: Schedule) -> int:
         """The most tokens (prompt + max_tokens) a request under `schedule` can ever hold in the KV budget."""

@@ -8,9 +8,11 @@ The scheduler owns every `Request` (waiting, then running) and ends it through o
 from __future__ import annotations
 
 import enum
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from server.policy.compiler import Schedule
@@ -121,6 +123,8 @@ class Request:
     arrival: float = field(default_factory=time.perf_counter)
     # observed in the metrics as a request of its own; a beam search's one-token steps are not (the search is, once)
     counted: bool = True
+    priority: int = 0  # lower first, where the scheduler orders by priority (vLLM's)
+    cache_salt: str | None = None  # its prompt shares cached KV only with requests of the same salt (vLLM's)
     probe_prompts: list[list[int]] | None = None  # a probe: one forward pass of these, statistics instead of tokens
     embed: bool = False  # with probe_prompts: their embeddings instead of statistics (POST /v1/embeddings)
     sink: Sink | None = None  # receives its `Output`s (the engine loop's requests)
@@ -153,6 +157,14 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @cached_property
+    def prefix_key(self) -> str:
+        """What its prompt blocks are cached under: its schedule's key, and its salt's digest when it has one (a
+        schedule key holds no '#'; the digest keeps a long salt out of every cache entry)."""
+        if self.cache_salt is None:
+            return self.schedule.key
+        return f"{self.schedule.key}#{hashlib.blake2b(self.cache_salt.encode(), digest_size=16).hexdigest()}"
 
     def kv_length(self) -> int:
         """Tokens per slot its whole life may need: prompt + max_tokens, or every probe prompt (each in its own
