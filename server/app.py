@@ -21,6 +21,7 @@ from server import __version__
 from server.api import embeddings, errors, misc, native, openai, playground, probe, responses
 from server.api.guard import ALWAYS_OPEN, Guard
 from server.api.protocol import ErrorResponse, TGIErrorResponse
+from server.api.request_id import EchoRequestId
 from server.api.responses_background import BackgroundTasks
 from server.api.responses_store import ResponseStore
 from server.api.state import AppState
@@ -158,6 +159,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     open_paths = ALWAYS_OPEN if settings.metrics_require_key else ALWAYS_OPEN | {"/metrics", "/metrics/targets"}
     open_paths |= playground.install(app, refusals)
     app.add_middleware(Guard, state=state, keys=keys, open_paths=open_paths)
+    app.add_middleware(EchoRequestId)  # outside the guard: its refusals carry the id back too
     if keys:
         log.info("API keys required (%d accepted) on every endpoint but %s", len(keys), ", ".join(sorted(open_paths)))
         _document_bearer(app, open_paths)

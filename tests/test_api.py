@@ -1526,6 +1526,35 @@ def test_a_cache_salt_keeps_a_prompt_from_others_cached_blocks(client):
     assert reused[1] == reused[2] == 0 and reused[3] >= 64, reused
 
 
+def test_a_clients_request_id_names_its_answer_and_comes_back_in_a_header(client, chat_client):
+    """vLLM's: the X-Request-Id header (else the body's request_id) names the answer, streamed or not; the header is
+    echoed on any response, a refusal's too; without one, ids are the server's own."""
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    r = client.post("/v1/completions", json=body, headers={"X-Request-Id": "trace-7"})
+    assert r.status_code == 200 and r.json()["id"] == "cmpl-trace-7" and r.headers["x-request-id"] == "trace-7"
+    r = client.post("/v1/completions", json={**body, "request_id": "from-body"})
+    assert r.json()["id"] == "cmpl-from-body" and "x-request-id" not in r.headers
+    r = client.post("/v1/completions", json={**body, "request_id": "from-body"}, headers={"X-Request-Id": "hdr"})
+    assert r.json()["id"] == "cmpl-hdr", "the header wins, as in vLLM"
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True},
+                       headers={"X-Request-Id": "s1"}) as r:
+        assert r.headers["x-request-id"] == "s1"
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks and {c["id"] for c in chunks} == {"cmpl-s1"}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert chat_client.post("/v1/chat/completions", json=chat,
+                            headers={"X-Request-Id": "c1"}).json()["id"] == "chatcmpl-c1"
+    fresh = {client.post("/v1/completions", json=body).json()["id"] for _ in range(2)}
+    assert len(fresh) == 2 and all(i.startswith("cmpl-") for i in fresh)
+    refused = client.post("/v1/completions", json={**body, "max_tokens": -1}, headers={"X-Request-Id": "bad-1"})
+    assert refused.status_code == 400 and refused.headers["x-request-id"] == "bad-1"
+    missing = client.get("/v1/nothing-here", headers={"X-Request-Id": "nf"})
+    assert missing.status_code == 404 and missing.headers["x-request-id"] == "nf"
+    assert_error(client.post("/v1/completions", json=body, headers={"X-Request-Id": "x" * 257}), 400,
+                 param="X-Request-Id", says=("257 characters", "at most 256"))
+    assert_error(client.post("/v1/completions", json={**body, "request_id": "y" * 300}), 400, param="request_id")
+
+
 def test_a_request_larger_than_the_queue_is_a_400_not_a_429():
     """Retrying could never help, so it must not say 'retry later'."""
     gate = threading.Event()

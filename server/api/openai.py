@@ -22,6 +22,7 @@ from server.api.protocol import (
     ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob, CompletionChoice, CompletionLogprobs,
     CompletionRequest, CompletionResponse, ModelCard, ModelList, PromptLogprob, PromptLogprobs, UsageInfo,
 )
+from server.api.request_id import response_id
 from server.api.state import AppState
 from server.api.tools import ToolPlan, plan
 from server.engine.request import GenerationResult
@@ -160,12 +161,12 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         raise APIError(400, "echo is not supported with stream=true; use stream=false", param="echo")
     want_logprobs = body.logprobs is not None
     logprobs = body.logprobs
+    rid, created, model = response_id("cmpl", request, body.request_id), int(time.time()), body.model or state.model_name
     job = Job("cmpl", body.model, body.policy, _prompts(body.prompt), n=body.n,
               max_tokens=16 if body.max_tokens is None else body.max_tokens,
               truncate_prompt_tokens=body.truncate_prompt_tokens, priority=body.priority, cache_salt=body.cache_salt,
               params=_params(body, logprobs=logprobs, echo=body.echo and want_logprobs))
     run = await _start(state, job, body)
-    rid, created, model = pipeline.new_request_id("cmpl"), int(time.time()), body.model or state.model_name
     if body.stream:
         include_usage, continuous = body.stream_options.usage() if body.stream_options else (False, False)
         return pipeline.event_source(state, _stream_completion(
@@ -273,8 +274,9 @@ async def start_chat(state: AppState, body: ChatCompletionRequest) -> tuple[Runn
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     state = get_state(request)
     served, _ = state.require()
+    rid = response_id("chatcmpl", request, body.request_id)
     run, tool_plan = await start_chat(state, body)
-    rid, created, model = pipeline.new_request_id("chatcmpl"), int(time.time()), body.model or state.model_name
+    created, model = int(time.time()), body.model or state.model_name
     if body.stream:
         include_usage, continuous = body.stream_options.usage() if body.stream_options else (False, False)
         return pipeline.event_source(state, _stream_chat(

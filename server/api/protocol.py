@@ -340,6 +340,8 @@ class _Sampling(_Body):
     policy: PolicyField = Field(None, description=POLICY_DOC)
     priority: Priority = Field(0, description=PRIORITY_DOC)
     cache_salt: CacheSalt | None = Field(None, description=CACHE_SALT_DOC)
+    request_id: str | None = Field(None, description="vLLM's: the answer's id is cmpl-<request_id> (chatcmpl- on "
+                                   "chat), unless an X-Request-Id header names it; at most 256 characters")
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
         None, max_length=256, description="vLLM's: token ids that end the request (the token is kept)")
     presence_penalty: Penalty = Field(0.0, description="subtracted once from the logit of every token the output "
