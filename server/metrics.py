@@ -49,6 +49,7 @@ class RequestStats:
     ttft_s: float
     e2e_s: float
     per_token_s: tuple[float, ...]  # inter-token latencies after the first token
+    cached_tokens: int | None = None  # prompt tokens the prefix cache held; None: not looked up
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,11 @@ class Metrics:
         self.decode = hist("request_decode_time_seconds", "Decode time", LATENCY_BUCKETS)
         self.prompt_tokens = Counter("painters:prompt_tokens", "Prompt tokens processed", labels, registry=r)
         self.generation_tokens = Counter("painters:generation_tokens", "Tokens generated", labels, registry=r)
+        # vLLM's pair: hits / queries is the share of prompt tokens the prefix cache spared computing
+        self.prefix_queries = Counter("painters:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      labels, registry=r)
+        self.prefix_hits = Counter("painters:prefix_cache_hits", "Prompt tokens found in the prefix cache (their KV "
+                                   "was not computed again)", labels, registry=r)
         self.success = Counter("painters:request_success", "Finished requests", [*labels, "finished_reason"],
                                registry=r)
         self.running = Gauge("painters:num_requests_running", "Sequences being decoded", ["model"], registry=r)
@@ -155,6 +161,9 @@ class Metrics:
         self.prompt_tokens.labels(**labels).inc(s.prompt_tokens)
         self.success.labels(**labels, finished_reason=s.finished_reason).inc()
         self.generation_tokens.labels(**labels).inc(s.generation_tokens)  # aborted ones were generated too
+        if s.cached_tokens is not None:
+            self.prefix_queries.labels(**labels).inc(s.prompt_tokens)
+            self.prefix_hits.labels(**labels).inc(s.cached_tokens)
         if s.finished_reason in ("abort", "error"):
             return
         self.e2e.labels(**labels).observe(s.e2e_s)

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")
     enable_prefix_caching: bool = Field(
         True, description="reuse the KV (and prompt logprobs) of prompt blocks already computed under the same policy")
+    enable_prompt_tokens_details: bool = Field(
+        False, description="answers' final usage carries prompt_tokens_details.cached_tokens: the prompt tokens "
+        "found in the prefix cache (vLLM's option of that name)")
     prefix_cache_blocks: int | None = Field(
         None, ge=0, description="KV blocks kept only for prefix reuse (held by no request); least recently used ones "
         "beyond it are evicted; default: a quarter of the KV budget's blocks")

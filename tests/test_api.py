@@ -1555,6 +1555,32 @@ def test_a_clients_request_id_names_its_answer_and_comes_back_in_a_header(client
     assert_error(client.post("/v1/completions", json={**body, "request_id": "y" * 300}), 400, param="request_id")
 
 
+def test_prompt_tokens_details_count_the_prompt_tokens_the_prefix_cache_held():
+    """vLLM's --enable-prompt-tokens-details: the final usage says how many prompt tokens were cached, streamed or
+    not; a prompt's n choices count it once, what was cached before the request came. The Responses API always says
+    it (input_tokens_details), and /metrics counts them (painters:prefix_cache_hits / _queries)."""
+    with serving(settings(enable_prompt_tokens_details=True)) as c:
+        prompt = "a context that every request in this test shares, long enough for several blocks"  # 80 tokens
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0}
+        first = c.post("/v1/completions", json=body).json()["usage"]
+        assert first["prompt_tokens"] == 80 and first["prompt_tokens_details"] == {"cached_tokens": 0}
+        again = c.post("/v1/completions", json={**body, "n": 2}).json()["usage"]
+        assert again["prompt_tokens"] == 80 and again["prompt_tokens_details"] == {"cached_tokens": 79}  # all but the last
+        with c.stream("POST", "/v1/completions", json={**body, "stream": True,
+                                                       "stream_options": {"include_usage": True}}) as r:
+            frames = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert frames[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 79}
+        assert all("prompt_tokens_details" not in (f.get("usage") or {}) for f in frames[:-1])
+        other = c.post("/v1/completions", json={**body, "prompt": "something else entirely"}).json()["usage"]
+        assert other["prompt_tokens_details"] == {"cached_tokens": 0}
+        text = c.get("/metrics").text
+        assert metric_value(text, "painters:prefix_cache_hits_total") == 79 * 3  # n = 2 counts both choices
+        assert metric_value(text, "painters:prefix_cache_queries_total") == 80 * 4 + len("something else entirely")
+    with serving(settings()) as c:  # off by default, as vLLM's: no details at all
+        usage = c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}).json()["usage"]
+        assert "prompt_tokens_details" not in usage
+
+
 def test_a_request_larger_than_the_queue_is_a_400_not_a_429():
     """Retrying could never help, so it must not say 'retry later'."""
     gate = threading.Event()

@@ -41,3 +41,17 @@ def test_a_short_policy_and_a_reserved_long_one_keep_their_label():
     for policy in ("skip:2-3", preset):
         observe(m, policy)
     assert labels(m) == {"skip:2-3", preset}
+
+
+def test_prefix_cache_counters_count_only_requests_that_looked_up():
+    """vLLM's pair: queries count a looked-up request's prompt tokens, hits those the cache held; a request that never
+    looked up (prefix caching off) counts in neither, so hits / queries stays the share of the cache's work."""
+    from tests.serving import metric_value
+
+    m = Metrics(model="m")
+    m.observe_request(RequestStats("full", "stop", 40, 2, 0.1, 0.1, 0.1, 0.1, 0.3, (), cached_tokens=32))
+    m.observe_request(RequestStats("full", "stop", 10, 2, 0.1, 0.1, 0.1, 0.1, 0.3, (), cached_tokens=0))
+    m.observe_request(RequestStats("full", "stop", 99, 2, 0.1, 0.1, 0.1, 0.1, 0.3, ()))  # not looked up
+    text = m.render()[0].decode()
+    assert metric_value(text, "painters:prefix_cache_queries_total", policy="full") == 50
+    assert metric_value(text, "painters:prefix_cache_hits_total", policy="full") == 32

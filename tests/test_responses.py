@@ -81,7 +81,10 @@ def test_a_response_is_the_chat_answer_to_the_same_conversation(client):
     usage = out.usage
     assert (usage.input_tokens, usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
     assert usage.total_tokens == usage.input_tokens + usage.output_tokens
-    assert usage.input_tokens_details.cached_tokens == 0 and usage.output_tokens_details.reasoning_tokens == 0
+    assert usage.output_tokens_details.reasoning_tokens == 0
+    again = _create(client, input=conversation, instructions="Answer briefly.").usage
+    # the chat above computed the same prompt: all of it is cached but the last token, which is computed
+    assert again.input_tokens_details.cached_tokens == again.input_tokens - 1 == usage.input_tokens - 1
     assert (out.model, out.instructions, out.metadata, out.user, out.temperature, out.top_p, out.max_output_tokens,
             out.tool_choice, out.tools, out.text.format.type) == (
         MODEL, "Answer briefly.", {"k": "v"}, "u1", 0, 1, 24, "auto", [], "text")

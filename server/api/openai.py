@@ -8,7 +8,7 @@ import dataclasses
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -20,7 +20,8 @@ from server.api.pipeline import Chat, Job, Running, painters_chunk, painters_inf
 from server.api.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
     ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob, CompletionChoice, CompletionLogprobs,
-    CompletionRequest, CompletionResponse, ModelCard, ModelList, PromptLogprob, PromptLogprobs, UsageInfo,
+    CompletionRequest, CompletionResponse, ModelCard, ModelList, PromptLogprob, PromptLogprobs, PromptTokensDetails,
+    UsageInfo,
 )
 from server.api.request_id import response_id
 from server.api.state import AppState
@@ -134,11 +135,26 @@ def _prompt_logprobs(served: ServedModel, result: GenerationResult, k: int | Non
     return out
 
 
-def _usage(prompt_lens: list[int], results: Sequence[GenerationResult] = (), *, generated: int = 0) -> UsageInfo:
-    """The prompts' tokens and the results' (or `generated`: a choice's so far, for vLLM's continuous usage)."""
-    prompt = sum(prompt_lens)
-    completion = sum(len(r.token_ids) for r in results) + generated
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+def _usage(run: Running, results: Mapping[int, GenerationResult], *, details: bool) -> UsageInfo:
+    """The final usage: each prompt once however many choices (n) it has, and every choice's tokens (`results` by
+    choice index). With `details` (enable_prompt_tokens_details, vLLM's), the prompt tokens the prefix cache held:
+    per prompt, the fewest any of its choices found, what was cached before the request came (its later choices
+    reuse its first's)."""
+    prompt = sum(len(p.ids) for p in run.prompts)
+    completion = sum(len(r.token_ids) for r in results.values())
+    usage = UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    if details:
+        cached: dict[int, int] = {}
+        for i, r in results.items():
+            found = r.cached_tokens or 0
+            cached[i // run.n] = min(cached.get(i // run.n, found), found)
+        usage.prompt_tokens_details = PromptTokensDetails(cached_tokens=sum(cached.values()))
+    return usage
+
+
+def _usage_so_far(prompt_tokens: int, generated: int) -> UsageInfo:
+    """vLLM's continuous usage: a choice's prompt and its tokens so far."""
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated)
 
 
 @router.get("/v1/models", response_model=ModelList)
@@ -167,12 +183,13 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
               truncate_prompt_tokens=body.truncate_prompt_tokens, priority=body.priority, cache_salt=body.cache_salt,
               params=_params(body, logprobs=logprobs, echo=body.echo and want_logprobs))
     run = await _start(state, job, body)
+    details = state.settings.enable_prompt_tokens_details
     if body.stream:
         include_usage, continuous = body.stream_options.usage() if body.stream_options else (False, False)
         return pipeline.event_source(state, _stream_completion(
             served, run, rid=rid, created=created, model=model, want_logprobs=want_logprobs,
-            as_ids=body.return_tokens_as_token_ids, include_usage=include_usage, continuous=continuous),
-            policy=run.schedule.policy)
+            as_ids=body.return_tokens_as_token_ids, include_usage=include_usage, continuous=continuous,
+            details=details), policy=run.schedule.policy)
     results = await pipeline.collect(run.streams, request)
     choices = []
     for index, result in enumerate(results):
@@ -196,7 +213,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         choices.append(CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=result.finish_reason,
                                         prompt_logprobs=_prompt_logprobs(served, result, body.prompt_logprobs)))
     out = CompletionResponse(id=rid, created=created, model=model, choices=choices,
-                             usage=_usage([len(p.ids) for p in run.prompts], results),
+                             usage=_usage(run, dict(enumerate(results)), details=details),
                              painters=painters_info(run.schedule, slowest(results)))
     return _json(out, timing_headers(run.schedule, results))
 
@@ -206,9 +223,9 @@ def _json(model: Any, headers: dict[str, str]) -> JSONResponse:
 
 
 async def _stream_completion(served: ServedModel, run: Running, *, rid: str, created: int, model: str,
-                             want_logprobs: bool, as_ids: bool, include_usage: bool, continuous: bool
-                             ) -> AsyncIterator[dict[str, str]]:
-    results: list[GenerationResult] = []
+                             want_logprobs: bool, as_ids: bool, include_usage: bool, continuous: bool,
+                             details: bool) -> AsyncIterator[dict[str, str]]:
+    results: dict[int, GenerationResult] = {}  # by choice index
     offsets = [_Offsets() for _ in run.streams]
     generated = [0] * len(run.streams)  # tokens each choice has streamed
     try:
@@ -222,16 +239,16 @@ async def _stream_completion(served: ServedModel, run: Running, *, rid: str, cre
             chunk = CompletionResponse(id=rid, created=created, model=model, choices=[CompletionChoice(
                 index=i, text=out.text, logprobs=lp, finish_reason=final.finish_reason if final else None)])
             if final is not None:
-                results.append(final)
+                results[i] = final
             chunk.painters = painters_chunk(run.schedule, out)
             if continuous:
-                chunk.usage = _usage([len(run.prompt_of(i).ids)], generated=generated[i])
+                chunk.usage = _usage_so_far(len(run.prompt_of(i).ids), generated[i])
             yield _chunk(chunk, include_usage)
     except APIError as e:
         yield {"data": _error_json(e)}
     if include_usage:  # each prompt once, however many choices (n) it has
         yield _chunk(CompletionResponse(id=rid, created=created, model=model, choices=[],
-                                        usage=_usage([len(p.ids) for p in run.prompts], results)), True)
+                                        usage=_usage(run, results, details=details)), True)
     yield sse("[DONE]")
 
 
@@ -277,12 +294,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     rid = response_id("chatcmpl", request, body.request_id)
     run, tool_plan = await start_chat(state, body)
     created, model = int(time.time()), body.model or state.model_name
+    details = state.settings.enable_prompt_tokens_details
     if body.stream:
         include_usage, continuous = body.stream_options.usage() if body.stream_options else (False, False)
         return pipeline.event_source(state, _stream_chat(
             served, run, rid=rid, created=created, model=model, logprobs=body.logprobs,
             as_ids=body.return_tokens_as_token_ids, include_usage=include_usage, continuous=continuous,
-            tool_plan=tool_plan), policy=run.schedule.policy)
+            tool_plan=tool_plan, details=details), policy=run.schedule.policy)
     results = await pipeline.collect(run.streams, request)
     as_ids = body.return_tokens_as_token_ids
     choices = []
@@ -296,7 +314,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                                                      called=bool(parsed.calls) and parsed.complete),
         ))
     out = ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
-                                 usage=_usage([len(run.prompts[0].ids)], results),
+                                 usage=_usage(run, dict(enumerate(results)), details=details),
                                  painters=painters_info(run.schedule, slowest(results)),
                                  prompt_logprobs=_prompt_logprobs(served, results[0], body.prompt_logprobs))
     return _json(out, timing_headers(run.schedule, results))
@@ -318,19 +336,19 @@ def chat_logprobs(served: ServedModel, ids: list[int], lps: list[float], tops: l
 
 
 async def _stream_chat(served: ServedModel, run: Running, *, rid: str, created: int, model: str, logprobs: bool,
-                       as_ids: bool, include_usage: bool, continuous: bool, tool_plan: ToolPlan
+                       as_ids: bool, include_usage: bool, continuous: bool, tool_plan: ToolPlan, details: bool
                        ) -> AsyncIterator[dict[str, str]]:
     prompt = len(run.prompts[0].ids)
     generated = [0] * len(run.streams)  # tokens each choice has streamed
 
     def chunk(choices: list[ChatChunkChoice], **extra: Any) -> ChatCompletionChunk:
         if continuous and choices:
-            extra["usage"] = _usage([prompt], generated=generated[choices[0].index])
+            extra["usage"] = _usage_so_far(prompt, generated[choices[0].index])
         return ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, **extra)
 
     for i in range(len(run.streams)):
         yield _chunk(chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))]), include_usage)
-    results: list[GenerationResult] = []
+    results: dict[int, GenerationResult] = {}  # by choice index
     # with tools, each choice's text goes through a reader that turns it into content and tool-call pieces
     readers = [tool_parsers.stream_reader(tool_plan) for _ in run.streams] if tool_plan.mode != "none" else None
     try:
@@ -350,11 +368,11 @@ async def _stream_chat(served: ServedModel, run: Running, *, rid: str, created: 
                 reason = tool_parsers.finish_reason(tool_plan, reason, called=readers[i].called and readers[i].complete)
             c = chunk([ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=reason)])
             if final is not None:
-                results.append(final)
+                results[i] = final
             c.painters = painters_chunk(run.schedule, out)
             yield _chunk(c, include_usage)
     except APIError as e:
         yield {"data": _error_json(e)}
     if include_usage:
-        yield _chunk(chunk([], usage=_usage([prompt], results)), True)
+        yield _chunk(chunk([], usage=_usage(run, results, details=details)), True)
     yield sse("[DONE]")

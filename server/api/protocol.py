@@ -617,10 +617,17 @@ class ChatCompletionRequest(_Sampling):
         return v
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = Field(
+        None, exclude_if=lambda v: v is None, description="where the server enables it (vLLM's "
+        "--enable-prompt-tokens-details): the prompt tokens found in the prefix cache, on the final usage")
 
 
 class Timings(BaseModel):

@@ -28,9 +28,9 @@ from server.api.protocol import ChatCompletionRequest, ErrorResponse
 from server.api.responses_background import Recording
 from server.api.responses_protocol import (
     INCLUDABLE, LIVE, ArgumentsDeltaEvent, ArgumentsDoneEvent, ContentPartEvent, DeletedResponse, ErrorEvent,
-    IncompleteDetails, InputItemList, LifecycleEvent, ListedItem, OutputFunctionCall, OutputItemEvent, OutputMessage,
-    OutputText, ResponseError, ResponseObject, ResponsesRequest, ResponseUsage, Status, StreamEvent, TextDeltaEvent,
-    TextDoneEvent, as_items, chat_messages, listed_items,
+    IncompleteDetails, InputItemList, InputTokensDetails, LifecycleEvent, ListedItem, OutputFunctionCall,
+    OutputItemEvent, OutputMessage, OutputText, ResponseError, ResponseObject, ResponsesRequest, ResponseUsage, Status,
+    StreamEvent, TextDeltaEvent, TextDoneEvent, as_items, chat_messages, listed_items,
 )
 from server.api.responses_store import ResponseStore, Stored
 from server.api.state import AppState
@@ -166,7 +166,8 @@ class _Answer:
         usage = None
         if result is not None:
             prompt, generated = len(self.run.prompts[0].ids), len(result.token_ids)
-            usage = ResponseUsage(input_tokens=prompt, output_tokens=generated, total_tokens=prompt + generated)
+            usage = ResponseUsage(input_tokens=prompt, output_tokens=generated, total_tokens=prompt + generated,
+                                  input_tokens_details=InputTokensDetails(cached_tokens=result.cached_tokens or 0))
         return ResponseObject(
             id=self.id, created_at=self.created, completed_at=int(time.time()) if status == "completed" else None,
             status=status, background=body.background, incomplete_details=IncompleteDetails(reason="max_output_tokens")

@@ -183,6 +183,7 @@ class KVManager:
             cache.adopt(s.id, s.schedule.slots, entries)
             start = len(entries) * size
         self.reused_tokens += start
+        s.cached_tokens = start
         if n is None:
             return Reused(start)
         logprobs, tops, ranks = [], [], []

@@ -376,7 +376,7 @@ class EngineLoop:
             policy=r.schedule.policy, finished_reason=r.finish_reason or "abort",
             prompt_tokens=prompt_tokens, generation_tokens=len(r.output_ids), queue_s=tm.queue_s,
             prefill_s=tm.prefill_s, decode_s=tm.decode_s, ttft_s=tm.ttft_s,
-            e2e_s=time.perf_counter() - r.arrival, per_token_s=tuple(tm.per_token_s),
+            e2e_s=time.perf_counter() - r.arrival, per_token_s=tuple(tm.per_token_s), cached_tokens=r.cached_tokens,
         ))
 
     def _probe(self, r: Request) -> None:

@@ -89,6 +89,7 @@ class GenerationResult:
     error: str | None = None  # what failed, for finish_reason "error"
     seed: int | None = None  # what a drawing request drew with, its own or the one chosen for it (None if greedy)
     prompt_ranks: list[int | None] | None = None  # a scored prompt: each token's rank among its position's (1: top)
+    cached_tokens: int | None = None  # `Request.cached_tokens`
 
 
 @dataclass
@@ -138,6 +139,8 @@ class Request:
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
     prompt_ranks: list[int | None] | None = None
+    # prompt tokens whose KV came from the prefix cache; None: never looked up (prefix caching off, not yet prefilled)
+    cached_tokens: int | None = None
     text: str = ""
     finish_reason: str | None = None
     error: str | None = None
@@ -195,6 +198,7 @@ class Request:
             error=self.error,
             seed=self.seed,
             prompt_ranks=self.prompt_ranks,
+            cached_tokens=self.cached_tokens,
         )
 
     @property
