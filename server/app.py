@@ -18,7 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from server import __version__
-from server.api import embeddings, errors, misc, native, openai, playground, probe, responses
+from server.api import embeddings, errors, misc, native, openai, playground, probe, responses, sagemaker
 from server.api.guard import ALWAYS_OPEN, Guard
 from server.api.protocol import ErrorResponse, TGIErrorResponse
 from server.api.request_id import EchoRequestId
@@ -143,7 +143,8 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             (401, "missing or wrong API key"), (404, "unknown model"), (413, "body, probe or embedding input too large"),
             (429, "queue full; retry after Retry-After seconds"), (500, "internal error"),
             (503, "loading, shutting down, or the engine failed"))}
-    for router in (openai.router, responses.router, embeddings.router, probe.router, misc.tokenizer_router):
+    for router in (openai.router, responses.router, embeddings.router, probe.router, misc.tokenizer_router,
+                   sagemaker.router):
         app.include_router(router, responses=refusals)
     app.include_router(native.router, responses={
         status: {"model": TGIErrorResponse, "description": why} for status, why in (

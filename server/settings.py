@@ -59,8 +59,8 @@ class Settings(BaseSettings):
                                   "or /v1/embeddings")
     default_policy: str = "full"
     api_key: SecretStr | None = Field(
-        None, description="require 'Authorization: Bearer KEY' on every endpoint but /health, /ready and /version; several keys "
-        "separated by commas")
+        None, description="require 'Authorization: Bearer KEY' on every endpoint but /health, /ready, /ping and "
+        "/version; several keys separated by commas")
     api_key_file: Path | None = Field(None, description="file of accepted API keys, one per line ('#' comments)")
     metrics_require_key: bool = Field(False, description="also require a key on GET /metrics (scrapers send one)")
     max_body_bytes: int = Field(2 * 2**20, ge=1024, description="request body size; larger bodies get 413 before "

@@ -737,6 +737,9 @@ def test_policies(client):
 def test_tokenize_detokenize_and_tokenizer_info(client):
     r = client.post("/tokenize", json={"prompt": "abc"}).json()
     assert r == {"tokens": CharTokenizer().encode("abc"), "count": 3, "max_model_len": MAX_LEN}
+    # vLLM's return_token_strs; a tokenizer without vocabulary strings gives each token's text
+    r = client.post("/tokenize", json={"prompt": "abc", "return_token_strs": True}).json()
+    assert r["token_strs"] == [CharTokenizer().decode([t]) for t in r["tokens"]] and r["count"] == 3
     assert client.post("/tokenize", json={"prompt": "abc", "model": "tiny@skip:2"}).status_code == 200
     assert client.post("/detokenize", json={"tokens": [3, 4, 5]}).json() == {"prompt": "abc"}
     info = client.get("/tokenizer_info").json()
@@ -1579,6 +1582,42 @@ def test_prompt_tokens_details_count_the_prompt_tokens_the_prefix_cache_held():
     with serving(settings()) as c:  # off by default, as vLLM's: no details at all
         usage = c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}).json()["usage"]
         assert "prompt_tokens_details" not in usage
+
+
+def test_sagemaker_invocations_answer_as_the_route_the_body_is_for(chat_client):
+    """vLLM's SageMaker routes: /invocations answers chat, completion and embedding bodies as their own routes do
+    (the same greedy text, a stream, the route's own 400s); /ping is /ready."""
+    c = chat_client
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+    direct, via = c.post("/v1/chat/completions", json=chat).json(), c.post("/invocations", json=chat)
+    assert via.status_code == 200 and via.json()["object"] == "chat.completion"
+    assert via.json()["choices"][0]["message"] == direct["choices"][0]["message"]
+    completion = {"model": MODEL, "prompt": "hello", "max_tokens": 4, "temperature": 0}
+    via = c.post("/invocations", json=completion).json()
+    assert via["object"] == "text_completion"
+    assert via["choices"][0]["text"] == c.post("/v1/completions", json=completion).json()["choices"][0]["text"]
+    with c.stream("POST", "/invocations", json={**completion, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.headers["content-type"].startswith("text/event-stream") and lines[-1] == "data: [DONE]"
+    embedded = c.post("/invocations", json={"model": MODEL, "input": ["a", "b"]}).json()
+    assert embedded["object"] == "list" and len(embedded["data"]) == 2
+    assert_error(c.post("/invocations", json={**chat, "temperature": -1}), 400, param="temperature")
+    assert_error(c.post("/invocations", json={**completion, "policy": "skip:99"}), 400, param="policy")
+    assert_error(c.post("/invocations", json={"model": MODEL}), 400, says=("'messages'", "'prompt'", "'input'"))
+    assert_error(c.post("/invocations", json=[1, 2]), 400, says=("JSON object",))
+    assert_error(c.post("/invocations", content=b"{nope", headers={"content-type": "application/json"}), 400,
+                 code="invalid_json")
+    for method in (c.get, c.post):
+        r = method("/ping")
+        assert r.status_code == 200 and r.json()["status"] == "ready"
+
+
+def test_ping_is_open_and_invocations_want_the_key():
+    with serving(settings(api_key="k1")) as c:
+        assert c.get("/ping").status_code == 200
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+        assert_error(c.post("/invocations", json=body), 401)
+        assert c.post("/invocations", json=body, headers={"Authorization": "Bearer k1"}).status_code == 200
 
 
 def test_a_request_larger_than_the_queue_is_a_400_not_a_429():

@@ -318,6 +318,14 @@ def test_skip_special_tokens_false_shows_them_streamed_or_not(client, http, spac
     assert skipped == streamed == text.replace("<|im_end|>", "").replace("<|im_start|>", "")
 
 
+def test_tokenize_returns_the_vocabularys_token_strings(http):
+    """vLLM's return_token_strs: each token as SmolLM2's byte-level BPE spells it ('Ġ' for a space), not its text."""
+    r = http.post("/tokenize", json={"prompt": " the capital of France", "return_token_strs": True}).json()
+    strs = r["token_strs"]
+    assert len(strs) == r["count"] == len(r["tokens"]) and strs[0] == "\u0120the"
+    assert "".join(strs).replace("\u0120", " ") == " the capital of France"
+
+
 def test_truncate_prompt_tokens_keeps_the_last_tokens(client, http):
     """vLLM's left truncation: the answer is the one to the prompt's last k tokens, usage counts k, and an echo
     echoes what was kept."""

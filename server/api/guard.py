@@ -15,7 +15,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.api.errors import route_path, shaped
 from server.api.state import AppState
 
-ALWAYS_OPEN = frozenset({"/health", "/ready", "/version"})  # probes carry no key; nor does a version check (as vLLM)
+# probes carry no key (SageMaker's /ping is one); nor does a version check (as vLLM)
+ALWAYS_OPEN = frozenset({"/health", "/ready", "/ping", "/version"})
 
 
 class Guard:

@@ -95,7 +95,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     else:
         text, special = pipeline.unicode_text(body.prompt, param="prompt"), body.add_special_tokens
         ids = list(await asyncio.to_thread(served.tokenize, text, add_special_tokens=special))
-    return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.max_model_len)
+    strs = await asyncio.to_thread(served.pieces, ids) if body.return_token_strs else None
+    return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.max_model_len, token_strs=strs)
 
 
 @tokenizer_router.post("/detokenize", response_model=DetokenizeResponse)

@@ -744,6 +744,8 @@ class TokenizeRequest(BaseModel):
     tools: Annotated[list[ChatTool], FAIL_FAST, AfterValidator(check_tools)] | None = Field(
         None, max_length=128, description="messages: the tools the chat template describes, as chat's (vLLM's "
         "tokenize takes them), so the count is the chat's prompt_tokens")
+    return_token_strs: bool = Field(False, description="vLLM's: also answer token_strs, each token as the "
+                                    "vocabulary spells it")
 
     _continues = field_validator("continue_final_message")(_continue_or_open)
 
@@ -1087,6 +1089,8 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
     count: int
     max_model_len: int
+    token_strs: list[str] | None = Field(None, exclude_if=lambda v: v is None,
+                                         description="with return_token_strs: each token as the vocabulary spells it")
 
 
 class DetokenizeResponse(BaseModel):

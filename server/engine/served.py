@@ -114,6 +114,11 @@ class ServedModel:
             return " " + text
         return text
 
+    def pieces(self, ids: list[int]) -> list[str]:
+        """Each token as the vocabulary spells it ('Ġhello', '▁the'; vLLM's /tokenize token_strs), or its text where
+        the tokenizer has no vocabulary strings."""
+        return [p if isinstance(p := self._piece(t), str) else self.token_text(t) for t in ids]
+
     def _piece(self, token_id: int) -> str | None:
         """The token as the vocabulary spells it (None for a tokenizer without one)."""
         convert = getattr(self.tokenizer, "convert_ids_to_tokens", None)
