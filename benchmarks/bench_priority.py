@@ -31,8 +31,9 @@ PROMPT = "The history of the Roman Empire is a long story of conquest, politics 
 
 
 def run(engine: Engine, policy: str, *, batch: int, urgent: int, rows: int,
-        new_tokens: int) -> dict[str, list[tuple[float, float]]]:
-    """Serve the burst under `policy`; per class, each request's (queue seconds, end-to-end seconds)."""
+        new_tokens: int) -> dict[str, list[tuple[float, float, float]]]:
+    """Serve the burst under `policy`; per class, each request's (queue seconds, end-to-end seconds, when it was
+    admitted: time.perf_counter())."""
     prompt = engine.encode(PROMPT)
     classes = ["batch"] * batch + ["urgent"] * urgent
     requests = [Request(f"{c}{i}", prompt, SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0.0),
@@ -60,9 +61,9 @@ def run(engine: Engine, policy: str, *, batch: int, urgent: int, rows: int,
         assert done.wait(1200), "the run did not finish"
     finally:
         loop.stop()
-    out: dict[str, list[tuple[float, float]]] = {"batch": [], "urgent": []}
+    out: dict[str, list[tuple[float, float, float]]] = {"batch": [], "urgent": []}
     for r, c in zip(requests, classes):
-        out[c].append((r.timings.queue_s, ended[r.id] - r.arrival))
+        out[c].append((r.timings.queue_s, ended[r.id] - r.arrival, r.scheduled))
     return out
 
 
@@ -82,10 +83,10 @@ def main() -> None:
     for policy in ("fcfs", "priority"):
         got = run(engine, policy, batch=args.batch, urgent=args.urgent, rows=args.rows, new_tokens=args.new_tokens)
         for c, times in got.items():
-            queue, e2e = [q for q, _ in times], [e for _, e in times]
+            queue, e2e = [t[0] for t in times], [t[1] for t in times]
             print(f"{policy:>9} {c:>7} {statistics.median(queue):10.2f} {max(queue):10.2f} "
                   f"{statistics.median(e2e):9.2f} {max(e2e):9.2f}")
-        urgent_e2e[policy] = statistics.median(e for _, e in got["urgent"])
+        urgent_e2e[policy] = statistics.median(t[1] for t in got["urgent"])
     print(f"urgent e2e p50, priority / fcfs: {urgent_e2e['priority'] / urgent_e2e['fcfs']:.2f}")
 
 
