@@ -26,7 +26,7 @@ from server.api.responses_background import BackgroundTasks
 from server.api.responses_store import ResponseStore
 from server.api.state import AppState
 from server.engine.loop import EngineLoop
-from server.engine.generate import Engine
+from server.engine.generate import Engine, prefill_budget
 from server.engine.kv_cache import default_budget_tokens
 from server.engine.served import ServedModel
 from server.metrics import Metrics
@@ -88,7 +88,8 @@ def _start(state: AppState, factory: EngineFactory, raw_presets: dict) -> None:
         loop = EngineLoop(engine, max_num_seqs=s.max_num_seqs, max_model_len=max_len, queue_capacity=s.queue_capacity,
                           kv_budget_tokens=budget, kv_block_size=s.kv_block_size,
                           prefix_caching=s.enable_prefix_caching, prefix_cache_blocks=s.prefix_cache_blocks,
-                          metrics=state.metrics, scheduling_policy=s.scheduling_policy)
+                          metrics=state.metrics, scheduling_policy=s.scheduling_policy,
+                          prefill_tokens=prefill_budget(s.chunked_prefill_size, engine.model.device))
         log.info("KV budget: %d slot-tokens (%.0f MB)", budget, budget * engine.kv_bytes_per_slot_token() / 2**20)
         loop.warm_up(engine.compile(as_policy(s.default_policy)))  # before /ready: captures and compiles
         loop.start()

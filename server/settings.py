@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")
     enable_prefix_caching: bool = Field(
         True, description="reuse the KV (and prompt logprobs) of prompt blocks already computed under the same policy")
+    chunked_prefill_size: int | None = Field(
+        None, ge=0, description="prompt tokens prefilled per engine step at most (SGLang's option of that name; vLLM's "
+        "chunked prefill): a longer prompt is computed a piece per step, so running requests keep decoding between "
+        "its pieces instead of waiting for all of it; 0: whole prompts at once; default: 512 on the CPU, 8192 on "
+        "CUDA")
     enable_prompt_tokens_details: bool = Field(
         False, description="answers' final usage carries prompt_tokens_details.cached_tokens: the prompt tokens "
         "found in the prefix cache (vLLM's option of that name)")

@@ -632,12 +632,14 @@ def test_a_raising_sink_does_not_stop_the_loop(tiny_engine, make_loop):
 # -- every exit path leaves nothing behind --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("prefill_tokens", [None, 3], ids=["whole", "chunked"])
 def test_random_interleavings_leave_no_request_row_or_block_behind(tiny_engine, loop_engine, poisoned_seed,
-                                                                  monkeypatch):
+                                                                  monkeypatch, prefill_tokens):
     """200 seeded random interleavings of submit / abort / disconnect / finish / fail (a poisoned row, a failing
-    step) / drain / probe, driven step by step on this thread. After each: no request, row, reservation or KV block is
-    left anywhere, prefix-only blocks are within their cap, and every request got one final answer (at most one
-    if its client aborted it)."""
+    step) / drain / probe, driven step by step on this thread, with whole prompts and with prompts prefilled 3
+    tokens per step (chunked: requests end while their prompt is in pieces too). After each: no request, row,
+    reservation or KV block is left anywhere, prefix-only blocks are within their cap, and every request got one
+    final answer (at most one if its client aborted it)."""
     import random
 
     from server.engine.scheduler import DrainingError
@@ -654,7 +656,8 @@ def test_random_interleavings_leave_no_request_row_or_block_behind(tiny_engine, 
 
     monkeypatch.setattr(Batch, "launch", launch)
     loop = EngineLoop(loop_engine, max_num_seqs=3, max_model_len=48, queue_capacity=6, kv_budget_tokens=1024,
-                      kv_block_size=4, prefix_cache_blocks=8, metrics=Metrics(model=MODEL))
+                      kv_block_size=4, prefix_cache_blocks=8, metrics=Metrics(model=MODEL),
+                      prefill_tokens=prefill_tokens)
     finals: dict[str, int] = {}
     gone: set[str] = set()  # sinks whose client left
     aborted: set[str] = set()  # by their client: answered at most once
@@ -713,7 +716,7 @@ def test_random_interleavings_leave_no_request_row_or_block_behind(tiny_engine, 
         fail_next[0] = False
         kv, cache = loop.batch.kv, loop.batch.executor.cache
         assert loop.scheduler.num_waiting == 0 and loop.scheduler.num_running == 0
-        assert loop.batch.sequences == [] and kv.reserved == {}
+        assert loop.batch.sequences == [] and loop.batch.pieces == [] and kv.reserved == {}
         assert cache.used_blocks == 0 and not cache._rows and not cache._held and not cache._blocks
         assert kv.prefix_only_blocks <= kv.prefix_blocks
         assert all(count == 1 for count in finals.values()), "one final answer per request"

@@ -818,3 +818,101 @@ def test_prefix_reuse_shares_a_context_to_the_token_not_to_the_block(tiny_engine
             assert [list(t) for t in a.prompt_top_logprobs[1:]] == [list(t) for t in b.prompt_top_logprobs[1:]]
             assert a.prompt_ranks == b.prompt_ranks
         torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=1e-5, atol=1e-5)
+
+
+# -- chunked prefill -----------------------------------------------------------------------------------------------
+
+
+def _serve(engine, waves, *, prefill_tokens, prefix_caching=False, max_len=96):
+    """Each wave: (prompt, policy, params) requests added together while the earlier ones decode; every request run
+    to its end. Returns the results and the batch."""
+    batch = engine.new_batch(max_len=max_len, num_blocks=1200, block_size=4, prefix_caching=prefix_caching,
+                             prefill_tokens=prefill_tokens)
+    seqs = []
+    for wave in waves:
+        new = [engine.new_sequence(p, params, engine.compile(policy)) for p, policy, params in wave]
+        seqs += new
+        batch.add(new)
+        batch.step()  # the earlier ones decode while the new ones' prompts are computed
+    while batch.filter() is not None and batch.busy:
+        batch.step()
+    return [s.result() for s in seqs], batch
+
+
+def test_chunked_prefill_answers_what_whole_prompts_answer(engine):
+    """Prompts computed a few tokens per step (budgets of 1, 5 and 16 prompt tokens per step, below and above the
+    prompts' lengths), under mixed policies, beside rows already decoding, with and without prefix reuse: the same
+    tokens and logprobs as whole prompts, and an echo request's prompt scores too (it is computed whole)."""
+    gen = SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2)
+    drawn = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.9, seed=3, logprobs=1)
+    long = list(range(5, 45))  # 40 tokens
+    waves = [
+        [(long[:7], "full", gen), (long, "skip:2", gen)],
+        [(long + [50, 51], "full", drawn), (long[:30], "pairs", gen),
+         (long[:12], "full", SamplingParams(max_tokens=2, echo=True, logprobs=1))],
+        [(long, "full", gen), ([9, 8, 7], "parallel:1-4", gen)],
+    ]
+    for caching in (False, True):
+        whole, _ = _serve(engine, waves, prefill_tokens=None, prefix_caching=caching)
+        for budget in (1, 5, 16):
+            pieced, batch = _serve(engine, waves, prefill_tokens=budget, prefix_caching=caching)
+            assert not batch.pieces and batch.kv_usage() == 0.0
+            for a, b in zip(whole, pieced):
+                assert a.token_ids == b.token_ids, (caching, budget)
+                torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=1e-5, atol=1e-5)
+                assert [list(t) for t in a.top_logprobs or []] == [list(t) for t in b.top_logprobs or []]
+                if a.prompt_logprobs is not None:
+                    torch.testing.assert_close(torch.tensor(b.prompt_logprobs[1:]),
+                                               torch.tensor(a.prompt_logprobs[1:]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_long_prompt_is_computed_a_piece_per_step_while_others_decode(tiny_engine):
+    """Budget 8: a 40-token prompt takes five `add`s (4 pieces of 8, then its last 8 tokens with its first token),
+    and the row already decoding gets a token at each of those steps; a prompt admitted meanwhile waits behind it
+    (oldest first)."""
+    batch = tiny_engine.new_batch(max_len=96, num_blocks=400, block_size=4, prefill_tokens=8)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    running = tiny_engine.new_sequence([5, 6, 7], params, tiny_engine.compile("full"))
+    batch.add([running])
+    batch.step()
+    long = tiny_engine.new_sequence(list(range(5, 45)), params, tiny_engine.compile("full"))
+    short = tiny_engine.new_sequence([9, 9, 9], params, tiny_engine.compile("full"))
+    batch.add([long])
+    made = [len(running.output_ids)]
+    for step in range(4):
+        assert batch.pieces[0].request is long and long not in batch.sequences
+        assert batch.pieces[0].at == 8 * (step + 1)
+        batch.decode()
+        made.append(len(running.output_ids))
+        if step == 0:
+            batch.add([short])  # waits: the budget goes to the older prompt first
+            assert [p.request for p in batch.pieces] == [long, short] and short.output_ids == []
+        else:
+            batch.add([])
+    assert made == [2, 3, 4, 5, 6], "the decoding row got a token at every step"
+    assert long in batch.sequences and len(long.output_ids) == 1 and long.timings.prefill_s > 0
+    assert [p.request for p in batch.pieces] == [short]  # the budget's rest went to it (0 left after long's 8)
+
+
+def test_a_prompt_pieced_then_finished_is_found_whole_by_the_prefix_cache(tiny_engine):
+    batch = tiny_engine.new_batch(max_len=96, num_blocks=400, block_size=4, prefix_caching=True, prefill_tokens=6)
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    prompt = list(range(5, 35))
+    for _ in range(2):
+        before = batch.reused_tokens
+        seq = tiny_engine.new_sequence(prompt, params, tiny_engine.compile("full"))
+        batch.add([seq])
+        while batch.filter() is not None and batch.busy:
+            batch.step()
+    assert batch.reused_tokens - before == len(prompt) - 1, "every block of the first, registered once it was whole"
+
+
+def test_a_request_ended_while_its_prompt_is_pieced_leaves_nothing_behind(tiny_engine):
+    batch = tiny_engine.new_batch(max_len=96, num_blocks=400, block_size=4, prefill_tokens=4)
+    seq = tiny_engine.new_sequence(list(range(5, 45)), SamplingParams(max_tokens=4), tiny_engine.compile("full"))
+    batch.add([seq])
+    batch.step()
+    assert batch.pieces and batch.kv.used_blocks > 0
+    seq.set_finished("abort")
+    assert batch.filter() == [seq]
+    assert not batch.pieces and not batch.busy and batch.kv.used_blocks == 0

@@ -59,6 +59,17 @@ _ids = itertools.count()
 # positions at a time as keep their float32 logits within this (341 at SmolLM2's vocabulary, 64 at Gemma 3's). All
 # at once, one 2,000-token echo prompt added ~900 MB of peak memory on SmolLM2 (`benchmarks/bench_prefill_memory.py`).
 SCORE_LOGITS_BYTES = 64 * 2**20
+# Chunked prefill's default budget, prompt tokens per step: on the CPU a 512-token piece of SmolLM2 takes ~2.5 s
+# (a whole 2,000-token prompt stalled every running stream for ~9.5 s); on CUDA prefill is cheap, and pieces cost
+# launches, so only prompts past 8,192 tokens are cut (vLLM's and SGLang's order of magnitude there).
+PREFILL_TOKENS = {"cpu": 512, "cuda": 8192}
+
+
+def prefill_budget(setting: int | None, device: torch.device) -> int | None:
+    """The chunked-prefill budget a server runs with: `setting` (0: off, whole prompts), or the device's default."""
+    if setting is None:
+        return PREFILL_TOKENS.get(device.type, PREFILL_TOKENS["cuda"])
+    return setting or None
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,16 @@ class Launched:
         return out
 
 
+@dataclass(eq=False)
+class Piecewise:
+    """A prompt computed a piece per `add` (chunked prefill): its KV holds its prompt up to `at`."""
+
+    request: Request
+    reused: Reused  # what the prefix cache gave it (its prompt blocks are registered from reused.start once whole)
+    at: int
+    began: float  # when its prefill began (its prefill time runs from there)
+
+
 class Batch:
     """The running requests, each under its own schedule, decoded together. The executor owns the KV pool; the KV
     manager decides what it holds."""
@@ -111,10 +132,13 @@ class Batch:
     def __init__(self, model: Transformer, tokenizer: Any, *, max_len: int, num_blocks: int, block_size: int = 16,
                  group_mode: GroupMode = "batched", prefix_caching: bool = False,
                  prefix_blocks: int | None = None, attention: AttentionMode = "auto",
-                 graphs: bool | None = None, fuse: bool = False, overlap: bool | None = None) -> None:
+                 graphs: bool | None = None, fuse: bool = False, overlap: bool | None = None,
+                 prefill_tokens: int | None = None) -> None:
         """overlap: `decode` queues each step before it reads the previous one's results (see the module's
         docstring); None turns it on where the device runs asynchronously (CUDA). On the CPU it runs the same
-        way, and gains nothing: there the tensor work is done before `launch` returns."""
+        way, and gains nothing: there the tensor work is done before `launch` returns. prefill_tokens: prompt tokens
+        one `add` computes at most (chunked prefill, see `add`); None: whole prompts."""
+        assert prefill_tokens is None or prefill_tokens >= 1, prefill_tokens
         self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
         self.executor = Executor(model, num_blocks=num_blocks, block_size=block_size, max_len=max_len,
                                  group_mode=group_mode, attention=attention, graphs=graphs, fuse=fuse)
@@ -124,7 +148,14 @@ class Batch:
         self.overlap = model.device.type == "cuda" if overlap is None else overlap
         self._in_flight: Launched | None = None  # the decode step queued and not yet read (overlap only)
         self._prefills: list[tuple[Launched, float]] = []  # prefills queued and not yet read, with when `add` began
+        self.prefill_tokens = prefill_tokens
+        self.pieces: list[Piecewise] = []  # prompts being prefilled a piece per `add`, oldest first
         self.prompts = PromptCache(model.device)  # the penalties' prompts on the device, of requests in the batch
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request is here: decoding, or its prompt being prefilled a piece at a time."""
+        return bool(self.sequences or self.pieces)
 
     @property
     def reused_tokens(self) -> int:
@@ -309,12 +340,18 @@ class Batch:
         (overlapped, queued here and read by the next `decode`: see the module's docstring).
         With prefix reuse, a prompt whose start is cached under its schedule computes from where the cache ends;
         new requests that share a first block with an earlier one in this call wait for it (a second, cheaper
-        call)."""
-        if not new:
+        call).
+        With `prefill_tokens` (chunked prefill, as vLLM's and SGLang's), one call computes at most that many prompt
+        tokens, so the rows decoding meanwhile wait for at most that much work between two tokens: prompts begun
+        in earlier calls go on first, oldest first, then the new ones; a prompt that what is left of the budget
+        cannot finish is computed a piece per call (`pieces`; call `add([])` to go on) and decodes from the call
+        that finishes it. A scored prompt (echo) is computed whole, counted against the budget."""
+        if not new and not self.pieces:
             return
         t0 = time.perf_counter()
         for s in new:
             s.scheduled = t0
+        budget = self._go_on(self.prefill_tokens)
         waves: list[list[Request]] = [new]
         if self.kv.prefix_caching:
             firsts: set[tuple[str, tuple[int, ...]]] = set()
@@ -329,15 +366,70 @@ class Batch:
             scored = [s.params.prompt_alternatives is not None for s in wave]
             for group in ([s for s, x in zip(wave, scored) if not x], [s for s, x in zip(wave, scored) if x]):
                 if group:
-                    self._prefill(group, t0)
+                    budget = self._prefill(group, t0, budget)
 
-    def _prefill(self, new: list[Request], t0: float) -> None:
+    def _go_on(self, budget: int | None) -> int | None:
+        """The prompts begun piecewise in earlier calls, oldest first, within `budget`: those it can finish are
+        finished (and choose their first token); the first it cannot gets the rest of it. Returns what is left."""
+        finishing, piece = [], None
+        for p in self.pieces:
+            left = len(p.request.prompt_ids) - p.at
+            if budget is None or left <= budget:
+                finishing.append(p)
+                budget = None if budget is None else budget - left
+            else:
+                piece = (p, budget) if budget else None
+                budget = 0
+                break
+        if piece is not None:
+            self._compute_pieces([piece])
+        for p in finishing:
+            self.pieces.remove(p)
+            self._prefill_whole([p.request], [Reused(p.at)], p.began, registered_from=[p.reused.start])
+        return budget
+
+    def _prefill(self, new: list[Request], t0: float, budget: int | None) -> int | None:
+        """Prefill `new` from what the prefix cache holds of each, within `budget` (see `add`): whole where it
+        allows, else begun piecewise. Returns what is left of the budget."""
         reused = [self.kv.reuse(s) for s in new]
+        whole: list[int] = []
+        for b, (s, r) in enumerate(zip(new, reused)):
+            need = len(s.prompt_ids) - r.start
+            if budget is None or need <= budget or s.params.prompt_alternatives is not None:
+                whole.append(b)
+                budget = None if budget is None else max(0, budget - need)
+                continue
+            piece = Piecewise(s, r, r.start, t0)
+            self.pieces.append(piece)
+            if budget:
+                self._compute_pieces([(piece, budget)])
+                budget = 0
+        if whole:
+            self._prefill_whole([new[b] for b in whole], [reused[b] for b in whole], t0)
+        return budget
+
+    def _compute_pieces(self, pieces: list[tuple[Piecewise, int]]) -> None:
+        """For each (prompt begun piecewise, n): its next n prompt tokens into the KV cache; nothing is sampled."""
+        rows = tuple(Row(p.request.id, p.request.schedule, p.at, n) for p, n in pieces)
+        tokens = torch.zeros(len(rows), max(n for _, n in pieces), dtype=torch.long)
+        for b, (p, n) in enumerate(pieces):
+            assert p.at + n < len(p.request.prompt_ids), "a piece leaves the prompt's last token to its final call"
+            tokens[b, :n] = torch.tensor(p.request.prompt_ids[p.at : p.at + n])
+            p.at += n
+        dev = self.model.device
+        self.executor.forward(to_device(tokens, dev), list(rows),
+                              logits_at=to_device(torch.tensor([n - 1 for _, n in pieces]), dev))
+
+    def _prefill_whole(self, new: list[Request], reused: list[Reused], t0: float, *,
+                       registered_from: list[int] | None = None) -> None:
+        """Compute `new`'s prompts from `reused` (what the cache holds of each) to their end and choose their first
+        tokens; their prompt blocks become findable from `registered_from` (default: where computing began)."""
         starts = [r.start for r in reused]
+        registered = registered_from or starts
         inp = self.prefill_input(new, starts)
         if self.overlap and not inp.echo:  # read by the next `decode`, after it queues the rows' first step
             self._prefills.append((self.launch(inp), t0))
-            for s, p in zip(new, starts):
+            for s, p in zip(new, registered):
                 self.kv.register(s, p)
             self.sequences.extend(new)
             return
@@ -346,7 +438,7 @@ class Batch:
             for b, (s, p, r) in enumerate(zip(new, starts, reused)):
                 if s.params.prompt_alternatives is not None:
                     _score_prompt(s, out.hidden[b, : len(s.prompt_ids) - p], r, self.model)
-        for s, p in zip(new, starts):
+        for s, p in zip(new, registered):
             self.kv.register(s, p)
         self.sequences.extend(new)
         self.update(new, out, prefill_from=t0)
@@ -412,7 +504,8 @@ class Batch:
         return tuple(read)
 
     def step(self) -> None:
-        """Decode one token for every unfinished row (`decode`)."""
+        """Go on with prompts begun piecewise (`add`), then decode one token for every unfinished row (`decode`)."""
+        self.add([])
         self.decode()
 
     def filter(self) -> list[Request]:
@@ -427,11 +520,16 @@ class Batch:
         if self._in_flight is not None and all(s.finished for s in self._in_flight.inp.requests):
             self._in_flight = None  # nothing left to read from it
         self._prefills = [(p, t0) for p, t0 in self._prefills if not all(s.finished for s in p.inp.requests)]
+        for p in [p for p in self.pieces if p.request.finished]:  # ended while its prompt was being prefilled
+            self.pieces.remove(p)
+            self.kv.free(p.request.id)
+            done.append(p.request)
         return done
 
     def remove(self, request_id: str) -> None:
         """A request left (ended by its owner): it leaves the batch; its KV is freed by whoever ended it."""
         self.sequences = [s for s in self.sequences if s.id != request_id]
+        self.pieces = [p for p in self.pieces if p.request.id != request_id]
         self.prompts.drop(request_id)
 
     def probe(self, prompts: list[list[int]], schedule: Schedule) -> ProbeStats:
@@ -735,11 +833,12 @@ class Engine:
         return request
 
     def new_batch(self, *, max_len: int, num_blocks: int, block_size: int | None = None,
-                  prefix_caching: bool = False, prefix_blocks: int | None = None) -> Batch:
+                  prefix_caching: bool = False, prefix_blocks: int | None = None,
+                  prefill_tokens: int | None = None) -> Batch:
         return Batch(self.model, self.tokenizer, max_len=max_len, num_blocks=num_blocks,
                      block_size=block_size or self.block_size, group_mode=self.group_mode, attention=self.attention,
                      graphs=self.graphs, fuse=self.fuse, overlap=self.overlap,
-                     prefix_caching=prefix_caching, prefix_blocks=prefix_blocks)
+                     prefix_caching=prefix_caching, prefix_blocks=prefix_blocks, prefill_tokens=prefill_tokens)
 
     def generate(
         self, prompts: list[str | list[int]] | str, *,
@@ -762,7 +861,7 @@ class Engine:
         assert not batch.sequences, "generate needs an empty batch"
         batch.add(seqs)
         batch.filter()
-        while batch.sequences:
+        while batch.busy:
             batch.step()
             batch.filter()
         return [s.result() for s in seqs]

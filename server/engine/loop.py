@@ -52,15 +52,17 @@ class EngineLoop:
     def __init__(self, engine: Engine, *, max_num_seqs: int, max_model_len: int, queue_capacity: int,
                  kv_budget_tokens: int, kv_block_size: int = 16, prefix_caching: bool = True,
                  prefix_cache_blocks: int | None = None, metrics: Metrics | None = None,
-                 scheduling_policy: SchedulingPolicy = "fcfs") -> None:
+                 scheduling_policy: SchedulingPolicy = "fcfs", prefill_tokens: int | None = None) -> None:
         """kv_budget_tokens: KV cache size in slot-tokens (one token's keys and values in one slot);
         prefix_cache_blocks: cap on blocks kept only for prefix reuse (default a share of the budget);
-        scheduling_policy: which waiting request is admitted first (`Scheduler`)."""
+        scheduling_policy: which waiting request is admitted first (`Scheduler`); prefill_tokens: prompt tokens
+        prefilled per step at most, a longer prompt a piece per step (`Batch.add`); None: whole prompts."""
         self.engine, self.metrics = engine, metrics
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         blocks = max(1, kv_budget_tokens // kv_block_size)
         self.batch = engine.new_batch(max_len=max_model_len, num_blocks=blocks + 1, block_size=kv_block_size,
-                                      prefix_caching=prefix_caching, prefix_blocks=prefix_cache_blocks)
+                                      prefix_caching=prefix_caching, prefix_blocks=prefix_cache_blocks,
+                                      prefill_tokens=prefill_tokens)
         self.scheduler = Scheduler(max_running=max_num_seqs, queue_capacity=queue_capacity, kv=self.batch.kv,
                                    policy=scheduling_policy)
         self._aborts: set[str] = set()  # requests whose client left: running ones end at the next step
