@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 import torch
 
@@ -268,6 +267,8 @@ def poisoned_seed(monkeypatch):
 
 @pytest.fixture(scope="module")
 def client(server: Any) -> openai.OpenAI:
+    import openai  # here, not above: the GPU machine runs the CUDA tests without the openai package (nor pydantic)
+
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="any", max_retries=0, timeout=300)
 
 

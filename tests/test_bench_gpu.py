@@ -17,16 +17,34 @@ FIGURES = ("full_bs1_bandwidth_fraction", "skip8_speedup_over_ideal", "pairs_ove
 # What the GPU image lacks (the device notes' package list): `make bench-gpu` runs the benchmark without them, and
 # carries them as wheels only for the checkpoint test and the HTTP runs.
 NOT_ON_THE_GPU_IMAGE = ("fastapi", "starlette", "pydantic", "pydantic_settings", "uvicorn", "sse_starlette",
-                        "httpx_sse", "platformdirs", "gguf", "xgrammar")
+                        "httpx_sse", "platformdirs", "gguf", "xgrammar", "openai")
+
+
+def _as_on_the_gpu_image(tmp_path: Path) -> dict[str, str]:
+    """An environment in which importing any of NOT_ON_THE_GPU_IMAGE fails, as it would on the GPU."""
+    absent = tmp_path / "not-on-the-gpu-image"
+    for name in NOT_ON_THE_GPU_IMAGE:
+        (absent / name).mkdir(parents=True)
+        (absent / name / "__init__.py").write_text(f"raise ImportError('{name} is not on the GPU image')\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(absent), os.environ.get("PYTHONPATH"))))}
+
+
+def test_the_cuda_tests_collect_without_the_web_stack(tmp_path: Path) -> None:
+    """`make bench-gpu`'s test phase collects the CUDA tests on an image without the web stack: a module-level import
+    of openai in conftest.py had made it stop at collection, which the CPU suite could not see."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu",
+                           "tests/test_gpu.py", "tests/test_weights.py", "tests/test_transfer.py", "-k", "gpu or cuda"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          # this venv's pytest plugins (hypothesis, schemathesis, ...) are not on the image either
+                          env={**_as_on_the_gpu_image(tmp_path), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    collected = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert len(collected) >= 30, proc.stdout[-2000:]
 
 
 def _smoke(tmp_path: Path, *extra: str) -> dict:
     """The script with --smoke, where importing any of NOT_ON_THE_GPU_IMAGE fails, as it would on the GPU."""
-    out, absent = tmp_path / "bench-gpu.json", tmp_path / "not-on-the-gpu-image"
-    for name in NOT_ON_THE_GPU_IMAGE:
-        (absent / name).mkdir(parents=True)
-        (absent / name / "__init__.py").write_text(f"raise ImportError('{name} is not on the GPU image')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(absent), os.environ.get("PYTHONPATH"))))}
+    out, env = tmp_path / "bench-gpu.json", _as_on_the_gpu_image(tmp_path)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_gpu.py"), "--smoke", "--out", str(out), *extra],
                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
