@@ -50,6 +50,26 @@ def test_padded_decode_equals_unpadded(model):
         torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), rtol=1e-4, atol=1e-4)
 
 
+def test_a_dropped_batch_frees_its_kv_pool_at_once(tiny_engine):
+    """The decode steps held their executor, which holds them: a cycle that kept a dropped batch's KV pool (and on
+    CUDA its graphs) alive until the cyclic collector ran. Collection off, the pool goes with the batch."""
+    import gc
+    import weakref
+
+    eng = Engine(tiny_engine.model, tiny_engine.tokenizer, eos_ids=tiny_engine.eos_ids, config=tiny_engine.config,
+                 graphs=True)
+    batch = eng.new_batch(max_len=32, num_blocks=100)
+    eng.generate([[5, 6, 7], [8, 9]], params=SamplingParams(max_tokens=5, ignore_eos=True), batch=batch)
+    assert batch.executor.graphs is not None and batch.executor.graphs.layouts > 0
+    pool = weakref.ref(batch.executor.cache.pool)
+    gc.disable()
+    try:
+        del batch
+        assert pool() is None, "the pool outlived its batch"
+    finally:
+        gc.enable()
+
+
 def test_padded_decode_samples_the_same():
     """Seeded sampling draws from the real rows' logits only: padding rows change nothing."""
     hf = tiny_llama()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -119,7 +120,11 @@ class DecodeGraphs:
         the same on the CPU, where nothing is captured); the least recently used go first, the newest always stays.
         fuse: the steps run the layer math through torch.compile (`Transformer.fused`); it compiles in the warm-up
         run before a capture, so only the replays' kernels change. shared_up_to: see `group_buckets`."""
-        self.executor, self.max_graphs, self.max_bytes = executor, max_graphs, max_bytes
+        # a proxy: the executor owns this object, and a strong reference back (held by every step's closure too)
+        # made a cycle that kept a dropped batch's KV pool and graphs alive until the cyclic collector ran, which
+        # it seldom does (a benchmark's 64-row pools, ~17 GB each on a 7B shape, piled up)
+        self.executor = weakref.proxy(executor)
+        self.max_graphs, self.max_bytes = max_graphs, max_bytes
         self.fuse, self.shared_up_to = fuse, shared_up_to
         self._steps: OrderedDict[tuple, _Step] = OrderedDict()  # least recently used first
         self._pool = None  # one CUDA graph memory pool shared by every graph
