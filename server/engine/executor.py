@@ -395,7 +395,9 @@ class Executor:
         members: list[list[int]] = [[] for _ in plan.schedules]
         for b, r in enumerate(rows):
             members[klass[r.schedule]].append(b)
-        index = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)
+        # each queued from pinned memory: `torch.tensor(xs, device=...)` is a blocking copy, which made the host
+        # wait for the decode step in flight whenever a new layout compiled (overlapped decoding)
+        index = lambda xs: to_device(torch.tensor(xs, dtype=torch.long), dev)
         ops: list[_Apply | _RowOp] = []
         rowsets: dict[tuple[int, ...], int] = {}
         kv_pairs: list[tuple[int, Slot]] = []
@@ -428,7 +430,7 @@ class Executor:
                 [d * B + b for layer in dst for d, b in zip(layer, batch_rows)]
             ops.append(_Apply(
                 e, index(batch_rows), rowsets.setdefault(tuple(batch_rows), len(rowsets)), index(src), index(dst),
-                None if all_one else torch.tensor(scale, dtype=self.model.dtype, device=dev)[:, :, None, None],
+                None if all_one else to_device(torch.tensor(scale, dtype=self.model.dtype), dev)[:, :, None, None],
                 kv, whole, span, next(iter(srcs)) if len(srcs) == 1 else None,
                 next(iter(dsts)) if len(dsts) == 1 else None, per_row, index(flat), tuple(batch_rows),
             ))

@@ -239,8 +239,8 @@ class PagedKVCache:
             fresh = [self._take() for _ in slots]
         finally:
             self._in_use -= len(pinned)
-        index = torch.tensor(fresh, device=self.pool.device)
-        self.pool[index] = self.pool[torch.tensor(entry.blocks, device=self.pool.device)]
+        dev = self.pool.device
+        self.pool[to_device(torch.tensor(fresh), dev)] = self.pool[to_device(torch.tensor(entry.blocks), dev)]
         rows = self._table_rows(seq, slots)
         for s, b in zip(slots, fresh):
             self._hold(seq, s, b)
