@@ -70,6 +70,24 @@ def test_a_dropped_batch_frees_its_kv_pool_at_once(tiny_engine):
         gc.enable()
 
 
+def test_rotary_tables_a_graph_may_read_outlive_their_growth(tiny_engine):
+    """A captured graph reads the rotary tables where they lay at its capture; a later, longer batch on the same model
+    grows them. The old ones must stay allocated (on CUDA a graph would read freed memory), with the same values."""
+    import gc
+    import weakref
+
+    model = tiny_engine.model
+    cos = model._tables[False][0]
+    before, held = cos.clone(), weakref.ref(cos)
+    del cos
+    size = model._tables[False][0].shape[0]
+    model.rope(torch.zeros(1, 1, dtype=torch.long), top=4 * size)
+    gc.collect()
+    assert model._tables[False][0].shape[0] >= 4 * size and held() is not None
+    torch.testing.assert_close(held(), before)
+    torch.testing.assert_close(model._tables[False][0][:size], before)
+
+
 def test_padded_decode_samples_the_same():
     """Seeded sampling draws from the real rows' logits only: padding rows change nothing."""
     hf = tiny_llama()

@@ -203,6 +203,10 @@ class Transformer:
             weights.local_inv_freq.float().to(self.device), float(weights.local_rope_scale))
         self._freqs = {False: glob, True: local}
         self._tables = self._rope_tables(1024)
+        # tables outgrown, kept: a captured graph reads the tables it was captured with where they lie, and freeing
+        # them under a live graph (another batch's, captured before a longer one grew them) would let it read freed
+        # memory; growth doubles, so all of them together are at most the size of the current ones
+        self._outgrown: list[dict[bool, tuple[Tensor, Tensor]]] = []
         self._views: dict[tuple[int, ...], LayerStack] = {}
         self._plain_mm = self.device.type == "cuda" and _plain_mm_pays(self.layers.w_gate_up[:1])
         self._fused_fns: dict[str, Callable[..., Tensor]] = {}  # compiled layer math (`fused`), made on first use
@@ -247,6 +251,7 @@ class Transformer:
         (Gemma 3: rope_local_base_freq). top: a bound on the positions + 1, from the caller's plain data (reading
         it off `positions` would be a host sync)."""
         if top > self._tables[False][0].shape[0]:
+            self._outgrown.append(self._tables)
             self._tables = self._rope_tables(max(top, 2 * self._tables[False][0].shape[0]))
         (cos, sin), local = self._tables[False], self._tables[True]
         glob = cos[positions], sin[positions]
