@@ -132,6 +132,12 @@ def serve(
     scheduling_policy: Annotated[Optional[str], typer.Option(
         help="which waiting request goes first: fcfs (default; every priority must be 0) or priority (lower "
         "values first, as vLLM's)")] = None,
+    chunked_prefill_size: Annotated[Optional[int], typer.Option(
+        min=0, help="prompt tokens prefilled per step at most; a longer prompt is computed a piece per step while "
+        "the running requests decode (default 512 on the CPU, 8192 on CUDA; 0: whole prompts)")] = None,
+    enable_prompt_tokens_details: Annotated[Optional[bool], typer.Option(
+        "--enable-prompt-tokens-details", help="completions' and chat's final usage says how many prompt tokens "
+        "the prefix cache held (prompt_tokens_details.cached_tokens, as vLLM's flag)")] = None,
     api_key: Annotated[Optional[list[str]], typer.Option(
         help="require 'Authorization: Bearer KEY' (repeatable; or PAINTERS_API_KEY=k1,k2)")] = None,
     api_key_file: Annotated[Optional[Path], typer.Option(help="file of accepted API keys, one per line")] = None,
@@ -174,7 +180,9 @@ def serve(
     from server.settings import Settings
 
     overrides = dict(model=model, host=host, port=port, policy_presets=policy_presets, default_policy=default_policy,
-                     device=device, max_num_seqs=max_num_seqs, scheduling_policy=scheduling_policy, api_key=",".join(api_key) if api_key else None,
+                     device=device, max_num_seqs=max_num_seqs, scheduling_policy=scheduling_policy,
+                     chunked_prefill_size=chunked_prefill_size, enable_prompt_tokens_details=enable_prompt_tokens_details,
+                     api_key=",".join(api_key) if api_key else None,
                      api_key_file=api_key_file, metrics_require_key=metrics_require_key,
                      max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, threads=threads,
                      attention=attention, fuse_decode=fuse_decode, overlap_decode=overlap_decode,

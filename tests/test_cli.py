@@ -23,3 +23,20 @@ def test_serve_refuses_what_cannot_work_before_starting_anything():
     assert cuda1.exit_code == 2 and "use --device cuda" in cuda1.output
     alone = CliRunner().invoke(app, ["serve", "--gpus-per-replica", "0.5"])
     assert alone.exit_code == 2 and "need --replicas" in alone.output
+
+
+def test_serve_flags_reach_the_settings_and_a_bad_value_is_refused(monkeypatch):
+    """The scheduling and prefill flags become the app's settings (nothing is loaded: create_app is stubbed), and a
+    policy the scheduler does not know is refused naming the ones it does."""
+    import server.app
+
+    seen = {}
+    monkeypatch.setattr(server.app, "create_app", lambda settings: seen.setdefault("settings", settings))
+    monkeypatch.setattr(server.app, "serve", lambda app_, **kw: 0)
+    r = CliRunner().invoke(app, ["serve", "--scheduling-policy", "priority", "--chunked-prefill-size", "64",
+                                 "--enable-prompt-tokens-details"])
+    assert r.exit_code == 0, r.output
+    s = seen["settings"]
+    assert (s.scheduling_policy, s.chunked_prefill_size, s.enable_prompt_tokens_details) == ("priority", 64, True)
+    bad = CliRunner().invoke(app, ["serve", "--scheduling-policy", "lottery"])
+    assert bad.exit_code != 0 and "fcfs" in bad.output and "priority" in bad.output
