@@ -632,6 +632,20 @@ def test_a_raising_sink_does_not_stop_the_loop(tiny_engine, make_loop):
 # -- every exit path leaves nothing behind --------------------------------------------------------------------------
 
 
+def test_a_pieced_prompts_first_token_streams_in_the_step_that_finishes_it(tiny_engine):
+    """Step by step, a prompt computed in pieces streams its first token in the step that computes its last piece,
+    before that step's decode, as a whole prompt's does (it came one decode step late, with the second)."""
+    loop = EngineLoop(tiny_engine, max_num_seqs=2, max_model_len=64, queue_capacity=4, kv_budget_tokens=4096,
+                      prefill_tokens=8)
+    steps: list[tuple[int, int]] = []
+    r = request(tiny_engine, "long", list(range(5, 35)), "full", max_tokens=3)
+    loop.submit(r, lambda out: steps.append((loop.steps, len(out.token_ids))))
+    while loop.scheduler.has_work:
+        loop.step()
+    assert steps[0] == (3, 1), steps  # 30 tokens: pieces of 8 in steps 0-2, the last 6 and a first token in step 3
+    assert [n for _, n in steps] == [1, 1, 1]
+
+
 @pytest.mark.parametrize("prefill_tokens", [None, 3], ids=["whole", "chunked"])
 def test_random_interleavings_leave_no_request_row_or_block_behind(tiny_engine, loop_engine, poisoned_seed,
                                                                   monkeypatch, prefill_tokens):

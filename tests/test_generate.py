@@ -907,6 +907,35 @@ def test_a_prompt_pieced_then_finished_is_found_whole_by_the_prefix_cache(tiny_e
     assert batch.reused_tokens - before == len(prompt) - 1, "every block of the first, registered once it was whole"
 
 
+def test_prompts_alike_share_a_pieced_prompt_through_the_prefix_cache(tiny_engine):
+    """Four identical 60-token prompts added together (n = 4, or a burst with one system prompt), budget 16: the
+    first is computed in pieces, the others wait for it and find it whole in the cache, as without chunking (each
+    had computed all of it: prefix reuse found nothing registered until a piecewise prompt's end). One arriving
+    while a prompt alike is half computed waits its turn, then finds what they share."""
+    prompt = list(range(5, 65))
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    got = {}
+    for budget in (None, 16):
+        batch = tiny_engine.new_batch(max_len=96, num_blocks=800, block_size=4, prefix_caching=True,
+                                      prefill_tokens=budget)
+        seqs = [tiny_engine.new_sequence(prompt, params, tiny_engine.compile("full")) for _ in range(4)]
+        batch.add(seqs)
+        while batch.filter() is not None and batch.busy:
+            batch.step()
+        got[budget] = ([s.cached_tokens for s in seqs], batch.reused_tokens, [s.output_ids for s in seqs])
+    assert got[16] == got[None] and got[16][0] == [0, 59, 59, 59]
+    batch = tiny_engine.new_batch(max_len=96, num_blocks=800, block_size=4, prefix_caching=True, prefill_tokens=16)
+    first = tiny_engine.new_sequence(list(range(5, 65)), params, tiny_engine.compile("full"))
+    batch.add([first])
+    batch.step()  # two pieces of 16 computed
+    later = tiny_engine.new_sequence(list(range(5, 45)) + [99] * 20, params, tiny_engine.compile("full"))
+    batch.add([later])
+    assert batch.pieces[-1].reused is None  # not looked up while it waits
+    while batch.filter() is not None and batch.busy:
+        batch.step()
+    assert later.cached_tokens == 40  # the 40 tokens it shares, all registered once the first was whole
+
+
 def test_a_request_ended_while_its_prompt_is_pieced_leaves_nothing_behind(tiny_engine):
     batch = tiny_engine.new_batch(max_len=96, num_blocks=400, block_size=4, prefill_tokens=4)
     seq = tiny_engine.new_sequence(list(range(5, 45)), SamplingParams(max_tokens=4), tiny_engine.compile("full"))

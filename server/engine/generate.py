@@ -120,9 +120,11 @@ class Piecewise:
     """A prompt computed a piece per `add` (chunked prefill): its KV holds its prompt up to `at`."""
 
     request: Request
-    reused: Reused  # what the prefix cache gave it (its prompt blocks are registered from reused.start once whole)
-    at: int
     began: float  # when its prefill began (its prefill time runs from there)
+    # what the prefix cache gave it, looked up when it is first computed (not while it waits: an older prompt it
+    # shares blocks with may register them meanwhile); its blocks are registered from reused.start
+    reused: Reused | None = None
+    at: int = 0
 
 
 class Batch:
@@ -335,9 +337,10 @@ class Batch:
 
     # -- the ladder -------------------------------------------------------------------------------------------------
 
-    def add(self, new: list[Request]) -> None:
+    def add(self, new: list[Request]) -> list[Request]:
         """Prefill `new` (right-padded together, their own forward call) and choose each one's first token
-        (overlapped, queued here and read by the next `decode`: see the module's docstring).
+        (overlapped, queued here and read by the next `decode`: see the module's docstring). Returns the requests
+        that joined the decoding rows (their first token chosen, or queued).
         With prefix reuse, a prompt whose start is cached under its schedule computes from where the cache ends;
         new requests that share a first block with an earlier one in this call wait for it (a second, cheaper
         call).
@@ -345,12 +348,15 @@ class Batch:
         tokens, so the rows decoding meanwhile wait for at most that much work between two tokens: prompts begun
         in earlier calls go on first, oldest first, then the new ones; a prompt that what is left of the budget
         cannot finish is computed a piece per call (`pieces`; call `add([])` to go on) and decodes from the call
-        that finishes it. A scored prompt (echo) is computed whole, counted against the budget."""
+        that finishes it; the prompts after it wait, and look the prefix cache up when their turn comes (so one
+        that starts alike finds it whole). A scored prompt (echo) is computed whole, counted against the
+        budget."""
         if not new and not self.pieces:
-            return
+            return []
         t0 = time.perf_counter()
         for s in new:
             s.scheduled = t0
+        joined = len(self.sequences)
         budget = self._go_on(self.prefill_tokens)
         waves: list[list[Request]] = [new]
         if self.kv.prefix_caching:
@@ -367,45 +373,49 @@ class Batch:
             for group in ([s for s, x in zip(wave, scored) if not x], [s for s, x in zip(wave, scored) if x]):
                 if group:
                     budget = self._prefill(group, t0, budget)
+        return self.sequences[joined:]
 
     def _go_on(self, budget: int | None) -> int | None:
-        """The prompts begun piecewise in earlier calls, oldest first, within `budget`: those it can finish are
-        finished (and choose their first token); the first it cannot gets the rest of it. Returns what is left."""
-        finishing, piece = [], None
-        for p in self.pieces:
+        """The prompts begun piecewise in earlier calls, oldest first, within `budget`: each it can finish is
+        finished (and chooses its first token); the first it cannot gets the rest of it. Returns what is left."""
+        while self.pieces and (budget is None or budget > 0):
+            p = self.pieces[0]
+            if p.reused is None:
+                p.reused = self.kv.reuse(p.request)
+                p.at = p.reused.start
             left = len(p.request.prompt_ids) - p.at
-            if budget is None or left <= budget:
-                finishing.append(p)
-                budget = None if budget is None else budget - left
-            else:
-                piece = (p, budget) if budget else None
-                budget = 0
-                break
-        if piece is not None:
-            self._compute_pieces([piece])
-        for p in finishing:
-            self.pieces.remove(p)
+            if budget is not None and left > budget:
+                self._compute_pieces([(p, budget)])
+                return 0
+            self.pieces.pop(0)
             self._prefill_whole([p.request], [Reused(p.at)], p.began, registered_from=[p.reused.start])
+            budget = None if budget is None else budget - left
         return budget
 
     def _prefill(self, new: list[Request], t0: float, budget: int | None) -> int | None:
         """Prefill `new` from what the prefix cache holds of each, within `budget` (see `add`): whole where it
-        allows, else begun piecewise. Returns what is left of the budget."""
-        reused = [self.kv.reuse(s) for s in new]
-        whole: list[int] = []
-        for b, (s, r) in enumerate(zip(new, reused)):
+        allows, else begun piecewise, or left waiting for the next call once it is spent. Returns what is left of
+        the budget."""
+        whole: list[Request] = []
+        reused: list[Reused] = []
+        for s in new:
+            scored = s.params.prompt_alternatives is not None
+            if budget == 0 and not scored:
+                self.pieces.append(Piecewise(s, t0))
+                continue
+            r = self.kv.reuse(s)
             need = len(s.prompt_ids) - r.start
-            if budget is None or need <= budget or s.params.prompt_alternatives is not None:
-                whole.append(b)
+            if budget is None or need <= budget or scored:
+                whole.append(s)
+                reused.append(r)
                 budget = None if budget is None else max(0, budget - need)
                 continue
-            piece = Piecewise(s, r, r.start, t0)
+            piece = Piecewise(s, t0, r, r.start)
             self.pieces.append(piece)
-            if budget:
-                self._compute_pieces([(piece, budget)])
-                budget = 0
+            self._compute_pieces([(piece, budget)])
+            budget = 0
         if whole:
-            self._prefill_whole([new[b] for b in whole], [reused[b] for b in whole], t0)
+            self._prefill_whole(whole, reused, t0)
         return budget
 
     def _compute_pieces(self, pieces: list[tuple[Piecewise, int]]) -> None:
@@ -419,6 +429,7 @@ class Batch:
         dev = self.model.device
         self.executor.forward(to_device(tokens, dev), list(rows),
                               logits_at=to_device(torch.tensor([n - 1 for _, n in pieces]), dev))
+
 
     def _prefill_whole(self, new: list[Request], reused: list[Reused], t0: float, *,
                        registered_from: list[int] | None = None) -> None:

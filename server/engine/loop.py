@@ -306,8 +306,8 @@ class EngineLoop:
         # Prefill first, so that the new rows decode in this step's forward and, step by step, their first tokens
         # stream now. Overlapped, the prefill is only queued here: `decode` reads it after queueing the step, and
         # every emit below runs while that step is on the device.
-        batch.add(new)
-        for r in new:
+        joined = batch.add(new)  # the new requests, and those whose prompt's last piece it computed
+        for r in joined:
             if not r.finished:  # a request finished by its first token is answered once, below
                 self._emit(r)
         decoded = batch.decode()  # schedule -> execute -> update; the requests whose token it read
