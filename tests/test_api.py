@@ -337,6 +337,21 @@ def test_stop_token_ids_end_the_request_and_neutral_values_of_refused_fields_pas
     assert r.status_code == 200, r.text
 
 
+def test_tgi_truncate_keeps_the_inputs_last_tokens(client):
+    """TGI's `truncate` (it was refused): the answer is the one to the input's last k tokens, its prefill details list
+    those k, and a size past the context or below 1 is TGI's 422 naming it."""
+    long = "a long input that would not fit the context " * 4  # 176 tokens against max_model_len 128
+    params = {"max_new_tokens": 3, "truncate": 10, "details": True, "decoder_input_details": True}
+    cut = client.post("/generate", json={"inputs": long, "parameters": params}).json()
+    tail = client.post("/generate", json={"inputs": long[-10:], "parameters": {**params, "truncate": None}}).json()
+    assert cut["generated_text"] == tail["generated_text"]
+    assert [t["id"] for t in cut["details"]["prefill"]] == [t["id"] for t in tail["details"]["prefill"]]
+    assert len(cut["details"]["prefill"]) == 10
+    for bad, says in ((MAX_LEN + 1, f"less than {MAX_LEN + 1}"), (0, "greater than or equal to 1")):
+        r = client.post("/generate", json={"inputs": "hi", "parameters": {"truncate": bad}})
+        assert_tgi_error(r, 422, "validation", says=(says,))
+
+
 def test_truncate_prompt_tokens_lets_a_prompt_longer_than_the_context_in(client):
     """The prompt is cut before its length is checked, as in vLLM: a prompt past max_model_len is answered from its
     last k tokens, which usage counts."""
@@ -1019,8 +1034,8 @@ ERRORS = [
      400, None, None, ("regular expression, a string",)),
     ("tgi-grammar-json-text", "/generate", {"inputs": "x", "parameters": {"grammar": {"type": "json", "value": "[1"}}},
      400, None, None, ("JSON schema",)),
-    ("tgi-truncate", "/generate", {"inputs": "x", "parameters": {"truncate": 1}}, 400, None, None,
-     ("truncate is not supported",)),
+    ("tgi-truncate", "/generate", {"inputs": "x", "parameters": {"truncate": MAX_LEN + 1}}, 400, None, None,
+     ("`truncate` must be strictly positive",)),
     ("tgi-typical-p", "/generate", {"inputs": "x", "parameters": {"typical_p": 0.5}}, 400, None, None,
      ("typical_p is not supported",)),
     ("functions", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],

@@ -25,6 +25,7 @@ from server.engine.request import GenerationResult
 from server.engine.sampling_params import MAX_STOP_STRINGS, SamplingParams
 
 if TYPE_CHECKING:
+    from server.api.state import AppState
     from server.engine.served import ServedModel
 
 router = APIRouter(tags=["native"])
@@ -52,9 +53,13 @@ def _params(body: GenerateRequest) -> pipeline.ParamsFor:
     return params
 
 
-def _job(body: GenerateRequest) -> Job:
+def _job(state: AppState, body: GenerateRequest) -> Job:
+    truncate = body.parameters.truncate
+    if truncate is not None and truncate > state.max_model_len:  # TGI's words
+        raise APIError(400, f"`truncate` must be strictly positive and less than {state.max_model_len + 1} (this "
+                            f"server's max_model_len). Given: {truncate}", param="truncate")
     return Job("gen", body.model, body.parameters.policy, [body.inputs], max_tokens=body.parameters.max_new_tokens,
-               params=_params(body))
+               truncate_prompt_tokens=body.parameters.truncate, params=_params(body))
 
 
 def _token(served: ServedModel, token_id: int, logprob: float | None) -> TokenInfo:
@@ -91,7 +96,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
         return await generate_stream(body, request)
     state = get_state(request)
     served, _ = state.require()
-    run = await pipeline.start(state, _job(body))
+    run = await pipeline.start(state, _job(state, body))
     result = (await pipeline.collect(run.streams, request))[0]
     out = GenerateResponse(generated_text=_text(body, result), painters=painters_info(run.schedule, result),
                            details=_details(served, body, result) if body.parameters.details else None)
@@ -110,7 +115,7 @@ async def compat_generate(body: GenerateRequest, request: Request) -> Any:
 async def generate_stream(body: GenerateRequest, request: Request) -> EventSourceResponse:
     state = get_state(request)
     served, _ = state.require()
-    run = await pipeline.start(state, _job(body))
+    run = await pipeline.start(state, _job(state, body))
     return pipeline.event_source(state, _events(served, body, run), policy=run.schedule.policy)
 
 

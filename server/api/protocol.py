@@ -710,12 +710,13 @@ class GenerateParameters(_Body):
     typical_p: float | None = None
     best_of: int | None = None
     watermark: bool = False
-    truncate: int | None = None
     adapter_id: str | None = None
+    truncate: int | None = Field(None, ge=1, description="TGI's: keep only the input's last this many tokens (1 "
+                                 "to the context length)")
 
     _stop_limits = field_validator("stop")(_check_stop)
 
-    @field_validator("typical_p", "best_of", "watermark", "truncate", "adapter_id")
+    @field_validator("typical_p", "best_of", "watermark", "adapter_id")
     @classmethod
     def _neutral(cls, v: Any, info: ValidationInfo) -> Any:
         if v is not None and v is not False and v != TGI_NEUTRAL.get(info.field_name or "", object()):
