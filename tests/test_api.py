@@ -352,6 +352,21 @@ def test_tgi_truncate_keeps_the_inputs_last_tokens(client):
         assert_tgi_error(r, 422, "validation", says=(says,))
 
 
+def test_tgi_typical_p_samples_and_repeats_with_its_seed(client):
+    """TGI's typical_p (it was refused): alone it makes the request draw (TGI's has_warpers), a seed repeats the
+    draw, and 1 asks for nothing (greedy, as without it)."""
+    def generate(**params):
+        body = {"inputs": "hello", "parameters": {"max_new_tokens": 8, "ignore_eos": True, **params}}
+        r = client.post("/generate", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["generated_text"]
+
+    greedy = generate()
+    drawn = {generate(typical_p=0.9, seed=s) for s in range(4)}
+    assert generate(typical_p=0.9, seed=2) == generate(typical_p=0.9, seed=2)
+    assert len(drawn) > 1 and generate(typical_p=1.0) == greedy
+
+
 def test_truncate_prompt_tokens_lets_a_prompt_longer_than_the_context_in(client):
     """The prompt is cut before its length is checked, as in vLLM: a prompt past max_model_len is answered from its
     last k tokens, which usage counts."""
@@ -1036,8 +1051,10 @@ ERRORS = [
      400, None, None, ("JSON schema",)),
     ("tgi-truncate", "/generate", {"inputs": "x", "parameters": {"truncate": MAX_LEN + 1}}, 400, None, None,
      ("`truncate` must be strictly positive",)),
-    ("tgi-typical-p", "/generate", {"inputs": "x", "parameters": {"typical_p": 0.5}}, 400, None, None,
-     ("typical_p is not supported",)),
+    ("tgi-typical-p", "/generate", {"inputs": "x", "parameters": {"typical_p": 1.5}}, 400, None, None,
+     ("typical_p", "less than or equal to 1")),
+    ("tgi-watermark", "/generate", {"inputs": "x", "parameters": {"watermark": True}}, 400, None, None,
+     ("watermark is not supported",)),
     ("functions", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                            "functions": [{"name": "f"}]}, 400, None, "functions",
      ("function_call 'none'",)),

@@ -173,7 +173,7 @@ def test_cuda_overlapped_decode_queues_a_step_without_waiting_for_the_device(mon
     torch's sync debug mode set to raise, with rows crossing KV block boundaries (new blocks in the table), joining
     from a prefill whose token is still on the device, sampling with seeds, min_tokens masking the EOS, and a row
     with every logit processor (allowed tokens, and its top logprobs ranked among them as a beam search's, bad
-    words matched against its token in flight, bias, penalties counting it, min-p)."""
+    words matched against its token in flight, bias, penalties counting it, min-p, typical-p)."""
     from server.engine.generate import Batch
 
     eng = Engine.from_hf(tiny_llama(), CharTokenizer(), device="cuda", dtype=torch.float32, overlap=True)
@@ -182,7 +182,8 @@ def test_cuda_overlapped_decode_queues_a_step_without_waiting_for_the_device(mon
               SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True, logprobs=1),
               SamplingParams(max_tokens=30, min_tokens=20),
               SamplingParams(max_tokens=30, temperature=0.7, seed=4, ignore_eos=True, frequency_penalty=0.5,
-                             presence_penalty=0.2, repetition_penalty=1.2, min_p=0.05, logit_bias=((9, 2.0),),
+                             presence_penalty=0.2, repetition_penalty=1.2, min_p=0.05, typical_p=0.95,
+                             logit_bias=((9, 2.0),),
                              allowed_token_ids=tuple(range(3, 60)), bad_words_ids=((11,), (12, 13)), logprobs=3,
                              top_from_allowed=True)]
     batch = eng.new_batch(max_len=64, num_blocks=200)

@@ -224,10 +224,12 @@ def test_tgi_frequency_penalty_counts_the_share_of_the_whole_sequence():
 def test_the_neutral_values_carry_no_tensors():
     """A batch in which no row asks for a processor takes the plain path: no tensor for any of them (histories
     handed in or not)."""
-    rows = [SamplingParams(), SamplingParams(temperature=1.0, top_p=0.5, min_p=0.0, repetition_penalty=1.0)]
+    rows = [SamplingParams(), SamplingParams(temperature=1.0, top_p=0.5, min_p=0.0, repetition_penalty=1.0,
+                                             typical_p=1.0)]
     batch = SamplingBatch.of(rows, [None, None], CPU, prompts=[torch.tensor([1])] * 2, outputs=[[2], [2]],
                              recent=torch.tensor([3, 3]))
-    assert (batch.allowed, batch.bias, batch.bias_at, batch.bad_words, batch.penalties, batch.min_p) == (None,) * 6
+    assert (batch.allowed, batch.bias, batch.bias_at, batch.bad_words, batch.penalties, batch.min_p,
+            batch.typical_p) == (None,) * 7
     logits = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     assert process_logits(logits, batch) is logits
     greedy_min_p = SamplingBatch.of([SamplingParams(min_p=0.5)], [None], CPU)
@@ -252,6 +254,44 @@ def test_min_p_keeps_what_is_at_least_min_p_times_the_most_likely_after_temperat
         beside = sample(torch.stack([logits, logits]), [SamplingParams(temperature=1.0, min_p=1.0), plain],
                         [make_generator(0, CPU), make_generator(seed, CPU)])
         assert int(alone[0]) == int(beside[1]), seed
+
+
+def test_typical_p_keeps_what_transformers_typical_warper_keeps():
+    """TGI's typical_p: on random rows (some tokens already filtered to -inf), after temperature, the tokens left are
+    exactly those transformers' TypicalLogitsWarper leaves, at every mass; a mass of 1 leaves them all."""
+    from transformers import TypicalLogitsWarper
+
+    from server.engine.sampling import _typical
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 50, generator=g) * 3
+    x[1, 10:30] = -INF
+    x[4] = torch.linspace(0, -12, 50)
+    for mass in (0.05, 0.2, 0.5, 0.9, 0.99):
+        hf = TypicalLogitsWarper(mass=mass)(torch.zeros(6, 1, dtype=torch.long), x.clone())
+        ours = _typical(x, torch.full((6,), mass))
+        assert torch.equal(ours, hf == -INF), mass
+    assert not _typical(x, torch.ones(6)).any()
+
+
+def test_typical_p_draws_from_the_typical_set_renormalised_and_leaves_its_neighbour_alone():
+    """Draws follow the softmax over the tokens typical decoding keeps ([0.5, 0.26, 0.14, 0.1] at mass 0.5: the
+    entropy is 1.20 nats, the surprises 0.69, 1.35, 1.97, 2.30, so 1 then 0 are kept); a neighbour without it is not
+    cut, and typical_p alone makes a row draw (it is not greedy)."""
+    p = torch.tensor([0.5, 0.26, 0.14, 0.1])
+    g = make_generator(5, CPU)
+    params = SamplingParams(temperature=1.0, typical_p=0.5)
+    counts = torch.bincount(torch.stack([sample(p.log()[None], [params], [g])[0] for _ in range(3000)]), minlength=4)
+    assert counts[2] == counts[3] == 0
+    assert torch.allclose(counts[:2] / 3000, torch.tensor([0.5, 0.26]) / 0.76, atol=0.04), counts
+    for seed in range(20):
+        plain = SamplingParams(temperature=1.0)
+        alone = sample(p.log()[None], [plain], [make_generator(seed, CPU)])
+        beside = sample(torch.stack([p.log(), p.log()]), [SamplingParams(temperature=1.0, typical_p=0.01), plain],
+                        [make_generator(0, CPU), make_generator(seed, CPU)])
+        assert int(alone[0]) == int(beside[1]), seed
+    with pytest.raises(SamplingError, match="typical_p"):
+        SamplingParams(typical_p=0.0).check()
 
 
 # -- bad words (vLLM's bad_words) -------------------------------------------------------------------------------------
@@ -456,6 +496,7 @@ accepted_params = st.builds(
     top_k=st.one_of(st.sampled_from([0, 1, 2, TOP_K.hi]), st.integers(0, TOP_K.hi)),
     seed=st.integers(SEED.lo, SEED.hi),
     min_p=st.one_of(st.sampled_from([0.0, 5e-324, 1.0]), st.floats(0, 1)),
+    typical_p=st.one_of(st.sampled_from([5e-324, 1e-9, 0.5, 1.0]), st.floats(0, 1, exclude_min=True)),
 )
 
 

@@ -36,15 +36,16 @@ EVENTS = pipeline.sse_responses("JSON, or server-sent events (one GenerateStream
 def _params(body: GenerateRequest) -> pipeline.ParamsFor:
     p = body.parameters
     # TGI samples when asked to: do_sample, or a parameter that changes the distribution (its NextTokenChooser's
-    # has_warpers: temperature not 1, top_k not 0, top_p below 1); temperature 0 is greedy, as on the OpenAI routes
-    # (TGI itself refuses it)
-    sampling = p.temperature != 0 and (p.do_sample or p.temperature not in (None, 1.0)
-                                       or (p.top_k or 0) != 0 or (p.top_p or 1.0) < 1.0)
+    # has_warpers: temperature not 1, top_k not 0, top_p or typical_p below 1); temperature 0 is greedy, as on the
+    # OpenAI routes (TGI itself refuses it)
+    sampling = p.temperature != 0 and (p.do_sample or p.temperature not in (None, 1.0) or (p.top_k or 0) != 0
+                                       or (p.top_p or 1.0) < 1.0 or (p.typical_p or 1.0) < 1.0)
 
     def params(max_tokens: int, index: int) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens, temperature=(1.0 if p.temperature is None else p.temperature) if sampling else 0.0,
-            top_p=p.top_p or 1.0, top_k=p.top_k or 0, seed=p.seed, stop=tuple(p.stop), ignore_eos=p.ignore_eos,
+            top_p=p.top_p or 1.0, top_k=p.top_k or 0, typical_p=p.typical_p or 1.0, seed=p.seed, stop=tuple(p.stop),
+            ignore_eos=p.ignore_eos,
             logprobs=p.top_n_tokens or 0, echo=p.decoder_input_details,
             repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,
             frequency_penalty=p.frequency_penalty or 0.0, frequency_of="sequence",

@@ -682,7 +682,7 @@ class TGIGrammar(BaseModel):
         return StructuredOutput("regex", self.value, param="grammar")
 
 
-TGI_NEUTRAL: dict[str, Any] = {"typical_p": 1.0, "best_of": 1}
+TGI_NEUTRAL: dict[str, Any] = {"best_of": 1}
 
 
 class GenerateParameters(_Body):
@@ -707,7 +707,9 @@ class GenerateParameters(_Body):
                                        "{\"type\": \"regex\", \"value\": <regular expression>}, compiled by xgrammar")
     # TGI's parameters this server cannot honour: refused (422) when set to anything but their neutral value
     # (TGI_NEUTRAL; best_of's is /info's max_best_of)
-    typical_p: float | None = None
+    typical_p: float | None = Field(None, gt=0, le=1, description="TGI's typical decoding: sample among the tokens "
+                                    "whose surprise is closest to the entropy, until they hold this much of the "
+                                    "probability (1: off)")
     best_of: int | None = None
     watermark: bool = False
     adapter_id: str | None = None
@@ -716,7 +718,7 @@ class GenerateParameters(_Body):
 
     _stop_limits = field_validator("stop")(_check_stop)
 
-    @field_validator("typical_p", "best_of", "watermark", "adapter_id")
+    @field_validator("best_of", "watermark", "adapter_id")
     @classmethod
     def _neutral(cls, v: Any, info: ValidationInfo) -> Any:
         if v is not None and v is not False and v != TGI_NEUTRAL.get(info.field_name or "", object()):

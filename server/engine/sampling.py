@@ -220,6 +220,7 @@ class SamplingBatch:
     bad_words: BadWords | None = None  # None when no row's bad word can end this step
     penalties: Penalties | None = None  # None when no row has a penalty on
     min_p: Tensor | None = None  # [S] float32, per drawing row (None when every drawing row's is 0)
+    typical_p: Tensor | None = None  # [S] float32, per drawing row (None when every drawing row's is 1)
 
     @classmethod
     def of(cls, params: list[SamplingParams], generators: list[Any], device: torch.device,
@@ -253,12 +254,14 @@ class SamplingBatch:
         tensors["bad_words"] = BadWords.of(params, outputs, device, recent)
         tensors["penalties"] = Penalties.of(params, prompts or [None] * len(params), outputs, device, recent)
         min_p = any(params[b].min_p > 0 for b in sampled)
+        typical = any(params[b].typical_p < 1 for b in sampled)
         if sampled:  # one copy: rows and parameters packed together
-            packed = to_device(torch.tensor([(b, params[b].temperature, params[b].top_k, params[b].top_p)
-                                             + ((params[b].min_p,) if min_p else ()) for b in sampled],
+            packed = to_device(torch.tensor([(b, params[b].temperature, params[b].top_k, params[b].top_p,
+                                              params[b].min_p, params[b].typical_p) for b in sampled],
                                             dtype=torch.float64), device)
             tensors.update(rows=packed[:, 0].long(), temperature=packed[:, 1].float(), top_k=packed[:, 2].long(),
-                           top_p=packed[:, 3].float(), min_p=packed[:, 4].float() if min_p else None)
+                           top_p=packed[:, 3].float(), min_p=packed[:, 4].float() if min_p else None,
+                           typical_p=packed[:, 5].float() if typical else None)
         return cls(
             generators=tuple(generators), sampled=sampled,
             filtered=any(params[b].top_k > 0 or params[b].top_p < 1.0 for b in sampled),
@@ -315,7 +318,7 @@ def sample_batch(logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor, 
     assert batch.rows is not None and batch.temperature is not None and batch.top_k is not None
     assert batch.top_p is not None
     drawn = _draw(logits[batch.rows], batch.temperature, batch.top_k, batch.top_p, torch.stack(draws),
-                  filtered=batch.filtered, cap=batch.top_k_cap, min_p=batch.min_p)
+                  filtered=batch.filtered, cap=batch.top_k_cap, min_p=batch.min_p, typical_p=batch.typical_p)
     return tokens.index_copy(0, batch.rows, drawn), alive, errors
 
 
@@ -413,13 +416,27 @@ def _clean(x: Tensor) -> Tensor:
     return torch.nan_to_num(x, nan=-inf, posinf=inf, neginf=-inf)
 
 
+def _typical(x: Tensor, mass: Tensor) -> Tensor:
+    """x [S, V] (rows' logits, -inf where filtered out), mass [S] in (0, 1] -> [S, V] True where typical decoding
+    drops the token (transformers' TypicalLogitsWarper, TGI's typical_p): ranked by how far its surprise -log p is
+    from the row's entropy, the tokens are kept until they hold `mass` of the probability, the one that reaches it
+    included; a row whose mass is 1 drops nothing."""
+    logp = x.log_softmax(-1)
+    p = logp.exp()
+    entropy = -(logp * p).nansum(-1, keepdim=True)  # -inf x 0 is nan: a filtered token adds nothing
+    shifted = (-logp - entropy).abs()  # inf for filtered tokens: ranked last
+    ranked, order = shifted.sort(-1)
+    last = ((p.gather(-1, order).cumsum(-1) < mass[:, None]).sum(-1)).clamp(max=x.shape[-1] - 1)
+    return (shifted > ranked.gather(-1, last[:, None])) & (mass < 1)[:, None]
+
+
 def _uniform(g: Any, device: torch.device) -> Tensor:
     """One draw in [0, 1) from a row's generator (which lives on `device`)."""
     return torch.rand((), generator=g, dtype=torch.float64, device=device)
 
 
 def _draw(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, u: Tensor, *, filtered: bool,
-          cap: int = 0, min_p: Tensor | None = None) -> Tensor:
+          cap: int = 0, min_p: Tensor | None = None, typical_p: Tensor | None = None) -> Tensor:
     """logits [S, V] float32 without NaN; temperature, top_p [S]; top_k [S] (0 off); u [S] in [0, 1); min_p [S] or
     None -> tokens [S]. Shifting each row's maximum to 0 before dividing keeps every scaled logit in [-inf, 0], so
     softmax never sees inf - inf; +inf logits become 0 and share the draw.
@@ -431,7 +448,8 @@ def _draw(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, u: 
     at or above it, in vocabulary order (a token tied with the last kept one stays, as in HF's warpers). The draw
     inverts the cumulative distribution in vocabulary order whatever the batch: inverted in sorted order when some
     row of the batch filtered, a seeded row drew another token beside a top-p neighbour than alone. With `cap`
-    (every row's top_k <= cap), only the cap largest logits are sorted, not the vocabulary."""
+    (every row's top_k <= cap), only the cap largest logits are sorted, not the vocabulary. typical_p [S] or None
+    (1: off) then keeps the tokens of typical decoding (`_typical`)."""
     x = torch.nan_to_num(logits - logits.max(-1, keepdim=True).values, nan=0.0, neginf=float("-inf"))
     x = x / temperature[:, None]
     if min_p is not None:
@@ -449,6 +467,8 @@ def _draw(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, u: 
         ranked = ranked.masked_fill(drop & (top_p < 1.0)[:, None], float("-inf"))
         lowest = ranked.masked_fill(ranked == float("-inf"), float("inf")).min(-1, keepdim=True).values
         x = x.masked_fill(x < lowest, float("-inf"))
+    if typical_p is not None:
+        x = x.masked_fill(_typical(x, typical_p), float("-inf"))
     probs = x.softmax(-1).double()
     cdf = probs.cumsum(-1)
     at = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]

@@ -86,6 +86,7 @@ LOGPROBS = Interval(0, 20, integer=True)
 PENALTY = Interval(-2, 2)  # presence and frequency (OpenAI's; TGI's frequency_penalty too)
 POSITIVE = Interval(0, math.inf, lo_open=True)  # repetition_penalty, vLLM's and TGI's (1 = off)
 MIN_P = Interval(0, 1)  # 0 = off
+TYPICAL_P = Interval(0, 1, lo_open=True)  # 1 = off
 LOGIT_BIAS = Interval(-100, 100)
 
 
@@ -167,6 +168,9 @@ class SamplingParams:
     # a token seen in prompt or output has its logit divided by this when positive, multiplied when not (CTRL's)
     repetition_penalty: float = 1.0
     min_p: float = 0.0  # drawing rows drop tokens less likely than min_p x the most likely one (after temperature)
+    # typical decoding (TGI's typical_p, transformers' TypicalLogitsWarper), after top-k and top-p: a drawing row keeps
+    # the tokens whose surprise is closest to the entropy until they hold this much of the mass; 1 = off
+    typical_p: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit); a token given twice: the last
     allowed_token_ids: tuple[int, ...] | None = None  # only these may be chosen
     # the top `logprobs` alternatives are the likeliest of the tokens the row may choose, those of allowed_token_ids
@@ -198,6 +202,7 @@ class SamplingParams:
         PENALTY.check("frequency_penalty", self.frequency_penalty)
         POSITIVE.check("repetition_penalty", self.repetition_penalty)
         MIN_P.check("min_p", self.min_p)
+        TYPICAL_P.check("typical_p", self.typical_p)
         if self.frequency_of not in ("output", "sequence"):
             raise SamplingError(f"frequency_of must be 'output' or 'sequence', got {self.frequency_of!r}")
         # a presence penalty counts the output only: counting the prompt (TGI's frequency) would make it another rule
