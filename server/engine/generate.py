@@ -19,6 +19,12 @@ step on the first tokens still on the device and only then reads the prefill, so
 host between a prefill and the step after it. An echo prefill (prompt scoring) is read at once. A step with a
 structured row (a grammar constrains its output) does not overlap: that row's mask of allowed tokens needs its
 latest token accepted by its matcher, on the host, so `decode` reads what is in flight before it queues the step.
+
+Speculative decoding (`server.engine.speculative`): with a `Speculation`, `decode` reads what is in flight, asks
+the proposer for each row's drafts, and where any row has some runs one verifying forward over every row instead of
+the decode step (`_verify`): a row computes its last token and its drafts, its sampler chooses at each position, and
+it keeps one to k + 1 tokens, the ones decoding one at a time would have chosen. A batch that speculates does not
+overlap.
 """
 
 from __future__ import annotations
@@ -46,8 +52,9 @@ from server.engine.probe import Reducer as ProbeReducer
 from server.engine.probe import chunks as probe_chunks
 from server.engine.request import GenerationResult, Request, Timings
 from server.engine.sampling import (PromptCache, SamplingBatch, SamplingParams, alternatives, make_generator,
-                                    sample_batch)
+                                    rewind, sample_batch)
 from server.engine.served import encode, encode_word
+from server.engine.speculative import Speculation, accepted, propose_ngram, room, runs_within
 from server.engine.transfer import to_device
 
 NO_TOKEN_ALLOWED = "no_token_allowed"  # a row's own masks left it nothing to choose (`_why_failed`)
@@ -135,11 +142,12 @@ class Batch:
                  group_mode: GroupMode = "batched", prefix_caching: bool = False,
                  prefix_blocks: int | None = None, attention: AttentionMode = "auto",
                  graphs: bool | None = None, fuse: bool = False, overlap: bool | None = None,
-                 prefill_tokens: int | None = None) -> None:
+                 prefill_tokens: int | None = None, speculation: Speculation | None = None) -> None:
         """overlap: `decode` queues each step before it reads the previous one's results (see the module's
         docstring); None turns it on where the device runs asynchronously (CUDA). On the CPU it runs the same
         way, and gains nothing: there the tensor work is done before `launch` returns. prefill_tokens: prompt tokens
-        one `add` computes at most (chunked prefill, see `add`); None: whole prompts."""
+        one `add` computes at most (chunked prefill, see `add`); None: whole prompts. speculation: how rows draft
+        tokens that a step verifies (`server.engine.speculative`; a step with drafts does not overlap)."""
         assert prefill_tokens is None or prefill_tokens >= 1, prefill_tokens
         self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
         self.executor = Executor(model, num_blocks=num_blocks, block_size=block_size, max_len=max_len,
@@ -153,6 +161,9 @@ class Batch:
         self.prefill_tokens = prefill_tokens
         self.pieces: list[Piecewise] = []  # prompts being prefilled a piece per `add`, oldest first
         self.prompts = PromptCache(model.device)  # the penalties' prompts on the device, of requests in the batch
+        self.speculation = speculation
+        self._draft_schedule = (None if speculation is None or speculation.draft is None
+                                else compile_schedule(speculation.draft, model.args.n_layers))
 
     @property
     def busy(self) -> bool:
@@ -210,14 +221,16 @@ class Batch:
                          self._sampling(new, [0] * len(new)), echo=scored)
 
     def _sampling(self, seqs: tuple[Request, ...] | list[Request], made: list[int],
-                  inputs: Tensor | None = None) -> SamplingBatch:
+                  inputs: Tensor | None = None, histories: Sequence[Sequence[int]] | None = None) -> SamplingBatch:
         """Each row's sampling parameters; a row that has `made` tokens (counting one in flight) fewer than its
         min_tokens may not choose a stop token (vLLM's semantics: the EOS and stop_token_ids are masked, so the
         request goes on with another token; stop strings only match after min_tokens, see `_check_stop`).
         inputs [B, 1]: a decode step's input tokens, each row's latest output token, on the device (overlapped,
         maybe still in flight): what a penalized row counts last and a bad word's match ends on; its earlier ones
-        come from the host, and its prompt from the device (copied once: `PromptCache`). A structured
-        row's allowed tokens come from its matcher, which has accepted every token it made (they are on the host)."""
+        come from the host, and its prompt from the device (copied once: `PromptCache`). histories: each row's
+        output tokens before the one it chooses, where they are not its request's (a verifying step's rows follow
+        drafts). A structured row's allowed tokens come from its matcher, which has accepted every token it made
+        (they are on the host)."""
         vocab = self.model.args.vocab_size
         structured = [b for b, s in enumerate(seqs) if _constrained(s)]
         grammar = None
@@ -228,8 +241,9 @@ class Batch:
         outputs = prompts = recent = None
         if any(s.params.penalized or s.params.bad_words_ids for s in seqs):  # only then: no row pays for a history
             known = [n - (inputs is not None) for n in made]  # it does not use
-            outputs = [s.output_ids[:k] if s.params.penalized or s.params.bad_words_ids else ()
-                       for s, k in zip(seqs, known)]
+            made_ids = histories or [s.output_ids for s in seqs]
+            outputs = [h[:k] if s.params.penalized or s.params.bad_words_ids else ()
+                       for s, h, k in zip(seqs, made_ids, known)]
             prompts = [self.prompts.get(s.id, s.prompt_ids) if s.params.reads_prompt else None for s in seqs]
             recent = None if inputs is None else inputs[:, 0]
         return SamplingBatch.of([s.params for s in seqs], [s.generator for s in seqs], self.model.device, banned,
@@ -293,21 +307,26 @@ class Batch:
                     s.set_finished("length")
             if s.finished:
                 continue
-            if b in out.errors:
-                s.set_finished("error", *_why_failed(s, out.errors[b], stuck=b in out.stuck))
-                continue
-            try:
-                if prefill_from is None:
-                    s.timings.add_token(now)
-                token = out.token_ids[b]
-                s.output_ids.append(token)
-                if s.params.logprobs is not None:
-                    s.logprobs.append(out.logprobs[b])
-                if s.params.logprobs:
-                    s.top_logprobs.append(dict(itertools.islice(out.top[b].items(), s.params.logprobs)))
-                self._check_stop(s, token)
-            except Exception as e:  # this row alone fails
-                s.set_finished("error", f"{type(e).__name__}: {e}")
+            self._take(s, out, b, now=None if prefill_from is not None else now)
+
+    def _take(self, s: Request, out: ModelOutput, b: int, *, now: float | None) -> None:
+        """Give `s` the token of `out`'s row b (timed at `now`; None: a first token, timed by the prefill), or end
+        it with that row's error; then check its stops."""
+        if b in out.errors:
+            s.set_finished("error", *_why_failed(s, out.errors[b], stuck=b in out.stuck))
+            return
+        try:
+            if now is not None:
+                s.timings.add_token(now)
+            token = out.token_ids[b]
+            s.output_ids.append(token)
+            if s.params.logprobs is not None:
+                s.logprobs.append(out.logprobs[b])
+            if s.params.logprobs:
+                s.top_logprobs.append(dict(itertools.islice(out.top[b].items(), s.params.logprobs)))
+            self._check_stop(s, token)
+        except Exception as e:  # this row alone fails
+            s.set_finished("error", f"{type(e).__name__}: {e}")
 
     def _check_stop(self, s: Request, token: int) -> None:
         n = len(s.output_ids)
@@ -461,15 +480,105 @@ class Batch:
         `add` queued are read here too, after this step is queued."""
         in_flight, self._in_flight = self._in_flight, None
         prefills, self._prefills = self._prefills, []
-        overlap = self.overlap and not any(_constrained(s) and not s.finished for s in self.sequences)
+        overlap = (self.overlap and self.speculation is None
+                   and not any(_constrained(s) and not s.finished for s in self.sequences))
         read: tuple[Request, ...] = ()
         if not overlap:  # a structured row's mask needs its latest token on the host (see the module's docstring)
             read, in_flight, prefills = self._read(in_flight, prefills), None, []
+            drafts = self._propose()  # and so does a proposer
+            if drafts:
+                return read + self._verify(drafts)
         inp = self.decode_input([*([] if in_flight is None else [in_flight]), *(p for p, _ in prefills)])
         launched = None if inp is None else self.launch(inp)
         if overlap:
             self._in_flight, launched = launched, in_flight
         return read + self._read(launched, prefills)
+
+    def _propose(self) -> dict[str, list[int]]:
+        """The drafts of the rows that have any this step (see `server.engine.speculative`): each row's at most
+        `room` for them; a structured row drafts none (its matcher would have to follow each draft), and no row
+        does while more rows decode than the speculation allows."""
+        spec = self.speculation
+        if spec is None:
+            return {}
+        live = [s for s in self.sequences if not s.finished]
+        if spec.up_to_rows is not None and len(live) > spec.up_to_rows:
+            return {}
+        rows = [(s, room(num_tokens=spec.num_tokens, made=len(s.output_ids), max_tokens=s.params.max_tokens,
+                         length=s.length, max_len=self.max_len))
+                for s in live if not _constrained(s)]
+        rows = [(s, k) for s, k in rows if k]
+        if spec.method == "ngram":
+            drafts = {s.id: propose_ngram(s.prompt_ids + s.output_ids, k=k, lookup_min=spec.lookup_min,
+                                          lookup_max=spec.lookup_max) for s, k in rows}
+        else:
+            assert self._draft_schedule is not None
+            drafts = self._draft([(s, k) for s, k in rows if runs_within(self._draft_schedule, s.schedule)])
+        return {i: d for i, d in drafts.items() if d}
+
+    def _draft(self, rows: list[tuple[Request, int]]) -> dict[str, list[int]]:
+        """layer_skip: each row's next k tokens, chosen greedily under the draft schedule, a forward per token. The
+        draft writes its slots' KV at the drafted positions, which the verifying forward rewrites."""
+        draft = self._draft_schedule
+        if not rows or draft is None:
+            return {}
+        dev = self.model.device
+        for s, k in rows:  # the verifying forward writes every slot there: its blocks before the draft's forwards
+            self.executor.cache.reserve(s.id, s.schedule.slots, s.length + k)
+        last = to_device(torch.tensor([s.output_ids[-1] for s, _ in rows]), dev)  # [B] each row's input token
+        made = torch.zeros(len(rows), max(k for _, k in rows), dtype=torch.long, device=dev)  # [B, K]
+        for j in range(made.shape[1]):
+            on = [b for b, (_, k) in enumerate(rows) if k > j]
+            at = None if len(on) == len(rows) else to_device(torch.tensor(on), dev)
+            logits = self.executor.forward((last if at is None else last[at])[:, None],
+                                           [Row(rows[b][0].id, draft, rows[b][0].length - 1 + j, 1) for b in on],
+                                           logits_at=torch.zeros(len(on), dtype=torch.long, device=dev))
+            chosen = logits.argmax(-1)
+            if at is None:
+                last, made[:, j] = chosen, chosen
+            else:
+                last, made[at, j] = last.index_copy(0, at, chosen), chosen
+        host = made.tolist()  # the one wait
+        return {s.id: host[b][:k] for b, (s, k) in enumerate(rows)}
+
+    def _verify(self, drafts: dict[str, list[int]]) -> tuple[Request, ...]:
+        """One forward over every unfinished row: a row computes its last token and its drafts (none for some),
+        its sampler chooses a token at each of those positions as decoding would (the processors see the drafts
+        before it as made; a drawing row draws in order from its generator), and the row keeps the drafts up to
+        the first its sampler did not choose, then its own token there. Its generator is left where its kept
+        tokens' draws leave it, so a seeded row draws what it would without drafts."""
+        live = tuple(s for s in self.sequences if not s.finished)
+        ds = [drafts.get(s.id, []) for s in live]
+        rows = [Row(s.id, s.schedule, s.length - 1, 1 + len(d)) for s, d in zip(live, ds)]
+        T = max(r.num_new for r in rows)
+        tokens = torch.zeros(len(live), T, dtype=torch.long)
+        for b, (s, d) in enumerate(zip(live, ds)):
+            tokens[b, : 1 + len(d)] = torch.tensor([s.output_ids[-1], *d])
+        dev = self.model.device
+        hidden = self.executor.forward(to_device(tokens, dev), rows, hidden=True)  # [B, T, d]
+        at = to_device(torch.tensor([b * T + j for b, d in enumerate(ds) for j in range(len(d) + 1)]), dev)
+        logits = self.model.logits(hidden.reshape(-1, hidden.shape[-1])[at])  # [N, V]: the positions that sample
+        positions = [(s, d, j) for s, d in zip(live, ds) for j in range(len(d) + 1)]
+        states = {s.id: s.generator.get_state() for s, d in zip(live, ds) if d and not s.params.greedy}
+        sampling = self._sampling([s for s, _, _ in positions], [len(s.output_ids) + j for s, _, j in positions],
+                                  histories=[s.output_ids + d[:j] for s, d, j in positions])
+        out = self.sample(logits, sampling)[1]()
+        now = time.perf_counter()
+        v = 0
+        for s, d in zip(live, ds):
+            keep = accepted(d, out.token_ids[v : v + len(d) + 1]) + 1
+            if s.id in states and keep < len(d) + 1:
+                rewind(s.generator, states[s.id], keep, dev)
+            if d:
+                s.speculated.drafts += 1
+                s.speculated.draft_tokens += len(d)
+                s.speculated.accepted_tokens += keep - 1
+            for j in range(keep):
+                self._take(s, out, v + j, now=now)
+                if s.finished:
+                    break
+            v += len(d) + 1
+        return live
 
     def settle(self) -> tuple[Request, ...]:
         """Read the steps in flight, if any: afterwards the host holds every token sampled so far (what a
@@ -750,9 +859,10 @@ class Engine:
         self, model: Transformer, tokenizer: Any, *, eos_ids: frozenset[int] = frozenset(), config: Any = None,
         group_mode: GroupMode = "batched", name: str = "model", block_size: int = 16,
         attention: AttentionMode = "auto", graphs: bool | None = None, fuse: bool = False,
-        overlap: bool | None = None,
+        overlap: bool | None = None, speculation: Speculation | None = None,
     ) -> None:
         self.model, self.tokenizer, self.config, self.name = model, tokenizer, config, name
+        self.speculation = speculation  # how batches draft tokens to verify (server.engine.speculative); None: off
         self.eos_ids, self.group_mode, self.block_size = eos_ids, group_mode, block_size
         self.attention = attention  # how decode attention reads the KV pool, as asked (see server.engine.executor)
         self.graphs = graphs  # captured decode steps (server.engine.graphs); None: on CUDA, off on the CPU
@@ -845,11 +955,12 @@ class Engine:
 
     def new_batch(self, *, max_len: int, num_blocks: int, block_size: int | None = None,
                   prefix_caching: bool = False, prefix_blocks: int | None = None,
-                  prefill_tokens: int | None = None) -> Batch:
+                  prefill_tokens: int | None = None, speculation: Speculation | None = None) -> Batch:
         return Batch(self.model, self.tokenizer, max_len=max_len, num_blocks=num_blocks,
                      block_size=block_size or self.block_size, group_mode=self.group_mode, attention=self.attention,
                      graphs=self.graphs, fuse=self.fuse, overlap=self.overlap,
-                     prefix_caching=prefix_caching, prefix_blocks=prefix_blocks, prefill_tokens=prefill_tokens)
+                     prefix_caching=prefix_caching, prefix_blocks=prefix_blocks, prefill_tokens=prefill_tokens,
+                     speculation=speculation or self.speculation)
 
     def generate(
         self, prompts: list[str | list[int]] | str, *,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.policy.compiler import Schedule
 from server.engine.sampling_params import SamplingParams
+from server.engine.speculative import SpeculationStats
 
 if TYPE_CHECKING:
     from server.engine.detokenizer import IncrementalDetokenizer
@@ -90,6 +91,7 @@ class GenerationResult:
     seed: int | None = None  # what a drawing request drew with, its own or the one chosen for it (None if greedy)
     prompt_ranks: list[int | None] | None = None  # a scored prompt: each token's rank among its position's (1: top)
     cached_tokens: int | None = None  # `Request.cached_tokens`
+    speculated: SpeculationStats = field(default_factory=SpeculationStats)  # `Request.speculated`
 
 
 @dataclass
@@ -151,6 +153,7 @@ class Request:
     detokenizer: IncrementalDetokenizer | None = None  # made on the first token
     sent_tokens: int = 0  # tokens already streamed to the sink
     sent_text: int = 0  # characters of `text` already streamed
+    speculated: SpeculationStats = field(default_factory=SpeculationStats)  # drafts verified, tokens kept
 
     @property
     def length(self) -> int:
@@ -199,6 +202,7 @@ class Request:
             seed=self.seed,
             prompt_ranks=self.prompt_ranks,
             cached_tokens=self.cached_tokens,
+            speculated=self.speculated,
         )
 
     @property

@@ -23,7 +23,7 @@ from server.engine.transfer import to_device
 __all__ = ["LOGPROBS", "MAX_STOP_LENGTH", "MAX_STOP_STRINGS", "MIN_TEMPERATURE", "SEED", "TEMPERATURE", "TOP_K",
            "TOP_P", "BadWords", "Interval", "Penalties", "PromptCache", "SamplingBatch", "SamplingError",
            "SamplingParams", "check_stop", "make_generator", "process_logits", "sample", "sample_batch",
-           "sample_isolated", "unpack_bitmask"]
+           "rewind", "sample_isolated", "unpack_bitmask"]
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -433,6 +433,14 @@ def _typical(x: Tensor, mass: Tensor) -> Tensor:
 def _uniform(g: Any, device: torch.device) -> Tensor:
     """One draw in [0, 1) from a row's generator (which lives on `device`)."""
     return torch.rand((), generator=g, dtype=torch.float64, device=device)
+
+
+def rewind(g: torch.Generator, state: Tensor, draws: int, device: torch.device) -> None:
+    """Put a row's generator where `draws` of `sample_batch`'s draws from `state` leave it (a verifying step drew
+    for positions whose tokens the row does not keep)."""
+    g.set_state(state)
+    for _ in range(draws):
+        _uniform(g, device)
 
 
 def _draw(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, u: Tensor, *, filtered: bool,

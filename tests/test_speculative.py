@@ -1,0 +1,172 @@
+"""Speculative decoding: the proposers and the acceptance rule on their own, then batches that verify drafts answer
+token for token what decoding one token at a time answers (greedy, seeded draws, logit processors, stops, mixed
+policies, overlap), on the tiny model and on SmolLM2."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from server.engine.generate import Engine
+from server.engine.sampling import SamplingParams
+from server.engine.speculative import Speculation, accepted, propose_ngram, room, runs_within
+from server.policy.compiler import compile_schedule
+
+
+# -- the pure parts ------------------------------------------------------------------------------------------------
+
+
+def test_ngram_proposes_what_followed_the_latest_longest_match():
+    seq = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 2, 3]
+    # the suffix [2, 3] last occurred at 6-7 (followed by 7 8 5 ...); the 3-gram [5, 2, 3] never did
+    assert propose_ngram(seq, k=3, lookup_min=1, lookup_max=3) == [7, 8, 5]
+    assert propose_ngram(seq, k=1, lookup_min=1, lookup_max=3) == [7]
+    # a longer match wins over a later shorter one: [1, 2] ends at 6 and at 1; [9, 1, 2] only at 4-6
+    assert propose_ngram([9, 1, 2, 4, 1, 2, 5, 9, 1, 2], k=2, lookup_min=1, lookup_max=3) == [4, 1]
+    assert propose_ngram([9, 1, 2, 4, 1, 2, 5, 9, 1, 2], k=2, lookup_min=1, lookup_max=2) == [5, 9]
+    assert propose_ngram([1, 2, 3, 4], k=3, lookup_min=1, lookup_max=4) == []  # no earlier occurrence
+    assert propose_ngram([4, 4], k=3, lookup_min=2, lookup_max=4) == []  # too short for a 2-gram before it
+    assert propose_ngram([4, 4, 4], k=3, lookup_min=1, lookup_max=4) == [4]  # what follows the match, up to now
+    assert propose_ngram([5, 6, 5], k=0, lookup_min=1, lookup_max=2) == []
+
+
+def test_acceptance_keeps_the_drafts_up_to_the_first_the_sampler_did_not_choose():
+    assert accepted([4, 5, 6], [4, 5, 6, 7]) == 3
+    assert accepted([4, 5, 6], [4, 9, 6, 7]) == 1
+    assert accepted([4, 5, 6], [1, 5, 6, 7]) == 0
+    assert accepted([], [3]) == 0
+
+
+def test_room_ends_a_row_no_later_than_its_limits():
+    assert room(num_tokens=4, made=1, max_tokens=100, length=10, max_len=100) == 4
+    assert room(num_tokens=4, made=7, max_tokens=10, length=10, max_len=100) == 2  # 2 drafts + 1 = the 10th token
+    assert room(num_tokens=4, made=9, max_tokens=10, length=10, max_len=100) == 0
+    assert room(num_tokens=4, made=1, max_tokens=100, length=97, max_len=100) == 2
+
+
+def test_a_draft_runs_only_on_rows_that_hold_its_slots():
+    full, skip2, skip4 = (compile_schedule(p, 30) for p in ("full", "skip:2", "skip:4"))
+    assert runs_within(skip4, full) and runs_within(skip4, skip2)  # centred skips nest
+    assert not runs_within(skip2, skip4)  # skip:4 never wrote layers 13 and 16
+    assert not runs_within(full, full)  # no cheaper: no draft
+    assert runs_within(skip4, compile_schedule("pairs", 30))  # a layer of a parallel pair has its own slot
+    assert runs_within(skip4, compile_schedule("loop:4-25x2", 30))  # its first pass of each layer: occurrence 0
+
+
+# -- batches -------------------------------------------------------------------------------------------------------
+
+
+def _speculating(e: Engine, spec: Speculation, *, overlap: bool = False) -> Engine:
+    return Engine(e.model, e.tokenizer, eos_ids=e.eos_ids, config=e.config, overlap=overlap, speculation=spec)
+
+
+def _serve(engine: Engine, waves, *, prefix_caching: bool = True, max_len: int = 96):
+    """Each wave: (prompt, policy, params) requests added together while the earlier ones decode; every request
+    run to its end. Returns the results and the batch."""
+    batch = engine.new_batch(max_len=max_len, num_blocks=1200, block_size=4, prefix_caching=prefix_caching)
+    seqs = []
+    for wave in waves:
+        new = [engine.new_sequence(p, params, engine.compile(policy)) for p, policy, params in wave]
+        seqs += new
+        batch.add(new)
+        batch.step()
+    while batch.filter() is not None and batch.busy:
+        batch.step()
+    return seqs, batch
+
+
+def _assert_same(plain, spec):
+    for a, b in zip(plain, spec):
+        assert a.output_ids == b.output_ids, (a.schedule.policy, a.params)
+        assert a.text == b.text and a.finish_reason == b.finish_reason
+        torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=1e-4, atol=1e-4)
+        assert [list(t) for t in a.top_logprobs] == [list(t) for t in b.top_logprobs]
+
+
+GREEDY = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=2)
+DRAWN = SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.8, seed=5, logprobs=1)
+PROCESSED = SamplingParams(max_tokens=20, ignore_eos=True, temperature=0.7, seed=11, repetition_penalty=1.3,
+                           frequency_penalty=0.4, min_tokens=6, logprobs=0)
+# bad words that the greedy loop on `loop` would end (its output repeats 98 123 and begins 47 47 47 47): a draft
+# position's ban depends on the drafts before it
+BANNED = SamplingParams(max_tokens=24, ignore_eos=True, bad_words_ids=((98, 123), (47, 47, 47)),
+                        logit_bias=((60, 1.5),), presence_penalty=0.3)
+COOL = SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.05, seed=2, logprobs=1)
+SPECS = [Speculation("ngram", 3, lookup_min=1), Speculation("ngram", 5, lookup_min=2, lookup_max=3),
+         Speculation("layer_skip", 3, draft="skip:2")]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["stepwise", "overlap-asked"])
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.method}-{s.num_tokens}")
+def test_verified_drafts_answer_what_one_token_at_a_time_answers(tiny_engine, spec, overlap):
+    """Mixed policies (one, skip:4, whose rows lack slots a skip:2 draft runs), greedy rows, seeded drawing rows and
+    rows with penalties and min_tokens, stop strings, and limits that cut drafts short, joining while others decode:
+    the same tokens, text, logprobs and ends as without drafts, nothing left in the pool, and drafts both kept and
+    refused (by drawing rows too, whose generators are rewound)."""
+    short = SamplingParams(max_tokens=2, ignore_eos=True)
+    stopped = SamplingParams(max_tokens=30, ignore_eos=True, stop=["aa"])
+    loop = [5, 6, 7, 5, 6, 7, 5, 6, 7, 5, 6]
+    waves = [
+        [(loop, "full", GREEDY), (list(range(5, 30)), "skip:2", DRAWN)],
+        [(loop[:7] + [40, 41], "pairs", PROCESSED), ([9, 8, 7, 9, 8], "full", short), (loop, "full", BANNED)],
+        [(loop, "skip:4", GREEDY), ([50, 51, 50, 51], "full", stopped), (loop[:5], "full", DRAWN),
+         (loop, "full", COOL)],
+    ]
+    plain, _ = _serve(tiny_engine, waves)
+    spec_seqs, batch = _serve(_speculating(tiny_engine, spec, overlap=overlap), waves)
+    _assert_same(plain, spec_seqs)
+    assert batch.kv_usage() == 0.0 and not batch.sequences
+    stats = [s.speculated for s in spec_seqs]
+    assert sum(s.accepted_tokens for s in stats) > 0, "no draft kept: the test would not exercise verification"
+    drawn = [s.speculated for s in spec_seqs if not s.params.greedy]
+    assert any(s.draft_tokens > s.accepted_tokens for s in drawn), "no drawing row refused a draft"
+    assert any(s.accepted_tokens for s in drawn), "no drawing row kept a draft"
+    if spec.method == "layer_skip":
+        assert spec_seqs[5].speculated.drafts == 0, "skip:4 holds no KV of layers 1 and 4: no draft runs on it"
+    for s in stats:
+        assert 0 <= s.accepted_tokens <= s.draft_tokens <= s.drafts * spec.num_tokens
+
+
+def test_a_batch_without_drafts_overlaps_as_before(tiny_engine):
+    """ngram with nothing to look up (every prompt token distinct, one token to make) verifies nothing: the step
+    is the plain decode step."""
+    engine = _speculating(tiny_engine, Speculation("ngram", 4))
+    seqs, _ = _serve(engine, [[(list(range(10, 40)), "full", SamplingParams(max_tokens=1))]])
+    assert seqs[0].speculated == type(seqs[0].speculated)() and len(seqs[0].output_ids) == 1
+
+
+def test_no_row_drafts_while_more_rows_decode_than_allowed(tiny_engine):
+    """vLLM's disable_by_batch_size: at most one row may draft; while two decode, neither does, and once the short
+    one ended the other drafts; both answer as without drafts."""
+    loop = [5, 6, 7, 5, 6, 7, 5, 6, 7, 5, 6]
+    waves = [[(loop, "full", SamplingParams(max_tokens=4, ignore_eos=True)), (loop, "full", GREEDY)]]
+    plain, _ = _serve(tiny_engine, waves)
+    seqs, _ = _serve(_speculating(tiny_engine, Speculation("ngram", 3, lookup_min=1, up_to_rows=1)), waves)
+    _assert_same(plain, seqs)
+    short, long = seqs
+    assert short.speculated.drafts == 0 and long.speculated.drafts > 0
+    alone, _ = _serve(_speculating(tiny_engine, Speculation("ngram", 3, lookup_min=1)), waves)
+    assert alone[0].speculated.drafts > 0 and alone[1].speculated.drafts > long.speculated.drafts
+
+
+def test_speculation_on_smollm2_keeps_copied_text_and_structured_rows_exact(smollm2_engine):
+    """On the real model: a prompt whose answer copies it keeps most of ngram's drafts, the answer equal to
+    decoding one token at a time; a JSON-schema row beside it drafts nothing and answers the same."""
+    from server.engine.sampling_params import StructuredOutput
+
+    e = smollm2_engine
+    spec = _speculating(e, Speculation("ngram", 4, lookup_min=1))
+    copy = e.encode("Text: The committee approved the new budget for the city library on Monday.\n"
+                    "Repeat the text word for word: The committee")
+    schema = SamplingParams(max_tokens=24, structured=StructuredOutput(
+        "json", '{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}'))
+    waves = [[(copy, "full", SamplingParams(max_tokens=16)), ("Give me JSON:", "full", schema)]]
+    plain, _ = _serve(e, waves, max_len=256)
+    spec_seqs, batch = _serve(spec, waves, max_len=256)
+    _assert_same(plain, spec_seqs)
+    copied = spec_seqs[0].speculated
+    assert copied.accepted_tokens >= 6, dataclasses.asdict(copied)
+    assert spec_seqs[1].speculated.drafts == 0 and spec_seqs[1].text.startswith("{")
+
