@@ -31,7 +31,8 @@ from server.engine.kv_cache import default_budget_tokens
 from server.engine.served import ServedModel
 from server.metrics import Metrics
 from server.policy.policy import as_policy
-from server.settings import Settings, api_keys, get_settings, load_presets
+from server.engine.speculative import Speculation, runs_within
+from server.settings import Settings, SpeculativeConfig, api_keys, get_settings, load_presets
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,19 @@ def load_engine(settings: Settings) -> Engine:
     return Engine.from_loaded(loaded, group_mode=settings.group_mode, name=settings.model,
                               graphs=None if settings.cuda_graphs else False, attention=settings.attention,
                               fuse=settings.fuse_decode, overlap=settings.overlap_decode)
+
+
+def speculation(config: SpeculativeConfig | None, engine: Engine, *, default: str) -> Speculation | None:
+    """The engine's terms for `speculative_config`; an invalid draft policy fails the start, loudly."""
+    if config is None:
+        return None
+    draft = None if config.draft_policy is None else engine.compile(as_policy(config.draft_policy))
+    if draft is not None and not runs_within(draft, engine.compile(as_policy(default))):
+        log.warning("draft_policy %s does not run within the default policy %s (it runs a layer that policy "
+                    "skips, or no fewer): requests under it will not draft", draft.policy, default)
+    return Speculation(config.method, config.num_speculative_tokens, lookup_max=config.prompt_lookup_max,
+                       lookup_min=config.prompt_lookup_min, draft=None if draft is None else draft.policy,
+                       up_to_rows=config.disable_by_batch_size)
 
 
 def served_name(settings: Settings) -> str:
@@ -89,14 +103,16 @@ def _start(state: AppState, factory: EngineFactory, raw_presets: dict) -> None:
                           kv_budget_tokens=budget, kv_block_size=s.kv_block_size,
                           prefix_caching=s.enable_prefix_caching, prefix_cache_blocks=s.prefix_cache_blocks,
                           metrics=state.metrics, scheduling_policy=s.scheduling_policy,
-                          prefill_tokens=prefill_budget(s.chunked_prefill_size, engine.model.device))
+                          prefill_tokens=prefill_budget(s.chunked_prefill_size, engine.model.device),
+                          speculation=speculation(s.speculative_config, engine, default=default))
         log.info("KV budget: %d slot-tokens (%.0f MB)", budget, budget * engine.kv_bytes_per_slot_token() / 2**20)
         loop.warm_up(engine.compile(as_policy(s.default_policy)))  # before /ready: captures and compiles
         loop.start()
         state.presets, state.allowed, state.served, state.loop = presets, allowed, ServedModel.of(engine), loop
-        log.info("model %s ready (%d layers; decode attention %s, captured steps %s, overlapped decode %s)",
-                 state.model_name, engine.num_layers, engine.decode_attention,
-                 "on" if loop.batch.executor.graphs is not None else "off", "on" if loop.batch.overlap else "off")
+        log.info("model %s ready (%d layers; decode attention %s, captured steps %s, overlapped decode %s, "
+                 "speculative decoding %s)", state.model_name, engine.num_layers, engine.decode_attention,
+                 "on" if loop.batch.executor.graphs is not None else "off", "on" if loop.batch.overlap else "off",
+                 loop.batch.speculation or "off")
     except Exception as e:  # keep serving /health and /ready with the reason
         log.exception("model failed to load")
         state.load_error = f"{type(e).__name__}: {e}"

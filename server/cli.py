@@ -135,6 +135,11 @@ def serve(
     chunked_prefill_size: Annotated[Optional[int], typer.Option(
         min=0, help="prompt tokens prefilled per step at most; a longer prompt is computed a piece per step while "
         "the running requests decode (default 512 on the CPU, 8192 on CUDA; 0: whole prompts)")] = None,
+    speculative_config: Annotated[Optional[str], typer.Option(
+        help="speculative decoding as JSON, vLLM's flag: {\"method\": \"ngram\", \"num_speculative_tokens\": 4} "
+        "(prompt lookup; prompt_lookup_max, prompt_lookup_min) or {\"method\": \"layer_skip\", "
+        "\"draft_policy\": \"skip:8\", \"num_speculative_tokens\": 3} (the model's own layers draft); the tokens "
+        "are those of decoding without it")] = None,
     enable_prompt_tokens_details: Annotated[Optional[bool], typer.Option(
         "--enable-prompt-tokens-details", help="completions' and chat's final usage says how many prompt tokens "
         "the prefix cache held (prompt_tokens_details.cached_tokens, as vLLM's flag)")] = None,
@@ -179,9 +184,17 @@ def serve(
     from server.app import create_app, serve as run_server
     from server.settings import Settings
 
+    spec = None
+    if speculative_config is not None:
+        try:
+            spec = json.loads(speculative_config)
+        except json.JSONDecodeError as e:
+            raise _fail(f"--speculative-config is not JSON ({e}); e.g. "
+                        '\'{"method": "ngram", "num_speculative_tokens": 4}\'') from None
     overrides = dict(model=model, host=host, port=port, policy_presets=policy_presets, default_policy=default_policy,
                      device=device, max_num_seqs=max_num_seqs, scheduling_policy=scheduling_policy,
                      chunked_prefill_size=chunked_prefill_size, enable_prompt_tokens_details=enable_prompt_tokens_details,
+                     speculative_config=spec,
                      api_key=",".join(api_key) if api_key else None,
                      api_key_file=api_key_file, metrics_require_key=metrics_require_key,
                      max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, threads=threads,

@@ -50,6 +50,10 @@ class RequestStats:
     e2e_s: float
     per_token_s: tuple[float, ...]  # inter-token latencies after the first token
     cached_tokens: int | None = None  # prompt tokens the prefix cache held; None: not looked up
+    # speculative decoding (vLLM's counters): forwards that verified its drafts, tokens drafted, drafts kept
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,14 @@ class Metrics:
                                       labels, registry=r)
         self.prefix_hits = Counter("painters:prefix_cache_hits", "Prompt tokens found in the prefix cache (their KV "
                                    "was not computed again)", labels, registry=r)
+        # vLLM's spec-decode counters: accepted / draft tokens is the share of drafts kept, and
+        # (accepted + drafts) / drafts the tokens a verifying forward gives a row
+        self.spec_drafts = Counter("painters:spec_decode_num_drafts", "Forwards that verified a request's drafted "
+                                   "tokens (speculative decoding)", labels, registry=r)
+        self.spec_draft_tokens = Counter("painters:spec_decode_num_draft_tokens", "Tokens drafted for verification",
+                                         labels, registry=r)
+        self.spec_accepted_tokens = Counter("painters:spec_decode_num_accepted_tokens", "Drafted tokens kept (the "
+                                            "request's sampler chose them)", labels, registry=r)
         self.success = Counter("painters:request_success", "Finished requests", [*labels, "finished_reason"],
                                registry=r)
         self.running = Gauge("painters:num_requests_running", "Sequences being decoded", ["model"], registry=r)
@@ -164,6 +176,10 @@ class Metrics:
         if s.cached_tokens is not None:
             self.prefix_queries.labels(**labels).inc(s.prompt_tokens)
             self.prefix_hits.labels(**labels).inc(s.cached_tokens)
+        if s.spec_drafts:
+            self.spec_drafts.labels(**labels).inc(s.spec_drafts)
+            self.spec_draft_tokens.labels(**labels).inc(s.spec_draft_tokens)
+            self.spec_accepted_tokens.labels(**labels).inc(s.spec_accepted_tokens)
         if s.finished_reason in ("abort", "error"):
             return
         self.e2e.labels(**labels).observe(s.e2e_s)

@@ -6,8 +6,42 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.engine.speculative import MAX_SPECULATIVE_TOKENS, PROMPT_LOOKUP_MIN, Method
+
+
+class SpeculativeConfig(BaseModel):
+    """vLLM's --speculative-config, for the proposers Painters has (`server.engine.speculative`): 'ngram', prompt
+    lookup as vLLM's; 'layer_skip', the served model's own layers under `draft_policy` (say skip:8)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Method
+    num_speculative_tokens: int = Field(ge=1, le=MAX_SPECULATIVE_TOKENS, description="tokens drafted per row and "
+                                        "step at most; a verifying forward computes one more position than that")
+    prompt_lookup_max: int = Field(4, ge=1, description="ngram: the longest suffix of a row's tokens looked up")
+    prompt_lookup_min: int = Field(PROMPT_LOOKUP_MIN, ge=1, description="ngram: the shortest (default 2: a single "
+                                   "token matched drafted too often to pay, docs/results/speculative.md)")
+    draft_policy: str | None = Field(None, description="layer_skip: the policy that drafts (a skip of middle "
+                                     "layers, say); it runs on the rows whose policy holds every layer it runs")
+
+    disable_by_batch_size: int | None = Field(None, ge=1, description="vLLM's: no request drafts while more than "
+                                              "this many decode (a verifying forward costs more as the batch "
+                                              "fills); unset: at any batch size")
+
+    @model_validator(mode="after")
+    def _method_options(self) -> SpeculativeConfig:
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) is above prompt_lookup_max "
+                             f"({self.prompt_lookup_max})")
+        if self.method == "layer_skip" and not self.draft_policy:
+            raise ValueError("method 'layer_skip' needs a draft_policy (a cheaper policy of the model's own "
+                             "layers, e.g. 'skip:8')")
+        if self.method == "ngram" and self.draft_policy is not None:
+            raise ValueError("draft_policy is layer_skip's; method 'ngram' drafts by prompt lookup")
+        return self
 
 
 class Settings(BaseSettings):
@@ -52,6 +86,11 @@ class Settings(BaseSettings):
         "chunked prefill): a longer prompt is computed a piece per step, so running requests keep decoding between "
         "its pieces instead of waiting for all of it; 0: whole prompts at once; default: 512 on the CPU, 8192 on "
         "CUDA")
+    speculative_config: SpeculativeConfig | None = Field(
+        None, description="speculative decoding, as vLLM's --speculative-config (JSON): rows draft up to "
+        "num_speculative_tokens tokens a step and one forward verifies them, the tokens the same as without; "
+        "method 'ngram' (prompt lookup: prompt_lookup_max, prompt_lookup_min) or 'layer_skip' (the model's own "
+        "layers under draft_policy); a structured output's rows draft nothing; unset: off")
     enable_prompt_tokens_details: bool = Field(
         False, description="answers' final usage carries prompt_tokens_details.cached_tokens: the prompt tokens "
         "found in the prefix cache (vLLM's option of that name)")

@@ -40,3 +40,23 @@ def test_serve_flags_reach_the_settings_and_a_bad_value_is_refused(monkeypatch):
     assert (s.scheduling_policy, s.chunked_prefill_size, s.enable_prompt_tokens_details) == ("priority", 64, True)
     bad = CliRunner().invoke(app, ["serve", "--scheduling-policy", "lottery"])
     assert bad.exit_code != 0 and "fcfs" in bad.output and "priority" in bad.output
+
+
+def test_the_speculative_config_flag_is_vllms_json_and_a_bad_one_is_refused(monkeypatch):
+    import server.app
+
+    seen = {}
+    monkeypatch.setattr(server.app, "create_app", lambda settings: seen.setdefault("settings", settings))
+    monkeypatch.setattr(server.app, "serve", lambda app_, **kw: 0)
+    r = CliRunner().invoke(app, ["serve", "--speculative-config",
+                                 '{"method": "layer_skip", "draft_policy": "skip:8", "num_speculative_tokens": 3}'])
+    assert r.exit_code == 0, r.output
+    config = seen["settings"].speculative_config
+    assert (config.method, config.draft_policy, config.num_speculative_tokens) == ("layer_skip", "skip:8", 3)
+    for flag, says in [('{"method": "ngram"', "is not JSON"),
+                       ('{"method": "eagle", "num_speculative_tokens": 3}', "layer_skip"),
+                       ('{"method": "ngram", "num_speculative_tokens": 99}', "less than or equal to 16"),
+                       ('{"method": "layer_skip", "num_speculative_tokens": 3}', "needs a draft_policy"),
+                       ('{"method": "ngram", "num_speculative_tokens": 3, "n": 1}', "Extra inputs")]:
+        bad = CliRunner().invoke(app, ["serve", "--speculative-config", flag])
+        assert bad.exit_code != 0 and says in " ".join(bad.output.split()), (flag, bad.output)

@@ -46,8 +46,12 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def server_url() -> Iterator[str]:
-    """The real app (tiny random Llama, char tokenizer) under uvicorn on a loopback port, in a thread."""
-    app = create_app(Settings(model="tiny", max_model_len=128),
+    """The real app (tiny random Llama, char tokenizer) under uvicorn on a loopback port, in a thread; it drafts
+    tokens by prompt lookup, so that the speculative-decoding panels have data (the char tokenizer's repeated
+    letters always find a match)."""
+    app = create_app(Settings(model="tiny", max_model_len=128,
+                              speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                                  "prompt_lookup_min": 1}),
                      engine_factory=lambda s: Engine.from_hf(tiny_llama(), CharTokenizer()))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning"))

@@ -151,6 +151,27 @@ def test_no_row_drafts_while_more_rows_decode_than_allowed(tiny_engine):
     assert alone[0].speculated.drafts > 0 and alone[1].speculated.drafts > long.speculated.drafts
 
 
+def test_the_servers_config_becomes_the_engines_terms(tiny_engine, caplog):
+    """`speculative_config` -> `Speculation`: the draft policy canonical for the model, a warning where it cannot
+    run under the default policy, and an invalid one an error (the start fails, naming it)."""
+    from server.app import speculation
+    from server.policy.policy import PolicyError
+    from server.settings import SpeculativeConfig
+
+    config = SpeculativeConfig(method="layer_skip", draft_policy="skip:2", num_speculative_tokens=2,
+                               disable_by_batch_size=8)
+    assert speculation(config, tiny_engine, default="full") == Speculation("layer_skip", 2, draft="skip:2-3",
+                                                                            up_to_rows=8)
+    assert speculation(None, tiny_engine, default="full") is None
+    with caplog.at_level("WARNING"):
+        speculation(config, tiny_engine, default="skip:4")
+    assert "will not draft" in caplog.text
+    with pytest.raises(PolicyError, match="skip at most 5"):
+        speculation(config.model_copy(update={"draft_policy": "skip:9"}), tiny_engine, default="full")
+    ngram = SpeculativeConfig(method="ngram", num_speculative_tokens=4)
+    assert speculation(ngram, tiny_engine, default="full") == Speculation("ngram", 4, lookup_max=4, lookup_min=2)
+
+
 def test_speculation_on_smollm2_keeps_copied_text_and_structured_rows_exact(smollm2_engine):
     """On the real model: a prompt whose answer copies it keeps most of ngram's drafts, the answer equal to
     decoding one token at a time; a JSON-schema row beside it drafts nothing and answers the same."""
@@ -170,3 +191,52 @@ def test_speculation_on_smollm2_keeps_copied_text_and_structured_rows_exact(smol
     assert copied.accepted_tokens >= 6, dataclasses.asdict(copied)
     assert spec_seqs[1].speculated.drafts == 0 and spec_seqs[1].text.startswith("{")
 
+
+# -- served --------------------------------------------------------------------------------------------------------
+
+
+def _stream(url: str, body: dict) -> tuple[list[dict], str]:
+    """The streamed completion's events, then the server's /metrics text."""
+    import json
+
+    import httpx
+
+    chunks = []
+    with httpx.Client(base_url=url, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks.append(json.loads(line[6:]))
+        metrics = c.get("/metrics").text
+    return chunks, metrics
+
+
+def test_a_speculating_server_streams_several_tokens_a_step_and_counts_its_drafts():
+    """Through uvicorn: the same streamed text and token logprobs with `--speculative-config` ngram as without;
+    some events carry several tokens (one verifying forward kept drafts), and /metrics counts the drafts as vLLM's
+    spec-decode counters do."""
+    from tests.serving import metric_value, serve_tiny
+
+    body = {"prompt": "abcabcabcabcabc", "max_tokens": 40, "temperature": 0, "ignore_eos": True, "logprobs": 1,
+            "policy": "full"}
+    with serve_tiny() as url:
+        plain, _ = _stream(url, body)
+    with serve_tiny(speculative_config={"method": "ngram", "num_speculative_tokens": 4}) as url:
+        spec, metrics = _stream(url, body)
+
+    def tokens(chunks):
+        return [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]]
+
+    def logprobs(chunks):
+        return [x for c in chunks for x in c["choices"][0]["logprobs"]["token_logprobs"]]
+
+    assert "".join(c["choices"][0]["text"] for c in spec) == "".join(c["choices"][0]["text"] for c in plain)
+    assert tokens(spec) == tokens(plain) and len(tokens(spec)) == 40
+    torch.testing.assert_close(torch.tensor(logprobs(spec)), torch.tensor(logprobs(plain)), rtol=1e-4, atol=1e-4)
+    assert max(len(c["choices"][0]["logprobs"]["tokens"]) for c in spec) > 1
+    drafted = metric_value(metrics, "painters:spec_decode_num_draft_tokens_total", policy="full")
+    kept = metric_value(metrics, "painters:spec_decode_num_accepted_tokens_total", policy="full")
+    forwards = metric_value(metrics, "painters:spec_decode_num_drafts_total", policy="full")
+    assert 0 < kept <= drafted <= 4 * forwards
+    assert forwards < 40, "a verifying forward that keeps drafts gives more than one token"

@@ -30,6 +30,7 @@ from server.engine.generate import Engine
 from server.policy.compiler import Schedule
 from server.metrics import Metrics, QueueStats, RequestStats, StepStats
 from server.engine.request import Output, Request, Sink, Status
+from server.engine.speculative import Speculation
 from server.engine.scheduler import (Admission, DrainingError, KVBudgetError, PriorityError, QueueFullError, Scheduler,
                                      SchedulingPolicy)
 
@@ -52,17 +53,19 @@ class EngineLoop:
     def __init__(self, engine: Engine, *, max_num_seqs: int, max_model_len: int, queue_capacity: int,
                  kv_budget_tokens: int, kv_block_size: int = 16, prefix_caching: bool = True,
                  prefix_cache_blocks: int | None = None, metrics: Metrics | None = None,
-                 scheduling_policy: SchedulingPolicy = "fcfs", prefill_tokens: int | None = None) -> None:
+                 scheduling_policy: SchedulingPolicy = "fcfs", prefill_tokens: int | None = None,
+                 speculation: Speculation | None = None) -> None:
         """kv_budget_tokens: KV cache size in slot-tokens (one token's keys and values in one slot);
         prefix_cache_blocks: cap on blocks kept only for prefix reuse (default a share of the budget);
         scheduling_policy: which waiting request is admitted first (`Scheduler`); prefill_tokens: prompt tokens
-        prefilled per step at most, a longer prompt a piece per step (`Batch.add`); None: whole prompts."""
+        prefilled per step at most, a longer prompt a piece per step (`Batch.add`); None: whole prompts.
+        speculation: how rows draft tokens to verify (`server.engine.speculative`); None: the engine's."""
         self.engine, self.metrics = engine, metrics
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         blocks = max(1, kv_budget_tokens // kv_block_size)
         self.batch = engine.new_batch(max_len=max_model_len, num_blocks=blocks + 1, block_size=kv_block_size,
                                       prefix_caching=prefix_caching, prefix_blocks=prefix_cache_blocks,
-                                      prefill_tokens=prefill_tokens)
+                                      prefill_tokens=prefill_tokens, speculation=speculation)
         self.scheduler = Scheduler(max_running=max_num_seqs, queue_capacity=queue_capacity, kv=self.batch.kv,
                                    policy=scheduling_policy)
         self._aborts: set[str] = set()  # requests whose client left: running ones end at the next step
@@ -379,6 +382,8 @@ class EngineLoop:
             prompt_tokens=prompt_tokens, generation_tokens=len(r.output_ids), queue_s=tm.queue_s,
             prefill_s=tm.prefill_s, decode_s=tm.decode_s, ttft_s=tm.ttft_s,
             e2e_s=time.perf_counter() - r.arrival, per_token_s=tuple(tm.per_token_s), cached_tokens=r.cached_tokens,
+            spec_drafts=r.speculated.drafts, spec_draft_tokens=r.speculated.draft_tokens,
+            spec_accepted_tokens=r.speculated.accepted_tokens,
         ))
 
     def _probe(self, r: Request) -> None:
