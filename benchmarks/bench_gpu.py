@@ -22,8 +22,9 @@ Figures (peak: the card's memory bandwidth, `benchmarks/peaks.py`; the issue's t
 the P8 mix under churn (requests arriving and leaving: `churn_*`, groups padded to one shared bucket against one
 bucket each, captures and seconds capturing included), the engine again with its layer math fused by torch.compile
 inside the captured step (`fused_*`), with decode attention in place (`triton_*`: the Triton kernel; `in_place_*`:
-FlexAttention) and gathered (`gathered_*`), and transformers' generate (static cache, compiled) at batch 1 and 64
-beside ours.
+FlexAttention) and gathered (`gathered_*`), speculative decoding's cost (`verify_forward_ms`: a forward over 1, 2,
+3 and 5 new positions of one row, what verifying 0-4 drafts costs; `spec_ngram_*`: a speculating engine's greedy
+tokens against the headline's), and transformers' generate (static cache, compiled) at batch 1 and 64 beside ours.
 """
 
 from __future__ import annotations
@@ -48,13 +49,14 @@ from server.engine.bench import SHAPES, _IdTokenizer, _time_parts  # noqa: E402
 from server.engine.executor import Executor, Row  # noqa: E402
 from server.engine.generate import Engine  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
+from server.engine.speculative import Speculation  # noqa: E402
 from server.model import measure, triton_attention  # noqa: E402
 
 log = logging.getLogger("bench_gpu")
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
 SECTIONS = ("batch1", "mixed", "bs64", "churn", "attention", "profile", "fused", "reduce_overhead", "gathered",
-            "triton", "in_place", "transformers", "transformers64")
+            "triton", "in_place", "speculative", "transformers", "transformers64")
 MIX = ["full"] * 4 + ["skip:8"] * 4 + ["pairs"] * 4
 
 
@@ -95,6 +97,8 @@ def decode_tok_s(engine: Engine, policies: list[str], *, prompt_len: int, new_to
     first = max(r.timings.ttft_s for r in results)  # from each request's arrival, made inside the call
     step = (wall - first) / max(1, new_tokens - 1)
     got = {"tok_s": len(policies) / step, "step_s": step, "tokens": [r.token_ids for r in results],
+           "drafted": sum(r.speculated.draft_tokens for r in results),
+           "kept": sum(r.speculated.accepted_tokens for r in results),
            "timings_step_s": statistics.median(r.timings.decode_s / max(1, len(r.timings.per_token_s))
                                                for r in results)}
     if graphs:
@@ -476,6 +480,25 @@ def main(argv: list[str] | None = None) -> dict:
         got["profile_fused_bs1_full"] = profile_captured(engine, steps=4 if a.smoke else 8)
         return got
 
+    def speculative() -> dict:
+        """What speculative decoding costs here: a forward over n new positions of one row (a verification of n - 1
+        drafts: eager, as served) against one over a single position, at a 24-token context; and a speculating
+        engine's greedy tokens at batch 1 (prompt lookup, drafting after every repeated token: with random weights
+        the share kept says nothing of a real model's) against the headline's."""
+        spec = Engine(model, _IdTokenizer(), name=shape, graphs=True, overlap=True,
+                      speculation=Speculation("ngram", 4, lookup_min=1))
+        got = decode_tok_s(spec, ["full"], prompt_len=24, new_tokens=max(n1, 32))  # long enough to repeat itself
+        batch = eager.new_batch(max_len=32, num_blocks=2 * L + 1)
+        full = eager.compile("full")
+        ids = torch.arange(10, 40, device=device)[None]
+        batch.executor.forward(ids[:, :24], [Row("v", full, 0, 24)], logits_at=torch.tensor([23], device=device))
+        ms = {n: 1e3 * _wall_s(lambda n=n: batch.executor.forward(ids[:, 24 : 24 + n], [Row("v", full, 24, n)],
+                                                                  hidden=True), device) for n in (1, 2, 3, 5)}
+        return {"spec_ngram_bs1_tok_s": got["tok_s"], "spec_ngram_drafted": got["drafted"],
+                "spec_ngram_kept": got["kept"],
+                "spec_ngram_equals_headline": _same_prefix(got["tokens"], headline_greedy("bs1")),
+                "verify_forward_ms": ms, "verify5_over_verify1": ms[5] / ms[1]}
+
     def transformers_generate(cases: tuple[tuple[int, bool], ...]) -> dict:
         got = {}
         for rows, compiled in cases:
@@ -492,7 +515,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"unknown sections {sorted(skip - set(SECTIONS))}; there are {', '.join(SECTIONS)}")
     sections = (batch1, mixed, bs64, churn, attention, profile_, fused, reduce_overhead,
                 lambda: mode_figures("gathered"),
-                lambda: mode_figures("triton"), lambda: mode_figures("in_place"), hf_small, hf_large)
+                lambda: mode_figures("triton"), lambda: mode_figures("in_place"), speculative, hf_small, hf_large)
     for name, fn in zip(SECTIONS, sections):
         if name not in skip:
             run.section(name, fn)
@@ -529,7 +552,8 @@ def print_table(d: dict) -> None:
                 "reduce_overhead_same_top1", "full_bs1_step_ms", "full_bs1_replay_ms", "fused_replay_ms",
                 "fused_bs1_first_s", "bs64_step_ms", "plain_mm", "stepwise_full_bs1_tok_s", "overlap_speedup_bs1",
                 "stepwise_bs64_tok_s", "overlap_speedup_bs64", "bs1_overlapped_equals_stepwise",
-                "bs64_overlapped_equals_stepwise"):
+                "bs64_overlapped_equals_stepwise", "spec_ngram_bs1_tok_s", "spec_ngram_drafted", "spec_ngram_kept",
+                "spec_ngram_equals_headline", "verify_forward_ms", "verify5_over_verify1"):
         if d.get(key) is not None:
             print(f"{key:38s} {d[key]}")
     for key in sorted(k for k in d if "captured_equals_eager" in k):

@@ -57,7 +57,8 @@ def test_no_section_starts_past_the_budget(tmp_path: Path) -> None:
     by its budget keeps what it measured and says what it did not."""
     d = _smoke(tmp_path, "--budget-s", "0.001", "--skip", "transformers64")
     assert d["skipped_for_time"] == ["batch1", "mixed", "bs64", "churn", "attention", "profile", "fused",
-                                     "reduce_overhead", "gathered", "triton", "in_place", "transformers"]
+                                     "reduce_overhead", "gathered", "triton", "in_place", "speculative",
+                                     "transformers"]
     assert not any(k in d for k in FIGURES) and "section_s" not in d
 
 
@@ -97,6 +98,9 @@ def test_smoke_every_section(tmp_path: Path) -> None:
     # torch.compile(mode="reduce-overhead") over the engine's own padded step: Inductor's C++ here, no CUDA graphs
     assert d["reduce_overhead_same_top1"] and d["reduce_overhead_max_abs_logit_diff"] < 1e-4
     assert d["reduce_overhead_ms"] > 0 and d["hand_capture_ms"] > 0 and d["reduce_overhead_compile_s"] > 0
+    # speculative decoding: a speculating engine's greedy tokens are the headline's; a verification's cost
+    assert d["spec_ngram_equals_headline"] is True and d["spec_ngram_bs1_tok_s"] > 0 and d["spec_ngram_drafted"] > 0
+    assert set(d["verify_forward_ms"]) == {"1", "2", "3", "5"} and d["verify5_over_verify1"] > 0
 
 
 def test_smoke_refuses_the_committed_path() -> None:
