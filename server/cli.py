@@ -184,17 +184,10 @@ def serve(
     from server.app import create_app, serve as run_server
     from server.settings import Settings
 
-    spec = None
-    if speculative_config is not None:
-        try:
-            spec = json.loads(speculative_config)
-        except json.JSONDecodeError as e:
-            raise _fail(f"--speculative-config is not JSON ({e}); e.g. "
-                        '\'{"method": "ngram", "num_speculative_tokens": 4}\'') from None
     overrides = dict(model=model, host=host, port=port, policy_presets=policy_presets, default_policy=default_policy,
                      device=device, max_num_seqs=max_num_seqs, scheduling_policy=scheduling_policy,
                      chunked_prefill_size=chunked_prefill_size, enable_prompt_tokens_details=enable_prompt_tokens_details,
-                     speculative_config=spec,
+                     speculative_config=speculative_config,
                      api_key=",".join(api_key) if api_key else None,
                      api_key_file=api_key_file, metrics_require_key=metrics_require_key,
                      max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, threads=threads,

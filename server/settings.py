@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -137,6 +138,19 @@ class Settings(BaseSettings):
                                            "and conversations take at most; the least recently used go")
     responses_background_max: int = Field(64, ge=1, description="background responses (background: true) running at "
                                           "once, queued or in progress; more is a 429, as a full queue's")
+
+    @field_validator("speculative_config", mode="before")
+    @classmethod
+    def _json_text(cls, v: object) -> object:
+        """A JSON string, as a KubeRay serveConfigV2 argument or a CLI flag gives it (the environment's is parsed
+        already)."""
+        if isinstance(v, str):
+            try:
+                return json.loads(v)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not JSON ({e}); e.g. '{{\"method\": \"ngram\", \"num_speculative_tokens\": 4}}'"
+                                 ) from None
+        return v
 
     @field_validator("served_model_name")
     @classmethod

@@ -43,6 +43,8 @@ def test_serve_flags_reach_the_settings_and_a_bad_value_is_refused(monkeypatch):
 
 
 def test_the_speculative_config_flag_is_vllms_json_and_a_bad_one_is_refused(monkeypatch):
+    """--speculative-config as vLLM's (and a Ray Serve argument's) JSON text; a bad one refused naming what is
+    wrong: not JSON, an unknown method, too many tokens, a missing draft policy, an unknown key."""
     import server.app
 
     seen = {}
@@ -53,7 +55,7 @@ def test_the_speculative_config_flag_is_vllms_json_and_a_bad_one_is_refused(monk
     assert r.exit_code == 0, r.output
     config = seen["settings"].speculative_config
     assert (config.method, config.draft_policy, config.num_speculative_tokens) == ("layer_skip", "skip:8", 3)
-    for flag, says in [('{"method": "ngram"', "is not JSON"),
+    for flag, says in [('{"method": "ngram"', "not JSON"),
                        ('{"method": "eagle", "num_speculative_tokens": 3}', "layer_skip"),
                        ('{"method": "ngram", "num_speculative_tokens": 99}', "less than or equal to 16"),
                        ('{"method": "layer_skip", "num_speculative_tokens": 3}', "needs a draft_policy"),
