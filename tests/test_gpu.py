@@ -101,6 +101,26 @@ def test_cuda_prefix_reuse_to_the_token_equals_no_reuse():
                                        rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["ngram", "layer_skip"])
+def test_cuda_speculation_answers_what_decoding_one_at_a_time_answers(method):
+    """Speculative decoding on CUDA (captured draft steps, an eager verifying forward, generators on the device
+    rewound past refused draws): greedy and seeded rows, mixed policies, the same tokens as without drafts, and
+    nothing left in the pool."""
+    from server.engine.speculative import Speculation
+
+    plain = Engine.from_hf(tiny_llama(), CharTokenizer(), device="cuda", dtype=torch.float32)
+    spec = Speculation("ngram", 3, lookup_min=1) if method == "ngram" else Speculation("layer_skip", 2, draft="skip:2")
+    eng = Engine(plain.model, plain.tokenizer, eos_ids=plain.eos_ids, config=plain.config, speculation=spec)
+    loop = [5, 6, 7, 5, 6, 7, 5, 6, 7, 5, 6]
+    prompts, policies = [loop, loop, loop[:5], list(range(5, 30))], ["full", "pairs:1-4", "full", "skip:2"]
+    for params in (SamplingParams(max_tokens=20, ignore_eos=True, logprobs=1),
+                   SamplingParams(max_tokens=20, ignore_eos=True, temperature=0.05, seed=3)):
+        want = plain.generate(prompts, policy=policies, params=params)
+        got = eng.generate(prompts, policy=policies, params=params)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert sum(r.speculated.accepted_tokens for r in got) > 0
+
+
 @pytest.mark.parametrize(("attention", "fuse"), [("gathered", False), ("triton", False), ("triton", True)])
 @pytest.mark.parametrize("model", ["llama", "gemma3"])
 def test_cuda_captured_decode_equals_eager(model, attention, fuse):
