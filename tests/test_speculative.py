@@ -129,12 +129,101 @@ def test_verified_drafts_answer_what_one_token_at_a_time_answers(tiny_engine, sp
         assert 0 <= s.accepted_tokens <= s.draft_tokens <= s.drafts * spec.num_tokens
 
 
-def test_a_batch_without_drafts_overlaps_as_before(tiny_engine):
-    """ngram with nothing to look up (every prompt token distinct, one token to make) verifies nothing: the step
-    is the plain decode step."""
-    engine = _speculating(tiny_engine, Speculation("ngram", 4))
-    seqs, _ = _serve(engine, [[(list(range(10, 40)), "full", SamplingParams(max_tokens=1))]])
-    assert seqs[0].speculated == type(seqs[0].speculated)() and len(seqs[0].output_ids) == 1
+def test_a_step_where_no_row_may_draft_overlaps_as_before(tiny_engine):
+    """Overlapped decoding asked: while more rows decode than `up_to_rows`, or every row's limit leaves no room for
+    a draft, each decode step is queued before the last one is read, as without speculation; a step where a row may
+    draft reads first. The tokens are the same whichever."""
+    prompts = [list(range(10 + 7 * i, 17 + 7 * i)) for i in range(2)]
+
+    def in_flight_after_each(spec, max_tokens):
+        e = _speculating(tiny_engine, spec, overlap=True)
+        batch = e.new_batch(max_len=64, num_blocks=400, block_size=4)
+        seqs = [e.new_sequence(p, SamplingParams(max_tokens=max_tokens, ignore_eos=True), e.compile("full"))
+                for p in prompts]
+        batch.add(seqs)
+        queued = []
+        while batch.filter() is not None and batch.busy:
+            batch.decode()
+            queued.append(batch._in_flight is not None)
+        return queued, [s.output_ids for s in seqs]
+
+    plain, want = in_flight_after_each(None, 8)
+    crowded, got = in_flight_after_each(Speculation("ngram", 4, lookup_min=1, up_to_rows=1), 8)
+    assert crowded == plain and got == want and plain[:6] == [True] * 6
+    drafting, got = in_flight_after_each(Speculation("ngram", 4, lookup_min=1), 8)
+    assert drafting[:6] == [False] * 6 and got == want  # then max_tokens leaves no room: overlapped again
+    one_left, got = in_flight_after_each(Speculation("ngram", 4, lookup_min=1), 2)  # room: max_tokens - made - 1
+    assert one_left[0] and got == in_flight_after_each(None, 2)[1]
+
+
+def test_a_drawing_row_whose_generator_fails_ends_alone(tiny_engine, poisoned_seed, monkeypatch):
+    """A drawing row whose generator cannot be read or rewound ends with its error and its neighbours go on, as
+    without speculation (the rewind is outside sample_batch's per-row isolation)."""
+    import server.engine.generate as generate
+
+    loop = [5, 6, 7, 5, 6, 7, 5, 6, 7, 5, 6]
+    every = list(range(3, 60))  # every token is followed by another: ngram always drafts for this row
+    drawn = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.5, seed=9)
+    waves = [[(every, "full", drawn), (loop, "full", GREEDY)]]
+    plain, _ = _serve(tiny_engine, waves, max_len=128)
+    calls = []
+
+    def failing(g, state, draws, device):
+        calls.append(draws)
+        raise RuntimeError("generator lost")
+
+    monkeypatch.setattr(generate, "rewind", failing)
+    spec, batch = _serve(_speculating(tiny_engine, Speculation("ngram", 4, lookup_min=1)), waves, max_len=128)
+    assert calls and spec[0].finish_reason == "error" and "generator lost" in spec[0].error
+    assert spec[1].output_ids == plain[1].output_ids and spec[1].finish_reason == "length"
+    assert batch.kv_usage() == 0.0
+
+
+def test_a_verifying_step_keeps_its_logits_within_its_budget(tiny_engine, monkeypatch):
+    """Drafts are capped so that a verifying step's positions x vocabulary x 4 bytes stay within
+    VERIFY_LOGITS_BYTES: 3 rows at a budget of 9 positions verify 2 drafts each at most."""
+    import server.engine.generate as generate
+
+    monkeypatch.setattr(generate, "VERIFY_LOGITS_BYTES", 9 * 4 * tiny_engine.vocab_size)
+    widths = []
+    real = generate.Batch._verify
+
+    def verify(self, drafts):
+        widths.append(sum(len(d) + 1 for d in drafts.values()) + len(self.sequences) - len(drafts))
+        return real(self, drafts)
+
+    monkeypatch.setattr(generate.Batch, "_verify", verify)
+    loop = [5, 6, 7, 5, 6, 7, 5, 6, 7, 5, 6]
+    waves = [[(loop, "full", GREEDY), (loop[1:], "full", GREEDY), (loop[2:], "full", GREEDY)]]
+    plain, _ = _serve(tiny_engine, waves)
+    spec, _ = _serve(_speculating(tiny_engine, Speculation("ngram", 8, lookup_min=1)), waves)
+    _assert_same(plain, spec)
+    assert widths and max(widths) <= 9 and sum(s.speculated.accepted_tokens for s in spec) > 0
+
+
+def test_draft_steps_leave_the_captured_layouts_of_the_batch_alone(tiny_engine):
+    """With captured steps (on the CPU the same padded path runs eagerly), a layer-skip draft's forwards are not
+    counted among the batch's recent schedules, so later plain steps carry no padding group for the draft; the
+    draft's layouts are warmed up with the batch's."""
+    e = Engine(tiny_engine.model, tiny_engine.tokenizer, eos_ids=tiny_engine.eos_ids, graphs=True,
+               speculation=Speculation("layer_skip", 2, draft="skip:2", up_to_rows=1))
+    batch = e.new_batch(max_len=96, num_blocks=1200, block_size=4)
+    batch.warm_up(e.compile("full"))
+    graphs = batch.executor.graphs
+    assert {k[0] for k in graphs._steps} == {(e.compile("full"),), (e.compile("skip:2"),)}
+    loop = [5, 6, 7] * 4
+    one = e.new_sequence(loop, SamplingParams(max_tokens=6, ignore_eos=True), e.compile("full"))
+    batch.add([one])
+    while batch.filter() is not None and batch.busy:
+        batch.step()
+    assert one.speculated.drafts > 0
+    assert e.compile("skip:2") not in graphs._last_seen
+    two = [e.new_sequence(loop, SamplingParams(max_tokens=4, ignore_eos=True), e.compile("full")) for _ in range(2)]
+    batch.add(two)
+    graphs._steps.clear()
+    while batch.filter() is not None and batch.busy:
+        batch.step()  # two rows: no drafts (up_to_rows 1), plain steps
+    assert {k[:2] for k in graphs._steps} == {((e.compile("full"),), (2,))}
 
 
 def test_no_row_drafts_while_more_rows_decode_than_allowed(tiny_engine):

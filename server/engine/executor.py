@@ -140,11 +140,12 @@ class Executor:
         """A sequence left: its KV blocks return to the pool (compiled programs stay: they name no sequence)."""
         self.cache.free(seq)
 
-    def warm_up(self, schedule: Schedule, *, rows: tuple[int, ...] = (1, 2)) -> None:
+    def warm_up(self, schedule: Schedule, *, rows: tuple[int, ...] = (1, 2), transient: bool = False) -> None:
         """Decode one token for each count of `rows` placeholder sequences under `schedule`, then free their KV: the
         captured steps of those layouts exist, and with `fuse` the layer math is compiled (for one row, then for
         any number: the second count makes the rows dimension dynamic), before the first request needs them. A
-        no-op without captured steps; counts whose blocks the pool cannot spare are left out."""
+        no-op without captured steps; counts whose blocks the pool cannot spare are left out. transient: as
+        `forward`'s (a draft's schedule)."""
         if self.graphs is None:
             return
         dev = self.model.device
@@ -154,7 +155,7 @@ class Executor:
             seqs = [("warm-up", n, i) for i in range(n)]
             try:
                 self.forward(torch.zeros(n, 1, dtype=torch.long, device=dev), [Row(q, schedule, 0, 1) for q in seqs],
-                             logits_at=torch.zeros(n, dtype=torch.long, device=dev))
+                             logits_at=torch.zeros(n, dtype=torch.long, device=dev), transient=transient)
             finally:
                 for q in seqs:
                     self.release(q)
@@ -170,12 +171,14 @@ class Executor:
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, rows: list[Row], *, logits_at: Tensor | None = None, hidden: bool = False,
-                capture: Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor:
+                capture: Callable[[int, Tensor, Tensor], None] | None = None, transient: bool = False) -> Tensor:
         """tokens [B, T]; rows[b] describes batch row b. logits_at: [B] index in T whose logits to return ([B, V]);
         None returns all positions ([B, T, V]). hidden: return the final hidden states instead ([B, T, d], before
         the final norm; padding positions hold what their padding computed), for a caller that reads many
         positions' logits a few at a time (`Transformer.logits`). capture(step, rows [m], h [m, T, d]) is called with the state
-        entering every schedule step of those rows (step = number of steps done), for probes."""
+        entering every schedule step of those rows (step = number of steps done), for probes. transient: a step
+        whose schedules are not the batch's own (a speculative draft's): a captured step does not count them among
+        the recent schedules that later steps keep a group of padding rows for (`DecodeGraphs.layout`)."""
         B, T = tokens.shape
         assert len(rows) == B
         assert not (hidden and logits_at is not None), "hidden returns every position"
@@ -184,7 +187,7 @@ class Executor:
             self.cache.reserve(r.seq, r.schedule.slots, r.start + r.num_new)
         if (self.graphs is not None and capture is None and logits_at is not None and T == 1
                 and all(r.num_new == 1 for r in rows)):  # (a prefill of one token per row is such a step too)
-            return self.graphs.decode(tokens, rows)  # every row decodes one token: a captured step
+            return self.graphs.decode(tokens, rows, remember=not transient)  # one token a row: a captured step
         plan = self.plan(rows, boundaries=capture is not None)
         program = self._compile(plan, rows)
         kv_len = max(r.start + r.num_new for r in rows)

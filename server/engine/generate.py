@@ -23,8 +23,8 @@ latest token accepted by its matcher, on the host, so `decode` reads what is in 
 Speculative decoding (`server.engine.speculative`): with a `Speculation`, `decode` reads what is in flight, asks
 the proposer for each row's drafts, and where any row has some runs one verifying forward over every row instead of
 the decode step (`_verify`): a row computes its last token and its drafts, its sampler chooses at each position, and
-it keeps one to k + 1 tokens, the ones decoding one at a time would have chosen. A batch that speculates does not
-overlap.
+it keeps one to k + 1 tokens, the ones decoding one at a time would have chosen (up to rounding: see
+`server.engine.speculative`). A step where a row may draft does not overlap.
 """
 
 from __future__ import annotations
@@ -66,6 +66,10 @@ _ids = itertools.count()
 # positions at a time as keep their float32 logits within this (341 at SmolLM2's vocabulary, 64 at Gemma 3's). All
 # at once, one 2,000-token echo prompt added ~900 MB of peak memory on SmolLM2 (`benchmarks/bench_prefill_memory.py`).
 SCORE_LOGITS_BYTES = 64 * 2**20
+# A verifying step computes the logits of every row's last token and drafts at once, and samples from them: its
+# drafts are capped so that those float32 logits stay within this (341 positions at SmolLM2's vocabulary, 64 at
+# Gemma 3's: 16 rows may then verify 3 drafts each there). A decode step computes one position per row.
+VERIFY_LOGITS_BYTES = 64 * 2**20
 # Chunked prefill's default budget, prompt tokens per step: on the CPU a 512-token piece of SmolLM2 takes ~2.5 s
 # (a whole 2,000-token prompt stalled every running stream for ~9.5 s); on CUDA prefill is cheap, and pieces cost
 # launches, so only prompts past 8,192 tokens are cut (vLLM's and SGLang's order of magnitude there).
@@ -480,12 +484,15 @@ class Batch:
         `add` queued are read here too, after this step is queued."""
         in_flight, self._in_flight = self._in_flight, None
         prefills, self._prefills = self._prefills, []
-        overlap = (self.overlap and self.speculation is None
-                   and not any(_constrained(s) and not s.finished for s in self.sequences))
+        live = [s for s in self.sequences if not s.finished]
+        # a row that may draft needs its latest token on the host, as a structured row's mask does (see the
+        # module's docstring); a token in flight may leave it one less room
+        drafting = bool(self._rooms(live, ahead=int(in_flight is not None or bool(prefills))))
+        overlap = self.overlap and not drafting and not any(_constrained(s) for s in live)
         read: tuple[Request, ...] = ()
-        if not overlap:  # a structured row's mask needs its latest token on the host (see the module's docstring)
+        if not overlap:
             read, in_flight, prefills = self._read(in_flight, prefills), None, []
-            drafts = self._propose()  # and so does a proposer
+            drafts = self._propose() if drafting else {}
             if drafts:
                 return read + self._verify(drafts)
         inp = self.decode_input([*([] if in_flight is None else [in_flight]), *(p for p, _ in prefills)])
@@ -494,26 +501,36 @@ class Batch:
             self._in_flight, launched = launched, in_flight
         return read + self._read(launched, prefills)
 
-    def _propose(self) -> dict[str, list[int]]:
-        """The drafts of the rows that have any this step (see `server.engine.speculative`): each row's at most
-        `room` for them; a structured row drafts none (its matcher would have to follow each draft), and no row
-        does while more rows decode than the speculation allows."""
+    def _rooms(self, live: list[Request], *, ahead: int = 0) -> list[tuple[Request, int]]:
+        """The rows of `live` that may draft this step, each with how many tokens at most (`room`): none while more
+        rows decode than the speculation allows; none for a structured row (its matcher would have to follow each
+        draft) or a row the draft's schedule cannot run on; and few enough that the verifying step's logits stay
+        within VERIFY_LOGITS_BYTES. ahead: tokens a row may have in flight beyond those on the host."""
         spec = self.speculation
-        if spec is None:
-            return {}
-        live = [s for s in self.sequences if not s.finished]
-        if spec.up_to_rows is not None and len(live) > spec.up_to_rows:
-            return {}
-        rows = [(s, room(num_tokens=spec.num_tokens, made=len(s.output_ids), max_tokens=s.params.max_tokens,
-                         length=s.length, max_len=self.max_len))
-                for s in live if not _constrained(s)]
-        rows = [(s, k) for s, k in rows if k]
+        if spec is None or (spec.up_to_rows is not None and len(live) > spec.up_to_rows):
+            return []
+        cap = (VERIFY_LOGITS_BYTES // (4 * self.model.args.vocab_size) - len(live)) // max(1, len(live))
+        draft = self._draft_schedule
+        rows = []
+        for s in live:
+            if _constrained(s) or (draft is not None and not runs_within(draft, s.schedule)):
+                continue
+            k = min(cap, room(num_tokens=spec.num_tokens, made=len(s.output_ids) + ahead,
+                              max_tokens=s.params.max_tokens, length=s.length + ahead, max_len=self.max_len))
+            if k > 0:
+                rows.append((s, k))
+        return rows
+
+    def _propose(self) -> dict[str, list[int]]:
+        """The drafts of the rows that have any this step (see `server.engine.speculative`), within `_rooms`."""
+        spec = self.speculation
+        assert spec is not None
+        rows = self._rooms([s for s in self.sequences if not s.finished])
         if spec.method == "ngram":
             drafts = {s.id: propose_ngram(s.prompt_ids + s.output_ids, k=k, lookup_min=spec.lookup_min,
                                           lookup_max=spec.lookup_max) for s, k in rows}
         else:
-            assert self._draft_schedule is not None
-            drafts = self._draft([(s, k) for s, k in rows if runs_within(self._draft_schedule, s.schedule)])
+            drafts = self._draft(rows)
         return {i: d for i, d in drafts.items() if d}
 
     def _draft(self, rows: list[tuple[Request, int]]) -> dict[str, list[int]]:
@@ -532,7 +549,8 @@ class Batch:
             at = None if len(on) == len(rows) else to_device(torch.tensor(on), dev)
             logits = self.executor.forward((last if at is None else last[at])[:, None],
                                            [Row(rows[b][0].id, draft, rows[b][0].length - 1 + j, 1) for b in on],
-                                           logits_at=torch.zeros(len(on), dtype=torch.long, device=dev))
+                                           logits_at=torch.zeros(len(on), dtype=torch.long, device=dev),
+                                           transient=True)
             chosen = logits.argmax(-1)
             if at is None:
                 last, made[:, j] = chosen, chosen
@@ -559,7 +577,13 @@ class Batch:
         at = to_device(torch.tensor([b * T + j for b, d in enumerate(ds) for j in range(len(d) + 1)]), dev)
         logits = self.model.logits(hidden.reshape(-1, hidden.shape[-1])[at])  # [N, V]: the positions that sample
         positions = [(s, d, j) for s, d in zip(live, ds) for j in range(len(d) + 1)]
-        states = {s.id: s.generator.get_state() for s, d in zip(live, ds) if d and not s.params.greedy}
+        states: dict[str, Any] = {}  # a drawing row's generator before its draws (or why it could not be read)
+        for s, d in zip(live, ds):
+            if d and not s.params.greedy:
+                try:
+                    states[s.id] = s.generator.get_state()
+                except Exception as e:  # noqa: BLE001 -- this row alone fails, as a draw of it would
+                    states[s.id] = e
         sampling = self._sampling([s for s, _, _ in positions], [len(s.output_ids) + j for s, _, j in positions],
                                   histories=[s.output_ids + d[:j] for s, d, j in positions])
         out = self.sample(logits, sampling)[1]()
@@ -567,18 +591,28 @@ class Batch:
         v = 0
         for s, d in zip(live, ds):
             keep = accepted(d, out.token_ids[v : v + len(d) + 1]) + 1
-            if s.id in states and keep < len(d) + 1:
-                rewind(s.generator, states[s.id], keep, dev)
-            if d:
-                s.speculated.drafts += 1
-                s.speculated.draft_tokens += len(d)
-                s.speculated.accepted_tokens += keep - 1
+            had = len(s.output_ids)
             for j in range(keep):
                 self._take(s, out, v + j, now=now)
                 if s.finished:
                     break
+            if d:  # the drafts it output: not those past a token that ended it
+                s.speculated.drafts += 1
+                s.speculated.draft_tokens += len(d)
+                s.speculated.accepted_tokens += min(keep - 1, len(s.output_ids) - had)
+            if s.id in states and keep < len(d) + 1 and not s.finished:
+                self._rewind(s, states[s.id], keep)
             v += len(d) + 1
         return live
+
+    def _rewind(self, s: Request, state: Any, draws: int) -> None:
+        """Leave `s`'s generator where its kept tokens' draws leave it; a generator that fails ends `s` alone."""
+        try:
+            if isinstance(state, Exception):
+                raise state
+            rewind(s.generator, state, draws, self.model.device)
+        except Exception as e:  # noqa: BLE001 -- isolation, as sample_batch's: only this row is lost
+            s.set_finished("error", f"sampling failed: {type(e).__name__}: {e}")
 
     def settle(self) -> tuple[Request, ...]:
         """Read the steps in flight, if any: afterwards the host holds every token sampled so far (what a
@@ -705,9 +739,11 @@ class Batch:
             yield chunk, tokens, lengths, forward
 
     def warm_up(self, schedule: Schedule) -> None:
-        """Capture (and, fused, compile) the decode steps of `schedule` before any request runs
-        (`Executor.warm_up`)."""
+        """Capture (and, fused, compile) the decode steps of `schedule`, and of a speculative draft's, before any
+        request runs (`Executor.warm_up`)."""
         self.executor.warm_up(schedule)
+        if self._draft_schedule is not None:
+            self.executor.warm_up(self._draft_schedule, transient=True)
 
     def kv_usage(self) -> float:
         """Share of the KV pool's blocks in use."""

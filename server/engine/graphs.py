@@ -227,11 +227,14 @@ class DecodeGraphs:
                 kept.append(s)
         return kept
 
-    def decode(self, tokens: Tensor, rows: list[Row]) -> Tensor:
-        """tokens [B, 1]; rows decode one token each (their KV blocks reserved) -> logits [B, V]."""
+    def decode(self, tokens: Tensor, rows: list[Row], *, remember: bool = True) -> Tensor:
+        """tokens [B, 1]; rows decode one token each (their KV blocks reserved) -> logits [B, V]. remember: count
+        the step and its schedules among the recent ones (`_kept`); not a speculative draft's, whose schedule later
+        steps should not pad for."""
         ex = self.executor
         layout = self.layout(rows)
-        self._remember(rows)
+        if remember:
+            self._remember(rows)
         padded, where, nb = layout.padded, layout.where, layout.num_blocks
         # the layout's value, not its plan's id: plans are cached (least recently used first), and a plan made
         # afresh for the same schedules would have captured the same graph again
