@@ -22,15 +22,31 @@ class SpeculativeConfig(BaseModel):
     method: Method
     num_speculative_tokens: int = Field(ge=1, le=MAX_SPECULATIVE_TOKENS, description="tokens drafted per row and "
                                         "step at most; a verifying forward computes one more position than that")
-    prompt_lookup_max: int = Field(4, ge=1, description="ngram: the longest suffix of a row's tokens looked up")
-    prompt_lookup_min: int = Field(PROMPT_LOOKUP_MIN, ge=1, description="ngram: the shortest (default 2: a single "
-                                   "token matched drafted too often to pay, docs/results/speculative.md)")
+    prompt_lookup_max: int = Field(4, ge=1, description="ngram: the longest suffix of a row's tokens looked up "
+                                   "(default 4, or prompt_lookup_min where that is larger)")
+    prompt_lookup_min: int = Field(PROMPT_LOOKUP_MIN, ge=1, description="ngram: the shortest (default 2, or "
+                                   "prompt_lookup_max where that is smaller: a single token matched drafted too "
+                                   "often to pay, docs/results/speculative.md)")
     draft_policy: str | None = Field(None, description="layer_skip: the policy that drafts (a skip of middle "
                                      "layers, say); it runs on the rows whose policy holds every layer it runs")
 
     disable_by_batch_size: int | None = Field(None, ge=1, description="vLLM's: no request drafts while more than "
                                               "this many decode (a verifying forward costs more as the batch "
                                               "fills); unset: at any batch size")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_lookup_bound(cls, data: object) -> object:
+        """One bound given: the other's default follows it where it would cross it (vLLM fills a missing bound
+        from the other)."""
+        if not isinstance(data, dict):
+            return data
+        lo, hi = data.get("prompt_lookup_min"), data.get("prompt_lookup_max")
+        if isinstance(hi, int) and lo is None:
+            data = {**data, "prompt_lookup_min": min(PROMPT_LOOKUP_MIN, hi)}
+        if isinstance(lo, int) and hi is None:
+            data = {**data, "prompt_lookup_max": max(4, lo)}
+        return data
 
     @model_validator(mode="after")
     def _method_options(self) -> SpeculativeConfig:

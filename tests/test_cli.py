@@ -46,6 +46,7 @@ def test_the_speculative_config_flag_is_vllms_json_and_a_bad_one_is_refused(monk
     """--speculative-config as vLLM's (and a Ray Serve argument's) JSON text; a bad one refused naming what is
     wrong: not JSON, an unknown method, too many tokens, a missing draft policy, an unknown key."""
     import server.app
+    from server.settings import SpeculativeConfig
 
     seen = {}
     monkeypatch.setattr(server.app, "create_app", lambda settings: seen.setdefault("settings", settings))
@@ -55,10 +56,16 @@ def test_the_speculative_config_flag_is_vllms_json_and_a_bad_one_is_refused(monk
     assert r.exit_code == 0, r.output
     config = seen["settings"].speculative_config
     assert (config.method, config.draft_policy, config.num_speculative_tokens) == ("layer_skip", "skip:8", 3)
+    # vLLM's configs that give one lookup bound: the other follows it
+    for given, bounds in [({"prompt_lookup_max": 1}, (1, 1)), ({"prompt_lookup_min": 5}, (5, 5)), ({}, (2, 4))]:
+        config = SpeculativeConfig(method="ngram", num_speculative_tokens=3, **given)
+        assert (config.prompt_lookup_min, config.prompt_lookup_max) == bounds, given
     for flag, says in [('{"method": "ngram"', "not JSON"),
                        ('{"method": "eagle", "num_speculative_tokens": 3}', "layer_skip"),
                        ('{"method": "ngram", "num_speculative_tokens": 99}', "less than or equal to 16"),
                        ('{"method": "layer_skip", "num_speculative_tokens": 3}', "needs a draft_policy"),
-                       ('{"method": "ngram", "num_speculative_tokens": 3, "n": 1}', "Extra inputs")]:
+                       ('{"method": "ngram", "num_speculative_tokens": 3, "n": 1}', "Extra inputs"),
+                       ('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 5, '
+                        '"prompt_lookup_max": 2}', "is above prompt_lookup_max")]:
         bad = CliRunner().invoke(app, ["serve", "--speculative-config", flag])
         assert bad.exit_code != 0 and says in " ".join(bad.output.split()), (flag, bad.output)
