@@ -53,11 +53,14 @@ def load_engine(settings: Settings) -> Engine:
                               fuse=settings.fuse_decode, overlap=settings.overlap_decode)
 
 
-def speculation(config: SpeculativeConfig | None, engine: Engine, *, default: str) -> Speculation | None:
-    """The engine's terms for `speculative_config`; an invalid draft policy fails the start, loudly."""
+def speculation(config: SpeculativeConfig | None, engine: Engine, *, default: str,
+                presets: dict[str, str] | None = None) -> Speculation | None:
+    """The engine's terms for `speculative_config` (its draft policy may name a preset); an invalid draft policy
+    fails the start, loudly."""
     if config is None:
         return None
-    draft = None if config.draft_policy is None else engine.compile(as_policy(config.draft_policy))
+    named = config.draft_policy
+    draft = None if named is None else engine.compile(as_policy((presets or {}).get(named, named)))
     if draft is not None and not runs_within(draft, engine.compile(as_policy(default))):
         log.warning("draft_policy %s does not run within the default policy %s (it runs a layer that policy "
                     "skips, or no fewer): requests under it will not draft", draft.policy, default)
@@ -104,7 +107,7 @@ def _start(state: AppState, factory: EngineFactory, raw_presets: dict) -> None:
                           prefix_caching=s.enable_prefix_caching, prefix_cache_blocks=s.prefix_cache_blocks,
                           metrics=state.metrics, scheduling_policy=s.scheduling_policy,
                           prefill_tokens=prefill_budget(s.chunked_prefill_size, engine.model.device),
-                          speculation=speculation(s.speculative_config, engine, default=default))
+                          speculation=speculation(s.speculative_config, engine, default=default, presets=presets))
         log.info("KV budget: %d slot-tokens (%.0f MB)", budget, budget * engine.kv_bytes_per_slot_token() / 2**20)
         loop.warm_up(engine.compile(as_policy(s.default_policy)))  # before /ready: captures and compiles
         loop.start()

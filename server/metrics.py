@@ -50,10 +50,17 @@ class RequestStats:
     e2e_s: float
     per_token_s: tuple[float, ...]  # inter-token latencies after the first token
     cached_tokens: int | None = None  # prompt tokens the prefix cache held; None: not looked up
-    # speculative decoding (vLLM's counters): forwards that verified its drafts, tokens drafted, drafts kept
-    spec_drafts: int = 0
-    spec_draft_tokens: int = 0
-    spec_accepted_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class SpeculationStats:
+    """One verifying step's drafts of one policy's rows (vLLM's spec-decode counters, counted per step): rows that
+    had drafts, tokens drafted, drafts kept."""
+
+    policy: str
+    drafts: int
+    draft_tokens: int
+    accepted_tokens: int
 
 
 @dataclass(frozen=True)
@@ -176,10 +183,6 @@ class Metrics:
         if s.cached_tokens is not None:
             self.prefix_queries.labels(**labels).inc(s.prompt_tokens)
             self.prefix_hits.labels(**labels).inc(s.cached_tokens)
-        if s.spec_drafts:
-            self.spec_drafts.labels(**labels).inc(s.spec_drafts)
-            self.spec_draft_tokens.labels(**labels).inc(s.spec_draft_tokens)
-            self.spec_accepted_tokens.labels(**labels).inc(s.spec_accepted_tokens)
         if s.finished_reason in ("abort", "error"):
             return
         self.e2e.labels(**labels).observe(s.e2e_s)
@@ -195,6 +198,12 @@ class Metrics:
         labels = dict(model=self.model, policy=self.policy_label(s.policy))
         self.batch_size.labels(**labels).observe(s.batch_size)
         self.step_duration.labels(**labels).observe(s.duration_s)
+
+    def observe_speculation(self, s: SpeculationStats) -> None:
+        labels = dict(model=self.model, policy=self.policy_label(s.policy))
+        self.spec_drafts.labels(**labels).inc(s.drafts)
+        self.spec_draft_tokens.labels(**labels).inc(s.draft_tokens)
+        self.spec_accepted_tokens.labels(**labels).inc(s.accepted_tokens)
 
     def observe_queue(self, s: QueueStats) -> None:
         self.observe_counts(s.running, s.waiting)

@@ -28,7 +28,8 @@ class SpeculativeConfig(BaseModel):
                                    "prompt_lookup_max where that is smaller: a single token matched drafted too "
                                    "often to pay, docs/results/speculative.md)")
     draft_policy: str | None = Field(None, description="layer_skip: the policy that drafts (a skip of middle "
-                                     "layers, say); it runs on the rows whose policy holds every layer it runs")
+                                     "layers, say, or a preset's name); it runs on the rows whose policy holds "
+                                     "every layer it runs")
 
     disable_by_batch_size: int | None = Field(None, ge=1, description="vLLM's: no request drafts while more than "
                                               "this many decode (a verifying forward costs more as the batch "

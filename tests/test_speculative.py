@@ -257,6 +257,8 @@ def test_the_servers_config_becomes_the_engines_terms(tiny_engine, caplog):
     assert "will not draft" in caplog.text
     with pytest.raises(PolicyError, match="skip at most 5"):
         speculation(config.model_copy(update={"draft_policy": "skip:9"}), tiny_engine, default="full")
+    preset = config.model_copy(update={"draft_policy": "cheap"})
+    assert speculation(preset, tiny_engine, default="full", presets={"cheap": "skip:2-3"}).draft == "skip:2-3"
     ngram = SpeculativeConfig(method="ngram", num_speculative_tokens=4)
     assert speculation(ngram, tiny_engine, default="full") == Speculation("ngram", 4, lookup_max=4, lookup_min=2)
 
@@ -279,6 +281,28 @@ def test_speculation_on_smollm2_keeps_copied_text_and_structured_rows_exact(smol
     copied = spec_seqs[0].speculated
     assert copied.accepted_tokens >= 6, dataclasses.asdict(copied)
     assert spec_seqs[1].speculated.drafts == 0 and spec_seqs[1].text.startswith("{")
+
+
+def test_drafts_are_counted_each_step_not_when_the_request_ends(tiny_engine):
+    """The engine loop hands each step's drafts to the metrics (vLLM counts per step): a long request's counters
+    move while it runs, and equal its own tally."""
+    from server.engine.loop import EngineLoop
+    from server.engine.request import Request
+    from server.metrics import Metrics
+    from tests.serving import metric_value
+
+    metrics = Metrics(model="m")
+    loop = EngineLoop(_speculating(tiny_engine, Speculation("ngram", 3, lookup_min=1)), max_num_seqs=2,
+                      max_model_len=96, queue_capacity=4, kv_budget_tokens=96 * 6 * 4, metrics=metrics)
+    r = Request("r", [5, 6, 7] * 4, SamplingParams(max_tokens=60, ignore_eos=True), tiny_engine.compile("full"))
+    loop.submit(r, lambda out: None)
+    for _ in range(8):
+        loop.step()  # on this thread: the loop is not started
+    assert not r.finished and r.speculated.drafts > 0
+    text = metrics.render()[0].decode()
+    for counter, mine in (("drafts", r.speculated.drafts), ("draft_tokens", r.speculated.draft_tokens),
+                          ("accepted_tokens", r.speculated.accepted_tokens)):
+        assert metric_value(text, f"painters:spec_decode_num_{counter}_total", policy="full") == mine, counter
 
 
 # -- served --------------------------------------------------------------------------------------------------------

@@ -168,6 +168,7 @@ class Batch:
         self.speculation = speculation
         self._draft_schedule = (None if speculation is None or speculation.draft is None
                                 else compile_schedule(speculation.draft, model.args.n_layers))
+        self._verified: dict[str, tuple[int, int, int]] = {}  # policy -> rows, drafts, kept since `take_verified`
 
     @property
     def busy(self) -> bool:
@@ -597,13 +598,22 @@ class Batch:
                 if s.finished:
                     break
             if d:  # the drafts it output: not those past a token that ended it
+                kept = min(keep - 1, len(s.output_ids) - had)
                 s.speculated.drafts += 1
                 s.speculated.draft_tokens += len(d)
-                s.speculated.accepted_tokens += min(keep - 1, len(s.output_ids) - had)
+                s.speculated.accepted_tokens += kept
+                rows, drafted, kept_before = self._verified.get(s.schedule.policy, (0, 0, 0))
+                self._verified[s.schedule.policy] = (rows + 1, drafted + len(d), kept_before + kept)
             if s.id in states and keep < len(d) + 1 and not s.finished:
                 self._rewind(s, states[s.id], keep)
             v += len(d) + 1
         return live
+
+    def take_verified(self) -> dict[str, tuple[int, int, int]]:
+        """Per policy, the rows that verified drafts since the last call, the tokens they drafted and kept (the
+        engine loop counts them each step)."""
+        verified, self._verified = self._verified, {}
+        return verified
 
     def _rewind(self, s: Request, state: Any, draws: int) -> None:
         """Leave `s`'s generator where its kept tokens' draws leave it; a generator that fails ends `s` alone."""

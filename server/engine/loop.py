@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from server.engine.generate import Engine
 from server.policy.compiler import Schedule
-from server.metrics import Metrics, QueueStats, RequestStats, StepStats
+from server.metrics import Metrics, QueueStats, RequestStats, SpeculationStats, StepStats
 from server.engine.request import Output, Request, Sink, Status
 from server.engine.speculative import Speculation
 from server.engine.scheduler import (Admission, DrainingError, KVBudgetError, PriorityError, QueueFullError, Scheduler,
@@ -326,6 +326,10 @@ class EngineLoop:
                 sizes[r.schedule.policy] = sizes.get(r.schedule.policy, 0) + 1
             for policy, size in sizes.items():
                 self.metrics.observe_step(StepStats(policy, size, duration))
+        verified = batch.take_verified()  # this step's drafts, per policy (counted each step, as vLLM's)
+        if self.metrics:
+            for policy, (rows, drafted, kept) in verified.items():
+                self.metrics.observe_speculation(SpeculationStats(policy, rows, drafted, kept))
         self._refresh_gauges()
 
     def _emit(self, r: Request) -> None:
@@ -382,8 +386,6 @@ class EngineLoop:
             prompt_tokens=prompt_tokens, generation_tokens=len(r.output_ids), queue_s=tm.queue_s,
             prefill_s=tm.prefill_s, decode_s=tm.decode_s, ttft_s=tm.ttft_s,
             e2e_s=time.perf_counter() - r.arrival, per_token_s=tuple(tm.per_token_s), cached_tokens=r.cached_tokens,
-            spec_drafts=r.speculated.drafts, spec_draft_tokens=r.speculated.draft_tokens,
-            spec_accepted_tokens=r.speculated.accepted_tokens,
         ))
 
     def _probe(self, r: Request) -> None:
