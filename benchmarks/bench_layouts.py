@@ -137,7 +137,7 @@ def run(mix: str, *, rows: int, steps: int, seed: int, bound: int) -> dict:
     real_rows: list[int] = []
     real = DecodeGraphs.decode
 
-    def counted(self: DecodeGraphs, tokens: torch.Tensor, rs: list[Row]) -> torch.Tensor:
+    def counted(self: DecodeGraphs, tokens: torch.Tensor, rs: list[Row], **kw: bool) -> torch.Tensor:
         real_rows.append(len(rs))
         layouts, apps, padded_rows = keys(self, rs)
         for rule, key in layouts.items():
@@ -146,7 +146,7 @@ def run(mix: str, *, rows: int, steps: int, seed: int, bound: int) -> dict:
             padded[rule] += padded_rows[rule]
         for k in apps:
             application.see(k)
-        return real(self, tokens, rs)
+        return real(self, tokens, rs, **kw)
 
     rng = random.Random(seed)
     schedules = {p: engine.compile(p) for p in MIXES[mix]}
