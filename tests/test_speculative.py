@@ -129,6 +129,33 @@ def test_verified_drafts_answer_what_one_token_at_a_time_answers(tiny_engine, sp
         assert 0 <= s.accepted_tokens <= s.draft_tokens <= s.drafts * spec.num_tokens
 
 
+def test_kept_drafts_are_counted_only_up_to_the_token_that_ends_the_request(tiny_engine, monkeypatch):
+    """A stop string completed inside a run of kept drafts ends the request there: the drafts after it are not
+    output, and not counted as kept. In every verifying step the drafts counted as kept are at most the tokens it
+    output, less the row's own token where the request goes on."""
+    import server.engine.generate as generate
+
+    rounds = []  # per verifying step: (kept drafts counted, tokens output, ended)
+    real = generate.Batch._verify
+
+    def verify(self, drafts):
+        before = {s.id: (len(s.output_ids), s.speculated.accepted_tokens) for s in self.sequences}
+        out = real(self, drafts)
+        rounds.extend((s.speculated.accepted_tokens - before[s.id][1], len(s.output_ids) - before[s.id][0],
+                       s.finished) for s in self.sequences if s.id in drafts)
+        return out
+
+    monkeypatch.setattr(generate.Batch, "_verify", verify)
+    loop = [5, 6, 7] * 4 + [5, 6]
+    for stop in ("qrqrqrqrqrq", "rqrqrqrqrqrqr"):
+        params = SamplingParams(max_tokens=30, ignore_eos=True, stop=[stop])
+        plain, _ = _serve(tiny_engine, [[(loop, "full", params)]])
+        (s,), _ = _serve(_speculating(tiny_engine, Speculation("ngram", 8, lookup_min=1)), [[(loop, "full", params)]])
+        assert s.output_ids == plain[0].output_ids and s.finish_reason == "stop"
+    assert all(kept <= out - (not ended) for kept, out, ended in rounds), rounds
+    assert any(ended and 0 < kept == out for kept, out, ended in rounds), "no stop inside kept drafts: not exercised"
+
+
 def test_a_step_where_no_row_may_draft_overlaps_as_before(tiny_engine):
     """Overlapped decoding asked: while more rows decode than `up_to_rows`, or every row's limit leaves no room for
     a draft, each decode step is queued before the last one is read, as without speculation; a step where a row may
