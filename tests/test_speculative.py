@@ -32,6 +32,28 @@ def test_ngram_proposes_what_followed_the_latest_longest_match():
     assert propose_ngram([5, 6, 5], k=0, lookup_min=1, lookup_max=2) == []
 
 
+def _lookup_by_every_window(tokens, *, k, lookup_min, lookup_max):
+    """The reference: every window of the history compared with the suffix, longest suffix first."""
+    for n in range(min(lookup_max, len(tokens) - 1), lookup_min - 1, -1):
+        hits = [h for h in range(len(tokens) - n) if tokens[h : h + n] == tokens[-n:]]
+        if hits:
+            return tokens[hits[-1] + n : hits[-1] + n + k]
+    return []
+
+
+def test_ngram_equals_comparing_every_window():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        tokens = [rng.randrange(rng.choice((2, 4, 16))) for _ in range(rng.randrange(0, 40))]
+        lo = rng.randrange(1, 4)
+        hi = rng.randrange(lo, 6)
+        k = rng.randrange(0, 6)
+        want = _lookup_by_every_window(tokens, k=k, lookup_min=lo, lookup_max=hi)
+        assert propose_ngram(tokens, k=k, lookup_min=lo, lookup_max=hi) == want, (tokens, lo, hi, k)
+
+
 def test_acceptance_keeps_the_drafts_up_to_the_first_the_sampler_did_not_choose():
     assert accepted([4, 5, 6], [4, 5, 6, 7]) == 3
     assert accepted([4, 5, 6], [4, 9, 6, 7]) == 1

@@ -87,18 +87,26 @@ def room(*, num_tokens: int, made: int, max_tokens: int, length: int, max_len: i
 
 def propose_ngram(tokens: Sequence[int], *, k: int, lookup_min: int, lookup_max: int) -> list[int]:
     """The at most k tokens that followed the latest earlier occurrence of `tokens`' last n tokens, for the largest
-    n in [lookup_min, lookup_max] that occurs earlier (vLLM's prompt lookup); [] when none does."""
+    n in [lookup_min, lookup_max] that occurs earlier (vLLM's prompt lookup); [] when none does.
+
+    One pass over the history finds the earlier occurrences of the last token; each longer suffix only narrows
+    those. A row's whole history is searched every step: 2,000 tokens of no match take 0.06 ms so (0.22 ms
+    comparing every window), 8,000 take 0.14 ms (0.73), most of it the list's conversion."""
     if k < 1 or len(tokens) < lookup_min + 1:
         return []
     seq = np.asarray(tokens, dtype=np.int64)
-    for n in range(min(lookup_max, len(seq) - 1), lookup_min - 1, -1):
-        # windows starting at 0 .. len - n - 1: every occurrence but the suffix itself
-        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)
-        hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return seq[start : start + k].tolist()
-    return []
+    L = len(seq)
+    ends = np.flatnonzero(seq[:-1] == seq[-1])  # where an earlier occurrence of the last n tokens ends, n = 1
+    best = None
+    for n in range(1, min(lookup_max, L - 1) + 1):
+        if n > 1:
+            ends = ends[ends >= n - 1]
+            ends = ends[seq[ends - (n - 1)] == seq[L - n]]
+        if not ends.size:
+            break
+        if n >= lookup_min:
+            best = int(ends[-1])  # the latest occurrence of the longest suffix so far
+    return [] if best is None else seq[best + 1 : best + 1 + k].tolist()
 
 
 def accepted(drafts: Sequence[int], chosen: Sequence[int]) -> int:
